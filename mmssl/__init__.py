@@ -1,0 +1,53 @@
+"""mmssl: multimodal self-supervised pretraining on one set of transformer blocks.
+
+The public API is four functions.  Importing `mmssl` does no work: each function imports
+what it needs when first called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "get_tokenizer", "list_models", "load_encoder"]
+
+
+def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:
+    """Build a model from a registry name (see `list_models()`) or a JSON config path.
+
+    Overrides are nested dicts (`vision={"depth": 2}`) or dotted keys (`**{"vision.depth": 2}`).
+    """
+    from mmssl.models.registry import create_model as _create
+
+    return _create(name_or_path, **overrides)
+
+
+def list_models() -> list[str]:
+    """Names of the shipped architectures."""
+    from mmssl.models.registry import list_models as _list
+
+    return list(_list())
+
+
+def load_encoder(path: str, tower: str = "vision") -> nn.Module:
+    """An exported model directory (model.safetensors + config.json) -> one tower, in eval mode.
+
+    tower: "vision" (has `forward_features` and `encode`), "text", or "model" for the whole
+    MultimodalModel.
+    """
+    from mmssl.models.io import load_encoder as _load
+
+    return _load(path, tower)
+
+
+def get_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """The shipped default tokenizer (None or "default"), "clip", or a tokenizer file/directory."""
+    from mmssl.tokenizer import get_tokenizer as _get
+
+    return _get(name_or_path)

@@ -1,0 +1,21 @@
+"""Models: configs, towers, the multimodal model and the registry of named architectures."""
+
+from mmssl.models.config import BlockConfig, CaptionConfig, ModelConfig, TextConfig, VisionConfig
+from mmssl.models.multimodal import MultimodalModel
+from mmssl.models.registry import create_model, list_models, resolve_model_config
+from mmssl.models.text import TextTransformer
+from mmssl.models.vision import VisionEncoder
+
+__all__ = [
+    "BlockConfig",
+    "CaptionConfig",
+    "ModelConfig",
+    "MultimodalModel",
+    "TextConfig",
+    "TextTransformer",
+    "VisionConfig",
+    "VisionEncoder",
+    "create_model",
+    "list_models",
+    "resolve_model_config",
+]

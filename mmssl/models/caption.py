@@ -1,0 +1,55 @@
+"""Caption decoders (CoCa style): next-token logits of a caption given image tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmssl.models.config import CaptionConfig, TextConfig
+from mmssl.models.text import TextTransformer
+from mmssl.models.trunk import build_trunk
+from mmssl.nn import Norm
+
+
+class CaptionDecoder(nn.Module):
+    """Text hidden states attend to image tokens, then the text tower's LM head.
+
+    mode "cross": `depth` extra Blocks with cross-attention over the image tokens, on top of
+    the (unimodal) text tower, as CoCa's multimodal decoder.
+    mode "prefix": image tokens are projected to the text width and prepended to the caption,
+    which runs causally through the text tower itself.
+    """
+
+    def __init__(self, cfg: CaptionConfig, text_cfg: TextConfig, image_dim: int):
+        super().__init__()
+        self.mode = cfg.mode
+        if cfg.mode == "cross":
+            self.decoder = build_trunk(
+                text_cfg.dim,
+                cfg.depth,
+                text_cfg.num_heads,
+                text_cfg.block,
+                causal=True,
+                cross_attn=True,
+                context_dim=image_dim,
+            )
+            self.norm = Norm(text_cfg.dim, text_cfg.block.norm, text_cfg.block.norm_eps)
+            self.prefix_proj = None
+        else:
+            self.decoder = None
+            self.norm = None
+            self.prefix_proj = nn.Linear(image_dim, text_cfg.dim)
+
+    def forward(
+        self,
+        text_tower: TextTransformer,
+        image_tokens: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image_tokens (B, N, Dv), text (B, T) -> logits (B, T, V); position t predicts t + 1."""
+        if self.prefix_proj is not None:
+            return text_tower.logits(text, text_mask, prefix=self.prefix_proj(image_tokens))
+        hidden = text_tower.forward_tokens(text, text_mask)
+        hidden = self.decoder(hidden, is_causal=True, context=image_tokens)  # type: ignore[misc]
+        return text_tower.head(self.norm(hidden))  # type: ignore[misc]

@@ -1,0 +1,126 @@
+"""Architecture configs: every field and default of every model lives here.
+
+Named architectures (configs/*.json) and recipes only list what differs from these
+defaults.  Field names follow one vocabulary: dim, depth, num_heads, mlp_ratio, drop_path,
+patch_size, vocab_size, context_length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class BlockConfig:
+    """Options of the shared `mmssl.nn.Block`, identical for every tower."""
+
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-6
+    mlp: Literal["mlp", "swiglu"] = "mlp"
+    act: Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"] = "gelu"
+    mlp_bias: bool = True
+    init_values: float | None = None  # LayerScale; None = off
+    drop_path: float = 0.0
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    block: BlockConfig = field(default_factory=BlockConfig)
+    patch_bias: bool = True
+    class_token: bool = True
+    # learned: an absolute table; sincos: fixed 2-D; rope: 2-D rotary in attention (relative
+    # positions, so the token grid is shift-equivariant); none.
+    pos_embed: Literal["learned", "sincos", "rope", "none"] = "learned"
+    pre_norm: bool = False  # a norm before the blocks (OpenAI CLIP's ln_pre)
+    pool: Literal["token", "mean"] = "token"
+    cond_dim: int | None = None  # adaLN-Zero conditioning of the blocks; None = unconditioned
+    cond_depth: int | None = None  # condition only the top k blocks; None = all
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.pool == "token" and not self.class_token:
+            raise ValueError("pool='token' needs class_token=true")
+        _check_positive(self, ["image_size", "patch_size", "in_chans", "dim", "depth", "num_heads"])
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    dim: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    block: BlockConfig = field(default_factory=lambda: BlockConfig(norm_eps=1e-5))
+    pos_embed: Literal["learned", "rope"] = "learned"
+    causal: bool = True
+    # eot: the last valid token of each row (the end-of-text token), as the CLIP text tower.
+    pool: Literal["eot", "mean"] = "eot"
+    lm_head: bool = True
+    tie_embeddings: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ["vocab_size", "context_length", "dim", "depth", "num_heads"])
+
+
+@dataclass
+class CaptionConfig:
+    """A caption decoder (CoCa style) on top of the text tower.
+
+    cross: `depth` extra Blocks with cross-attention to the image tokens.
+    prefix: image tokens are prepended to the text and run causally through the text tower.
+    """
+
+    mode: Literal["cross", "prefix"] = "cross"
+    depth: int = 2
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig | None = None
+    text: TextConfig | None = None
+    # Joint space of encode_image / encode_text: each tower gets a bias-free projection to it.
+    # None: no projection, and encode_* return the pooled features.
+    embed_dim: int | None = None
+    shared_trunk: bool = False  # one Transformer runs image tokens and (causally) text tokens
+    logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
+    caption: CaptionConfig | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.vision is None and self.text is None:
+            raise ValueError("a model needs a vision tower, a text tower, or both")
+        if self.shared_trunk:
+            v, t = self.vision, self.text
+            if v is None or t is None:
+                raise ValueError("shared_trunk needs both a vision and a text tower")
+            for name in ("dim", "depth", "num_heads"):
+                if getattr(v, name) != getattr(t, name):
+                    raise ValueError(
+                        f"shared_trunk needs vision.{name} == text.{name}, "
+                        f"got {getattr(v, name)} and {getattr(t, name)}"
+                    )
+            if v.block != t.block:
+                raise ValueError("shared_trunk needs vision.block == text.block")
+        if self.caption is not None and (self.vision is None or self.text is None):
+            raise ValueError("a caption decoder needs both a vision and a text tower")
+
+
+def _check_positive(cfg: object, names: list[str]) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -1,0 +1,140 @@
+"""MultimodalModel: the towers (or one shared trunk), the logit scale, encode_image/encode_text.
+
+Every named architecture builds this class; a vision-only ViT or a text-only GPT is the same
+class with one tower.  Models compute representations only: losses live in
+`mmssl.objectives`, and tasks in `mmssl.train` put the two together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmssl.models.caption import CaptionDecoder
+from mmssl.models.config import ModelConfig
+from mmssl.models.text import TextTransformer
+from mmssl.models.vision import VisionEncoder
+from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionEncoder(cfg.vision, cfg.embed_dim) if cfg.vision else None
+        trunk = self.visual.trunk if cfg.shared_trunk and self.visual is not None else None
+        # With shared_trunk the very same Transformer module is registered under both towers;
+        # parameters() and the optimizer see it once.
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, trunk=trunk) if cfg.text else None
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(cfg.logit_scale_init))
+            if self.visual is not None and self.text is not None
+            else None
+        )
+        self.caption = (
+            CaptionDecoder(cfg.caption, cfg.text, cfg.vision.dim)  # type: ignore[arg-type]
+            if cfg.caption is not None
+            else None
+        )
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter.  With std = cfg.init_std (0.02 by default):
+
+        - Linear and patch-embedding conv weights: truncated normal(std); biases 0.
+        - Residual output projections (attention `proj`, MLP `fc2`): std / sqrt(2 * depth),
+          so the residual stream's variance does not grow with depth (GPT-2).
+        - Token embeddings and learned position tables: normal(std); class token: normal(1e-6).
+        - Norm weights 1, biases 0.
+        - adaLN-Zero modulation and gates: 0, so a conditioned model starts equal to the
+          unconditioned one.
+        - logit_scale: cfg.logit_scale_init (log(1/0.07)).
+        """
+        std = self.cfg.init_std
+        depth = max(
+            (tower.cfg.depth for tower in (self.visual, self.text) if tower is not None), default=1
+        )
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (Norm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * depth)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                nn.init.trunc_normal_(module.proj.weight, std=residual_std)
+            elif isinstance(module, (Mlp, SwiGLU)):
+                nn.init.trunc_normal_(module.fc2.weight, std=residual_std)
+        for module in self.modules():
+            if isinstance(module, ConditionedNorm):
+                nn.init.zeros_(module.modulation.weight)
+                nn.init.zeros_(module.modulation.bias)
+            elif isinstance(module, ConditionedGate):
+                nn.init.zeros_(module.gate.weight)
+                nn.init.zeros_(module.gate.bias)
+        for tower in (self.visual, self.text):
+            if tower is not None and tower.pos_embed is not None:
+                nn.init.normal_(tower.pos_embed, std=std)
+        if self.visual is not None and self.visual.cls_token is not None:
+            nn.init.normal_(self.visual.cls_token, std=1e-6)
+        if self.logit_scale is not None:
+            self.logit_scale.fill_(self.cfg.logit_scale_init)
+
+    def _tower(self, name: str) -> nn.Module:
+        tower = self.visual if name == "vision" else self.text
+        if tower is None:
+            raise RuntimeError(f"this model has no {name} tower")
+        return tower
+
+    def forward_features(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """images (B, C, H, W) -> {pooled (B, D), tokens (B, N, D)} of the vision tower."""
+        return self._tower("vision").forward_features(images, cond)
+
+    def encode_image(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """images (B, C, H, W) -> (B, E) embeddings, L2-normalised if `normalize`."""
+        out = self._tower("vision").encode(images, cond)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """text (B, T) int64, text_mask (B, T) bool -> (B, E) embeddings."""
+        out = self._tower("text").encode(text, text_mask)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def lm_logits(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """text (B, T) -> next-token logits (B, T, V)."""
+        return self._tower("text").logits(text, text_mask)
+
+    def caption_logits(
+        self, image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """image_tokens (B, N, Dv) from forward_features, text (B, T) -> logits (B, T, V)."""
+        if self.caption is None:
+            raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
+        return self.caption(self.text, image_tokens, text, text_mask)
+
+    def forward(
+        self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP-style: normalised image and text embeddings, each (B, E)."""
+        return self.encode_image(images, normalize=True), self.encode_text(text, text_mask, True)
+
+    def num_params(self, tower: str | None = None) -> int:
+        """Unique parameter count of the model, or of one tower ('vision' / 'text')."""
+        module = self if tower is None else self._tower(tower)
+        return sum(p.numel() for p in module.parameters())

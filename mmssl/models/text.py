@@ -1,0 +1,168 @@
+"""TextTransformer: a causal language model and the pooled text embedding of a CLIP text tower."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmssl.models.config import TextConfig
+from mmssl.models.trunk import build_trunk
+from mmssl.nn import Norm, RotaryEmbedding, Transformer
+
+
+def last_valid_index(text_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True of each row.  text_mask: (B, T) bool -> (B,) int64."""
+    t = text_mask.shape[1]
+    positions = torch.arange(t, device=text_mask.device).expand_as(text_mask)
+    return torch.where(text_mask, positions, -1).amax(dim=1).clamp(min=0)
+
+
+class TextTransformer(nn.Module):
+    """Token ids (B, T) -> hidden states (B, T, D), LM logits (B, T, V) and a pooled embedding.
+
+    Padding is on the right and `text_mask` (B, T) marks valid tokens.  With causal attention a
+    token never sees the padding after it, so no mask is needed inside the trunk; a
+    bidirectional text tower masks padded keys.
+    """
+
+    def __init__(
+        self, cfg: TextConfig, embed_dim: int | None = None, trunk: Transformer | None = None
+    ):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.token_embed = nn.Embedding(cfg.vocab_size, d)
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(cfg.context_length, d)) if cfg.pos_embed == "learned" else None
+        )
+        self.rope = RotaryEmbedding(d // cfg.num_heads) if cfg.pos_embed == "rope" else None
+        self.trunk = trunk or build_trunk(
+            d,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.block,
+            causal=cfg.causal,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
+        self.lm_head = (
+            nn.Linear(d, cfg.vocab_size, bias=False)
+            if cfg.lm_head and not cfg.tie_embeddings
+            else None
+        )
+        self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
+
+    def forward_tokens(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """text: (B, T) int64 -> final-normed hidden states (B, T, D).
+
+        prefix: optional (B, P, D) embeddings run before the text (a caption prefix); they get
+        no text position and are dropped from the output.
+        """
+        b, t = text.shape
+        if t > self.cfg.context_length:
+            raise ValueError(f"text length {t} exceeds context_length {self.cfg.context_length}")
+        x = self.token_embed(text)  # (B, T, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[:t].to(x.dtype)
+        num_prefix = 0
+        if prefix is not None:
+            num_prefix = prefix.shape[1]
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        attn_mask = None
+        if text_mask is not None and not self.cfg.causal:
+            keys = F.pad(text_mask, (num_prefix, 0), value=True)
+            attn_mask = keys[:, None, None, :]  # (B, 1, 1, P + T)
+        rope = None
+        if self.rope is not None:
+            rope = self.rope(torch.arange(t, device=text.device))
+        x = self.trunk(x, is_causal=self.cfg.causal, attn_mask=attn_mask, rope=rope)
+        return self.norm(x[:, num_prefix:])
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V), through the tied embedding by default."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if not self.cfg.lm_head:
+            raise RuntimeError("this text tower was built with lm_head=false")
+        return F.linear(hidden, self.token_embed.weight)
+
+    def logits(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, T, V): position t predicts token t + 1."""
+        return self.head(self.forward_tokens(text, text_mask, prefix))
+
+    def pool(self, hidden: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T, D) -> (B, D): the end-of-text token (last valid), or the masked mean."""
+        if text_mask is None:
+            text_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if self.cfg.pool == "mean":
+            w = text_mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+        return hidden[
+            torch.arange(hidden.shape[0], device=hidden.device), last_valid_index(text_mask)
+        ]
+
+    def forward_features(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """text (B, T) -> pooled (B, D) and tokens (B, T, D)."""
+        tokens = self.forward_tokens(text, text_mask)
+        return {"pooled": self.pool(tokens, text_mask), "tokens": tokens}
+
+    def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """text (B, T) -> (B, E): pooled features through the projection, if any."""
+        pooled = self.forward_features(text, text_mask)["pooled"]
+        return self.proj(pooled) if self.proj is not None else pooled
+
+    forward = encode
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
+
+        temperature 0 is greedy decoding.  Rows that emitted `eos_id` keep emitting it.
+        The prompt window slides when it grows past context_length.
+        """
+        done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
+        for _ in range(max_new_tokens):
+            window = text[:, -self.cfg.context_length :]
+            logits = self.logits(window)[:, -1].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = logits.softmax(dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            text = torch.cat([text, nxt[:, None]], dim=1)
+        return text
+
+    def flops_per_token(self) -> float:
+        """Forward FLOPs per token at full context (2 per multiply-add), LM head included."""
+        c = self.cfg
+        per_block = 2 * c.dim * c.dim * (4 + 2 * c.block.mlp_ratio) + 4 * c.context_length * c.dim
+        head = 2 * c.dim * c.vocab_size if c.lm_head else 0
+        return c.depth * per_block + head

@@ -1,0 +1,118 @@
+"""VisionEncoder (ViT): patches -> Transformer -> pooled and tokens -> projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmssl.models.config import VisionConfig
+from mmssl.models.trunk import build_trunk
+from mmssl.nn import Norm, PatchEmbed, RotaryEmbedding, Transformer, sincos_2d
+
+
+class VisionEncoder(nn.Module):
+    """A ViT.  images (B, C, H, W) -> `forward_features` {pooled (B, D), tokens (B, N, D)}.
+
+    `tokens` are the N patch tokens after the final norm (no class token), in row-major grid
+    order.  `cond` (B, cond_dim) reaches the adaLN-Zero blocks when `cond_dim` is set;
+    cond=None gives the plain features.
+    """
+
+    def __init__(
+        self, cfg: VisionConfig, embed_dim: int | None = None, trunk: Transformer | None = None
+    ):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d, bias=cfg.patch_bias)
+        self.num_prefix = 1 if cfg.class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, self.num_prefix + self.grid**2, d))
+            if cfg.pos_embed == "learned"
+            else None
+        )
+        self.rope = RotaryEmbedding(d // cfg.num_heads, axes=2) if cfg.pos_embed == "rope" else None
+        self.norm_pre = (
+            Norm(d, cfg.block.norm, cfg.block.norm_eps) if cfg.pre_norm else nn.Identity()
+        )
+        self.trunk = trunk or build_trunk(
+            d,
+            cfg.depth,
+            cfg.num_heads,
+            cfg.block,
+            causal=False,
+            cond_dim=cfg.cond_dim,
+            cond_depth=cfg.cond_depth,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
+        self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
+
+    def _abs_pos(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
+        """The absolute position table for a grid, (1, P + N, D), resampled if the grid differs."""
+        if self.cfg.pos_embed == "sincos":
+            pos = sincos_2d(self.cfg.dim, grid_h, grid_w).to(device)
+            return F.pad(pos, (0, 0, self.num_prefix, 0))[None]
+        if self.pos_embed is None:
+            return None
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_embed
+        prefix, grid = self.pos_embed[:, : self.num_prefix], self.pos_embed[:, self.num_prefix :]
+        grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([prefix, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def _rope(
+        self, grid_h: int, grid_w: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.rope is None:
+            return None
+        ys, xs = torch.meshgrid(
+            torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij"
+        )
+        return self.rope(torch.stack([ys.flatten(), xs.flatten()], dim=1))
+
+    def forward_features(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """images: (B, C, H, W); cond: (B, cond_dim) or None.  Returns pooled (B, D), tokens (B, N, D)."""
+        p = self.cfg.patch_size
+        grid_h, grid_w = images.shape[-2] // p, images.shape[-1] // p
+        x = self.patch_embed(images)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        pos = self._abs_pos(grid_h, grid_w, x.device)
+        if pos is not None:
+            x = x + pos.to(x.dtype)
+        x = self.norm_pre(x)
+        x = self.trunk(x, cond, is_causal=False, rope=self._rope(grid_h, grid_w, x.device))
+        x = self.norm(x)  # (B, P + N, D)
+        tokens = x[:, self.num_prefix :]
+        pooled = x[:, 0] if self.cfg.pool == "token" else tokens.mean(dim=1)
+        return {"pooled": pooled, "tokens": tokens}
+
+    def encode(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, C, H, W) -> (B, E): pooled features through the projection, if any."""
+        pooled = self.forward_features(images, cond)["pooled"]
+        return self.proj(pooled) if self.proj is not None else pooled
+
+    forward = encode
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    def flops_per_image(self) -> float:
+        """Forward FLOPs (2 per multiply-add) of one image at the configured size."""
+        c = self.cfg
+        n = self.num_prefix + self.grid**2
+        per_block = 2 * n * c.dim * c.dim * (4 + 2 * c.block.mlp_ratio) + 4 * n * n * c.dim
+        patch = 2 * self.grid**2 * c.in_chans * c.patch_size**2 * c.dim
+        return (
+            c.depth * per_block
+            + patch
+            + (0 if self.proj is None else 2 * c.dim * self.proj.out_features)
+        )

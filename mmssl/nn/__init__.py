@@ -1,0 +1,27 @@
+"""Building blocks shared by every tower: one concept per file."""
+
+from mmssl.nn.attention import Attention
+from mmssl.nn.block import Block, Transformer
+from mmssl.nn.layers import DropPath, LayerScale, PatchEmbed
+from mmssl.nn.mlp import Mlp, SwiGLU, build_mlp
+from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
+from mmssl.nn.pos_embed import RotaryEmbedding, apply_rotary, sincos_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "ConditionedGate",
+    "ConditionedNorm",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "Norm",
+    "PatchEmbed",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "Transformer",
+    "Ungated",
+    "apply_rotary",
+    "build_mlp",
+    "sincos_2d",
+]

@@ -1,0 +1,179 @@
+"""THE Block, and Transformer: a stack of Blocks.
+
+Every tower in mmssl (vision, text, shared trunk, caption decoder) is built from this one
+class.  Options that are off are identity modules, so `forward` reads like the maths:
+
+    x = x + drop_path(gate1(ls1(attn(norm1(x, c))), c))
+    x = x + drop_path(ls_x(cross_attn(norm_x(x), context)))      # caption decoders only
+    x = x + drop_path(gate2(ls2(mlp(norm2(x, c))), c))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmssl.nn.attention import Attention
+from mmssl.nn.layers import DropPath, LayerScale
+from mmssl.nn.mlp import build_mlp
+from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
+
+
+class CrossAttentionBranch(nn.Module):
+    """Pre-norm residual cross-attention to a context sequence: x + attn(norm(x), context)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        norm: str,
+        norm_eps: float,
+        qkv_bias: bool,
+        context_dim: int | None,
+        init_values: float | None,
+        drop_path: float,
+    ):
+        super().__init__()
+        self.norm = Norm(dim, norm, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, cross=True, context_dim=context_dim)
+        self.ls = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return x + self.drop_path(self.ls(self.attn(self.norm(x), context=context)))
+
+
+class NoCrossAttention(nn.Module):
+    """Stands in for CrossAttentionBranch in blocks without one."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block.  x: (B, N, D) -> (B, N, D).
+
+    cond_dim: when set, norms and gates are adaLN-Zero conditioned on a (B, cond_dim) vector
+    (equal to the plain block at init, and when called with cond=None).
+    cross_attn: adds a cross-attention sub-layer over a `context` sequence.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-6,
+        mlp: str = "mlp",
+        act: str = "gelu",
+        mlp_bias: bool = True,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        cond_dim: int | None = None,
+        cross_attn: bool = False,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        if cond_dim:
+            self.norm1: nn.Module = ConditionedNorm(dim, cond_dim, norm, norm_eps)
+            self.norm2: nn.Module = ConditionedNorm(dim, cond_dim, norm, norm_eps)
+            self.gate1: nn.Module = ConditionedGate(dim, cond_dim)
+            self.gate2: nn.Module = ConditionedGate(dim, cond_dim)
+        else:
+            self.norm1, self.norm2 = Norm(dim, norm, norm_eps), Norm(dim, norm, norm_eps)
+            self.gate1, self.gate2 = Ungated(), Ungated()
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.cross: nn.Module = (
+            CrossAttentionBranch(
+                dim, num_heads, norm, norm_eps, qkv_bias, context_dim, init_values, drop_path
+            )
+            if cross_attn
+            else NoCrossAttention()
+        )
+        self.mlp = build_mlp(mlp, dim, mlp_ratio, act, mlp_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = self.attn(self.norm1(x, cond), attn_mask=attn_mask, is_causal=is_causal, rope=rope)
+        x = x + self.drop_path(self.gate1(self.ls1(h), cond))
+        x = self.cross(x, context)
+        x = x + self.drop_path(self.gate2(self.ls2(self.mlp(self.norm2(x, cond))), cond))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` Blocks.  x: (B, N, D) -> (B, N, D).
+
+    causal: the default attention pattern of the stack (True for language models).  A shared
+        trunk overrides it per call with `is_causal=`.
+    cond_depth: condition only the top k blocks (None: all, when cond_dim is set).
+    drop_path: the maximum rate, increased linearly with depth.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        drop_path: float = 0.0,
+        cond_dim: int | None = None,
+        cond_depth: int | None = None,
+        grad_checkpointing: bool = False,
+        **block_kwargs: object,
+    ):
+        super().__init__()
+        self.causal = causal
+        self.grad_checkpointing = grad_checkpointing
+        first_conditioned = depth - (depth if cond_depth is None else cond_depth)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                drop_path=rates[i],
+                cond_dim=cond_dim if i >= first_conditioned else None,
+                **block_kwargs,  # type: ignore[arg-type]
+            )
+            for i in range(depth)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        *,
+        is_causal: bool | None = None,
+        attn_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        kwargs = dict(
+            is_causal=self.causal if is_causal is None else is_causal,
+            attn_mask=attn_mask,
+            context=context,
+            rope=rope,
+        )
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cond, use_reentrant=False, **kwargs)
+            else:
+                x = block(x, cond, **kwargs)
+        return x

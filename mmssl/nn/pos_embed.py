@@ -1,0 +1,62 @@
+"""Position embeddings: learned tables (in the towers), fixed 2-D sin-cos, and rotary (1-D/2-D).
+
+Rotary positions enter attention as relative offsets, so a ViT with rotary (and no
+absolute table) keeps its patch-token grid equivariant to whole-patch shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = pos.double()[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding (MAE), rows then columns.  Returns (grid_h * grid_w, dim)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos needs dim divisible by 4, got {dim}")
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    emb = torch.cat([_sincos_1d(dim // 2, ys.flatten()), _sincos_1d(dim // 2, xs.flatten())], 1)
+    return emb.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary angles for a head dim.  `forward(positions)` returns (cos, sin) of shape (N, head_dim).
+
+    positions: (N,) for 1-D text, or (N, 2) of (row, col) for 2-D grids, in which case half of
+    the rotated pairs encode the row and half the column (axial RoPE).
+    """
+
+    def __init__(self, head_dim: int, axes: int = 1, base: float = 10000.0):
+        super().__init__()
+        if head_dim % (2 * axes):
+            raise ValueError(f"rotary head_dim {head_dim} must be divisible by {2 * axes}")
+        self.axes = axes
+        per_axis = head_dim // axes
+        inv_freq = 1.0 / base ** (torch.arange(0, per_axis, 2).float() / per_axis)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = positions.float().reshape(positions.shape[0], self.axes)  # (N, axes)
+        angles = (pos[:, :, None] * self.inv_freq[None, None]).flatten(1)  # (N, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of the last dim.  x: (B, H, N, d); cos/sin: (N, d).
+
+    When x has more positions than the table (prefix tokens), the first extra ones are left
+    unrotated: rotary covers the trailing N positions.
+    """
+    cos, sin = rope
+    n = cos.shape[0]
+    head, tail = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n :, :]
+    x1, x2 = tail.chunk(2, dim=-1)
+    rotated = tail * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([head, rotated.to(x.dtype)], dim=-2) if head.shape[-2] else rotated.to(x.dtype)

@@ -1,0 +1,83 @@
+"""`mmssl smoke`: build a registry model and run one forward and backward pass on a batch.
+
+A quick check that an installation works end to end; prints shapes and parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mmssl.models.registry import create_model, list_models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmssl smoke", description=__doc__)
+    parser.add_argument("--model", default="clip_vit_b32", help="a name from list_models()")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.model not in list_models():
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = create_model(args.model).train()
+    print(
+        f"model {args.model}: {model.num_params():,} parameters "
+        f"(built in {time.perf_counter() - t0:.1f} s)"
+    )
+    b = args.batch_size
+    losses: list[torch.Tensor] = []
+    losses_emb: list[torch.Tensor] = []
+    if model.visual is not None:
+        c = model.visual.cfg
+        images = torch.randn(b, c.in_chans, c.image_size, c.image_size)
+        feats = model.forward_features(images)
+        emb = model.encode_image(images)
+        print(
+            f"  vision: {model.num_params('vision'):,} params; images {tuple(images.shape)} -> "
+            f"pooled {tuple(feats['pooled'].shape)}, tokens {tuple(feats['tokens'].shape)}, "
+            f"embedding {tuple(emb.shape)}"
+        )
+        losses_emb.append(emb)
+    if model.text is not None:
+        c = model.text.cfg
+        text = torch.randint(0, c.vocab_size, (b, min(c.context_length, 32)))
+        emb = model.encode_text(text)
+        print(
+            f"  text: {model.num_params('text'):,} params; text {tuple(text.shape)} -> "
+            f"embedding {tuple(emb.shape)}"
+        )
+        losses_emb.append(emb)
+        if c.lm_head:
+            logits = model.lm_logits(text)
+            print(f"  lm: logits {tuple(logits.shape)}")
+            losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), text[:, 1:].flatten()))
+    if model.logit_scale is not None:
+        # A CLIP loss on the pair, so the logit scale gets its gradient too.
+        logits = (
+            model.logit_scale.exp()
+            * F.normalize(losses_emb[0], dim=-1)
+            @ F.normalize(losses_emb[1], dim=-1).T
+        )
+        losses.append(F.cross_entropy(logits, torch.arange(b)))
+    if model.logit_scale is None:
+        losses += [emb.pow(2).mean() for emb in losses_emb]
+    t0 = time.perf_counter()
+    loss = torch.stack(losses).sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    with_grad = sum(g is not None for g in grads)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))
+    print(
+        f"  backward in {time.perf_counter() - t0:.1f} s: loss {loss.item():.4f}, "
+        f"{with_grad}/{len(grads)} parameter tensors received a gradient, grad norm {norm:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""Every registry model: shapes, no NaN, gradients, checkpointing, round trips, causality."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmssl
+from mmssl.models import MultimodalModel, resolve_model_config
+from mmssl.models.io import load_pretrained, save_pretrained
+from mmssl.nn import Block
+from mmssl.schema import ConfigError
+
+MODELS = mmssl.list_models()
+
+
+def small(name: str, **extra) -> MultimodalModel:
+    """The registry architecture with its depth cut to 1 and small inputs, so every shipped
+    config is exercised quickly; the tiny test configs are built as they are."""
+    over: dict = {}
+    cfg = resolve_model_config(name)
+    if not name.startswith("test_tiny"):
+        if cfg.vision is not None:
+            over["vision"] = {"depth": 1, "image_size": 2 * cfg.vision.patch_size}
+        if cfg.text is not None:
+            over["text"] = {"depth": 1, "context_length": 16}
+        if cfg.caption is not None:
+            over["caption"] = {"depth": 1}
+    for key, value in extra.items():
+        over.setdefault(key, {}).update(value)
+    return mmssl.create_model(name, **over)
+
+
+def run_all_heads(model: MultimodalModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    if model.visual is not None:
+        c = model.visual.cfg
+        images = torch.randn(2, c.in_chans, c.image_size, c.image_size, generator=g)
+        cond = torch.randn(2, c.cond_dim, generator=g) if c.cond_dim else None
+        feats = model.forward_features(images, cond)
+        out.update(
+            pooled=feats["pooled"], tokens=feats["tokens"], image=model.encode_image(images, cond)
+        )
+    if model.text is not None:
+        c = model.text.cfg
+        text = torch.randint(0, c.vocab_size, (2, min(c.context_length, 12)), generator=g)
+        mask = torch.ones_like(text, dtype=torch.bool)
+        mask[1, 8:] = False
+        out["text"] = model.encode_text(text, mask)
+        if c.lm_head:
+            out["logits"] = model.lm_logits(text, mask)
+        if model.caption is not None:
+            out["caption"] = model.caption_logits(out["tokens"], text, mask)
+    if model.logit_scale is not None:
+        out["scale"] = model.logit_scale.exp() * F.cosine_similarity(out["image"], out["text"])
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shapes_finite_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = small(name).train()
+    out = run_all_heads(model)
+    cfg = model.cfg
+    if model.visual is not None:
+        v = cfg.vision
+        n = (v.image_size // v.patch_size) ** 2
+        assert out["tokens"].shape == (2, n, v.dim)
+        assert out["pooled"].shape == (2, v.dim)
+        assert out["image"].shape == (2, cfg.embed_dim or v.dim)
+    if model.text is not None:
+        assert out["text"].shape == (2, cfg.embed_dim or cfg.text.dim)
+        if "logits" in out:
+            assert out["logits"].shape == (2, 12, cfg.text.vocab_size)
+    for key, value in out.items():
+        assert torch.isfinite(value).all(), key
+    sum(v.float().pow(2).mean() for v in out.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n.startswith("test_tiny")])
+def test_gradient_checkpointing_gives_equal_outputs_and_grads(name):
+    torch.manual_seed(0)
+    plain = small(name).train()
+    on = {
+        k: {"grad_checkpointing": True}
+        for k in ("vision", "text")
+        if getattr(plain.cfg, k) is not None
+    }
+    ckpt = small(name, **on).train()
+    ckpt.load_state_dict(plain.state_dict())
+    a, b = run_all_heads(plain), run_all_heads(ckpt)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+    sum(v.pow(2).mean() for v in a.values()).backward()
+    sum(v.pow(2).mean() for v in b.values()).backward()
+    for (n, pa), pb in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n.startswith("test_tiny")])
+def test_state_dict_and_export_round_trip(name, tmp_path):
+    torch.manual_seed(0)
+    model = small(name).eval()
+    other = MultimodalModel(model.cfg).eval()
+    other.load_state_dict(model.state_dict())
+    ref = run_all_heads(model)
+    for key, value in run_all_heads(other).items():
+        assert torch.equal(value, ref[key]), key
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path)
+    for key, value in run_all_heads(loaded).items():
+        assert torch.equal(value, ref[key]), key
+    if model.visual is not None:
+        enc = mmssl.load_encoder(str(tmp_path), "vision")
+        images = torch.randn(2, 3, 32, 32)
+        assert torch.equal(
+            enc.forward_features(images)["pooled"], model.forward_features(images)["pooled"]
+        )
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if resolve_model_config(n).text is not None])
+def test_text_tower_is_causal(name):
+    torch.manual_seed(0)
+    model = small(name).eval()
+    c = model.text.cfg
+    text = torch.randint(0, c.vocab_size, (2, 12))
+    t = 5
+    changed = text.clone()
+    changed[:, t + 1 :] = torch.randint(0, c.vocab_size, (2, 12 - t - 1))
+    a = model.text.forward_tokens(text)
+    b = model.text.forward_tokens(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_vision_and_text_blocks_are_the_same_class():
+    model = mmssl.create_model("test_tiny_coca")
+    kinds = {type(b) for b in model.visual.trunk.blocks}
+    kinds |= {type(b) for b in model.text.trunk.blocks}
+    kinds |= {type(b) for b in model.caption.decoder.blocks}
+    assert kinds == {Block}
+
+
+def test_shared_trunk_has_one_parameter_set_and_both_modalities_train_it():
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_clip_shared")
+    assert model.visual.trunk is model.text.trunk
+    separate = mmssl.create_model("test_tiny_clip")
+    trunk_params = sum(p.numel() for p in model.visual.trunk.parameters())
+    assert model.num_params() == separate.num_params() - trunk_params  # text trunk removed
+    trunk = list(model.visual.trunk.parameters())
+    model.encode_image(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    from_image = [p.grad.clone() for p in trunk]
+    model.zero_grad()
+    model.encode_text(torch.randint(0, 512, (2, 8))).pow(2).sum().backward()
+    from_text = [p.grad.clone() for p in trunk]
+    assert all(g.abs().sum() > 0 for g in from_image)
+    assert all(g.abs().sum() > 0 for g in from_text)
+    # Text runs causally through the trunk, images bidirectionally.
+    text = torch.randint(0, 512, (1, 8))
+    changed = text.clone()
+    changed[0, 5] = (text[0, 5] + 1) % 512
+    a, b = model.text.forward_tokens(text), model.text.forward_tokens(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+
+
+def test_zero_init_conditioned_model_equals_unconditioned():
+    torch.manual_seed(0)
+    plain = mmssl.create_model("test_tiny_vit").eval()
+    cond = mmssl.create_model("test_tiny_vit_cond").eval()
+    missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing
+    images, c = torch.randn(2, 3, 32, 32), torch.randn(2, 13)
+    ref = plain.forward_features(images)
+    for out in (cond.forward_features(images, c), cond.forward_features(images, None)):
+        assert torch.equal(out["pooled"], ref["pooled"])
+        assert torch.equal(out["tokens"], ref["tokens"])
+
+
+def test_greedy_generate_matches_step_by_step_argmax():
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_gpt").eval()
+    prompt = torch.randint(0, 512, (2, 4))
+    out = model.text.generate(prompt, 6, temperature=0)
+    seq = prompt
+    for _ in range(6):
+        seq = torch.cat([seq, model.lm_logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    sampled = model.text.generate(prompt, 6, top_k=1)  # top-1 sampling is greedy
+    assert torch.equal(sampled, seq)
+
+
+def test_unknown_model_and_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="vit_s16"):
+        mmssl.create_model("vit_s61")
+    with pytest.raises(ConfigError, match=r"model\.vision\.dpeth.*depth"):
+        mmssl.create_model("test_tiny_vit", vision={"dpeth": 2})
+    with pytest.raises(ConfigError, match=r"model\.vision\.depth"):
+        mmssl.create_model("test_tiny_vit", **{"vision.depth": "two"})
+    with pytest.raises(ConfigError, match="divisible"):
+        mmssl.create_model("test_tiny_vit", vision={"image_size": 30})
+
+
+def test_import_mmssl_does_no_work():
+    code = (
+        "import sys, mmssl; "
+        "heavy = [m for m in ('torch', 'deepspeed', 'webdataset', 'tokenizers') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
+    assert out.stderr == ""
+
+
+def test_cli_dispatch():
+    from mmssl.cli import main
+
+    assert main(["--help"]) == 0
+    assert main(["no-such-command"]) == 2
+    assert main(["smoke", "--model", "test_tiny_clip"]) == 0

@@ -1,0 +1,205 @@
+"""Building blocks against naive references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.nn import (
+    Attention,
+    Block,
+    DropPath,
+    Norm,
+    PatchEmbed,
+    RotaryEmbedding,
+    SwiGLU,
+    Transformer,
+    apply_rotary,
+    sincos_2d,
+)
+
+
+def naive_attention(q, k, v, allowed):
+    """Softmax attention written out: (B, H, N, d) each; allowed (N, M) or (B, 1, N, M) bool."""
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v)
+
+
+def split_heads(t, h):
+    b, n, d = t.shape
+    return t.view(b, n, h, d // h).transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_attention_matches_naive_softmax(causal, with_mask):
+    torch.manual_seed(0)
+    b, n, d, h = 2, 7, 24, 3
+    attn = Attention(d, h, qk_norm=False).eval()
+    x = torch.randn(b, n, d)
+    allowed = torch.ones(b, 1, n, n, dtype=torch.bool)
+    mask = None
+    if with_mask:
+        keep = torch.rand(b, n) > 0.3
+        keep[:, 0] = True
+        mask = keep[:, None, None, :]
+        allowed = allowed & mask
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    q, k, v = (split_heads(t, h) for t in attn.qkv(x).chunk(3, -1))
+    ref = attn.proj(naive_attention(q, k, v, allowed).transpose(1, 2).reshape(b, n, d))
+    out = attn(x, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_matches_naive():
+    torch.manual_seed(0)
+    attn = Attention(16, 2, cross=True, context_dim=12).eval()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 9, 12)
+    q = split_heads(attn.q(x), 2)
+    k, v = (split_heads(t, 2) for t in attn.kv(ctx).chunk(2, -1))
+    ref = naive_attention(q, k, v, torch.ones(5, 9, dtype=torch.bool))
+    ref = attn.proj(ref.transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(attn(x, context=ctx), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        attn(x)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i, j):
+        qi = apply_rotary(q, rope(torch.tensor([i])))
+        kj = apply_rotary(k, rope(torch.tensor([j])))
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score(3, 1), score(10, 8))
+    torch.testing.assert_close(score(0, 0), (q * k).sum())  # position 0 is the identity
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_rotary_2d_relative_in_both_axes():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8, axes=2)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(pi, pj):
+        qi = apply_rotary(q, rope(torch.tensor([pi])))
+        kj = apply_rotary(k, rope(torch.tensor([pj])))
+        return (qi * kj).sum()
+
+    torch.testing.assert_close(score((2, 3), (1, 1)), score((5, 7), (4, 5)))
+
+
+def test_sincos_2d_values():
+    emb = sincos_2d(8, 2, 3)  # (6, 8): [sin(y w), cos(y w), sin(x w), cos(x w)], w = 1, 1e-2
+    assert emb.shape == (6, 8)
+    row, col = 1, 2
+    e = emb[row * 3 + col]
+    expected = [
+        math.sin(row),
+        math.sin(row / 100),
+        math.cos(row),
+        math.cos(row / 100),
+        math.sin(col),
+        math.sin(col / 100),
+        math.cos(col),
+        math.cos(col / 100),
+    ]
+    torch.testing.assert_close(e, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_norms_match_torch():
+    x = torch.randn(3, 5, 16)
+    ln = Norm(16, "layernorm", 1e-6)
+    torch.testing.assert_close(ln(x, torch.randn(3, 4)), F.layer_norm(x, (16,), eps=1e-6))
+    rms = Norm(16, "rmsnorm", 1e-6)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rms(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        Norm(16, "batchnorm")
+
+
+def test_swiglu_matches_formula():
+    m = SwiGLU(8, 12)
+    x = torch.randn(4, 8)
+    w1, w2 = m.fc1.weight[:12], m.fc1.weight[12:]
+    ref = (F.silu(x @ w1.T) * (x @ w2.T)) @ m.fc2.weight.T
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_patch_embed_is_patch_flatten_and_linear():
+    pe = PatchEmbed(4, 3, 10)
+    img = torch.randn(2, 3, 8, 12)
+    patches = img.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 2, 3, 4, 4)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 6, 48)
+    ref = patches @ pe.proj.weight.reshape(10, 48).T + pe.proj.bias
+    torch.testing.assert_close(pe(img), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        pe(torch.randn(1, 3, 9, 8))
+
+
+def test_drop_path_identity_in_eval_and_unbiased_in_train():
+    dp = DropPath(0.3)
+    x = torch.ones(20000, 4)
+    assert torch.equal(dp.eval()(x), x)
+    out = dp.train()(x)
+    kept = (out[:, 0] != 0).float().mean()
+    assert abs(kept.item() - 0.7) < 0.02
+    assert abs(out.mean().item() - 1.0) < 0.03
+
+
+def test_zero_init_conditioned_block_equals_plain_block():
+    torch.manual_seed(0)
+    plain = Block(32, 4)
+    cond = Block(32, 4, cond_dim=13)
+    missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("modulation" in k or "gate" in k for k in missing)
+    for name, p in cond.named_parameters():
+        if name in missing:
+            torch.nn.init.zeros_(p)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 13)
+    torch.testing.assert_close(cond(x, c), plain(x), atol=0, rtol=0)
+    torch.testing.assert_close(cond(x, None), plain(x), atol=0, rtol=0)
+    # Once the modulation is non-zero the condition changes the output.
+    torch.nn.init.normal_(cond.norm1.modulation.weight)
+    assert not torch.allclose(cond(x, c), plain(x))
+
+
+def test_zero_init_conditioning_still_gets_gradients():
+    torch.manual_seed(0)
+    block = Block(16, 2, cond_dim=4)
+    for name, p in block.named_parameters():
+        if "modulation" in name or "gate" in name:
+            torch.nn.init.zeros_(p)
+    block(torch.randn(2, 3, 16), torch.randn(2, 4)).pow(2).sum().backward()
+    assert block.norm1.modulation.weight.grad.abs().sum() > 0
+    assert block.gate2.gate.weight.grad.abs().sum() > 0
+
+
+def test_transformer_conditions_only_top_blocks():
+    t = Transformer(16, 4, 2, cond_dim=5, cond_depth=2)
+    conditioned = [hasattr(b.norm1, "modulation") for b in t.blocks]
+    assert conditioned == [False, False, True, True]
+
+
+def test_gradient_checkpointing_equal_outputs_and_grads():
+    torch.manual_seed(0)
+    a = Transformer(16, 3, 2, causal=True)
+    b = Transformer(16, 3, 2, causal=True, grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.pow(2).sum().backward()
+    yb.pow(2).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
