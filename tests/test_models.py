@@ -41,11 +41,13 @@ def run_all_heads(model: MultimodalModel, seed: int = 0) -> dict[str, torch.Tens
     if model.visual is not None:
         c = model.visual.cfg
         images = torch.randn(2, c.in_chans, c.image_size, c.image_size, generator=g)
-        cond = torch.randn(2, c.cond_dim, generator=g) if c.cond_dim else None
+        cond = model.condition(torch.rand(2, 13, generator=g))
         feats = model.forward_features(images, cond)
         out.update(
             pooled=feats["pooled"], tokens=feats["tokens"], image=model.encode_image(images, cond)
         )
+        if model.projector is not None:
+            out["projected"] = model.project(feats["pooled"], cond)
     if model.text is not None:
         c = model.text.cfg
         text = torch.randint(0, c.vocab_size, (2, min(c.context_length, 12)), generator=g)
@@ -65,6 +67,10 @@ def run_all_heads(model: MultimodalModel, seed: int = 0) -> dict[str, torch.Tens
 def test_shapes_finite_and_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = small(name).train()
+    if model.projector is not None and model.projector.hyper_weight is not None:
+        # The hypernetwork coefficients get a gradient through W_k f, zero at init by design;
+        # move off that point so the test is about the wiring.
+        torch.nn.init.normal_(model.projector.hyper_weight.data, std=0.01)
     out = run_all_heads(model)
     cfg = model.cfg
     if model.visual is not None:
@@ -171,17 +177,67 @@ def test_shared_trunk_has_one_parameter_set_and_both_modalities_train_it():
     torch.testing.assert_close(a[:, :5], b[:, :5])
 
 
-def test_zero_init_conditioned_model_equals_unconditioned():
+@pytest.mark.parametrize("projector", ["none", "concat", "film", "hyper"])
+def test_zero_init_conditioned_model_equals_unconditioned(projector):
+    """adaLN-Zero blocks and every conditioned projector equal the plain model at init."""
     torch.manual_seed(0)
-    plain = mmssl.create_model("test_tiny_vit").eval()
-    cond = mmssl.create_model("test_tiny_vit_cond").eval()
+    plain = mmssl.create_model("test_tiny_simclr").eval()
+    cond = mmssl.create_model(
+        "test_tiny_simclr",
+        vision={"cond_dim": 16},
+        condition={"dim": 16},
+        projector={"cond": projector},
+    ).eval()
     missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing
-    images, c = torch.randn(2, 3, 32, 32), torch.randn(2, 13)
+    images, aug = torch.randn(2, 3, 32, 32), torch.rand(2, 13)
+    c = cond.condition(aug)
     ref = plain.forward_features(images)
     for out in (cond.forward_features(images, c), cond.forward_features(images, None)):
         assert torch.equal(out["pooled"], ref["pooled"])
         assert torch.equal(out["tokens"], ref["tokens"])
+    z = cond.project(ref["pooled"], c)
+    torch.testing.assert_close(z, plain.project(ref["pooled"]), atol=0, rtol=0)
+    # Gradients reach the descriptor encoder gamma.  At the zero init, d(loss)/dc is zero
+    # (every path from c is multiplied by a zero weight); the zero weights themselves get a
+    # gradient, so from the second step on gamma does too.
+    cond.train()
+    opt = torch.optim.SGD(cond.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        c = cond.condition(aug)
+        cond.project(cond.forward_features(images, c)["pooled"], c).pow(2).sum().backward()
+        opt.step()
+    gamma = cond.conditioner.net[0].weight.grad
+    assert gamma is not None and gamma.abs().sum() > 0
+
+
+def test_hypernetwork_projector_matches_materialised_weights():
+    """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
+    from mmssl.models.condition import Projector
+
+    torch.manual_seed(0)
+    proj = Projector(6, 5, 3, cond="hyper", cond_dim=4, hyper_rank=3)
+    torch.nn.init.normal_(proj.hyper_weight)
+    f, c = torch.randn(2, 6), torch.randn(2, 4)
+    a = torch.relu(proj.hyper_coef(c))  # (B, K)
+    w_k = proj.hyper_weight.view(3, 5, 6)
+    rows = []
+    for i in range(2):
+        w = proj.fc1.weight + sum(a[i, k] * w_k[k] for k in range(3))
+        rows.append(w @ f[i] + proj.fc1.bias)
+    expected = proj.rest(torch.stack(rows))
+    torch.testing.assert_close(proj(f, c), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_wrong_descriptor_names_the_expected_layout():
+    model = mmssl.create_model("test_tiny_vit_cond")
+    with pytest.raises(ValueError, match=r"v1\[13\]: blur 0:1"):
+        model.condition(torch.rand(2, 12))
+    with pytest.raises(ValueError, match="unknown augmentation descriptor version"):
+        mmssl.create_model("test_tiny_vit_cond", condition={"layout": "v0"})
+    with pytest.raises(ConfigError, match="condition"):
+        mmssl.create_model("test_tiny_simclr", projector={"cond": "film"})
 
 
 def test_greedy_generate_matches_step_by_step_argmax():

@@ -45,6 +45,7 @@ class VisionConfig:
     pool: Literal["token", "mean"] = "token"
     cond_dim: int | None = None  # adaLN-Zero conditioning of the blocks; None = unconditioned
     cond_depth: int | None = None  # condition only the top k blocks; None = all
+    cond_tokens: int = 0  # condition tokens prepended to the patch tokens (needs `condition`)
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +91,27 @@ class CaptionConfig:
 
 
 @dataclass
+class ConditionConfig:
+    """Where the condition vector c comes from (see models/condition.py)."""
+
+    source: Literal["descriptor", "text"] = "descriptor"
+    layout: str = "v1"  # augmentation descriptor layout version (source "descriptor")
+    dim: int = 64  # size of c
+    hidden_dim: int = 128  # hidden width of the descriptor MLP
+
+
+@dataclass
+class ProjectorConfig:
+    """The SSL projection head on the pooled image features (SimCLR); optionally conditioned."""
+
+    hidden_dim: int = 512
+    out_dim: int = 128
+    depth: int = 2
+    cond: Literal["none", "concat", "film", "hyper"] = "none"
+    hyper_rank: int = 32  # K, the number of zero-initialised weight components (cond "hyper")
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig | None = None
     text: TextConfig | None = None
@@ -99,6 +121,8 @@ class ModelConfig:
     shared_trunk: bool = False  # one Transformer runs image tokens and (causally) text tokens
     logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
     caption: CaptionConfig | None = None
+    projector: ProjectorConfig | None = None
+    condition: ConditionConfig | None = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -118,6 +142,27 @@ class ModelConfig:
                 raise ValueError("shared_trunk needs vision.block == text.block")
         if self.caption is not None and (self.vision is None or self.text is None):
             raise ValueError("a caption decoder needs both a vision and a text tower")
+        self._check_condition()
+
+    def _check_condition(self) -> None:
+        v, c = self.vision, self.condition
+        users = []
+        if v is not None and v.cond_dim:
+            users.append("vision.cond_dim")
+        if v is not None and v.cond_tokens:
+            users.append("vision.cond_tokens")
+        if self.projector is not None and self.projector.cond != "none":
+            users.append("projector.cond")
+        if users and c is None:
+            raise ValueError(f"{', '.join(users)} need a `condition` section")
+        if c is None:
+            return
+        if v is None:
+            raise ValueError("condition needs a vision tower to condition")
+        if v.cond_dim and v.cond_dim != c.dim:
+            raise ValueError(f"vision.cond_dim ({v.cond_dim}) must equal condition.dim ({c.dim})")
+        if c.source == "text" and self.text is None:
+            raise ValueError("condition.source 'text' needs a text tower")
 
 
 def _check_positive(cfg: object, names: list[str]) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.models.caption import CaptionDecoder
+from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
 from mmssl.models.text import TextTransformer
 from mmssl.models.vision import VisionEncoder
@@ -24,7 +25,10 @@ class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionEncoder(cfg.vision, cfg.embed_dim) if cfg.vision else None
+        cond_dim = cfg.condition.dim if cfg.condition is not None else None
+        self.visual = (
+            VisionEncoder(cfg.vision, cfg.embed_dim, cond_dim=cond_dim) if cfg.vision else None
+        )
         trunk = self.visual.trunk if cfg.shared_trunk and self.visual is not None else None
         # With shared_trunk the very same Transformer module is registered under both towers;
         # parameters() and the optimizer see it once.
@@ -39,6 +43,26 @@ class MultimodalModel(nn.Module):
             if cfg.caption is not None
             else None
         )
+        self.conditioner: nn.Module | None = None
+        if cfg.condition is not None and cfg.condition.source == "descriptor":
+            c = cfg.condition
+            self.conditioner = DescriptorEncoder(c.dim, c.hidden_dim, c.layout)
+        elif cfg.condition is not None:
+            self.conditioner = TextConditioner(cfg.text.dim, cfg.condition.dim)  # type: ignore[union-attr]
+        p = cfg.projector
+        self.projector = (
+            Projector(
+                cfg.vision.dim,
+                p.hidden_dim,
+                p.out_dim,
+                p.depth,
+                p.cond,
+                cond_dim,  # type: ignore[union-attr]
+                p.hyper_rank,
+            )
+            if p is not None
+            else None
+        )
         self.init_weights()
 
     @torch.no_grad()
@@ -50,8 +74,8 @@ class MultimodalModel(nn.Module):
           so the residual stream's variance does not grow with depth (GPT-2).
         - Token embeddings and learned position tables: normal(std); class token: normal(1e-6).
         - Norm weights 1, biases 0.
-        - adaLN-Zero modulation and gates: 0, so a conditioned model starts equal to the
-          unconditioned one.
+        - adaLN-Zero modulation and gates, and the projector's conditioning weights: 0, so a
+          conditioned model starts equal to the unconditioned one.
         - logit_scale: cfg.logit_scale_init (log(1/0.07)).
         """
         std = self.cfg.init_std
@@ -82,6 +106,8 @@ class MultimodalModel(nn.Module):
             elif isinstance(module, ConditionedGate):
                 nn.init.zeros_(module.gate.weight)
                 nn.init.zeros_(module.gate.bias)
+            elif isinstance(module, Projector):
+                module.reset_conditioning()
         for tower in (self.visual, self.text):
             if tower is not None and tower.pos_embed is not None:
                 nn.init.normal_(tower.pos_embed, std=std)
@@ -95,6 +121,39 @@ class MultimodalModel(nn.Module):
         if tower is None:
             raise RuntimeError(f"this model has no {name} tower")
         return tower
+
+    def condition(
+        self,
+        aug: torch.Tensor | None = None,
+        cond_text: torch.Tensor | None = None,
+        cond_text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The condition vector c (B, C): from descriptors aug (B, 13), or from the pooled text
+        features of cond_text (B, T).  None when the model is unconditioned or no input is given."""
+        if self.conditioner is None:
+            return None
+        if isinstance(self.conditioner, DescriptorEncoder):
+            return None if aug is None else self.conditioner(aug)
+        if cond_text is None:
+            return None
+        pooled = self._tower("text").forward_features(cond_text, cond_text_mask)["pooled"]
+        return self.conditioner(pooled)
+
+    def neutral_condition(
+        self, batch_size: int, device: torch.device | None = None
+    ) -> torch.Tensor | None:
+        """c of the un-augmented view (the neutral descriptor): the condition to use for
+        downstream features of a backbone-conditioned model."""
+        if not isinstance(self.conditioner, DescriptorEncoder):
+            return None
+        aug = self.conditioner.layout.neutral_tensor(batch_size)
+        return self.conditioner(aug.to(device) if device is not None else aug)
+
+    def project(self, pooled: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The SSL projector: pooled (B, D) -> z (B, out_dim), conditioned on c if given."""
+        if self.projector is None:
+            raise RuntimeError("this model has no projector (set `projector` in its config)")
+        return self.projector(pooled, cond)
 
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.models.condition import PrefixTokens
 from mmssl.models.config import VisionConfig
 from mmssl.models.trunk import build_trunk
 from mmssl.nn import Norm, PatchEmbed, RotaryEmbedding, Transformer, sincos_2d
@@ -15,12 +16,17 @@ class VisionEncoder(nn.Module):
     """A ViT.  images (B, C, H, W) -> `forward_features` {pooled (B, D), tokens (B, N, D)}.
 
     `tokens` are the N patch tokens after the final norm (no class token), in row-major grid
-    order.  `cond` (B, cond_dim) reaches the adaLN-Zero blocks when `cond_dim` is set;
+    order.  `cond` (B, C) reaches the adaLN-Zero blocks when `cfg.cond_dim` is set, and
+    becomes `cfg.cond_tokens` prefix tokens when that is set (`cond_dim` gives C then);
     cond=None gives the plain features.
     """
 
     def __init__(
-        self, cfg: VisionConfig, embed_dim: int | None = None, trunk: Transformer | None = None
+        self,
+        cfg: VisionConfig,
+        embed_dim: int | None = None,
+        trunk: Transformer | None = None,
+        cond_dim: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -32,6 +38,11 @@ class VisionEncoder(nn.Module):
         self.pos_embed = (
             nn.Parameter(torch.zeros(1, self.num_prefix + self.grid**2, d))
             if cfg.pos_embed == "learned"
+            else None
+        )
+        self.cond_prefix = (
+            PrefixTokens(cond_dim or cfg.cond_dim or 0, cfg.cond_tokens, d)
+            if cfg.cond_tokens
             else None
         )
         self.rope = RotaryEmbedding(d // cfg.num_heads, axes=2) if cfg.pos_embed == "rope" else None
@@ -87,10 +98,15 @@ class VisionEncoder(nn.Module):
         pos = self._abs_pos(grid_h, grid_w, x.device)
         if pos is not None:
             x = x + pos.to(x.dtype)
+        num_prefix = self.num_prefix
+        if cond is not None and self.cond_prefix is not None:
+            prefix = self.cond_prefix(cond).to(x.dtype)  # (B, k, D), after the class token
+            x = torch.cat([x[:, : self.num_prefix], prefix, x[:, self.num_prefix :]], dim=1)
+            num_prefix += prefix.shape[1]
         x = self.norm_pre(x)
         x = self.trunk(x, cond, is_causal=False, rope=self._rope(grid_h, grid_w, x.device))
         x = self.norm(x)  # (B, P + N, D)
-        tokens = x[:, self.num_prefix :]
+        tokens = x[:, num_prefix:]
         pooled = x[:, 0] if self.cfg.pool == "token" else tokens.mean(dim=1)
         return {"pooled": pooled, "tokens": tokens}
 

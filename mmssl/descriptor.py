@@ -1,0 +1,139 @@
+"""The augmentation descriptor layout: versioned, fixed, shared by data, models and objectives.
+
+v1 follows the CASSLE layout with keys in sorted order (13 dims):
+
+========== ===== ====== ===========================================================
+group      slice binary meaning
+========== ===== ====== ===========================================================
+blur       0:1   no     Gaussian blur sigma, 0 when not applied
+color      1:5   no     brightness, contrast, saturation, hue strengths, normalised;
+                        0 when colour jitter was not applied
+color_diff 5:8   no     per-channel (R, G, B) mean change caused by the colour ops
+crop       8:12  no     centre y, centre x, height, width, normalised to [0, 1];
+                        centre x mirrored (1 - cx) when the view was flipped
+grayscale  12:13 yes    1 when converted to grayscale, else 0
+========== ===== ====== ===========================================================
+
+Horizontal flip has no slot of its own in v1: it is carried by the mirrored crop centre x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DescriptorGroup:
+    """One named group of descriptor dims: `t[..., start:start + dim]`."""
+
+    name: str
+    start: int
+    dim: int
+    binary: bool = False
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.start + self.dim)
+
+
+@dataclass(frozen=True)
+class DescriptorLayout:
+    """An ordered, contiguous set of groups plus the descriptor of an un-augmented view."""
+
+    version: str
+    groups: tuple[DescriptorGroup, ...]
+    neutral: tuple[float, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(g.dim for g in self.groups)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+    @property
+    def binary_groups(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups if g.binary)
+
+    def group(self, name: str) -> DescriptorGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"descriptor {self.version} has no group {name!r}; groups: {self.names}")
+
+    def describe(self) -> str:
+        """One-line summary, e.g. `v1[13]: blur 0:1, ..., grayscale 12:13 (binary)`."""
+        parts = [
+            f"{g.name} {g.start}:{g.start + g.dim}" + (" (binary)" if g.binary else "")
+            for g in self.groups
+        ]
+        return f"{self.version}[{self.dim}]: " + ", ".join(parts)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form, written into checkpoint configs."""
+        return {
+            "version": self.version,
+            "dim": self.dim,
+            "groups": [
+                {"name": g.name, "start": g.start, "dim": g.dim, "binary": g.binary}
+                for g in self.groups
+            ],
+        }
+
+    def neutral_tensor(self, batch_size: int | None = None) -> Tensor:
+        """The descriptor of an un-augmented view: (D,) or (B, D) float32."""
+        t = torch.tensor(self.neutral, dtype=torch.float32)
+        return t if batch_size is None else t.expand(batch_size, -1).clone()
+
+
+def _contiguous(spec: list[tuple[str, int, bool]]) -> tuple[DescriptorGroup, ...]:
+    groups, start = [], 0
+    for name, dim, binary in spec:
+        groups.append(DescriptorGroup(name, start, dim, binary))
+        start += dim
+    return tuple(groups)
+
+
+DESCRIPTOR_V1 = DescriptorLayout(
+    version="v1",
+    groups=_contiguous(
+        [
+            ("blur", 1, False),
+            ("color", 4, False),
+            ("color_diff", 3, False),
+            ("crop", 4, False),
+            ("grayscale", 1, True),
+        ]
+    ),
+    # full-image crop: centre (0.5, 0.5), size (1, 1); everything else off
+    neutral=(0.0,) + (0.0,) * 4 + (0.0,) * 3 + (0.5, 0.5, 1.0, 1.0) + (0.0,),
+)
+
+LAYOUTS: dict[str, DescriptorLayout] = {"v1": DESCRIPTOR_V1}
+
+
+def get_layout(version: str = "v1") -> DescriptorLayout:
+    """The layout of a descriptor version; ValueError naming the known versions otherwise."""
+    if version not in LAYOUTS:
+        raise ValueError(
+            f"unknown augmentation descriptor version {version!r}; known: {sorted(LAYOUTS)}"
+        )
+    return LAYOUTS[version]
+
+
+def check_descriptor(t: Tensor, version: str = "v1") -> None:
+    """Raise ValueError unless `t` is a (..., D) floating tensor of the given layout's width."""
+    layout = get_layout(version)
+    if not isinstance(t, Tensor):
+        raise ValueError(f"augmentation descriptor must be a tensor, got {type(t).__name__}")
+    if t.ndim < 1 or t.shape[-1] != layout.dim:
+        raise ValueError(
+            f"augmentation descriptor has shape {tuple(t.shape)}, expected (..., {layout.dim}) "
+            f"for layout {layout.describe()}"
+        )
+    if not t.is_floating_point():
+        raise ValueError(f"augmentation descriptor must be floating point, got {t.dtype}")

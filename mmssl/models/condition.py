@@ -1,0 +1,138 @@
+"""Conditioners and the conditioned projector.
+
+A conditioner turns what produced a view into a condition vector c (B, C):
+- `DescriptorEncoder` (gamma): an MLP over the augmentation descriptor omega (layout v1, 13 dims);
+- `TextConditioner`: the text tower's pooled embedding of a prompt (or of the descriptor
+  rendered as text), through a linear map.
+
+c then enters the image model at one or more places, chosen by config:
+- the projector (`Projector`, mode concat / film / hyper, below);
+- the backbone: adaLN-Zero in the Blocks (`vision.cond_dim`);
+- prefix tokens prepended to the patch tokens (`vision.cond_tokens`).
+
+Every mode equals the unconditioned model at init (zero-initialised conditioning weights),
+and `cond=None` always gives the plain path, except prefix tokens: extra tokens take part in
+attention from the first step, so that mode is neutral only through `cond=None`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmssl.descriptor import check_descriptor, get_layout
+
+
+class DescriptorEncoder(nn.Module):
+    """gamma: omega (B, 13) -> c (B, C), a two-layer MLP.  Checks the descriptor layout."""
+
+    def __init__(self, cond_dim: int, hidden_dim: int = 128, layout: str = "v1"):
+        super().__init__()
+        self.layout = get_layout(layout)
+        self.net = nn.Sequential(
+            nn.Linear(self.layout.dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, cond_dim)
+        )
+
+    def forward(self, aug: torch.Tensor) -> torch.Tensor:
+        check_descriptor(aug, self.layout.version)
+        return self.net(aug.float()).to(aug.dtype)
+
+
+class TextConditioner(nn.Module):
+    """Pooled text features (B, D_text) of a prompt -> c (B, C) by a linear map.
+
+    The text tower itself is the model's; this module holds only the map, so the same text
+    tower serves CLIP and conditioning.
+    """
+
+    def __init__(self, text_dim: int, cond_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, cond_dim)
+
+    def forward(self, pooled_text: torch.Tensor) -> torch.Tensor:
+        return self.proj(pooled_text)
+
+
+class Projector(nn.Module):
+    """The SSL projection head  f (B, D) -> z (B, out_dim), optionally conditioned on c (B, C).
+
+    Layers: Linear(D, H) -> [conditioning] -> ReLU -> Linear(H, out) (more hidden layers with
+    `depth` > 2).  Conditioning of the first layer's output h:
+    - "concat" (CASSLE): h = W [f; c] + b, the c columns zero-initialised;
+    - "film": h = h * (1 + s(c)) + b(c), with s and b zero-initialised;
+    - "hyper": a hypernetwork for the first layer, W(c) = W0 + sum_k a_k(c) W_k with
+      a = ReLU(Linear(c)) (K of them) and every W_k zero-initialised.  That is the bilinear
+      term sum_k a_k (W_k f), computed without materialising per-sample weights.
+      A multiplicative interaction of c and f is what undoes, say, a hue rotation.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        depth: int = 2,
+        cond: str = "none",
+        cond_dim: int | None = None,
+        hyper_rank: int = 32,
+    ):
+        super().__init__()
+        if cond not in ("none", "concat", "film", "hyper"):
+            raise ValueError(f"projector cond must be none/concat/film/hyper, got {cond!r}")
+        if cond != "none" and not cond_dim:
+            raise ValueError(f"projector cond={cond!r} needs a condition dim")
+        self.mode = cond
+        self.hidden_dim = hidden_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.cond_in = nn.Linear(cond_dim, hidden_dim, bias=False) if cond == "concat" else None
+        self.film = nn.Linear(cond_dim, 2 * hidden_dim) if cond == "film" else None
+        if cond == "hyper":
+            self.hyper_coef = nn.Linear(cond_dim, hyper_rank)  # type: ignore[arg-type]
+            self.hyper_weight = nn.Parameter(torch.zeros(hyper_rank * hidden_dim, in_dim))
+        else:
+            self.hyper_coef = None
+            self.hyper_weight = None
+        layers: list[nn.Module] = []
+        for _ in range(depth - 2):
+            layers += [nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
+        self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+        self.reset_conditioning()
+
+    @torch.no_grad()
+    def reset_conditioning(self) -> None:
+        """Zero the conditioning weights, so the projector equals the plain one."""
+        for p in (self.cond_in, self.film):
+            if p is not None:
+                nn.init.zeros_(p.weight)
+                if p.bias is not None:
+                    nn.init.zeros_(p.bias)
+        if self.hyper_weight is not None:
+            nn.init.zeros_(self.hyper_weight)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.fc1(features)  # (B, H)
+        if cond is not None:
+            if self.cond_in is not None:
+                h = h + self.cond_in(cond)
+            elif self.film is not None:
+                scale, shift = self.film(cond).chunk(2, dim=-1)
+                h = h * (1 + scale) + shift
+            elif self.hyper_weight is not None:
+                coef = F.relu(self.hyper_coef(cond))  # (B, K)
+                per_k = F.linear(features, self.hyper_weight)  # (B, K * H): W_k f for every k
+                per_k = per_k.view(features.shape[0], -1, self.hidden_dim)  # (B, K, H)
+                h = h + torch.einsum("bk,bkh->bh", coef, per_k)
+        return self.rest(h)
+
+
+class PrefixTokens(nn.Module):
+    """c (B, C) -> k condition tokens (B, k, D) to prepend to the patch tokens."""
+
+    def __init__(self, cond_dim: int, num_tokens: int, dim: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(cond_dim, num_tokens * dim)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.proj(cond).view(cond.shape[0], self.num_tokens, -1)
