@@ -87,12 +87,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key {dotted!r}{suggest(str(key), names)}")
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r}{suggest(str(key), fields)}")
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A partial section overrides the field's own default, which may differ from its
+            # class's defaults (TextConfig.block has norm_eps 1e-5, BlockConfig 1e-6).
+            value = merge(to_dict(default), value)
         kwargs[key] = _convert(value, hints[key], dotted)
     try:
         obj = cls(**kwargs)
@@ -101,6 +106,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             raise
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(obj: Any) -> Any:

@@ -281,3 +281,14 @@ def test_cli_dispatch():
     assert main(["--help"]) == 0
     assert main(["no-such-command"]) == 2
     assert main(["smoke", "--model", "test_tiny_clip"]) == 0
+
+
+def test_partial_section_override_keeps_the_fields_own_defaults():
+    """text.block defaults to norm_eps 1e-5 (BlockConfig's class default is 1e-6); overriding
+    one other block field must not reset it."""
+    from mmssl.models import resolve_model_config
+
+    for over in ({"text.block.act": "quick_gelu"}, {"text": {"block": {"act": "quick_gelu"}}}):
+        cfg = resolve_model_config("clip_vit_b32", **over)
+        assert cfg.text.block.act == "quick_gelu"
+        assert cfg.text.block.norm_eps == 1e-5

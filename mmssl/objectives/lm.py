@@ -1,0 +1,115 @@
+"""Language-modelling objectives: next-token prediction and captioning.
+
+Shift convention: logits are aligned with the input tokens, i.e. ``logits[:, t]`` is the
+prediction made after reading ``tokens[:, :t + 1]`` and is scored against
+``tokens[:, t + 1]``. The last position has no target and the first token is never a target.
+
+A target position counts when its token is not `ignore_index` and, if a mask is given,
+``mask[:, t + 1]`` is True (padding excluded). The loss is the mean over counted targets.
+
+Data parallelism: a per-rank token mean is not the global token mean when ranks hold
+different numbers of tokens. The modules therefore normalise by the global count of
+targets (one scalar all-reduce), so the rank-averaged gradient and the reported value equal
+the single-process loss on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmssl import distributed
+from mmssl.objectives.contrastive import report_global_mean
+
+
+def _shifted_sum_and_count(
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over counted targets and their number (a 0-d int64 tensor)."""
+    if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
+            f"{tuple(tokens.shape)}"
+        )
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
+    targets = tokens[:, 1:]  # (B, T-1)
+    if mask is not None:
+        targets = targets.masked_fill(~mask[:, 1:].bool(), ignore_index)
+    flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    if flat_logits.dtype in (torch.float16, torch.bfloat16):
+        flat_logits = flat_logits.float()  # a softmax over the vocabulary needs fp32 sums
+    total = F.cross_entropy(
+        flat_logits,
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
+        label_smoothing=label_smoothing,
+    )
+    return total, (targets != ignore_index).sum()
+
+
+def next_token_loss(
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Mean next-token cross-entropy.
+
+    logits: (B, T, V) aligned with tokens: (B, T) int64; mask: optional (B, T) bool, True for
+    real tokens. Returns a scalar (0 when no position counts).
+    """
+    total, count = _shifted_sum_and_count(logits, tokens, mask, ignore_index, label_smoothing)
+    return total / count.clamp_min(1)
+
+
+def captioning_loss(
+    logits: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Captioning loss of a text decoder conditioned on image tokens (cross-attention or prefix).
+
+    logits: (B, T, V) for the caption positions only (with an image prefix, drop the prefix
+    positions first), aligned with text: (B, T); text_mask: (B, T) bool. The image condition
+    does not change the shift: the same next-token loss as `next_token_loss`.
+    """
+    return next_token_loss(logits, text, text_mask, ignore_index, label_smoothing)
+
+
+class NextTokenLoss(nn.Module):
+    """Next-token (and captioning) loss with a token mean over the global batch."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """logits: (B, T, V); tokens: (B, T); mask: (B, T) bool or None. Returns a scalar."""
+        total, count = _shifted_sum_and_count(
+            logits, tokens, mask, self.ignore_index, self.label_smoothing
+        )
+        if distributed.world_size() == 1:
+            return total / count.clamp_min(1)
+        count_all = distributed.all_reduce_sum(count.to(torch.float64)).clamp_min(1)
+        local = total * distributed.world_size() / count_all.to(total.dtype)
+        return report_global_mean(local)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+
+
+class CaptioningLoss(NextTokenLoss):
+    """Captioning loss: `NextTokenLoss` over decoder logits of the caption positions."""

@@ -1,0 +1,121 @@
+"""Loading tokenizers: the shipped default, CLIP's BPE, or a user's tokenizer.json / .model.
+
+    tok = get_tokenizer()                      # tokenizer/default (byte-level BPE, 8192 ids)
+    ids, mask = tok.batch_encode(texts, 77)    # (B, 77) int64, (B, 77) bool
+    tok = get_tokenizer("clip")                # open_clip-identical CLIP BPE
+
+Backends (`tokenizers`, `sentencepiece`) are imported only when a tokenizer is built, so
+importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from mmssl.tokenizer.base import META_FILE, Tokenizer, sha256_file
+
+__all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta"]
+
+# The source checkout's tokenizer/ folder (editable installs resolve here too).
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tokenizer" / "default"
+_ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
+
+
+def get_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
+    """Load a tokenizer by name or path.
+
+    Args:
+        name_or_path: None or "default" (the shipped byte-level BPE in tokenizer/default),
+            "clip" (CLIP BPE from the installed open_clip's vocab file), or a path to a
+            `tokenizer.json`, a sentencepiece `.model`, a CLIP vocab `.txt.gz`, or a
+            directory holding one of these (plus an optional tokenizer_meta.json).
+
+    Loaded tokenizers are cached per file and are immutable; share them freely.
+    """
+    if name_or_path is None or name_or_path == "default":
+        if not (DEFAULT_DIR / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"default tokenizer not found at {DEFAULT_DIR / 'tokenizer.json'}; it ships in "
+                f"the source checkout (rebuild: mmssl tokenizer train --default), or pass a path"
+            )
+        return _load_dir(str(DEFAULT_DIR), "default")
+    if name_or_path == "clip":
+        from mmssl.tokenizer.clip import open_clip_vocab_path
+
+        return _load_file(str(open_clip_vocab_path()), "clip")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _load_dir(str(path.resolve()), str(name_or_path))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path} (expected 'default', 'clip', a tokenizer.json, "
+            f"a sentencepiece .model, a CLIP .txt.gz or a directory holding one)"
+        )
+    return _load_file(str(path.resolve()), str(name_or_path))
+
+
+def read_meta(directory: str | Path) -> dict[str, Any] | None:
+    """The parsed tokenizer_meta.json of a directory, or None when there is none."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    missing = [k for k in ("artifact", "kind", "bos_id", "eos_id", "pad_id") if k not in meta]
+    if not isinstance(meta, dict) or missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    return meta
+
+
+def _load_dir(directory: str, name: str) -> Tokenizer:
+    folder = Path(directory)
+    meta = read_meta(folder)
+    if meta is None:
+        found = sorted(p for pattern in _ARTIFACTS for p in folder.glob(pattern))
+        if len(found) != 1:
+            what = "no tokenizer file" if not found else f"{len(found)} tokenizer files"
+            raise FileNotFoundError(
+                f"{folder}: {what} ({', '.join(_ARTIFACTS)}) and no {META_FILE}"
+            )
+        return _load_file(str(found[0]), name)
+    artifact = folder / meta["artifact"]
+    if not artifact.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {artifact} (named in {META_FILE})")
+    if "sha256" in meta and sha256_file(artifact) != meta["sha256"]:
+        raise ValueError(f"{artifact}: sha256 differs from {folder / META_FILE}; file changed?")
+    return _load_file(str(artifact), name, json.dumps(meta, sort_keys=True))
+
+
+def _load_file(path: str, name: str, meta_json: str | None = None) -> Tokenizer:
+    stat = Path(path).stat()
+    return _cached(path, name, meta_json, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _cached(path: str, name: str, meta_json: str | None, mtime_ns: int, size: int) -> Tokenizer:
+    # mtime and size are in the key so an edited file is re-read
+    meta = json.loads(meta_json) if meta_json else None
+    if path.endswith(".txt.gz"):
+        from mmssl.tokenizer.clip import CLIPTokenizer
+
+        return CLIPTokenizer(path, name=name)
+    if path.endswith(".model"):
+        from mmssl.tokenizer.spm import SentencePieceTokenizer
+
+        tok: Tokenizer = SentencePieceTokenizer(path, name=name, meta=meta)
+    elif path.endswith(".json"):
+        from mmssl.tokenizer.hf import HFTokenizer
+
+        tok = HFTokenizer(path, name=name, meta=meta)
+    else:
+        raise ValueError(f"unknown tokenizer file type: {path} (expected .json, .model or .txt.gz)")
+    if meta is not None and meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise ValueError(
+            f"{path}: vocab_size {tok.vocab_size} differs from {META_FILE} ({meta['vocab_size']})"
+        )
+    return tok

@@ -1,0 +1,133 @@
+"""Tokenizer training corpora: text files, JSONL, WebDataset .tar shards, and the default's.
+
+`Corpus` wraps any iterable of texts and records what a trainer consumed (count,
+characters, sha256), which goes into tokenizer_meta.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class Corpus:
+    """An iterable of texts that counts and hashes what the trainer consumed."""
+
+    def __init__(self, texts: Iterable[str], description: str, total: int | None = None) -> None:
+        self.texts, self.description, self.total = texts, description, total
+        self.num_texts = self.num_chars = 0
+        self._digest = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.num_texts += 1
+            self.num_chars += len(text)
+            self._digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+            yield text
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "num_texts": self.num_texts,
+            "num_chars": self.num_chars,
+            "sha256": self._digest.hexdigest(),  # of the texts, each followed by a NUL byte
+        }
+
+
+def default_corpus() -> Corpus:
+    """pydoc_data.topics (every topic, sorted by key) then the demo's caption corpus."""
+    from pydoc_data.topics import topics
+
+    from mmssl.data.captions import caption_corpus
+
+    captions = caption_corpus()
+    texts = [topics[k] for k in sorted(topics)] + captions
+    description = (
+        f"pydoc_data.topics of Python {platform.python_version()} ({len(topics)} topics in "
+        f"sorted key order) + mmssl.data.captions.caption_corpus() ({len(captions)} captions)"
+    )
+    return Corpus(texts, description, total=len(texts))
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files named by `inputs`; directories expand to their files in sorted order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+            )
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    if not files:
+        raise ValueError(f"no input files in {', '.join(map(str, inputs)) or '(nothing given)'}")
+    return files
+
+
+def _iter_lines(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield line
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_iter_lines(path), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{lineno}: no field {field!r}")
+        if not isinstance(record[field], str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
+        if record[field]:
+            yield record[field]
+
+
+def _iter_tar(path: Path, tar_field: str) -> Iterator[str]:
+    # WebDataset naming: "dir/KEY.FIELD" where FIELD is everything after the first dot
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                if not member.isfile() or "." not in base:
+                    continue
+                if base.split(".", 1)[1].lower() != tar_field.lower():
+                    continue
+                data = tar.extractfile(member)
+                raw = data.read() if data is not None else b""
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}:{member.name}: not UTF-8 text") from None
+                if text:
+                    yield text
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot read tar shard ({e})") from None
+
+
+def iter_corpus(
+    inputs: Sequence[str | Path], field: str = "text", tar_field: str = "txt"
+) -> Iterator[str]:
+    """Texts of text files (per line), .jsonl files (`field`) and .tar shards (`tar_field`)."""
+    for path in expand_inputs(inputs):
+        name = path.name.lower()
+        if name.endswith((".tar", ".tar.gz", ".tgz")):
+            yield from _iter_tar(path, tar_field)
+        elif name.endswith(".jsonl"):
+            yield from _iter_jsonl(path, field)
+        else:
+            yield from _iter_lines(path)

@@ -1,0 +1,349 @@
+"""Training tokenizers: byte-level BPE (`tokenizers`) or unigram/BPE (`sentencepiece`).
+
+    mmssl tokenizer train --out DIR [--kind bpe|sentencepiece] [--vocab-size N] INPUT ...
+    mmssl tokenizer train --default        # rebuild tokenizer/default byte-for-byte
+
+Inputs are plain text files (one text per line), JSONL files (one field per record),
+WebDataset .tar shards (the `txt` member of each sample) or directories of these. The
+output directory receives the artifact (tokenizer.json or tokenizer.model) and
+tokenizer_meta.json: vocab size, special ids, corpus description and sha256s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mmssl.tokenizer import DEFAULT_DIR
+from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
+from mmssl.tokenizer.corpus import Corpus, default_corpus, iter_corpus
+
+__all__ = [
+    "Corpus",
+    "build_default",
+    "default_corpus",
+    "iter_corpus",
+    "main",
+    "train_bpe",
+    "train_sentencepiece",
+]
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+UNK = "<|unk|>"  # sentencepiece only; byte-level BPE needs no unknown token
+DEFAULT_VOCAB_SIZE = 8192
+DEFAULT_MIN_FREQUENCY = 2
+# The shipped default: every pair seen at least once, so the vocabulary reaches 8192.
+DEFAULT_ARTIFACT_MIN_FREQUENCY = 1
+
+
+def _progress(corpus: Corpus, show: bool) -> Iterable[str]:
+    from tqdm import tqdm
+
+    # disable=None hides the bar when stderr is not a terminal (CI logs stay clean)
+    return tqdm(
+        corpus,
+        total=corpus.total,
+        unit="text",
+        desc="reading corpus",
+        disable=None if show else True,
+    )
+
+
+def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (out_dir / META_FILE).write_text(text, encoding="utf-8")
+    return meta
+
+
+def _specials(pad: str, bos: str, eos: str, extra: Sequence[str]) -> list[str]:
+    tokens = [pad, bos, eos, *extra]
+    if len(set(tokens)) != len(tokens) or not all(tokens):
+        raise ValueError(f"special tokens must be distinct and non-empty, got {tokens}")
+    return tokens
+
+
+def train_bpe(
+    corpus: Corpus,
+    out_dir: str | Path,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    pad: str = PAD,
+    bos: str = BOS,
+    eos: str = EOS,
+    extra_special_tokens: Sequence[str] = (),
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a byte-level BPE; write tokenizer.json and tokenizer_meta.json; return the meta.
+
+    Special ids are pad 0, bos 1, eos 2, then the extras. Training is deterministic (ties
+    between equally frequent pairs break by pair id), so `seed` is only recorded.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = _specials(pad, bos, eos, extra_special_tokens)
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= {256 + len(specials)} (bytes + specials)")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_progress(corpus, show_progress), trainer=trainer)
+    if corpus.num_texts == 0:
+        raise ValueError(f"empty corpus: {corpus.description}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = out / "tokenizer.json"
+    artifact.write_text(tok.to_str() + "\n", encoding="utf-8")
+    options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "seed": seed}
+    return _write_meta(
+        out,
+        _meta(
+            "bpe",
+            artifact,
+            tok.get_vocab_size(),
+            specials,
+            corpus,
+            options,
+            f"tokenizers {tokenizers.__version__}",
+        ),
+    )
+
+
+def train_sentencepiece(
+    corpus: Corpus,
+    out_dir: str | Path,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    model_type: str = "unigram",
+    pad: str = PAD,
+    bos: str = BOS,
+    eos: str = EOS,
+    extra_special_tokens: Sequence[str] = (),
+    seed: int = 0,
+    threads: int = 1,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a sentencepiece unigram or BPE model; write tokenizer.model and tokenizer_meta.json.
+
+    Ids: pad 0, bos 1, eos 2, unk 3, extras after. Lossless settings: identity
+    normalisation, whitespace kept, byte fallback for unseen characters. Texts are split
+    into lines (sentencepiece trains on sentences). One thread keeps it deterministic.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    _specials(pad, bos, eos, extra_special_tokens)  # validates
+    lines = (line for text in _progress(corpus, show_progress) for line in text.split("\n") if line)
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines,
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            pad_piece=pad, bos_piece=bos, eos_piece=eos, unk_piece=UNK,
+            control_symbols=list(extra_special_tokens),
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            hard_vocab_limit=False,
+            max_sentence_length=1 << 16,
+            num_threads=threads,
+            minloglevel=2,
+        )  # fmt: skip
+    except RuntimeError as e:
+        if corpus.num_texts == 0:
+            raise ValueError(f"empty corpus: {corpus.description}") from None
+        raise ValueError(
+            f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}"
+        ) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = out / "tokenizer.model"
+    artifact.write_bytes(writer.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=writer.getvalue())
+    options = {"vocab_size": vocab_size, "model_type": model_type, "seed": seed, "threads": threads}
+    meta = _meta(
+        "sentencepiece",
+        artifact,
+        sp.get_piece_size(),
+        [pad, bos, eos],
+        corpus,
+        options,
+        f"sentencepiece {spm.__version__}",
+    )
+    meta["special_tokens"]["unk"] = UNK
+    meta["unk_id"] = 3
+    return _write_meta(out, meta)
+
+
+def _meta(
+    kind: str,
+    artifact: Path,
+    vocab_size: int,
+    specials: list[str],
+    corpus: Corpus,
+    options: dict[str, Any],
+    library: str,
+) -> dict[str, Any]:
+    return {
+        "format": META_FORMAT,
+        "kind": kind,
+        "artifact": artifact.name,
+        "sha256": sha256_file(artifact),
+        "vocab_size": vocab_size,
+        "pad_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "special_tokens": {"pad": specials[0], "bos": specials[1], "eos": specials[2]},
+        "extra_special_tokens": specials[3:],
+        "corpus": corpus.summary(),
+        "trainer": {**options, "library": library},
+    }
+
+
+def build_default(out_dir: str | Path = DEFAULT_DIR, show_progress: bool = True) -> dict[str, Any]:
+    """Rebuild the shipped default tokenizer (see tokenizer/README.md)."""
+    return train_bpe(
+        default_corpus(),
+        out_dir,
+        vocab_size=DEFAULT_VOCAB_SIZE,
+        min_frequency=DEFAULT_ARTIFACT_MIN_FREQUENCY,
+        show_progress=show_progress,
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line, no usage dump: the house rule for bad CLI input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="mmssl tokenizer train",
+        description="Train a tokenizer on text files, JSONL or WebDataset .tar shards.",
+    )
+    p.add_argument("inputs", nargs="*", help="text files, .jsonl, .tar shards or directories")
+    p.add_argument("--default", action="store_true", help="rebuild the shipped default tokenizer")
+    p.add_argument("--out", help=f"output directory (with --default: {DEFAULT_DIR})")
+    p.add_argument("--kind", choices=("bpe", "sentencepiece"), help="trainer (default: bpe)")
+    p.add_argument(
+        "--model-type",
+        choices=("unigram", "bpe"),
+        help="sentencepiece model type (default: unigram)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, help=f"vocabulary size (default: {DEFAULT_VOCAB_SIZE})"
+    )
+    p.add_argument(
+        "--min-frequency",
+        type=int,
+        help=f"byte-level BPE: min pair count (default: {DEFAULT_MIN_FREQUENCY})",
+    )
+    p.add_argument("--bos", help=f"begin-of-text token (default: {BOS})")
+    p.add_argument("--eos", help=f"end-of-text token (default: {EOS})")
+    p.add_argument("--pad", help=f"padding token (default: {PAD})")
+    p.add_argument("--special-token", action="append", help="an extra special token (repeatable)")
+    p.add_argument("--field", help="JSONL field holding the text (default: text)")
+    p.add_argument(
+        "--tar-field", help="WebDataset member extension holding the text (default: txt)"
+    )
+    p.add_argument("--seed", type=int, help="sentencepiece sampling seed (default: 0)")
+    p.add_argument("--threads", type=int, help="sentencepiece threads (default: 1, deterministic)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    options = {
+        k: v for k, v in vars(args).items() if k not in ("inputs", "default", "out", "quiet")
+    }
+    if args.default:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+        if args.inputs or given:
+            raise ValueError(
+                f"--default takes only --out and --quiet, got {' '.join(args.inputs + given)}"
+            )
+        return build_default(args.out or DEFAULT_DIR, show_progress=not args.quiet)
+    if not args.out:
+        raise ValueError("--out is required (or use --default)")
+    if not args.inputs:
+        raise ValueError("no inputs given")
+    kind = args.kind or "bpe"
+    if kind == "bpe" and (args.model_type or args.threads is not None):
+        raise ValueError("--model-type and --threads apply to --kind sentencepiece only")
+    if kind == "sentencepiece" and args.min_frequency is not None:
+        raise ValueError("--min-frequency applies to --kind bpe only")
+    for name in ("vocab_size", "min_frequency", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    texts = iter_corpus(args.inputs, field=args.field or "text", tar_field=args.tar_field or "txt")
+    corpus = Corpus(texts, "files: " + ", ".join(map(str, args.inputs)))
+    common: dict[str, Any] = {
+        "vocab_size": args.vocab_size or DEFAULT_VOCAB_SIZE,
+        "pad": args.pad or PAD,
+        "bos": args.bos or BOS,
+        "eos": args.eos or EOS,
+        "extra_special_tokens": args.special_token or [],
+        "seed": args.seed or 0,
+        "show_progress": not args.quiet,
+    }
+    if kind == "bpe":
+        min_frequency = args.min_frequency or DEFAULT_MIN_FREQUENCY
+        return train_bpe(corpus, args.out, min_frequency=min_frequency, **common)
+    return train_sentencepiece(
+        corpus,
+        args.out,
+        model_type=args.model_type or "unigram",
+        threads=args.threads or 1,
+        **common,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmssl tokenizer train ...`; argv starts with the subcommand "train"."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = "usage: mmssl tokenizer train [--default] [--out DIR] [options] [INPUT ...]"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] != "train":
+        print(
+            f"mmssl tokenizer: unknown subcommand {argv[0]!r} (expected 'train')", file=sys.stderr
+        )
+        return 2
+    try:
+        args = _parser().parse_args(argv[1:])
+    except SystemExit as e:  # argparse already printed one line; keep main() returning
+        return int(e.code or 0)
+    try:
+        meta = _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mmssl tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else DEFAULT_DIR
+    print(
+        f"wrote {out / meta['artifact']} (vocab_size {meta['vocab_size']}, "
+        f"sha256 {meta['sha256']}) and {out / META_FILE}"
+    )
+    return 0

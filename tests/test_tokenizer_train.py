@@ -1,0 +1,193 @@
+"""Training: the default rebuilds byte-for-byte, both trainers load through get_tokenizer,
+corpus readers (text, JSONL, WebDataset tar) and the CLI's bad-input handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmssl.tokenizer import DEFAULT_DIR, META_FILE, get_tokenizer
+from mmssl.tokenizer.train import Corpus, default_corpus, iter_corpus, main
+
+CAPTIONS = [
+    "a photo of the digit seven.",
+    "a red handwritten 7.",
+    "the number 3 in blue ink.",
+    "something green and round.",
+    "Unicode: naïve café, 日本語 😀",
+]
+
+
+def _small_corpus() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)[:12]] + CAPTIONS * 20
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> list[Path]:
+    """The same small corpus split over a text file, a JSONL file and a WebDataset shard."""
+    texts = _small_corpus()
+    lines = [line for t in texts[:6] for line in t.split("\n") if line]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = [json.dumps({"text": t, "other": 1}) for t in texts[6:12]]
+    (tmp_path / "b.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    members = {}
+    for i, caption in enumerate(texts[12:]):
+        members[f"shard/{i:06d}.txt"] = caption.encode()
+        members[f"shard/{i:06d}.json"] = b'{"label": 1}'
+        members[f"shard/{i:06d}.jpg"] = b"\xff\xd8 not text"
+    _write_tar(tmp_path / "c.tar", members)
+    return [tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.tar"]
+
+
+def test_retrain_default_is_byte_identical(tmp_path: Path) -> None:
+    shipped = json.loads((DEFAULT_DIR / META_FILE).read_text())
+    corpus = default_corpus()
+    list(corpus)  # hash the corpus of this Python's pydoc_data
+    if corpus.summary()["sha256"] != shipped["corpus"]["sha256"]:
+        pytest.skip(f"this Python's pydoc_data differs from the one the default was built on "
+                    f"({shipped['corpus']['description']})")  # fmt: skip
+    from mmssl.cli import main as mmssl_main  # through the `mmssl tokenizer` dispatcher
+
+    assert mmssl_main(["tokenizer", "train", "--default", "--out", str(tmp_path), "--quiet"]) == 0
+    for name in ("tokenizer.json", META_FILE):
+        assert (tmp_path / name).read_bytes() == (DEFAULT_DIR / name).read_bytes(), name
+
+
+def test_corpus_readers(inputs: list[Path]) -> None:
+    texts = _small_corpus()
+    expected_lines = [line for t in texts[:6] for line in t.split("\n") if line]
+    got = list(iter_corpus(inputs))
+    assert got == expected_lines + texts[6:12] + texts[12:]
+    # a directory expands to its files in sorted order: a.txt, b.jsonl, c.tar
+    assert list(iter_corpus([inputs[0].parent])) == got
+
+
+def test_bpe_cli_trains_and_loads(inputs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["train", "--out", str(out), "--vocab-size", "600", "--special-token", "<|sep|>"]
+    assert main([*args, "--quiet", *map(str, inputs)]) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["kind"] == "bpe" and meta["vocab_size"] == 600
+    assert meta["corpus"]["num_texts"] == len(list(iter_corpus(inputs)))
+    tok = get_tokenizer(str(out))
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 600)
+    assert tok._tok.token_to_id("<|sep|>") == 3  # extras follow pad, bos, eos
+    for text in CAPTIONS + ["unseen: ÆØÅ ☃ \x00"]:
+        assert tok.decode(tok.encode(text)) == text
+    ids, mask = tok.batch_encode(CAPTIONS, 12)
+    assert ids.shape == (5, 12) and bool(mask[:, 0].all())
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_trains_and_loads(
+    inputs: list[Path], tmp_path: Path, model_type: str
+) -> None:
+    import sentencepiece as spm
+
+    out = tmp_path / "spm"
+    args = ["train", "--kind", "sentencepiece", "--model-type", model_type, "--vocab-size", "700"]
+    assert main([*args, "--out", str(out), "--quiet", *map(str, inputs)]) == 0
+    tok = get_tokenizer(str(out))
+    assert tok.kind == "sentencepiece" and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    raw = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))  # the peer library
+    for text in CAPTIONS:
+        assert tok.encode(text) == raw.encode(text)
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+    ids, mask = tok.batch_encode(CAPTIONS, 6)
+    assert ids[:, 0].eq(1).all() and ids[:, -1].eq(2).all() and mask.all()
+    bare = get_tokenizer(str(out / "tokenizer.model"))  # no meta: ids read from the model
+    assert (bare.pad_id, bare.bos_id, bare.eos_id) == (0, 1, 2)
+    assert bare.encode("a\ud800b") == tok.encode("a\ufffdb")  # lone surrogate: U+FFFD
+    import pickle
+
+    again = pickle.loads(pickle.dumps(tok))
+    assert torch.equal(again.batch_encode(CAPTIONS, 8)[0], tok.batch_encode(CAPTIONS, 8)[0])
+
+
+def test_sentencepiece_deterministic(inputs: list[Path], tmp_path: Path) -> None:
+    for run in ("x", "y"):
+        argv = ["train", "--kind", "sentencepiece", "--vocab-size", "500", "--out"]
+        assert main([*argv, str(tmp_path / run), "--quiet", *map(str, inputs)]) == 0
+    assert (tmp_path / "x" / "tokenizer.model").read_bytes() == (
+        tmp_path / "y" / "tokenizer.model"
+    ).read_bytes()
+
+
+def test_corpus_counts_and_hashes() -> None:
+    corpus = Corpus(["ab", "c"], "two texts")
+    assert list(corpus) == ["ab", "c"]
+    import hashlib
+
+    assert corpus.summary() == {
+        "description": "two texts",
+        "num_texts": 2,
+        "num_chars": 3,
+        "sha256": hashlib.sha256(b"ab\0c\0").hexdigest(),
+    }
+
+
+def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "make, argv, message",
+    [
+        (None, ["train", "--out", "{tmp}/o", "{tmp}/missing.txt"], "input not found"),
+        (None, ["train", "--out", "{tmp}/o"], "no inputs given"),
+        (None, ["train", "{tmp}/x.txt"], "--out is required"),
+        (None, ["train", "--default", "{tmp}/x.txt"], "--default takes only --out"),
+        (None, ["train", "--default", "--vocab-size", "9"], "--default takes only --out"),
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--min-frequency", "3",
+                "{tmp}/x.txt"], "--min-frequency applies to --kind bpe only"),
+        (None, ["train", "--out", "{tmp}/o", "--model-type", "unigram", "{tmp}/x.txt"],
+         "--kind sentencepiece only"),
+        (None, ["train", "--out", "{tmp}/o", "--vocab-size", "0", "{tmp}/x.txt"], "--vocab-size must be >= 1"),
+        (None, ["train", "--out", "{tmp}/o", "--vocab-size", "100", "{tmp}/x.txt"], "vocab_size must be >= 259"),
+        (None, ["train", "--out", "{tmp}/o", "--bos", "<|pad|>", "{tmp}/x.txt"], "distinct"),
+        ("bad.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
+        ("nofield.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/nofield.jsonl"], "nofield.jsonl:1: no field 'text'"),
+        ("latin1.txt", ["train", "--out", "{tmp}/o", "{tmp}/latin1.txt"], "latin1.txt: not UTF-8"),
+        ("broken.tar", ["train", "--out", "{tmp}/o", "{tmp}/broken.tar"], "broken.tar: cannot read tar"),
+        ("binary.tar", ["train", "--out", "{tmp}/o", "{tmp}/binary.tar"], "binary.tar:k.txt: not UTF-8"),
+        ("empty.txt", ["train", "--out", "{tmp}/o", "{tmp}/empty.txt"], "empty corpus"),
+        (None, ["oops"], "unknown subcommand 'oops'"),
+        (None, ["train", "--kind", "wordpiece"], "invalid choice"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, argv, message
+) -> None:
+    (tmp_path / "x.txt").write_text("some text\n")
+    files = {
+        "bad.jsonl": b'{"text": "ok"}\n{oops\n',
+        "nofield.jsonl": b'{"caption": "x"}\n',
+        "latin1.txt": "caf\xe9\n".encode("latin-1"),
+        "empty.txt": b"\n\n",
+        "broken.tar": b"this is not a tar archive" * 40,
+    }
+    if make == "binary.tar":
+        _write_tar(tmp_path / make, {"k.txt": b"\xff\xfe\xfa"})
+    elif make:
+        (tmp_path / make).write_bytes(files[make])
+    code, err = _run_cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / META_FILE).exists()
