@@ -1,0 +1,191 @@
+"""Data pipeline throughput: decode + two augmented views + descriptors, vs two baselines.
+
+    python bench/bench_data.py [--demo DIR] [--samples N] [--size 224]
+
+Measured in one process with one thread (a DataLoader worker's budget) as samples per
+CPU-second of this process (`time.process_time`), so other jobs on a shared machine do
+not skew the ratios; on an idle core that equals samples/s.  Methods:
+- decode only (the ceiling): mmssl's reader + image decode + collate, no augmentation;
+- mmssl: decode + 2 views + v1 descriptors (`build_pipeline`, hue_mode hsv and yiq);
+- webdataset + torchvision: `wds.WebDataset(...).decode("pil")` with the SimCLR/BYOL
+  torchvision transforms (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
+  GaussianBlur p=0.5) applied twice per sample, then `.batched`.
+Datasets: the demo digits (32 x 32 PNG) and synthetic 224 x 224 JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from mmssl.data.augment import AugmentConfig
+from mmssl.data.decode import decode_image, find_image
+from mmssl.data.errors import SkipCounter
+from mmssl.data.pipeline import build_pipeline
+from mmssl.data.shards import ShardWriter
+from mmssl.data.tario import expand_urls, iter_shard
+
+BATCH = 64
+
+
+def synthetic_jpegs(out: str, n: int, size: int) -> str:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(out, "syn", max_count=max(1, n // 4))
+    for i in range(n):
+        im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        d = ImageDraw.Draw(im)
+        for _ in range(12):
+            x0, y0 = rng.integers(0, size, 2)
+            d.ellipse(
+                [int(x0), int(y0), int(x0) + 40, int(y0) + 30],
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        w.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": "x"})
+    w.close()
+    return os.path.join(out, w.pattern)
+
+
+def decode_only(pattern: str, n: int) -> float:
+    urls = expand_urls(pattern)
+    counter = SkipCounter()
+    t = time.process_time()
+    done, imgs = 0, []
+    for url in itertools.cycle(urls):
+        for _, files in iter_shard(url, counter):
+            imgs.append(decode_image(find_image(files)))
+            if len(imgs) == BATCH:
+                torch.stack(imgs).float().div_(255.0)
+                imgs, done = [], done + BATCH
+            if done >= n:
+                return done / (time.process_time() - t)
+    return 0.0
+
+
+def mmssl_views(pattern: str, n: int, size: int, hue_mode: str) -> float:
+    pl = build_pipeline(
+        pattern,
+        batch_size=BATCH,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        image_size=size,
+        num_views=2,
+        return_image=False,
+        shuffle=1,
+        augment=AugmentConfig(hue_mode=hue_mode),
+    )
+    it = iter(pl)
+    next(it)  # warm-up: opens shards, first-call allocations
+    t = time.process_time()
+    done = 0
+    for b in it:
+        assert len(b["views"]) == 2 and b["aug"][0].shape == (BATCH, 13)
+        done += BATCH
+        if done >= n:
+            break
+    return done / (time.process_time() - t)
+
+
+def webdataset_views(pattern: str, n: int, size: int) -> float:
+    import webdataset as wds
+    from torchvision import transforms as T
+
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)
+    view = T.Compose(
+        [
+            T.RandomResizedCrop(size, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(k, (0.1, 2.0))], p=0.5),
+            T.ToTensor(),
+        ]
+    )
+
+    def two(sample):
+        img = sample["png"] if "png" in sample else sample["jpg"]
+        return view(img), view(img)
+
+    ds = (
+        wds.WebDataset(pattern, shardshuffle=False, repeat=True, empty_check=False)
+        .decode("pil")
+        .map(two)
+        .batched(BATCH)
+    )
+    it = iter(ds)
+    next(it)
+    t = time.process_time()
+    done = 0
+    for _ in it:
+        done += BATCH
+        if done >= n:
+            break
+    return done / (time.process_time() - t)
+
+
+def run(name: str, pattern: str, n: int, size: int, rounds: int) -> None:
+    """Best of `rounds` interleaved rounds: the machine may be shared, so alternate."""
+    methods = {
+        "decode": lambda: decode_only(pattern, n),
+        "hsv": lambda: mmssl_views(pattern, n, size, "hsv"),
+        "yiq": lambda: mmssl_views(pattern, n, size, "yiq"),
+        "wds": lambda: webdataset_views(pattern, n, size),
+    }
+    decode_only(pattern, BATCH)  # warm-up: imports and first-call allocations
+    best = {k: 0.0 for k in methods}
+    for _ in range(rounds):
+        for k, f in methods.items():
+            best[k] = max(best[k], f())
+    dec, hsv, yiq, wd = best["decode"], best["hsv"], best["yiq"], best["wds"]
+    print(
+        f"\n{name}: {n} samples x best of {rounds} rounds, batch {BATCH}, 1 thread, samples per CPU-second"
+    )
+    print(f"  decode only (ceiling)        {dec:9.0f} samples/s")
+    for label, v in (("hsv", hsv), ("yiq", yiq)):
+        print(
+            f"  mmssl 2 views + desc ({label})   {v:9.0f} samples/s  {v / dec:5.2f}x decode  "
+            f"{v / wd:5.2f}x webdataset"
+        )
+    print(f"  webdataset + torchvision     {wd:9.0f} samples/s")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--demo", default=None, help="demo-data dir (written if missing)")
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["demo", "jpeg"], default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = args.demo or os.path.join(tmp, "demo")
+        if not os.path.isfile(os.path.join(demo, "digits", "manifest.json")):
+            from mmssl.data.demo import write_demo
+
+            write_demo(demo)
+        if args.only in (None, "demo"):
+            digits = os.path.join(demo, "digits", "train-{000000..000014}.tar")
+            run("demo digits 32 px PNG", digits, args.samples, 32, args.rounds)
+        if args.only in (None, "jpeg"):
+            pattern = synthetic_jpegs(os.path.join(tmp, "syn"), 256, args.size)
+            n = max(256, args.samples // 8)
+            run(f"synthetic {args.size} px JPEG", pattern, n, args.size, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

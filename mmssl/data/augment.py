@@ -1,0 +1,434 @@
+"""SimCLR/CASSLE views with their v1 augmentation descriptors, batched for speed.
+
+Per view: RandomResizedCrop -> horizontal flip -> Gaussian blur -> colour jitter
+(brightness, contrast, saturation, hue in random order, with probability `jitter_p`) ->
+grayscale -> solarize (optional).  Parameters are drawn per view from a numpy Generator,
+so a seeded generator gives identical views.  SimCLR blurs after the colour ops; blur is
+linear with unit gain and the colour ops are per-pixel affine maps, so both orders give
+the same view except where a colour op clips at 0 or 1; blurring first lets the blur
+ride along with the resampling for free.
+
+Descriptor (v1, `mmssl.descriptor.DESCRIPTOR_V1`, 13 dims):
+- blur: sigma in output pixels, 0 when not blurred;
+- color: brightness - 1, contrast - 1, saturation - 1, hue shift (fraction of the colour
+  circle, in [-0.5, 0.5]); all 0 when colour jitter was not applied;
+- color_diff: measured per-channel (R, G, B) mean of the view after the colour ops
+  (jitter and grayscale) minus before them, in [0, 1] intensity units;
+- crop: centre y, centre x, height, width as fractions of the source image; centre x is
+  mirrored (1 - cx) when the view was flipped;
+- grayscale: 1 or 0.
+The neutral descriptor (no augmentation) is `DESCRIPTOR_V1.neutral`:
+blur 0, color 0 0 0 0, color_diff 0 0 0, crop 0.5 0.5 1 1, grayscale 0.
+
+Speed: when a batch shares one source size, crop + resize + flip + blur are two batched
+matmuls with per-view resampling matrices for views up to 64 px, and one `grid_sample`
+plus a grouped-convolution blur above (else one antialiased resize per view and a
+separate blur); the jitter and grayscale of a view fold into a single 3x4
+colour matrix (contrast uses the analytically propagated mean), applied to all views with
+one `baddbmm` and clamped once.  torchvision clamps after every op instead; the results
+agree whenever no intermediate value leaves [0, 1].  `hue_mode="hsv"` (default) shifts
+hue exactly in HSV like torchvision; `hue_mode="yiq"` folds hue into the colour matrix as
+a YIQ chroma rotation (as NVIDIA DALI does), which is faster and approximate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmssl.data.colorops import hsv_shift, yiq_hue_matrix
+
+_GRAY = np.array([0.299, 0.587, 0.114])
+_TO_GRAY = np.outer(np.ones(3), _GRAY)  # x -> gray(x) in every channel
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strengths and probabilities of the view pipeline (BYOL/CASSLE defaults)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # up to 0.5: a shift of up to +-180 degrees
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+    hue_mode: str = "hsv"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue strength must be in [0, 0.5], got {self.hue}")
+        if self.hue_mode not in ("hsv", "yiq"):
+            raise ValueError(f"hue_mode must be 'hsv' or 'yiq', got {self.hue_mode!r}")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+
+
+@dataclass
+class ViewParams:
+    """Parameters of B views (one per image): arrays with leading dim B."""
+
+    box: np.ndarray  # (B, 4) int: top, left, height, width in source pixels
+    flip: np.ndarray  # (B,) bool
+    jitter: np.ndarray  # (B,) bool
+    factors: np.ndarray  # (B, 4) brightness, contrast, saturation factors and hue shift
+    order: np.ndarray  # (B, 4) permutation of the 4 jitter ops
+    gray: np.ndarray  # (B,) bool
+    sigma: np.ndarray  # (B,) blur sigma, 0 = no blur
+    solarize: np.ndarray  # (B,) bool
+
+    @staticmethod
+    def identity(sizes: list[tuple[int, int]]) -> ViewParams:
+        b = len(sizes)
+        return ViewParams(
+            box=np.array([[0, 0, h, w] for h, w in sizes], dtype=np.int64).reshape(b, 4),
+            flip=np.zeros(b, bool),
+            jitter=np.zeros(b, bool),
+            factors=np.tile([1.0, 1.0, 1.0, 0.0], (b, 1)),
+            order=np.tile(np.arange(4), (b, 1)),
+            gray=np.zeros(b, bool),
+            sigma=np.zeros(b),
+            solarize=np.zeros(b, bool),
+        )
+
+
+def sample_params(
+    rng: np.random.Generator, sizes: list[tuple[int, int]], cfg: AugmentConfig
+) -> ViewParams:
+    """Draw one view's parameters for each source size (H, W), torchvision semantics."""
+    b = len(sizes)
+    hw = np.array(sizes, dtype=np.float64).reshape(b, 2)
+    area = hw[:, 0] * hw[:, 1]
+    # RandomResizedCrop: 10 tries per image, vectorised; fall back to a centre crop
+    tries = 10
+    target = area[:, None] * rng.uniform(cfg.scale[0], cfg.scale[1], (b, tries))
+    logr = np.log(cfg.ratio)
+    aspect = np.exp(rng.uniform(logr[0], logr[1], (b, tries)))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= hw[:, 1:2]) & (h <= hw[:, 0:1])
+    u = rng.random((b, tries, 2))
+    hit = ok.any(axis=1)
+    t = ok.argmax(axis=1)  # first successful try
+    rows = np.arange(b)
+    H, W = hw[:, 0], hw[:, 1]
+    ch, cw = h[rows, t], w[rows, t]
+    # no success in 10 tries: centre crop at the clamped aspect ratio, as torchvision
+    r = W / H
+    fw = np.where(r < cfg.ratio[0], W, np.where(r > cfg.ratio[1], np.round(H * cfg.ratio[1]), W))
+    fh = np.where(r < cfg.ratio[0], np.round(W / cfg.ratio[0]), H)
+    ch, cw = np.where(hit, ch, fh), np.where(hit, cw, fw)
+    top = np.where(hit, np.floor(u[rows, t, 0] * (H - ch + 1)), (H - ch) // 2)
+    left = np.where(hit, np.floor(u[rows, t, 1] * (W - cw + 1)), (W - cw) // 2)
+    box = np.stack([top, left, ch, cw], axis=1).astype(np.int64)
+    jitter = rng.random(b) < cfg.jitter_p
+    lo = lambda s: max(0.0, 1.0 - s)  # noqa: E731
+    factors = np.stack(
+        [
+            rng.uniform(lo(cfg.brightness), 1 + cfg.brightness, b),
+            rng.uniform(lo(cfg.contrast), 1 + cfg.contrast, b),
+            rng.uniform(lo(cfg.saturation), 1 + cfg.saturation, b),
+            rng.uniform(-cfg.hue, cfg.hue, b),
+        ],
+        axis=1,
+    )
+    factors[~jitter] = (1.0, 1.0, 1.0, 0.0)
+    order = np.argsort(rng.random((b, 4)), axis=1)
+    gray = rng.random(b) < cfg.grayscale_p
+    blur = rng.random(b) < cfg.blur_p
+    sigma = np.where(blur, rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], b), 0.0)
+    solarize = rng.random(b) < cfg.solarize_p
+    return ViewParams(
+        box, rng.random(b) < cfg.flip_p, jitter, factors, order, gray, sigma, solarize
+    )
+
+
+def _interp(start: Tensor, length: Tensor, src: int, size: int, flip: Tensor) -> Tensor:
+    """(B, src, size) bilinear resampling weights of [start, start + length) onto `size`
+    pixels (pixel centres, border clamp: the maths of grid_sample/roi_align)."""
+    k = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    u = (start[:, None] + k * length[:, None] - 0.5).clamp(0, src - 1)  # (B, S)
+    u = torch.where(flip[:, None], u.flip(-1), u)
+    i0 = u.floor()
+    frac = (u - i0).float()[:, None, :]
+    i1 = (i0 + 1).clamp(max=src - 1)
+    w = torch.zeros(len(u), src, size)
+    w.scatter_add_(1, i0.long()[:, None, :], 1 - frac)
+    return w.scatter_add_(1, i1.long()[:, None, :], frac)
+
+
+def _gauss(sigma: np.ndarray, size: int) -> Tensor:
+    """(B, size, size) Gaussian blur matrices (reflect padding); identity where sigma is 0.
+
+    Kernel size ~10% of the image, odd, at least 3 (SimCLR's choice).
+    """
+    b = len(sigma)
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)
+    r = k // 2
+    pos = torch.arange(-r, r + 1, dtype=torch.float64)
+    s = torch.from_numpy(np.where(sigma > 0, sigma, 1.0))[:, None]
+    ker = torch.exp(-0.5 * (pos / s) ** 2)
+    ker = ker / ker.sum(1, keepdim=True)  # (B, k)
+    idx = torch.arange(size)[:, None] + torch.arange(-r, r + 1)[None, :]  # (S, k)
+    idx = idx.abs()
+    idx = torch.where(idx > size - 1, 2 * (size - 1) - idx, idx)
+    g = torch.zeros(b, size, size, dtype=torch.float64)
+    g.scatter_add_(2, idx.expand(b, size, k), ker[:, None, :].expand(b, size, k))
+    eye = torch.eye(size, dtype=torch.float64).expand(b, size, size)
+    return torch.where(torch.from_numpy(sigma > 0)[:, None, None], g, eye).float()
+
+
+def _crop_resize(images: list[Tensor], p: ViewParams, size: int) -> Tensor:
+    """(B, 3, size, size) float in [0, 1]: each box cropped, resized, flipped, blurred.
+
+    A batch of one source size goes through two batched matmuls with per-view
+    resampling matrices (Gaussian blur folded in: it is linear too); mixed sizes take one
+    antialiased resize per view plus a separate blur.
+    """
+    b = len(images)
+    shape = images[0].shape
+    uniform = all(im.shape == shape for im in images) and max(shape[1:]) <= 1.5 * size
+    if uniform and size > 64:
+        # large views: matmul cost grows with size^3, grid_sample with size^2
+        H, W = int(shape[1]), int(shape[2])
+        box = torch.from_numpy(p.box).float()
+        k = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # (S,)
+        gx = (2 * (box[:, 1:2] + k * box[:, 3:4]) / W) - 1  # (B, S), pixel-centre coords
+        gx = torch.where(torch.from_numpy(p.flip)[:, None], gx.flip(-1), gx)
+        gy = (2 * (box[:, 0:1] + k * box[:, 2:3]) / H) - 1
+        grid = torch.stack(
+            [gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1
+        )
+        x = torch.stack(images).float().div_(255.0)  # (B, 3, H, W)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return _blur(x, p.sigma)
+    if uniform:
+        H, W = int(shape[1]), int(shape[2])
+        box = torch.from_numpy(p.box).double()
+        noflip = torch.zeros(b, dtype=torch.bool)
+        ay = _interp(box[:, 0], box[:, 2], H, size, noflip).transpose(1, 2)  # (B, S, H)
+        ax = _interp(box[:, 1], box[:, 3], W, size, torch.from_numpy(p.flip))  # (B, W, S)
+        if (p.sigma > 0).any():
+            g = _gauss(p.sigma, size)
+            ay, ax = g @ ay, ax @ g.transpose(1, 2)
+        x = torch.stack(images).float().div_(255.0)  # (B, 3, H, W)
+        x = torch.matmul(x.view(b, 3 * H, W), ax).view(b, 3, H, size)
+        return torch.matmul(ay[:, None], x)  # (B, 3, S, S)
+    out = torch.empty(b, 3, size, size)
+    for i, im in enumerate(images):
+        t, l, h, w = (int(v) for v in p.box[i])
+        crop = im[None, :, t : t + h, l : l + w].float()
+        big = h > size or w > size
+        v = F.interpolate(crop, (size, size), mode="bilinear", align_corners=False, antialias=big)
+        out[i] = (v[0].flip(-1) if p.flip[i] else v[0]).div_(255.0)
+    return _blur(out, p.sigma)
+
+
+def _compose(
+    order: np.ndarray, f: np.ndarray, mean: np.ndarray, active: np.ndarray, hue_mode: str
+) -> np.ndarray:
+    """(n, 3, 4) affine maps [M | c] of the active jitter steps, composed in `order`.
+
+    order (n, 4) op per step (0 brightness, 1 contrast, 2 saturation, 3 hue), f (n, 4)
+    factors by op, mean (n, 3) channel means of the input, active (n, 4) by step.
+    Contrast blends towards the grey mean of the image *at that step*, which is
+    `gray . (M mean + c)` for the map composed so far: no pass over the pixels needed.
+    """
+    n = len(order)
+    rows = np.arange(n)
+    m = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+    c = np.zeros((n, 3))
+    for step in range(4):
+        op = order[:, step]
+        fo = f[rows, op]
+        on = active[:, step]
+        scale = np.where(on & (op < 3), fo, 1.0)
+        sm = scale[:, None, None] * np.eye(3)
+        sm += np.where(on & (op == 2), 1.0 - fo, 0.0)[:, None, None] * _TO_GRAY
+        if hue_mode == "yiq":
+            hue = on & (op == 3)
+            if hue.any():
+                sm[hue] = yiq_hue_matrix(fo[hue])
+        gmean = (np.einsum("nij,nj->ni", m, mean) + c) @ _GRAY
+        sc = np.where(on & (op == 1), (1.0 - fo) * gmean, 0.0)[:, None].repeat(3, axis=1)
+        m = sm @ m
+        c = np.einsum("nij,nj->ni", sm, c) + sc
+    return np.concatenate([m, c[:, :, None]], axis=2)
+
+
+def _affine(x: Tensor, mc: np.ndarray) -> Tensor:
+    """x (N, 3, S, S) -> clamp(M x + c) per view with mc (N, 3, 4): one batched matmul."""
+    n = x.shape[0]
+    t = torch.from_numpy(mc).float()
+    y = torch.baddbmm(t[:, :, 3:], t[:, :, :3], x.reshape(n, 3, -1))
+    return y.clamp_(0.0, 1.0).view_as(x)
+
+
+def _apply_color(x: Tensor, p: ViewParams, hue_mode: str) -> Tensor:
+    """Jitter (random order) then grayscale, on the views that have any colour op."""
+    sel = np.flatnonzero(p.jitter | p.gray)
+    if sel.size == 0:
+        return x
+    if sel.size > len(p.gray) // 2:  # identity maps are exact and cheaper than gather/scatter
+        sel = np.arange(len(p.gray))
+    idx = torch.from_numpy(sel)
+    y = x[idx] if sel.size < len(p.gray) else x
+    means = y.mean(dim=(2, 3)).double().numpy()  # (n, 3)
+    order, f, gray = p.order[sel], p.factors[sel], p.gray[sel]
+    steps = np.broadcast_to(p.jitter[sel][:, None], (sel.size, 4))
+    if hue_mode == "hsv":
+        # the exact hue shift is not affine: compose the steps before it, shift, then after
+        split = steps[:, 0] & (f[:, 3] != 0)
+        pos = np.argmax(order == 3, axis=1)
+        before = steps & (np.arange(4) < pos[:, None])
+        after = steps & (np.arange(4) > pos[:, None])
+        pre_steps = np.where(split[:, None], before, steps & (order != 3))
+        pre = _compose(order, f, means, pre_steps, hue_mode)
+        pre[gray & ~split] = _TO_GRAY @ pre[gray & ~split]
+        y = _affine(y, pre)
+        if split.any():
+            rows = torch.from_numpy(np.flatnonzero(split))
+            z = hsv_shift(y[rows], torch.from_numpy(f[split, 3]).float())
+            zmean = z.mean(dim=(2, 3)).double().numpy()
+            post = _compose(order[split], f[split], zmean, after[split], hue_mode)
+            post[gray[split]] = _TO_GRAY @ post[gray[split]]
+            y[rows] = _affine(z, post)
+    else:
+        pre = _compose(order, f, means, steps, hue_mode)
+        pre[gray] = _TO_GRAY @ pre[gray]
+        y = _affine(y, pre)
+    if sel.size < len(p.gray):
+        x[idx] = y
+        return x
+    return y
+
+
+def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
+    """Separable Gaussian blur of the views with sigma > 0 (reflect padding)."""
+    sel = np.flatnonzero(sigma > 0)
+    if sel.size == 0:
+        return x
+    size = x.shape[-1]
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)  # SimCLR: kernel ~10% of the image, odd
+    r = k // 2
+    pos = torch.arange(-r, r + 1, dtype=torch.float32)
+    s = torch.from_numpy(sigma[sel]).float()[:, None]
+    ker = torch.exp(-0.5 * (pos / s) ** 2)
+    ker = ker / ker.sum(1, keepdim=True)  # (n, k)
+    idx = torch.from_numpy(sel)
+    y = x[idx]
+    n = y.shape[0]
+    if k <= 7:  # a few shifted multiply-adds beat a grouped convolution
+        w = ker[:, :, None, None, None]  # (n, k, 1, 1, 1)
+        z = F.pad(y, (r, r, 0, 0), mode="reflect")
+        y = sum(w[:, t] * z[..., t : t + size] for t in range(k))
+        z = F.pad(y, (0, 0, r, r), mode="reflect")
+        y = sum(w[:, t] * z[..., t : t + size, :] for t in range(k))
+    else:
+        kk = ker.repeat_interleave(3, 0)  # (n*3, k)
+        z = y.reshape(1, n * 3, size, size)
+        z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="reflect"), kk[:, None, None, :], groups=n * 3)
+        z = F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=n * 3)
+        y = z.view(n, 3, size, size)
+    x[idx] = y
+    return x
+
+
+def apply_params(
+    images: list[Tensor], p: ViewParams, size: int, hue_mode: str = "hsv", solarize_t: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Render views and descriptors: images uint8 (3, H, W) each -> (B, 3, size, size), (B, 13)."""
+    x = _crop_resize(images, p, size)
+    before = x.mean(dim=(2, 3))
+    x = _apply_color(x, p, hue_mode)
+    diff = x.mean(dim=(2, 3)) - before  # (B, 3)
+    if p.solarize.any():
+        idx = torch.from_numpy(np.flatnonzero(p.solarize))
+        y = x[idx]
+        x[idx] = torch.where(y >= solarize_t, 1.0 - y, y)
+    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+    return x, descriptor(p, sizes, diff)
+
+
+def descriptor(p: ViewParams, sizes: list[tuple[int, int]], color_diff: Tensor) -> Tensor:
+    """The v1 descriptors (B, 13) of views drawn with `p` from sources of `sizes`."""
+    hw = np.array(sizes, dtype=np.float64).reshape(-1, 2)
+    box = p.box.astype(np.float64)
+    cy = (box[:, 0] + box[:, 2] / 2) / hw[:, 0]
+    cx = (box[:, 1] + box[:, 3] / 2) / hw[:, 1]
+    cx = np.where(p.flip, 1.0 - cx, cx)
+    color = np.where(p.jitter[:, None], p.factors - np.array([1.0, 1.0, 1.0, 0.0]), 0.0)
+    out = np.concatenate(
+        [
+            p.sigma[:, None],
+            color,
+            np.zeros((len(cy), 3)),
+            np.stack([cy, cx, box[:, 2] / hw[:, 0], box[:, 3] / hw[:, 1]], axis=1),
+            p.gray[:, None].astype(np.float64),
+        ],
+        axis=1,
+    )
+    t = torch.from_numpy(out).float()
+    t[:, 5:8] = color_diff.float()
+    return t
+
+
+def make_views(
+    images: list[Tensor], num_views: int, size: int, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[list[Tensor], list[Tensor]]:
+    """`num_views` augmented views of a batch: lists of (B, 3, size, size) and (B, 13).
+
+    All views of the batch are rendered in one pass (V * B rows) to share op overheads.
+    """
+    if num_views < 1:
+        return [], []
+    b = len(images)
+    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+    p = sample_params(rng, sizes * num_views, cfg)
+    x, d = apply_params(images * num_views, p, size, cfg.hue_mode, cfg.solarize_threshold)
+    return list(x.split(b)), list(d.split(b))
+
+
+def resize_center(images: list[Tensor], size: int) -> Tensor:
+    """The un-augmented image: shorter side to `size`, centre crop -> (B, 3, size, size)."""
+    out = torch.empty(len(images), 3, size, size)
+    for i, im in enumerate(images):
+        h, w = int(im.shape[1]), int(im.shape[2])
+        if (h, w) == (size, size):
+            out[i] = im.float().div_(255.0)
+            continue
+        s = size / min(h, w)
+        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        v = F.interpolate(im[None].float(), (nh, nw), mode="bilinear", antialias=s < 1)[0]
+        t, l = (nh - size) // 2, (nw - size) // 2
+        out[i] = v[:, t : t + size, l : l + size].clamp_(0, 255).div_(255.0)
+    return out
+
+
+def render_descriptor(vec: Tensor | np.ndarray | list[float]) -> str:
+    """Short text for a v1 descriptor, e.g. "crop 0.42 at (0.31, 0.55), hue +0.08, grayscale"."""
+    v = [float(a) for a in (vec.tolist() if hasattr(vec, "tolist") else vec)]
+    if len(v) != 13:
+        raise ValueError(f"a v1 descriptor has 13 values, got {len(v)}")
+    parts = []
+    cy, cx, h, w = v[8:12]
+    if abs(h * w - 1) > 5e-3 or abs(cy - 0.5) > 5e-3 or abs(cx - 0.5) > 5e-3:
+        parts.append(f"crop {h * w:.2f} at ({cy:.2f}, {cx:.2f})")
+    for name, val in zip(("brightness", "contrast", "saturation", "hue"), v[1:5]):
+        if abs(val) >= 5e-3:
+            parts.append(f"{name} {val:+.2f}")
+    if v[12] > 0.5:
+        parts.append("grayscale")
+    if v[0] > 0:
+        parts.append(f"blur {v[0]:.1f}")
+    return ", ".join(parts) if parts else "original image"

@@ -1,0 +1,145 @@
+"""Decoding one sample's files: image (with a pixel limit), caption, json fields.
+
+Every failure is a `BadSample(kind)`, which the pipeline counts and skips.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
+TEXT_EXTS = ("txt", "text", "caption")
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; bigger declared sizes are decompression bombs
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `kind` names the counter it goes to."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind = kind
+        self.detail = detail
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
+                data[i + 7 : i + 9], "big"
+            )
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+_QUIET = False
+
+
+def _quiet_torchvision() -> None:
+    """torchvision 0.29 warns on every decode that TorchCodec will replace it; say it once."""
+    global _QUIET
+    if not _QUIET:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
+        _QUIET = True
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Encoded bytes -> uint8 (3, H, W) RGB; BadSample on damage or too many pixels."""
+    size = _png_size(data) or _jpeg_size(data)
+    if size is not None:
+        if size[0] * size[1] > max_pixels:
+            raise BadSample("image_too_large", f"{size[1]}x{size[0]} > {max_pixels} pixels")
+        try:
+            _quiet_torchvision()
+            from torchvision.io import ImageReadMode
+            from torchvision.io import decode_image as tv_decode
+
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            img = tv_decode(buf, mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint8 and tuple(img.shape[1:]) == size:
+                return img
+        except (RuntimeError, ValueError):
+            pass  # PIL below decides whether the bytes are really bad
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise BadSample("image_too_large", f"{im.size} > {max_pixels} pixels")
+            arr = np.asarray(im.convert("RGB"))
+    except BadSample:
+        raise
+    except Exception as err:  # PIL raises many types for damaged data
+        raise BadSample("bad_image", f"{type(err).__name__}: {err}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def find_image(files: dict[str, bytes]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in files:
+            return files[ext]
+    raise BadSample("missing_image")
+
+
+def decode_text(files: dict[str, bytes], kind: str = "missing_caption") -> str:
+    """The caption / document text (utf-8); BadSample if missing, empty or undecodable."""
+    for ext in TEXT_EXTS:
+        if ext in files:
+            try:
+                text = files[ext].decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise BadSample("bad_text", str(err)) from None
+            if not text:
+                raise BadSample(kind, "empty text")
+            return text
+    raise BadSample(kind)
+
+
+def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str, Any]:
+    """Requested json fields (`label` also from a `.cls` file); BadSample if absent."""
+    if not fields:
+        return {}
+    meta: dict[str, Any] = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BadSample("bad_json", str(err)) from None
+        if not isinstance(meta, dict):
+            raise BadSample("bad_json", "not an object")
+    out: dict[str, Any] = {}
+    for name in fields:
+        if name in meta:
+            out[name] = meta[name]
+        elif name == "label" and "cls" in files:
+            try:
+                out[name] = int(files["cls"].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError) as err:
+                raise BadSample("bad_json", f"cls: {err}") from None
+        else:
+            raise BadSample("missing_field", name)
+        if not isinstance(out[name], (int, float, bool)):
+            raise BadSample("bad_json", f"field {name!r} is not a number")
+    return out

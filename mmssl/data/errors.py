@@ -1,0 +1,47 @@
+"""Bad input in the data stream: the error type and the counter of skipped samples.
+
+Bad samples are skipped, counted by kind and logged once per kind and process, so a few
+broken files never stop a run; a source where nothing is readable raises `DataError`.
+
+Kinds: `truncated_tar`, `bad_tar`, `pipe_error`, `empty_shard`, `missing_shard`,
+`bad_image`, `image_too_large`, `missing_image`, `missing_caption`, `bad_text`,
+`bad_json`, `missing_field`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("mmssl.data")
+
+_LOGGED: set[str] = set()
+
+
+class DataError(ValueError):
+    """Bad data or a bad data configuration; the message names the problem."""
+
+
+class SkipCounter:
+    """Counts skipped samples (or shards) by kind; warns once per kind per process."""
+
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        self.counts: dict[str, int] = dict(counts or {})
+        self.enabled = True  # off while a restore re-reads data that was already counted
+
+    def add(self, kind: str, where: str, detail: str = "") -> None:
+        if not self.enabled:
+            return
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if kind not in _LOGGED:
+            _LOGGED.add(kind)
+            extra = f": {detail}" if detail else ""
+            log.warning(
+                "skipping bad input (%s) in %s%s; further %s are counted silently",
+                kind,
+                where,
+                extra,
+                kind,
+            )
+
+    def total(self) -> int:
+        return sum(self.counts.values())

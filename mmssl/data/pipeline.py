@@ -1,0 +1,298 @@
+"""The streaming pipeline: `build_pipeline(...)` -> `StreamLoader`, an exactly resumable loader.
+
+Shards -> seeded shard order (epoch) or resampling -> split by rank and worker ->
+block shuffle -> decode -> augment (views + v1 descriptors) / tokenise / pack ->
+batch dict (DESIGN.md):
+
+- `image` float (B, 3, S, S): shorter side resized to S, centre crop (if `return_image`);
+- `views`: list of `num_views` float (B, 3, S, S); `aug`: list of (B, 13) descriptors;
+- `text` int64 (B, T), `text_mask` bool (B, T) with T = context_length for captions; for
+  text (LM) sources T = context_length + 1 packed tokens, mask all True (inputs
+  `text[:, :-1]`, targets `text[:, 1:]`);
+- `caption` list[str] (image-text sources), one int64/float tensor (B,) per requested
+  json field (e.g. `label`, `digit`, `color`), `__key__` list[str], `source` str.
+
+Epoch mode: every rank yields exactly `epoch_batches = floor(samples / (world_size *
+batch_size))` batches per source and epoch (counts from the shards' manifest.json), so no
+rank waits for another.  A worker whose shards hold fewer samples than its share re-reads
+its shards from the start; samples beyond a rank's share are dropped.  With several
+sources an epoch holds every source's batches in a seeded order (weights are ignored);
+in resampled mode each batch picks its source by weight.  Every rank picks the same
+source for batch i, so collective losses line up.
+
+`state_dict()` holds, per logical worker, each source's stream position (see
+`mmssl.data.stream`), the LM packer's document offset and the skip counts, plus epoch and
+batch index; `load_state_dict` continues the identical stream (keys and tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from mmssl.data.augment import AugmentConfig
+from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
+from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
+from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset to stream: URL pattern(s), kind and mixing weight."""
+
+    urls: str | tuple[str, ...]
+    kind: str = "image_text"  # "image" | "image_text" | "text" (documents for the LM)
+    weight: float = 1.0
+    name: str = ""
+    epoch_batches: int | None = None  # override the per-rank epoch length
+
+
+def _manifest_counts(urls: list[str]) -> dict[str, int]:
+    """Sample counts by absolute shard path from manifest.json files next to the shards."""
+    counts: dict[str, int] = {}
+    for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):
+        path = os.path.join(d, "manifest.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                manifest = json.load(f)
+            for shard in manifest.get("shards", []):
+                counts[os.path.join(d, shard["url"])] = int(shard["count"])
+    return counts
+
+
+def _count_rows(urls: list[str], tokenizer: Any, context_length: int) -> int:
+    """Packed LM rows in a text source (tokenises every document once)."""
+    tokens = 0
+    for url in urls:
+        for _, files in iter_shard(url, SkipCounter()):
+            try:
+                text = decode_text(files, "missing_text")
+            except BadSample:
+                continue
+            tokens += len(tokenizer.encode(text, add_bos=False, add_eos=False)) + 1
+    return tokens // (context_length + 1)
+
+
+def _resolve(
+    src: Source, index: int, mode: str, slots: int, world: int, batch: int, plan_args: dict
+) -> SourceSpec:
+    if src.kind not in ("image", "image_text", "text"):
+        raise DataError(f"source kind must be image, image_text or text, got {src.kind!r}")
+    if src.kind == "text" and plan_args["tokenizer"] is None:
+        raise DataError("a text (LM) source needs a tokenizer")
+    if src.weight <= 0:
+        raise DataError(f"source weight must be positive, got {src.weight}")
+    urls = expand_urls(src.urls)
+    check_urls(src.urls, urls)
+    name = src.name or f"source{index}"
+    n_batches = 0
+    if mode == "epoch":
+        if len(urls) < slots:
+            raise DataError(
+                f"epoch mode needs at least ranks x workers = {slots} shards per source, but "
+                f"{src.urls!r} has {len(urls)}; use mode='resampled' (infinite, samples with "
+                f"replacement) or write more, smaller shards"
+            )
+        if src.epoch_batches is not None:
+            n_batches = int(src.epoch_batches)
+        elif src.kind == "text":
+            rows = _count_rows(urls, plan_args["tokenizer"], plan_args["context_length"])
+            n_batches = rows // (world * batch)
+        else:
+            known = _manifest_counts(urls)
+            total = 0
+            for u in urls:
+                key = os.path.abspath(u)
+                if key in known:
+                    total += known[key]
+                elif is_local(u):
+                    total += count_samples(u)
+                else:
+                    raise DataError(
+                        f"epoch mode needs sample counts: {u} has no manifest.json entry; "
+                        f"write one (mmssl shards does) or set Source.epoch_batches"
+                    )
+            n_batches = total // (world * batch)
+        if n_batches < 1:
+            raise DataError(
+                f"source {name} is smaller than one batch per rank "
+                f"({world} ranks x batch {batch}); lower batch_size"
+            )
+    return SourceSpec(name, tuple(urls), src.kind, float(src.weight), n_batches)
+
+
+class StreamLoader:
+    """Iterable over batch dicts; `state_dict()` / `load_state_dict()` resume exactly.
+
+    In epoch mode one `iter()` is one epoch (`len()` batches) and the next `iter()`
+    continues with the next epoch; in resampled mode iteration never ends.
+    """
+
+    def __init__(self, plan: Plan, num_workers: int, pin_memory: bool = False) -> None:
+        self.plan = plan
+        self.loader_workers = num_workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.next_batch = 0
+        self.workers: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        if self.plan.mode != "epoch":
+            raise TypeError("a resampled stream has no length")
+        return sum(s.epoch_batches for s in self.plan.sources)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples by kind, summed over workers (as of the last consumed batch)."""
+        total: dict[str, int] = {}
+        for state in self.workers.values():
+            for kind, n in state.get("skipped", {}).items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = StreamDataset(self.plan)
+        dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
+        dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}
+        if self.loader_workers > 0:
+            items: Any = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.loader_workers,
+                collate_fn=identity_collate,
+                pin_memory=self.pin_memory,
+            )
+        else:
+            items = dataset
+        for batch, pos in items:
+            self.workers[int(pos.pop("worker"))] = pos
+            self.next_batch = int(pos["batch"]) + 1
+            yield batch
+        # an epoch is over: the next iter() starts the next one from scratch
+        self.epoch += 1
+        self.next_batch = 0
+        self.workers = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last consumed batch (plain ints, lists, dicts, str)."""
+        p = self.plan
+        return {
+            "version": STATE_VERSION,
+            "mode": p.mode,
+            "seed": p.seed,
+            "rank": p.rank,
+            "world_size": p.world_size,
+            "num_workers": p.num_workers,
+            "batch_size": p.batch_size,
+            "sources": [s.name for s in p.sources],
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "workers": {str(k): v for k, v in sorted(self.workers.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        p = self.plan
+        expect = {
+            "version": STATE_VERSION,
+            "mode": p.mode,
+            "seed": p.seed,
+            "rank": p.rank,
+            "world_size": p.world_size,
+            "num_workers": p.num_workers,
+            "batch_size": p.batch_size,
+            "sources": [s.name for s in p.sources],
+        }
+        for key, want in expect.items():
+            if state.get(key) != want:
+                raise DataError(
+                    f"data state was saved with {key}={state.get(key)!r} but this pipeline has "
+                    f"{key}={want!r}; the stream position cannot be transferred"
+                )
+        self.epoch = int(state["epoch"])
+        self.next_batch = int(state["next_batch"])
+        self.workers = {int(k): v for k, v in state["workers"].items()}
+
+
+def build_pipeline(
+    urls: str | Sequence[str] | None = None,
+    *,
+    batch_size: int,
+    sources: Sequence[Source] | None = None,
+    kind: str = "image_text",
+    mode: str = "resampled",
+    seed: int = 0,
+    shuffle: int = 1000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    image_size: int = 224,
+    num_views: int = 2,
+    return_image: bool = True,
+    augment: AugmentConfig | None = None,
+    tokenizer: Any = None,
+    context_length: int = 77,
+    json_fields: Sequence[str] = (),
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """Build the stream; pass `urls` (+ `kind`) for one source or `sources` for a mixture.
+
+    Images come out in [0, 1] unless `mean`/`std` are given.  `shuffle` is the block-shuffle
+    window in samples (1 = no shuffle).  `rank`/`world_size` default to
+    `mmssl.distributed.rank()/world_size()`.  Raises DataError on pre-flight problems.
+    """
+    if (urls is None) == (sources is None):
+        raise DataError("pass exactly one of urls= or sources=")
+    if mode not in ("resampled", "epoch"):
+        raise DataError(f"mode must be 'resampled' or 'epoch', got {mode!r}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if rank is None or world_size is None:
+        from mmssl import distributed
+
+        rank = distributed.rank() if rank is None else rank
+        world_size = distributed.world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if sources is None:
+        assert urls is not None
+        sources = [Source(urls if isinstance(urls, str) else tuple(urls), kind=kind)]
+    logical = max(1, num_workers)
+    args = {"tokenizer": tokenizer, "context_length": context_length}
+    specs = tuple(
+        _resolve(s, i, mode, world_size * logical, world_size, batch_size, args)
+        for i, s in enumerate(sources)
+    )
+    if len({s.name for s in specs}) != len(specs):
+        raise DataError(f"source names must be unique, got {[s.name for s in specs]}")
+    plan = Plan(
+        sources=specs,
+        batch_size=batch_size,
+        mode=mode,
+        seed=seed,
+        shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
+        num_workers=logical,
+        image_size=image_size,
+        num_views=num_views,
+        return_image=return_image,
+        augment=augment or AugmentConfig(),
+        tokenizer=tokenizer,
+        context_length=context_length,
+        json_fields=tuple(json_fields),
+        mean=mean,
+        std=std,
+        max_pixels=max_pixels,
+    )
+    return StreamLoader(plan, num_workers, pin_memory)

@@ -1,0 +1,226 @@
+"""The worker side of the pipeline: deterministic batches plus their stream position.
+
+Logical worker `l` (of W) of rank `r` produces exactly the batches `i` with
+`i % W == l`; batch `i` draws from the source the schedule names, and its augmentation
+RNG is seeded by (seed, epoch, rank, i).  Each batch is yielded with the worker's
+position after it, which the consumer (`StreamLoader`) records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmssl.data.augment import AugmentConfig, make_views, resize_center
+from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
+from mmssl.data.errors import SkipCounter
+from mmssl.data.stream import SampleStream, ShardSequence
+from mmssl.data.text import TokenPacker, tokenize_captions
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A resolved source: expanded URLs and what its samples hold."""
+
+    name: str
+    urls: tuple[str, ...]
+    kind: str  # "image" | "image_text" | "text"
+    weight: float
+    epoch_batches: int  # per rank, epoch mode; 0 in resampled mode
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs; picklable, identical on every worker of a rank."""
+
+    sources: tuple[SourceSpec, ...]
+    batch_size: int
+    mode: str
+    seed: int
+    shuffle: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers (>= 1)
+    image_size: int
+    num_views: int
+    return_image: bool
+    augment: AugmentConfig
+    tokenizer: Any
+    context_length: int
+    json_fields: tuple[str, ...]
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    max_pixels: int
+
+    def schedule(self, epoch: int) -> np.ndarray | None:
+        """Epoch mode: the source index of every batch of the epoch (same on all ranks)."""
+        if self.mode != "epoch":
+            return None
+        counts = [s.epoch_batches for s in self.sources]
+        order = np.repeat(np.arange(len(counts)), counts)
+        if len(self.sources) > 1:
+            order = np.random.default_rng([self.seed, 0x50D, epoch]).permutation(order)
+        return order
+
+    def source_of(self, i: int, schedule: np.ndarray | None) -> int:
+        if schedule is not None:
+            return int(schedule[i])
+        if len(self.sources) == 1:
+            return 0
+        w = np.array([s.weight for s in self.sources], dtype=np.float64)
+        u = np.random.default_rng([self.seed, 0x50C, i]).random()
+        return int(np.searchsorted(np.cumsum(w / w.sum()), u, side="right").clip(0, len(w) - 1))
+
+
+def identity_collate(x: Any) -> Any:
+    return x
+
+
+class _Worker:
+    """One logical worker's per-source streams, packers and skip counter."""
+
+    def __init__(self, plan: Plan, epoch: int, worker: int, state: dict[str, Any] | None) -> None:
+        self.plan, self.epoch, self.worker = plan, epoch, worker
+        self.counter = SkipCounter((state or {}).get("skipped"))
+        self.streams: dict[str, SampleStream] = {}
+        self.packers: dict[str, TokenPacker] = {}
+        self.saved: dict[str, Any] = dict((state or {}).get("sources", {}))
+        for src in plan.sources:
+            seq = ShardSequence(
+                len(src.urls),
+                mode=plan.mode,
+                seed=plan.seed,
+                epoch=epoch,
+                rank=plan.rank,
+                world_size=plan.world_size,
+                worker=worker,
+                num_workers=plan.num_workers,
+            )
+            key = [plan.seed, epoch, plan.rank, worker, zlib_crc(src.name)]
+            stream = SampleStream(
+                list(src.urls), seq, shuffle=plan.shuffle, seed_key=key, counter=self.counter
+            )
+            self.streams[src.name] = stream
+            saved = self.saved.get(src.name)
+            if src.kind == "text":
+                packer = TokenPacker(plan.tokenizer, plan.context_length)
+                self.packers[src.name] = packer
+                if saved is not None:
+                    stream.load_state(packer.load_state(saved))
+            elif saved is not None:
+                stream.load_state(saved)
+
+    def _image_batch(self, src: SourceSpec, i: int) -> dict[str, Any]:
+        plan, stream = self.plan, self.streams[src.name]
+        images, captions, keys = [], [], []
+        fields: dict[str, list[Any]] = {f: [] for f in plan.json_fields}
+        while len(images) < plan.batch_size:
+            key, files, url = stream.next()
+            try:
+                img = decode_image(find_image(files), plan.max_pixels)
+                cap = decode_text(files) if src.kind == "image_text" else ""
+                meta = decode_fields(files, plan.json_fields)
+            except BadSample as bad:
+                self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
+                continue
+            stream.mark_good()
+            images.append(img)
+            captions.append(cap)
+            keys.append(key)
+            for f in plan.json_fields:
+                fields[f].append(meta[f])
+        batch: dict[str, Any] = {"__key__": keys, "source": src.name}
+        rng = np.random.default_rng([plan.seed, 0xA06, self.epoch, plan.rank, i])
+        size = plan.image_size
+        if plan.return_image:
+            batch["image"] = self._norm(resize_center(images, size))
+        if plan.num_views:
+            views, descs = make_views(images, plan.num_views, size, plan.augment, rng)
+            batch["views"] = [self._norm(v) for v in views]
+            batch["aug"] = descs
+        if src.kind == "image_text":
+            batch["caption"] = captions
+            if plan.tokenizer is not None:
+                batch["text"], batch["text_mask"] = tokenize_captions(
+                    plan.tokenizer, captions, plan.context_length
+                )
+        for f, vals in fields.items():
+            batch[f] = torch.tensor(vals)
+        return batch
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan.mean is None or self.plan.std is None:
+            return x
+        mean = torch.tensor(self.plan.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.plan.std).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def _text_batch(self, src: SourceSpec) -> dict[str, Any]:
+        stream, packer = self.streams[src.name], self.packers[src.name]
+
+        def next_doc() -> tuple[str, str, Any]:
+            while True:
+                before = stream.state()
+                key, files, url = stream.next()
+                try:
+                    text = decode_text(files, "missing_text")
+                except BadSample as bad:
+                    self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
+                    continue
+                stream.mark_good()
+                return key, text, before
+
+        rows, keys = packer.pack(self.plan.batch_size, next_doc)
+        return {
+            "text": rows,
+            "text_mask": torch.ones_like(rows, dtype=torch.bool),
+            "__key__": keys,
+            "source": src.name,
+        }
+
+    def batch(self, i: int, source: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        src = self.plan.sources[source]
+        if src.kind == "text":
+            out = self._text_batch(src)
+            self.saved[src.name] = self.packers[src.name].state(self.streams[src.name].state())
+        else:
+            out = self._image_batch(src, i)
+            self.saved[src.name] = self.streams[src.name].state()
+        pos = {"sources": dict(self.saved), "skipped": dict(self.counter.counts), "batch": i}
+        return out, pos
+
+
+def zlib_crc(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8"))
+
+
+class StreamDataset(IterableDataset):
+    """Yields (batch, position) for this process's logical worker(s), in batch order."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.epoch = 0
+        self.next_batch = 0
+        self.worker_states: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        info = get_worker_info()
+        plan, W = self.plan, self.plan.num_workers
+        # rotate so that DataLoader worker 0 holds the next batch: round-robin stays in order
+        logical = ((info.id if info is not None else 0) + self.next_batch) % W
+        worker = _Worker(plan, self.epoch, logical, self.worker_states.get(logical))
+        schedule = plan.schedule(self.epoch)
+        i = self.next_batch + (logical - self.next_batch) % W
+        while schedule is None or i < len(schedule):
+            batch, pos = worker.batch(i, plan.source_of(i, schedule))
+            pos["worker"] = logical
+            yield batch, pos
+            i += W

@@ -1,0 +1,313 @@
+"""Writing WebDataset shards (img2dataset layout) and the `mmssl shards` command.
+
+Each sample becomes tar members `KEY.jpg|png`, `KEY.txt`, `KEY.json` (`__key__` = KEY).
+Members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same input gives
+byte-identical shards.  Every output directory gets a `manifest.json`:
+`{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
+{"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
+
+    mmssl shards folder DIR --out OUT [--caption-template "a photo of a {}."]
+    mmssl shards csv|jsonl TABLE --out OUT [--image-col image --caption-col caption --label-col label]
+    mmssl shards text FILE ... --out OUT [--docs file|paragraph]
+    common: --split train --max-count 10000 | --max-bytes 1GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from mmssl.data.errors import DataError
+
+MANIFEST = "manifest.json"
+_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+_CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def _encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (dict, list, int, float)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    raise DataError(f"cannot write a {type(value).__name__} into a shard")
+
+
+class ShardWriter:
+    """Writes samples to `OUT/{split}-%06d.tar`, a new shard every `max_count` samples or
+    `max_bytes` bytes; `close()` records the shards in OUT/manifest.json."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        split: str = "train",
+        *,
+        max_count: int | None = 10_000,
+        max_bytes: int | None = None,
+    ) -> None:
+        if not re.fullmatch(r"[\w.-]+", split):
+            raise DataError(f"split name must be letters, digits, '_', '-' or '.', got {split!r}")
+        if (max_count or 0) < 0 or (max_bytes or 0) < 0:
+            raise DataError("max_count and max_bytes must be positive")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.split = out_dir, split
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = self._bytes = 0
+        self._keys: set[str] = set()
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        path = os.path.join(self.out_dir, name)
+        self._tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+        self.shards.append({"url": name, "count": 0, "bytes": 0, "split": self.split})
+        self._count = self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            entry = self.shards[-1]
+            entry["count"] = self._count
+            entry["bytes"] = os.path.getsize(os.path.join(self.out_dir, entry["url"]))
+            self._tar = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """One sample: `__key__` plus extension -> bytes | str | dict | list | number."""
+        key = str(sample.get("__key__", ""))
+        if not key or "." in key or key.startswith("/"):
+            raise DataError(f"sample key must be non-empty without dots, got {key!r}")
+        if key in self._keys:
+            raise DataError(f"duplicate sample key {key!r}")
+        self._keys.add(key)
+        files = [(ext, _encode(v)) for ext, v in sample.items() if ext != "__key__"]
+        size = sum(len(b) + 1024 for _, b in files)
+        full = self._tar is not None and (
+            (self.max_count and self._count >= self.max_count)
+            or (self.max_bytes and self._count and self._bytes + size > self.max_bytes)
+        )
+        if self._tar is None or full:
+            self._finish()
+            self._open()
+        assert self._tar is not None
+        for ext, data in files:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._bytes += size
+
+    @property
+    def pattern(self) -> str:
+        """Brace-expandable pattern of the shards written, e.g. `train-{000000..000003}.tar`."""
+        n = len(self.shards)
+        if n <= 1:
+            return f"{self.split}-000000.tar"
+        return f"{self.split}-{{000000..{n - 1:06d}}}.tar"
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and merge this split into OUT/manifest.json (returned)."""
+        self._finish()
+        path = os.path.join(self.out_dir, MANIFEST)
+        manifest: dict[str, Any] = {"version": 1, "shards": [], "splits": {}}
+        if os.path.isfile(path):
+            with open(path) as f:
+                manifest = json.load(f)
+        manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != self.split]
+        manifest["shards"] = sorted(manifest["shards"] + self.shards, key=lambda s: s["url"])
+        total = sum(s["count"] for s in self.shards)
+        manifest["splits"][self.split] = {"pattern": self.pattern, "count": total}
+        manifest["splits"] = dict(sorted(manifest["splits"].items()))
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.write("\n")
+        return manifest
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _image_bytes(path: str) -> tuple[str, bytes]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _IMAGE_EXTS:
+        with open(path, "rb") as f:
+            return _IMAGE_EXTS[ext], f.read()
+    if ext in _CONVERT_EXTS:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        with Image.open(path) as im:
+            im.convert("RGB").save(buf, "PNG")
+        return "png", buf.getvalue()
+    raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
+
+
+def samples_from_folder(root: str, caption_template: str | None = None) -> Iterator[dict]:
+    """An image folder with one subfolder per class (sorted names -> labels 0..C-1)."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"image folder {root!r} has no class subfolders")
+    index = 0
+    for label, cls in enumerate(classes):
+        for name in sorted(os.listdir(os.path.join(root, cls))):
+            ext = os.path.splitext(name)[1].lower()
+            if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
+                continue
+            img_ext, data = _image_bytes(os.path.join(root, cls, name))
+            sample = {"__key__": f"{index:08d}", img_ext: data}
+            if caption_template:
+                sample["txt"] = caption_template.format(cls.replace("_", " "))
+            sample["json"] = {"label": label, "class": cls, "path": f"{cls}/{name}"}
+            index += 1
+            yield sample
+
+
+def _rows(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.endswith(".jsonl") or path.endswith(".json"):
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        else:
+            yield from csv.DictReader(f)
+
+
+def samples_from_table(
+    path: str,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    label_col: str | None = "label",
+) -> Iterator[dict]:
+    """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label]."""
+    if not os.path.isfile(path):
+        raise DataError(f"table {path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    for n, row in enumerate(_rows(path)):
+        if image_col not in row or caption_col not in row:
+            raise DataError(
+                f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r} "
+                f"(has {sorted(row)})"
+            )
+        img = os.path.join(base, str(row[image_col]))
+        if not os.path.isfile(img):
+            raise DataError(f"{path}: row {n + 1}: image {row[image_col]!r} not found")
+        ext, data = _image_bytes(img)
+        meta: dict[str, Any] = {"path": str(row[image_col])}
+        if label_col and row.get(label_col) not in (None, ""):
+            try:
+                meta["label"] = int(row[label_col])
+            except ValueError:
+                raise DataError(
+                    f"{path}: row {n + 1}: label {row[label_col]!r} is not an integer"
+                ) from None
+        yield {"__key__": f"{n:08d}", ext: data, "txt": str(row[caption_col]), "json": meta}
+
+
+def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
+    """Plain text files as LM documents: one per file, or one per blank-line paragraph."""
+    index = 0
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"text file {path!r} does not exist")
+        with open(path, encoding="utf-8", errors="strict") as f:
+            try:
+                text = f.read()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not UTF-8 text") from None
+        parts = [text] if docs == "file" else re.split(r"\n\s*\n", text)
+        for part in parts:
+            if part.strip():
+                yield {"__key__": f"{index:08d}", "txt": part.strip(), "json": {"source": path}}
+                index += 1
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str,
+    split: str = "train",
+    *,
+    max_count: int | None = 10_000,
+    max_bytes: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write all samples with a progress bar; returns the updated manifest."""
+    from tqdm import tqdm
+
+    writer = ShardWriter(out_dir, split, max_count=max_count, max_bytes=max_bytes)
+    for sample in tqdm(samples, desc=f"{split} shards", unit=" samples", disable=not progress):
+        writer.write(sample)
+    return writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmssl shards", description=__doc__.split("\n")[0])
+    parser.add_argument("input_kind", choices=["folder", "csv", "jsonl", "text"])
+    parser.add_argument("inputs", nargs="+")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--max-count", type=int, default=None)
+    parser.add_argument("--max-bytes", type=_size, default=None)
+    parser.add_argument("--caption-template", default=None, help='folder: e.g. "a photo of a {}."')
+    parser.add_argument("--image-col", default="image")
+    parser.add_argument("--caption-col", default="caption")
+    parser.add_argument("--label-col", default="label")
+    parser.add_argument("--docs", choices=["file", "paragraph"], default="file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    max_count = args.max_count if args.max_count or args.max_bytes else 10_000
+    try:
+        if args.input_kind == "folder":
+            if len(args.inputs) != 1:
+                raise DataError("folder takes exactly one image folder")
+            samples = samples_from_folder(args.inputs[0], args.caption_template)
+        elif args.input_kind in ("csv", "jsonl"):
+            if len(args.inputs) != 1:
+                raise DataError(f"{args.input_kind} takes exactly one table file")
+            samples = samples_from_table(
+                args.inputs[0], args.image_col, args.caption_col, args.label_col or None
+            )
+        else:
+            samples = samples_from_text(args.inputs, args.docs)
+        manifest = write_shards(
+            samples,
+            args.out,
+            args.split,
+            max_count=max_count,
+            max_bytes=args.max_bytes,
+            progress=not args.quiet,
+        )
+    except (DataError, OSError) as err:
+        print(f"mmssl shards: error: {err}", file=sys.stderr)
+        return 2
+    info = manifest["splits"][args.split]
+    if info["count"] == 0:
+        print(f"mmssl shards: error: no samples found in {args.inputs}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['count']} samples to {os.path.join(args.out, info['pattern'])}")
+    return 0

@@ -1,0 +1,204 @@
+"""The resumable sample stream of one (source, rank, worker): shard order, position, shuffle.
+
+Everything is a pure function of (seed, epoch, rank, worker) plus a small position, so a
+checkpoint stores only numbers:
+
+- the shard sequence: in epoch mode the worker's slice of a seeded permutation of the
+  shards, cycled; in resampled mode draws with replacement from a counter-based RNG.
+  Shard `k` of the sequence is computable without replaying `0..k-1`.
+- the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it.
+- the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
+  samples, each emitted in a permutation seeded by (seed, epoch, rank, worker, window).
+  A window is rebuilt on restore by re-reading it from its recorded start position, so
+  the state holds `{window, start, emitted}` instead of the buffered bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.tario import iter_shard
+
+_DRAW_BLOCK = 1024
+
+
+class ShardSequence:
+    """Shard `k` (an index into `urls`) that one worker reads, for k = 0, 1, 2, ..."""
+
+    def __init__(
+        self,
+        num_shards: int,
+        *,
+        mode: str,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        worker: int,
+        num_workers: int,
+    ) -> None:
+        self.mode = mode
+        self.num_shards = num_shards
+        self.key = [seed, rank, worker]
+        if mode == "epoch":
+            perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
+            slots = world_size * num_workers
+            self.mine = [int(i) for i in perm[rank * num_workers + worker :: slots]]
+            if not self.mine:
+                raise DataError(
+                    f"epoch mode needs at least {slots} shards (ranks x workers), got "
+                    f"{num_shards}; use mode='resampled' or write more shards"
+                )
+        else:
+            self.mine = list(range(num_shards))
+        self._block = -1
+        self._draws: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, k: int) -> int:
+        if self.mode == "epoch":
+            return self.mine[k % len(self.mine)]
+        block = k // _DRAW_BLOCK
+        if block != self._block:
+            rng = np.random.default_rng([*self.key, 0x5A3D, block])
+            self._draws = rng.integers(0, self.num_shards, size=_DRAW_BLOCK)
+            self._block = block
+        return int(self._draws[k % _DRAW_BLOCK])
+
+
+class RawStream:
+    """Samples in shard-sequence order from a raw position; detects all-empty sources."""
+
+    def __init__(self, urls: list[str], seq: ShardSequence, counter: SkipCounter) -> None:
+        self.urls, self.seq, self.counter = urls, seq, counter
+        self.k, self.offset = 0, 0
+        self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
+        self._empty: set[int] = set()  # shards read since the last sample that held none
+
+    def seek(self, k: int, offset: int) -> None:
+        if (k, offset) == (self.k, self.offset) and self._it is not None:
+            return  # already there: keep reading the open shard
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+        self.k, self.offset, self._it = k, offset, None
+
+    def pass_of(self, k: int) -> int:
+        """Epoch mode: which pass over the worker's shards shard k belongs to (else 0)."""
+        return k // len(self.seq.mine) if self.seq.mode == "epoch" else 0
+
+    def next(self, within_pass: int | None = None) -> tuple[str, dict[str, bytes], int] | None:
+        """(key, files, url index) of the sample at the current position; advances.
+
+        With `within_pass`, returns None instead of crossing into the next pass.
+        """
+        while True:
+            if within_pass is not None and self.pass_of(self.k) != within_pass:
+                return None
+            shard = self.seq[self.k]
+            if self._it is None:
+                self._it = iter_shard(self.urls[shard], self.counter, skip=self.offset)
+            item = next(self._it, None)
+            if item is not None:
+                self.offset += 1
+                self._empty.clear()
+                return item[0], item[1], shard
+            if self.offset == 0:
+                self._empty.add(shard)
+                if self._empty.issuperset(self.seq.mine):
+                    raise DataError(
+                        f"no readable sample in any of {len(set(self.seq.mine))} shards "
+                        f"(first: {self.urls[self.seq.mine[0]]}); skipped: {self.counter.counts}"
+                    )
+            self._it = None
+            self.k, self.offset = self.k + 1, 0
+
+
+class SampleStream:
+    """Block-shuffled samples of one worker; `state()` after any sample resumes exactly.
+
+    The caller reports each decodable sample with `mark_good()`; a run of windows with
+    none that covers every shard of the worker raises DataError instead of spinning.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        seq: ShardSequence,
+        *,
+        shuffle: int,
+        seed_key: list[int],
+        counter: SkipCounter,
+    ) -> None:
+        self.raw = RawStream(urls, seq, counter)
+        self.urls = urls
+        self.shuffle = max(1, int(shuffle))
+        self.seed_key = seed_key
+        self.counter = counter
+        self.window_index = -1
+        self.start = (0, 0)
+        self.window: list[tuple[str, dict[str, bytes], int]] = []
+        self.order: list[int] = []
+        self.emitted = 0
+        self._good = True
+        self._bad_shards: set[int] = set()
+
+    def _fill(self, index: int, start: tuple[int, int]) -> None:
+        if not self._good:
+            self._bad_shards.update(s for _, _, s in self.window)
+            if self._bad_shards.issuperset(self.raw.seq.mine):
+                raise DataError(
+                    f"every sample is bad in all {len(set(self.raw.seq.mine))} shards "
+                    f"(first: {self.urls[self.raw.seq.mine[0]]}); skipped: {self.counter.counts}"
+                )
+        else:
+            self._bad_shards.clear()
+        self._good = False
+        self.window_index, self.start = index, start
+        self.raw.seek(*start)
+        # a window never spans two passes over the shards, so an epoch-mode worker emits
+        # all of its samples once before it repeats any
+        this_pass = self.raw.pass_of(start[0])
+        self.window = []
+        while len(self.window) < self.shuffle:
+            item = self.raw.next(within_pass=this_pass)
+            if item is None:
+                if self.window:
+                    break
+                this_pass = self.raw.pass_of(self.raw.k)
+                continue
+            self.window.append(item)
+        if len(self.window) > 1:
+            rng = np.random.default_rng([*self.seed_key, 0x5B0F, index])
+            self.order = [int(i) for i in rng.permutation(len(self.window))]
+        else:
+            self.order = [0]
+        self.emitted = 0
+
+    def next(self) -> tuple[str, dict[str, bytes], str]:
+        """(key, files, url) of the next sample."""
+        if self.window_index < 0 or self.emitted >= len(self.window):
+            self._fill(self.window_index + 1, (self.raw.k, self.raw.offset))
+        key, files, shard = self.window[self.order[self.emitted]]
+        self.emitted += 1
+        return key, files, self.urls[shard]
+
+    def mark_good(self) -> None:
+        self._good = True
+
+    def state(self) -> dict[str, Any]:
+        return {"window": self.window_index, "start": list(self.start), "emitted": self.emitted}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the window from its start and skip the samples already emitted."""
+        if state["window"] < 0:
+            return
+        enabled, self.counter.enabled = self.counter.enabled, False  # counted before
+        try:
+            self._fill(int(state["window"]), (int(state["start"][0]), int(state["start"][1])))
+        finally:
+            self.counter.enabled = enabled
+        self.emitted = int(state["emitted"])
+        self._good = True

@@ -1,0 +1,15 @@
+"""Session-wide fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`mmssl demo-data` output (coloured digits + pydoc text), written once per session."""
+    from mmssl.data.demo import write_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(str(out))
+    return str(out)

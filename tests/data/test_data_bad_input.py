@@ -1,0 +1,142 @@
+"""Bad input is skipped and counted by kind, the stream continues; all-bad sources raise."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from data_helpers import StubTokenizer, png_bytes
+
+from mmssl.data.errors import DataError
+from mmssl.data.pipeline import Source, build_pipeline
+from mmssl.data.shards import ShardWriter
+
+
+def _good(i: int) -> dict:
+    arr = np.full((6, 6, 3), i % 256, np.uint8)
+    return {"__key__": f"g{i:04d}", "png": png_bytes(arr), "txt": f"good {i}", "json": {"i": i}}
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header declaring 100000 x 100000 pixels (a decompression bomb)."""
+    data = bytearray(png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    ihdr = bytearray(data[12:29])  # type + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", 100_000, 100_000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+BAD = {
+    "bad_image": {"png": os.urandom(200), "txt": "noise"},
+    "missing_caption": {"png": png_bytes(np.zeros((6, 6, 3), np.uint8))},
+    "bad_text": {"png": png_bytes(np.zeros((6, 6, 3), np.uint8)), "txt": b"\xff\xfe\xfa"},
+    "image_too_large": {"png": _bomb_png(), "txt": "bomb"},
+}
+
+
+def _shards(tmp_path, bad: dict | None, n_bad: int = 2) -> str:
+    w = ShardWriter(str(tmp_path), "s", max_count=6)
+    for i in range(12):
+        if bad is not None and i % 6 < n_bad:
+            w.write({"__key__": f"b{i:04d}", **bad})
+        else:
+            w.write(_good(i))
+    w.close()
+    return str(tmp_path / "s-{000000..000001}.tar")
+
+
+def _run(urls, n: int = 6, **kw) -> tuple[list[str], dict[str, int]]:
+    args = dict(batch_size=4, rank=0, world_size=1, image_size=6, num_views=1, shuffle=3)
+    args.update(kw)
+    pl = build_pipeline(urls, **args)
+    keys = [k for b in itertools.islice(pl, n) for k in b["__key__"]]
+    return keys, pl.skipped
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_sample_is_skipped_and_counted(tmp_path, kind):
+    keys, skipped = _run(_shards(tmp_path, BAD[kind]))
+    assert len(keys) == 24 and all(k.startswith("g") for k in keys)
+    assert skipped.get(kind, 0) >= 1 and set(skipped) == {kind}
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    with pytest.raises(DataError, match="every sample is bad"):
+        _run(_shards(tmp_path, None), n=1, max_pixels=35)  # every image is 6x6 = 36 pixels
+
+
+def test_truncated_tar(tmp_path):
+    urls = _shards(tmp_path, None)
+    path = tmp_path / "s-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    keys, skipped = _run(urls)
+    assert skipped == {"truncated_tar": skipped["truncated_tar"]} and skipped["truncated_tar"] >= 1
+    assert {k for k in keys} >= {"g0000", "g0001"}
+
+
+def test_empty_shard(tmp_path):
+    _shards(tmp_path, None)
+    (tmp_path / "s-000002.tar").write_bytes(b"")
+    keys, skipped = _run(str(tmp_path / "s-{000000..000002}.tar"), n=8)
+    assert skipped.get("empty_shard", 0) >= 1 and len(keys) == 32
+
+
+def test_failing_pipe_and_working_pipe(tmp_path):
+    _shards(tmp_path, None)
+    urls = [f"pipe:cat {tmp_path / 's-000000.tar'}", "pipe:echo oops >&2; exit 3"]
+    keys, skipped = _run(urls)
+    assert skipped.get("pipe_error", 0) >= 1 and len(keys) == 24
+    assert all(k.startswith("g") for k in keys)
+
+
+def test_missing_and_bad_json_field(tmp_path):
+    w = ShardWriter(str(tmp_path), "j", max_count=4)
+    for i in range(8):
+        sample = _good(i)
+        if i == 1:
+            sample["json"] = {"other": 1}
+        if i == 2:
+            sample["json"] = b"{not json"
+        w.write(sample)
+    w.close()
+    keys, skipped = _run(str(tmp_path / "j-{000000..000001}.tar"), json_fields=("i",), n=3)
+    assert skipped.get("missing_field", 0) >= 1 and skipped.get("bad_json", 0) >= 1
+    assert "g0001" not in keys and "g0002" not in keys and "g0003" in keys
+
+
+def test_every_sample_bad_raises(tmp_path):
+    urls = _shards(tmp_path, BAD["bad_image"], n_bad=6)
+    with pytest.raises(DataError, match="every sample is bad"):
+        _run(urls)
+
+
+def test_all_shards_empty_raises(tmp_path):
+    for i in range(2):
+        (tmp_path / f"e-{i:06d}.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="no readable sample"):
+        _run(str(tmp_path / "e-{000000..000001}.tar"))
+
+
+def test_bad_documents_in_text_source(tmp_path):
+    w = ShardWriter(str(tmp_path), "t", max_count=4)
+    for i in range(8):
+        w.write({"__key__": f"d{i}", "txt": b"\xff\xfe" if i == 2 else "some words " * 3})
+    w.write({"__key__": "empty", "json": {}})
+    w.close()
+    pl = build_pipeline(
+        sources=[Source(str(tmp_path / "t-{000000..000002}.tar"), kind="text")],
+        batch_size=2,
+        rank=0,
+        world_size=1,
+        tokenizer=StubTokenizer(),
+        context_length=8,
+        shuffle=1,
+    )
+    list(itertools.islice(pl, 12))
+    assert pl.skipped.get("bad_text", 0) >= 1 and pl.skipped.get("missing_text", 0) >= 1

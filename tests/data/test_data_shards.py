@@ -1,0 +1,176 @@
+"""Shard writing: manifest counts, readability by webdataset and tar, determinism, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from data_helpers import png_bytes, write_image_shards
+from PIL import Image
+
+from mmssl.data.shards import ShardWriter, main
+
+
+def _digest(d: str) -> dict[str, str]:
+    return {
+        n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+        for n in sorted(os.listdir(d))
+    }
+
+
+def test_manifest_matches_webdataset_and_tar(tmp_path):
+    pattern = write_image_shards(str(tmp_path), shards=3, per_shard=5)
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    assert manifest["splits"]["train"] == {"pattern": "train-{000000..000002}.tar", "count": 15}
+    for shard in manifest["shards"]:
+        path = str(tmp_path / shard["url"])
+        samples = list(wds.WebDataset(path, shardshuffle=False))
+        assert len(samples) == shard["count"] == 5
+        assert set(samples[0]) >= {"__key__", "png", "txt", "json"}
+        with tarfile.open(path) as tf:  # plain tar: 3 members per sample, fixed metadata
+            members = tf.getmembers()
+            assert len(members) == 15
+            assert all(m.mtime == 0 and m.uid == 0 for m in members)
+    n = sum(1 for _ in wds.WebDataset(pattern, shardshuffle=False))
+    assert n == 15
+
+
+def test_deterministic_bytes(tmp_path):
+    write_image_shards(str(tmp_path / "a"), shards=2, per_shard=3)
+    write_image_shards(str(tmp_path / "b"), shards=2, per_shard=3)
+    assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
+
+
+def test_max_bytes_splits(tmp_path):
+    w = ShardWriter(str(tmp_path), "x", max_count=None, max_bytes=10_000)
+    for i in range(20):
+        w.write({"__key__": f"{i:03d}", "bin": bytes(3000)})
+    manifest = w.close()
+    counts = [s["count"] for s in manifest["shards"]]
+    assert sum(counts) == 20 and len(counts) > 1
+    assert all(s["bytes"] <= 10_000 + 4096 for s in manifest["shards"])
+
+
+def test_writer_rejects_bad_keys(tmp_path):
+    w = ShardWriter(str(tmp_path))
+    with pytest.raises(ValueError, match="without dots"):
+        w.write({"__key__": "a.b", "txt": "x"})
+    w.write({"__key__": "a", "txt": "x"})
+    with pytest.raises(ValueError, match="duplicate"):
+        w.write({"__key__": "a", "txt": "y"})
+
+
+def _folder(root):
+    for c, cls in enumerate(["cat", "dog"]):
+        os.makedirs(root / cls)
+        for i in range(3):
+            arr = np.full((6, 6, 3), 40 * i + c, np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "dog" / "x.bmp")
+
+
+def test_cli_folder(tmp_path):
+    _folder(tmp_path / "in")
+    rc = main(
+        [
+            "folder",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-count",
+            "4",
+            "--caption-template",
+            "a photo of a {}.",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    samples = list(
+        wds.WebDataset(str(tmp_path / "o" / "train-{000000..000001}.tar"), shardshuffle=False)
+    )
+    assert len(samples) == 7
+    labels = [json.loads(s["json"])["label"] for s in samples]
+    assert labels == [0, 0, 0, 1, 1, 1, 1]
+    assert samples[0]["txt"] == b"a photo of a cat."
+    assert all("png" in s for s in samples)  # bmp converted to png
+
+
+def test_cli_csv_and_jsonl(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "t.csv").write_text("image,caption,label\ncat/0.png,a cat,0\ndog/1.png,a dog,1\n")
+    (tmp_path / "t.jsonl").write_text('{"image": "cat/1.png", "caption": "c"}\n')
+    assert main(["csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "jsonl",
+                str(tmp_path / "t.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--split",
+                "val",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    m = json.load(open(tmp_path / "o" / "manifest.json"))
+    assert m["splits"]["train"]["count"] == 2 and m["splits"]["val"]["count"] == 1
+    s = list(wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False))
+    assert [x["txt"] for x in s] == [b"a cat", b"a dog"]
+    assert json.loads(s[1]["json"])["label"] == 1
+
+
+def test_cli_text(tmp_path):
+    (tmp_path / "a.txt").write_text("first para\n\nsecond para\n")
+    (tmp_path / "b.txt").write_text("another doc")
+    assert (
+        main(
+            [
+                "text",
+                str(tmp_path / "a.txt"),
+                str(tmp_path / "b.txt"),
+                "--out",
+                str(tmp_path / "o"),
+                "--docs",
+                "paragraph",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    s = list(wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False))
+    assert [x["txt"] for x in s] == [b"first para", b"second para", b"another doc"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["folder", "/nonexistent/x"], "does not exist"),
+        (["csv", "{tmp}/bad.csv"], "lacks column"),
+        (["csv", "{tmp}/missing.csv"], "not found"),
+        (["text", "{tmp}/latin1.txt"], "not UTF-8"),
+        (["text", "{tmp}/empty.txt"], "no samples"),
+    ],
+)
+def test_cli_bad_input(tmp_path, capsys, args, message):
+    (tmp_path / "bad.csv").write_text("path,text\nx.png,y\n")
+    (tmp_path / "missing.csv").write_text("image,caption\nnope.png,y\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_png_helper_roundtrip():
+    arr = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    import io
+
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(arr)))), arr)
