@@ -1,0 +1,120 @@
+"""`mmssl eval TASK ...` (also `python -m mmssl.eval TASK ...`).
+
+Tasks: zeroshot, retrieval, fewshot, linear, finetune, lm.  Every task takes `--model`, an
+exported model directory or a training run directory (its latest checkpoint is exported on
+the fly), and writes results.json, summary.md and its plots to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from mmssl.eval.loading import EvalError, Loaded
+
+# task -> (module with add_arguments(parser) and run(args, ctx), one-line help)
+TASKS: dict[str, tuple[str, str]] = {
+    "zeroshot": ("mmssl.eval.zeroshot", "zero-shot classification from class names and templates"),
+    "retrieval": ("mmssl.eval.retrieval", "image<->text recall@1/5/10 on image-text shards"),
+    "fewshot": ("mmssl.eval.fewshot", "k-shot logistic / prototype / kNN probes over seeds"),
+    "linear": ("mmssl.eval.linear", "linear probe with a weight-decay sweep on a validation split"),
+    "finetune": ("mmssl.eval.finetune", "fine-tune the vision tower with a new head (DeepSpeed)"),
+    "lm": ("mmssl.eval.lm", "perplexity, multiple-choice scoring and samples of the text tower"),
+}
+
+
+class Context:
+    """What a task gets besides its arguments: the model (loaded once) and the report writer."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.args = args
+        self.argv = argv
+        self._loaded: Loaded | None = None
+
+    def load(self) -> Loaded:
+        if self._loaded is None:
+            from mmssl.eval.loading import load_model
+
+            self._loaded = load_model(self.args.model)
+        return self._loaded
+
+    def report(
+        self,
+        task: str,
+        results: dict[str, Any],
+        *,
+        data: Any,
+        summary: str = "",
+        plots: list[str] | None = None,
+    ) -> dict[str, Any]:
+        from mmssl.eval.report import write_report
+
+        model = str(self._loaded.model_dir) if self._loaded is not None else self.args.model
+        if self._loaded is not None and str(self._loaded.model_dir) != self.args.model:
+            model = f"{self.args.model} (exported to {self._loaded.model_dir})"
+        return write_report(
+            self.args.out,
+            task,
+            results,
+            model=model,
+            data=data,
+            command=["mmssl", "eval", *self.argv],
+            summary=summary,
+            plots=plots or [],
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmssl eval", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="TASK")
+    for name, (module, help_) in TASKS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--model", required=True, help="exported model dir or training run dir")
+        p.add_argument("--out", default=None, help="output directory (default: eval-TASK)")
+        p.add_argument(
+            "--tokenizer",
+            default=None,
+            help="tokenizer to use instead of the checkpoint's (checked against it)",
+        )
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument(
+            "--limit", type=int, default=None, help="only the first N samples of each split"
+        )
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def run_task(argv: list[str]) -> dict[str, Any]:
+    """Parse and run one task; raises EvalError / DataError on bad input (for callers in Python)."""
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        raise EvalError("no task given; choose from " + ", ".join(TASKS))
+    if args.out is None:
+        args.out = f"eval-{args.command}"
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {args.limit}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(TASKS[args.command][0])
+    return module.run(args, Context(args, argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmssl.data.errors import DataError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    try:
+        run_task(argv)
+    except (EvalError, DataError, FileNotFoundError) as err:
+        print(f"mmssl eval: error: {err}", file=sys.stderr)
+        return 2
+    out = build_parser().parse_args(argv).out or f"eval-{argv[0]}"
+    print((Path(out) / "summary.md").read_text().rstrip())
+    return 0

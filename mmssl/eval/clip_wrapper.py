@@ -1,0 +1,104 @@
+"""A CLIP-style face for an mmssl model, so harnesses written for open_clip models (the
+CLIP_benchmark convention) can evaluate it:
+
+    model, transform, tokenizer = load_clip("runs/quickstart/export")
+    images = torch.stack([transform(pil) for pil in pil_images])      # (B, 3, S, S)
+    image_features = model.encode_image(images)                        # (B, E)
+    text_features = model.encode_text(tokenizer(["a photo of a 7."]))  # (1, E)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.eval.data import Preprocess
+
+
+def mask_from_ids(ids: Tensor, eos_id: int) -> Tensor:
+    """(B, T) ids of `batch_encode` -> (B, T) bool mask: up to and including the first eos.
+
+    CLIP-style harnesses pass bare ids; rows without eos are taken as all valid.
+    """
+    t = ids.shape[1]
+    is_eos = ids == eos_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], t - 1))
+    return torch.arange(t, device=ids.device)[None, :] <= first[:, None]
+
+
+class CLIPTokenizer:
+    """texts -> (B, context_length) int64 ids, as open_clip's `tokenize`."""
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, _ = self.tokenizer.batch_encode(texts, context_length or self.context_length)
+        return ids
+
+
+class ImageTransform:
+    """A PIL image (or uint8 (3, H, W) tensor) -> float (3, S, S), as the model's evaluation
+    preprocessing (shorter side resize, centre crop, optional mean/std)."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: Any) -> Tensor:
+        if not isinstance(image, Tensor):
+            import numpy as np
+
+            image = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        return self.preprocess([image])[0]
+
+
+class CLIPWrapper(nn.Module):
+    """encode_image(images (B, 3, S, S)) and encode_text(ids (B, T)) -> (B, E), unnormalised,
+    plus `logit_scale`; the mask the text tower needs is rebuilt from the eos position."""
+
+    def __init__(self, model: nn.Module, eos_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.eos_id = eos_id
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        return self.model.encode_text(text, mask_from_ids(text, self.eos_id), normalize=normalize)
+
+    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """open_clip's (image_features, text_features, logit_scale.exp()), normalised."""
+        return (
+            self.encode_image(images, normalize=True),
+            self.encode_text(text, normalize=True),
+            self.logit_scale.exp(),
+        )
+
+
+def load_clip(
+    path: str | Path, tokenizer: str | None = None
+) -> tuple[CLIPWrapper, ImageTransform, CLIPTokenizer]:
+    """(model, transform, tokenizer) of an exported model or run directory, in eval mode."""
+    from mmssl.eval.loading import EvalError, load_model
+
+    loaded = load_model(path)
+    if loaded.model.visual is None or loaded.model.text is None:
+        raise EvalError(f"{path}: a CLIP-style model needs vision and text towers")
+    tok = loaded.tokenizer(tokenizer)
+    wrapper = CLIPWrapper(loaded.model, int(tok.eos_id)).eval()
+    return (
+        wrapper,
+        ImageTransform(loaded.preprocess),
+        CLIPTokenizer(tok, loaded.model.cfg.text.context_length),
+    )

@@ -1,0 +1,139 @@
+"""Reading evaluation shards: every sample exactly once, in a fixed order, by index.
+
+The training pipeline streams (shuffles, resamples, drops the remainder of an epoch); an
+evaluation must see each sample once and know its position.  Samples are numbered in the
+order of the expanded shard list, rank r of W decodes the samples with `index % W == r`,
+and results are put back in index order after a gather (`mmssl.eval.features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
+from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.tario import check_urls, expand_urls, iter_shard
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images are prepared for a model: shorter side to `image_size`, centre crop, scale to
+    [0, 1], then (x - mean) / std when both are set."""
+
+    image_size: int
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def __call__(self, images: list[Tensor]) -> Tensor:
+        """uint8 (3, H, W) images -> float (B, 3, S, S)."""
+        from mmssl.data.augment import resize_center
+
+        x = resize_center(images, self.image_size)
+        if self.mean is not None and self.std is not None:
+            x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(
+                1, 3, 1, 1
+            )
+        return x
+
+
+def shard_urls(pattern: str | Sequence[str]) -> list[str]:
+    """Expand a brace pattern (or list) and check the local shards exist; DataError if not."""
+    urls = expand_urls(pattern)
+    check_urls(pattern, urls)
+    return urls
+
+
+def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(index, key, files) of every sample of every shard, in order."""
+    counter = SkipCounter()
+    index = 0
+    for url in urls:
+        for key, files in iter_shard(url, counter):
+            yield index, key, files
+            index += 1
+    if index == 0:
+        raise DataError(f"no readable sample in {len(urls)} shard(s) (first: {urls[0]})")
+
+
+def _missing_field(name: str, key: str, url_hint: str) -> DataError:
+    hint = " (pass --label-field to name another json field)" if name == "label" else ""
+    return DataError(
+        f"shards {url_hint} have no {name!r} field (first at sample {key!r}); this task needs "
+        f"labelled shards{hint}"
+    )
+
+
+def iter_image_batches(
+    urls: list[str],
+    preprocess: Preprocess,
+    batch_size: int,
+    *,
+    fields: Sequence[str] = (),
+    captions: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Batches {image (B, 3, S, S), sample_index (B,) int64, __key__, caption?, <field> (B,)}.
+
+    Only samples with `index % world_size == rank` are decoded.  A sample without a requested
+    field, without an image or (with `captions`) without a caption raises DataError: an
+    evaluation that silently skipped samples would report a number for another test set.
+    """
+    fields = tuple(fields)
+    buf: list[tuple[int, str, Tensor, str, dict[str, Any]]] = []
+
+    def flush() -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "image": preprocess([b[2] for b in buf]),
+            "sample_index": torch.tensor([b[0] for b in buf], dtype=torch.int64),
+            "__key__": [b[1] for b in buf],
+        }
+        if captions:
+            batch["caption"] = [b[3] for b in buf]
+        for f in fields:
+            batch[f] = torch.tensor([b[4][f] for b in buf])
+        buf.clear()
+        return batch
+
+    hint = urls[0] if len(urls) == 1 else f"{urls[0]} ..."
+    for index, key, files in iter_raw(urls):
+        if limit is not None and index >= limit:
+            break
+        if index % world_size != rank:
+            continue
+        try:
+            meta = decode_fields(files, fields)
+        except BadSample as bad:
+            if bad.kind == "missing_field":
+                raise _missing_field(bad.detail, key, hint) from None
+            raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}") from None
+        try:
+            image = decode_image(find_image(files))
+            caption = decode_text(files) if captions else ""
+        except BadSample as bad:
+            raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}".rstrip()) from None
+        buf.append((index, key, image, caption, meta))
+        if len(buf) == batch_size:
+            yield flush()
+    if buf:
+        yield flush()
+
+
+def iter_documents(urls: list[str]) -> Iterator[str]:
+    """The text of every document (txt member) of text shards, in order."""
+    found = False
+    for _, _, files in iter_raw(urls):
+        try:
+            text = decode_text(files, "missing_text")
+        except BadSample:
+            continue
+        found = True
+        yield text
+    if not found:
+        raise DataError(f"no text documents in {urls[0]}{' ...' if len(urls) > 1 else ''}")

@@ -1,0 +1,226 @@
+"""Feature extraction: `mmssl features --model M --data SHARDS --out feats.safetensors`.
+
+Writes `features` (N, D) pooled vision features, `embeddings` (N, E) projected image
+embeddings (when the model has a projection), `sample_index` (N,), one (N,) tensor per json field
+(`label`, `digit`, ...), and the sample keys as JSON in the safetensors metadata.
+
+With several ranks (a launcher sets WORLD_SIZE) each rank extracts the samples with
+`index % world_size == rank`; rows are gathered and put back by sample index, so the file
+is identical to a single-process run and padding never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmssl import distributed
+from mmssl.data.errors import DataError
+from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls
+from mmssl.eval.loading import EvalError
+
+
+def assemble_by_index(index: Tensor, rows: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sort rows by sample index and drop repeated indices (sampler padding).
+
+    index (M,) with repeats allowed, rows {name: (M, ...)} -> (unique sorted index (N,),
+    {name: (N, ...)}).  A repeated index keeps its first occurrence.
+    """
+    order = torch.argsort(index, stable=True)
+    index = index[order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = index[1:] != index[:-1]
+    return index[keep], {k: v[order][keep] for k, v in rows.items()}
+
+
+def detect_fields(urls: list[str]) -> list[str]:
+    """Numeric json fields of the first sample (`label`, `digit`, ...), sorted."""
+    for _, _, files in iter_raw(urls):
+        if "json" not in files:
+            return ["label"] if "cls" in files else []
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return []
+        if not isinstance(meta, dict):
+            return []
+        return sorted(
+            k for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+    return []
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    urls: list[str],
+    preprocess: Preprocess,
+    *,
+    batch_size: int = 256,
+    fields: tuple[str, ...] = (),
+    captions: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Vision features of every sample, in sample order, on every rank.
+
+    Returns {"sample_index": (N,), "features": (N, D), "embeddings": (N, E) if projected,
+    <field>: (N,), "__key__": list[str], "caption": list[str] if captions}.
+    """
+    was_training = model.training
+    model.eval()
+    rank, world = distributed.rank(), distributed.world_size()
+    cols: dict[str, list[Tensor]] = {"sample_index": [], "features": [], "embeddings": []}
+    cols.update({f: [] for f in fields})
+    keys: list[str] = []
+    texts: list[str] = []
+    projected = getattr(model.visual, "proj", None) is not None
+    for batch in iter_image_batches(
+        urls,
+        preprocess,
+        batch_size,
+        fields=fields,
+        captions=captions,
+        rank=rank,
+        world_size=world,
+        limit=limit,
+    ):
+        pooled = model.forward_features(batch["image"])["pooled"]  # (B, D)
+        cols["sample_index"].append(batch["sample_index"])
+        cols["features"].append(pooled.float())
+        if projected:
+            cols["embeddings"].append(model.visual.proj(pooled).float())  # (B, E)
+        for f in fields:
+            cols[f].append(batch[f])
+        keys += batch["__key__"]
+        texts += batch.get("caption", [])
+    model.train(was_training)
+    if not cols["sample_index"] and world == 1:
+        raise DataError(f"no samples in {urls[0]}")
+    local: dict[str, Tensor] = {}
+    for name, parts in cols.items():
+        if parts:
+            local[name] = torch.cat(parts)
+    # a rank with no samples still takes part in every gather, with empty tensors
+    local = _fill_empty(local, fields, projected, model)
+    gathered = {name: distributed.all_gather_no_grad(t) for name, t in local.items()}
+    index = gathered.pop("sample_index")
+    all_keys = [k for part in distributed.all_gather_object(keys) for k in part]
+    all_texts = [t for part in distributed.all_gather_object(texts) for t in part]
+    rows = dict(gathered)
+    rows["_pos"] = torch.arange(len(index))
+    index, rows = assemble_by_index(index, rows)
+    pos = rows.pop("_pos").tolist()
+    out: dict[str, Any] = {**rows, "sample_index": index, "__key__": [all_keys[p] for p in pos]}
+    if captions:
+        out["caption"] = [all_texts[p] for p in pos]
+    return out
+
+
+def _fill_empty(
+    local: dict[str, Tensor], fields: tuple[str, ...], projected: bool, model: torch.nn.Module
+) -> dict[str, Tensor]:
+    if "sample_index" in local:
+        return local
+    dim = model.visual.cfg.dim
+    out = {"sample_index": torch.zeros(0, dtype=torch.int64), "features": torch.zeros(0, dim)}
+    if projected:
+        out["embeddings"] = torch.zeros(0, model.visual.proj.out_features)
+    for f in fields:
+        out[f] = torch.zeros(0, dtype=torch.int64)
+    return out
+
+
+def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in feats.items() if isinstance(v, Tensor)}
+    meta = dict(metadata, keys=json.dumps(feats["__key__"]))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_features(path: str | Path) -> dict[str, Any]:
+    """The tensors of a features file plus `__key__` (list[str]) and `metadata`."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for name in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
+            out[name] = f.get_tensor(name)
+    out["__key__"] = json.loads(meta.get("keys", "[]"))
+    out["metadata"] = {k: v for k, v in meta.items() if k != "keys"}
+    return out
+
+
+def _init_from_launcher() -> None:
+    """Join the process group a launcher (deepspeed, torchrun) describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmssl features", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="exported model dir or run dir")
+    parser.add_argument(
+        "--data", required=True, help="shard pattern, e.g. 'test-{000000..000003}.tar'"
+    )
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument(
+        "--fields",
+        default=None,
+        help="comma-separated json fields (default: all numeric fields of the first sample)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    args = parser.parse_args(argv)
+    from mmssl.eval.loading import load_model
+
+    try:
+        _init_from_launcher()
+        if args.batch_size < 1:
+            raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        loaded = load_model(args.model)
+        urls = shard_urls(args.data)
+        fields = (
+            tuple(f for f in args.fields.split(",") if f)
+            if args.fields is not None
+            else tuple(detect_fields(urls))
+        )
+        feats = extract_features(
+            loaded.model,
+            urls,
+            loaded.preprocess,
+            batch_size=args.batch_size,
+            fields=fields,
+            limit=args.limit,
+        )
+    except (EvalError, DataError, FileNotFoundError) as err:
+        print(f"mmssl features: error: {err}", file=sys.stderr)
+        return 2
+    if distributed.rank() == 0:
+        save_features(
+            args.out,
+            feats,
+            {"model": str(loaded.model_dir), "data": args.data, "fields": ",".join(fields)},
+        )
+        print(
+            f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features to {args.out}"
+        )
+    distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Few-shot probes on frozen features: k labelled images per class, several random draws.
+
+For each k in {1, 2, 4, 8, 16} and each seed, k support samples per class are drawn from the
+train split; logistic regression (scikit-learn, L-BFGS), nearest prototype and weighted kNN
+are fit on them and scored on the whole test split.  Reports mean and std over seeds and a
+curve PNG of accuracy against k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmssl.eval import classifiers
+from mmssl.eval.loading import EvalError
+
+SHOTS = (1, 2, 4, 8, 16)
+METHODS = ("logistic", "prototype", "knn")
+
+
+def sample_support(y: Tensor, k: int, seed: int) -> Tensor:
+    """Indices of k samples of every class of y (all of a class that has fewer), seeded."""
+    y = torch.as_tensor(y).long()
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(picks).sort().values
+
+
+def method_fn(
+    name: str, weight_decay: float, knn_k: int, temperature: float
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    if name == "logistic":
+        return lambda x, y, q: classifiers.logistic(x, y, q, weight_decay)
+    if name == "prototype":
+        return classifiers.prototype
+    if name == "knn":
+        return lambda x, y, q: classifiers.knn(x, y, q, knn_k, temperature)
+    raise EvalError(f"unknown few-shot method {name!r}; choose from {', '.join(METHODS)}")
+
+
+def evaluate(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    shots: Sequence[int] = SHOTS,
+    seeds: Sequence[int] = (0, 1, 2),
+    methods: Sequence[str] = METHODS,
+    weight_decay: float = 1e-3,
+    knn_k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """{method: {k: {"mean", "std", "runs"}}} top-1 accuracy on the test split."""
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise EvalError("few-shot needs non-empty train and test splits")
+    if any(k < 1 for k in shots):
+        raise EvalError(f"shots must be >= 1, got {list(shots)}")
+    fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
+    test_y = torch.as_tensor(test_y).long()
+    out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
+    for k in shots:
+        runs: dict[str, list[float]] = {m: [] for m in methods}
+        for seed in seeds:
+            idx = sample_support(train_y, k, seed)
+            x, y = train_x[idx], torch.as_tensor(train_y).long()[idx]
+            for m, fn in fns.items():
+                runs[m].append(float((fn(x, y, test_x) == test_y).double().mean()))
+        for m in methods:
+            r = runs[m]
+            out[m][k] = {"mean": statistics.fmean(r), "std": statistics.pstdev(r), "runs": r}
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--train", required=True, help="labelled train shards or a features .safetensors"
+    )
+    parser.add_argument(
+        "--test", required=True, help="labelled test shards or a features .safetensors"
+    )
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--shots", default=",".join(map(str, SHOTS)))
+    parser.add_argument("--seeds", type=int, default=5, help="number of random support draws")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--weight-decay", type=float, default=1e-3, help="logistic regression L2")
+    parser.add_argument("--knn-k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def split_features(
+    source: str, field: str, ctx: Any, batch_size: int, limit: int | None
+) -> tuple[Tensor, Tensor]:
+    """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file."""
+    if source.endswith(".safetensors"):
+        from mmssl.eval.features import load_features
+
+        if not Path(source).is_file():
+            raise EvalError(f"features file not found: {source}")
+        feats = load_features(source)
+        if field not in feats:
+            raise EvalError(
+                f"{source} has no {field!r} labels (it holds {sorted(k for k in feats if k not in ('__key__', 'metadata'))})"
+            )
+        return feats["features"], feats[field].long()
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.features import extract_features
+
+    loaded = ctx.load()
+    feats = extract_features(
+        loaded.model,
+        shard_urls(source),
+        loaded.preprocess,
+        batch_size=batch_size,
+        fields=(field,),
+        limit=limit,
+    )
+    return feats["features"], feats[field].long()
+
+
+def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from mmssl.eval.report import md_table, plot_fewshot
+
+    shots = parse_ints(args.shots, "--shots")
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        method_fn(m, 0, 1, 1)
+    if args.seeds < 1:
+        raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
+    train_x, train_y = split_features(
+        args.train, args.label_field, ctx, args.batch_size, args.limit
+    )
+    test_x, test_y = split_features(args.test, args.label_field, ctx, args.batch_size, args.limit)
+    res = evaluate(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        shots=shots,
+        seeds=range(args.seeds),
+        methods=methods,
+        weight_decay=args.weight_decay,
+        knn_k=args.knn_k,
+        temperature=args.temperature,
+    )
+    curves = {m: {k: (v["mean"], v["std"]) for k, v in r.items()} for m, r in res.items()}
+    plot = plot_fewshot(curves, Path(args.out) / "fewshot.png", f"few-shot {args.label_field}")
+    rows = [
+        [m, *(f"{res[m][k]['mean']:.4f} ± {res[m][k]['std']:.4f}" for k in shots)] for m in methods
+    ]
+    summary = (
+        f"Top-1 on {len(test_y)} test images, mean ± std over {args.seeds} support draws.\n\n"
+        + md_table(["method", *(f"{k}-shot" for k in shots)], rows)
+    )
+    data = {"train": args.train, "test": args.test, "field": args.label_field}
+    ctx.report("fewshot", res, data=data, summary=summary, plots=[plot])
+    return res

@@ -1,0 +1,345 @@
+"""Language-model evaluation of the text tower: perplexity, multiple choice, samples.
+
+- Perplexity on text shards: documents are packed as in training (`doc + eos`, no bos) and cut
+  into non-overlapping rows of context_length + 1 tokens; every token after a row's first is
+  scored.  A unigram model (add-one smoothed counts of the train split, or of the evaluated
+  text itself when no train split is given) is scored on the same target tokens as the
+  baseline the LM must beat.
+- Multiple choice from JSONL `{"context": str, "choices": [str, ...], "answer": int}`: each
+  choice is scored by its log-likelihood after `k` solved examples (drawn from the other
+  items) and the context, lm-eval-harness style (`acc` by total log-likelihood, `acc_norm`
+  per character of the choice).  The built-in task `demo` asks whether a demo caption
+  continues with a digit word or a colour name.
+- Samples: continuations of prompts (temperature, top-k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmssl.eval.loading import EvalError
+from mmssl.eval.metrics import perplexity, unigram_perplexity
+
+LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, V)
+SEP = "\n\n"  # between in-context examples
+DEFAULT_PROMPTS = ("The ", "a red ")
+
+
+def token_stream(tokenizer: Any, docs: Iterable[str]) -> list[int]:
+    """Documents packed as in training: ids(doc_1) + [eos] + ids(doc_2) + [eos] + ..."""
+    out: list[int] = []
+    for doc in docs:
+        out += tokenizer.encode(doc, add_bos=False, add_eos=False) + [int(tokenizer.eos_id)]
+    return out
+
+
+@torch.no_grad()
+def stream_nll(
+    logits_fn: LogitsFn, tokens: Sequence[int], context_length: int, batch_size: int = 32
+) -> tuple[float, int, Tensor]:
+    """(total NLL in nats, number of scored tokens, the scored target ids) of a token stream cut
+    into non-overlapping rows of context_length + 1 tokens (the last row may be shorter)."""
+    row = context_length + 1
+    ids = torch.tensor(tokens, dtype=torch.int64)
+    rows = [ids[i : i + row] for i in range(0, len(ids), row)]
+    rows = [r for r in rows if len(r) > 1]
+    if not rows:
+        raise EvalError("the text is too short to score (needs at least 2 tokens)")
+    total, count, targets = 0.0, 0, []
+    full = [r for r in rows if len(r) == row]
+    parts = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    parts += [r[None] for r in rows if len(r) < row]
+    for batch in parts:  # (B, L)
+        logits = logits_fn(batch[:, :-1]).float()  # (B, L - 1, V)
+        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+        targets.append(batch[:, 1:].flatten())
+    return total, count, torch.cat(targets)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def load_task(path: str) -> list[dict[str, Any]]:
+    """Validated items of a JSONL multiple-choice file; EvalError naming the line otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"task file not found: {path} (or use the built-in task 'demo')")
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path}:{n}: not valid JSON ({err})") from None
+        items.append(check_item(item, f"{path}:{n}"))
+    if not items:
+        raise EvalError(f"{path}: no items")
+    return items
+
+
+def check_item(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise EvalError(f"{where}: expected an object with context, choices, answer")
+    missing = [k for k in ("context", "choices", "answer") if k not in item]
+    if missing:
+        raise EvalError(f"{where}: missing {', '.join(missing)}")
+    ctx, choices, answer = item["context"], item["choices"], item["answer"]
+    if not isinstance(ctx, str):
+        raise EvalError(f"{where}: context must be a string")
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
+        raise EvalError(f"{where}: choices must be a list of at least 2 non-empty strings")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise EvalError(f"{where}: answer must be an integer index into choices")
+    if not 0 <= answer < len(choices):
+        raise EvalError(
+            f"{where}: answer index {answer} is out of range for {len(choices)} choices"
+        )
+    return {"context": ctx, "choices": list(choices), "answer": answer}
+
+
+def demo_task(n: int = 120, seed: int = 0) -> list[dict[str, Any]]:
+    """Built-in 2-way task from the demo captions: does the caption go on with a digit word or a
+    colour name?  E.g. "the digit seven in" -> ["red.", "seven."], answer 0."""
+    from mmssl.data.captions import COLORS, DIGITS
+
+    digit_slot = [
+        "a photo of the digit",
+        "a picture of a",
+        "a handwritten",
+        "a photo of a {color} number",
+    ]
+    color_slot = ["something", "a picture that is", "the digit {digit} in", "a {digit} drawn in"]
+    rng = random.Random(seed)
+    colors = list(COLORS)
+    items = []
+    for i in range(n):
+        d, c = rng.choice(DIGITS), rng.choice(colors)
+        want_digit = i % 2 == 0
+        ctx = rng.choice(digit_slot if want_digit else color_slot).format(digit=d, color=c)
+        right, wrong = (d, rng.choice(colors)) if want_digit else (rng.choice(colors), d)
+        choices = [right + ".", wrong + "."]
+        rng.shuffle(choices)
+        items.append({"context": ctx, "choices": choices, "answer": choices.index(right + ".")})
+    return items
+
+
+def _window(prefix: list[int], cont: list[int], context_length: int) -> list[int]:
+    # the prefix is cut from the left so that prefix + cont fits the context window
+    return (prefix + cont)[-(context_length + 1) :]
+
+
+@torch.no_grad()
+def choice_loglik(
+    logits_fn: LogitsFn, prefix: list[int], cont: list[int], context_length: int
+) -> float:
+    """log p(cont | prefix), summed over the continuation's tokens."""
+    return batch_loglik(logits_fn, [(prefix, cont)], context_length)[0]
+
+
+@torch.no_grad()
+def batch_loglik(
+    logits_fn: LogitsFn,
+    pairs: list[tuple[list[int], list[int]]],
+    context_length: int,
+    batch_size: int = 64,
+) -> list[float]:
+    """choice_loglik of many (prefix, cont) pairs, right-padded into batches (a causal model
+    never sees the padding after a token)."""
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = [
+            (_window(p, c, context_length), len(c)) for p, c in pairs[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.int64)
+        for i, (ids, _) in enumerate(chunk):
+            x[i, : len(ids)] = torch.tensor(ids)
+        logp = logits_fn(x[:, :-1]).float().log_softmax(-1)  # (B, W - 1, V)
+        for i, (ids, n) in enumerate(chunk):
+            end = len(ids) - 1  # logits at positions end - n .. end - 1 predict the continuation
+            targets = x[i, end - n + 1 : end + 1]
+            out.append(float(logp[i, end - n : end].gather(1, targets[:, None]).sum()))
+    return out
+
+
+def score_task(
+    logits_fn: LogitsFn,
+    tokenizer: Any,
+    items: list[dict[str, Any]],
+    shots: int,
+    context_length: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """{acc, acc_norm, num_items, shots} of a multiple-choice task.
+
+    The prompt is eos (the start-of-document marker of packed training text), then `shots`
+    solved examples from the other items separated by a blank line, then the context; each
+    choice follows after one space.
+    """
+    if shots < 0:
+        raise EvalError(f"shots must be >= 0, got {shots}")
+    if shots > len(items) - 1:
+        raise EvalError(f"{shots} in-context examples need more than {len(items)} items")
+    rng = random.Random(seed)
+    pairs: list[tuple[list[int], list[int]]] = []
+    for i, item in enumerate(items):
+        others = rng.sample([j for j in range(len(items)) if j != i], shots)
+        demo = "".join(
+            f"{items[j]['context']} {items[j]['choices'][items[j]['answer']]}{SEP}" for j in others
+        )
+        prefix = [int(tokenizer.eos_id)] + tokenizer.encode(
+            demo + item["context"], add_bos=False, add_eos=False
+        )
+        pairs += [
+            (prefix, tokenizer.encode(" " + c, add_bos=False, add_eos=False))
+            for c in item["choices"]
+        ]
+    lls = batch_loglik(logits_fn, pairs, context_length)
+    right = right_norm = 0
+    pos = 0
+    for item in items:
+        ll = lls[pos : pos + len(item["choices"])]
+        pos += len(ll)
+        norm = [v / len(c) for v, c in zip(ll, item["choices"])]
+        right += int(max(range(len(ll)), key=ll.__getitem__) == item["answer"])
+        right_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["answer"])
+    return {
+        "acc": right / len(items),
+        "acc_norm": right_norm / len(items),
+        "num_items": len(items),
+        "shots": shots,
+    }
+
+
+@torch.no_grad()
+def samples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> list[str]:
+    """Decoded continuations (prompt included) of each prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in prompts:
+        ids = torch.tensor(
+            [[int(tokenizer.eos_id)] + tokenizer.encode(p, add_bos=False, add_eos=False)]
+        )
+        gen = model.text.generate(
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            eos_id=int(tokenizer.eos_id),
+            generator=g,
+        )
+        out.append(tokenizer.decode(gen[0, 1:].tolist()))
+    return out
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="text shards to score (perplexity)")
+    parser.add_argument(
+        "--train-data", default=None, help="text shards the unigram baseline is fit on"
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="multiple-choice JSONL file or 'demo' (repeatable)",
+    )
+    parser.add_argument("--shots", default="0,5", help="in-context examples, comma-separated")
+    parser.add_argument(
+        "--prompt", action="append", default=None, help="generation prompt (repeatable)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def perplexity_report(
+    model: torch.nn.Module, tokenizer: Any, data: str, train_data: str | None, limit: int | None
+) -> dict[str, Any]:
+    from mmssl.eval.data import iter_documents, shard_urls
+
+    def docs(pattern: str) -> list[str]:
+        out = list(iter_documents(shard_urls(pattern)))
+        return out[:limit] if limit is not None else out
+
+    cl = model.cfg.text.context_length
+    total, n, targets = stream_nll(model.lm_logits, token_stream(tokenizer, docs(data)), cl)
+    if train_data is not None:
+        counts = torch.bincount(
+            torch.tensor(token_stream(tokenizer, docs(train_data))), minlength=tokenizer.vocab_size
+        )
+    else:
+        counts = torch.bincount(targets, minlength=tokenizer.vocab_size)
+    return {
+        "perplexity": perplexity(total, n),
+        "unigram_perplexity": unigram_perplexity(counts[: model.cfg.text.vocab_size], targets),
+        "unigram_fit_on": train_data if train_data is not None else "the evaluated text",
+        "num_tokens": n,
+    }
+
+
+def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from mmssl.eval.fewshot import parse_ints
+    from mmssl.eval.report import md_table
+
+    shots = parse_ints(args.shots, "--shots")
+    tasks = {name: demo_task() if name == "demo" else load_task(name) for name in args.task}
+    loaded = ctx.load()
+    model = loaded.model
+    if model.text is None or not model.cfg.text.lm_head:
+        raise EvalError("LM evaluation needs a text tower with an LM head")
+    tokenizer = loaded.tokenizer(args.tokenizer)
+    cl = model.cfg.text.context_length
+    res: dict[str, Any] = {}
+    lines = []
+    if args.data is not None:
+        res.update(perplexity_report(model, tokenizer, args.data, args.train_data, args.limit))
+        lines.append(
+            f"Perplexity on `{args.data}`: **{res['perplexity']:.2f}** over {res['num_tokens']} tokens "
+            f"(unigram baseline fit on {res['unigram_fit_on']}: {res['unigram_perplexity']:.2f})."
+        )
+    mc_rows = []
+    for name, items in tasks.items():
+        items = items[: args.limit] if args.limit is not None else items
+        res.setdefault("multiple_choice", {})[name] = {}
+        for k in shots:
+            r = score_task(model.lm_logits, tokenizer, items, k, cl, args.seed)
+            res["multiple_choice"][name][str(k)] = r
+            mc_rows.append([name, k, r["acc"], r["acc_norm"], r["num_items"]])
+    if mc_rows:
+        lines.append(md_table(["task", "shots", "acc", "acc_norm", "items"], mc_rows))
+    prompts = args.prompt if args.prompt is not None else list(DEFAULT_PROMPTS)
+    res["samples"] = samples(
+        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
+    lines.append("Samples:\n\n" + "\n".join(f"- `{s!r}`" for s in res["samples"]))
+    data = {"text": args.data, "train_text": args.train_data, "tasks": args.task}
+    ctx.report("lm", res, data=data, summary="\n\n".join(lines))
+    return res

@@ -1,0 +1,154 @@
+"""What every evaluation starts from: a model directory (or a run directory, exported on the
+fly), its tokenizer checked against the checkpoint, and its image preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmssl.eval.data import Preprocess
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.tokenizer import Tokenizer
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message names the problem (CLIs print it, exit code 2)."""
+
+
+@dataclass
+class Loaded:
+    """A model ready to evaluate, with where it came from."""
+
+    model: MultimodalModel
+    model_dir: Path
+    config: dict[str, Any]
+    source: str  # what the user passed (a model or a run directory)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        vision = self.model.cfg.vision
+        if vision is None:
+            raise EvalError(f"{self.source}: this model has no vision tower")
+        pre = self.config.get("preprocess") or {}
+        mean, std = pre.get("mean"), pre.get("std")
+        return Preprocess(
+            vision.image_size,
+            tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
+            tuple(std) if std is not None else None,  # type: ignore[arg-type]
+        )
+
+    def tokenizer(self, override: str | None = None) -> Tokenizer:
+        return load_tokenizer(self.config, self.model_dir, self.model, override)
+
+
+def is_exported(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def export_run(run_dir: Path) -> Path:
+    """Export the latest checkpoint of a training run directory to RUN_DIR/export (the
+    `mmssl export` default), unless that export already holds the latest checkpoint."""
+    import json
+
+    try:
+        from mmssl.train.checkpoint import latest_tag
+        from mmssl.train.export import export_run as _export
+    except ImportError as err:
+        raise EvalError(f"{run_dir}: cannot export a run directory here ({err})") from None
+    from mmssl.schema import ConfigError
+
+    if not (run_dir / "recipe.yaml").is_file():
+        raise EvalError(
+            f"{run_dir} is neither an exported model directory (config.json + model.safetensors) "
+            f"nor a training run directory (recipe.yaml + checkpoints/)"
+        )
+    dest = run_dir / "export"
+    tag = latest_tag(run_dir / "checkpoints")
+    if tag is None:
+        raise EvalError(f"{run_dir}: the run has no checkpoint yet")
+    if is_exported(dest):
+        try:
+            done = json.loads((dest / "config.json").read_text()).get("checkpoint")
+        except (OSError, json.JSONDecodeError):
+            done = None
+        if done == tag:
+            return dest
+    try:
+        return Path(_export(run_dir, dest, tag))
+    except (ConfigError, FileNotFoundError) as err:
+        raise EvalError(f"cannot export {run_dir}: {err}") from None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An exported model directory as is; a run directory -> its latest checkpoint, exported."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise EvalError(f"model path not found: {p}")
+    if not p.is_dir():
+        raise EvalError(f"{p}: expected an exported model directory or a run directory")
+    if is_exported(p):
+        return p
+    return export_run(p)
+
+
+def load_model(path: str | Path) -> Loaded:
+    """Load an exported model (or a run's latest checkpoint) in eval mode, on CPU."""
+    from mmssl.models.io import load_pretrained, read_config
+    from mmssl.schema import ConfigError
+
+    model_dir = resolve_model_dir(path)
+    try:
+        config = read_config(model_dir)
+        model = load_pretrained(model_dir)
+    except (ConfigError, ValueError) as err:
+        raise EvalError(str(err)) from None
+    return Loaded(model=model, model_dir=model_dir, config=config, source=str(path))
+
+
+def _saved_tokenizer_meta(config: dict[str, Any]) -> dict[str, Any] | None:
+    meta = config.get("tokenizer")
+    if isinstance(meta, dict):
+        return meta
+    return None
+
+
+def load_tokenizer(
+    config: dict[str, Any],
+    model_dir: Path,
+    model: MultimodalModel,
+    override: str | None = None,
+) -> Tokenizer:
+    """The tokenizer of a checkpoint: `override`, else one saved next to the weights, else the
+    one its config names, else the default; always checked against the saved metadata."""
+    from mmssl.tokenizer import get_tokenizer
+
+    saved = _saved_tokenizer_meta(config)
+    if override is not None:
+        choice: str | Path = override
+    elif (model_dir / "tokenizer_meta.json").is_file() or (model_dir / "tokenizer.json").is_file():
+        choice = model_dir
+    elif saved is not None and saved.get("name"):
+        choice = str(saved["name"])
+    else:
+        choice = "default"
+    try:
+        tok = get_tokenizer(choice)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvalError(f"cannot load tokenizer {str(choice)!r}: {err}") from None
+    if saved is not None:
+        try:
+            tok.check_matches(saved)
+        except ValueError as err:
+            raise EvalError(
+                f"{err} (the checkpoint in {model_dir} was trained with another tokenizer)"
+            ) from None
+    text = model.cfg.text
+    if text is not None and tok.vocab_size > text.vocab_size:
+        raise EvalError(
+            f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's text tower has "
+            f"vocab_size {text.vocab_size}: the tokenizer does not match the checkpoint"
+        )
+    return tok

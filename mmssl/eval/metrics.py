@@ -1,0 +1,118 @@
+"""Evaluation metrics as pure functions of tensors: no model, no I/O.
+
+Ties count against the model everywhere (a class or item that scores *equal* to the right
+answer outranks it), so a collapsed model whose scores are all equal gets chance-or-worse
+accuracy instead of a lucky index-0 answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _rank_of_target(scores: Tensor, target: Tensor) -> Tensor:
+    """scores (N, C), target (N,) -> (N,) number of other columns scoring >= the target's."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    target = torch.as_tensor(target, dtype=torch.int64)
+    own = scores.gather(1, target[:, None])  # (N, 1)
+    return (scores >= own).sum(1) - 1
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """logits (N, C), labels (N,) -> {k: fraction whose label is among the top k}.
+
+    k larger than C is clipped to C (top-5 of a 3-class problem is 1.0).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"need logits (N, C) and labels (N,), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    if len(labels) == 0:
+        raise ValueError("no samples to score")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(
+            f"labels must be in [0, {logits.shape[1]}), got {labels.min()}..{labels.max()}"
+        )
+    rank = _rank_of_target(logits, labels)
+    return {k: float((rank < min(k, logits.shape[1])).double().mean()) for k in ks}
+
+
+def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """(C, C) int64 counts; row = true class, column = predicted class."""
+    pred = torch.as_tensor(pred, dtype=torch.int64)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    flat = labels * num_classes + pred
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int) -> list[float]:
+    """Recall of each class; NaN for a class with no samples."""
+    cm = confusion_matrix(pred, labels, num_classes).double()
+    support = cm.sum(1)
+    return [
+        float(cm[c, c] / support[c]) if support[c] > 0 else math.nan for c in range(num_classes)
+    ]
+
+
+def mean_per_class_accuracy(pred: Tensor, labels: Tensor, num_classes: int) -> float:
+    """Balanced accuracy: the mean of per-class accuracy over classes that have samples."""
+    acc = [a for a in per_class_accuracy(pred, labels, num_classes) if not math.isnan(a)]
+    return sum(acc) / len(acc)
+
+
+def recall_at_k(
+    scores: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[int, float]:
+    """scores (Q, G) similarity of each query to each gallery item, positives (Q, G) bool.
+
+    A query counts as retrieved at k when its best-scoring positive has fewer than k
+    non-positives scoring >= it.  Several positives per query (several captions of one
+    image, identical captions of several images) are handled by the mask.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    positives = torch.as_tensor(positives, dtype=torch.bool)
+    if scores.shape != positives.shape or scores.ndim != 2:
+        raise ValueError(
+            f"scores and positives must both be (Q, G), got {tuple(scores.shape)}, {tuple(positives.shape)}"
+        )
+    if not positives.any(1).all():
+        raise ValueError("every query needs at least one positive gallery item")
+    best = scores.masked_fill(~positives, -math.inf).amax(1, keepdim=True)  # (Q, 1)
+    above = ((scores >= best) & ~positives).sum(1)  # (Q,)
+    return {k: float((above < k).double().mean()) for k in ks}
+
+
+def pair_positives(query_group: Tensor, gallery_group: Tensor) -> Tensor:
+    """Positives mask (Q, G): query i matches gallery j when they share a group id.
+
+    For image->text retrieval with several captions per image: query_group = image ids of
+    images (arange), gallery_group = the image id of each caption.
+    """
+    q = torch.as_tensor(query_group, dtype=torch.int64)
+    g = torch.as_tensor(gallery_group, dtype=torch.int64)
+    return q[:, None] == g[None, :]
+
+
+def perplexity(total_nll: float, num_tokens: int) -> float:
+    """exp(mean negative log-likelihood per token), nats."""
+    if num_tokens <= 0:
+        raise ValueError("perplexity of zero tokens")
+    return math.exp(total_nll / num_tokens)
+
+
+def unigram_perplexity(train_counts: Tensor, eval_tokens: Tensor, alpha: float = 1.0) -> float:
+    """Perplexity on eval_tokens (N,) of a unigram model fit to counts (V,), add-alpha smoothed.
+
+    The baseline an LM must beat: it knows token frequencies and nothing about context.
+    """
+    counts = torch.as_tensor(train_counts, dtype=torch.float64)
+    probs = (counts + alpha) / (counts.sum() + alpha * len(counts))
+    tokens = torch.as_tensor(eval_tokens, dtype=torch.int64).reshape(-1)
+    return perplexity(float(-probs.log()[tokens].sum()), len(tokens))

@@ -1,0 +1,158 @@
+"""Evaluation outputs: results.json (model, data, command, versions), summary.md and plots.
+
+Plots use matplotlib's Agg backend, so they render without a display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+RESULTS = "results.json"
+SUMMARY = "summary.md"
+
+
+def versions() -> dict[str, str]:
+    """Versions of python and the libraries a result depends on (without importing them)."""
+    out = {"python": platform.python_version()}
+    for dist in ("mmssl", "torch", "deepspeed", "numpy", "scikit-learn", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: tensors to lists, NaN to None, tuple to list, Path to str."""
+    if isinstance(obj, Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats get 4 significant decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    task: str,
+    results: dict[str, Any],
+    *,
+    model: str,
+    data: Any,
+    command: Sequence[str] | None = None,
+    summary: str = "",
+    plots: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write OUT/results.json and OUT/summary.md; returns the results.json content."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "task": task,
+        "model": model,
+        "data": data,
+        "command": list(command) if command is not None else ["mmssl", *sys.argv[1:]],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "results": results,
+        "plots": list(plots),
+    }
+    doc = _clean(doc)
+    (out / RESULTS).write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [f"# {task}", "", f"- model: `{model}`", f"- data: `{json.dumps(_clean(data))}`"]
+    lines += [f"- command: `{' '.join(doc['command'])}`", ""]
+    if summary:
+        lines += [summary, ""]
+    lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    (out / SUMMARY).write_text("\n".join(lines).rstrip() + "\n")
+    return doc
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: Tensor, classnames: Sequence[str], path: str | Path, title: str) -> str:
+    """Row-normalised confusion matrix (rows = true class) as a PNG; returns the path."""
+    plt = _pyplot()
+    counts = cm.double()
+    norm = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classnames)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classnames, rotation=45, ha="right")
+    ax.set_yticks(range(n), classnames)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j] > 0:
+                    color = "white" if norm[i, j] > 0.5 else "black"
+                    ax.text(
+                        j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=color
+                    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_fewshot(
+    curves: dict[str, dict[int, tuple[float, float]]], path: str | Path, title: str
+) -> str:
+    """Accuracy against shots per class, one line per method with a +-std band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.set_xscale("log", base=2)
+    for name, points in curves.items():
+        ks = sorted(points)
+        mean = [points[k][0] for k in ks]
+        std = [points[k][1] for k in ks]
+        ax.plot(ks, mean, marker="o", label=name)
+        ax.fill_between(
+            ks, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2
+        )
+        ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

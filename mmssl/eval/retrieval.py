@@ -1,0 +1,137 @@
+"""Image-text retrieval: image->text and text->image recall@{1, 5, 10} on image-text shards.
+
+Each image has its `txt` caption, or all captions of a json `captions` list (COCO-style
+several captions per image).  By default captions with identical text count as positives of
+every image they describe (the demo data repeats "something red." across many images, and a
+ranking cannot tell those images apart); `--exact-pairs` keeps only the written pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmssl.eval.loading import EvalError
+from mmssl.eval.metrics import recall_at_k
+
+KS = (1, 5, 10)
+
+
+def positives(image_of_text: Tensor, num_images: int, captions: list[str] | None = None) -> Tensor:
+    """(I, T) bool: image i matches caption j.
+
+    image_of_text (T,): the image each caption was written for.  With `captions` (T texts),
+    caption j also matches every image that has a caption with the same text.
+    """
+    image_of_text = torch.as_tensor(image_of_text, dtype=torch.int64)
+    t = len(image_of_text)
+    if captions is None:
+        group = torch.arange(t)
+    else:
+        ids: dict[str, int] = {}
+        group = torch.tensor([ids.setdefault(c, len(ids)) for c in captions], dtype=torch.int64)
+    has = torch.zeros(num_images, int(group.max()) + 1 if t else 0, dtype=torch.bool)  # (I, G)
+    has[image_of_text, group] = True
+    return has[:, group]  # (I, T)
+
+
+def score(
+    image_emb: Tensor, text_emb: Tensor, pos: Tensor, ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """image_emb (I, E), text_emb (T, E) normalised, pos (I, T) -> {i2t_R@k, t2i_R@k, mean}."""
+    sim = image_emb.float() @ text_emb.float().T  # (I, T)
+    i2t = recall_at_k(sim, pos, ks)
+    t2i = recall_at_k(sim.T, pos.T, ks)
+    out = {f"i2t_R@{k}": v for k, v in i2t.items()}
+    out.update({f"t2i_R@{k}": v for k, v in t2i.items()})
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return out
+
+
+def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
+    """Per image, the json `captions` list when the shards have one (None otherwise)."""
+    from mmssl.eval.data import iter_raw
+
+    out: list[list[str]] = []
+    for index, key, files in iter_raw(urls):
+        if limit is not None and index >= limit:
+            break
+        meta = json.loads(files["json"].decode("utf-8")) if "json" in files else {}
+        caps = meta.get("captions") if isinstance(meta, dict) else None
+        if caps is None:
+            if out:
+                raise EvalError(f"sample {key!r} has no 'captions' list but earlier samples do")
+            return None
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+            raise EvalError(f"sample {key!r}: 'captions' must be a non-empty list of strings")
+        out.append(caps)
+    return out
+
+
+@torch.no_grad()
+def encode_texts(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int
+) -> Tensor:
+    """(T, E) L2-normalised text embeddings."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer.batch_encode(texts[i : i + batch_size], model.cfg.text.context_length)
+        out.append(model.encode_text(ids, mask, normalize=True).float())
+    return torch.cat(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image-text shards (pattern)")
+    parser.add_argument(
+        "--exact-pairs",
+        action="store_true",
+        help="identical captions of other images are not positives",
+    )
+
+
+def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.features import extract_features
+    from mmssl.eval.report import md_table
+
+    loaded = ctx.load()
+    model = loaded.model
+    if model.text is None or model.visual is None:
+        raise EvalError("retrieval needs a model with vision and text towers")
+    tokenizer = loaded.tokenizer(args.tokenizer)
+    urls = shard_urls(args.data)
+    multi = _captions_of(urls, args.limit)
+    feats = extract_features(
+        model,
+        urls,
+        loaded.preprocess,
+        batch_size=args.batch_size,
+        captions=multi is None,
+        limit=args.limit,
+    )
+    per_image = multi if multi is not None else [[c] for c in feats["caption"]]
+    texts = [c for caps in per_image for c in caps]
+    image_of_text = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
+    image_emb = F.normalize(feats["embeddings"], dim=-1)
+    text_emb = encode_texts(model, tokenizer, texts, args.batch_size)
+    pos = positives(image_of_text, len(per_image), None if args.exact_pairs else texts)
+    res: dict[str, Any] = score(image_emb, text_emb, pos)
+    res.update(num_images=len(per_image), num_texts=len(texts))
+    rows = [[d, *(res[f"{d}_R@{k}"] for k in KS)] for d in ("i2t", "t2i")]
+    summary = (
+        f"{len(per_image)} images, {len(texts)} captions"
+        f"{' (exact pairs)' if args.exact_pairs else ' (identical captions count as positives)'}.\n\n"
+        + md_table(["direction", *(f"R@{k}" for k in KS)], rows)
+    )
+    ctx.report(
+        "retrieval",
+        res,
+        data={"shards": args.data, "exact_pairs": args.exact_pairs},
+        summary=summary,
+    )
+    return res

@@ -1,0 +1,258 @@
+"""Zero-shot classification: class embeddings from prompt templates, cosine to image embeddings.
+
+A class embedding is the mean of its L2-normalised prompt embeddings, normalised again
+(CLIP's prompt ensembling).  Classes come from a JSON file `{"classnames": [...],
+"templates": ["a photo of a {}.", ...], "field": "label"}` (optionally `"prompts"`: one
+list of rendered prompts per class instead of templates) or from the built-in demo sets
+`digit` and `color`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmssl.eval.loading import EvalError
+from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
+
+BUILTIN = ("digit", "color")
+
+
+@dataclass
+class ClassSpec:
+    """Class names and, per class, the prompts whose embeddings are averaged."""
+
+    classnames: list[str]
+    prompts: list[list[str]]
+    field: str = "label"
+
+
+def render_templates(classnames: list[str], templates: list[str]) -> list[list[str]]:
+    """Fill `{}` of every template with every class name; EvalError on bad input."""
+    if not classnames:
+        raise EvalError("the class list is empty: zero-shot needs at least one class name")
+    if not templates:
+        raise EvalError(
+            "the template list is empty: give at least one template such as 'a photo of a {}.'"
+        )
+    for t in templates:
+        if not isinstance(t, str) or "{}" not in t:
+            raise EvalError(f"template {t!r} has no '{{}}' placeholder for the class name")
+    for c in classnames:
+        if not isinstance(c, str) or not c.strip():
+            raise EvalError(f"class name {c!r} is not a non-empty string")
+    if len(set(classnames)) != len(classnames):
+        dup = sorted({c for c in classnames if classnames.count(c) > 1})
+        raise EvalError(f"class names repeat: {dup}")
+    # str.replace, not format: a template may hold other braces
+    return [[t.replace("{}", c) for t in templates] for c in classnames]
+
+
+def builtin_classes(name: str) -> ClassSpec:
+    """The demo's digit (field `digit`) or colour (field `color`) classes with their prompts."""
+    from mmssl.data.captions import COLOR_TEMPLATES, COLORS, DIGIT_TEMPLATES, DIGITS, render_caption
+
+    if name == "digit":
+        prompts = [[render_caption(t, d, "") for t in DIGIT_TEMPLATES] for d in range(10)]
+        return ClassSpec(list(DIGITS), prompts, "digit")
+    if name == "color":
+        prompts = [[render_caption(t, 0, c) for t in COLOR_TEMPLATES] for c in COLORS]
+        return ClassSpec(list(COLORS), prompts, "color")
+    raise EvalError(f"unknown built-in class set {name!r}; choose from {', '.join(BUILTIN)}")
+
+
+def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
+    """A ClassSpec from a built-in name or a JSON file; `templates_file` (a JSON list)
+    replaces the file's templates."""
+    if source in BUILTIN and not Path(source).exists():
+        spec = builtin_classes(source)
+        if templates_file is None:
+            return spec
+        return ClassSpec(
+            spec.classnames,
+            render_templates(spec.classnames, _read_list(templates_file)),
+            spec.field,
+        )
+    data = _read_json(source)
+    if isinstance(data, list):
+        data = {"classnames": data}
+    if not isinstance(data, dict) or "classnames" not in data:
+        raise EvalError(
+            f"{source}: expected a JSON list of class names or an object with 'classnames'"
+        )
+    classnames = data["classnames"]
+    if not isinstance(classnames, list):
+        raise EvalError(f"{source}: 'classnames' must be a list")
+    field = str(data.get("field", "label"))
+    if templates_file is not None:
+        return ClassSpec(
+            classnames, render_templates(classnames, _read_list(templates_file)), field
+        )
+    if "templates" in data:
+        return ClassSpec(classnames, render_templates(classnames, data["templates"]), field)
+    if "prompts" in data:
+        prompts = data["prompts"]
+        if not classnames:
+            raise EvalError(f"{source}: the class list is empty")
+        if (
+            not isinstance(prompts, list)
+            or len(prompts) != len(classnames)
+            or not all(
+                isinstance(p, list) and p and all(isinstance(s, str) for s in p) for p in prompts
+            )
+        ):
+            raise EvalError(
+                f"{source}: 'prompts' must hold one non-empty list of strings per class"
+            )
+        return ClassSpec(classnames, prompts, field)
+    return ClassSpec(classnames, render_templates(classnames, ["a photo of a {}."]), field)
+
+
+def _read_json(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"class file not found: {path} (or use a built-in: {', '.join(BUILTIN)})")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_list(path: str) -> list[str]:
+    data = _read_json(path)
+    if isinstance(data, dict):
+        data = data.get("templates")
+    if not isinstance(data, list):
+        raise EvalError(f"{path}: expected a JSON list of templates")
+    return data
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[str]], batch_size: int = 256
+) -> Tensor:
+    """(C, E) L2-normalised class embeddings: the renormalised mean over each class's prompts."""
+    flat = [p for ps in prompts for p in ps]
+    context_length = model.cfg.text.context_length
+    embs = []
+    for i in range(0, len(flat), batch_size):
+        ids, mask = tokenizer.batch_encode(flat[i : i + batch_size], context_length)
+        embs.append(model.encode_text(ids, mask, normalize=True).float())
+    emb = torch.cat(embs)  # (P, E)
+    out, start = [], 0
+    for ps in prompts:
+        out.append(emb[start : start + len(ps)].mean(0))
+        start += len(ps)
+    return F.normalize(torch.stack(out), dim=-1)
+
+
+def score(
+    image_emb: Tensor, class_emb: Tensor, labels: Tensor, classnames: list[str]
+) -> dict[str, Any]:
+    """image_emb (N, E), class_emb (C, E) (both normalised), labels (N,) -> metrics."""
+    logits = image_emb.float() @ class_emb.float().T  # (N, C)
+    c = len(classnames)
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= c):
+        raise EvalError(
+            f"labels run {int(labels.min())}..{int(labels.max())} but there are {c} classes"
+        )
+    top = topk_accuracy(logits, labels, (1, 5))
+    pred = logits.argmax(1)
+    per_class = per_class_accuracy(pred, labels, c)
+    return {
+        "top1": top[1],
+        "top5": top[5],
+        "num_samples": int(len(labels)),
+        "num_classes": c,
+        "per_class": dict(zip(classnames, per_class)),
+        "confusion": confusion_matrix(pred, labels, c),
+    }
+
+
+def _features_file(path: str, field: str) -> dict[str, Any]:
+    from mmssl.eval.features import load_features
+
+    if not Path(path).is_file():
+        raise EvalError(f"features file not found: {path}")
+    feats = load_features(path)
+    if "embeddings" not in feats:
+        raise EvalError(
+            f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
+        )
+    if field not in feats:
+        raise EvalError(f"{path} has no {field!r} labels; this task needs labelled data")
+    return feats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled image shards (pattern) or a features .safetensors of them",
+    )
+    parser.add_argument(
+        "--classes", required=True, help=f"class JSON file or built-in ({', '.join(BUILTIN)})"
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="JSON list of templates with {} (overrides the class file's)",
+    )
+    parser.add_argument("--label-field", default=None, help="json field holding the class index")
+
+
+def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `zeroshot` task: writes results.json, summary.md, confusion.png under args.out."""
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.features import extract_features
+    from mmssl.eval.report import md_table, plot_confusion
+
+    spec = load_classes(args.classes, args.templates)
+    field = args.label_field or spec.field
+    loaded = ctx.load()
+    model = loaded.model
+    if model.text is None or model.visual is None:
+        raise EvalError("zero-shot classification needs a model with vision and text towers")
+    tokenizer = loaded.tokenizer(args.tokenizer)
+    if args.data.endswith(".safetensors"):
+        feats = _features_file(args.data, field)
+    else:
+        feats = extract_features(
+            model,
+            shard_urls(args.data),
+            loaded.preprocess,
+            batch_size=args.batch_size,
+            fields=(field,),
+            limit=args.limit,
+        )
+    image_emb = F.normalize(feats["embeddings"], dim=-1)
+    class_emb = class_embeddings(model, tokenizer, spec.prompts, args.batch_size)
+    res = score(image_emb, class_emb, feats[field], spec.classnames)
+    plot = plot_confusion(
+        res["confusion"],
+        spec.classnames,
+        Path(args.out) / "confusion.png",
+        f"zero-shot {field}: top-1 {res['top1']:.3f}",
+    )
+    rows = [[c, a] for c, a in res["per_class"].items()]
+    summary = (
+        f"Zero-shot `{field}` over {res['num_classes']} classes, {res['num_samples']} images: "
+        f"**top-1 {res['top1']:.4f}**, top-5 {res['top5']:.4f}.\n\n"
+        + md_table(["class", "accuracy"], rows)
+    )
+    ctx.report(
+        "zeroshot",
+        res,
+        data={"shards": args.data, "classes": args.classes, "field": field},
+        summary=summary,
+        plots=[plot],
+    )
+    return res

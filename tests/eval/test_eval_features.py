@@ -1,0 +1,129 @@
+"""Feature extraction: order by sample index, no duplicated rows, 2 gloo ranks == 1 process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_utils import run_distributed
+
+from mmssl.eval.data import shard_urls
+from mmssl.eval.features import assemble_by_index, extract_features, load_features, main
+from mmssl.eval.loading import load_model
+
+
+def test_assemble_by_index_drops_padding_duplicates():
+    # rank 0 holds samples 0, 2, 4; rank 1 holds 1, 3 and a padded repeat of 1
+    index = torch.tensor([0, 2, 4, 1, 3, 1])
+    rows = {"x": torch.tensor([[0.0], [2.0], [4.0], [1.0], [3.0], [99.0]])}
+    idx, out = assemble_by_index(index, rows)
+    assert idx.tolist() == [0, 1, 2, 3, 4]
+    assert out["x"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.slow
+def test_features_file(tmp_path, tiny_model_dir, test_shards):
+    out = tmp_path / "f.safetensors"
+    assert (
+        main(
+            [
+                "--model",
+                tiny_model_dir,
+                "--data",
+                test_shards,
+                "--out",
+                str(out),
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
+    f = load_features(out)
+    assert f["features"].shape == (12, 32) and f["embeddings"].shape == (12, 16)
+    assert f["label"].tolist() == [i % 3 for i in range(12)]
+    assert f["sample_index"].tolist() == list(range(12))
+    assert f["__key__"] == [f"k{i:04d}" for i in range(12)]
+    # the pooled features are the model's, image by image
+    model = load_model(tiny_model_dir)
+    single = extract_features(model.model, shard_urls(test_shards), model.preprocess, batch_size=1)
+    torch.testing.assert_close(f["features"], single["features"])
+    assert f["metadata"]["fields"] == "color,index,label"
+
+
+def test_features_cli_errors(tmp_path, capsys, tiny_model_dir, unlabelled_shards):
+    assert (
+        main(
+            [
+                "--model",
+                tiny_model_dir,
+                "--data",
+                unlabelled_shards,
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "--fields",
+                "label",
+            ]
+        )
+        == 2
+    )
+    assert "no 'label' field" in capsys.readouterr().err
+
+
+def _extract_two_ranks(model_dir: str, pattern: str, out: str) -> dict:
+    from mmssl import distributed
+
+    loaded = load_model(model_dir)
+    feats = extract_features(
+        loaded.model,
+        shard_urls(pattern),
+        loaded.preprocess,
+        batch_size=4,
+        fields=("label",),
+        limit=7,
+    )
+    assert (
+        main(
+            [
+                "--model",
+                model_dir,
+                "--data",
+                pattern,
+                "--out",
+                out,
+                "--batch-size",
+                "3",
+                "--limit",
+                "7",
+            ]
+        )
+        == 0
+    )
+    return {"rank": distributed.rank(), "feats": feats}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, test_shards):
+    # 7 samples over 2 ranks: rank 0 gets 4, rank 1 gets 3 (uneven, where a sampler would pad)
+    out = str(tmp_path / "two.safetensors")
+    results = run_distributed(_extract_two_ranks, 2, tiny_model_dir, test_shards, out)
+    loaded = load_model(tiny_model_dir)
+    single = extract_features(
+        loaded.model,
+        shard_urls(test_shards),
+        loaded.preprocess,
+        batch_size=12,
+        fields=("label",),
+        limit=7,
+    )
+    assert len(single["__key__"]) == 7
+    for r in results:
+        feats = r["feats"]
+        assert feats["sample_index"].tolist() == list(range(7))
+        assert feats["__key__"] == single["__key__"]
+        torch.testing.assert_close(feats["features"], single["features"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats["embeddings"], single["embeddings"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(feats["label"], single["label"])
+    written = load_features(out)
+    torch.testing.assert_close(written["features"], single["features"], rtol=1e-5, atol=1e-6)
+    assert written["__key__"] == single["__key__"]

@@ -1,0 +1,182 @@
+"""LM evaluation: perplexity (analytic and naive references), multiple choice (a bigram table
+with hand-computed log-likelihoods), task-file validation, samples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmssl.eval import lm
+from mmssl.eval.cli import main, run_task
+from mmssl.eval.data import iter_documents, shard_urls
+from mmssl.eval.loading import EvalError
+from mmssl.models.io import load_pretrained, save_pretrained
+
+
+class CharTokenizer:
+    """Characters ' ', a, b, c, x, newline -> ids 3..8; eos 1."""
+
+    chars = " abcx\n"
+    eos_id, vocab_size = 1, 9
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return [3 + self.chars.index(ch) for ch in text]
+
+
+def bigram_logits(table: torch.Tensor):
+    return lambda ids: table[ids]  # (B, T) -> (B, T, V): depends on the current token only
+
+
+def test_multiple_choice_hand_computed():
+    tok = CharTokenizer()
+    table = torch.zeros(9, 9)
+    space, a, b = 3, 4, 5
+    table[a, space] = 2.0  # after 'a' a space is likely
+    table[space, b] = 1.0  # after a space 'b' beats 'c'
+    logp = table.log_softmax(-1)
+    ll_b = lm.choice_loglik(bigram_logits(table), [tok.eos_id, a], [space, b], 32)
+    assert ll_b == pytest.approx(float(logp[a, space] + logp[space, b]))
+    items = [
+        {"context": "a", "choices": ["b", "c"], "answer": 0},
+        {"context": "xa", "choices": ["c", "b"], "answer": 1},
+        {"context": "a", "choices": ["b", "c"], "answer": 1},  # the model prefers b: wrong
+        {"context": "ca", "choices": ["x", "b", "c"], "answer": 1},
+    ]
+    for shots in (0, 2):  # a bigram ignores the in-context examples
+        res = lm.score_task(bigram_logits(table), tok, items, shots, 32)
+        assert res == {"acc": 0.75, "acc_norm": 0.75, "num_items": 4, "shots": shots}
+    with pytest.raises(EvalError, match="in-context examples need more"):
+        lm.score_task(bigram_logits(table), tok, items, 4, 32)
+
+
+def test_task_file_validation(tmp_path, capsys, tiny_model_dir):
+    bad = tmp_path / "task.jsonl"
+    bad.write_text(
+        json.dumps({"context": "a", "choices": ["b", "c"], "answer": 0})
+        + "\n"
+        + json.dumps({"context": "a", "choices": ["b", "c"], "answer": 2})
+        + "\n"
+    )
+    with pytest.raises(
+        EvalError, match=r"task.jsonl:2: answer index 2 is out of range for 2 choices"
+    ):
+        lm.load_task(str(bad))
+    assert (
+        main(["lm", "--model", tiny_model_dir, "--task", str(bad), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "out of range" in capsys.readouterr().err
+    for item, msg in (
+        ({"context": "a", "choices": ["b"], "answer": 0}, "at least 2"),
+        ({"context": "a", "choices": ["b", "c"]}, "missing answer"),
+        ({"context": "a", "choices": ["b", "c"], "answer": True}, "integer"),
+    ):
+        with pytest.raises(EvalError, match=msg):
+            lm.check_item(item, "x")
+
+
+def test_demo_task_is_valid_and_balanced():
+    items = lm.demo_task(40)
+    for i, it in enumerate(items):
+        lm.check_item(it, str(i))
+    assert sum(it["answer"] for it in items) not in (0, len(items))  # answers are shuffled
+
+
+@pytest.mark.slow
+def test_perplexity_of_a_zero_model_is_the_vocab_size(
+    tmp_path, tiny_model_dir, text_shards, tokenizer
+):
+    model = load_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.text.token_embed.weight.zero_()  # tied head: every logit 0 -> uniform
+    zero_dir = tmp_path / "zero"
+    save_pretrained(model, zero_dir, extra={"tokenizer": tokenizer.metadata})
+    res = run_task(
+        [
+            "lm",
+            "--model",
+            str(zero_dir),
+            "--data",
+            text_shards,
+            "--prompt",
+            "The",
+            "--max-new-tokens",
+            "3",
+            "--shots",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert res["perplexity"] == pytest.approx(tokenizer.vocab_size, rel=1e-4)
+    # the unigram of the scored text itself beats uniform
+    assert res["unigram_perplexity"] < tokenizer.vocab_size
+    assert len(res["samples"]) == 1 and res["samples"][0].startswith("The")
+
+
+@pytest.mark.slow
+def test_perplexity_matches_token_by_token(tiny_model_dir, text_shards, tokenizer):
+    model = load_pretrained(tiny_model_dir)
+    docs = list(iter_documents(shard_urls(text_shards)))
+    tokens = lm.token_stream(tokenizer, docs)
+    total, n, targets = lm.stream_nll(model.lm_logits, tokens, 32)
+    assert n == len(tokens) - math.ceil(len(tokens) / 33) and len(targets) == n
+    naive = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens), 33):
+            row = tokens[start : start + 33]
+            for t in range(1, len(row)):
+                logits = model.lm_logits(torch.tensor([row[:t]]))[0, -1]
+                naive -= float(logits.log_softmax(-1)[row[t]])
+    assert total == pytest.approx(naive, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_lm_task_end_to_end(tmp_path, tiny_model_dir, text_shards):
+    res = run_task(
+        [
+            "lm",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_shards,
+            "--train-data",
+            text_shards,
+            "--task",
+            "demo",
+            "--shots",
+            "0,1",
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert set(res["multiple_choice"]["demo"]) == {"0", "1"}
+    assert res["multiple_choice"]["demo"]["0"]["num_items"] == 6
+    assert res["unigram_fit_on"] == text_shards and len(res["samples"]) == len(lm.DEFAULT_PROMPTS)
+    assert "Perplexity" in (tmp_path / "summary.md").read_text()
+
+
+def test_batched_loglik_equals_one_at_a_time(tiny_model_dir):
+    model = load_pretrained(tiny_model_dir)
+    pairs = [
+        ([1, 5, 9], [7]),
+        ([1, 4], [3, 3, 8]),
+        ([1] + list(range(10, 50)), [6, 2]),
+    ]  # the last is cut
+    batched = lm.batch_loglik(model.lm_logits, pairs, 32)
+    with torch.no_grad():
+        for (prefix, cont), got in zip(pairs, batched):
+            ids = (prefix + cont)[-33:]
+            want = 0.0
+            for t in range(len(ids) - len(cont), len(ids)):
+                want += float(
+                    model.lm_logits(torch.tensor([ids[:t]]))[0, -1].log_softmax(-1)[ids[t]]
+                )
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-5)

@@ -1,0 +1,84 @@
+"""Metrics against hand-computed values on constructed scores."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmssl.eval import metrics
+
+
+def test_topk_hand_computed():
+    logits = torch.tensor(
+        [
+            [0.9, 0.05, 0.03, 0.02],  # label 0: rank 0
+            [0.1, 0.2, 0.6, 0.1],  # label 1: rank 1
+            [0.5, 0.1, 0.15, 0.25],  # label 2: rank 2
+            [0.4, 0.3, 0.2, 0.1],  # label 3: rank 3
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 3])
+    acc = metrics.topk_accuracy(logits, labels, (1, 2, 3, 5))
+    assert acc == {1: 0.25, 2: 0.5, 3: 0.75, 5: 1.0}
+
+
+def test_topk_ties_count_against_the_model():
+    logits = torch.zeros(4, 3)  # a collapsed model: every class scores the same
+    acc = metrics.topk_accuracy(logits, torch.tensor([0, 1, 2, 0]), (1, 3))
+    assert acc[1] == 0.0 and acc[3] == 1.0
+
+
+def test_topk_bad_labels():
+    with pytest.raises(ValueError, match="labels must be in"):
+        metrics.topk_accuracy(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+def test_confusion_and_per_class():
+    pred = torch.tensor([0, 0, 1, 2, 2, 2])
+    labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    cm = metrics.confusion_matrix(pred, labels, 4)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for t, p in zip(labels.tolist(), pred.tolist()):
+        expected[t, p] += 1
+    assert torch.equal(cm, expected)
+    per = metrics.per_class_accuracy(pred, labels, 4)
+    assert per[:3] == [0.5, 0.5, 1.0] and math.isnan(per[3])
+    assert metrics.mean_per_class_accuracy(pred, labels, 4) == pytest.approx(2 / 3)
+
+
+def test_recall_three_of_four():
+    # 4 queries x 4 items; the diagonal is the match; query 2 ranks its match second
+    emb = torch.eye(4)
+    queries = emb.clone()
+    queries[2] = torch.tensor([0.0, 0.9, 0.5, 0.0])
+    r = metrics.recall_at_k(queries @ emb.T, torch.eye(4, dtype=torch.bool), (1, 2, 5))
+    assert r == {1: 0.75, 2: 1.0, 5: 1.0}
+
+
+def test_recall_multiple_positives():
+    # query 0 has two positives; its best positive (item 2) is beaten by item 1 only
+    scores = torch.tensor([[0.1, 0.8, 0.5, 0.9], [0.9, 0.1, 0.2, 0.3]])
+    pos = torch.tensor([[True, False, True, False], [True, False, False, False]])
+    r = metrics.recall_at_k(scores, pos, (1, 2, 3))
+    # query 0: non-positives >= 0.5 are items 1 and 3 -> rank 2 -> miss at 1 and 2
+    assert r == {1: 0.5, 2: 0.5, 3: 1.0}
+    with pytest.raises(ValueError, match="at least one positive"):
+        metrics.recall_at_k(scores, torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_pair_positives():
+    pos = metrics.pair_positives(torch.arange(2), torch.tensor([0, 0, 1]))
+    assert pos.tolist() == [[True, True, False], [False, False, True]]
+
+
+def test_perplexity_and_unigram():
+    assert metrics.perplexity(4 * math.log(8), 4) == pytest.approx(8.0)
+    # counts (3, 1) with add-one: p = (4/6, 2/6); tokens [0, 1]: ppl = exp(-(ln 2/3 + ln 1/3) / 2)
+    ppl = metrics.unigram_perplexity(torch.tensor([3, 1]), torch.tensor([0, 1]))
+    assert ppl == pytest.approx(math.exp(-(math.log(2 / 3) + math.log(1 / 3)) / 2))
+    # uniform counts give the vocabulary size
+    assert metrics.unigram_perplexity(torch.ones(10), torch.arange(10)) == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        metrics.perplexity(1.0, 0)

@@ -1,0 +1,98 @@
+"""Few-shot and linear probes: classifiers on constructed features with hand-computed answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmssl.eval import classifiers, fewshot, linear
+from mmssl.eval.loading import EvalError
+
+
+def _angles(degrees: list[float]) -> torch.Tensor:
+    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in degrees])
+
+
+def test_prototype_three_of_four():
+    # class 0 around 0 deg, class 1 around 90 deg: prototypes at 0 and 90 deg
+    x = _angles([-10, 10, 80, 100])
+    y = torch.tensor([0, 0, 1, 1])
+    q = _angles([5, 30, 60, 50])  # 50 deg is nearer 90 -> wrong for label 0
+    pred = classifiers.prototype(x, y, q)
+    assert pred.tolist() == [0, 0, 1, 1]
+    truth = torch.tensor([0, 0, 1, 0])
+    assert (pred == truth).double().mean().item() == 0.75
+
+
+def test_knn_temperature_weighted_votes():
+    # one class-0 neighbour at 0 deg and two class-1 neighbours at 40 and 44 deg; query at 10 deg
+    x = _angles([0, 40, 44])
+    y = torch.tensor([0, 1, 1])
+    q = _angles([10])
+    sims = torch.cos(torch.deg2rad(torch.tensor([10.0, 30.0, 34.0])))
+    for t in (0.01, 1.0):
+        w = torch.exp(sims / t)
+        want = 0 if w[0] > w[1] + w[2] else 1
+        assert classifiers.knn(x, y, q, k=3, temperature=t).tolist() == [want]
+    # by hand: at t=0.01 the single closest neighbour dominates; at t=1 two votes beat one
+    assert classifiers.knn(x, y, q, k=3, temperature=0.01).item() == 0
+    assert classifiers.knn(x, y, q, k=3, temperature=1.0).item() == 1
+    assert classifiers.knn(x, y, q, k=1, temperature=1.0).item() == 0
+
+
+def test_logistic_separable():
+    x = _angles([0, 10, 20, 120, 130, 140, 240, 250, 260])
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    q = _angles([15, 125, 255, 5])
+    assert classifiers.logistic(x, y, q, weight_decay=1e-4).tolist() == [0, 1, 2, 0]
+    # a single-class support predicts that class
+    assert classifiers.logistic(x[:3], y[:3], q).tolist() == [0, 0, 0, 0]
+
+
+def test_sample_support_counts():
+    y = torch.tensor([0] * 5 + [1] * 2 + [2] * 9)
+    idx = fewshot.sample_support(y, 4, seed=3)
+    assert torch.bincount(y[idx]).tolist() == [4, 2, 4]
+    assert torch.equal(idx, fewshot.sample_support(y, 4, seed=3))
+    assert not torch.equal(idx, fewshot.sample_support(y, 4, seed=4))
+
+
+def test_fewshot_evaluate_hand_computed():
+    # every class is a tight cluster: any support draw classifies the 3 clean queries right and
+    # the one query placed on the wrong cluster wrong -> 0.75 for every method, k and seed
+    centers = [0, 120, 240]
+    x = _angles([c + d for c in centers for d in (-3, -1, 1, 3)])
+    y = torch.tensor([i for i in range(3) for _ in range(4)])
+    q = _angles([2, 118, 241, 239])
+    qy = torch.tensor([0, 1, 2, 0])
+    res = fewshot.evaluate(x, y, q, qy, shots=(1, 2), seeds=(0, 1, 2), knn_k=3)
+    for m in fewshot.METHODS:
+        for k in (1, 2):
+            assert res[m][k]["runs"] == [0.75, 0.75, 0.75]
+            assert res[m][k]["std"] == 0.0
+    with pytest.raises(EvalError, match="unknown few-shot method"):
+        fewshot.evaluate(x, y, q, qy, methods=("svm",))
+
+
+def test_stratified_split():
+    y = torch.tensor([0] * 10 + [1] * 5)
+    tr, va = linear.stratified_split(y, 0.2, seed=0)
+    assert torch.bincount(y[va]).tolist() == [2, 1]
+    assert sorted(tr.tolist() + va.tolist()) == list(range(15))
+
+
+def test_linear_sweep_picks_a_decay_and_scores_test():
+    g = torch.Generator().manual_seed(0)
+    centers = _angles([0, 120, 240])
+    y = torch.arange(3).repeat(20)
+    x = centers[y] + 0.05 * torch.randn(60, 2, generator=g)
+    qy = torch.tensor([0, 1, 2, 1])
+    q = centers[torch.tensor([0, 1, 2, 0])]  # the last query sits on the wrong class
+    res = linear.sweep(x, y, q, qy, decays=(1e-4, 1e-2, 10.0))
+    assert res["top1"] == 0.75
+    assert res["weight_decay"] in (1e-4, 1e-2, 10.0)
+    assert res["val_top1"][str(res["weight_decay"])] == max(res["val_top1"].values())
+    with pytest.raises(EvalError, match="at least two classes"):
+        linear.sweep(x[y == 0], y[y == 0], q, qy)
