@@ -5,7 +5,10 @@
 Measured in one process with one thread (a DataLoader worker's budget) as samples per
 CPU-second of this process (`time.process_time`), so other jobs on a shared machine do
 not skew the ratios; on an idle core that equals samples/s.  Methods:
-- decode only (the ceiling): mmssl's reader + image decode + collate, no augmentation;
+- decode only (the ceiling): the same tar reader (`iter_shard`) and image decoder
+  (`decode_image`) as mmssl, then stacking the batch to float in [0, 1]; no shuffle
+  buffer, no caption decode, no augmentation.  A faster reader or decoder speeds up both
+  sides, so it lowers the ratio; the ratio prices the views + descriptors + streaming;
 - mmssl: decode + 2 views + v1 descriptors (`build_pipeline`, hue_mode hsv and yiq);
 - webdataset + torchvision: `wds.WebDataset(...).decode("pil")` with the SimCLR/BYOL
   torchvision transforms (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
@@ -152,7 +155,7 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int) -> None:
     print(
         f"\n{name}: {n} samples x best of {rounds} rounds, batch {BATCH}, 1 thread, samples per CPU-second"
     )
-    print(f"  decode only (ceiling)        {dec:9.0f} samples/s")
+    print(f"  decode only (ceiling)        {dec:9.0f} samples/s  (same reader + decoder, no views)")
     for label, v in (("hsv", hsv), ("yiq", yiq)):
         print(
             f"  mmssl 2 views + desc ({label})   {v:9.0f} samples/s  {v / dec:5.2f}x decode  "
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["demo", "jpeg"], default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
         demo = args.demo or os.path.join(tmp, "demo")
         if not os.path.isfile(os.path.join(demo, "digits", "manifest.json")):
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             pattern = synthetic_jpegs(os.path.join(tmp, "syn"), 256, args.size)
             n = max(256, args.samples // 8)
             run(f"synthetic {args.size} px JPEG", pattern, n, args.size, args.rounds)
+    print(f"load average at end: {os.getloadavg()[0]:.2f} (1 min)")
     return 0
 
 

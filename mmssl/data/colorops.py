@@ -29,24 +29,30 @@ def yiq_hue_matrix(shift: float | np.ndarray) -> np.ndarray:
 def hsv_shift(x: Tensor, shift: Tensor) -> Tensor:
     """Exact hue shift: x (N, 3, H, W) in [0, 1], shift (N,) fractions of a turn -> same shape.
 
-    Same maths as torchvision's `adjust_hue` (RGB -> HSV, h += shift mod 1, back), in a
-    closed form for HSV -> RGB that needs no six-way select.
+    Same maths as torchvision's `adjust_hue` (RGB -> HSV, h += shift mod 1, back), written
+    with arithmetic only: on CPU, comparisons, bool masks and `where` cost 4-40x an add, so
+    "channel c is the max" is `1 - sign(max - c)` and HSV -> RGB is a triangle wave of hue.
     """
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    chroma = maxc - minc
-    flat = chroma == 0
-    safe = torch.where(flat, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(flat, torch.zeros_like(h), h) / 6.0
-    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0) * 6.0
-    vs = chroma  # v * s
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(h + n, 6.0)
-        out.append(maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(out, dim=1)
+    maxc = x.amax(1)  # (N, H, W)
+    chroma = maxc - x.amin(1)
+    dr, dg, db = maxc - r, maxc - g, maxc - b
+    not_r = torch.sign(dr)  # 0 where red is the max: torchvision's tie order is r, g, b
+    is_b = torch.sign(dg).mul_(not_r)
+    # hue in sextants times chroma: (g-b), 2C+(b-r) or 4C+(r-g) when r, g or b is the max
+    h_r = db - dg
+    h_g = torch.sub(dr, db).add_(chroma, alpha=2.0)
+    h_b = torch.sub(dg, dr).add_(chroma, alpha=4.0)
+    h_b.sub_(h_g)
+    h = h_r.addcmul_(not_r, h_g.sub_(h_r)).addcmul_(is_b, h_b)
+    h.div_(chroma.clamp_min(1e-30)).add_(shift.view(-1, 1, 1), alpha=6.0)
+    h.sub_(torch.floor(h * (1.0 / 6.0)), alpha=6.0)  # (N, H, W) in [0, 6)
+    # channel = max - chroma * clamp(2 - d, 0, 1), d the distance of h from the channel's
+    # opposite hue (3, 5, 1) on the 6-circle: 3 - ||u - 3| - 3| for u in [-3, 9]
+    out = torch.empty_like(x)
+    t = (h - 3.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    torch.addcmul(maxc, chroma, t, value=-1.0, out=out[:, 0])
+    for c, centre in ((1, 5.0), (2, 1.0)):
+        t = (h - centre).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+        torch.addcmul(maxc, chroma, t, value=-1.0, out=out[:, c])
+    return out

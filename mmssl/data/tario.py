@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import IO
 
@@ -73,29 +73,156 @@ class _Pipe:
         return None
 
 
-class _EofWatch:
-    """A read-only stream that remembers whether the data ran out (a read returned b"").
-
-    tarfile ends a stream quietly when a header is missing, so a tar cut at a block
-    boundary would look complete; a complete archive ends with zero blocks before EOF.
-    """
-
-    def __init__(self, raw: IO[bytes] | _Pipe) -> None:
-        self.raw = raw
-        self.eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if not data and n != 0:
-            self.eof = True
-        return data
-
-
 def split_name(name: str) -> tuple[str, str]:
     """`dir/000123.seg.png` -> (`dir/000123`, `seg.png`), the webdataset key convention."""
     head, base = os.path.split(name)
     stem, _, ext = base.partition(".")
     return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+_BLOCK = 512
+_ZEROS = bytes(_BLOCK)  # an end-of-archive block
+_FILE_TYPES = b"07\x00"  # regular (new and old style), contiguous
+_NO_DATA_TYPES = b"123456"  # hard link, symlink, char, block, directory, fifo: no data blocks
+_ENC = "utf-8"  # tarfile's default name encoding on POSIX, with surrogateescape
+
+
+class TarDamage(Exception):
+    """The archive cannot be read on from here; `start` tells whether it failed at byte 0."""
+
+    def __init__(self, detail: str, start: bool = False) -> None:
+        super().__init__(detail)
+        self.start = start
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: NUL/space padded octal, or GNU base-256 (first byte 0x80/0xff)."""
+    if field[0] in (0x80, 0xFF):
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else n
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _checksum_ok(buf: bytes, stored: int) -> bool:
+    """POSIX header checksum (the chksum field counted as spaces), unsigned or signed.
+
+    adler32's low half is (1 + byte sum) mod 65521, a byte sum at C speed; an ASCII
+    header sums to at most 512 * 127 < 65521, so for those it is exact.
+    """
+    field = sum(buf[148:156])
+    if buf.isascii():
+        return (zlib.adler32(buf) & 0xFFFF) - 1 - field + 256 == stored
+    unsigned = sum(buf) - field + 256
+    signed = unsigned - 256 * sum(1 for b in buf[:148] + buf[156:] if b > 127)
+    return stored in (unsigned, signed)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """pax extended header records `LEN key=value\\n` -> {key: value}."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError("bad pax record length")
+        key, eq, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not eq:
+            raise ValueError("pax record without '='")
+        out[key.decode(_ENC, "surrogateescape")] = value.decode(_ENC, "surrogateescape")
+        pos += length
+    return out
+
+
+class TarReader:
+    """Member-by-member walk of an uncompressed tar stream (ustar, GNU and pax headers).
+
+    Replaces `tarfile`'s stream mode, which costs more than decoding a small image per
+    member and keeps every member's TarInfo; only what sample grouping needs is parsed.
+    `next()` returns (name, data size, is_file) or None at the end-of-archive block and
+    raises TarDamage where tarfile would stop (bad or cut header, data cut short).
+    """
+
+    def __init__(self, stream: IO[bytes] | _Pipe, seekable: bool) -> None:
+        self.read = stream.read
+        self.seek = stream.seek if seekable else None  # type: ignore[union-attr]
+        self.pos = 0
+        self.pending = 0  # data + padding of the current member not yet consumed
+        self.pax_global: dict[str, str] = {}
+
+    def _exact(self, n: int, what: str) -> bytes:
+        data = self.read(n)
+        self.pos += len(data)
+        if len(data) != n:
+            raise TarDamage(f"{what} cut short at byte {self.pos}")
+        return data
+
+    def _block_data(self, size: int) -> bytes:
+        data = self._exact(size + (-size % _BLOCK), "member data")
+        return data[:size]
+
+    def skip_data(self) -> None:
+        """Move past the current member's data without reading it (seek when possible)."""
+        n, self.pending = self.pending, 0
+        if n and self.seek is not None:
+            self.seek(n - 1, 1)
+            self.pos += n - 1
+            self._exact(1, "member data")  # seeking past the end does not fail by itself
+        elif n:
+            self._exact(n, "member data")
+
+    def data(self, size: int) -> bytes:
+        self.pending = 0
+        return self._block_data(size)
+
+    def next(self) -> tuple[str, int, bool] | None:
+        if self.pending:
+            self.skip_data()
+        name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            start = self.pos
+            buf = self.read(_BLOCK)
+            self.pos += len(buf)
+            if len(buf) != _BLOCK:
+                if not buf:
+                    raise TarDamage("the data ends without the end-of-archive block", start == 0)
+                raise TarDamage(f"header cut short at byte {self.pos}", start == 0)
+            if buf == _ZEROS:
+                return None
+            try:
+                stored = _number(buf[148:156])
+                size = _number(buf[124:136])
+            except ValueError:
+                raise TarDamage(f"invalid header at byte {start}", start == 0) from None
+            if size < 0 or not _checksum_ok(buf, stored):
+                raise TarDamage(f"invalid header at byte {start}", start == 0)
+            kind = buf[156:157]
+            if kind in (b"L", b"K", b"x", b"g"):  # metadata for the member that follows
+                body = self._block_data(size)
+                if kind == b"L":
+                    name = body.split(b"\0", 1)[0].decode(_ENC, "surrogateescape")
+                elif kind in (b"x", b"g"):
+                    try:
+                        records = _pax_records(body)
+                    except ValueError:
+                        raise TarDamage(f"invalid pax header at byte {start}") from None
+                    (pax if kind == b"x" else self.pax_global).update(records)
+                continue
+            if name is None:
+                name = buf[:100].split(b"\0", 1)[0].decode(_ENC, "surrogateescape")
+                prefix = buf[345:500].split(b"\0", 1)[0]
+                if prefix and buf[257:265] == b"ustar\x0000":
+                    name = prefix.decode(_ENC, "surrogateescape") + "/" + name
+            info = {**self.pax_global, **pax}
+            name = info.get("path", name)
+            if "size" in info:
+                size = int(info["size"])
+            if kind == b"S":
+                raise TarDamage(f"GNU sparse member {name!r} is not supported")
+            is_file = kind in _FILE_TYPES and not (kind == b"\x00" and name.endswith("/"))
+            self.pending = 0 if kind in _NO_DATA_TYPES else size + (-size % _BLOCK)
+            return name, size, is_file
 
 
 def iter_shard(
@@ -104,8 +231,9 @@ def iter_shard(
     """Yield (key, {ext: bytes}) samples of one shard, after skipping the first `skip`.
 
     Tar-level damage is counted, not raised: a truncated or corrupt tar ends the shard
-    (its complete samples are kept), a failing `pipe:` command and an empty shard are
-    counted too.
+    (its complete samples are kept; a sample is complete once the next key's header or
+    the end-of-archive block has been read), a failing `pipe:` command and an empty
+    shard are counted too.  Skipped samples' data is seeked over, not read.
     """
     pipe: _Pipe | None = None
     try:
@@ -114,7 +242,7 @@ def iter_shard(
             pipe = _Pipe(url[5:])
             stream = pipe
         else:
-            stream = open(url, "rb")  # noqa: SIM115 -- closed in finally
+            stream = open(url, "rb", buffering=1 << 16)  # noqa: SIM115 -- closed in finally
     except OSError as err:
         counter.add("missing_shard", url, str(err))
         return
@@ -122,38 +250,35 @@ def iter_shard(
     problem: tuple[str, str] | None = None  # counted once the shard is closed
     finished = False
     try:
-        try:
-            watch = _EofWatch(stream)
-            tf = tarfile.open(fileobj=watch, mode="r|")  # type: ignore[call-overload]
-        except tarfile.ReadError as err:
-            empty = pipe is None and os.path.getsize(url) == 0
-            problem = ("empty_shard", "") if empty else ("bad_tar", str(err))
-            finished = True
-            return
+        tar = TarReader(stream, seekable=pipe is None)
         key: str | None = None
         files: dict[str, bytes] = {}
         try:
-            for member in tf:
-                if not member.isfile():
+            while (member := tar.next()) is not None:
+                name, size, is_file = member
+                if not is_file:
                     continue
-                k, ext = split_name(member.name)
+                k, ext = split_name(name)
                 if not ext or os.path.basename(k).startswith("."):
                     continue
-                data = tf.extractfile(member).read()  # type: ignore[union-attr]
                 if k != key:
                     if key is not None:
                         if n >= skip:
                             yield key, files
                         n += 1
                     key, files = k, {}
-                files[ext] = data
-        except (tarfile.TarError, EOFError, OSError) as err:
-            # the sample being read when the data ended is incomplete: drop it
-            problem = ("truncated_tar", str(err))
+                if n >= skip:
+                    files[ext] = tar.data(size)
+        except TarDamage as err:
+            key = None  # the sample being read may be incomplete: drop it
+            if err.start:
+                empty = str(err).startswith("the data ends") and pipe is None
+                problem = ("empty_shard", "") if empty else ("bad_tar", str(err))
+            else:
+                problem = ("truncated_tar", str(err))
+        except OSError as err:
             key = None
-        if problem is None and watch.eof and n > 0:
-            problem = ("truncated_tar", "the data ends without the end-of-archive blocks")
-            key = None  # its last member may be missing: drop that sample
+            problem = ("truncated_tar", str(err))
         if key is not None:
             if n >= skip:
                 yield key, files

@@ -39,13 +39,20 @@ class VisionConfig:
     patch_bias: bool = True
     class_token: bool = True
     # learned: an absolute table; sincos: fixed 2-D; rope: 2-D rotary in attention (relative
-    # positions, so the token grid is shift-equivariant); none.
+    # positions; with `attn_window` the token grid is then exactly shift-equivariant); none.
     pos_embed: Literal["learned", "sincos", "rope", "none"] = "learned"
     pre_norm: bool = False  # a norm before the blocks (OpenAI CLIP's ln_pre)
     pool: Literal["token", "mean"] = "token"
     cond_dim: int | None = None  # adaLN-Zero conditioning of the blocks; None = unconditioned
     cond_depth: int | None = None  # condition only the top k blocks; None = all
     cond_tokens: int = 0  # condition tokens prepended to the patch tokens (needs `condition`)
+    # Local attention: a patch token attends only to the patch tokens within this grid
+    # (Chebyshev) distance.  With rope and no absolute table, the patch tokens farther than
+    # depth * attn_window from the border are then exactly equivariant to whole-patch shifts
+    # (global attention is not: every token sees the border).  Prefix tokens (class token,
+    # cond_tokens) attend to everything, but patch tokens never attend to them, so they stay
+    # readers.  None = global attention.
+    attn_window: int | None = None
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +62,13 @@ class VisionConfig:
             )
         if self.pool == "token" and not self.class_token:
             raise ValueError("pool='token' needs class_token=true")
+        if self.attn_window is not None and self.attn_window < 0:
+            raise ValueError(f"attn_window must be >= 0 or null, got {self.attn_window}")
+        if self.attn_window is not None and self.cond_tokens and self.pool == "mean":
+            raise ValueError(
+                "attn_window with cond_tokens and pool='mean': patch tokens never attend to the "
+                "prefix, so the condition tokens would have no effect"
+            )
         _check_positive(self, ["image_size", "patch_size", "in_chans", "dim", "depth", "num_heads"])
 
 

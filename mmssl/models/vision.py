@@ -12,6 +12,28 @@ from mmssl.models.trunk import build_trunk
 from mmssl.nn import Norm, PatchEmbed, RotaryEmbedding, Transformer, sincos_2d
 
 
+def local_window_mask(
+    grid_h: int, grid_w: int, window: int, num_prefix: int, device: torch.device
+) -> torch.Tensor:
+    """Bool attention mask (P + N, P + N), True = may attend, for `VisionConfig.attn_window`.
+
+    Patch rows see the patches within Chebyshev distance `window` on the (grid_h, grid_w)
+    grid and no prefix token (an unrotated prefix key would give a rope query an absolute
+    position); prefix rows see everything.  The patch block depends only on grid offsets, so
+    it is translation-invariant.
+    """
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij"
+    )
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None]).abs() <= window) & ((xs[:, None] - xs[None]).abs() <= window)
+    n = num_prefix + grid_h * grid_w
+    mask = torch.ones(n, n, dtype=torch.bool, device=device)
+    mask[num_prefix:, :num_prefix] = False
+    mask[num_prefix:, num_prefix:] = near
+    return mask
+
+
 class VisionEncoder(nn.Module):
     """A ViT.  images (B, C, H, W) -> `forward_features` {pooled (B, D), tokens (B, N, D)}.
 
@@ -61,6 +83,7 @@ class VisionEncoder(nn.Module):
         )
         self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
         self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
+        self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
     def _abs_pos(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
         """The absolute position table for a grid, (1, P + N, D), resampled if the grid differs."""
@@ -86,6 +109,19 @@ class VisionEncoder(nn.Module):
         )
         return self.rope(torch.stack([ys.flatten(), xs.flatten()], dim=1))
 
+    def _attn_mask(
+        self, grid_h: int, grid_w: int, num_prefix: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """The local-window mask (P + N, P + N) of `cfg.attn_window`, built once per grid."""
+        if self.cfg.attn_window is None:
+            return None
+        key = (grid_h, grid_w, num_prefix, device)
+        if key not in self._masks:
+            self._masks[key] = local_window_mask(
+                grid_h, grid_w, self.cfg.attn_window, num_prefix, device
+            )
+        return self._masks[key]
+
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -104,7 +140,13 @@ class VisionEncoder(nn.Module):
             x = torch.cat([x[:, : self.num_prefix], prefix, x[:, self.num_prefix :]], dim=1)
             num_prefix += prefix.shape[1]
         x = self.norm_pre(x)
-        x = self.trunk(x, cond, is_causal=False, rope=self._rope(grid_h, grid_w, x.device))
+        x = self.trunk(
+            x,
+            cond,
+            is_causal=False,
+            attn_mask=self._attn_mask(grid_h, grid_w, num_prefix, x.device),
+            rope=self._rope(grid_h, grid_w, x.device),
+        )
         x = self.norm(x)  # (B, P + N, D)
         tokens = x[:, num_prefix:]
         pooled = x[:, 0] if self.cfg.pool == "token" else tokens.mean(dim=1)

@@ -1,7 +1,8 @@
 """Position embeddings: learned tables (in the towers), fixed 2-D sin-cos, and rotary (1-D/2-D).
 
-Rotary positions enter attention as relative offsets, so a ViT with rotary (and no
-absolute table) keeps its patch-token grid equivariant to whole-patch shifts.
+Rotary positions enter attention as relative offsets.  That alone does not make a ViT's
+token grid shift-equivariant (under global attention every token sees the border); with a
+local attention window as well (`VisionConfig.attn_window`) it is, away from the border.
 """
 
 from __future__ import annotations

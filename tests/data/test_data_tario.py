@@ -1,0 +1,142 @@
+"""The tar reader (`iter_shard`) against the standard library's `tarfile` on the same bytes:
+normal shards in GNU, pax and ustar formats, truncated at every block, damaged and empty."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from data_helpers import write_image_shards
+
+from mmssl.data.errors import SkipCounter
+from mmssl.data.tario import expand_urls, iter_shard, split_name
+
+
+def _reference(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[int]]:
+    """tarfile's view: samples, and for each the byte offset from which it is complete.
+
+    A sample is complete once the header (chain) of the next sample's first member is read,
+    or, for the last one, the end-of-archive block.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    starts: list[int] = []  # offset_data of each sample's first member
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            k, ext = split_name(m.name)
+            if not m.isfile() or not ext or os.path.basename(k).startswith("."):
+                continue
+            if not samples or samples[-1][0] != k:
+                samples.append((k, {}))
+                starts.append(m.offset_data)
+            samples[-1][1][ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+        end = tf.offset + 512  # tarfile stops at the first end-of-archive block
+    return samples, starts[1:] + [end]
+
+
+def _read(url: str, skip: int = 0) -> tuple[list[tuple[str, dict[str, bytes]]], dict[str, int]]:
+    counter = SkipCounter()
+    return list(iter_shard(url, counter, skip=skip)), counter.counts
+
+
+def _odd_archive(path: str, fmt: int) -> None:
+    """Long and non-ASCII names, directories, links, hidden and extension-less files,
+    members of 0 and of non-block-multiple sizes, several members per key."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=fmt) as tf:
+
+        def add(name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "elsewhere"
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+
+        add("top", kind=tarfile.DIRTYPE)
+        for i in range(7):
+            stem = f"top/{'deep/' * (i * 9)}s{i:03d}" if i % 2 else f"top/s{i:03d}é"
+            add(f"{stem}.jpg", rng.bytes(int(rng.integers(0, 2000))))
+            add(f"{stem}.txt", f"caption {i}".encode())
+            if i == 3:
+                add(f"{stem}.link", kind=tarfile.SYMTYPE)
+                add("top/.hidden.txt", b"not a sample")
+                add("top/noext", b"not a sample either")
+            add(f"{stem}.seg.PNG", bytes(512 * (i % 3)))
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    d = tmp_path_factory.mktemp("tario")
+    paths = expand_urls(write_image_shards(str(d / "w"), shards=1, per_shard=9))
+    for name, fmt in [("gnu", tarfile.GNU_FORMAT), ("pax", tarfile.PAX_FORMAT)]:
+        _odd_archive(str(d / f"{name}.tar"), fmt)
+        paths.append(str(d / f"{name}.tar"))
+    with tarfile.open(d / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(3):  # 100 < len(name) <= 255: the name goes into the ustar prefix
+            info = tarfile.TarInfo(f"{'d' * 60}/{'e' * 50}/k{i}.txt")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    paths.append(str(d / "ustar.tar"))
+    return paths
+
+
+def test_agrees_with_tarfile(archives):
+    for path in archives:
+        ref, _ = _reference(path)
+        got, skipped = _read(path)
+        assert got == ref, path
+        assert skipped == {}
+        assert len(ref) >= 3
+        for skip in (1, len(ref) - 1, len(ref) + 2):
+            assert _read(path, skip)[0] == ref[skip:]
+        assert _read(f"pipe:cat {path}")[0] == ref
+
+
+def test_truncated_at_every_block_keeps_exactly_the_complete_samples(archives, tmp_path):
+    for path in archives:
+        data = open(path, "rb").read()
+        ref, complete_at = _reference(path)
+        cuts = sorted(set(range(512, complete_at[-1] + 1, 512)) | {700, 1500, len(data) - 1})
+        for cut in cuts:
+            part = tmp_path / "cut.tar"
+            part.write_bytes(data[:cut])
+            j = sum(1 for c in complete_at if c <= cut)
+            got, skipped = _read(str(part))
+            assert got == ref[:j], (path, cut)
+            if cut < complete_at[-1]:
+                kind = "bad_tar" if cut < 512 else "truncated_tar"
+                assert skipped == {kind: 1}, (path, cut)
+            else:
+                assert skipped == {}
+            if j >= 2:  # skipped samples are seeked over, the damage is still found
+                assert _read(str(part), skip=1) == (ref[1:j], skipped)
+
+
+def test_damaged_header_ends_the_shard_and_is_counted(archives, tmp_path):
+    path = archives[0]
+    ref, complete_at = _reference(path)
+    data = bytearray(open(path, "rb").read())
+    header = complete_at[2] - 512  # first header of sample 3
+    data[header + 10] ^= 0xFF  # the checksum no longer matches
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    got, skipped = _read(str(bad))
+    # tarfile stops here silently; the reader counts it and drops the unfinished sample
+    assert got == ref[:2] and skipped == {"truncated_tar": 1}
+
+
+def test_empty_random_and_end_blocks_only(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    assert _read(str(tmp_path / "empty.tar")) == ([], {"empty_shard": 1})
+    (tmp_path / "zeros.tar").write_bytes(bytes(10240))
+    assert _read(str(tmp_path / "zeros.tar")) == ([], {"empty_shard": 1})
+    with tarfile.open(tmp_path / "none.tar", "w"):
+        pass
+    assert _read(str(tmp_path / "none.tar")) == ([], {"empty_shard": 1})
+    (tmp_path / "noise.tar").write_bytes(np.random.default_rng(0).bytes(4096))
+    assert _read(str(tmp_path / "noise.tar")) == ([], {"bad_tar": 1})
+    assert _read(str(tmp_path / "missing.tar"))[1] == {"missing_shard": 1}
