@@ -1,0 +1,165 @@
+"""CLIP training step: mmssl vs open_clip ViT-B-32 on the same weights.
+
+    python bench/bench_clip.py [--batch 16] [--compile] [--quick]
+
+One step = encode 224 px images and 77-token texts, the symmetric InfoNCE loss with the
+learnable logit scale (open_clip's `ClipLoss` / mmssl's `clip_loss`), backward, AdamW (as
+open_clip's training script builds it: torch AdamW, no decay for gains and biases).
+Texts are random tokens ending in the end-of-text id (the largest id, which open_clip pools
+at) and zero-padded; mmssl gets `text_mask = text != 0`.  Paths: see bench/bench_vit.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.base_parser(__doc__)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--model", default="ViT-B-32")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.rounds = max(2, args.batch // 4), args.rounds or 2
+    if args.batch < 2:
+        print("error: --batch must be >= 2 (a contrastive loss needs negatives)", file=sys.stderr)
+        return 2
+    threads = common.set_threads(args.threads)
+    import open_clip
+    from open_clip.loss import ClipLoss as PeerClipLoss
+
+    from mmssl.interop import load_open_clip
+    from mmssl.nn.compile import compile_blocks
+    from mmssl.objectives import clip_loss
+
+    peaks = common.measure_peaks(args.quick)
+    torch.manual_seed(0)
+    peer = open_clip.create_model(args.model, pretrained=None).train()
+    ours = load_open_clip(peer).train()
+    size = peer.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    ctx, vocab = peer.context_length, peer.vocab_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, size, size, generator=g)
+    lengths = torch.randint(5, ctx, (args.batch,), generator=g)
+    text = torch.randint(1, vocab - 1, (args.batch, ctx), generator=g)
+    pos = torch.arange(ctx)[None]
+    text = torch.where(pos == lengths[:, None], vocab - 1, text)
+    text = torch.where(pos > lengths[:, None], 0, text)
+    mask = text != 0
+    with torch.no_grad():
+        pi, pt, _ = peer(images, text)
+        oi, ot = ours(images, text, mask)
+        diff = max(float((pi - oi).abs().max()), float((pt - ot).abs().max()))
+    print(f"same weights: max |embedding difference| {diff:.2e}")
+    peer_criterion = PeerClipLoss()
+
+    def peer_loss() -> torch.Tensor:
+        img, txt, scale = peer(images, text)
+        return peer_criterion(img, txt, scale)
+
+    def make_ours_loss(model: torch.nn.Module):
+        def loss() -> torch.Tensor:
+            img, txt = model(images, text, mask)
+            return clip_loss(img, txt, model.logit_scale.exp())
+
+        return loss
+
+    ours_loss = make_ours_loss(ours)
+    peer_opt = common.adamw(peer, "default", lr=5e-4, wd=0.2)
+    Run = common.Run
+    runs = [
+        Run("open_clip fp32", "peer", "float32", common.train_step(peer_loss, peer_opt), "fp32"),
+        Run(
+            "mmssl fp32 (same AdamW)",
+            "mmssl",
+            "float32",
+            common.train_step(ours_loss, common.adamw(ours, "default", 5e-4, 0.2)),
+            "fp32",
+        ),
+        Run(
+            "mmssl fp32 fused AdamW",
+            "mmssl",
+            "float32",
+            common.train_step(ours_loss, common.adamw(ours, "fused", 5e-4, 0.2)),
+        ),
+    ]
+    flops = common.count_flops(lambda: ours_loss().backward())
+    ours.zero_grad(set_to_none=True)
+    skip = common.bf16_skip_reason(args, peaks, flops)
+    bf16_runs = [
+        Run(
+            "open_clip bf16 autocast",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True),
+            skipped=skip,
+        ),
+        Run(
+            "mmssl bf16 autocast fused AdamW",
+            "mmssl",
+            "bfloat16",
+            common.train_step(ours_loss, common.adamw(ours, "fused", 5e-4, 0.2), True),
+            skipped=skip,
+        ),
+    ]
+    runs += bf16_runs
+    if not skip:
+        ours_bf16 = copy.deepcopy(ours)
+        master = common.Bf16Master(ours_bf16, 5e-4, 0.2)
+        images_bf16 = images.bfloat16()
+
+        def bf16_loss() -> torch.Tensor:
+            img, txt = ours_bf16(images_bf16, text, mask)
+            return clip_loss(img.float(), txt.float(), ours_bf16.logit_scale.float().exp())
+
+        runs.append(
+            Run("mmssl bf16 weights + fp32 master", "mmssl", "bfloat16", master.step_fn(bf16_loss))
+        )
+    if args.compile and not args.quick:
+        compiled = copy.deepcopy(ours)
+        compile_blocks(compiled)
+        runs.append(
+            Run(
+                "mmssl fp32 fused AdamW compiled",
+                "mmssl",
+                "float32",
+                common.train_step(
+                    make_ours_loss(compiled), common.adamw(compiled, "fused", 5e-4, 0.2)
+                ),
+            )
+        )
+    print(f"torch threads {threads}; timing {sum(not r.skipped for r in runs)} paths", flush=True)
+    rounds = common.alternate(runs, args.rounds, args.budget, 2 if args.quick else 3, peaks)
+    config = {
+        "model": args.model,
+        "image_size": size,
+        "context_length": ctx,
+        "batch": args.batch,
+        "optimizer": "AdamW lr 5e-4 wd 0.2",
+        "threads": threads,
+    }
+    record = common.summarize(
+        "CLIP training step vs open_clip",
+        config,
+        runs,
+        flops,
+        peaks,
+        rounds,
+        ("pairs/s", args.batch),
+    )
+    record["command"] = "python bench/bench_clip.py " + " ".join(argv or sys.argv[1:])
+    common.write_json(record, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""ViT training step: mmssl vs timm `vit_small_patch16_224` on the same weights.
+
+    python bench/bench_vit.py [--batch 32] [--image-size 112] [--compile] [--quick]
+
+One step = forward of the ViT-S/16 with timm's 1000-class head (copied onto mmssl's pooled
+features), cross-entropy, backward, AdamW.  Paths (see bench/common.py for the method):
+- fp32, same configuration: timm with the optimizer timm's `create_optimizer_v2('adamw')`
+  builds (torch AdamW, per-parameter loop on CPU) vs mmssl with the same optimizer;
+- best paths: timm bf16 autocast; mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with
+  fp32 master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16
+  matmuls are fast (--bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.base_parser(__doc__)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--model", default="vit_small_patch16_224")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.rounds = max(1, args.batch // 4), args.rounds or 2
+    if args.batch < 1 or args.image_size % 16:
+        print("error: --batch must be >= 1 and --image-size a multiple of 16", file=sys.stderr)
+        return 2
+    threads = common.set_threads(args.threads)
+    import timm
+    import timm.optim
+
+    from mmssl.interop import load_timm_vit
+    from mmssl.nn.compile import compile_blocks
+
+    peaks = common.measure_peaks(args.quick)
+    torch.manual_seed(0)
+    peer = timm.create_model(args.model, img_size=args.image_size, pretrained=False).train()
+    ours = load_timm_vit(peer).train()
+    head = torch.nn.Linear(peer.head.in_features, peer.head.out_features)
+    head.load_state_dict(peer.head.state_dict())
+    ours.add_module("bench_head", head)  # the same classifier, so both sides do the same work
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+    labels = torch.randint(0, head.out_features, (args.batch,), generator=g)
+    with torch.no_grad():
+        diff = (peer(images) - head(ours.forward_features(images)["pooled"])).abs().max()
+    print(f"same weights: max |logit difference| {float(diff):.2e}")
+
+    def peer_loss(model: torch.nn.Module = peer) -> torch.Tensor:
+        return F.cross_entropy(model(images), labels)
+
+    def ours_loss(model: torch.nn.Module = ours) -> torch.Tensor:
+        return F.cross_entropy(model.bench_head(model.forward_features(images)["pooled"]), labels)
+
+    peer_opt = timm.optim.create_optimizer_v2(peer, "adamw", lr=1e-4, weight_decay=0.05)
+    Run = common.Run
+    runs = [
+        Run("timm fp32", "peer", "float32", common.train_step(peer_loss, peer_opt), "fp32"),
+        Run(
+            "mmssl fp32 (same AdamW)",
+            "mmssl",
+            "float32",
+            common.train_step(ours_loss, common.adamw(ours, "default")),
+            "fp32",
+        ),
+        Run(
+            "mmssl fp32 fused AdamW",
+            "mmssl",
+            "float32",
+            common.train_step(ours_loss, common.adamw(ours, "fused")),
+        ),
+    ]
+    flops = common.count_flops(lambda: ours_loss().backward())
+    ours.zero_grad(set_to_none=True)
+    skip = common.bf16_skip_reason(args, peaks, flops)
+    runs.append(
+        Run("timm bf16 autocast", "peer", "bfloat16", common.train_step(peer_loss, peer_opt, True))
+    )
+    runs.append(
+        Run(
+            "mmssl bf16 autocast fused AdamW",
+            "mmssl",
+            "bfloat16",
+            common.train_step(ours_loss, common.adamw(ours, "fused"), True),
+        )
+    )
+    if not skip:
+        ours_bf16 = copy.deepcopy(ours)
+        master = common.Bf16Master(ours_bf16)
+        images_bf16 = images.bfloat16()
+        runs.append(
+            Run(
+                "mmssl bf16 weights + fp32 master",
+                "mmssl",
+                "bfloat16",
+                master.step_fn(
+                    lambda: F.cross_entropy(
+                        ours_bf16.bench_head(ours_bf16.forward_features(images_bf16)["pooled"]),
+                        labels,
+                    )
+                ),
+            )
+        )
+    for r in runs:
+        if r.dtype == "bfloat16":
+            r.skipped = skip
+    if args.compile and not args.quick:
+        compiled = copy.deepcopy(ours)
+        compile_blocks(compiled)
+        runs.append(
+            Run(
+                "mmssl fp32 fused AdamW compiled",
+                "mmssl",
+                "float32",
+                common.train_step(lambda: ours_loss(compiled), common.adamw(compiled, "fused")),
+            )
+        )
+    print(f"torch threads {threads}; timing {sum(not r.skipped for r in runs)} paths", flush=True)
+    rounds = common.alternate(runs, args.rounds, args.budget, 2 if args.quick else 3, peaks)
+    config = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "optimizer": "AdamW lr 1e-4 wd 0.05",
+        "threads": threads,
+    }
+    record = common.summarize(
+        "ViT training step vs timm", config, runs, flops, peaks, rounds, ("images/s", args.batch)
+    )
+    record["command"] = "python bench/bench_vit.py " + " ".join(argv or sys.argv[1:])
+    common.write_json(record, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,403 @@
+"""Shared helpers of the bench scripts: threads, machine description, matmul peaks, FLOP
+counting, alternating timing and the result record that `run_all.py` collects.
+
+Method (every training/inference bench):
+- the peer and mmssl run the same configuration on the same weights (mmssl.interop);
+- paths alternate inside one process, round by round, so a change of machine load hits
+  every path alike and the ratios stay meaningful on a shared machine;
+- each figure is the median over rounds of the wall time of one step; the process CPU
+  time of the step is recorded next to it;
+- FLOPs are counted once by `torch.utils.flop_counter` during a warm-up step (matmuls,
+  convolutions, attention; forward and backward), and the achieved FLOP/s is given as a
+  fraction of the matmul peak measured in the same process for the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_SIZE = 2048
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def set_threads(n: int | None) -> int:
+    """Fix torch's intra-op threads (default: every core) and one inter-op thread."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return n
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> dict:
+    """What the figures were measured on (CPU, ISA extensions, versions, threads, load)."""
+    flags = cpu_flags()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("timm", "open_clip", "transformers", "deepspeed", "webdataset"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": isa,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ----------------------------------------------------------------------------- matmul peak
+
+
+@dataclass
+class Peak:
+    dtype: str
+    size: int  # the n of the n x n matmul actually timed
+    flops_per_s: float
+    note: str = ""
+
+
+def _time_matmul(n: int, dtype: torch.dtype, reps: int) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(
+    dtype: torch.dtype, n: int = PEAK_SIZE, reps: int = 5, budget_s: float = 20.0
+) -> Peak:
+    """Median FLOP/s of an n x n matmul in `dtype` (after one warm-up).
+
+    A CPU without bf16 matmul hardware (no AVX512-BF16/AMX) runs bf16 through a scalar
+    fallback some 50-200x slower than fp32, where one 2048 matmul takes minutes: a 512
+    probe estimates the cost first, and only then is the size lowered to fit `budget_s`
+    (said in `note`).
+    """
+    name = str(dtype).replace("torch.", "")
+    probe = 512
+    _time_matmul(probe, dtype, 1)
+    rate = 2 * probe**3 / _time_matmul(probe, dtype, 2)
+    size, note = n, ""
+    per_call = 2 * n**3 / rate
+    if per_call * (reps + 1) > budget_s:
+        size = probe
+        while 2 * (size * 2) ** 3 / rate * (reps + 1) <= budget_s and size * 2 < n:
+            size *= 2
+        note = f"timed at {size}: one {n} matmul would take ~{per_call:.0f} s in {name} here"
+    _time_matmul(size, dtype, 1)
+    seconds = _time_matmul(size, dtype, reps)
+    return Peak(name, size, 2 * size**3 / seconds, note)
+
+
+def has_fast_bf16(peaks: dict[str, Peak]) -> bool:
+    """bf16 steps are worth running only where bf16 matmuls are not slower than fp32 ones."""
+    return peaks["bfloat16"].flops_per_s >= 0.5 * peaks["float32"].flops_per_s
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matmul/conv/attention FLOPs (2 per multiply-add) of one call of `fn`, fwd and bwd."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass
+class Run:
+    """One way of running the step: who, in which dtype, with what, and the step itself."""
+
+    name: str
+    side: str  # "peer" or "mmssl"
+    dtype: str  # the matmul dtype: "float32" or "bfloat16"
+    step: Callable[[], object]
+    group: str = "best"  # "fp32": the same-configuration comparison; "best": fast paths
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    skipped: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def _run(path: Run) -> tuple[float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    path.step()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def alternate(
+    paths: list[Run],
+    rounds: int | None,
+    budget_s: float,
+    min_rounds: int = 3,
+    peaks: dict[str, Peak] | None = None,
+) -> int:
+    """Warm up every path once, then time them round-robin (order rotated every round).
+
+    rounds=None picks as many rounds as fit `budget_s` (at least `min_rounds`, at most 7).
+    peaks: the fp32 matmul peak is measured again after every round and the highest kept,
+    so a load spike at start-up does not understate it.  Returns the number of rounds run.
+    """
+    live = [p for p in paths if not p.skipped]
+    warm = 0.0
+    for p in live:
+        wall, _ = _run(p)
+        warm += wall
+        print(f"  warm-up {p.name:<34} {wall:8.2f} s", flush=True)
+    if rounds is None:
+        rounds = int(max(min_rounds, min(7, (budget_s - warm) // max(warm, 1e-9))))
+    for r in range(rounds):
+        k = r % max(len(live), 1)
+        for p in live[k:] + live[:k]:
+            wall, cpu = _run(p)
+            p.times.append(wall)
+            p.cpu_times.append(cpu)
+        if peaks is not None:
+            again = matmul_peak(torch.float32, reps=3)
+            if again.flops_per_s > peaks["float32"].flops_per_s:
+                peaks["float32"] = again
+            peaks["float32"].note = f"highest of {r + 2} measurements, one per round"
+    return rounds
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def fraction(flops: float, seconds: float, peak: Peak) -> float:
+    return flops / seconds / peak.flops_per_s
+
+
+def summarize(
+    title: str,
+    config: dict,
+    paths: list[Run],
+    flops: float,
+    peaks: dict[str, Peak],
+    rounds: int,
+    unit: tuple[str, float] | None = None,
+) -> dict:
+    """Print the table and ratios; return the record written by `--json`.
+
+    unit: optional (name, items per step), e.g. ("images/s", 32), for a throughput column.
+    """
+    print(f"\n== {title}")
+    print("  config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    print(
+        f"  step FLOPs (fwd+bwd matmul/conv/attention): {flops / 1e9:.2f} GFLOP; rounds: {rounds}"
+    )
+    for p in peaks.values():
+        print(f"  matmul peak {p.dtype:<9} {p.flops_per_s / 1e9:8.2f} GFLOP/s  {p.note}")
+    rows = []
+    for p in paths:
+        if p.skipped:
+            print(f"  {p.name:<36} skipped: {p.skipped}")
+            rows.append({"name": p.name, "side": p.side, "group": p.group, "skipped": p.skipped})
+            continue
+        med = p.median
+        frac = fraction(flops, med, peaks[p.dtype])
+        thr = f"  {unit[1] / med:9.2f} {unit[0]}" if unit else ""
+        print(
+            f"  {p.name:<36} median {med:8.3f} s  cpu {statistics.median(p.cpu_times):8.3f} s"
+            f"  {frac * 100:5.1f}% of {p.dtype} peak{thr}"
+        )
+        rows.append(
+            {
+                "name": p.name,
+                "side": p.side,
+                "group": p.group,
+                "dtype": p.dtype,
+                "median_s": med,
+                "times_s": [round(t, 4) for t in p.times],
+                "cpu_median_s": statistics.median(p.cpu_times),
+                "peak_fraction": frac,
+            }
+        )
+    ratios = ratios_from_rows(rows)
+    for key, value in ratios.items():
+        print(f"  {key}: {value:.2f}x")
+    return {
+        "title": title,
+        "config": config,
+        "flops": flops,
+        "rounds": rounds,
+        "peaks": {k: asdict(v) for k, v in peaks.items()},
+        "paths": rows,
+        "ratios": ratios,
+        "machine": machine(),
+    }
+
+
+def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
+    """Speed-ups, peer time / mmssl time (> 1: mmssl is faster), by wall and by CPU time.
+
+    fp32 same config: the best fp32-group path of each side; best path: the fastest timed
+    path of each side.  CPU time (process_time) is less disturbed by other jobs on a shared
+    machine than wall time, so both are given.
+    """
+    timed = [r for r in rows if "median_s" in r]
+    out: dict[str, float] = {}
+    for label, group in (("fp32 same config", "fp32"), ("best path", None)):
+        for clock, key in (("wall", "median_s"), ("cpu", "cpu_median_s")):
+            sides = {}
+            for side in ("peer", "mmssl"):
+                cands = [r for r in timed if r["side"] == side and group in (None, r["group"])]
+                if cands:
+                    sides[side] = min(cands, key=lambda r: r[key])
+            if len(sides) == 2:
+                name = f"{label} ({clock}): {sides['mmssl']['name']} vs {sides['peer']['name']}"
+                out[name] = sides["peer"][key] / sides["mmssl"][key]
+    return out
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: fit budget)")
+    p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds")
+    p.add_argument("--quick", action="store_true", help="smaller batch, 2 rounds, no compile")
+    p.add_argument(
+        "--bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="bf16 paths: auto runs them only where bf16 matmuls are at least half as fast as fp32",
+    )
+    p.add_argument("--compile", action="store_true", help="add the torch.compile'd mmssl path")
+    p.add_argument("--json", default=None, help="write the record here")
+    return p
+
+
+def measure_peaks(quick: bool) -> dict[str, Peak]:
+    reps = 3 if quick else 5
+    return {
+        "float32": matmul_peak(torch.float32, reps=reps),
+        "bfloat16": matmul_peak(torch.bfloat16, reps=reps),
+    }
+
+
+def bf16_skip_reason(args: argparse.Namespace, peaks: dict[str, Peak], flops: float) -> str:
+    """'' when bf16 paths should run, else why not (with the time a step would take)."""
+    if args.bf16 == "on" or (args.bf16 == "auto" and has_fast_bf16(peaks)):
+        return ""
+    if args.bf16 == "off":
+        return "--bf16 off"
+    bf = peaks["bfloat16"].flops_per_s
+    return (
+        f"no bf16 matmul hardware: bf16 mm at {bf / 1e9:.2f} GFLOP/s vs fp32 "
+        f"{peaks['float32'].flops_per_s / 1e9:.1f}, a step would take ~{flops / bf:.0f} s "
+        "(--bf16 on forces it)"
+    )
+
+
+def write_json(record: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(record, indent=1))
+
+
+# ----------------------------------------------------------------------------- training steps
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as timm, open_clip and HF build them: no decay for 1-D tensors."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def adamw(module: torch.nn.Module, impl: str, lr: float = 1e-4, wd: float = 0.05):
+    """torch AdamW with `impl` 'default' (a for-loop on CPU), 'foreach' or 'fused'."""
+    kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.AdamW(param_groups(module, wd), lr=lr, **kwargs)
+
+
+def train_step(
+    loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, bf16: bool = False
+) -> Callable[[], None]:
+    """zero_grad -> loss (under bf16 autocast if asked) -> backward -> step, no host sync."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+class Bf16Master:
+    """bf16 weights with fp32 master weights (what DeepSpeed's bf16 mode does): the model runs
+    and back-propagates in bf16, a fused AdamW updates fp32 copies, which are cast back."""
+
+    def __init__(self, module: torch.nn.Module, lr: float = 1e-4, wd: float = 0.05):
+        self.model_params = [p for p in module.parameters() if p.requires_grad]
+        self.master = [torch.nn.Parameter(p.detach().float()) for p in self.model_params]
+        decay = [m for m, p in zip(self.master, self.model_params) if p.ndim >= 2]
+        rest = [m for m, p in zip(self.master, self.model_params) if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+        module.to(torch.bfloat16)
+
+    def step_fn(self, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            for p in self.model_params:
+                p.grad = None
+            loss_fn().backward()
+            for m, p in zip(self.master, self.model_params):
+                m.grad = p.grad.float()
+            self.optimizer.step()
+            torch._foreach_copy_(self.model_params, self.master)
+
+        return step

@@ -1,0 +1,168 @@
+"""Run every benchmark and write bench/RESULTS.md (what `make bench` runs).
+
+    python bench/run_all.py [--quick] [--compile] [--only vit,clip,...] [--out bench/RESULTS.md]
+
+Each bench runs in its own process, one after the other (never two at once: they would
+share the cores).  The step benches (vit, clip, gpt, features) write a JSON record that is
+tabulated here; the others (data, losses, tokenizer, by other helpers) are quoted as printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+STEP_BENCHES = ["vit", "clip", "gpt", "features"]
+OTHER_BENCHES = {  # name -> (script, extra args for --quick)
+    "data": ("bench_data.py", ["--samples", "256", "--rounds", "1"]),
+    "losses": ("bench_losses.py", ["--global-batch", "1024", "--iters", "1"]),
+    "tokenizer": ("bench_tokenizer.py", ["--num-texts", "1024", "--repeats", "3"]),
+}
+
+
+def _table(record: dict) -> list[str]:
+    lines = [
+        f"### {record['title']}",
+        "",
+        "Command: `" + record["command"].strip() + "`  ",
+        "Config: " + ", ".join(f"{k}={v}" for k, v in record["config"].items()) + "  ",
+        f"Step FLOPs (counted, fwd+bwd): {record['flops'] / 1e9:.2f} GFLOP; "
+        f"rounds: {record['rounds']}; load average at the end: {record['machine']['loadavg']}  ",
+    ]
+    for p in record["peaks"].values():
+        note = f" ({p['note']})" if p["note"] else ""
+        lines.append(f"Matmul peak {p['dtype']}: {p['flops_per_s'] / 1e9:.2f} GFLOP/s{note}  ")
+    lines += [
+        "",
+        "| path | side | median s | CPU s | % of same-dtype matmul peak | all times (s) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in record["paths"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | {r['side']} | skipped: {r['skipped']} | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {r['side']} | {r['median_s']:.3f} | {r['cpu_median_s']:.3f} | "
+            f"{r['peak_fraction'] * 100:.1f}% | {', '.join(f'{t:.2f}' for t in r['times_s'])} |"
+        )
+    lines.append("")
+    for key, value in common.ratios_from_rows(record["paths"]).items():
+        lines.append(f"- {key}: **{value:.2f}x**")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--compile", action="store_true", help="add the compiled mmssl paths")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated subset of " + ", ".join(STEP_BENCHES + list(OTHER_BENCHES)),
+    )
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    names = STEP_BENCHES + list(OTHER_BENCHES)
+    chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        print(f"error: unknown bench {unknown}; choose from {names}", file=sys.stderr)
+        return 2
+    threads = common.set_threads(args.threads)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(threads)}
+    out = [
+        "# mmssl benchmark results",
+        "",
+        "Written by `python bench/run_all.py"
+        + (" " + " ".join(argv) if argv else "")
+        + "`"
+        + f" on {time.strftime('%Y-%m-%d %H:%M')}. Method: bench/common.py.",
+        "",
+    ]
+    m = common.machine()
+    out += [
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa'])}",
+        f"- torch threads: {threads}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- load average at start: {m['loadavg']} (other jobs share the machine: absolute "
+        "times are noisy, ratios come from alternating paths within one process)",
+        "",
+        "## Results",
+        "",
+    ]
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            if name in STEP_BENCHES:
+                script = f"bench_{name}.py"
+                extra = (["--quick"] if args.quick else []) + (
+                    ["--compile"] if args.compile else []
+                )
+                extra += ["--json", str(Path(tmp) / f"{name}.json")]
+            else:
+                script, quick_args = OTHER_BENCHES[name]
+                extra = quick_args if args.quick else []
+            if not (HERE / script).is_file():
+                out += [f"### {name}", "", f"{script} is not present.", ""]
+                continue
+            cmd = [sys.executable, str(HERE / script), *extra]
+            shown = " ".join(
+                ["python", f"bench/{script}", *extra[:-2]]
+                if name in STEP_BENCHES
+                else ["python", f"bench/{script}", *extra]
+            )
+            print(f"\n$ {shown}", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            print(proc.stdout[-4000:], flush=True)
+            if proc.returncode != 0:
+                failures += 1
+                out += [
+                    f"### {name}: FAILED (exit {proc.returncode})",
+                    "",
+                    "```",
+                    proc.stderr[-3000:],
+                    "```",
+                    "",
+                ]
+                continue
+            if name in STEP_BENCHES:
+                record = json.loads((Path(tmp) / f"{name}.json").read_text())
+                record["command"] = shown
+                out += _table(record)
+                out.append(f"Wall time of the bench: {seconds:.0f} s.")
+                out.append("")
+            else:
+                out += [
+                    f"### {name}",
+                    "",
+                    f"Command: `{shown}` ({seconds:.0f} s)",
+                    "",
+                    "```",
+                    proc.stdout.strip(),
+                    "```",
+                    "",
+                ]
+    out += ["", f"Load average at the end: {[round(x, 2) for x in os.getloadavg()]}", ""]
+    Path(args.out).write_text("\n".join(out))
+    print(f"wrote {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

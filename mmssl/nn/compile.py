@@ -1,0 +1,100 @@
+"""`torch.compile` of the Blocks, optional and with a fallback to eager.
+
+Only the Blocks are compiled: they hold nearly all the FLOPs, they are identical within a
+stack (one compiled graph serves every block of the same shapes), and the code around
+them (patch embedding, pooling, heads, losses) keeps its data-dependent Python.  A block
+whose compilation fails (no C++ compiler, an unsupported op) warns once and runs eagerly
+from then on, so a recipe with `compile: true` still trains on any machine.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmssl.nn.block import Block
+
+
+class CompiledForward:
+    """A Block's forward through torch.compile, falling back to the eager forward on a
+    compilation error.  Stored as the block's `forward` attribute; `eager` is the original."""
+
+    def __init__(self, block: Block, **options: Any):
+        self.eager = block.forward
+        self.compiled = torch.compile(self.eager, **options)
+        self.failed: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 -- filtered by _is_compile_error
+            if not _is_compile_error(err):
+                raise
+            # dynamo also wraps the model's own errors (a wrong shape): the eager call
+            # re-raises those as they are, and only a call that works eagerly disables compile
+            out = self.eager(*args, **kwargs)
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            warnings.warn(
+                f"torch.compile of an mmssl Block failed, running it eagerly ({self.failed})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return out
+
+
+def _is_compile_error(err: Exception) -> bool:
+    """Errors of dynamo or a backend, as opposed to errors of the model's own code."""
+    import torch._dynamo.exc as dynamo_exc
+
+    kinds: tuple[type[BaseException], ...] = (dynamo_exc.TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds += (InductorError,)
+    except ImportError:
+        pass
+    return isinstance(err, kinds)
+
+
+def compile_blocks(
+    module: nn.Module,
+    *,
+    backend: str | Callable[..., Any] = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = None,
+) -> int:
+    """Compile every Block inside `module` in place; returns how many were compiled.
+
+    backend (a name or a dynamo backend callable), mode, dynamic: passed to `torch.compile`.  Parameters, state_dict keys and
+    outputs are unchanged; `uncompile_blocks` undoes it.
+    """
+    from torch._dynamo import list_backends
+
+    known = set(list_backends(exclude_tags=())) | {"inductor"}
+    if isinstance(backend, str) and backend not in known:
+        raise ValueError(f"unknown torch.compile backend {backend!r}; one of {sorted(known)}")
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} contains no mmssl Block to compile")
+    for block in blocks:
+        if not isinstance(block.forward, CompiledForward):
+            block.forward = CompiledForward(  # type: ignore[method-assign]
+                block, backend=backend, mode=mode, dynamic=dynamic
+            )
+    return len(blocks)
+
+
+def uncompile_blocks(module: nn.Module) -> int:
+    """Restore the eager forward of every compiled Block in `module`; returns how many."""
+    count = 0
+    for block in module.modules():
+        if isinstance(block, Block) and isinstance(block.forward, CompiledForward):
+            del block.forward  # the instance attribute; the class method shows through again
+            count += 1
+    return count

@@ -1,0 +1,70 @@
+"""compile_blocks: compiled Blocks equal the eager ones, and a failing backend falls back."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mmssl.nn import Transformer
+from mmssl.nn.compile import CompiledForward, compile_blocks, uncompile_blocks
+
+
+def _stack() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(32, 2, 4, causal=True)
+
+
+def test_compiled_blocks_match_eager_forward_and_grads() -> None:
+    eager, compiled = _stack(), _stack()
+    assert compile_blocks(compiled, backend="aot_eager") == 2
+    x = torch.randn(2, 7, 32)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = eager(x1), compiled(x2)
+    torch.testing.assert_close(y2, y1)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    for (n1, p1), (n2, p2) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p2.grad, p1.grad)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_failing_backend_falls_back_to_eager_with_one_warning() -> None:
+    def broken(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        raise RuntimeError("no compiler here")
+
+    eager, compiled = _stack(), _stack()
+    compile_blocks(compiled, backend=broken)
+    x = torch.randn(2, 5, 32)
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        out = compiled(x)
+    torch.testing.assert_close(out, eager(x))
+    assert all(b.forward.failed for b in compiled.blocks)
+
+
+def test_model_errors_are_not_swallowed() -> None:
+    compiled = _stack()
+    compile_blocks(compiled, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falling back" warning for the model's own error
+        with pytest.raises(RuntimeError):
+            compiled(torch.randn(2, 5, 31))  # wrong dim
+    assert all(b.forward.failed is None for b in compiled.blocks)
+
+
+def test_uncompile_restores_eager_forward() -> None:
+    t = _stack()
+    compile_blocks(t, backend="eager")
+    assert isinstance(t.blocks[0].forward, CompiledForward)
+    assert uncompile_blocks(t) == 2
+    assert not isinstance(t.blocks[0].forward, CompiledForward)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'nope'"):
+        compile_blocks(_stack(), backend="nope")
+    with pytest.raises(ValueError, match="contains no mmssl Block"):
+        compile_blocks(torch.nn.Linear(2, 2))
