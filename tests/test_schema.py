@@ -1,0 +1,60 @@
+"""Strict configs: keys, types, overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from mmssl.schema import ConfigError, apply_overrides, from_dict, to_dict
+
+
+@dataclass
+class Inner:
+    a: int = 1
+    b: float = 0.5
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=lambda: Inner(a=7))
+    names: list[str] = field(default_factory=list)
+    mode: str = "x"
+    opt: int | None = None
+
+
+def test_round_trip_and_partial_section_keeps_field_default():
+    cfg = from_dict(Outer, {"inner": {"b": 2}, "names": ["p"]})
+    assert cfg == Outer(inner=Inner(a=7, b=2.0), names=["p"])
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"inner": {"c": 1}}, r"unknown key 'inner\.c'"),
+        ({"inenr": {}}, r"unknown key 'inenr' \(did you mean 'inner'\?\)"),
+        ({"inner": {"a": "two"}}, r"inner\.a: expected an integer"),
+        ({"inner": {"a": True}}, r"inner\.a: expected an integer"),
+        ({"names": "p"}, r"names: expected a list"),
+        ({"opt": 1.5}, r"opt"),
+    ],
+)
+def test_errors_name_the_dotted_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(Outer, data)
+
+
+def test_yaml11_exponent_strings_are_floats():
+    assert from_dict(Inner, {"b": "3e-4"}).b == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(Inner, {"b": "fast"})
+
+
+def test_overrides():
+    data = apply_overrides({"inner": {"a": 1}}, ["inner.b=2.5", "names=[x, y]", "opt=3"])
+    assert from_dict(Outer, data) == Outer(inner=Inner(a=1, b=2.5), names=["x", "y"], opt=3)
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["inner.b"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"mode": "x"}, ["mode.sub=1"])
