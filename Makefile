@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/mmssl smoke
+	$(BIN)/mmssl demo --out runs/demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -15,20 +15,23 @@ from mmssl.objectives import SigLipLoss
 SIZES = (1, 2, 3)  # unequal on purpose: the gathers must not assume equal local batches
 
 
-def test_single_process_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def _single_process_defaults() -> None:
+    import os
+
     assert not distributed.is_initialized()
     assert distributed.rank() == 0 and distributed.world_size() == 1
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    os.environ.pop("LOCAL_RANK", None)
     assert distributed.local_rank() == 0
-    monkeypatch.setenv("LOCAL_RANK", "3")
+    os.environ["LOCAL_RANK"] = "3"
     assert distributed.local_rank() == 3
-    monkeypatch.setenv("LOCAL_RANK", "first")
+    os.environ["LOCAL_RANK"] = "first"
     with pytest.raises(ValueError, match="LOCAL_RANK must be an integer, got 'first'"):
         distributed.local_rank()
     distributed.barrier()
 
 
-def test_single_process_collectives_are_identities() -> None:
+def _single_process_collectives_are_identities() -> None:
+    assert not distributed.is_initialized()
     x = torch.randn(3, 2, requires_grad=True)
     assert distributed.all_gather_with_grad(x) is x
     assert distributed.send_right_recv_left(x) is x
@@ -40,6 +43,18 @@ def test_single_process_collectives_are_identities() -> None:
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     assert distributed.broadcast_object([1, 2]) == [1, 2]
     assert distributed.gather_sizes(5) == [5]
+
+
+@pytest.mark.parametrize(
+    "check", [_single_process_defaults, _single_process_collectives_are_identities]
+)
+def test_without_a_process_group(check: Any) -> None:
+    """Run in a fresh process: in-process DeepSpeed runs earlier in the session (train,
+    finetune) leave their one-process group behind, as DeepSpeed cannot tear it down."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(check)
 
 
 def _collectives() -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""`mmssl train RECIPE.yaml [key=value ...]`, also `python -m mmssl.train`, `torchrun -m
+mmssl.train` and `deepspeed --module mmssl.train`: one entry point for every launcher.
+
+Bad input (unknown or mistyped recipe keys, batch arithmetic, missing shards, a DeepSpeed
+JSON that contradicts the recipe) is one line on stderr and exit code 2, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mmssl.schema import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmssl train", description=__doc__.split("\n")[0])
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="check the recipe (and print it resolved), do not train",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --validate: the number of ranks to check the batch sizes for",
+    )
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment rules
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _error(message: str) -> int:
+    prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"mmssl train: error: {prefix}{message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from mmssl.data.errors import DataError
+    from mmssl.train.recipe import dump_recipe, load_recipe, validate
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        resolved = validate(recipe, args.world_size)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        return _error(str(err))
+    if args.validate:
+        print(dump_recipe(recipe), end="")
+        print(
+            f"# ok: {resolved.world_size} ranks x micro-batch {recipe.train.micro_batch_size}"
+            f" x {resolved.grad_accum} accumulation steps = {recipe.train.global_batch_size}"
+        )
+        return 0
+    from mmssl.train.loop import train
+
+    try:
+        out = train(recipe, resolved)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        return _error(str(err))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"mmssl train: {recipe.name}: steps {out['steps']}, "
+            f"{out['samples_per_s']:.1f} samples/s, run directory {recipe.run_dir}"
+        )
+    return 0

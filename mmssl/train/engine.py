@@ -1,0 +1,207 @@
+"""The DeepSpeed engine: config injection, process-group start, parameter groups, LR schedule.
+
+The DeepSpeed JSON of a recipe holds engine knobs only (ZeRO stage, offload, bucket sizes).
+Everything that changes the maths comes from the recipe and is injected here; a JSON that
+sets one of those keys to another value is a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mmssl.schema import ConfigError
+
+if TYPE_CHECKING:
+    from mmssl.train.recipe import Recipe
+
+# keys a recipe owns; the JSON may repeat them only with the same value
+RECIPE_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+    "amp",
+)
+# parameters without weight decay besides every tensor with ndim < 2 (norms, biases,
+# logit scale and bias): embedding tables, position tables and the class token
+NO_DECAY_NAMES = ("token_embed", "pos_embed", "cls_token")
+SHIPPED_DS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+
+
+def find_deepspeed_json(recipe: Recipe) -> Path:
+    """train.deepspeed as a path (cwd, then next to the recipe) or a shipped name (zero2)."""
+    value = recipe.train.deepspeed
+    base = Path(recipe.base_dir)
+    candidates = [Path(value), base / value]
+    if not value.endswith(".json"):
+        candidates += [base / "deepspeed" / f"{value}.json", SHIPPED_DS / f"{value}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"train.deepspeed: no DeepSpeed JSON {value!r} (looked in {base} and {SHIPPED_DS})"
+    )
+
+
+def _injected(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
+    t, o = recipe.train, recipe.optim
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(t.grad_clip or 0.0),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
+        },
+        "bf16": {"enabled": recipe.precision == "bf16"},
+        "fp16": {"enabled": False},
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) <= set(b) and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
+    """The engine JSON of the recipe with batch sizes, precision, clipping and optimizer injected."""
+    path = find_deepspeed_json(recipe)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    injected = _injected(recipe, grad_accum)
+    for key in RECIPE_KEYS:
+        if key not in data:
+            continue
+        if key in ("scheduler", "amp") or not _same(data[key], injected.get(key)):
+            raise ConfigError(
+                f"{path}: {key!r} conflicts with the recipe ({json.dumps(data[key])} vs "
+                f"{json.dumps(injected.get(key))}); remove it, the recipe sets it"
+            )
+    out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **data, **injected}
+    stage = out.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage}")
+    return out
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed matrices, and the rest (norms, biases, embeddings, position
+    tables, class token, logit scale/bias) without weight decay.  Shared parameters once."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(k in name.split(".") for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class WarmupCosine:
+    """LR multiplier after `step` optimizer steps: linear warmup to 1 over `warmup` steps, then
+    cosine to `min_ratio` at `total` (constant 1 after warmup when `cosine` is False)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float, cosine: bool = True) -> None:
+        self.warmup, self.total, self.min_ratio, self.cosine = warmup, total, min_ratio, cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not self.cosine:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(recipe: Recipe) -> WarmupCosine:
+    s = recipe.schedule
+    return WarmupCosine(s.warmup_steps, recipe.train.steps, s.min_lr_ratio, s.kind == "cosine")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> None:
+    """Start the process group through DeepSpeed, with the accelerator's backend (gloo on CPU).
+
+    Without a launcher (`python -m mmssl.train`) the environment of a one-process group is
+    set here; otherwise DeepSpeed would try MPI discovery and fail.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    # idempotent; adopts a process group that a caller (a test harness) already started
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), verbose=False
+    )
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, get_accelerator().current_device())
+
+
+def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> Any:
+    """deepspeed.initialize of `task` with our parameter groups and schedule -> the engine."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    schedule = lr_schedule(recipe)
+    engine, _, _, _ = deepspeed.initialize(
+        model=task,
+        model_parameters=param_groups(task, recipe.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

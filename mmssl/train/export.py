@@ -1,0 +1,101 @@
+"""`mmssl export RUN_DIR [--out DIR] [--tag step_XXXXXXXX]`: a run's checkpoint (any ZeRO
+stage) -> `model.safetensors` + `config.json`, loadable with `mmssl.load_encoder`.
+
+ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` utilities
+(they read the fp32 master partitions of every rank); a stage-0 checkpoint holds the whole
+module and is read directly (as stored: in bf16 for bf16 runs, cast to fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmssl.schema import ConfigError
+
+PREFIX = "model."
+
+
+def _read_recipe(run_dir: Path) -> Any:
+    from mmssl.train.recipe import read_yaml, recipe_from_dict
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    return recipe_from_dict(read_yaml(path))
+
+
+def checkpoint_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The Task's full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage."""
+    folder = ckpt_dir / tag
+    if list(folder.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed model states")
+        # our own run's checkpoint: DeepSpeed pickles its metadata, so weights_only is off
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def model_state(task_state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
+    """Keep the `model.` entries of a Task state, in the shapes `model` expects (0-d scalars
+    are stored as (1,) in training), with shared-trunk aliases filled in."""
+    from mmssl.models.io import aliases
+
+    expected = model.state_dict()
+    state = {k[len(PREFIX) :]: v for k, v in task_state.items() if k.startswith(PREFIX)}
+    for name, kept in aliases(model).items():
+        if name not in state and kept in state:
+            state[name] = state[kept]
+    for name, value in state.items():
+        if name in expected and value.shape != expected[name].shape:
+            state[name] = value.reshape(expected[name].shape)
+    return state
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
+    """Export the latest (or `tag`) checkpoint of `run_dir`; returns the output directory."""
+    from mmssl.descriptor import get_layout
+    from mmssl.models.io import save_pretrained
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.train.checkpoint import latest_tag
+    from mmssl.train.recipe import model_config
+
+    run = Path(run_dir)
+    recipe = _read_recipe(run)
+    ckpt_dir = run / "checkpoints"
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag or ''}".rstrip())
+    cfg = model_config(recipe)
+    for tower in (cfg.vision, cfg.text):
+        if tower is not None:
+            tower.grad_checkpointing = False  # a training-time switch, not part of the export
+    model = MultimodalModel(cfg)
+    model.load_state_dict(model_state(checkpoint_state(ckpt_dir, tag), model), strict=True)
+    dest = Path(out) if out is not None else run / "export"
+    extra = {"recipe": recipe.name, "checkpoint": tag, "descriptor": get_layout("v1").to_dict()}
+    return save_pretrained(model.eval(), dest, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmssl export", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, checkpoints/)")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    args = p.parse_args(argv)
+    try:
+        dest = export_run(args.run_dir, args.out, args.tag)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"mmssl export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"mmssl export: wrote {dest / 'model.safetensors'} and {dest / 'config.json'}")
+    return 0

@@ -1,0 +1,159 @@
+"""Run logging on rank 0: metrics.jsonl, TensorBoard, a tqdm bar with samples/s, and at the
+end `summary.md` with the loss curves (`loss.png`), throughput and skipped-sample counts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLogger:
+    """Writes only when `enabled` (rank 0).  `start_step` > 0 on resume: later lines of an
+    earlier attempt are dropped so the curve has one value per step."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        samples_per_step: int,
+        tensorboard: bool,
+        progress: bool,
+    ) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
+        self.samples_per_step = samples_per_step
+        self.start_step = start_step
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = start_step
+        self.rates: list[float] = []
+        self.tb: Any = None
+        self.bar: Any = None
+        if not enabled:
+            return
+        kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
+        (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc=run_dir.name,
+                unit="step",
+                dynamic_ncols=True,
+            )
+
+    def log(self, step: int, metrics: dict[str, float], lr: float) -> None:
+        """One log point: the averages of `metrics` since the last one."""
+        now = time.perf_counter()
+        rate = (step - self.step_last) * self.samples_per_step / max(now - self.t_last, 1e-9)
+        # the first interval holds start-up (compilation, worker spawn): kept out of the mean
+        if self.step_last > self.start_step:
+            self.rates.append(rate)
+        self.t_last, self.step_last = now, step
+        if not self.enabled:
+            return
+        row = {
+            "step": step,
+            "samples": step * self.samples_per_step,
+            "lr": lr,
+            "samples_per_s": round(rate, 2),
+            "time": round(now - self.t0, 3),
+            **metrics,
+        }
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{metrics.get('loss', float('nan')):.4f}", samples_s=f"{rate:.1f}"
+            )
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Mean throughput over the log intervals after the first one."""
+        if self.rates:
+            return sum(self.rates) / len(self.rates)
+        elapsed = time.perf_counter() - self.t0
+        return (self.step_last - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
+
+    def close(self, info: dict[str, Any], skipped: dict[str, int]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        rows = read_metrics(self.run_dir)
+        plot_losses(rows, self.run_dir / "loss.png")
+        write_summary(self.run_dir, rows, {**info, "samples_per_s": self.samples_per_s}, skipped)
+
+
+def plot_losses(rows: list[dict[str, Any]], out: Path) -> None:
+    """Total and per-objective loss against step, one PNG (matplotlib Agg, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [k for k in (rows[0] if rows else {}) if k == "loss" or k.startswith("loss/")]
+    for key in keys:
+        ax.plot(
+            [r["step"] for r in rows],
+            [r[key] for r in rows],
+            label=key,
+            linewidth=2 if key == "loss" else 1,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_summary(
+    run_dir: Path, rows: list[dict[str, Any]], info: dict[str, Any], skipped: dict[str, int]
+) -> None:
+    first, last = (rows[0], rows[-1]) if rows else ({}, {})
+    lines = [f"# Run summary: {run_dir.name}", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items() if k != "samples_per_s"]
+    lines += [
+        f"- throughput: {info['samples_per_s']:.1f} samples/s",
+        f"- skipped bad samples: {sum(skipped.values())}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})" if skipped else ""),
+        "",
+        "| metric | first logged | last logged |",
+        "|---|---|---|",
+    ]
+    for key in (k for k in last if k == "loss" or k.startswith("loss/") or k == "logit_scale"):
+        lines.append(f"| {key} | {first.get(key, float('nan')):.4f} | {last[key]:.4f} |")
+    lines += ["", "![loss curve](loss.png)", ""]
+    (run_dir / "summary.md").write_text("\n".join(lines))

@@ -1,0 +1,414 @@
+"""Run recipes: typed sections over defaults, sparse YAML files and `key=value` overrides.
+
+A recipe is `Recipe` below; a YAML file lists only what differs from the defaults.  Every
+key and type is checked (`mmssl.schema.from_dict`), then `validate` checks what depends on
+several sections (objectives against the model and the sources, batch arithmetic, shard
+existence, the DeepSpeed JSON), all before anything is written.
+
+Contrastive losses and gradient accumulation: with `train.global_batch_size` larger than
+`micro_batch_size x world_size`, each micro-batch is its own contrastive problem; the
+negatives of a sample are the other samples of its micro-batch across ranks, not of the
+whole global batch.  Accumulation therefore changes a contrastive objective (its gradient
+is the average of smaller-batch losses).  Recipes that care set
+`global_batch_size = micro_batch_size x world_size` (no accumulation), as clip_vit_b16 does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmssl.schema import ConfigError, apply_overrides, from_dict, to_dict
+
+OBJECTIVE_TYPES = ("simclr", "clip", "siglip", "next_token", "captioning", "augself")
+# what each objective reads from its source's batch
+NEEDS = {
+    "simclr": {"views"},
+    "augself": {"views"},
+    "clip": {"image", "text"},
+    "siglip": {"image", "text"},
+    "captioning": {"image", "text"},
+    "next_token": {"text"},
+}
+SOURCE_PROVIDES = {
+    "image_text": {"image", "text", "views"},
+    "image": {"image", "views"},
+    "text": {"text"},
+}
+
+
+@dataclass
+class ModelSection:
+    """A named architecture (see `mmssl.list_models()`) or JSON path, with nested overrides."""
+
+    name: str = "test_tiny_clip"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    """One data source.  urls: brace pattern of local or `pipe:` shards, or "synthetic"."""
+
+    urls: str = "synthetic"
+    kind: Literal["image_text", "image", "text"] = "image_text"
+    mode: Literal["resampled", "epoch"] = "resampled"
+    shuffle: int = 256  # block-shuffle window in samples (1: no shuffle)
+    context_length: int | None = None  # None: data.context_length
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=lambda: {"train": SourceConfig()})
+    image_size: int | None = None  # None: the model's vision image_size
+    views: int = 0  # augmented views per image (2 for SimCLR/AugSelf); 0: no views
+    # overrides of mmssl.data.augment.AugmentConfig (SimCLR/CASSLE defaults), e.g. hue: 0.0
+    augment: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] | None = None  # per-channel normalisation; None: images in [0, 1]
+    std: list[float] | None = None
+    tokenizer: str = "default"
+    context_length: int | None = None  # None: the model's text context_length
+    workers: int = 0  # data-loader worker processes per rank
+    seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    """One weighted loss.  `type` defaults to the objective's key in `objectives`."""
+
+    type: str | None = None
+    weight: float = 1.0
+    source: str = "train"
+    temperature: float = 0.1  # simclr
+    gather: str | None = None  # None: the loss's default ("local_loss", "chunked" for siglip)
+    # contrastive positives beyond the matching pair: identical caption ids, or equal labels
+    positives: Literal["pair", "caption", "label"] = "pair"
+    max_logit_scale: float = 100.0  # clip
+    label_smoothing: float = 0.0  # next_token, captioning
+    projector_dim: int | None = None  # simclr: a task-owned 2-layer MLP head; None: model proj
+    hidden: int = 512  # augself head width
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup from 0, then cosine decay to `lr * min_lr_ratio` at `train.steps`."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps of the whole run (the schedule's length)
+    global_batch_size: int = 32
+    micro_batch_size: int = 32  # per rank per forward
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    deepspeed: str = "zero0"  # a JSON path, or the name of one in recipes/deepspeed/
+    activation_checkpointing: bool = False
+    # stop (with a checkpoint) after this step, keeping the schedule of `steps`: for jobs cut
+    # into time slices and for resume tests; None runs to the end
+    stop_at: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between saves; 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto: latest checkpoint of the run directory; none; or a path
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between metric reads (the only host syncs of the loop)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss every `every` steps (0: off) on `batches` batches per rank.
+
+    sources maps each training source to the held-out source that replaces it (e.g.
+    {train: test}); the task's objectives run unchanged on those batches.
+    """
+
+    every: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+    batches: int = 2
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: dict[str, ObjectiveConfig] = field(
+        default_factory=lambda: {"clip": ObjectiveConfig()}
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # set by load_recipe: the directory of the YAML file, for relative paths in it
+    base_dir: str = "."
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a dict, with one-line errors for missing or malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {str(p)!r}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(p)!r}: expected a mapping at the top level")
+    return data
+
+
+# PyYAML (YAML 1.1) reads `3e-4` as a string: it wants `3.0e-4`
+_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _exp_float(item: str) -> str:
+    key, sep, value = item.partition("=")
+    return f"{key}={float(value)!r}" if sep and _EXP_FLOAT.match(value.strip()) else item
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """YAML file + `a.b=value` overrides -> a Recipe (schema-checked, not yet `validate`d)."""
+    data = apply_overrides(read_yaml(path), [_exp_float(o) for o in overrides])
+    data.setdefault("base_dir", str(Path(path).resolve().parent))
+    return recipe_from_dict(data)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    recipe = from_dict(Recipe, data, "")
+    for key, obj in recipe.objectives.items():
+        obj.type = obj.type or key
+        if obj.type not in OBJECTIVE_TYPES:
+            from mmssl.schema import suggest
+
+            raise ConfigError(
+                f"objectives.{key}.type: unknown objective {obj.type!r}"
+                f"{suggest(obj.type, OBJECTIVE_TYPES)}; one of {list(OBJECTIVE_TYPES)}"
+            )
+    return recipe
+
+
+def resolve_path(recipe: Recipe, path: str) -> Path:
+    """A path from the recipe: absolute, relative to the cwd, or relative to the recipe file."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(recipe.base_dir) / p
+
+
+def model_config(recipe: Recipe) -> Any:
+    """The resolved ModelConfig, with activation checkpointing switched on in every tower."""
+    from mmssl.models.registry import resolve_model_config
+
+    try:
+        cfg = resolve_model_config(recipe.model.name, **recipe.model.overrides)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("'model.", "'model.overrides.", 1)) from None
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    if recipe.train.activation_checkpointing:
+        for tower in (cfg.vision, cfg.text):
+            if tower is not None:
+                tower.grad_checkpointing = True
+    return cfg
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher announced (1 without a launcher)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+
+
+def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
+    """global_batch_size / (world_size x micro_batch_size), or a ConfigError naming the numbers."""
+    t = recipe.train
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
+    per_step = world_size * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by world size "
+            f"{world_size} x train.micro_batch_size {t.micro_batch_size} = {per_step}"
+        )
+    return t.global_batch_size // per_step
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _check_objectives(recipe: Recipe, cfg: Any) -> None:
+    from mmssl.schema import suggest
+
+    if not recipe.objectives:
+        raise ConfigError("objectives: a recipe needs at least one objective")
+    sources = recipe.data.sources
+    for key, obj in recipe.objectives.items():
+        where = f"objectives.{key}"
+        kind = obj.type or key
+        if obj.source not in sources:
+            raise ConfigError(
+                f"{where}.source: no data source {obj.source!r}"
+                f"{suggest(obj.source, sources)}; sources: {sorted(sources)}"
+            )
+        if obj.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {obj.weight}")
+        missing = NEEDS[kind] - SOURCE_PROVIDES[sources[obj.source].kind]
+        if missing:
+            raise ConfigError(
+                f"{where}: {kind} needs {sorted(missing)} but source {obj.source!r} is "
+                f"{sources[obj.source].kind!r}"
+            )
+        if "views" in NEEDS[kind] and recipe.data.views < 2:
+            raise ConfigError(f"{where}: {kind} needs two views; set data.views=2")
+        if kind in ("simclr", "augself", "clip", "siglip", "captioning") and cfg.vision is None:
+            raise ConfigError(f"{where}: {kind} needs a vision tower; model has none")
+        if kind in ("clip", "siglip", "captioning", "next_token") and cfg.text is None:
+            raise ConfigError(f"{where}: {kind} needs a text tower; model has none")
+        if kind in ("clip", "siglip") and cfg.embed_dim is None and cfg.vision.dim != cfg.text.dim:
+            raise ConfigError(f"{where}: {kind} needs embed_dim or equal tower dims")
+        if kind == "captioning" and cfg.caption is None:
+            raise ConfigError(f"{where}: captioning needs a caption decoder (model caption)")
+        if kind == "next_token" and not cfg.text.lm_head:
+            raise ConfigError(f"{where}: next_token needs the text tower's lm_head=true")
+        allowed = {
+            "simclr": ("local_loss", "full"),
+            "clip": ("local_loss", "full"),
+            "siglip": ("chunked", "local_loss", "full"),
+        }.get(kind, ())
+        if obj.gather is not None and obj.gather not in allowed:
+            raise ConfigError(f"{where}.gather: {obj.gather!r} is not one of {list(allowed)}")
+        if obj.temperature <= 0:
+            raise ConfigError(f"{where}.temperature must be > 0, got {obj.temperature}")
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    t, s = recipe.train, recipe.schedule
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps must be positive, got {t.steps}")
+    if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
+        raise ConfigError(f"train.stop_at must be in 1..train.steps ({t.steps}), got {t.stop_at}")
+    if not 0 <= s.warmup_steps <= t.steps:
+        raise ConfigError(f"schedule.warmup_steps must be in 0..train.steps, got {s.warmup_steps}")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if len(recipe.optim.betas) != 2:
+        raise ConfigError(f"optim.betas needs 2 numbers, got {recipe.optim.betas}")
+    if recipe.checkpoint.every < 0 or recipe.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if recipe.logging.every < 1:
+        raise ConfigError(f"logging.every must be >= 1, got {recipe.logging.every}")
+    if recipe.data.views not in (0, 2):
+        raise ConfigError(f"data.views must be 0 or 2, got {recipe.data.views}")
+    if recipe.data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0, got {recipe.data.workers}")
+
+
+def _check_eval(recipe: Recipe) -> None:
+    ev, sources = recipe.eval, recipe.data.sources
+    if ev.every:
+        used = {o.source for o in recipe.objectives.values()}
+        if set(ev.sources) != used:
+            raise ConfigError(
+                f"eval.sources must map every training source {sorted(used)} to "
+                f"a held-out source, got {sorted(ev.sources)}"
+            )
+        for train_src, held_out in ev.sources.items():
+            if held_out not in sources:
+                raise ConfigError(f"eval.sources.{train_src}: no data source {held_out!r}")
+            if sources[held_out].kind != sources[train_src].kind:
+                raise ConfigError(
+                    f"eval.sources.{train_src}: {held_out!r} is a "
+                    f"{sources[held_out].kind} source, {train_src!r} is "
+                    f"{sources[train_src].kind}"
+                )
+
+
+def check_shards(recipe: Recipe) -> None:
+    """Every local shard of every source exists (pipe: and remote URLs are not checked)."""
+    from mmssl.data.errors import DataError
+    from mmssl.data.tario import check_urls, expand_urls
+
+    for name, src in recipe.data.sources.items():
+        if src.urls == "synthetic":
+            continue
+        try:
+            check_urls(src.urls, expand_urls(src.urls))
+        except DataError as err:
+            raise ConfigError(f"data.sources.{name}.urls: {err}") from None
+
+
+@dataclass
+class Resolved:
+    """What `validate` derived: the model config, accumulation steps, the DeepSpeed config."""
+
+    model: Any
+    world_size: int
+    grad_accum: int
+    ds_config: dict[str, Any]
+
+
+def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = True) -> Resolved:
+    """Check everything that can be checked without a process group; raise ConfigError.
+
+    check_files=False skips the shard-existence check (recipes for other machines)."""
+    from mmssl.train.engine import deepspeed_config
+    from mmssl.train.streams import check_data
+
+    world = world_size_from_env() if world_size is None else world_size
+    _check_numbers(recipe)
+    cfg = model_config(recipe)
+    if cfg.condition is not None and cfg.condition.source != "descriptor":
+        raise ConfigError(
+            "model.condition.source: training conditions on augmentation descriptors only; "
+            "text conditioning is available on the model (MultimodalModel.condition) but not "
+            "yet wired into recipes"
+        )
+    _check_objectives(recipe, cfg)
+    _check_eval(recipe)
+    accum = grad_accum_steps(recipe, world)
+    ds = deepspeed_config(recipe, accum)
+    if check_files:
+        check_shards(recipe)
+    check_data(recipe, cfg)
+    return Resolved(model=cfg, world_size=world, grad_accum=accum, ds_config=ds)

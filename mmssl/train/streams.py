@@ -1,0 +1,229 @@
+"""The recipe's data sources as resumable batch streams, one per source and rank.
+
+Each step draws one micro-batch from every source (the Task weighs the objectives), so each
+source is its own `mmssl.data` pipeline with its own position.  `urls: synthetic` is a
+generated stream (class prototypes plus noise, captions naming the class) for smoke runs,
+benchmarks and tests that need no shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmssl.schema import ConfigError, from_dict
+from mmssl.train.recipe import Recipe, SourceConfig
+
+# LM rows are context_length + 1 tokens long in the data pipeline; one row must fit the model
+# (next_token_loss shifts inside), so text sources are packed to the model's context - 1.
+
+
+class LoaderStream:
+    """An `mmssl.data` StreamLoader as an endless `next()`; epochs roll over."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Any = None
+
+    def next(self) -> dict[str, Any]:
+        # starting a DataLoader draws its base seed from the global torch RNG; shielding it
+        # keeps the training randomness (drop_path) independent of when loaders (re)start,
+        # which a resumed run does at another step than an uninterrupted one
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(2):
+                if self._it is None:
+                    self._it = iter(self.loader)
+                try:
+                    return next(self._it)
+                except StopIteration:
+                    self._it = None
+        raise RuntimeError("data source yields no batches in an epoch")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.loader.skipped)
+
+
+class SyntheticStream:
+    """Deterministic generated batches: 10 classes, each an image prototype plus noise and a
+    caption [bos, 3 + class, eos]; text sources are random token rows.  Position = index."""
+
+    def __init__(
+        self,
+        kind: str,
+        batch_size: int,
+        image_size: int,
+        views: int,
+        context_length: int,
+        vocab_size: int,
+        seed: int,
+        rank: int,
+    ) -> None:
+        self.kind, self.batch_size, self.image_size, self.views = (
+            kind,
+            batch_size,
+            image_size,
+            views,
+        )
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.seed, self.rank, self.index = seed, rank, 0
+        g = torch.Generator().manual_seed(seed)
+        self.protos = torch.rand(10, 3, image_size, image_size, generator=g)
+
+    def next(self) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.index)) % 2**62)
+        self.index += 1
+        b = self.batch_size
+        if self.kind == "text":
+            text = torch.randint(3, self.vocab_size, (b, self.context_length), generator=g)
+            return {"text": text, "text_mask": torch.ones_like(text, dtype=torch.bool)}
+        label = torch.randint(0, 10, (b,), generator=g)
+        image = self.protos[label]
+
+        def noisy() -> torch.Tensor:
+            return (image + 0.2 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+
+        batch: dict[str, Any] = {"image": noisy(), "label": label}
+        if self.views:
+            batch["views"] = [noisy() for _ in range(self.views)]
+            batch["aug"] = [torch.rand(b, 13, generator=g) for _ in range(self.views)]
+        if self.kind == "image_text":
+            text = torch.zeros(b, min(8, self.context_length), dtype=torch.long)
+            text[:, 0], text[:, 1], text[:, 2] = 1, 3 + label, 2
+            mask = torch.zeros_like(text, dtype=torch.bool)
+            mask[:, :3] = True
+            batch["text"], batch["text_mask"] = text, mask
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"synthetic": True, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {}
+
+
+def augment_config(recipe: Recipe) -> Any:
+    import dataclasses
+
+    from mmssl.data.augment import AugmentConfig
+
+    cfg = from_dict(AugmentConfig, dict(recipe.data.augment), "data.augment")
+    pairs = {k: tuple(getattr(cfg, k)) for k in ("scale", "ratio", "blur_sigma")}
+    return dataclasses.replace(cfg, **pairs)  # type: ignore[arg-type]
+
+
+def tokenizer(recipe: Recipe) -> Any:
+    from mmssl.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer(recipe.data.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.tokenizer: {err}") from None
+
+
+def _sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]:
+    image = recipe.data.image_size or (model_cfg.vision.image_size if model_cfg.vision else 32)
+    context = (
+        src.context_length
+        or recipe.data.context_length
+        or (model_cfg.text.context_length if model_cfg.text else 77)
+    )
+    return image, context
+
+
+def check_data(recipe: Recipe, model_cfg: Any) -> None:
+    """Pre-flight of what the streams will need: augmentation keys, tokenizer vocabulary."""
+    augment_config(recipe)
+    _triple(recipe.data.mean, "data.mean")
+    _triple(recipe.data.std, "data.std")
+    if model_cfg.text is not None:
+        for name, src in recipe.data.sources.items():
+            context = _sizes(recipe, src, model_cfg)[1]
+            if context > model_cfg.text.context_length:
+                raise ConfigError(
+                    f"data.sources.{name}: context length {context} exceeds the model's text "
+                    f"context_length {model_cfg.text.context_length}"
+                )
+    if any(s.kind != "image" and s.urls != "synthetic" for s in recipe.data.sources.values()):
+        tok = tokenizer(recipe)
+        if model_cfg.text is not None and tok.vocab_size > model_cfg.text.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer {recipe.data.tokenizer!r} has {tok.vocab_size} ids but the "
+                f"model's text vocab_size is {model_cfg.text.vocab_size}; set "
+                f"model.overrides.text.vocab_size={tok.vocab_size}"
+            )
+
+
+def build_stream(
+    name: str,
+    src: SourceConfig,
+    recipe: Recipe,
+    model_cfg: Any,
+    rank: int,
+    world_size: int,
+    seed_offset: int = 0,
+) -> Any:
+    """One source's stream for this rank; `seed_offset` separates eval streams."""
+    image_size, context = _sizes(recipe, src, model_cfg)
+    d, batch = recipe.data, recipe.train.micro_batch_size
+    seed = d.seed + seed_offset
+    if src.urls == "synthetic":
+        vocab = model_cfg.text.vocab_size if model_cfg.text else 16
+        return SyntheticStream(src.kind, batch, image_size, d.views, context, vocab, seed, rank)
+    from mmssl.data.pipeline import Source, build_pipeline
+
+    fields = (
+        ["label"]
+        if any(o.positives == "label" and o.source == name for o in recipe.objectives.values())
+        else []
+    )
+    loader = build_pipeline(
+        sources=[Source(src.urls, kind=src.kind, name=name)],
+        batch_size=batch,
+        mode=src.mode,
+        seed=seed,
+        shuffle=src.shuffle,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.workers,
+        image_size=image_size,
+        num_views=d.views,
+        return_image=d.views == 0,
+        augment=augment_config(recipe),
+        tokenizer=tokenizer(recipe) if src.kind != "image" else None,
+        context_length=context - 1 if src.kind == "text" else context,
+        json_fields=fields,
+        mean=_triple(d.mean, "data.mean"),
+        std=_triple(d.std, "data.std"),
+    )
+    return LoaderStream(loader)
+
+
+def _triple(values: list[float] | None, where: str) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    if len(values) != 3:
+        raise ConfigError(f"{where} needs 3 numbers (R, G, B), got {values}")
+    return (values[0], values[1], values[2])
+
+
+def build_streams(recipe: Recipe, model_cfg: Any, rank: int, world_size: int) -> dict[str, Any]:
+    """Every source the objectives read, in recipe order."""
+    used = {o.source for o in recipe.objectives.values()}
+    return {
+        name: build_stream(name, src, recipe, model_cfg, rank, world_size)
+        for name, src in recipe.data.sources.items()
+        if name in used
+    }

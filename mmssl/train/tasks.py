@@ -1,0 +1,291 @@
+"""Task: a model plus weighted objectives; batches in, `(loss, metrics)` out.
+
+One step runs each tower once where it can: the images of every source (all views
+concatenated) go through the vision tower in one call, and the texts of every source of
+the same length through the text tower in one call.  Every
+objective then reads its rows of those features.  That shares the forward pass between
+objectives (CLIP's image embedding is the first SimCLR view's) and keeps each module to one
+call per step, which ZeRO-3's parameter prefetching expects.  A shared trunk is still run
+twice (bidirectionally for image tokens, causally for text): tests check that ZeRO-3
+handles it.
+
+The towers' own forward methods (`forward_features`, `forward_tokens`) are called
+directly, not through `nn.Module.__call__`, so ZeRO-3 would not gather the parameters
+those modules own directly (class token, position tables, logit scale, the tied embedding
+used by the LM head).  `register_zero3_params` makes the Task gather them for its forward.
+
+DeepSpeed (0.19) mishandles 0-d parameters (its start-up broadcast views them as bytes, its
+gradient clipping broadcasts them to shape (1,)), so the Task stores every 0-d parameter
+(logit scale, SigLIP bias) as shape (1,); export reshapes them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.models.multimodal import MultimodalModel
+from mmssl.models.text import TextTransformer
+from mmssl.models.vision import VisionEncoder
+from mmssl.objectives import (
+    AugSelfHead,
+    ClipLoss,
+    NTXentLoss,
+    SigLipLoss,
+    caption_keys,
+    captioning_loss,
+    next_token_loss,
+)
+from mmssl.train.recipe import NEEDS, ObjectiveConfig
+
+Batch = dict[str, Any]
+
+
+class _ModelScaleClipLoss(ClipLoss):
+    """ClipLoss whose temperature is the model's `logit_scale`, so export carries it."""
+
+    def __init__(self, model: MultimodalModel, max_logit_scale: float, gather: str) -> None:
+        super().__init__(max_logit_scale=max_logit_scale, gather=gather)
+        del self.logit_scale
+        self._model = [model]  # a list: the model must not be registered a second time
+
+    def scale(self) -> Tensor:
+        scale = self._model[0].logit_scale
+        assert scale is not None
+        return scale.float().exp().clamp(max=self.max_logit_scale)
+
+
+def _projector(dim: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out))
+
+
+class Task(nn.Module):
+    """model + objectives.  forward(batches: {source: batch dict}) -> (loss, metrics).
+
+    metrics holds detached 0-d tensors (`loss`, `loss/<objective>`, `logit_scale`), so
+    nothing syncs with the host until the loop reads them at its log interval.
+    """
+
+    def __init__(self, model: MultimodalModel, objectives: dict[str, ObjectiveConfig]) -> None:
+        super().__init__()
+        self.model = model
+        self.objectives = dict(objectives)
+        self.losses = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        vision_dim = model.cfg.vision.dim if model.cfg.vision is not None else 0
+        for key, obj in self.objectives.items():
+            kind = obj.type or key
+            gather = obj.gather
+            if kind == "simclr":
+                self.losses[key] = NTXentLoss(obj.temperature, gather or "local_loss")
+                if obj.projector_dim is not None:
+                    self.heads[key] = _projector(vision_dim, obj.projector_dim)
+            elif kind == "clip":
+                self.losses[key] = _ModelScaleClipLoss(
+                    model, obj.max_logit_scale, gather or "local_loss"
+                )
+            elif kind == "siglip":
+                self.losses[key] = SigLipLoss(gather=gather or "chunked")
+            elif kind == "augself":
+                self.heads[key] = AugSelfHead(vision_dim, hidden=obj.hidden)
+        promote_scalar_params(self)
+
+    # ------------------------------------------------------------------ features
+
+    @property
+    def visual(self) -> VisionEncoder:
+        assert self.model.visual is not None, "validated: objectives need a vision tower"
+        return self.model.visual
+
+    @property
+    def text_tower(self) -> TextTransformer:
+        assert self.model.text is not None, "validated: objectives need a text tower"
+        return self.model.text
+
+    def _uses(self, source: str, what: set[str]) -> bool:
+        return any(
+            o.source == source and NEEDS[o.type or k] & what for k, o in self.objectives.items()
+        )
+
+    def _vision(self, batches: dict[str, Batch]) -> dict[str, dict[str, list[Tensor]]]:
+        """One vision call for every source that needs images -> per source, per view:
+        pooled (B, D), tokens (B, N, D), emb (B, E)."""
+        names: list[tuple[str, int, int]] = []
+        images: list[Tensor] = []
+        conds: list[Tensor | None] = []
+        for name, batch in batches.items():
+            if not self._uses(name, {"image", "views"}):
+                continue
+            views = batch.get("views") or [batch["image"]]
+            augs = batch.get("aug") if batch.get("views") else None
+            names.append((name, len(views), views[0].shape[0]))
+            images += views
+            conds += list(augs) if augs is not None else [None] * len(views)
+        if not images:
+            return {}
+        visual = self.visual
+        cond = None
+        conditioner = self.model.conditioner
+        if conditioner is not None and hasattr(conditioner, "layout"):
+            # Each view is conditioned on its own descriptor (both SimCLR branches); images
+            # without one (a CLIP source's plain image) get the neutral descriptor.
+            neutral = conditioner.layout.neutral_tensor()
+            aug = torch.cat(
+                [
+                    c if c is not None else neutral.expand(v.shape[0], -1)
+                    for c, v in zip(conds, images)
+                ]
+            ).to(images[0].device, images[0].dtype)
+            cond = self.model.condition(aug)
+        feats = visual.forward_features(torch.cat(images), cond)
+        pooled, tokens = feats["pooled"], feats["tokens"]
+        emb = visual.proj(pooled) if visual.proj is not None else pooled
+        out: dict[str, dict[str, list[Tensor]]] = {}
+        start = 0
+        for name, nviews, b in names:
+            sl = [slice(start + i * b, start + (i + 1) * b) for i in range(nviews)]
+            out[name] = {
+                "pooled": [pooled[s] for s in sl],
+                "tokens": [tokens[s] for s in sl],
+                "emb": [emb[s] for s in sl],
+                "cond": [cond[s] if cond is not None else None for s in sl],
+            }
+            start += nviews * b
+        return out
+
+    def _text(self, batches: dict[str, Batch]) -> dict[str, dict[str, Tensor]]:
+        """Text features of every source that needs text -> hidden (B, T, D), emb (B, E).
+
+        Sources of equal text length share one call; different lengths (short captions next
+        to long LM rows) get one call each rather than padding captions to the LM length.
+        """
+        groups: dict[int, list[str]] = {}
+        for name, batch in batches.items():
+            if self._uses(name, {"text"}):
+                groups.setdefault(batch["text"].shape[1], []).append(name)
+        out = {}
+        for names in groups.values():
+            text = torch.cat([batches[n]["text"] for n in names])
+            mask = torch.cat(
+                [
+                    batches[n].get(
+                        "text_mask", torch.ones_like(batches[n]["text"], dtype=torch.bool)
+                    )
+                    for n in names
+                ]
+            )
+            hidden = self.text_tower.forward_tokens(text, mask)  # (B_all, T, D)
+            pooled = self.text_tower.pool(hidden, mask)
+            proj = self.text_tower.proj
+            emb = proj(pooled) if proj is not None else pooled
+            start = 0
+            for n in names:
+                b = batches[n]["text"].shape[0]
+                out[n] = {"hidden": hidden[start : start + b], "emb": emb[start : start + b]}
+                start += b
+        return out
+
+    # ------------------------------------------------------------------ losses
+
+    def _keys(self, obj: ObjectiveConfig, batch: Batch) -> Tensor | None:
+        if obj.positives == "caption":
+            return caption_keys(batch["text"], batch.get("text_mask"))
+        if obj.positives == "label":
+            if batch.get("label") is None:
+                raise ValueError(f"positives='label' needs labels in source {obj.source!r}")
+            return batch["label"]
+        return None
+
+    def _loss(self, key: str, obj: ObjectiveConfig, batch: Batch, vis: dict, txt: dict) -> Tensor:
+        kind = obj.type or key
+        if kind == "simclr":
+            if key in self.heads:
+                z1, z2 = (self.heads[key](p) for p in vis["pooled"][:2])
+            elif self.model.projector is not None:  # the model's own, possibly conditioned
+                z1, z2 = (self.model.project(p, c) for p, c in zip(vis["pooled"], vis["cond"]))
+            else:
+                z1, z2 = vis["emb"][:2]
+            return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
+        if kind in ("clip", "siglip"):
+            return self.losses[key](
+                vis["emb"][0].float(), txt["emb"].float(), self._keys(obj, batch)
+            )
+        if kind == "augself":
+            f1, f2 = vis["pooled"][:2]
+            aug = batch["aug"]
+            return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
+        if kind == "next_token":
+            logits = self.text_tower.head(txt["hidden"])
+            return next_token_loss(
+                logits.float(),
+                batch["text"],
+                batch.get("text_mask"),
+                label_smoothing=obj.label_smoothing,
+            )
+        if kind == "captioning":
+            logits = self._caption_logits(vis["tokens"][0], txt["hidden"], batch)
+            return captioning_loss(
+                logits.float(),
+                batch["text"],
+                batch.get("text_mask"),
+                label_smoothing=obj.label_smoothing,
+            )
+        raise ValueError(f"unknown objective {kind!r}")
+
+    def _caption_logits(self, image_tokens: Tensor, hidden: Tensor, batch: Batch) -> Tensor:
+        caption = self.model.caption
+        assert caption is not None
+        if caption.decoder is None:
+            # prefix mode runs the text tower again, now with the image prefix
+            return self.model.caption_logits(image_tokens, batch["text"], batch.get("text_mask"))
+        # cross mode: reuse the text tower's hidden states of this step (CoCa's split)
+        h = caption.decoder(hidden, is_causal=True, context=image_tokens)
+        return self.text_tower.head(caption.norm(h))
+
+    def forward(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, Tensor]]:
+        """batches: {source name: batch dict of DESIGN.md} -> (weighted loss, metrics)."""
+        vision = self._vision(batches)
+        text = self._text(batches)
+        total: Tensor | None = None
+        metrics: dict[str, Tensor] = {}
+        for key, obj in self.objectives.items():
+            loss = self._loss(
+                key, obj, batches[obj.source], vision.get(obj.source, {}), text.get(obj.source, {})
+            )
+            metrics[f"loss/{key}"] = loss.detach()
+            weighted = obj.weight * loss
+            total = weighted if total is None else total + weighted
+        assert total is not None
+        metrics["loss"] = total.detach()
+        if self.model.logit_scale is not None:
+            metrics["logit_scale"] = self.model.logit_scale.detach().float().exp().reshape(())
+        return total, metrics
+
+
+def promote_scalar_params(module: nn.Module) -> None:
+    """Replace every 0-d parameter of `module` by a (1,)-shaped one holding the same value."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.dim() == 0:
+                sub._parameters[name] = nn.Parameter(p.detach().reshape(1), p.requires_grad)
+
+
+def zero3_external_params(task: Task) -> list[Tensor]:
+    """Parameters used outside their owning module's `__call__`: the direct parameters of the
+    model, its towers and caption decoder, and the tied embedding of the LM head."""
+    model = task.model
+    owners = [model, model.visual, model.text, model.caption]
+    params: list[Tensor] = [p for m in owners if m is not None for p in m.parameters(recurse=False)]
+    if model.text is not None and model.text.lm_head is None:
+        params.append(model.text.token_embed.weight)
+    return params
+
+
+def register_zero3_params(task: Task) -> None:
+    """Have ZeRO-3 gather `zero3_external_params` for the whole of `task.forward`."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for p in zero3_external_params(task):
+        register_external_parameter(task, p)

@@ -1,0 +1,198 @@
+"""Recipes, validation and bad input, the engine's pieces, and `mmssl plan` (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import RECIPES, tiny_overrides
+
+from mmssl.schema import ConfigError
+from mmssl.train.cli import main
+from mmssl.train.engine import WarmupCosine, deepspeed_config, param_groups
+from mmssl.train.recipe import load_recipe, validate
+
+QUICK = str(RECIPES / "quickstart.yaml")
+# each shipped recipe with the world size it is written for
+SHIPPED = {
+    "quickstart": 1,
+    "joint": 1,
+    "simclr_vit_s16": 16,
+    "clip_vit_b16": 64,
+    "gpt_124m": 8,
+    "coca_vit_b16": 64,
+}
+
+
+def test_every_recipe_is_shipped_and_validates() -> None:
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(SHIPPED)
+    for name, world in SHIPPED.items():
+        recipe = load_recipe(RECIPES / f"{name}.yaml")
+        resolved = validate(recipe, world, check_files=False)
+        ds = resolved.ds_config
+        assert ds["train_batch_size"] == recipe.train.global_batch_size
+        assert (
+            ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+            == recipe.train.global_batch_size
+        )
+    for path in (RECIPES / "deepspeed").glob("*.json"):
+        assert set(json.loads(path.read_text())) == {"zero_optimization"}, path
+
+
+def _bad(args: list[str], capsys: pytest.CaptureFixture[str], out: Path) -> str:
+    """Run the CLI on bad input: exit code 2, one stderr line, nothing written."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mmssl train: error: "), err
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
+    return err
+
+
+@pytest.fixture()
+def base(demo_data: str, tmp_path: Path) -> list[str]:
+    return [QUICK, *tiny_overrides(demo_data, str(tmp_path / "runs"), "bad")]
+
+
+def test_unknown_key_suggests(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    err = _bad([*base, "train.stpes=3"], capsys, tmp_path / "runs")
+    assert "'train.stpes'" in err and "'steps'" in err
+    err = _bad([*base, "objectives.clip.temprature=0.5"], capsys, tmp_path / "runs")
+    assert "'objectives.clip.temprature'" in err and "'temperature'" in err
+    err = _bad([*base, "model.overrides.vision.dpth=3"], capsys, tmp_path / "runs")
+    assert "dpth" in err and "'depth'" in err
+
+
+def test_wrong_type(base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _bad([*base, "train.steps=many"], capsys, tmp_path / "runs")
+    assert "train.steps" in err and "integer" in err
+    err = _bad([*base, "precision=fp16"], capsys, tmp_path / "runs")
+    assert "precision" in err
+
+
+def test_batch_not_divisible(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    err = _bad([*base, "train.global_batch_size=20"], capsys, tmp_path / "runs")
+    assert "global_batch_size 20" in err and "micro_batch_size 8" in err
+    recipe = load_recipe(QUICK, tiny_overrides("/x", "/y", "n"))
+    with pytest.raises(ConfigError, match="world size 3"):
+        validate(recipe, 3, check_files=False)
+
+
+def test_missing_shards(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "nowhere" / "train-{000000..000003}.tar")
+    err = _bad([*base, f"data.sources.digits.urls={missing}"], capsys, tmp_path / "runs")
+    assert "data.sources.digits.urls" in err and "nowhere" in err
+
+
+def test_deepspeed_json_conflict(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    conflicts = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_clipping": 0.5,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.1}},
+        "scheduler": {"type": "WarmupLR"},
+        "bf16": {"enabled": True},
+    }
+    for key, value in conflicts.items():
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 1}, key: value}))
+        err = _bad([*base, f"train.deepspeed={path}"], capsys, tmp_path / "runs")
+        assert repr(key) in err
+    # the same value as the recipe is not a conflict
+    recipe = load_recipe(QUICK, tiny_overrides("/x", "/y", "n"))
+    path = tmp_path / "same.json"
+    path.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": 8,
+                "bf16": {"enabled": False},
+            }
+        )
+    )
+    recipe.train.deepspeed = str(path)
+    assert deepspeed_config(recipe, 2)["zero_optimization"] == {"stage": 2}
+
+
+def test_other_bad_input(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    assert "does not exist" in _bad([str(tmp_path / "none.yaml")], capsys, runs)
+    assert "'simclr'" in _bad([*base, "objectives.clip.type=simclar"], capsys, runs)
+    assert "source" in _bad([*base, "objectives.clip.source=nope"], capsys, runs)
+    assert "train.deepspeed" in _bad([*base, "train.deepspeed=zero9"], capsys, runs)
+    assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
+    assert "two views" in _bad([*base, "data.views=0"], capsys, runs)
+
+
+def test_param_groups_no_decay() -> None:
+    """Decay exactly the Linear/Conv weights; norms, biases, embeddings, position tables,
+    class token and logit scale go without (rule written by module type here)."""
+    from mmssl import create_model
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    task = Task(create_model("test_tiny_clip"), {"clip": ObjectiveConfig(type="clip")})
+    expect_decay = {id(m.weight) for m in task.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    decay, no_decay = param_groups(task, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == expect_decay
+    names = {id(p): n for n, p in task.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    for must in (
+        "model.logit_scale",
+        "model.visual.cls_token",
+        "model.visual.pos_embed",
+        "model.text.token_embed.weight",
+        "model.text.pos_embed",
+        "model.visual.norm.weight",
+        "model.visual.patch_embed.proj.bias",
+    ):
+        assert must in skipped
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(task.parameters()))
+
+
+def test_warmup_cosine_values() -> None:
+    f = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert WarmupCosine(0, 10, 0.0, cosine=False)(7) == 1.0
+
+
+def test_plan_matches_zero_formulas(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mmssl plan` for CLIP ViT-B/16 on 64 GPUs: the parameter count of the model built
+    independently, ZeRO-2 memory 2/2/12 bytes per parameter with grads and optimizer / 64,
+    and FLOPs from the vision tower's own counter plus the text tower."""
+    from mmssl.models.registry import create_model
+    from mmssl.train.plan import main as plan_main
+
+    assert plan_main([str(RECIPES / "clip_vit_b16.yaml"), "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        model = create_model("clip_vit_b16")
+    psi = sum(p.numel() for p in model.parameters())
+    assert f"parameters: {psi / 1e6:.2f} M" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert float(lines["parameters"].split()[1]) == pytest.approx(2 * psi / 1e9, abs=0.006)
+    assert float(lines["gradients"].split()[1]) == pytest.approx(2 * psi / 64 / 1e9, abs=0.006)
+    assert float(lines["optimizer"].split()[2]) == pytest.approx(12 * psi / 64 / 1e9, abs=0.006)
+    text_flops = 12 * (2 * 77 * 512 * 512 * 12 + 4 * 77 * 77 * 512)
+    total = model.visual.flops_per_image() + text_flops
+    gflops = float(out.split("FLOPs per sample: ")[1].split()[0])
+    assert gflops == pytest.approx(total / 1e9, rel=0.01)
+    assert plan_main([str(RECIPES / "gpt_124m.yaml"), "--gpus", "7"]) == 2
+    assert "not divisible" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""Single-process training through the real DeepSpeed engine on CPU: a quickstart run on the
+demo data, exact resume, export == live model, and every big recipe for 2 steps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import PYTHON, RECIPES, losses, run, tiny_overrides
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
+]
+QUICK = str(RECIPES / "quickstart.yaml")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    """In-process runs set the one-process group's variables; keep them out of later tests."""
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _train(args: list[str]) -> dict:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(args[0], args[1:])
+    return train(recipe, validate(recipe))
+
+
+def test_quickstart_tiny_trains_and_writes_run(demo_data: str, tmp_path: Path) -> None:
+    """The quickstart recipe (tiny model): loss falls, checkpoints, summary, plot, eval."""
+    from mmssl import load_encoder
+    from mmssl.train.export import export_run
+
+    args = [
+        QUICK,
+        *tiny_overrides(demo_data, str(tmp_path), "qs"),
+        "train.steps=12",
+        "optim.lr=3e-3",
+        "checkpoint.every=5",
+        "checkpoint.keep_last=2",
+        "eval.every=6",
+        "eval.batches=1",
+        "logging.tensorboard=true",
+    ]
+    out = _train(args)
+    run_dir = tmp_path / "qs"
+    curve = losses(run_dir)
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve
+    tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert tags == ["step_00000010", "step_00000012"]
+    for name in ("recipe.yaml", "summary.md", "loss.png", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").iterdir())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/loss" in rows[5] and "eval/loss/clip" in rows[11]
+    summary = (run_dir / "summary.md").read_text()
+    assert "samples/s" in summary and "skipped bad samples: 0" in summary
+
+    # export -> load_encoder gives the live model's features, exactly
+    live = out["engine"].module.model.eval()
+    enc = load_encoder(str(export_run(run_dir)), "vision")
+    text = load_encoder(str(run_dir / "export"), "text")
+    images = torch.rand(4, 3, 32, 32)
+    ids = torch.randint(3, 8192, (4, 16))
+    with torch.no_grad():
+        assert torch.equal(
+            enc.forward_features(images)["pooled"], live.forward_features(images)["pooled"]
+        )
+        assert torch.equal(enc.encode(images), live.encode_image(images))
+        assert torch.equal(text.encode(ids), live.encode_text(ids))
+    cfg = json.loads((run_dir / "export" / "config.json").read_text())
+    assert cfg["descriptor"]["version"] == "v1" and cfg["checkpoint"] == "step_00000012"
+
+
+def test_exact_resume_single_process(demo_data: str, tmp_path: Path) -> None:
+    """Stopped at step 3 and resumed (loader worker, drop_path RNG), a run ends bitwise equal to an
+    uninterrupted one of 6 steps; the loss curves are identical too."""
+    from mmssl.train.export import export_run
+
+    base = [
+        QUICK,
+        *tiny_overrides(demo_data, str(tmp_path), "x"),
+        "train.steps=6",
+        "data.workers=1",
+        "checkpoint.every=0",
+        "model.overrides.vision.block.drop_path=0.1",
+    ]
+    _train([*base, "name=full"])
+    _train([*base, "name=cut", "train.stop_at=3"])
+    _train([*base, "name=cut", "checkpoint.resume=auto"])
+    full = load_file(str(export_run(tmp_path / "full") / "model.safetensors"))
+    cut = load_file(str(export_run(tmp_path / "cut") / "model.safetensors"))
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def _demo_sources(demo: str) -> dict[str, str]:
+    return {
+        "digits": f"{demo}/digits/train-{{000000..000014}}.tar",
+        "text": f"{demo}/text/train-{{000000..000008}}.tar",
+    }
+
+
+def _big_recipe_overrides(name: str, demo: str, out: str) -> list[str]:
+    """Tiny model + demo data + 2 steps on one CPU process, everything else as shipped."""
+    src = _demo_sources(demo)
+    common = [
+        f"out_dir={out}",
+        "train.steps=2",
+        "schedule.warmup_steps=1",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "data.workers=0",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "data.image_size=32",
+    ]
+    clip_text = "text: {vocab_size: 49408, context_length: 16}"
+    per = {
+        "simclr_vit_s16": [
+            "model.name=test_tiny_vit",
+            f"data.sources.imagenet.urls={src['digits']}",
+        ],
+        "clip_vit_b16": [
+            "model.name=test_tiny_clip",
+            f"model.overrides={{{clip_text}}}",
+            f"data.sources.laion.urls={src['digits']}",
+            "data.context_length=16",
+        ],
+        "coca_vit_b16": [
+            "model.name=test_tiny_coca",
+            f"model.overrides={{{clip_text}}}",
+            f"data.sources.laion.urls={src['digits']}",
+            "data.context_length=16",
+        ],
+        "gpt_124m": [
+            "model.name=test_tiny_gpt",
+            "model.overrides={text: {vocab_size: 8192}}",
+            f"data.sources.owt.urls={src['text']}",
+            "data.context_length=32",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=4",
+        ],
+        "joint": [
+            f"data.sources.digits.urls={src['digits']}",
+            f"data.sources.pydoc.urls={src['text']}",
+            "train.deepspeed=zero3",
+            "model.overrides.vision.dim=32",
+            "model.overrides.text.dim=32",
+            "model.overrides.vision.depth=2",
+            "model.overrides.text.depth=2",
+            "model.overrides.embed_dim=16",
+        ],
+    }
+    return [*common, *per[name]]
+
+
+@pytest.mark.parametrize(
+    "name", ["simclr_vit_s16", "clip_vit_b16", "coca_vit_b16", "gpt_124m", "joint"]
+)
+def test_big_recipes_run_two_steps(name: str, demo_data: str, tmp_path: Path) -> None:
+    """Each shipped recipe, scaled to a tiny model and the demo data, trains 2 steps with its
+    own ZeRO stage, precision and activation checkpointing (joint under ZeRO-3)."""
+    out = _train(
+        [str(RECIPES / f"{name}.yaml"), *_big_recipe_overrides(name, demo_data, str(tmp_path))]
+    )
+    assert out["final_step"] == 2
+    curve = losses(tmp_path / name)
+    assert len(curve) == 1 and all(torch.isfinite(torch.tensor(curve)))
+
+
+def test_python_module_launch_and_export_cli(demo_data: str, tmp_path: Path) -> None:
+    """`python -m mmssl.train` with no launcher, then `mmssl export`; `mmssl train` on bad input."""
+    args = tiny_overrides(demo_data, str(tmp_path), "cli") + ["train.steps=2"]
+    res = run([PYTHON, "-m", "mmssl.train", QUICK, *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "samples/s" in res.stdout
+    res = run(
+        [
+            PYTHON,
+            "-m",
+            "mmssl.cli",
+            "export",
+            str(tmp_path / "cli"),
+            "--out",
+            str(tmp_path / "exported"),
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    # bad input at process level: exit 2, one line, no traceback
+    res = run([PYTHON, "-m", "mmssl.cli", "train", QUICK, *args, "train.micro_batch_size=7"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("mmssl train: error: ")
+
+
+def test_other_objectives_zero3_synthetic(tmp_path: Path) -> None:
+    """SigLIP (own scale and bias), AugSelf (descriptor head), SimCLR with a projector and
+    label positives, on the generated `synthetic` source under ZeRO-3 with accumulation;
+    the loss is finite and the task-owned heads are not exported."""
+    from mmssl.train.export import export_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: other\n"
+        f"out_dir: {tmp_path}\n"
+        "model: {name: test_tiny_clip}\n"
+        "data: {views: 2, sources: {train: {urls: synthetic}}}\n"
+        "objectives:\n"
+        "  siglip: {}\n"
+        "  augself: {weight: 0.5, hidden: 16}\n"
+        "  simclr: {projector_dim: 8, positives: label}\n"
+        "train: {steps: 2, global_batch_size: 8, micro_batch_size: 4, deepspeed: zero3}\n"
+        "logging: {every: 1, tensorboard: false, progress: false}\n"
+    )
+    out = _train([str(recipe)])
+    rows = [json.loads(x) for x in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and out["grad_accum"] == 2
+    for key in ("loss/siglip", "loss/augself", "loss/simclr"):
+        assert torch.isfinite(torch.tensor(rows[-1][key])), key
+    weights = load_file(str(export_run(tmp_path / "other") / "model.safetensors"))
+    assert not any(k.startswith(("heads.", "losses.")) for k in weights)

@@ -1,0 +1,74 @@
+"""Helpers of the training tests: tiny recipes over the demo data, runs in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def tiny_overrides(demo: str, out_dir: str, name: str) -> list[str]:
+    """The quickstart recipe scaled to a tiny model on the demo data, a few steps."""
+    return [
+        f"name={name}",
+        f"out_dir={out_dir}",
+        f"data.sources.digits.urls={demo}/digits/train-{{000000..000014}}.tar",
+        f"data.sources.digits_test.urls={demo}/digits/test-{{000000..000003}}.tar",
+        "model.overrides={vision: {dim: 32, depth: 2, num_heads: 2}, "
+        "text: {vocab_size: 8192, context_length: 16, dim: 32, depth: 2, num_heads: 2}, "
+        "embed_dim: 16}",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=8",
+        "schedule.warmup_steps=2",
+        "logging.every=1",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+        "data.workers=0",
+        "eval.every=0",
+    ]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a launched run: no inherited rank variables, one thread per rank."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "ROLE_RANK",
+        )
+    }
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(**env), cwd=str(REPO)
+    )
+
+
+def losses(run_dir: str | Path) -> list[float]:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows]
