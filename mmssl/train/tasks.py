@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmssl.models.condition import DescriptorEncoder
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.models.text import TextTransformer
 from mmssl.models.vision import VisionEncoder
@@ -109,7 +110,7 @@ class Task(nn.Module):
             o.source == source and NEEDS[o.type or k] & what for k, o in self.objectives.items()
         )
 
-    def _vision(self, batches: dict[str, Batch]) -> dict[str, dict[str, list[Tensor]]]:
+    def _vision(self, batches: dict[str, Batch]) -> dict[str, dict[str, list[Any]]]:
         """One vision call for every source that needs images -> per source, per view:
         pooled (B, D), tokens (B, N, D), emb (B, E)."""
         names: list[tuple[str, int, int]] = []
@@ -128,7 +129,7 @@ class Task(nn.Module):
         visual = self.visual
         cond = None
         conditioner = self.model.conditioner
-        if conditioner is not None and hasattr(conditioner, "layout"):
+        if isinstance(conditioner, DescriptorEncoder):
             # Each view is conditioned on its own descriptor (both SimCLR branches); images
             # without one (a CLIP source's plain image) get the neutral descriptor.
             neutral = conditioner.layout.neutral_tensor()
@@ -142,7 +143,7 @@ class Task(nn.Module):
         feats = visual.forward_features(torch.cat(images), cond)
         pooled, tokens = feats["pooled"], feats["tokens"]
         emb = visual.proj(pooled) if visual.proj is not None else pooled
-        out: dict[str, dict[str, list[Tensor]]] = {}
+        out: dict[str, dict[str, list[Any]]] = {}
         start = 0
         for name, nviews, b in names:
             sl = [slice(start + i * b, start + (i + 1) * b) for i in range(nviews)]

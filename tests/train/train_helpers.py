@@ -9,10 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
+
+
+def demo_urls(recipe: str | Path, demo: str) -> list[str]:
+    """Overrides pointing every `data/demo/...` source of a recipe at the session's demo data."""
+    data = yaml.safe_load(Path(recipe).read_text())
+    return [
+        f"data.sources.{name}.urls={demo}/{src['urls'][len('data/demo/') :]}"
+        for name, src in data.get("data", {}).get("sources", {}).items()
+        if str(src.get("urls", "")).startswith("data/demo/")
+    ]
 
 
 def tiny_overrides(demo: str, out_dir: str, name: str) -> list[str]:
@@ -20,8 +32,7 @@ def tiny_overrides(demo: str, out_dir: str, name: str) -> list[str]:
     return [
         f"name={name}",
         f"out_dir={out_dir}",
-        f"data.sources.digits.urls={demo}/digits/train-{{000000..000014}}.tar",
-        f"data.sources.digits_test.urls={demo}/digits/test-{{000000..000003}}.tar",
+        *demo_urls(RECIPES / "quickstart.yaml", demo),
         "model.overrides={vision: {dim: 32, depth: 2, num_heads: 2}, "
         "text: {vocab_size: 8192, context_length: 16, dim: 32, depth: 2, num_heads: 2}, "
         "embed_dim: 16}",
