@@ -17,9 +17,7 @@ no tuning); the settings below were chosen before looking at results.
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import tarfile
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,10 @@ import numpy as np
 import torch
 
 import mmssl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import demo_digits, probe, run_grid  # noqa: E402
+
 from mmssl.data.augment import AugmentConfig, make_views
 from mmssl.eval.sensitivity import centred_cosines, conditioned_simclr_loss, features, omega_usage
 from mmssl.objectives import AugSelfHead
@@ -91,44 +93,6 @@ SINGLE = {
     ),
 }
 TEMPERATURE = 0.2
-
-
-def load_digits(data_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The demo digits (written by `mmssl demo-data`) as uint8 images + digit + colour."""
-    from PIL import Image
-
-    out = {}
-    for split in ("train", "test"):
-        images, digits, colors = [], [], []
-        for shard in sorted((data_dir / "digits").glob(f"{split}-*.tar")):
-            with tarfile.open(shard) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                for name in sorted(n for n in members if n.endswith(".png")):
-                    png = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
-                    meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())  # type: ignore[union-attr]
-                    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-                    images.append(torch.from_numpy(img.copy()).permute(2, 0, 1))
-                    digits.append(meta["digit"])
-                    colors.append(meta["color"])
-        out[split] = {
-            "images": torch.stack(images),
-            "digit": torch.tensor(digits),
-            "color": torch.tensor(colors),
-        }
-    return out
-
-
-def probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
-) -> float:
-    """Accuracy (%) of a logistic regression (C=1) on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_x.numpy())
-    clf = LogisticRegression(max_iter=3000, C=1.0)
-    clf.fit(scaler.transform(train_x.numpy()), train_y.numpy())
-    return 100.0 * float((clf.predict(scaler.transform(test_x.numpy())) == test_y.numpy()).mean())
 
 
 def run(variant: str, seed: int, data: dict, steps: int, batch_size: int) -> dict:
@@ -262,30 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data) if args.data else out / "demo-data"
-    if not (data_dir / "digits" / "manifest.json").exists():
-        from mmssl.data.demo import write_demo
-
-        write_demo(str(data_dir))
-    data = load_digits(data_dir)
-    results = out / "results.jsonl"
-    rows = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    data = demo_digits(Path(args.data) if args.data else out / "demo-data")
+    rows = run_grid(
+        out,
+        args.variants,
+        args.seeds,
+        args.steps,
+        lambda variant, seed: run(variant, seed, data, args.steps, args.batch_size),
     )
-    done = {(r["variant"], r["seed"], r["steps"]) for r in rows}
-    for seed in args.seeds:
-        for variant in args.variants:
-            if (variant, seed, args.steps) in done:
-                continue
-            row = run(variant, seed, data, args.steps, args.batch_size)
-            rows.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(
-                json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
-                flush=True,
-            )
-    print(summarise([r for r in rows if r["steps"] == args.steps], out))
+    print(summarise(rows, out))
     return 0
 
 

@@ -30,9 +30,7 @@ std over seeds) and `results.png`.  All settings were fixed before the first run
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import tarfile
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +39,10 @@ import torch
 from torch import nn
 
 import mmssl
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import demo_digits, probe, run_grid  # noqa: E402
+
 from mmssl.models.lifting import remove_structure, translate, translation_lift
 from mmssl.objectives import nt_xent_loss
 from mmssl.objectives.hssl import gather_fibers, sample_fiber_pairs
@@ -57,39 +59,6 @@ VISION = {
 GRID, WINDOW = 8, 4  # fibers: (GRID - WINDOW + 1)^2 = 5x5 window positions
 REFERENCE = torch.tensor([2, 2])  # e: the window a SimCLR view is read at
 TEMPERATURE = 0.2
-
-
-def load_digits(data_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The demo digits (written by `mmssl demo-data`): uint8 images (N, 3, 32, 32), digits."""
-    from PIL import Image
-
-    out = {}
-    for split in ("train", "test"):
-        images, digits = [], []
-        for shard in sorted((data_dir / "digits").glob(f"{split}-*.tar")):
-            with tarfile.open(shard) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                for name in sorted(n for n in members if n.endswith(".png")):
-                    png = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
-                    meta = tar.extractfile(members[name[:-4] + ".json"]).read()  # type: ignore[union-attr]
-                    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-                    images.append(torch.from_numpy(img.copy()).permute(2, 0, 1))
-                    digits.append(json.loads(meta)["digit"])
-        out[split] = {"images": torch.stack(images), "digit": torch.tensor(digits)}
-    return out
-
-
-def probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
-) -> float:
-    """Accuracy (%) of a logistic regression (C=1) on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_x.numpy())
-    clf = LogisticRegression(max_iter=3000, C=1.0)
-    clf.fit(scaler.transform(train_x.numpy()), train_y.numpy())
-    return 100.0 * float((clf.predict(scaler.transform(test_x.numpy())) == test_y.numpy()).mean())
 
 
 @torch.no_grad()
@@ -221,27 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.data) if args.data else out / "demo-data"
-    if not (data_dir / "digits" / "manifest.json").exists():
-        from mmssl.data.demo import write_demo
-
-        write_demo(str(data_dir))
-    data = load_digits(data_dir)
-    results = out / "results.jsonl"
-    rows = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    data = demo_digits(Path(args.data) if args.data else out / "demo-data")
+    rows = run_grid(
+        out,
+        args.variants,
+        args.seeds,
+        args.steps,
+        lambda variant, seed: run(variant, seed, data, args.steps, args.batch_size),
     )
-    done = {(r["variant"], r["seed"], r["steps"]) for r in rows}
-    for seed in args.seeds:
-        for variant in args.variants:
-            if (variant, seed, args.steps) in done:
-                continue
-            row = run(variant, seed, data, args.steps, args.batch_size)
-            rows.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-    print(summarise([r for r in rows if r["steps"] == args.steps], out))
+    print(summarise(rows, out))
     return 0
 
 
