@@ -25,7 +25,7 @@ import yaml
 
 from mmssl.schema import ConfigError, apply_overrides, from_dict, to_dict
 
-OBJECTIVE_TYPES = ("simclr", "clip", "siglip", "next_token", "captioning", "augself")
+OBJECTIVE_TYPES = ("simclr", "clip", "siglip", "next_token", "captioning", "augself", "hssl")
 # what each objective reads from its source's batch
 NEEDS = {
     "simclr": {"views"},
@@ -34,6 +34,7 @@ NEEDS = {
     "siglip": {"image", "text"},
     "captioning": {"image", "text"},
     "next_token": {"text"},
+    "hssl": {"image"},
 }
 SOURCE_PROVIDES = {
     "image_text": {"image", "text", "views"},
@@ -91,6 +92,12 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0  # next_token, captioning
     projector_dim: int | None = None  # simclr: a task-owned 2-layer MLP head; None: model proj
     hidden: int = 512  # augself head width
+    # hssl: positives are two fibers (pooled `window` x `window` patch windows) of one image's
+    # token grid; `displacement` caps their offset (None: any two positions); structure=false
+    # is the ablation that mixes the fibers by a fixed random map.
+    window: int = 2
+    displacement: int | None = None
+    structure: bool = True
 
 
 @dataclass
@@ -301,7 +308,19 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
             )
         if "views" in NEEDS[kind] and recipe.data.views < 2:
             raise ConfigError(f"{where}: {kind} needs two views; set data.views=2")
-        if kind in ("simclr", "augself", "clip", "siglip", "captioning") and cfg.vision is None:
+        if (
+            kind == "hssl"
+            and cfg.vision is not None
+            and cfg.vision.pos_embed not in ("rope", "none")
+        ):
+            raise ConfigError(
+                f"{where}: hssl needs vision.pos_embed rope or none (an absolute table breaks "
+                f"the shift equivariance its fibers rely on); set vision.attn_window for exactness"
+            )
+        if (
+            kind in ("simclr", "augself", "clip", "siglip", "captioning", "hssl")
+            and cfg.vision is None
+        ):
             raise ConfigError(f"{where}: {kind} needs a vision tower; model has none")
         if kind in ("clip", "siglip", "captioning", "next_token") and cfg.text is None:
             raise ConfigError(f"{where}: {kind} needs a text tower; model has none")
@@ -313,6 +332,7 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
             raise ConfigError(f"{where}: next_token needs the text tower's lm_head=true")
         allowed = {
             "simclr": ("local_loss", "full"),
+            "hssl": ("local_loss", "full"),
             "clip": ("local_loss", "full"),
             "siglip": ("chunked", "local_loss", "full"),
         }.get(kind, ())

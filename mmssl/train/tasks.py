@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mmssl.models.condition import DescriptorEncoder
+from mmssl.models.lifting import remove_structure, translation_lift
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.models.text import TextTransformer
 from mmssl.models.vision import VisionEncoder
@@ -39,6 +40,7 @@ from mmssl.objectives import (
     captioning_loss,
     next_token_loss,
 )
+from mmssl.objectives.hssl import HSSLLoss
 from mmssl.train.recipe import NEEDS, ObjectiveConfig
 
 Batch = dict[str, Any]
@@ -87,6 +89,12 @@ class Task(nn.Module):
                 self.losses[key] = _ModelScaleClipLoss(
                     model, obj.max_logit_scale, gather or "local_loss"
                 )
+            elif kind == "hssl":
+                self.losses[key] = HSSLLoss(
+                    obj.displacement, obj.temperature, gather or "local_loss"
+                )
+                if obj.projector_dim is not None:
+                    self.heads[key] = _projector(vision_dim, obj.projector_dim)
             elif kind == "siglip":
                 self.losses[key] = SigLipLoss(gather=gather or "chunked")
             elif kind == "augself":
@@ -209,6 +217,19 @@ class Task(nn.Module):
             else:
                 z1, z2 = vis["emb"][:2]
             return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
+        if kind == "hssl":
+            grid = self.visual.grid
+            lifted = translation_lift(vis["tokens"][0], (grid, grid), obj.window)
+            if not obj.structure:
+                lifted = remove_structure(lifted)
+            loss_fn = self.losses[key]
+            assert isinstance(loss_fn, HSSLLoss)
+            f1, f2 = loss_fn.sample(lifted)
+            if key in self.heads:
+                f1, f2 = self.heads[key](f1), self.heads[key](f2)
+            elif self.visual.proj is not None:
+                f1, f2 = self.visual.proj(f1), self.visual.proj(f2)
+            return loss_fn(f1.float(), f2.float())
         if kind in ("clip", "siglip"):
             return self.losses[key](
                 vis["emb"][0].float(), txt["emb"].float(), self._keys(obj, batch)

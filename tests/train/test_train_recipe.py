@@ -25,6 +25,7 @@ SHIPPED = {
     "clip_vit_b16": 64,
     "gpt_124m": 8,
     "coca_vit_b16": 64,
+    "hssl_digits": 1,
 }
 
 
