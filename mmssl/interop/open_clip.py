@@ -20,9 +20,8 @@ from mmssl.interop.weights import (
     Rule,
     Source,
     StateDict,
-    build_with_weights,
     keep,
-    read_state_dict,
+    load_peer,
     rename,
     require,
     transpose,
@@ -299,16 +298,11 @@ def load_open_clip(
         Weights alone do not say the activation or head count, so a state dict needs one.
     Compare text as open_clip does by passing `text_mask = text != 0` to `encode_text`.
     """
-    if config is None:
-        if not isinstance(source, nn.Module):
-            raise ValueError(
-                "loading open_clip weights from a state dict or file needs config= "
-                "(an open_clip model name such as 'ViT-B-32', its config dict, or a ModelConfig)"
-            )
-        cfg = open_clip_model_config(source)
-    elif isinstance(config, ModelConfig):
-        cfg = config
-    else:
-        cfg = open_clip_model_config(config)
-    weights = convert_open_clip_state_dict(read_state_dict(source), cfg)
-    return build_with_weights(cfg, weights, PEER)
+    return load_peer(
+        source,
+        config,
+        open_clip_model_config,
+        convert_open_clip_state_dict,
+        PEER,
+        "an open_clip model name such as 'ViT-B-32', its config dict, or a ModelConfig",
+    )

@@ -19,9 +19,8 @@ from torch import nn
 from mmssl.interop.weights import (
     Source,
     StateDict,
-    build_with_weights,
     keep,
-    read_state_dict,
+    load_peer,
     rename,
     require,
 )
@@ -202,16 +201,11 @@ def load_timm_vit(source: Source, config: ModelConfig | str | None = None) -> Mu
     config: a ModelConfig or a timm model name ('vit_small_patch16_224'); optional when
         `source` is a model (read from it).
     """
-    if config is None:
-        if not isinstance(source, nn.Module):
-            raise ValueError(
-                "loading timm weights from a state dict or file needs config= "
-                "(a timm model name such as 'vit_small_patch16_224', or a ModelConfig)"
-            )
-        cfg = timm_vit_config(source)
-    elif isinstance(config, ModelConfig):
-        cfg = config
-    else:
-        cfg = timm_vit_config(config)
-    weights = convert_timm_vit_state_dict(read_state_dict(source), cfg)
-    return build_with_weights(cfg, weights, PEER)
+    return load_peer(
+        source,
+        config,
+        timm_vit_config,
+        convert_timm_vit_state_dict,
+        PEER,
+        "a timm model name such as 'vit_small_patch16_224', or a ModelConfig",
+    )

@@ -170,3 +170,30 @@ def require(package: str) -> Any:
         raise ImportError(
             f"{package} is not installed; install the interop extra: pip install 'mmssl[interop]'"
         ) from None
+
+
+def load_peer(
+    source: Any,
+    config: Any,
+    derive_config: Callable[[Any], ModelConfig],
+    convert: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]],
+    peer: str,
+    config_hint: str,
+) -> MultimodalModel:
+    """The shared shape of every `load_*`: a ModelConfig (given, or derived from the peer model
+    or a peer config name/dict), the converted state dict, and the mmssl model built with it.
+
+    Weights alone do not say the activation or the head count, so a state dict or a file
+    needs `config`; `config_hint` says what the peer accepts there.
+    """
+    if config is None:
+        if not isinstance(source, nn.Module):
+            raise ValueError(
+                f"loading {peer} weights from a state dict or file needs config= ({config_hint})"
+            )
+        cfg = derive_config(source)
+    elif isinstance(config, ModelConfig):
+        cfg = config
+    else:
+        cfg = derive_config(config)
+    return build_with_weights(cfg, convert(read_state_dict(source), cfg), peer)
