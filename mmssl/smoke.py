@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.models.registry import create_model, list_models
+from mmssl.objectives import clip_loss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     b = args.batch_size
     losses: list[torch.Tensor] = []
-    losses_emb: list[torch.Tensor] = []
+    embeddings: list[torch.Tensor] = []
     if model.visual is not None:
         c = model.visual.cfg
         images = torch.randn(b, c.in_chans, c.image_size, c.image_size)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             f"pooled {tuple(feats['pooled'].shape)}, tokens {tuple(feats['tokens'].shape)}, "
             f"embedding {tuple(emb.shape)}"
         )
-        losses_emb.append(emb)
+        embeddings.append(emb)
     if model.text is not None:
         c = model.text.cfg
         text = torch.randint(0, c.vocab_size, (b, min(c.context_length, 32)))
@@ -51,21 +52,16 @@ def main(argv: list[str] | None = None) -> int:
             f"  text: {model.num_params('text'):,} params; text {tuple(text.shape)} -> "
             f"embedding {tuple(emb.shape)}"
         )
-        losses_emb.append(emb)
+        embeddings.append(emb)
         if c.lm_head:
             logits = model.lm_logits(text)
             print(f"  lm: logits {tuple(logits.shape)}")
             losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), text[:, 1:].flatten()))
     if model.logit_scale is not None:
         # A CLIP loss on the pair, so the logit scale gets its gradient too.
-        logits = (
-            model.logit_scale.exp()
-            * F.normalize(losses_emb[0], dim=-1)
-            @ F.normalize(losses_emb[1], dim=-1).T
-        )
-        losses.append(F.cross_entropy(logits, torch.arange(b)))
-    if model.logit_scale is None:
-        losses += [emb.pow(2).mean() for emb in losses_emb]
+        losses.append(clip_loss(embeddings[0], embeddings[1], model.logit_scale.exp()))
+    else:
+        losses += [emb.pow(2).mean() for emb in embeddings]
     t0 = time.perf_counter()
     loss = torch.stack(losses).sum()
     loss.backward()

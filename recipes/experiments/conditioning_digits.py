@@ -31,7 +31,8 @@ from common import demo_digits, probe, run_grid  # noqa: E402
 
 from mmssl.data.augment import AugmentConfig, make_views
 from mmssl.eval.sensitivity import centred_cosines, conditioned_simclr_loss, features, omega_usage
-from mmssl.objectives import AugSelfHead
+from mmssl.objectives import AugSelfHead, nt_xent_loss
+from mmssl.schema import merge
 
 COND = {"dim": 32, "hidden_dim": 64}
 VARIANTS: dict[str, dict] = {
@@ -99,7 +100,7 @@ def run(variant: str, seed: int, data: dict, steps: int, batch_size: int) -> dic
     base = variant.removesuffix("_shuffled")
     shuffled = variant.endswith("_shuffled")
     torch.manual_seed(seed)
-    model = mmssl.create_model("test_tiny_simclr", **mmssl_merge(BASE, VARIANTS[base]))
+    model = mmssl.create_model("test_tiny_simclr", **merge(BASE, VARIANTS[base]))
     head = AugSelfHead(model.cfg.vision.dim, hidden=256) if base == "augself" else None
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
@@ -121,8 +122,6 @@ def run(variant: str, seed: int, data: dict, steps: int, batch_size: int) -> dic
             loss = conditioned_simclr_loss(model, views, augs, TEMPERATURE)
         else:
             f1, f2 = (model.forward_features(v)["pooled"] for v in views)
-            from mmssl.objectives import nt_xent_loss
-
             loss = nt_xent_loss(model.project(f1), model.project(f2), TEMPERATURE)
             loss = loss + head(f1, f2, augs[0], augs[1])
         opt.zero_grad(set_to_none=True)
@@ -166,12 +165,6 @@ def run(variant: str, seed: int, data: dict, steps: int, batch_size: int) -> dic
         {f"cos/{k}": v for k, v in centred_cosines(model, clean["test"], single, mean).items()}
     )
     return row
-
-
-def mmssl_merge(a: dict, b: dict) -> dict:
-    from mmssl.schema import merge
-
-    return merge(a, b)
 
 
 def summarise(rows: list[dict], out: Path) -> str:
