@@ -1,6 +1,6 @@
 """Data pipeline throughput: decode + two augmented views + descriptors, vs two baselines.
 
-    python bench/bench_data.py [--demo DIR] [--samples N] [--size 224]
+    python bench/bench_data.py [--demo DIR] [--samples N] [--size 224] [--torch-ref]
 
 Measured in one process with one thread (a DataLoader worker's budget) as samples per
 CPU-second of this process (`time.process_time`), so other jobs on a shared machine do
@@ -9,11 +9,17 @@ not skew the ratios; on an idle core that equals samples/s.  Methods:
   (`decode_image`) as mmssl, then stacking the batch to float in [0, 1]; no shuffle
   buffer, no caption decode, no augmentation.  A faster reader or decoder speeds up both
   sides, so it lowers the ratio; the ratio prices the views + descriptors + streaming;
-- mmssl: decode + 2 views + v1 descriptors (`build_pipeline`, hue_mode hsv and yiq);
+- mmssl: decode + 2 views + v1 descriptors (`build_pipeline`, hue_mode hsv and yiq), views
+  rendered by the compiled renderer (`mmssl.data.fastviews`) when numba is installed;
+  `--torch-ref` adds the torch reference path (`AugmentConfig(backend="torch")`);
 - webdataset + torchvision: `wds.WebDataset(...).decode("pil")` with the SimCLR/BYOL
   torchvision transforms (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
   GaussianBlur p=0.5) applied twice per sample, then `.batched`.
 Datasets: the demo digits (32 x 32 PNG) and synthetic 224 x 224 JPEGs.
+At 224 px a batch's float tensors are 38 MB (the ceiling's one image) and 77 MB (two
+views): above glibc's 32 MB mmap threshold, so every batch page-faults them in afresh,
+which costs both sides about as much as the decode itself (PyTorch's
+THP_MEM_ALLOC_ENABLE=1 cuts that ~4x; the bench does not set it).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def decode_only(pattern: str, n: int) -> float:
     return 0.0
 
 
-def mmssl_views(pattern: str, n: int, size: int, hue_mode: str) -> float:
+def mmssl_views(pattern: str, n: int, size: int, hue_mode: str, backend: str = "auto") -> float:
     pl = build_pipeline(
         pattern,
         batch_size=BATCH,
@@ -87,7 +93,7 @@ def mmssl_views(pattern: str, n: int, size: int, hue_mode: str) -> float:
         num_views=2,
         return_image=False,
         shuffle=1,
-        augment=AugmentConfig(hue_mode=hue_mode),
+        augment=AugmentConfig(hue_mode=hue_mode, backend=backend),
     )
     it = iter(pl)
     next(it)  # warm-up: opens shards, first-call allocations
@@ -138,7 +144,7 @@ def webdataset_views(pattern: str, n: int, size: int) -> float:
     return done / (time.process_time() - t)
 
 
-def run(name: str, pattern: str, n: int, size: int, rounds: int) -> None:
+def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool) -> None:
     """Best of `rounds` interleaved rounds: the machine may be shared, so alternate."""
     methods = {
         "decode": lambda: decode_only(pattern, n),
@@ -146,23 +152,35 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int) -> None:
         "yiq": lambda: mmssl_views(pattern, n, size, "yiq"),
         "wds": lambda: webdataset_views(pattern, n, size),
     }
+    if torch_ref:
+        methods["hsv torch"] = lambda: mmssl_views(pattern, n, size, "hsv", "torch")
+        methods["yiq torch"] = lambda: mmssl_views(pattern, n, size, "yiq", "torch")
     decode_only(pattern, BATCH)  # warm-up: imports and first-call allocations
     best = {k: 0.0 for k in methods}
     for _ in range(rounds):
         for k, f in methods.items():
             best[k] = max(best[k], f())
-    dec, hsv, yiq, wd = best["decode"], best["hsv"], best["yiq"], best["wds"]
+    dec, wd = best["decode"], best["wds"]
     print(
         f"\n{name}: {n} samples x best of {rounds} rounds, batch {BATCH}, 1 thread, samples per CPU-second"
     )
     print(f"  decode only (ceiling)        {dec:9.0f} samples/s  (same reader + decoder, no views)")
-    for label, v in (("hsv", hsv), ("yiq", yiq)):
+    renderer = "numba" if _has_numba() else "torch: numba not installed"
+    for label in [k for k in best if k not in ("decode", "wds")]:
+        v = best[label]
+        path = "torch" if label.endswith("torch") else renderer
         print(
-            f"  mmssl 2 views + desc ({label})   {v:9.0f} samples/s  {v / dec:5.2f}x decode  "
-            f"{v / wd:5.2f}x webdataset"
+            f"  mmssl 2 views + desc ({label[:3]})   {v:9.0f} samples/s  {v / dec:5.2f}x decode  "
+            f"{v / wd:5.2f}x webdataset  [{path}]"
         )
     print(f"  webdataset + torchvision     {wd:9.0f} samples/s")
     sys.stdout.flush()
+
+
+def _has_numba() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["demo", "jpeg"], default=None)
+    parser.add_argument(
+        "--torch-ref", action="store_true", help="also time the torch reference renderer"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
@@ -183,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             write_demo(demo)
         if args.only in (None, "demo"):
             digits = os.path.join(demo, "digits", "train-{000000..000014}.tar")
-            run("demo digits 32 px PNG", digits, args.samples, 32, args.rounds)
+            run("demo digits 32 px PNG", digits, args.samples, 32, args.rounds, args.torch_ref)
         if args.only in (None, "jpeg"):
             pattern = synthetic_jpegs(os.path.join(tmp, "syn"), 256, args.size)
             n = max(256, args.samples // 8)
-            run(f"synthetic {args.size} px JPEG", pattern, n, args.size, args.rounds)
+            run(
+                f"synthetic {args.size} px JPEG", pattern, n, args.size, args.rounds, args.torch_ref
+            )
     print(f"load average at end: {os.getloadavg()[0]:.2f} (1 min)")
     return 0
 

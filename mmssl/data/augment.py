@@ -20,30 +20,34 @@ Descriptor (v1, `mmssl.descriptor.DESCRIPTOR_V1`, 13 dims):
 The neutral descriptor (no augmentation) is `DESCRIPTOR_V1.neutral`:
 blur 0, color 0 0 0 0, color_diff 0 0 0, crop 0.5 0.5 1 1, grayscale 0.
 
-Speed: when a batch shares one source size, crop + resize + flip + blur are two batched
-matmuls with per-view resampling matrices for views up to 64 px, and one `grid_sample`
-plus a grouped-convolution blur above (else one antialiased resize per view and a
-separate blur); the jitter and grayscale of a view fold into a single 3x4
-colour matrix (contrast uses the analytically propagated mean), applied to all views with
-one `baddbmm` and clamped once.  torchvision clamps after every op instead; the results
-agree whenever no intermediate value leaves [0, 1].  `hue_mode="hsv"` (default) shifts
-hue exactly in HSV like torchvision; `hue_mode="yiq"` folds hue into the colour matrix as
-a YIQ chroma rotation (as NVIDIA DALI does), which is faster and approximate.
+Speed: a batch of one source size goes to the compiled renderer `mmssl.data.fastviews`
+(numba; crop, resize, flip, blur, colour and descriptor of a view in one loop nest) when
+numba is installed; `AugmentConfig.backend` picks it ("numba"), this module's torch
+path ("torch") or the first that applies ("auto").  The torch path is the reference:
+crop + resize + flip + blur are two batched matmuls with per-view resampling matrices for
+views up to 64 px, and one `grid_sample` plus a grouped-convolution blur above (a mixed-
+size batch: one antialiased resize per view and a separate blur); the jitter and
+grayscale of a view fold into a single 3x4 colour matrix (contrast uses the analytically
+propagated mean), applied to all views with one `baddbmm` and clamped once.  torchvision
+clamps after every op instead; the results agree whenever no intermediate value leaves
+[0, 1].  `hue_mode="hsv"` (default) shifts hue exactly in HSV like torchvision;
+`hue_mode="yiq"` folds hue into the colour matrix as a YIQ chroma rotation (as NVIDIA
+DALI does), which is faster and approximate.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.data.colorops import hsv_shift, yiq_hue_matrix
-
-_GRAY = np.array([0.299, 0.587, 0.114])
-_TO_GRAY = np.outer(np.ones(3), _GRAY)  # x -> gray(x) in every channel
+from mmssl.data.colorops import apply_color
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,11 @@ class AugmentConfig:
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
     hue_mode: str = "hsv"
+    backend: str = "auto"  # "auto" | "numba" | "torch": who renders (same views)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", "numba", "torch"):
+            raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {self.backend!r}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"hue strength must be in [0, 0.5], got {self.hue}")
         if self.hue_mode not in ("hsv", "yiq"):
@@ -102,35 +109,45 @@ class ViewParams:
         )
 
 
-def sample_params(
-    rng: np.random.Generator, sizes: list[tuple[int, int]], cfg: AugmentConfig
-) -> ViewParams:
-    """Draw one view's parameters for each source size (H, W), torchvision semantics."""
-    b = len(sizes)
-    hw = np.array(sizes, dtype=np.float64).reshape(b, 2)
-    area = hw[:, 0] * hw[:, 1]
-    # RandomResizedCrop: 10 tries per image, vectorised; fall back to a centre crop
-    tries = 10
-    target = area[:, None] * rng.uniform(cfg.scale[0], cfg.scale[1], (b, tries))
-    logr = np.log(cfg.ratio)
-    aspect = np.exp(rng.uniform(logr[0], logr[1], (b, tries)))
+def _crop_boxes(
+    hw: np.ndarray, scale: np.ndarray, aspect: np.ndarray, u: np.ndarray, r0: float, r1: float
+) -> np.ndarray:
+    """RandomResizedCrop boxes (B, 4) top, left, height, width from the draws of
+    `sample_params`: hw (B, 2) source sizes, scale/aspect (B, T) per try, u (B, T, 2)
+    positions; the first try that fits, else a centre crop at the clamped aspect ratio."""
+    b = len(hw)
+    target = (hw[:, 0] * hw[:, 1])[:, None] * scale
     w = np.round(np.sqrt(target * aspect))
     h = np.round(np.sqrt(target / aspect))
     ok = (w > 0) & (h > 0) & (w <= hw[:, 1:2]) & (h <= hw[:, 0:1])
-    u = rng.random((b, tries, 2))
     hit = ok.any(axis=1)
     t = ok.argmax(axis=1)  # first successful try
     rows = np.arange(b)
     H, W = hw[:, 0], hw[:, 1]
     ch, cw = h[rows, t], w[rows, t]
-    # no success in 10 tries: centre crop at the clamped aspect ratio, as torchvision
     r = W / H
-    fw = np.where(r < cfg.ratio[0], W, np.where(r > cfg.ratio[1], np.round(H * cfg.ratio[1]), W))
-    fh = np.where(r < cfg.ratio[0], np.round(W / cfg.ratio[0]), H)
+    fw = np.where(r < r0, W, np.where(r > r1, np.round(H * r1), W))
+    fh = np.where(r < r0, np.round(W / r0), H)
     ch, cw = np.where(hit, ch, fh), np.where(hit, cw, fw)
     top = np.where(hit, np.floor(u[rows, t, 0] * (H - ch + 1)), (H - ch) // 2)
     left = np.where(hit, np.floor(u[rows, t, 1] * (W - cw + 1)), (W - cw) // 2)
-    box = np.stack([top, left, ch, cw], axis=1).astype(np.int64)
+    return np.stack([top, left, ch, cw], axis=1).astype(np.int64)
+
+
+def sample_params(
+    rng: np.random.Generator, sizes: list[tuple[int, int]] | np.ndarray, cfg: AugmentConfig
+) -> ViewParams:
+    """Draw one view's parameters for each source size (H, W) (list or (B, 2) array),
+    torchvision semantics."""
+    b = len(sizes)
+    hw = np.array(sizes, dtype=np.float64).reshape(b, 2)
+    # RandomResizedCrop: 10 tries per image, vectorised; fall back to a centre crop
+    scale = rng.uniform(cfg.scale[0], cfg.scale[1], (b, 10))
+    logr = np.log(cfg.ratio)
+    aspect = np.exp(rng.uniform(logr[0], logr[1], (b, 10)))
+    u = rng.random((b, 10, 2))
+    fast = _fast_module() if cfg.backend != "torch" else None
+    box = (fast.crop_boxes if fast else _crop_boxes)(hw, scale, aspect, u, *cfg.ratio)
     jitter = rng.random(b) < cfg.jitter_p
     lo = lambda s: max(0.0, 1.0 - s)  # noqa: E731
     factors = np.stack(
@@ -234,90 +251,6 @@ def _crop_resize(images: list[Tensor], p: ViewParams, size: int) -> Tensor:
     return _blur(out, p.sigma)
 
 
-def _compose(
-    order: np.ndarray, f: np.ndarray, mean: np.ndarray, active: np.ndarray, hue_mode: str
-) -> np.ndarray:
-    """(n, 3, 4) affine maps [M | c] of the active jitter steps, composed in `order`.
-
-    order (n, 4) op per step (0 brightness, 1 contrast, 2 saturation, 3 hue), f (n, 4)
-    factors by op, mean (n, 3) channel means of the input, active (n, 4) by step.
-    Closed form instead of a product over steps: brightness and contrast scale by a
-    scalar, saturation blends with grey and the YIQ hue turns chroma, so the linear parts
-    commute; saturation, hue and contrast keep the grey mean, so the mean contrast blends
-    towards is the input's times the brightness factor if brightness ran first, and the
-    constant it adds is scaled by brightness if that runs later.
-    """
-    step = np.argsort(order, axis=1)  # (n, 4) step of each op
-    on = np.take_along_axis(active, step, axis=1)  # (n, 4) by op
-    fb, fc, fs = (np.where(on[:, k], f[:, k], 1.0) for k in range(3))
-    bright_first = step[:, 0] < step[:, 1]
-    gmean = (mean @ _GRAY) * np.where(bright_first, fb, 1.0)
-    offset = (1.0 - fc) * gmean * np.where(bright_first, 1.0, fb)
-    scale = fb * fc
-    m = (scale * fs)[:, None, None] * np.eye(3) + (scale * (1.0 - fs))[:, None, None] * _TO_GRAY
-    if hue_mode == "yiq":
-        hue = on[:, 3] & (f[:, 3] != 0)
-        if hue.any():
-            m[hue] = m[hue] @ yiq_hue_matrix(f[hue, 3])
-    return np.concatenate([m, np.repeat(offset[:, None, None], 3, axis=1)], axis=2)
-
-
-def _affine(x: Tensor, mc: np.ndarray) -> Tensor:
-    """x (N, 3, S, S) -> clamp(M x + c) per view with mc (N, 3, 4): one batched matmul."""
-    n = x.shape[0]
-    t = torch.from_numpy(mc).float()
-    y = torch.baddbmm(t[:, :, 3:], t[:, :, :3], x.reshape(n, 3, -1))
-    return y.clamp_(0.0, 1.0).view_as(x)
-
-
-def _apply_color(x: Tensor, p: ViewParams, hue_mode: str) -> Tensor:
-    """Jitter (random order) then grayscale, on the views that have any colour op."""
-    sel = np.flatnonzero(p.jitter | p.gray)
-    if sel.size == 0:
-        return x
-    if sel.size > len(p.gray) // 2:  # identity maps are exact and cheaper than gather/scatter
-        sel = np.arange(len(p.gray))
-    idx = torch.from_numpy(sel)
-    y = x[idx] if sel.size < len(p.gray) else x
-    means = y.mean(dim=(2, 3)).double().numpy()  # (n, 3)
-    order, f, gray = p.order[sel], p.factors[sel], p.gray[sel]
-    steps = np.broadcast_to(p.jitter[sel][:, None], (sel.size, 4))
-    if hue_mode == "hsv":
-        # the exact hue shift is not affine: compose the steps before it, shift, then after
-        split = steps[:, 0] & (f[:, 3] != 0)
-        pos = np.argmax(order == 3, axis=1)
-        before = steps & (np.arange(4) < pos[:, None])
-        after = steps & (np.arange(4) > pos[:, None])
-        pre_steps = np.where(split[:, None], before, steps & (order != 3))
-        pre = _compose(order, f, means, pre_steps, hue_mode)
-        pre[gray & ~split] = _TO_GRAY @ pre[gray & ~split]
-        y = _affine(y, pre)
-        if 2 * split.sum() > split.size:
-            # most views shift hue: shifting all (by 0 elsewhere, exact up to rounding, with
-            # identity post maps) is cheaper than a gather and a scatter
-            shift = np.where(split, f[:, 3], 0.0)
-            z = hsv_shift(y, torch.from_numpy(shift).float())
-            zmean = z.mean(dim=(2, 3)).double().numpy()
-            post = _compose(order, f, zmean, after & split[:, None], hue_mode)
-            post[gray & split] = _TO_GRAY @ post[gray & split]
-            y = _affine(z, post)
-        elif split.any():
-            rows = torch.from_numpy(np.flatnonzero(split))
-            z = hsv_shift(y[rows], torch.from_numpy(f[split, 3]).float())
-            zmean = z.mean(dim=(2, 3)).double().numpy()
-            post = _compose(order[split], f[split], zmean, after[split], hue_mode)
-            post[gray[split]] = _TO_GRAY @ post[gray[split]]
-            y[rows] = _affine(z, post)
-    else:
-        pre = _compose(order, f, means, steps, hue_mode)
-        pre[gray] = _TO_GRAY @ pre[gray]
-        y = _affine(y, pre)
-    if sel.size < len(p.gray):
-        x[idx] = y
-        return x
-    return y
-
-
 def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
     """Separable Gaussian blur of the views with sigma > 0 (reflect padding)."""
     sel = np.flatnonzero(sigma > 0)
@@ -349,13 +282,67 @@ def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
     return x
 
 
+@functools.cache
+def _fast_module() -> Any:
+    """`mmssl.data.fastviews`, or None without numba (imported on first use, not at import)."""
+    try:
+        from mmssl.data import fastviews
+    except ImportError:
+        return None
+    return fastviews
+
+
+def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Tensor | None:
+    """The images stacked (M, H, W, 3) when the compiled renderer applies, else None."""
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    if backend == "torch" or not images:
+        return None
+    fast = _fast_module()
+    if fast is None:
+        if backend == "numba":
+            raise ImportError("backend='numba' needs numba (pip install numba)")
+        return None
+    try:
+        src = fast.stack_hwc(images)
+    except RuntimeError:  # mixed sizes
+        src = None
+    # mixed sizes and big downscales: the torch path resamples per view, antialiased
+    if (
+        src is None
+        or src.dtype != torch.uint8
+        or src.shape[3] != 3
+        or max(src.shape[1:3]) > 1.5 * size
+    ):
+        if backend == "numba":
+            raise ValueError(
+                "backend='numba' needs uint8 (3, H, W) images of one size, at most 1.5x the view size"
+            )
+        return None
+    return src
+
+
 def apply_params(
-    images: list[Tensor], p: ViewParams, size: int, hue_mode: str = "hsv", solarize_t: float = 0.5
+    images: list[Tensor],
+    p: ViewParams,
+    size: int,
+    hue_mode: str = "hsv",
+    solarize_t: float = 0.5,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Render views and descriptors: images uint8 (3, H, W) each -> (B, 3, size, size), (B, 13)."""
+    """Render views and descriptors: images uint8 (3, H, W) each -> (B, 3, size, size), (B, 13).
+
+    backend: "torch" (the reference), "numba" (`mmssl.data.fastviews`, compiled; needs
+    numba and images of one size) or "auto" (numba where it applies, else torch).
+    """
+    first: dict[int, int] = {}  # an image passed once per view is read once
+    vsrc = np.array([first.setdefault(id(im), len(first)) for im in images], dtype=np.int64)
+    src = _stack_for_fast(list({id(im): im for im in images}.values()), size, backend)
+    if src is not None:
+        return _fast_module().render_views(src, vsrc, p, size, hue_mode, solarize_t)
     x = _crop_resize(images, p, size)
     before = x.mean(dim=(2, 3))
-    x = _apply_color(x, p, hue_mode)
+    x = apply_color(x, p, hue_mode)
     diff = x.mean(dim=(2, 3)) - before  # (B, 3)
     if p.solarize.any():
         idx = torch.from_numpy(np.flatnonzero(p.solarize))
@@ -389,18 +376,38 @@ def descriptor(p: ViewParams, sizes: list[tuple[int, int]], color_diff: Tensor) 
 
 
 def make_views(
-    images: list[Tensor], num_views: int, size: int, cfg: AugmentConfig, rng: np.random.Generator
+    images: list[Tensor],
+    num_views: int,
+    size: int,
+    cfg: AugmentConfig | Sequence[AugmentConfig],
+    rng: np.random.Generator,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """`num_views` augmented views of a batch: lists of (B, 3, size, size) and (B, 13).
 
     All views of the batch are rendered in one pass (V * B rows) to share op overheads.
+    `cfg` may be a sequence of one config per view (BYOL-style asymmetric views); each
+    view is then rendered in its own pass.
     """
     if num_views < 1:
         return [], []
+    if not isinstance(cfg, AugmentConfig):
+        if len(cfg) != num_views:
+            raise ValueError(f"{len(cfg)} augment configs for {num_views} views")
+        per_view = [make_views(images, 1, size, c, rng) for c in cfg]
+        return [v[0][0] for v in per_view], [v[1][0] for v in per_view]
     b = len(images)
-    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-    p = sample_params(rng, sizes * num_views, cfg)
-    x, d = apply_params(images * num_views, p, size, cfg.hue_mode, cfg.solarize_threshold)
+    src = _stack_for_fast(images, size, cfg.backend)
+    if src is not None:
+        p = sample_params(rng, np.broadcast_to(src.shape[1:3], (b * num_views, 2)), cfg)
+        vsrc = np.tile(np.arange(b), num_views)
+        fast = _fast_module().render_views
+        x, d = fast(src, vsrc, p, size, cfg.hue_mode, cfg.solarize_threshold)
+    else:
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        p = sample_params(rng, sizes * num_views, cfg)
+        x, d = apply_params(
+            images * num_views, p, size, cfg.hue_mode, cfg.solarize_threshold, backend="torch"
+        )
     return list(x.split(b)), list(d.split(b))
 
 

@@ -1,4 +1,8 @@
-"""Augmentations: descriptors from known parameters, flip, identity, colour vs torchvision."""
+"""Augmentations: descriptors from known parameters, flip, identity, colour vs torchvision.
+
+Tests that render views run on both backends: the torch reference path and the compiled
+one (`mmssl.data.fastviews`, skipped with a reason when numba is not installed).
+"""
 
 from __future__ import annotations
 
@@ -19,20 +23,27 @@ from mmssl.data.augment import (
 from mmssl.descriptor import DESCRIPTOR_V1, check_descriptor
 
 
+@pytest.fixture(params=["torch", "numba"])
+def backend(request):
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="the compiled view renderer needs numba")
+    return request.param
+
+
 def _images(n: int, h: int = 16, w: int = 16, lo: int = 64, hi: int = 192) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(lo, hi, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(n)]
 
 
-def test_identity_gives_neutral_vector_and_unchanged_image():
+def test_identity_gives_neutral_vector_and_unchanged_image(backend):
     imgs = _images(3)
     p = ViewParams.identity([(16, 16)] * 3)
-    views, desc = apply_params(imgs, p, 16)
+    views, desc = apply_params(imgs, p, 16, backend=backend)
     assert torch.allclose(desc, DESCRIPTOR_V1.neutral_tensor(3), atol=1e-6)
     assert torch.allclose(views, torch.stack(imgs).float() / 255, atol=1e-5)
 
 
-def test_known_parameters_give_expected_vector():
+def test_known_parameters_give_expected_vector(backend):
     imgs = _images(1, 20, 40)
     p = ViewParams.identity([(20, 40)])
     p.box[0] = (2, 10, 10, 20)  # top, left, h, w
@@ -40,7 +51,7 @@ def test_known_parameters_give_expected_vector():
     p.factors[0] = (1.2, 0.9, 1.1, 0.05)
     p.gray[0] = True
     p.sigma[0] = 0.7
-    _, desc = apply_params(imgs, p, 8)
+    _, desc = apply_params(imgs, p, 28, backend=backend)
     d = desc[0].tolist()
     check_descriptor(desc)
     assert d[0] == pytest.approx(0.7)
@@ -49,34 +60,35 @@ def test_known_parameters_give_expected_vector():
     assert d[12] == 1.0
 
 
-def test_flip_mirrors_centre_x_and_the_pixels():
+def test_flip_mirrors_centre_x_and_the_pixels(backend):
     imgs = _images(1, 16, 24)
     p = ViewParams.identity([(16, 24)])
     p.box[0] = (0, 3, 12, 12)
-    v0, d0 = apply_params(imgs, p, 12)
+    p.sigma[0] = 1.2  # a blurred flip mirrors too
+    v0, d0 = apply_params(imgs, p, 16, backend=backend)
     p.flip[0] = True
-    v1, d1 = apply_params(imgs, p, 12)
+    v1, d1 = apply_params(imgs, p, 16, backend=backend)
     assert d1[0, 9].item() == pytest.approx(1 - d0[0, 9].item())
     assert torch.equal(d0[0, [8, 10, 11]], d1[0, [8, 10, 11]])
     assert torch.allclose(v1, v0.flip(-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("hue_mode", ["hsv", "yiq"])
-def test_color_diff_is_measured_mean_change(hue_mode):
+def test_color_diff_is_measured_mean_change(hue_mode, backend):
     imgs = _images(8)
     cfg = AugmentConfig(jitter_p=1.0, grayscale_p=0.5, blur_p=0.0, hue=0.5, hue_mode=hue_mode)
     p = sample_params(np.random.default_rng(1), [(16, 16)] * 8, cfg)
-    views, desc = apply_params(imgs, p, 16, hue_mode)
+    views, desc = apply_params(imgs, p, 16, hue_mode, backend=backend)
     p_nocolor = ViewParams(
         p.box, p.flip, p.jitter * False, p.factors, p.order, p.gray * False, p.sigma, p.solarize
     )
-    plain, _ = apply_params(imgs, p_nocolor, 16, hue_mode)
+    plain, _ = apply_params(imgs, p_nocolor, 16, hue_mode, backend="torch")
     measured = views.mean(dim=(2, 3)) - plain.mean(dim=(2, 3))
     assert torch.allclose(desc[:, 5:8], measured, atol=1e-5)
     assert measured.abs().max() > 1e-3
 
 
-def test_fused_colour_matches_torchvision_sequence():
+def test_fused_colour_matches_torchvision_sequence(backend):
     """Mid-range pixels and mild factors: no intermediate clamping, so exact agreement."""
     imgs = _images(12)
     cfg = AugmentConfig(
@@ -86,7 +98,7 @@ def test_fused_colour_matches_torchvision_sequence():
     p.box[:] = (0, 0, 16, 16)
     p.flip[:] = False
     p.sigma[:] = 0
-    views, _ = apply_params(imgs, p, 16, "hsv")
+    views, _ = apply_params(imgs, p, 16, "hsv", backend=backend)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i, im in enumerate(imgs):
         y = im.float() / 255
@@ -97,7 +109,7 @@ def test_fused_colour_matches_torchvision_sequence():
         assert torch.allclose(views[i], y, atol=2e-4), i
 
 
-def test_batched_crop_matches_roi_align():
+def test_batched_crop_matches_roi_align(backend):
     """The grid_sample crop equals torchvision's roi_align (bilinear at bin centres)."""
     from torchvision.ops import roi_align
 
@@ -113,7 +125,7 @@ def test_batched_crop_matches_roi_align():
         p.sigma * 0,
         p.solarize * False,
     )
-    fast = apply_params(imgs, plain, 24)[0]
+    fast = apply_params(imgs, plain, 24, backend=backend)[0]
     x = torch.stack(imgs).float() / 255
     t, l, h, w = (torch.from_numpy(p.box[:, k]).float() for k in range(4))
     boxes = torch.stack([torch.arange(6.0), l, t, l + w, t + h], dim=1)
@@ -165,10 +177,14 @@ def test_bad_config():
         AugmentConfig(hue=0.6)
     with pytest.raises(ValueError, match="hue_mode"):
         AugmentConfig(hue_mode="lab")
+    with pytest.raises(ValueError, match="backend"):
+        AugmentConfig(backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        apply_params(_images(1), ViewParams.identity([(16, 16)]), 16, backend="cuda")
 
 
 @pytest.mark.parametrize("sizes", [[(20, 20)] * 3, [(20, 20), (20, 22), (21, 20)]])
-def test_blur_matches_torchvision(sizes):
+def test_blur_matches_torchvision(sizes, backend):
     """Blur folded into the resampling (same-size batch) or applied after it (mixed sizes)
     equals torchvision's gaussian_blur with the same kernel size and sigma."""
     g = torch.Generator().manual_seed(1)
@@ -176,7 +192,11 @@ def test_blur_matches_torchvision(sizes):
     p = ViewParams.identity(sizes)
     p.box[:] = (0, 0, 20, 20)
     p.sigma[:] = (0.8, 0.0, 1.7)
-    views, desc = apply_params(imgs, p, 20)
+    if backend == "numba" and len(set(sizes)) > 1:
+        with pytest.raises(ValueError, match="images of one size"):
+            apply_params(imgs, p, 20, backend=backend)
+        backend = "auto"  # a mixed-size batch takes the torch path
+    views, desc = apply_params(imgs, p, 20, backend=backend)
     for i, im in enumerate(imgs):
         ref = im[:, :20, :20].float() / 255
         if p.sigma[i] > 0:
@@ -185,7 +205,7 @@ def test_blur_matches_torchvision(sizes):
     assert desc[:, 0].tolist() == pytest.approx([0.8, 0.0, 1.7])
 
 
-def test_large_view_path_matches_roi_align_and_torchvision_blur():
+def test_large_view_path_matches_roi_align_and_torchvision_blur(backend):
     """Views above 64 px take grid_sample + convolution blur; same maths as the small path."""
     from torchvision.ops import roi_align
 
@@ -194,7 +214,7 @@ def test_large_view_path_matches_roi_align_and_torchvision_blur():
     p.jitter[:] = False
     p.gray[:] = False
     p.sigma[:] = (0.0, 1.3, 0.0)
-    views, _ = apply_params(imgs, p, 72)
+    views, _ = apply_params(imgs, p, 72, backend=backend)
     x = torch.stack(imgs).float() / 255
     t, l, h, w = (torch.from_numpy(p.box[:, k]).float() for k in range(4))
     boxes = torch.stack([torch.arange(3.0), l, t, l + w, t + h], dim=1)

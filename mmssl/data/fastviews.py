@@ -1,0 +1,351 @@
+"""Compiled view rendering (numba): crop, resize, flip, blur, colour, descriptor in one pass.
+
+The fast path of `mmssl.data.augment.apply_params` for batches whose images share one
+size.  It computes the maths of the torch path there, which stays the reference:
+
+- resampling: bilinear at pixel centres with border clamp (grid_sample / roi_align), the
+  Gaussian blur (reflect padding, SimCLR kernel size) folded into the same separable
+  weights; per view and axis only the band of source pixels that a row reads;
+- colour: `mmssl.data.fastcolor` (jitter in random order, grayscale, exact HSV hue);
+- the v1 descriptor of each view (`mmssl.data.augment.descriptor`), with `color_diff`
+  from the channel means before and after the colour ops.
+
+Why compiled: at 32 px a view is 3 K floats, so the ~60 torch ops of the reference path
+cost mostly dispatch, and its HSV shift takes ~30 full passes; one loop nest per view
+keeps the view in L1 and LLVM vectorises the pixel loops.  Compilation (~15-25 s of CPU)
+is cached on disk (`cache=True`) once per environment; `mmssl.data.augment` imports this
+module on first use only.  The kernels avoid np.argsort, array-to-array slice assignment
+and global arrays: each pulls in seconds of extra compilation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numba
+import numpy as np
+import torch
+
+from mmssl.data.fastcolor import _HUE_BASIS, _JIT, _color
+
+if TYPE_CHECKING:
+    from mmssl.data.augment import ViewParams
+
+_LIVE = 1e-10  # weights below this are dropped from a band
+
+
+@numba.njit(**_JIT)
+def _band(
+    start: float,
+    length: float,
+    src_len: int,
+    size: int,
+    sigma: float,
+    ksize: int,
+    lo: np.ndarray,
+    w: np.ndarray,
+    scratch: np.ndarray,
+) -> int:  # pragma: no cover
+    """Separable weights of one view along one axis: out[i] = sum_t w[i, t] src[lo[i] + t].
+
+    start/length: the crop along this axis in source pixels.  Fills lo (size,) and
+    w[:, :taps]; returns taps.  scratch: float64 (>= 2 size + ksize) work space.
+    Kernel taps below 1e-10 are dropped (they change no float32 value).
+    """
+    r = ksize // 2 if sigma > 0 else 0
+    ker = scratch[: 2 * r + 1]
+    fr = scratch[2 * r + 1 : 2 * r + 1 + size]
+    i0 = scratch[2 * r + 1 + size : 2 * r + 1 + 2 * size]  # integers, stored as floats
+    for q in range(size):
+        u = min(max(start + (q + 0.5) / size * length - 0.5, 0.0), src_len - 1.0)
+        i0[q] = np.floor(u)
+        fr[q] = u - i0[q]
+    if r == 0 and src_len > 1:  # no blur: two taps, the common case made cheap
+        for i in range(size):
+            j0 = int(i0[i])
+            lo[i] = min(j0, src_len - 2)  # j0 = src_len - 1 only with a weight of 0 after it
+            w[i, j0 - lo[i]] = 1.0 - fr[i]
+            w[i, 1 - (j0 - lo[i])] = fr[i]
+        return 2
+    ker[0] = 1.0
+    if r > 0:
+        tot = 0.0
+        for t in range(2 * r + 1):
+            d = (t - r) / sigma
+            ker[t] = np.exp(-0.5 * d * d)
+            tot += ker[t]
+        for t in range(2 * r + 1):
+            ker[t] /= tot
+        while r > 0 and ker[0] <= _LIVE:  # taps too small to change a float32
+            ker = ker[1:-1]
+            r -= 1
+    # i0 is non-decreasing and reflection maps the taps of row i onto the rows
+    # [max(i - r, 0), min(i + r, size - 1)], so the band of row i is known in advance
+    taps = 1
+    for i in range(size):
+        lo[i] = int(i0[max(i - r, 0)])
+        taps = max(taps, min(int(i0[min(i + r, size - 1)]) + 1, src_len - 1) - lo[i] + 1)
+    for i in range(size):
+        lo[i] = min(lo[i], src_len - taps)
+        for t in range(taps):
+            w[i, t] = 0.0
+        for t in range(2 * r + 1):
+            q = abs(i + t - r)  # reflect padding of the blur
+            if q > size - 1:
+                q = 2 * (size - 1) - q
+            j0 = int(i0[q]) - lo[i]
+            w[i, j0] += ker[t] * (1.0 - fr[q])
+            if j0 + lo[i] + 1 < src_len:
+                w[i, j0 + 1] += ker[t] * fr[q]
+    return taps
+
+
+@numba.njit(**_JIT)
+def _resample(
+    src_t: np.ndarray,
+    box: np.ndarray,
+    flip: bool,
+    sigma: float,
+    ksize: int,
+    out: np.ndarray,
+    work: tuple[np.ndarray, ...],
+) -> None:  # pragma: no cover
+    """out (3, S, S) <- crop `box` (top, left, h, w) of the source, flipped and blurred.
+
+    src_t (W, 3 H): the source transposed, src_t[x, c H + y] = src[c, y, x] / 255.
+    Columns first, vectorised over the 3 H values of a source column; then one transpose
+    of the rows the crop reads, so that the row pass is vectorised over output columns
+    and writes `out` in place.
+    """
+    W = src_t.shape[0]
+    H = src_t.shape[1] // 3
+    S = out.shape[1]
+    ylo, xlo, wy, wx, t1, t1t, scratch = work
+    ty = _band(box[0], box[2], H, S, sigma, ksize, ylo, wy, scratch)
+    tx = _band(box[1], box[3], W, S, sigma, ksize, xlo, wx, scratch)
+    if flip:  # the reflect blur is symmetric, so flipping reverses the output columns
+        for j in range(S // 2):
+            k = S - 1 - j
+            xlo[j], xlo[k] = xlo[k], xlo[j]
+            for t in range(tx):
+                wx[j, t], wx[k, t] = wx[k, t], wx[j, t]
+    ya, yb = ylo[0], ylo[0]
+    for i in range(1, S):  # ylo is monotone except where the blur reflects
+        ya, yb = min(ya, ylo[i]), max(yb, ylo[i])
+    ny = yb + ty - ya  # source rows [ya, ya + ny) are read
+    full = H <= 64  # short row ranges vectorise badly: small sources take all 3 H values
+    for j in range(S):  # t1 (S, 3 H): t1[j, c H + y]
+        w0 = wx[j, 0]
+        for span in range(1 if full else 3):
+            a = 0 if full else span * H + ya
+            b = 3 * H if full else a + ny
+            row, s0 = t1[j, a:b], src_t[xlo[j], a:b]
+            for k in range(b - a):
+                row[k] = w0 * s0[k]
+            for t in range(1, tx):  # one pass per tap: a fused 4-tap loop measured slower
+                st, wt = src_t[xlo[j] + t, a:b], wx[j, t]
+                for k in range(b - a):
+                    row[k] += wt * st[k]
+    # t1t (3, ny, S), in tiles of 32 output columns: at 32 px no faster than plain loops,
+    # but a large view's t1 does not fit in L1
+    for j0 in range(0, S, 32):
+        for c in range(3):
+            for y in range(ny):
+                d = t1t[c, y]
+                for j in range(j0, min(j0 + 32, S)):
+                    d[j] = t1[j, c * H + ya + y]
+    for c in range(3):
+        for i in range(S):
+            row, s0, w0 = out[c, i], t1t[c, ylo[i] - ya], wy[i, 0]
+            for j in range(S):
+                row[j] = w0 * s0[j]
+            for t in range(1, ty):
+                st, wt = t1t[c, ylo[i] - ya + t], wy[i, t]
+                for j in range(S):
+                    row[j] += wt * st[j]
+
+
+@numba.njit(**_JIT)
+def _means(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """out (3,) <- channel means of x (3, S, S): float32 per row, float64 across rows."""
+    for c in range(3):
+        acc = 0.0
+        for i in range(x.shape[1]):
+            row = x[c, i]
+            part = np.float32(0.0)
+            for j in range(row.shape[0]):
+                part += row[j]
+            acc += part
+        out[c] = acc / (x.shape[1] * x.shape[2])
+
+
+@numba.njit(**_JIT)
+def _by_source(vsrc: np.ndarray, m: int) -> np.ndarray:  # pragma: no cover
+    """View indices grouped by source (a counting sort: np.argsort compiles slowly)."""
+    start = np.zeros(m + 1, np.int64)
+    for v in range(len(vsrc)):
+        start[vsrc[v] + 1] += 1
+    for k in range(m):
+        start[k + 1] += start[k]
+    out = np.empty(len(vsrc), np.int64)
+    for v in range(len(vsrc)):
+        out[start[vsrc[v]]] = v
+        start[vsrc[v]] += 1
+    return out
+
+
+@numba.njit(**_JIT)
+def render(
+    src: np.ndarray,
+    vsrc: np.ndarray,
+    box: np.ndarray,
+    flip: np.ndarray,
+    sigma: np.ndarray,
+    jitter: np.ndarray,
+    factors: np.ndarray,
+    order: np.ndarray,
+    gray: np.ndarray,
+    solarize: np.ndarray,
+    hue: np.ndarray,
+    solarize_t: float,
+    out: np.ndarray,
+    desc: np.ndarray,
+) -> None:  # pragma: no cover
+    """Render N views of same-size uint8 sources, see the module docstring.
+
+    src (M, H, W, 3) uint8, channels last as decoders write it; vsrc (N,) the source of
+    each view; box (N, 4) top, left, height, width; flip, jitter, gray, solarize (N,)
+    bool; sigma (N,); factors, order (N, 4) as in ViewParams; hue: `_HUE_BASIS` for the
+    YIQ hue, empty (0, 3, 3) for the exact HSV shift.  Fills out (N, 3, S, S) float32
+    and desc (N, 13).
+    """
+    S = out.shape[2]
+    M, H, W, _ = src.shape
+    ksize = max(3, int(0.1 * S) // 2 * 2 + 1)  # as mmssl.data.augment._blur
+    work = (
+        np.empty(S, np.int64),
+        np.empty(S, np.int64),
+        np.empty((S, H), np.float32),
+        np.empty((S, W), np.float32),
+        np.empty((S, 3 * H), np.float32),
+        np.empty((3, H, S), np.float32),
+        np.empty(2 * S + ksize),
+    )
+    pre, post, steps = np.empty((3, 4)), np.empty((3, 4)), np.empty(4, np.bool_)
+    src_t = np.empty((W, 3 * H), np.float32)
+    before, after = np.empty(3), np.empty(3)
+    inv = np.float32(1.0 / 255.0)
+    last = -1
+    for v in _by_source(vsrc, M):  # each source is converted once for all its views
+        if vsrc[v] != last:
+            last = vsrc[v]
+            for y0 in range(0, H, 32):  # in tiles of 32 rows, as above
+                for x in range(W):
+                    for c in range(3):
+                        d = src_t[x, c * H : (c + 1) * H]
+                        for y in range(y0, min(y0 + 32, H)):
+                            d[y] = src[last, y, x, c] * inv
+        x = out[v]
+        _resample(src_t, box[v], flip[v], sigma[v], ksize, x, work)
+        _means(x, before)
+        for c in range(3):
+            after[c] = before[c]
+        if jitter[v] or gray[v]:
+            _color(
+                x, order[v], factors[v], jitter[v], gray[v], hue, before, after, pre, post, steps
+            )
+        if solarize[v]:  # after color_diff was measured, as the torch path
+            t = np.float32(solarize_t)
+            for c in range(3):
+                for i in range(S):
+                    for j in range(S):
+                        if x[c, i, j] >= t:
+                            x[c, i, j] = np.float32(1.0) - x[c, i, j]
+        d = desc[v]
+        top, left, h, w = box[v, 0], box[v, 1], box[v, 2], box[v, 3]
+        cx = (left + w / 2) / W
+        d[0] = sigma[v]
+        for k in range(4):
+            d[1 + k] = (factors[v, k] - (1.0 if k < 3 else 0.0)) if jitter[v] else 0.0
+        for c in range(3):
+            d[5 + c] = after[c] - before[c]
+        d[8] = (top + h / 2) / H
+        d[9] = 1.0 - cx if flip[v] else cx
+        d[10] = h / H
+        d[11] = w / W
+        d[12] = 1.0 if gray[v] else 0.0
+
+
+@numba.njit(cache=True, nogil=True)  # no fastmath: boxes must equal the numpy ones
+def crop_boxes(
+    hw: np.ndarray, scale: np.ndarray, aspect: np.ndarray, u: np.ndarray, r0: float, r1: float
+) -> np.ndarray:  # pragma: no cover
+    """`mmssl.data.augment._crop_boxes` (same arguments and result) as one loop."""
+    b, tries = scale.shape
+    box = np.empty((b, 4), np.int64)
+    for k in range(b):
+        H, W = hw[k, 0], hw[k, 1]
+        h = w = top = left = -1.0
+        for t in range(tries):
+            target = H * W * scale[k, t]
+            w = np.rint(np.sqrt(target * aspect[k, t]))
+            h = np.rint(np.sqrt(target / aspect[k, t]))
+            if w > 0 and h > 0 and w <= W and h <= H:
+                top = np.floor(u[k, t, 0] * (H - h + 1))
+                left = np.floor(u[k, t, 1] * (W - w + 1))
+                break
+        if top < 0:
+            r = W / H
+            w = W if r < r0 else (np.rint(H * r1) if r > r1 else W)
+            h = np.rint(W / r0) if r < r0 else H
+            top, left = (H - h) // 2, (W - w) // 2
+        box[k, 0], box[k, 1], box[k, 2], box[k, 3] = top, left, h, w
+    return box
+
+
+def stack_hwc(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, H, W) images of one size -> (M, H, W, 3) contiguous (RuntimeError if not).
+
+    Decoders return (3, H, W) views of channels-last memory; stacking them into a
+    channels-last buffer copies whole images instead of every third byte.
+    """
+    if images[0].stride(0) != 1:
+        return torch.stack(images).permute(0, 2, 3, 1).contiguous()
+    _, h, w = images[0].shape
+    buf = torch.empty(len(images), h, w, 3, dtype=images[0].dtype)
+    torch.stack(images, out=buf.permute(0, 3, 1, 2))
+    return buf
+
+
+def render_views(
+    src: torch.Tensor, vsrc: np.ndarray, p: ViewParams, size: int, hue_mode: str, solarize_t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (N, 3, size, size) in [0, 1] and their v1 descriptors (N, 13), as the torch path.
+
+    src: uint8 (M, H, W, 3) source images (`stack_hwc`); view i is drawn from src[vsrc[i]]
+    with the parameters in row i of `p`.
+    """
+    n = len(vsrc)
+    out = torch.empty(n, 3, size, size)
+    desc = torch.empty(n, 13)
+    c = np.ascontiguousarray
+    render(
+        src.numpy(),
+        c(vsrc, np.int64),
+        c(p.box, np.int64),
+        c(p.flip, np.bool_),
+        c(p.sigma, np.float64),
+        c(p.jitter, np.bool_),
+        c(p.factors, np.float64),
+        c(p.order, np.int64),
+        c(p.gray, np.bool_),
+        c(p.solarize, np.bool_),
+        _HUE_BASIS if hue_mode == "yiq" else _NO_HUE,
+        float(solarize_t),
+        out.numpy(),
+        desc.numpy(),
+    )
+    return out, desc
+
+
+_NO_HUE = np.empty((0, 3, 3))
