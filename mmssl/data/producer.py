@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmssl.data.augment import AugmentConfig, make_views, resize_center
 from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
-from mmssl.data.errors import SkipCounter
+from mmssl.data.errors import SkipCounter, mark_logged
 from mmssl.data.stream import SampleStream, ShardSequence
 from mmssl.data.text import TokenPacker, tokenize_captions
 
@@ -49,7 +49,7 @@ class Plan:
     image_size: int
     num_views: int
     return_image: bool
-    augment: AugmentConfig
+    augment: AugmentConfig | tuple[AugmentConfig, ...]  # one per view: asymmetric views
     tokenizer: Any
     context_length: int
     json_fields: tuple[str, ...]
@@ -210,9 +210,11 @@ class StreamDataset(IterableDataset):
         self.epoch = 0
         self.next_batch = 0
         self.worker_states: dict[int, dict[str, Any]] = {}
+        self.quiet: tuple[str, ...] = ()  # kinds of bad input already logged in this run
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         info = get_worker_info()
+        mark_logged(self.quiet)
         plan, W = self.plan, self.plan.num_workers
         # rotate so that DataLoader worker 0 holds the next batch: round-robin stays in order
         logical = ((info.id if info is not None else 0) + self.next_batch) % W

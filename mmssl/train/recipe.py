@@ -69,6 +69,9 @@ class DataConfig:
     views: int = 0  # augmented views per image (2 for SimCLR/AugSelf); 0: no views
     # overrides of mmssl.data.augment.AugmentConfig (SimCLR/CASSLE defaults), e.g. hue: 0.0
     augment: dict[str, Any] = field(default_factory=dict)
+    # per-view overrides on top of `augment`, one dict per view (BYOL-style asymmetric
+    # views, e.g. [{}, {hue: 0.5}]); empty: every view uses `augment`
+    view_augment: list[dict[str, Any]] = field(default_factory=list)
     mean: list[float] | None = None  # per-channel normalisation; None: images in [0, 1]
     std: list[float] | None = None
     tokenizer: str = "default"
@@ -98,6 +101,9 @@ class ObjectiveConfig:
     window: int = 2
     displacement: int | None = None
     structure: bool = True
+    # with model.condition.source text: the prompt the images of this objective's source are
+    # conditioned on, e.g. "a photo of a digit" (see mmssl/train/text_condition.py)
+    condition_prompt: str | None = None
 
 
 @dataclass
@@ -107,6 +113,10 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # the AdamW implementation (same maths): "deepspeed" (DeepSpeed's FusedAdam; its CPUAdam
+    # under ZeRO offload) or torch.optim.AdamW as "torch" (torch's default: a per-tensor loop
+    # on CPU), "foreach" (multi-tensor ops) or "fused" (one fused kernel)
+    impl: Literal["deepspeed", "torch", "foreach", "fused"] = "deepspeed"
 
 
 @dataclass
@@ -127,9 +137,15 @@ class TrainConfig:
     seed: int = 0
     deepspeed: str = "zero0"  # a JSON path, or the name of one in recipes/deepspeed/
     activation_checkpointing: bool = False
+    # torch.compile every Block (mmssl.nn.compile); a failed compilation warns once and the
+    # run continues eagerly
+    compile: bool = False
     # stop (with a checkpoint) after this step, keeping the schedule of `steps`: for jobs cut
     # into time slices and for resume tests; None runs to the end
     stop_at: int | None = None
+    # a step with a non-finite loss or gradient is skipped (no update) and counted; this many
+    # in a row stop the run, keeping the last good checkpoint
+    max_bad_steps: int = 10
 
 
 @dataclass
@@ -144,6 +160,7 @@ class LoggingConfig:
     every: int = 10  # steps between metric reads (the only host syncs of the loop)
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
+    keys: bool = False  # every step's sample keys to keys/rank<R>.jsonl (audits, resume tests)
 
 
 @dataclass
@@ -250,6 +267,9 @@ def model_config(recipe: Recipe) -> Any:
         raise ConfigError(str(err).replace("'model.", "'model.overrides.", 1)) from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
+    from mmssl.train.values import check_model
+
+    check_model(cfg)
     if recipe.train.activation_checkpointing:
         for tower in (cfg.vision, cfg.text):
             if tower is not None:
@@ -348,6 +368,8 @@ def _check_numbers(recipe: Recipe) -> None:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")
     if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
         raise ConfigError(f"train.stop_at must be in 1..train.steps ({t.steps}), got {t.stop_at}")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if not 0 <= s.warmup_steps <= t.steps:
         raise ConfigError(f"schedule.warmup_steps must be in 0..train.steps, got {s.warmup_steps}")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
@@ -360,6 +382,11 @@ def _check_numbers(recipe: Recipe) -> None:
         raise ConfigError(f"logging.every must be >= 1, got {recipe.logging.every}")
     if recipe.data.views not in (0, 2):
         raise ConfigError(f"data.views must be 0 or 2, got {recipe.data.views}")
+    if recipe.data.view_augment and len(recipe.data.view_augment) != recipe.data.views:
+        raise ConfigError(
+            f"data.view_augment has {len(recipe.data.view_augment)} entries; "
+            f"data.views is {recipe.data.views}"
+        )
     if recipe.data.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {recipe.data.workers}")
 
@@ -417,13 +444,13 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
 
     world = world_size_from_env() if world_size is None else world_size
     _check_numbers(recipe)
+    from mmssl.train.values import check_values
+
+    check_values(recipe)
     cfg = model_config(recipe)
-    if cfg.condition is not None and cfg.condition.source != "descriptor":
-        raise ConfigError(
-            "model.condition.source: training conditions on augmentation descriptors only; "
-            "text conditioning is available on the model (MultimodalModel.condition) but not "
-            "yet wired into recipes"
-        )
+    from mmssl.train.text_condition import check_condition
+
+    check_condition(recipe, cfg)  # condition_prompt against model.condition.source
     _check_objectives(recipe, cfg)
     _check_eval(recipe)
     accum = grad_accum_steps(recipe, world)

@@ -115,13 +115,23 @@ class SyntheticStream:
 
 
 def augment_config(recipe: Recipe) -> Any:
+    """The AugmentConfig of `data.augment`, or a tuple of one per view with `data.view_augment`."""
     import dataclasses
 
     from mmssl.data.augment import AugmentConfig
 
-    cfg = from_dict(AugmentConfig, dict(recipe.data.augment), "data.augment")
-    pairs = {k: tuple(getattr(cfg, k)) for k in ("scale", "ratio", "blur_sigma")}
-    return dataclasses.replace(cfg, **pairs)  # type: ignore[arg-type]
+    def build(overrides: dict[str, Any], where: str) -> AugmentConfig:
+        cfg = from_dict(AugmentConfig, overrides, where)
+        pairs = {k: tuple(getattr(cfg, k)) for k in ("scale", "ratio", "blur_sigma")}
+        return dataclasses.replace(cfg, **pairs)  # type: ignore[arg-type]
+
+    base = dict(recipe.data.augment)
+    if not recipe.data.view_augment:
+        return build(base, "data.augment")
+    return tuple(
+        build({**base, **dict(view)}, f"data.view_augment[{i}]")
+        for i, view in enumerate(recipe.data.view_augment)
+    )
 
 
 def tokenizer(recipe: Recipe) -> Any:

@@ -135,7 +135,8 @@ def test_other_bad_input(
     assert "source" in _bad([*base, "objectives.clip.source=nope"], capsys, runs)
     assert "train.deepspeed" in _bad([*base, "train.deepspeed=zero9"], capsys, runs)
     assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
-    assert "two views" in _bad([*base, "data.views=0"], capsys, runs)
+    assert "data.view_augment has 2 entries" in _bad([*base, "data.views=0"], capsys, runs)
+    assert "two views" in _bad([*base, "data.views=0", "data.view_augment=[]"], capsys, runs)
 
 
 def test_param_groups_no_decay() -> None:

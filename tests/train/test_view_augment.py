@@ -1,0 +1,56 @@
+"""Asymmetric views: `data.view_augment` gives each view its own augmentation config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import RECIPES
+
+from mmssl.data.augment import AugmentConfig, make_views
+from mmssl.schema import ConfigError
+from mmssl.train.recipe import load_recipe, validate
+from mmssl.train.streams import augment_config
+
+QUICK = str(RECIPES / "quickstart.yaml")
+NO_AUG = dict(
+    scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0
+)
+
+
+def test_view_augment_merges_over_augment() -> None:
+    recipe = load_recipe(QUICK, ["data.augment.blur_p=0.0", "data.view_augment=[{}, {hue: 0.5}]"])
+    first, second = augment_config(recipe)
+    assert (first.hue, second.hue) == (0.0, 0.5)
+    assert first.blur_p == second.blur_p == 0.0  # the shared settings reach both views
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.view_augment=[{}]", "data.view_augment has 1 entries; data.views is 2"),
+        ("data.view_augment=[{}, {hue2: 0.5}]", "data.view_augment[1].hue2"),
+        ("data.view_augment=[{}, {hue: 0.9}]", "hue"),
+    ],
+)
+def test_bad_view_augment(override: str, message: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=message.replace("[", r"\[")):
+        recipe = load_recipe(QUICK, [override])
+        validate(recipe, 1, check_files=False)
+        augment_config(recipe)
+
+
+def test_each_view_uses_its_own_config() -> None:
+    rng = np.random.default_rng(0)
+    images = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8) for _ in range(4)]
+    plain = AugmentConfig(**NO_AUG)
+    gray = AugmentConfig(**{**NO_AUG, "grayscale_p": 1.0})
+    (v1, v2), (d1, d2) = make_views(images, 2, 16, (plain, gray), rng)
+    reference = torch.stack(images).float() / 255.0
+    assert torch.allclose(v1, reference, atol=1e-6)  # untouched view
+    weights = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, as torchvision
+    luma = torch.einsum("bchw,c->bhw", reference, weights)
+    assert torch.allclose(v2, luma[:, None].expand_as(v2), atol=2e-3)
+    assert d1[:, 12].sum() == 0 and d2[:, 12].sum() == 4  # the grayscale flag per view
+    with pytest.raises(ValueError, match="1 augment configs for 2 views"):
+        make_views(images, 2, 16, (plain,), rng)
