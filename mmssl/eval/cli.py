@@ -1,8 +1,8 @@
 """`mmssl eval TASK ...` (also `python -m mmssl.eval TASK ...`).
 
-Tasks: zeroshot, retrieval, fewshot, linear, finetune, lm.  Every task takes `--model`, an
-exported model directory or a training run directory (its latest checkpoint is exported on
-the fly), and writes results.json, summary.md and its plots to `--out`.
+Tasks: zeroshot, retrieval, fewshot, linear, finetune, lm, sensitivity.  Every task takes
+`--model`, an exported model directory or a training run directory (its latest checkpoint
+is exported on the fly), and writes results.json, summary.md and its plots to `--out`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmssl.cliargs import ArgumentParser, check_numbers
 from mmssl.eval.loading import EvalError, Loaded
 
 # task -> (module with add_arguments(parser) and run(args, ctx), one-line help)
@@ -23,6 +25,10 @@ TASKS: dict[str, tuple[str, str]] = {
     "linear": ("mmssl.eval.linear", "linear probe with a weight-decay sweep on a validation split"),
     "finetune": ("mmssl.eval.finetune", "fine-tune the vision tower with a new head (DeepSpeed)"),
     "lm": ("mmssl.eval.lm", "perplexity, multiple-choice scoring and samples of the text tower"),
+    "sensitivity": (
+        "mmssl.eval.sensitivity",
+        "omega-usage loss rises under descriptor shuffling, centred cosines per augmentation",
+    ),
 }
 
 
@@ -68,7 +74,7 @@ class Context:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmssl eval", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl eval", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="TASK")
     for name, (module, help_) in TASKS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -87,20 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the numeric options of every task, checked before anything is loaded or written
+# (temperature 0 is greedy decoding for lm; kNN needs it > 0, which fewshot checks)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "limit": (lambda v: v >= 1, ">= 1"),
+    "seeds": (lambda v: v >= 1, ">= 1"),
+    "knn_k": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "num_classes": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 0, ">= 0"),
+    "top_k": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
+
+
 def run_task(argv: list[str]) -> dict[str, Any]:
-    """Parse and run one task; raises EvalError / DataError on bad input (for callers in Python)."""
+    """Parse and run one task; raises EvalError / DataError on bad input (for callers in Python).
+    A task that fails before writing anything leaves no output directory behind."""
     args = build_parser().parse_args(argv)
     if args.command is None:
         raise EvalError("no task given; choose from " + ", ".join(TASKS))
     if args.out is None:
         args.out = f"eval-{args.command}"
-    if args.batch_size < 1:
-        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {args.limit}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    problem = check_numbers(args, RULES)
+    if problem:
+        raise EvalError(problem)
+    out = Path(args.out)
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(TASKS[args.command][0])
-    return module.run(args, Context(args, argv))
+    try:
+        return module.run(args, Context(args, argv))
+    except BaseException:
+        # a task that failed before writing anything leaves no empty directory behind (one
+        # that wrote partial results, as sensitivity does, keeps them)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,33 +1,57 @@
-"""Does a conditioned encoder use its condition?  The omega-usage diagnostic.
+"""Does a conditioned encoder use its condition?  `mmssl eval sensitivity` and its parts.
 
-- **Loss rise under shuffling**: the SimCLR loss on fixed augmented batches, with the true
-  descriptors, then with all of omega shuffled across the batch, then with one descriptor
-  group (crop, color, color_diff, blur, grayscale) shuffled at a time.  A mechanism that
-  ignores omega shows no rise; one that uses it to undo an augmentation gets worse when the
-  descriptor no longer matches the view.
-- **Centred cosine** between f(x) and f(t(x)) for one augmentation type at a time.  Features
-  are centred by the training mean first: post-activation features share a large common
-  component, so raw cosines are near 1 for any pair and say little about invariance.
+- **Loss rise under shuffling** (`omega_usage`): the SimCLR loss on fixed augmented batches,
+  with the true descriptors, then with all of omega shuffled across the batch, then with one
+  descriptor group (crop, color, color_diff, blur, grayscale) shuffled at a time, and the
+  hue strength alone (`PARTS`).  A mechanism that ignores omega shows no rise; one that uses it to undo an augmentation gets
+  worse when the descriptor no longer matches the view.
+- **Centred cosine** (`centred_cosines`) between f(x) and f(t(x)) for one augmentation type
+  at a time.  Features are centred by the training mean first: post-activation features
+  share a large common component, so raw cosines are near 1 for any pair and say little
+  about invariance.
+
+The CLI reads images from shards (labels are not needed).  Views follow `--augment`
+overrides of `AugmentConfig`; when `--model` is a training run directory, its recipe's
+`data.augment` and SimCLR temperature are the defaults, so the batches look like training.
+Batch i holds images [i*B, (i+1)*B) and its two views are drawn from
+`numpy.random.default_rng([seed, i])`; the shuffles from `torch.Generator` seeded `seed`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mmssl.descriptor import get_layout
+from mmssl.models.condition import DescriptorEncoder
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.objectives import nt_xent_loss
 
 
+def ssl_embedding(model: MultimodalModel, pooled: Tensor, cond: Tensor | None) -> Tensor:
+    """What SimCLR compares, as in training without a task-owned head: the model's
+    (conditioned) projector, else its image projection, else the pooled features."""
+    if model.projector is not None:
+        return model.project(pooled, cond)
+    visual = model.visual
+    assert visual is not None
+    return visual.proj(pooled) if visual.proj is not None else pooled
+
+
 def conditioned_simclr_loss(
     model: MultimodalModel,
-    views: list[torch.Tensor],
-    augs: list[torch.Tensor],
+    views: list[Tensor],
+    augs: list[Tensor],
     temperature: float,
-) -> torch.Tensor:
+) -> Tensor:
     """SimCLR loss with each view conditioned on its own descriptor (both branches).
 
     views: two (B, 3, H, W); augs: two (B, 13).  Unconditioned models ignore augs.
@@ -35,11 +59,16 @@ def conditioned_simclr_loss(
     z = []
     for view, aug in zip(views, augs):
         c = model.condition(aug)
-        z.append(model.project(model.forward_features(view, c)["pooled"], c))
+        z.append(ssl_embedding(model, model.forward_features(view, c)["pooled"], c))
     return nt_xent_loss(z[0], z[1], temperature)
 
 
-def _shuffled(aug: torch.Tensor, sl: slice, generator: torch.Generator) -> torch.Tensor:
+# Single descriptor dims also shuffled alone: the hue strength is the one a circular hue shift
+# needs undone, while the rest of the color group (and color_diff) may carry it partly.
+PARTS = {"hue": ("color", 3)}
+
+
+def _shuffled(aug: Tensor, sl: slice, generator: torch.Generator) -> Tensor:
     out = aug.clone()
     perm = torch.randperm(aug.shape[0], generator=generator)
     out[:, sl] = aug[perm][:, sl]
@@ -49,18 +78,23 @@ def _shuffled(aug: torch.Tensor, sl: slice, generator: torch.Generator) -> torch
 @torch.no_grad()
 def omega_usage(
     model: MultimodalModel,
-    batches: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+    batches: list[tuple[list[Tensor], list[Tensor]]],
     temperature: float,
     seed: int = 0,
     version: str = "v1",
 ) -> dict[str, float]:
     """Mean SimCLR loss on `batches` ((views, augs) pairs) and its rise when omega is shuffled.
 
-    Returns {"loss", "rise/all", "rise/<group>" for every group of the layout}.
+    Returns {"loss", "rise/all", "rise/<group>" for every group of the layout, and
+    "rise/<part>" for the single dims of `PARTS` (the hue strength alone)}.
     """
     layout = get_layout(version)
     g = torch.Generator().manual_seed(seed)
     slices = {"all": slice(0, layout.dim)} | {grp.name: grp.slice for grp in layout.groups}
+    for part, (group, offset) in PARTS.items():
+        if group in layout.names:
+            start = layout.group(group).start + offset
+            slices[part] = slice(start, start + 1)
     totals = dict.fromkeys(["loss", *(f"rise/{k}" for k in slices)], 0.0)
     for views, augs in batches:
         base = conditioned_simclr_loss(model, views, augs, temperature).item()
@@ -73,7 +107,7 @@ def omega_usage(
 
 
 @torch.no_grad()
-def features(model: MultimodalModel, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def features(model: MultimodalModel, images: Tensor, batch_size: int = 512) -> Tensor:
     """Pooled features (N, D) for downstream use: cond=None, or the neutral descriptor's
     condition for a backbone-conditioned model (see MultimodalModel.neutral_condition)."""
     vision = model.visual
@@ -89,9 +123,9 @@ def features(model: MultimodalModel, images: torch.Tensor, batch_size: int = 512
 @torch.no_grad()
 def centred_cosines(
     model: MultimodalModel,
-    images: torch.Tensor,
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-    mean: torch.Tensor,
+    images: Tensor,
+    transforms: dict[str, Callable[[Tensor], Tensor]],
+    mean: Tensor,
 ) -> dict[str, float]:
     """Mean cosine of (f(x) - mean) and (f(t(x)) - mean) for each named transform t.
 
@@ -102,3 +136,228 @@ def centred_cosines(
         name: F.cosine_similarity(ref, features(model, t(images)) - mean, dim=-1).mean().item()
         for name, t in transforms.items()
     }
+
+
+def single_augmentations(cfg: Any) -> dict[str, Any]:
+    """One AugmentConfig per augmentation type that `cfg` (an AugmentConfig) applies, with only
+    that type on, always applied: crop (with cfg's flip), brightness, contrast, saturation,
+    hue, grayscale, blur."""
+    off = dataclasses.replace(
+        cfg,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        hue=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        solarize_p=0.0,
+    )
+    out = {}
+    if cfg.scale != (1.0, 1.0) or cfg.flip_p > 0:
+        out["crop"] = dataclasses.replace(off, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p)
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        if cfg.jitter_p > 0 and getattr(cfg, name) > 0:
+            out[name] = dataclasses.replace(off, jitter_p=1.0, **{name: getattr(cfg, name)})
+    if cfg.grayscale_p > 0:
+        out["grayscale"] = dataclasses.replace(off, grayscale_p=1.0)
+    if cfg.blur_p > 0:
+        out["blur"] = dataclasses.replace(off, blur_p=1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------- the CLI task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image shards for the augmented batches")
+    parser.add_argument(
+        "--train",
+        default=None,
+        help="image shards for the training-mean feature (default: --data)",
+    )
+    parser.add_argument(
+        "--augment",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="AugmentConfig override, repeatable (e.g. hue=0.5, scale=[0.25,1.0])",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="SimCLR temperature (default: the run recipe's, else 0.1)",
+    )
+    parser.add_argument("--batches", type=int, default=4, help="fixed augmented batches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cosines-only",
+        action="store_true",
+        help="skip the omega-usage part (models without a descriptor conditioner)",
+    )
+
+
+def _recipe_defaults(model_path: str) -> tuple[dict[str, Any], float | None]:
+    """(data.augment, SimCLR temperature) of a run directory's recipe; ({}, None) otherwise."""
+    path = Path(model_path) / "recipe.yaml"
+    if not path.is_file():
+        return {}, None
+    from mmssl.eval.loading import EvalError
+    from mmssl.schema import ConfigError
+    from mmssl.train.recipe import read_yaml
+
+    try:
+        data = read_yaml(path)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
+    augment = dict((data.get("data") or {}).get("augment") or {})
+    for key, obj in (data.get("objectives") or {}).items():
+        obj = obj or {}
+        if (obj.get("type") or key) == "simclr" and "temperature" in obj:
+            return augment, float(obj["temperature"])
+    return augment, None
+
+
+def augment_config(overrides: dict[str, Any], items: list[str]) -> Any:
+    """AugmentConfig from recipe overrides plus `KEY=VALUE` strings; EvalError naming the key."""
+    import yaml
+
+    from mmssl.data.augment import AugmentConfig
+    from mmssl.eval.loading import EvalError
+    from mmssl.schema import ConfigError, from_dict
+
+    merged = dict(overrides)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EvalError(f"--augment expects KEY=VALUE, got {item!r}")
+        merged[key.strip()] = yaml.safe_load(value)
+    try:
+        return from_dict(AugmentConfig, merged, "augment")
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
+
+
+def read_images(pattern: str, limit: int | None) -> list[Tensor]:
+    """uint8 (3, H, W) images of the shards in order; DataError when there are none."""
+    from mmssl.data.decode import BadSample, decode_image, find_image
+    from mmssl.data.errors import DataError
+    from mmssl.eval.data import iter_raw, shard_urls
+
+    images: list[Tensor] = []
+    first_without = None
+    for index, key, files in iter_raw(shard_urls(pattern)):
+        if limit is not None and index >= limit:
+            break
+        try:
+            images.append(decode_image(find_image(files)))
+        except BadSample as bad:
+            if bad.kind != "missing_image":
+                raise DataError(f"sample {key!r} of {pattern}: {bad.kind} {bad.detail}") from None
+            first_without = first_without or key
+    if not images:
+        raise DataError(
+            f"shards {pattern} hold no images (sample {first_without!r} has none); "
+            "sensitivity needs image shards"
+        )
+    return images
+
+
+def _normalise(x: Tensor, pre: Any) -> Tensor:
+    if pre.mean is None or pre.std is None:
+        return x
+    return (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+
+
+def omega_problem(model: MultimodalModel) -> str | None:
+    """Why the omega-usage diagnostic cannot run on `model`, or None."""
+    if model.conditioner is None:
+        return "the model has no conditioner (no `condition` section in its config)"
+    if not isinstance(model.conditioner, DescriptorEncoder):
+        return "the model is conditioned on text, not on augmentation descriptors"
+    return None
+
+
+def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    from mmssl.data.augment import make_views
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.report import md_table
+
+    if args.batches < 1:
+        raise EvalError(f"--batches must be >= 1, got {args.batches}")
+    recipe_augment, recipe_temperature = _recipe_defaults(args.model)
+    cfg = augment_config(recipe_augment, args.augment)
+    temperature = args.temperature if args.temperature is not None else recipe_temperature
+    temperature = 0.1 if temperature is None else temperature
+    if temperature <= 0:
+        raise EvalError(f"--temperature must be > 0, got {temperature}")
+    images = read_images(args.data, args.limit)
+    train_images = read_images(args.train, args.limit) if args.train else images
+    loaded = ctx.load()
+    model, pre = loaded.model.eval(), loaded.preprocess
+    size = pre.image_size
+
+    def views_of(imgs: list[Tensor], c: Any, rng: np.random.Generator, n: int) -> Any:
+        v, a = make_views(imgs, n, size, c, rng)
+        return [_normalise(x, pre) for x in v], a
+
+    problem = None if args.cosines_only else omega_problem(model)
+    omega = None
+    batches: list[Any] = []
+    if not args.cosines_only and problem is None:
+        for i in range(min(args.batches, max(1, len(images) // args.batch_size))):
+            chunk = images[i * args.batch_size : (i + 1) * args.batch_size]
+            batches.append(views_of(chunk, cfg, np.random.default_rng([args.seed, i]), 2))
+        if len(batches[0][0][0]) < 2:
+            raise EvalError("the omega-usage diagnostic needs at least 2 images per batch")
+        omega = omega_usage(model, batches, temperature, seed=args.seed)
+    clean = _normalise(pre(images), pre)
+    mean = features(model, _normalise(pre(train_images), pre)).mean(0)
+
+    def single(c: Any, k: int) -> Callable[[Tensor], Tensor]:
+        # t(x) is rendered from the decoded images (x is their clean version, in order)
+        return lambda _x: views_of(images, c, np.random.default_rng([args.seed, 100 + k]), 1)[0][0]
+
+    transforms = {
+        name: single(c, k) for k, (name, c) in enumerate(single_augmentations(cfg).items())
+    }
+    cosines = centred_cosines(model, clean, transforms, mean)
+    res = {
+        "omega_usage": omega,
+        "omega_error": problem,
+        "centred_cosine": cosines,
+        "temperature": temperature,
+        "augment": dataclasses.asdict(cfg),
+        "num_images": len(images),
+        "num_train_images": len(train_images),
+        "batches": len(batches),
+        "batch_size": len(batches[0][0][0]) if batches else 0,
+        "seed": args.seed,
+    }
+    parts = []
+    if omega is not None:
+        rows = [[k.removeprefix("rise/"), v] for k, v in omega.items() if k.startswith("rise/")]
+        parts.append(
+            f"SimCLR loss on {res['batches']} fixed augmented batch(es) of {res['batch_size']}: "
+            f"**{omega['loss']:.4f}**; its rise when descriptors are shuffled across the batch:\n\n"
+            + md_table(["shuffled", "loss rise"], rows)
+        )
+    elif problem is not None:
+        parts.append(f"Omega-usage diagnostic not run: {problem}.")
+    parts.append(
+        "Centred cosine of f(x) and f(t(x)) (features minus the mean over "
+        f"{len(train_images)} {'--train' if args.train else '--data'} images), one augmentation "
+        "type at a time:\n\n" + md_table(["augmentation", "centred cosine"], list(cosines.items()))
+    )
+    data = {"data": args.data, "train": args.train or args.data}
+    ctx.report("sensitivity", res, data=data, summary="\n\n".join(parts))
+    if problem is not None:
+        raise EvalError(
+            f"omega-usage diagnostic: {problem}; the centred cosines were written to "
+            f"{Path(args.out) / 'results.json'} (pass --cosines-only to skip this part)"
+        )
+    return res

@@ -91,10 +91,11 @@ def count_params(recipe: Any, cfg: Any) -> tuple[int, int]:
     import torch
 
     from mmssl.models.multimodal import MultimodalModel
+    from mmssl.train.streams import tokenizer as recipe_tokenizer
     from mmssl.train.tasks import Task
 
     with torch.device("meta"):
-        task = Task(MultimodalModel(cfg), recipe.objectives)
+        task = Task(MultimodalModel(cfg), recipe.objectives, recipe_tokenizer(recipe))
     return (sum(p.numel() for p in task.parameters() if p.requires_grad), task.model.num_params())
 
 

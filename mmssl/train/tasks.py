@@ -2,7 +2,8 @@
 
 One step runs each tower once where it can: the images of every source (all views
 concatenated) go through the vision tower in one call, and the texts of every source of
-the same length through the text tower in one call.  Every
+the same length through the text tower in one call (a condition prompt rides along with
+its source's captions; the text runs first, since the prompt conditions the images).  Every
 objective then reads its rows of those features.  That shares the forward pass between
 objectives (CLIP's image embedding is the first SimCLR view's) and keeps each module to one
 call per step, which ZeRO-3's parameter prefetching expects.  A shared trunk is still run
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmssl.models.condition import DescriptorEncoder
+from mmssl.models.condition import DescriptorEncoder, TextConditioner
 from mmssl.models.lifting import remove_structure, translation_lift
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.models.text import TextTransformer
@@ -42,8 +43,11 @@ from mmssl.objectives import (
 )
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.train.recipe import NEEDS, ObjectiveConfig
+from mmssl.train.text_condition import PromptTokens, prompt_tokenizer, source_prompts
 
 Batch = dict[str, Any]
+# rows of one text-tower call: (source, ids (B, T), mask (B, T), is the condition prompt)
+TextRows = tuple[str, Tensor, Tensor, bool]
 
 
 class _ModelScaleClipLoss(ClipLoss):
@@ -69,12 +73,30 @@ class Task(nn.Module):
 
     metrics holds detached 0-d tensors (`loss`, `loss/<objective>`, `logit_scale`), so
     nothing syncs with the host until the loop reads them at its log interval.
+
+    Conditioning: a descriptor-conditioned model conditions each view on its own descriptor;
+    a text-conditioned one conditions the images of each source on that source's
+    `condition_prompt` (`mmssl.train.text_condition`), tokenized with `tokenizer` (default:
+    the default tokenizer).
     """
 
-    def __init__(self, model: MultimodalModel, objectives: dict[str, ObjectiveConfig]) -> None:
+    def __init__(
+        self,
+        model: MultimodalModel,
+        objectives: dict[str, ObjectiveConfig],
+        tokenizer: Any | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.objectives = dict(objectives)
+        prompts = source_prompts(self.objectives)
+        self.prompts: PromptTokens | None = None
+        if prompts:
+            if not isinstance(model.conditioner, TextConditioner) or model.text is None:
+                raise ValueError("condition_prompt needs a text-conditioned model")
+            self.prompts = PromptTokens(
+                prompts, tokenizer or prompt_tokenizer(), model.text.cfg.context_length
+            )
         self.losses = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         vision_dim = model.cfg.vision.dim if model.cfg.vision is not None else 0
@@ -118,9 +140,13 @@ class Task(nn.Module):
             o.source == source and NEEDS[o.type or k] & what for k, o in self.objectives.items()
         )
 
-    def _vision(self, batches: dict[str, Batch]) -> dict[str, dict[str, list[Any]]]:
+    def _vision(
+        self, batches: dict[str, Batch], prompt_pooled: dict[str, Tensor]
+    ) -> dict[str, dict[str, list[Any]]]:
         """One vision call for every source that needs images -> per source, per view:
-        pooled (B, D), tokens (B, N, D), emb (B, E)."""
+        pooled (B, D), tokens (B, N, D), emb (B, E), cond (B, C) or None.
+
+        prompt_pooled: {source: (1, D_text)} pooled text features of its condition prompt."""
         names: list[tuple[str, int, int]] = []
         images: list[Tensor] = []
         conds: list[Tensor | None] = []
@@ -137,7 +163,18 @@ class Task(nn.Module):
         visual = self.visual
         cond = None
         conditioner = self.model.conditioner
-        if isinstance(conditioner, DescriptorEncoder):
+        if isinstance(conditioner, TextConditioner) and self.prompts is not None:
+            # every image of a source (every view) is conditioned on that source's prompt
+            missing = [name for name, _, _ in names if name not in prompt_pooled]
+            if missing:
+                raise ValueError(f"source(s) {missing} read images but have no condition_prompt")
+            cond = torch.cat(
+                [
+                    conditioner(prompt_pooled[name]).expand(nviews * b, -1)
+                    for name, nviews, b in names
+                ]
+            ).to(images[0].dtype)
+        elif isinstance(conditioner, DescriptorEncoder):
             # Each view is conditioned on its own descriptor (both SimCLR branches); images
             # without one (a CLIP source's plain image) get the neutral descriptor.
             neutral = conditioner.layout.neutral_tensor()
@@ -164,37 +201,50 @@ class Task(nn.Module):
             start += nviews * b
         return out
 
-    def _text(self, batches: dict[str, Batch]) -> dict[str, dict[str, Tensor]]:
-        """Text features of every source that needs text -> hidden (B, T, D), emb (B, E).
+    def _text(
+        self, batches: dict[str, Batch]
+    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        """Text features of every source that needs text -> hidden (B, T, D), emb (B, E);
+        and the pooled features (1, D) of every condition prompt, by source.
 
         Sources of equal text length share one call; different lengths (short captions next
         to long LM rows) get one call each rather than padding captions to the LM length.
+        A prompt joins the call of its source's captions (padded to their length), so the
+        tower still runs once per step in the common case.
         """
-        groups: dict[int, list[str]] = {}
+        rows: dict[int, list[TextRows]] = {}  # by text length T
         for name, batch in batches.items():
             if self._uses(name, {"text"}):
-                groups.setdefault(batch["text"].shape[1], []).append(name)
-        out = {}
-        for names in groups.values():
-            text = torch.cat([batches[n]["text"] for n in names])
-            mask = torch.cat(
-                [
-                    batches[n].get(
-                        "text_mask", torch.ones_like(batches[n]["text"], dtype=torch.bool)
-                    )
-                    for n in names
-                ]
-            )
+                text = batch["text"]
+                mask = batch.get("text_mask", torch.ones_like(text, dtype=torch.bool))
+                rows.setdefault(text.shape[1], []).append((name, text, mask, False))
+        if self.prompts is not None:
+            for name in self.prompts.prompts:
+                if name not in batches or not self._uses(name, {"image", "views"}):
+                    continue
+                batch = batches[name]
+                has_text = self._uses(name, {"text"})
+                length = batch["text"].shape[1] if has_text else self.prompts.natural_length(name)
+                device = (batch.get("views") or [batch.get("image")])[0].device
+                ids, mask = self.prompts.get(name, length, device)
+                rows.setdefault(length, []).append((name, ids, mask, True))
+        out, prompts = {}, {}
+        for group in rows.values():
+            text = torch.cat([r[1] for r in group])
+            mask = torch.cat([r[2] for r in group])
             hidden = self.text_tower.forward_tokens(text, mask)  # (B_all, T, D)
             pooled = self.text_tower.pool(hidden, mask)
             proj = self.text_tower.proj
             emb = proj(pooled) if proj is not None else pooled
             start = 0
-            for n in names:
-                b = batches[n]["text"].shape[0]
-                out[n] = {"hidden": hidden[start : start + b], "emb": emb[start : start + b]}
-                start += b
-        return out
+            for name, ids, _, is_prompt in group:
+                sl = slice(start, start + ids.shape[0])
+                if is_prompt:
+                    prompts[name] = pooled[sl]
+                else:
+                    out[name] = {"hidden": hidden[sl], "emb": emb[sl]}
+                start += ids.shape[0]
+        return out, prompts
 
     # ------------------------------------------------------------------ losses
 
@@ -268,8 +318,8 @@ class Task(nn.Module):
 
     def forward(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, Tensor]]:
         """batches: {source name: batch dict of DESIGN.md} -> (weighted loss, metrics)."""
-        vision = self._vision(batches)
-        text = self._text(batches)
+        text, prompt_pooled = self._text(batches)
+        vision = self._vision(batches, prompt_pooled)
         total: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for key, obj in self.objectives.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,17 +14,17 @@ import numpy as np
 import torch
 
 
-def demo_digits(data_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The demo digits as uint8 images (N, 3, 32, 32) with digit and colour labels, per split.
-
-    Writes them with `mmssl demo-data` first when `data_dir` holds none.
+def demo_digits(data_dir: Path, size: int = 32) -> dict[str, dict[str, torch.Tensor]]:
+    """The demo digits as uint8 images (N, 3, size, size) with digit and colour labels, per
+    split.  Writes them (`mmssl.data.demo.write_demo`) first when `data_dir` holds none; an
+    existing directory of another size is an error rather than a silent resize.
     """
     from PIL import Image
 
     if not (data_dir / "digits" / "manifest.json").exists():
         from mmssl.data.demo import write_demo
 
-        write_demo(str(data_dir))
+        write_demo(str(data_dir), size=size)
     out = {}
     for split in ("train", "test"):
         images, digits, colors = [], [], []
@@ -37,6 +38,10 @@ def demo_digits(data_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
                     images.append(torch.from_numpy(img.copy()).permute(2, 0, 1))
                     digits.append(meta["digit"])
                     colors.append(meta["color"])
+        if images and tuple(images[0].shape[1:]) != (size, size):
+            raise SystemExit(
+                f"{data_dir} holds {tuple(images[0].shape[1:])} digits, expected {size}x{size}"
+            )
         out[split] = {
             "images": torch.stack(images),
             "digit": torch.tensor(digits),
@@ -58,25 +63,77 @@ def probe(
     return 100.0 * float((clf.predict(scaler.transform(test_x.numpy())) == test_y.numpy()).mean())
 
 
+def _rows(results: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if results.exists()
+        else []
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(path: Path) -> bool:
+    """Take the run `path` names for this process; False if a live process holds it.  A claim
+    whose process died (a crash, a kill) is stale and taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = path.read_text().strip()
+            if not text or _alive(int(text)):  # empty: being written by its owner right now
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def run_grid(
     out: Path, variants: list[str], seeds: list[int], steps: int, run: Callable[[str, int], dict]
 ) -> list[dict]:
-    """Run every (seed, variant) not yet in out/results.jsonl; returns the rows of `steps`."""
+    """Run every (seed, variant) not yet in out/results.jsonl; returns the rows of `steps`.
+
+    Several processes may share `out` (e.g. one per core): before each run the results are
+    re-read and the run is claimed (out/claims/), so no run is done twice.
+    """
     results = out / "results.jsonl"
-    rows = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    )
-    done = {(r["variant"], r["seed"], r["steps"]) for r in rows}
+    claims = out / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+
+    def done(variant: str, seed: int) -> bool:
+        return any(
+            (r["variant"], r["seed"], r["steps"]) == (variant, seed, steps) for r in _rows(results)
+        )
+
     for seed in seeds:
         for variant in variants:
-            if (variant, seed, steps) in done:
+            if done(variant, seed):
                 continue
-            row = run(variant, seed)
-            rows.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            claim = claims / f"{variant}-seed{seed}-steps{steps}"
+            if not _claim(claim):
+                continue
+            if done(variant, seed):  # finished by another process since the first look
+                claim.unlink(missing_ok=True)
+                continue
+            try:
+                row = run(variant, seed)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            finally:
+                claim.unlink(missing_ok=True)
             print(
                 json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                 flush=True,
             )
-    return [r for r in rows if r["steps"] == steps]
+    return [r for r in _rows(results) if r["steps"] == steps]

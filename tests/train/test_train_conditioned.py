@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mmssl
@@ -84,3 +85,185 @@ def test_hssl_recipe_needs_relative_positions(tmp_path):
         validate(recipe_from_dict(data), world_size=1, check_files=False)
     data["model"]["name"] = "test_tiny_vit_local"
     validate(recipe_from_dict(data), world_size=1, check_files=False)
+
+
+PROMPT = "a photo of a digit"
+
+
+def _clip_models():
+    from mmssl.tokenizer import get_tokenizer
+
+    vocab = get_tokenizer().vocab_size
+    torch.manual_seed(0)
+    plain = mmssl.create_model("test_tiny_clip", text={"vocab_size": vocab})
+    cond = mmssl.create_model(
+        "test_tiny_clip",
+        text={"vocab_size": vocab},
+        vision={"cond_dim": 16},
+        condition={"source": "text", "dim": 16},
+    )
+    missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(
+        "modulation" in k or "gate" in k or "conditioner" in k for k in missing
+    )
+    return plain, cond
+
+
+def _clip_batch(vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, vocab, (6, 10), generator=g)
+    mask = torch.arange(10)[None] < torch.tensor([[10], [7], [5], [9], [3], [10]])
+    return {
+        "digits": {"image": torch.rand(6, 3, 32, 32, generator=g), "text": text, "text_mask": mask}
+    }
+
+
+def _naive_clip(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP cross-entropy written out row by row."""
+    img, txt = img / img.norm(dim=1, keepdim=True), txt / txt.norm(dim=1, keepdim=True)
+    logits = scale * img @ txt.T
+    rows = [torch.logsumexp(logits[i], 0) - logits[i, i] for i in range(len(img))]
+    cols = [torch.logsumexp(logits[:, i], 0) - logits[i, i] for i in range(len(img))]
+    return (torch.stack(rows).mean() + torch.stack(cols).mean()) / 2
+
+
+def test_text_conditioned_clip_equals_plain_at_init_and_trains_the_conditioner():
+    from mmssl.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    plain, cond = _clip_models()
+    batch = _clip_batch(tok.vocab_size)
+    loss_plain, _ = Task(plain, {"clip": ObjectiveConfig(type="clip", source="digits")})(batch)
+    obj = ObjectiveConfig(type="clip", source="digits", condition_prompt=PROMPT)
+    task = Task(cond, {"clip": obj})
+    loss_cond, _ = task(batch)
+    torch.testing.assert_close(loss_cond, loss_plain, atol=1e-6, rtol=1e-6)
+    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        task(batch)[0].backward()
+        opt.step()
+    # zero-init adaLN blocks gradients to c at step 0; after a step they flow to gamma_text
+    # and, through the prompt, into the text tower
+    opt.zero_grad()
+    task(batch)[0].backward()
+    assert cond.conditioner.proj.weight.grad.abs().sum() > 0
+    # the Task's loss equals the one written out: the prompt encoded alone, at its own length
+    # (with conditioning weights large enough for the prompt to matter)
+    with torch.no_grad():
+        for name, p in cond.named_parameters():
+            if "modulation" in name or "gate" in name or "conditioner" in name:
+                p.normal_(0, 0.5)
+    ids, mask = tok.batch_encode([PROMPT], len(tok.encode(PROMPT)) + 2)
+    with torch.no_grad():
+        c = cond.condition(cond_text=ids, cond_text_mask=mask)  # (1, C)
+        d = batch["digits"]
+        img = cond.encode_image(d["image"], c.expand(6, -1))
+        txt = cond.encode_text(d["text"], d["text_mask"])
+        ref = _naive_clip(img, txt, cond.logit_scale.exp().clamp(max=100).reshape(()))
+        assert cond.condition(cond_text=ids, cond_text_mask=mask).abs().sum() > 0
+        torch.testing.assert_close(task(batch)[0], ref, atol=1e-5, rtol=1e-5)
+        # and the prompt matters now: another prompt gives another loss
+        other = Task(
+            cond, {"clip": ObjectiveConfig(type="clip", source="digits", condition_prompt="red")}
+        )
+        assert abs(other(batch)[0].item() - ref.item()) > 1e-3
+
+
+def _text_recipe(**objectives) -> dict:
+    return {
+        "model": {
+            "name": "test_tiny_clip",
+            "overrides": {
+                "text": {"vocab_size": 8192},
+                "vision": {"cond_dim": 16},
+                "condition": {"source": "text", "dim": 16},
+            },
+        },
+        "data": {"sources": {"train": {}, "other": {}}, "views": 2},
+        "objectives": objectives or {"clip": {"condition_prompt": PROMPT}},
+        "train": {"global_batch_size": 4, "micro_batch_size": 4},
+    }
+
+
+def _validate(data: dict):
+    from mmssl.train.recipe import recipe_from_dict, validate
+
+    return validate(recipe_from_dict(data), world_size=1, check_files=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d: (
+                d["model"]["overrides"].pop("condition") and d["model"]["overrides"].pop("vision")
+            ),
+            "the model is not conditioned on text",
+        ),
+        (lambda d: d["objectives"]["clip"].pop("condition_prompt"), "give the prompt"),
+        (lambda d: d["objectives"].update(simclr={"condition_prompt": "red"}), "share one prompt"),
+        (lambda d: d["model"]["overrides"].pop("vision"), "set model.overrides.vision.cond_dim"),
+        # the prompt is tokenized with data.tokenizer: CLIP's BPE ids overflow this vocab
+        (lambda d: d["data"].update(tokenizer="clip"), "text.vocab_size=49408"),
+        (lambda d: d["model"]["overrides"]["text"].update(vocab_size=512), "vocab_size 512"),
+    ],
+)
+def test_text_condition_recipe_errors_name_the_key(change, message):
+    from mmssl.schema import ConfigError
+
+    data = _text_recipe()
+    _validate(_text_recipe())  # the unchanged recipe is valid
+    change(data)
+    with pytest.raises(ConfigError, match="condition_prompt") as err:
+        _validate(data)
+    assert message in str(err.value)
+
+
+def test_text_conditioned_prompt_per_source_and_simclr():
+    """Two sources, two prompts; SimCLR views share their source's prompt."""
+    data = _text_recipe(
+        clip={"condition_prompt": PROMPT},
+        simclr={"source": "other", "condition_prompt": "a red digit"},
+    )
+    _validate(data)
+
+
+TINY = {"dim": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_text_conditioned_recipe_trains_through_the_engine(demo_data, tmp_path, monkeypatch):
+    """recipes/experiments/clip_text_conditioned.yaml, tiny, 3 steps through DeepSpeed: the
+    export holds the text conditioner, and training moved the zero-initialised adaLN weights."""
+    from train_helpers import RECIPES, demo_urls
+
+    from mmssl.models.io import load_pretrained
+    from mmssl.train.export import export_run
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # the in-process run sets them; restored after
+    path = RECIPES / "experiments" / "clip_text_conditioned.yaml"
+    overrides = [
+        *demo_urls(path, demo_data),
+        f"out_dir={tmp_path}",
+        *(f"model.overrides.{t}.{k}={v}" for t in ("vision", "text") for k, v in TINY.items()),
+        "model.overrides.embed_dim=16",
+        "train.steps=3",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "schedule.warmup_steps=1",
+        "data.workers=0",
+        "logging.every=1",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+    ]
+    recipe = load_recipe(path, overrides)
+    assert train(recipe, validate(recipe))["final_step"] == 3
+    model = load_pretrained(export_run(tmp_path / "clip_text_conditioned"))
+    assert type(model.conditioner).__name__ == "TextConditioner"
+    modulation = model.visual.trunk.blocks[0].norm1.modulation.weight
+    assert modulation.abs().sum() > 0

@@ -1,0 +1,187 @@
+"""`mmssl eval sensitivity` on tiny exported models, against figures computed by hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import braceexpand
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmssl
+from mmssl.eval.cli import main
+from mmssl.models.io import load_pretrained, save_pretrained
+
+pytestmark = pytest.mark.slow
+
+NEUTRAL = [0.0] * 8 + [0.5, 0.5, 1.0, 1.0] + [0.0]  # v1: blur, color, color_diff, crop, gray
+
+
+def read_pngs(pattern: str) -> list[torch.Tensor]:
+    """uint8 (3, H, W) images of the shards, in order, read with tarfile + PIL."""
+    out = []
+    for url in braceexpand.braceexpand(pattern):
+        with tarfile.open(url) as tf:
+            pngs = {
+                m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".png")
+            }
+        for name in sorted(pngs):
+            arr = np.asarray(Image.open(io.BytesIO(pngs[name])).convert("RGB"))
+            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return out
+
+
+def naive_info_nce(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """SimCLR loss one anchor at a time: -log softmax of the positive over the 2N-1 others."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n, total = len(z1), 0.0
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        sims = {k: float(z[i] @ z[k]) / t for k in range(2 * n) if k != i}
+        total -= sims[pos] - math.log(sum(math.exp(s) for s in sims.values()))
+    return total / (2 * n)
+
+
+@pytest.fixture(scope="module")
+def cond_model_dir(tmp_path_factory):
+    """Backbone (adaLN + prefix tokens) and hypernetwork-projector conditioning, made non-zero
+    so that the neutral condition and the descriptors matter."""
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_vit_cond")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hyper_weight" in name or "modulation" in name or "gate" in name:
+                p.normal_(0, 0.05)
+    return str(save_pretrained(model, tmp_path_factory.mktemp("cond")))
+
+
+def test_reported_figures_match_a_hand_computation(
+    tmp_path, cond_model_dir, train_shards, test_shards
+):
+    out = tmp_path / "sens"
+    argv = [
+        "sensitivity",
+        "--model",
+        cond_model_dir,
+        "--data",
+        test_shards,
+        "--train",
+        train_shards,
+    ]
+    argv += ["--out", str(out), "--batch-size", "6", "--batches", "2", "--temperature", "0.2"]
+    argv += ["--augment", "hue=0.5", "--augment", "blur_p=0.0"]
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["results"]
+    assert doc["task"] == "sensitivity" and "grayscale" in (out / "summary.md").read_text()
+    assert set(res["centred_cosine"]) == {
+        "crop",
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+        "grayscale",
+    }  # blur_p=0: no blur entry
+    model = load_pretrained(cond_model_dir)
+    neutral = torch.tensor(NEUTRAL)
+
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for img in x:  # one image at a time, neutral descriptor written out
+            c = model.condition(neutral[None])
+            rows.append(model.forward_features(img[None], c)["pooled"][0])
+        return torch.stack(rows)
+
+    with torch.no_grad():
+        test = torch.stack(read_pngs(test_shards)).float() / 255
+        mean = feats(torch.stack(read_pngs(train_shards)).float() / 255).mean(0)
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        gray = (test * w).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+        a, b = feats(test) - mean, feats(gray) - mean
+        cos = [float(u @ v / (u.norm() * v.norm())) for u, v in zip(a, b)]
+    assert res["centred_cosine"]["grayscale"] == pytest.approx(np.mean(cos), abs=2e-3)
+
+    # the unshuffled loss: the two views of each batch of 6, the documented seeds
+    from mmssl.data.augment import AugmentConfig, make_views
+
+    cfg = AugmentConfig(hue=0.5, blur_p=0.0)
+    images, losses = read_pngs(test_shards), []
+    with torch.no_grad():
+        for i in range(2):
+            views, augs = make_views(
+                images[6 * i : 6 * i + 6], 2, 32, cfg, np.random.default_rng([0, i])
+            )
+            z = []
+            for v, d in zip(views, augs):
+                c = model.conditioner(d)
+                z.append(model.projector(model.visual.forward_features(v, c)["pooled"], c))
+            losses.append(naive_info_nce(z[0], z[1], 0.2))
+    assert res["omega_usage"]["loss"] == pytest.approx(np.mean(losses), abs=1e-4)
+    assert res["batches"] == 2 and res["batch_size"] == 6
+
+
+def test_zero_initialised_conditioning_shows_no_rise(tmp_path, test_shards):
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_simclr", condition={"dim": 8}, projector={"cond": "hyper", "hyper_rank": 4}
+    )
+    path = save_pretrained(model, tmp_path / "model")
+    out = tmp_path / "out"
+    assert (
+        main(["sensitivity", "--model", str(path), "--data", test_shards, "--out", str(out)]) == 0
+    )
+    omega = json.loads((out / "results.json").read_text())["results"]["omega_usage"]
+    # zero-initialised W_k: the descriptors cannot change the loss, shuffled or not
+    assert set(omega) == {
+        "loss",
+        "rise/all",
+        "rise/blur",
+        "rise/color",
+        "rise/color_diff",
+        "rise/crop",
+        "rise/grayscale",
+        "rise/hue",
+    }
+    assert all(v == 0.0 for k, v in omega.items() if k.startswith("rise/"))
+    assert omega["loss"] > 0
+
+
+def test_model_without_conditioner_still_writes_cosines(
+    tmp_path, tiny_model_dir, test_shards, capsys
+):
+    out = tmp_path / "plain"
+    argv = ["sensitivity", "--model", tiny_model_dir, "--data", test_shards, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no conditioner" in err and "--cosines-only" in err
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert res["omega_usage"] is None and "no conditioner" in res["omega_error"]
+    assert -1 <= res["centred_cosine"]["hue"] <= 1
+    assert main([*argv, "--cosines-only"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "TEXT"], "hold no images"),
+        (["--augment", "hue=0.9"], "hue strength must be in [0, 0.5]"),
+        (["--augment", "hux=0.1"], "unknown key 'augment.hux'"),
+        (["--augment", "hue"], "--augment expects KEY=VALUE"),
+        (["--batches", "0"], "--batches must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    tmp_path, cond_model_dir, test_shards, text_shards, capsys, extra, message
+):
+    extra = [text_shards if e == "TEXT" else e for e in extra]
+    data = [] if "--data" in extra else ["--data", test_shards]
+    argv = ["sensitivity", "--model", cond_model_dir, *data, *extra, "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
