@@ -4,7 +4,9 @@
 
 Each bench runs in its own process, one after the other (never two at once: they would
 share the cores).  The step benches (vit, clip, gpt, features) write a JSON record that is
-tabulated here; the others (data, losses, tokenizer, by other helpers) are quoted as printed.
+tabulated here; memory and actckpt write their own section; the others (data, losses,
+tokenizer, by other helpers) are quoted as printed.  The end of the file compares the
+figures with the targets of the performance issue.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STEP_BENCHES = ["vit", "clip", "gpt", "features"]
+STEP_BENCHES = ["vit", "clip", "gpt", "features", "switches"]
+# benches that write their own markdown section (--markdown): name -> extra args for --quick
+MARKDOWN_BENCHES = {
+    "memory": ["--precision", "fp32", "--steps", "1"],
+    "actckpt": ["--quick"],
+}
 OTHER_BENCHES = {  # name -> (script, extra args for --quick)
     "data": ("bench_data.py", ["--samples", "256", "--rounds", "1"]),
     "losses": ("bench_losses.py", ["--global-batch", "1024", "--iters", "1"]),
@@ -62,6 +69,43 @@ def _table(record: dict) -> list[str]:
     return lines + [""]
 
 
+def _fast_bf16_isa(m: dict) -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & set(m["isa"]))
+
+
+def _targets(records: dict[str, object], m: dict) -> list[str]:
+    """The issue's targets next to the figures measured in this run."""
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for name, peer in (("vit", "timm"), ("clip", "open_clip"), ("gpt", "HF GPT-2")):
+        rec = records.get(name)
+        if not isinstance(rec, dict):
+            continue
+        ratios = common.ratios_from_rows(rec["paths"])
+        wall = [v for k, v in ratios.items() if k.startswith("fp32 same config (wall)")]
+        cpu = [v for k, v in ratios.items() if k.startswith("fp32 same config (cpu)")]
+        if wall:
+            met = "yes" if wall[0] >= 1.0 else "no"
+            lines.append(
+                f"| fp32 same config: mmssl >= 1.0x {peer} | {wall[0]:.2f}x wall, "
+                f"{cpu[0]:.2f}x CPU | {met} |"
+            )
+    if not _fast_bf16_isa(m):
+        lines.append(
+            "| best path >= 1.3x each peer's bf16 autocast; >= 50% of bf16 matmul peak "
+            "(ViT-S/16) | not measurable: no bf16 matmul hardware | no (machine) |"
+        )
+    memory = records.get("memory")
+    if isinstance(memory, str):
+        for line in memory.splitlines():
+            if "ZeRO-3 / ZeRO-0, params+optimizer" in line:
+                value = float(line.split("**")[1].rstrip("x"))
+                met = "yes" if value <= 0.6 else "no"
+                label = line.split(",")[0].lstrip("- ")
+                lines.append(f"| {label}: params+optimizer <= 0.6x ZeRO-0 | {value:.2f}x | {met} |")
+    lines.append("| data pipeline >= 0.9x the decode-only ceiling | see the data section | |")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -69,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default=None,
-        help="comma-separated subset of " + ", ".join(STEP_BENCHES + list(OTHER_BENCHES)),
+        help="comma-separated subset of "
+        + ", ".join(STEP_BENCHES + list(MARKDOWN_BENCHES) + list(OTHER_BENCHES)),
     )
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    names = STEP_BENCHES + list(OTHER_BENCHES)
+    names = STEP_BENCHES + list(MARKDOWN_BENCHES) + list(OTHER_BENCHES)
     chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in chosen if n not in names]
     if unknown:
@@ -96,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         "## Machine",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores, ISA: {', '.join(m['isa'])}",
+        *(
+            []
+            if _fast_bf16_isa(m)
+            else [
+                "- **No bf16 matmul hardware** (neither AMX nor AVX512-BF16): bf16 matmuls run "
+                "through a fallback some 100x slower than fp32 here (the bf16 matmul peak of "
+                "each bench below), so the bf16 paths are skipped (`--bf16 on` forces them) and "
+                "the bf16 targets cannot be met or measured on this machine."
+            ]
+        ),
         f"- torch threads: {threads}; versions: "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- load average at start: {m['loadavg']} (other jobs share the machine: absolute "
@@ -105,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     failures = 0
+    records: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             if name in STEP_BENCHES:
@@ -113,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                     ["--compile"] if args.compile else []
                 )
                 extra += ["--json", str(Path(tmp) / f"{name}.json")]
+            elif name in MARKDOWN_BENCHES:
+                script = f"bench_{name}.py"
+                extra = MARKDOWN_BENCHES[name] if args.quick else []
+                extra += ["--markdown", str(Path(tmp) / f"{name}.md")]
             else:
                 script, quick_args = OTHER_BENCHES[name]
                 extra = quick_args if args.quick else []
@@ -122,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(HERE / script), *extra]
             shown = " ".join(
                 ["python", f"bench/{script}", *extra[:-2]]
-                if name in STEP_BENCHES
+                if name in STEP_BENCHES or name in MARKDOWN_BENCHES
                 else ["python", f"bench/{script}", *extra]
             )
             print(f"\n$ {shown}", flush=True)
@@ -144,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             if name in STEP_BENCHES:
                 record = json.loads((Path(tmp) / f"{name}.json").read_text())
                 record["command"] = shown
+                records[name] = record
                 out += _table(record)
                 out.append(f"Wall time of the bench: {seconds:.0f} s.")
                 out.append("")
+            elif name in MARKDOWN_BENCHES:
+                section = (Path(tmp) / f"{name}.md").read_text()
+                records[name] = section
+                out += [section, f"Wall time of the bench: {seconds:.0f} s.", ""]
             else:
                 out += [
                     f"### {name}",
@@ -158,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     "```",
                     "",
                 ]
+    out += _targets(records, m)
     out += ["", f"Load average at the end: {[round(x, 2) for x in os.getloadavg()]}", ""]
     Path(args.out).write_text("\n".join(out))
     print(f"wrote {args.out}")

@@ -3,8 +3,8 @@
 Only the Blocks are compiled: they hold nearly all the FLOPs, they are identical within a
 stack (one compiled graph serves every block of the same shapes), and the code around
 them (patch embedding, pooling, heads, losses) keeps its data-dependent Python.  A block
-whose compilation fails (no C++ compiler, an unsupported op) warns once and runs eagerly
-from then on, so a recipe with `compile: true` still trains on any machine.
+whose compilation fails (no C++ compiler, an unsupported op) warns once and the whole
+stack runs eagerly from then on, so a recipe with `compile: true` still trains on any machine.
 """
 
 from __future__ import annotations
@@ -19,17 +19,31 @@ from torch import nn
 from mmssl.nn.block import Block
 
 
+class _Fallback:
+    """The eager-fallback state shared by the Blocks of one `compile_blocks` call: the first
+    compilation error switches them all to eager, so a model warns once and does not pay
+    for a failing compilation in every block."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+
 class CompiledForward:
     """A Block's forward through torch.compile, falling back to the eager forward on a
     compilation error.  Stored as the block's `forward` attribute; `eager` is the original."""
 
-    def __init__(self, block: Block, **options: Any):
+    def __init__(self, block: Block, fallback: _Fallback | None = None, **options: Any):
         self.eager = block.forward
         self.compiled = torch.compile(self.eager, **options)
-        self.failed: str | None = None
+        self.fallback = fallback or _Fallback()
+
+    @property
+    def failed(self) -> str | None:
+        """Why compilation failed (then every call runs eagerly), or None."""
+        return self.fallback.reason
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.failed is not None:
+        if self.fallback.reason is not None:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -39,9 +53,10 @@ class CompiledForward:
             # dynamo also wraps the model's own errors (a wrong shape): the eager call
             # re-raises those as they are, and only a call that works eagerly disables compile
             out = self.eager(*args, **kwargs)
-            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            self.fallback.reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             warnings.warn(
-                f"torch.compile of an mmssl Block failed, running it eagerly ({self.failed})",
+                "torch.compile of the mmssl Blocks failed, running them eagerly "
+                f"({self.fallback.reason})",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -71,8 +86,9 @@ def compile_blocks(
 ) -> int:
     """Compile every Block inside `module` in place; returns how many were compiled.
 
-    backend (a name or a dynamo backend callable), mode, dynamic: passed to `torch.compile`.  Parameters, state_dict keys and
-    outputs are unchanged; `uncompile_blocks` undoes it.
+    backend (a name or a dynamo backend callable), mode, dynamic: passed to `torch.compile`.
+    Parameters, state_dict keys and outputs are unchanged; `uncompile_blocks` undoes it.
+    The Blocks of one call share their fallback: one compilation error runs them all eagerly.
     """
     from torch._dynamo import list_backends
 
@@ -82,10 +98,11 @@ def compile_blocks(
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     if not blocks:
         raise ValueError(f"{type(module).__name__} contains no mmssl Block to compile")
+    fallback = _Fallback()
     for block in blocks:
         if not isinstance(block.forward, CompiledForward):
             block.forward = CompiledForward(  # type: ignore[method-assign]
-                block, backend=backend, mode=mode, dynamic=dynamic
+                block, fallback, backend=backend, mode=mode, dynamic=dynamic
             )
     return len(blocks)
 

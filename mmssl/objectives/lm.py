@@ -38,10 +38,14 @@ def _shifted_sum_and_count(
         )
     if mask is not None and mask.shape != tokens.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
-    targets = tokens[:, 1:]  # (B, T-1)
+    # targets aligned with the logits, the last position ignored: padding the targets rather
+    # than slicing `logits[:, :-1]` keeps the logits (the largest tensor of an LM step) a
+    # view, where the slice would copy them forward and zero-fill a full gradient backward
+    targets = F.pad(tokens[:, 1:], (0, 1), value=ignore_index)  # (B, T)
     if mask is not None:
-        targets = targets.masked_fill(~mask[:, 1:].bool(), ignore_index)
-    flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+        counted = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # (B, T)
+        targets = targets.masked_fill(~counted, ignore_index)
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
     if flat_logits.dtype in (torch.float16, torch.bfloat16):
         flat_logits = flat_logits.float()  # a softmax over the vocabulary needs fp32 sums
     total = F.cross_entropy(

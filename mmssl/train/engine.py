@@ -38,6 +38,14 @@ RECIPE_KEYS = (
 # logit scale and bias): embedding tables, position tables and the class token
 NO_DECAY_NAMES = ("token_embed", "pos_embed", "cls_token")
 SHIPPED_DS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+# optim.impl -> extra DeepSpeed optimizer params: `torch_adam` makes DeepSpeed build
+# torch.optim.AdamW, which receives the params DeepSpeed does not consume (`fused`) as keywords
+OPTIM_IMPL_PARAMS: dict[str, dict[str, Any]] = {
+    "deepspeed": {},
+    "torch": {"torch_adam": True},
+    "foreach": {"torch_adam": True, "foreach": True},
+    "fused": {"torch_adam": True, "fused": True},
+}
 
 
 def find_deepspeed_json(recipe: Recipe) -> Path:
@@ -69,6 +77,7 @@ def _injected(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
                 "betas": list(o.betas),
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
+                **OPTIM_IMPL_PARAMS[o.impl],
             },
         },
         "bf16": {"enabled": recipe.precision == "bf16"},
@@ -193,6 +202,10 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
     from torch.optim.lr_scheduler import LambdaLR
 
     schedule = lr_schedule(recipe)
+    if recipe.train.compile:
+        from mmssl.nn.compile import compile_blocks
+
+        compile_blocks(task)
     engine, _, _, _ = deepspeed.initialize(
         model=task,
         model_parameters=param_groups(task, recipe.optim.weight_decay),
@@ -200,7 +213,41 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
         dist_init_required=False,
     )
+    if zero_stage(ds_config) == 3:
+        alias_zero3_fp32_partitions(engine.optimizer)
     return engine
+
+
+def alias_zero3_fp32_partitions(optimizer: Any) -> int:
+    """Keep one copy of the fp32 parameter partitions under fp32 ZeRO-3, not two.
+
+    DeepSpeed means its fp32 master partition to alias the parameter partition when both are
+    fp32 on the same device, but it compares a torch.device with a device-name string (never
+    equal) and clones them: 4 bytes per parameter / ranks more on every rank.  Each clone still
+    equal to its partition becomes a view of it (the optimizer keeps the tensor object, so its
+    state keys hold); DeepSpeed's copy from master to partition after a step becomes a no-op.
+    Returns how many partitions now share their storage.
+    """
+    low = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    master = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    offload = getattr(optimizer, "offload_optimizer", True) or getattr(
+        optimizer, "offload_param", True
+    )
+    if not low or not master or offload:
+        return 0
+    count = 0
+    for lp, hp in zip(low, master):
+        if (
+            lp is not None
+            and lp.dtype == hp.dtype
+            and lp.device == hp.device
+            and lp.shape == hp.shape
+            and lp.untyped_storage().data_ptr() != hp.untyped_storage().data_ptr()
+            and torch.equal(lp, hp)
+        ):
+            hp.data = lp.data
+            count += 1
+    return count
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
