@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade "pip<26.2"
 	# torch first, pinned to the releases these machines carry (CPU use; a CUDA build on x86_64).
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev,interop]'
+	$(BIN)/pip install --quiet -e '.[dev,interop,fast]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -19,6 +19,9 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+faults: $(BIN)/.installed
+	MMSSL_FAULTS_FULL=1 $(BIN)/python -m pytest -q tests/faults
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py

@@ -15,7 +15,6 @@ Writes:
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import io
 import json
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmssl.cliargs import ArgumentParser
 from mmssl.data.captions import (
     BOTH_TEMPLATES,
     COLOR_TEMPLATES,
@@ -166,13 +166,19 @@ def write_demo(out: str, seed: int = 0, size: int = 32) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmssl demo-data", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl demo-data", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (8..512)")
     args = parser.parse_args(argv)
     if not 8 <= args.size <= 512:
         print(f"mmssl demo-data: error: --size must be in 8..512, got {args.size}", file=sys.stderr)
+        return 2
+    if not 0 <= args.seed < 2**63:  # numpy seeds are non-negative
+        print(
+            f"mmssl demo-data: error: --seed must be in 0..2**63-1, got {args.seed}",
+            file=sys.stderr,
+        )
         return 2
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"mmssl demo-data: error: {args.out} exists and is not a directory", file=sys.stderr)

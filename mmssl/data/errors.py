@@ -1,7 +1,8 @@
 """Bad input in the data stream: the error type and the counter of skipped samples.
 
-Bad samples are skipped, counted by kind and logged once per kind and process, so a few
-broken files never stop a run; a source where nothing is readable raises `DataError`.
+Bad samples are skipped, counted by kind and logged once per kind and process (and not
+again by later data-loader workers of the same run, see `mark_logged`), so a few broken
+files never stop a run; a source where nothing is readable raises `DataError`.
 
 Kinds: `truncated_tar`, `bad_tar`, `pipe_error`, `empty_shard`, `missing_shard`,
 `bad_image`, `image_too_large`, `missing_image`, `missing_caption`, `bad_text`,
@@ -15,6 +16,11 @@ import logging
 log = logging.getLogger("mmssl.data")
 
 _LOGGED: set[str] = set()
+
+
+def mark_logged(kinds: tuple[str, ...] | list[str]) -> None:
+    """Kinds this process should count silently: a worker started after they were logged."""
+    _LOGGED.update(kinds)
 
 
 class DataError(ValueError):

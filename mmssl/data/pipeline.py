@@ -22,7 +22,9 @@ source for batch i, so collective losses line up.
 
 `state_dict()` holds, per logical worker, each source's stream position (see
 `mmssl.data.stream`), the LM packer's document offset and the skip counts, plus epoch and
-batch index; `load_state_dict` continues the identical stream (keys and tensors).
+batch index and the skip counts of finished epochs; `load_state_dict` continues the
+identical stream (keys and tensors).  A kind of bad input already counted is not logged
+again by the workers of later epochs or of a resumed run.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class StreamLoader:
         self.epoch = 0
         self.next_batch = 0
         self.workers: dict[int, dict[str, Any]] = {}
+        self.skipped_done: dict[str, int] = {}  # skip counts of finished epochs
 
     def __len__(self) -> int:
         if self.plan.mode != "epoch":
@@ -151,8 +154,9 @@ class StreamLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Skipped samples by kind, summed over workers (as of the last consumed batch)."""
-        total: dict[str, int] = {}
+        """Skipped samples by kind, summed over workers and epochs (as of the last consumed
+        batch)."""
+        total = dict(self.skipped_done)
         for state in self.workers.values():
             for kind, n in state.get("skipped", {}).items():
                 total[kind] = total.get(kind, 0) + n
@@ -162,6 +166,7 @@ class StreamLoader:
         dataset = StreamDataset(self.plan)
         dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
         dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}
+        dataset.quiet = tuple(sorted(self.skipped))
         if self.loader_workers > 0:
             items: Any = DataLoader(
                 dataset,
@@ -177,6 +182,7 @@ class StreamLoader:
             self.next_batch = int(pos["batch"]) + 1
             yield batch
         # an epoch is over: the next iter() starts the next one from scratch
+        self.skipped_done = self.skipped
         self.epoch += 1
         self.next_batch = 0
         self.workers = {}
@@ -196,6 +202,7 @@ class StreamLoader:
             "epoch": self.epoch,
             "next_batch": self.next_batch,
             "workers": {str(k): v for k, v in sorted(self.workers.items())},
+            "skipped_done": dict(self.skipped_done),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,6 +226,7 @@ class StreamLoader:
         self.epoch = int(state["epoch"])
         self.next_batch = int(state["next_batch"])
         self.workers = {int(k): v for k, v in state["workers"].items()}
+        self.skipped_done = dict(state.get("skipped_done", {}))
 
 
 def build_pipeline(
@@ -236,7 +244,7 @@ def build_pipeline(
     image_size: int = 224,
     num_views: int = 2,
     return_image: bool = True,
-    augment: AugmentConfig | None = None,
+    augment: AugmentConfig | tuple[AugmentConfig, ...] | None = None,
     tokenizer: Any = None,
     context_length: int = 77,
     json_fields: Sequence[str] = (),

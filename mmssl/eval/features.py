@@ -11,7 +11,6 @@ is identical to a single-process run and padding never duplicates a row.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mmssl import distributed
+from mmssl.cliargs import ArgumentParser, check_numbers
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls
 from mmssl.eval.loading import EvalError
@@ -171,7 +171,7 @@ def _init_from_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmssl features", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl features", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="exported model dir or run dir")
     parser.add_argument(
         "--data", required=True, help="shard pattern, e.g. 'test-{000000..000003}.tar'"
@@ -189,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _init_from_launcher()
-        if args.batch_size < 1:
-            raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        problem = check_numbers(
+            args,
+            {"batch_size": (lambda v: v >= 1, ">= 1"), "limit": (lambda v: v >= 1, ">= 1")},
+        )
+        if problem:
+            raise EvalError(problem)
         loaded = load_model(args.model)
         urls = shard_urls(args.data)
         fields = (

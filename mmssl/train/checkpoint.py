@@ -1,9 +1,9 @@
 """Checkpoints through the DeepSpeed engine, with everything an exact resume needs.
 
-`RUN_DIR/checkpoints/step_XXXXXXXX/` is one DeepSpeed checkpoint (`latest` names the newest).
-Its client state holds, besides the engine's own model/optimizer/schedule state:
+`RUN_DIR/checkpoints/step_XXXXXXXX/` is one DeepSpeed checkpoint.  Its client state holds,
+besides the engine's own model/optimizer/schedule state:
 
-- `step`: optimizer steps done;
+- `step`: optimizer steps done; `bad_steps`: steps skipped for a non-finite loss or gradient;
 - `recipe`: the resolved recipe;
 - `descriptor`: the augmentation descriptor layout (version and groups);
 - `data`: the data-stream state of every rank (each holds its workers' positions);
@@ -11,13 +11,28 @@ Its client state holds, besides the engine's own model/optimizer/schedule state:
 
 DeepSpeed writes the client state from data-parallel rank 0 only, so per-rank states are
 gathered to every rank before saving and each rank picks its own entry on load.
+
+A checkpoint is complete once its `manifest.json` exists: written last (atomic rename),
+it lists every file with its size and sha256.  `resume=auto` takes the newest checkpoint
+whose files match their manifest and names every newer one it skips (a save cut short, a
+truncated or bit-flipped file).  Hashing is split over the ranks (a shared file system, as
+DeepSpeed's own resume needs).  Loading never unpickles arbitrary objects: every
+`torch.load` of a load, DeepSpeed's included, runs with `weights_only=True` and an
+allow-list of the few DeepSpeed classes its optimizer states hold.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +43,12 @@ from mmssl import distributed
 from mmssl.schema import ConfigError
 
 TAG = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+log = logging.getLogger("mmssl.train")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is incomplete, damaged or unsafe to load; the message names it."""
 
 
 def tag_of(step: int) -> str:
@@ -63,40 +84,193 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
+# ----------------------------------------------------------------------------- manifests
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder (relative, sorted) except the manifest."""
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    )
+
+
+def _digest(path: Path, flush: bool = False) -> tuple[int, str]:
+    """(size, sha256) of a file; `flush` also forces it to stable storage."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        if flush:
+            os.fsync(f.fileno())
+    return path.stat().st_size, h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Hash the folder's files (split over ranks) and write the manifest last.  Collective."""
+    rank, world = distributed.rank(), distributed.world_size()
+    files = _files(folder)
+    mine = {name: _digest(folder / name, flush=True) for name in files[rank::world]}
+    parts = distributed.all_gather_object(mine)
+    if rank == 0:
+        entries = {k: {"size": s, "sha256": h} for part in parts for k, (s, h) in part.items()}
+        manifest = {"format": 1, "step": step, "files": dict(sorted(entries.items()))}
+        _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    distributed.barrier()
+
+
+def verify(folder: Path, collective: bool = True) -> str | None:
+    """None if `folder` is a complete checkpoint whose files match the manifest, else what is
+    wrong.  `collective`: every rank calls it and hashes a disjoint share of the files."""
+    rank, world = (distributed.rank(), distributed.world_size()) if collective else (0, 1)
+    problem: str | None = None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["files"]
+        names = sorted(entries)
+    except FileNotFoundError:
+        problem = f"no {MANIFEST}: the save did not finish"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        problem = f"{MANIFEST} is unreadable"
+    if problem is None:
+        for name in names[rank::world]:
+            path = folder / name
+            if not path.is_file():
+                problem = f"{name} is missing"
+            elif path.stat().st_size != entries[name]["size"]:
+                problem = f"{name} has {path.stat().st_size} bytes, the manifest says {entries[name]['size']}"
+            elif _digest(path)[1] != entries[name]["sha256"]:
+                problem = f"{name} does not match its sha256 in the manifest"
+            if problem:
+                break
+    if not collective:
+        return problem
+    found = [p for p in distributed.all_gather_object(problem) if p]
+    return found[0] if found else None
+
+
 def list_tags(ckpt_dir: Path) -> list[str]:
-    """Checkpoint tags in `ckpt_dir`, oldest first."""
+    """Checkpoint tags in `ckpt_dir`, oldest first (complete or not)."""
     if not ckpt_dir.is_dir():
         return []
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed's `latest` file names, else the newest step_* folder."""
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (ckpt_dir / tag).is_dir():
+    """The newest checkpoint whose save finished (it has a manifest; not hashed here)."""
+    done = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file()]
+    return done[-1] if done else None
+
+
+def newest_valid(ckpt_dir: Path, what: str, collective: bool = True) -> str | None:
+    """The newest checkpoint that passes `verify`; logs each newer one it skips."""
+    for tag in reversed(list_tags(ckpt_dir)):
+        problem = verify(ckpt_dir / tag, collective)
+        if problem is None:
             return tag
-    tags = list_tags(ckpt_dir)
-    return tags[-1] if tags else None
+        if distributed.rank() == 0 or not collective:
+            log.warning("%s: skipping checkpoint %s: %s", what, ckpt_dir / tag, problem)
+    return None
 
 
 def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
-    """resume = auto | none | a checkpoint folder or a run directory -> (dir, tag) or None."""
+    """resume = auto | none | a checkpoint folder or a run directory -> (dir, tag) or None.
+
+    auto (and a run directory) fall back past incomplete or damaged checkpoints to the newest
+    good one; a named checkpoint folder must be good.  Collective."""
     if resume == "none":
         return None
     if resume == "auto":
         ckpt = run_dir / "checkpoints"
-        tag = latest_tag(ckpt)
+        tag = newest_valid(ckpt, "checkpoint.resume=auto")
+        if tag is None and list_tags(ckpt) and distributed.rank() == 0:
+            log.warning(
+                "checkpoint.resume=auto: no good checkpoint in %s; starting at step 0", ckpt
+            )
         return (ckpt, tag) if tag else None
     path = Path(resume)
     if TAG.match(path.name) and path.is_dir():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is not usable: {problem}")
         return path.parent, path.name
     for ckpt in (path / "checkpoints", path):
-        tag = latest_tag(ckpt)
-        if tag:
+        if list_tags(ckpt):
+            tag = newest_valid(ckpt, "checkpoint.resume")
+            if tag is None:
+                raise CheckpointError(f"checkpoint.resume: no good checkpoint in {ckpt}")
             return ckpt, tag
     raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {resume}")
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def allowed_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into optimizer states, besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Inside, every torch.load (DeepSpeed passes weights_only=False) is weights_only=True
+    with `allowed_globals()`: a pickle that would build any other object is refused."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ[keys[0]] = "1"
+    os.environ.pop(keys[1], None)
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def refused_file(folder: Path) -> tuple[Path, str] | None:
+    """The first *.pt file of `folder` that a safe load refuses, with torch's reason."""
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with safe_torch_load():
+                torch.load(path, map_location="cpu")
+        except pickle.UnpicklingError as err:
+            lines = [x.strip() for x in str(err).splitlines() if "global" in x.lower()]
+            return path, (lines[0] if lines else str(err).splitlines()[0])
+    return None
+
+
+def unsafe_error(folder: Path, err: Exception) -> CheckpointError:
+    found = refused_file(folder)
+    where, why = found if found else (folder, str(err).splitlines()[0])
+    return CheckpointError(
+        f"refusing to load {where}: it pickles objects outside the allow-list of plain tensors, "
+        f"containers and DeepSpeed's optimizer classes ({why})"
+    )
+
+
+# ----------------------------------------------------------------------------- save / load
 
 
 def save(
@@ -106,8 +280,12 @@ def save(
     recipe: dict[str, Any],
     streams: dict[str, Any],
     keep_last: int,
+    extra: dict[str, Any] | None = None,
+    on_written: Callable[[], None] | None = None,
 ) -> Path:
-    """Save on every rank (each writes its ZeRO shards); keep only the newest `keep_last`."""
+    """Save on every rank (each writes its ZeRO shards), then the manifest; keep the newest
+    `keep_last` complete checkpoints up to `step`.  `on_written` runs between DeepSpeed's
+    write and the manifest (fault injection).  Collective."""
     from mmssl.descriptor import get_layout
 
     data = distributed.all_gather_object({k: s.state_dict() for k, s in streams.items()})
@@ -119,36 +297,92 @@ def save(
         "data": data,
         "rng": rngs,
         "world_size": distributed.world_size(),
+        **(extra or {}),
     }
     tag = tag_of(step)
+    folder = ckpt_dir / tag
+    if distributed.rank() == 0 and folder.exists():
+        shutil.rmtree(folder)  # left by an attempt that was rolled back: rewritten whole
+    distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
     distributed.barrier()
+    if on_written is not None:
+        on_written()
+    write_manifest(folder, step)
     if distributed.rank() == 0:
-        for old in list_tags(ckpt_dir)[:-keep_last]:
+        upto = [t for t in list_tags(ckpt_dir) if int(TAG.match(t).group(1)) <= step]  # type: ignore[union-attr]
+        done = [t for t in upto if (ckpt_dir / t / MANIFEST).is_file()]
+        for old in sorted(set(upto) - set(done[-keep_last:])):
+            # the manifest goes first: a removal cut short leaves an incomplete checkpoint
+            (ckpt_dir / old / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     distributed.barrier()
-    return ckpt_dir / tag
+    return folder
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> int:
-    """Restore engine, data positions and RNG states of this rank; returns the step."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def _replay_cpu_adam(engine: Any) -> None:
+    """Make DeepSpeed's CPU FusedAdam continue exactly after a resume.
+
+    Its C++ kernel keeps beta^t in one process-wide state, advanced as a float32 running
+    product from step to step, but computed with pow() on the first call of a process.  A
+    run resumed in a new process at step k+1 then uses pow(beta, k+1) where the
+    uninterrupted run had the product: the updates differ in the last bits.  Replaying steps
+    1..k on a one-element dummy rebuilds the product (a far step first forces the pow path,
+    whatever an earlier run of this process left)."""
+    from deepspeed.accelerator import get_accelerator
+
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the basic one
+    if get_accelerator().device_name() != "cpu" or not hasattr(opt, "multi_tensor_adam"):
+        return
+    steps = max((int(s.get("step", 0)) for s in opt.state.values()), default=0)
+    if steps == 0:
+        return
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    dummy = [[torch.zeros(1)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
+    for step in (2**30, *range(1, steps + 1)):
+        multi_tensor_applier(
+            opt.multi_tensor_adam,
+            opt._dummy_overflow_buf,
+            dummy,
+            0.0,
+            beta1,
+            beta2,
+            group["eps"],
+            step,
+            opt.adam_w_mode,
+            1 if group["bias_correction"] else 0,
+            0.0,
+        )
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict[str, Any]:
+    """Restore engine, data positions and RNG states of this rank; returns the client state
+    (`step`, `bad_steps`, ...).  Only allow-listed objects are unpickled."""
+    folder = ckpt_dir / tag
+    try:
+        with safe_torch_load():
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except pickle.UnpicklingError as err:
+        raise unsafe_error(folder, err) from None
     if path is None:
-        raise FileNotFoundError(f"could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointError(f"could not load checkpoint {folder}")
+    _replay_cpu_adam(engine)
     rank, world = distributed.rank(), distributed.world_size()
     if client.get("world_size") != world:
         raise ConfigError(
-            f"checkpoint {ckpt_dir / tag} was written by {client.get('world_size')} ranks, this "
+            f"checkpoint {folder} was written by {client.get('world_size')} ranks, this "
             f"run has {world}: the data positions cannot be mapped"
         )
     from mmssl.descriptor import get_layout
 
     if client.get("descriptor") != get_layout("v1").to_dict():
         raise ConfigError(
-            f"checkpoint {ckpt_dir / tag} uses another descriptor layout: "
-            f"{client.get('descriptor')}"
+            f"checkpoint {folder} uses another descriptor layout: {client.get('descriptor')}"
         )
     for name, stream in streams.items():
         stream.load_state_dict(client["data"][rank][name])
     set_rng_state(client["rng"][rank])
-    return int(client["step"])
+    return client

@@ -12,11 +12,12 @@ import argparse
 import os
 import sys
 
+from mmssl.cliargs import ArgumentParser, check_numbers
 from mmssl.schema import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmssl train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl train", description=__doc__.split("\n")[0])
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.add_argument(
@@ -35,14 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = 2) -> int:
     prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"mmssl train: error: {prefix}{message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    problem = check_numbers(
+        args,
+        {"world_size": (lambda v: v >= 1, ">= 1"), "local_rank": (lambda v: v >= 0, ">= 0")},
+    )
+    if problem:
+        return _error(problem)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from mmssl.data.errors import DataError
@@ -60,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             f" x {resolved.grad_accum} accumulation steps = {recipe.train.global_batch_size}"
         )
         return 0
-    from mmssl.train.loop import train
+    from mmssl.train.loop import NonFiniteError, train
 
     try:
         out = train(recipe, resolved)
     except (ConfigError, DataError, FileNotFoundError) as err:
         return _error(str(err))
+    except NonFiniteError as err:  # the run failed, the input was fine: not a usage error
+        return _error(str(err), 1)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"mmssl train: {recipe.name}: steps {out['steps']}, "

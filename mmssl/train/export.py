@@ -4,17 +4,21 @@ stage) -> `model.safetensors` + `config.json`, loadable with `mmssl.load_encoder
 ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` utilities
 (they read the fp32 master partitions of every rank); a stage-0 checkpoint holds the whole
 module and is read directly (as stored: in bf16 for bf16 runs, cast to fp32).
+
+The checkpoint's files are checked against its manifest (sha256) first, and every
+`torch.load` runs with `weights_only=True` and the allow-list of
+`mmssl.train.checkpoint.safe_torch_load`: a checkpoint that would run code is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmssl.cliargs import ArgumentParser
 from mmssl.schema import ConfigError
 
 PREFIX = "model."
@@ -26,22 +30,37 @@ def _read_recipe(run_dir: Path) -> Any:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no recipe.yaml)")
-    return recipe_from_dict(read_yaml(path))
+    from mmssl.train.values import check_values
+
+    recipe = recipe_from_dict(read_yaml(path))
+    check_values(recipe)  # validated when trained: anything out of range now is damage
+    return recipe
 
 
 def checkpoint_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The Task's full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage."""
-    folder = ckpt_dir / tag
-    if list(folder.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The Task's full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage, after
+    checking it against its manifest; CheckpointError if damaged or unsafe."""
+    import pickle
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        files = sorted(folder.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no DeepSpeed model states")
-        # our own run's checkpoint: DeepSpeed pickles its metadata, so weights_only is off
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    from mmssl.train.checkpoint import CheckpointError, safe_torch_load, unsafe_error, verify
+
+    folder = ckpt_dir / tag
+    problem = verify(folder, collective=False)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is not usable: {problem}")
+    try:
+        with safe_torch_load():
+            if list(folder.glob("*optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            else:
+                files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+                if not files:
+                    raise FileNotFoundError(f"{folder}: no DeepSpeed model states")
+                state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    except pickle.UnpicklingError as err:
+        raise unsafe_error(folder, err) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -62,19 +81,22 @@ def model_state(task_state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
-    """Export the latest (or `tag`) checkpoint of `run_dir`; returns the output directory."""
+    """Export the newest good (or `tag`) checkpoint of `run_dir`; returns the output directory."""
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import latest_tag
+    from mmssl.train.checkpoint import newest_valid
     from mmssl.train.recipe import model_config
 
     run = Path(run_dir)
     recipe = _read_recipe(run)
     ckpt_dir = run / "checkpoints"
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag or ''}".rstrip())
+    if tag is None:
+        tag = newest_valid(ckpt_dir, "mmssl export", collective=False)
+        if tag is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
     cfg = model_config(recipe)
     for tower in (cfg.vision, cfg.text):
         if tower is not None:
@@ -87,7 +109,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmssl export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl export", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, checkpoints/)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")

@@ -2,10 +2,21 @@
 
 Host syncs happen only at log intervals: per-step metrics stay detached tensors that are
 summed on the device and read (and averaged over ranks) every `logging.every` steps.
+
+Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
+update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left
+out of the metric averages; `train.max_bad_steps` in a row stop the run with
+`NonFiniteError`, keeping the last good checkpoint.  A non-finite loss is turned into a NaN
+gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 optimizers
+already check the gradients for overflow (with their own host sync); on the plain fp32
+stage-0 path the loop checks them itself, which is one extra host sync per step there.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -15,12 +26,17 @@ import numpy as np
 import torch
 
 from mmssl import distributed
+from mmssl.data.errors import DataError
 from mmssl.train import checkpoint
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
+from mmssl.train.faults import Faults
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.streams import build_stream, build_streams
+from mmssl.train.streams import tokenizer as recipe_tokenizer
 from mmssl.train.tasks import Task, register_zero3_params
+
+_log = logging.getLogger("mmssl.train")
 
 
 def seed_everything(seed: int) -> None:
@@ -40,6 +56,85 @@ def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> d
         return x
 
     return {k: move(v) for k, v in batch.items()}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _next_batches(
+    streams: dict[str, Any], dev: torch.device, dtype: torch.dtype, keys: dict[str, list[str]]
+) -> dict[str, Any]:
+    """One micro-batch of every source, on the device; their sample keys go to `keys`."""
+    out = {}
+    for name, stream in streams.items():
+        try:
+            batch = stream.next()
+        except DataError as err:
+            raise DataError(f"data.sources.{name}: {err}") from None
+        keys.setdefault(name, []).extend(batch.get("__key__", ()))
+        out[name] = to_device(batch, dev, dtype)
+    return out
+
+
+def _finite_or_nan(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` itself when finite (x 1.0 is exact), else NaN with a NaN gradient everywhere, so
+    that the optimizer's gradient check also catches a non-finite loss.  No host sync."""
+    one = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return loss * torch.where(torch.isfinite(loss), one, torch.full_like(one, float("nan")))
+
+
+def _grads_finite(engine: Any) -> bool:
+    """All (already all-reduced) gradients finite.  One host sync."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+
+
+def _skip_update(engine: Any) -> None:
+    """Run DeepSpeed's step without the optimizer update and mark it as an overflow, so that
+    DeepSpeed counts it skipped and holds the LR schedule, as its ZeRO/bf16 paths do."""
+    opt = engine.optimizer
+    opt.overflow = True
+    opt.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        del opt.step, opt.overflow
+
+
+class KeyLog:
+    """The sample keys of every step of this rank: RUN_DIR/keys/rank<R>.jsonl, one JSON line
+    {step, keys: {source: [...]}} per step.  On resume, lines after `start_step` (and a line
+    cut short by a kill) are dropped, so the file is the stream the weights saw."""
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int, enabled: bool) -> None:
+        self.file: Any = None
+        if not enabled:
+            return
+        path = run_dir / "keys" / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 -- closed in close()
+
+    def write(self, step: int, keys: dict[str, list[str]]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
@@ -90,22 +185,27 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     dev = device()
     dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
     run_dir = recipe.run_dir
+    faults = Faults.from_env(run_dir, rank)
 
     # the same seed on every rank: identical initial weights before any broadcast
     seed_everything(recipe.train.seed)
     from mmssl.models.multimodal import MultimodalModel
 
-    task = Task(MultimodalModel(resolved.model), recipe.objectives)
+    task = Task(MultimodalModel(resolved.model), recipe.objectives, recipe_tokenizer(recipe))
     engine = initialize(task, recipe, resolved.ds_config)
     if zero_stage(resolved.ds_config) == 3:
         register_zero3_params(engine.module)
+    # DeepSpeed's ZeRO and bf16 optimizers skip overflowing steps themselves
+    own_check = not hasattr(engine.optimizer, "overflow")
     # from here on each rank draws its own random numbers (drop_path, ...)
     seed_everything(recipe.train.seed + 1000 * (rank + 1))
     streams = build_streams(recipe, resolved.model, rank, world)
 
     found = checkpoint.find_resume(recipe.checkpoint.resume, run_dir)
     _prepare_run_dir(recipe, run_dir)
-    step = checkpoint.load(engine, found[0], found[1], streams) if found else 0
+    client = checkpoint.load(engine, found[0], found[1], streams) if found else {}
+    step = int(client.get("step", 0))
+    bad_steps = int(client.get("bad_steps", 0))
     ckpt_dir = run_dir / "checkpoints"
     end = recipe.train.stop_at or recipe.train.steps
     samples_per_step = recipe.train.global_batch_size
@@ -118,35 +218,90 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         recipe.logging.tensorboard,
         recipe.logging.progress,
     )
+    key_log = KeyLog(run_dir, rank, step, recipe.logging.keys)
     recipe_dict = recipe.to_dict()
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    streak = 0  # consecutive skipped steps
+    seen: set[str] = set()  # metric names seen
     t_start = time.perf_counter()
     start_step = step
-    while step < end:
-        for _ in range(resolved.grad_accum):
-            batches = {k: to_device(s.next(), dev, dtype) for k, s in streams.items()}
-            loss, metrics = engine(batches)
-            engine.backward(loss)
-            engine.step()
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.float()
-            count += 1
-        step += 1
-        log.advance()
-        if step % recipe.logging.every == 0 or step == end:
-            keys = sorted(sums)
-            values = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]) / count)
-            row = dict(zip(keys, values.tolist()))
-            if recipe.eval.every and step % recipe.eval.every == 0:
-                row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
-            log.log(step, row, engine.get_lr()[0])
-            sums, count = {}, 0
-        every = recipe.checkpoint.every
-        if (every and step % every == 0) or step == end:
-            checkpoint.save(
-                engine, ckpt_dir, step, recipe_dict, streams, recipe.checkpoint.keep_last
-            )
+    try:
+        while step < end:
+            step_sums: dict[str, torch.Tensor] = {}
+            keys: dict[str, list[str]] = {}
+            for micro in range(resolved.grad_accum):
+                loss, metrics = engine(_next_batches(streams, dev, dtype, keys))
+                engine.backward(_finite_or_nan(faults.poison(loss, step + 1)))
+                for k, v in metrics.items():
+                    step_sums[k] = step_sums[k] + v.float() if k in step_sums else v.float()
+                if micro < resolved.grad_accum - 1:
+                    engine.step()
+                    continue
+                faults.pause("mid_step", step + 1)
+                if own_check and not _grads_finite(engine):
+                    _skip_update(engine)
+                else:
+                    engine.step()
+            step += 1
+            key_log.write(step, keys)
+            seen.update(step_sums)
+            if engine.was_step_applied():
+                for k, v in step_sums.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                count += resolved.grad_accum
+                streak = 0
+            else:
+                bad_steps += 1
+                streak += 1
+                if rank == 0 and streak == 1:
+                    _log.warning(
+                        "step %d: non-finite loss or gradient, step skipped (%d so far)",
+                        step,
+                        bad_steps,
+                    )
+                if streak >= recipe.train.max_bad_steps:
+                    good = checkpoint.latest_tag(ckpt_dir)
+                    raise NonFiniteError(
+                        f"train.max_bad_steps: {streak} consecutive steps ({step - streak + 1}.."
+                        f"{step}) had a non-finite loss or gradient and were skipped; stopping. "
+                        + (
+                            f"The last good checkpoint is {ckpt_dir / good}"
+                            if good
+                            else "No checkpoint was written."
+                        )
+                    )
+            log.advance()
+            if step % recipe.logging.every == 0 or step == end:
+                # an interval of skipped steps only logs NaN (every rank agrees: the skip
+                # decision is global)
+                row: dict[str, float] = dict.fromkeys(sorted(seen), float("nan"))
+                if sums:
+                    names = sorted(sums)
+                    values = distributed.all_reduce_mean(
+                        torch.stack([sums[k] for k in names]) / count
+                    )
+                    row = dict(zip(names, values.tolist()))
+                row["bad_steps"] = bad_steps
+                if recipe.eval.every and step % recipe.eval.every == 0:
+                    row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
+                log.log(step, row, engine.get_lr()[0])
+                sums, count = {}, 0
+            every = recipe.checkpoint.every
+            if (every and step % every == 0) or step == end:
+                checkpoint.save(
+                    engine,
+                    ckpt_dir,
+                    step,
+                    recipe_dict,
+                    streams,
+                    recipe.checkpoint.keep_last,
+                    extra={"bad_steps": bad_steps},
+                    on_written=lambda s=step: faults.pause("save", s),
+                )
+            faults.pause("step_end", step)
+    finally:
+        key_log.close()
     skipped: dict[str, int] = {}
     for per_rank in distributed.all_gather_object({k: s.skipped for k, s in streams.items()}):
         for counts in per_rank.values():
@@ -165,6 +320,7 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         else sum(getattr(p, "ds_numel", p.numel()) for p in task.model.parameters()),
         "wall_time_s": round(time.perf_counter() - t_start, 1),
         "checkpoint": str(ckpt_dir / checkpoint.tag_of(step)),
+        "bad_steps": bad_steps,
     }
     log.close(info, skipped)
     return {

@@ -1,0 +1,51 @@
+"""Argument parsing for every `mmssl` CLI: bad input is one line and exit code 2.
+
+argparse prints its usage block before the error; the house rule is one line naming the
+problem (`PROG: error: argument --size: invalid int value: 'x'`), so every CLI builds its
+parser from `ArgumentParser` here (subcommand parsers inherit it).  `check_numbers`
+rejects what argparse's `int` and `float` let through: NaN, infinities, integers beyond
+64 bits and values outside an option's range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+INT64 = 2**63
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number_problem(value: Any) -> str | None:
+    """Why an int/float option value is unusable whatever its range (None if it is usable)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not -INT64 <= value < INT64:
+        return f"must fit in 64 bits, got {value}"
+    return None
+
+
+def check_numbers(
+    args: argparse.Namespace, rules: dict[str, tuple[Callable[[Any], bool], str]]
+) -> str | None:
+    """The first problem among the numeric options of `args` as `--name must ...`, or None.
+
+    rules: option dest -> (predicate on a non-None value, what it must be, e.g. ">= 1")."""
+    for dest, value in sorted(vars(args).items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        problem = number_problem(value)
+        if problem:
+            return f"{flag} {problem}"
+        if dest in rules and not rules[dest][0](value):
+            return f"{flag} must be {rules[dest][1]}, got {value}"
+    return None

@@ -1,0 +1,119 @@
+"""Hostile and damaged checkpoints: a pickle that would run code is refused by resume and
+export (and the code provably did not run); a truncated or bit-flipped checkpoint is caught
+by the sha256 manifest written at save time, named, and `resume=auto` falls back to the
+previous good checkpoint and still ends bitwise equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmssl.train.checkpoint import CheckpointError, tag_of, write_manifest
+
+pytestmark = [pytest.mark.slow]
+
+
+class _Payload:
+    """Unpickling this calls exec(): it writes the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def _recipe(tmp: Path, name: str, steps: int) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "out_dir": str(tmp),
+                "model": {"name": "test_tiny_clip"},
+                "data": {"sources": {"train": {"urls": "synthetic"}}},
+                "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4},
+                "checkpoint": {"every": 1, "keep_last": 5},
+                "logging": {"every": 1, "tensorboard": False, "progress": False},
+            }
+        )
+    )
+    return path
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_hostile_pickle_is_refused(tmp_path: Path, in_process: None, capsys) -> None:
+    from mmssl.train.cli import main as train_main
+    from mmssl.train.export import export_run
+    from mmssl.train.export import main as export_main
+
+    recipe = _recipe(tmp_path, "h", 2)
+    assert train_main([str(recipe)]) == 0
+    folder = tmp_path / "h" / "checkpoints" / tag_of(2)
+    target = folder / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "marker"
+    real = torch.load(target, map_location="cpu", weights_only=True)
+    real["module"] = {"weight": _Payload(marker)}
+    torch.save(real, target)
+    write_manifest(folder, 2)  # the attacker keeps the manifest consistent
+    capsys.readouterr()
+
+    with pytest.raises(CheckpointError, match=r"refusing to load .*mp_rank_00_model_states\.pt"):
+        export_run(tmp_path / "h")
+    before = _files(tmp_path)
+    assert export_main([str(tmp_path / "h"), "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mp_rank_00_model_states.pt" in err[0] and "exec" in err[0], err
+    assert _files(tmp_path) == before and not (tmp_path / "exp").exists()
+    assert train_main([str(recipe), "train.steps=3"]) == 2  # resume=auto meets it
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to load" in err[0] and "Traceback" not in err[0], err
+    assert not marker.exists(), "the payload ran"
+    # the payload is real: a plain unpickle runs it
+    torch.load(target, map_location="cpu", weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_damaged_checkpoint_falls_back(tmp_path: Path, in_process: None, caplog, capsys) -> None:
+    from mmssl.train.cli import main as train_main
+    from mmssl.train.export import checkpoint_state
+    from mmssl.train.export import main as export_main
+
+    assert train_main([str(_recipe(tmp_path, "ref", 3))]) == 0
+    recipe = _recipe(tmp_path, "d", 3)
+    assert train_main([str(recipe), "train.stop_at=2"]) == 0
+    ckpt = tmp_path / "d" / "checkpoints"
+    target = ckpt / tag_of(2) / "mp_rank_00_model_states.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit
+    target.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    # export names the damaged checkpoint when asked for it ...
+    assert export_main([str(tmp_path / "d"), "--tag", tag_of(2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and tag_of(2) in err[0] and "sha256" in err[0], err
+    # ... and a truncated one too
+    shorter = ckpt / tag_of(1) / "mp_rank_00_model_states.pt"
+    saved = shorter.read_bytes()
+    shorter.write_bytes(saved[:-100])
+    assert export_main([str(tmp_path / "d"), "--tag", tag_of(1)]) == 2
+    assert "bytes, the manifest says" in capsys.readouterr().err
+    shorter.write_bytes(saved)
+
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        assert train_main([str(recipe)]) == 0  # resume=auto
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and str(ckpt / tag_of(2)) in skipped[0] and "sha256" in skipped[0]
+    summary = (tmp_path / "d" / "summary.md").read_text()
+    assert "- steps: 1 -> 3 of 3" in summary
+    a = checkpoint_state(tmp_path / "ref" / "checkpoints", tag_of(3))
+    b = checkpoint_state(ckpt, tag_of(3))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,88 @@
+"""Numerical faults: an injected NaN/inf loss or gradient skips the step (no optimizer
+update, LR schedule held) and is counted; K consecutive bad steps stop the run with one clear
+line, keeping the last good checkpoint.  Both the loop's own check (DeepSpeed's fp32
+stage-0 path applies every step) and DeepSpeed's overflow check (ZeRO) are exercised."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmssl.train.checkpoint import tag_of, verify
+from mmssl.train.export import checkpoint_state
+
+pytestmark = [pytest.mark.slow]
+
+
+def _recipe(tmp: Path, name: str, steps: int, **train: object) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "out_dir": str(tmp),
+                "model": {"name": "test_tiny_clip"},
+                "data": {"sources": {"train": {"urls": "synthetic"}}},
+                "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4, **train},
+                "schedule": {"warmup_steps": 2},
+                "checkpoint": {"every": 1, "keep_last": 20},
+                "logging": {"every": 1, "tensorboard": False, "progress": False},
+            }
+        )
+    )
+    return path
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return checkpoint_state(run / "checkpoints", tag_of(step))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bad_step_is_skipped_and_counted(
+    stage: int, tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@2,inf_grad@4")
+    recipe = load_recipe(_recipe(tmp_path, "r", 5, deepspeed=f"zero{stage}"))
+    out = train(recipe, validate(recipe))
+    assert out["bad_steps"] == 2 and out["final_step"] == 5
+    run = tmp_path / "r"
+    w = {s: _weights(run, s) for s in range(1, 6)}
+    assert _same(w[2], w[1]) and _same(w[4], w[3]), "a bad step changed the weights"
+    assert not _same(w[3], w[2]) and not _same(w[5], w[4]), "good steps must update"
+    assert all(torch.isfinite(v).all() for v in w[5].values())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in rows] == [0, 1, 1, 2, 2]
+    assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
+    assert rows[1]["lr"] == rows[0]["lr"], "the LR schedule advanced on a skipped step"
+    assert "- bad_steps: 2" in (run / "summary.md").read_text()
+
+
+def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mmssl.train.cli import main
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
+    recipe = _recipe(tmp_path, "k", 8, max_bad_steps=3)
+    assert main([str(recipe), "checkpoint.every=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    run = tmp_path / "k"
+    good = run / "checkpoints" / tag_of(4)
+    assert "train.max_bad_steps: 3 consecutive steps (3..5)" in err[0] and str(good) in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_of(2), tag_of(4)]
+    assert verify(good) is None
+    # what it holds is the last update that happened: step 2's weights, all finite
+    assert _same(_weights(run, 4), _weights(run, 2))
+    assert all(torch.isfinite(v).all() for v in _weights(run, 4).values())
