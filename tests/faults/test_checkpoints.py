@@ -5,12 +5,12 @@ previous good checkpoint and still ends bitwise equal to an uninterrupted run.""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+from fault_helpers import synthetic_recipe
 
 from mmssl.train.checkpoint import CheckpointError, tag_of, write_manifest
 
@@ -27,24 +27,6 @@ class _Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
 
 
-def _recipe(tmp: Path, name: str, steps: int) -> Path:
-    path = tmp / f"{name}.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "name": name,
-                "out_dir": str(tmp),
-                "model": {"name": "test_tiny_clip"},
-                "data": {"sources": {"train": {"urls": "synthetic"}}},
-                "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4},
-                "checkpoint": {"every": 1, "keep_last": 5},
-                "logging": {"every": 1, "tensorboard": False, "progress": False},
-            }
-        )
-    )
-    return path
-
-
 def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
@@ -54,7 +36,7 @@ def test_hostile_pickle_is_refused(tmp_path: Path, in_process: None, capsys) -> 
     from mmssl.train.export import export_run
     from mmssl.train.export import main as export_main
 
-    recipe = _recipe(tmp_path, "h", 2)
+    recipe = synthetic_recipe(tmp_path, "h", 2)
     assert train_main([str(recipe)]) == 0
     folder = tmp_path / "h" / "checkpoints" / tag_of(2)
     target = folder / "mp_rank_00_model_states.pt"
@@ -86,8 +68,8 @@ def test_damaged_checkpoint_falls_back(tmp_path: Path, in_process: None, caplog,
     from mmssl.train.export import checkpoint_state
     from mmssl.train.export import main as export_main
 
-    assert train_main([str(_recipe(tmp_path, "ref", 3))]) == 0
-    recipe = _recipe(tmp_path, "d", 3)
+    assert train_main([str(synthetic_recipe(tmp_path, "ref", 3))]) == 0
+    recipe = synthetic_recipe(tmp_path, "d", 3)
     assert train_main([str(recipe), "train.stop_at=2"]) == 0
     ckpt = tmp_path / "d" / "checkpoints"
     target = ckpt / tag_of(2) / "mp_rank_00_model_states.pt"

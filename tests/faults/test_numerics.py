@@ -11,30 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_helpers import synthetic_recipe
 
 from mmssl.train.checkpoint import tag_of, verify
 from mmssl.train.export import checkpoint_state
 
 pytestmark = [pytest.mark.slow]
-
-
-def _recipe(tmp: Path, name: str, steps: int, **train: object) -> Path:
-    path = tmp / f"{name}.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "name": name,
-                "out_dir": str(tmp),
-                "model": {"name": "test_tiny_clip"},
-                "data": {"sources": {"train": {"urls": "synthetic"}}},
-                "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4, **train},
-                "schedule": {"warmup_steps": 2},
-                "checkpoint": {"every": 1, "keep_last": 20},
-                "logging": {"every": 1, "tensorboard": False, "progress": False},
-            }
-        )
-    )
-    return path
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -53,7 +35,7 @@ def test_bad_step_is_skipped_and_counted(
     from mmssl.train.recipe import load_recipe, validate
 
     monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@2,inf_grad@4")
-    recipe = load_recipe(_recipe(tmp_path, "r", 5, deepspeed=f"zero{stage}"))
+    recipe = load_recipe(synthetic_recipe(tmp_path, "r", 5, 20, 2, deepspeed=f"zero{stage}"))
     out = train(recipe, validate(recipe))
     assert out["bad_steps"] == 2 and out["final_step"] == 5
     run = tmp_path / "r"
@@ -74,7 +56,7 @@ def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
     from mmssl.train.cli import main
 
     monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
-    recipe = _recipe(tmp_path, "k", 8, max_bad_steps=3)
+    recipe = synthetic_recipe(tmp_path, "k", 8, 20, 2, max_bad_steps=3)
     assert main([str(recipe), "checkpoint.every=2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
