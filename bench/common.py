@@ -186,8 +186,8 @@ def alternate(
     """Warm up every path once, then time them round-robin (order rotated every round).
 
     rounds=None picks as many rounds as fit `budget_s` (at least `min_rounds`, at most 7).
-    peaks: the fp32 matmul peak is measured again after every round and the highest kept,
-    so a load spike at start-up does not understate it.  Returns the number of rounds run.
+    peaks: each dtype's matmul peak is measured again after every round and the highest
+    kept, so a load spike at start-up does not understate it (nor overstate a fraction).  Returns the number of rounds run.
     """
     live = [p for p in paths if not p.skipped]
     warm = 0.0
@@ -203,11 +203,11 @@ def alternate(
             wall, cpu = _run(p)
             p.times.append(wall)
             p.cpu_times.append(cpu)
-        if peaks is not None:
-            again = matmul_peak(torch.float32, reps=3)
-            if again.flops_per_s > peaks["float32"].flops_per_s:
-                peaks["float32"] = again
-            peaks["float32"].note = f"highest of {r + 2} measurements, one per round"
+        for name in peaks or {}:
+            again = matmul_peak(getattr(torch, name), reps=3)
+            if again.flops_per_s > peaks[name].flops_per_s:
+                peaks[name] = again
+            peaks[name].note = f"highest of {r + 2} measurements, one per round"
     return rounds
 
 
@@ -234,7 +234,7 @@ def summarize(
     print(f"\n== {title}")
     print("  config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     print(
-        f"  step FLOPs (fwd+bwd matmul/conv/attention): {flops / 1e9:.2f} GFLOP; rounds: {rounds}"
+        f"  FLOPs per timed step (matmul/conv/attention; fwd+bwd when it trains): {flops / 1e9:.2f} GFLOP; rounds: {rounds}"
     )
     for p in peaks.values():
         print(f"  matmul peak {p.dtype:<9} {p.flops_per_s / 1e9:8.2f} GFLOP/s  {p.note}")
@@ -398,6 +398,7 @@ class Bf16Master:
             for m, p in zip(self.master, self.model_params):
                 m.grad = p.grad.float()
             self.optimizer.step()
-            torch._foreach_copy_(self.model_params, self.master)
+            with torch.no_grad():
+                torch._foreach_copy_(self.model_params, self.master)
 
         return step
