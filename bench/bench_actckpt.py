@@ -128,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None, help="write a RESULTS.md section here")
     p.set_defaults(budget=60.0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.rounds = max(1, args.batch // 4), args.rounds or 2
-    if args.batch < 1 or args.image_size % 16:
-        print("error: --batch must be >= 1 and --image-size a multiple of 16", file=sys.stderr)
+    problem = common.image_args_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if args.checkpointing:
         print(json.dumps(memory_worker(args)))

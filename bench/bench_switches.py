@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-extension", action="store_true", help="allow the FusedAdam build")
     p.add_argument("--no-compile", action="store_true", help="leave out train.compile=true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.rounds = max(2, args.batch // 4), args.rounds or 2
-    if args.batch < 2 or args.image_size % 16:
-        print("error: --batch must be >= 2 and --image-size a multiple of 16", file=sys.stderr)
+    problem = common.image_args_problem(args, min_batch=2)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = common.set_threads(args.threads)

@@ -31,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--model", default="vit_small_patch16_224")
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.rounds = max(1, args.batch // 4), args.rounds or 2
-    if args.batch < 1 or args.image_size % 16:
-        print("error: --batch must be >= 1 and --image-size a multiple of 16", file=sys.stderr)
+    problem = common.image_args_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     threads = common.set_threads(args.threads)
     import timm

@@ -317,6 +317,16 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def image_args_problem(args: argparse.Namespace, min_batch: int = 1) -> str | None:
+    """Apply --quick (a quarter of the batch, 2 rounds) to an image bench's args; the error
+    for a batch below `min_batch` or an image size that is no multiple of 16, else None."""
+    if args.quick:
+        args.batch, args.rounds = max(min_batch, args.batch // 4), args.rounds or 2
+    if args.batch < min_batch or args.image_size % 16:
+        return f"error: --batch must be >= {min_batch} and --image-size a multiple of 16"
+    return None
+
+
 def measure_peaks(quick: bool) -> dict[str, Peak]:
     reps = 3 if quick else 5
     return {
