@@ -16,6 +16,15 @@ def _batch(seed: int = 0) -> dict:
     return {"digits": {"views": views, "aug": [torch.rand(6, 13, generator=g) for _ in views]}}
 
 
+def _adam_steps(task: Task, batch: dict, steps: int) -> None:
+    """`steps` Adam updates of the whole Task on one batch."""
+    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        task(batch)[0].backward()
+        opt.step()
+
+
 def test_conditioned_task_equals_plain_at_init_and_trains_gamma():
     torch.manual_seed(0)
     objectives = {"simclr": ObjectiveConfig(source="digits")}
@@ -32,11 +41,7 @@ def test_conditioned_task_equals_plain_at_init_and_trains_gamma():
     task = Task(cond, objectives)
     loss_cond, _ = task(batch)
     torch.testing.assert_close(loss_cond, loss_plain, atol=1e-6, rtol=1e-6)
-    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
-    for _ in range(5):
-        opt.zero_grad()
-        task(batch)[0].backward()
-        opt.step()
+    _adam_steps(task, batch, 5)
     assert cond.conditioner.net[0].weight.grad.abs().sum() > 0
     # The Task conditions each view on its own descriptor: equal to the loss written out.
     from mmssl.objectives import nt_xent_loss
@@ -138,14 +143,10 @@ def test_text_conditioned_clip_equals_plain_at_init_and_trains_the_conditioner()
     task = Task(cond, {"clip": obj})
     loss_cond, _ = task(batch)
     torch.testing.assert_close(loss_cond, loss_plain, atol=1e-6, rtol=1e-6)
-    opt = torch.optim.Adam(task.parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        task(batch)[0].backward()
-        opt.step()
+    _adam_steps(task, batch, 3)
     # zero-init adaLN blocks gradients to c at step 0; after a step they flow to gamma_text
     # and, through the prompt, into the text tower
-    opt.zero_grad()
+    task.zero_grad()
     task(batch)[0].backward()
     assert cond.conditioner.proj.weight.grad.abs().sum() > 0
     # the Task's loss equals the one written out: the prompt encoded alone, at its own length
