@@ -92,6 +92,14 @@ class TextTransformer(nn.Module):
             raise RuntimeError("this text tower was built with lm_head=false")
         return F.linear(hidden, self.token_embed.weight)
 
+    def head_weight(self) -> torch.Tensor:
+        """The (V, D) weight `head` multiplies by: lm_head's, or the tied token embedding."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        if not self.cfg.lm_head:
+            raise RuntimeError("this text tower was built with lm_head=false")
+        return self.token_embed.weight
+
     def logits(
         self,
         text: torch.Tensor,

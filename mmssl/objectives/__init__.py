@@ -20,7 +20,13 @@ from mmssl.objectives.contrastive import (
     positives_from_labels,
     soft_target_cross_entropy,
 )
-from mmssl.objectives.lm import CaptioningLoss, NextTokenLoss, captioning_loss, next_token_loss
+from mmssl.objectives.lm import (
+    CaptioningLoss,
+    NextTokenLoss,
+    captioning_loss,
+    head_next_token_loss,
+    next_token_loss,
+)
 from mmssl.objectives.siglip import SigLipLoss, siglip_loss
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "caption_keys",
     "captioning_loss",
     "clip_loss",
+    "head_next_token_loss",
     "next_token_loss",
     "nt_xent_loss",
     "positives_from_ids",

@@ -20,7 +20,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl import distributed
+from mmssl.nn.linear_ce import linear_cross_entropy
 from mmssl.objectives.contrastive import report_global_mean
+
+
+def _shifted_targets(tokens: Tensor, mask: Tensor | None, ignore_index: int) -> Tensor:
+    """(B, T) targets aligned with the logits: tokens[:, t + 1], `ignore_index` where not
+    counted.  Padding the targets rather than slicing `logits[:, :-1]` keeps the logits
+    (the largest tensor of an LM step) a view, where the slice would copy them forward and
+    zero-fill a full gradient backward."""
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
+    targets = F.pad(tokens[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    if mask is not None:
+        counted = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # (B, T)
+        targets = targets.masked_fill(~counted, ignore_index)
+    return targets
 
 
 def _shifted_sum_and_count(
@@ -36,15 +51,7 @@ def _shifted_sum_and_count(
             f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
             f"{tuple(tokens.shape)}"
         )
-    if mask is not None and mask.shape != tokens.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
-    # targets aligned with the logits, the last position ignored: padding the targets rather
-    # than slicing `logits[:, :-1]` keeps the logits (the largest tensor of an LM step) a
-    # view, where the slice would copy them forward and zero-fill a full gradient backward
-    targets = F.pad(tokens[:, 1:], (0, 1), value=ignore_index)  # (B, T)
-    if mask is not None:
-        counted = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # (B, T)
-        targets = targets.masked_fill(~counted, ignore_index)
+    targets = _shifted_targets(tokens, mask, ignore_index)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
     if flat_logits.dtype in (torch.float16, torch.bfloat16):
         flat_logits = flat_logits.float()  # a softmax over the vocabulary needs fp32 sums
@@ -72,6 +79,33 @@ def next_token_loss(
     """
     total, count = _shifted_sum_and_count(logits, tokens, mask, ignore_index, label_smoothing)
     return total / count.clamp_min(1)
+
+
+def head_next_token_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """`next_token_loss(F.linear(hidden, weight), tokens, mask, ...)` without the logits.
+
+    hidden: (B, T, D) final-normed hidden states; weight: (V, D) the LM head's (tied or
+    not).  The head and the cross-entropy run as one op (`mmssl.nn.linear_ce`), which never
+    holds fp32 (B, T, V) tensors: the same value, and the same gradients up to the rounding
+    of the compute dtype.
+    """
+    if hidden.ndim != 3 or hidden.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"expected hidden (B, T, D) and tokens (B, T), got {tuple(hidden.shape)} and "
+            f"{tuple(tokens.shape)}"
+        )
+    targets = _shifted_targets(tokens, mask, ignore_index).reshape(-1)
+    total = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index, label_smoothing
+    )
+    return total / (targets != ignore_index).sum().clamp_min(1)
 
 
 def captioning_loss(

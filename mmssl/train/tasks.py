@@ -39,6 +39,7 @@ from mmssl.objectives import (
     SigLipLoss,
     caption_keys,
     captioning_loss,
+    head_next_token_loss,
     next_token_loss,
 )
 from mmssl.objectives.hssl import HSSLLoss
@@ -289,6 +290,14 @@ class Task(nn.Module):
             aug = batch["aug"]
             return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
         if kind == "next_token":
+            if obj.fused_head:
+                return head_next_token_loss(
+                    txt["hidden"],
+                    self.text_tower.head_weight(),
+                    batch["text"],
+                    batch.get("text_mask"),
+                    label_smoothing=obj.label_smoothing,
+                )
             logits = self.text_tower.head(txt["hidden"])
             return next_token_loss(
                 logits.float(),
@@ -346,12 +355,13 @@ def promote_scalar_params(module: nn.Module) -> None:
 
 def zero3_external_params(task: Task) -> list[Tensor]:
     """Parameters used outside their owning module's `__call__`: the direct parameters of the
-    model, its towers and caption decoder, and the tied embedding of the LM head."""
+    model, its towers and caption decoder, and the LM head's weight (the tied embedding, or
+    `lm_head`'s, which the fused next-token loss reads directly)."""
     model = task.model
     owners = [model, model.visual, model.text, model.caption]
     params: list[Tensor] = [p for m in owners if m is not None for p in m.parameters(recurse=False)]
-    if model.text is not None and model.text.lm_head is None:
-        params.append(model.text.token_embed.weight)
+    if model.text is not None and model.text.cfg.lm_head:
+        params.append(model.text.head_weight())
     return params
 
 

@@ -1,0 +1,124 @@
+"""Linear head + cross-entropy in one op, without the fp32 (N, V) tensors of the plain path.
+
+`linear_cross_entropy(hidden, weight, targets)` equals
+`F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` (the way an
+LM step scores its logits under bf16 autocast), but:
+
+- the logits stay one (N, V) tensor in the compute dtype (bf16 under autocast), made by
+  one large matmul;
+- the softmax runs over blocks of rows small enough to stay in cache (fp32), and each
+  block's gradient (softmax - one-hot) overwrites its logits in place, during the forward;
+- the backward is two large matmuls with that buffer: d hidden = G W, d weight = G^T H.
+
+The plain path instead writes the fp32 logits, their fp32 log-softmax, a zero-filled fp32
+gradient, its fp32 log-softmax backward and a bf16 copy: ~7 passes over N x V x 4 bytes,
+which at GPT-2's vocabulary (50,257) cost as much as the transformer's matmuls on a CPU
+(`bench/bench_gpt.py`).  Same idea as Liger-Kernel's fused linear cross-entropy.
+
+The gradient is computed for the summed loss and scaled by the incoming gradient at the
+end, so any later normalisation (token mean, global count) stays outside.  The forward
+computes the gradient only when one is needed (grad mode on and an input requiring it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_BLOCK_BYTES = 1 << 22  # fp32 bytes of one softmax block (4 MiB: about half an L2 per core)
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype autocast would give F.linear here, else the hidden states' dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        ignore_index: int,
+        label_smoothing: float,
+        dtype: torch.dtype,
+        need_grad: bool,
+    ) -> Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)
+        logits = h @ w.t()  # (N, V): becomes the gradient buffer, block by block
+        n, v = logits.shape
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        acc = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        rows = max(1, _BLOCK_BYTES // (4 * v))
+        eps = float(label_smoothing)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logp = F.log_softmax(logits[r0:r1].to(acc), dim=-1)  # (r, V), fp32 for bf16
+            t, ok = safe[r0:r1, None], valid[r0:r1]
+            loss = -logp.gather(1, t)[:, 0]
+            if eps > 0:
+                loss = (1 - eps) * loss - eps * logp.mean(dim=-1)
+            total += loss[ok].sum(dtype=torch.float64)
+            if need_grad:
+                g = logp.exp_()  # softmax
+                if eps > 0:
+                    g.sub_(eps / v)
+                g.scatter_add_(1, t, torch.full_like(t, eps - 1.0, dtype=g.dtype))
+                if not bool(ok.all()):
+                    g[~ok] = 0.0
+                logits[r0:r1].copy_(g)
+        if need_grad:
+            ctx.save_for_backward(h, w, logits)
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total.to(acc)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, w, g = ctx.saved_tensors
+        scale = grad_out.to(g.dtype)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (g @ w).mul_(scale).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ h).mul_(scale).to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Summed cross-entropy of the logits `hidden @ weight.T` against `targets`.
+
+    hidden (N, D), weight (V, D), targets (N,) int64 (`ignore_index` rows count 0).  Returns
+    a scalar in fp32 (fp64 for fp64 inputs); differentiable in hidden and weight.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} != ({hidden.shape[0]},)")
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        float(label_smoothing),
+        _compute_dtype(hidden),
+        need_grad,
+    )
