@@ -92,7 +92,6 @@ def mmssl_views(pattern: str, n: int, size: int, hue_mode: str, backend: str = "
         image_size=size,
         num_views=2,
         return_image=False,
-        shuffle=1,
         augment=AugmentConfig(hue_mode=hue_mode, backend=backend),
     )
     it = iter(pl)

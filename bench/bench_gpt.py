@@ -7,7 +7,10 @@ One step = next-token logits over the GPT-2 vocabulary (50,257, tied head), the 
 cross-entropy (HF's `labels=` loss / mmssl's `next_token_loss`), backward, AdamW.  The HF
 side uses the optimizer its Trainer picks by default (fused torch AdamW for torch >= 2.8),
 so the fp32 comparison gives mmssl the same one.  Dropout is 0 on the HF side (mmssl has
-none), and HF uses its default attention (SDPA).  Paths: see bench/bench_vit.py.
+none), and HF uses its default attention (SDPA).  Paths: see bench/bench_vit.py; the
+"fused head + loss" paths score the hidden states with `head_next_token_loss`
+(`mmssl.nn.linear_ce`: the LM head and the cross-entropy as one op, no fp32 logits), which
+is what the trainer's next_token objective runs by default (`fused_head`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmssl.interop import load_hf_gpt2
     from mmssl.nn.compile import compile_blocks
-    from mmssl.objectives import next_token_loss
+    from mmssl.objectives import head_next_token_loss, next_token_loss
 
     peaks = common.measure_peaks(args.quick)
     torch.manual_seed(0)
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_ours_loss(model: torch.nn.Module):
         return lambda: next_token_loss(model.lm_logits(tokens), tokens)
+
+    def make_fused_loss(model: torch.nn.Module):
+        text = model.text
+        return lambda: head_next_token_loss(text.forward_tokens(tokens), text.head_weight(), tokens)
 
     ours_loss = make_ours_loss(ours)
     peer_opt = common.adamw(peer, "fused", lr=3e-4, wd=0.1)
@@ -102,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             common.train_step(ours_loss, common.adamw(ours, "fused", 3e-4, 0.1), True),
             skipped=skip,
         ),
+        Run(
+            "mmssl bf16 autocast, fused head + loss",
+            "mmssl",
+            "bfloat16",
+            common.train_step(make_fused_loss(ours), common.adamw(ours, "fused", 3e-4, 0.1), True),
+            skipped=skip,
+        ),
     ]
     if not skip:
         ours_bf16 = copy.deepcopy(ours)
@@ -112,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                 "mmssl",
                 "bfloat16",
                 master.step_fn(make_ours_loss(ours_bf16)),
+            )
+        )
+        runs.append(
+            Run(
+                "mmssl bf16 weights + fp32 master, fused head + loss",
+                "mmssl",
+                "bfloat16",
+                master.step_fn(make_fused_loss(ours_bf16)),
             )
         )
     if args.compile and not args.quick:

@@ -389,7 +389,9 @@ def train_step(
 
 class Bf16Master:
     """bf16 weights with fp32 master weights (what DeepSpeed's bf16 mode does): the model runs
-    and back-propagates in bf16, a fused AdamW updates fp32 copies, which are cast back."""
+    and back-propagates in bf16, a fused AdamW updates fp32 copies, which are cast back.
+    As in DeepSpeed, the fp32 gradients live in buffers kept across steps (a fresh 4-byte
+    copy of every gradient per step would page-fault its memory in each time)."""
 
     def __init__(self, module: torch.nn.Module, lr: float = 1e-4, wd: float = 0.05):
         self.model_params = [p for p in module.parameters() if p.requires_grad]
@@ -406,7 +408,10 @@ class Bf16Master:
                 p.grad = None
             loss_fn().backward()
             for m, p in zip(self.master, self.model_params):
-                m.grad = p.grad.float()
+                if m.grad is None:
+                    m.grad = p.grad.float()
+                else:
+                    m.grad.copy_(p.grad)
             self.optimizer.step()
             with torch.no_grad():
                 torch._foreach_copy_(self.model_params, self.master)
