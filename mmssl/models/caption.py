@@ -40,6 +40,25 @@ class CaptionDecoder(nn.Module):
             self.norm = None
             self.prefix_proj = nn.Linear(image_dim, text_cfg.dim)
 
+    def hidden(
+        self,
+        text_tower: TextTransformer,
+        image_tokens: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        text_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image_tokens (B, N, Dv), text (B, T) -> final-normed hidden states (B, T, D) that
+        the LM head scores.  text_hidden: the text tower's hidden states of `text`, if
+        already computed (cross mode reuses them, as CoCa's split of the text tower)."""
+        if self.prefix_proj is not None:
+            prefix = self.prefix_proj(image_tokens)
+            return text_tower.forward_tokens(text, text_mask, prefix=prefix)
+        if text_hidden is None:
+            text_hidden = text_tower.forward_tokens(text, text_mask)
+        hidden = self.decoder(text_hidden, is_causal=True, context=image_tokens)  # type: ignore[misc]
+        return self.norm(hidden)  # type: ignore[misc]
+
     def forward(
         self,
         text_tower: TextTransformer,
@@ -48,8 +67,4 @@ class CaptionDecoder(nn.Module):
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """image_tokens (B, N, Dv), text (B, T) -> logits (B, T, V); position t predicts t + 1."""
-        if self.prefix_proj is not None:
-            return text_tower.logits(text, text_mask, prefix=self.prefix_proj(image_tokens))
-        hidden = text_tower.forward_tokens(text, text_mask)
-        hidden = self.decoder(hidden, is_causal=True, context=image_tokens)  # type: ignore[misc]
-        return text_tower.head(self.norm(hidden))  # type: ignore[misc]
+        return text_tower.head(self.hidden(text_tower, image_tokens, text, text_mask))

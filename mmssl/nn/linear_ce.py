@@ -60,6 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         rows = max(1, _BLOCK_BYTES // (4 * v))
         eps = float(label_smoothing)
+        ignored = bool((~valid).any())  # the one host sync: none per block
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             logp = F.log_softmax(logits[r0:r1].to(acc), dim=-1)  # (r, V), fp32 for bf16
@@ -67,14 +68,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = -logp.gather(1, t)[:, 0]
             if eps > 0:
                 loss = (1 - eps) * loss - eps * logp.mean(dim=-1)
-            total += loss[ok].sum(dtype=torch.float64)
+            total += torch.where(ok, loss, 0.0).sum(dtype=torch.float64)
             if need_grad:
                 g = logp.exp_()  # softmax
                 if eps > 0:
                     g.sub_(eps / v)
                 g.scatter_add_(1, t, torch.full_like(t, eps - 1.0, dtype=g.dtype))
-                if not bool(ok.all()):
-                    g[~ok] = 0.0
+                if ignored:
+                    g.masked_fill_(~ok[:, None], 0.0)
                 logits[r0:r1].copy_(g)
         if need_grad:
             ctx.save_for_backward(h, w, logits)

@@ -93,8 +93,9 @@ class ObjectiveConfig:
     positives: Literal["pair", "caption", "label"] = "pair"
     max_logit_scale: float = 100.0  # clip
     label_smoothing: float = 0.0  # next_token, captioning
-    # next_token: the LM head and the cross-entropy as one op (mmssl/nn/linear_ce.py), no
-    # fp32 (B, T, V) logits; false: the plain logits path (same loss, bf16 rounding aside)
+    # next_token, captioning: the LM head and the cross-entropy as one op
+    # (mmssl/nn/linear_ce.py), no fp32 (B, T, V) logits; false: the plain logits path (same
+    # loss, bf16 rounding aside)
     fused_head: bool = True
     projector_dim: int | None = None  # simclr: a task-owned 2-layer MLP head; None: model proj
     hidden: int = 512  # augself head width

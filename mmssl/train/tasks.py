@@ -38,7 +38,6 @@ from mmssl.objectives import (
     NTXentLoss,
     SigLipLoss,
     caption_keys,
-    captioning_loss,
     head_next_token_loss,
     next_token_loss,
 )
@@ -289,41 +288,29 @@ class Task(nn.Module):
             f1, f2 = vis["pooled"][:2]
             aug = batch["aug"]
             return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
-        if kind == "next_token":
-            if obj.fused_head:
-                return head_next_token_loss(
-                    txt["hidden"],
-                    self.text_tower.head_weight(),
+        if kind in ("next_token", "captioning"):
+            hidden = txt["hidden"]
+            if kind == "captioning":
+                caption = self.model.caption
+                assert caption is not None
+                # cross mode reuses the text tower's hidden states of this step (CoCa's
+                # split); prefix mode runs the text tower again, with the image prefix
+                hidden = caption.hidden(
+                    self.text_tower,
+                    vis["tokens"][0],
                     batch["text"],
                     batch.get("text_mask"),
-                    label_smoothing=obj.label_smoothing,
+                    text_hidden=hidden,
                 )
-            logits = self.text_tower.head(txt["hidden"])
-            return next_token_loss(
-                logits.float(),
-                batch["text"],
-                batch.get("text_mask"),
-                label_smoothing=obj.label_smoothing,
-            )
-        if kind == "captioning":
-            logits = self._caption_logits(vis["tokens"][0], txt["hidden"], batch)
-            return captioning_loss(
-                logits.float(),
-                batch["text"],
-                batch.get("text_mask"),
-                label_smoothing=obj.label_smoothing,
-            )
+            args = (batch["text"], batch.get("text_mask"))
+            if obj.fused_head:
+                weight = self.text_tower.head_weight()
+                return head_next_token_loss(
+                    hidden, weight, *args, label_smoothing=obj.label_smoothing
+                )
+            logits = self.text_tower.head(hidden).float()
+            return next_token_loss(logits, *args, label_smoothing=obj.label_smoothing)
         raise ValueError(f"unknown objective {kind!r}")
-
-    def _caption_logits(self, image_tokens: Tensor, hidden: Tensor, batch: Batch) -> Tensor:
-        caption = self.model.caption
-        assert caption is not None
-        if caption.decoder is None:
-            # prefix mode runs the text tower again, now with the image prefix
-            return self.model.caption_logits(image_tokens, batch["text"], batch.get("text_mask"))
-        # cross mode: reuse the text tower's hidden states of this step (CoCa's split)
-        h = caption.decoder(hidden, is_causal=True, context=image_tokens)
-        return self.text_tower.head(caption.norm(h))
 
     def forward(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, Tensor]]:
         """batches: {source name: batch dict of DESIGN.md} -> (weighted loss, metrics)."""

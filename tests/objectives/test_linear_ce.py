@@ -111,29 +111,44 @@ def test_bad_shapes_are_named() -> None:
         linear_ce.linear_cross_entropy(hidden[0], weight, tokens[0, :4])
 
 
-def test_trainer_next_token_fused_head_equals_the_plain_path() -> None:
-    """The recipe switch `objectives.next_token.fused_head`: same loss and gradients (fp32)."""
+@pytest.mark.parametrize(
+    "model, objective",
+    [
+        ("test_tiny_gpt", "next_token"),
+        ("test_tiny_coca", "captioning"),  # cross-attention decoder
+        ("test_tiny_coca_prefix", "captioning"),  # image prefix through the text tower
+    ],
+)
+def test_trainer_fused_head_equals_the_plain_path(model: str, objective: str) -> None:
+    """The recipe switch `objectives.NAME.fused_head`: same loss and gradients (fp32)."""
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.recipe import recipe_from_dict, validate
     from mmssl.train.tasks import Task
 
+    kind = "text" if objective == "next_token" else "image_text"
+    g = torch.Generator().manual_seed(1)
+    batch = {"text": torch.randint(1, 50, (2, 12), generator=g)}
+    batch["text_mask"] = torch.ones_like(batch["text"], dtype=torch.bool)
+    batch["text_mask"][1, 7:] = False
+    if kind == "image_text":
+        batch["image"] = torch.rand(2, 3, 32, 32, generator=g)
     grads = []
     for fused in (True, False):
         recipe = recipe_from_dict(
             {
-                "model": {"name": "test_tiny_gpt"},
-                "data": {"sources": {"train": {"urls": "synthetic", "kind": "text"}}},
-                "objectives": {"next_token": {"fused_head": fused}},
+                "model": {"name": model},
+                "data": {"views": 0, "sources": {"train": {"urls": "synthetic", "kind": kind}}},
+                "objectives": {objective: {"fused_head": fused}},
             }
         )
         resolved = validate(recipe, world_size=1, check_files=False)
         torch.manual_seed(0)
         task = Task(MultimodalModel(resolved.model), recipe.objectives)
-        tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        mask[1, 7:] = False
-        loss, _ = task({"train": {"text": tokens, "text_mask": mask}})
+        loss, _ = task({"train": batch})
         loss.backward()
-        grads.append([loss.detach()] + [p.grad.clone() for p in task.parameters()])
+        named = [(n, p.grad) for n, p in task.named_parameters() if p.grad is not None]
+        assert any(n.startswith("model.text.") for n, _ in named)
+        grads.append([loss.detach()] + [g.clone() for _, g in named])
+    assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
