@@ -9,8 +9,9 @@ not skew the ratios; on an idle core that equals samples/s.  Methods:
   (`decode_image`) as mmssl, then stacking the batch to float in [0, 1]; no shuffle
   buffer, no caption decode, no augmentation.  A faster reader or decoder speeds up both
   sides, so it lowers the ratio; the ratio prices the views + descriptors + streaming;
-- mmssl: decode + 2 views + v1 descriptors (`build_pipeline`, hue_mode hsv and yiq), views
-  rendered by the compiled renderer (`mmssl.data.fastviews`) when numba is installed;
+- mmssl: decode + 2 views + v1 descriptors (`build_pipeline` with its defaults, e.g. the
+  1000-sample shuffle window; hue_mode hsv and yiq), views rendered by the compiled
+  renderer (`mmssl.data.fastviews`) when numba is installed;
   `--torch-ref` adds the torch reference path (`AugmentConfig(backend="torch")`);
 - webdataset + torchvision: `wds.WebDataset(...).decode("pil")` with the SimCLR/BYOL
   torchvision transforms (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
