@@ -7,6 +7,10 @@ learnable logit scale (open_clip's `ClipLoss` / mmssl's `clip_loss`), backward, 
 open_clip's training script builds it: torch AdamW, no decay for gains and biases).
 Texts are random tokens ending in the end-of-text id (the largest id, which open_clip pools
 at) and zero-padded; mmssl gets `text_mask = text != 0`.  Paths: see bench/bench_vit.py.
+Both sides pad to the 77-token context; mmssl's text tower skips the columns that are
+padding in every caption (`mmssl.models.text.trim_padding`), open_clip runs them.  The
+default end-of-text positions (5-76) leave nothing to skip; `--caption-tokens 5,20` (web-caption
+lengths) shows the skip.  FLOPs and peak fractions count mmssl's work.
 """
 
 from __future__ import annotations
@@ -26,7 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(__doc__)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--model", default="ViT-B-32")
+    p.add_argument(
+        "--caption-tokens",
+        default="5,77",
+        help="LO,HI: the end-of-text position, drawn uniformly from [LO, HI) (at most the "
+        "context); a caption holds position + 1 tokens.  5,20: web-caption lengths",
+    )
     args = p.parse_args(argv)
+    try:
+        lo, hi = (int(v) for v in args.caption_tokens.split(","))
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo < hi:
+        print("error: --caption-tokens must be LO,HI with 1 <= LO < HI", file=sys.stderr)
+        return 2
     if args.quick:
         args.batch, args.rounds = max(2, args.batch // 4), args.rounds or 2
     if args.batch < 2:
@@ -49,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx, vocab = peer.context_length, peer.vocab_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, size, size, generator=g)
-    lengths = torch.randint(5, ctx, (args.batch,), generator=g)
+    lengths = torch.randint(lo, min(hi, ctx), (args.batch,), generator=g)
     text = torch.randint(1, vocab - 1, (args.batch, ctx), generator=g)
     pos = torch.arange(ctx)[None]
     text = torch.where(pos == lengths[:, None], vocab - 1, text)
@@ -143,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "image_size": size,
         "context_length": ctx,
+        "end_of_text_positions": f"[{lo}, {min(hi, ctx)})",
         "batch": args.batch,
         "optimizer": "AdamW lr 5e-4 wd 0.2",
         "threads": threads,
     }
     record = common.summarize(
-        "CLIP training step vs open_clip",
+        "CLIP training step vs open_clip"
+        + ("" if args.caption_tokens == "5,77" else f", captions to position {min(hi, ctx) - 1}"),
         config,
         runs,
         flops,

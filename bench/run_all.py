@@ -25,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STEP_BENCHES = ["vit", "clip", "gpt", "features", "switches"]
+# step benches: name -> (script, fixed args); clip_web: the CLIP step on web-caption lengths
+STEP_BENCHES = {
+    "vit": ("bench_vit.py", []),
+    "clip": ("bench_clip.py", []),
+    "clip_web": ("bench_clip.py", ["--caption-tokens", "5,20"]),
+    "gpt": ("bench_gpt.py", []),
+    "features": ("bench_features.py", []),
+    "switches": ("bench_switches.py", []),
+}
 # benches that write their own markdown section (--markdown): name -> extra args for --quick
 MARKDOWN_BENCHES = {
     "memory": ["--precision", "fp32", "--steps", "1"],
@@ -127,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default=None,
         help="comma-separated subset of "
-        + ", ".join(STEP_BENCHES + list(MARKDOWN_BENCHES) + list(OTHER_BENCHES)),
+        + ", ".join([*STEP_BENCHES, *MARKDOWN_BENCHES, *OTHER_BENCHES]),
     )
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    names = STEP_BENCHES + list(MARKDOWN_BENCHES) + list(OTHER_BENCHES)
+    names = [*STEP_BENCHES, *MARKDOWN_BENCHES, *OTHER_BENCHES]
     chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in chosen if n not in names]
     if unknown:
@@ -177,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             if name in STEP_BENCHES:
-                script = f"bench_{name}.py"
-                extra = (["--quick"] if args.quick else []) + (
-                    ["--compile"] if args.compile else []
-                )
+                script, fixed = STEP_BENCHES[name]
+                extra = [*fixed] + (["--quick"] if args.quick else [])
+                extra += ["--compile"] if args.compile else []
                 extra += ["--json", str(Path(tmp) / f"{name}.json")]
             elif name in MARKDOWN_BENCHES:
                 script = f"bench_{name}.py"

@@ -18,6 +18,27 @@ def last_valid_index(text_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(text_mask, positions, -1).amax(dim=1).clamp(min=0)
 
 
+def trim_padding(
+    text: torch.Tensor, text_mask: torch.Tensor | None, multiple: int = 8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the trailing columns that are padding in every row: (B, T) -> (B, T') with T'
+    the last valid column + 1, rounded up to a multiple of `multiple` (fewer shapes for
+    compiled blocks), at most T.  One host sync.
+
+    Exact for `TextTransformer`: a valid token never attends to the padding after it (causal
+    attention, or masked keys), and pooling reads valid positions only.  Captions are short
+    next to CLIP's 77-token context, so this skips most of a caption batch's text tower.
+    """
+    if text_mask is None:
+        return text, None
+    cols = torch.nonzero(text_mask.any(dim=0))
+    last = int(cols.max()) + 1 if len(cols) else 1
+    keep = min(text.shape[1], -(-last // multiple) * multiple)
+    if keep == text.shape[1]:
+        return text, text_mask
+    return text[:, :keep], text_mask[:, :keep]
+
+
 class TextTransformer(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, D), LM logits (B, T, V) and a pooled embedding.
 
@@ -128,7 +149,9 @@ class TextTransformer(nn.Module):
         return {"pooled": self.pool(tokens, text_mask), "tokens": tokens}
 
     def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """text (B, T) -> (B, E): pooled features through the projection, if any."""
+        """text (B, T) -> (B, E): pooled features through the projection, if any.  Runs
+        without the all-padding trailing columns (`trim_padding`)."""
+        text, text_mask = trim_padding(text, text_mask)
         pooled = self.forward_features(text, text_mask)["pooled"]
         return self.proj(pooled) if self.proj is not None else pooled
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from mmssl.models.condition import DescriptorEncoder, TextConditioner
 from mmssl.models.lifting import remove_structure, translation_lift
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.models.text import TextTransformer
+from mmssl.models.text import TextTransformer, trim_padding
 from mmssl.models.vision import VisionEncoder
 from mmssl.objectives import (
     AugSelfHead,
@@ -232,7 +232,8 @@ class Task(nn.Module):
         for group in rows.values():
             text = torch.cat([r[1] for r in group])
             mask = torch.cat([r[2] for r in group])
-            hidden = self.text_tower.forward_tokens(text, mask)  # (B_all, T, D)
+            text, mask = trim_padding(text, mask)  # hidden: (B_all, T' <= T, D)
+            hidden = self.text_tower.forward_tokens(text, mask)
             pooled = self.text_tower.pool(hidden, mask)
             proj = self.text_tower.proj
             emb = proj(pooled) if proj is not None else pooled
@@ -290,19 +291,19 @@ class Task(nn.Module):
             return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
         if kind in ("next_token", "captioning"):
             hidden = txt["hidden"]
+            # the text tower ran without the all-padding trailing columns (`_text`): the
+            # targets there are all padding, so dropping them changes no term of the loss
+            t = hidden.shape[1]
+            mask = batch.get("text_mask")
+            args = (batch["text"][:, :t], None if mask is None else mask[:, :t])
             if kind == "captioning":
                 caption = self.model.caption
                 assert caption is not None
                 # cross mode reuses the text tower's hidden states of this step (CoCa's
                 # split); prefix mode runs the text tower again, with the image prefix
                 hidden = caption.hidden(
-                    self.text_tower,
-                    vis["tokens"][0],
-                    batch["text"],
-                    batch.get("text_mask"),
-                    text_hidden=hidden,
+                    self.text_tower, vis["tokens"][0], *args, text_hidden=hidden
                 )
-            args = (batch["text"], batch.get("text_mask"))
             if obj.fused_head:
                 weight = self.text_tower.head_weight()
                 return head_next_token_loss(

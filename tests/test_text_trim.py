@@ -1,0 +1,82 @@
+"""Skipping the all-padding tail of a text batch (`trim_padding`) changes no output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmssl.models import MultimodalModel, resolve_model_config
+from mmssl.models.text import trim_padding
+
+
+def _captions(vocab: int, t: int = 32, lengths=(5, 9, 3, 12)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, vocab, (len(lengths), t), generator=g)
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    return text.masked_fill(~mask, 0), mask
+
+
+def test_trim_keeps_every_valid_column_rounded_to_eight() -> None:
+    text, mask = _captions(50)
+    t2, m2 = trim_padding(text, mask)
+    assert t2.shape == m2.shape == (4, 16)  # longest caption 12 -> 16
+    assert torch.equal(t2, text[:, :16]) and not mask[:, 16:].any()
+    assert trim_padding(text, None)[0] is text  # no mask: nothing is known to be padding
+    full = torch.ones_like(mask)
+    assert trim_padding(text, full)[0].shape[1] == 32
+    empty = torch.zeros_like(mask)
+    assert trim_padding(text, empty)[0].shape[1] == 8  # pooling still gets a column
+    assert trim_padding(text, mask, multiple=1)[0].shape[1] == 12
+
+
+@pytest.mark.parametrize("causal, pool", [(True, "eot"), (False, "mean")])
+def test_encode_text_equals_the_untrimmed_tower(causal: bool, pool: str) -> None:
+    cfg = resolve_model_config(
+        "test_tiny_clip", text={"causal": causal, "pool": pool, "context_length": 32}
+    )
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg).double().eval()
+    text, mask = _captions(cfg.text.vocab_size)
+    tower = model.text
+    untrimmed = tower.forward_features(text, mask)["pooled"]  # all 32 columns
+    if tower.proj is not None:
+        untrimmed = tower.proj(untrimmed)
+    torch.testing.assert_close(model.encode_text(text, mask), untrimmed, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "model, objectives",
+    [
+        ("test_tiny_clip", {"clip": {}}),
+        ("test_tiny_coca", {"clip": {}, "captioning": {}}),
+        ("test_tiny_coca_prefix", {"captioning": {"fused_head": False}}),
+    ],
+)
+def test_trainer_loss_and_gradients_equal_the_untrimmed_path(monkeypatch, model, objectives):
+    from mmssl.train import tasks
+    from mmssl.train.recipe import recipe_from_dict, validate
+
+    text, mask = _captions(50)
+    batch = {"text": text, "text_mask": mask, "image": torch.rand(4, 3, 32, 32)}
+    out = []
+    for trim in (True, False):
+        if not trim:
+            monkeypatch.setattr(tasks, "trim_padding", lambda t, m: (t, m))
+        recipe = recipe_from_dict(
+            {
+                "model": {"name": model, "overrides": {"text": {"context_length": 32}}},
+                "data": {"views": 0, "sources": {"train": {"urls": "synthetic"}}},
+                "objectives": objectives,
+            }
+        )
+        resolved = validate(recipe, world_size=1, check_files=False)
+        torch.manual_seed(0)
+        task = tasks.Task(MultimodalModel(resolved.model), recipe.objectives).double()
+        loss, _ = task(
+            {"train": {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}}
+        )
+        loss.backward()
+        out.append([loss.detach()] + [p.grad for p in task.parameters() if p.grad is not None])
+    assert len(out[0]) == len(out[1]) > 1
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
