@@ -84,7 +84,13 @@ def _fast_bf16_isa(m: dict) -> bool:
 def _targets(records: dict[str, object], m: dict) -> list[str]:
     """The issue's targets next to the figures measured in this run."""
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for name, peer in (("vit", "timm"), ("clip", "open_clip"), ("gpt", "HF GPT-2")):
+    peers = (
+        ("vit", "timm"),
+        ("clip", "open_clip"),
+        ("clip_web", "open_clip (web-caption lengths)"),
+        ("gpt", "HF GPT-2"),
+    )
+    for name, peer in peers:
         rec = records.get(name)
         if not isinstance(rec, dict):
             continue
