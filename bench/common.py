@@ -396,6 +396,8 @@ class Bf16Master:
     def __init__(self, module: torch.nn.Module, lr: float = 1e-4, wd: float = 0.05):
         self.model_params = [p for p in module.parameters() if p.requires_grad]
         self.master = [torch.nn.Parameter(p.detach().float()) for p in self.model_params]
+        for m in self.master:
+            m.grad = torch.zeros_like(m)
         decay = [m for m, p in zip(self.master, self.model_params) if p.ndim >= 2]
         rest = [m for m, p in zip(self.master, self.model_params) if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
@@ -408,10 +410,7 @@ class Bf16Master:
                 p.grad = None
             loss_fn().backward()
             for m, p in zip(self.master, self.model_params):
-                if m.grad is None:
-                    m.grad = p.grad.float()
-                else:
-                    m.grad.copy_(p.grad)
+                m.grad.copy_(p.grad)
             self.optimizer.step()
             with torch.no_grad():
                 torch._foreach_copy_(self.model_params, self.master)

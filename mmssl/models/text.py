@@ -107,11 +107,7 @@ class TextTransformer(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> logits (..., V), through the tied embedding by default."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        if not self.cfg.lm_head:
-            raise RuntimeError("this text tower was built with lm_head=false")
-        return F.linear(hidden, self.token_embed.weight)
+        return F.linear(hidden, self.head_weight())
 
     def head_weight(self) -> torch.Tensor:
         """The (V, D) weight `head` multiplies by: lm_head's, or the tied token embedding."""
