@@ -11,6 +11,9 @@ Both sides pad to the 77-token context; mmssl's text tower skips the columns tha
 padding in every caption (`mmssl.models.text.trim_padding`), open_clip runs them.  The
 default end-of-text positions (5-76) leave nothing to skip; `--caption-tokens 5,20` (web-caption
 lengths) shows the skip.  FLOPs and peak fractions count mmssl's work.
+open_clip's towers attend through torch's SDPA (`nn.MultiheadAttention`); the peer also
+runs under `sdpa_kernel(SDPBackend.MATH)`, torch's unfused kernel, and its best path is the
+faster of the two.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -118,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             "peer",
             "bfloat16",
             common.train_step(peer_loss, peer_opt, True),
+            skipped=skip,
+        ),
+        Run(
+            "open_clip bf16 autocast, SDPA math kernel",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True, lambda: sdpa_kernel(SDPBackend.MATH)),
             skipped=skip,
         ),
         Run(

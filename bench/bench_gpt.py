@@ -7,7 +7,8 @@ One step = next-token logits over the GPT-2 vocabulary (50,257, tied head), the 
 cross-entropy (HF's `labels=` loss / mmssl's `next_token_loss`), backward, AdamW.  The HF
 side uses the optimizer its Trainer picks by default (fused torch AdamW for torch >= 2.8),
 so the fp32 comparison gives mmssl the same one.  Dropout is 0 on the HF side (mmssl has
-none), and HF uses its default attention (SDPA).  Paths: see bench/bench_vit.py; the
+none).  HF runs its default attention (SDPA) and, as a second peer path, its "eager"
+attention (matmul + softmax + matmul); its best path is the faster of the two.  Paths: see bench/bench_vit.py; the
 "fused head + loss" paths score the hidden states with `head_next_token_loss`
 (`mmssl.nn.linear_ce`: the LM head and the cross-entropy as one op, no fp32 logits), which
 is what the trainer's next_token objective runs by default (`fused_head`).
@@ -15,6 +16,7 @@ is what the trainer's next_token objective runs by default (`fused_head`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -68,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         diff = (peer(tokens).logits - ours.lm_logits(tokens)).abs().max()
     print(f"same weights: max |logit difference| {float(diff):.2e}")
 
+    @contextlib.contextmanager
+    def hf_eager():
+        peer.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            peer.set_attn_implementation("sdpa")
+
     def peer_loss() -> torch.Tensor:
         return peer(tokens, labels=tokens).loss
 
@@ -100,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             "peer",
             "bfloat16",
             common.train_step(peer_loss, peer_opt, True),
+            skipped=skip,
+        ),
+        Run(
+            "HF GPT-2 bf16 autocast, eager attention",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True, hf_eager),
             skipped=skip,
         ),
         Run(

@@ -6,13 +6,15 @@ One step = forward of the ViT-S/16 with timm's 1000-class head (copied onto mmss
 features), cross-entropy, backward, AdamW.  Paths (see bench/common.py for the method):
 - fp32, same configuration: timm with the optimizer timm's `create_optimizer_v2('adamw')`
   builds (torch AdamW, per-parameter loop on CPU) vs mmssl with the same optimizer;
-- best paths: timm bf16 autocast; mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with
+- best paths: timm bf16 autocast, with its fused attention (default) and without it
+  (`fused_attn = False`: timm's matmul + softmax + matmul); mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with
   fp32 master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16
   matmuls are fast (--bf16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -85,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     skip = common.bf16_skip_reason(args, peaks, flops)
     runs.append(
         Run("timm bf16 autocast", "peer", "bfloat16", common.train_step(peer_loss, peer_opt, True))
+    )
+
+    @contextlib.contextmanager
+    def timm_unfused():
+        attns = [m for m in peer.modules() if hasattr(m, "fused_attn")]
+        for m in attns:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for m in attns:
+                m.fused_attn = True
+
+    runs.append(
+        Run(
+            "timm bf16 autocast, unfused attention",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True, timm_unfused),
+        )
     )
     runs.append(
         Run(

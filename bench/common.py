@@ -15,6 +15,7 @@ Method (every training/inference bench):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -373,15 +374,22 @@ def adamw(module: torch.nn.Module, impl: str, lr: float = 1e-4, wd: float = 0.05
 
 
 def train_step(
-    loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, bf16: bool = False
+    loss_fn: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    bf16: bool = False,
+    switch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Callable[[], None]:
-    """zero_grad -> loss (under bf16 autocast if asked) -> backward -> step, no host sync."""
+    """zero_grad -> loss (under bf16 autocast if asked) -> backward -> step, no host sync.
+
+    switch: a context held around forward and backward, e.g. a peer's other attention kernel.
+    """
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn()
-        loss.backward()
+        with switch():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn()
+            loss.backward()
         optimizer.step()
 
     return step

@@ -43,6 +43,7 @@ OTHER_BENCHES = {  # name -> (script, extra args for --quick)
     "data": ("bench_data.py", ["--samples", "256", "--rounds", "1"]),
     "losses": ("bench_losses.py", ["--global-batch", "1024", "--iters", "1"]),
     "tokenizer": ("bench_tokenizer.py", ["--num-texts", "1024", "--repeats", "3"]),
+    "attention": ("bench_attention.py", ["--reps", "3"]),
 }
 
 

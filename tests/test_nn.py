@@ -34,12 +34,14 @@ def split_heads(t, h):
     return t.view(b, n, h, d // h).transpose(1, 2)
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_attention_matches_naive_softmax(causal, with_mask):
+def test_attention_matches_naive_softmax(causal, with_mask, kernel):
     torch.manual_seed(0)
     b, n, d, h = 2, 7, 24, 3
     attn = Attention(d, h, qk_norm=False).eval()
+    attn.kernel = kernel
     x = torch.randn(b, n, d)
     allowed = torch.ones(b, 1, n, n, dtype=torch.bool)
     mask = None
@@ -56,9 +58,11 @@ def test_attention_matches_naive_softmax(causal, with_mask):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_matches_naive():
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_cross_attention_matches_naive(kernel):
     torch.manual_seed(0)
     attn = Attention(16, 2, cross=True, context_dim=12).eval()
+    attn.kernel = kernel
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 9, 12)
     q = split_heads(attn.q(x), 2)
     k, v = (split_heads(t, 2) for t in attn.kv(ctx).chunk(2, -1))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mmssl.nn.attention import set_attention_kernel
 from mmssl.schema import ConfigError
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
     from torch.optim.lr_scheduler import LambdaLR
 
     schedule = lr_schedule(recipe)
+    set_attention_kernel(task, recipe.train.attention)
     if recipe.train.compile:
         from mmssl.nn.compile import compile_blocks
 

@@ -1,5 +1,5 @@
-"""Fast-path switches of a recipe: `optim.impl` (which AdamW) and `train.compile` (compiled
-Blocks).  Each is parsed and validated, reaches the real DeepSpeed engine, and trains to the
+"""Fast-path switches of a recipe: `optim.impl` (which AdamW), `train.compile` (compiled
+Blocks) and `train.attention` (the attention kernel).  Each is parsed and validated, reaches the real DeepSpeed engine, and trains to the
 same losses as an independent plain-PyTorch loop (torch AdamW, eager model, no DeepSpeed).
 
 DeepSpeed's own FusedAdam (`optim.impl=deepspeed`, the default) is not run here: it builds a
@@ -137,6 +137,7 @@ def test_overrides_parse(tmp_path) -> None:
     [
         ("optim.impl=apex", r"optim\.impl: 'apex' is not one of \['deepspeed', 'torch', "),
         ("train.compile=fast", r"train\.compile"),
+        ("train.attention=flash", r"train\.attention: 'flash' is not one of \['auto', 'sdpa', "),
         ("optim.implementation=fused", r"optim\.implementation"),
     ],
 )
@@ -209,4 +210,15 @@ def test_fp32_zero3_keeps_one_copy_of_the_partitions_and_trains_alike() -> None:
     params = {p.ds_tensor.untyped_storage().data_ptr() for p in engine.module.parameters()}
     masters = {t.untyped_storage().data_ptr() for t in opt.fp32_partitioned_groups_flat}
     assert masters <= params, "the fp32 master partitions are separate copies"
+    torch.testing.assert_close(losses, list(_reference_losses()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_attention_kernel_reaches_every_block_and_trains_alike(kernel: str) -> None:
+    from mmssl.nn.attention import Attention
+
+    assert recipe_from_dict({}).train.attention == "auto"
+    losses, engine = _engine_losses(_recipe({"impl": "torch"}, {"attention": kernel}))
+    kernels = {m.kernel for m in engine.module.modules() if isinstance(m, Attention)}
+    assert kernels == {kernel}
     torch.testing.assert_close(losses, list(_reference_losses()), rtol=1e-4, atol=1e-5)
