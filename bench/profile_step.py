@@ -5,8 +5,9 @@
 Same weights (mmssl loads the peer's) and the configurations of bench_vit.py (timm
 ViT-S/16, 112 px, batch 32), bench_clip.py (open_clip ViT-B-32, batch 16) and
 bench_gpt.py (HF GPT-2, 6 x 384, context 256, batch 8).  Each side runs its best path of
-those benches: the peer under bf16 autocast with its own optimizer, mmssl under bf16
-autocast with fused AdamW (GPT: and the fused head + loss).  Prints each side's self-CPU
+those benches: the peer under bf16 autocast with its own optimizer (ViT and CLIP: also with
+its unfused attention), mmssl under bf16 autocast with fused AdamW (GPT: and the fused
+head + loss).  Prints each side's self-CPU
 time per step, the share of matmul / attention / convolution kernels, and the top ops.
 Where one side spends ~85% of a step in those kernels, no change around them can make
 the other 1.3x faster: that needs other kernels or fewer FLOPs; where the peer spends a
@@ -18,13 +19,17 @@ for ~1% of its FLOPs (hence mmssl.nn.attention's matmul kernel).
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 KERNELS = (
     "aten::mm",
+    "aten::_softmax",
+    "aten::_softmax_backward_data",
     "aten::addmm",
     "aten::bmm",
     "aten::baddbmm",
@@ -45,9 +50,14 @@ def vit_sides() -> dict[str, Side]:
         "vit_small_patch16_224", pretrained=False, img_size=112, num_classes=0
     ).train()
     ours = load_timm_vit(peer).train()
+    unfused = copy.deepcopy(peer)
+    for m in unfused.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
     x = torch.randn(32, 3, 112, 112)
     return {
         "timm": (peer, lambda: peer(x).float().pow(2).mean(), True),
+        "timm, unfused attention": (unfused, lambda: unfused(x).float().pow(2).mean(), True),
         "mmssl": (ours, lambda: ours.forward_features(x)["pooled"].float().pow(2).mean(), True),
     }
 
@@ -66,12 +76,17 @@ def clip_sides() -> dict[str, Side]:
     text[:, -1] = peer.vocab_size - 1
     criterion = ClipLoss()
 
+    def math_loss() -> torch.Tensor:  # the kernel choice matters in the forward only
+        with sdpa_kernel(SDPBackend.MATH):
+            return criterion(*peer(images, text))
+
     def ours_loss() -> torch.Tensor:
         img, txt = ours(images, text, text != 0)
         return clip_loss(img.float(), txt.float(), ours.logit_scale.exp())
 
     return {
         "open_clip": (peer, lambda: criterion(*peer(images, text)), False),
+        "open_clip, SDPA math kernel": (peer, math_loss, False),
         "mmssl": (ours, ours_loss, True),
     }
 
