@@ -10,7 +10,7 @@ Kernels (`Attention.kernel`, set for a whole model with `set_attention_kernel`):
   and the same result (a query that may attend to nothing gets zeros, as from SDPA);
 - "auto" (default): "matmul" on CPU for short sequences, else "sdpa".  On CPU the fused
   flash kernel's backward is slow at these lengths: at 50 tokens (ViT-S/16 at 112 px,
-  ViT-B/32 at 224 px) in bf16, matmul + softmax + matmul ran forward + backward 3.7-4.7x
+  ViT-B/32 at 224 px) in bf16, matmul + softmax + matmul ran forward + backward 3.7-5x
   faster, and still 1.3-1.6x at 196-256 tokens (`python bench/bench_attention.py`).  Past
   the `MATMUL_MAX_SCORES*` query x key pairs it is no faster, and the (B, H, Nq, Nk)
   probabilities it keeps for the backward grow with the square of the length.
