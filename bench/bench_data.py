@@ -4,7 +4,10 @@
 
 Measured in one process with one thread (a DataLoader worker's budget) as samples per
 CPU-second of this process (`time.process_time`), so other jobs on a shared machine do
-not skew the ratios; on an idle core that equals samples/s.  Methods:
+not skew the ratios; on an idle core that equals samples/s.  Each method is timed over
+--samples samples (the 224 px set: 1/16 of it; webdataset, 16x slower: 1/16 of each), best
+of --rounds interleaved rounds: runs of 0.1-0.2 s moved the 32 px ratio by +-0.2 on this
+shared VM, runs of ~1 s much less.  Methods:
 - decode only (the ceiling): the same tar reader (`iter_shard`) and image decoder
   (`decode_image`) as mmssl, then stacking the batch to float in [0, 1]; no shuffle
   buffer, no caption decode, no augmentation.  A faster reader or decoder speeds up both
@@ -150,7 +153,7 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool
         "decode": lambda: decode_only(pattern, n),
         "hsv": lambda: mmssl_views(pattern, n, size, "hsv"),
         "yiq": lambda: mmssl_views(pattern, n, size, "yiq"),
-        "wds": lambda: webdataset_views(pattern, n, size),
+        "wds": lambda: webdataset_views(pattern, max(4 * BATCH, n // 16), size),
     }
     if torch_ref:
         methods["hsv torch"] = lambda: mmssl_views(pattern, n, size, "hsv", "torch")
@@ -162,7 +165,8 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool
             best[k] = max(best[k], f())
     dec, wd = best["decode"], best["wds"]
     print(
-        f"\n{name}: {n} samples x best of {rounds} rounds, batch {BATCH}, 1 thread, samples per CPU-second"
+        f"\n{name}: {n} samples (webdataset {max(4 * BATCH, n // 16)}) x best of {rounds} rounds, "
+        f"batch {BATCH}, 1 thread, samples per CPU-second"
     )
     print(f"  decode only (ceiling)        {dec:9.0f} samples/s  (same reader + decoder, no views)")
     renderer = "numba" if _has_numba() else "torch: numba not installed"
@@ -186,9 +190,9 @@ def _has_numba() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", default=None, help="demo-data dir (written if missing)")
-    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=16384)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", choices=["demo", "jpeg"], default=None)
     parser.add_argument(
         "--torch-ref", action="store_true", help="also time the torch reference renderer"
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             run("demo digits 32 px PNG", digits, args.samples, 32, args.rounds, args.torch_ref)
         if args.only in (None, "jpeg"):
             pattern = synthetic_jpegs(os.path.join(tmp, "syn"), 256, args.size)
-            n = max(256, args.samples // 8)
+            n = max(256, args.samples // 16)
             run(
                 f"synthetic {args.size} px JPEG", pattern, n, args.size, args.rounds, args.torch_ref
             )

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from mmssl.models import VisionConfig, VisionEncoder
 from mmssl.nn.attention import (
     MATMUL_MAX_SCORES,
-    MATMUL_MAX_SCORES_LOW_PRECISION,
     Attention,
     _use_matmul,
     matmul_attention,
@@ -104,12 +103,10 @@ def test_auto_picks_matmul_for_short_sequences_on_cpu():
         x = torch.empty(1, 1, n, 8, dtype=dtype)
         return _use_matmul("auto", x, x)
 
-    low = int(MATMUL_MAX_SCORES_LOW_PRECISION**0.5)
-    full = int(MATMUL_MAX_SCORES**0.5)
-    assert pick(50, torch.bfloat16) and pick(low, torch.bfloat16) and pick(77, torch.float16)
-    assert not pick(low + 1, torch.bfloat16) and not pick(1024, torch.bfloat16)
-    assert pick(50, torch.float32) and pick(full, torch.float32)
-    assert not pick(full + 1, torch.float32) and not pick(77, torch.float32)
+    top = int(MATMUL_MAX_SCORES**0.5)
+    assert pick(50, torch.bfloat16) and pick(top, torch.bfloat16) and pick(77, torch.float16)
+    assert not pick(top + 1, torch.bfloat16) and not pick(1024, torch.bfloat16)
+    assert not pick(50, torch.float32) and not pick(8, torch.float64)  # fp32: SDPA
     x = torch.empty(1, 1, 50, 8, device="meta")
     assert not _use_matmul("auto", x, x)  # not CPU: the fused kernels
     assert _use_matmul("matmul", x, x) and not _use_matmul("sdpa", x[..., :1, :], x)

@@ -8,11 +8,11 @@ Kernels (`Attention.kernel`, set for a whole model with `set_attention_kernel`):
 - "sdpa": `F.scaled_dot_product_attention`, fused kernels where they exist (GPUs);
 - "matmul": softmax(q k^T / sqrt(d)) v as matmul, softmax, matmul, with the same masks
   and the same result (a query that may attend to nothing gets zeros, as from SDPA);
-- "auto" (default): "matmul" on CPU for short sequences, else "sdpa".  On CPU the fused
-  flash kernel's backward is slow at these lengths: at 50 tokens (ViT-S/16 at 112 px,
-  ViT-B/32 at 224 px) in bf16, matmul + softmax + matmul ran forward + backward 3.7-5x
-  faster, and still 1.3-1.6x at 196-256 tokens (`python bench/bench_attention.py`).  Past
-  the `MATMUL_MAX_SCORES*` query x key pairs it is no faster, and the (B, H, Nq, Nk)
+- "auto" (default): "matmul" on CPU in bf16/fp16 for short sequences, else "sdpa".  There
+  the fused flash kernel's backward is slow: at 50 tokens (ViT-S/16 at 112 px, ViT-B/32
+  at 224 px) matmul + softmax + matmul ran forward + backward 3.6-5x faster, and still
+  1.3-1.9x at 197-256 tokens (`python bench/bench_attention.py`).  Past
+  `MATMUL_MAX_SCORES` query x key pairs it gains little, and the (B, H, Nq, Nk)
   probabilities it keeps for the backward grow with the square of the length.
   In bf16 it rounds the scores and probabilities to bf16, as timm's and open_clip's
   non-fused paths do: its error against fp64 is about 1.7x that of the flash kernel,
@@ -28,12 +28,12 @@ from torch import nn
 from mmssl.nn.pos_embed import apply_rotary
 
 KERNELS = ("auto", "sdpa", "matmul")
-# "auto" takes the matmul kernel on CPU up to these query x key pairs per head (measured by
-# bench/bench_attention.py, forward + backward, 2 threads): in bf16 3.7-5x faster than SDPA
-# at 50 tokens, 3x at 77 and 128 (causal), 1.3-1.6x at 196-256, level at 512; in fp32 1.3x
-# faster forward and level forward + backward at 50 tokens, slower from 77 on.
-MATMUL_MAX_SCORES_LOW_PRECISION = 256 * 256  # bf16, fp16
-MATMUL_MAX_SCORES = 64 * 64  # fp32, fp64
+# "auto" takes the matmul kernel on CPU in bf16/fp16 up to this many query x key pairs per
+# head (bench/bench_attention.py, forward + backward, 2 threads): 3.6-5x faster than SDPA at
+# 50-77 tokens, 2.9x at 128 (causal), 1.3-1.9x at 197-256, 1.0-1.3x at 512.  In fp32 it
+# measured 0.7-1.0x forward + backward at 50 tokens (0.97-1.4x forward only), so fp32 keeps
+# SDPA.
+MATMUL_MAX_SCORES = 256 * 256
 
 
 def merge_masks(
@@ -84,8 +84,7 @@ def _use_matmul(kernel: str, q: torch.Tensor, k: torch.Tensor) -> bool:
     if q.device.type != "cpu":
         return False
     low = q.dtype in (torch.bfloat16, torch.float16)
-    limit = MATMUL_MAX_SCORES_LOW_PRECISION if low else MATMUL_MAX_SCORES
-    return q.shape[-2] * k.shape[-2] <= limit
+    return low and q.shape[-2] * k.shape[-2] <= MATMUL_MAX_SCORES
 
 
 def set_attention_kernel(module: nn.Module, kernel: str) -> int:

@@ -145,7 +145,8 @@ class TrainConfig:
     # run continues eagerly
     compile: bool = False
     # the attention kernel of every Block (mmssl.nn.attention): "auto" takes matmul + softmax +
-    # matmul on CPU for short sequences (faster there than SDPA's fused kernel), else SDPA
+    # matmul on CPU in bf16 for short sequences (faster there than SDPA's fused kernel), else
+    # SDPA
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
     # stop (with a checkpoint) after this step, keeping the schedule of `steps`: for jobs cut
     # into time slices and for resume tests; None runs to the end
