@@ -146,14 +146,15 @@ def _resample(
                 st, wt = src_t[xlo[j] + t, a:b], wx[j, t]
                 for k in range(b - a):
                     row[k] += wt * st[k]
-    # t1t (3, ny, S), in tiles of 32 output columns: at 32 px no faster than plain loops,
-    # but a large view's t1 does not fit in L1
-    for j0 in range(0, S, 32):
-        for c in range(3):
+    # t1t (3, ny, S).  This transpose and the source conversion in `render` read in order
+    # and write with a stride: the render measured 1.17x faster at 32 px (1.02-1.09x at
+    # 224 px) than writing in order, in tiles (in-process A/B, same output)
+    for c in range(3):
+        o = c * H + ya
+        for j in range(S):
+            s0 = t1[j]
             for y in range(ny):
-                d = t1t[c, y]
-                for j in range(j0, min(j0 + 32, S)):
-                    d[j] = t1[j, c * H + ya + y]
+                t1t[c, y, j] = s0[o + y]
     for c in range(3):
         for i in range(S):
             row, s0, w0 = out[c, i], t1t[c, ylo[i] - ya], wy[i, 0]
@@ -239,12 +240,15 @@ def render(
     for v in _by_source(vsrc, M):  # each source is converted once for all its views
         if vsrc[v] != last:
             last = vsrc[v]
-            for y0 in range(0, H, 32):  # in tiles of 32 rows, as above
-                for x in range(W):
-                    for c in range(3):
-                        d = src_t[x, c * H : (c + 1) * H]
-                        for y in range(y0, min(y0 + 32, H)):
-                            d[y] = src[last, y, x, c] * inv
+            s = src[last]
+            # read in order, write with stride 3 H (see `_resample`), in tiles of 64 columns
+            for x0 in range(0, W, 64):
+                for y in range(H):
+                    row = s[y]
+                    for x in range(x0, min(x0 + 64, W)):
+                        src_t[x, y] = row[x, 0] * inv
+                        src_t[x, H + y] = row[x, 1] * inv
+                        src_t[x, 2 * H + y] = row[x, 2] * inv
         x = out[v]
         _resample(src_t, box[v], flip[v], sigma[v], ksize, x, work)
         _means(x, before)
