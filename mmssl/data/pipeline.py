@@ -187,8 +187,8 @@ class StreamLoader:
         self.next_batch = 0
         self.workers = {}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The position after the last consumed batch (plain ints, lists, dicts, str)."""
+    def _identity(self) -> dict[str, Any]:
+        """What a saved position must match to be restored here."""
         p = self.plan
         return {
             "version": STATE_VERSION,
@@ -199,6 +199,12 @@ class StreamLoader:
             "num_workers": p.num_workers,
             "batch_size": p.batch_size,
             "sources": [s.name for s in p.sources],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last consumed batch (plain ints, lists, dicts, str)."""
+        return {
+            **self._identity(),
             "epoch": self.epoch,
             "next_batch": self.next_batch,
             "workers": {str(k): v for k, v in sorted(self.workers.items())},
@@ -206,18 +212,7 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        p = self.plan
-        expect = {
-            "version": STATE_VERSION,
-            "mode": p.mode,
-            "seed": p.seed,
-            "rank": p.rank,
-            "world_size": p.world_size,
-            "num_workers": p.num_workers,
-            "batch_size": p.batch_size,
-            "sources": [s.name for s in p.sources],
-        }
-        for key, want in expect.items():
+        for key, want in self._identity().items():
             if state.get(key) != want:
                 raise DataError(
                     f"data state was saved with {key}={state.get(key)!r} but this pipeline has "
