@@ -11,7 +11,9 @@ none).  HF runs its default attention (SDPA) and, as a second peer path, its "ea
 attention (matmul + softmax + matmul); its best path is the faster of the two.  Paths: see bench/bench_vit.py; the
 "fused head + loss" paths score the hidden states with `head_next_token_loss`
 (`mmssl.nn.linear_ce`: the LM head and the cross-entropy as one op, no fp32 logits), which
-is what the trainer's next_token objective runs by default (`fused_head`).
+is what the trainer's next_token objective runs by default (`fused_head`).  That default
+is also in the fp32 same-configuration group: the same model, dtype and optimizer, scored
+the way an mmssl run scores it.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             "mmssl",
             "float32",
             common.train_step(ours_loss, common.adamw(ours, "fused", 3e-4, 0.1)),
+            "fp32",
+        ),
+        Run(
+            "mmssl fp32 fused AdamW, fused head + loss",
+            "mmssl",
+            "float32",
+            common.train_step(make_fused_loss(ours), common.adamw(ours, "fused", 3e-4, 0.1)),
             "fp32",
         ),
     ]
