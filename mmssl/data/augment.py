@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssl.data import buffers
 from mmssl.data.colorops import apply_color
 
 
@@ -413,7 +414,7 @@ def make_views(
 
 def resize_center(images: list[Tensor], size: int) -> Tensor:
     """The un-augmented image: shorter side to `size`, centre crop -> (B, 3, size, size)."""
-    out = torch.empty(len(images), 3, size, size)
+    out = buffers.empty(len(images), 3, size, size)
     for i, im in enumerate(images):
         h, w = int(im.shape[1]), int(im.shape[2])
         if (h, w) == (size, size):
