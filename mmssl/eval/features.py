@@ -164,10 +164,9 @@ def load_features(path: str | Path) -> dict[str, Any]:
 def _init_from_launcher() -> None:
     """Join the process group a launcher (deepspeed, torchrun) describes in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
+        from mmssl.train.engine import init_distributed
 
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        init_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,6 +186,33 @@ def init_distributed() -> None:
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), verbose=False
     )
+    if get_accelerator().device_name() == "cpu":
+        _unlink_shm_workspace()
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce workspace from /dev/shm.
+
+    When every rank runs on this machine (the `deepspeed` launcher sets LOCAL_SIZE to the
+    world size), DeepSpeed's CPU backend creates a 69 MB shared-memory file per rank,
+    `deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`, maps every
+    rank's file, and never unlinks them: each run left them in /dev/shm (memory) until
+    reboot.  After the barrier every rank has mapped every file, so the names can go; the
+    mappings stay valid until the processes exit, and nothing is left behind even after
+    a crash.
+    """
+    from mmssl import distributed
+
+    world = distributed.world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    distributed.barrier()
+    env = os.environ
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+        f"{env.get('MASTER_PORT', '')}_{distributed.rank()}"
+    )
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def device() -> torch.device:

@@ -133,13 +133,14 @@ def test_launchers_agree(demo_data: str, tmp_path: Path) -> None:
     `torchrun --nnodes 2 --node_rank {0,1}` on this machine, one rank each) run the same
     2-rank job: identical losses, a checkpoint, world size 2 in the summary."""
     out = str(tmp_path)
+    ds_port = str(free_port())
     ds = run(
         [
             str(BIN / "deepspeed"),
             "--num_gpus",
             "2",
             "--master_port",
-            str(free_port()),
+            ds_port,
             "--module",
             "mmssl.train",
             *_tiny_cli(demo_data, out, "ds"),
@@ -147,6 +148,10 @@ def test_launchers_agree(demo_data: str, tmp_path: Path) -> None:
         timeout=300,
     )
     assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-3000:]
+    # the launcher's ranks share DeepSpeed's CPU all-reduce workspace: nothing stays behind
+    assert not [
+        f for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if ds_port in f.name
+    ]
     port = str(free_port())
     nodes = [
         subprocess.Popen(
@@ -185,3 +190,36 @@ def test_launchers_agree(demo_data: str, tmp_path: Path) -> None:
         assert "- world_size: 2" in summary
         assert (tmp_path / name / "checkpoints" / "step_00000002").is_dir()
     assert losses(tmp_path / "ds") == losses(tmp_path / "nodes")
+
+
+def _shm_job() -> tuple[list[str], list[float]]:
+    """Start DeepSpeed as its launcher would on one machine (LOCAL_SIZE = world size), then
+    list this run's shared-memory files and all-reduce through the shm workspace."""
+    import os
+
+    import deepspeed.comm as dc
+
+    from mmssl import distributed
+    from mmssl.train.engine import init_distributed
+
+    os.environ["LOCAL_SIZE"] = str(distributed.world_size())
+    init_distributed()
+    distributed.barrier()  # every rank is past its own clean-up
+    port = os.environ["MASTER_PORT"]
+    left = sorted(
+        f
+        for f in os.listdir("/dev/shm")
+        if f.startswith("deepspeed_allreduce_buffer_") and f.split("_")[-2] == port
+    )
+    x = torch.full((4096,), float(distributed.rank() + 1))
+    dc.inference_all_reduce(x)  # DeepSpeed's shm all-reduce: the mappings must outlive the names
+    return left, x[:2].tolist()
+
+
+def test_cpu_allreduce_workspace_leaves_no_shm_file() -> None:
+    """DeepSpeed's CPU backend creates a 69 MB /dev/shm file per rank and never unlinks it;
+    init_distributed removes the names once every rank has mapped them, and the shm
+    all-reduce still sums (1 + 2 = 3 on 2 ranks)."""
+    for left, head in run_distributed(_shm_job, 2):
+        assert left == []
+        assert head == [3.0, 3.0]
