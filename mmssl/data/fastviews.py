@@ -335,7 +335,7 @@ def stack_hwc(images: list[torch.Tensor]) -> torch.Tensor:
     if images[0].stride(0) != 1:
         return torch.stack(images).permute(0, 2, 3, 1).contiguous()
     _, h, w = images[0].shape
-    buf = buffers.empty(len(images), h, w, 3, dtype=images[0].dtype)
+    buf = buffers.empty(len(images), h, w, 3, dtype=images[0].dtype, leaves=False)
     torch.stack(images, out=buf.permute(0, 3, 1, 2))
     return buf
 

@@ -12,10 +12,11 @@ class _Filled(Dataset):
     def __len__(self) -> int:
         return 2
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, bool]:
         x = buffers.empty(2, 3, 512, 512)  # 6 MB: above numpy's 4 MiB huge-page threshold
         x.copy_(torch.arange(x.numel(), dtype=torch.float32).view_as(x)).add_(i)
-        return x
+        scratch = buffers.empty(4, 8, dtype=torch.uint8, leaves=False)
+        return x, x.is_shared(), scratch.is_shared()
 
 
 def test_empty_is_a_fresh_contiguous_tensor():
@@ -27,12 +28,16 @@ def test_empty_is_a_fresh_contiguous_tensor():
     c = buffers.empty(4, 3, 8, 8)
     c.fill_(2.0)
     assert a.data_ptr() != c.data_ptr() and bool((a == 1.0).all())
+    assert not a.is_shared()  # outside a worker: ordinary (numpy) memory
 
 
 def test_batches_cross_a_dataloader_worker_unchanged():
-    """The pipeline hands its batches out whole (batch_size=None), as here: the worker
-    pickles the numpy-backed tensor itself into shared memory."""
+    """The pipeline hands its batches out whole (batch_size=None), as here.  In the
+    worker a batch tensor is allocated in shared memory (sent as a handle), scratch is
+    not; what arrives equals what the same code computes in this process."""
     got = list(DataLoader(_Filled(), batch_size=None, num_workers=1))
     assert len(got) == 2
-    for i, x in enumerate(got):
-        assert torch.equal(x, _Filled()[i])
+    for i, (x, shared, scratch_shared) in enumerate(got):
+        assert shared and not scratch_shared
+        assert x.shape == (2, 3, 512, 512) and x.dtype == torch.float32
+        assert torch.equal(x, _Filled()[i][0])
