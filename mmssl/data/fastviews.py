@@ -105,12 +105,13 @@ def _band(
 def _combine(
     dst: np.ndarray, src: np.ndarray, r: int, a: int, w: np.ndarray, taps: int
 ) -> None:  # pragma: no cover
-    """dst[k] = sum_t w[t] src[r + t, a + k] for t < taps: one resampling pass's row.
+    """dst[k] = sum_t w[t] src[r + t, a + k] for t < taps: a row of a pass with many taps.
 
-    A sweep over dst per tap, or per 4 taps when there are 6 or more (a view blurred at
-    224 px has up to 24): a sweep loads and stores dst once for all its taps.  Sweeps of
-    4 taps resample a blurred 224 px view 1.25-1.46x faster, with the same floats (LLVM
-    keeps the FMA chain in tap order); with few taps they measured slower.
+    One sweep over dst per 4 taps: a sweep loads and stores dst once for all its taps, and
+    a view blurred at 224 px has up to 24.  This resampled such a view 1.25-1.46x faster
+    than one sweep per tap, with the same floats (LLVM keeps the FMA chain in tap order).
+    `_resample` keeps one sweep per tap below 6 taps (no blur, small views), where this
+    measured 5% slower.
     """
     n = dst.shape[0]
     b = a + n
@@ -118,7 +119,7 @@ def _combine(
     for k in range(n):
         dst[k] = w0 * s0[k]
     t = 1
-    while taps >= 6 and t + 4 <= taps:
+    while t + 4 <= taps:
         q = r + t
         s0, s1, s2, s3 = src[q, a:b], src[q + 1, a:b], src[q + 2, a:b], src[q + 3, a:b]
         w0, w1, w2, w3 = w[t], w[t + 1], w[t + 2], w[t + 3]
@@ -170,7 +171,16 @@ def _resample(
         for span in range(1 if full else 3):
             a = 0 if full else span * H + ya
             b = 3 * H if full else a + ny
-            _combine(t1[j, a:b], src_t, xlo[j], a, wx[j], tx)
+            if tx >= 6:
+                _combine(t1[j, a:b], src_t, xlo[j], a, wx[j], tx)
+                continue
+            row, s0, w0 = t1[j, a:b], src_t[xlo[j], a:b], wx[j, 0]
+            for k in range(b - a):
+                row[k] = w0 * s0[k]
+            for t in range(1, tx):  # one sweep per tap (see `_combine`)
+                st, wt = src_t[xlo[j] + t, a:b], wx[j, t]
+                for k in range(b - a):
+                    row[k] += wt * st[k]
     # t1t (3, ny, S).  This transpose and the source conversion in `render` read in order
     # and write with a stride: the render measured 1.17x faster at 32 px (1.02-1.09x at
     # 224 px) than writing in order, in tiles (in-process A/B, same output)
@@ -182,7 +192,16 @@ def _resample(
                 t1t[c, y, j] = s0[o + y]
     for c in range(3):
         for i in range(S):
-            _combine(out[c, i], t1t[c], ylo[i] - ya, 0, wy[i], ty)
+            if ty >= 6:
+                _combine(out[c, i], t1t[c], ylo[i] - ya, 0, wy[i], ty)
+                continue
+            row, s0, w0 = out[c, i], t1t[c, ylo[i] - ya], wy[i, 0]
+            for j in range(S):
+                row[j] = w0 * s0[j]
+            for t in range(1, ty):
+                st, wt = t1t[c, ylo[i] - ya + t], wy[i, t]
+                for j in range(S):
+                    row[j] += wt * st[j]
 
 
 @numba.njit(**_JIT)
