@@ -108,7 +108,7 @@ def _combine(
     """dst[k] = sum_t w[t] src[r + t, a + k] for t < taps: a row of a pass with many taps.
 
     One sweep over dst per 4 taps: a sweep loads and stores dst once for all its taps, and
-    a view blurred at 224 px has up to 24.  This resampled such a view 1.25-1.46x faster
+    a view blurred at 224 px has up to 24.  This resampled such a view 1.25-1.48x faster
     than one sweep per tap, with the same floats (LLVM keeps the FMA chain in tap order).
     `_resample` keeps one sweep per tap below 6 taps (no blur, small views), where this
     measured 5% slower.
