@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-_NUMPY = {torch.float32: np.float32, torch.uint8: np.uint8}
-
 
 def empty(*shape: int, dtype: torch.dtype = torch.float32, leaves: bool = True) -> torch.Tensor:
     """An uninitialised, contiguous CPU tensor for a batch.
@@ -34,8 +32,9 @@ def empty(*shape: int, dtype: torch.dtype = torch.float32, leaves: bool = True) 
     leaves: the tensor is part of the batch handed to the consumer (views, images), so in
     a DataLoader worker it is allocated in shared memory; scratch (False) never is.
     """
+    nbytes = math.prod(shape) * dtype.itemsize
     if leaves and get_worker_info() is not None:
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         storage = torch.UntypedStorage._new_shared(nbytes)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    return torch.from_numpy(np.empty(shape, _NUMPY[dtype]))
+    else:  # the storage keeps the numpy array alive
+        storage = torch.from_numpy(np.empty(nbytes, np.uint8)).untyped_storage()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)

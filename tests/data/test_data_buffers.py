@@ -21,9 +21,12 @@ class _Filled(Dataset):
 
 def test_empty_is_a_fresh_contiguous_tensor():
     a = buffers.empty(4, 3, 8, 8)
-    b = buffers.empty(5, 6, dtype=torch.uint8)
     assert a.shape == (4, 3, 8, 8) and a.dtype == torch.float32 and a.is_contiguous()
-    assert b.shape == (5, 6) and b.dtype == torch.uint8
+    for dtype in (torch.uint8, torch.bfloat16, torch.int64):
+        b = buffers.empty(5, 6, dtype=dtype)
+        assert b.shape == (5, 6) and b.dtype == dtype and b.is_contiguous()
+        b.copy_(torch.arange(30).view(5, 6))  # every element is addressable
+        assert b[4, 5].item() == 29
     a.fill_(1.0)
     c = buffers.empty(4, 3, 8, 8)
     c.fill_(2.0)
