@@ -368,7 +368,7 @@ def render_views(
     with the parameters in row i of `p`.
     """
     n = len(vsrc)
-    out = buffers.empty(n, 3, size, size)  # huge pages: see mmssl.data.buffers
+    out = buffers.empty(n, 3, size, size)  # huge pages, or shared in a worker: mmssl.data.buffers
     desc = torch.empty(n, 13)
     c = np.ascontiguousarray
     render(
