@@ -2,7 +2,8 @@
 
 Ties count against the model everywhere (a class or item that scores *equal* to the right
 answer outranks it), so a collapsed model whose scores are all equal gets chance-or-worse
-accuracy instead of a lucky index-0 answer.
+accuracy instead of a lucky index-0 answer.  A NaN score counts against the model too, so a
+diverged run scores 0 rather than 1.
 """
 
 from __future__ import annotations
@@ -14,12 +15,29 @@ import torch
 from torch import Tensor
 
 
-def _rank_of_target(scores: Tensor, target: Tensor) -> Tensor:
-    """scores (N, C), target (N,) -> (N,) number of other columns scoring >= the target's."""
+def _ahead(scores: Tensor, target: Tensor) -> Tensor:
+    """scores (N, C), target (N,) -> (N, C) bool: the other columns that score >= the
+    target's.  A NaN counts against the model: a NaN column is ahead of the target, and a
+    NaN target has every other column ahead of it."""
     scores = torch.as_tensor(scores, dtype=torch.float64)
     target = torch.as_tensor(target, dtype=torch.int64)
     own = scores.gather(1, target[:, None])  # (N, 1)
-    return (scores >= own).sum(1) - 1
+    ahead = (scores >= own) | scores.isnan() | own.isnan()
+    return ahead.scatter(1, target[:, None], False)
+
+
+def predictions(scores: Tensor, labels: Tensor) -> Tensor:
+    """scores (N, C), labels (N,) -> (N,) predicted columns, ties against the model.
+
+    The argmax, except that a label tied at the top is not predicted: the best of the
+    columns ahead of it is (NaN first).  So `pred == label` exactly where top-1 counts a hit,
+    and per-class accuracy and the confusion matrix agree with `topk_accuracy`.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    ahead = _ahead(scores, labels)
+    rival = scores.masked_fill(~ahead, -math.inf).nan_to_num(nan=math.inf).argmax(1)
+    return torch.where(ahead.any(1), rival, labels)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -38,7 +56,7 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
         raise ValueError(
             f"labels must be in [0, {logits.shape[1]}), got {labels.min()}..{labels.max()}"
         )
-    rank = _rank_of_target(logits, labels)
+    rank = _ahead(logits, labels).sum(1)  # other columns scoring >= the label's
     return {k: float((rank < min(k, logits.shape[1])).double().mean()) for k in ks}
 
 
@@ -84,8 +102,8 @@ def recall_at_k(
         )
     if not positives.any(1).all():
         raise ValueError("every query needs at least one positive gallery item")
-    best = scores.masked_fill(~positives, -math.inf).amax(1, keepdim=True)  # (Q, 1)
-    above = ((scores >= best) & ~positives).sum(1)  # (Q,)
+    best = scores.masked_fill(~positives, -math.inf).amax(1, keepdim=True)  # (Q, 1), NaN wins
+    above = (((scores >= best) | scores.isnan() | best.isnan()) & ~positives).sum(1)  # (Q,)
     return {k: float((above < k).double().mean()) for k in ks}
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmssl.eval.loading import EvalError
-from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, topk_accuracy
+from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
 
 BUILTIN = ("digit", "color")
 
@@ -165,7 +165,7 @@ def score(
             f"labels run {int(labels.min())}..{int(labels.max())} but there are {c} classes"
         )
     top = topk_accuracy(logits, labels, (1, 5))
-    pred = logits.argmax(1)
+    pred = predictions(logits, labels)
     per_class = per_class_accuracy(pred, labels, c)
     return {
         "top1": top[1],

@@ -100,13 +100,7 @@ class MultimodalModel(nn.Module):
             elif isinstance(module, (Mlp, SwiGLU)):
                 nn.init.trunc_normal_(module.fc2.weight, std=residual_std)
         for module in self.modules():
-            if isinstance(module, ConditionedNorm):
-                nn.init.zeros_(module.modulation.weight)
-                nn.init.zeros_(module.modulation.bias)
-            elif isinstance(module, ConditionedGate):
-                nn.init.zeros_(module.gate.weight)
-                nn.init.zeros_(module.gate.bias)
-            elif isinstance(module, Projector):
+            if isinstance(module, (ConditionedNorm, ConditionedGate, Projector)):
                 module.reset_conditioning()
         for tower in (self.visual, self.text):
             if tower is not None and tower.pos_embed is not None:

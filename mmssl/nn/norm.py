@@ -41,6 +41,13 @@ class ConditionedNorm(Norm):
     def __init__(self, dim: int, cond_dim: int, kind: str = "layernorm", eps: float = 1e-6):
         super().__init__(dim, kind, eps)
         self.modulation = nn.Linear(cond_dim, 2 * dim)
+        self.reset_conditioning()
+
+    @torch.no_grad()
+    def reset_conditioning(self) -> None:
+        """Zero the modulation, so the norm equals the plain one."""
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = super().forward(x)
@@ -59,6 +66,13 @@ class ConditionedGate(nn.Module):
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
         self.gate = nn.Linear(cond_dim, dim)
+        self.reset_conditioning()
+
+    @torch.no_grad()
+    def reset_conditioning(self) -> None:
+        """Zero the gate's projection, so the gate is 1."""
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
 
     def forward(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:

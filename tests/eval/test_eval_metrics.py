@@ -30,6 +30,40 @@ def test_topk_ties_count_against_the_model():
     assert acc[1] == 0.0 and acc[3] == 1.0
 
 
+def test_nan_scores_count_against_the_model():
+    # a diverged run: NaN embeddings must not score a perfect top-k or recall
+    nan = torch.full((3, 3), math.nan)
+    labels = torch.tensor([0, 1, 2])
+    assert metrics.topk_accuracy(nan, labels, (1, 3)) == {1: 0.0, 3: 1.0}
+    assert metrics.recall_at_k(nan, torch.eye(3, dtype=torch.bool), (1, 2)) == {1: 0.0, 2: 0.0}
+    # one NaN competitor outranks the target; a NaN target is outranked by everything
+    logits = torch.tensor([[0.9, math.nan, 0.1], [math.nan, 0.2, 0.1]])
+    assert metrics.topk_accuracy(logits, torch.tensor([0, 0]), (1, 2, 3)) == {
+        1: 0.0,
+        2: 0.5,
+        3: 1.0,
+    }
+
+
+def test_predictions_agree_with_top1():
+    # ties and NaN go against the label, so pred == label exactly where top-1 hits
+    logits = torch.tensor(
+        [
+            [0.5, 0.5, 0.1],  # label 0 tied with 1 -> predicts 1
+            [0.2, 0.7, 0.1],  # label 1 strict max -> 1
+            [0.3, 0.2, 0.3],  # label 2 tied with 0 -> predicts 0
+            [0.1, math.nan, 0.9],  # label 2 behind a NaN -> predicts 1
+            [0.4, 0.6, 0.0],  # label 0 beaten -> the argmax, 1
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 2, 0])
+    pred = metrics.predictions(logits, labels)
+    assert pred.tolist() == [1, 1, 0, 1, 1]
+    assert float((pred == labels).double().mean()) == metrics.topk_accuracy(logits, labels, (1,))[1]
+    collapsed = metrics.predictions(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
+    assert (collapsed != torch.tensor([0, 1, 2, 0])).all()
+
+
 def test_topk_bad_labels():
     with pytest.raises(ValueError, match="labels must be in"):
         metrics.topk_accuracy(torch.zeros(2, 3), torch.tensor([0, 3]))
@@ -82,3 +116,12 @@ def test_perplexity_and_unigram():
     assert metrics.unigram_perplexity(torch.ones(10), torch.arange(10)) == pytest.approx(10.0)
     with pytest.raises(ValueError):
         metrics.perplexity(1.0, 0)
+
+
+def test_zeroshot_per_class_agrees_with_top1_on_a_collapsed_model():
+    from mmssl.eval import zeroshot
+
+    same = torch.ones(6, 4) / 2  # every image and class embedding equal: all scores tie
+    r = zeroshot.score(same, torch.ones(3, 4) / 2, torch.tensor([0, 1, 2, 0, 1, 2]), list("abc"))
+    assert r["top1"] == 0.0 and r["per_class"] == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert r["confusion"].diagonal().sum() == 0
