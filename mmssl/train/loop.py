@@ -239,6 +239,7 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                     engine.step()
                     continue
                 faults.pause("mid_step", step + 1)
+                lr = engine.get_lr()[0]  # this step's: engine.step() advances the schedule
                 if own_check and not _grads_finite(engine):
                     _skip_update(engine)
                 else:
@@ -285,7 +286,7 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                 row["bad_steps"] = bad_steps
                 if recipe.eval.every and step % recipe.eval.every == 0:
                     row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
-                log.log(step, row, engine.get_lr()[0])
+                log.log(step, row, lr)
                 sums, count = {}, 0
             every = recipe.checkpoint.every
             if (every and step % every == 0) or step == end:

@@ -328,10 +328,14 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
             )
         if obj.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {obj.weight}")
-        missing = NEEDS[kind] - SOURCE_PROVIDES[sources[obj.source].kind]
+        if obj.positives != "pair" and kind not in ("simclr", "clip", "siglip"):
+            raise ConfigError(f"{where}.positives: only simclr, clip and siglip use positives")
+        needs = NEEDS[kind] | ({"text"} if obj.positives == "caption" else set())
+        missing = needs - SOURCE_PROVIDES[sources[obj.source].kind]
         if missing:
+            what = f"{kind} with positives=caption" if obj.positives == "caption" else kind
             raise ConfigError(
-                f"{where}: {kind} needs {sorted(missing)} but source {obj.source!r} is "
+                f"{where}: {what} needs {sorted(missing)} but source {obj.source!r} is "
                 f"{sources[obj.source].kind!r}"
             )
         if "views" in NEEDS[kind] and recipe.data.views < 2:

@@ -158,6 +158,12 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
     augment_config(recipe)
     _triple(recipe.data.mean, "data.mean")
     _triple(recipe.data.std, "data.std")
+    v = model_cfg.vision
+    if v is not None and recipe.data.image_size and recipe.data.image_size % v.patch_size:
+        raise ConfigError(
+            f"data.image_size {recipe.data.image_size} is not divisible by the model's "
+            f"patch_size {v.patch_size}"
+        )
     if model_cfg.text is not None:
         for name, src in recipe.data.sources.items():
             context = _sizes(recipe, src, model_cfg)[1]

@@ -137,6 +137,14 @@ def test_other_bad_input(
     assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
     assert "data.view_augment has 2 entries" in _bad([*base, "data.views=0"], capsys, runs)
     assert "two views" in _bad([*base, "data.views=0", "data.view_augment=[]"], capsys, runs)
+    image_only = ["objectives.clip.source=digits_test", "data.sources.digits.kind=image"]
+    err = _bad([*base, *image_only, "objectives.simclr.positives=caption"], capsys, runs)
+    assert "objectives.simclr: simclr with positives=caption needs ['text']" in err
+    err = _bad([*base, "objectives.next_token.positives=label"], capsys, runs)
+    assert "objectives.next_token.positives: only simclr, clip and siglip" in err
+    assert "not divisible by the model's patch_size" in _bad(
+        [*base, "data.image_size=33"], capsys, runs
+    )
 
 
 def test_param_groups_no_decay() -> None:

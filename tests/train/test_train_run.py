@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import PYTHON, RECIPES, losses, run, tiny_overrides
 
+from mmssl.train.engine import WarmupCosine
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
@@ -68,6 +70,9 @@ def test_quickstart_tiny_trains_and_writes_run(demo_data: str, tmp_path: Path) -
     assert list((run_dir / "tensorboard").iterdir())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "eval/loss" in rows[5] and "eval/loss/clip" in rows[11]
+    # each row logs the LR its step applied: warmup 2 of 12 steps, then cosine to 5%
+    schedule = WarmupCosine(2, 12, 0.05, True)
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * schedule(i) for i in range(12)])
     summary = (run_dir / "summary.md").read_text()
     assert "samples/s" in summary and "skipped bad samples: 0" in summary
 
