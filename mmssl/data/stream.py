@@ -120,7 +120,8 @@ class SampleStream:
     """Block-shuffled samples of one worker; `state()` after any sample resumes exactly.
 
     The caller reports each decodable sample with `mark_good()`; a run of windows with
-    none that covers every shard of the worker raises DataError instead of spinning.
+    none that reads every shard of the worker from start to end raises DataError instead
+    of spinning.
     """
 
     def __init__(
@@ -143,18 +144,26 @@ class SampleStream:
         self.order: list[int] = []
         self.emitted = 0
         self._good = True
-        self._bad_shards: set[int] = set()
+        # a run of windows without a good sample: the next sequence position to count, and
+        # the shards read whole (offset 0 to end) inside the run
+        self._bad_k: int | None = None
+        self._bad_whole: set[int] = set()
 
     def _fill(self, index: int, start: tuple[int, int]) -> None:
-        if not self._good:
-            self._bad_shards.update(s for _, _, s in self.window)
-            if self._bad_shards.issuperset(self.raw.seq.mine):
+        if self._good:
+            self._bad_k = None
+        else:  # every sample between the run's first window and `start` was bad
+            if self._bad_k is None:
+                self._bad_k = self.start[0] + (self.start[1] > 0)
+                self._bad_whole = set()
+            while self._bad_k < start[0]:  # shards the raw stream has moved past
+                self._bad_whole.add(self.raw.seq[self._bad_k])
+                self._bad_k += 1
+            if self._bad_whole.issuperset(self.raw.seq.mine):
                 raise DataError(
                     f"every sample is bad in all {len(set(self.raw.seq.mine))} shards "
                     f"(first: {self.urls[self.raw.seq.mine[0]]}); skipped: {self.counter.counts}"
                 )
-        else:
-            self._bad_shards.clear()
         self._good = False
         self.window_index, self.start = index, start
         self.raw.seek(*start)

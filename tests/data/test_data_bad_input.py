@@ -116,6 +116,33 @@ def test_every_sample_bad_raises(tmp_path):
         _run(urls)
 
 
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_a_bad_window_is_not_an_all_bad_source(tmp_path, mode):
+    # without shuffling a window is one sample: one bad sample in a one-shard source, and
+    # a wholly bad shard followed by a bad sample in a good one, are skips, not "all bad"
+    w = ShardWriter(str(tmp_path), "s", max_count=8)
+    for i in range(16):
+        bad = i == 3 or 8 <= i < 11  # shard 0: sample 3; shard 1: 0..2, then good
+        w.write({"__key__": f"b{i:04d}", **BAD["bad_image"]} if bad else _good(i))
+    w.close()
+    one = str(tmp_path / "s-000000.tar")
+    keys, skipped = _run(one, n=1, shuffle=1, batch_size=7, mode=mode)
+    assert keys == ["g0000", "g0001", "g0002", "g0004", "g0005", "g0006", "g0007"]
+    assert skipped == {"bad_image": 1}
+    w = ShardWriter(str(tmp_path), "t", max_count=8)
+    for i in range(8, 16):
+        w.write({"__key__": f"b{i:04d}", **BAD["bad_image"]})
+    w.close()
+    keys, skipped = _run(
+        [str(tmp_path / "t-000000.tar"), str(tmp_path / "s-000001.tar")],
+        n=2,
+        shuffle=1,
+        batch_size=5,
+        mode=mode,
+    )
+    assert len(keys) == 10 and all(k.startswith("g") for k in keys)
+
+
 def test_all_shards_empty_raises(tmp_path):
     for i in range(2):
         (tmp_path / f"e-{i:06d}.tar").write_bytes(b"")
