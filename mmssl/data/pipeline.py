@@ -43,7 +43,7 @@ from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
 from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -198,17 +198,34 @@ class StreamLoader:
             "world_size": p.world_size,
             "num_workers": p.num_workers,
             "batch_size": p.batch_size,
-            "sources": [s.name for s in p.sources],
+            "shuffle": p.shuffle,
+            # a position indexes the shard list, so its length matters (not the paths: data
+            # may move); kind, weight and epoch length fix which batches come from where
+            "sources": [
+                [s.name, s.kind, len(s.urls), s.weight, s.epoch_batches] for s in p.sources
+            ],
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last consumed batch (plain ints, lists, dicts, str)."""
+        """The position after the last consumed batch (plain ints, lists, dicts, str).
+
+        After an epoch's last batch that is the start of the next epoch, so that the first
+        `iter()` after a restore yields a whole epoch rather than an empty one."""
+        if self.plan.mode == "epoch" and self.next_batch >= len(self):
+            epoch, next_batch, workers, done = self.epoch + 1, 0, {}, self.skipped
+        else:
+            epoch, next_batch, workers, done = (
+                self.epoch,
+                self.next_batch,
+                self.workers,
+                self.skipped_done,
+            )
         return {
             **self._identity(),
-            "epoch": self.epoch,
-            "next_batch": self.next_batch,
-            "workers": {str(k): v for k, v in sorted(self.workers.items())},
-            "skipped_done": dict(self.skipped_done),
+            "epoch": epoch,
+            "next_batch": next_batch,
+            "workers": {str(k): v for k, v in sorted(workers.items())},
+            "skipped_done": dict(done),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

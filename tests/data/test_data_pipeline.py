@@ -174,3 +174,24 @@ def test_state_from_other_layout_is_refused(image_shards):
     b = build_pipeline(image_shards, batch_size=2, rank=0, world_size=2, num_workers=2)
     with pytest.raises(DataError, match="num_workers"):
         b.load_state_dict(a.state_dict())
+    # a changed shuffle window or shard list would restore a position that is no continuation
+    kw = dict(batch_size=2, rank=0, world_size=1)
+    saved = build_pipeline(image_shards, shuffle=5, **kw).state_dict()
+    with pytest.raises(DataError, match="shuffle"):
+        build_pipeline(image_shards, shuffle=50, **kw).load_state_dict(saved)
+    fewer = image_shards.replace("000007", "000006")
+    with pytest.raises(DataError, match="sources"):
+        build_pipeline(fewer, shuffle=5, **kw).load_state_dict(saved)
+    build_pipeline(image_shards, shuffle=5, **kw).load_state_dict(saved)  # the same: accepted
+
+
+def test_state_after_an_epochs_last_batch_resumes_with_the_next_epoch(image_shards):
+    kw = dict(batch_size=2, rank=0, world_size=1, mode="epoch", shuffle=3)
+    head = build_pipeline(image_shards, **kw)
+    for i, _ in enumerate(head, 1):
+        if i == len(head):
+            saved = head.state_dict()  # a checkpoint after the epoch's last step
+    second = [k for b in head for k in b["__key__"]]
+    tail = build_pipeline(image_shards, **kw)
+    tail.load_state_dict(saved)
+    assert [k for b in tail for k in b["__key__"]] == second
