@@ -77,6 +77,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
 
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             img = tv_decode(buf, mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint16:  # 16-bit PNG: keep the top 8 bits (PIL would clip)
+                img = (img.to(torch.int32) >> 8).to(torch.uint8)
             if img.dtype == torch.uint8 and tuple(img.shape[1:]) == size:
                 return img
         except (RuntimeError, ValueError):
@@ -142,4 +144,6 @@ def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str,
             raise BadSample("missing_field", name)
         if not isinstance(out[name], (int, float, bool)):
             raise BadSample("bad_json", f"field {name!r} is not a number")
+        if isinstance(out[name], int) and not -(2**63) <= out[name] < 2**63:
+            raise BadSample("bad_json", f"field {name!r} does not fit in int64")
     return out

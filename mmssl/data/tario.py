@@ -88,11 +88,12 @@ _ENC = "utf-8"  # tarfile's default name encoding on POSIX, with surrogateescape
 
 
 class TarDamage(Exception):
-    """The archive cannot be read on from here; `start` tells whether it failed at byte 0."""
+    """The archive cannot be read on from here; `start` tells whether it failed at byte 0,
+    `member` names the damaged member when its header was read."""
 
-    def __init__(self, detail: str, start: bool = False) -> None:
+    def __init__(self, detail: str, start: bool = False, member: str | None = None) -> None:
         super().__init__(detail)
-        self.start = start
+        self.start, self.member = start, member
 
 
 def _number(field: bytes) -> int:
@@ -217,7 +218,12 @@ class TarReader:
             info = {**self.pax_global, **pax}
             name = info.get("path", name)
             if "size" in info:
-                size = int(info["size"])
+                try:
+                    size = int(info["size"])
+                except ValueError:
+                    size = -1
+                if size < 0:
+                    raise TarDamage(f"invalid pax size {info['size']!r}", member=name)
             if kind == b"S":
                 raise TarDamage(f"GNU sparse member {name!r} is not supported")
             is_file = kind in _FILE_TYPES and not (kind == b"\x00" and name.endswith("/"))
@@ -270,7 +276,8 @@ def iter_shard(
                 if n >= skip:
                     files[ext] = tar.data(size)
         except TarDamage as err:
-            key = None  # the sample being read may be incomplete: drop it
+            if err.member is None or split_name(err.member)[0] == key:
+                key = None  # the sample being read may be incomplete: drop it
             if err.start:
                 empty = str(err).startswith("the data ends") and pipe is None
                 problem = ("empty_shard", "") if empty else ("bad_tar", str(err))

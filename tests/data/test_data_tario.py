@@ -129,6 +129,24 @@ def test_damaged_header_ends_the_shard_and_is_counted(archives, tmp_path):
     assert got == ref[:2] and skipped == {"truncated_tar": 1}
 
 
+@pytest.mark.parametrize("bad_member", ["b.txt", "a.json"])
+def test_bad_pax_size_ends_the_shard_and_keeps_complete_samples(tmp_path, bad_member):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name in ("a.txt", "a.json", "b.txt", "c.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 5
+            if name == bad_member:
+                info.pax_headers = {"sizf": "abc"}  # same length as the bad record below
+            t.addfile(info, io.BytesIO(b"hello"))
+    path = tmp_path / "pax.tar"
+    path.write_bytes(buf.getvalue().replace(b"sizf=abc", b"size=abc"))
+    got, skipped = _read(str(path))
+    # damage in b's header leaves a complete; damage inside a leaves nothing
+    assert [k for k, _ in got] == (["a"] if bad_member == "b.txt" else [])
+    assert skipped == {"truncated_tar": 1}
+
+
 def test_empty_random_and_end_blocks_only(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     assert _read(str(tmp_path / "empty.tar")) == ([], {"empty_shard": 1})
