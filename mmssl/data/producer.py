@@ -135,7 +135,10 @@ class _Worker:
             for f in plan.json_fields:
                 fields[f].append(meta[f])
         batch: dict[str, Any] = {"__key__": keys, "source": src.name}
-        rng = np.random.default_rng([plan.seed, 0xA06, self.epoch, plan.rank, i])
+        # the source's name in the key: two image sources of one run draw independent views
+        rng = np.random.default_rng(
+            [plan.seed, 0xA06, self.epoch, plan.rank, i, zlib_crc(src.name)]
+        )
         size = plan.image_size
         if plan.return_image:
             batch["image"] = self._norm(resize_center(images, size))

@@ -195,3 +195,15 @@ def test_state_after_an_epochs_last_batch_resumes_with_the_next_epoch(image_shar
     tail = build_pipeline(image_shards, **kw)
     tail.load_state_dict(saved)
     assert [k for b in tail for k in b["__key__"]] == second
+
+
+def test_sources_of_one_run_draw_independent_views(image_shards):
+    # a run builds one pipeline per source with the same seed: batch i of two image sources
+    # must not share crops, flips and jitter
+    kw = dict(batch_size=4, rank=0, world_size=1, image_size=8, num_views=2, return_image=False)
+    a = next(iter(build_pipeline(sources=[Source(image_shards, name="a")], **kw)))
+    b = next(iter(build_pipeline(sources=[Source(image_shards, name="b")], **kw)))
+    a2 = next(iter(build_pipeline(sources=[Source(image_shards, name="a")], **kw)))
+    crop = slice(8, 12)  # crop centre and size: independent of the image content
+    assert torch.equal(a["aug"][0], a2["aug"][0])
+    assert not torch.equal(a["aug"][0][:, crop], b["aug"][0][:, crop])
