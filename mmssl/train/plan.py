@@ -15,11 +15,11 @@ data-parallel traffic (2 Psi elements per step for stages 0-2, 3 Psi for stage 3
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from mmssl.cliargs import ArgumentParser, check_numbers
 from mmssl.schema import ConfigError
 
 GB = 1e9
@@ -167,7 +167,7 @@ def plan(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mmssl plan", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl plan", description=__doc__.split("\n")[0])
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     p.add_argument("--gpus", type=int, required=True, help="number of data-parallel ranks")
@@ -188,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from mmssl.train.recipe import load_recipe
 
+    positive = (lambda v: v > 0, "> 0")
+    rules = {"gpus": positive, "gpu_mem": positive, "tflops": positive, "bandwidth": positive}
+    problem = check_numbers(args, {**rules, "mfu": (lambda v: 0 < v <= 1, "in (0, 1]")})
+    if problem:
+        p.error(problem)
     try:
-        if args.gpus < 1 or args.mfu <= 0 or args.tflops <= 0 or args.bandwidth <= 0:
-            raise ConfigError("--gpus, --tflops, --mfu and --bandwidth must be positive")
         recipe = load_recipe(args.recipe, args.overrides)
         lines = plan(recipe, args.gpus, args.gpu_mem, args.tflops, args.mfu, args.bandwidth)
     except (ConfigError, FileNotFoundError) as err:
