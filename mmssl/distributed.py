@@ -14,7 +14,9 @@ old GatherLayer) silently drops every other rank's contribution.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,7 +59,27 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- gathers
 
 
+_equal_batches = False
+
+
+@contextlib.contextmanager
+def equal_batches() -> Iterator[None]:
+    """Within this block every rank's gathered tensors have the same dim-0 size.
+
+    The gathers then skip exchanging sizes, a collective plus a device-to-host copy (a
+    host sync on GPU) per gather.  The training loop holds it: every rank's micro-batch has
+    `train.micro_batch_size` rows.  Unequal sizes inside the block give wrong offsets."""
+    global _equal_batches
+    before, _equal_batches = _equal_batches, True
+    try:
+        yield
+    finally:
+        _equal_batches = before
+
+
 def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    if _equal_batches:
+        return [n] * world_size()
     size = torch.tensor([n], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)

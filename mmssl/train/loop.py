@@ -1,7 +1,10 @@
 """The training loop: one function, `train(recipe, resolved)`, run identically on every rank.
 
 Host syncs happen only at log intervals: per-step metrics stay detached tensors that are
-summed on the device and read (and averaged over ranks) every `logging.every` steps.
+summed on the device and read (and averaged over ranks) every `logging.every` steps, and
+the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`).
+Two exceptions: `positives: caption` groups identical captions with `torch.unique` (one
+sync per step), and the fp32 stage-0 gradient check below.
 
 Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
 update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left
@@ -227,80 +230,83 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     t_start = time.perf_counter()
     start_step = step
     try:
-        while step < end:
-            step_sums: dict[str, torch.Tensor] = {}
-            keys: dict[str, list[str]] = {}
-            for micro in range(resolved.grad_accum):
-                loss, metrics = engine(_next_batches(streams, dev, dtype, keys))
-                engine.backward(_finite_or_nan(faults.poison(loss, step + 1)))
-                for k, v in metrics.items():
-                    step_sums[k] = step_sums[k] + v.float() if k in step_sums else v.float()
-                if micro < resolved.grad_accum - 1:
-                    engine.step()
-                    continue
-                faults.pause("mid_step", step + 1)
-                lr = engine.get_lr()[0]  # this step's: engine.step() advances the schedule
-                if own_check and not _grads_finite(engine):
-                    _skip_update(engine)
+        # every rank's micro-batch has train.micro_batch_size rows, so the losses' gathers
+        # need not exchange sizes (a host sync each on GPU)
+        with distributed.equal_batches():
+            while step < end:
+                step_sums: dict[str, torch.Tensor] = {}
+                keys: dict[str, list[str]] = {}
+                for micro in range(resolved.grad_accum):
+                    loss, metrics = engine(_next_batches(streams, dev, dtype, keys))
+                    engine.backward(_finite_or_nan(faults.poison(loss, step + 1)))
+                    for k, v in metrics.items():
+                        step_sums[k] = step_sums[k] + v.float() if k in step_sums else v.float()
+                    if micro < resolved.grad_accum - 1:
+                        engine.step()
+                        continue
+                    faults.pause("mid_step", step + 1)
+                    lr = engine.get_lr()[0]  # this step's: engine.step() advances the schedule
+                    if own_check and not _grads_finite(engine):
+                        _skip_update(engine)
+                    else:
+                        engine.step()
+                step += 1
+                key_log.write(step, keys)
+                seen.update(step_sums)
+                if engine.was_step_applied():
+                    for k, v in step_sums.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    count += resolved.grad_accum
+                    streak = 0
                 else:
-                    engine.step()
-            step += 1
-            key_log.write(step, keys)
-            seen.update(step_sums)
-            if engine.was_step_applied():
-                for k, v in step_sums.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                count += resolved.grad_accum
-                streak = 0
-            else:
-                bad_steps += 1
-                streak += 1
-                if rank == 0 and streak == 1:
-                    _log.warning(
-                        "step %d: non-finite loss or gradient, step skipped (%d so far)",
-                        step,
-                        bad_steps,
-                    )
-                if streak >= recipe.train.max_bad_steps:
-                    good = checkpoint.latest_tag(ckpt_dir)
-                    raise NonFiniteError(
-                        f"train.max_bad_steps: {streak} consecutive steps ({step - streak + 1}.."
-                        f"{step}) had a non-finite loss or gradient and were skipped; stopping. "
-                        + (
-                            f"The last good checkpoint is {ckpt_dir / good}"
-                            if good
-                            else "No checkpoint was written."
+                    bad_steps += 1
+                    streak += 1
+                    if rank == 0 and streak == 1:
+                        _log.warning(
+                            "step %d: non-finite loss or gradient, step skipped (%d so far)",
+                            step,
+                            bad_steps,
                         )
+                    if streak >= recipe.train.max_bad_steps:
+                        good = checkpoint.latest_tag(ckpt_dir)
+                        raise NonFiniteError(
+                            f"train.max_bad_steps: {streak} consecutive steps ({step - streak + 1}.."
+                            f"{step}) had a non-finite loss or gradient and were skipped; stopping. "
+                            + (
+                                f"The last good checkpoint is {ckpt_dir / good}"
+                                if good
+                                else "No checkpoint was written."
+                            )
+                        )
+                log.advance()
+                if step % recipe.logging.every == 0 or step == end:
+                    # an interval of skipped steps only logs NaN (every rank agrees: the skip
+                    # decision is global)
+                    row: dict[str, float] = dict.fromkeys(sorted(seen), float("nan"))
+                    if sums:
+                        names = sorted(sums)
+                        values = distributed.all_reduce_mean(
+                            torch.stack([sums[k] for k in names]) / count
+                        )
+                        row = dict(zip(names, values.tolist()))
+                    row["bad_steps"] = bad_steps
+                    if recipe.eval.every and step % recipe.eval.every == 0:
+                        row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
+                    log.log(step, row, lr)
+                    sums, count = {}, 0
+                every = recipe.checkpoint.every
+                if (every and step % every == 0) or step == end:
+                    checkpoint.save(
+                        engine,
+                        ckpt_dir,
+                        step,
+                        recipe_dict,
+                        streams,
+                        recipe.checkpoint.keep_last,
+                        extra={"bad_steps": bad_steps},
+                        on_written=lambda s=step: faults.pause("save", s),
                     )
-            log.advance()
-            if step % recipe.logging.every == 0 or step == end:
-                # an interval of skipped steps only logs NaN (every rank agrees: the skip
-                # decision is global)
-                row: dict[str, float] = dict.fromkeys(sorted(seen), float("nan"))
-                if sums:
-                    names = sorted(sums)
-                    values = distributed.all_reduce_mean(
-                        torch.stack([sums[k] for k in names]) / count
-                    )
-                    row = dict(zip(names, values.tolist()))
-                row["bad_steps"] = bad_steps
-                if recipe.eval.every and step % recipe.eval.every == 0:
-                    row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
-                log.log(step, row, lr)
-                sums, count = {}, 0
-            every = recipe.checkpoint.every
-            if (every and step % every == 0) or step == end:
-                checkpoint.save(
-                    engine,
-                    ckpt_dir,
-                    step,
-                    recipe_dict,
-                    streams,
-                    recipe.checkpoint.keep_last,
-                    extra={"bad_steps": bad_steps},
-                    on_written=lambda s=step: faults.pause("save", s),
-                )
-            faults.pause("step_end", step)
+                faults.pause("step_end", step)
     finally:
         key_log.close()
     skipped: dict[str, int] = {}

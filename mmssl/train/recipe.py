@@ -165,7 +165,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # steps between metric reads (the only host syncs of the loop)
+    every: int = 10  # steps between metric reads (host syncs: see mmssl.train.loop)
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
     keys: bool = False  # every step's sample keys to keys/rank<R>.jsonl (audits, resume tests)

@@ -188,9 +188,22 @@ def _broken_gather(x: Tensor) -> Tensor:
 def _worker(cases: list[Case], broken: list[tuple[str, Case]]) -> dict[str, Any]:
     r = distributed.rank()
     out: dict[str, Any] = {}
+    real_gather = dist.all_gather
+    size_exchanges = []
+
+    def spy(parts: list[Tensor], x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if x.shape == (1,) and x.dtype == torch.long:  # `_gather_sizes`
+            size_exchanges.append(x)
+        return real_gather(parts, x, *args, **kwargs)
+
     for case in cases:
         sizes = case[3]
         out[case_id(case)] = run_case(case, sum(sizes[:r]), sum(sizes[: r + 1]))
+        if len(set(sizes)) == 1:  # as the training loop runs them: no size exchange
+            with distributed.equal_batches(), mock.patch.object(dist, "all_gather", spy):
+                result = run_case(case, sum(sizes[:r]), sum(sizes[: r + 1]))
+            result["size_exchanges"] = len(size_exchanges)
+            out[f"equal:{case_id(case)}"] = result
     for mode, case in broken:
         sizes = case[3]
         lo, hi = sum(sizes[:r]), sum(sizes[: r + 1])
@@ -236,6 +249,14 @@ def results_w3() -> dict[str, list[dict[str, Any]]]:
 def test_two_ranks_equal_single_process(case: Case, results_w2: dict[str, Any]) -> None:
     diffs = max_diffs(case, results_w2[case_id(case)])
     print(case_id(case), diffs)
+    assert max(diffs.values()) <= TOL, diffs
+
+
+@pytest.mark.parametrize("case", [c for c in W2_CASES if len(set(c[3])) == 1], ids=case_id)
+def test_equal_batches_skip_the_size_exchange(case: Case, results_w2: dict[str, Any]) -> None:
+    per_rank = results_w2[f"equal:{case_id(case)}"]
+    assert [res.pop("size_exchanges") for res in per_rank] == [0, 0]
+    diffs = max_diffs(case, per_rank)
     assert max(diffs.values()) <= TOL, diffs
 
 
