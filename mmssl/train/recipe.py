@@ -312,6 +312,21 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
+# the objective options each loss reads; setting one on another objective is an error
+OPTION_USERS = {
+    "positives": ("simclr", "clip", "siglip"),
+    "temperature": ("simclr", "hssl"),
+    "projector_dim": ("simclr", "hssl"),
+    "max_logit_scale": ("clip",),
+    "label_smoothing": ("next_token", "captioning"),
+    "fused_head": ("next_token", "captioning"),
+    "hidden": ("augself",),
+    "window": ("hssl",),
+    "displacement": ("hssl",),
+    "structure": ("hssl",),
+}
+
+
 def _check_objectives(recipe: Recipe, cfg: Any) -> None:
     from mmssl.schema import suggest
 
@@ -328,8 +343,11 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
             )
         if obj.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {obj.weight}")
-        if obj.positives != "pair" and kind not in ("simclr", "clip", "siglip"):
-            raise ConfigError(f"{where}.positives: only simclr, clip and siglip use positives")
+        for option, users in OPTION_USERS.items():
+            if kind not in users and getattr(obj, option) != getattr(ObjectiveConfig(), option):
+                raise ConfigError(
+                    f"{where}.{option}: {kind} does not use it (only {', '.join(users)} do)"
+                )
         needs = NEEDS[kind] | ({"text"} if obj.positives == "caption" else set())
         missing = needs - SOURCE_PROVIDES[sources[obj.source].kind]
         if missing:

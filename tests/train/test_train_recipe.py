@@ -141,7 +141,9 @@ def test_other_bad_input(
     err = _bad([*base, *image_only, "objectives.simclr.positives=caption"], capsys, runs)
     assert "objectives.simclr: simclr with positives=caption needs ['text']" in err
     err = _bad([*base, "objectives.next_token.positives=label"], capsys, runs)
-    assert "objectives.next_token.positives: only simclr, clip and siglip" in err
+    assert "objectives.next_token.positives: next_token does not use it (only simclr" in err
+    err = _bad([*base, "objectives.clip.temperature=0.05"], capsys, runs)
+    assert "objectives.clip.temperature: clip does not use it (only simclr, hssl do)" in err
     assert "not divisible by the model's patch_size" in _bad(
         [*base, "data.image_size=33"], capsys, runs
     )
