@@ -34,6 +34,7 @@ RECIPE_KEYS = (
     "bf16",
     "fp16",
     "amp",
+    "torch_autocast",  # the recipe's `precision` decides the dtypes
 )
 # parameters without weight decay besides every tensor with ndim < 2 (norms, biases,
 # logit scale and bias): embedding tables, position tables and the class token
@@ -109,7 +110,7 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     for key in RECIPE_KEYS:
         if key not in data:
             continue
-        if key in ("scheduler", "amp") or not _same(data[key], injected.get(key)):
+        if key in ("scheduler", "amp", "torch_autocast") or not _same(data[key], injected.get(key)):
             raise ConfigError(
                 f"{path}: {key!r} conflicts with the recipe ({json.dumps(data[key])} vs "
                 f"{json.dumps(injected.get(key))}); remove it, the recipe sets it"

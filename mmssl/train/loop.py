@@ -225,7 +225,7 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     recipe_dict = recipe.to_dict()
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    streak = 0  # consecutive skipped steps
+    streak = int(client.get("bad_streak", 0))  # consecutive skipped steps, across a resume
     seen: set[str] = set()  # metric names seen
     t_start = time.perf_counter()
     start_step = step
@@ -303,7 +303,7 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         recipe_dict,
                         streams,
                         recipe.checkpoint.keep_last,
-                        extra={"bad_steps": bad_steps},
+                        extra={"bad_steps": bad_steps, "bad_streak": streak},
                         on_written=lambda s=step: faults.pause("save", s),
                     )
                 faults.pause("step_end", step)

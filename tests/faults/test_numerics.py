@@ -46,7 +46,9 @@ def test_bad_step_is_skipped_and_counted(
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_steps"] for r in rows] == [0, 1, 1, 2, 2]
     assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
-    assert rows[1]["lr"] == rows[0]["lr"], "the LR schedule advanced on a skipped step"
+    # each row logs the LR its step applied: the step after a skipped one applies the same
+    lr = [r["lr"] for r in rows]
+    assert lr[2] == lr[1] and lr[4] == lr[3], f"the LR schedule advanced on a skipped step: {lr}"
     assert "- bad_steps: 2" in (run / "summary.md").read_text()
 
 
@@ -68,3 +70,17 @@ def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
     # what it holds is the last update that happened: step 2's weights, all finite
     assert _same(_weights(run, 4), _weights(run, 2))
     assert all(torch.isfinite(v).all() for v in _weights(run, 4).values())
+
+
+def test_a_bad_streak_continues_across_a_resume(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mmssl.train.cli import main
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
+    recipe = str(synthetic_recipe(tmp_path, "s", 8, 20, 2, max_bad_steps=3))
+    assert main([recipe, "checkpoint.every=2", "train.stop_at=4"]) == 0  # stopped mid-streak
+    capsys.readouterr()
+    assert main([recipe, "checkpoint.every=2"]) == 1
+    err = capsys.readouterr().err
+    assert "train.max_bad_steps: 3 consecutive steps (3..5)" in err, err

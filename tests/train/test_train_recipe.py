@@ -104,6 +104,7 @@ def test_deepspeed_json_conflict(
         "optimizer": {"type": "Adam", "params": {"lr": 0.1}},
         "scheduler": {"type": "WarmupLR"},
         "bf16": {"enabled": True},
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
     }
     for key, value in conflicts.items():
         path = tmp_path / f"{key}.json"
