@@ -405,6 +405,33 @@ def test_timm_unsupported_options_are_named(kwargs, match):
 def test_timm_not_a_vit():
     with pytest.raises(ValueError, match="is not a timm VisionTransformer"):
         timm_vit_config(torch.nn.Linear(2, 2))
+    with torch.device("meta"):
+        hybrid = timm.create_model("vit_small_r26_s32_224", pretrained=False)
+    with pytest.raises(ValueError, match="HybridEmbed stem"):
+        timm_vit_config(hybrid)
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_timm_parity_at_another_resolution(size):
+    # both resample the position table (antialiased bicubic) for a grid it was not built for
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    peer = VisionTransformer(
+        img_size=64,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+    peer = perturb_(peer, seed=1).eval()
+    model = load_timm_vit(peer)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = peer.forward_head(peer.forward_features(x), pre_logits=True)
+        assert max_diff(model.visual.forward_features(x)["pooled"], ref) <= TOL
 
 
 # ---------------------------------------------------------------- Hugging Face GPT-2
@@ -431,8 +458,12 @@ def gpt2_pair(seed: int = 0, **kw):
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"tie_word_embeddings": False, "activation_function": "gelu", "n_inner": 200}],
-    ids=["tied_gelu_new", "untied_gelu"],
+    [
+        {},
+        {"tie_word_embeddings": False, "activation_function": "gelu", "n_inner": 200},
+        {"n_embd": 88, "n_head": 4, "n_inner": 120},  # 88 * (120 / 88) is 119.999... in floats
+    ],
+    ids=["tied_gelu_new", "untied_gelu", "inner_width_from_a_ratio"],
 )
 def test_gpt2_logits_parity(kw):
     peer, model = gpt2_pair(**kw)

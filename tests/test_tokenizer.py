@@ -262,6 +262,9 @@ def test_directory_errors(tmp_path: Path) -> None:
     (tmp_path / META_FILE).write_text(json.dumps({"artifact": "gone.json", "kind": "bpe"}))
     with pytest.raises(ValueError, match="missing keys"):
         get_tokenizer(str(tmp_path))
+    (tmp_path / META_FILE).write_text("5")
+    with pytest.raises(ValueError, match="expected a JSON object, got int"):
+        get_tokenizer(str(tmp_path))
 
 
 def test_plain_tokenizer_json_without_meta(tmp_path: Path, tok: Tokenizer) -> None:

@@ -315,8 +315,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         if len(batches[0][0][0]) < 2:
             raise EvalError("the omega-usage diagnostic needs at least 2 images per batch")
         omega = omega_usage(model, batches, temperature, seed=args.seed)
-    clean = _normalise(pre(images), pre)
-    mean = features(model, _normalise(pre(train_images), pre)).mean(0)
+    clean = pre(images)  # normalised by the preprocessing, like the views
+    mean = features(model, pre(train_images)).mean(0)
 
     def single(c: Any, k: int) -> Callable[[Tensor], Tensor]:
         # t(x) is rendered from the decoded images (x is their clean version, in order)

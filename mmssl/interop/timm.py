@@ -106,6 +106,7 @@ def config_from_module(model: Any) -> ModelConfig:
     if type(model).__name__ != "VisionTransformer" or not hasattr(model, "blocks"):
         raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer")
     pe = model.patch_embed
+    _check(type(pe).__name__ == "PatchEmbed", f"a {type(pe).__name__} stem (hybrid ViT)")
     img, patch = tuple(pe.img_size), tuple(pe.patch_size)
     _check(img[0] == img[1] and patch[0] == patch[1], "a non-square image or patch size")
     _check(isinstance(pe.norm, nn.Identity), "a patch-embedding norm")

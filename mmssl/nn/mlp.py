@@ -51,9 +51,11 @@ class SwiGLU(nn.Module):
 
 def build_mlp(kind: str, dim: int, mlp_ratio: float, act: str, bias: bool) -> nn.Module:
     """`kind` is 'mlp' or 'swiglu'.  SwiGLU's hidden size is 2/3 of the ratio, so the
-    parameter count matches an Mlp of the same ratio (as in LLaMA)."""
+    parameter count matches an Mlp of the same ratio (as in LLaMA).  The width is rounded
+    down with a 1e-6 margin: a ratio read off a model as hidden / dim gives back `hidden`
+    (88 * (120 / 88) is 119.99999999999999 in floats)."""
     if kind == "mlp":
-        return Mlp(dim, int(dim * mlp_ratio), act=act, bias=bias)
+        return Mlp(dim, int(dim * mlp_ratio + 1e-6), act=act, bias=bias)
     if kind == "swiglu":
-        return SwiGLU(dim, int(2 * dim * mlp_ratio / 3), bias=bias)
+        return SwiGLU(dim, int(2 * dim * mlp_ratio / 3 + 1e-6), bias=bias)
     raise ValueError(f"mlp must be 'mlp' or 'swiglu', got {kind!r}")

@@ -66,8 +66,10 @@ def read_meta(directory: str | Path) -> dict[str, Any] | None:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("artifact", "kind", "bos_id", "eos_id", "pad_id") if k not in meta]
-    if not isinstance(meta, dict) or missing:
+    if missing:
         raise ValueError(f"{path}: missing keys {missing}")
     return meta
 

@@ -104,7 +104,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     model = MultimodalModel(cfg)
     model.load_state_dict(model_state(checkpoint_state(ckpt_dir, tag), model), strict=True)
     dest = Path(out) if out is not None else run / "export"
-    extra = {"recipe": recipe.name, "checkpoint": tag, "descriptor": get_layout("v1").to_dict()}
+    extra = {
+        "recipe": recipe.name,
+        "checkpoint": tag,
+        "descriptor": get_layout("v1").to_dict(),
+        # the image normalisation of training, which evaluation applies (mmssl.eval.loading)
+        "preprocess": {"mean": recipe.data.mean, "std": recipe.data.std},
+    }
     return save_pretrained(model.eval(), dest, extra)
 
 

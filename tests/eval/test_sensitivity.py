@@ -6,6 +6,7 @@ import io
 import json
 import math
 import tarfile
+from pathlib import Path
 
 import braceexpand
 import numpy as np
@@ -48,22 +49,34 @@ def naive_info_nce(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
     return total / (2 * n)
 
 
-@pytest.fixture(scope="module")
-def cond_model_dir(tmp_path_factory):
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unnormalised", "normalised"])
+def cond_model_dir(request, tmp_path_factory):
     """Backbone (adaLN + prefix tokens) and hypernetwork-projector conditioning, made non-zero
-    so that the neutral condition and the descriptors matter."""
+    so that the neutral condition and the descriptors matter; with and without a training
+    normalisation in its config."""
     torch.manual_seed(0)
     model = mmssl.create_model("test_tiny_vit_cond")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "hyper_weight" in name or "modulation" in name or "gate" in name:
                 p.normal_(0, 0.05)
-    return str(save_pretrained(model, tmp_path_factory.mktemp("cond")))
+    extra = {"preprocess": {"mean": MEAN, "std": STD}} if request.param else None
+    return str(save_pretrained(model, tmp_path_factory.mktemp("cond"), extra))
 
 
 def test_reported_figures_match_a_hand_computation(
     tmp_path, cond_model_dir, train_shards, test_shards
 ):
+    config = json.loads((Path(cond_model_dir) / "config.json").read_text())
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # what the model was trained on
+        if "preprocess" not in config:
+            return x
+        return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
     out = tmp_path / "sens"
     argv = [
         "sensitivity",
@@ -100,10 +113,10 @@ def test_reported_figures_match_a_hand_computation(
 
     with torch.no_grad():
         test = torch.stack(read_pngs(test_shards)).float() / 255
-        mean = feats(torch.stack(read_pngs(train_shards)).float() / 255).mean(0)
+        mean = feats(norm(torch.stack(read_pngs(train_shards)).float() / 255)).mean(0)
         w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         gray = (test * w).sum(1, keepdim=True).expand(-1, 3, -1, -1)
-        a, b = feats(test) - mean, feats(gray) - mean
+        a, b = feats(norm(test)) - mean, feats(norm(gray)) - mean
         cos = [float(u @ v / (u.norm() * v.norm())) for u, v in zip(a, b)]
     assert res["centred_cosine"]["grayscale"] == pytest.approx(np.mean(cos), abs=2e-3)
 
@@ -120,7 +133,8 @@ def test_reported_figures_match_a_hand_computation(
             z = []
             for v, d in zip(views, augs):
                 c = model.conditioner(d)
-                z.append(model.projector(model.visual.forward_features(v, c)["pooled"], c))
+                pooled = model.visual.forward_features(norm(v), c)["pooled"]
+                z.append(model.projector(pooled, c))
             losses.append(naive_info_nce(z[0], z[1], 0.2))
     assert res["omega_usage"]["loss"] == pytest.approx(np.mean(losses), abs=1e-4)
     assert res["batches"] == 2 and res["batch_size"] == 6

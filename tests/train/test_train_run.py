@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from train_helpers import PYTHON, RECIPES, losses, run, tiny_overrides
 
 from mmssl.train.engine import WarmupCosine
+from mmssl.train.recipe import load_recipe
 
 pytestmark = [
     pytest.mark.slow,
@@ -187,6 +188,12 @@ def test_big_recipes_run_two_steps(name: str, demo_data: str, tmp_path: Path) ->
     assert out["final_step"] == 2
     curve = losses(tmp_path / name)
     assert len(curve) == 1 and all(torch.isfinite(torch.tensor(curve)))
+    if name == "clip_vit_b16":  # trained with CLIP's normalisation: evaluation applies it
+        from mmssl.eval.loading import load_model
+
+        recipe = load_recipe(str(RECIPES / f"{name}.yaml"))
+        pre = load_model(str(tmp_path / name)).preprocess
+        assert pre.mean == tuple(recipe.data.mean) and pre.std == tuple(recipe.data.std)
 
 
 def test_python_module_launch_and_export_cli(demo_data: str, tmp_path: Path) -> None:
