@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the numeric options of every task, checked before anything is loaded or written
-# (temperature 0 is greedy decoding for lm; kNN needs it > 0, which fewshot checks)
+# (temperature 0 is greedy decoding for lm; kNN needs it > 0 and the logistic probe a weight
+# decay > 0, which fewshot checks)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "limit": (lambda v: v >= 1, ">= 1"),
@@ -125,6 +126,8 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     if problem:
         raise EvalError(problem)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a directory")
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(TASKS[args.command][0])

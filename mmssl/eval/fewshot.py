@@ -113,12 +113,21 @@ def split_features(
 
         if not Path(source).is_file():
             raise EvalError(f"features file not found: {source}")
-        feats = load_features(source)
-        if field not in feats:
+        try:
+            feats = load_features(source)
+        except Exception as err:  # safetensors raises its own error types on damage
+            raise EvalError(f"{source}: not a readable features file ({err})") from None
+        held = sorted(k for k in feats if k not in ("__key__", "metadata"))
+        if "features" not in feats or feats["features"].ndim != 2:
+            raise EvalError(f"{source} has no (N, D) 'features' tensor (it holds {held})")
+        if field == "features" or field not in feats:
+            raise EvalError(f"{source} has no {field!r} labels (it holds {held})")
+        x, y = feats["features"], feats[field]
+        if y.shape != x.shape[:1]:
             raise EvalError(
-                f"{source} has no {field!r} labels (it holds {sorted(k for k in feats if k not in ('__key__', 'metadata'))})"
+                f"{source}: {field!r} has shape {tuple(y.shape)} but there are {len(x)} feature rows"
             )
-        return feats["features"], feats[field].long()
+        return x[:limit], y[:limit].long()
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features
 
@@ -134,6 +143,18 @@ def split_features(
     return feats["features"], feats[field].long()
 
 
+def train_test_features(args: argparse.Namespace, ctx: Any) -> tuple[Tensor, ...]:
+    """(train_x, train_y, test_x, test_y) of --train and --test, with matching widths."""
+    f = args.label_field, ctx, args.batch_size, args.limit
+    train_x, train_y = split_features(args.train, *f)
+    test_x, test_y = split_features(args.test, *f)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise EvalError(
+            f"train features have {train_x.shape[1]} dims but test features {test_x.shape[1]}"
+        )
+    return train_x, train_y, test_x, test_y
+
+
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from mmssl.eval.report import md_table, plot_fewshot
 
@@ -143,10 +164,11 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         method_fn(m, 0, 1, 1)
     if args.seeds < 1:
         raise EvalError(f"--seeds must be >= 1, got {args.seeds}")
-    train_x, train_y = split_features(
-        args.train, args.label_field, ctx, args.batch_size, args.limit
-    )
-    test_x, test_y = split_features(args.test, args.label_field, ctx, args.batch_size, args.limit)
+    if "knn" in methods and args.temperature <= 0:
+        raise EvalError(f"--temperature must be > 0 for knn, got {args.temperature}")
+    if "logistic" in methods and args.weight_decay <= 0:
+        raise EvalError(f"--weight-decay must be > 0 for logistic, got {args.weight_decay}")
+    train_x, train_y, test_x, test_y = train_test_features(args, ctx)
     res = evaluate(
         train_x,
         train_y,

@@ -158,6 +158,15 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
     if args.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {args.steps}")
+    from mmssl.schema import ConfigError
+    from mmssl.train.engine import deepspeed_config
+
+    try:  # before the frozen baseline's extraction and sweep: --deepspeed names a JSON
+        a = args
+        recipe = recipe_for(a.steps, a.lr, a.weight_decay, a.train_batch_size, 0, a.deepspeed)
+        deepspeed_config(recipe, grad_accum=1)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
     loaded = ctx.load()
     if loaded.model.visual is None:
         raise EvalError("fine-tuning needs a model with a vision tower")

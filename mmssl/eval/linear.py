@@ -4,6 +4,7 @@ split held out of train, then refit on all of train and scored once on test."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Pick the weight decay with the best validation accuracy (ties: the stronger decay), refit
     on all of train, score on test."""
-    if not decays or any(d <= 0 for d in decays):
+    if not decays or any(not math.isfinite(d) or d <= 0 for d in decays):
         raise EvalError(f"weight decays must be positive, got {list(decays)}")
     if not 0 < val_fraction < 1:
         raise EvalError(f"validation fraction must be in (0, 1), got {val_fraction}")
@@ -85,17 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    from mmssl.eval.fewshot import split_features
+    from mmssl.eval.fewshot import train_test_features
     from mmssl.eval.report import md_table
 
     try:
         decays = [float(d) for d in args.decays.split(",") if d.strip()]
     except ValueError:
         raise EvalError(f"--decays must be comma-separated numbers, got {args.decays!r}") from None
-    train_x, train_y = split_features(
-        args.train, args.label_field, ctx, args.batch_size, args.limit
-    )
-    test_x, test_y = split_features(args.test, args.label_field, ctx, args.batch_size, args.limit)
+    train_x, train_y, test_x, test_y = train_test_features(args, ctx)
     res = sweep(
         train_x,
         train_y,

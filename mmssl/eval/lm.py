@@ -140,7 +140,14 @@ def demo_task(n: int = 120, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def _window(prefix: list[int], cont: list[int], context_length: int) -> list[int]:
-    # the prefix is cut from the left so that prefix + cont fits the context window
+    """prefix + cont, the prefix cut from the left to fit the context window; EvalError when
+    no prefix token is left to predict the continuation's first token from."""
+    if not prefix or len(cont) > context_length:
+        raise EvalError(
+            f"a continuation of {len(cont)} tokens after {len(prefix)} context tokens cannot be "
+            f"scored: it needs at least one context token before it within the model's "
+            f"{context_length}-token window"
+        )
     return (prefix + cont)[-(context_length + 1) :]
 
 

@@ -180,3 +180,8 @@ def test_batched_loglik_equals_one_at_a_time(tiny_model_dir):
                     model.lm_logits(torch.tensor([ids[:t]]))[0, -1].log_softmax(-1)[ids[t]]
                 )
             assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+    # a continuation with no context token before it inside the window cannot be scored
+    for prefix, cont in [([1] * 5, list(range(33))), ([1] * 5, list(range(40))), ([], [7])]:
+        with pytest.raises(EvalError, match="cannot be scored"):
+            lm.batch_loglik(model.lm_logits, [(prefix, cont)], 32)
+    assert lm.batch_loglik(model.lm_logits, [([1] * 5, list(range(32)))], 32)[0] < 0

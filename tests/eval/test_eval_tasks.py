@@ -384,3 +384,47 @@ def test_zeroshot_from_features_file_equals_shards(tmp_path, tiny_model_dir, tes
         ]
     )
     assert a["top1"] == b["top1"] and a["per_class"] == b["per_class"]
+
+
+def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, test_shards):
+    from mmssl.eval.features import save_features
+
+    def feats(n: int, d: int = 4, labels: int | None = None) -> dict:
+        g = torch.Generator().manual_seed(n)
+        y = torch.arange(labels if labels is not None else n) % 2
+        return {"features": torch.randn(n, d, generator=g), "label": y, "__key__": []}
+
+    files = {}
+    for name, f in [("good", feats(20)), ("rows", feats(20, labels=19)), ("wide", feats(20, 5))]:
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_features(files[name], f, {})
+    files["nofeat"] = tmp_path / "nofeat.safetensors"
+    save_features(files["nofeat"], {"label": torch.zeros(3), "__key__": []}, {})
+    files["cut"] = tmp_path / "cut.safetensors"
+    files["cut"].write_bytes(files["good"].read_bytes()[:50])
+    good = str(files["good"])
+
+    def fewshot(train: str, *extra: str) -> str:
+        argv = ["fewshot", "--model", tiny_model_dir, "--train", train, "--test", good]
+        return _err(capsys, [*argv, "--shots", "2", "--out", str(tmp_path / "o"), *extra])
+
+    assert "not a readable features file" in fewshot(str(files["cut"]))
+    assert "no (N, D) 'features' tensor" in fewshot(str(files["nofeat"]))
+    assert "has shape (19,) but there are 20 feature rows" in fewshot(str(files["rows"]))
+    assert "5 dims but test features 4" in fewshot(str(files["wide"]))
+    assert "no 'features' labels" in fewshot(good, "--label-field", "features")
+    assert "--temperature must be > 0 for knn" in fewshot(good, "--temperature", "0")
+    assert "--weight-decay must be > 0 for logistic" in fewshot(good, "--weight-decay", "0")
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in _err(
+        capsys,
+        ["fewshot", "--model", tiny_model_dir, "--train", good, "--test", good]
+        + ["--out", str(tmp_path / "file")],
+    )
+    linear = ["linear", "--model", tiny_model_dir, "--train", good, "--test", good]
+    for bad in ("nan", "inf", "0"):
+        err = _err(capsys, [*linear, "--decays", f"1e-3,{bad}", "--out", str(tmp_path / "l")])
+        assert "weight decays must be positive" in err
+    finetune = ["finetune", "--model", tiny_model_dir, "--train", test_shards, "--test"]
+    err = _err(capsys, [*finetune, test_shards, "--deepspeed", "nope", "--out", str(tmp_path)])
+    assert "no DeepSpeed JSON 'nope'" in err
