@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if problem:
             raise EvalError(problem)
+        if Path(args.out).is_dir():
+            raise EvalError(f"--out {args.out} is a directory; name the .safetensors file")
         loaded = load_model(args.model)
         urls = shard_urls(args.data)
         fields = (

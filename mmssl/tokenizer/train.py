@@ -93,6 +93,14 @@ def train_bpe(
         raise ValueError(f"vocab_size must be >= {256 + len(specials)} (bytes + specials)")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for s in specials:
+        # a merge that rebuilds such a word from ordinary text gets the special token's id,
+        # and user text could then forge it
+        if len(tok.pre_tokenizer.pre_tokenize_str(s)) == 1:
+            raise ValueError(
+                f"special token {s!r} is a single word to the byte-level pre-tokenizer, so BPE "
+                f"merges could rebuild it from ordinary text; delimit it, e.g. '<|{s}|>'"
+            )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -67,6 +67,9 @@ def test_features_cli_errors(tmp_path, capsys, tiny_model_dir, unlabelled_shards
         == 2
     )
     assert "no 'label' field" in capsys.readouterr().err
+    args = ["--model", tiny_model_dir, "--data", unlabelled_shards, "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 def _extract_two_ranks(model_dir: str, pattern: str, out: str) -> dict:
