@@ -96,6 +96,7 @@ def _resolve(
     check_urls(src.urls, urls)
     name = src.name or f"source{index}"
     n_batches = 0
+    counts: list[int] = []
     if mode == "epoch":
         if len(urls) < slots:
             raise DataError(
@@ -110,25 +111,24 @@ def _resolve(
             n_batches = rows // (world * batch)
         else:
             known = _manifest_counts(urls)
-            total = 0
             for u in urls:
                 key = os.path.abspath(u)
                 if key in known:
-                    total += known[key]
+                    counts.append(known[key])
                 elif is_local(u):
-                    total += count_samples(u)
+                    counts.append(count_samples(u))
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "
                         f"write one (mmssl shards does) or set Source.epoch_batches"
                     )
-            n_batches = total // (world * batch)
+            n_batches = sum(counts) // (world * batch)
         if n_batches < 1:
             raise DataError(
                 f"source {name} is smaller than one batch per rank "
                 f"({world} ranks x batch {batch}); lower batch_size"
             )
-    return SourceSpec(name, tuple(urls), src.kind, float(src.weight), n_batches)
+    return SourceSpec(name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts))
 
 
 class StreamLoader:

@@ -32,6 +32,9 @@ class SourceSpec:
     kind: str  # "image" | "image_text" | "text"
     weight: float
     epoch_batches: int  # per rank, epoch mode; 0 in resampled mode
+    # epoch mode, image sources: samples per shard, for the split by samples (stream.py);
+    # empty: split by whole shards
+    shard_counts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,17 @@ class _Worker:
         self.streams: dict[str, SampleStream] = {}
         self.packers: dict[str, TokenPacker] = {}
         self.saved: dict[str, Any] = dict((state or {}).get("sources", {}))
-        for src in plan.sources:
+        schedule = plan.schedule(epoch)
+        for index, src in enumerate(plan.sources):
+            need: list[int] = []
+            if schedule is not None and src.shard_counts:
+                # samples each (rank, worker) slot takes from this source in the epoch: batch
+                # i goes to worker i % W, on every rank
+                per_worker = np.bincount(
+                    np.flatnonzero(schedule == index) % plan.num_workers,
+                    minlength=plan.num_workers,
+                )
+                need = [int(n) * plan.batch_size for n in per_worker] * plan.world_size
             seq = ShardSequence(
                 len(src.urls),
                 mode=plan.mode,
@@ -100,6 +113,8 @@ class _Worker:
                 world_size=plan.world_size,
                 worker=worker,
                 num_workers=plan.num_workers,
+                shard_counts=src.shard_counts,
+                need=need,
             )
             key = [plan.seed, epoch, plan.rank, worker, zlib_crc(src.name)]
             stream = SampleStream(

@@ -3,10 +3,17 @@
 Everything is a pure function of (seed, epoch, rank, worker) plus a small position, so a
 checkpoint stores only numbers:
 
-- the shard sequence: in epoch mode the worker's slice of a seeded permutation of the
+- the shard sequence: in epoch mode the worker's part of a seeded permutation of the
   shards, cycled; in resampled mode draws with replacement from a counter-based RNG.
-  Shard `k` of the sequence is computable without replaying `0..k-1`.
-- the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it.
+  Shard `k` of the sequence is computable without replaying `0..k-1`.  With per-shard
+  sample counts (image sources) the epoch is split by samples: the permuted shards are
+  read as one sequence of samples, and each (rank, worker) slot takes a contiguous run of
+  the samples it will batch plus its share of the spares (the samples short of a batch
+  per rank), so no sample repeats unless bad samples eat up a slot's spares; a slot's
+  part is then a list of shard segments.  Without counts (text sources)
+  each slot takes whole shards, and a slot short of samples re-reads its shards.
+- the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
+  (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
   samples, each emitted in a permutation seeded by (seed, epoch, rank, worker, window).
   A window is rebuilt on restore by re-reading it from its recorded start position, so
@@ -15,7 +22,7 @@ checkpoint stores only numbers:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,14 +47,29 @@ class ShardSequence:
         world_size: int,
         worker: int,
         num_workers: int,
+        shard_counts: Sequence[int] = (),
+        need: Sequence[int] = (),
     ) -> None:
+        """need: epoch mode with shard_counts: the samples of every (rank, worker) slot,
+        rank-major; each slot's run starts where the previous slot's ends."""
         self.mode = mode
         self.num_shards = num_shards
         self.key = [seed, rank, worker]
+        self.bounds: list[tuple[int, int]] | None = None  # per k % len(mine): [start, stop)
         if mode == "epoch":
             perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
             slots = world_size * num_workers
-            self.mine = [int(i) for i in perm[rank * num_workers + worker :: slots]]
+            slot = rank * num_workers + worker
+            if need:
+                # the samples no batch needs are shared out as spares: a slot that meets bad
+                # samples reads on into its spares before it repeats any
+                spare = max(0, sum(shard_counts) - sum(need))
+                runs = [n + spare // slots + (j < spare % slots) for j, n in enumerate(need)]
+                segments = _segments([(int(i), shard_counts[i]) for i in perm], runs, slot)
+                self.mine = [s for s, _, _ in segments]
+                self.bounds = [(a, b) for _, a, b in segments]
+                return
+            self.mine = [int(i) for i in perm[slot::slots]]
             if not self.mine:
                 raise DataError(
                     f"epoch mode needs at least {slots} shards (ranks x workers), got "
@@ -58,6 +80,13 @@ class ShardSequence:
         self._block = -1
         self._draws: np.ndarray = np.empty(0, dtype=np.int64)
 
+    def span(self, k: int) -> tuple[int, int | None]:
+        """[start, stop) of the samples that shard k of the sequence contributes (stop None:
+        to the end of the shard)."""
+        if self.bounds is None:
+            return 0, None
+        return self.bounds[k % len(self.bounds)]
+
     def __getitem__(self, k: int) -> int:
         if self.mode == "epoch":
             return self.mine[k % len(self.mine)]
@@ -67,6 +96,29 @@ class ShardSequence:
             self._draws = rng.integers(0, self.num_shards, size=_DRAW_BLOCK)
             self._block = block
         return int(self._draws[k % _DRAW_BLOCK])
+
+
+def _segments(
+    order: list[tuple[int, int]], need: Sequence[int], slot: int
+) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) pieces of slot `slot`'s run of need[slot] samples, where the
+    runs of slots 0, 1, ... follow each other through `order` ((shard, count) pairs read as
+    one sequence, wrapping around if the runs need more samples than there are)."""
+    total = sum(c for _, c in order)
+    if total == 0 or need[slot] == 0:
+        return []
+    pos, left, out = sum(need[:slot]) % total, need[slot], []
+    while left > 0:
+        for shard, count in order:
+            if pos >= count:  # the run starts after this shard
+                pos -= count
+                continue
+            take = min(count - pos, left)
+            out.append((shard, pos, pos + take))
+            pos, left = 0, left - take
+            if left == 0:
+                break
+    return out
 
 
 class RawStream:
@@ -98,9 +150,11 @@ class RawStream:
             if within_pass is not None and self.pass_of(self.k) != within_pass:
                 return None
             shard = self.seq[self.k]
+            start, stop = self.seq.span(self.k)
             if self._it is None:
-                self._it = iter_shard(self.urls[shard], self.counter, skip=self.offset)
-            item = next(self._it, None)
+                self._it = iter_shard(self.urls[shard], self.counter, skip=start + self.offset)
+            done = stop is not None and start + self.offset >= stop
+            item = None if done else next(self._it, None)
             if item is not None:
                 self.offset += 1
                 self._empty.clear()
@@ -112,6 +166,7 @@ class RawStream:
                         f"no readable sample in any of {len(set(self.seq.mine))} shards "
                         f"(first: {self.urls[self.seq.mine[0]]}); skipped: {self.counter.counts}"
                     )
+            self._it.close()  # type: ignore[attr-defined]  # a segment may end mid-shard
             self._it = None
             self.k, self.offset = self.k + 1, 0
 

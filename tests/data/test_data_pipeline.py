@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
-from data_helpers import StubTokenizer
+from data_helpers import StubTokenizer, png_bytes
 
 from mmssl.data.errors import DataError
 from mmssl.data.pipeline import Source, build_pipeline
+from mmssl.data.shards import ShardWriter
 
 
 def _take(loader, n: int) -> list[dict]:
@@ -207,3 +209,30 @@ def test_sources_of_one_run_draw_independent_views(image_shards):
     crop = slice(8, 12)  # crop centre and size: independent of the image content
     assert torch.equal(a["aug"][0], a2["aug"][0])
     assert not torch.equal(a["aug"][0][:, crop], b["aug"][0][:, crop])
+
+
+def test_epoch_mode_with_uneven_shards_repeats_no_sample(tmp_path):
+    # 50 samples in shards of 7 (the last holds 1): by whole shards, 2 ranks x 2 workers
+    # would leave one slot 8 samples for its 12 and another 14; split by samples, every key
+    # comes once and only the remainder short of a batch per rank is dropped
+    w = ShardWriter(str(tmp_path), "u", max_count=7)
+    for i in range(50):
+        w.write({"__key__": f"u{i:03d}", "png": png_bytes(np.zeros((8, 8, 3), np.uint8))})
+    w.close()
+    keys = []
+    for rank in range(2):
+        pl = build_pipeline(
+            str(tmp_path / w.pattern),
+            kind="image",
+            batch_size=4,
+            mode="epoch",
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            image_size=8,
+            num_views=0,
+            shuffle=5,
+        )
+        assert len(pl) == 6  # 50 // (2 x 4)
+        keys += [k for b in pl for k in b["__key__"]]
+    assert len(keys) == 48 and len(set(keys)) == 48
