@@ -10,8 +10,8 @@ checkpoint stores only numbers:
   read as one sequence of samples, and each (rank, worker) slot takes a contiguous run of
   the samples it will batch plus its share of the spares (the samples short of a batch
   per rank), so no sample repeats unless bad samples eat up a slot's spares; a slot's
-  part is then a list of shard segments.  Without counts (text sources)
-  each slot takes whole shards, and a slot short of samples re-reads its shards.
+  part is then a list of shard segments.  Without counts (text sources) each slot takes
+  whole shards, and a slot short of samples re-reads its shards.
 - the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
   (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
