@@ -183,7 +183,7 @@ class _Worker:
 
         def next_doc() -> tuple[str, str, Any]:
             while True:
-                before = stream.state()
+                before = stream.state(before_next=True)  # the packer re-reads this document
                 key, files, url = stream.next()
                 try:
                     text = decode_text(files, "missing_text")

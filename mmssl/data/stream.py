@@ -252,7 +252,14 @@ class SampleStream:
     def mark_good(self) -> None:
         self._good = True
 
-    def state(self) -> dict[str, Any]:
+    def state(self, before_next: bool = False) -> dict[str, Any]:
+        """The position; `before_next`: taken right before a `next()` whose sample will be
+        re-read on restore.  A spent window is then given as the next one, which that
+        `next()` fills (and counts the skips of), so a restore refills it with the counter
+        off instead of counting them again."""
+        if before_next and 0 <= self.window_index and self.emitted >= len(self.window):
+            start = [self.raw.k, self.raw.offset]
+            return {"window": self.window_index + 1, "start": start, "emitted": 0}
         return {"window": self.window_index, "start": list(self.start), "emitted": self.emitted}
 
     def load_state(self, state: dict[str, Any]) -> None:

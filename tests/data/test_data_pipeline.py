@@ -236,3 +236,43 @@ def test_epoch_mode_with_uneven_shards_repeats_no_sample(tmp_path):
         assert len(pl) == 6  # 50 // (2 x 4)
         keys += [k for b in pl for k in b["__key__"]]
     assert len(keys) == 48 and len(set(keys)) == 48
+
+
+def test_text_source_skip_counts_survive_a_resume_at_every_cut(tmp_path):
+    # one-document shards and an empty one, no shuffle: a resumed run reports the skips of
+    # the uninterrupted one, whichever batch it was cut after (the packer re-reads the
+    # document it was in, and the window refill that reads it must not count again)
+    import tarfile
+
+    from mmssl.data.shards import write_shards
+
+    docs = ({"__key__": f"d{i}", "txt": "word " * 10} for i in range(2))
+    write_shards(docs, str(tmp_path), "lm", max_count=1, progress=False)
+    tarfile.open(tmp_path / "lm-000002.tar", "w").close()
+    kw = dict(
+        kind="text",
+        batch_size=1,
+        mode="resampled",
+        shuffle=1,
+        rank=0,
+        world_size=1,
+        tokenizer=StubTokenizer(),
+        context_length=9,
+    )
+    urls = str(tmp_path / "lm-{000000..000002}.tar")
+
+    def counts(loader, n: int) -> list[int]:  # the count after each of n batches
+        it, out = iter(loader), []
+        for _ in range(n):
+            next(it)
+            out.append(loader.skipped.get("empty_shard", 0))
+        return out
+
+    ref = counts(build_pipeline(urls, **kw), 30)
+    assert ref[-1] > ref[0]
+    for cut in range(1, 29):
+        head = build_pipeline(urls, **kw)
+        counts(head, cut)
+        tail = build_pipeline(urls, **kw)
+        tail.load_state_dict(head.state_dict())
+        assert counts(tail, 30 - cut) == ref[cut:], cut
