@@ -102,7 +102,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             # A partial section overrides the field's own default, which may differ from its
             # class's defaults (TextConfig.block has norm_eps 1e-5, BlockConfig 1e-6).
-            value = merge(to_dict(default), value)
+            value = _overlay(default, value)
         kwargs[key] = _convert(value, hints[key], dotted)
     try:
         obj = cls(**kwargs)
@@ -111,6 +111,19 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
             raise
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
     return obj
+
+
+def _overlay(default: Any, value: dict[str, Any]) -> dict[str, Any]:
+    """`value` over the dataclass instance `default`, as plain data: a nested dataclass
+    section overlays its own default key by key; anything else given, a mapping such as
+    `data.sources` included, replaces the default's value whole (a recipe's sources are its
+    sources, not those plus the default synthetic `train`)."""
+    out = {f.name: to_dict(getattr(default, f.name)) for f in dataclasses.fields(default)}
+    for key, v in value.items():
+        sub = getattr(default, key, None)
+        nested = isinstance(v, dict) and dataclasses.is_dataclass(sub) and not isinstance(sub, type)
+        out[key] = _overlay(sub, v) if nested else v
+    return out
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -130,10 +143,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# values YAML 1.1 would read as something else: sexagesimal (12:30 -> 750), octal (010 -> 8),
+# hex and binary ints, anchors/aliases/tags, and text with a comment (`a photo #3`)
+_KEEP_TEXT = re.compile(r"\d+(:\d+)+|[-+]?0[0-7_]+|[-+]?0[xXoObB][0-9a-fA-F_]+|[&*!].*|.*\s#.*")
+
+
 def parse_value(text: str) -> Any:
-    """A command-line value parsed as YAML scalar or flow collection (`3e-4`, `true`, `[1,2]`)."""
+    """A command-line value parsed as YAML scalar or flow collection (`3e-4`, `true`, `[1,2]`);
+    what YAML 1.1 would silently turn into another value stays text (a str field takes it,
+    a number field rejects it by name)."""
+    if text == "" or _KEEP_TEXT.fullmatch(text.strip()):
+        return text
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
 

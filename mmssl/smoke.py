@@ -5,22 +5,27 @@ A quick check that an installation works end to end; prints shapes and parameter
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
+from mmssl.cliargs import ArgumentParser, check_numbers
 from mmssl.models.registry import create_model, list_models
 from mmssl.objectives import clip_loss
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmssl smoke", description=__doc__)
+    parser = ArgumentParser(prog="mmssl smoke", description=__doc__)
     parser.add_argument("--model", default="clip_vit_b32", help="a name from list_models()")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    problem = check_numbers(
+        args, {"batch_size": (lambda v: v >= 1, ">= 1"), "seed": (lambda v: v >= 0, ">= 0")}
+    )
+    if problem:
+        parser.error(problem)
     if args.model not in list_models():
         parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
     torch.manual_seed(args.seed)

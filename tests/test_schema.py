@@ -58,3 +58,14 @@ def test_overrides():
         apply_overrides({}, ["inner.b"])
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"mode": "x"}, ["mode.sub=1"])
+
+
+def test_override_values_yaml_would_misread_stay_text():
+    def value(text: str):
+        return apply_overrides({}, [f"mode={text}"])["mode"]
+
+    for text in ["12:30", "010", "0x10", "0b11", "&x", "a photo #3"]:
+        assert value(text) == text  # not 750, 8, 16, 3, None, "a photo"
+    assert [value(t) for t in ["0", "10", "1.5", "true", "null"]] == [0, 10, 1.5, True, None]
+    with pytest.raises(ConfigError, match="inner.a: expected an integer"):
+        from_dict(Outer, apply_overrides({}, ["inner.a=010"]))

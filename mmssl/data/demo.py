@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"mmssl demo-data: error: {args.out} exists and is not a directory", file=sys.stderr)
         return 2
-    info = write_demo(args.out, args.seed, args.size)
+    try:
+        info = write_demo(args.out, args.seed, args.size)
+    except OSError as err:
+        print(f"mmssl demo-data: error: {err}", file=sys.stderr)
+        return 2
     d, t = info["digits"], info["text"]
     print(
         f"wrote {d['train']['count']} + {d['test']['count']} digit images and "

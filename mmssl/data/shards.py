@@ -57,8 +57,10 @@ class ShardWriter:
     ) -> None:
         if not re.fullmatch(r"[\w.-]+", split):
             raise DataError(f"split name must be letters, digits, '_', '-' or '.', got {split!r}")
-        if (max_count or 0) < 0 or (max_bytes or 0) < 0:
-            raise DataError("max_count and max_bytes must be positive")
+        if (max_count is not None and max_count <= 0) or (max_bytes is not None and max_bytes <= 0):
+            raise DataError(
+                f"max_count and max_bytes must be positive, got {max_count}, {max_bytes}"
+            )
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.split = out_dir, split
         self.max_count, self.max_bytes = max_count, max_bytes
@@ -89,8 +91,10 @@ class ShardWriter:
             raise DataError(f"sample key must be non-empty without dots, got {key!r}")
         if key in self._keys:
             raise DataError(f"duplicate sample key {key!r}")
-        self._keys.add(key)
         files = [(ext, _encode(v)) for ext, v in sample.items() if ext != "__key__"]
+        if not files:  # a reader would never see it, but the manifest would count it
+            raise DataError(f"sample {key!r} has no files")
+        self._keys.add(key)
         size = sum(len(b) + 1024 for _, b in files)
         full = self._tar is not None and (
             (self.max_count and self._count >= self.max_count)
@@ -118,13 +122,16 @@ class ShardWriter:
         return f"{self.split}-{{000000..{n - 1:06d}}}.tar"
 
     def close(self) -> dict[str, Any]:
-        """Finish the last shard and merge this split into OUT/manifest.json (returned)."""
+        """Finish the last shard and merge this split into OUT/manifest.json (returned).
+        With nothing written the manifest is left as it was."""
         self._finish()
         path = os.path.join(self.out_dir, MANIFEST)
         manifest: dict[str, Any] = {"version": 1, "shards": [], "splits": {}}
         if os.path.isfile(path):
             with open(path) as f:
                 manifest = json.load(f)
+        if not self.shards:
+            return manifest
         manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != self.split]
         manifest["shards"] = sorted(manifest["shards"] + self.shards, key=lambda s: s["url"])
         total = sum(s["count"] for s in self.shards)
@@ -164,6 +171,13 @@ def samples_from_folder(root: str, caption_template: str | None = None) -> Itera
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"image folder {root!r} has no class subfolders")
+    if caption_template:
+        try:
+            caption_template.format("x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise DataError(
+                f"caption template {caption_template!r} needs one '{{}}' for the class ({err})"
+            ) from None
     index = 0
     for label, cls in enumerate(classes):
         for name in sorted(os.listdir(os.path.join(root, cls))):
@@ -179,17 +193,20 @@ def samples_from_folder(root: str, caption_template: str | None = None) -> Itera
             yield sample
 
 
-def _rows(path: str) -> Iterator[dict[str, Any]]:
+def _rows(path: str, kind: str) -> Iterator[Any]:
     with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith(".jsonl") or path.endswith(".json"):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        else:
-            yield from csv.DictReader(f)
+        try:
+            if kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            else:
+                yield from csv.DictReader(f)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
 
 
 def samples_from_table(
@@ -197,12 +214,18 @@ def samples_from_table(
     image_col: str = "image",
     caption_col: str = "caption",
     label_col: str | None = "label",
+    kind: str | None = None,
 ) -> Iterator[dict]:
-    """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label]."""
+    """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
+    kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL)."""
     if not os.path.isfile(path):
         raise DataError(f"table {path!r} does not exist")
+    if kind is None:
+        kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
     base = os.path.dirname(os.path.abspath(path))
-    for n, row in enumerate(_rows(path)):
+    for n, row in enumerate(_rows(path, kind)):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
         if image_col not in row or caption_col not in row:
             raise DataError(
                 f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r} "
@@ -213,14 +236,18 @@ def samples_from_table(
             raise DataError(f"{path}: row {n + 1}: image {row[image_col]!r} not found")
         ext, data = _image_bytes(img)
         meta: dict[str, Any] = {"path": str(row[image_col])}
-        if label_col and row.get(label_col) not in (None, ""):
-            try:
-                meta["label"] = int(row[label_col])
-            except ValueError:
-                raise DataError(
-                    f"{path}: row {n + 1}: label {row[label_col]!r} is not an integer"
-                ) from None
-        yield {"__key__": f"{n:08d}", ext: data, "txt": str(row[caption_col]), "json": meta}
+        label = row.get(label_col) if label_col else None
+        if label not in (None, ""):
+            integral = isinstance(label, int) and not isinstance(label, bool)
+            if not integral and not (
+                isinstance(label, str) and re.fullmatch(r"-?\d+", label.strip())
+            ):
+                raise DataError(f"{path}: row {n + 1}: label {label!r} is not an integer")
+            meta["label"] = int(label)
+        caption = row[caption_col]
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"{path}: row {n + 1}: no caption (got {caption!r})")
+        yield {"__key__": f"{n:08d}", ext: data, "txt": caption, "json": meta}
 
 
 def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
@@ -257,12 +284,15 @@ def write_shards(
     max_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write all samples with a progress bar; returns the updated manifest."""
+    """Write all samples with a progress bar; returns the updated manifest.  No samples is a
+    DataError, and leaves the manifest as it was."""
     from tqdm import tqdm
 
     writer = ShardWriter(out_dir, split, max_count=max_count, max_bytes=max_bytes)
     for sample in tqdm(samples, desc=f"{split} shards", unit=" samples", disable=not progress):
         writer.write(sample)
+    if not writer.shards:
+        raise DataError(f"no samples to write to {out_dir}")
     return writer.close()
 
 
@@ -281,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", choices=["file", "paragraph"], default="file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    max_count = args.max_count if args.max_count or args.max_bytes else 10_000
+    sized = args.max_count is not None or args.max_bytes is not None
+    max_count = args.max_count if sized else 10_000
     try:
         if args.input_kind == "folder":
             if len(args.inputs) != 1:
@@ -291,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.inputs) != 1:
                 raise DataError(f"{args.input_kind} takes exactly one table file")
             samples = samples_from_table(
-                args.inputs[0], args.image_col, args.caption_col, args.label_col or None
+                args.inputs[0],
+                args.image_col,
+                args.caption_col,
+                args.label_col or None,
+                kind=args.input_kind,
             )
         else:
             samples = samples_from_text(args.inputs, args.docs)
@@ -307,8 +342,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmssl shards: error: {err}", file=sys.stderr)
         return 2
     info = manifest["splits"][args.split]
-    if info["count"] == 0:
-        print(f"mmssl shards: error: no samples found in {args.inputs}", file=sys.stderr)
-        return 2
     print(f"wrote {info['count']} samples to {os.path.join(args.out, info['pattern'])}")
     return 0

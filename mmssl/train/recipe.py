@@ -422,7 +422,15 @@ def _check_numbers(recipe: Recipe) -> None:
 
 
 def _check_eval(recipe: Recipe) -> None:
+    from mmssl.schema import suggest
+
     ev, sources = recipe.eval, recipe.data.sources
+    read = {o.source for o in recipe.objectives.values()} | set(ev.sources.values())
+    for name in sources:
+        if name not in read:  # often a mistyped key: data.sources.trian.mode=epoch
+            raise ConfigError(
+                f"data.sources.{name}: no objective or eval.sources reads it{suggest(name, read)}"
+            )
     if ev.every:
         used = {o.source for o in recipe.objectives.values()}
         if set(ev.sources) != used:

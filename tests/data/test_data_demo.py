@@ -86,5 +86,6 @@ def test_bad_arguments(tmp_path, capsys):
     assert main([str(tmp_path / "x"), "--size", "4"]) == 2
     (tmp_path / "file").write_text("x")
     assert main([str(tmp_path / "file")]) == 2
+    assert main([str(tmp_path / "file" / "below")]) == 2  # OSError: a file in the path
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("mmssl demo-data: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("mmssl demo-data: error:") for line in err)

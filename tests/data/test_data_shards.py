@@ -60,6 +60,8 @@ def test_writer_rejects_bad_keys(tmp_path):
     w = ShardWriter(str(tmp_path))
     with pytest.raises(ValueError, match="without dots"):
         w.write({"__key__": "a.b", "txt": "x"})
+    with pytest.raises(ValueError, match="has no files"):
+        w.write({"__key__": "a"})  # the manifest would count a sample no reader sees
     w.write({"__key__": "a", "txt": "x"})
     with pytest.raises(ValueError, match="duplicate"):
         w.write({"__key__": "a", "txt": "y"})
@@ -156,17 +158,40 @@ def test_cli_text(tmp_path):
         (["csv", "{tmp}/missing.csv"], "not found"),
         (["text", "{tmp}/latin1.txt"], "not UTF-8"),
         (["text", "{tmp}/empty.txt"], "no samples"),
+        (["csv", "{tmp}/short.csv"], "row 1: no caption (got None)"),
+        (["jsonl", "{tmp}/null.jsonl"], "row 1: no caption (got None)"),
+        (["jsonl", "{tmp}/five.jsonl"], "row 1 is a int, not an object"),
+        (["csv", "{tmp}/float.csv"], "label '2.9' is not an integer"),
+        (["jsonl", "{tmp}/true.jsonl"], "label True is not an integer"),
+        (["jsonl", "{tmp}/T.JSONL"], "row 1: no caption"),  # the kind given, not the suffix
+        (["csv", "{tmp}/latin1.csv"], "not UTF-8"),
+        (["folder", "{tmp}/imgs", "--caption-template", "a {name}"], "needs one '{}'"),
+        (["folder", "{tmp}/imgs", "--max-count", "0"], "must be positive"),
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, args, message):
+    _folder(tmp_path / "imgs")
+    for name, text in [
+        ("short.csv", "image,caption,label\nimgs/cat/0.png\n"),
+        ("null.jsonl", '{"image": "imgs/cat/0.png", "caption": null}\n'),
+        ("five.jsonl", "5\n"),
+        ("float.csv", "image,caption,label\nimgs/cat/0.png,a cat,2.9\n"),
+        ("true.jsonl", '{"image": "imgs/cat/0.png", "caption": "c", "label": true}\n'),
+        ("T.JSONL", '{"image": "imgs/cat/0.png", "caption": null}\n'),
+    ]:
+        (tmp_path / name).write_text(text)
+    (tmp_path / "latin1.csv").write_bytes(
+        "image,caption\nimgs/cat/0.png,caf\xe9\n".encode("latin-1")
+    )
     (tmp_path / "bad.csv").write_text("path,text\nx.png,y\n")
     (tmp_path / "missing.csv").write_text("image,caption\nnope.png,y\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("  \n")
-    argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "o"), "--quiet"]
-    assert main(argv) == 2
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_png_helper_roundtrip():

@@ -172,6 +172,8 @@ def test_text_conditioned_clip_equals_plain_at_init_and_trains_the_conditioner()
 
 
 def _text_recipe(**objectives) -> dict:
+    objectives = objectives or {"clip": {"condition_prompt": PROMPT}}
+    read = {o.get("source", "train") for o in objectives.values()}  # unread sources are errors
     return {
         "model": {
             "name": "test_tiny_clip",
@@ -181,8 +183,8 @@ def _text_recipe(**objectives) -> dict:
                 "condition": {"source": "text", "dim": 16},
             },
         },
-        "data": {"sources": {"train": {}, "other": {}}, "views": 2},
-        "objectives": objectives or {"clip": {"condition_prompt": PROMPT}},
+        "data": {"sources": {name: {} for name in sorted(read)}, "views": 2},
+        "objectives": objectives,
         "train": {"global_batch_size": 4, "micro_batch_size": 4},
     }
 

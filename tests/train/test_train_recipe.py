@@ -138,6 +138,8 @@ def test_other_bad_input(
     assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
     assert "data.view_augment has 2 entries" in _bad([*base, "data.views=0"], capsys, runs)
     assert "two views" in _bad([*base, "data.views=0", "data.view_augment=[]"], capsys, runs)
+    err = _bad([*base, "data.sources.trian.mode=epoch"], capsys, runs)  # a typo'd source
+    assert "data.sources.trian: no objective or eval.sources reads it" in err
     image_only = ["objectives.clip.source=digits_test", "data.sources.digits.kind=image"]
     err = _bad([*base, *image_only, "objectives.simclr.positives=caption"], capsys, runs)
     assert "objectives.simclr: simclr with positives=caption needs ['text']" in err
@@ -214,3 +216,16 @@ def test_plan_matches_zero_formulas(capsys: pytest.CaptureFixture[str]) -> None:
             plan_main([str(RECIPES / "clip_vit_b16.yaml"), "--gpus", "64", bad])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and why in err, err
+
+
+def test_a_recipes_sources_replace_the_default_synthetic_source() -> None:
+    # `data.sources` is the recipe's whole map: no default synthetic `train` source is
+    # merged in for an objective that leaves `source` unset to read silently
+    from mmssl.train.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(
+        {"data": {"sources": {"digits": {"urls": "synthetic"}}}, "objectives": {"clip": {}}}
+    )
+    assert list(recipe.data.sources) == ["digits"]
+    with pytest.raises(ConfigError, match="objectives.clip.source: no data source 'train'"):
+        validate(recipe, world_size=1, check_files=False)
