@@ -283,6 +283,24 @@ def test_cli_dispatch():
     assert main(["smoke", "--model", "test_tiny_clip"]) == 0
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "x"], "invalid int value"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--seed", str(2**70)], "--seed must fit in 64 bits"),
+    ],
+)
+def test_smoke_bad_arguments_are_one_line(args, message, capsys):
+    from mmssl.smoke import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "test_tiny_clip", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_partial_section_override_keeps_the_fields_own_defaults():
     """text.block defaults to norm_eps 1e-5 (BlockConfig's class default is 1e-6); overriding
     one other block field must not reset it."""
