@@ -162,8 +162,9 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from mmssl.train.engine import deepspeed_config
 
     try:  # before the frozen baseline's extraction and sweep: --deepspeed names a JSON
-        a = args
-        recipe = recipe_for(a.steps, a.lr, a.weight_decay, a.train_batch_size, 0, a.deepspeed)
+        recipe = recipe_for(
+            args.steps, args.lr, args.weight_decay, args.train_batch_size, 0, args.deepspeed
+        )
         deepspeed_config(recipe, grad_accum=1)
     except ConfigError as err:
         raise EvalError(str(err)) from None

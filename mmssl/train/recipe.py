@@ -333,6 +333,7 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
     if not recipe.objectives:
         raise ConfigError("objectives: a recipe needs at least one objective")
     sources = recipe.data.sources
+    unset = ObjectiveConfig()
     for key, obj in recipe.objectives.items():
         where = f"objectives.{key}"
         kind = obj.type or key
@@ -344,7 +345,7 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
         if obj.weight < 0:
             raise ConfigError(f"{where}.weight must be >= 0, got {obj.weight}")
         for option, users in OPTION_USERS.items():
-            if kind not in users and getattr(obj, option) != getattr(ObjectiveConfig(), option):
+            if kind not in users and getattr(obj, option) != getattr(unset, option):
                 raise ConfigError(
                     f"{where}.{option}: {kind} does not use it (only {', '.join(users)} do)"
                 )
