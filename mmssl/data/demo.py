@@ -80,24 +80,24 @@ def write_digits(out: str, seed: int, size: int) -> dict[str, Any]:
     test = _stratified_test(digits * 10 + colors, rng, 0.2)
     counts = {}
     for split, mask in (("train", ~test), ("test", test)):
-        writer = ShardWriter(out, split, max_count=DIGIT_SHARD)
-        for i in np.flatnonzero(mask):
-            templates = groups[group[i]]
-            template = templates[int(pick[i] * len(templates))]
-            color = names[colors[i]]
-            writer.write(
-                {
-                    "__key__": f"{i:06d}",
-                    "png": _png(tint(images[i], COLORS[color], size)),
-                    "txt": render_caption(template, int(digits[i]), color),
-                    "json": {
-                        "digit": int(digits[i]),
-                        "color": int(colors[i]),
-                        "index": int(i),
-                        "label": int(digits[i]),
-                    },
-                }
-            )
+        with ShardWriter(out, split, max_count=DIGIT_SHARD) as writer:
+            for i in np.flatnonzero(mask):
+                templates = groups[group[i]]
+                template = templates[int(pick[i] * len(templates))]
+                color = names[colors[i]]
+                writer.write(
+                    {
+                        "__key__": f"{i:06d}",
+                        "png": _png(tint(images[i], COLORS[color], size)),
+                        "txt": render_caption(template, int(digits[i]), color),
+                        "json": {
+                            "digit": int(digits[i]),
+                            "color": int(colors[i]),
+                            "index": int(i),
+                            "label": int(digits[i]),
+                        },
+                    }
+                )
         manifest = writer.close()
         counts[split] = manifest["splits"][split]
     return counts
@@ -111,10 +111,11 @@ def write_text(out: str, seed: int) -> dict[str, Any]:
     valid = set(rng.permutation(len(keys))[: max(1, len(keys) // 10)].tolist())
     counts = {}
     for split, max_count in (("train", TEXT_SHARD), ("validation", VALID_SHARD)):
-        writer = ShardWriter(out, split, max_count=max_count)
-        for i, key in enumerate(keys):
-            if (i in valid) == (split == "validation"):
-                writer.write({"__key__": f"{i:04d}", "txt": topics[key], "json": {"topic": key}})
+        with ShardWriter(out, split, max_count=max_count) as writer:
+            for i, key in enumerate(keys):
+                if (i in valid) == (split == "validation"):
+                    doc = {"__key__": f"{i:04d}", "txt": topics[key], "json": {"topic": key}}
+                    writer.write(doc)
         counts[split] = writer.close()["splits"][split]
     return counts
 

@@ -2,7 +2,11 @@
 
 Each sample becomes tar members `KEY.jpg|png`, `KEY.txt`, `KEY.json` (`__key__` = KEY).
 Members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same input gives
-byte-identical shards.  Every output directory gets a `manifest.json`:
+byte-identical shards.  Shards are written under hidden `.NAME.partial` names and renamed
+into place only when the whole split has been written, so a run that fails part-way leaves
+an earlier run's shards and manifest as they were.  `max_bytes` bounds each shard file's
+size exactly (tar pads a file to 10 KiB records), except that a shard always holds at least
+one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
 {"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
 
@@ -15,6 +19,7 @@ byte-identical shards.  Every output directory gets a `manifest.json`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -45,7 +50,10 @@ def _encode(value: Any) -> bytes:
 
 class ShardWriter:
     """Writes samples to `OUT/{split}-%06d.tar`, a new shard every `max_count` samples or
-    `max_bytes` bytes; `close()` records the shards in OUT/manifest.json."""
+    `max_bytes` bytes.  `close()` renames the finished shards into place, deletes the shards
+    of this split that a previous run listed and this one did not write, and records the
+    shards in OUT/manifest.json; `abort()` (or leaving a `with` block by an exception)
+    deletes what this writer wrote and touches nothing else."""
 
     def __init__(
         self,
@@ -64,15 +72,19 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.split = out_dir, split
         self.max_count, self.max_bytes = max_count, max_bytes
+        self._read_manifest()  # a damaged manifest fails now, not after the writing
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._count = self._bytes = 0
         self._keys: set[str] = set()
+        self._manifest: dict[str, Any] | None = None  # set by close()
+
+    def _partial(self, name: str) -> str:
+        return os.path.join(self.out_dir, f".{name}.partial")
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        path = os.path.join(self.out_dir, name)
-        self._tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+        self._tar = tarfile.open(self._partial(name), "w", format=tarfile.GNU_FORMAT)
         self.shards.append({"url": name, "count": 0, "bytes": 0, "split": self.split})
         self._count = self._bytes = 0
 
@@ -81,8 +93,14 @@ class ShardWriter:
             self._tar.close()
             entry = self.shards[-1]
             entry["count"] = self._count
-            entry["bytes"] = os.path.getsize(os.path.join(self.out_dir, entry["url"]))
+            entry["bytes"] = os.path.getsize(self._partial(entry["url"]))
             self._tar = None
+
+    def _file_size(self, extra: int) -> int:
+        """The shard's file size with `extra` more member bytes: members, the two zero
+        blocks that end the archive, padded to tar's 10 KiB record."""
+        end = self._bytes + extra + 2 * tarfile.BLOCKSIZE
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def write(self, sample: dict[str, Any]) -> None:
         """One sample: `__key__` plus extension -> bytes | str | dict | list | number."""
@@ -94,21 +112,31 @@ class ShardWriter:
         files = [(ext, _encode(v)) for ext, v in sample.items() if ext != "__key__"]
         if not files:  # a reader would never see it, but the manifest would count it
             raise DataError(f"sample {key!r} has no files")
+        if self._manifest is not None:
+            raise DataError("this ShardWriter is closed")
         self._keys.add(key)
-        size = sum(len(b) + 1024 for _, b in files)
-        full = self._tar is not None and (
-            (self.max_count and self._count >= self.max_count)
-            or (self.max_bytes and self._count and self._bytes + size > self.max_bytes)
-        )
-        if self._tar is None or full:
-            self._finish()
-            self._open()
-        assert self._tar is not None
+        members = []
         for ext, data in files:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
+            members.append((info, data))
+        # exact: the header blocks (a long name adds some) and the data padded to a block
+        size = sum(
+            len(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            for info, data in members
+        )
+        full = self._tar is not None and (
+            (self.max_count and self._count >= self.max_count)
+            or (self.max_bytes and self._count and self._file_size(size) > self.max_bytes)
+        )
+        if self._tar is None or full:
+            self._finish()
+            self._open()
+        assert self._tar is not None
+        for info, data in members:
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
         self._bytes += size
@@ -121,32 +149,76 @@ class ShardWriter:
             return f"{self.split}-000000.tar"
         return f"{self.split}-{{000000..{n - 1:06d}}}.tar"
 
-    def close(self) -> dict[str, Any]:
-        """Finish the last shard and merge this split into OUT/manifest.json (returned).
-        With nothing written the manifest is left as it was."""
-        self._finish()
+    def _read_manifest(self) -> dict[str, Any]:
         path = os.path.join(self.out_dir, MANIFEST)
-        manifest: dict[str, Any] = {"version": 1, "shards": [], "splits": {}}
-        if os.path.isfile(path):
+        if not os.path.isfile(path):
+            return {"version": 1, "shards": [], "splits": {}}
+        try:
             with open(path) as f:
                 manifest = json.load(f)
+            if not isinstance(manifest.get("shards"), list) or not isinstance(
+                manifest.get("splits"), dict
+            ):
+                raise ValueError("no shards list or splits map")
+        except (ValueError, AttributeError) as err:
+            raise DataError(f"{path} is not a shard manifest ({err}); move it away") from None
+        return manifest
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard, rename the split's shards into place and merge it into
+        OUT/manifest.json (returned).  With nothing written the manifest is left as it was."""
+        if self._manifest is not None:
+            return self._manifest
+        self._finish()
+        try:
+            manifest = self._read_manifest()
+        except DataError:
+            self.abort()
+            raise
         if not self.shards:
+            self._manifest = manifest
             return manifest
+        new = {s["url"] for s in self.shards}
+        old = [s for s in manifest["shards"] if s.get("split") == self.split]
+        for entry in self.shards:
+            os.replace(self._partial(entry["url"]), os.path.join(self.out_dir, entry["url"]))
+        for entry in old:  # a previous, longer run's shards of this split
+            url = str(entry.get("url", ""))
+            if url not in new and os.path.basename(url) == url and url.endswith(".tar"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, url))
         manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != self.split]
         manifest["shards"] = sorted(manifest["shards"] + self.shards, key=lambda s: s["url"])
         total = sum(s["count"] for s in self.shards)
         manifest["splits"][self.split] = {"pattern": self.pattern, "count": total}
         manifest["splits"] = dict(sorted(manifest["splits"].items()))
-        with open(path, "w") as f:
+        path = os.path.join(self.out_dir, MANIFEST)
+        with open(path + ".partial", "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
+        os.replace(path + ".partial", path)
+        self._manifest = manifest
         return manifest
+
+    def abort(self) -> None:
+        """Delete the shards this writer has written so far; the directory's earlier shards
+        and manifest stay as they were."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        for entry in self.shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._partial(entry["url"]))
+        self.shards = []
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _image_bytes(path: str) -> tuple[str, bytes]:
@@ -288,11 +360,11 @@ def write_shards(
     DataError, and leaves the manifest as it was."""
     from tqdm import tqdm
 
-    writer = ShardWriter(out_dir, split, max_count=max_count, max_bytes=max_bytes)
-    for sample in tqdm(samples, desc=f"{split} shards", unit=" samples", disable=not progress):
-        writer.write(sample)
-    if not writer.shards:
-        raise DataError(f"no samples to write to {out_dir}")
+    with ShardWriter(out_dir, split, max_count=max_count, max_bytes=max_bytes) as writer:
+        for sample in tqdm(samples, desc=f"{split} shards", unit=" samples", disable=not progress):
+            writer.write(sample)
+        if not writer.shards:
+            raise DataError(f"no samples to write to {out_dir}")
     return writer.close()
 
 

@@ -46,14 +46,86 @@ def test_deterministic_bytes(tmp_path):
     assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
 
 
-def test_max_bytes_splits(tmp_path):
-    w = ShardWriter(str(tmp_path), "x", max_count=None, max_bytes=10_000)
+@pytest.mark.parametrize("key", ["k", "k" * 120])  # a name over 100 bytes adds header blocks
+def test_max_bytes_is_a_bound_on_the_file(tmp_path, key):
+    # A member is a 512-byte header (plus a long-name header) and its data padded to 512;
+    # a tar ends with two zero blocks and is padded to a 10 KiB record.  The limit holds for
+    # the file, as os.stat sees it, and each shard is as full as the limit allows.
+    limit = 30_000
+    w = ShardWriter(str(tmp_path), "x", max_count=None, max_bytes=limit)
     for i in range(20):
-        w.write({"__key__": f"{i:03d}", "bin": bytes(3000)})
+        w.write({"__key__": f"{key}{i:03d}", "bin": bytes(3000)})
     manifest = w.close()
     counts = [s["count"] for s in manifest["shards"]]
     assert sum(counts) == 20 and len(counts) > 1
-    assert all(s["bytes"] <= 10_000 + 4096 for s in manifest["shards"])
+    for s in manifest["shards"]:
+        size = os.path.getsize(tmp_path / s["url"])
+        assert size == s["bytes"] <= limit
+    header = 512 + (1024 if len(key) > 90 else 0)
+    per_record = (20480 - 1024) // (header + 3072)
+    assert counts[0] == per_record  # one more member would pass the limit
+    one = ShardWriter(str(tmp_path / "one"), "y", max_count=None, max_bytes=100)
+    one.write({"__key__": "a", "bin": bytes(3000)})  # a shard holds at least one sample
+    one.write({"__key__": "b", "bin": bytes(3000)})
+    assert [s["count"] for s in one.close()["shards"]] == [1, 1]
+
+
+def _run_shards(out, n, fail_at=None, split="train"):
+    """write_shards of n samples (2 per shard); the source raises at sample `fail_at`."""
+    from mmssl.data.shards import write_shards
+
+    def samples():
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("the source went away")
+            yield {"__key__": f"{i:04d}", "txt": f"doc {i} of {n}"}
+
+    return write_shards(samples(), str(out), split, max_count=2, progress=False)
+
+
+def test_a_failed_run_leaves_the_earlier_shards_and_manifest(tmp_path):
+    _run_shards(tmp_path, 6)
+    _run_shards(tmp_path, 3, split="val")
+    before = _digest(str(tmp_path))
+    with pytest.raises(OSError, match="went away"):
+        _run_shards(tmp_path, 10, fail_at=7)  # 3 shards written, then the failure
+    assert _digest(str(tmp_path)) == before  # nothing overwritten, no partial files left
+    with pytest.raises(KeyError), ShardWriter(str(tmp_path), "train", max_count=2) as w:
+        w.write({"__key__": "a", "txt": "x"})
+        w.write({"__key__": "b", "txt": "x"})
+        w.write({"__key__": "c", "txt": "x"})
+        raise KeyError("the caller failed")
+    assert _digest(str(tmp_path)) == before
+
+
+def test_a_shorter_rerun_removes_the_split_s_old_shards_only(tmp_path):
+    _run_shards(tmp_path, 6)  # train-000000..000002
+    _run_shards(tmp_path, 3, split="val")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "train-000009.tar").write_bytes(b"not in the manifest: not ours to delete")
+    manifest = _run_shards(tmp_path, 3)  # train-000000..000001
+    names = sorted(os.listdir(tmp_path))
+    assert names == [
+        "manifest.json",
+        "notes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000009.tar",
+        "val-000000.tar",
+        "val-000001.tar",
+    ]
+    assert [s["url"] for s in manifest["shards"]] == names[2:4] + names[5:]
+    assert manifest["splits"]["train"] == {"pattern": "train-{000000..000001}.tar", "count": 3}
+    shards = str(tmp_path / "train-{000000..000001}.tar")
+    texts = [s["txt"] for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert texts == [b"doc 0 of 3", b"doc 1 of 3", b"doc 2 of 3"]
+
+
+def test_a_damaged_manifest_is_an_error_before_writing(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"shards": 3}')
+    with pytest.raises(ValueError, match="not a shard manifest"):
+        ShardWriter(str(tmp_path), "train")
+    assert os.listdir(tmp_path) == ["manifest.json"]
 
 
 def test_writer_rejects_bad_keys(tmp_path):
