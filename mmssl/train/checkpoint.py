@@ -287,6 +287,7 @@ def save(
     `keep_last` complete checkpoints up to `step`.  `on_written` runs between DeepSpeed's
     write and the manifest (fault injection).  Collective."""
     from mmssl.descriptor import get_layout
+    from mmssl.train.engine import fp32_master_names
 
     data = distributed.all_gather_object({k: s.state_dict() for k, s in streams.items()})
     rngs = distributed.all_gather_object(rng_state())
@@ -299,6 +300,9 @@ def save(
         "world_size": distributed.world_size(),
         **(extra or {}),
     }
+    masters = fp32_master_names(engine)
+    if masters is not None:  # stage 0 with bf16: lets the export read the fp32 masters
+        client["fp32_master_names"] = masters
     tag = tag_of(step)
     folder = ckpt_dir / tag
     if distributed.rank() == 0 and folder.exists():

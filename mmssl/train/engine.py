@@ -139,6 +139,20 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return groups
 
 
+def fp32_master_names(engine: Any) -> list[list[str]] | None:
+    """The parameter names of each group of DeepSpeed's stage-0 bf16/fp16 optimizer
+    (FP16_UnfusedOptimizer), in its order: its state dict saves the fp32 master weights as
+    `fp32_groups`, lists of tensors without names, which `mmssl export` maps back with these.
+    None for other optimizers (ZeRO 1-3 checkpoints name their masters themselves)."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if not isinstance(getattr(engine.optimizer, "fp32_groups", None), list) or not groups:
+        return None
+    name_of = {id(p): n for n, p in engine.module.named_parameters()}
+    if not all(isinstance(g, list) and all(id(p) in name_of for p in g) for g in groups):
+        return None
+    return [[name_of[id(p)] for p in g] for g in groups]
+
+
 class WarmupCosine:
     """LR multiplier after `step` optimizer steps: linear warmup to 1 over `warmup` steps, then
     cosine to `min_ratio` at `total` (constant 1 after warmup when `cosine` is False)."""

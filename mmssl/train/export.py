@@ -3,7 +3,11 @@ stage) -> `model.safetensors` + `config.json`, loadable with `mmssl.load_encoder
 
 ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` utilities
 (they read the fp32 master partitions of every rank); a stage-0 checkpoint holds the whole
-module and is read directly (as stored: in bf16 for bf16 runs, cast to fp32).
+module and is read directly.  For a bf16 stage-0 run the module is in bf16, and the fp32
+master weights are in its optimizer state (`fp32_groups`) without names: the checkpoint's
+`fp32_master_names` (saved by mmssl.train.checkpoint) name them, and they replace the bf16
+values.  A bf16 stage-0 checkpoint without those names (saved before mmssl wrote them)
+exports its bf16 weights, cast to fp32.
 
 The checkpoint's files are checked against its manifest (sha256) first, and every
 `torch.load` runs with `weights_only=True` and the allow-list of
@@ -58,10 +62,40 @@ def checkpoint_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
                 files = sorted(folder.glob("mp_rank_*_model_states.pt"))
                 if not files:
                     raise FileNotFoundError(f"{folder}: no DeepSpeed model states")
-                state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+                saved = torch.load(files[0], map_location="cpu", weights_only=True)
+                state = _with_fp32_masters(saved, folder)
     except pickle.UnpicklingError as err:
         raise unsafe_error(folder, err) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _with_fp32_masters(saved: dict[str, Any], folder: Path) -> dict[str, torch.Tensor]:
+    """A stage-0 checkpoint's module state, with the optimizer's fp32 masters in place of
+    the bf16 working weights when the checkpoint names them (see the module docstring)."""
+    from mmssl.train.checkpoint import CheckpointError
+
+    state = dict(saved["module"])
+    names = saved.get("fp32_master_names")
+    if names is None:
+        return state
+    groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    if not isinstance(groups, list) or [len(g) for g in groups] != [len(g) for g in names]:
+        raise CheckpointError(f"{folder}: fp32_master_names do not match the optimizer's groups")
+    for group_names, group in zip(names, groups):
+        for name, master in zip(group_names, group):
+            held = state.get(name)
+            if held is None or held.shape != master.shape:
+                raise CheckpointError(f"{folder}: fp32 master {name!r} does not match the module")
+            for key, value in saved["module"].items():  # a tied weight: every name of it
+                if value is held or (value.shape == held.shape and _same_storage(value, held)):
+                    state[key] = master
+    return state
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and (
+        a.storage_offset() == b.storage_offset() and a.stride() == b.stride()
+    )
 
 
 def model_state(task_state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:

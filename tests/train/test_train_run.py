@@ -247,3 +247,35 @@ def test_other_objectives_zero3_synthetic(tmp_path: Path) -> None:
         assert torch.isfinite(torch.tensor(rows[-1][key])), key
     weights = load_file(str(export_run(tmp_path / "other") / "model.safetensors"))
     assert not any(k.startswith(("heads.", "losses.")) for k in weights)
+
+
+def test_bf16_zero0_export_holds_the_fp32_masters(demo_data: str, tmp_path: Path) -> None:
+    """A bf16 ZeRO-0 run keeps fp32 master weights in DeepSpeed's optimizer, and the module in
+    bf16.  The export holds the masters: equal to the live optimizer's, which are not the
+    bf16 weights (they carry the updates' low bits)."""
+    from mmssl.train.export import export_run
+
+    args = tiny_overrides(demo_data, str(tmp_path), "bf") + [
+        "train.steps=4",
+        "train.deepspeed=zero0",
+        "precision=bf16",
+        "checkpoint.every=4",
+    ]
+    engine = _train([QUICK, *args])["engine"]
+    opt = engine.optimizer  # each fp32 master sits at its bf16 parameter's place
+    master = {
+        id(p): m for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(g16, g32)
+    }
+    live = {
+        name[len("model.") :]: (master[id(p)], p)
+        for name, p in engine.module.named_parameters()
+        if name.startswith("model.")
+    }
+    exported = load_file(str(export_run(tmp_path / "bf") / "model.safetensors"))
+    assert live and set(live) <= set(exported)
+    lost = 0
+    for name, (fp32, bf16) in live.items():
+        assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+        assert torch.equal(exported[name].reshape(fp32.shape), fp32), name  # 0-d kept (1,)
+        lost += int(not torch.equal(fp32, bf16.float()))
+    assert lost > len(live) // 2  # most masters differ from their bf16 rounding
