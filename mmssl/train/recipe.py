@@ -373,6 +373,19 @@ def _check_objectives(recipe: Recipe, cfg: Any) -> None:
             and cfg.vision is None
         ):
             raise ConfigError(f"{where}: {kind} needs a vision tower; model has none")
+        if (
+            kind == "augself"
+            and cfg.condition is not None
+            and cfg.condition.source == "descriptor"
+            and cfg.vision is not None
+            and (cfg.vision.cond_dim or cfg.vision.cond_tokens)
+        ):
+            raise ConfigError(
+                f"{where}: augself predicts the views' descriptor difference from backbone "
+                f"features, but vision.cond_dim/cond_tokens feed that descriptor to the backbone, "
+                f"so the head would read it back; condition the projector instead "
+                f"(model projector.cond) or drop augself"
+            )
         if kind in ("clip", "siglip", "captioning", "next_token") and cfg.text is None:
             raise ConfigError(f"{where}: {kind} needs a text tower; model has none")
         if kind in ("clip", "siglip") and cfg.embed_dim is None and cfg.vision.dim != cfg.text.dim:

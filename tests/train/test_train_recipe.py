@@ -150,6 +150,13 @@ def test_other_bad_input(
     assert "not divisible by the model's patch_size" in _bad(
         [*base, "data.image_size=33"], capsys, runs
     )
+    # a backbone conditioned on the descriptor would hand augself its target
+    augself = ["objectives.augself.source=digits", "model.overrides.condition={dim: 16}"]
+    for cond in ("model.overrides.vision.cond_dim=16", "model.overrides.vision.cond_tokens=1"):
+        err = _bad([*base, *augself, cond], capsys, runs)
+        assert "objectives.augself: augself predicts the views' descriptor difference" in err
+    projector = "model.overrides.projector={cond: film, hidden_dim: 16, out_dim: 8}"
+    validate(load_recipe(base[0], [*base[1:], *augself, projector]), check_files=False)
 
 
 def test_param_groups_no_decay() -> None:
