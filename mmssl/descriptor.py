@@ -6,8 +6,12 @@ v1 follows the CASSLE layout with keys in sorted order (13 dims):
 group      slice binary meaning
 ========== ===== ====== ===========================================================
 blur       0:1   no     Gaussian blur sigma, 0 when not applied
-color      1:5   no     brightness, contrast, saturation, hue strengths, normalised;
-                        0 when colour jitter was not applied
+color      1:5   no     brightness, contrast, saturation, hue strengths, normalised
+                        so that 0 is "unchanged": factor - 1 for the first three,
+                        the hue shift in turns (|h| <= 0.5) for the fourth; 0 when
+                        colour jitter was not applied.  Not divided by the jitter
+                        range (as CASSLE's code does), so a descriptor means the
+                        same under any AugmentConfig
 color_diff 5:8   no     per-channel (R, G, B) mean change caused by the colour ops
 crop       8:12  no     centre y, centre x, height, width, normalised to [0, 1];
                         centre x mirrored (1 - cx) when the view was flipped

@@ -2,12 +2,15 @@
 
 A conditioner turns what produced a view into a condition vector c (B, C):
 - `DescriptorEncoder` (gamma): an MLP over the augmentation descriptor omega (layout v1, 13 dims);
-- `TextConditioner`: the text tower's pooled embedding of a prompt (or of the descriptor
-  rendered as text), through a linear map.
+- `TextConditioner`: the text tower's pooled embedding of a prompt, through a linear map.
+  Training conditions every image of a source on its `condition_prompt`;
+  `mmssl.data.augment.render_descriptor` renders a descriptor as such a prompt, but the
+  training Task does not feed per-view rendered descriptors.
 
 c then enters the image model at one or more places, chosen by config:
 - the projector (`Projector`, mode concat / film / hyper, below);
-- the backbone: adaLN-Zero in the Blocks (`vision.cond_dim`);
+- the backbone: adaLN-Zero-style modulation in the Blocks (`vision.cond_dim`; see
+  `mmssl.nn.norm` for how its gate differs from DiT's);
 - prefix tokens prepended to the patch tokens (`vision.cond_tokens`).
 
 Every mode equals the unconditioned model at init (zero-initialised conditioning weights),

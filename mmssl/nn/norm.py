@@ -58,7 +58,13 @@ class ConditionedNorm(Norm):
 
 
 class ConditionedGate(nn.Module):
-    """adaLN-Zero gate on a residual branch: `y * (1 + gate(c))`, zero-init so the gate starts at 1.
+    """adaLN-Zero-style gate on a residual branch: `y * (1 + gate(c))`, zero-init so the gate
+    starts at 1.
+
+    DiT's adaLN-Zero gates with alpha(c) itself, zero at init, so each block starts as the
+    identity.  Here the gate is 1 + alpha(c): each block starts as the plain block, as
+    DESIGN.md asks (a conditioned model equals the unconditioned one at init, so an
+    unconditioned checkpoint loads and computes the same).
 
     y: (B, N, D), cond: (B, C) or None.
     """
