@@ -42,9 +42,23 @@ def check_gather(gather: str, allowed: tuple[str, ...]) -> str:
 
 
 def row_groups(keys: Tensor) -> Tensor:
-    """(N, ...) keys -> (N,) int64 group ids; rows with identical keys share an id."""
-    flat = keys.reshape(keys.shape[0], -1)
-    return torch.unique(flat, dim=0, return_inverse=True)[1]
+    """(N, ...) integer keys -> (N,) int64 group ids; rows with identical keys share an id.
+
+    Without a host sync: (N,) labels are their own ids, and (N, T) rows get the index of
+    their row in lexicographic order of the distinct rows (what `torch.unique(dim=0,
+    return_inverse=True)` gives, but unique sizes its output on the host): T stable sorts,
+    last column first, then a cumulative count of the row changes.
+    """
+    flat = keys.reshape(keys.shape[0], -1).long()
+    if flat.shape[1] == 1:
+        return flat[:, 0]
+    order = torch.arange(flat.shape[0], device=flat.device)
+    for t in reversed(range(flat.shape[1])):
+        order = order[torch.sort(flat[order, t], stable=True).indices]
+    rows = flat[order]
+    new = torch.ones(flat.shape[0], dtype=torch.long, device=flat.device)
+    new[1:] = (rows[1:] != rows[:-1]).any(dim=1).long()
+    return torch.empty_like(order).scatter_(0, order, new.cumsum(0) - 1)
 
 
 def positives_from_labels(labels: Tensor, other: Tensor | None = None) -> Tensor:

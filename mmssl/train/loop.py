@@ -2,9 +2,9 @@
 
 Host syncs happen only at log intervals: per-step metrics stay detached tensors that are
 summed on the device and read (and averaged over ranks) every `logging.every` steps, and
-the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`).
-Two exceptions: `positives: caption` groups identical captions with `torch.unique` (one
-sync per step), and the fp32 stage-0 gradient check below.
+the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`),
+and `positives: caption` groups identical captions with sorts on the device
+(`objectives.contrastive.row_groups`).  One exception: the fp32 stage-0 gradient check below.
 
 Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
 update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left

@@ -18,6 +18,7 @@ from mmssl.objectives import (
     positives_from_ids,
     positives_from_labels,
 )
+from mmssl.objectives.contrastive import row_groups
 
 
 @pytest.fixture(autouse=True)
@@ -205,6 +206,15 @@ def test_positives_helpers() -> None:
     ]
     ids = torch.tensor([[1, 2, 7], [1, 2, 8], [1, 3, 7]])
     assert positives_from_ids(ids).sum() == 3  # padding unknown: all rows differ
+    for seed, (n, t) in enumerate([(1, 4), (64, 1), (64, 5), (200, 16)]):
+        g = torch.Generator().manual_seed(seed)
+        keys = torch.randint(-1, 3, (n // 4 + 1, t), generator=g)  # many repeated rows
+        keys = keys[torch.randint(0, len(keys), (n,), generator=g)]
+        want = torch.unique(keys, dim=0, return_inverse=True)[1]  # the host-synced reference
+        got = row_groups(keys)
+        if t > 1:
+            assert torch.equal(got, want)
+        assert torch.equal(got[:, None] == got[None, :], want[:, None] == want[None, :])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     assert positives_from_ids(ids, mask).tolist()[0] == [True, True, False]
 
