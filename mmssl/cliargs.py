@@ -17,6 +17,11 @@ from typing import Any, NoReturn
 INT64 = 2**63
 
 
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph as one line: a CLI's `--help` description."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line on stderr and exit code 2."""
 

@@ -13,13 +13,14 @@ A second run reuses the data and the finished training run (pass --fresh to star
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from mmssl.cliargs import ArgumentParser, summary
 
 TARGETS = {"zeroshot_digit": 0.80, "fewshot10_logistic": 0.85}
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -252,7 +253,7 @@ def write_summary(out: Path, r: dict[str, Any], wall: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmssl demo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl demo", description=summary(__doc__))
     parser.add_argument("--out", default="demo", help="output directory (default ./demo)")
     parser.add_argument(
         "--steps",

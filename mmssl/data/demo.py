@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mmssl.cliargs import ArgumentParser
+from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.captions import (
     BOTH_TEMPLATES,
     COLOR_TEMPLATES,
@@ -167,7 +167,7 @@ def write_demo(out: str, seed: int = 0, size: int = 32) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="mmssl demo-data", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl demo-data", description=summary(__doc__))
     parser.add_argument("out", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (8..512)")

@@ -30,7 +30,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mmssl.cliargs import ArgumentParser
+from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -369,7 +369,7 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="mmssl shards", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl shards", description=summary(__doc__))
     parser.add_argument("input_kind", choices=["folder", "csv", "jsonl", "text"])
     parser.add_argument("inputs", nargs="+")
     parser.add_argument("--out", required=True, help="output directory")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmssl.cliargs import ArgumentParser, check_numbers
+from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.eval.loading import EvalError, Loaded
 
 # task -> (module with add_arguments(parser) and run(args, ctx), one-line help)
@@ -74,7 +74,7 @@ class Context:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="mmssl eval", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl eval", description=summary(__doc__))
     sub = parser.add_subparsers(dest="command", metavar="TASK")
     for name, (module, help_) in TASKS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mmssl import distributed
-from mmssl.cliargs import ArgumentParser, check_numbers
+from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls
 from mmssl.eval.loading import EvalError
@@ -170,7 +170,7 @@ def _init_from_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="mmssl features", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mmssl features", description=summary(__doc__))
     parser.add_argument("--model", required=True, help="exported model dir or run dir")
     parser.add_argument(
         "--data", required=True, help="shard pattern, e.g. 'test-{000000..000003}.tar'"

@@ -12,12 +12,12 @@ import argparse
 import os
 import sys
 
-from mmssl.cliargs import ArgumentParser, check_numbers
+from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.schema import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="mmssl train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl train", description=summary(__doc__))
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.add_argument(
@@ -43,7 +43,7 @@ def _error(message: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides before or after options
     problem = check_numbers(
         args,
         {"world_size": (lambda v: v >= 1, ">= 1"), "local_rank": (lambda v: v >= 0, ">= 0")},

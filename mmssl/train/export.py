@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmssl.cliargs import ArgumentParser
+from mmssl.cliargs import ArgumentParser, summary
 from mmssl.schema import ConfigError
 
 PREFIX = "model."
@@ -149,7 +149,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="mmssl export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl export", description=summary(__doc__))
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, checkpoints/)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from mmssl.cliargs import ArgumentParser, check_numbers
+from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.schema import ConfigError
 
 GB = 1e9
@@ -167,7 +167,7 @@ def plan(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="mmssl plan", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mmssl plan", description=summary(__doc__))
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     p.add_argument("--gpus", type=int, required=True, help="number of data-parallel ranks")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         default=25.0,
         help="data-parallel bandwidth per rank in GB/s (200 Gb/s InfiniBand: 25)",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after options
     from mmssl.train.recipe import load_recipe
 
     positive = (lambda v: v > 0, "> 0")

@@ -236,3 +236,22 @@ def test_a_recipes_sources_replace_the_default_synthetic_source() -> None:
     assert list(recipe.data.sources) == ["digits"]
     with pytest.raises(ConfigError, match="objectives.clip.source: no data source 'train'"):
         validate(recipe, world_size=1, check_files=False)
+
+
+def test_overrides_may_follow_options(base: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`mmssl plan RECIPE --gpus N key=value` and `mmssl train RECIPE --validate key=value`
+    take the overrides after the options as before them; `--help` shows the whole summary."""
+    from mmssl.cliargs import summary
+    from mmssl.train.plan import main as plan_main
+
+    recipe = str(RECIPES / "clip_vit_b16.yaml")
+    assert plan_main([recipe, "--gpus", "64", "train.micro_batch_size=256"]) == 0
+    after = capsys.readouterr().out
+    assert plan_main([recipe, "train.micro_batch_size=256", "--gpus", "64"]) == 0
+    assert capsys.readouterr().out == after
+    assert main([base[0], "--validate", "train.steps=30", *base[1:], "--world-size", "1"]) == 0
+    assert "steps: 30" in capsys.readouterr().out
+    assert main([base[0], "--validate", "train.stepz=30"]) == 2
+    assert "unknown key 'train.stepz'" in capsys.readouterr().err
+    doc = "`mmssl x A [B]`: what it\ndoes, in two lines.\n\nDetails.\n"
+    assert summary(doc) == "`mmssl x A [B]`: what it does, in two lines."
