@@ -24,8 +24,11 @@ from mmssl.objectives.lm import (
     CaptioningLoss,
     NextTokenLoss,
     captioning_loss,
+    global_token_mean,
     head_next_token_loss,
+    head_next_token_sum,
     next_token_loss,
+    next_token_sum,
 )
 from mmssl.objectives.siglip import SigLipLoss, siglip_loss
 
@@ -42,8 +45,11 @@ __all__ = [
     "caption_keys",
     "captioning_loss",
     "clip_loss",
+    "global_token_mean",
     "head_next_token_loss",
+    "head_next_token_sum",
     "next_token_loss",
+    "next_token_sum",
     "nt_xent_loss",
     "positives_from_ids",
     "positives_from_labels",

@@ -8,9 +8,11 @@ A target position counts when its token is not `ignore_index` and, if a mask is 
 ``mask[:, t + 1]`` is True (padding excluded). The loss is the mean over counted targets.
 
 Data parallelism: a per-rank token mean is not the global token mean when ranks hold
-different numbers of tokens. The modules therefore normalise by the global count of
-targets (one scalar all-reduce), so the rank-averaged gradient and the reported value equal
-the single-process loss on the concatenated batch.
+different numbers of tokens. The modules and `global_token_mean` (which the training Task
+uses) therefore normalise by the global count of targets (one scalar all-reduce), so the
+rank-averaged gradient and the reported value equal the single-process loss on the
+concatenated batch.  The plain functions (`next_token_loss`, `head_next_token_loss`) are
+per-rank means.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ def _shifted_targets(tokens: Tensor, mask: Tensor | None, ignore_index: int) -> 
     return targets
 
 
-def _shifted_sum_and_count(
+def next_token_sum(
     logits: Tensor,
     tokens: Tensor,
-    mask: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy over counted targets and their number (a 0-d int64 tensor)."""
     if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
@@ -77,7 +79,7 @@ def next_token_loss(
     logits: (B, T, V) aligned with tokens: (B, T) int64; mask: optional (B, T) bool, True for
     real tokens. Returns a scalar (0 when no position counts).
     """
-    total, count = _shifted_sum_and_count(logits, tokens, mask, ignore_index, label_smoothing)
+    total, count = next_token_sum(logits, tokens, mask, ignore_index, label_smoothing)
     return total / count.clamp_min(1)
 
 
@@ -96,6 +98,20 @@ def head_next_token_loss(
     holds fp32 (B, T, V) tensors: the same value, and the same gradients up to the rounding
     of the compute dtype.
     """
+    total, count = head_next_token_sum(hidden, weight, tokens, mask, ignore_index, label_smoothing)
+    return total / count.clamp_min(1)
+
+
+def head_next_token_sum(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """`next_token_sum` through the fused head: the summed cross-entropy over counted
+    targets and their number (a 0-d int64 tensor)."""
     if hidden.ndim != 3 or hidden.shape[:2] != tokens.shape:
         raise ValueError(
             f"expected hidden (B, T, D) and tokens (B, T), got {tuple(hidden.shape)} and "
@@ -105,7 +121,21 @@ def head_next_token_loss(
     total = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index, label_smoothing
     )
-    return total / (targets != ignore_index).sum().clamp_min(1)
+    return total, (targets != ignore_index).sum()
+
+
+def global_token_mean(total: Tensor, count: Tensor) -> Tensor:
+    """A rank's summed loss and target count -> the token mean over the global batch.
+
+    Each rank back-propagates `total * world / count_all`, so the engine's rank-averaged
+    gradient is that of the global mean; every rank reports the global mean itself.  One
+    scalar all-reduce, no host sync.  Collective: every rank must call it.
+    """
+    if distributed.world_size() == 1:
+        return total / count.clamp_min(1)
+    count_all = distributed.all_reduce_sum(count.to(torch.float64)).clamp_min(1)
+    local = total * distributed.world_size() / count_all.to(total.dtype)
+    return report_global_mean(local)
 
 
 def captioning_loss(
@@ -136,14 +166,8 @@ class NextTokenLoss(nn.Module):
 
     def forward(self, logits: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         """logits: (B, T, V); tokens: (B, T); mask: (B, T) bool or None. Returns a scalar."""
-        total, count = _shifted_sum_and_count(
-            logits, tokens, mask, self.ignore_index, self.label_smoothing
-        )
-        if distributed.world_size() == 1:
-            return total / count.clamp_min(1)
-        count_all = distributed.all_reduce_sum(count.to(torch.float64)).clamp_min(1)
-        local = total * distributed.world_size() / count_all.to(total.dtype)
-        return report_global_mean(local)
+        total, count = next_token_sum(logits, tokens, mask, self.ignore_index, self.label_smoothing)
+        return global_token_mean(total, count)
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"

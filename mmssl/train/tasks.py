@@ -38,8 +38,9 @@ from mmssl.objectives import (
     NTXentLoss,
     SigLipLoss,
     caption_keys,
-    head_next_token_loss,
-    next_token_loss,
+    global_token_mean,
+    head_next_token_sum,
+    next_token_sum,
 )
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.train.recipe import NEEDS, ObjectiveConfig
@@ -304,13 +305,17 @@ class Task(nn.Module):
                 hidden = caption.hidden(
                     self.text_tower, vis["tokens"][0], *args, text_hidden=hidden
                 )
+            # the token mean over the global batch: ranks hold different numbers of real
+            # (unpadded) tokens, so per-rank means averaged by the engine would not be it
             if obj.fused_head:
                 weight = self.text_tower.head_weight()
-                return head_next_token_loss(
+                total, count = head_next_token_sum(
                     hidden, weight, *args, label_smoothing=obj.label_smoothing
                 )
-            logits = self.text_tower.head(hidden).float()
-            return next_token_loss(logits, *args, label_smoothing=obj.label_smoothing)
+            else:
+                logits = self.text_tower.head(hidden).float()
+                total, count = next_token_sum(logits, *args, label_smoothing=obj.label_smoothing)
+            return global_token_mean(total, count)
         raise ValueError(f"unknown objective {kind!r}")
 
     def forward(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, Tensor]]:
