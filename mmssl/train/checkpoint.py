@@ -44,6 +44,7 @@ from mmssl.schema import ConfigError
 
 TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+RUN_RECORD = "mmssl_run.json"  # recipe, world size and ZeRO stage of the saving run
 log = logging.getLogger("mmssl.train")
 
 
@@ -147,6 +148,12 @@ def verify(folder: Path, collective: bool = True) -> str | None:
         problem = f"no {MANIFEST}: the save did not finish"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         problem = f"{MANIFEST} is unreadable"
+    if problem is None:
+        unlisted = sorted(set(_files(folder)) - set(names))
+        if not names:
+            problem = f"{MANIFEST} lists no files"
+        elif unlisted:  # written after the manifest, or the manifest is another one's
+            problem = f"{unlisted[0]} is not in {MANIFEST}"
     if problem is None:
         for name in names[rank::world]:
             path = folder / name
@@ -309,6 +316,10 @@ def save(
         shutil.rmtree(folder)  # left by an attempt that was rolled back: rewritten whole
     distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
+        run = {"recipe": recipe, "world_size": client["world_size"]}
+        run["zero_stage"] = int(engine.zero_optimization_stage())
+        _write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:
         on_written()
@@ -360,6 +371,72 @@ def _replay_cpu_adam(engine: Any) -> None:
             1 if group["bias_correction"] else 0,
             0.0,
         )
+
+
+# Recipe sections a resume must keep: they shape the weights, the optimizer state or the LR
+# schedule that the checkpoint holds (DeepSpeed restores the scheduler's saved fields, so a
+# changed `train.steps` or `optim.lr` would be ignored, not applied)
+RESUME_FIXED = (
+    "model",
+    "objectives",
+    "optim",
+    "schedule",
+    "precision",
+    "train.steps",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "train.grad_clip",
+)
+
+
+def _at(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _first_difference(old: Any, new: Any, where: str) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if old == new else (where, old, new)
+
+
+def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
+    """Before anything is loaded or written: the checkpoint's run record (saved beside it)
+    against this run.  A ConfigError names what differs; checkpoints saved before the record
+    existed are not checked here (`load` still checks the world size)."""
+    path = folder / RUN_RECORD
+    if not path.is_file():
+        return
+    try:
+        run = json.loads(path.read_text())
+        saved, saved_world, saved_stage = run["recipe"], run["world_size"], run["zero_stage"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
+    if saved_world != world_size:
+        raise ConfigError(
+            f"checkpoint {folder} was written by {saved_world} ranks, this run has "
+            f"{world_size}: the data positions and optimizer partitions cannot be mapped"
+        )
+    if saved_stage != zero_stage:
+        raise ConfigError(
+            f"checkpoint {folder} was written at ZeRO stage {saved_stage}, this run uses "
+            f"stage {zero_stage}: DeepSpeed cannot load one stage's optimizer state in another"
+        )
+    recipe = json.loads(json.dumps(recipe))  # as saved: tuples become lists
+    for key in RESUME_FIXED:
+        found = _first_difference(_at(saved, key), _at(recipe, key), key)
+        if found:
+            where, was, now = found
+            raise ConfigError(
+                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; a "
+                f"resume keeps {', '.join(RESUME_FIXED)}: change them in a new run (another "
+                f"name)"
+            )
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict[str, Any]:

@@ -205,8 +205,11 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     streams = build_streams(recipe, resolved.model, rank, world)
 
     found = checkpoint.find_resume(recipe.checkpoint.resume, run_dir)
-    _prepare_run_dir(recipe, run_dir)
+    if found:
+        stage = zero_stage(resolved.ds_config)
+        checkpoint.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
     client = checkpoint.load(engine, found[0], found[1], streams) if found else {}
+    _prepare_run_dir(recipe, run_dir)  # after the load: a refused resume leaves the run as it was
     step = int(client.get("step", 0))
     bad_steps = int(client.get("bad_steps", 0))
     ckpt_dir = run_dir / "checkpoints"

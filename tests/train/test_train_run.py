@@ -279,3 +279,38 @@ def test_bf16_zero0_export_holds_the_fp32_masters(demo_data: str, tmp_path: Path
         assert torch.equal(exported[name].reshape(fp32.shape), fp32), name  # 0-d kept (1,)
         lost += int(not torch.equal(fp32, bf16.float()))
     assert lost > len(live) // 2  # most masters differ from their bf16 rounding
+
+
+def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
+    demo_data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rerunning a run name with a changed model, schedule, LR or ZeRO stage: one line, exit
+    2, before DeepSpeed loads anything; recipe.yaml and the checkpoints stay as they were,
+    so the run still exports.  A checkpoint folder holding a file its manifest does not list
+    is not used: resume=auto falls back to the one before."""
+    from mmssl.train.cli import main
+    from mmssl.train.export import export_run
+
+    args = [QUICK, *tiny_overrides(demo_data, str(tmp_path), "r"), "train.steps=4"]
+    _train([*args, "checkpoint.every=2"])
+    run_dir = tmp_path / "r"
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    for change, says in [
+        ("train.steps=8", "train.steps is 8 but checkpoint"),
+        ("optim.lr=0.002", "optim.lr is 0.002 but checkpoint"),
+        ("model.overrides.vision.depth=3", "model.overrides.vision.depth is 3 but"),
+        ("train.deepspeed=zero2", "was written at ZeRO stage 0, this run uses stage 2"),
+    ]:
+        assert main([*args, "train.deepspeed=zero0", change]) == 2, change
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # DeepSpeed's import may log a warning first
+        assert "Traceback" not in err and last.startswith("mmssl train: error: "), err
+        assert says in last, (change, last)
+        after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+        assert after == before, change
+    assert (export_run(run_dir) / "model.safetensors").is_file()
+    # a file the manifest does not list: not this save's checkpoint
+    (run_dir / "checkpoints" / "step_00000004" / "stray.pt").write_bytes(b"x")
+    from mmssl.train.checkpoint import find_resume
+
+    assert find_resume("auto", run_dir) == (run_dir / "checkpoints", "step_00000002")
