@@ -274,3 +274,44 @@ def test_plain_tokenizer_json_without_meta(tmp_path: Path, tok: Tokenizer) -> No
     plain = get_tokenizer(str(copy))
     assert (plain.bos_id, plain.eos_id, plain.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert plain.encode("hello there") == tok.encode("hello there")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bos_id": 99999}, "bos_id 99999 is outside the vocabulary [0, 8192)"),
+        ({"bos_id": -1}, "bos_id -1 is outside the vocabulary"),
+        ({"pad_id": 8192}, "pad_id 8192 is outside the vocabulary"),
+        ({"eos_id": "2"}, "'eos_id' must be an integer, got '2'"),
+        ({"eos_id": True}, "'eos_id' must be an integer, got True"),
+        ({"eos_id": 1}, "eos_id 1 is '<|bos|>' in tokenizer.json, but special_tokens.eos is"),
+        ({"special_tokens": {"bos": "<|nope|>"}}, "special_tokens.bos is '<|nope|>'"),
+        ({"special_tokens": ["<|bos|>"]}, "'special_tokens' must map roles to strings"),
+        ({"artifact": None}, "'artifact' must be a file name"),
+        ({"artifact": "../tokenizer.json"}, "'artifact' must be a file name"),
+        ({"kind": "sentencepiece"}, "kind 'sentencepiece' but tokenizer.json is 'bpe'"),
+    ],
+)
+def test_bad_meta_is_rejected(tmp_path: Path, change: dict, message: str) -> None:
+    from tokenizers import Tokenizer as HF  # the reference for the shipped vocabulary
+
+    shipped = json.loads((DEFAULT_DIR / META_FILE).read_text())
+    raw = HF.from_file(str(DEFAULT_DIR / "tokenizer.json"))
+    assert raw.get_vocab_size() == 8192 and raw.id_to_token(shipped["bos_id"]) == "<|bos|>"
+    (tmp_path / "tokenizer.json").write_bytes((DEFAULT_DIR / "tokenizer.json").read_bytes())
+    (tmp_path / META_FILE).write_text(json.dumps({**shipped, **change}))
+    with pytest.raises(ValueError) as info:
+        get_tokenizer(str(tmp_path))
+    assert message in str(info.value) and str(tmp_path / META_FILE) in str(info.value)
+
+
+def test_meta_special_tokens_checked_for_sentencepiece(tmp_path: Path) -> None:
+    from mmssl.tokenizer.train import Corpus, train_sentencepiece
+
+    texts = [f"caption number {i} of a red digit" for i in range(50)]
+    train_sentencepiece(Corpus(texts, "tiny"), tmp_path, vocab_size=300, show_progress=False)
+    assert get_tokenizer(str(tmp_path)).bos_id == 1
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "bos_id": 3}))  # 3 is <|unk|>
+    with pytest.raises(ValueError, match=re.escape("bos_id 3 is '<|unk|>'")):
+        get_tokenizer(str(tmp_path))

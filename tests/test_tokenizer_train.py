@@ -169,6 +169,13 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         ("broken.tar", ["train", "--out", "{tmp}/o", "{tmp}/broken.tar"], "broken.tar: cannot read tar"),
         ("binary.tar", ["train", "--out", "{tmp}/o", "{tmp}/binary.tar"], "binary.tar:k.txt: not UTF-8"),
         ("empty.txt", ["train", "--out", "{tmp}/o", "{tmp}/empty.txt"], "empty corpus"),
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--seed", "-5", "{tmp}/x.txt"],
+         "--seed must be >= 0"),
+        (None, ["train", "--out", "{tmp}/o", "--bos", "", "{tmp}/x.txt"], "--bos must not be empty"),
+        (None, ["train", "--out", "{tmp}/o", "--pad", "", "{tmp}/x.txt"], "--pad must not be empty"),
+        (None, ["train", "--out", "{tmp}/o", "--special-token", "", "{tmp}/x.txt"],
+         "--special-token must not be empty"),
+        (None, ["train", "--out", "{tmp}/o", "--tar-field", "", "{tmp}/x.txt"], "--tar-field must not be empty"),
         (None, ["oops"], "unknown subcommand 'oops'"),
         (None, ["train", "--kind", "wordpiece"], "invalid choice"),
     ],
@@ -192,3 +199,51 @@ def test_cli_bad_input(
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o" / META_FILE).exists()
+
+
+def test_directory_reads_only_corpus_files(
+    inputs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a shard folder as `mmssl demo-data` writes it: shards plus a manifest.json
+    folder = inputs[0].parent
+    (folder / "manifest.json").write_text('{"num_samples": 3, "text": "not a caption"}\n')
+    (folder / "notes.md").write_text("not training text\n")
+    # the reference: the three corpus files named one by one
+    expected = list(iter_corpus(inputs))
+    assert list(iter_corpus([folder])) == expected
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--vocab-size", "300", "--quiet", str(folder)]) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["corpus"]["num_texts"] == len(expected)
+    err = capsys.readouterr().err
+    assert "skipped 2 file(s)" in err and "manifest.json" in err and "notes.md" in err
+    assert "skipped 2" in meta["corpus"]["description"]
+    # a file named explicitly is still read, whatever its name
+    assert list(iter_corpus([folder / "notes.md"])) == ["not training text"]
+
+
+def test_directory_of_only_other_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "manifest.json").write_text("{}\n")
+    code, err = _run_cli(["train", "--out", str(tmp_path / "o"), str(tmp_path)], capsys)
+    assert code == 2 and "no input files" in err and "skipped 1" in err
+
+
+@pytest.mark.parametrize("out", ["x.txt", "x.txt/sub"])
+def test_out_is_a_file_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    (tmp_path / "x.txt").write_text("some text\n")
+    # training on this file would fail on its encoding: the --out error must come first
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    argv = ["train", "--out", str(tmp_path / out), str(tmp_path / "latin1.txt")]
+    code, err = _run_cli(argv, capsys)
+    assert code == 2 and "is not a directory" in err and "Traceback" not in err
+    assert (tmp_path / "x.txt").read_text() == "some text\n"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, True])
+def test_train_functions_check_seed(tmp_path: Path, seed: int) -> None:
+    from mmssl.tokenizer.train import train_sentencepiece
+
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        train_sentencepiece(Corpus(["a b c"], "tiny"), tmp_path / "o", seed=seed)

@@ -71,6 +71,21 @@ def read_meta(directory: str | Path) -> dict[str, Any] | None:
     missing = [k for k in ("artifact", "kind", "bos_id", "eos_id", "pad_id") if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
+    artifact = meta["artifact"]
+    # a bare file name next to the meta: anything else would be read from elsewhere (or crash)
+    if not isinstance(artifact, str) or not artifact or Path(artifact).name != artifact:
+        raise ValueError(
+            f"{path}: 'artifact' must be a file name in {path.parent}, got {artifact!r}"
+        )
+    if not isinstance(meta["kind"], str):
+        raise ValueError(f"{path}: 'kind' must be a string, got {meta['kind']!r}")
+    for key in ("bos_id", "eos_id", "pad_id"):
+        # bool is an int subclass, and "1" would be silently converted: both are typos
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int):
+            raise ValueError(f"{path}: {key!r} must be an integer, got {meta[key]!r}")
+    tokens = meta.get("special_tokens", {})
+    if not isinstance(tokens, dict) or not all(isinstance(t, str) for t in tokens.values()):
+        raise ValueError(f"{path}: 'special_tokens' must map roles to strings, got {tokens!r}")
     return meta
 
 
@@ -116,8 +131,30 @@ def _cached(path: str, name: str, meta_json: str | None, mtime_ns: int, size: in
         tok = HFTokenizer(path, name=name, meta=meta)
     else:
         raise ValueError(f"unknown tokenizer file type: {path} (expected .json, .model or .txt.gz)")
-    if meta is not None and meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        raise ValueError(
-            f"{path}: vocab_size {tok.vocab_size} differs from {META_FILE} ({meta['vocab_size']})"
-        )
+    if meta is not None:
+        _check_meta_matches(tok, meta)
     return tok
+
+
+def _check_meta_matches(tok: Tokenizer, meta: dict[str, Any]) -> None:
+    """The artifact must agree with its tokenizer_meta.json (already type-checked by read_meta)."""
+    where = tok.path.parent / META_FILE
+    if meta["kind"] != tok.kind:
+        raise ValueError(f"{where}: kind {meta['kind']!r} but {tok.path.name} is {tok.kind!r}")
+    if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise ValueError(
+            f"{tok.path}: vocab_size {tok.vocab_size} differs from {META_FILE} ({meta['vocab_size']})"
+        )
+    tokens = meta.get("special_tokens", {})
+    for role in ("bos", "eos", "pad"):
+        idx = meta[f"{role}_id"]
+        # an id outside the embedding table would only fail later, deep inside a model
+        if not 0 <= idx < tok.vocab_size:
+            raise ValueError(
+                f"{where}: {role}_id {idx} is outside the vocabulary [0, {tok.vocab_size})"
+            )
+        if role in tokens and tok.id_to_token(idx) != tokens[role]:
+            raise ValueError(
+                f"{where}: {role}_id {idx} is {tok.id_to_token(idx)!r} in {tok.path.name}, "
+                f"but special_tokens.{role} is {tokens[role]!r}"
+            )

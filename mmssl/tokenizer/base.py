@@ -80,6 +80,10 @@ class Tokenizer(ABC):
     def _decode_ids(self, ids: list[int]) -> str:
         """Text of ids that contain no special ids and are all in range."""
 
+    def id_to_token(self, idx: int) -> str | None:
+        """The vocabulary entry of an in-range id (used to check tokenizer_meta.json)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot look up tokens")
+
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset((self.bos_id, self.eos_id, self.pad_id))

@@ -54,22 +54,35 @@ def default_corpus() -> Corpus:
     return Corpus(texts, description, total=len(texts))
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files named by `inputs`; directories expand to their files in sorted order."""
+# What a directory contributes; other files there (a shard folder's manifest.json, READMEs,
+# images) are not training text. A file named explicitly is read whatever its name.
+DIR_SUFFIXES = (".txt", ".jsonl", ".tar", ".tar.gz", ".tgz")
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(files, skipped) named by `inputs`.
+
+    Directories expand, in sorted order, to their files ending in one of `DIR_SUFFIXES`;
+    their other non-hidden files are returned as `skipped` so the caller can report them.
+    """
     files: list[Path] = []
+    skipped: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(
-                p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-            )
+            for p in sorted(path.rglob("*")):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                (files if p.name.lower().endswith(DIR_SUFFIXES) else skipped).append(p)
         elif path.is_file():
             files.append(path)
         else:
             raise FileNotFoundError(f"input not found: {path}")
     if not files:
-        raise ValueError(f"no input files in {', '.join(map(str, inputs)) or '(nothing given)'}")
-    return files
+        what = ", ".join(map(str, inputs)) or "(nothing given)"
+        note = f" (skipped {len(skipped)} not {'/'.join(DIR_SUFFIXES)})" if skipped else ""
+        raise ValueError(f"no input files in {what}{note}")
+    return files, skipped
 
 
 def _iter_lines(path: Path) -> Iterator[str]:
@@ -122,8 +135,11 @@ def _iter_tar(path: Path, tar_field: str) -> Iterator[str]:
 def iter_corpus(
     inputs: Sequence[str | Path], field: str = "text", tar_field: str = "txt"
 ) -> Iterator[str]:
-    """Texts of text files (per line), .jsonl files (`field`) and .tar shards (`tar_field`)."""
-    for path in expand_inputs(inputs):
+    """Texts of text files (per line), .jsonl files (`field`) and .tar shards (`tar_field`).
+
+    Directories contribute only their .txt, .jsonl and .tar files (see `expand_inputs`).
+    """
+    for path in expand_inputs(inputs)[0]:
         name = path.name.lower()
         if name.endswith((".tar", ".tar.gz", ".tgz")):
             yield from _iter_tar(path, tar_field)

@@ -67,6 +67,9 @@ class HFTokenizer(Tokenizer):
             f"put a tokenizer_meta.json next to it"
         )
 
+    def id_to_token(self, idx: int) -> str | None:
+        return self._tok.id_to_token(idx)
+
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
         try:

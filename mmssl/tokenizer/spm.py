@@ -61,6 +61,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.__dict__.update(state)
         self._sp = self._load(self._proto, self.path)
 
+    def id_to_token(self, idx: int) -> str | None:
+        return self._sp.id_to_piece(idx)
+
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
         try:

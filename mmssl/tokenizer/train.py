@@ -21,7 +21,13 @@ from typing import Any, NoReturn
 
 from mmssl.tokenizer import DEFAULT_DIR
 from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
-from mmssl.tokenizer.corpus import Corpus, default_corpus, iter_corpus
+from mmssl.tokenizer.corpus import (
+    DIR_SUFFIXES,
+    Corpus,
+    default_corpus,
+    expand_inputs,
+    iter_corpus,
+)
 
 __all__ = [
     "Corpus",
@@ -60,6 +66,22 @@ def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _check_out_dir(out_dir: str | Path) -> None:
+    """Fail before training, not after it, when `out_dir` cannot become a directory."""
+    path = Path(out_dir)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"cannot write to {path}: {existing} is not a directory")
+            return
+
+
+def _check_seed(seed: int) -> None:
+    # sentencepiece takes an unsigned 32-bit seed and fails with a binding TypeError otherwise
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
 def _specials(pad: str, bos: str, eos: str, extra: Sequence[str]) -> list[str]:
     tokens = [pad, bos, eos, *extra]
     if len(set(tokens)) != len(tokens) or not all(tokens):
@@ -91,6 +113,8 @@ def train_bpe(
     specials = _specials(pad, bos, eos, extra_special_tokens)
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size must be >= {256 + len(specials)} (bytes + specials)")
+    _check_seed(seed)
+    _check_out_dir(out_dir)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     for s in specials:
@@ -156,6 +180,8 @@ def train_sentencepiece(
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     _specials(pad, bos, eos, extra_special_tokens)  # validates
+    _check_seed(seed)
+    _check_out_dir(out_dir)
     lines = (line for text in _progress(corpus, show_progress) for line in text.split("\n") if line)
     writer = io.BytesIO()
     spm.set_random_generator_seed(seed)
@@ -281,6 +307,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(value: str | None, default: str) -> str:
+    return default if value is None else value
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     options = {
         k: v for k, v in vars(args).items() if k not in ("inputs", "default", "out", "quiet")
@@ -305,13 +335,32 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    texts = iter_corpus(args.inputs, field=args.field or "text", tar_field=args.tar_field or "txt")
-    corpus = Corpus(texts, "files: " + ", ".join(map(str, args.inputs)))
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    # an empty value must not fall back to the default silently
+    for name in ("pad", "bos", "eos", "field", "tar_field"):
+        if getattr(args, name) == "":
+            raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+    if "" in (args.special_token or []):
+        raise ValueError("--special-token must not be empty")
+    files, skipped = expand_inputs(args.inputs)
+    description = "files: " + ", ".join(map(str, args.inputs))
+    if skipped:
+        # directories hold only .txt/.jsonl/.tar training text; say what else was left out
+        names = ", ".join(p.name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        kinds = "/".join(DIR_SUFFIXES)
+        note = f"skipped {len(skipped)} file(s) in input directories, not {kinds}: {names}"
+        print(f"mmssl tokenizer train: {note}", file=sys.stderr)
+        description += f" ({note})"
+    texts = iter_corpus(
+        files, field=_given(args.field, "text"), tar_field=_given(args.tar_field, "txt")
+    )
+    corpus = Corpus(texts, description)
     common: dict[str, Any] = {
         "vocab_size": args.vocab_size or DEFAULT_VOCAB_SIZE,
-        "pad": args.pad or PAD,
-        "bos": args.bos or BOS,
-        "eos": args.eos or EOS,
+        "pad": _given(args.pad, PAD),
+        "bos": _given(args.bos, BOS),
+        "eos": _given(args.eos, EOS),
         "extra_special_tokens": args.special_token or [],
         "seed": args.seed or 0,
         "show_progress": not args.quiet,
