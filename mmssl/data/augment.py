@@ -38,6 +38,8 @@ DALI does), which is faster and approximate.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,14 +74,44 @@ class AugmentConfig:
     backend: str = "auto"  # "auto" | "numba" | "torch": who renders (same views)
 
     def __post_init__(self) -> None:
+        # every field checked here, naming it: a bad value would otherwise pass a recipe's
+        # validation and crash the workers later (numpy's "high - low < 0", an IndexError)
         if self.backend not in ("auto", "numba", "torch"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {self.backend!r}")
-        if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue strength must be in [0, 0.5], got {self.hue}")
         if self.hue_mode not in ("hsv", "yiq"):
             raise ValueError(f"hue_mode must be 'hsv' or 'yiq', got {self.hue_mode!r}")
+        for name in ("scale", "ratio", "blur_sigma"):
+            pair = getattr(self, name)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_real, pair))):
+                raise ValueError(f"{name} must be 2 numbers [min, max], got {pair!r}")
+            if not pair[0] <= pair[1]:
+                raise ValueError(f"{name} must have min <= max, got {list(pair)}")
         if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
-            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1] < math.inf:  # log(ratio) is drawn
+            raise ValueError(f"ratio must be positive and finite, got {list(self.ratio)}")
+        if not 0.0 <= self.blur_sigma[0] <= self.blur_sigma[1] < math.inf:
+            raise ValueError(f"blur_sigma must be >= 0 and finite, got {list(self.blur_sigma)}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not (_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not (_real(value) and 0.0 <= value < math.inf):
+                raise ValueError(f"{name} strength must be >= 0 and finite, got {value!r}")
+        if not (_real(self.hue) and 0.0 <= self.hue <= 0.5):  # 0.5: +-180 degrees
+            raise ValueError(f"hue strength must be in [0, 0.5], got {self.hue!r}")
+        # intensities are in [0, 1]
+        if not (_real(self.solarize_threshold) and 0.0 <= self.solarize_threshold <= 1.0):
+            raise ValueError(
+                f"solarize_threshold must be in [0, 1], got {self.solarize_threshold!r}"
+            )
+
+
+def _real(value: Any) -> bool:
+    """A real number (not a bool, a string or None)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass

@@ -30,18 +30,20 @@ again by the workers of later epochs or of a resumed run.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
-from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
+from mmssl.data.tario import check_urls, expand_urls, is_local, iter_shard
 
 STATE_VERSION = 2
 
@@ -70,14 +72,16 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-def _count_rows(urls: list[str], tokenizer: Any, context_length: int) -> int:
-    """Packed LM rows in a text source (tokenises every document once)."""
+def _count_rows(urls: list[str], tokenizer: Any, context_length: int, skipped: SkipCounter) -> int:
+    """Packed LM rows in a text source (tokenises every document once); bad input counted
+    in `skipped`."""
     tokens = 0
     for url in urls:
-        for _, files in iter_shard(url, SkipCounter()):
+        for key, files in iter_shard(url, skipped):
             try:
                 text = decode_text(files, "missing_text")
-            except BadSample:
+            except BadSample as bad:
+                skipped.add(bad.kind, f"{url}:{key}", bad.detail)
                 continue
             tokens += len(tokenizer.encode(text, add_bos=False, add_eos=False)) + 1
     return tokens // (context_length + 1)
@@ -95,8 +99,9 @@ def _resolve(
     urls = expand_urls(src.urls)
     check_urls(src.urls, urls)
     name = src.name or f"source{index}"
-    n_batches = 0
+    n_batches = rows = 0
     counts: list[int] = []
+    skipped = SkipCounter()  # what counting the samples met: unreadable shards, bad text
     if mode == "epoch":
         if len(urls) < slots:
             raise DataError(
@@ -107,7 +112,7 @@ def _resolve(
         if src.epoch_batches is not None:
             n_batches = int(src.epoch_batches)
         elif src.kind == "text":
-            rows = _count_rows(urls, plan_args["tokenizer"], plan_args["context_length"])
+            rows = _count_rows(urls, plan_args["tokenizer"], plan_args["context_length"], skipped)
             n_batches = rows // (world * batch)
         else:
             known = _manifest_counts(urls)
@@ -116,13 +121,22 @@ def _resolve(
                 if key in known:
                     counts.append(known[key])
                 elif is_local(u):
-                    counts.append(count_samples(u))
+                    counts.append(sum(1 for _ in iter_shard(u, skipped)))
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "
                         f"write one (mmssl shards does) or set Source.epoch_batches"
                     )
             n_batches = sum(counts) // (world * batch)
+        if n_batches < 1 and skipped.counts:
+            # a broken source rather than a small one: "lower batch_size" would mislead
+            what = f"{rows} packed rows" if src.kind == "text" else f"{sum(counts)} samples"
+            bad = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.counts.items()))
+            raise DataError(
+                f"source {name} has {what} readable, less than one batch per rank "
+                f"({world} ranks x batch {batch}); skipped as bad: {bad} "
+                f"(check its shards, first: {urls[0]})"
+            )
         if n_batches < 1:
             raise DataError(
                 f"source {name} is smaller than one batch per rank "
@@ -241,6 +255,54 @@ class StreamLoader:
         self.skipped_done = dict(state.get("skipped_done", {}))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_args(
+    image_size: Any,
+    num_views: Any,
+    seed: Any,
+    shuffle: Any,
+    num_workers: Any,
+    max_pixels: Any,
+    augment: Any,
+) -> None:
+    """The sizes and counts of `build_pipeline` in range: otherwise torch or numpy fail deep
+    inside a worker (or a negative count silently means none)."""
+    for name, value, least in (
+        ("image_size", image_size, 1),
+        ("num_views", num_views, 0),
+        ("seed", seed, 0),  # numpy seeds are non-negative
+        ("shuffle", shuffle, 1),
+        ("num_workers", num_workers, 0),
+        ("max_pixels", max_pixels, 1),
+    ):
+        if not (_is_int(value) and value >= least):
+            raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
+    if isinstance(augment, (tuple, list)) and len(augment) != num_views:
+        raise DataError(f"{len(augment)} augment configs for num_views={num_views}")
+
+
+def _check_norm(mean: Any, std: Any) -> None:
+    """Per-channel normalisation takes both mean and std (one alone used to be ignored
+    without a word): 3 finite numbers each, std > 0."""
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise DataError(f"{given} needs {missing} too (images are normalised with both)")
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        try:
+            ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{name} must be 3 finite numbers (R, G, B), got {values!r}")
+    if std is not None and not all(float(v) > 0 for v in std):
+        raise DataError(f"std must be > 0 in every channel, got {std!r}")
+
+
 def build_pipeline(
     urls: str | Sequence[str] | None = None,
     *,
@@ -284,6 +346,8 @@ def build_pipeline(
         world_size = distributed.world_size() if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
+    _check_args(image_size, num_views, seed, shuffle, num_workers, max_pixels, augment)
+    _check_norm(mean, std)
     if sources is None:
         assert urls is not None
         sources = [Source(urls if isinstance(urls, str) else tuple(urls), kind=kind)]

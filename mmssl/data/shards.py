@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -360,11 +361,16 @@ def write_shards(
     DataError, and leaves the manifest as it was."""
     from tqdm import tqdm
 
+    # the first sample before the writer: a missing or empty input fails before the output
+    # directory is created or a progress bar is drawn
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:
+        raise DataError(f"no samples to write to {out_dir}")
     with ShardWriter(out_dir, split, max_count=max_count, max_bytes=max_bytes) as writer:
-        for sample in tqdm(samples, desc=f"{split} shards", unit=" samples", disable=not progress):
+        todo = itertools.chain([first], samples)
+        for sample in tqdm(todo, desc=f"{split} shards", unit=" samples", disable=not progress):
             writer.write(sample)
-        if not writer.shards:
-            raise DataError(f"no samples to write to {out_dir}")
     return writer.close()
 
 

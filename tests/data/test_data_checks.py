@@ -1,0 +1,166 @@
+"""Bad arguments fail up front with one line naming them: augmentation strengths, image
+normalisation, pipeline sizes, shard writing with no input, all-unreadable epoch sources."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+from data_helpers import StubTokenizer
+
+from mmssl.data.augment import AugmentConfig
+from mmssl.data.errors import DataError
+from mmssl.data.pipeline import Source, build_pipeline
+from mmssl.schema import ConfigError, from_dict
+
+QUICK = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+
+# (field, bad value): each passed unchecked before, and broke a worker later or did nothing
+BAD_AUGMENT = [
+    ("brightness", -3.0),
+    ("contrast", math.inf),
+    ("saturation", -0.1),
+    ("ratio", (2.0, 1.0)),
+    ("ratio", (0.0, 1.0)),
+    ("blur_sigma", (3.0, 1.0)),
+    ("blur_sigma", (-1.0, 1.0)),
+    ("scale", (0.5,)),
+    ("ratio", (0.5, 1.0, 2.0)),
+    ("flip_p", 5.0),
+    ("jitter_p", -1.0),
+    ("grayscale_p", 1.5),
+    ("blur_p", math.nan),
+    ("solarize_p", 2.0),
+    ("solarize_threshold", 3.0),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_AUGMENT)
+def test_augment_config_range_checks_every_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AugmentConfig(**{field: value})
+    # the recipe / --augment path: lists from YAML, a one-line ConfigError with the key
+    plain = list(value) if isinstance(value, tuple) else value
+    with pytest.raises(ConfigError, match=f"data.augment: {field}"):
+        from_dict(AugmentConfig, {field: plain}, "data.augment")
+
+
+def test_augment_config_accepts_the_edges():
+    AugmentConfig(brightness=0.0, hue=0.5, flip_p=1.0, jitter_p=0.0, blur_sigma=(0.0, 0.0))
+    AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), solarize_threshold=0.0)
+
+
+def _validate(*overrides: str) -> None:
+    from mmssl.train.recipe import load_recipe, validate
+
+    validate(load_recipe(QUICK, list(overrides)), world_size=1, check_files=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # quickstart has data.view_augment: the error names data.augment, where the value is
+        (["data.augment.brightness=-3"], r"data\.augment: brightness"),
+        (["data.augment.ratio=[2, 1]"], r"data\.augment: ratio must have min <= max"),
+        (["data.augment.flip_p=5"], r"data\.augment: flip_p"),
+        (["data.view_augment=[{}, {jitter_p: -1}]"], r"data\.view_augment\[1\]: jitter_p"),
+        (["data.std=[0.2, 0.2, 0.2]"], r"data\.std needs data\.mean"),
+        (["data.mean=[0.5, 0.5, 0.5]"], r"data\.mean needs data\.std"),
+        (["data.mean=[0.5, 0.5, 0.5]", "data.std=[0, 0, 0]"], r"data\.std must be > 0"),
+        (["data.mean=[0.5]", "data.std=[0.2]"], r"data\.mean must be 3 numbers"),
+    ],
+)
+def test_recipe_validation_names_the_bad_data_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _validate(*overrides)
+
+
+def test_recipe_with_mean_and_std_validates():
+    _validate("data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": -8}, "image_size"),
+        ({"num_views": -1}, "num_views"),
+        ({"seed": -1}, "seed"),
+        ({"mean": (0.5,), "std": (0.2,)}, "mean must be 3"),
+        ({"std": (0.2, 0.2, 0.2)}, "std needs mean"),
+        ({"mean": (0.5, 0.5, 0.5)}, "mean needs std"),
+        ({"mean": (0.5, 0.5, 0.5), "std": (0.0, 0.2, 0.2)}, "std must be > 0"),
+        ({"mean": (0.5, math.nan, 0.5), "std": (0.2, 0.2, 0.2)}, "mean must be 3 finite"),
+        ({"num_views": 1, "augment": (AugmentConfig(), AugmentConfig())}, "2 augment configs"),
+    ],
+)
+def test_build_pipeline_rejects_bad_arguments(image_shards, kwargs, message):
+    args = dict(batch_size=4, rank=0, world_size=1, image_size=8, num_views=1)
+    with pytest.raises(DataError, match=message):
+        build_pipeline(image_shards, **{**args, **kwargs})
+
+
+def test_build_pipeline_normalises_with_mean_and_std(image_shards):
+    common = dict(batch_size=4, rank=0, world_size=1, image_size=8, num_views=0, shuffle=1)
+    plain = next(iter(build_pipeline(image_shards, **common)))["image"]
+    pl = build_pipeline(image_shards, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **common)
+    normed = next(iter(pl))["image"]
+    assert normed.sub(plain.sub(0.5).div(0.25)).abs().max() < 1e-5
+
+
+def test_write_shards_without_samples_creates_nothing(tmp_path):
+    from mmssl.data.shards import samples_from_folder, write_shards
+
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no samples"):
+        write_shards(iter([]), str(out), progress=False)
+    assert not out.exists()
+    with pytest.raises(DataError, match="does not exist"):
+        write_shards(samples_from_folder(str(tmp_path / "missing")), str(out), progress=False)
+    assert not out.exists()
+
+
+def test_shards_cli_with_missing_input_writes_and_draws_nothing(tmp_path, capsys):
+    from mmssl.data.shards import main
+
+    out = tmp_path / "out"
+    assert main(["folder", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"mmssl shards: error: image folder {str(tmp_path / 'missing')!r} does not exist"
+    ]
+    assert not out.exists()
+
+
+def _garbage(tmp_path, n: int) -> list[str]:
+    """n unreadable shards: half garbage bytes, half empty files."""
+    urls = []
+    for i in range(n):
+        path = tmp_path / f"bad-{i}.tar"
+        path.write_bytes(os.urandom(8) if i % 2 == 0 else b"")
+        urls.append(str(path))
+    return urls
+
+
+def test_epoch_source_of_unreadable_shards_says_they_were_skipped(tmp_path):
+    urls = _garbage(tmp_path, 4)
+    with pytest.raises(DataError, match=r"0 samples readable.*skipped as bad: bad_tar: 2") as e:
+        build_pipeline(urls, batch_size=4, mode="epoch", rank=0, world_size=1)
+    assert "lower batch_size" not in str(e.value)
+    assert "empty_shard: 2" in str(e.value)
+
+
+def test_epoch_text_source_of_unreadable_shards_says_they_were_skipped(tmp_path):
+    src = Source(tuple(_garbage(tmp_path, 2)), kind="text", name="lm")
+    with pytest.raises(DataError, match=r"source lm has 0 packed rows.*skipped as bad"):
+        build_pipeline(
+            sources=[src],
+            batch_size=2,
+            mode="epoch",
+            rank=0,
+            world_size=1,
+            tokenizer=StubTokenizer(),
+            context_length=8,
+        )
