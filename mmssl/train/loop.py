@@ -181,6 +181,17 @@ def _eval_loss(
 
 def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the run summary.  Collective: call on every rank."""
+    # ZeRO-3 replaces torch.nn.functional.linear with its memory-efficient version for good
+    # (DeepSpeed: "This will persist unless manually reset"); a later run in this process
+    # (a test driver, a sweep) must not inherit it, since it changes bf16 numerics
+    linear = torch.nn.functional.linear
+    try:
+        return _train(recipe, resolved)
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     if world != resolved.world_size:
