@@ -97,15 +97,76 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+# DeepSpeed config sections whose names its config modules do not hold as constants
+DS_SECTIONS = (
+    "activation_checkpointing",
+    "aio",
+    "amp",
+    "autotuning",
+    "comms_logger",
+    "compile",
+    "compression_training",
+    "csv_monitor",
+    "elasticity",
+    "flops_profiler",
+    "hybrid_engine",
+    "nebula",
+    "tensorboard",
+    "tensor_parallel",
+    "wandb",
+    "weight_quantization",
+)
+
+
+def _check_ds_keys(path: Path, data: dict[str, Any]) -> None:
+    """DeepSpeed ignores top-level keys it does not know, so a typo (`zero_optimisation`)
+    would train silently at ZeRO-0: a key close to one of DeepSpeed's own names is an error.
+    (DeepSpeed's names are spread over many modules; the constants of its config modules
+    plus DS_SECTIONS miss a few real ones, so an unknown key unlike any of them is let through.)  `zero_optimization` is
+    checked whole against DeepSpeed's own model of it, before the engine would."""
+    import difflib
+
+    import deepspeed.runtime.config as ds_config
+    import deepspeed.runtime.zero.config as zero_config
+
+    known = {
+        v
+        for module in (ds_config, zero_config)
+        for k, v in vars(module).items()
+        if k.isupper() and isinstance(v, str)
+    } | set(DS_SECTIONS)
+    for key in data:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if key not in known and close:
+            raise ConfigError(f"{path}: unknown key {key!r} (did you mean {close[0]!r}?)")
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be an object, got {zero!r}")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"{path}: zero_optimization.{where}: {first['msg']} (got {first.get('input')!r})"
+        ) from None
+
+
 def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     """The engine JSON of the recipe with batch sizes, precision, clipping and optimizer injected."""
     path = find_deepspeed_json(recipe)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    _check_ds_keys(path, data)
     injected = _injected(recipe, grad_accum)
     for key in RECIPE_KEYS:
         if key not in data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,21 @@ def test_deepspeed_json_conflict(
     )
     recipe.train.deepspeed = str(path)
     assert deepspeed_config(recipe, 2)["zero_optimization"] == {"stage": 2}
+    # DeepSpeed would ignore a misspelt section (and train at ZeRO-0) or fail at start-up
+    for body, says in [
+        ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' (did you mean"),
+        ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com"),
+        ({"zero_optimization": []}, "zero_optimization must be an object"),
+    ]:
+        path.write_text(json.dumps(body))
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            deepspeed_config(recipe, 2)
+    path.write_bytes(b'{"zero_optimization": {"stage": 2}} \xff')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        deepspeed_config(recipe, 2)
+    real = {"zero_optimization": {"stage": 2, "overlap_comm": True}, "flops_profiler": {}}
+    path.write_text(json.dumps(real))
+    assert deepspeed_config(recipe, 2)["zero_optimization"]["overlap_comm"] is True
 
 
 def test_other_bad_input(
@@ -132,6 +148,8 @@ def test_other_bad_input(
 ) -> None:
     runs = tmp_path / "runs"
     assert "does not exist" in _bad([str(tmp_path / "none.yaml")], capsys, runs)
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in _bad([str(tmp_path / "latin1.yaml")], capsys, runs)
     assert "'simclr'" in _bad([*base, "objectives.clip.type=simclar"], capsys, runs)
     assert "source" in _bad([*base, "objectives.clip.source=nope"], capsys, runs)
     assert "train.deepspeed" in _bad([*base, "train.deepspeed=zero9"], capsys, runs)
