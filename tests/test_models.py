@@ -310,3 +310,82 @@ def test_partial_section_override_keeps_the_fields_own_defaults():
         cfg = resolve_model_config("clip_vit_b32", **over)
         assert cfg.text.block.act == "quick_gelu"
         assert cfg.text.block.norm_eps == 1e-5
+
+
+def _tiny_export(tmp_path):
+    torch.manual_seed(0)
+    model = small("test_tiny_clip").eval()
+    return model, save_pretrained(model, tmp_path / "export")
+
+
+def test_export_is_all_or_nothing_and_readable_by_others(tmp_path):
+    import json
+    import os
+    import stat
+
+    model, out = _tiny_export(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json"):  # safetensors alone makes its file 0600
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~mask, name
+    # config.json cannot be replaced (a directory is in the way): the old weights must stay
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(FileExistsError, match=r"config\.json exists and is not a file"):
+        save_pretrained(model, out)
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # a failure between the two writes leaves both old files and no temporaries
+    (out / "config.json").rmdir()
+    (out / "config.json").write_text(json.dumps({"old": 1}))
+    with pytest.raises(TypeError):
+        save_pretrained(model, out, extra={"bad": object()})  # not JSON: fails after the weights
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert json.loads((out / "config.json").read_text()) == {"old": 1}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_pretrained(model, out / "config.json")
+
+
+def test_export_cli_out_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    from mmssl.train import export
+
+    model, _ = _tiny_export(tmp_path)
+    monkeypatch.setattr(export, "export_run", lambda run, out, tag: save_pretrained(model, out))
+    (tmp_path / "file").write_text("keep\n")
+    assert export.main([str(tmp_path), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmssl export: error: ") and "not a directory" in err
+    assert len(err.strip().splitlines()) == 1 and (tmp_path / "file").read_text() == "keep\n"
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("norm_eps", float("nan"), r"model\.vision\.block\.norm_eps must be a finite number"),
+        ("norm_eps", -1.0, r"model\.vision\.block\.norm_eps must be > 0"),
+        ("mlp_ratio", 0.0, r"model\.vision\.block\.mlp_ratio must be > 0"),
+    ],
+)
+def test_loaded_config_values_are_checked(tmp_path, key, value, match):
+    import json
+
+    _, out = _tiny_export(tmp_path)
+    data = json.loads((out / "config.json").read_text())
+    data["model"]["vision"]["block"][key] = value
+    (out / "config.json").write_text(json.dumps(data))  # json writes NaN as in the report
+    with pytest.raises(ConfigError, match=r"config\.json: " + match):
+        mmssl.load_encoder(str(out))
+
+
+def test_export_module_runs_as_a_script(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmssl.train.export", str(tmp_path / "no_run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "mmssl export: error: " in proc.stderr

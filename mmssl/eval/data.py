@@ -48,14 +48,40 @@ def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
+class _FirstProblem(SkipCounter):
+    """A SkipCounter that keeps what went wrong instead of logging it: `iter_raw` raises it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.problem: tuple[str, str] | None = None
+
+    def add(self, kind: str, where: str, detail: str = "") -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.problem is None:
+            self.problem = (kind, detail)
+
+
 def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """(index, key, files) of every sample of every shard, in order."""
-    counter = SkipCounter()
+    """(index, key, files) of every sample of every shard, in order.
+
+    A damaged shard (truncated or corrupt tar, failing pipe, empty) raises DataError once it
+    has been read: the training stream counts and skips it, but an evaluation that lost the
+    rest of a shard would report a number for another test set."""
     index = 0
     for url in urls:
+        counter = _FirstProblem()
+        read = 0
         for key, files in iter_shard(url, counter):
             yield index, key, files
             index += 1
+            read += 1
+        if counter.problem is not None:
+            kind, detail = counter.problem
+            raise DataError(
+                f"shard {url} is damaged ({kind}{': ' + detail if detail else ''}); only its "
+                f"first {read} sample(s) could be read, and evaluating without the rest would "
+                "score a different test set"
+            )
     if index == 0:
         raise DataError(f"no readable sample in {len(urls)} shard(s) (first: {urls[0]})")
 

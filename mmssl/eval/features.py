@@ -137,14 +137,34 @@ def _fill_empty(
     return out
 
 
+# a metadata key every features file carries, so that `--out` may replace an earlier one
+# but never another file (a model's own model.safetensors is a safetensors file too)
+MARKER = "mmssl_features"
+
+
 def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors."""
-    from safetensors.torch import save_file
+    """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors,
+    atomically and readable by others."""
+    from mmssl.models.io import save_safetensors
 
     tensors = {k: v.contiguous() for k, v in feats.items() if isinstance(v, Tensor)}
     meta = dict(metadata, keys=json.dumps(feats["__key__"]))
+    meta[MARKER] = "1"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
+
+
+def is_features_file(path: str | Path) -> bool:
+    """Whether `path` is a features file written by mmssl (its metadata has the marker, or,
+    from before the marker, the `keys` and `fields` that only `mmssl features` writes)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return MARKER in meta or {"keys", "fields", "model"} <= set(meta)
 
 
 def load_features(path: str | Path) -> dict[str, Any]:
@@ -194,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if problem:
             raise EvalError(problem)
-        if Path(args.out).is_dir():
+        out = Path(args.out)
+        if out.is_dir():
             raise EvalError(f"--out {args.out} is a directory; name the .safetensors file")
+        if out.exists() and not is_features_file(out):
+            raise EvalError(
+                f"--out {args.out} exists and is not an mmssl features file; not overwriting it"
+            )
         loaded = load_model(args.model)
         urls = shard_urls(args.data)
         fields = (
@@ -215,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmssl features: error: {err}", file=sys.stderr)
         return 2
     if distributed.rank() == 0:
-        save_features(
-            args.out,
-            feats,
-            {"model": str(loaded.model_dir), "data": args.data, "fields": ",".join(fields)},
-        )
+        try:
+            save_features(
+                args.out,
+                feats,
+                {"model": str(loaded.model_dir), "data": args.data, "fields": ",".join(fields)},
+            )
+        except OSError as err:  # e.g. a parent of --out is a file, or no permission
+            print(f"mmssl features: error: cannot write {args.out}: {err}", file=sys.stderr)
+            return 2
         print(
             f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features to {args.out}"
         )

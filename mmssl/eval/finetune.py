@@ -150,11 +150,10 @@ def _images_and_labels(
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features
     from mmssl.eval.linear import sweep
+    from mmssl.models.io import save_safetensors
 
     if args.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {args.steps}")
@@ -208,7 +207,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         "num_test": len(test_y),
     }
     weights = Path(args.out) / "finetuned.safetensors"
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(weights))
+    # readable by others (safetensors' own save_file makes it 0600), replaced atomically
+    save_safetensors({k: v.contiguous() for k, v in clf.state_dict().items()}, weights)
     summary = (
         f"Fine-tuned vision tower + linear head, {args.steps} steps: **test top-1 {res['top1']:.4f}** "
         f"vs linear probe of the frozen tower {res['linear_probe_top1']:.4f}. Weights: `{weights.name}`."

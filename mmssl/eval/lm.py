@@ -75,8 +75,12 @@ def load_task(path: str) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"task file not found: {path} (or use the built-in task 'demo')")
+    try:
+        text = p.read_text(encoding="utf-8")  # JSONL is UTF-8 by definition
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path}: not UTF-8 text ({err})") from None
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -26,7 +26,9 @@ from mmssl.interop.weights import (
     transpose,
 )
 from mmssl.models.config import BlockConfig, ModelConfig, TextConfig
+from mmssl.models.io import check_model_config
 from mmssl.models.multimodal import MultimodalModel
+from mmssl.schema import ConfigError
 
 PEER = "GPT-2"
 TOP_NAMES = {
@@ -106,8 +108,23 @@ def _get(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
+def _int(config: Any, name: str, default: int | None) -> Any:
+    # checked here: a string would fail later as a bare TypeError deep inside the model
+    value = _get(config, name, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"GPT-2 {name} must be an integer, got {value!r}")
+    return value
+
+
 def gpt2_model_config(config: Any) -> ModelConfig:
-    """A transformers GPT2Config (or its config.json dict) -> ModelConfig."""
+    """A transformers GPT2Config (or its config.json dict) -> ModelConfig; ConfigError (a
+    ValueError) for a value of the wrong type or out of range."""
+    if not isinstance(config, Mapping) and not hasattr(config, "n_embd"):
+        # getattr on anything else would quietly give GPT-2 124M's defaults
+        raise ConfigError(
+            f"a GPT-2 config must be a GPT2Config or its config.json dict, got "
+            f"{type(config).__name__}"
+        )
     for name, ok in (
         ("scale_attn_weights", True),
         ("scale_attn_by_inverse_layer_idx", False),
@@ -118,33 +135,52 @@ def gpt2_model_config(config: Any) -> ModelConfig:
     act_name = _get(config, "activation_function", "gelu_new")
     if act_name not in ACTS:
         raise ValueError(f"GPT-2 activation_function {act_name!r} is not supported")
-    dim = _get(config, "n_embd", 768)
-    inner = _get(config, "n_inner", None)
+    dim = _int(config, "n_embd", 768)
+    inner = _int(config, "n_inner", None)
+    eps = _get(config, "layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ConfigError(f"GPT-2 layer_norm_epsilon must be a number, got {eps!r}")
     text = TextConfig(
-        vocab_size=_get(config, "vocab_size", 50257),
-        context_length=_get(config, "n_positions", 1024),
+        vocab_size=_int(config, "vocab_size", 50257),
+        context_length=_int(config, "n_positions", 1024),
         dim=dim,
-        depth=_get(config, "n_layer", 12),
-        num_heads=_get(config, "n_head", 12),
+        depth=_int(config, "n_layer", 12),
+        num_heads=_int(config, "n_head", 12),
         block=BlockConfig(
             mlp_ratio=4.0 if inner is None else inner / dim,
-            norm_eps=float(_get(config, "layer_norm_epsilon", 1e-5)),
+            norm_eps=float(eps),
             act=ACTS[act_name],  # type: ignore[arg-type]
         ),
         tie_embeddings=bool(_get(config, "tie_word_embeddings", True)),
     )
-    return ModelConfig(text=text)
+    cfg = ModelConfig(text=text)
+    check_model_config(cfg, "GPT-2 config")  # a NaN layer_norm_epsilon gives NaN logits
+    return cfg
 
 
-def _read_directory(path: Path) -> tuple[dict[str, Any], Path]:
-    """A saved transformers model directory -> (config.json dict, weights file)."""
+def _read_directory(path: Path) -> tuple[Path, Path]:
+    """A saved transformers model directory -> (config.json, weights file)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (is it a saved transformers model?)")
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
-            return json.loads(cfg_path.read_text()), path / name
+            return cfg_path, path / name
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def _read_config_file(cfg_path: Path) -> ModelConfig:
+    """A transformers config.json -> ModelConfig; every error names the file."""
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return gpt2_model_config(data)
+    except ValueError as err:  # ConfigError, or ModelConfig's own checks
+        raise ConfigError(f"{cfg_path}: {err}") from None
 
 
 def load_hf_gpt2(source: Source, config: Any = None) -> MultimodalModel:
@@ -155,9 +191,12 @@ def load_hf_gpt2(source: Source, config: Any = None) -> MultimodalModel:
     config: a ModelConfig, a GPT2Config, or a config.json dict; optional for a model or a
         directory (read from it).
     """
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        dir_config, source = _read_directory(Path(source))
-        config = dir_config if config is None else config
+    if isinstance(source, (str, Path)):
+        if not Path(source).exists():  # before asking for config= it would not need
+            raise FileNotFoundError(f"{source}: not found")
+        if Path(source).is_dir():
+            cfg_path, source = _read_directory(Path(source))
+            config = _read_config_file(cfg_path) if config is None else config
     if config is None:
         if not isinstance(source, nn.Module) or not hasattr(source, "config"):
             raise ValueError(

@@ -27,6 +27,7 @@ from mmssl.interop.weights import (
     transpose,
 )
 from mmssl.models.config import BlockConfig, ModelConfig, TextConfig, VisionConfig
+from mmssl.models.io import check_model_config
 from mmssl.models.multimodal import MultimodalModel
 
 PEER = "open_clip"
@@ -266,6 +267,12 @@ def open_clip_model_config(model_or_cfg: str | Mapping[str, Any] | nn.Module) ->
     read from open_clip's bundled configs, nothing downloads), its config dict, or a built
     open_clip model.
     """
+    cfg = _model_config(model_or_cfg)
+    check_model_config(cfg, "open_clip config")  # e.g. a NaN eps would give NaN features
+    return cfg
+
+
+def _model_config(model_or_cfg: str | Mapping[str, Any] | nn.Module) -> ModelConfig:
     if isinstance(model_or_cfg, nn.Module):
         return config_from_module(model_or_cfg)
     if isinstance(model_or_cfg, str):

@@ -25,6 +25,7 @@ from mmssl.interop.weights import (
     require,
 )
 from mmssl.models.config import BlockConfig, ModelConfig, VisionConfig
+from mmssl.models.io import check_model_config
 from mmssl.models.multimodal import MultimodalModel
 
 PEER = "timm"
@@ -192,7 +193,9 @@ def timm_vit_config(model_or_name: nn.Module | str) -> ModelConfig:
             raise ValueError(f"unknown timm model {model_or_name!r} ({err})") from None
     if not isinstance(model_or_name, nn.Module):
         raise TypeError(f"expected a timm model or name, got {type(model_or_name).__name__}")
-    return config_from_module(model_or_name)
+    cfg = config_from_module(model_or_name)
+    check_model_config(cfg, "timm config")  # e.g. a NaN eps would give NaN features
+    return cfg
 
 
 def load_timm_vit(source: Source, config: ModelConfig | str | None = None) -> MultimodalModel:

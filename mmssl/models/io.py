@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +45,65 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """save_file, with the mode a plain open() gives (0o666 & ~umask): safetensors creates its
+    files 0600, which others on a shared machine cannot read."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _temp_name(path: Path) -> Path:
+    # a hidden sibling: same filesystem, so os.replace is atomic
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically: a failed write leaves any old file as it was."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        write_safetensors(tensors, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_pretrained(
     model: MultimodalModel, out_dir: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write `model.safetensors` and `config.json` ({"model": ModelConfig, **extra}) to out_dir."""
+    """Write `model.safetensors` and `config.json` ({"model": ModelConfig, **extra}) to out_dir.
+
+    Both are written under temporary names first and renamed into place only once both are
+    complete, so a failure leaves the old files (if any) as they were, never new weights
+    beside an old config."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    targets = [out / WEIGHTS, out / CONFIG]
+    for target in targets:
+        if target.exists() and not target.is_file():
+            raise FileExistsError(f"{target} exists and is not a file; nothing was written")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(unique_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    temps = [_temp_name(t) for t in targets]
     config = {"model": to_dict(model.cfg), **(extra or {})}
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})
+        temps[1].write_text(json.dumps(config, indent=2) + "\n")
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -69,10 +121,37 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_model_config(cfg: ModelConfig, where: str) -> None:
+    """The value checks a recipe's model gets (mmssl.train.values.check_model), plus every
+    number finite, for a config read from a file (JSON reads NaN and Infinity): a NaN norm_eps
+    would load and give NaN features.  The ConfigError names `where` and the key."""
+    from mmssl.train.values import check_model
+
+    def finite(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                finite(v, f"{key}.{k}")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {node}")
+
+    finite(to_dict(cfg), "model")
+    try:
+        check_model(cfg)
+    except ConfigError as err:
+        # check_model names a recipe's keys (model.overrides.<path>); a file's are model.<path>
+        raise ConfigError(f"{where}: {str(err).replace('model.overrides.', 'model.', 1)}") from None
+
+
 def load_pretrained(path: str | Path) -> MultimodalModel:
     """Rebuild the model of an exported directory and load its weights (strict)."""
     data = read_config(path)
-    model = MultimodalModel(from_dict(ModelConfig, data["model"], "model"))
+    cfg_path = Path(path) / CONFIG
+    try:
+        cfg = from_dict(ModelConfig, data["model"], "model")
+    except ConfigError as err:
+        raise ConfigError(f"{cfg_path}: {err}") from None
+    check_model_config(cfg, str(cfg_path))
+    model = MultimodalModel(cfg)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights file")

@@ -156,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         dest = export_run(args.run_dir, args.out, args.tag)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, OSError) as err:  # OSError: --out unwritable, or a file in the way
         print(f"mmssl export: error: {err}", file=sys.stderr)
         return 2
     print(f"mmssl export: wrote {dest / 'model.safetensors'} and {dest / 'config.json'}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m mmssl.train.export` used to exit 0 doing nothing
+    sys.exit(main())

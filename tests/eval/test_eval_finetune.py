@@ -4,6 +4,7 @@ the saved weights, the tower really changed, and unlabelled shards are refused."
 from __future__ import annotations
 
 import copy
+import stat
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ def test_finetune_accuracy_matches_saved_weights(
     assert res["top1"] == 1.0  # colour squares are easy: a dozen steps separate them
     assert not torch.equal(clf.visual.patch_embed.proj.weight, model.visual.patch_embed.proj.weight)
     assert 0.0 <= res["linear_probe_top1"] <= 1.0
+    # readable like the report beside it (safetensors' save_file alone makes it 0600)
+    weights, report = tmp_path / "finetuned.safetensors", tmp_path / "results.json"
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(report.stat().st_mode)
 
 
 def test_finetune_needs_labels(tmp_path, capsys, tiny_model_dir, unlabelled_shards, test_shards):

@@ -78,6 +78,16 @@ def test_task_file_validation(tmp_path, capsys, tiny_model_dir):
             lm.check_item(item, "x")
 
 
+def test_task_file_not_utf8_is_one_line(tmp_path, capsys, tiny_model_dir):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"context": "caf\xe9", "choices": ["a", "b"], "answer": 0}\n')
+    argv = ["lm", "--model", tiny_model_dir, "--task", str(bad), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmssl eval: error: ") and "latin1.jsonl: not UTF-8" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_demo_task_is_valid_and_balanced():
     items = lm.demo_task(40)
     for i, it in enumerate(items):

@@ -1,0 +1,93 @@
+"""Evaluation inputs and outputs: damaged shards are an error, never a smaller test set, and
+output files are never written over someone else's file and are readable by others."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from eval_helpers import write_labelled_shards
+
+from mmssl.data.errors import DataError
+from mmssl.eval.cli import main as eval_main
+from mmssl.eval.data import iter_raw, shard_urls
+from mmssl.eval.features import load_features
+from mmssl.eval.features import main as features_main
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _normal_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@pytest.fixture
+def truncated_shards(tmp_path) -> str:
+    """Three shards of 5 samples, the middle one cut short in its third sample."""
+    write_labelled_shards(str(tmp_path), n=15, per_shard=5)
+    shards = sorted(tmp_path.glob("test-*.tar"))
+    assert len(shards) == 3
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    return str(tmp_path / "test-{000000..000002}.tar")
+
+
+def test_truncated_shard_is_an_error_naming_it(truncated_shards):
+    with pytest.raises(DataError, match=r"test-000001\.tar is damaged \(truncated_tar"):
+        list(iter_raw(shard_urls(truncated_shards)))
+
+
+def test_eval_on_a_truncated_shard_fails_instead_of_scoring_fewer(
+    tmp_path, capsys, tiny_model_dir, truncated_shards
+):
+    out = tmp_path / "zs"
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", truncated_shards, "--out", str(out)]
+    assert eval_main([*argv, "--classes", "color", "--label-field", "label"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmssl eval: error: shard ") and "test-000001.tar" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()  # no results.json for a smaller test set
+
+
+def test_features_on_a_truncated_shard_fails(tmp_path, capsys, tiny_model_dir, truncated_shards):
+    out = tmp_path / "f.safetensors"
+    argv = ["--model", tiny_model_dir, "--data", truncated_shards, "--out", str(out)]
+    assert features_main(argv) == 2
+    assert "test-000001.tar is damaged" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_features_never_overwrite_another_file(tmp_path, capsys, tiny_model_dir, test_shards):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    before = weights.read_bytes()
+    note = tmp_path / "notes.txt"
+    note.write_text("mine\n")
+    for victim in (weights, note):
+        argv = ["--model", str(model), "--data", test_shards, "--out", str(victim)]
+        assert features_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmssl features: error: --out") and "not overwriting" in err
+    assert weights.read_bytes() == before and note.read_text() == "mine\n"
+
+
+def test_features_file_is_replaced_and_readable_by_others(
+    tmp_path, capsys, tiny_model_dir, test_shards
+):
+    out = tmp_path / "f.safetensors"
+    argv = ["--model", tiny_model_dir, "--data", test_shards, "--out", str(out), "--limit", "4"]
+    assert features_main(argv) == 0
+    assert _mode(out) == _normal_mode()  # safetensors alone would make it 0600
+    assert load_features(out)["metadata"]["mmssl_features"] == "1"
+    argv[-1] = "6"  # a second run may replace its own earlier file
+    assert features_main(argv) == 0
+    assert load_features(out)["features"].shape[0] == 6
+    assert _mode(out) == _normal_mode()
