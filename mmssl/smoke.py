@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.cliargs import ArgumentParser, check_numbers
+from mmssl.models.condition import DescriptorEncoder
 from mmssl.models.registry import create_model, list_models
 from mmssl.objectives import clip_loss
 
@@ -38,20 +39,39 @@ def main(argv: list[str] | None = None) -> int:
     b = args.batch_size
     losses: list[torch.Tensor] = []
     embeddings: list[torch.Tensor] = []
+    text = None
+    if model.text is not None:
+        c = model.text.cfg
+        text = torch.randint(0, c.vocab_size, (b, min(c.context_length, 32)))
+    # every part runs: the conditioner (on random descriptors, or on the text as a prompt),
+    # the projector and the caption decoder, so each parameter can receive a gradient
+    cond = None
+    if isinstance(model.conditioner, DescriptorEncoder):
+        cond = model.condition(aug=torch.rand(b, model.conditioner.layout.dim))
+    elif model.conditioner is not None:
+        cond = model.condition(cond_text=text)
     if model.visual is not None:
         c = model.visual.cfg
         images = torch.randn(b, c.in_chans, c.image_size, c.image_size)
-        feats = model.forward_features(images)
-        emb = model.encode_image(images)
+        feats = model.forward_features(images, cond)
+        emb = model.encode_image(images, cond)
         print(
             f"  vision: {model.num_params('vision'):,} params; images {tuple(images.shape)} -> "
             f"pooled {tuple(feats['pooled'].shape)}, tokens {tuple(feats['tokens'].shape)}, "
             f"embedding {tuple(emb.shape)}"
+            + ("" if cond is None else f", condition {tuple(cond.shape)}")
         )
         embeddings.append(emb)
-    if model.text is not None:
+        if model.projector is not None:
+            z = model.project(feats["pooled"], cond)
+            print(f"  projector: z {tuple(z.shape)}")
+            losses.append(z.pow(2).mean())
+        if model.caption is not None and text is not None:
+            logits = model.caption_logits(feats["tokens"], text)
+            print(f"  caption: logits {tuple(logits.shape)}")
+            losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), text[:, 1:].flatten()))
+    if text is not None:
         c = model.text.cfg
-        text = torch.randint(0, c.vocab_size, (b, min(c.context_length, 32)))
         emb = model.encode_text(text)
         print(
             f"  text: {model.num_params('text'):,} params; text {tuple(text.shape)} -> "

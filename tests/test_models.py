@@ -283,6 +283,16 @@ def test_cli_dispatch():
     assert main(["smoke", "--model", "test_tiny_clip"]) == 0
 
 
+@pytest.mark.parametrize("name", [m for m in MODELS if m.startswith("test_tiny")])
+def test_smoke_reaches_every_parameter(name, capsys):
+    """`mmssl smoke` runs every part of a model: conditioner, projector, caption decoder."""
+    from mmssl.smoke import main
+
+    assert main(["--model", name]) == 0
+    n = sum(1 for p in mmssl.create_model(name).parameters() if p.requires_grad)
+    assert f"{n}/{n} parameter tensors received a gradient" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
