@@ -237,8 +237,11 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     )
     key_log = KeyLog(run_dir, rank, step, recipe.logging.keys)
     recipe_dict = recipe.to_dict()
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
+    # this logging interval's metric sums, carried over a stop and resume: the resumed run
+    # logs the same rows as an uninterrupted one
+    carried = client.get("log_interval", [{}] * world)[rank] or {"sums": {}, "count": 0}
+    sums = {k: torch.tensor(v, dtype=torch.float32, device=dev) for k, v in carried["sums"].items()}
+    count = int(carried["count"])
     streak = int(client.get("bad_streak", 0))  # consecutive skipped steps, across a resume
     seen: set[str] = set()  # metric names seen
     t_start = time.perf_counter()
@@ -307,7 +310,8 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                     if recipe.eval.every and step % recipe.eval.every == 0:
                         row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
                     log.log(step, row, lr)
-                    sums, count = {}, 0
+                    if step % recipe.logging.every == 0:  # else the run ends mid-interval
+                        sums, count = {}, 0
                 every = recipe.checkpoint.every
                 if (every and step % every == 0) or step == end:
                     checkpoint.save(
@@ -317,7 +321,13 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         recipe_dict,
                         streams,
                         recipe.checkpoint.keep_last,
-                        extra={"bad_steps": bad_steps, "bad_streak": streak},
+                        extra={
+                            "bad_steps": bad_steps,
+                            "bad_streak": streak,
+                            "log_interval": distributed.all_gather_object(
+                                {"sums": {k: v.item() for k, v in sums.items()}, "count": count}
+                            ),
+                        },
                         on_written=lambda s=step: faults.pause("save", s),
                     )
                 faults.pause("step_end", step)
