@@ -314,100 +314,6 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-# the objective options each loss reads; setting one on another objective is an error
-OPTION_USERS = {
-    "positives": ("simclr", "clip", "siglip"),
-    "temperature": ("simclr", "hssl"),
-    "projector_dim": ("simclr", "hssl"),
-    "max_logit_scale": ("clip",),
-    "label_smoothing": ("next_token", "captioning"),
-    "fused_head": ("next_token", "captioning"),
-    "hidden": ("augself",),
-    "window": ("hssl",),
-    "displacement": ("hssl",),
-    "structure": ("hssl",),
-}
-
-
-def _check_objectives(recipe: Recipe, cfg: Any) -> None:
-    from mmssl.schema import suggest
-
-    if not recipe.objectives:
-        raise ConfigError("objectives: a recipe needs at least one objective")
-    sources = recipe.data.sources
-    unset = ObjectiveConfig()
-    for key, obj in recipe.objectives.items():
-        where = f"objectives.{key}"
-        kind = obj.type or key
-        if obj.source not in sources:
-            raise ConfigError(
-                f"{where}.source: no data source {obj.source!r}"
-                f"{suggest(obj.source, sources)}; sources: {sorted(sources)}"
-            )
-        if obj.weight < 0:
-            raise ConfigError(f"{where}.weight must be >= 0, got {obj.weight}")
-        for option, users in OPTION_USERS.items():
-            if kind not in users and getattr(obj, option) != getattr(unset, option):
-                raise ConfigError(
-                    f"{where}.{option}: {kind} does not use it (only {', '.join(users)} do)"
-                )
-        needs = NEEDS[kind] | ({"text"} if obj.positives == "caption" else set())
-        missing = needs - SOURCE_PROVIDES[sources[obj.source].kind]
-        if missing:
-            what = f"{kind} with positives=caption" if obj.positives == "caption" else kind
-            raise ConfigError(
-                f"{where}: {what} needs {sorted(missing)} but source {obj.source!r} is "
-                f"{sources[obj.source].kind!r}"
-            )
-        if "views" in NEEDS[kind] and recipe.data.views < 2:
-            raise ConfigError(f"{where}: {kind} needs two views; set data.views=2")
-        if (
-            kind == "hssl"
-            and cfg.vision is not None
-            and cfg.vision.pos_embed not in ("rope", "none")
-        ):
-            raise ConfigError(
-                f"{where}: hssl needs vision.pos_embed rope or none (an absolute table breaks "
-                f"the shift equivariance its fibers rely on); set vision.attn_window for exactness"
-            )
-        if (
-            kind in ("simclr", "augself", "clip", "siglip", "captioning", "hssl")
-            and cfg.vision is None
-        ):
-            raise ConfigError(f"{where}: {kind} needs a vision tower; model has none")
-        if (
-            kind == "augself"
-            and cfg.condition is not None
-            and cfg.condition.source == "descriptor"
-            and cfg.vision is not None
-            and (cfg.vision.cond_dim or cfg.vision.cond_tokens)
-        ):
-            raise ConfigError(
-                f"{where}: augself predicts the views' descriptor difference from backbone "
-                f"features, but vision.cond_dim/cond_tokens feed that descriptor to the backbone, "
-                f"so the head would read it back; condition the projector instead "
-                f"(model projector.cond) or drop augself"
-            )
-        if kind in ("clip", "siglip", "captioning", "next_token") and cfg.text is None:
-            raise ConfigError(f"{where}: {kind} needs a text tower; model has none")
-        if kind in ("clip", "siglip") and cfg.embed_dim is None and cfg.vision.dim != cfg.text.dim:
-            raise ConfigError(f"{where}: {kind} needs embed_dim or equal tower dims")
-        if kind == "captioning" and cfg.caption is None:
-            raise ConfigError(f"{where}: captioning needs a caption decoder (model caption)")
-        if kind == "next_token" and not cfg.text.lm_head:
-            raise ConfigError(f"{where}: next_token needs the text tower's lm_head=true")
-        allowed = {
-            "simclr": ("local_loss", "full"),
-            "hssl": ("local_loss", "full"),
-            "clip": ("local_loss", "full"),
-            "siglip": ("chunked", "local_loss", "full"),
-        }.get(kind, ())
-        if obj.gather is not None and obj.gather not in allowed:
-            raise ConfigError(f"{where}.gather: {obj.gather!r} is not one of {list(allowed)}")
-        if obj.temperature <= 0:
-            raise ConfigError(f"{where}.temperature must be > 0, got {obj.temperature}")
-
-
 def _check_numbers(recipe: Recipe) -> None:
     t, s = recipe.train, recipe.schedule
     if t.steps <= 0:
@@ -494,6 +400,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
 
     check_files=False skips the shard-existence check (recipes for other machines)."""
     from mmssl.train.engine import deepspeed_config
+    from mmssl.train.objective_checks import check_objectives
     from mmssl.train.streams import check_data
 
     world = world_size_from_env() if world_size is None else world_size
@@ -505,7 +412,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     from mmssl.train.text_condition import check_condition
 
     check_condition(recipe, cfg)  # condition_prompt against model.condition.source
-    _check_objectives(recipe, cfg)
+    check_objectives(recipe, cfg)
     _check_eval(recipe)
     accum = grad_accum_steps(recipe, world)
     ds = deepspeed_config(recipe, accum)
