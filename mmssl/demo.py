@@ -59,6 +59,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage; returns the numbers of the final table."""
     from mmssl.data.demo import write_demo
+    from mmssl.data.errors import DataError
     from mmssl.eval.cli import run_task
     from mmssl.eval.features import extract_features, save_features
     from mmssl.eval.loading import EvalError, export_run, load_model
@@ -72,7 +73,12 @@ def run_demo(
     t = time.perf_counter()
     if not (data / "demo.json").is_file():
         write_demo(str(data))
-    info = json.loads((data / "demo.json").read_text())
+    try:
+        info = json.loads((data / "demo.json").read_text())
+    except (ValueError, OSError) as err:  # damaged by hand or by a crash while writing it
+        raise DataError(
+            f"{data / 'demo.json'} is unreadable ({err}); delete {data} to write the data again"
+        ) from None
     _stage("data", timings, t)
 
     t = time.perf_counter()

@@ -377,3 +377,16 @@ def test_bad_input_in_real_processes(work: Path) -> None:
         lines = [x for x in res.stderr.splitlines() if x.strip()]
         assert res.returncode == 2 and len(lines) == 1 and key in lines[0], (cmd, res.stderr)
         assert "Traceback" not in res.stderr and _files(work) == before
+
+
+def test_demo_with_a_damaged_demo_json_is_one_line(tmp_path: Path, capsys) -> None:
+    """`mmssl demo --out OUT` reuses OUT/data; a damaged demo.json there is named, kept, and
+    nothing is trained."""
+    from mmssl.demo import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo.json").write_text('{"dig')
+    assert main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "demo.json is unreadable" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "demo.json"]
