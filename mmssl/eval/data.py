@@ -152,12 +152,17 @@ def iter_image_batches(
 
 
 def iter_documents(urls: list[str]) -> Iterator[str]:
-    """The text of every document (txt member) of text shards, in order."""
+    """The text of every document (txt member) of text shards, in order.  A document with no
+    or empty text has no tokens to score and is passed over; one that is not UTF-8 is an
+    error (its tokens would be missing from the perplexity)."""
     found = False
-    for _, _, files in iter_raw(urls):
+    for _, key, files in iter_raw(urls):
         try:
             text = decode_text(files, "missing_text")
-        except BadSample:
+        except BadSample as bad:
+            if bad.kind == "bad_text":
+                where = f"{urls[0]}{' ...' if len(urls) > 1 else ''}"
+                raise DataError(f"document {key!r} of {where}: not UTF-8 ({bad.detail})") from None
             continue
         found = True
         yield text

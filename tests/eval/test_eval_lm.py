@@ -195,3 +195,22 @@ def test_batched_loglik_equals_one_at_a_time(tiny_model_dir):
         with pytest.raises(EvalError, match="cannot be scored"):
             lm.batch_loglik(model.lm_logits, [(prefix, cont)], 32)
     assert lm.batch_loglik(model.lm_logits, [([1] * 5, list(range(32)))], 32)[0] < 0
+
+
+def test_documents_not_utf8_are_an_error_and_empty_ones_score_nothing(tmp_path):
+    from mmssl.data.errors import DataError
+    from mmssl.data.shards import ShardWriter
+
+    with ShardWriter(str(tmp_path), "t", max_count=10) as w:
+        w.write({"__key__": "a", "txt": "first document"})
+        w.write({"__key__": "b", "txt": "   "})  # no tokens: passed over
+        w.write({"__key__": "c", "txt": "last document"})
+    assert list(iter_documents([str(tmp_path / "t-000000.tar")])) == [
+        "first document",
+        "last document",
+    ]
+    with ShardWriter(str(tmp_path), "u", max_count=10) as w:
+        w.write({"__key__": "a", "txt": "first document"})
+        w.write({"__key__": "b", "txt": b"caf\xe9"})  # latin-1: its tokens would be lost
+    with pytest.raises(DataError, match="document 'b' of .*u-000000.tar: not UTF-8"):
+        list(iter_documents([str(tmp_path / "u-000000.tar")]))
