@@ -43,7 +43,7 @@ from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
-from mmssl.data.tario import check_urls, expand_urls, is_local, iter_shard
+from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
 
 STATE_VERSION = 2
 
@@ -121,7 +121,7 @@ def _resolve(
                 if key in known:
                     counts.append(known[key])
                 elif is_local(u):
-                    counts.append(sum(1 for _ in iter_shard(u, skipped)))
+                    counts.append(count_samples(u, skipped))
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "
@@ -284,12 +284,14 @@ def _check_args(
         raise DataError(f"{len(augment)} augment configs for num_views={num_views}")
 
 
-def _check_norm(mean: Any, std: Any) -> None:
+def check_norm(mean: Any, std: Any, prefix: str = "") -> None:
     """Per-channel normalisation takes both mean and std (one alone used to be ignored
-    without a word): 3 finite numbers each, std > 0."""
+    without a word): 3 finite numbers each, std > 0.  DataError names `prefix`mean/std."""
     if (mean is None) != (std is None):
         given, missing = ("mean", "std") if std is None else ("std", "mean")
-        raise DataError(f"{given} needs {missing} too (images are normalised with both)")
+        raise DataError(
+            f"{prefix}{given} needs {prefix}{missing} too (images are normalised with both)"
+        )
     for name, values in (("mean", mean), ("std", std)):
         if values is None:
             continue
@@ -298,9 +300,9 @@ def _check_norm(mean: Any, std: Any) -> None:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise DataError(f"{name} must be 3 finite numbers (R, G, B), got {values!r}")
+            raise DataError(f"{prefix}{name} must be 3 finite numbers (R, G, B), got {values!r}")
     if std is not None and not all(float(v) > 0 for v in std):
-        raise DataError(f"std must be > 0 in every channel, got {std!r}")
+        raise DataError(f"{prefix}std must be > 0 in every channel, got {std!r}")
 
 
 def build_pipeline(
@@ -347,7 +349,7 @@ def build_pipeline(
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     _check_args(image_size, num_views, seed, shuffle, num_workers, max_pixels, augment)
-    _check_norm(mean, std)
+    check_norm(mean, std)
     if sources is None:
         assert urls is not None
         sources = [Source(urls if isinstance(urls, str) else tuple(urls), kind=kind)]

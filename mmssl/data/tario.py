@@ -306,6 +306,7 @@ def iter_shard(
             counter.add(problem[0], url, problem[1])
 
 
-def count_samples(url: str) -> int:
-    """Number of samples in a local shard (reads headers and data once)."""
-    return sum(1 for _ in iter_shard(url, SkipCounter()))
+def count_samples(url: str, counter: SkipCounter | None = None) -> int:
+    """Number of samples in a local shard (reads headers and data once); damage is counted
+    into `counter` when given."""
+    return sum(1 for _ in iter_shard(url, counter if counter is not None else SkipCounter()))

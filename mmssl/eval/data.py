@@ -156,15 +156,17 @@ def iter_documents(urls: list[str]) -> Iterator[str]:
     or empty text has no tokens to score and is passed over; one that is not UTF-8 is an
     error (its tokens would be missing from the perplexity)."""
     found = False
-    for _, key, files in iter_raw(urls):
-        try:
-            text = decode_text(files, "missing_text")
-        except BadSample as bad:
-            if bad.kind == "bad_text":
-                where = f"{urls[0]}{' ...' if len(urls) > 1 else ''}"
-                raise DataError(f"document {key!r} of {where}: not UTF-8 ({bad.detail})") from None
-            continue
-        found = True
-        yield text
+    for url in urls:  # one shard at a time, to name the one holding a bad document
+        for _, key, files in iter_raw([url]):
+            try:
+                text = decode_text(files, "missing_text")
+            except BadSample as bad:
+                if bad.kind == "bad_text":
+                    raise DataError(
+                        f"document {key!r} of {url}: not UTF-8 ({bad.detail})"
+                    ) from None
+                continue
+            found = True
+            yield text
     if not found:
         raise DataError(f"no text documents in {urls[0]}{' ...' if len(urls) > 1 else ''}")

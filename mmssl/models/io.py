@@ -46,7 +46,16 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read the umask is to set it
+    """The process umask, read without changing it where Linux shows it (/proc, since 4.7):
+    setting it to read it would give files that other threads create meanwhile mode 0666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
     os.umask(mask)
     return mask
 

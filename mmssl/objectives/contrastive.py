@@ -42,16 +42,25 @@ def check_gather(gather: str, allowed: tuple[str, ...]) -> str:
 
 
 def row_groups(keys: Tensor) -> Tensor:
-    """(N, ...) integer keys -> (N,) int64 group ids; rows with identical keys share an id.
+    """(N, ...) keys -> (N,) group ids; rows with identical keys share an id.
 
-    Without a host sync: (N,) labels are their own ids, and (N, T) rows get the index of
-    their row in lexicographic order of the distinct rows (what `torch.unique(dim=0,
-    return_inverse=True)` gives, but unique sizes its output on the host): T stable sorts,
-    last column first, then a cumulative count of the row changes.
+    (N,) labels are their own ids.  (N, T) rows get the index of their row in lexicographic
+    order of the distinct rows, what `torch.unique(dim=0, return_inverse=True)` gives.  On
+    an accelerator, unique would size its output on the host (a sync per step), so the rows
+    are grouped with sorts on the device instead (`sorted_row_groups`); on the CPU there is
+    no sync to save and unique is several times faster.
     """
-    flat = keys.reshape(keys.shape[0], -1).long()
+    flat = keys.reshape(keys.shape[0], -1)
     if flat.shape[1] == 1:
         return flat[:, 0]
+    if flat.device.type == "cpu":
+        return torch.unique(flat, dim=0, return_inverse=True)[1]
+    return sorted_row_groups(flat)
+
+
+def sorted_row_groups(flat: Tensor) -> Tensor:
+    """`torch.unique(flat, dim=0, return_inverse=True)[1]` without a host sync: T stable
+    sorts, last column first, then a running count of the row changes."""
     order = torch.arange(flat.shape[0], device=flat.device)
     for t in reversed(range(flat.shape[1])):
         order = order[torch.sort(flat[order, t], stable=True).indices]

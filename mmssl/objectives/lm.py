@@ -9,7 +9,7 @@ A target position counts when its token is not `ignore_index` and, if a mask is 
 
 Data parallelism: a per-rank token mean is not the global token mean when ranks hold
 different numbers of tokens. The modules and `global_token_mean` (which the training Task
-uses) therefore normalise by the global count of targets (one scalar all-reduce), so the
+uses) therefore normalise by the global count of targets (a scalar all-reduce), so the
 rank-averaged gradient and the reported value equal the single-process loss on the
 concatenated batch.  The plain functions (`next_token_loss`, `head_next_token_loss`) are
 per-rank means.
@@ -128,8 +128,9 @@ def global_token_mean(total: Tensor, count: Tensor) -> Tensor:
     """A rank's summed loss and target count -> the token mean over the global batch.
 
     Each rank back-propagates `total * world / count_all`, so the engine's rank-averaged
-    gradient is that of the global mean; every rank reports the global mean itself.  One
-    scalar all-reduce, no host sync.  Collective: every rank must call it.
+    gradient is that of the global mean; every rank reports the global mean itself.  Two
+    scalar all-reduces (the count, and the reported value, as the contrastive losses do),
+    no host sync.  Collective: every rank must call it.
     """
     if distributed.world_size() == 1:
         return total / count.clamp_min(1)

@@ -3,7 +3,7 @@
 Host syncs happen only at log intervals: per-step metrics stay detached tensors that are
 summed on the device and read (and averaged over ranks) every `logging.every` steps, and
 the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`),
-and `positives: caption` groups identical captions with sorts on the device
+and `positives: caption` groups identical captions with sorts on an accelerator
 (`objectives.contrastive.row_groups`).  One exception: the fp32 stage-0 gradient check below.
 
 Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer

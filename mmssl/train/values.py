@@ -90,28 +90,22 @@ def check_values(recipe: Recipe) -> None:
                 obj.displacement,
             ),
         ]
-    for k in ("scale", "ratio", "blur_sigma"):  # pairs; the schema does not fix list lengths
-        value = d.augment.get(k)
-        if value is not None and not (isinstance(value, list) and len(value) == 2):
-            checks.append((f"data.augment.{k}", False, "2 numbers [min, max]", value))
-    for key, triple in (("data.mean", d.mean), ("data.std", d.std)):
-        if triple is not None and len(triple) != 3:
-            checks.append((key, False, "3 numbers (R, G, B)", triple))
-    if d.std is not None and not all(s > 0 for s in d.std):  # images are divided by std
-        checks.append(("data.std", False, "> 0 in every channel", d.std))
     for key, ok, what, value in checks:
         if not ok:
             raise ConfigError(f"{key} must be {what}, got {value}")
-    # normalisation needs both halves: the pipeline used to ignore one alone without a word
-    if (d.mean is None) != (d.std is None):
-        given, missing = ("data.mean", "data.std") if d.std is None else ("data.std", "data.mean")
-        raise ConfigError(f"{given} needs {missing} too (per-channel normalisation uses both)")
-    # data.augment on its own (AugmentConfig range-checks every field), so that a bad value
-    # there is reported under its own key, not under a data.view_augment entry it is merged
-    # into later
+    # the pipeline's own checks, here under the recipe's keys: the normalisation (both
+    # halves, std > 0), and data.augment on its own (AugmentConfig range-checks every field,
+    # pairs included), so that a bad value there is not reported under a data.view_augment
+    # entry it is merged into later
     from mmssl.data.augment import AugmentConfig
+    from mmssl.data.errors import DataError
+    from mmssl.data.pipeline import check_norm
     from mmssl.schema import from_dict
 
+    try:
+        check_norm(d.mean, d.std, "data.")
+    except DataError as err:
+        raise ConfigError(str(err)) from None
     from_dict(AugmentConfig, dict(d.augment), "data.augment")
 
 

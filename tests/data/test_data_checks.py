@@ -69,7 +69,7 @@ def _validate(*overrides: str) -> None:
         (["data.std=[0.2, 0.2, 0.2]"], r"data\.std needs data\.mean"),
         (["data.mean=[0.5, 0.5, 0.5]"], r"data\.mean needs data\.std"),
         (["data.mean=[0.5, 0.5, 0.5]", "data.std=[0, 0, 0]"], r"data\.std must be > 0"),
-        (["data.mean=[0.5]", "data.std=[0.2]"], r"data\.mean must be 3 numbers"),
+        (["data.mean=[0.5]", "data.std=[0.2]"], r"data\.mean must be 3 finite numbers"),
     ],
 )
 def test_recipe_validation_names_the_bad_data_key(overrides, message):

@@ -212,5 +212,6 @@ def test_documents_not_utf8_are_an_error_and_empty_ones_score_nothing(tmp_path):
     with ShardWriter(str(tmp_path), "u", max_count=10) as w:
         w.write({"__key__": "a", "txt": "first document"})
         w.write({"__key__": "b", "txt": b"caf\xe9"})  # latin-1: its tokens would be lost
+    shards = [str(tmp_path / "t-000000.tar"), str(tmp_path / "u-000000.tar")]
     with pytest.raises(DataError, match="document 'b' of .*u-000000.tar: not UTF-8"):
-        list(iter_documents([str(tmp_path / "u-000000.tar")]))
+        list(iter_documents(shards))  # names the shard that holds it, not the first
