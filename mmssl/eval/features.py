@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, DataError, FileNotFoundError) as err:
         print(f"mmssl features: error: {err}", file=sys.stderr)
         return 2
+    code = 0
     if distributed.rank() == 0:
         try:
             save_features(
@@ -246,14 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                 feats,
                 {"model": str(loaded.model_dir), "data": args.data, "fields": ",".join(fields)},
             )
+            print(
+                f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features "
+                f"to {args.out}"
+            )
         except OSError as err:  # e.g. a parent of --out is a file, or no permission
             print(f"mmssl features: error: cannot write {args.out}: {err}", file=sys.stderr)
-            return 2
-        print(
-            f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features to {args.out}"
-        )
-    distributed.barrier()
-    return 0
+            code = 2
+    distributed.barrier()  # every rank, also when rank 0 failed to write: none waits forever
+    return code
 
 
 if __name__ == "__main__":

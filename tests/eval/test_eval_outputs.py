@@ -91,3 +91,13 @@ def test_features_file_is_replaced_and_readable_by_others(
     assert features_main(argv) == 0
     assert load_features(out)["features"].shape[0] == 6
     assert _mode(out) == _normal_mode()
+
+
+def test_features_that_cannot_be_written_are_one_line(tmp_path, capsys, tiny_model_dir):
+    write_labelled_shards(str(tmp_path), n=4, per_shard=4)
+    (tmp_path / "file").write_text("a file, not a directory")
+    out = tmp_path / "file" / "f.safetensors"
+    argv = ["--model", tiny_model_dir, "--data", str(tmp_path / "test-000000.tar")]
+    assert features_main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
