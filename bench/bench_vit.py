@@ -5,11 +5,13 @@
 One step = forward of the ViT-S/16 with timm's 1000-class head (copied onto mmssl's pooled
 features), cross-entropy, backward, AdamW.  Paths (see bench/common.py for the method):
 - fp32, same configuration: timm with the optimizer timm's `create_optimizer_v2('adamw')`
-  builds (torch AdamW, per-parameter loop on CPU) vs mmssl with the same optimizer;
-- best paths: timm bf16 autocast, with its fused attention (default) and without it
-  (`fused_attn = False`: timm's matmul + softmax + matmul); mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with
-  fp32 master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16
-  matmuls are fast (--bf16).
+  builds (torch AdamW, per-parameter loop on CPU) vs mmssl with the same optimizer and the
+  same weight-decay groups (timm's `no_weight_decay()` names are exempt on both sides);
+- best paths: timm bf16 autocast with torch's fused AdamW (as mmssl's fast paths use), with
+  its fused attention (default) and without it (`fused_attn = False`: timm's matmul +
+  softmax + matmul); mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with fp32
+  master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16 matmuls
+  are fast (--bf16).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return F.cross_entropy(model.bench_head(model.forward_features(images)["pooled"]), labels)
 
     peer_opt = timm.optim.create_optimizer_v2(peer, "adamw", lr=1e-4, weight_decay=0.05)
+    # timm's fast path: the same groups, torch's fused AdamW (as mmssl's fast paths use)
+    peer_fused = timm.optim.create_optimizer_v2(
+        peer, "adamw", lr=1e-4, weight_decay=0.05, fused=True
+    )
+    # timm exempts these from weight decay (`no_weight_decay()`); so does mmssl's side here
+    no_decay = tuple(sorted(peer.no_weight_decay()))
     Run = common.Run
     runs = [
         Run("timm fp32", "peer", "float32", common.train_step(peer_loss, peer_opt), "fp32"),
@@ -72,21 +80,26 @@ def main(argv: list[str] | None = None) -> int:
             "mmssl fp32 (same AdamW)",
             "mmssl",
             "float32",
-            common.train_step(ours_loss, common.adamw(ours, "default")),
+            common.train_step(ours_loss, common.adamw(ours, "default", no_decay=no_decay)),
             "fp32",
         ),
         Run(
             "mmssl fp32 fused AdamW",
             "mmssl",
             "float32",
-            common.train_step(ours_loss, common.adamw(ours, "fused")),
+            common.train_step(ours_loss, common.adamw(ours, "fused", no_decay=no_decay)),
         ),
     ]
     flops = common.count_flops(lambda: ours_loss().backward())
     ours.zero_grad(set_to_none=True)
     skip = common.bf16_skip_reason(args, peaks, flops)
     runs.append(
-        Run("timm bf16 autocast", "peer", "bfloat16", common.train_step(peer_loss, peer_opt, True))
+        Run(
+            "timm bf16 autocast fused AdamW",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_fused, True),
+        )
     )
 
     @contextlib.contextmanager
@@ -102,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs.append(
         Run(
-            "timm bf16 autocast, unfused attention",
+            "timm bf16 autocast fused AdamW, unfused attention",
             "peer",
             "bfloat16",
-            common.train_step(peer_loss, peer_opt, True, timm_unfused),
+            common.train_step(peer_loss, peer_fused, True, timm_unfused),
         )
     )
     runs.append(
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "mmssl bf16 autocast fused AdamW",
             "mmssl",
             "bfloat16",
-            common.train_step(ours_loss, common.adamw(ours, "fused"), True),
+            common.train_step(ours_loss, common.adamw(ours, "fused", no_decay=no_decay), True),
         )
     )
     if not skip:
@@ -144,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 "mmssl fp32 fused AdamW compiled",
                 "mmssl",
                 "float32",
-                common.train_step(lambda: ours_loss(compiled), common.adamw(compiled, "fused")),
+                common.train_step(
+                    lambda: ours_loss(compiled), common.adamw(compiled, "fused", no_decay=no_decay)
+                ),
             )
         )
     print(f"torch threads {threads}; timing {sum(not r.skipped for r in runs)} paths", flush=True)

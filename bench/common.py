@@ -142,10 +142,14 @@ def has_fast_bf16(peaks: dict[str, Peak]) -> bool:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """Matmul/conv/attention FLOPs (2 per multiply-add) of one call of `fn`, fwd and bwd."""
+    """Matmul/conv/attention FLOPs (2 per multiply-add) of one call of `fn`, fwd and bwd.
+
+    Under SDPA's math kernel: the counter has no formula for the fused CPU attention kernels
+    (it counts them as 0), while the math kernel's matmuls are counted like any other."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return int(counter.get_total_flops())
 
@@ -162,6 +166,7 @@ class Run:
     dtype: str  # the matmul dtype: "float32" or "bfloat16"
     step: Callable[[], object]
     group: str = "best"  # "fp32": the same-configuration comparison; "best": fast paths
+    flops: float | None = None  # this path's own work, where it differs from the bench's
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     skipped: str = ""
@@ -246,7 +251,7 @@ def summarize(
             rows.append({"name": p.name, "side": p.side, "group": p.group, "skipped": p.skipped})
             continue
         med = p.median
-        frac = fraction(flops, med, peaks[p.dtype])
+        frac = fraction(p.flops or flops, med, peaks[p.dtype])
         thr = f"  {unit[1] / med:9.2f} {unit[0]}" if unit else ""
         print(
             f"  {p.name:<36} median {med:8.3f} s  cpu {statistics.median(p.cpu_times):8.3f} s"
@@ -358,19 +363,32 @@ def write_json(record: dict, path: str | None) -> None:
 # ----------------------------------------------------------------------------- training steps
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as timm, open_clip and HF build them: no decay for 1-D tensors."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def param_groups(
+    module: torch.nn.Module, weight_decay: float, no_decay: tuple[str, ...] = ()
+) -> list[dict]:
+    """AdamW groups as timm, open_clip and HF build them: no decay for 1-D tensors, nor for
+    the parameters whose last name is in `no_decay` (timm's `no_weight_decay()`)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    def decays(name: str, p: torch.Tensor) -> bool:
+        return p.ndim >= 2 and name.rsplit(".", 1)[-1] not in no_decay
+
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
     ]
 
 
-def adamw(module: torch.nn.Module, impl: str, lr: float = 1e-4, wd: float = 0.05):
+def adamw(
+    module: torch.nn.Module,
+    impl: str,
+    lr: float = 1e-4,
+    wd: float = 0.05,
+    no_decay: tuple[str, ...] = (),
+):
     """torch AdamW with `impl` 'default' (a for-loop on CPU), 'foreach' or 'fused'."""
     kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
-    return torch.optim.AdamW(param_groups(module, wd), lr=lr, **kwargs)
+    return torch.optim.AdamW(param_groups(module, wd, no_decay), lr=lr, **kwargs)
 
 
 def train_step(
