@@ -98,11 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         return loss
 
     ours_loss = make_ours_loss(ours)
+    flops = common.count_flops(lambda: ours_loss().backward())
+    ours.zero_grad(set_to_none=True)
+    # open_clip runs every caption to the context length; mmssl drops all-padding columns,
+    # so each side's fraction of the peak is computed from its own work
+    peer_flops = common.count_flops(lambda: peer_loss().backward())
+    peer.zero_grad(set_to_none=True)
     peer_opt = common.adamw(peer, "default", lr=5e-4, wd=0.2)
     peer_fused = common.adamw(peer, "fused", lr=5e-4, wd=0.2)  # its fast paths, as mmssl's
     Run = common.Run
     runs = [
-        Run("open_clip fp32", "peer", "float32", common.train_step(peer_loss, peer_opt), "fp32"),
+        Run(
+            "open_clip fp32",
+            "peer",
+            "float32",
+            common.train_step(peer_loss, peer_opt),
+            "fp32",
+            flops=peer_flops,
+        ),
         Run(
             "mmssl fp32 (same AdamW)",
             "mmssl",
@@ -117,13 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             common.train_step(ours_loss, common.adamw(ours, "fused", 5e-4, 0.2)),
         ),
     ]
-    flops = common.count_flops(lambda: ours_loss().backward())
-    ours.zero_grad(set_to_none=True)
-    # open_clip runs every caption to the context length; mmssl drops all-padding columns,
-    # so each side's fraction of the peak is computed from its own work
-    peer_flops = common.count_flops(lambda: peer_loss().backward())
-    peer.zero_grad(set_to_none=True)
-    runs[0].flops = peer_flops
     skip = common.bf16_skip_reason(args, peaks, flops)
     bf16_runs = [
         Run(
