@@ -149,6 +149,23 @@ def test_patch_embed_is_patch_flatten_and_linear():
         pe(torch.randn(1, 3, 9, 8))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embed_matches_the_strided_conv_and_its_gradients(channels_last):
+    torch.manual_seed(0)
+    pe = PatchEmbed(4, 3, 10)
+    img = torch.randn(2, 3, 8, 12)
+    if channels_last:
+        img = img.contiguous(memory_format=torch.channels_last)
+    out = pe(img)
+    ref = F.conv2d(img, pe.proj.weight, pe.proj.bias, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [pe.proj.weight, pe.proj.bias], g)
+    want = torch.autograd.grad(ref, [pe.proj.weight, pe.proj.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_drop_path_identity_in_eval_and_unbiased_in_train():
     dp = DropPath(0.3)
     x = torch.ones(20000, 4)
