@@ -38,6 +38,7 @@ STEP_BENCHES = {
 MARKDOWN_BENCHES = {
     "memory": ["--precision", "fp32", "--steps", "1"],
     "actckpt": ["--quick"],
+    "host_memory": ["--quick", "--steps", "2"],
 }
 OTHER_BENCHES = {  # name -> (script, extra args for --quick)
     "data": ("bench_data.py", ["--samples", "256", "--rounds", "1"]),

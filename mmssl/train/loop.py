@@ -33,6 +33,7 @@ from mmssl.data.errors import DataError
 from mmssl.train import checkpoint
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
+from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.streams import build_stream, build_streams
@@ -197,6 +198,8 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     if world != resolved.world_size:
         raise RuntimeError(f"validated for {resolved.world_size} ranks, running on {world}")
     dev = device()
+    if dev.type == "cpu" and recipe.train.keep_host_memory:
+        keep_freed_memory()
     dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
     run_dir = recipe.run_dir
     faults = Faults.from_env(run_dir, rank)

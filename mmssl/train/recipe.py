@@ -148,6 +148,10 @@ class TrainConfig:
     # matmul on CPU in bf16 for short sequences (faster there than SDPA's fused kernel), else
     # SDPA
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
+    # on the CPU, glibc keeps freed blocks in the heap so each step reuses the last one's
+    # memory instead of page-faulting fresh pages in (mmssl.train.host_memory); resident
+    # memory then stays at the step's peak
+    keep_host_memory: bool = True
     # stop (with a checkpoint) after this step, keeping the schedule of `steps`: for jobs cut
     # into time slices and for resume tests; None runs to the end
     stop_at: int | None = None
