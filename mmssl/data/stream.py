@@ -11,7 +11,10 @@ checkpoint stores only numbers:
   the samples it will batch plus its share of the spares (the samples short of a batch
   per rank), so no sample repeats unless bad samples eat up a slot's spares; a slot's
   part is then a list of shard segments.  Without counts (text sources) each slot takes
-  whole shards, and a slot short of samples re-reads its shards.
+  whole shards.  A slot that reads past its own part (bad samples ate its spares, a text
+  slot short of rows) reads on through all the source's shards, whole, in the epoch's
+  order: a slot whose own shards are unreadable still fills its batches, and only a source
+  whose every shard is unreadable is an error.
 - the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
   (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
@@ -55,9 +58,10 @@ class ShardSequence:
         self.mode = mode
         self.num_shards = num_shards
         self.key = [seed, rank, worker]
-        self.bounds: list[tuple[int, int]] | None = None  # per k % len(mine): [start, stop)
+        self.bounds: list[tuple[int, int]] | None = None  # per k < len(mine): [start, stop)
         if mode == "epoch":
             perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
+            self.order = [int(i) for i in perm]  # read whole after the slot's own part
             slots = world_size * num_workers
             slot = rank * num_workers + worker
             if need:
@@ -83,13 +87,21 @@ class ShardSequence:
     def span(self, k: int) -> tuple[int, int | None]:
         """[start, stop) of the samples that shard k of the sequence contributes (stop None:
         to the end of the shard)."""
-        if self.bounds is None:
+        if self.bounds is None or k >= len(self.bounds):
             return 0, None
-        return self.bounds[k % len(self.bounds)]
+        return self.bounds[k]
+
+    def pass_of(self, k: int) -> int:
+        """Epoch mode: 0 for the slot's own part, p >= 1 for the p-th pass over all the
+        source's shards after it (resampled mode: always 0)."""
+        if self.mode != "epoch" or k < len(self.mine):
+            return 0
+        return 1 + (k - len(self.mine)) // self.num_shards
 
     def __getitem__(self, k: int) -> int:
         if self.mode == "epoch":
-            return self.mine[k % len(self.mine)]
+            n = len(self.mine)
+            return self.mine[k] if k < n else self.order[(k - n) % self.num_shards]
         block = k // _DRAW_BLOCK
         if block != self._block:
             rng = np.random.default_rng([*self.key, 0x5A3D, block])
@@ -128,7 +140,8 @@ class RawStream:
         self.urls, self.seq, self.counter = urls, seq, counter
         self.k, self.offset = 0, 0
         self._it: Iterator[tuple[str, dict[str, bytes]]] | None = None
-        self._empty: set[int] = set()  # shards read since the last sample that held none
+        # shards read whole (no segment bounds) since the last sample that held none
+        self._empty: set[int] = set()
 
     def seek(self, k: int, offset: int) -> None:
         if (k, offset) == (self.k, self.offset) and self._it is not None:
@@ -138,8 +151,7 @@ class RawStream:
         self.k, self.offset, self._it = k, offset, None
 
     def pass_of(self, k: int) -> int:
-        """Epoch mode: which pass over the worker's shards shard k belongs to (else 0)."""
-        return k // len(self.seq.mine) if self.seq.mode == "epoch" else 0
+        return self.seq.pass_of(k)
 
     def next(self, within_pass: int | None = None) -> tuple[str, dict[str, bytes], int] | None:
         """(key, files, url index) of the sample at the current position; advances.
@@ -159,12 +171,12 @@ class RawStream:
                 self.offset += 1
                 self._empty.clear()
                 return item[0], item[1], shard
-            if self.offset == 0:
+            if self.offset == 0 and (start, stop) == (0, None):
                 self._empty.add(shard)
-                if self._empty.issuperset(self.seq.mine):
+                if len(self._empty) == self.seq.num_shards:
                     raise DataError(
-                        f"no readable sample in any of {len(set(self.seq.mine))} shards "
-                        f"(first: {self.urls[self.seq.mine[0]]}); skipped: {self.counter.counts}"
+                        f"no readable sample in any of {self.seq.num_shards} shards "
+                        f"(first: {self.urls[0]}); skipped: {self.counter.counts}"
                     )
             self._it.close()  # type: ignore[attr-defined]  # a segment may end mid-shard
             self._it = None
@@ -175,8 +187,7 @@ class SampleStream:
     """Block-shuffled samples of one worker; `state()` after any sample resumes exactly.
 
     The caller reports each decodable sample with `mark_good()`; a run of windows with
-    none that reads every shard of the worker from start to end raises DataError instead
-    of spinning.
+    none that reads every shard of the source whole raises DataError instead of spinning.
     """
 
     def __init__(
@@ -211,13 +222,15 @@ class SampleStream:
             if self._bad_k is None:
                 self._bad_k = self.start[0] + (self.start[1] > 0)
                 self._bad_whole = set()
+            seq = self.raw.seq
             while self._bad_k < start[0]:  # shards the raw stream has moved past
-                self._bad_whole.add(self.raw.seq[self._bad_k])
+                if seq.span(self._bad_k) == (0, None):  # read whole, not a segment
+                    self._bad_whole.add(seq[self._bad_k])
                 self._bad_k += 1
-            if self._bad_whole.issuperset(self.raw.seq.mine):
+            if len(self._bad_whole) == seq.num_shards:
                 raise DataError(
-                    f"every sample is bad in all {len(set(self.raw.seq.mine))} shards "
-                    f"(first: {self.urls[self.raw.seq.mine[0]]}); skipped: {self.counter.counts}"
+                    f"every sample is bad in all {seq.num_shards} shards "
+                    f"(first: {self.urls[0]}); skipped: {self.counter.counts}"
                 )
         self._good = False
         self.window_index, self.start = index, start

@@ -113,10 +113,11 @@ def test_missing_and_bad_json_field(tmp_path):
     assert {"g0001", "g0002", "g0004"}.isdisjoint(keys) and "g0003" in keys
 
 
-def test_every_sample_bad_raises(tmp_path):
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_every_sample_bad_raises(tmp_path, mode):
     urls = _shards(tmp_path, BAD["bad_image"], n_bad=6)
     with pytest.raises(DataError, match="every sample is bad"):
-        _run(urls)
+        _run(urls, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
@@ -151,6 +152,46 @@ def test_all_shards_empty_raises(tmp_path):
         (tmp_path / f"e-{i:06d}.tar").write_bytes(b"")
     with pytest.raises(DataError, match="no readable sample"):
         _run(str(tmp_path / "e-{000000..000001}.tar"))
+
+
+def _epoch(urls: str, rank: int, **kw):
+    return build_pipeline(
+        urls, batch_size=3, mode="epoch", rank=rank, world_size=2, num_workers=2,
+        image_size=6, num_views=1, shuffle=2, seed=0, **kw,
+    )  # fmt: skip
+
+
+def test_a_slot_whose_own_shards_are_unreadable_reads_on_through_the_source(tmp_path):
+    # 4 shards of 6 over 2 ranks x 2 workers: each slot's part of the epoch lies in one
+    # shard; the slot whose shard is random bytes used to raise "no readable sample"
+    w = ShardWriter(str(tmp_path), "s", max_count=6)
+    for i in range(24):
+        w.write(_good(i))
+    w.close()
+    bad = tmp_path / "s-000002.tar"
+    bad.write_bytes(os.urandom(bad.stat().st_size))
+    urls = str(tmp_path / "s-{000000..000003}.tar")
+    readable = {f"g{i:04d}" for i in range(24) if not 12 <= i < 18}
+    skipped = {}
+    for rank in (0, 1):
+        pl = _epoch(urls, rank)
+        batches = list(pl)
+        assert len(batches) == len(pl) == 4  # 24 samples // (2 ranks x 3)
+        keys = [k for b in batches for k in b["__key__"]]
+        assert len(keys) == 12 and set(keys) <= readable
+        for kind, n in pl.skipped.items():
+            skipped[kind] = skipped.get(kind, 0) + n
+    assert skipped == {"bad_tar": 1}
+    # the position past the unreadable shard resumes exactly
+    for rank in (0, 1):
+        pl = _epoch(urls, rank)
+        it = iter(pl)
+        next(it)
+        state = pl.state_dict()
+        rest = [k for b in it for k in b["__key__"]]
+        again = _epoch(urls, rank)
+        again.load_state_dict(state)
+        assert [k for b in again for k in b["__key__"]] == rest
 
 
 def test_bad_documents_in_text_source(tmp_path):
