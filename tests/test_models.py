@@ -399,3 +399,23 @@ def test_export_module_runs_as_a_script(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "mmssl export: error: " in proc.stderr
+
+
+def test_bf16_encoder_resamples_its_position_table_at_another_size():
+    # a bf16 run with data.image_size != the model's: the CPU bicubic kernel has no bf16
+    # version, so the table is resampled in fp32 and rounded back
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_clip").visual.eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    wide = model.grid + 2
+    x = torch.randn(2, 3, wide * model.cfg.patch_size, wide * model.cfg.patch_size)
+    rounded = mmssl.create_model("test_tiny_clip").visual.eval()
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    want = rounded._abs_pos(wide, wide, x.device).bfloat16()
+    model.bfloat16()
+    assert torch.equal(model._abs_pos(wide, wide, x.device), want)
+    with torch.no_grad():
+        out = model.forward_features(x.bfloat16())["pooled"].float()
+        ref = rounded.forward_features(x)["pooled"]
+    assert (out - ref).norm() / ref.norm() < 0.05

@@ -34,8 +34,20 @@ class Loaded:
             raise EvalError(f"{self.source}: this model has no vision tower")
         pre = self.config.get("preprocess") or {}
         mean, std = pre.get("mean"), pre.get("std")
+        size = pre.get("image_size")  # the size it trained at (data.image_size)
+        size = vision.image_size if size is None else size
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size <= 0
+            or size % vision.patch_size
+        ):
+            raise EvalError(
+                f"{self.source}: config.json preprocess.image_size {size!r} is not a positive "
+                f"multiple of the patch size {vision.patch_size}"
+            )
         return Preprocess(
-            vision.image_size,
+            size,
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
             tuple(std) if std is not None else None,  # type: ignore[arg-type]
         )

@@ -97,10 +97,11 @@ class VisionEncoder(nn.Module):
         prefix, grid = self.pos_embed[:, : self.num_prefix], self.pos_embed[:, self.num_prefix :]
         grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         # antialiased bicubic, as timm and open_clip resample theirs (a different kernel even
-        # when upsampling): converted weights then match their peer at any resolution
+        # when upsampling): converted weights then match their peer at any resolution.  In
+        # fp32 as they do (the CPU kernel has no bf16 version), then back to the table's dtype
         grid = F.interpolate(
-            grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True
-        )
+            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True
+        ).to(grid.dtype)
         return torch.cat([prefix, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
     def _rope(

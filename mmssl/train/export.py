@@ -142,8 +142,13 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
         "recipe": recipe.name,
         "checkpoint": tag,
         "descriptor": get_layout("v1").to_dict(),
-        # the image normalisation of training, which evaluation applies (mmssl.eval.loading)
-        "preprocess": {"mean": recipe.data.mean, "std": recipe.data.std},
+        # the image size and normalisation of training, which evaluation applies
+        # (mmssl.eval.loading); data.image_size may differ from the model's own
+        "preprocess": {
+            "image_size": recipe.data.image_size or (cfg.vision and cfg.vision.image_size),
+            "mean": recipe.data.mean,
+            "std": recipe.data.std,
+        },
     }
     return save_pretrained(model.eval(), dest, extra)
 

@@ -3,6 +3,7 @@ output files are never written over someone else's file and are readable by othe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -101,3 +102,24 @@ def test_features_that_cannot_be_written_are_one_line(tmp_path, capsys, tiny_mod
     assert features_main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
+
+
+def _with_preprocess(src: str, dest: Path, preprocess: dict) -> str:
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "preprocess": preprocess}))
+    return str(dest)
+
+
+def test_evaluation_uses_the_trained_image_size_and_rejects_a_bad_one(tmp_path, tiny_model_dir):
+    from mmssl.eval.loading import EvalError, load_model
+
+    assert load_model(tiny_model_dir).preprocess.image_size == 32  # the model's own
+    trained = _with_preprocess(tiny_model_dir, tmp_path / "at48", {"image_size": 48})
+    assert load_model(trained).preprocess.image_size == 48  # data.image_size of the run
+    for i, bad in enumerate([12, 0, -8, "48", True]):  # patch size 8
+        model = load_model(
+            _with_preprocess(tiny_model_dir, tmp_path / f"bad{i}", {"image_size": bad})
+        )
+        with pytest.raises(EvalError, match="preprocess.image_size"):
+            _ = model.preprocess

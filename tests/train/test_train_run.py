@@ -161,6 +161,7 @@ def _big_recipe_overrides(name: str, demo: str, out: str) -> list[str]:
             f"model.overrides={{{clip_text}}}",
             f"data.sources.laion.urls={src['digits']}",
             "data.context_length=16",
+            "data.image_size=48",  # not the model's 32: evaluation must use the trained size
         ],
         "coca_vit_b16": [
             "model.name=test_tiny_coca",
@@ -208,6 +209,7 @@ def test_big_recipes_run_two_steps(name: str, demo_data: str, tmp_path: Path) ->
         recipe = load_recipe(str(RECIPES / f"{name}.yaml"))
         pre = load_model(str(tmp_path / name)).preprocess
         assert pre.mean == tuple(recipe.data.mean) and pre.std == tuple(recipe.data.std)
+        assert pre.image_size == 48
 
 
 def test_python_module_launch_and_export_cli(demo_data: str, tmp_path: Path) -> None:
