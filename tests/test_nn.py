@@ -219,3 +219,16 @@ def test_gradient_checkpointing_equal_outputs_and_grads():
     torch.testing.assert_close(xa.grad, xb.grad)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_patch_projection_is_the_conv_for_other_settings_and_sizes():
+    from mmssl.nn.layers import PatchProjection
+
+    torch.manual_seed(0)
+    proj = PatchProjection(3, 10, 4)
+    img = torch.randn(2, 3, 10, 13)  # 4 divides neither side: the conv rounds down
+    ref = F.conv2d(img, proj.weight, proj.bias, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(proj(img), ref)
+    proj.stride, proj.padding = (2, 2), (1, 1)  # overlapping, padded patches
+    ref = F.conv2d(img, proj.weight, proj.bias, stride=2, padding=1).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(proj(img), ref)

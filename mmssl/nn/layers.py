@@ -40,6 +40,8 @@ class PatchProjection(nn.Conv2d):
     conv; in bf16 on the CPU the conv's backward was 5x slower than the matmul's (13 ms
     against 2.7 ms at ViT-S/16, 112 px, batch 32).  A module of its own, so the weight is
     used inside its owner's forward (ZeRO-3 gathers a module's parameters around it).
+    Other settings (a changed stride or padding, a size the patch does not divide) run the
+    conv itself.
     """
 
     def __init__(self, in_chans: int, dim: int, patch_size: int, bias: bool = True):
@@ -48,6 +50,9 @@ class PatchProjection(nn.Conv2d):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, c, h, w = images.shape
         p = self.kernel_size[0]
+        patch = (p, p) == self.kernel_size == self.stride and self.padding == (0, 0)
+        if not (patch and self.dilation == (1, 1) and self.groups == 1) or h % p or w % p:
+            return super().forward(images).flatten(2).transpose(1, 2)  # as the conv it is
         patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(b, (h // p) * (w // p), c * p * p)  # (B, N, C p p)
         weight = self.weight.reshape(self.out_channels, -1)

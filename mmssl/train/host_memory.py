@@ -10,8 +10,9 @@ faults after the first step.  The CUDA caching allocator does the same on a GPU;
 own CPU launcher (`torch.backends.xeon.run_cpu`) gets it by preloading jemalloc or tcmalloc.
 
 The cost is that the process's resident memory stays at its peak rather than falling
-between steps.  The setting is process-wide and has no effect off glibc (`mallopt` missing
-or refusing the values): `keep_freed_memory` then returns False and nothing changes.
+between steps.  The setting is process-wide.  Off glibc (no `mallopt`, or one refusing
+the values, as musl's does) or under a preloaded allocator (jemalloc, tcmalloc: they keep
+memory their own way) `keep_freed_memory` returns False and changes nothing.
 Measured by `bench/bench_host_memory.py`.
 """
 
@@ -31,18 +32,25 @@ TRIM_THRESHOLD = 2**31 - 1  # keep up to 2 GiB of free heap top (a C int)
 
 
 def _libc() -> ctypes.CDLL | None:
+    """The C library, if its malloc is the process's (not one that LD_PRELOAD put first,
+    such as jemalloc or tcmalloc: glibc's mallopt would not tune it)."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
+        process = ctypes.CDLL(None)  # the global symbol lookup, as a call to malloc resolves
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "mallopt") else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return None
+    address = ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    return libc if ctypes.cast(process.malloc, ctypes.c_void_p).value == address else None
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed blocks of up to 32 MiB in the heap; returns whether it took."""
+    """Make glibc keep freed blocks of up to 32 MiB in the heap; returns whether it took
+    (False off glibc or under another malloc, and nothing is changed then)."""
     libc = _libc()
     if libc is None:
         return False
