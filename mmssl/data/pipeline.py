@@ -142,7 +142,10 @@ def _resolve(
                 f"source {name} is smaller than one batch per rank "
                 f"({world} ranks x batch {batch}); lower batch_size"
             )
-    return SourceSpec(name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts))
+    found = tuple(sorted(skipped.counts.items())) if counts else ()  # text: read again
+    return SourceSpec(
+        name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts), found
+    )
 
 
 class StreamLoader:
@@ -169,7 +172,16 @@ class StreamLoader:
     @property
     def skipped(self) -> dict[str, int]:
         """Skipped samples by kind, summed over workers and epochs (as of the last consumed
-        batch)."""
+        batch), plus on rank 0 the damage that counting samples found before the stream
+        (every rank counts the same shards; the stream never reads that damage)."""
+        total = self._streamed()
+        for spec in self.plan.sources if self.plan.rank == 0 else ():
+            for kind, n in spec.preflight_skipped:
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def _streamed(self) -> dict[str, int]:
+        """What the stream itself skipped: finished epochs plus the workers' counts."""
         total = dict(self.skipped_done)
         for state in self.workers.values():
             for kind, n in state.get("skipped", {}).items():
@@ -196,7 +208,7 @@ class StreamLoader:
             self.next_batch = int(pos["batch"]) + 1
             yield batch
         # an epoch is over: the next iter() starts the next one from scratch
-        self.skipped_done = self.skipped
+        self.skipped_done = self._streamed()
         self.epoch += 1
         self.next_batch = 0
         self.workers = {}
@@ -226,7 +238,7 @@ class StreamLoader:
         After an epoch's last batch that is the start of the next epoch, so that the first
         `iter()` after a restore yields a whole epoch rather than an empty one."""
         if self.plan.mode == "epoch" and self.next_batch >= len(self):
-            epoch, next_batch, workers, done = self.epoch + 1, 0, {}, self.skipped
+            epoch, next_batch, workers, done = self.epoch + 1, 0, {}, self._streamed()
         else:
             epoch, next_batch, workers, done = (
                 self.epoch,

@@ -35,6 +35,9 @@ class SourceSpec:
     # epoch mode, image sources: samples per shard, for the split by samples (stream.py);
     # empty: split by whole shards
     shard_counts: tuple[int, ...] = ()
+    # damage met while counting the samples of shards without a manifest entry, as (kind,
+    # count): the epoch's segments stop at the counted samples and never meet it again
+    preflight_skipped: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

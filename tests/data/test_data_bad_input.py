@@ -227,3 +227,32 @@ def test_16_bit_png_keeps_its_range():
     img = decode_image(buf.getvalue())
     assert img.dtype == torch.uint8 and img.shape == (3, 20, 20)
     assert torch.equal(img[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+
+
+def test_damage_found_by_counting_samples_is_counted_once_on_rank_0(tmp_path):
+    # no manifest: epoch mode counts each shard's samples first, and its segments stop at
+    # the counted samples, so the stream never meets the damage again
+    w = ShardWriter(str(tmp_path), "s", max_count=6)
+    for i in range(24):
+        w.write(_good(i))
+    w.close()
+    (tmp_path / "manifest.json").unlink()
+    path = tmp_path / "s-000001.tar"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "s-000003.tar").write_bytes(b"")
+    urls = str(tmp_path / "s-{000000..000003}.tar")
+    found = {"truncated_tar": 1, "empty_shard": 1}
+    for rank, want in ((0, found), (1, {})):
+        pl = build_pipeline(
+            urls, batch_size=2, mode="epoch", rank=rank, world_size=2,
+            image_size=6, num_views=1, shuffle=1,
+        )  # fmt: skip
+        for _ in range(2):  # two epochs: found once, not per epoch
+            assert len(list(pl)) == len(pl)
+            assert pl.skipped == want
+        again = build_pipeline(
+            urls, batch_size=2, mode="epoch", rank=rank, world_size=2,
+            image_size=6, num_views=1, shuffle=1,
+        )  # fmt: skip
+        again.load_state_dict(pl.state_dict())
+        assert again.skipped == want
