@@ -267,7 +267,9 @@ def samples_from_folder(root: str, caption_template: str | None = None) -> Itera
 
 
 def _rows(path: str, kind: str) -> Iterator[Any]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is dropped, not read as part
+    # of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             if kind == "jsonl":
                 for n, line in enumerate(f, 1):

@@ -198,6 +198,11 @@ def test_cli_csv_and_jsonl(tmp_path):
     s = list(wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False))
     assert [x["txt"] for x in s] == [b"a cat", b"a dog"]
     assert json.loads(s[1]["json"])["label"] == 1
+    # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    (tmp_path / "bom.csv").write_text("image,caption\ncat/0.png,a cat\n", encoding="utf-8-sig")
+    assert main(["csv", str(tmp_path / "bom.csv"), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    s = list(wds.WebDataset(str(tmp_path / "b" / "train-000000.tar"), shardshuffle=False))
+    assert [x["txt"] for x in s] == [b"a cat"]
 
 
 def test_cli_text(tmp_path):
