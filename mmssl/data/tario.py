@@ -239,7 +239,9 @@ def iter_shard(
     Tar-level damage is counted, not raised: a truncated or corrupt tar ends the shard
     (its complete samples are kept; a sample is complete once the next key's header or
     the end-of-archive block has been read), a failing `pipe:` command and an empty
-    shard are counted too.  Skipped samples' data is seeked over, not read.
+    shard are counted too.  A sample whose key repeats the previous sample's (a file
+    extension seen twice) is skipped and counted as `duplicate_key`: merged, it would
+    lose one sample's files silently.  Skipped samples' data is seeked over, not read.
     """
     pipe: _Pipe | None = None
     try:
@@ -259,6 +261,19 @@ def iter_shard(
         tar = TarReader(stream, seekable=pipe is None)
         key: str | None = None
         files: dict[str, bytes] = {}
+        exts: set[str] = set()  # the current sample's extensions, read or seeked over
+        repeat = False  # the current sample repeats the previous sample's key
+
+        def finish() -> Iterator[tuple[str, dict[str, bytes]]]:
+            nonlocal n
+            if repeat:
+                if n >= skip:
+                    counter.add("duplicate_key", f"{url}:{key}", "key repeated")
+                return
+            if n >= skip:
+                yield key, files  # type: ignore[misc]  # key is set when finish() runs
+            n += 1
+
         try:
             while (member := tar.next()) is not None:
                 name, size, is_file = member
@@ -267,13 +282,13 @@ def iter_shard(
                 k, ext = split_name(name)
                 if not ext or os.path.basename(k).startswith("."):
                     continue
-                if k != key:
+                if k != key or ext in exts:
                     if key is not None:
-                        if n >= skip:
-                            yield key, files
-                        n += 1
-                    key, files = k, {}
-                if n >= skip:
+                        yield from finish()
+                    repeat = k == key
+                    key, files, exts = k, {}, set()
+                exts.add(ext)
+                if n >= skip and not repeat:
                     files[ext] = tar.data(size)
         except TarDamage as err:
             if err.member is None or split_name(err.member)[0] == key:
@@ -287,9 +302,7 @@ def iter_shard(
             key = None
             problem = ("truncated_tar", str(err))
         if key is not None:
-            if n >= skip:
-                yield key, files
-            n += 1
+            yield from finish()
         if n == 0 and problem is None:
             problem = ("empty_shard", "")
         finished = True

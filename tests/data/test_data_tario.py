@@ -158,3 +158,28 @@ def test_empty_random_and_end_blocks_only(tmp_path):
     (tmp_path / "noise.tar").write_bytes(np.random.default_rng(0).bytes(4096))
     assert _read(str(tmp_path / "noise.tar")) == ([], {"bad_tar": 1})
     assert _read(str(tmp_path / "missing.tar"))[1] == {"missing_shard": 1}
+
+
+def test_a_repeated_key_is_skipped_and_counted_not_merged(tmp_path):
+    # other tools' shards may hold two samples under one key: merged, the first's files
+    # would be replaced by the second's (plain webdataset raises on them)
+    path = str(tmp_path / "dup.tar")
+    with tarfile.open(path, "w") as tf:
+        for name, data in [
+            ("a.jpg", b"1"), ("a.txt", b"one"),
+            ("b.jpg", b"2"), ("b.txt", b"two"),
+            ("b.jpg", b"3"), ("b.txt", b"three"),  # b again
+            ("b.jpg", b"4"),  # and a third time
+            ("c.jpg", b"5"),
+        ]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got, skipped = _read(path)
+    assert got == [("a", {"jpg": b"1", "txt": b"one"}), ("b", {"jpg": b"2", "txt": b"two"}),
+                   ("c", {"jpg": b"5"})]  # fmt: skip
+    assert skipped == {"duplicate_key": 2}
+    for skip in range(4):  # positions count the kept samples only; skips before are not recounted
+        got_from, counted = _read(path, skip)
+        assert got_from == got[skip:]
+        assert counted == ({"duplicate_key": 2} if skip <= 2 else {})
