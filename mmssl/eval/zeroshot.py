@@ -177,19 +177,23 @@ def score(
     }
 
 
-def _features_file(path: str, field: str) -> dict[str, Any]:
+def _features_file(path: str, field: str, limit: int | None) -> dict[str, Any]:
+    """The embeddings and `field` labels of a features file, its first `limit` rows."""
     from mmssl.eval.features import load_features
 
     if not Path(path).is_file():
         raise EvalError(f"features file not found: {path}")
-    feats = load_features(path)
+    try:
+        feats = load_features(path)
+    except Exception as err:  # safetensors raises its own error types on damage
+        raise EvalError(f"{path}: not a readable features file ({err})") from None
     if "embeddings" not in feats:
         raise EvalError(
             f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
         )
     if field not in feats:
         raise EvalError(f"{path} has no {field!r} labels; this task needs labelled data")
-    return feats
+    return {"embeddings": feats["embeddings"][:limit], field: feats[field][:limit]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,7 +227,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         raise EvalError("zero-shot classification needs a model with vision and text towers")
     tokenizer = loaded.tokenizer(args.tokenizer)
     if args.data.endswith(".safetensors"):
-        feats = _features_file(args.data, field)
+        feats = _features_file(args.data, field, args.limit)
     else:
         feats = extract_features(
             model,

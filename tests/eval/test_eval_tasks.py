@@ -384,6 +384,13 @@ def test_zeroshot_from_features_file_equals_shards(tmp_path, tiny_model_dir, tes
         ]
     )
     assert a["top1"] == b["top1"] and a["per_class"] == b["per_class"]
+    # --limit takes the same first images from shards and from the file
+    common = ["--classes", "color", "--label-field", "label", "--limit", "5"]
+    a, b = (
+        run_task(["zeroshot", "--model", tiny_model_dir, "--data", data, *common, "--out", out])
+        for data, out in ((test_shards, str(tmp_path / "la")), (f, str(tmp_path / "lb")))
+    )
+    assert a["num_samples"] == b["num_samples"] == 5 and a["top1"] == b["top1"]
 
 
 def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, test_shards):
