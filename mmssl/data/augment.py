@@ -17,6 +17,9 @@ Descriptor (v1, `mmssl.descriptor.DESCRIPTOR_V1`, 13 dims):
 - crop: centre y, centre x, height, width as fractions of the source image; centre x is
   mirrored (1 - cx) when the view was flipped;
 - grayscale: 1 or 0.
+Solarize has no slot in v1 (nor in CASSLE's descriptor): a solarized view's descriptor
+equals the unsolarized one's, and color_diff is measured before it.  Keep `solarize_p`
+at 0 where a model must be able to tell solarized views from the descriptor.
 The neutral descriptor (no augmentation) is `DESCRIPTOR_V1.neutral`:
 blur 0, color 0 0 0 0, color_diff 0 0 0, crop 0.5 0.5 1 1, grayscale 0.
 
