@@ -12,9 +12,9 @@ checkpoint stores only numbers:
   per rank), so no sample repeats unless bad samples eat up a slot's spares; a slot's
   part is then a list of shard segments.  Without counts (text sources) each slot takes
   whole shards.  A slot that reads past its own part (bad samples ate its spares, a text
-  slot short of rows) reads on through all the source's shards, whole, in the epoch's
-  order: a slot whose own shards are unreadable still fills its batches, and only a source
-  whose every shard is unreadable is an error.
+  slot short of rows) reads it once more, so ranks stay disjoint, and then all the source's
+  shards, whole, in the epoch's order: a slot whose own shards are unreadable still fills
+  its batches, and only a source whose every shard is unreadable is an error.
 - the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
   (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
@@ -58,10 +58,10 @@ class ShardSequence:
         self.mode = mode
         self.num_shards = num_shards
         self.key = [seed, rank, worker]
-        self.bounds: list[tuple[int, int]] | None = None  # per k < len(mine): [start, stop)
+        self.bounds: list[tuple[int, int]] | None = None  # per k % len(mine): [start, stop)
         if mode == "epoch":
             perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
-            self.order = [int(i) for i in perm]  # read whole after the slot's own part
+            self.order = [int(i) for i in perm]  # read whole after two passes of its own
             slots = world_size * num_workers
             slot = rank * num_workers + worker
             if need:
@@ -87,21 +87,22 @@ class ShardSequence:
     def span(self, k: int) -> tuple[int, int | None]:
         """[start, stop) of the samples that shard k of the sequence contributes (stop None:
         to the end of the shard)."""
-        if self.bounds is None or k >= len(self.bounds):
+        if self.bounds is None or k >= 2 * len(self.bounds):
             return 0, None
-        return self.bounds[k]
+        return self.bounds[k % len(self.bounds)]
 
     def pass_of(self, k: int) -> int:
-        """Epoch mode: 0 for the slot's own part, p >= 1 for the p-th pass over all the
-        source's shards after it (resampled mode: always 0)."""
-        if self.mode != "epoch" or k < len(self.mine):
+        """Epoch mode: 0 and 1 for the two passes over the slot's own part, p >= 2 for the
+        (p - 1)-th pass over all the source's shards after them (resampled mode: 0)."""
+        n = len(self.mine)
+        if self.mode != "epoch":
             return 0
-        return 1 + (k - len(self.mine)) // self.num_shards
+        return k // n if k < 2 * n else 2 + (k - 2 * n) // self.num_shards
 
     def __getitem__(self, k: int) -> int:
         if self.mode == "epoch":
             n = len(self.mine)
-            return self.mine[k] if k < n else self.order[(k - n) % self.num_shards]
+            return self.mine[k % n] if k < 2 * n else self.order[(k - 2 * n) % self.num_shards]
         block = k // _DRAW_BLOCK
         if block != self._block:
             rng = np.random.default_rng([*self.key, 0x5A3D, block])
