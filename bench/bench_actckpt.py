@@ -22,7 +22,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -97,11 +96,6 @@ def memory_worker(args) -> dict:
 
 
 def measure_memory(args, checkpointing: bool) -> dict:
-    env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-        "PYTHONPATH": str(common.ROOT),
-    }
     cmd = [
         sys.executable,
         __file__,
@@ -113,10 +107,7 @@ def measure_memory(args, checkpointing: bool) -> dict:
     ]
     if args.threads:
         cmd.append(f"--threads={args.threads}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_worker(cmd, "memory worker", {"MALLOC_MMAP_THRESHOLD_": "131072"})
 
 
 def main(argv: list[str] | None = None) -> int:

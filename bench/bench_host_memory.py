@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,11 +93,7 @@ def run_worker(args, side: str, mode: str) -> dict:
     ]
     if args.threads:
         cmd.append(f"--threads={args.threads}")
-    env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{side} {mode} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_worker(cmd, f"{side} {mode} worker")
 
 
 def main(argv: list[str] | None = None) -> int:

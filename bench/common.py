@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -353,6 +354,15 @@ def bf16_skip_reason(args: argparse.Namespace, peaks: dict[str, Peak], flops: fl
         f"{peaks['float32'].flops_per_s / 1e9:.1f}, a step would take ~{flops / bf:.0f} s "
         "(--bf16 on forces it)"
     )
+
+
+def run_worker(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run a bench's worker process (mmssl importable) and parse the JSON of its last line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def write_json(record: dict, path: str | None) -> None:
