@@ -2,7 +2,8 @@
 
 Writes `features` (N, D) pooled vision features, `embeddings` (N, E) projected image
 embeddings (when the model has a projection), `sample_index` (N,), one (N,) tensor per json field
-(`label`, `digit`, ...), and the sample keys as JSON in the safetensors metadata.
+(`label`, `digit`, ...), and in the safetensors metadata the sample keys (JSON), the model
+directory and the sha256 of its vision weights (`eval zeroshot` on the file checks it).
 
 With several ranks (a launcher sets WORLD_SIZE) each rank extracts the samples with
 `index % world_size == rank`; rows are gathered and put back by sample index, so the file
@@ -142,6 +143,19 @@ def _fill_empty(
 MARKER = "mmssl_features"
 
 
+def vision_digest(model: torch.nn.Module) -> str:
+    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes): recorded in a
+    features file, so that a task that pairs its embeddings with a model's text tower can
+    check they come from the same model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.visual.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
     """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors,
     atomically and readable by others."""
@@ -245,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             save_features(
                 args.out,
                 feats,
-                {"model": str(loaded.model_dir), "data": args.data, "fields": ",".join(fields)},
+                {
+                    "model": str(loaded.model_dir),
+                    "vision_sha256": vision_digest(loaded.model),
+                    "data": args.data,
+                    "fields": ",".join(fields),
+                },
             )
             print(
                 f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features "

@@ -177,9 +177,10 @@ def score(
     }
 
 
-def _features_file(path: str, field: str, limit: int | None) -> dict[str, Any]:
-    """The embeddings and `field` labels of a features file, its first `limit` rows."""
-    from mmssl.eval.features import load_features
+def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict[str, Any]:
+    """The embeddings and `field` labels of a features file, its first `limit` rows; the
+    file must come from `model`'s vision tower (files written before the check: any)."""
+    from mmssl.eval.features import load_features, vision_digest
 
     if not Path(path).is_file():
         raise EvalError(f"features file not found: {path}")
@@ -193,6 +194,12 @@ def _features_file(path: str, field: str, limit: int | None) -> dict[str, Any]:
         )
     if field not in feats:
         raise EvalError(f"{path} has no {field!r} labels; this task needs labelled data")
+    recorded = feats["metadata"].get("vision_sha256")
+    if recorded is not None and recorded != vision_digest(model):
+        raise EvalError(
+            f"{path} holds the embeddings of another vision tower than --model's (extracted "
+            f"with {feats['metadata'].get('model')}); extract them with this model"
+        )
     return {"embeddings": feats["embeddings"][:limit], field: feats[field][:limit]}
 
 
@@ -227,7 +234,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         raise EvalError("zero-shot classification needs a model with vision and text towers")
     tokenizer = loaded.tokenizer(args.tokenizer)
     if args.data.endswith(".safetensors"):
-        feats = _features_file(args.data, field, args.limit)
+        feats = _features_file(args.data, field, args.limit, model)
     else:
         feats = extract_features(
             model,

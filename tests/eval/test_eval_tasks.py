@@ -393,6 +393,22 @@ def test_zeroshot_from_features_file_equals_shards(tmp_path, tiny_model_dir, tes
     assert a["num_samples"] == b["num_samples"] == 5 and a["top1"] == b["top1"]
 
 
+def test_zeroshot_refuses_a_features_file_of_another_model(
+    tmp_path, capsys, tokenizer, tiny_model_dir, test_shards
+):
+    from eval_helpers import make_tiny_model_dir
+
+    from mmssl.eval.features import main as features_main
+
+    other = make_tiny_model_dir(str(tmp_path / "other"), tokenizer, seed=1)  # same shapes
+    f = str(tmp_path / "other.safetensors")
+    assert features_main(["--model", other, "--data", test_shards, "--out", f]) == 0
+    capsys.readouterr()
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", f, "--classes", "color"]
+    err = _err(capsys, [*argv, "--label-field", "label", "--out", str(tmp_path / "z")])
+    assert "another vision tower" in err
+
+
 def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, test_shards):
     from mmssl.eval.features import save_features
 
