@@ -2,8 +2,8 @@
 
 On the CPU every tensor of a step (activations, gradients, temporaries) is a fresh
 `malloc`.  glibc serves large blocks with `mmap` and hands freed memory back to the kernel,
-so the next step touches new pages and page-faults on each 4 KiB: about 38,000 faults per
-bf16 ViT-S/16 step (112 px, batch 32), some 8% of its time, most of it inside the
+so the next step touches new pages and page-faults on each 4 KiB: 34,000-38,000 faults per
+bf16 ViT-S/16 step (112 px, batch 32), some 8-9% of its time, most of it inside the
 elementwise kernels (GELU, LayerNorm) that first write each new output.  Raising glibc's
 mmap and trim thresholds keeps freed blocks in the heap, and later steps reuse them: no
 faults after the first step.  The CUDA caching allocator does the same on a GPU; PyTorch's
