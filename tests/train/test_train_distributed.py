@@ -125,6 +125,9 @@ def test_exact_resume_two_ranks(demo_data: str, tmp_path: Path, stage: int) -> N
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")] == ["step_00000004"]
 
 
+ABORT = "terminate called without an active exception"
+
+
 def _tiny_cli(demo: str, out: str, name: str) -> list[str]:
     return [QUICK, *tiny_overrides(demo, out, name), "train.steps=2", "checkpoint.every=0"]
 
@@ -134,20 +137,17 @@ def test_launchers_agree(demo_data: str, tmp_path: Path) -> None:
     `torchrun --nnodes 2 --node_rank {0,1}` on this machine, one rank each) run the same
     2-rank job: identical losses, a checkpoint, world size 2 in the summary."""
     out = str(tmp_path)
-    ds_port = str(free_port())
-    ds = run(
-        [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            ds_port,
-            "--module",
-            "mmssl.train",
-            *_tiny_cli(demo_data, out, "ds"),
-        ],
-        timeout=300,
-    )
+
+    def launch_ds() -> tuple[str, subprocess.CompletedProcess]:
+        port = str(free_port())
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+        cmd += ["--module", "mmssl.train", *_tiny_cli(demo_data, out, "ds")]
+        return port, run(cmd, timeout=300)
+
+    ds_port, ds = launch_ds()
+    if ds.returncode and ABORT in ds.stderr:  # the rare worker abort (see below): once more
+        shutil.rmtree(tmp_path / "ds", ignore_errors=True)
+        ds_port, ds = launch_ds()
     assert ds.returncode == 0, ds.stdout[-2000:] + ds.stderr[-3000:]
     # the launcher's ranks share DeepSpeed's CPU all-reduce workspace: nothing stays behind
     assert not [
@@ -155,9 +155,10 @@ def test_launchers_agree(demo_data: str, tmp_path: Path) -> None:
     ]
     codes, errs = _two_nodes(demo_data, out)
     if any("exitcode: -6" in e for e in errs):
-        # about 1 launch in 20 here, a worker aborts within seconds of starting ("terminate
-        # called without an active exception", SIGABRT); not diagnosed (see the session 8
-        # note).  One fresh relaunch; a second abort, or any other failure, fails the test
+        # now and then a worker aborts, within seconds of starting or at its exit (ABORT,
+        # SIGABRT): 2 of 24 deepspeed launches under load, 0 of 48 idle or under a CPU hog;
+        # not diagnosed (see the session 8 and 10 notes).  One fresh relaunch; a second
+        # abort, or any other failure, fails the test
         shutil.rmtree(tmp_path / "nodes", ignore_errors=True)
         codes, errs = _two_nodes(demo_data, out)
     for code, err in zip(codes, errs):
