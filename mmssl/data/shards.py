@@ -9,6 +9,9 @@ size exactly (tar pads a file to 10 KiB records), except that a shard always hol
 one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
 {"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
+An image of a folder or table that the OS cannot read (missing, a directory, no permission)
+is skipped and counted as `missing_image` in the `skipped` counter the caller passes; the
+command prints the count.  An input where no image can be read is a DataError.
 
     mmssl shards folder DIR --out OUT [--caption-template "a photo of a {}."]
     mmssl shards csv|jsonl TABLE --out OUT [--image-col image --caption-col caption --label-col label]
@@ -32,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mmssl.cliargs import ArgumentParser, summary
-from mmssl.data.errors import DataError
+from mmssl.data.errors import DataError, SkipCounter
 
 MANIFEST = "manifest.json"
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
@@ -223,22 +226,39 @@ class ShardWriter:
 
 
 def _image_bytes(path: str) -> tuple[str, bytes]:
+    """(shard extension, bytes), bmp/gif/webp/tif/ppm converted to png.  OSError only when
+    the file cannot be read; a file that reads but does not convert is a DataError."""
     ext = os.path.splitext(path)[1].lower()
+    if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
+        raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
+    with open(path, "rb") as f:
+        data = f.read()
     if ext in _IMAGE_EXTS:
-        with open(path, "rb") as f:
-            return _IMAGE_EXTS[ext], f.read()
-    if ext in _CONVERT_EXTS:
-        from PIL import Image
+        return _IMAGE_EXTS[ext], data
+    from PIL import Image
 
-        buf = io.BytesIO()
-        with Image.open(path) as im:
+    buf = io.BytesIO()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.convert("RGB").save(buf, "PNG")
-        return "png", buf.getvalue()
-    raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
+    except Exception as err:  # PIL raises many types (OSError among them) for damaged data
+        raise DataError(f"{path}: cannot convert ({type(err).__name__}: {err})") from None
+    return "png", buf.getvalue()
 
 
-def samples_from_folder(root: str, caption_template: str | None = None) -> Iterator[dict]:
-    """An image folder with one subfolder per class (sorted names -> labels 0..C-1)."""
+def _no_image_read(source: str, bad: int, first: str) -> DataError:
+    return DataError(
+        f"{source}: no readable image in any of its {bad} entries (first: {first}); "
+        f"skipped: missing_image: {bad}"
+    )
+
+
+def samples_from_folder(
+    root: str, caption_template: str | None = None, skipped: SkipCounter | None = None
+) -> Iterator[dict]:
+    """An image folder with one subfolder per class (sorted names -> labels 0..C-1).  An
+    image the OS cannot read is counted in `skipped` as `missing_image` and left out."""
+    skipped = SkipCounter() if skipped is None else skipped
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -251,19 +271,29 @@ def samples_from_folder(root: str, caption_template: str | None = None) -> Itera
             raise DataError(
                 f"caption template {caption_template!r} needs one '{{}}' for the class ({err})"
             ) from None
-    index = 0
+    index = bad = 0
+    first = ""
     for label, cls in enumerate(classes):
         for name in sorted(os.listdir(os.path.join(root, cls))):
             ext = os.path.splitext(name)[1].lower()
             if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
                 continue
-            img_ext, data = _image_bytes(os.path.join(root, cls, name))
+            try:
+                img_ext, data = _image_bytes(os.path.join(root, cls, name))
+            except OSError as err:  # the file, not its content: gone, a directory, no access
+                bad += 1
+                where = f"{cls}/{name}: {err.strerror or err}"
+                first = first or where
+                skipped.add("missing_image", root, where)
+                continue
             sample = {"__key__": f"{index:08d}", img_ext: data}
             if caption_template:
                 sample["txt"] = caption_template.format(cls.replace("_", " "))
             sample["json"] = {"label": label, "class": cls, "path": f"{cls}/{name}"}
             index += 1
             yield sample
+    if bad and not index:
+        raise _no_image_read(root, bad, first)
 
 
 def _rows(path: str, kind: str) -> Iterator[Any]:
@@ -290,14 +320,20 @@ def samples_from_table(
     caption_col: str = "caption",
     label_col: str | None = "label",
     kind: str | None = None,
+    skipped: SkipCounter | None = None,
 ) -> Iterator[dict]:
     """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
-    kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL)."""
+    kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
+    A row whose image the OS cannot read is counted in `skipped` as `missing_image` and left
+    out; a malformed row is a DataError."""
+    skipped = SkipCounter() if skipped is None else skipped
     if not os.path.isfile(path):
         raise DataError(f"table {path!r} does not exist")
     if kind is None:
         kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
     base = os.path.dirname(os.path.abspath(path))
+    written = bad = 0
+    first = ""
     for n, row in enumerate(_rows(path, kind)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
@@ -306,10 +342,6 @@ def samples_from_table(
                 f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r} "
                 f"(has {sorted(row)})"
             )
-        img = os.path.join(base, str(row[image_col]))
-        if not os.path.isfile(img):
-            raise DataError(f"{path}: row {n + 1}: image {row[image_col]!r} not found")
-        ext, data = _image_bytes(img)
         meta: dict[str, Any] = {"path": str(row[image_col])}
         label = row.get(label_col) if label_col else None
         if label not in (None, ""):
@@ -322,7 +354,18 @@ def samples_from_table(
         caption = row[caption_col]
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{path}: row {n + 1}: no caption (got {caption!r})")
+        try:  # after the row's checks: a malformed row is an error even without its image
+            ext, data = _image_bytes(os.path.join(base, str(row[image_col])))
+        except OSError as err:  # the file, not its content: gone, a directory, no access
+            bad += 1
+            where = f"row {n + 1}: image {row[image_col]!r}: {err.strerror or err}"
+            first = first or where
+            skipped.add("missing_image", path, where)
+            continue
+        written += 1
         yield {"__key__": f"{n:08d}", ext: data, "txt": caption, "json": meta}
+    if bad and not written:
+        raise _no_image_read(path, bad, first)
 
 
 def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
@@ -393,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sized = args.max_count is not None or args.max_bytes is not None
     max_count = args.max_count if sized else 10_000
+    skipped = SkipCounter()
     try:
         if args.input_kind == "folder":
             if len(args.inputs) != 1:
                 raise DataError("folder takes exactly one image folder")
-            samples = samples_from_folder(args.inputs[0], args.caption_template)
+            samples = samples_from_folder(args.inputs[0], args.caption_template, skipped)
         elif args.input_kind in ("csv", "jsonl"):
             if len(args.inputs) != 1:
                 raise DataError(f"{args.input_kind} takes exactly one table file")
@@ -407,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.caption_col,
                 args.label_col or None,
                 kind=args.input_kind,
+                skipped=skipped,
             )
         else:
             samples = samples_from_text(args.inputs, args.docs)
@@ -422,5 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmssl shards: error: {err}", file=sys.stderr)
         return 2
     info = manifest["splits"][args.split]
-    print(f"wrote {info['count']} samples to {os.path.join(args.out, info['pattern'])}")
+    line = f"wrote {info['count']} samples to {os.path.join(args.out, info['pattern'])}"
+    if skipped.counts:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.counts.items()))
+        line += f"; skipped {skipped.total()} unreadable inputs ({kinds})"
+    print(line)
     return 0

@@ -13,7 +13,14 @@ import webdataset as wds
 from data_helpers import png_bytes, write_image_shards
 from PIL import Image
 
-from mmssl.data.shards import ShardWriter, main
+from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.shards import (
+    ShardWriter,
+    main,
+    samples_from_folder,
+    samples_from_table,
+    write_shards,
+)
 
 
 def _digest(d: str) -> dict[str, str]:
@@ -232,7 +239,8 @@ def test_cli_text(tmp_path):
     [
         (["folder", "/nonexistent/x"], "does not exist"),
         (["csv", "{tmp}/bad.csv"], "lacks column"),
-        (["csv", "{tmp}/missing.csv"], "not found"),
+        (["csv", "{tmp}/missing.csv"], "no readable image in any of its 1 entries"),
+        (["folder", "{tmp}/corrupt"], "cannot convert"),  # a file that reads is not skipped
         (["text", "{tmp}/latin1.txt"], "not UTF-8"),
         (["text", "{tmp}/empty.txt"], "no samples"),
         (["csv", "{tmp}/short.csv"], "row 1: no caption (got None)"),
@@ -262,6 +270,8 @@ def test_cli_bad_input(tmp_path, capsys, args, message):
     )
     (tmp_path / "bad.csv").write_text("path,text\nx.png,y\n")
     (tmp_path / "missing.csv").write_text("image,caption\nnope.png,y\n")
+    os.makedirs(tmp_path / "corrupt" / "cls")
+    (tmp_path / "corrupt" / "cls" / "a.bmp").write_bytes(b"BM not really a bitmap")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "empty.txt").write_text("  \n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -276,3 +286,73 @@ def test_png_helper_roundtrip():
     import io
 
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(arr)))), arr)
+
+
+def _three_good_one_bad(tmp_path, case):
+    """4 image entries, the third unreadable; returns the sample source and its counter."""
+    _folder(tmp_path)
+    skipped = SkipCounter()
+    if case == "folder, dangling symlink":
+        for name in ["cat/2.png", "dog/0.png", "dog/1.png", "dog/x.bmp"]:
+            os.remove(tmp_path / name)
+        os.symlink(tmp_path / "gone.png", tmp_path / "cat" / "1a.png")  # sorts third
+        return samples_from_folder(str(tmp_path), skipped=skipped), skipped
+    images = ["cat/0.png", "cat/1.png", "nope.png", "dog/2.png"]
+    if case == "jsonl, a directory":
+        os.makedirs(tmp_path / "nope.png")
+        table = tmp_path / "t.jsonl"
+        table.write_text("".join(json.dumps({"image": p, "caption": p}) + "\n" for p in images))
+    else:
+        table = tmp_path / "t.csv"
+        table.write_text("image,caption\n" + "".join(f"{p},{p}\n" for p in images))
+    return samples_from_table(str(table), skipped=skipped), skipped
+
+
+@pytest.mark.parametrize(
+    "case", ["csv, missing file", "jsonl, a directory", "folder, dangling symlink"]
+)
+def test_an_unreadable_image_is_skipped_counted_and_the_rest_written(tmp_path, case):
+    samples, skipped = _three_good_one_bad(tmp_path / "in", case)
+    manifest = write_shards(samples, str(tmp_path / "o"), max_count=2, progress=False)
+    assert skipped.counts == {"missing_image": 1}
+    assert manifest["splits"]["train"] == {"pattern": "train-{000000..000001}.tar", "count": 3}
+    read = []
+    for shard in manifest["shards"]:  # the manifest against webdataset and plain tar
+        path = str(tmp_path / "o" / shard["url"])
+        samples = list(wds.WebDataset(path, shardshuffle=False))
+        with tarfile.open(path) as tf:
+            keys = {m.name.split(".")[0] for m in tf.getmembers()}
+        assert len(samples) == shard["count"] == len(keys)
+        read += [json.loads(s["json"])["path"] for s in samples]
+    assert [s["count"] for s in manifest["shards"]] == [2, 1]
+    assert len(read) == 3 and "nope.png" not in read and "cat/1a.png" not in read
+
+
+def test_cli_reports_the_skipped_images(tmp_path, capsys):
+    _folder(tmp_path)
+    (tmp_path / "t.csv").write_text("image,caption\ncat/0.png,a\nnope.png,b\ndog/1.png,c\n")
+    assert main(["csv", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 samples" in out and "skipped 1 unreadable inputs (missing_image: 1)" in out
+    s = list(wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False))
+    assert [x["txt"] for x in s] == [b"a", b"c"]
+
+
+def test_no_readable_image_is_an_error_that_writes_nothing(tmp_path, capsys):
+    _folder(tmp_path)
+    (tmp_path / "t.csv").write_text("image,caption\nnope.png,a\ncat/x.png,b\ngone/x.jpg,c\n")
+    os.makedirs(tmp_path / "cat" / "x.png")  # a directory where the image should be
+    skipped = SkipCounter()
+    out = tmp_path / "o"
+    with pytest.raises(
+        DataError, match=r"no readable image in any of its 3 entries \(first: row 1"
+    ):
+        write_shards(samples_from_table(str(tmp_path / "t.csv"), skipped=skipped), str(out))
+    assert skipped.counts == {"missing_image": 3} and not out.exists()
+    for cls in ["cat", "dog"]:  # a folder whose every image is a dangling symlink
+        os.makedirs(tmp_path / "dangling" / cls)
+        os.symlink(tmp_path / "gone.png", tmp_path / "dangling" / cls / "a.png")
+    assert main(["folder", str(tmp_path / "dangling"), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no readable image in any of its 2 entries" in err[0]
+    assert not out.exists()
