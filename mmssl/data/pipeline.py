@@ -14,8 +14,12 @@ batch dict (DESIGN.md):
 
 Epoch mode: every rank yields exactly `epoch_batches = floor(samples / (world_size *
 batch_size))` batches per source and epoch (counts from the shards' manifest.json), so no
-rank waits for another.  A worker whose shards hold fewer samples than its share re-reads
-its shards from the start; samples beyond a rank's share are dropped.  With several
+rank waits for another.  Each (rank, worker) slot reads its own run of samples; samples
+beyond a rank's share are dropped.  A text source is tokenised once up front: each slot
+reads whole documents until they fill its rows, so no document is read twice in an epoch,
+and `epoch_batches = floor((tokens - slots x longest document) / (context_length + 1) /
+(world_size x batch_size))` leaves room for the unread rest of each slot's last document.
+With several
 sources an epoch holds every source's batches in a seeded order (weights are ignored);
 in resampled mode each batch picks its source by weight.  Every rank picks the same
 source for batch i, so collective losses line up.
@@ -72,19 +76,25 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-def _count_rows(urls: list[str], tokenizer: Any, context_length: int, skipped: SkipCounter) -> int:
-    """Packed LM rows in a text source (tokenises every document once); bad input counted
-    in `skipped`."""
-    tokens = 0
+def _doc_tokens(
+    urls: list[str], tokenizer: Any, shard_damage: SkipCounter, bad_docs: SkipCounter
+) -> tuple[np.ndarray, ...]:
+    """Tokens of every document of a text source (eos included; 0 for a bad one), by shard
+    (tokenises every document once).  Damage to the shards themselves goes to
+    `shard_damage`, undecodable or missing text to `bad_docs`."""
+    out = []
     for url in urls:
-        for key, files in iter_shard(url, skipped):
+        lengths = []
+        for key, files in iter_shard(url, shard_damage):
             try:
                 text = decode_text(files, "missing_text")
             except BadSample as bad:
-                skipped.add(bad.kind, f"{url}:{key}", bad.detail)
+                bad_docs.add(bad.kind, f"{url}:{key}", bad.detail)
+                lengths.append(0)
                 continue
-            tokens += len(tokenizer.encode(text, add_bos=False, add_eos=False)) + 1
-    return tokens // (context_length + 1)
+            lengths.append(len(tokenizer.encode(text, add_bos=False, add_eos=False)) + 1)
+        out.append(np.asarray(lengths, dtype=np.int64))
+    return tuple(out)
 
 
 def _resolve(
@@ -101,7 +111,9 @@ def _resolve(
     name = src.name or f"source{index}"
     n_batches = rows = 0
     counts: list[int] = []
-    skipped = SkipCounter()  # what counting the samples met: unreadable shards, bad text
+    doc_tokens: tuple[np.ndarray, ...] = ()
+    skipped = SkipCounter()  # what counting the samples met: damaged or empty shards
+    bad_docs = SkipCounter()  # text: undecodable documents (the stream meets them again)
     if mode == "epoch":
         if len(urls) < slots:
             raise DataError(
@@ -112,7 +124,13 @@ def _resolve(
         if src.epoch_batches is not None:
             n_batches = int(src.epoch_batches)
         elif src.kind == "text":
-            rows = _count_rows(urls, plan_args["tokenizer"], plan_args["context_length"], skipped)
+            doc_tokens = _doc_tokens(urls, plan_args["tokenizer"], skipped, bad_docs)
+            counts = [len(t) for t in doc_tokens]
+            tokens = int(sum(t.sum() for t in doc_tokens))
+            longest = max((int(t.max()) for t in doc_tokens if len(t)), default=0)
+            # each slot reads whole documents until its rows are full (see producer.py):
+            # the rest of the last one, under `longest` tokens, is left to no one
+            rows = max(0, tokens - slots * longest) // (plan_args["context_length"] + 1)
             n_batches = rows // (world * batch)
         else:
             known = _manifest_counts(urls)
@@ -128,10 +146,13 @@ def _resolve(
                         f"write one (mmssl shards does) or set Source.epoch_batches"
                     )
             n_batches = sum(counts) // (world * batch)
-        if n_batches < 1 and skipped.counts:
+        damage = dict(skipped.counts)
+        for kind, n in bad_docs.counts.items():
+            damage[kind] = damage.get(kind, 0) + n
+        if n_batches < 1 and damage:
             # a broken source rather than a small one: "lower batch_size" would mislead
             what = f"{rows} packed rows" if src.kind == "text" else f"{sum(counts)} samples"
-            bad = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.counts.items()))
+            bad = ", ".join(f"{k}: {n}" for k, n in sorted(damage.items()))
             raise DataError(
                 f"source {name} has {what} readable, less than one batch per rank "
                 f"({world} ranks x batch {batch}); skipped as bad: {bad} "
@@ -142,9 +163,10 @@ def _resolve(
                 f"source {name} is smaller than one batch per rank "
                 f"({world} ranks x batch {batch}); lower batch_size"
             )
-    found = tuple(sorted(skipped.counts.items())) if counts else ()  # text: read again
+    # damage outside the counted samples: the epoch's segments never meet it again
+    found = tuple(sorted(skipped.counts.items())) if counts else ()
     return SourceSpec(
-        name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts), found
+        name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts), found, doc_tokens
     )
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmssl.data.augment import AugmentConfig, make_views, resize_center
 from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
 from mmssl.data.errors import SkipCounter, mark_logged
-from mmssl.data.stream import SampleStream, ShardSequence
+from mmssl.data.stream import SampleStream, ShardSequence, epoch_order
 from mmssl.data.text import TokenPacker, tokenize_captions
 
 
@@ -32,12 +32,16 @@ class SourceSpec:
     kind: str  # "image" | "image_text" | "text"
     weight: float
     epoch_batches: int  # per rank, epoch mode; 0 in resampled mode
-    # epoch mode, image sources: samples per shard, for the split by samples (stream.py);
-    # empty: split by whole shards
+    # epoch mode: samples per shard, for the split by samples (stream.py); empty (a set
+    # Source.epoch_batches): split by whole shards
     shard_counts: tuple[int, ...] = ()
-    # damage met while counting the samples of shards without a manifest entry, as (kind,
-    # count): the epoch's segments stop at the counted samples and never meet it again
+    # damage met while counting the samples of shards without a manifest entry (text: of
+    # every shard), as (kind, count): the epoch's segments stop at the counted samples and
+    # never meet it again
     preflight_skipped: tuple[tuple[str, int], ...] = ()
+    # epoch mode, text sources: the tokens of each document (eos included, 0 if bad) by
+    # shard, to give each slot the documents that fill its rows (`_text_need`)
+    doc_tokens: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class _Worker:
                     minlength=plan.num_workers,
                 )
                 need = [int(n) * plan.batch_size for n in per_worker] * plan.world_size
+                if src.doc_tokens:
+                    need = _text_need(src.doc_tokens, plan, epoch, need)
             seq = ShardSequence(
                 len(src.urls),
                 mode=plan.mode,
@@ -214,6 +220,29 @@ class _Worker:
             self.saved[src.name] = self.streams[src.name].state()
         pos = {"sources": dict(self.saved), "skipped": dict(self.counter.counts), "batch": i}
         return out, pos
+
+
+def _text_need(
+    doc_tokens: tuple[np.ndarray, ...], plan: Plan, epoch: int, rows: list[int]
+) -> list[int]:
+    """Documents per slot for a text source, from the rows per slot: in the epoch's shard
+    order, each slot takes whole documents until they hold its rows' tokens, so every
+    document is read at most once an epoch (a slot packs only its own run).  What no slot
+    needs goes to the last one; the plan's epoch length leaves room for each slot's last
+    document (`pipeline._resolve`)."""
+    order = epoch_order(plan.seed, epoch, len(doc_tokens))
+    ends = np.cumsum(np.concatenate([doc_tokens[i] for i in order]))
+    need, start, used = [], 0, 0
+    for n in rows:
+        end = start
+        if n > 0:  # the first document at which the run holds n rows
+            end = int(np.searchsorted(ends, used + n * (plan.context_length + 1))) + 1
+            end = min(end, len(ends))
+            used = int(ends[end - 1])
+        need.append(end - start)
+        start = end
+    need[-1] += len(ends) - start
+    return need
 
 
 def zlib_crc(name: str) -> int:

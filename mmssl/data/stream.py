@@ -6,15 +6,16 @@ checkpoint stores only numbers:
 - the shard sequence: in epoch mode the worker's part of a seeded permutation of the
   shards, cycled; in resampled mode draws with replacement from a counter-based RNG.
   Shard `k` of the sequence is computable without replaying `0..k-1`.  With per-shard
-  sample counts (image sources) the epoch is split by samples: the permuted shards are
-  read as one sequence of samples, and each (rank, worker) slot takes a contiguous run of
-  the samples it will batch plus its share of the spares (the samples short of a batch
-  per rank), so no sample repeats unless bad samples eat up a slot's spares; a slot's
-  part is then a list of shard segments.  Without counts (text sources) each slot takes
-  whole shards.  A slot that reads past its own part (bad samples ate its spares, a text
-  slot short of rows) reads it once more, so ranks stay disjoint, and then all the source's
-  shards, whole, in the epoch's order: a slot whose own shards are unreadable still fills
-  its batches, and only a source whose every shard is unreadable is an error.
+  sample counts the epoch is split by samples: the permuted shards are read as one
+  sequence of samples, and each (rank, worker) slot takes a contiguous run of the samples
+  it will batch plus its share of the spares (the samples short of a batch per rank), so
+  no sample repeats unless bad samples eat up a slot's spares; a slot's part is then a
+  list of shard segments.  A text slot's run is the documents that hold its rows' tokens
+  (`producer._text_need`).  Without counts (a source with a set `epoch_batches`) each slot
+  takes whole shards.  A slot that reads past its own part (bad samples ate its spares)
+  reads it once more, so ranks stay disjoint, and then all the source's shards, whole, in
+  the epoch's order: a slot whose own shards are unreadable still fills its batches, and
+  only a source whose every shard is unreadable is an error.
 - the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
   (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
@@ -60,7 +61,7 @@ class ShardSequence:
         self.key = [seed, rank, worker]
         self.bounds: list[tuple[int, int]] | None = None  # per k % len(mine): [start, stop)
         if mode == "epoch":
-            perm = np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
+            perm = epoch_order(seed, epoch, num_shards)
             self.order = [int(i) for i in perm]  # read whole after two passes of its own
             slots = world_size * num_workers
             slot = rank * num_workers + worker
@@ -109,6 +110,11 @@ class ShardSequence:
             self._draws = rng.integers(0, self.num_shards, size=_DRAW_BLOCK)
             self._block = block
         return int(self._draws[k % _DRAW_BLOCK])
+
+
+def epoch_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
+    """The seeded shard permutation of an epoch, the same on every rank and worker."""
+    return np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
 
 
 def _segments(
