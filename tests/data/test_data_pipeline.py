@@ -113,7 +113,8 @@ def test_epoch_mode_equal_counts_and_disjoint_ranks(image_shards):
     assert not set(keys[0]) & set(keys[1])  # each rank reads its own shards
 
 
-def test_mixed_sources_with_lm_resume(image_shards, tmp_path):
+@pytest.mark.parametrize("mode", ["resampled", "epoch"])
+def test_mixed_sources_with_lm_resume(image_shards, tmp_path, mode):
     from mmssl.data.shards import write_shards
 
     docs = ({"__key__": f"d{i}", "txt": "word " * (3 + 7 * i)} for i in range(12))
@@ -125,6 +126,7 @@ def test_mixed_sources_with_lm_resume(image_shards, tmp_path):
             Source(str(tmp_path / "lm-{000000..000003}.tar"), kind="text", name="lm", weight=3.0),
         ],
         batch_size=3,
+        mode=mode,
         seed=1,
         shuffle=4,
         rank=1,
@@ -134,7 +136,7 @@ def test_mixed_sources_with_lm_resume(image_shards, tmp_path):
         tokenizer=tok,
         context_length=10,
     )
-    ref = _take(build_pipeline(**kw), 14)
+    ref = _take(build_pipeline(**kw), 14)  # epoch mode: 8 image + 25 text batches an epoch
     names = [b["source"] for b in ref]
     assert names.count("lm") > names.count("img") > 0
     lm = next(b for b in ref if b["source"] == "lm")
