@@ -15,11 +15,9 @@ batch dict (DESIGN.md):
 Epoch mode: every rank yields exactly `epoch_batches = floor(samples / (world_size *
 batch_size))` batches per source and epoch (counts from the shards' manifest.json), so no
 rank waits for another.  Each (rank, worker) slot reads its own run of samples; samples
-beyond a rank's share are dropped.  A text source is tokenised once up front: each slot
-reads whole documents until they fill its rows, so no document is read twice in an epoch,
-and `epoch_batches = floor((tokens - slots x longest document) / (context_length + 1) /
-(world_size x batch_size))` leaves room for the unread rest of each slot's last document.
-With several
+beyond a rank's share are dropped.  A text source is tokenised once up front (rows, not
+samples, set its `epoch_batches`), and each slot reads its own stretch of the epoch's
+tokens, so no token is read twice in an epoch.  With several
 sources an epoch holds every source's batches in a seeded order (weights are ignored);
 in resampled mode each batch picks its source by weight.  Every rank picks the same
 source for batch i, so collective losses line up.
@@ -127,10 +125,7 @@ def _resolve(
             doc_tokens = _doc_tokens(urls, plan_args["tokenizer"], skipped, bad_docs)
             counts = [len(t) for t in doc_tokens]
             tokens = int(sum(t.sum() for t in doc_tokens))
-            longest = max((int(t.max()) for t in doc_tokens if len(t)), default=0)
-            # each slot reads whole documents until its rows are full (see producer.py):
-            # the rest of the last one, under `longest` tokens, is left to no one
-            rows = max(0, tokens - slots * longest) // (plan_args["context_length"] + 1)
+            rows = tokens // (plan_args["context_length"] + 1)
             n_batches = rows // (world * batch)
         else:
             known = _manifest_counts(urls)

@@ -40,7 +40,7 @@ class SourceSpec:
     # never meet it again
     preflight_skipped: tuple[tuple[str, int], ...] = ()
     # epoch mode, text sources: the tokens of each document (eos included, 0 if bad) by
-    # shard, to give each slot the documents that fill its rows (`_text_need`)
+    # shard, to give each slot its stretch of the epoch's tokens (`_text_runs`)
     doc_tokens: tuple[np.ndarray, ...] = ()
 
 
@@ -99,10 +99,14 @@ class _Worker:
         self.counter = SkipCounter((state or {}).get("skipped"))
         self.streams: dict[str, SampleStream] = {}
         self.packers: dict[str, TokenPacker] = {}
+        # text, epoch mode: where this slot's run cuts its first and its last document, as
+        # token offsets (start of the first, stop of the last; None: its end)
+        self.cuts: dict[str, tuple[int, int | None]] = {}
         self.saved: dict[str, Any] = dict((state or {}).get("sources", {}))
         schedule = plan.schedule(epoch)
         for index, src in enumerate(plan.sources):
             need: list[int] = []
+            run = None
             if schedule is not None and src.shard_counts:
                 # samples each (rank, worker) slot takes from this source in the epoch: batch
                 # i goes to worker i % W, on every rank
@@ -111,8 +115,10 @@ class _Worker:
                     minlength=plan.num_workers,
                 )
                 need = [int(n) * plan.batch_size for n in per_worker] * plan.world_size
-                if src.doc_tokens:
-                    need = _text_need(src.doc_tokens, plan, epoch, need)
+                if src.doc_tokens:  # need holds rows: split the epoch's tokens by them
+                    slot = plan.rank * plan.num_workers + worker
+                    start, count, head, tail = _text_runs(src.doc_tokens, plan, epoch, need)[slot]
+                    run, self.cuts[src.name] = (start, count), (head, tail)
             seq = ShardSequence(
                 len(src.urls),
                 mode=plan.mode,
@@ -124,6 +130,7 @@ class _Worker:
                 num_workers=plan.num_workers,
                 shard_counts=src.shard_counts,
                 need=need,
+                run=run,
             )
             key = [plan.seed, epoch, plan.rank, worker, zlib_crc(src.name)]
             stream = SampleStream(
@@ -190,7 +197,7 @@ class _Worker:
     def _text_batch(self, src: SourceSpec) -> dict[str, Any]:
         stream, packer = self.streams[src.name], self.packers[src.name]
 
-        def next_doc() -> tuple[str, str, Any]:
+        def next_doc() -> tuple[str, str, Any, tuple[int, int | None]]:
             while True:
                 before = stream.state(before_next=True)  # the packer re-reads this document
                 key, files, url = stream.next()
@@ -200,7 +207,7 @@ class _Worker:
                     self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
                     continue
                 stream.mark_good()
-                return key, text, before
+                return key, text, before, self._doc_span(src.name, stream)
 
         rows, keys = packer.pack(self.plan.batch_size, next_doc)
         return {
@@ -209,6 +216,19 @@ class _Worker:
             "__key__": keys,
             "source": src.name,
         }
+
+    def _doc_span(self, name: str, stream: SampleStream) -> tuple[int, int | None]:
+        """The tokens of the document `stream` just gave that are this slot's: all of them,
+        except at the two ends of its epoch run, which it shares with its neighbours."""
+        if name not in self.cuts:
+            return 0, None
+        (k, index), bounds = stream.at, stream.raw.seq.bounds or []
+        head, tail = self.cuts[name]
+        if k >= len(bounds):  # read past its own run: whole documents
+            return 0, None
+        first = k == 0 and index == bounds[0][0]
+        last = k == len(bounds) - 1 and index == bounds[-1][1] - 1
+        return (head if first else 0), (tail if last else None)
 
     def batch(self, i: int, source: int) -> tuple[dict[str, Any], dict[str, Any]]:
         src = self.plan.sources[source]
@@ -222,27 +242,31 @@ class _Worker:
         return out, pos
 
 
-def _text_need(
+def _text_runs(
     doc_tokens: tuple[np.ndarray, ...], plan: Plan, epoch: int, rows: list[int]
-) -> list[int]:
-    """Documents per slot for a text source, from the rows per slot: in the epoch's shard
-    order, each slot takes whole documents until they hold its rows' tokens, so every
-    document is read at most once an epoch (a slot packs only its own run).  What no slot
-    needs goes to the last one; the plan's epoch length leaves room for each slot's last
-    document (`pipeline._resolve`)."""
+) -> list[tuple[int, int, int, int | None]]:
+    """Each slot's run of a text source's epoch, from its rows: the epoch's tokens (the
+    documents in the epoch's shard order, each with its eos) are cut into consecutive
+    stretches of rows x (context_length + 1) tokens, one a slot, so every token is read
+    once and a document at a cut is shared by the two slots.  Per slot: (first document,
+    documents, token offset into the first, token stop in the last or None for its end)."""
     order = epoch_order(plan.seed, epoch, len(doc_tokens))
-    ends = np.cumsum(np.concatenate([doc_tokens[i] for i in order]))
-    need, start, used = [], 0, 0
+    tokens = np.concatenate([doc_tokens[i] for i in order])
+    ends = np.cumsum(tokens)
+    out: list[tuple[int, int, int, int | None]] = []
+    pos = 0
     for n in rows:
-        end = start
-        if n > 0:  # the first document at which the run holds n rows
-            end = int(np.searchsorted(ends, used + n * (plan.context_length + 1))) + 1
-            end = min(end, len(ends))
-            used = int(ends[end - 1])
-        need.append(end - start)
-        start = end
-    need[-1] += len(ends) - start
-    return need
+        if n == 0:
+            out.append((0, 0, 0, None))
+            continue
+        stop = pos + n * (plan.context_length + 1)
+        first = int(np.searchsorted(ends, pos, side="right"))  # the document holding `pos`
+        last = int(np.searchsorted(ends, stop - 1, side="right"))
+        head = pos - int(ends[first] - tokens[first])  # into the first document
+        tail = stop - int(ends[last] - tokens[last])  # into the last
+        out.append((first, last - first + 1, head, None if tail == tokens[last] else tail))
+        pos = stop
+    return out
 
 
 def zlib_crc(name: str) -> int:

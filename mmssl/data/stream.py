@@ -10,12 +10,13 @@ checkpoint stores only numbers:
   sequence of samples, and each (rank, worker) slot takes a contiguous run of the samples
   it will batch plus its share of the spares (the samples short of a batch per rank), so
   no sample repeats unless bad samples eat up a slot's spares; a slot's part is then a
-  list of shard segments.  A text slot's run is the documents that hold its rows' tokens
-  (`producer._text_need`).  Without counts (a source with a set `epoch_batches`) each slot
-  takes whole shards.  A slot that reads past its own part (bad samples ate its spares)
-  reads it once more, so ranks stay disjoint, and then all the source's shards, whole, in
-  the epoch's order: a slot whose own shards are unreadable still fills its batches, and
-  only a source whose every shard is unreadable is an error.
+  list of shard segments.  A text slot's run is the documents that hold its stretch of
+  the epoch's tokens (`producer._text_runs`).  Without counts (a source with a set
+  `epoch_batches`) each slot takes whole shards.  A slot that reads past its own part
+  (bad samples ate its spares) reads it once more, so ranks stay disjoint, and then all
+  the source's shards, whole, in the epoch's order: a slot whose own shards are
+  unreadable still fills its batches, and only a source whose every shard is unreadable
+  is an error.
 - the raw position `(k, offset)`: shard `k` of the sequence, sample `offset` inside it
   (inside its segment).
 - the shuffle is a block shuffle: the raw stream is cut into windows of `shuffle`
@@ -53,9 +54,11 @@ class ShardSequence:
         num_workers: int,
         shard_counts: Sequence[int] = (),
         need: Sequence[int] = (),
+        run: tuple[int, int] | None = None,
     ) -> None:
         """need: epoch mode with shard_counts: the samples of every (rank, worker) slot,
-        rank-major; each slot's run starts where the previous slot's ends."""
+        rank-major; each slot's run starts where the previous slot's ends.  run: instead
+        of need, this slot's run as (first sample, count) in the epoch's sample order."""
         self.mode = mode
         self.num_shards = num_shards
         self.key = [seed, rank, worker]
@@ -65,12 +68,14 @@ class ShardSequence:
             self.order = [int(i) for i in perm]  # read whole after two passes of its own
             slots = world_size * num_workers
             slot = rank * num_workers + worker
-            if need:
+            if need and run is None:
                 # the samples no batch needs are shared out as spares: a slot that meets bad
                 # samples reads on into its spares before it repeats any
                 spare = max(0, sum(shard_counts) - sum(need))
                 runs = [n + spare // slots + (j < spare % slots) for j, n in enumerate(need)]
-                segments = _segments([(int(i), shard_counts[i]) for i in perm], runs, slot)
+                run = sum(runs[:slot]), runs[slot]
+            if run is not None:
+                segments = _segments([(int(i), shard_counts[i]) for i in perm], *run)
                 self.mine = [s for s, _, _ in segments]
                 self.bounds = [(a, b) for _, a, b in segments]
                 return
@@ -117,16 +122,13 @@ def epoch_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return np.random.default_rng([seed, 0xE90C, epoch]).permutation(num_shards)
 
 
-def _segments(
-    order: list[tuple[int, int]], need: Sequence[int], slot: int
-) -> list[tuple[int, int, int]]:
-    """(shard, start, stop) pieces of slot `slot`'s run of need[slot] samples, where the
-    runs of slots 0, 1, ... follow each other through `order` ((shard, count) pairs read as
-    one sequence, wrapping around if the runs need more samples than there are)."""
+def _segments(order: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) pieces of the run of `length` samples from sample `start` of
+    `order` ((shard, count) pairs read as one sequence, wrapping around at its end)."""
     total = sum(c for _, c in order)
-    if total == 0 or need[slot] == 0:
+    if total == 0 or length == 0:
         return []
-    pos, left, out = sum(need[:slot]) % total, need[slot], []
+    pos, left, out = start % total, length, []
     while left > 0:
         for shard, count in order:
             if pos >= count:  # the run starts after this shard
@@ -160,8 +162,11 @@ class RawStream:
     def pass_of(self, k: int) -> int:
         return self.seq.pass_of(k)
 
-    def next(self, within_pass: int | None = None) -> tuple[str, dict[str, bytes], int] | None:
-        """(key, files, url index) of the sample at the current position; advances.
+    def next(
+        self, within_pass: int | None = None
+    ) -> tuple[str, dict[str, bytes], int, tuple[int, int]] | None:
+        """(key, files, url index, (k, sample index in the shard)) of the sample at the
+        current position; advances.
 
         With `within_pass`, returns None instead of crossing into the next pass.
         """
@@ -177,7 +182,7 @@ class RawStream:
             if item is not None:
                 self.offset += 1
                 self._empty.clear()
-                return item[0], item[1], shard
+                return item[0], item[1], shard, (self.k, start + self.offset - 1)
             if self.offset == 0 and (start, stop) == (0, None):
                 self._empty.add(shard)
                 if len(self._empty) == self.seq.num_shards:
@@ -213,7 +218,8 @@ class SampleStream:
         self.counter = counter
         self.window_index = -1
         self.start = (0, 0)
-        self.window: list[tuple[str, dict[str, bytes], int]] = []
+        self.window: list[tuple[str, dict[str, bytes], int, tuple[int, int]]] = []
+        self.at = (0, 0)  # (k, sample index in the shard) of the last sample `next` gave
         self.order: list[int] = []
         self.emitted = 0
         self._good = True
@@ -265,7 +271,7 @@ class SampleStream:
         """(key, files, url) of the next sample."""
         if self.window_index < 0 or self.emitted >= len(self.window):
             self._fill(self.window_index + 1, (self.raw.k, self.raw.offset))
-        key, files, shard = self.window[self.order[self.emitted]]
+        key, files, shard, self.at = self.window[self.order[self.emitted]]
         self.emitted += 1
         return key, files, self.urls[shard]
 

@@ -30,9 +30,11 @@ def tokenize_captions(
 class TokenPacker:
     """Packs a stream of documents into (B, context_length + 1) rows; resumable.
 
-    `next_doc()` returns (key, text, stream state *before* that document); the packer
-    remembers the state before its current document and the token offset inside it, which
-    is all a restore needs: rewind the stream, re-encode that document, skip the offset.
+    `next_doc()` returns (key, text, stream state *before* that document, (start, stop)):
+    the packer takes tokens [start:stop] of the document + eos (a slot of an epoch shares
+    the documents at its run's two ends).  It remembers the state before its current
+    document and the token offset inside it, which is all a restore needs: rewind the
+    stream, re-encode that document, skip the offset.
     """
 
     def __init__(self, tokenizer: Any, context_length: int) -> None:
@@ -50,7 +52,7 @@ class TokenPacker:
         ]
 
     def pack(
-        self, batch_size: int, next_doc: Callable[[], tuple[str, str, Any]]
+        self, batch_size: int, next_doc: Callable[[], tuple[str, str, Any, tuple[int, Any]]]
     ) -> tuple[Tensor, list[str]]:
         """(batch_size, context_length + 1) int64 rows and the key each row starts in."""
         out = torch.empty(batch_size, self.row, dtype=torch.int64)
@@ -60,8 +62,8 @@ class TokenPacker:
             row_key = ""
             while filled < self.row:
                 if self.pos >= len(self.tokens):
-                    self.key, text, self.doc_state = next_doc()
-                    self.tokens, self.pos = self._encode(text), self.skip
+                    self.key, text, self.doc_state, (start, stop) = next_doc()
+                    self.tokens, self.pos = self._encode(text)[start:stop], self.skip
                     self.skip = 0
                     continue
                 take = min(self.row - filled, len(self.tokens) - self.pos)

@@ -17,7 +17,7 @@ def _stream(docs):
 
     def next_doc():
         i = next(it)
-        return docs[i][0], docs[i][1], {"next": i}
+        return docs[i][0], docs[i][1], {"next": i}, (0, None)
 
     return next_doc
 
@@ -47,7 +47,7 @@ def test_packer_state_resumes_mid_document():
     def next_doc():
         i = pos["i"]
         pos["i"] += 1
-        return docs[i][0], docs[i][1], i  # the "stream state" before doc i is i
+        return docs[i][0], docs[i][1], i, (0, None)  # the "stream state" before doc i is i
 
     for _ in range(3):
         a.pack(2, next_doc)
