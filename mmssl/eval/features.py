@@ -156,6 +156,17 @@ def vision_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def check_vision_digest(path: str, metadata: dict[str, str], model: torch.nn.Module) -> None:
+    """EvalError unless the features file `path` (with its `metadata`) holds features of
+    `model`'s vision tower; a file written before the digest was recorded passes."""
+    recorded = metadata.get("vision_sha256")
+    if recorded is not None and recorded != vision_digest(model):
+        raise EvalError(
+            f"{path} holds the features of another vision tower than --model's (extracted "
+            f"with {metadata.get('model')}); extract them with this model"
+        )
+
+
 def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
     """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors,
     atomically and readable by others."""

@@ -107,9 +107,10 @@ def parse_ints(text: str, name: str) -> list[int]:
 def split_features(
     source: str, field: str, ctx: Any, batch_size: int, limit: int | None
 ) -> tuple[Tensor, Tensor]:
-    """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file."""
+    """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file
+    (extracted with the same model, when the file records which)."""
     if source.endswith(".safetensors"):
-        from mmssl.eval.features import load_features
+        from mmssl.eval.features import check_vision_digest, load_features
 
         if not Path(source).is_file():
             raise EvalError(f"features file not found: {source}")
@@ -122,6 +123,9 @@ def split_features(
             raise EvalError(f"{source} has no (N, D) 'features' tensor (it holds {held})")
         if field == "features" or field not in feats:
             raise EvalError(f"{source} has no {field!r} labels (it holds {held})")
+        if "vision_sha256" in feats["metadata"]:
+            # a probe fit on one model's features and scored on another's is meaningless
+            check_vision_digest(source, feats["metadata"], ctx.load().model)
         x, y = feats["features"], feats[field]
         if y.shape != x.shape[:1]:
             raise EvalError(

@@ -56,6 +56,11 @@ def sweep(
     if len(torch.unique(train_y)) < 2:
         raise EvalError("a linear probe needs at least two classes in the train split")
     tr, va = stratified_split(train_y, val_fraction, seed)
+    if len(va) == 0:  # every class keeps its one sample for training
+        raise EvalError(
+            f"the train split has one sample per class ({len(train_y)} samples): no validation "
+            "split can be held out to choose the weight decay; use more train samples"
+        )
     val_acc = {}
     for d in decays:
         clf = classifiers.fit_logistic(train_x[tr], train_y[tr], d)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmssl.eval.loading import EvalError
-from mmssl.eval.metrics import perplexity, unigram_perplexity
+from mmssl.eval.metrics import perplexity, topk_accuracy, unigram_perplexity
 
 LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, V)
 SEP = "\n\n"  # between in-context examples
@@ -201,7 +201,8 @@ def score_task(
 
     The prompt is eos (the start-of-document marker of packed training text), then `shots`
     solved examples from the other items separated by a blank line, then the context; each
-    choice follows after one space.
+    choice follows after one space.  An item counts as right when its answer scores strictly
+    above every other choice: a tie or a NaN counts as wrong.
     """
     if shots < 0:
         raise EvalError(f"shots must be >= 0, got {shots}")
@@ -222,14 +223,17 @@ def score_task(
             for c in item["choices"]
         ]
     lls = batch_loglik(logits_fn, pairs, context_length)
-    right = right_norm = 0
+    right = right_norm = 0.0
     pos = 0
     for item in items:
         ll = lls[pos : pos + len(item["choices"])]
         pos += len(ll)
         norm = [v / len(c) for v, c in zip(ll, item["choices"])]
-        right += int(max(range(len(ll)), key=ll.__getitem__) == item["answer"])
-        right_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["answer"])
+        # ties and NaN count against the model (as in `metrics`): an argmax would hand a
+        # collapsed or diverged model every item whose answer is listed first
+        answer = torch.tensor([item["answer"]])
+        right += topk_accuracy(torch.tensor([ll]), answer, (1,))[1]
+        right_norm += topk_accuracy(torch.tensor([norm]), answer, (1,))[1]
     return {
         "acc": right / len(items),
         "acc_norm": right_norm / len(items),

@@ -180,7 +180,7 @@ def score(
 def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict[str, Any]:
     """The embeddings and `field` labels of a features file, its first `limit` rows; the
     file must come from `model`'s vision tower (files written before the check: any)."""
-    from mmssl.eval.features import load_features, vision_digest
+    from mmssl.eval.features import check_vision_digest, load_features
 
     if not Path(path).is_file():
         raise EvalError(f"features file not found: {path}")
@@ -194,12 +194,7 @@ def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict
         )
     if field not in feats:
         raise EvalError(f"{path} has no {field!r} labels; this task needs labelled data")
-    recorded = feats["metadata"].get("vision_sha256")
-    if recorded is not None and recorded != vision_digest(model):
-        raise EvalError(
-            f"{path} holds the embeddings of another vision tower than --model's (extracted "
-            f"with {feats['metadata'].get('model')}); extract them with this model"
-        )
+    check_vision_digest(path, feats["metadata"], model)
     return {"embeddings": feats["embeddings"][:limit], field: feats[field][:limit]}
 
 

@@ -52,6 +52,19 @@ def test_multiple_choice_hand_computed():
         lm.score_task(bigram_logits(table), tok, items, 4, 32)
 
 
+def test_multiple_choice_ties_and_nan_count_against_the_model():
+    # a collapsed LM (uniform next token) gives equal-length choices equal log-likelihoods, and a
+    # diverged one NaN: neither may score the items whose answer happens to be listed first
+    tok = CharTokenizer()
+    items = [{"context": "a", "choices": ["b", "c"], "answer": 0}] * 3
+    items += [{"context": "a", "choices": ["b", "c"], "answer": 1}]
+    uniform = bigram_logits(torch.zeros(9, 9))
+    diverged = bigram_logits(torch.full((9, 9), math.nan))
+    for logits_fn in (uniform, diverged):
+        res = lm.score_task(logits_fn, tok, items, 0, 32)
+        assert res["acc"] == 0.0 and res["acc_norm"] == 0.0
+
+
 def test_task_file_validation(tmp_path, capsys, tiny_model_dir):
     bad = tmp_path / "task.jsonl"
     bad.write_text(

@@ -96,3 +96,12 @@ def test_linear_sweep_picks_a_decay_and_scores_test():
     assert res["val_top1"][str(res["weight_decay"])] == max(res["val_top1"].values())
     with pytest.raises(EvalError, match="at least two classes"):
         linear.sweep(x[y == 0], y[y == 0], q, qy)
+
+
+def test_linear_sweep_one_sample_per_class_is_an_eval_error():
+    # e.g. `--limit 6` on ten classes: no class can spare a validation sample, and fitting the
+    # decay sweep on an empty split crashed inside scikit-learn
+    x, y = _angles([0, 120, 240]), torch.arange(3)
+    assert linear.stratified_split(y, 0.2, seed=0)[1].numel() == 0
+    with pytest.raises(EvalError, match="one sample per class"):
+        linear.sweep(x, y, x, y)

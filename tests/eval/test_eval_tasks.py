@@ -409,6 +409,25 @@ def test_zeroshot_refuses_a_features_file_of_another_model(
     assert "another vision tower" in err
 
 
+def test_probes_refuse_a_features_file_of_another_model(
+    tmp_path, capsys, tokenizer, tiny_model_dir, train_shards, test_shards
+):
+    # same shapes, other weights: a probe fit on one model's features and scored on another's
+    # (the test split extracted with --model) used to report a number
+    from eval_helpers import make_tiny_model_dir
+
+    from mmssl.eval.features import main as features_main
+
+    other = make_tiny_model_dir(str(tmp_path / "other"), tokenizer, seed=1)
+    f = str(tmp_path / "other.safetensors")
+    assert features_main(["--model", other, "--data", train_shards, "--out", f]) == 0
+    capsys.readouterr()
+    for task, extra in (("fewshot", ["--shots", "1", "--seeds", "1"]), ("linear", [])):
+        argv = [task, "--model", tiny_model_dir, "--train", f, "--test", test_shards, *extra]
+        err = _err(capsys, [*argv, "--out", str(tmp_path / task)])
+        assert "another vision tower" in err and other in err
+
+
 def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, test_shards):
     from mmssl.eval.features import save_features
 
