@@ -146,6 +146,22 @@ def test_text_tower_is_causal(name):
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
+@pytest.mark.parametrize("name", ["test_tiny_coca", "test_tiny_coca_prefix"])
+def test_caption_logits_never_see_their_target(name):
+    """Position t predicts token t + 1: the tokens after t leave its logits unchanged.  A
+    bidirectional text tower would show the decoder its target, so it is refused."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(name).eval()
+    image_tokens = model.forward_features(torch.randn(2, 3, 32, 32))["tokens"]
+    text, t = torch.randint(0, 512, (2, 12)), 5
+    changed = text.clone()
+    changed[:, t + 1 :] = (text[:, t + 1 :] + 1) % 512
+    a, b = model.caption_logits(image_tokens, text), model.caption_logits(image_tokens, changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"text\.causal"):
+        mmssl.create_model(name, text={"causal": False})
+
+
 def test_vision_and_text_blocks_are_the_same_class():
     model = mmssl.create_model("test_tiny_coca")
     kinds = {type(b) for b in model.visual.trunk.blocks}
@@ -419,3 +435,29 @@ def test_bf16_encoder_resamples_its_position_table_at_another_size():
         out = model.forward_features(x.bfloat16())["pooled"].float()
         ref = rounded.forward_features(x)["pooled"]
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_bf16_conditioned_model_takes_bf16_and_fp32_descriptors():
+    # DeepSpeed's bf16 casts the whole model: c must come out in the weights' dtype, from a
+    # batch's bf16 descriptors and from the fp32 neutral descriptor alike
+    torch.manual_seed(0)
+    ref = mmssl.create_model("test_tiny_vit_cond").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if not p.any():  # the zero-initialised conditioning, so that c matters
+                p.normal_(std=0.02)
+    ref.load_state_dict({k: v.bfloat16().float() for k, v in ref.state_dict().items()})
+    model = mmssl.create_model("test_tiny_vit_cond").eval()
+    model.load_state_dict(ref.state_dict())
+    model.bfloat16()
+    images, aug = torch.randn(2, 3, 32, 32), torch.rand(2, 13)
+    neutral = model.conditioner.layout.neutral_tensor(2)
+    with torch.no_grad():
+        for a in (aug.bfloat16(), aug, neutral):
+            c_ref = ref.condition(a.float())
+            want = ref.project(ref.forward_features(images, c_ref)["pooled"], c_ref)
+            c = model.condition(a)
+            assert c.dtype == torch.bfloat16
+            got = model.project(model.forward_features(images.bfloat16(), c)["pooled"], c)
+            assert (got.float() - want).norm() / want.norm() < 0.05
+        assert model.neutral_condition(2).dtype == torch.bfloat16

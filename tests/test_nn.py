@@ -101,6 +101,19 @@ def test_rotary_2d_relative_in_both_axes():
     torch.testing.assert_close(score((2, 3), (1, 1)), score((5, 7), (4, 5)))
 
 
+def test_rotary_angles_stay_exact_in_a_bf16_model():
+    """model.bfloat16() (DeepSpeed's bf16) must not round the frequencies: far positions
+    would turn by other angles in training than in the fp32 export."""
+    head_dim, n = 64, 1024
+    rope = RotaryEmbedding(head_dim).bfloat16()
+    cos, sin = rope(torch.arange(n))
+    freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * freq  # (N, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    torch.testing.assert_close(cos.double(), angles.cos(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(sin.double(), angles.sin(), atol=1e-3, rtol=0)
+
+
 def test_sincos_2d_values():
     emb = sincos_2d(8, 2, 3)  # (6, 8): [sin(y w), cos(y w), sin(x w), cos(x w)], w = 1, 1e-2
     assert emb.shape == (6, 8)

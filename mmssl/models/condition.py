@@ -38,8 +38,13 @@ class DescriptorEncoder(nn.Module):
         )
 
     def forward(self, aug: torch.Tensor) -> torch.Tensor:
+        """aug: (B, 13) descriptors, any float dtype -> c (B, C) in the weights' dtype.
+
+        c follows the weights, not `aug`: a bf16 model (DeepSpeed casts the whole module)
+        gets a bf16 c for its bf16 modulation layers, also from an fp32 neutral descriptor.
+        """
         check_descriptor(aug, self.layout.version)
-        return self.net(aug.float()).to(aug.dtype)
+        return self.net(aug.to(self.net[0].weight.dtype))
 
 
 class TextConditioner(nn.Module):

@@ -156,6 +156,10 @@ class ModelConfig:
                 raise ValueError("shared_trunk needs vision.block == text.block")
         if self.caption is not None and (self.vision is None or self.text is None):
             raise ValueError("a caption decoder needs both a vision and a text tower")
+        if self.caption is not None and not self.text.causal:  # type: ignore[union-attr]
+            # both modes read the text tower's hidden state at t, which would have seen
+            # token t + 1, the very target it is scored against
+            raise ValueError("a caption decoder needs a causal text tower (text.causal=true)")
         self._check_condition()
 
     def _check_condition(self) -> None:

@@ -38,13 +38,17 @@ class RotaryEmbedding(nn.Module):
         if head_dim % (2 * axes):
             raise ValueError(f"rotary head_dim {head_dim} must be divisible by {2 * axes}")
         self.axes = axes
-        per_axis = head_dim // axes
-        inv_freq = 1.0 / base ** (torch.arange(0, per_axis, 2).float() / per_axis)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.per_axis = head_dim // axes
+        self.base = base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The frequencies are made here in fp32, not kept as a buffer: `model.bfloat16()` (what
+        # DeepSpeed's bf16 does) would round a buffer, and far positions would turn by other
+        # angles in bf16 training than in the fp32 export (0.4 rad at position 1000).
+        exponent = torch.arange(0, self.per_axis, 2, device=positions.device).float()
+        inv_freq = 1.0 / self.base ** (exponent / self.per_axis)  # (per_axis/2,)
         pos = positions.float().reshape(positions.shape[0], self.axes)  # (N, axes)
-        angles = (pos[:, :, None] * self.inv_freq[None, None]).flatten(1)  # (N, head_dim/2)
+        angles = (pos[:, :, None] * inv_freq[None, None]).flatten(1)  # (N, head_dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
         return angles.cos(), angles.sin()
 
