@@ -56,6 +56,10 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(tag[len("step_") :])
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as plain data (lists of ints, a uint8 tensor)."""
     from deepspeed.accelerator import get_accelerator
@@ -225,6 +229,24 @@ def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     raise FileNotFoundError(f"checkpoint.resume: no checkpoint at {resume}")
 
 
+def check_no_later(ckpt_dir: Path, start: int, resume: str) -> None:
+    """Refuse a run that starts at step `start` (resume=none, or an earlier checkpoint named)
+    where `ckpt_dir` holds a good checkpoint of a later step: rotation keeps checkpoints
+    after the step it saves, so that one would outlive this run's and win the next
+    resume=auto and `mmssl export`.  Damaged or unfinished later ones (those resume=auto
+    skipped) are overwritten as the run reaches them.  Collective."""
+    for tag in reversed(list_tags(ckpt_dir)):
+        if step_of(tag) <= start:
+            return
+        if verify(ckpt_dir / tag) is None:
+            raise ConfigError(
+                f"checkpoint.resume={resume}: this run starts at step {start}, but "
+                f"{ckpt_dir / tag} is a good checkpoint of a later step; it would outlive this "
+                f"run's checkpoints and win the next resume=auto and mmssl export: remove the "
+                f"checkpoints after step {start}, or use another name"
+            )
+
+
 # ----------------------------------------------------------------------------- safe loading
 
 
@@ -325,7 +347,7 @@ def save(
         on_written()
     write_manifest(folder, step)
     if distributed.rank() == 0:
-        upto = [t for t in list_tags(ckpt_dir) if int(TAG.match(t).group(1)) <= step]  # type: ignore[union-attr]
+        upto = [t for t in list_tags(ckpt_dir) if step_of(t) <= step]
         done = [t for t in upto if (ckpt_dir / t / MANIFEST).is_file()]
         for old in sorted(set(upto) - set(done[-keep_last:])):
             # the manifest goes first: a removal cut short leaves an incomplete checkpoint

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if problem:
         return _error(problem)
+    if args.world_size is not None and not args.validate:  # a run has the launcher's ranks
+        return _error("--world-size only applies with --validate")
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from mmssl.data.errors import DataError

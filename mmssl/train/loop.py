@@ -222,6 +222,8 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     if found:
         stage = zero_stage(resolved.ds_config)
         checkpoint.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
+    start = checkpoint.step_of(found[1]) if found else 0
+    checkpoint.check_no_later(run_dir / "checkpoints", start, recipe.checkpoint.resume)
     client = checkpoint.load(engine, found[0], found[1], streams) if found else {}
     _prepare_run_dir(recipe, run_dir)  # after the load: a refused resume leaves the run as it was
     step = int(client.get("step", 0))
@@ -299,7 +301,8 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                             )
                         )
                 log.advance()
-                if step % recipe.logging.every == 0 or step == end:
+                evaluate = recipe.eval.every > 0 and step % recipe.eval.every == 0
+                if step % recipe.logging.every == 0 or step == end or evaluate:
                     # an interval of skipped steps only logs NaN (every rank agrees: the skip
                     # decision is global)
                     row: dict[str, float] = dict.fromkeys(sorted(seen), float("nan"))
@@ -310,10 +313,12 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         )
                         row = dict(zip(names, values.tolist()))
                     row["bad_steps"] = bad_steps
-                    if recipe.eval.every and step % recipe.eval.every == 0:
+                    if evaluate:
                         row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
                     log.log(step, row, lr)
-                    if step % recipe.logging.every == 0:  # else the run ends mid-interval
+                    # else a row mid-interval (the run's end, or an eval step between log
+                    # steps): the interval's sums go on
+                    if step % recipe.logging.every == 0:
                         sums, count = {}, 0
                 every = recipe.checkpoint.every
                 if (every and step % every == 0) or step == end:

@@ -6,6 +6,7 @@ previous good checkpoint and still ends bitwise equal to an uninterrupted run.""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,46 @@ def test_damaged_checkpoint_falls_back(tmp_path: Path, in_process: None, caplog,
     a = checkpoint_state(tmp_path / "ref" / "checkpoints", tag_of(3))
     b = checkpoint_state(ckpt, tag_of(3))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_or_rolled_back_start_under_later_checkpoints_is_refused(
+    tmp_path: Path, in_process: None, capsys
+) -> None:
+    """resume=none, or an earlier checkpoint named, in a run directory that holds later good
+    checkpoints: those would outlive the new run's (rotation keeps what lies after the step it
+    saves) and the next resume=auto would continue them, silently dropping the new run's
+    steps.  Refused with one line naming the checkpoint, before anything changes."""
+    from mmssl.train.checkpoint import find_resume
+    from mmssl.train.cli import main as train_main
+
+    recipe = synthetic_recipe(tmp_path, "f", 3, keep_last=2)
+    assert train_main([str(recipe)]) == 0
+    ckpt = tmp_path / "f" / "checkpoints"
+    before = {p: p.read_bytes() for p in _files(tmp_path / "f")}
+    capsys.readouterr()
+    for resume in ("none", str(ckpt / tag_of(2))):
+        assert train_main([str(recipe), f"checkpoint.resume={resume}", "train.stop_at=1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(ckpt / tag_of(3)) in err[0], err
+        assert {p: p.read_bytes() for p in _files(tmp_path / "f")} == before, resume
+    assert find_resume("auto", tmp_path / "f") == (ckpt, tag_of(3))
+    # without the later checkpoint the rollback runs
+    shutil.rmtree(ckpt / tag_of(3))
+    assert train_main([str(recipe), f"checkpoint.resume={ckpt / tag_of(2)}"]) == 0
+
+
+def test_resume_after_a_metrics_line_cut_short(tmp_path: Path, in_process: None) -> None:
+    """A kill (or a machine crash) in the middle of appending a metrics row leaves half a
+    JSON line in metrics.jsonl; the resume drops it, as it drops the rows after its step,
+    instead of failing on it every time."""
+    from mmssl.train.cli import main as train_main
+    from mmssl.train.logging import read_metrics
+
+    recipe = synthetic_recipe(tmp_path, "m", 4)
+    assert train_main([str(recipe), "train.stop_at=2"]) == 0
+    metrics = tmp_path / "m" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "samples": 12, "lr": 0.00')
+    assert train_main([str(recipe)]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "m")] == [1, 2, 3, 4]
+    assert len(metrics.read_text().splitlines()) == 4
+    assert "- steps: 2 -> 4 of 4" in (tmp_path / "m" / "summary.md").read_text()

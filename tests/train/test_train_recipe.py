@@ -153,6 +153,10 @@ def test_other_bad_input(
     assert "'simclr'" in _bad([*base, "objectives.clip.type=simclar"], capsys, runs)
     assert "source" in _bad([*base, "objectives.clip.source=nope"], capsys, runs)
     assert "train.deepspeed" in _bad([*base, "train.deepspeed=zero9"], capsys, runs)
+    # a run has the launcher's world size: validated for another, it failed with a traceback
+    assert "--world-size only applies with --validate" in _bad(
+        [*base, "--world-size", "2"], capsys, runs
+    )
     assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
     assert "data.view_augment has 2 entries" in _bad([*base, "data.views=0"], capsys, runs)
     assert "two views" in _bad([*base, "data.views=0", "data.view_augment=[]"], capsys, runs)

@@ -267,6 +267,35 @@ def test_other_objectives_zero3_synthetic(tmp_path: Path) -> None:
     assert not any(k.startswith(("heads.", "losses.")) for k in weights)
 
 
+def test_eval_runs_at_its_own_steps_between_log_steps(tmp_path: Path) -> None:
+    """eval.every need not be a multiple of logging.every: the held-out loss comes at every
+    eval step, in a row of its own, and the training metrics of the rows around it still
+    average whole logging intervals (as a run logging every step gives them)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"out_dir: {tmp_path}\n"
+        "model: {name: test_tiny_clip}\n"
+        "data: {sources: {train: {urls: synthetic}, test: {urls: synthetic}}}\n"
+        "train: {steps: 4, global_batch_size: 4, micro_batch_size: 4}\n"
+        "eval: {every: 3, batches: 1, sources: {train: test}}\n"
+        "logging: {tensorboard: false, progress: false}\n"
+    )
+
+    def rows(name: str, every: int) -> dict[int, dict]:
+        _train([str(recipe), f"name={name}", f"logging.every={every}"])
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines)}
+
+    each, pairs = rows("each", 1), rows("pairs", 2)
+    assert sorted(pairs) == [2, 3, 4]
+    assert [s for s in pairs if "eval/loss" in pairs[s]] == [3]
+    assert pairs[3]["eval/loss"] == each[3]["eval/loss"]
+    for step in (2, 4):
+        assert pairs[step]["loss"] == pytest.approx(
+            (each[step - 1]["loss"] + each[step]["loss"]) / 2
+        )
+
+
 def test_bf16_zero0_export_holds_the_fp32_masters(demo_data: str, tmp_path: Path) -> None:
     """A bf16 ZeRO-0 run keeps fp32 master weights in DeepSpeed's optimizer, and the module in
     bf16.  The export holds the masters: equal to the live optimizer's, which are not the
