@@ -4,6 +4,9 @@ Writes `features` (N, D) pooled vision features, `embeddings` (N, E) projected i
 embeddings (when the model has a projection), `sample_index` (N,), one (N,) tensor per json field
 (`label`, `digit`, ...), and in the safetensors metadata the sample keys (JSON), the model
 directory and the sha256 of its vision weights (`eval zeroshot` on the file checks it).
+The tasks that read such a file take labels only from the json fields its metadata lists
+under `fields` (a file without that record: any tensor but features, embeddings and
+sample_index), and only whole-number values, like the same split read from shards.
 
 With several ranks (a launcher sets WORLD_SIZE) each rank extracts the samples with
 `index % world_size == rank`; rows are gathered and put back by sample index, so the file
@@ -204,6 +207,58 @@ def load_features(path: str | Path) -> dict[str, Any]:
     out["__key__"] = json.loads(meta.get("keys", "[]"))
     out["metadata"] = {k: v for k, v in meta.items() if k != "keys"}
     return out
+
+
+# tensors of every features file that are never labels
+NOT_LABELS = ("features", "embeddings", "sample_index")
+
+
+def label_fields(feats: dict[str, Any]) -> list[str]:
+    """The label fields of a loaded features file: those its metadata lists under `fields`
+    (the json fields `mmssl features` read from the shards).  A file without that record
+    (written by hand or before it existed) offers every tensor except features, embeddings
+    and sample_index."""
+    meta = feats.get("metadata", {})
+    if "fields" in meta:
+        return [f for f in meta["fields"].split(",") if f]
+    return sorted(k for k in feats if k not in (*NOT_LABELS, "__key__", "metadata"))
+
+
+def integer_labels(labels: Tensor, source: str, field: str, keys: list[str]) -> Tensor:
+    """labels (N,) as int64; EvalError naming `source`, `field` and the first sample (its key
+    from `keys`, else its row) whose value is not a whole number: `.long()` would make 2.5
+    class 2 without a word."""
+    if labels.is_floating_point():
+        bad = torch.nonzero(~torch.isfinite(labels) | (labels != labels.round())).flatten()
+        if len(bad):
+            i = int(bad[0])
+            where = f"sample {keys[i]!r}" if i < len(keys) else f"row {i}"
+            raise EvalError(
+                f"{source}: {field!r} is {labels[i].item()} at {where}; labels must be "
+                "whole class indices"
+            )
+    return labels.long()
+
+
+def file_labels(
+    path: str, feats: dict[str, Any], field: str, rows: str, limit: int | None
+) -> Tensor:
+    """The first `limit` int64 labels (N,) of `field` in the loaded features file `path`, one
+    per row of its `rows` tensor; EvalError unless `field` is one of its label fields
+    (`label_fields`) with whole-number values."""
+    fields = label_fields(feats)
+    if field not in fields or field not in feats:
+        listed = ", ".join(f for f in fields if f in feats) or "none"
+        raise EvalError(
+            f"{path} has no {field!r} labels (its label fields: {listed}); this task needs "
+            "labelled data (pass --label-field to name another field)"
+        )
+    y, n = feats[field], len(feats[rows])
+    if y.shape != (n,):
+        raise EvalError(
+            f"{path}: {field!r} has shape {tuple(y.shape)} but there are {n} feature rows"
+        )
+    return integer_labels(y[:limit], path, field, feats["__key__"])
 
 
 def _init_from_launcher() -> None:

@@ -110,7 +110,7 @@ def split_features(
     """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file
     (extracted with the same model, when the file records which)."""
     if source.endswith(".safetensors"):
-        from mmssl.eval.features import check_vision_digest, load_features
+        from mmssl.eval.features import check_vision_digest, file_labels, load_features
 
         if not Path(source).is_file():
             raise EvalError(f"features file not found: {source}")
@@ -121,19 +121,13 @@ def split_features(
         held = sorted(k for k in feats if k not in ("__key__", "metadata"))
         if "features" not in feats or feats["features"].ndim != 2:
             raise EvalError(f"{source} has no (N, D) 'features' tensor (it holds {held})")
-        if field == "features" or field not in feats:
-            raise EvalError(f"{source} has no {field!r} labels (it holds {held})")
+        y = file_labels(source, feats, field, "features", limit)
         if "vision_sha256" in feats["metadata"]:
             # a probe fit on one model's features and scored on another's is meaningless
             check_vision_digest(source, feats["metadata"], ctx.load().model)
-        x, y = feats["features"], feats[field]
-        if y.shape != x.shape[:1]:
-            raise EvalError(
-                f"{source}: {field!r} has shape {tuple(y.shape)} but there are {len(x)} feature rows"
-            )
-        return x[:limit], y[:limit].long()
+        return feats["features"][:limit], y
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features
+    from mmssl.eval.features import extract_features, integer_labels
 
     loaded = ctx.load()
     feats = extract_features(
@@ -144,7 +138,9 @@ def split_features(
         fields=(field,),
         limit=limit,
     )
-    return feats["features"], feats[field].long()
+    return feats["features"], integer_labels(
+        feats[field], f"shards {source}", field, feats["__key__"]
+    )
 
 
 def train_test_features(args: argparse.Namespace, ctx: Any) -> tuple[Tensor, ...]:

@@ -4,12 +4,16 @@ the test split next to a linear probe of the frozen tower.
 
 Batches come from the training pipeline (resampled, un-augmented centre crops) with the label
 field; the optimizer, schedule and clipping are a recipe's, injected by the same engine code.
+With `--limit N` the baseline, the fine-tuning and the test set all use the first N samples of
+their split: the fine-tuning then draws shuffled batches from those N train images, held in
+memory, so that both reported numbers come from the same training data.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +75,11 @@ def finetune(
     batch_size: int = 64,
     seed: int = 0,
     deepspeed: str = "zero0",
+    limit: int | None = None,
 ) -> Classifier:
-    """Fine-tune a copy of model.visual with a new head for `steps` engine steps; returns it
-    in eval mode on CPU."""
-    from mmssl.data.pipeline import build_pipeline
+    """Fine-tune a copy of model.visual with a new head for `steps` engine steps, on the first
+    `limit` train samples when set (else the whole stream); returns it in eval mode on CPU."""
+    from mmssl import distributed
     from mmssl.train import engine as ds
 
     torch.manual_seed(seed)
@@ -83,8 +88,32 @@ def finetune(
     ds.init_distributed()
     eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))
     dev = ds.device()
+    if limit is None:
+        it = _stream_batches(train_urls, preprocess, field, batch_size, seed)
+    else:
+        images, labels = _images_and_labels(train_urls, preprocess, field, batch_size, limit)
+        # each rank its own batches, as with the pipeline's per-rank shards
+        it = _memory_batches(images, labels, batch_size, seed + distributed.rank())
+    for _ in range(steps):
+        images, labels = next(it)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise EvalError(
+                f"labels run {int(labels.min())}..{int(labels.max())} but --num-classes is {num_classes}"
+            )
+        loss = eng(images.to(dev), labels.to(dev))
+        eng.backward(loss)
+        eng.step()
+    return eng.module.to("cpu").eval()
+
+
+def _stream_batches(
+    urls: list[str], preprocess: Any, field: str, batch_size: int, seed: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images (B, 3, S, S), labels (B,)) from the training pipeline, resampled."""
+    from mmssl.data.pipeline import build_pipeline
+
     loader = build_pipeline(
-        train_urls,
+        urls,
         batch_size=batch_size,
         kind="image",
         mode="resampled",
@@ -95,18 +124,22 @@ def finetune(
         mean=preprocess.mean,
         std=preprocess.std,
     )
-    it = iter(loader)
-    for _ in range(steps):
-        batch = next(it)
-        labels = batch[field].long()
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise EvalError(
-                f"labels run {int(labels.min())}..{int(labels.max())} but --num-classes is {num_classes}"
-            )
-        loss = eng(batch["image"].to(dev), labels.to(dev))
-        eng.backward(loss)
-        eng.step()
-    return eng.module.to("cpu").eval()
+    for batch in loader:
+        yield batch["image"], batch[field].long()
+
+
+def _memory_batches(
+    images: Tensor, labels: Tensor, batch_size: int, seed: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless full batches of images (N, 3, S, S) and labels (N,): one seeded permutation
+    after another, a batch running on into the next (N < batch_size repeats samples)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.zeros(0, dtype=torch.int64)
+    while True:
+        while len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(labels), generator=g)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield images[idx], labels[idx]
 
 
 @torch.no_grad()
@@ -151,7 +184,7 @@ def _images_and_labels(
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features
+    from mmssl.eval.features import extract_features, integer_labels
     from mmssl.eval.linear import sweep
     from mmssl.models.io import save_safetensors
 
@@ -179,11 +212,12 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         )
         for split, urls in (("train", train_urls), ("test", test_urls))
     }
-    train_y = frozen["train"][field].long()
-    num_classes = args.num_classes or int(train_y.max()) + 1
-    probe = sweep(
-        frozen["train"]["features"], train_y, frozen["test"]["features"], frozen["test"][field]
+    train_y, test_y = (
+        integer_labels(frozen[split][field], f"shards {src}", field, frozen[split]["__key__"])
+        for split, src in (("train", args.train), ("test", args.test))
     )
+    num_classes = args.num_classes or int(train_y.max()) + 1
+    probe = sweep(frozen["train"]["features"], train_y, frozen["test"]["features"], test_y)
     clf = finetune(
         loaded.model,
         train_urls,
@@ -196,6 +230,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         batch_size=args.train_batch_size,
         seed=args.seed,
         deepspeed=args.deepspeed,
+        limit=args.limit,
     )
     test_x, test_y = _images_and_labels(test_urls, pre, field, args.batch_size, args.limit)
     res = {
@@ -204,6 +239,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         "linear_probe_weight_decay": probe["weight_decay"],
         "steps": args.steps,
         "num_classes": num_classes,
+        "num_train": len(train_y),
         "num_test": len(test_y),
     }
     weights = Path(args.out) / "finetuned.safetensors"
@@ -211,7 +247,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     save_safetensors({k: v.contiguous() for k, v in clf.state_dict().items()}, weights)
     summary = (
         f"Fine-tuned vision tower + linear head, {args.steps} steps: **test top-1 {res['top1']:.4f}** "
-        f"vs linear probe of the frozen tower {res['linear_probe_top1']:.4f}. Weights: `{weights.name}`."
+        f"vs linear probe of the frozen tower {res['linear_probe_top1']:.4f}, both trained on the "
+        f"same {res['num_train']} train images. Weights: `{weights.name}`."
     )
     ctx.report(
         "finetune",

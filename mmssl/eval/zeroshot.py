@@ -180,7 +180,7 @@ def score(
 def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict[str, Any]:
     """The embeddings and `field` labels of a features file, its first `limit` rows; the
     file must come from `model`'s vision tower (files written before the check: any)."""
-    from mmssl.eval.features import check_vision_digest, load_features
+    from mmssl.eval.features import check_vision_digest, file_labels, load_features
 
     if not Path(path).is_file():
         raise EvalError(f"features file not found: {path}")
@@ -192,10 +192,9 @@ def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict
         raise EvalError(
             f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
         )
-    if field not in feats:
-        raise EvalError(f"{path} has no {field!r} labels; this task needs labelled data")
+    labels = file_labels(path, feats, field, "embeddings", limit)
     check_vision_digest(path, feats["metadata"], model)
-    return {"embeddings": feats["embeddings"][:limit], field: feats[field][:limit]}
+    return {"embeddings": feats["embeddings"][:limit], field: labels}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `zeroshot` task: writes results.json, summary.md, confusion.png under args.out."""
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features
+    from mmssl.eval.features import extract_features, integer_labels
     from mmssl.eval.report import md_table, plot_confusion
 
     spec = load_classes(args.classes, args.templates)
@@ -239,6 +238,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             fields=(field,),
             limit=args.limit,
         )
+        feats[field] = integer_labels(feats[field], f"shards {args.data}", field, feats["__key__"])
     image_emb = F.normalize(feats["embeddings"], dim=-1)
     class_emb = class_embeddings(model, tokenizer, spec.prompts, args.batch_size)
     res = score(image_emb, class_emb, feats[field], spec.classnames)

@@ -130,3 +130,58 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, test_shards):
     written = load_features(out)
     torch.testing.assert_close(written["features"], single["features"], rtol=1e-5, atol=1e-6)
     assert written["__key__"] == single["__key__"]
+
+
+def _labelled_file(path, metadata: dict) -> str:
+    """Six rows with an int `label`, a float `score` (2.5 at k2) and every non-label tensor."""
+    from mmssl.eval.features import save_features
+
+    g = torch.Generator().manual_seed(0)
+    feats = {
+        "features": torch.randn(6, 4, generator=g),
+        "embeddings": torch.randn(6, 3, generator=g),
+        "sample_index": torch.arange(6),
+        "label": torch.tensor([0, 1, 0, 1, 0, 1]),
+        "score": torch.tensor([0.0, 1.0, 2.5, 1.0, 0.0, 1.0]),
+        "__key__": [f"k{i}" for i in range(6)],
+    }
+    save_features(path, feats, metadata)
+    return str(path)
+
+
+def _file_labels_both_tasks(path: str, field: str, limit: int | None = None) -> list:
+    """The labels the few-shot/linear and the zero-shot readers take from the file."""
+    from mmssl.eval.fewshot import split_features
+    from mmssl.eval.zeroshot import _features_file
+
+    # no vision digest in these files, so neither reader needs a model
+    _, a = split_features(path, field, None, 64, limit)
+    b = _features_file(path, field, limit, None)[field]
+    assert a.dtype == b.dtype == torch.int64
+    return [a.tolist(), b.tolist()]
+
+
+def test_features_file_labels_only_from_listed_fields(tmp_path):
+    from mmssl.eval.loading import EvalError
+
+    path = _labelled_file(tmp_path / "f.safetensors", {"fields": "label,score"})
+    assert _file_labels_both_tasks(path, "label") == [[0, 1, 0, 1, 0, 1]] * 2
+    # every sample its own class used to pass without a word (shards refuse the field)
+    for field in ("sample_index", "features", "embeddings", "nope"):
+        with pytest.raises(
+            EvalError, match=rf"no '{field}' labels \(its label fields: label, score\)"
+        ):
+            _file_labels_both_tasks(path, field)
+    # 2.5 used to become class 2 through .long()
+    with pytest.raises(EvalError, match=r"f\.safetensors: 'score' is 2\.5 at sample 'k2'"):
+        _file_labels_both_tasks(path, "score")
+    assert _file_labels_both_tasks(path, "score", limit=2) == [[0, 1]] * 2  # as shards: N read
+    # a file without the `fields` record (hand-written, older): any tensor but the features
+    old = _labelled_file(tmp_path / "old.safetensors", {})
+    assert _file_labels_both_tasks(old, "label") == [[0, 1, 0, 1, 0, 1]] * 2
+    with pytest.raises(
+        EvalError, match=r"no 'sample_index' labels \(its label fields: label, score\)"
+    ):
+        _file_labels_both_tasks(old, "sample_index")
+    with pytest.raises(EvalError, match=r"'score' is 2\.5 at sample 'k2'"):
+        _file_labels_both_tasks(old, "score")

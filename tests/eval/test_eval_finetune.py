@@ -73,3 +73,32 @@ def test_finetune_needs_labels(tmp_path, capsys, tiny_model_dir, unlabelled_shar
     ]
     assert main(argv) == 2
     assert "no 'label' field" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_limit_bounds_the_training_samples(
+    tmp_path, monkeypatch, tiny_model_dir, train_shards, test_shards
+):
+    # the frozen baseline took the first --limit train samples while the fine-tuning streamed
+    # the whole split, so the two reported numbers came from different training data
+    seen: list[torch.Tensor] = []
+    forward = Classifier.forward
+
+    def spy(self, images, labels):
+        seen.append(images.detach().clone())
+        return forward(self, images, labels)
+
+    monkeypatch.setattr(Classifier, "forward", spy)
+    argv = ["finetune", "--model", tiny_model_dir, "--train", train_shards, "--test", test_shards]
+    res = run_task(
+        [*argv, "--limit", "6", "--steps", "3", "--train-batch-size", "4"]
+        + ["--out", str(tmp_path)]
+    )
+    first = torch.stack([img for img, _, _ in naive_samples(train_shards)[:6]])  # (6, 3, S, S)
+    images = torch.cat(seen)  # (12, 3, S, S)
+    dist = (images[:, None] - first[None]).abs().flatten(2).amax(2)  # (12, 6)
+    assert dist.min(1).values.max() < 1e-6  # every training image is one of the first six
+    assert (dist.min(0).values < 1e-6).all()  # and each of them is used
+    assert res["num_train"] == 6 and res["num_test"] == 6
+    summary = (tmp_path / "summary.md").read_text()
+    assert "same 6 train images" in summary

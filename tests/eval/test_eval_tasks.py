@@ -470,3 +470,22 @@ def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, t
     finetune = ["finetune", "--model", tiny_model_dir, "--train", test_shards, "--test"]
     err = _err(capsys, [*finetune, test_shards, "--deepspeed", "nope", "--out", str(tmp_path)])
     assert "no DeepSpeed JSON 'nope'" in err
+
+
+def test_float_labels_in_shards_are_refused(tmp_path, capsys, tiny_model_dir, test_shards):
+    # .long() used to make 2.5 class 2 without a word, as it did for a features file
+    from eval_helpers import png_bytes
+
+    from mmssl.data.shards import ShardWriter
+
+    writer = ShardWriter(str(tmp_path / "s"), "train", max_count=10)
+    for i, label in enumerate([0, 1, 2.5, 1]):
+        image = png_bytes(np.full((32, 32, 3), 60 * i, dtype=np.uint8))
+        writer.write({"__key__": f"k{i:04d}", "png": image, "json": {"label": label}})
+    writer.close()
+    shards = str(tmp_path / "s" / writer.pattern)
+    want = f"shards {shards}: 'label' is 2.5 at sample 'k0002'; labels must be whole class indices"
+    argv = ["fewshot", "--model", tiny_model_dir, "--train", shards, "--test", test_shards]
+    assert want in _err(capsys, [*argv, "--shots", "1", "--out", str(tmp_path / "f")])
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", shards, "--classes", "color"]
+    assert want in _err(capsys, [*argv, "--label-field", "label", "--out", str(tmp_path / "z")])
