@@ -237,7 +237,8 @@ def _shm_job() -> tuple[list[str], list[float]]:
 def test_cpu_allreduce_workspace_leaves_no_shm_file() -> None:
     """DeepSpeed's CPU backend creates a 69 MB /dev/shm file per rank and never unlinks it;
     init_distributed removes the names once every rank has mapped them, and the shm
-    all-reduce still sums (1 + 2 = 3 on 2 ranks)."""
-    for left, head in run_distributed(_shm_job, 2):
+    all-reduce still sums (1 + 2 = 3 on 2 ranks).  The ranks may JIT-build DeepSpeed's shm
+    op first (a fresh environment): a loaded machine took over 120 s for that once."""
+    for left, head in run_distributed(_shm_job, 2, timeout=300.0):
         assert left == []
         assert head == [3.0, 3.0]
