@@ -246,11 +246,30 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
-def _no_image_read(source: str, bad: int, first: str) -> DataError:
-    return DataError(
-        f"{source}: no readable image in any of its {bad} entries (first: {first}); "
-        f"skipped: missing_image: {bad}"
-    )
+class _Images:
+    """Reads the images of one input; one the OS cannot read is counted in `skipped` as
+    `missing_image` (the first kept for the error when none could be read)."""
+
+    def __init__(self, source: str, skipped: SkipCounter) -> None:
+        self.source, self.skipped = source, skipped
+        self.bad, self.first = 0, ""
+
+    def read(self, path: str, where: str) -> tuple[str, bytes] | None:
+        try:
+            return _image_bytes(path)
+        except OSError as err:  # the file, not its content: gone, a directory, no access
+            self.bad += 1
+            where = f"{where}: {err.strerror or err}"
+            self.first = self.first or where
+            self.skipped.add("missing_image", self.source, where)
+            return None
+
+    def check(self, written: int) -> None:
+        if self.bad and not written:
+            raise DataError(
+                f"{self.source}: no readable image in any of its {self.bad} entries (first: "
+                f"{self.first}); skipped: missing_image: {self.bad}"
+            )
 
 
 def samples_from_folder(
@@ -258,7 +277,6 @@ def samples_from_folder(
 ) -> Iterator[dict]:
     """An image folder with one subfolder per class (sorted names -> labels 0..C-1).  An
     image the OS cannot read is counted in `skipped` as `missing_image` and left out."""
-    skipped = SkipCounter() if skipped is None else skipped
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -271,29 +289,23 @@ def samples_from_folder(
             raise DataError(
                 f"caption template {caption_template!r} needs one '{{}}' for the class ({err})"
             ) from None
-    index = bad = 0
-    first = ""
+    index = 0
+    images = _Images(root, SkipCounter() if skipped is None else skipped)
     for label, cls in enumerate(classes):
         for name in sorted(os.listdir(os.path.join(root, cls))):
             ext = os.path.splitext(name)[1].lower()
             if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
                 continue
-            try:
-                img_ext, data = _image_bytes(os.path.join(root, cls, name))
-            except OSError as err:  # the file, not its content: gone, a directory, no access
-                bad += 1
-                where = f"{cls}/{name}: {err.strerror or err}"
-                first = first or where
-                skipped.add("missing_image", root, where)
+            image = images.read(os.path.join(root, cls, name), f"{cls}/{name}")
+            if image is None:
                 continue
-            sample = {"__key__": f"{index:08d}", img_ext: data}
+            sample = {"__key__": f"{index:08d}", image[0]: image[1]}
             if caption_template:
                 sample["txt"] = caption_template.format(cls.replace("_", " "))
             sample["json"] = {"label": label, "class": cls, "path": f"{cls}/{name}"}
             index += 1
             yield sample
-    if bad and not index:
-        raise _no_image_read(root, bad, first)
+    images.check(index)
 
 
 def _rows(path: str, kind: str) -> Iterator[Any]:
@@ -326,14 +338,13 @@ def samples_from_table(
     kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
     A row whose image the OS cannot read is counted in `skipped` as `missing_image` and left
     out; a malformed row is a DataError."""
-    skipped = SkipCounter() if skipped is None else skipped
     if not os.path.isfile(path):
         raise DataError(f"table {path!r} does not exist")
     if kind is None:
         kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
     base = os.path.dirname(os.path.abspath(path))
-    written = bad = 0
-    first = ""
+    written = 0
+    images = _Images(path, SkipCounter() if skipped is None else skipped)
     for n, row in enumerate(_rows(path, kind)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
@@ -354,18 +365,15 @@ def samples_from_table(
         caption = row[caption_col]
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{path}: row {n + 1}: no caption (got {caption!r})")
-        try:  # after the row's checks: a malformed row is an error even without its image
-            ext, data = _image_bytes(os.path.join(base, str(row[image_col])))
-        except OSError as err:  # the file, not its content: gone, a directory, no access
-            bad += 1
-            where = f"row {n + 1}: image {row[image_col]!r}: {err.strerror or err}"
-            first = first or where
-            skipped.add("missing_image", path, where)
+        # after the row's checks: a malformed row is an error even without its image
+        image = images.read(
+            os.path.join(base, str(row[image_col])), f"row {n + 1}: image {row[image_col]!r}"
+        )
+        if image is None:
             continue
         written += 1
-        yield {"__key__": f"{n:08d}", ext: data, "txt": caption, "json": meta}
-    if bad and not written:
-        raise _no_image_read(path, bad, first)
+        yield {"__key__": f"{n:08d}", image[0]: image[1], "txt": caption, "json": meta}
+    images.check(written)
 
 
 def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
