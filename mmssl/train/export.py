@@ -9,6 +9,10 @@ master weights are in its optimizer state (`fp32_groups`) without names: the che
 values.  A bf16 stage-0 checkpoint without those names (saved before mmssl wrote them)
 exports its bf16 weights, cast to fp32.
 
+The model and the preprocessing in `config.json` come from the recipe recorded with the
+exported checkpoint (`mmssl_run.json`), not from RUN_DIR/recipe.yaml, which a later resume
+may have changed.
+
 The checkpoint's files are checked against its manifest (sha256) first, and every
 `torch.load` runs with `weights_only=True` and the allow-list of
 `mmssl.train.checkpoint.safe_torch_load`: a checkpoint that would run code is refused.
@@ -16,6 +20,7 @@ The checkpoint's files are checked against its manifest (sha256) first, and ever
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,15 +33,32 @@ from mmssl.schema import ConfigError
 PREFIX = "model."
 
 
-def _read_recipe(run_dir: Path) -> Any:
-    from mmssl.train.recipe import read_yaml, recipe_from_dict
+def _read_recipe(run_dir: Path, folder: Path) -> Any:
+    """The recipe that checkpoint `folder` of `run_dir` was trained with: its run record.
 
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    RUN_DIR/recipe.yaml is the latest attempt's, and a resume may change what the checkpoint
+    does not fix (`RESUME_FIXED` leaves data.image_size, mean and std free), so an older
+    checkpoint exported with it would get a later attempt's preprocessing.  Call after
+    `verify`: the manifest covers the record."""
+    from mmssl.train.checkpoint import RUN_RECORD, CheckpointError
+    from mmssl.train.recipe import read_yaml, recipe_from_dict
     from mmssl.train.values import check_values
 
-    recipe = recipe_from_dict(read_yaml(path))
+    record = folder / RUN_RECORD
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())["recipe"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})"
+            ) from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} holds no recipe")
+    else:
+        # a checkpoint saved before mmssl wrote run records: the run's recipe.yaml is all
+        # there is, right unless a later attempt changed its data section
+        data = read_yaml(run_dir / "recipe.yaml")
+    recipe = recipe_from_dict(data)
     check_values(recipe)  # validated when trained: anything out of range now is damage
     return recipe
 
@@ -123,7 +145,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     from mmssl.train.recipe import model_config
 
     run = Path(run_dir)
-    recipe = _read_recipe(run)
+    if not (run / "recipe.yaml").is_file():
+        raise ConfigError(f"{run} is not a run directory (no recipe.yaml)")
     ckpt_dir = run / "checkpoints"
     if tag is None:
         tag = newest_valid(ckpt_dir, "mmssl export", collective=False)
@@ -131,12 +154,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
             raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
+    state = checkpoint_state(ckpt_dir, tag)  # verified against its manifest first
+    recipe = _read_recipe(run, ckpt_dir / tag)
     cfg = model_config(recipe)
     for tower in (cfg.vision, cfg.text):
         if tower is not None:
             tower.grad_checkpointing = False  # a training-time switch, not part of the export
     model = MultimodalModel(cfg)
-    model.load_state_dict(model_state(checkpoint_state(ckpt_dir, tag), model), strict=True)
+    model.load_state_dict(model_state(state, model), strict=True)
     dest = Path(out) if out is not None else run / "export"
     extra = {
         "recipe": recipe.name,

@@ -92,6 +92,14 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
             raise ConfigError(f"{where}: captioning needs a caption decoder (model caption)")
         if kind == "next_token" and not cfg.text.lm_head:
             raise ConfigError(f"{where}: next_token needs the text tower's lm_head=true")
+        if kind == "next_token" and not cfg.text.causal:
+            # a bidirectional tower's hidden state at t attends to token t + 1, the target it
+            # is scored against, so it can copy the answer instead of learning to predict it
+            raise ConfigError(
+                f"{where}: next_token needs a causal text tower, but model text.causal is "
+                f"false (its tokens would see the targets they predict); set "
+                f"model.overrides.text.causal=true or drop next_token"
+            )
         allowed = {
             "simclr": ("local_loss", "full"),
             "hssl": ("local_loss", "full"),

@@ -337,7 +337,11 @@ def _check_numbers(recipe: Recipe) -> None:
     if recipe.logging.every < 1:
         raise ConfigError(f"logging.every must be >= 1, got {recipe.logging.every}")
     if recipe.data.views not in (0, 2):
-        raise ConfigError(f"data.views must be 0 or 2, got {recipe.data.views}")
+        raise ConfigError(
+            f"data.views must be 0 or 2, got {recipe.data.views}: simclr and augself use "
+            f"exactly two views and the other objectives the first, so more would be rendered "
+            f"and never used"
+        )
     if recipe.data.view_augment and len(recipe.data.view_augment) != recipe.data.views:
         raise ConfigError(
             f"data.view_augment has {len(recipe.data.view_augment)} entries; "

@@ -261,13 +261,20 @@ class Task(nn.Module):
 
     def _loss(self, key: str, obj: ObjectiveConfig, batch: Batch, vis: dict, txt: dict) -> Tensor:
         kind = obj.type or key
+        if kind in ("simclr", "augself") and len(vis["pooled"]) != 2:
+            # both are pairwise (NT-Xent over two views, a descriptor difference); recipes are
+            # held to data.views=2, a batch built by hand is checked here rather than sliced
+            raise ValueError(
+                f"objectives.{key}: {kind} uses exactly two views, source {obj.source!r} "
+                f"has {len(vis['pooled'])}"
+            )
         if kind == "simclr":
             if key in self.heads:
-                z1, z2 = (self.heads[key](p) for p in vis["pooled"][:2])
+                z1, z2 = (self.heads[key](p) for p in vis["pooled"])
             elif self.model.projector is not None:  # the model's own, possibly conditioned
                 z1, z2 = (self.model.project(p, c) for p, c in zip(vis["pooled"], vis["cond"]))
             else:
-                z1, z2 = vis["emb"][:2]
+                z1, z2 = vis["emb"]
             return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
         if kind == "hssl":
             grid = self.visual.grid
@@ -287,7 +294,7 @@ class Task(nn.Module):
                 vis["emb"][0].float(), txt["emb"].float(), self._keys(obj, batch)
             )
         if kind == "augself":
-            f1, f2 = vis["pooled"][:2]
+            f1, f2 = vis["pooled"]
             aug = batch["aug"]
             return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
         if kind in ("next_token", "captioning"):

@@ -189,7 +189,7 @@ def test_train_rejects_bad_recipes(work: Path, mutation: tuple[str, str], in_pro
 
 @pytest.fixture(scope="module")
 def exported_run(work: Path) -> Path:
-    """A finished tiny run (made once) whose recipe.yaml the export test mutates."""
+    """A finished tiny run (made once) whose recipe the export test mutates."""
     import os
 
     from mmssl.train.loop import train
@@ -207,22 +207,39 @@ def exported_run(work: Path) -> Path:
 
 
 @SETTINGS
-@given(mutation=_mutation(("unknown", "wrong", "model_negative", "huge")))
+@given(
+    mutation=_mutation(("unknown", "wrong", "model_negative", "huge")),
+    where=st.sampled_from(("record", "recipe.yaml")),
+)
 def test_export_rejects_bad_recipes(
-    exported_run: Path, mutation: tuple[str, str], tmp_path_factory
+    exported_run: Path, mutation: tuple[str, str], where: str, tmp_path_factory
 ) -> None:
-    """A run directory whose recipe.yaml was damaged: export names the key and writes nothing.
-    (Export reads the schema and the model section: a negative train.steps or an empty
-    optim.betas is no concern of its, so range mutations are limited to the model.)"""
+    """A damaged recipe where export reads it: the run record saved with the checkpoint
+    (edited with its manifest kept consistent), or RUN_DIR/recipe.yaml for a checkpoint
+    without a record (saved before mmssl wrote them).  Export names the key and writes
+    nothing.  (Export reads the schema and the model section: a negative train.steps or an
+    empty optim.betas is no concern of its, so range mutations are limited to the model.)"""
     from mmssl.schema import apply_overrides
+    from mmssl.train.checkpoint import RUN_RECORD, latest_tag, step_of, write_manifest
+    from mmssl.train.recipe import _exp_float
 
     override, key = mutation
     run = tmp_path_factory.mktemp("run") / "r"
     shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("export"))
-    data = yaml.safe_load((run / "recipe.yaml").read_text())
-    from mmssl.train.recipe import _exp_float
-
-    (run / "recipe.yaml").write_text(yaml.safe_dump(apply_overrides(data, [_exp_float(override)])))
+    tag = latest_tag(run / "checkpoints")
+    assert tag is not None
+    folder = run / "checkpoints" / tag
+    record = json.loads((folder / RUN_RECORD).read_text())
+    if where == "record":
+        record["recipe"] = apply_overrides(record["recipe"], [_exp_float(override)])
+        (folder / RUN_RECORD).write_text(json.dumps(record))
+    else:
+        (folder / RUN_RECORD).unlink()
+        data = yaml.safe_load((run / "recipe.yaml").read_text())
+        (run / "recipe.yaml").write_text(
+            yaml.safe_dump(apply_overrides(data, [_exp_float(override)]))
+        )
+    write_manifest(folder, step_of(tag))
     before = _files(run.parent)
     code, lines = _call("mmssl.train.export", [str(run)])
     _assert_one_line(code, lines, key, "mmssl export")

@@ -143,3 +143,38 @@ def test_resume_after_a_metrics_line_cut_short(tmp_path: Path, in_process: None)
     assert [r["step"] for r in read_metrics(tmp_path / "m")] == [1, 2, 3, 4]
     assert len(metrics.read_text().splitlines()) == 4
     assert "- steps: 2 -> 4 of 4" in (tmp_path / "m" / "summary.md").read_text()
+
+
+def test_export_of_an_older_checkpoint_uses_its_own_recipe(
+    tmp_path: Path, in_process: None
+) -> None:
+    """A resume may change the data section (image size, normalisation); RUN_DIR/recipe.yaml
+    then holds the latest attempt's.  Export of an earlier checkpoint (--tag) read it and
+    wrote the later attempt's preprocessing into config.json: it now takes the recipe recorded
+    with the checkpoint, and falls back to recipe.yaml only for one without a record."""
+    import json
+
+    from mmssl.train.checkpoint import RUN_RECORD
+    from mmssl.train.cli import main as train_main
+    from mmssl.train.export import export_run
+
+    recipe = synthetic_recipe(tmp_path, "x", 2)
+    first = ["data.image_size=32", "data.mean=[0.1, 0.2, 0.3]", "data.std=[0.5, 0.5, 0.5]"]
+    later = ["data.image_size=16", "data.mean=[0.4, 0.5, 0.6]", "data.std=[0.2, 0.2, 0.2]"]
+    assert train_main([str(recipe), "train.stop_at=1", *first]) == 0
+    assert train_main([str(recipe), *later]) == 0
+    assert "- steps: 1 -> 2 of 2" in (tmp_path / "x" / "summary.md").read_text()  # a resume
+
+    def preprocess(tag: str) -> dict:
+        out = export_run(tmp_path / "x", tmp_path / f"export_{tag}", tag)
+        return json.loads((out / "config.json").read_text())["preprocess"]
+
+    old = {"image_size": 32, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
+    new = {"image_size": 16, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2]}
+    assert preprocess(tag_of(1)) == old
+    assert preprocess(tag_of(2)) == new
+    # a checkpoint saved before run records existed: recipe.yaml is all there is
+    folder = tmp_path / "x" / "checkpoints" / tag_of(1)
+    (folder / RUN_RECORD).unlink()
+    write_manifest(folder, 1)
+    assert preprocess(tag_of(1)) == new

@@ -158,6 +158,10 @@ def test_other_bad_input(
         [*base, "--world-size", "2"], capsys, runs
     )
     assert "vocab_size" in _bad([*base, "model.overrides.text.vocab_size=512"], capsys, runs)
+    # a bidirectional text tower lets next_token read the very token it is scored on
+    err = _bad([*base, "model.overrides.text.causal=false"], capsys, runs)
+    assert "objectives.next_token: next_token needs a causal text tower" in err
+    assert "model.overrides.text.causal=true" in err
     assert "data.view_augment has 2 entries" in _bad([*base, "data.views=0"], capsys, runs)
     assert "two views" in _bad([*base, "data.views=0", "data.view_augment=[]"], capsys, runs)
     err = _bad([*base, "data.sources.trian.mode=epoch"], capsys, runs)  # a typo'd source

@@ -54,3 +54,31 @@ def test_each_view_uses_its_own_config() -> None:
     assert d1[:, 12].sum() == 0 and d2[:, 12].sum() == 4  # the grayscale flag per view
     with pytest.raises(ValueError, match="1 augment configs for 2 views"):
         make_views(images, 2, 16, (plain,), rng)
+
+
+def test_pairwise_objectives_refuse_other_view_counts() -> None:
+    """SimCLR's NT-Xent and AugSelf's descriptor difference are pairwise: a third view was
+    rendered and silently dropped (`views[:2]`).  A recipe is refused at validation, naming
+    why; a batch built by hand is refused by the Task rather than sliced."""
+    import mmssl
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    with pytest.raises(ConfigError, match="data.views must be 0 or 2, got 3: simclr and augself"):
+        validate(load_recipe(QUICK, ["data.views=3", "data.view_augment=[]"]), 1, check_files=False)
+    g = torch.Generator().manual_seed(0)
+    model = mmssl.create_model("test_tiny_simclr")
+    objectives = {
+        "head": ObjectiveConfig(type="simclr", source="digits", projector_dim=8),
+        "augself": ObjectiveConfig(type="augself", source="digits", hidden=16),
+        "simclr": ObjectiveConfig(type="simclr", source="digits"),  # the model's projector
+    }
+    for key, obj in objectives.items():
+        task = Task(model, {key: obj})
+        for n in (3, 1):
+            views = [torch.rand(4, 3, 32, 32, generator=g) for _ in range(n)]
+            batch = {"views": views, "aug": [torch.rand(4, 13, generator=g) for _ in views]}
+            with pytest.raises(ValueError, match=f"objectives.{key}: .* exactly two views.* {n}$"):
+                task({"digits": batch})
+        two = {"views": views * 2, "aug": batch["aug"] * 2}  # two views still train
+        assert torch.isfinite(task({"digits": two})[0])
