@@ -94,6 +94,20 @@ def test_batch_encode_hand_computed() -> None:
     assert toy.decode([1, 3, 4, 2, 0]) == "ab"
 
 
+def test_batch_encode_reads_an_iterable_once(tok: Tokenizer) -> None:
+    # open_clip.tokenize takes any iterable; a generator checked and then encoded was
+    # silently an empty (0, T) batch
+    toy = CharTokenizer()
+    ids, mask = toy.batch_encode((t.strip() for t in [" ab ", "c"]), 4)
+    assert ids.tolist() == [[1, 3, 4, 2], [1, 5, 2, 0]] and mask.sum(1).tolist() == [4, 3]
+    expected = tok.batch_encode(TEXTS, 16)
+    for texts in (iter(TEXTS), (t for t in TEXTS), map(str, TEXTS), tuple(TEXTS)):
+        ids, mask = tok.batch_encode(texts, 16)
+        assert torch.equal(ids, expected[0]) and torch.equal(mask, expected[1])
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        tok.batch_encode(iter(["ok", 3]), 8)  # type: ignore[list-item]
+
+
 def test_batch_encode_default_against_naive(tok: Tokenizer) -> None:
     texts = TEXTS + ["word " * 200]
     for context_length in (1, 2, 8, 77):

@@ -177,6 +177,13 @@ def test_parity_other_context_lengths_and_encode(clip: CLIPTokenizer, oc: Module
         assert clip.encode(text) == ref_tok.encode(text)
 
 
+def test_parity_for_a_generator_of_texts(clip: CLIPTokenizer, oc: ModuleType) -> None:
+    texts = parity_texts(40, seed=4)
+    ids, mask = clip.batch_encode((t for t in texts), 77)
+    assert ids.shape == (len(texts), 77)
+    assert torch.equal(ids, oc.tokenize(t for t in texts))
+
+
 def test_special_ids_and_shapes(clip: CLIPTokenizer) -> None:
     assert (clip.bos_id, clip.eos_id, clip.pad_id, clip.vocab_size) == (49406, 49407, 0, 49408)
     ids, mask = clip.batch_encode(["a photo of a cat."], 77)

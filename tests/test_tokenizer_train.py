@@ -141,6 +141,41 @@ def test_corpus_counts_and_hashes() -> None:
     }
 
 
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_lone_surrogates_in_jsonl_train_as_replacement_char(tmp_path: Path, kind: str) -> None:
+    # JSON escapes can hold a lone surrogate (a cut emoji); both trainers crashed on it,
+    # while encoding maps it to U+FFFD: train on that same text
+    rows = [{"text": f"caption {i} of a cut emoji \ud83d here"} for i in range(30)]
+    rows += [{"text": t} for t in CAPTIONS * 6]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["train", "--kind", kind, "--vocab-size", "400", "--quiet", "--out"]
+    assert main([*argv, str(tmp_path / "o"), str(tmp_path / "c.jsonl")]) == 0
+    import hashlib
+
+    scrubbed = [r["text"].replace("\ud83d", "\ufffd") for r in rows]
+    meta = json.loads((tmp_path / "o" / META_FILE).read_text())
+    data = b"".join(t.encode("utf-8") + b"\0" for t in scrubbed)
+    assert meta["corpus"]["sha256"] == hashlib.sha256(data).hexdigest()
+    tok = get_tokenizer(str(tmp_path / "o"))
+    assert tok.encode("of a cut emoji \ud83d here") == tok.encode("of a cut emoji \ufffd here")
+
+
+def test_sentencepiece_meta_records_extra_special_tokens(tmp_path: Path) -> None:
+    import sentencepiece as spm
+
+    from mmssl.tokenizer.train import train_sentencepiece
+
+    extras = ["<|sep|>", "<|img|>"]
+    corpus = Corpus(CAPTIONS * 20, "captions")
+    meta = train_sentencepiece(
+        corpus, tmp_path, vocab_size=300, extra_special_tokens=extras, show_progress=False
+    )
+    raw = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))  # the peer
+    assert [raw.piece_to_id(t) for t in extras] == [4, 5] and raw.is_control(4)
+    assert meta["extra_special_tokens"] == extras
+    assert json.loads((tmp_path / META_FILE).read_text())["extra_special_tokens"] == extras
+
+
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(argv)
     err = capsys.readouterr().err.strip()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,13 +41,19 @@ def scrub_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def check_texts(texts: Sequence[str]) -> None:
-    """Reject a bare string or non-string items with a clear TypeError."""
+def check_texts(texts: Iterable[str]) -> list[str]:
+    """The texts as a list; a bare string or non-string items raise a clear TypeError.
+
+    Any iterable is accepted, as `open_clip.tokenize` does. It is read exactly once:
+    checking a generator and then encoding it would encode an empty batch.
+    """
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"expected a sequence of strings, got a single {type(texts).__name__}")
+    texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+    return texts
 
 
 class Tokenizer(ABC):
@@ -108,12 +114,12 @@ class Tokenizer(ABC):
 
     def batch_encode(
         self,
-        texts: Sequence[str],
+        texts: Iterable[str],
         context_length: int,
         add_bos: bool = True,
         add_eos: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode, truncate and pad a batch.
+        """Encode, truncate and pad a batch of texts (a list, tuple or any iterable of str).
 
         Returns ids int64 (B, T) and mask bool (B, T), T == context_length. Each row is
         [bos] + ids + [eos], cut to T tokens with eos kept as the last valid token when
@@ -126,7 +132,7 @@ class Tokenizer(ABC):
             raise TypeError(f"context_length must be an int, got {context_length!r}")
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
-        check_texts(texts)
+        texts = check_texts(texts)
         rows = self._encode_batch(texts)
         T, eos = context_length, self.eos_id
         head = [self.bos_id] if add_bos else []

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmssl.tokenizer.base import scrub_surrogates
+
 
 class Corpus:
     """An iterable of texts that counts and hashes what the trainer consumed."""
@@ -25,9 +27,16 @@ class Corpus:
 
     def __iter__(self) -> Iterator[str]:
         for text in self.texts:
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON escapes can hold lone surrogates, which neither trainer accepts; train
+                # on the text that encoding will see (Tokenizer.encode scrubs them the same way)
+                text = scrub_surrogates(text)
+                data = text.encode("utf-8")
             self.num_texts += 1
             self.num_chars += len(text)
-            self._digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+            self._digest.update(data + b"\0")
             yield text
 
     def summary(self) -> dict[str, Any]:

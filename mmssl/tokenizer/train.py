@@ -179,7 +179,7 @@ def train_sentencepiece(
 
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
-    _specials(pad, bos, eos, extra_special_tokens)  # validates
+    specials = _specials(pad, bos, eos, extra_special_tokens)
     _check_seed(seed)
     _check_out_dir(out_dir)
     lines = (line for text in _progress(corpus, show_progress) for line in text.split("\n") if line)
@@ -219,7 +219,7 @@ def train_sentencepiece(
         "sentencepiece",
         artifact,
         sp.get_piece_size(),
-        [pad, bos, eos],
+        specials,  # extras are control symbols at ids 4.., after unk
         corpus,
         options,
         f"sentencepiece {spm.__version__}",
