@@ -6,6 +6,7 @@ Subcommand modules are imported only when called, so `mmssl --help` stays instan
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -41,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"mmssl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        # one line, as every other bad argument (mmssl.cliargs); `mmssl --help` lists them all
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(
+            f"mmssl: error: unknown command {name!r}; {hint}choose from {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

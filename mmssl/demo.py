@@ -85,7 +85,10 @@ def run_demo(
     argv = [str(recipe), *recipe_overrides(recipe, data, out, steps), "logging.progress=true"]
     print("[demo] mmssl train " + " ".join(argv), flush=True)
     if train_main(argv) != 0:
-        raise EvalError("pretraining failed (see the error above)")
+        hint = ""
+        if (run_dir / "checkpoints").is_dir():  # e.g. an earlier demo with another --steps
+            hint = f"; pass --fresh to start {run_dir} over"
+        raise EvalError(f"pretraining failed (see the error above){hint}")
     _stage("pretraining", timings, t)
 
     t = time.perf_counter()
@@ -258,6 +261,15 @@ def write_summary(out: Path, r: dict[str, Any], wall: float) -> None:
     )
 
 
+def output_problem(out: Path) -> str | None:
+    """Why the demo cannot write into `out` (None if it can): OUT and each directory the demo
+    writes into must be a directory or not exist yet."""
+    for path in (out, out / "data", out / "runs", out / "runs" / "quickstart", out / "eval"):
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="mmssl demo", description=summary(__doc__))
     parser.add_argument("--out", default="demo", help="output directory (default ./demo)")
@@ -279,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmssl demo: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    problem = output_problem(out)
+    if problem:  # before anything is written, not a traceback from deep in the data writer
+        print(f"mmssl demo: error: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         r = run_demo(out, args.steps, args.fresh)
-    except (EvalError, DataError, FileNotFoundError) as err:
+    except (EvalError, DataError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         print(f"mmssl demo: error: {err}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - start

@@ -407,6 +407,37 @@ def test_loaded_config_values_are_checked(tmp_path, key, value, match):
         mmssl.load_encoder(str(out))
 
 
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    """A config.json of another width next to the weights (copied from another export), or
+    integer tensors where the model has floats, is one ValueError naming both files, not
+    torch's RuntimeError from load_state_dict, and no int silently cast into a float."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, out = _tiny_export(tmp_path)
+    good = (out / "config.json").read_text()
+    data = json.loads(good)
+    data["model"]["vision"]["dim"] *= 2  # same keys, every vision tensor another shape
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match .*config\.json") as e:
+        mmssl.load_encoder(str(out))
+    dim = model.cfg.vision.dim
+    assert f"visual.cls_token: (1, 1, {dim}) vs (1, 1, {2 * dim})" in str(e.value)
+    (out / "config.json").write_text(good)
+    state = load_file(str(out / "model.safetensors"))
+    state["logit_scale"] = torch.tensor(3)
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"dtypes .*logit_scale: torch\.int64 vs torch\.float32"):
+        mmssl.load_encoder(str(out))
+
+
+def test_load_encoder_on_a_run_directory_says_export_it(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("model: {name: test_tiny_clip}\n")
+    with pytest.raises(FileNotFoundError, match=r"training run directory.*mmssl export"):
+        mmssl.load_encoder(str(tmp_path))
+
+
 def test_export_module_runs_as_a_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mmssl.train.export", str(tmp_path / "no_run")],

@@ -120,6 +120,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of an exported model directory, with a clear error if it is unusable."""
     cfg_path = Path(path) / CONFIG
     if not cfg_path.is_file():
+        if (Path(path) / "recipe.yaml").is_file():
+            raise FileNotFoundError(
+                f"{path} is a training run directory, not an exported model: run "
+                f"`mmssl export {path}` and load {Path(path) / 'export'}"
+            )
         raise FileNotFoundError(f"{cfg_path}: no config.json (is {path} an exported model?)")
     try:
         data = json.loads(cfg_path.read_text())
@@ -177,6 +182,25 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    # checked here: load_state_dict would raise a RuntimeError listing every tensor, and would
+    # quietly cast integer tensors into float parameters
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    kinds = [
+        f"{k}: {state[k].dtype} vs {v.dtype}"
+        for k, v in expected.items()
+        if state[k].is_floating_point() != v.is_floating_point()
+    ]
+    if shapes or kinds:
+        what = "shapes (file vs config)" if shapes else "dtypes (file vs model)"
+        items = shapes or kinds
+        raise ValueError(
+            f"{weights} does not match {cfg_path}: {len(items)} tensors differ in {what}, "
+            f"e.g. {items[:3]}"
         )
     model.load_state_dict(state)
     return model.eval()

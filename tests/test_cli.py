@@ -1,0 +1,31 @@
+"""The `mmssl` dispatcher: every subcommand's --help, and one line for an unknown command."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmssl.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_subcommand_has_help(name, capsys):
+    try:
+        code = main([name, "--help"])
+    except SystemExit as exit_:  # argparse's --help
+        code = exit_.code
+    out = capsys.readouterr().out
+    assert code == 0 and "usage:" in out, out
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [(["evl", "zeroshot"], "did you mean 'eval'?"), (["--bogus"], ""), (["nope"], "")],
+)
+def test_unknown_command_is_one_line_naming_it(argv, hint, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err  # the house rule of mmssl.cliargs, not the usage block
+    assert lines[0].startswith(f"mmssl: error: unknown command {argv[0]!r}; {hint}")
+    assert lines[0].endswith("choose from " + ", ".join(COMMANDS))
