@@ -30,7 +30,7 @@ open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-TOL = 1e-4
+TOL = 1e-5  # fp32 max abs difference to the peer on the same weights (measured <= 3.4e-6)
 SENTENCES = [
     "a photo of a cat",
     "a diagram of two dogs playing in the snow next to a red car",
