@@ -118,7 +118,7 @@ class _Worker:
                 if src.doc_tokens:  # need holds rows: split the epoch's tokens by them
                     slot = plan.rank * plan.num_workers + worker
                     start, count, head, tail = _text_runs(src.doc_tokens, plan, epoch, need)[slot]
-                    run, self.cuts[src.name] = (start, count), (head, tail)
+                    need, run, self.cuts[src.name] = [], (start, count), (head, tail)
             seq = ShardSequence(
                 len(src.urls),
                 mode=plan.mode,

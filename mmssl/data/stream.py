@@ -68,7 +68,7 @@ class ShardSequence:
             self.order = [int(i) for i in perm]  # read whole after two passes of its own
             slots = world_size * num_workers
             slot = rank * num_workers + worker
-            if need and run is None:
+            if need:
                 # the samples no batch needs are shared out as spares: a slot that meets bad
                 # samples reads on into its spares before it repeats any
                 spare = max(0, sum(shard_counts) - sum(need))
