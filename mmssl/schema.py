@@ -143,6 +143,46 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (PyYAML would keep the last value silently)."""
+
+    key: Any = None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping.  A recipe that repeats a
+    section (`train:` at the top and again at the bottom) would otherwise lose every setting
+    of the first one without a word.  Keys brought in by a merge (`<<: *base`) may still be
+    overridden: only the mapping's own keys are compared."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader names it below
+                continue
+            if first is not key_node:
+                err = DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}, first on line {first.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+                err.key = key
+                raise err
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is a YAMLError
+    (`DuplicateKeyError`) instead of the last value silently winning."""
+    return yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
+
+
 # values YAML 1.1 would read as something else: sexagesimal (12:30 -> 750), octal (010 -> 8),
 # hex and binary ints, anchors/aliases/tags, and text with a comment (`a photo #3`)
 _KEEP_TEXT = re.compile(r"\d+(:\d+)+|[-+]?0[0-7_]+|[-+]?0[xXoObB][0-9a-fA-F_]+|[&*!].*|.*\s#.*")
@@ -155,7 +195,9 @@ def parse_value(text: str) -> Any:
     if text == "" or _KEEP_TEXT.fullmatch(text.strip()):
         return text
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"duplicate key {err.key!r} in {text!r}") from None
     except yaml.YAMLError:
         return text
 
@@ -184,7 +226,10 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
                     f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a section"
                 )
             node = child
-        node[parts[-1]] = parse_value(raw)
+        try:
+            node[parts[-1]] = parse_value(raw)
+        except ConfigError as err:
+            raise ConfigError(f"override {key.strip()!r}: {err}") from None
     return out
 
 

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mmssl.schema import ConfigError, apply_overrides, from_dict, to_dict
+from mmssl.schema import (
+    ConfigError,
+    DuplicateKeyError,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 
 
 @dataclass
@@ -69,3 +76,19 @@ def test_override_values_yaml_would_misread_stay_text():
     assert [value(t) for t in ["0", "10", "1.5", "true", "null"]] == [0, 10, 1.5, True, None]
     with pytest.raises(ConfigError, match="inner.a: expected an integer"):
         from_dict(Outer, apply_overrides({}, ["inner.a=010"]))
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_value():
+    # PyYAML keeps the last of two equal keys: a recipe repeating `train:` lost the first
+    # section's settings without a word
+    with pytest.raises(DuplicateKeyError, match=r"duplicate key 'train', first on line 1"):
+        load_yaml("train:\n  steps: 3\nname: x\ntrain:\n  seed: 1\n")
+    with pytest.raises(DuplicateKeyError, match="duplicate key 'a'"):
+        load_yaml("s: {a: 1, b: 2, a: 3}\n")
+    # a merge key's values may still be overridden, and equal keys in two mappings are fine
+    text = "base: &b {x: 1, y: 2}\nrun:\n  <<: *b\n  x: 5\nother: {x: 1}\n"
+    assert load_yaml(text) == {"base": {"x": 1, "y": 2}, "run": {"x": 5, "y": 2}, "other": {"x": 1}}
+    with pytest.raises(
+        ConfigError, match=r"override 'inner': duplicate key 'a' in '\{a: 1, a: 2\}'"
+    ):
+        apply_overrides({}, ["inner={a: 1, a: 2}"])

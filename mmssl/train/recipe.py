@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmssl.schema import ConfigError, apply_overrides, from_dict, to_dict
+from mmssl.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 OBJECTIVE_TYPES = ("simclr", "clip", "siglip", "next_token", "captioning", "augself", "hssl")
 # what each objective reads from its source's batch
@@ -221,13 +221,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {str(p)!r}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {str(p)!r}{where}: not valid YAML") from None
+        problem = getattr(err, "problem", None)
+        why = f" ({problem})" if problem else ""
+        raise ConfigError(f"recipe {str(p)!r}{where}: not valid YAML{why}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(p)!r}: expected a mapping at the top level")
     return data

@@ -281,3 +281,16 @@ def test_overrides_may_follow_options(base: list[str], capsys: pytest.CaptureFix
     assert "unknown key 'train.stepz'" in capsys.readouterr().err
     doc = "`mmssl x A [B]`: what it\ndoes, in two lines.\n\nDetails.\n"
     assert summary(doc) == "`mmssl x A [B]`: what it does, in two lines."
+
+
+def test_recipe_yaml_mistakes_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A section or key given twice is refused (YAML's last-one-wins dropped `train.steps: 3`
+    silently), and a malformed file says what is wrong, not only on which line."""
+    runs = tmp_path / "runs"
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"out_dir: {runs}\ntrain:\n  steps: 3\nname: x\ntrain:\n  seed: 1\n")
+    err = _bad([str(path), "--validate"], capsys, runs)
+    assert "line 5: not valid YAML (duplicate key 'train', first on line 2)" in err
+    path.write_text("train:\n\tsteps: 3\n")
+    err = _bad([str(path), "--validate"], capsys, runs)
+    assert "line 2: not valid YAML (found character '\\t' that cannot start any token)" in err
