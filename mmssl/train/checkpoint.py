@@ -427,6 +427,19 @@ def _first_difference(old: Any, new: Any, where: str) -> tuple[str, Any, Any] | 
     return None if old == new else (where, old, new)
 
 
+def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved recipe read through this version's schema, so that a field added to mmssl
+    since the checkpoint was written takes its default (by convention the behaviour before
+    the field existed) instead of blocking every resume after an upgrade.  A record this
+    schema cannot read (a field since removed) is compared as saved."""
+    from mmssl.train.recipe import recipe_from_dict
+
+    try:
+        return json.loads(json.dumps(recipe_from_dict(saved).to_dict()))
+    except ConfigError:
+        return saved
+
+
 def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
     """Before anything is loaded or written: the checkpoint's run record (saved beside it)
     against this run.  A ConfigError names what differs; checkpoints saved before the record
@@ -450,6 +463,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
             f"stage {zero_stage}: DeepSpeed cannot load one stage's optimizer state in another"
         )
     recipe = json.loads(json.dumps(recipe))  # as saved: tuples become lists
+    saved = _read_as_now(saved)
     for key in RESUME_FIXED:
         found = _first_difference(_at(saved, key), _at(recipe, key), key)
         if found:

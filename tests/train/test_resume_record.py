@@ -1,0 +1,66 @@
+"""The run record check of a resume (`checkpoint.check_resume`) across mmssl versions."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from mmssl.schema import ConfigError
+from mmssl.train.checkpoint import RUN_RECORD, check_resume
+from mmssl.train.recipe import recipe_from_dict
+
+
+def _record(folder: Path, recipe: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"recipe": recipe, "world_size": 1, "zero_stage": 0}
+    (folder / RUN_RECORD).write_text(json.dumps(record))
+    return folder
+
+
+def _resolved(**sections) -> dict:
+    return json.loads(json.dumps(recipe_from_dict(sections).to_dict()))
+
+
+def test_resume_accepts_a_field_added_since_the_checkpoint(tmp_path: Path) -> None:
+    """A record written before a field existed (here: one deleted from each fixed section's
+    record) resumes when this run keeps the field's default, and is refused, naming the
+    field, when it does not."""
+    now = _resolved(optim={"lr": 1e-3}, train={"steps": 10})
+    for section, key in [
+        ("optim", "weight_decay"),
+        ("schedule", "warmup_steps"),
+        ("train", "grad_clip"),
+    ]:
+        old = copy.deepcopy(now)
+        del old[section][key]
+        folder = _record(tmp_path / f"{section}-{key}", old)
+        check_resume(folder, now, 1, 0)  # the default: accepted
+        changed = copy.deepcopy(now)
+        changed[section][key] = 0.123
+        with pytest.raises(ConfigError, match=f"{section}.{key} is 0.123"):
+            check_resume(folder, changed, 1, 0)
+
+
+def test_resume_refuses_a_changed_fixed_field(tmp_path: Path) -> None:
+    """The check itself still holds: a fixed field changed against the record is refused."""
+    now = _resolved(optim={"lr": 1e-3})
+    folder = _record(tmp_path / "c", now)
+    check_resume(folder, now, 1, 0)
+    changed = copy.deepcopy(now)
+    changed["optim"]["lr"] = 2e-3
+    with pytest.raises(ConfigError, match="optim.lr is 0.002 but checkpoint"):
+        check_resume(folder, changed, 1, 0)
+
+
+def test_resume_compares_a_record_with_a_removed_field_as_saved(tmp_path: Path) -> None:
+    """A record holding a key this version does not know cannot be read through the schema;
+    it is compared as saved, so the unknown key is named."""
+    now = _resolved()
+    old = copy.deepcopy(now)
+    old["optim"]["retired_knob"] = 1
+    folder = _record(tmp_path / "r", old)
+    with pytest.raises(ConfigError, match="optim.retired_knob"):
+        check_resume(folder, now, 1, 0)
