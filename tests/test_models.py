@@ -228,6 +228,43 @@ def test_zero_init_conditioned_model_equals_unconditioned(projector):
     assert gamma is not None and gamma.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"vision": {"cond_tokens": 2}},
+        {"vision": {"cond_dim": 16}},
+        {"projector": {"cond": "hyper"}},
+    ],
+)
+def test_one_prompt_condition_serves_every_image(where):
+    """A text-conditioned model's documented downstream call, `model.condition(cond_text=ids)`
+    for one prompt, gives c (1, C); every image of the batch is then conditioned on it, the
+    same as on c repeated per image (prefix tokens used to fail to concatenate)."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_clip",
+        condition={"source": "text", "dim": 16},
+        projector={"hidden_dim": 8, "out_dim": 4, **where.get("projector", {})},
+        vision=where.get("vision", {}),
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # the zero-initialised conditioning, so that c matters
+                p.normal_(std=0.05)
+    c = model.condition(cond_text=torch.randint(1, 512, (1, 6)))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = model.forward_features(images, c)
+        want = model.forward_features(images, c.expand(3, -1))
+        torch.testing.assert_close(got["tokens"], want["tokens"])
+        torch.testing.assert_close(got["pooled"], want["pooled"])
+        one = model.forward_features(images[1:2], c)["pooled"]  # per image, by hand
+        torch.testing.assert_close(one[0], want["pooled"][1])
+        z = model.project(got["pooled"], c)
+        torch.testing.assert_close(z, model.project(want["pooled"], c.expand(3, -1)))
+        assert not torch.allclose(z, model.project(model.forward_features(images)["pooled"]))
+
+
 def test_hypernetwork_projector_matches_materialised_weights():
     """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
     from mmssl.models.condition import Projector

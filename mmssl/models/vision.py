@@ -40,7 +40,7 @@ class VisionEncoder(nn.Module):
     `tokens` are the N patch tokens after the final norm (no class token), in row-major grid
     order.  `cond` (B, C) reaches the adaLN-Zero blocks when `cfg.cond_dim` is set, and
     becomes `cfg.cond_tokens` prefix tokens when that is set (`cond_dim` gives C then);
-    cond=None gives the plain features.
+    a (1, C) cond conditions every image alike; cond=None gives the plain features.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class VisionEncoder(nn.Module):
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """images: (B, C, H, W); cond: (B, cond_dim) or None.  Returns pooled (B, D), tokens (B, N, D)."""
+        """images: (B, C, H, W); cond: (B or 1, cond_dim) or None.  Returns pooled (B, D), tokens (B, N, D)."""
         p = self.cfg.patch_size
         grid_h, grid_w = images.shape[-2] // p, images.shape[-1] // p
         x = self.patch_embed(images)  # (B, N, D)
@@ -141,7 +141,9 @@ class VisionEncoder(nn.Module):
             x = x + pos.to(x.dtype)
         num_prefix = self.num_prefix
         if cond is not None and self.cond_prefix is not None:
-            prefix = self.cond_prefix(cond).to(x.dtype)  # (B, k, D), after the class token
+            # (B, k, D), after the class token; a (1, C) condition (one prompt) serves every
+            # image, as it does in the adaLN blocks and the projector
+            prefix = self.cond_prefix(cond).to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, : self.num_prefix], prefix, x[:, self.num_prefix :]], dim=1)
             num_prefix += prefix.shape[1]
         x = self.norm_pre(x)
