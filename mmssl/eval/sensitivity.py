@@ -157,7 +157,8 @@ def single_augmentations(cfg: Any) -> dict[str, Any]:
         solarize_p=0.0,
     )
     out = {}
-    if cfg.scale != (1.0, 1.0) or cfg.flip_p > 0:
+    # a config read from YAML or `--augment` holds the pair as a list, never equal to a tuple
+    if tuple(cfg.scale) != (1.0, 1.0) or cfg.flip_p > 0:
         out["crop"] = dataclasses.replace(off, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p)
     for name in ("brightness", "contrast", "saturation", "hue"):
         if cfg.jitter_p > 0 and getattr(cfg, name) > 0:

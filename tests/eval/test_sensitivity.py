@@ -199,3 +199,21 @@ def test_bad_input_is_one_line_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_single_augmentations_skip_the_crop_of_a_full_unflipped_view():
+    """scale [1, 1] without flips is no crop, whether the pair is a tuple (the dataclass) or
+    a list (YAML, --augment, the recipe); each other type gets one config with only it on."""
+    from mmssl.data.augment import AugmentConfig
+    from mmssl.eval.sensitivity import augment_config, single_augmentations
+
+    types = ["brightness", "contrast", "saturation", "hue", "grayscale", "blur"]
+    for cfg in (
+        AugmentConfig(scale=(1.0, 1.0), flip_p=0.0),
+        augment_config({"scale": [1.0, 1.0]}, ["flip_p=0"]),
+        augment_config({}, ["scale=[1, 1]", "flip_p=0.0"]),
+    ):
+        assert list(single_augmentations(cfg)) == types
+    flipped = augment_config({}, ["scale=[1.0, 1.0]", "flip_p=0.5"])
+    assert list(single_augmentations(flipped)) == ["crop", *types]
+    assert list(single_augmentations(augment_config({}, []))) == ["crop", *types]
