@@ -19,7 +19,11 @@ from mmssl.schema import ConfigError
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="mmssl train", description=summary(__doc__))
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    # default=[]: without it argparse counts a `*` positional as required and names it in
+    # "the following arguments are required: recipe, overrides"
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="dotted overrides, e.g. train.steps=100"
+    )
     p.add_argument(
         "--validate",
         action="store_true",

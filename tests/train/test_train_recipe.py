@@ -294,3 +294,15 @@ def test_recipe_yaml_mistakes_are_named(capsys: pytest.CaptureFixture[str], tmp_
     path.write_text("train:\n\tsteps: 3\n")
     err = _bad([str(path), "--validate"], capsys, runs)
     assert "line 2: not valid YAML (found character '\\t' that cannot start any token)" in err
+
+
+def test_a_missing_recipe_argument_names_only_the_recipe(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # overrides are optional: the error named them as required too
+    for argv in ([], ["--validate"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert err.endswith("error: the following arguments are required: recipe\n"), err
