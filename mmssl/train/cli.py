@@ -9,8 +9,12 @@ is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.schema import ConfigError
@@ -46,6 +50,27 @@ def _error(message: str, code: int = 2) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _stdout_aside() -> Iterator[io.StringIO]:
+    """What would reach stdout meanwhile, into a buffer: prints, and DeepSpeed's logger, whose
+    handler writes to the `sys.stdout` of its import (its "Setting accelerator to CPU"
+    warning would otherwise open the resolved recipe that `--validate` prints, making it
+    invalid YAML).  The logger's handlers are pointed back at the real stdout afterwards."""
+    real, buf = sys.stdout, io.StringIO()
+    handlers = logging.getLogger("DeepSpeed").handlers
+    for h in handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream is real:
+            h.setStream(buf)
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield buf
+    finally:
+        # the handlers of a DeepSpeed imported meanwhile were made with `buf` as sys.stdout
+        for h in logging.getLogger("DeepSpeed").handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is buf:
+                h.setStream(real)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides before or after options
     problem = check_numbers(
@@ -61,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     from mmssl.data.errors import DataError
     from mmssl.train.recipe import dump_recipe, load_recipe, validate
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        resolved = validate(recipe, args.world_size)
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        return _error(str(err))
+    # with --validate, stdout is the resolved recipe alone: what else was printed meanwhile
+    # goes to stderr (to stdout as before when the recipe is refused, so that stderr keeps
+    # its one line)
+    aside = _stdout_aside() if args.validate else contextlib.nullcontext(None)
+    with aside as noise:
+        try:
+            recipe = load_recipe(args.recipe, args.overrides)
+            resolved = validate(recipe, args.world_size)
+        except (ConfigError, DataError, FileNotFoundError) as err:
+            problem = str(err)
+        else:
+            problem = None
+    if noise is not None:
+        print(noise.getvalue(), end="", file=sys.stdout if problem else sys.stderr)
+    if problem is not None:
+        return _error(problem)
     if args.validate:
         print(dump_recipe(recipe), end="")
         print(

@@ -306,3 +306,26 @@ def test_a_missing_recipe_argument_names_only_the_recipe(
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1, err
         assert err.endswith("error: the following arguments are required: recipe\n"), err
+
+
+def test_validate_prints_the_resolved_recipe_alone(tmp_path: Path) -> None:
+    """`mmssl train R --validate > resolved.yaml` gives a recipe that loads again: DeepSpeed's
+    "Setting accelerator to CPU" log line (printed to stdout when DS_ACCELERATOR is unset
+    on a machine without a GPU) opened it and made it invalid YAML."""
+    import subprocess
+    import sys
+
+    from train_helpers import clean_env
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nout_dir: {tmp_path / 'runs'}\ntrain: {{steps: 3}}\n")
+    env = clean_env()
+    env.pop("DS_ACCELERATOR")
+    cmd = [sys.executable, "-m", "mmssl.train", str(path), "--validate", "train.seed=7"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(res.stdout)
+    again = load_recipe(resolved)
+    assert (again.train.steps, again.train.seed) == (3, 7)
+    assert again.to_dict() == load_recipe(path, ["train.seed=7"]).to_dict()
