@@ -265,6 +265,26 @@ def test_one_prompt_condition_serves_every_image(where):
         assert not torch.allclose(z, model.project(model.forward_features(images)["pooled"]))
 
 
+def test_condition_refuses_the_other_sources_input():
+    """A text-conditioned model given only descriptors (or the reverse) used to return None,
+    so the caller silently got the plain, unconditioned features."""
+    torch.manual_seed(0)
+    text_cond = mmssl.create_model(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    )
+    with pytest.raises(ValueError, match="conditioned on text.*cond_text"):
+        text_cond.condition(torch.rand(2, 13))
+    assert text_cond.condition() is None  # no input: the plain path, as documented
+    assert text_cond.condition(cond_text=torch.randint(1, 512, (2, 5))).shape == (2, 16)
+    desc_cond = mmssl.create_model("test_tiny_vit_cond")
+    with pytest.raises(ValueError, match="augmentation descriptors.*pass aug"):
+        desc_cond.condition(cond_text=torch.randint(1, 512, (2, 5)))
+    assert desc_cond.condition() is None
+    assert desc_cond.condition(torch.rand(2, 13)).shape == (2, 16)
+    plain = mmssl.create_model("test_tiny_vit")  # unconditioned: any input gives None
+    assert plain.condition(torch.rand(2, 13)) is None
+
+
 def test_hypernetwork_projector_matches_materialised_weights():
     """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
     from mmssl.models.condition import Projector

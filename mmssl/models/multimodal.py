@@ -123,12 +123,25 @@ class MultimodalModel(nn.Module):
         cond_text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The condition vector c (B, C): from descriptors aug (B, 13), or from the pooled text
-        features of cond_text (B, T).  None when the model is unconditioned or no input is given."""
+        features of cond_text (B, T).  None when the model is unconditioned or no input is given.
+
+        Only the input of the model's `condition.source` is read: passing only the other one
+        is a ValueError, not a silent None (which would give the plain features)."""
         if self.conditioner is None:
             return None
         if isinstance(self.conditioner, DescriptorEncoder):
+            if aug is None and cond_text is not None:
+                raise ValueError(
+                    "this model is conditioned on augmentation descriptors (condition.source "
+                    "'descriptor'), not on text: pass aug (B, 13), not cond_text"
+                )
             return None if aug is None else self.conditioner(aug)
         if cond_text is None:
+            if aug is not None:
+                raise ValueError(
+                    "this model is conditioned on text (condition.source 'text'), not on "
+                    "augmentation descriptors: pass cond_text (B, T), not aug"
+                )
             return None
         pooled = self._tower("text").forward_features(cond_text, cond_text_mask)["pooled"]
         return self.conditioner(pooled)
