@@ -85,12 +85,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         h, w, g = ctx.saved_tensors
-        scale = grad_out.to(g.dtype)
+
+        def scaled(grad: Tensor, dtype: torch.dtype) -> Tensor:
+            # scale in at least fp32: grad_out rounded to bf16 (1/3 -> 0.33398) would bias
+            # every element of the gradient by the same factor, up to 0.4%
+            acc = torch.promote_types(dtype, torch.float32)
+            return grad.to(acc).mul_(grad_out.to(acc)).to(dtype)
+
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = (g @ w).mul_(scale).to(ctx.dtypes[0])
+            grad_h = scaled(g @ w, ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ h).mul_(scale).to(ctx.dtypes[1])
+            grad_w = scaled(g.t() @ h, ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmssl.nn import linear_ce
-from mmssl.objectives import head_next_token_loss, next_token_loss
+from mmssl.objectives import head_next_token_loss, head_next_token_sum, next_token_loss
 
 
 def _inputs(dtype: torch.dtype = torch.float64, v: int = 37, seed: int = 0):
@@ -152,3 +152,22 @@ def test_trainer_fused_head_equals_the_plain_path(model: str, objective: str) ->
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("leaf_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_gradient_is_linear_in_the_incoming_gradient(leaf_dtype) -> None:
+    """d(s * sum) = s * d(sum), up to one rounding to the leaves' dtype: a token mean's
+    1/count must not be rounded to bf16 before it scales the gradient (1/3 -> 0.33398 made
+    every element 0.2% too large)."""
+    hidden, weight, tokens, mask = _inputs(torch.float32, v=301)
+    hidden = hidden.detach().to(leaf_dtype).requires_grad_()
+    weight = weight.detach().to(leaf_dtype).requires_grad_()
+    for s in (1 / 3, 2 / 7, 1e-3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, _ = head_next_token_sum(hidden, weight, tokens, mask)
+            scaled = head_next_token_sum(hidden, weight, tokens, mask)[0] * s
+        base = torch.autograd.grad(total, (hidden, weight))
+        got = torch.autograd.grad(scaled, (hidden, weight))
+        for b, g in zip(base, got):
+            assert g.dtype == leaf_dtype
+            torch.testing.assert_close(g, (b.double() * s).to(leaf_dtype), rtol=1e-6, atol=0)
