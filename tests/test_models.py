@@ -285,6 +285,21 @@ def test_condition_refuses_the_other_sources_input():
     assert plain.condition(torch.rand(2, 13)) is None
 
 
+def test_projector_depth_counts_its_linear_layers():
+    """depth 1 used to build the 2-layer projector silently, and hyper_rank 0 a hypernetwork
+    that could never change the output."""
+    for depth in (2, 3, 4):
+        model = mmssl.create_model("test_tiny_simclr", projector={"depth": depth})
+        linears = [m for m in model.projector.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == depth
+    with pytest.raises(ValueError, match="projector depth must be >= 2"):
+        mmssl.create_model("test_tiny_simclr", projector={"depth": 1})
+    with pytest.raises(ValueError, match="hyper_rank must be >= 1"):
+        mmssl.create_model(
+            "test_tiny_simclr", condition={"dim": 8}, projector={"cond": "hyper", "hyper_rank": 0}
+        )
+
+
 def test_hypernetwork_projector_matches_materialised_weights():
     """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
     from mmssl.models.condition import Projector

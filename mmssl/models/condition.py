@@ -90,6 +90,10 @@ class Projector(nn.Module):
             raise ValueError(f"projector cond must be none/concat/film/hyper, got {cond!r}")
         if cond != "none" and not cond_dim:
             raise ValueError(f"projector cond={cond!r} needs a condition dim")
+        if depth < 2:  # the conditioning acts on the hidden layer, so there must be one
+            raise ValueError(f"projector depth must be >= 2 (Linear layers), got {depth}")
+        if cond == "hyper" and hyper_rank < 1:
+            raise ValueError(f"projector hyper_rank must be >= 1, got {hyper_rank}")
         self.mode = cond
         self.hidden_dim = hidden_dim
         self.fc1 = nn.Linear(in_dim, hidden_dim)
