@@ -7,6 +7,7 @@ the wrong type raises `ConfigError` naming the dotted key (and the closest valid
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import re
 import types
@@ -195,11 +196,18 @@ def parse_value(text: str) -> Any:
     if text == "" or _KEEP_TEXT.fullmatch(text.strip()):
         return text
     try:
-        return load_yaml(text)
+        value = load_yaml(text)
     except DuplicateKeyError as err:
         raise ConfigError(f"duplicate key {err.key!r} in {text!r}") from None
     except yaml.YAMLError:
         return text
+    if isinstance(value, datetime.date):  # a run named 2024-06-01, not a datetime.date
+        return text
+    if isinstance(value, (dict, list)) and text.strip()[:1] not in ("{", "["):
+        # block style is not a collection on the command line: a prompt such as
+        # `a photo of the digit: 3` or `- draft` is text
+        return text
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:

@@ -92,3 +92,17 @@ def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_value():
         ConfigError, match=r"override 'inner': duplicate key 'a' in '\{a: 1, a: 2\}'"
     ):
         apply_overrides({}, ["inner={a: 1, a: 2}"])
+
+
+def test_override_text_that_yaml_reads_as_a_date_or_block_collection_stays_text():
+    # `name=2024-06-01` failed as "expected a string, got datetime.date(2024, 6, 1)", and a
+    # prompt with ": " as "expected a string, got {...}": the command line takes scalars and
+    # flow collections only
+    def value(text: str):
+        return apply_overrides({}, [f"mode={text}"])["mode"]
+
+    for text in ["2024-06-01", "2024-06-01 10:00:00", "a photo of the digit: 3", "- draft"]:
+        assert value(text) == text
+        assert from_dict(Outer, apply_overrides({}, [f"mode={text}"])).mode == text
+    assert value("[a, b]") == ["a", "b"] and value(" {a: 1}") == {"a": 1}
+    assert value("{a: [1, 2], b: x: y}") == "{a: [1, 2], b: x: y}"  # not YAML: text as before
