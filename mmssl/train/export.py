@@ -175,7 +175,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
             "std": recipe.data.std,
         },
     }
+    if cfg.text is not None:
+        # evaluation loads and checks the tokenizer the model was trained with from this
+        # record; without it, it fell back to the default tokenizer whatever the run used
+        extra["tokenizer"] = _tokenizer_record(recipe)
     return save_pretrained(model.eval(), dest, extra)
+
+
+def _tokenizer_record(recipe: Any) -> dict[str, Any]:
+    """The metadata of the run's `data.tokenizer` (`Tokenizer.metadata`), with a path
+    tokenizer named by its absolute path, so that it loads from another directory."""
+    from mmssl.train.streams import tokenizer
+
+    meta = dict(tokenizer(recipe).metadata)
+    name = recipe.data.tokenizer
+    if name not in ("default", "clip"):
+        meta["name"] = str(Path(name).expanduser().resolve())
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:

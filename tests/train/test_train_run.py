@@ -361,3 +361,27 @@ def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
     from mmssl.train.checkpoint import find_resume
 
     assert find_resume("auto", run_dir) == (run_dir / "checkpoints", "step_00000002")
+
+
+def test_export_records_the_runs_tokenizer_and_eval_uses_it(tmp_path: Path) -> None:
+    """A run trained with `data.tokenizer: clip` exports that tokenizer's metadata, and
+    evaluation loads CLIP's BPE for it, not the default tokenizer (which it used to,
+    silently, as the export named no tokenizer)."""
+    from mmssl.eval.loading import load_model
+    from mmssl.tokenizer import get_tokenizer
+
+    clip = get_tokenizer("clip")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: tok\n"
+        f"out_dir: {tmp_path}\n"
+        f"model: {{name: test_tiny_clip, overrides: {{text: {{vocab_size: {clip.vocab_size}}}}}}}\n"
+        "data: {tokenizer: clip, sources: {train: {urls: synthetic}}}\n"
+        "train: {steps: 1, global_batch_size: 4, micro_batch_size: 4}\n"
+        "logging: {every: 1, tensorboard: false, progress: false}\n"
+    )
+    _train([str(recipe)])
+    loaded = load_model(str(tmp_path / "tok"))
+    assert loaded.config["tokenizer"]["sha256"] == clip.sha256
+    tok = loaded.tokenizer()
+    assert tok.name == "clip" and tok.sha256 == clip.sha256
