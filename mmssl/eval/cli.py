@@ -8,6 +8,7 @@ is exported on the fly), and writes results.json, summary.md and its plots to `-
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Callable
@@ -148,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
+    if argv[0] not in TASKS and not argv[0].startswith("-"):
+        # one line with the close task, as `mmssl` does for a command (argparse lists choices)
+        close = difflib.get_close_matches(argv[0], TASKS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(
+            f"mmssl eval: error: unknown task {argv[0]!r}; {hint}choose from {', '.join(TASKS)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         run_task(argv)
     except (EvalError, DataError, FileNotFoundError) as err:
