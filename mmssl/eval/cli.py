@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, DataError, FileNotFoundError) as err:
         print(f"mmssl eval: error: {err}", file=sys.stderr)
         return 2
-    out = build_parser().parse_args(argv).out or f"eval-{argv[0]}"
-    print((Path(out) / "summary.md").read_text().rstrip())
+    # the summary run_task wrote: `--out ""` is the current directory there, not eval-TASK
+    # (whose summary of an earlier run was printed)
+    out = build_parser().parse_args(argv).out
+    print((Path(f"eval-{argv[0]}" if out is None else out) / "summary.md").read_text().rstrip())
     return 0

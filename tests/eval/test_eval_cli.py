@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from mmssl.eval.cli import TASKS, main
@@ -17,3 +21,24 @@ def test_an_unknown_task_is_one_line_with_the_close_one(
     assert captured.err == (
         f"mmssl eval: error: unknown task {task!r}; {hint}choose from {', '.join(TASKS)}\n"
     )
+
+
+def test_the_printed_summary_is_the_one_just_written(
+    tmp_path: Path, tiny_model_dir: str, test_shards: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--out ""` writes to the current directory; the summary of an earlier run in
+    # eval-retrieval/ was printed instead
+    stale = tmp_path / "eval-retrieval"
+    stale.mkdir()
+    (stale / "summary.md").write_text("an earlier run\n")
+    args = ["retrieval", "--model", tiny_model_dir, "--data", test_shards, "--out", ""]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["task"] == "retrieval"
+    assert out.strip() == (tmp_path / "summary.md").read_text().strip()
+    assert "an earlier run" not in out
