@@ -321,6 +321,9 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def _check_numbers(recipe: Recipe) -> None:
+    if recipe.name.strip() in ("", ".", ".."):
+        # `name=$RUN` with RUN unset: the run would write into out_dir itself (or its parent)
+        raise ConfigError(f"name must name the run directory under out_dir, got {recipe.name!r}")
     t, s = recipe.train, recipe.schedule
     if t.steps <= 0:
         raise ConfigError(f"train.steps must be positive, got {t.steps}")

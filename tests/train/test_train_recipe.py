@@ -329,3 +329,12 @@ def test_validate_prints_the_resolved_recipe_alone(tmp_path: Path) -> None:
     again = load_recipe(resolved)
     assert (again.train.steps, again.train.seed) == (3, 7)
     assert again.to_dict() == load_recipe(path, ["train.seed=7"]).to_dict()
+
+
+def test_an_empty_run_name_is_refused(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # `name=$RUN` with RUN unset validated, and the run wrote into out_dir itself
+    for name in ("", ".", ".."):
+        err = _bad([*base, f"name={name}", "--validate"], capsys, tmp_path / "runs")
+        assert f"name must name the run directory under out_dir, got {name!r}" in err
