@@ -169,7 +169,8 @@ def plan(
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="mmssl plan", description=summary(__doc__))
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="dotted recipe overrides")
+    # default=[]: a missing recipe is reported alone (see `mmssl.train.cli`)
+    p.add_argument("overrides", nargs="*", default=[], help="dotted recipe overrides")
     p.add_argument("--gpus", type=int, required=True, help="number of data-parallel ranks")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB")
     p.add_argument(

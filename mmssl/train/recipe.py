@@ -273,6 +273,21 @@ def resolve_path(recipe: Recipe, path: str) -> Path:
     return Path(recipe.base_dir) / p
 
 
+def _dry_build(cfg: Any) -> None:
+    """Build the model on the meta device (no memory, no initialisation): sizes that the
+    layers refuse (a width its heads do not divide, ...) are a ConfigError at validation,
+    not a traceback once the ranks build it."""
+    import torch
+
+    from mmssl.models.multimodal import MultimodalModel
+
+    try:
+        with torch.device("meta"):
+            MultimodalModel(cfg)
+    except (ValueError, AssertionError) as err:
+        raise ConfigError(f"model: {err} (model.overrides or the model's config)") from None
+
+
 def model_config(recipe: Recipe) -> Any:
     """The resolved ModelConfig, with activation checkpointing switched on in every tower."""
     from mmssl.models.registry import resolve_model_config
@@ -286,6 +301,7 @@ def model_config(recipe: Recipe) -> Any:
     from mmssl.train.values import check_model
 
     check_model(cfg)
+    _dry_build(cfg)
     if recipe.train.activation_checkpointing:
         for tower in (cfg.vision, cfg.text):
             if tower is not None:

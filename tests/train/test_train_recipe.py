@@ -271,6 +271,8 @@ def test_overrides_may_follow_options(base: list[str], capsys: pytest.CaptureFix
     from mmssl.train.plan import main as plan_main
 
     recipe = str(RECIPES / "clip_vit_b16.yaml")
+    plan_main([recipe, "--gpus", "64"])  # the first may print DeepSpeed's accelerator warning
+    capsys.readouterr()
     assert plan_main([recipe, "--gpus", "64", "train.micro_batch_size=256"]) == 0
     after = capsys.readouterr().out
     assert plan_main([recipe, "train.micro_batch_size=256", "--gpus", "64"]) == 0
@@ -300,12 +302,25 @@ def test_a_missing_recipe_argument_names_only_the_recipe(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # overrides are optional: the error named them as required too
-    for argv in ([], ["--validate"]):
+    from mmssl.train.plan import main as plan_main
+
+    for command, argv in ((main, []), (main, ["--validate"]), (plan_main, ["--gpus", "8"])):
         with pytest.raises(SystemExit) as exit_:
-            main(argv)
+            command(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1, err
         assert err.endswith("error: the following arguments are required: recipe\n"), err
+
+
+def test_sizes_the_layers_refuse_are_named_at_validation(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A width its attention heads do not divide passed --validate, and the run then died in
+    a traceback while building the model; validation now builds it on the meta device."""
+    runs = tmp_path / "runs"
+    for key, override, dim, heads in (("vision", "dim=33", 33, 2), ("text", "num_heads=3", 32, 3)):
+        err = _bad([*base, f"model.overrides.{key}.{override}"], capsys, runs)
+        assert f"model: dim {dim} is not divisible by num_heads {heads}" in err, err
 
 
 def test_validate_prints_the_resolved_recipe_alone(tmp_path: Path) -> None:
