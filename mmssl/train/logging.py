@@ -161,7 +161,8 @@ def write_summary(
         "| metric | first logged | last logged |",
         "|---|---|---|",
     ]
-    for key in (k for k in last if k == "loss" or k.startswith("loss/") or k == "logit_scale"):
+    shown = ("loss", "logit_scale", "logit_bias")
+    for key in (k for k in last if k.split("/")[0] in shown):
         lines.append(f"| {key} | {first.get(key, float('nan')):.4f} | {last[key]:.4f} |")
     lines += ["", "![loss curve](loss.png)", ""]
     (run_dir / "summary.md").write_text("\n".join(lines))

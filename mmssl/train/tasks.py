@@ -340,8 +340,17 @@ class Task(nn.Module):
             total = weighted if total is None else total + weighted
         assert total is not None
         metrics["loss"] = total.detach()
-        if self.model.logit_scale is not None:
-            metrics["logit_scale"] = self.model.logit_scale.detach().float().exp().reshape(())
+        # the temperatures that are trained: the model's for clip objectives, and each
+        # siglip objective's own scale and bias (the model's is unused there)
+        for key, loss_fn in self.losses.items():
+            if isinstance(loss_fn, _ModelScaleClipLoss) and self.model.logit_scale is not None:
+                scale = self.model.logit_scale.detach().float().exp()
+                metrics["logit_scale"] = scale.reshape(())
+            elif isinstance(loss_fn, SigLipLoss):
+                metrics[f"logit_scale/{key}"] = (
+                    loss_fn.logit_scale.detach().float().exp().reshape(())
+                )
+                metrics[f"logit_bias/{key}"] = loss_fn.logit_bias.detach().float().reshape(())
         return total, metrics
 
 

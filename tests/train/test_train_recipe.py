@@ -212,6 +212,39 @@ def test_param_groups_no_decay() -> None:
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(task.parameters()))
 
 
+def test_metrics_report_the_temperatures_that_train() -> None:
+    """A siglip objective trains its own scale and bias: the metrics report those (as
+    `logit_scale/<key>`, `logit_bias/<key>`), and the model's `logit_scale`, which only a
+    clip objective trains, only when one does (it was reported for siglip-only runs)."""
+    import math
+
+    from mmssl import create_model
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "train": {
+            "image": torch.rand(4, 3, 32, 32, generator=g),
+            "text": torch.randint(3, 500, (4, 8), generator=g),
+            "text_mask": torch.ones(4, 8, dtype=torch.bool),
+        }
+    }
+    sig = Task(create_model("test_tiny_clip"), {"s": ObjectiveConfig(type="siglip")})
+    with torch.no_grad():
+        sig.losses["s"].logit_scale.fill_(math.log(7.0))
+        sig.losses["s"].logit_bias.fill_(-3.0)
+    _, metrics = sig(batch)
+    assert "logit_scale" not in metrics
+    assert metrics["logit_scale/s"].item() == pytest.approx(7.0)
+    assert metrics["logit_bias/s"].item() == -3.0
+    clip = Task(create_model("test_tiny_clip"), {"c": ObjectiveConfig(type="clip")})
+    _, metrics = clip(batch)
+    want = clip.model.logit_scale.detach().exp().item()
+    assert metrics["logit_scale"].item() == pytest.approx(want)
+    assert not [k for k in metrics if k.startswith("logit_bias")]
+
+
 def test_warmup_cosine_values() -> None:
     f = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
