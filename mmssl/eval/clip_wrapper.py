@@ -19,13 +19,18 @@ from torch import Tensor, nn
 from mmssl.eval.data import Preprocess
 
 
-def mask_from_ids(ids: Tensor, eos_id: int) -> Tensor:
-    """(B, T) ids of `batch_encode` -> (B, T) bool mask: up to and including the first eos.
+def mask_from_ids(ids: Tensor, eos_id: int, bos_id: int | None = None) -> Tensor:
+    """(B, T) ids of `batch_encode` -> (B, T) bool mask: up to and including the first eos
+    after a leading `bos_id`.
 
-    CLIP-style harnesses pass bare ids; rows without eos are taken as all valid.
+    CLIP-style harnesses pass bare ids; rows without eos are taken as all valid.  The leading
+    bos is passed over: a tokenizer whose bos is its eos (GPT-2's `<|endoftext|>`) would
+    otherwise end every text at its first token, giving every text the same embedding.
     """
     t = ids.shape[1]
     is_eos = ids == eos_id
+    if bos_id is not None and t > 1:
+        is_eos[:, 0] &= ids[:, 0] != bos_id
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], t - 1))
     return torch.arange(t, device=ids.device)[None, :] <= first[:, None]
 
@@ -62,10 +67,11 @@ class CLIPWrapper(nn.Module):
     """encode_image(images (B, 3, S, S)) and encode_text(ids (B, T)) -> (B, E), unnormalised,
     plus `logit_scale`; the mask the text tower needs is rebuilt from the eos position."""
 
-    def __init__(self, model: nn.Module, eos_id: int) -> None:
+    def __init__(self, model: nn.Module, eos_id: int, bos_id: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.eos_id = eos_id
+        self.bos_id = bos_id
 
     @property
     def logit_scale(self) -> Tensor:
@@ -75,7 +81,9 @@ class CLIPWrapper(nn.Module):
         return self.model.encode_image(images, normalize=normalize)
 
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
-        return self.model.encode_text(text, mask_from_ids(text, self.eos_id), normalize=normalize)
+        return self.model.encode_text(
+            text, mask_from_ids(text, self.eos_id, self.bos_id), normalize=normalize
+        )
 
     def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """open_clip's (image_features, text_features, logit_scale.exp()), normalised."""
@@ -96,7 +104,7 @@ def load_clip(
     if loaded.model.visual is None or loaded.model.text is None:
         raise EvalError(f"{path}: a CLIP-style model needs vision and text towers")
     tok = loaded.tokenizer(tokenizer)
-    wrapper = CLIPWrapper(loaded.model, int(tok.eos_id)).eval()
+    wrapper = CLIPWrapper(loaded.model, int(tok.eos_id), int(tok.bos_id)).eval()
     return (
         wrapper,
         ImageTransform(loaded.preprocess),

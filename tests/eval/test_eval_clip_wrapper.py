@@ -35,6 +35,40 @@ def test_mask_from_ids(tokenizer):
     assert torch.equal(mask_from_ids(ids, tokenizer.eos_id), mask)
 
 
+def test_wrapper_text_of_a_tokenizer_whose_bos_is_its_eos(tmp_path):
+    """A GPT-2-style tokenizer.json has one `<|endoftext|>` for bos, eos and pad.  The mask the
+    wrapper rebuilds used to end at the leading bos (taken for the eos), so every text got
+    the same embedding; it now equals the model's own encode_text with batch_encode's mask."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import mmssl
+    from mmssl.models.io import save_pretrained
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(["a photo of a cat", "a photo of a dog", "something red"] * 20, trainer)
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    tok = mmssl.get_tokenizer(str(path))
+    assert tok.bos_id == tok.eos_id == tok.pad_id
+
+    save_pretrained(mmssl.create_model("test_tiny_clip"), tmp_path / "model")
+    model, _, tokenizer = load_clip(tmp_path / "model", tokenizer=str(path))
+    texts = ["a photo of a cat", "something red and a dog", ""]
+    ids, mask = tok.batch_encode(texts, 32)
+    with torch.no_grad():
+        got = model.encode_text(tokenizer(texts))
+        want = model.model.encode_text(ids, mask)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(mask_from_ids(ids, tok.eos_id, tok.bos_id), mask)
+
+
 @pytest.mark.slow
 def test_duck_typed_harness_matches_zeroshot(tmp_path, tiny_model_dir, test_shards):
     model, transform, tokenizer = load_clip(tiny_model_dir)
