@@ -300,6 +300,12 @@ def test_projector_depth_counts_its_linear_layers():
         )
 
 
+def test_a_projector_without_a_vision_tower_is_refused_by_name():
+    """It failed with an AttributeError ('NoneType' object has no attribute 'dim')."""
+    with pytest.raises(ValueError, match="a projector needs a vision tower"):
+        mmssl.create_model("test_tiny_gpt", projector={"hidden_dim": 8, "out_dim": 4})
+
+
 def test_hypernetwork_projector_matches_materialised_weights():
     """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
     from mmssl.models.condition import Projector

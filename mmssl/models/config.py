@@ -160,6 +160,8 @@ class ModelConfig:
             # both modes read the text tower's hidden state at t, which would have seen
             # token t + 1, the very target it is scored against
             raise ValueError("a caption decoder needs a causal text tower (text.causal=true)")
+        if self.projector is not None and self.vision is None:
+            raise ValueError("a projector needs a vision tower (it maps the pooled image features)")
         self._check_condition()
 
     def _check_condition(self) -> None:

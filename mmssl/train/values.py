@@ -116,6 +116,7 @@ _MODEL_MIN = {
         1,
     ),
     **dict.fromkeys(("embed_dim", "in_chans", "cond_dim", "cond_depth", "attn_window"), 1),
+    **dict.fromkeys(("hidden_dim", "out_dim"), 1),  # condition and projector widths
     "cond_tokens": 0,
 }
 _MODEL_POSITIVE = ("mlp_ratio", "norm_eps", "init_std")

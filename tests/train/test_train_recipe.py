@@ -354,6 +354,10 @@ def test_sizes_the_layers_refuse_are_named_at_validation(
     for key, override, dim, heads in (("vision", "dim=33", 33, 2), ("text", "num_heads=3", 32, 3)):
         err = _bad([*base, f"model.overrides.{key}.{override}"], capsys, runs)
         assert f"model: dim {dim} is not divisible by num_heads {heads}" in err, err
+    # a zero-width projector built (zero-size Linear layers) and trained on nothing
+    for key in ("hidden_dim", "out_dim"):
+        err = _bad([*base, f"model.overrides.projector={{{key}: 0}}"], capsys, runs)
+        assert f"model.overrides.projector.{key} must be >= 1, got 0" in err, err
 
 
 def test_validate_prints_the_resolved_recipe_alone(tmp_path: Path) -> None:
