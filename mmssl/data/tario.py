@@ -280,7 +280,9 @@ def iter_shard(
                 if not is_file:
                     continue
                 k, ext = split_name(name)
-                if not ext or os.path.basename(k).startswith("."):
+                # a hidden file (macOS's `._KEY.jpg` AppleDouble) is no sample; its key
+                # would be the empty text before the leading dot
+                if not ext or os.path.basename(name).startswith("."):
                     continue
                 if k != key or ext in exts:
                     if key is not None:
