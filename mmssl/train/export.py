@@ -183,14 +183,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
 
 
 def _tokenizer_record(recipe: Any) -> dict[str, Any]:
-    """The metadata of the run's `data.tokenizer` (`Tokenizer.metadata`), with a path
-    tokenizer named by its absolute path, so that it loads from another directory."""
-    from mmssl.train.streams import tokenizer
+    """The metadata of the run's `data.tokenizer` (`Tokenizer.metadata`), a path tokenizer
+    named by its absolute path (found from the working directory or the recipe's), so that
+    evaluation loads it from anywhere.  A tokenizer that no longer loads is recorded by name
+    only: evaluation then fails naming it (or takes --tokenizer) rather than the export."""
+    import os
 
-    meta = dict(tokenizer(recipe).metadata)
+    from mmssl.tokenizer import get_tokenizer
+    from mmssl.train.recipe import resolve_path
+
     name = recipe.data.tokenizer
     if name not in ("default", "clip"):
-        meta["name"] = str(Path(name).expanduser().resolve())
+        name = str(resolve_path(recipe, os.path.expanduser(name)).resolve())
+    try:
+        meta = dict(get_tokenizer(name).metadata)
+    except (FileNotFoundError, ValueError):
+        return {"name": name}
+    meta["name"] = name
     return meta
 
 

@@ -363,12 +363,17 @@ def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
     assert find_resume("auto", run_dir) == (run_dir / "checkpoints", "step_00000002")
 
 
-def test_export_records_the_runs_tokenizer_and_eval_uses_it(tmp_path: Path) -> None:
+def test_export_records_the_runs_tokenizer_and_eval_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A run trained with `data.tokenizer: clip` exports that tokenizer's metadata, and
     evaluation loads CLIP's BPE for it, not the default tokenizer (which it used to,
-    silently, as the export named no tokenizer)."""
+    silently, as the export named no tokenizer).  A tokenizer directory given relative to
+    the training's working directory is recorded by its absolute path."""
+    import shutil
+
     from mmssl.eval.loading import load_model
-    from mmssl.tokenizer import get_tokenizer
+    from mmssl.tokenizer import DEFAULT_DIR, get_tokenizer
 
     clip = get_tokenizer("clip")
     recipe = tmp_path / "r.yaml"
@@ -385,3 +390,19 @@ def test_export_records_the_runs_tokenizer_and_eval_uses_it(tmp_path: Path) -> N
     assert loaded.config["tokenizer"]["sha256"] == clip.sha256
     tok = loaded.tokenizer()
     assert tok.name == "clip" and tok.sha256 == clip.sha256
+
+    shutil.copytree(DEFAULT_DIR, tmp_path / "mytok")
+    monkeypatch.chdir(tmp_path)
+    _train(
+        [
+            str(recipe),
+            "name=path",
+            "data.tokenizer=mytok",
+            "model.overrides={text: {vocab_size: 8192}}",
+        ]
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_model(str(tmp_path / "path"))
+    assert loaded.config["tokenizer"]["name"] == str((tmp_path / "mytok").resolve())
+    assert loaded.tokenizer().path.parent == (tmp_path / "mytok").resolve()
