@@ -70,7 +70,9 @@ def knn(x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0
     sim = q @ xs.T  # (M, N)
     top, idx = sim.topk(k, dim=1)  # (M, k)
     weights = (top / temperature).exp()
-    num_classes = int(y.max()) + 1
-    votes = torch.zeros(len(q), num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, y[idx], weights)
-    return votes.argmax(1)
+    # votes go to the classes present, not to columns 0..max label: a label may be negative
+    # or large (a synset offset), which made a (M, max + 1) table
+    classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's
+    votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
+    votes.scatter_add_(1, column[idx], weights)
+    return classes[votes.argmax(1)]

@@ -105,3 +105,26 @@ def test_linear_sweep_one_sample_per_class_is_an_eval_error():
     assert linear.stratified_split(y, 0.2, seed=0)[1].numel() == 0
     with pytest.raises(EvalError, match="one sample per class"):
         linear.sweep(x, y, x, y)
+
+
+def test_knn_labels_are_class_ids_not_column_indices():
+    # a label -1 (e.g. "other") or a large id (a synset offset) indexed a (M, max + 1) vote
+    # table: an IndexError, or gigabytes for one query; compare with explicit distances
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(12, 5, generator=g), torch.randn(7, 5, generator=g)
+    ids = torch.tensor([-1, 7, 1_000_000_000])
+    y = ids[torch.arange(12) % 3]
+    k, t = 4, 0.5
+    xs, qs = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(q, dim=1)
+    want = []
+    for row in qs:
+        sims = [float(row @ s) for s in xs]
+        nearest = sorted(range(12), key=lambda j: -sims[j])[:k]
+        votes: dict[int, float] = {}
+        for j in nearest:
+            votes[int(y[j])] = votes.get(int(y[j]), 0.0) + math.exp(sims[j] / t)
+        want.append(max(votes, key=votes.get))
+    assert classifiers.knn(x, y, q, k=k, temperature=t).tolist() == want
+    # relabelling the classes 0, 1, 2 gives the same choices
+    dense = classifiers.knn(x, torch.arange(12) % 3, q, k=k, temperature=t)
+    assert ids[dense].tolist() == want
