@@ -306,6 +306,19 @@ def test_a_projector_without_a_vision_tower_is_refused_by_name():
         mmssl.create_model("test_tiny_gpt", projector={"hidden_dim": 8, "out_dim": 4})
 
 
+def test_a_descriptor_without_a_batch_dimension_is_refused_by_name():
+    """A (13,) descriptor passed check_descriptor and failed inside adaLN ("not enough values
+    to unpack"); a (1, 13) one serves every image."""
+    model = mmssl.create_model("test_tiny_vit_cond")
+    neutral = model.conditioner.layout.neutral_tensor(1)
+    with pytest.raises(ValueError, match=r"descriptors must be \(B, 13\).*aug\[None\]"):
+        model.condition(neutral[0])
+    images = torch.rand(3, 3, 32, 32)
+    one = model.visual.forward_features(images, model.condition(neutral))["pooled"]
+    each = model.visual.forward_features(images, model.condition(neutral.expand(3, -1)))["pooled"]
+    torch.testing.assert_close(one, each)
+
+
 def test_hypernetwork_projector_matches_materialised_weights():
     """sum_k a_k (W_k f) equals building W(c) = W0 + sum_k a_k W_k per sample."""
     from mmssl.models.condition import Projector

@@ -44,6 +44,11 @@ class DescriptorEncoder(nn.Module):
         gets a bf16 c for its bf16 modulation layers, also from an fp32 neutral descriptor.
         """
         check_descriptor(aug, self.layout.version)
+        if aug.ndim != 2:  # a (13,) c would fail deep inside the blocks' modulation
+            raise ValueError(
+                f"descriptors must be (B, {aug.shape[-1]}), one row per image, got "
+                f"{tuple(aug.shape)}; a single descriptor for every image is aug[None]"
+            )
         return self.net(aug.to(self.net[0].weight.dtype))
 
 
