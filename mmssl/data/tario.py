@@ -61,6 +61,18 @@ class _Pipe:
     def read(self, n: int = -1) -> bytes:
         return self.stdout.read(n)
 
+    def drain(self, limit: int = 1 << 26) -> bool:
+        """Read and drop the rest of the output, so that a command still writing what
+        follows the end-of-archive block (a tar's record padding: 10 KiB by default, 256 KiB
+        with `tar -b 512`) ends normally instead of on a broken pipe; False when more than
+        `limit` bytes remain."""
+        while limit > 0:
+            chunk = self.stdout.read(min(limit, 1 << 16))
+            if not chunk:
+                return True
+            limit -= len(chunk)
+        return False
+
     def close(self) -> str | None:
         """Wait for the command; return an error message if it failed."""
         self.stdout.close()
@@ -307,7 +319,8 @@ def iter_shard(
             yield from finish()
         if n == 0 and problem is None:
             problem = ("empty_shard", "")
-        finished = True
+        # the tar ended: let the command write the rest (or stop it, its exit then is ours)
+        finished = pipe is None or problem is not None or pipe.drain()
     finally:
         if pipe is not None:
             if not finished:  # the reader stopped early: the command's broken pipe is ours

@@ -209,3 +209,19 @@ def test_hidden_files_are_not_samples(tmp_path):
     ref = wds.WebDataset(path, shardshuffle=False)
     top = [(s["__key__"], s["jpg"]) for s in itertools.islice(ref, 2)]
     assert top == [(k, f["jpg"]) for k, f in got[:2]]
+
+
+def test_pipe_shard_with_long_record_padding_is_read_clean(archives, tmp_path):
+    # `tar -b 512` pads the archive to 256 KiB records: more than a pipe holds once the
+    # reader has met the end-of-archive block, so closing the pipe then broke the command
+    # (exit 141) and a whole shard was counted as a pipe_error (an error in evaluation)
+    path = str(tmp_path / "b512.tar")
+    with open(archives[0], "rb") as src, open(path, "wb") as dst:
+        data = src.read()
+        dst.write(data + bytes(-len(data) % (512 * 512)))
+    ref, _ = _reference(path)
+    assert len(ref) == 9
+    assert _read(f"pipe:cat {path}") == (ref, {})
+    assert _read(f"pipe:cat {path}; exit 3")[1] == {"pipe_error": 1}  # a real failure still counts
+    got, skipped = _read(f"pipe:cat {path} {path}")  # a second archive after the first: ignored
+    assert (got, skipped) == (ref, {})
