@@ -144,13 +144,18 @@ def _memory_batches(
 
 @torch.no_grad()
 def accuracy(clf: Classifier, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    pred = torch.cat(
-        [
-            clf.logits(images[i : i + batch_size]).argmax(1)
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-    return float((pred == labels.long()).double().mean())
+    """Top-1 of clf on images (N, 3, S, S), labels (N,).  Ties and NaN logits count against
+    the model, as in `mmssl.eval.metrics` (an argmax gave a head that never moved, or one
+    that diverged to NaN, every sample of class 0); a label the head has no column for is
+    a miss."""
+    from mmssl.eval.metrics import predictions
+
+    logits = torch.cat(
+        [clf.logits(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
+    )  # (N, C)
+    labels = labels.long()
+    pred = predictions(logits, labels.clamp(0, logits.shape[1] - 1))
+    return float((pred == labels).double().mean())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

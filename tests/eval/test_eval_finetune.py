@@ -102,3 +102,35 @@ def test_finetune_limit_bounds_the_training_samples(
     assert res["num_train"] == 6 and res["num_test"] == 6
     summary = (tmp_path / "summary.md").read_text()
     assert "same 6 train images" in summary
+
+
+def test_finetune_accuracy_counts_ties_and_nan_against_the_head():
+    # an argmax handed class 0 to a head whose logits all tie (never moved) or are NaN
+    # (diverged): a third right on balanced labels; compare with a strict-maximum loop
+    from mmssl.eval.finetune import accuracy
+    from mmssl.models.registry import create_model
+
+    torch.manual_seed(0)
+    visual = create_model("test_tiny_clip").visual
+    clf = Classifier(visual, 3).eval()
+    size = visual.cfg.image_size
+    images, labels = torch.rand(9, 3, size, size), torch.tensor([0, 1, 2] * 3)
+
+    def naive() -> float:
+        with torch.no_grad():
+            logits = clf.logits(images)
+        right = 0
+        for row, y in zip(logits.tolist(), labels.tolist()):
+            right += all(row[y] > v for j, v in enumerate(row) if j != y)  # False for NaN
+        return right / len(labels)
+
+    assert accuracy(clf, images, labels, batch_size=4) == naive() == 0.0  # zero head: ties
+    with torch.no_grad():
+        clf.head.weight.fill_(float("nan"))
+    assert accuracy(clf, images, labels, batch_size=4) == naive() == 0.0
+    with torch.no_grad():
+        clf.head.weight.normal_(std=5.0)
+        clf.head.bias.zero_()
+    assert accuracy(clf, images, labels, batch_size=4) == pytest.approx(naive())
+    # a test label past the head's columns is a miss, not an error
+    assert accuracy(clf, images, labels + 3) == 0.0
