@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import torch
@@ -146,4 +147,8 @@ def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str,
             raise BadSample("bad_json", f"field {name!r} is not a number")
         if isinstance(out[name], int) and not -(2**63) <= out[name] < 2**63:
             raise BadSample("bad_json", f"field {name!r} does not fit in int64")
+        # Python's json reads NaN and Infinity (not JSON) and 1e400 as inf: a label that
+        # equals nothing, not even itself
+        if isinstance(out[name], float) and not math.isfinite(out[name]):
+            raise BadSample("bad_json", f"field {name!r} is {out[name]}")
     return out

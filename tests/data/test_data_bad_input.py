@@ -113,6 +113,28 @@ def test_missing_and_bad_json_field(tmp_path):
     assert {"g0001", "g0002", "g0004"}.isdisjoint(keys) and "g0003" in keys
 
 
+@pytest.mark.parametrize("value", [b"NaN", b"-Infinity", b"1e400"])
+def test_a_non_finite_json_field_is_bad_json(tmp_path, value):
+    # Python's json.loads takes NaN/Infinity (not JSON) and reads 1e400 as inf; as a label
+    # it equals no other label, not even its own
+    w = ShardWriter(str(tmp_path), "n", max_count=6)
+    for i in range(12):
+        sample = _good(i)
+        if i % 6 == 1:
+            sample["json"] = b'{"i": ' + value + b"}"
+        w.write(sample)
+    w.close()
+    pl = build_pipeline(
+        str(tmp_path / "n-{000000..000001}.tar"), mode="epoch", batch_size=5, rank=0,
+        world_size=1, image_size=6, num_views=0, json_fields=("i",), shuffle=1,
+    )  # fmt: skip
+    batches = list(pl)
+    keys = [k for b in batches for k in b["__key__"]]
+    assert sorted(keys) == [f"g{i:04d}" for i in range(12) if i % 6 != 1]
+    assert all(torch.isfinite(b["i"].double()).all() for b in batches)
+    assert pl.skipped == {"bad_json": 2}
+
+
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
 def test_every_sample_bad_raises(tmp_path, mode):
     urls = _shards(tmp_path, BAD["bad_image"], n_bad=6)
