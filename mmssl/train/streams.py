@@ -164,6 +164,14 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
             f"data.image_size {recipe.data.image_size} is not divisible by the model's "
             f"patch_size {v.patch_size}"
         )
+    for key, obj in recipe.objectives.items():
+        if (obj.type or key) == "hssl" and v is not None:
+            grid = (recipe.data.image_size or v.image_size) // v.patch_size
+            if obj.window > grid:
+                raise ConfigError(
+                    f"objectives.{key}.window {obj.window} exceeds the {grid}x{grid} patch grid "
+                    f"of the images (image size / the model's patch_size {v.patch_size})"
+                )
     if model_cfg.text is not None:
         for name, src in recipe.data.sources.items():
             context = _sizes(recipe, src, model_cfg)[1]

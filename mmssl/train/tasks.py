@@ -277,8 +277,10 @@ class Task(nn.Module):
                 z1, z2 = vis["emb"]
             return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
         if kind == "hssl":
-            grid = self.visual.grid
-            lifted = translation_lift(vis["tokens"][0], (grid, grid), obj.window)
+            # the grid of the images trained on (data.image_size may differ from the model's)
+            h, w = batch["image"].shape[-2:]
+            p = self.visual.cfg.patch_size
+            lifted = translation_lift(vis["tokens"][0], (h // p, w // p), obj.window)
             if not obj.structure:
                 lifted = remove_structure(lifted)
             loss_fn = self.losses[key]

@@ -59,14 +59,17 @@ def test_hssl_objective_through_the_task_equals_the_loss_written_out():
     from mmssl.objectives.hssl import HSSLLoss
 
     model = mmssl.create_model("test_tiny_vit_local")
-    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for structure in (True, False):
+    # the model's own 32 px (a 4x4 grid of patches), and data.image_size 48 (6x6, which the
+    # task took for 4x4 and failed on)
+    for size, structure in ((32, True), (32, False), (48, True)):
+        images = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
         obj = ObjectiveConfig(type="hssl", source="digits", window=2, structure=structure)
         task = Task(model, {"h": obj})
         torch.manual_seed(7)
         loss, _ = task({"digits": {"image": images}})
         torch.manual_seed(7)
-        lifted = translation_lift(model.forward_features(images)["tokens"], (4, 4), 2)
+        grid = (size // 8, size // 8)
+        lifted = translation_lift(model.forward_features(images)["tokens"], grid, 2)
         if not structure:
             lifted = remove_structure(lifted)
         ref = HSSLLoss(None, 0.1)
@@ -90,6 +93,11 @@ def test_hssl_recipe_needs_relative_positions(tmp_path):
         validate(recipe_from_dict(data), world_size=1, check_files=False)
     data["model"]["name"] = "test_tiny_vit_local"
     validate(recipe_from_dict(data), world_size=1, check_files=False)
+    # a window larger than the patch grid of the images trained on failed at the first step
+    data["data"]["image_size"] = 16  # a 2x2 grid of 8 px patches
+    data["objectives"]["hssl"]["window"] = 3
+    with pytest.raises(ConfigError, match="objectives.hssl.window 3 exceeds the 2x2 patch grid"):
+        validate(recipe_from_dict(data), world_size=1, check_files=False)
 
 
 PROMPT = "a photo of a digit"
