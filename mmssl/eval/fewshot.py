@@ -24,6 +24,19 @@ SHOTS = (1, 2, 4, 8, 16)
 METHODS = ("logistic", "prototype", "knn")
 
 
+def check_finite(x: Tensor, split: str) -> None:
+    """EvalError unless every feature (N, D) of `split` is finite.  A diverged model's NaN
+    features cannot fit a probe (scikit-learn raised a traceback) and must not score one
+    (prototype and kNN predicted the first class for every NaN row, a free 1/C)."""
+    bad = ~torch.isfinite(torch.as_tensor(x)).all(1)
+    if bad.any():
+        raise EvalError(
+            f"{int(bad.sum())} of {len(bad)} {split} feature rows are not finite (NaN or inf; "
+            f"first: row {int(bad.nonzero()[0])}): the model's features diverged, and no probe "
+            "can be fit or scored on them"
+        )
+
+
 def sample_support(y: Tensor, k: int, seed: int) -> Tensor:
     """Indices of k samples of every class of y (all of a class that has fewer), seeded."""
     y = torch.as_tensor(y).long()
@@ -65,6 +78,8 @@ def evaluate(
         raise EvalError("few-shot needs non-empty train and test splits")
     if any(k < 1 for k in shots):
         raise EvalError(f"shots must be >= 1, got {list(shots)}")
+    check_finite(train_x, "train")
+    check_finite(test_x, "test")
     fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
     test_y = torch.as_tensor(test_y).long()
     out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mmssl.eval import classifiers
+from mmssl.eval.fewshot import check_finite
 from mmssl.eval.loading import EvalError
 
 DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -52,6 +53,8 @@ def sweep(
         raise EvalError(f"weight decays must be positive, got {list(decays)}")
     if not 0 < val_fraction < 1:
         raise EvalError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    check_finite(train_x, "train")
+    check_finite(test_x, "test")
     train_y = torch.as_tensor(train_y).long()
     if len(torch.unique(train_y)) < 2:
         raise EvalError("a linear probe needs at least two classes in the train split")

@@ -128,3 +128,23 @@ def test_knn_labels_are_class_ids_not_column_indices():
     # relabelling the classes 0, 1, 2 gives the same choices
     dense = classifiers.knn(x, torch.arange(12) % 3, q, k=k, temperature=t)
     assert ids[dense].tolist() == want
+
+
+def test_probes_refuse_features_that_are_not_finite():
+    # a diverged model: prototype and kNN gave every NaN query the first class (a free 1/3
+    # here) and the logistic probe died in a scikit-learn traceback
+    x = _angles([0, 10, 120, 130, 240, 250])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    q, qy = _angles([5, 125, 245]), torch.tensor([0, 1, 2])
+    nan_q = q.clone()
+    nan_q[1] = math.nan
+    for methods in (("prototype",), ("knn",), ("logistic",)):
+        with pytest.raises(EvalError, match="1 of 3 test feature rows are not finite"):
+            fewshot.evaluate(x, y, nan_q, qy, shots=(1,), seeds=(0,), methods=methods)
+    with pytest.raises(EvalError, match="6 of 6 train feature rows are not finite"):
+        fewshot.evaluate(x * math.inf, y, q, qy, shots=(1,), seeds=(0,))
+    for tx, qx in ((x, nan_q), (torch.full_like(x, math.nan), q)):
+        with pytest.raises(EvalError, match="not finite"):
+            linear.sweep(tx.repeat(2, 1), y.repeat(2), qx, qy, decays=(1e-2,))
+    # finite features still score: every query is on its own cluster
+    assert fewshot.evaluate(x, y, q, qy, shots=(1,), seeds=(0,), knn_k=1)["knn"][1]["runs"] == [1.0]
