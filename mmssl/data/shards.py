@@ -109,11 +109,19 @@ class ShardWriter:
     def write(self, sample: dict[str, Any]) -> None:
         """One sample: `__key__` plus extension -> bytes | str | dict | list | number."""
         key = str(sample.get("__key__", ""))
-        if not key or "." in key or key.startswith("/"):
-            raise DataError(f"sample key must be non-empty without dots, got {key!r}")
+        # a key ending in '/' names hidden members (`a/.png`), which readers pass over; a NUL
+        # ends the member name in the tar header
+        if not key or "." in key or key.startswith("/") or key.endswith("/") or "\0" in key:
+            raise DataError(
+                f"sample key must be non-empty without dots, a leading or trailing '/' or NUL, "
+                f"got {key!r}"
+            )
         if key in self._keys:
             raise DataError(f"duplicate sample key {key!r}")
         files = [(ext, _encode(v)) for ext, v in sample.items() if ext != "__key__"]
+        for ext, _ in files:  # `KEY.` or `KEY.a/b` would hold no file of the sample
+            if not ext or "/" in ext or "\0" in ext:
+                raise DataError(f"sample {key!r}: bad file extension {ext!r}")
         if not files:  # a reader would never see it, but the manifest would count it
             raise DataError(f"sample {key!r} has no files")
         if self._manifest is not None:

@@ -146,6 +146,22 @@ def test_writer_rejects_bad_keys(tmp_path):
         w.write({"__key__": "a", "txt": "y"})
 
 
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {"__key__": "d/", "txt": "x"},  # member d/.txt: hidden
+        {"__key__": "a\0b", "txt": "x"},  # the tar name ends at the NUL: a.txt is lost
+        {"__key__": "k", "": b"x"},  # member k.: no extension
+        {"__key__": "k", "a/b": b"x"},  # member k.a/b: key k.a/b, no extension
+    ],
+)
+def test_writer_rejects_what_no_reader_would_read_back(tmp_path, sample):
+    # the manifest would count a sample that tarfile + webdataset grouping never yield
+    w = ShardWriter(str(tmp_path))
+    with pytest.raises(ValueError, match="key must be|extension"):
+        w.write(sample)
+
+
 def _folder(root):
     for c, cls in enumerate(["cat", "dog"]):
         os.makedirs(root / cls)
