@@ -66,11 +66,25 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):
         path = os.path.join(d, "manifest.json")
-        if os.path.isfile(path):
-            with open(path) as f:
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
                 manifest = json.load(f)
-            for shard in manifest.get("shards", []):
-                counts[os.path.join(d, shard["url"])] = int(shard["count"])
+            shards = manifest.get("shards", [])
+            if not isinstance(shards, list):
+                raise ValueError("'shards' is not a list")
+            for shard in shards:
+                count = shard["count"]
+                if not _is_int(count) or count < 0:
+                    raise ValueError(f"count {count!r} of {shard['url']!r}")
+                counts[os.path.join(d, str(shard["url"]))] = count
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise DataError(
+                f"{path} is not a shard manifest ({what}); epoch mode takes the sample counts "
+                f"from it: move it away (the shards are then counted) or set Source.epoch_batches"
+            ) from None
     return counts
 
 

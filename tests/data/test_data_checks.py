@@ -164,3 +164,27 @@ def test_epoch_text_source_of_unreadable_shards_says_they_were_skipped(tmp_path)
             tokenizer=StubTokenizer(),
             context_length=8,
         )
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "{not json",
+        "[]",
+        '{"shards": {"train-000000.tar": 6}}',
+        '{"shards": [{"url": "train-000000.tar"}]}',  # another tool's manifest.json
+        '{"shards": [{"url": "train-000000.tar", "count": "6"}]}',
+        '{"shards": [{"url": "train-000000.tar", "count": -6}]}',  # a wrong epoch length
+    ],
+)
+def test_epoch_mode_with_a_damaged_manifest_names_it(tmp_path, manifest):
+    # it raised JSONDecodeError, KeyError or AttributeError without a path (a traceback from
+    # mmssl train), or took a negative count into the epoch's length
+    from data_helpers import write_image_shards
+
+    pattern = write_image_shards(str(tmp_path), shards=2, per_shard=6)
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(DataError, match=r"manifest.json is not a shard manifest"):
+        build_pipeline(pattern, batch_size=2, mode="epoch", rank=0, world_size=1)
+    (tmp_path / "manifest.json").unlink()  # without one the shards are counted: 12 samples
+    assert len(build_pipeline(pattern, batch_size=2, mode="epoch", rank=0, world_size=1)) == 6
