@@ -54,7 +54,11 @@ class _Pipe:
     def __init__(self, cmd: str) -> None:
         self.cmd = cmd
         self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=self.err)
+        # no stdin: a command left without its file (`cat $SHARD` with SHARD unset) would
+        # otherwise wait on the terminal's input for ever
+        self.proc = subprocess.Popen(
+            cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err
+        )
         assert self.proc.stdout is not None
         self.stdout: IO[bytes] = self.proc.stdout
 

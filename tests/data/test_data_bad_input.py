@@ -96,6 +96,29 @@ def test_failing_pipe_and_working_pipe(tmp_path):
     assert all(k.startswith("g") for k in keys)
 
 
+def test_a_pipe_command_reading_stdin_ends_instead_of_waiting():
+    # `pipe:cat $SHARD` with SHARD unset is `cat`: it read the pipeline's own stdin (the
+    # terminal, or here a pipe nobody writes to) and the stream hung for ever
+    import subprocess
+    import sys
+
+    code = (
+        "from mmssl.data.errors import SkipCounter\n"
+        "from mmssl.data.tario import iter_shard\n"
+        "c = SkipCounter()\n"
+        "print(len(list(iter_shard('pipe:cat', c))), c.counts)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:  # its stdin stays open and silent, like a terminal nobody types into
+        try:
+            proc.wait(timeout=60)  # not communicate(), which would close its stdin
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("iter_shard('pipe:cat') waited on stdin") from None
+        assert proc.stdout is not None and proc.stdout.read().strip() == "0 {'bad_tar': 1}"
+
+
 def test_missing_and_bad_json_field(tmp_path):
     w = ShardWriter(str(tmp_path), "j", max_count=4)
     for i in range(8):
