@@ -34,9 +34,16 @@ def is_local(url: str) -> bool:
 
 
 def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
-    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked)."""
+    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked)
+    or a URL names a scheme (http://, s3://) that only a pipe: command can read."""
     if not urls:
         raise DataError(f"shard pattern {pattern!r} expands to no URL")
+    remote = next((u for u in urls if not is_local(u) and not u.startswith("pipe:")), None)
+    if remote is not None:  # opened as a file, every shard would be counted as missing
+        raise DataError(
+            f"shard {remote!r} of {pattern!r}: only local paths and pipe: commands are read; "
+            f"stream it through a command, e.g. 'pipe:curl -sfL {remote}'"
+        )
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if local and len(missing) == len(local):

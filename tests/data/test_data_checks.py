@@ -188,3 +188,15 @@ def test_epoch_mode_with_a_damaged_manifest_names_it(tmp_path, manifest):
         build_pipeline(pattern, batch_size=2, mode="epoch", rank=0, world_size=1)
     (tmp_path / "manifest.json").unlink()  # without one the shards are counted: 12 samples
     assert len(build_pipeline(pattern, batch_size=2, mode="epoch", rank=0, world_size=1)) == 6
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/s-{000000..000001}.tar", "s3://b/x.tar"])
+def test_a_url_only_a_command_can_read_is_a_preflight_error(tmp_path, url):
+    # the reader opens local files and pipe: commands; an http:// shard was opened as a
+    # file name, so a run started and then found every shard "missing"
+    with pytest.raises(DataError, match=r"only local paths and pipe: .*'pipe:curl -sfL "):
+        build_pipeline(url, batch_size=2, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"only local paths and pipe:"):
+        build_pipeline(
+            [str(tmp_path / "local.tar"), url], batch_size=2, rank=0, world_size=1, mode="epoch"
+        )
