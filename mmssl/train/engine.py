@@ -201,12 +201,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def fp32_master_names(engine: Any) -> list[list[str]] | None:
-    """The parameter names of each group of DeepSpeed's stage-0 bf16/fp16 optimizer
-    (FP16_UnfusedOptimizer), in its order: its state dict saves the fp32 master weights as
-    `fp32_groups`, lists of tensors without names, which `mmssl export` maps back with these.
-    None for other optimizers (ZeRO 1-3 checkpoints name their masters themselves)."""
-    groups = getattr(engine.optimizer, "fp16_groups", None)
-    if not isinstance(getattr(engine.optimizer, "fp32_groups", None), list) or not groups:
+    """The parameter names of each group of DeepSpeed's stage-0 bf16/fp16 optimizer, in its
+    order.  Its state dict saves the fp32 master weights without names: FP16_UnfusedOptimizer
+    (a torch optimizer: optim.impl torch, foreach, fused) as `fp32_groups`, lists of tensors;
+    FP16_Optimizer (DeepSpeed's FusedAdam: optim.impl deepspeed) as `fp32_groups_flat`, one
+    flat tensor per group, the parameters concatenated in this order.  `mmssl export` maps
+    them back with these names.  None for other optimizers (ZeRO 1-3 checkpoints name their
+    masters themselves)."""
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None)
+    masters = getattr(opt, "fp32_groups", None)
+    if masters is None:
+        masters = getattr(opt, "fp32_groups_flat", None)
+    if not isinstance(masters, list) or not groups:
         return None
     name_of = {id(p): n for n, p in engine.module.named_parameters()}
     if not all(isinstance(g, list) and all(id(p) in name_of for p in g) for g in groups):

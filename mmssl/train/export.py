@@ -4,7 +4,8 @@ stage) -> `model.safetensors` + `config.json`, loadable with `mmssl.load_encoder
 ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` utilities
 (they read the fp32 master partitions of every rank); a stage-0 checkpoint holds the whole
 module and is read directly.  For a bf16 stage-0 run the module is in bf16, and the fp32
-master weights are in its optimizer state (`fp32_groups`) without names: the checkpoint's
+master weights are in its optimizer state without names (`fp32_groups`, or one flat tensor
+per group, `fp32_groups_flat`, with DeepSpeed's FusedAdam): the checkpoint's
 `fp32_master_names` (saved by mmssl.train.checkpoint) name them, and they replace the bf16
 values.  A bf16 stage-0 checkpoint without those names (saved before mmssl wrote them)
 exports its bf16 weights, cast to fp32.
@@ -100,7 +101,10 @@ def _with_fp32_masters(saved: dict[str, Any], folder: Path) -> dict[str, torch.T
     names = saved.get("fp32_master_names")
     if names is None:
         return state
-    groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    optimizer = saved.get("optimizer") or {}
+    groups = optimizer.get("fp32_groups")
+    if groups is None and isinstance(optimizer.get("fp32_groups_flat"), list):
+        groups = _split_flat(optimizer["fp32_groups_flat"], names, state)
     if not isinstance(groups, list) or [len(g) for g in groups] != [len(g) for g in names]:
         raise CheckpointError(f"{folder}: fp32_master_names do not match the optimizer's groups")
     for group_names, group in zip(names, groups):
@@ -112,6 +116,26 @@ def _with_fp32_masters(saved: dict[str, Any], folder: Path) -> dict[str, torch.T
                 if value is held or (value.shape == held.shape and _same_storage(value, held)):
                     state[key] = master
     return state
+
+
+def _split_flat(
+    flats: list[Any], names: list[list[str]], module: dict[str, torch.Tensor]
+) -> list[list[torch.Tensor]] | None:
+    """FP16_Optimizer's masters, one flat fp32 tensor per group holding its parameters
+    concatenated in order, split into tensors shaped as the module's; None if they do not fit."""
+    if len(flats) != len(names):
+        return None
+    groups = []
+    for flat, group_names in zip(flats, names):
+        held = [module.get(name) for name in group_names]
+        if not isinstance(flat, torch.Tensor) or any(t is None for t in held):
+            return None
+        sizes = [t.numel() for t in held if t is not None]
+        if flat.dim() != 1 or flat.numel() != sum(sizes):
+            return None
+        parts = flat.split(sizes)
+        groups.append([p.view(t.shape) for p, t in zip(parts, held) if t is not None])
+    return groups
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

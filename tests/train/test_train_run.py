@@ -328,6 +328,49 @@ def test_bf16_zero0_export_holds_the_fp32_masters(demo_data: str, tmp_path: Path
     assert lost > len(live) // 2  # most masters differ from their bf16 rounding
 
 
+def test_bf16_zero0_export_with_deepspeed_adam_holds_the_fp32_masters(tmp_path: Path) -> None:
+    """With optim.impl=deepspeed (the default: DeepSpeed's FusedAdam) a bf16 ZeRO-0 run keeps
+    its fp32 masters in FP16_Optimizer as one flat tensor per group, `fp32_groups_flat`, not
+    as `fp32_groups`.  The export held the bf16 weights cast to fp32 then, every parameter
+    off the masters; it now holds the masters, cut from the live flat tensors here."""
+    from mmssl.train.export import export_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: fa\n"
+        f"out_dir: {tmp_path}\n"
+        "model: {name: test_tiny_clip}\n"
+        "data: {sources: {train: {urls: synthetic}}}\n"
+        "optim: {lr: 0.001, impl: deepspeed}\n"
+        "precision: bf16\n"
+        "train: {steps: 3, global_batch_size: 4, micro_batch_size: 4, deepspeed: zero0}\n"
+        "logging: {every: 1, tensorboard: false, progress: false}\n"
+    )
+    engine = _train([str(recipe)])["engine"]
+    opt = engine.optimizer
+    assert not hasattr(opt, "fp32_groups")  # the fused optimizer's layout
+    master = {}
+    for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+        offset = 0
+        for p in params:
+            master[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        assert offset == flat.numel()
+    exported = load_file(str(export_run(tmp_path / "fa") / "model.safetensors"))
+    live = [
+        (n[len("model.") :], p)
+        for n, p in engine.module.named_parameters()
+        if n.startswith("model.")
+    ]
+    assert live and {n for n, _ in live} <= set(exported)
+    lost = 0
+    for name, p in live:
+        fp32 = master[id(p)]
+        assert torch.equal(exported[name].reshape(fp32.shape), fp32), name
+        lost += int(not torch.equal(fp32, p.float()))
+    assert lost > len(live) // 2  # most masters differ from their bf16 rounding
+
+
 def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
     demo_data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
