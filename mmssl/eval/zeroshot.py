@@ -192,6 +192,9 @@ def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict
         raise EvalError(
             f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
         )
+    if len(feats["embeddings"]) == 0:
+        # as shards without a readable sample are: topk_accuracy would raise a bare ValueError
+        raise EvalError(f"{path} has no feature rows: there are no images to classify")
     labels = file_labels(path, feats, field, "embeddings", limit)
     check_vision_digest(path, feats["metadata"], model)
     return {"embeddings": feats["embeddings"][:limit], field: labels}

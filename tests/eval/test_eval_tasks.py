@@ -409,6 +409,24 @@ def test_zeroshot_refuses_a_features_file_of_another_model(
     assert "another vision tower" in err
 
 
+def test_zeroshot_on_an_empty_features_file_is_one_line(tmp_path, capsys, tiny_model_dir):
+    # topk_accuracy raised a bare ValueError (a traceback from the CLI) on 0 rows
+    from mmssl.eval.features import save_features, vision_digest
+
+    model = load_pretrained(tiny_model_dir)
+    empty = {
+        "features": torch.zeros(0, model.visual.cfg.dim),
+        "embeddings": torch.zeros(0, model.visual.proj.out_features),
+        "label": torch.zeros(0, dtype=torch.int64),
+        "__key__": [],
+    }
+    f = tmp_path / "empty.safetensors"
+    save_features(f, empty, {"fields": "label", "vision_sha256": vision_digest(model)})
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", str(f), "--classes", "color"]
+    err = _err(capsys, [*argv, "--label-field", "label", "--out", str(tmp_path / "z")])
+    assert err == f"mmssl eval: error: {f} has no feature rows: there are no images to classify"
+
+
 def test_probes_refuse_a_features_file_of_another_model(
     tmp_path, capsys, tokenizer, tiny_model_dir, train_shards, test_shards
 ):
