@@ -29,6 +29,11 @@ class Preprocess:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    def __post_init__(self) -> None:
+        # one of the two alone used to be skipped without a word: images went in unnormalised
+        if (self.mean is None) != (self.std is None):
+            raise DataError(f"normalisation needs both mean and std, got {self.mean}, {self.std}")
+
     def __call__(self, images: list[Tensor]) -> Tensor:
         """uint8 (3, H, W) images -> float (B, 3, S, S)."""
         from mmssl.data.augment import resize_center

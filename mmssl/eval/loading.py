@@ -46,6 +46,14 @@ class Loaded:
                 f"{self.source}: config.json preprocess.image_size {size!r} is not a positive "
                 f"multiple of the patch size {vision.patch_size}"
             )
+        from mmssl.data.errors import DataError
+        from mmssl.data.pipeline import check_norm
+
+        try:
+            # one of the two alone was skipped without a word: images went in unnormalised
+            check_norm(mean, std, "preprocess.")
+        except DataError as err:
+            raise EvalError(f"{self.model_dir / 'config.json'}: {err}") from None
         return Preprocess(
             size,
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]

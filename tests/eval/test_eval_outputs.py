@@ -111,6 +111,30 @@ def _with_preprocess(src: str, dest: Path, preprocess: dict) -> str:
     return str(dest)
 
 
+def test_mean_without_std_in_the_config_is_an_error_naming_it(tmp_path, tiny_model_dir):
+    # one of the two alone was skipped without a word: images went in unnormalised
+    from mmssl.eval.data import Preprocess
+    from mmssl.eval.loading import EvalError, load_model
+
+    rgb = [0.5, 0.4, 0.3]
+    for given, missing in (("mean", "std"), ("std", "mean")):
+        model_dir = _with_preprocess(tiny_model_dir, tmp_path / given, {given: rgb})
+        model = load_model(model_dir)
+        config = Path(model_dir) / "config.json"
+        with pytest.raises(EvalError) as err:
+            _ = model.preprocess
+        assert str(err.value) == (
+            f"{config}: preprocess.{given} needs preprocess.{missing} too "
+            "(images are normalised with both)"
+        )
+        with pytest.raises(DataError, match="needs both mean and std"):
+            Preprocess(32, **{given: tuple(rgb)})
+    both = load_model(
+        _with_preprocess(tiny_model_dir, tmp_path / "both", {"mean": rgb, "std": rgb})
+    )
+    assert both.preprocess == Preprocess(32, tuple(rgb), tuple(rgb))
+
+
 def test_evaluation_uses_the_trained_image_size_and_rejects_a_bad_one(tmp_path, tiny_model_dir):
     from mmssl.eval.loading import EvalError, load_model
 
