@@ -28,7 +28,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 class RunLogger:
     """Writes only when `enabled` (rank 0).  `start_step` > 0 on resume: later lines of an
-    earlier attempt are dropped so the curve has one value per step."""
+    earlier attempt are dropped so the curve has one value per step, and `time` goes on from
+    the last kept line's.
+
+    `samples_per_s` is training throughput: time the loop reports with `exclude` (evaluation,
+    checkpoint saves) is left out of it, though not out of the wall-clock `time` column."""
 
     def __init__(
         self,
@@ -43,8 +47,9 @@ class RunLogger:
         self.run_dir, self.enabled = run_dir, enabled
         self.samples_per_step = samples_per_step
         self.start_step = start_step
-        self.t0 = self.t_last = time.perf_counter()
+        self.t0 = self.t_last = self.t_begin = time.perf_counter()
         self.step_last = start_step
+        self.excluded = 0.0  # seconds of this interval that were not training
         self.rates: list[float] = []
         self.tb: Any = None
         self.bar: Any = None
@@ -52,6 +57,9 @@ class RunLogger:
             return
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
         (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        last_time = kept[-1].get("time") if kept else None
+        if isinstance(last_time, (int, float)):
+            self.t0 -= last_time
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -70,7 +78,9 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float], lr: float) -> None:
         """One log point: the averages of `metrics` since the last one."""
         now = time.perf_counter()
-        rate = (step - self.step_last) * self.samples_per_step / max(now - self.t_last, 1e-9)
+        busy = now - self.t_last - self.excluded
+        rate = (step - self.step_last) * self.samples_per_step / max(busy, 1e-9)
+        self.excluded = 0.0
         # the first interval holds start-up (compilation, worker spawn): kept out of the mean
         if self.step_last > self.start_step:
             self.rates.append(rate)
@@ -96,6 +106,10 @@ class RunLogger:
                 loss=f"{metrics.get('loss', float('nan')):.4f}", samples_s=f"{rate:.1f}"
             )
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (evaluation, a checkpoint save) out of this interval's throughput."""
+        self.excluded += seconds
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
@@ -105,16 +119,23 @@ class RunLogger:
         """Mean throughput over the log intervals after the first one."""
         if self.rates:
             return sum(self.rates) / len(self.rates)
-        elapsed = time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t_begin
         return (self.step_last - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
+
+    def abort(self) -> None:
+        """On an error: close the bar and flush TensorBoard (its last points, often the ones
+        that show what went wrong, would otherwise be lost at exit); no summary."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def close(self, info: dict[str, Any], skipped: dict[str, int]) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.abort()
         rows = read_metrics(self.run_dir)
         plot_losses(rows, self.run_dir / "loss.png")
         write_summary(self.run_dir, rows, {**info, "samples_per_s": self.samples_per_s}, skipped)

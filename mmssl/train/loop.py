@@ -314,7 +314,9 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         row = dict(zip(names, values.tolist()))
                     row["bad_steps"] = bad_steps
                     if evaluate:
+                        t_eval = time.perf_counter()
                         row.update(_eval_loss(engine, recipe, resolved, dev, dtype))
+                        log.exclude(time.perf_counter() - t_eval)
                     log.log(step, row, lr)
                     # else a row mid-interval (the run's end, or an eval step between log
                     # steps): the interval's sums go on
@@ -322,6 +324,7 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         sums, count = {}, 0
                 every = recipe.checkpoint.every
                 if (every and step % every == 0) or step == end:
+                    t_save = time.perf_counter()
                     checkpoint.save(
                         engine,
                         ckpt_dir,
@@ -338,7 +341,11 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                         },
                         on_written=lambda s=step: faults.pause("save", s),
                     )
+                    log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)
+    except BaseException:
+        log.abort()
+        raise
     finally:
         key_log.close()
     skipped: dict[str, int] = {}

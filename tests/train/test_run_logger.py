@@ -1,0 +1,75 @@
+"""RunLogger: throughput leaves out evaluation and checkpoint time, `time` goes on across a
+resume, and an error flushes TensorBoard (hand-computed values, a fake clock)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmssl.train import logging as run_logging
+from mmssl.train.logging import METRICS, RunLogger
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(run_logging.time, "perf_counter", c)
+    return c
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def test_throughput_leaves_out_excluded_time(tmp_path: Path, clock: Clock) -> None:
+    log = RunLogger(tmp_path, True, 10, 0, 8, False, False)
+    clock.now += 3.0
+    log.log(2, {"loss": 1.0}, 0.1)  # the first interval (start-up): not in the mean
+    clock.now += 2.0  # 2 s of steps
+    log.exclude(1.5)  # an evaluation
+    clock.now += 1.5
+    log.log(4, {"loss": 1.0}, 0.1)
+    clock.now += 0.5  # a checkpoint save after the log point, counted in the next interval
+    log.exclude(0.5)
+    clock.now += 4.0  # 4 s of steps
+    log.log(6, {"loss": 1.0}, 0.1)
+    rates = [r["samples_per_s"] for r in _rows(tmp_path)]
+    assert rates == [round(16 / 3.0, 2), 16 / 2.0, 16 / 4.0]
+    assert log.samples_per_s == pytest.approx((8.0 + 4.0) / 2)
+    # wall time keeps everything
+    assert [r["time"] for r in _rows(tmp_path)] == [3.0, 6.5, 11.0]
+
+
+def test_time_goes_on_across_a_resume(tmp_path: Path, clock: Clock) -> None:
+    log = RunLogger(tmp_path, True, 10, 0, 8, False, False)
+    for step in (2, 4):
+        clock.now += 5.0
+        log.log(step, {"loss": 1.0}, 0.1)
+    clock.now += 1000.0  # the run stopped; resumed later from step 2's checkpoint
+    log = RunLogger(tmp_path, True, 10, 2, 8, False, False)
+    clock.now += 7.0
+    log.log(4, {"loss": 1.0}, 0.1)
+    assert [(r["step"], r["time"]) for r in _rows(tmp_path)] == [(2, 5.0), (4, 12.0)]
+
+
+def test_abort_flushes_tensorboard(tmp_path: Path) -> None:
+    """The points logged before an error (a NaN stop) reach the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLogger(tmp_path, True, 10, 0, 8, True, False)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": float(step)}, 0.1)
+    log.abort()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == [1.0, 2.0, 3.0]
