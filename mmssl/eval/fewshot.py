@@ -78,6 +78,8 @@ def evaluate(
         raise EvalError("few-shot needs non-empty train and test splits")
     if any(k < 1 for k in shots):
         raise EvalError(f"shots must be >= 1, got {list(shots)}")
+    if len(set(shots)) != len(shots):
+        raise EvalError(f"shots repeat a value, got {list(shots)}")
     check_finite(train_x, "train")
     check_finite(test_x, "test")
     fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
@@ -113,10 +115,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_ints(text: str, name: str) -> list[int]:
+    """Comma-separated integers; EvalError if one is not, or one repeats (its result would
+    overwrite the first and its summary column appear twice)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise EvalError(f"{name} must be comma-separated integers, got {text!r}") from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise EvalError(f"{name} repeats {', '.join(map(str, repeated))} (in {text!r})")
+    return values
 
 
 def split_features(

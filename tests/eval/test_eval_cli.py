@@ -42,3 +42,18 @@ def test_the_printed_summary_is_the_one_just_written(
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "retrieval"
     assert out.strip() == (tmp_path / "summary.md").read_text().strip()
     assert "an earlier run" not in out
+
+
+@pytest.mark.parametrize("task", ["fewshot", "lm"])
+def test_a_repeated_shot_count_is_refused(
+    task: str, tmp_path: Path, tiny_model_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--shots 1,2,1` overwrote the first 1-shot result and printed its column twice
+    data = ["--train", "T", "--test", "T"] if task == "fewshot" else []
+    out = tmp_path / "out"
+    argv = [task, "--model", tiny_model_dir, *data, "--shots", "1,2,1", "--out", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "mmssl eval: error: --shots repeats 1 (in '1,2,1')\n"
+    assert not out.exists()

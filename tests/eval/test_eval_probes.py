@@ -148,3 +148,10 @@ def test_probes_refuse_features_that_are_not_finite():
             linear.sweep(tx.repeat(2, 1), y.repeat(2), qx, qy, decays=(1e-2,))
     # finite features still score: every query is on its own cluster
     assert fewshot.evaluate(x, y, q, qy, shots=(1,), seeds=(0,), knn_k=1)["knn"][1]["runs"] == [1.0]
+
+
+def test_fewshot_evaluate_refuses_a_repeated_shot_count():
+    x, y = torch.eye(4), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(EvalError, match=r"shots repeat a value, got \[2, 1, 2\]"):
+        fewshot.evaluate(x, y, x, y, shots=(2, 1, 2))
+    assert fewshot.parse_ints("1, 2,4", "--shots") == [1, 2, 4]
