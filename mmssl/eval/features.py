@@ -227,9 +227,12 @@ def label_fields(feats: dict[str, Any]) -> list[str]:
 def integer_labels(labels: Tensor, source: str, field: str, keys: list[str]) -> Tensor:
     """labels (N,) as int64; EvalError naming `source`, `field` and the first sample (its key
     from `keys`, else its row) whose value is not a whole number: `.long()` would make 2.5
-    class 2 without a word."""
+    class 2 without a word, and a whole number beyond int64 any class."""
     if labels.is_floating_point():
-        bad = torch.nonzero(~torch.isfinite(labels) | (labels != labels.round())).flatten()
+        labels = labels.double()
+        fits = (labels >= -(2.0**63)) & (labels < 2.0**63)
+        whole = torch.isfinite(labels) & (labels == labels.round()) & fits
+        bad = torch.nonzero(~whole).flatten()
         if len(bad):
             i = int(bad[0])
             where = f"sample {keys[i]!r}" if i < len(keys) else f"row {i}"

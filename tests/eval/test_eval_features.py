@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from distributed_utils import run_distributed
@@ -185,3 +187,35 @@ def test_features_file_labels_only_from_listed_fields(tmp_path):
         _file_labels_both_tasks(old, "sample_index")
     with pytest.raises(EvalError, match=r"'score' is 2\.5 at sample 'k2'"):
         _file_labels_both_tasks(old, "score")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_large_integer_labels_stay_exact_in_mixed_batches(tmp_path, batch_size):
+    # a batch mixing JSON ints and floats became float32: 2**24 + 1 read as 2**24 and still
+    # passed as a whole class index
+    import numpy as np
+    from eval_helpers import png_bytes
+
+    from mmssl.data.shards import ShardWriter
+    from mmssl.eval.data import Preprocess, iter_image_batches
+    from mmssl.eval.features import integer_labels
+    from mmssl.eval.loading import EvalError
+
+    def read(labels: list) -> torch.Tensor:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        writer = ShardWriter(str(out), "test", max_count=10)
+        image = png_bytes(np.zeros((8, 8, 3), dtype=np.uint8))
+        for i, label in enumerate(labels):
+            writer.write({"__key__": f"k{i}", "png": image, "json": {"label": label}})
+        writer.close()
+        urls = shard_urls(str(out / writer.pattern))
+        batches = iter_image_batches(urls, Preprocess(8), batch_size, fields=("label",))
+        column = torch.cat([b["label"] for b in batches])  # as extract_features joins them
+        return integer_labels(column, "shards", "label", [f"k{i}" for i in range(len(labels))])
+
+    labels = [2**24 + 1, 1.0, 0, 2**53 + 1, 3.0, 2**62 + 1, -(2**63), 2**63 - 1]
+    assert read(labels).tolist() == [int(v) for v in labels]
+    assert read(labels).dtype == torch.int64
+    for bad in (2.5, 1e30):
+        with pytest.raises(EvalError, match=re.escape(f"'label' is {bad} at sample 'k2';")):
+            read([2**24 + 1, 1.0, bad, 3])
