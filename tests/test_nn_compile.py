@@ -70,3 +70,25 @@ def test_bad_input() -> None:
         compile_blocks(_stack(), backend="nope")
     with pytest.raises(ValueError, match="contains no mmssl Block"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_deepcopy_of_a_compiled_stack_runs_its_own_weights() -> None:
+    # A copy (fine-tuning copy, EMA teacher) must compute with the copy's parameters, as the
+    # same copy of the eager stack does, and leave the original alone.
+    import copy
+
+    eager, compiled = _stack(), _stack()
+    compile_blocks(compiled, backend="eager")
+    x = torch.randn(2, 5, 32)
+    before = compiled(x).detach()
+    eager_copy, compiled_copy = copy.deepcopy(eager), copy.deepcopy(compiled)
+    for stack in (eager_copy, compiled_copy):
+        with torch.no_grad():
+            for p in stack.parameters():
+                p.mul_(0.5).add_(0.1)
+    assert all(isinstance(b.forward, CompiledForward) for b in compiled_copy.blocks)
+    torch.testing.assert_close(compiled_copy(x), eager_copy(x))
+    torch.testing.assert_close(compiled(x), before)
+    # one fallback per copied model, still shared by its blocks
+    fallbacks = {id(b.forward.fallback) for b in compiled_copy.blocks}
+    assert len(fallbacks) == 1 and fallbacks != {id(compiled.blocks[0].forward.fallback)}

@@ -9,6 +9,7 @@ stack runs eagerly from then on, so a recipe with `compile: true` still trains o
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +35,22 @@ class CompiledForward:
 
     def __init__(self, block: Block, fallback: _Fallback | None = None, **options: Any):
         self.eager = block.forward
+        self.options = options
         self.compiled = torch.compile(self.eager, **options)
         self.fallback = fallback or _Fallback()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledForward:
+        # The compiled function wraps this block's bound forward and deepcopy keeps functions
+        # as they are: a copied model (a fine-tuning copy, an EMA teacher) would run the
+        # original's weights.  The copy's block gets a compiled forward of its own; the
+        # fallback state is copied once per model through `memo`, so its blocks still share it.
+        block = copy.deepcopy(self.eager.__self__, memo)
+        new = CompiledForward.__new__(CompiledForward)
+        new.eager = type(self.eager)(self.eager.__func__, block)
+        new.options = dict(self.options)
+        new.compiled = torch.compile(new.eager, **new.options)
+        new.fallback = copy.deepcopy(self.fallback, memo)
+        return new
 
     @property
     def failed(self) -> str | None:
