@@ -42,14 +42,21 @@ _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 _CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _encode(value: Any) -> bytes:
+def _encode(value: Any, key: str, ext: str) -> bytes:
+    """The bytes of member `key`.`ext`; DataError naming the sample if it cannot be written."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, (dict, list, int, float)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    raise DataError(f"cannot write a {type(value).__name__} into a shard")
+        try:
+            # allow_nan=False: NaN and Infinity are not JSON, and readers count them bad_json
+            return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False).encode(
+                "utf-8"
+            )
+        except ValueError as err:
+            raise DataError(f"sample {key!r}: cannot write {ext} as JSON: {err}") from None
+    raise DataError(f"sample {key!r}: cannot write a {type(value).__name__} into a shard ({ext})")
 
 
 class ShardWriter:
@@ -118,7 +125,7 @@ class ShardWriter:
             )
         if key in self._keys:
             raise DataError(f"duplicate sample key {key!r}")
-        files = [(ext, _encode(v)) for ext, v in sample.items() if ext != "__key__"]
+        files = [(ext, _encode(v, key, ext)) for ext, v in sample.items() if ext != "__key__"]
         for ext, _ in files:  # `KEY.` or `KEY.a/b` would hold no file of the sample
             if not ext or "/" in ext or "\0" in ext:
                 raise DataError(f"sample {key!r}: bad file extension {ext!r}")

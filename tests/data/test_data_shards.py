@@ -162,6 +162,25 @@ def test_writer_rejects_what_no_reader_would_read_back(tmp_path, sample):
         w.write(sample)
 
 
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), {"score": float("-inf")}, [1, float("nan")]]
+)
+def test_writer_refuses_nan_and_infinity_in_json(tmp_path, value):
+    # json.dumps wrote NaN / Infinity, which is not JSON (a strict parser refuses it, and
+    # mmssl's reader counts the field bad_json); the sample is named and nothing is written
+    w = ShardWriter(str(tmp_path), "train")
+    w.write({"__key__": "good", "json": {"score": 0.5}})
+    with pytest.raises(DataError) as err:
+        w.write({"__key__": "bad", "txt": "x", "json": value})
+    assert str(err.value).startswith("sample 'bad': cannot write json as JSON")
+    w.close()
+    with tarfile.open(tmp_path / "train-000000.tar") as tf:
+        names = tf.getnames()
+        member = tf.extractfile("good.json").read()
+    assert names == ["good.json"]
+    assert json.loads(member, parse_constant=lambda c: pytest.fail(c)) == {"score": 0.5}
+
+
 def _folder(root):
     for c, cls in enumerate(["cat", "dog"]):
         os.makedirs(root / cls)
