@@ -449,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--split", default="train")
     parser.add_argument("--max-count", type=int, default=None)
-    parser.add_argument("--max-bytes", type=_size, default=None)
+    parser.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=None,
+        help="largest shard file: bytes, or with a k/m/g/t suffix in powers of 1024 "
+        "(1GB = 1GiB = 1024**3 bytes)",
+    )
     parser.add_argument("--caption-template", default=None, help='folder: e.g. "a photo of a {}."')
     parser.add_argument("--image-col", default="image")
     parser.add_argument("--caption-col", default="caption")

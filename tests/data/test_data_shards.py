@@ -391,3 +391,18 @@ def test_no_readable_image_is_an_error_that_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no readable image in any of its 2 entries" in err[0]
     assert not out.exists()
+
+
+def test_max_bytes_help_says_its_units_are_powers_of_1024(capsys):
+    # --max-bytes 1GB is 1024**3 bytes, which the help did not say
+    from mmssl.data.shards import _size
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-bytes MAX_BYTES largest shard file: bytes, or with a k/m/g/t suffix" in text
+    assert "powers of 1024 (1GB = 1GiB = 1024**3 bytes)" in text
+    # what the help says is what the option does
+    assert _size("1GB") == _size("1GiB") == _size("1g") == 1_073_741_824
+    assert _size("500MB") == 500 * 1_048_576 and _size("2k") == 2048 and _size("100") == 100
