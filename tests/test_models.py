@@ -583,3 +583,20 @@ def test_bf16_conditioned_model_takes_bf16_and_fp32_descriptors():
             got = model.project(model.forward_features(images.bfloat16(), c)["pooled"], c)
             assert (got.float() - want).norm() / want.norm() < 0.05
         assert model.neutral_condition(2).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=-3), "top_k"),
+    ],
+)
+def test_generate_refuses_sampling_settings_without_a_meaning(kw, match):
+    # temperature -1 would sample from softmax(-logits): the least likely tokens, silently
+    model = mmssl.create_model("test_tiny_gpt").eval()
+    with pytest.raises(ValueError, match=match):
+        model.text.generate(torch.zeros(1, 2, dtype=torch.long), 1, **kw)

@@ -168,6 +168,12 @@ class TextTransformer(nn.Module):
         temperature 0 is greedy decoding.  Rows that emitted `eos_id` keep emitting it.
         The prompt window slides when it grows past context_length.
         """
+        # a negative temperature would sample from the inverted distribution (the least
+        # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
+        if not temperature >= 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
         done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
         for _ in range(max_new_tokens):
             window = text[:, -self.cfg.context_length :]
