@@ -98,6 +98,19 @@ def test_bad_masks_are_clear_errors():
         matmul_attention(q, k, v, torch.zeros(6, 6))
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_refuses_a_float_mask_on_every_kernel(kernel: str, causal: bool) -> None:
+    """An additive float mask ran on SDPA in fp32 without is_causal only; the matmul kernel
+    and a causal merge failed with unrelated errors.  Every path now names the dtype."""
+
+    attn = Attention(16, 2)
+    attn.kernel = kernel
+    mask = torch.zeros(1, 1, 5, 5)
+    with pytest.raises(TypeError, match=r"attn_mask must be bool \(True = may attend\)"):
+        attn(torch.randn(2, 5, 16), attn_mask=mask, is_causal=causal)
+
+
 def test_auto_picks_matmul_for_short_sequences_on_cpu():
     def pick(n, dtype):
         x = torch.empty(1, 1, n, 8, dtype=dtype)

@@ -150,6 +150,9 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and not self.cross:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            # an additive float mask worked on one kernel only (SDPA in fp32, not causal)
+            raise TypeError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")
         attn_mask, is_causal = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], x.device)
         if _use_matmul(self.kernel, q, k):
             out = matmul_attention(q, k, v, attn_mask, is_causal)
