@@ -48,6 +48,35 @@ OTHER_BENCHES = {  # name -> (script, extra args for --quick)
 }
 
 
+# the benches whose own parser takes --threads; each of them otherwise sets torch to every
+# core itself (common.set_threads), whatever OMP_NUM_THREADS says
+THREADED = {*STEP_BENCHES, "actckpt", "host_memory", "attention"}
+
+
+def bench_command(
+    name: str, quick: bool, compile: bool, threads: int | None, tmp: Path
+) -> tuple[str, list[str], list[str]]:
+    """(script, its arguments, the arguments shown in RESULTS.md: no temporary paths)."""
+    extra: list[str] = []
+    if name in STEP_BENCHES:
+        script, fixed = STEP_BENCHES[name]
+        extra = [*fixed, *(["--quick"] if quick else []), *(["--compile"] if compile else [])]
+    elif name in MARKDOWN_BENCHES:
+        script = f"bench_{name}.py"
+        extra = [*MARKDOWN_BENCHES[name]] if quick else []
+    else:
+        script, quick_args = OTHER_BENCHES[name]
+        extra = [*quick_args] if quick else []
+    if threads and name in THREADED:
+        extra += ["--threads", str(threads)]
+    shown = list(extra)
+    if name in STEP_BENCHES:
+        extra += ["--json", str(tmp / f"{name}.json")]
+    elif name in MARKDOWN_BENCHES:
+        extra += ["--markdown", str(tmp / f"{name}.md")]
+    return script, extra, shown
+
+
 def _table(record: dict) -> list[str]:
     lines = [
         f"### {record['title']}",
@@ -207,27 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
-            if name in STEP_BENCHES:
-                script, fixed = STEP_BENCHES[name]
-                extra = [*fixed] + (["--quick"] if args.quick else [])
-                extra += ["--compile"] if args.compile else []
-                extra += ["--json", str(Path(tmp) / f"{name}.json")]
-            elif name in MARKDOWN_BENCHES:
-                script = f"bench_{name}.py"
-                extra = MARKDOWN_BENCHES[name] if args.quick else []
-                extra += ["--markdown", str(Path(tmp) / f"{name}.md")]
-            else:
-                script, quick_args = OTHER_BENCHES[name]
-                extra = quick_args if args.quick else []
+            script, extra, shown_args = bench_command(
+                name, args.quick, args.compile, args.threads, Path(tmp)
+            )
             if not (HERE / script).is_file():
                 out += [f"### {name}", "", f"{script} is not present.", ""]
                 continue
             cmd = [sys.executable, str(HERE / script), *extra]
-            shown = " ".join(
-                ["python", f"bench/{script}", *extra[:-2]]
-                if name in STEP_BENCHES or name in MARKDOWN_BENCHES
-                else ["python", f"bench/{script}", *extra]
-            )
+            shown = " ".join(["python", f"bench/{script}", *shown_args])
             print(f"\n$ {shown}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

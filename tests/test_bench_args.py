@@ -17,3 +17,69 @@ def test_clip_caption_tokens_must_be_an_increasing_pair(value: str, capsys) -> N
     assert bench_clip.main(["--caption-tokens", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --caption-tokens must be LO,HI with 1 <= LO < HI"]
+
+
+def _takes_threads(script: str, capsys) -> bool:
+    """Whether the bench's own parser has a --threads option (from its --help text)."""
+    import importlib
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    return "--threads" in capsys.readouterr().out
+
+
+def test_run_all_passes_threads_to_every_bench_that_takes_it(tmp_path: Path, monkeypatch, capsys):
+    import subprocess
+
+    import run_all
+    import torch
+
+    commands: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    before = torch.get_num_threads()
+    try:
+        assert run_all.main(["--quick", "--threads", "1", "--out", str(tmp_path / "R.md")]) == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert len(commands) == len(
+        [*run_all.STEP_BENCHES, *run_all.MARKDOWN_BENCHES, *run_all.OTHER_BENCHES]
+    )
+    threaded = 0
+    for cmd in commands:
+        script = Path(cmd[1]).name
+        if _takes_threads(script, capsys):
+            threaded += 1
+            # the bench would otherwise set torch to every core (common.set_threads(None))
+            assert "--threads" in cmd and cmd[cmd.index("--threads") + 1] == "1", cmd
+        else:
+            assert "--threads" not in cmd, cmd
+    assert threaded >= 8
+
+
+def test_run_all_builds_the_same_commands_when_run_twice(tmp_path: Path, monkeypatch, capsys):
+    import subprocess
+    import tempfile
+
+    import run_all
+
+    commands: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
+
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    argv = ["--quick", "--only", "memory,actckpt,data", "--out", str(tmp_path / "R.md")]
+    for _ in range(2):
+        assert run_all.main(argv) == 1
+    tmp = tempfile.gettempdir()  # the --markdown paths differ from run to run
+    strip = [[a for a in c if not a.startswith(tmp)] for c in commands]
+    assert strip[:3] == strip[3:]
+    assert all(c.count("--markdown") <= 1 for c in commands), commands
