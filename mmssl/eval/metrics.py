@@ -119,10 +119,14 @@ def pair_positives(query_group: Tensor, gallery_group: Tensor) -> Tensor:
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:
-    """exp(mean negative log-likelihood per token), nats."""
+    """exp(mean negative log-likelihood per token), nats; inf past float range (a diverged
+    model's mean NLL above ~709 nats made math.exp raise OverflowError, a CLI traceback)."""
     if num_tokens <= 0:
         raise ValueError("perplexity of zero tokens")
-    return math.exp(total_nll / num_tokens)
+    try:
+        return math.exp(total_nll / num_tokens)
+    except OverflowError:
+        return math.inf
 
 
 def unigram_perplexity(train_counts: Tensor, eval_tokens: Tensor, alpha: float = 1.0) -> float:

@@ -1,0 +1,28 @@
+"""Scores of degenerate models against hand-computed values (metrics, LM scoring)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmssl.eval.lm import stream_nll
+from mmssl.eval.metrics import perplexity
+
+
+def test_perplexity_of_a_confidently_wrong_model_is_inf():
+    # a diverged LM: every logit 0 but a wrong token's at 2000, so each target costs 2000
+    # nats (hand-computed: log(exp(2000) + V - 1) - 0); exp(2000) is past float range
+    vocab = 5
+
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*ids.shape, vocab, dtype=torch.float64)
+        return out.scatter(-1, ((ids + 1) % vocab)[..., None], 2000.0)
+
+    # rows of 4 tokens: 3 + 2 targets, always 0, while the model favours token 1
+    tokens = [0, 0, 0, 0, 0, 0, 0]
+    total, count, _ = stream_nll(logits_fn, tokens, context_length=3)
+    assert count == 5 and total / count == pytest.approx(2000.0)
+    assert perplexity(total, count) == math.inf
+    assert perplexity(700.0, 1) == math.exp(700.0)  # still finite just below the range
