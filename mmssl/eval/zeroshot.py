@@ -45,14 +45,20 @@ def render_templates(classnames: list[str], templates: list[str]) -> list[list[s
     for t in templates:
         if not isinstance(t, str) or "{}" not in t:
             raise EvalError(f"template {t!r} has no '{{}}' placeholder for the class name")
+    check_classnames(classnames)
+    # str.replace, not format: a template may hold other braces
+    return [[t.replace("{}", c) for t in templates] for c in classnames]
+
+
+def check_classnames(classnames: list[str]) -> None:
+    """EvalError unless every class name is a non-empty string and none repeats (the
+    per-class results are keyed by name: a repeat would hide a class)."""
     for c in classnames:
         if not isinstance(c, str) or not c.strip():
             raise EvalError(f"class name {c!r} is not a non-empty string")
     if len(set(classnames)) != len(classnames):
         dup = sorted({c for c in classnames if classnames.count(c) > 1})
         raise EvalError(f"class names repeat: {dup}")
-    # str.replace, not format: a template may hold other braces
-    return [[t.replace("{}", c) for t in templates] for c in classnames]
 
 
 def builtin_classes(name: str) -> ClassSpec:
@@ -111,6 +117,7 @@ def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
             raise EvalError(
                 f"{source}: 'prompts' must hold one non-empty list of strings per class"
             )
+        check_classnames(classnames)
         return ClassSpec(classnames, prompts, field)
     return ClassSpec(classnames, render_templates(classnames, ["a photo of a {}."]), field)
 

@@ -26,3 +26,25 @@ def test_perplexity_of_a_confidently_wrong_model_is_inf():
     assert count == 5 and total / count == pytest.approx(2000.0)
     assert perplexity(total, count) == math.inf
     assert perplexity(700.0, 1) == math.exp(700.0)  # still finite just below the range
+
+
+def test_zeroshot_prompts_file_refuses_repeated_class_names(tmp_path):
+    import json
+
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import load_classes, score
+
+    # per-class accuracy is keyed by name: two classes called "cat" left one row for both
+    emb = torch.eye(3)
+    res = score(emb, emb, torch.arange(3), ["cat", "cat", "dog"])
+    assert len(res["per_class"]) == 2  # what a repeated name does to the results
+    path = tmp_path / "classes.json"
+    prompts = [["a cat."], ["a kitten."], ["a dog."]]
+    path.write_text(json.dumps({"classnames": ["cat", "cat", "dog"], "prompts": prompts}))
+    with pytest.raises(EvalError, match="repeat"):
+        load_classes(str(path))
+    path.write_text(json.dumps({"classnames": ["cat", "", "dog"], "prompts": prompts}))
+    with pytest.raises(EvalError, match="non-empty"):
+        load_classes(str(path))
+    path.write_text(json.dumps({"classnames": ["cat", "kitten", "dog"], "prompts": prompts}))
+    assert load_classes(str(path)).prompts == prompts
