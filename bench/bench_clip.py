@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     from mmssl.nn.compile import compile_blocks
     from mmssl.objectives import clip_loss
 
+    # the end-of-text positions are drawn from [LO, min(HI, context)): LO must be inside
+    text_cfg = (open_clip.get_model_config(args.model) or {}).get("text_cfg", {})
+    context = text_cfg.get("context_length", 77)
+    if lo >= context:
+        print(
+            f"error: --caption-tokens LO must be below {args.model}'s context length {context}",
+            file=sys.stderr,
+        )
+        return 2
     peaks = common.measure_peaks(args.quick)
     torch.manual_seed(0)
     peer = open_clip.create_model(args.model, pretrained=None).train()

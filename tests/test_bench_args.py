@@ -83,3 +83,13 @@ def test_run_all_builds_the_same_commands_when_run_twice(tmp_path: Path, monkeyp
     strip = [[a for a in c if not a.startswith(tmp)] for c in commands]
     assert strip[:3] == strip[3:]
     assert all(c.count("--markdown") <= 1 for c in commands), commands
+
+
+@pytest.mark.parametrize("value", ["77,90", "80,200"])
+def test_clip_caption_tokens_must_start_inside_the_context(value: str, capsys) -> None:
+    import bench_clip
+
+    # ViT-B-32's text context is 77 tokens: no end-of-text position can be drawn at 77 or later
+    assert bench_clip.main(["--caption-tokens", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --caption-tokens LO must be below ViT-B-32's context length 77"]
