@@ -111,7 +111,7 @@ def measure_memory(args, checkpointing: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, bf16=False, compile=False)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--model", default="vit_s16", help="a registry name with a vision tower")

@@ -97,7 +97,7 @@ def run_worker(args, side: str, mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, bf16=False, compile=False, budget=False, json=False)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--steps", type=int, default=5, help="timed steps per process")

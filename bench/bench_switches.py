@@ -87,7 +87,7 @@ def make_step(name: str, overrides: dict, args) -> tuple[common.Run, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, bf16=False)
     p.add_argument("--batch", type=int, default=16, help="images per step (x 2 views)")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--model", default="vit_s16")

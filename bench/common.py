@@ -307,20 +307,29 @@ def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def base_parser(doc: str) -> argparse.ArgumentParser:
+def base_parser(
+    doc: str, *, bf16: bool = True, compile: bool = True, budget: bool = True, json: bool = True
+) -> argparse.ArgumentParser:
+    """The options every bench shares; a bench leaves out those it does not act on (False),
+    so that they are refused rather than silently ignored."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: fit budget)")
-    p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds")
+    if budget:
+        p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds")
     p.add_argument("--quick", action="store_true", help="smaller batch, 2 rounds, no compile")
-    p.add_argument(
-        "--bf16",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="bf16 paths: auto runs them only where bf16 matmuls are at least half as fast as fp32",
-    )
-    p.add_argument("--compile", action="store_true", help="add the torch.compile'd mmssl path")
-    p.add_argument("--json", default=None, help="write the record here")
+    if bf16:
+        p.add_argument(
+            "--bf16",
+            choices=["auto", "on", "off"],
+            default="auto",
+            help="bf16 paths: auto runs them only where bf16 matmuls are at least half as fast "
+            "as fp32",
+        )
+    if compile:
+        p.add_argument("--compile", action="store_true", help="add the torch.compile'd mmssl path")
+    if json:
+        p.add_argument("--json", default=None, help="write the record here")
     return p
 
 

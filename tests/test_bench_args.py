@@ -93,3 +93,28 @@ def test_clip_caption_tokens_must_start_inside_the_context(value: str, capsys) -
     assert bench_clip.main(["--caption-tokens", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --caption-tokens LO must be below ViT-B-32's context length 77"]
+
+
+# options of common.base_parser that these benches never read: they must be refused, not
+# accepted and silently ignored (bench_host_memory always runs bf16 autocast, for one)
+UNUSED_OPTIONS = {
+    "bench_actckpt": ["--bf16", "--compile"],
+    "bench_host_memory": ["--bf16", "--compile", "--budget", "--json"],
+    "bench_switches": ["--bf16"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(UNUSED_OPTIONS))
+def test_bench_options_it_does_not_act_on_are_refused(script: str, capsys) -> None:
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    help_text = capsys.readouterr().out
+    for option in UNUSED_OPTIONS[script]:
+        assert option not in help_text, (script, option)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([UNUSED_OPTIONS[script][0], "off"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
