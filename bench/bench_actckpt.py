@@ -110,6 +110,12 @@ def measure_memory(args, checkpointing: bool) -> dict:
     return common.run_worker(cmd, "memory worker", {"MALLOC_MMAP_THRESHOLD_": "131072"})
 
 
+def _ratio(on: float, off: float) -> float | None:
+    """on / off; None when `off` is 0 (a small model's forward can grow the RSS by nothing:
+    its activations fit in memory the allocator already holds)."""
+    return on / off if off else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.base_parser(__doc__, bf16=False, compile=False)
     p.add_argument("--batch", type=int, default=32)
@@ -177,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append({"checkpointing": on, "median_s": run.median, "cpu_median_s": cpu, **mem})
     ratios = {
-        "step time (wall), on / off": runs[1].median / runs[0].median,
-        "step time (CPU), on / off": rows[1]["cpu_median_s"] / rows[0]["cpu_median_s"],
-        "peak step memory, on / off": memory[True]["step_peak"] / memory[False]["step_peak"],
-        "held after forward, on / off": memory[True]["saved"] / memory[False]["saved"],
+        "step time (wall), on / off": _ratio(runs[1].median, runs[0].median),
+        "step time (CPU), on / off": _ratio(rows[1]["cpu_median_s"], rows[0]["cpu_median_s"]),
+        "peak step memory, on / off": _ratio(memory[True]["step_peak"], memory[False]["step_peak"]),
+        "held after forward, on / off": _ratio(memory[True]["saved"], memory[False]["saved"]),
     }
     lines.append("")
-    lines += [f"- {k}: **{v:.2f}x**" for k, v in ratios.items()]
+    lines += [
+        f"- {k}: **{v:.2f}x**" if v is not None else f"- {k}: n/a (nothing measured without)"
+        for k, v in ratios.items()
+    ]
     lines += [
         "",
         "Peak step memory: the RSS peak of one step above weights + optimizer state "

@@ -118,3 +118,27 @@ def test_bench_options_it_does_not_act_on_are_refused(script: str, capsys) -> No
         module.main([UNUSED_OPTIONS[script][0], "off"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_actckpt_reports_a_ratio_over_zero_memory_as_not_available(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import bench_actckpt
+    import torch
+
+    # a small model's forward can grow the RSS by nothing (its activations fit in memory
+    # the allocator already holds): the "held after forward" ratio then has no denominator
+    def fake_memory(args, checkpointing: bool) -> dict:
+        return {"step_peak": 3 * 2**20, "rss_before": 2**30, "saved": 2**20 if checkpointing else 0}
+
+    monkeypatch.setattr(bench_actckpt, "measure_memory", fake_memory)
+    before = torch.get_num_threads()
+    out = tmp_path / "actckpt.md"
+    argv = ["--model", "test_tiny_vit", "--image-size", "32", "--batch", "2", "--rounds", "1"]
+    try:
+        assert bench_actckpt.main([*argv, "--markdown", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    text = out.read_text()
+    assert "- held after forward, on / off: n/a" in text
+    assert "- peak step memory, on / off: **1.00x**" in text
