@@ -142,3 +142,47 @@ def test_actckpt_reports_a_ratio_over_zero_memory_as_not_available(
     text = out.read_text()
     assert "- held after forward, on / off: n/a" in text
     assert "- peak step memory, on / off: **1.00x**" in text
+
+
+def test_clip_same_adamw_decays_the_parameters_open_clip_decays(monkeypatch, capsys) -> None:
+    """The fp32 same-configuration AdamW of each side, against open_clip's training script's
+    rule (`p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in name`: no decay)."""
+    import bench_clip
+    import common
+    import torch
+
+    class Stop(Exception):
+        pass
+
+    decayed: dict[str, tuple[int, int]] = {}  # side -> (tensors, elements) with weight decay
+    modules: dict[str, torch.nn.Module] = {}
+    real_adamw = common.adamw
+
+    def spy(module, impl, lr=1e-4, wd=0.05, no_decay=()):
+        opt = real_adamw(module, impl, lr, wd, no_decay)
+        if impl == "default":  # the fp32 same-configuration paths
+            side = "peer" if type(module).__module__.startswith("open_clip") else "mmssl"
+            ps = [p for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+            decayed[side], modules[side] = (len(ps), sum(p.numel() for p in ps)), module
+            if side == "mmssl":
+                raise Stop  # nothing is timed
+        return opt
+
+    peak = common.Peak("float32", 8, 1e9)
+    monkeypatch.setattr(common, "adamw", spy)
+    monkeypatch.setattr(common, "measure_peaks", lambda quick: {"float32": peak, "bfloat16": peak})
+    monkeypatch.setattr(common, "count_flops", lambda fn: 1)
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop):
+            bench_clip.main(["--quick", "--batch", "8"])
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+
+    def excluded(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
+
+    reference = [p for n, p in modules["peer"].named_parameters() if not excluded(n, p)]
+    assert decayed["peer"] == (len(reference), sum(p.numel() for p in reference))
+    assert decayed["mmssl"] == decayed["peer"]  # ViT-B-32: (102, 151,072,768)
