@@ -29,11 +29,11 @@ def _takes_threads(script: str, capsys) -> bool:
     return "--threads" in capsys.readouterr().out
 
 
-def test_run_all_passes_threads_to_every_bench_that_takes_it(tmp_path: Path, monkeypatch, capsys):
+def _record_commands(monkeypatch) -> list[list[str]]:
+    """run_all's bench commands, recorded instead of run (each reports failure)."""
     import subprocess
 
     import run_all
-    import torch
 
     commands: list[list[str]] = []
 
@@ -42,6 +42,14 @@ def test_run_all_passes_threads_to_every_bench_that_takes_it(tmp_path: Path, mon
         return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
 
     monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    return commands
+
+
+def test_run_all_passes_threads_to_every_bench_that_takes_it(tmp_path: Path, monkeypatch, capsys):
+    import run_all
+    import torch
+
+    commands = _record_commands(monkeypatch)
     before = torch.get_num_threads()
     try:
         assert run_all.main(["--quick", "--threads", "1", "--out", str(tmp_path / "R.md")]) == 1
@@ -64,18 +72,11 @@ def test_run_all_passes_threads_to_every_bench_that_takes_it(tmp_path: Path, mon
 
 
 def test_run_all_builds_the_same_commands_when_run_twice(tmp_path: Path, monkeypatch, capsys):
-    import subprocess
     import tempfile
 
     import run_all
 
-    commands: list[list[str]] = []
-
-    def fake_run(cmd, **kwargs):
-        commands.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
-
-    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    commands = _record_commands(monkeypatch)
     argv = ["--quick", "--only", "memory,actckpt,data", "--out", str(tmp_path / "R.md")]
     for _ in range(2):
         assert run_all.main(argv) == 1
