@@ -120,6 +120,22 @@ def decode_text(files: dict[str, bytes], kind: str = "missing_caption") -> str:
     raise BadSample(kind)
 
 
+def field_column(values: list[Any], floats: torch.dtype = torch.float32) -> Tensor:
+    """One json field of a batch (B,): bool when every value is one, int64 when every value
+    is a whole number in int64's range (JSON `3` and `3.0` alike, so every batch of a label
+    field agrees), else `floats`.
+
+    `torch.tensor` made a field written as `16777217.0`, or a batch mixing ints and floats,
+    float32, which rounds a class id above 2**24 onto its neighbour."""
+    if all(isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.bool)
+    if all(
+        isinstance(v, int) or (float(v).is_integer() and -(2.0**63) <= v < 2.0**63) for v in values
+    ):
+        return torch.tensor([int(v) for v in values], dtype=torch.int64)
+    return torch.tensor([float(v) for v in values], dtype=floats)
+
+
 def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str, Any]:
     """Requested json fields (`label` also from a `.cls` file); BadSample if absent."""
     if not fields:

@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmssl.data.augment import AugmentConfig, make_views, resize_center
-from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
+from mmssl.data.decode import (
+    BadSample,
+    decode_fields,
+    decode_image,
+    decode_text,
+    field_column,
+    find_image,
+)
 from mmssl.data.errors import SkipCounter, mark_logged
 from mmssl.data.stream import SampleStream, ShardSequence, epoch_order
 from mmssl.data.text import TokenPacker, tokenize_captions
@@ -89,22 +96,6 @@ class Plan:
 
 def identity_collate(x: Any) -> Any:
     return x
-
-
-def _field_column(values: list[Any]) -> torch.Tensor:
-    """One json field of a batch (B,): bool when every value is one, int64 when every value
-    is a whole number in int64's range (JSON `3` and `3.0` alike), else float32.
-
-    `torch.tensor` made a field written as `16777217.0`, or a batch mixing ints and floats,
-    float32, which rounds a class id above 2**24 onto its neighbour (two classes merged as
-    label positives, a fine-tuning target moved)."""
-    if all(isinstance(v, bool) for v in values):
-        return torch.tensor(values, dtype=torch.bool)
-    if all(
-        isinstance(v, int) or (float(v).is_integer() and -(2.0**63) <= v < 2.0**63) for v in values
-    ):
-        return torch.tensor([int(v) for v in values], dtype=torch.int64)
-    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 class _Worker:
@@ -200,7 +191,7 @@ class _Worker:
                     plan.tokenizer, captions, plan.context_length
                 )
         for f, vals in fields.items():
-            batch[f] = _field_column(vals)
+            batch[f] = field_column(vals)
         return batch
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,8 @@ size exactly (tar pads a file to 10 KiB records), except that a shard always hol
 one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
 {"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
-An image of a folder or table that the OS cannot read (missing, a directory, no permission)
-is skipped and counted as `missing_image` in the `skipped` counter the caller passes; the
-command prints the count.  An input where no image can be read is a DataError.
+The inputs (an image folder, a CSV/JSONL table, text files) are read by
+`mmssl.data.shard_inputs`; the command prints the count of images it skipped.
 
     mmssl shards folder DIR --out OUT [--caption-template "a photo of a {}."]
     mmssl shards csv|jsonl TABLE --out OUT [--image-col image --caption-col caption --label-col label]
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import itertools
 import json
@@ -31,15 +29,14 @@ import os
 import re
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.shard_inputs import samples_from_folder, samples_from_table, samples_from_text
 
 MANIFEST = "manifest.json"
-_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
-_CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
 def _encode(value: Any, key: str, ext: str) -> bytes:
@@ -238,175 +235,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _image_bytes(path: str) -> tuple[str, bytes]:
-    """(shard extension, bytes), bmp/gif/webp/tif/ppm converted to png.  OSError only when
-    the file cannot be read; a file that reads but does not convert is a DataError."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
-        raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
-    with open(path, "rb") as f:
-        data = f.read()
-    if ext in _IMAGE_EXTS:
-        return _IMAGE_EXTS[ext], data
-    from PIL import Image
-
-    buf = io.BytesIO()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").save(buf, "PNG")
-    except Exception as err:  # PIL raises many types (OSError among them) for damaged data
-        raise DataError(f"{path}: cannot convert ({type(err).__name__}: {err})") from None
-    return "png", buf.getvalue()
-
-
-class _Images:
-    """Reads the images of one input; one the OS cannot read is counted in `skipped` as
-    `missing_image` (the first kept for the error when none could be read)."""
-
-    def __init__(self, source: str, skipped: SkipCounter) -> None:
-        self.source, self.skipped = source, skipped
-        self.bad, self.first = 0, ""
-
-    def read(self, path: str, where: str) -> tuple[str, bytes] | None:
-        try:
-            return _image_bytes(path)
-        except OSError as err:  # the file, not its content: gone, a directory, no access
-            self.bad += 1
-            where = f"{where}: {err.strerror or err}"
-            self.first = self.first or where
-            self.skipped.add("missing_image", self.source, where)
-            return None
-
-    def check(self, written: int) -> None:
-        if self.bad and not written:
-            raise DataError(
-                f"{self.source}: no readable image in any of its {self.bad} entries (first: "
-                f"{self.first}); skipped: missing_image: {self.bad}"
-            )
-
-
-def samples_from_folder(
-    root: str, caption_template: str | None = None, skipped: SkipCounter | None = None
-) -> Iterator[dict]:
-    """An image folder with one subfolder per class (sorted names -> labels 0..C-1).  An
-    image the OS cannot read is counted in `skipped` as `missing_image` and left out."""
-    if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise DataError(f"image folder {root!r} has no class subfolders")
-    if caption_template:
-        try:
-            caption_template.format("x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise DataError(
-                f"caption template {caption_template!r} needs one '{{}}' for the class ({err})"
-            ) from None
-    index = 0
-    images = _Images(root, SkipCounter() if skipped is None else skipped)
-    for label, cls in enumerate(classes):
-        for name in sorted(os.listdir(os.path.join(root, cls))):
-            ext = os.path.splitext(name)[1].lower()
-            if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
-                continue
-            image = images.read(os.path.join(root, cls, name), f"{cls}/{name}")
-            if image is None:
-                continue
-            sample = {"__key__": f"{index:08d}", image[0]: image[1]}
-            if caption_template:
-                sample["txt"] = caption_template.format(cls.replace("_", " "))
-            sample["json"] = {"label": label, "class": cls, "path": f"{cls}/{name}"}
-            index += 1
-            yield sample
-    images.check(index)
-
-
-def _rows(path: str, kind: str) -> Iterator[Any]:
-    # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is dropped, not read as part
-    # of the first column's name
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        try:
-            if kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            else:
-                yield from csv.DictReader(f)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
-
-
-def samples_from_table(
-    path: str,
-    image_col: str = "image",
-    caption_col: str = "caption",
-    label_col: str | None = "label",
-    kind: str | None = None,
-    skipped: SkipCounter | None = None,
-) -> Iterator[dict]:
-    """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
-    kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
-    A row whose image the OS cannot read is counted in `skipped` as `missing_image` and left
-    out; a malformed row is a DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"table {path!r} does not exist")
-    if kind is None:
-        kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
-    base = os.path.dirname(os.path.abspath(path))
-    written = 0
-    images = _Images(path, SkipCounter() if skipped is None else skipped)
-    for n, row in enumerate(_rows(path, kind)):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
-        if image_col not in row or caption_col not in row:
-            raise DataError(
-                f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r} "
-                f"(has {sorted(row)})"
-            )
-        meta: dict[str, Any] = {"path": str(row[image_col])}
-        label = row.get(label_col) if label_col else None
-        if label not in (None, ""):
-            integral = isinstance(label, int) and not isinstance(label, bool)
-            if not integral and not (
-                isinstance(label, str) and re.fullmatch(r"-?\d+", label.strip())
-            ):
-                raise DataError(f"{path}: row {n + 1}: label {label!r} is not an integer")
-            meta["label"] = int(label)
-        caption = row[caption_col]
-        if not isinstance(caption, str) or not caption.strip():
-            raise DataError(f"{path}: row {n + 1}: no caption (got {caption!r})")
-        # after the row's checks: a malformed row is an error even without its image
-        image = images.read(
-            os.path.join(base, str(row[image_col])), f"row {n + 1}: image {row[image_col]!r}"
-        )
-        if image is None:
-            continue
-        written += 1
-        yield {"__key__": f"{n:08d}", image[0]: image[1], "txt": caption, "json": meta}
-    images.check(written)
-
-
-def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
-    """Plain text files as LM documents: one per file, or one per blank-line paragraph."""
-    index = 0
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"text file {path!r} does not exist")
-        with open(path, encoding="utf-8", errors="strict") as f:
-            try:
-                text = f.read()
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: not UTF-8 text") from None
-        parts = [text] if docs == "file" else re.split(r"\n\s*\n", text)
-        for part in parts:
-            if part.strip():
-                yield {"__key__": f"{index:08d}", "txt": part.strip(), "json": {"source": path}}
-                index += 1
 
 
 def _size(text: str) -> int:

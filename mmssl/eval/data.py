@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmssl.data.decode import BadSample, decode_fields, decode_image, decode_text, find_image
+from mmssl.data.decode import (
+    BadSample,
+    decode_fields,
+    decode_image,
+    decode_text,
+    field_column,
+    find_image,
+)
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.tario import check_urls, expand_urls, iter_shard
 
@@ -99,17 +106,6 @@ def _missing_field(name: str, key: str, url_hint: str) -> DataError:
     )
 
 
-def _column(values: list[float]) -> Tensor:
-    """The values (B,) of one json field of a batch: int64 when every one is a whole number in
-    int64's range (JSON `3` and `3.0` alike, so every batch of a label field agrees), else
-    float64, which holds every JSON number as Python read it.  `torch.tensor` made a batch
-    mixing ints and floats float32, which rounds a class id above 2**24 to another whole
-    number."""
-    if all(isinstance(v, int) or (v.is_integer() and -(2**63) <= v < 2**63) for v in values):
-        return torch.tensor([int(v) for v in values], dtype=torch.int64)
-    return torch.tensor(values, dtype=torch.float64)
-
-
 def iter_image_batches(
     urls: list[str],
     preprocess: Preprocess,
@@ -139,7 +135,7 @@ def iter_image_batches(
         if captions:
             batch["caption"] = [b[3] for b in buf]
         for f in fields:
-            batch[f] = _column([b[4][f] for b in buf])
+            batch[f] = field_column([b[4][f] for b in buf], torch.float64)
         buf.clear()
         return batch
 

@@ -38,8 +38,8 @@ def _read_recipe(run_dir: Path, folder: Path) -> Any:
     """The recipe that checkpoint `folder` of `run_dir` was trained with: its run record.
 
     RUN_DIR/recipe.yaml is the latest attempt's, and a resume may change what the checkpoint
-    does not fix (`RESUME_FIXED` leaves data.image_size, mean and std free), so an older
-    checkpoint exported with it would get a later attempt's preprocessing.  Call after
+    does not fix (`run_record.RESUME_FIXED` leaves data.image_size, mean and std free), so an
+    older checkpoint exported with it would get a later attempt's preprocessing.  Call after
     `verify`: the manifest covers the record."""
     from mmssl.train.checkpoint import RUN_RECORD, CheckpointError
     from mmssl.train.recipe import read_yaml, recipe_from_dict
@@ -127,14 +127,13 @@ def _split_flat(
         return None
     groups = []
     for flat, group_names in zip(flats, names):
-        held = [module.get(name) for name in group_names]
-        if not isinstance(flat, torch.Tensor) or any(t is None for t in held):
+        if not isinstance(flat, torch.Tensor) or any(n not in module for n in group_names):
             return None
-        sizes = [t.numel() for t in held if t is not None]
+        held = [module[name] for name in group_names]
+        sizes = [t.numel() for t in held]
         if flat.dim() != 1 or flat.numel() != sum(sizes):
             return None
-        parts = flat.split(sizes)
-        groups.append([p.view(t.shape) for p, t in zip(parts, held) if t is not None])
+        groups.append([p.view(t.shape) for p, t in zip(flat.split(sizes), held)])
     return groups
 
 

@@ -30,7 +30,7 @@ import torch
 
 from mmssl import distributed
 from mmssl.data.errors import DataError
-from mmssl.train import checkpoint
+from mmssl.train import checkpoint, run_record
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
@@ -221,7 +221,7 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     found = checkpoint.find_resume(recipe.checkpoint.resume, run_dir)
     if found:
         stage = zero_stage(resolved.ds_config)
-        checkpoint.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
+        run_record.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
     start = checkpoint.step_of(found[1]) if found else 0
     checkpoint.check_no_later(run_dir / "checkpoints", start, recipe.checkpoint.resume)
     client = checkpoint.load(engine, found[0], found[1], streams) if found else {}

@@ -111,7 +111,8 @@ def test_build_pipeline_normalises_with_mean_and_std(image_shards):
 
 
 def test_write_shards_without_samples_creates_nothing(tmp_path):
-    from mmssl.data.shards import samples_from_folder, write_shards
+    from mmssl.data.shard_inputs import samples_from_folder
+    from mmssl.data.shards import write_shards
 
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no samples"):

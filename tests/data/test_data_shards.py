@@ -14,13 +14,8 @@ from data_helpers import png_bytes, write_image_shards
 from PIL import Image
 
 from mmssl.data.errors import DataError, SkipCounter
-from mmssl.data.shards import (
-    ShardWriter,
-    main,
-    samples_from_folder,
-    samples_from_table,
-    write_shards,
-)
+from mmssl.data.shard_inputs import samples_from_folder, samples_from_table
+from mmssl.data.shards import ShardWriter, main, write_shards
 
 
 def _digest(d: str) -> dict[str, str]:

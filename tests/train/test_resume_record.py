@@ -1,4 +1,4 @@
-"""The run record check of a resume (`checkpoint.check_resume`) across mmssl versions."""
+"""The run record check of a resume (`run_record.check_resume`) across mmssl versions."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mmssl.schema import ConfigError
-from mmssl.train.checkpoint import RUN_RECORD, check_resume
+from mmssl.train.checkpoint import RUN_RECORD
 from mmssl.train.recipe import recipe_from_dict
+from mmssl.train.run_record import check_resume
 
 
 def _record(folder: Path, recipe: dict) -> Path:

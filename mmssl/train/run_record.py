@@ -1,0 +1,90 @@
+"""The run record of a checkpoint (`mmssl_run.json`: the recipe, world size and ZeRO stage of
+the run that saved it) against a run that would resume from it: what a resume must keep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmssl.schema import ConfigError
+from mmssl.train.checkpoint import RUN_RECORD, CheckpointError
+
+# Recipe sections a resume must keep: they shape the weights, the optimizer state or the LR
+# schedule that the checkpoint holds (DeepSpeed restores the scheduler's saved fields, so a
+# changed `train.steps` or `optim.lr` would be ignored, not applied)
+RESUME_FIXED = (
+    "model",
+    "objectives",
+    "optim",
+    "schedule",
+    "precision",
+    "train.steps",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "train.grad_clip",
+)
+
+
+def _at(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _first_difference(old: Any, new: Any, where: str) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if old == new else (where, old, new)
+
+
+def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved recipe read through this version's schema, so that a field added to mmssl
+    since the checkpoint was written takes its default (by convention the behaviour before
+    the field existed) instead of blocking every resume after an upgrade.  A record this
+    schema cannot read (a field since removed) is compared as saved."""
+    from mmssl.train.recipe import recipe_from_dict
+
+    try:
+        return json.loads(json.dumps(recipe_from_dict(saved).to_dict()))
+    except ConfigError:
+        return saved
+
+
+def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
+    """Before anything is loaded or written: the checkpoint's run record (saved beside it)
+    against this run.  A ConfigError names what differs; checkpoints saved before the record
+    existed are not checked here (`load` still checks the world size)."""
+    path = folder / RUN_RECORD
+    if not path.is_file():
+        return
+    try:
+        run = json.loads(path.read_text())
+        saved, saved_world, saved_stage = run["recipe"], run["world_size"], run["zero_stage"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
+    if saved_world != world_size:
+        raise ConfigError(
+            f"checkpoint {folder} was written by {saved_world} ranks, this run has "
+            f"{world_size}: the data positions and optimizer partitions cannot be mapped"
+        )
+    if saved_stage != zero_stage:
+        raise ConfigError(
+            f"checkpoint {folder} was written at ZeRO stage {saved_stage}, this run uses "
+            f"stage {zero_stage}: DeepSpeed cannot load one stage's optimizer state in another"
+        )
+    recipe = json.loads(json.dumps(recipe))  # as saved: tuples become lists
+    saved = _read_as_now(saved)
+    for key in RESUME_FIXED:
+        found = _first_difference(_at(saved, key), _at(recipe, key), key)
+        if found:
+            where, was, now = found
+            raise ConfigError(
+                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; a "
+                f"resume keeps {', '.join(RESUME_FIXED)}: change them in a new run (another "
+                f"name)"
+            )
