@@ -59,6 +59,30 @@ def test_attention_matches_naive_softmax(causal, with_mask, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch", [2, 3])  # 3 == num_heads: the old broadcast ran silently
+def test_attention_refuses_a_3d_mask_and_takes_one_mask_per_sample(kernel, causal, batch):
+    """(B, N, N) broadcast against (B, H, N, N) as (1, B, N, N): sample i's mask went to head
+    i (wrong without an error when B == H).  It is refused; (B, 1, N, N) is per sample."""
+    torch.manual_seed(0)
+    n, d, h = 5, 24, 3
+    attn = Attention(d, h).eval()
+    attn.kernel = kernel
+    x = torch.randn(batch, n, d)
+    mask = torch.rand(batch, n, n) > 0.4
+    mask[..., 0] = True
+    with pytest.raises(ValueError, match=r"3-D attn_mask .* \(B, 1, Nq, Nk\)"):
+        attn(x, attn_mask=mask, is_causal=causal)
+    allowed = mask[:, None]
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    q, k, v = (split_heads(t, h) for t in attn.qkv(x).chunk(3, -1))
+    ref = attn.proj(naive_attention(q, k, v, allowed).transpose(1, 2).reshape(batch, n, d))
+    out = attn(x, attn_mask=mask[:, None], is_causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 def test_cross_attention_matches_naive(kernel):
     torch.manual_seed(0)
     attn = Attention(16, 2, cross=True, context_dim=12).eval()

@@ -98,7 +98,10 @@ def set_attention_kernel(module: nn.Module, kernel: str) -> int:
 
 
 class Attention(nn.Module):
-    """x: (B, N, D) -> (B, N, D).  Optional qk-norm (per head, LayerNorm) and rotary positions."""
+    """x: (B, N, D) -> (B, N, D).  Optional qk-norm (per head, LayerNorm) and rotary positions.
+
+    attn_mask: bool, True = may attend, (Nq, Nk) or (B or 1, H or 1, Nq, Nk); 3-D is refused.
+    """
 
     def __init__(
         self,
@@ -153,6 +156,13 @@ class Attention(nn.Module):
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             # an additive float mask worked on one kernel only (SDPA in fp32, not causal)
             raise TypeError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")
+        if attn_mask is not None and attn_mask.dim() == 3:
+            # (B, N, N) would broadcast as (1, B, N, N): batch rows applied to heads, silently
+            # wrong when B == H (nn.MultiheadAttention reads 3-D as (B * H, N, N) instead)
+            raise ValueError(
+                f"a 3-D attn_mask {tuple(attn_mask.shape)} is ambiguous; pass (Nq, Nk), or "
+                "(B, 1, Nq, Nk) for one mask per sample (attn_mask[:, None])"
+            )
         attn_mask, is_causal = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], x.device)
         if _use_matmul(self.kernel, q, k):
             out = matmul_attention(q, k, v, attn_mask, is_causal)
