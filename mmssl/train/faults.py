@@ -49,7 +49,10 @@ class _PoisonGrad(torch.autograd.Function):
 
 def _steps(text: str) -> range:
     first, _, last = text.partition("-")
-    return range(int(first), int(last or first) + 1)
+    steps = range(int(first), int(last or first) + 1)
+    if not steps:
+        raise ValueError  # A-B with B < A
+    return steps
 
 
 class Faults:
@@ -63,9 +66,12 @@ class Faults:
             what, sep, where = item.partition("@")
             try:
                 if what in LOSS_KINDS and sep:
-                    steps, _, only = where.partition(":r")
-                    if not only or int(only) == rank:
-                        self.loss.update(dict.fromkeys(_steps(steps), what))
+                    steps, limited, only = where.partition(":r")
+                    if limited and not (only.isascii() and only.isdigit()):
+                        raise ValueError  # `:r` with no rank: not "every rank"
+                    chosen = _steps(steps)  # read on every rank: a bad spec fails on all
+                    if not limited or int(only) == rank:
+                        self.loss.update(dict.fromkeys(chosen, what))
                 elif what == "pause" and where.partition(":")[0] in POINTS:
                     point, _, steps = where.partition(":")
                     self.pauses.update((point, s) for s in _steps(steps))
@@ -73,8 +79,9 @@ class Faults:
                     raise ValueError
             except ValueError:
                 raise ValueError(
-                    f"{ENV}: cannot read {item!r}; expected nan_loss@S, inf_loss@S, nan_grad@S, "
-                    f"inf_grad@S or pause@POINT:S with POINT in {POINTS}"
+                    f"{ENV}: cannot read {item!r}; expected nan_loss@S, inf_loss@S, nan_grad@S "
+                    f"or inf_grad@S (S a step or A-B, optionally :rR with R a rank number), or "
+                    f"pause@POINT:S with POINT in {POINTS}"
                 ) from None
 
     @classmethod
