@@ -7,7 +7,10 @@ Conventions shared by every contrastive loss in mmssl (this file, `siglip.py`):
 - Positives: by default only the matching pair (the other view, the paired caption) is
   positive. An optional boolean mask marks more positives (same label, identical caption
   ids); softmax losses then use soft targets spread uniformly over the positives, so
-  templated captions repeated within a batch are no longer scored as negatives.
+  templated captions repeated within a batch are no longer scored as negatives. The
+  matching pair is always positive: a mask without its diagonal gets it added (masks
+  built from keys have it anyway), so no row is left without a positive.
+- An empty batch is a ValueError: a mean over no pairs has no value (it would be NaN).
 - Data parallelism: the modules take `gather`:
   - ``"local_loss"``: each rank scores its own rows against the gathered global batch,
     O(B_local x B_global) memory;
@@ -133,6 +136,21 @@ def check_mask(positives: Tensor | None, shape: tuple[int, int]) -> None:
         raise ValueError(f"positives mask has shape {tuple(positives.shape)}, expected {shape}")
 
 
+def check_not_empty(n: int) -> None:
+    """The plain losses average over the batch: with no rows that mean would be NaN."""
+    if n == 0:
+        raise ValueError("the batch is empty (0 rows): a contrastive loss needs at least one pair")
+
+
+def with_diagonal(positives: Tensor | None) -> Tensor | None:
+    """(N, N) mask with each row's own pair marked positive, as the losses always score it."""
+    if positives is None:
+        return None
+    return positives.bool() | torch.eye(
+        positives.shape[0], dtype=torch.bool, device=positives.device
+    )
+
+
 def report_global_mean(local: Tensor) -> Tensor:
     """`local` with its value replaced by the rank-mean of `local`; the gradient is unchanged.
 
@@ -185,10 +203,12 @@ def nt_xent_loss(
     the other 2N - 1 views; without a mask its positive is the other view of its sample and the
     other 2N - 2 are negatives. positives: optional (N, N) bool sample-level mask (e.g.
     `positives_from_labels`); every view of a positive sample becomes a soft-target positive,
-    and self-similarity is always excluded.
+    the other view of the same sample is positive whatever the mask's diagonal says, and
+    self-similarity is always excluded. Raises ValueError on an empty batch.
     """
     check_pair(z1, z2, "z1, z2")
     n = z1.shape[0]
+    check_not_empty(n)
     check_mask(positives, (n, n))
     z1, z2 = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
     return _nt_xent_sum(z1, z2, z1, z2, 0, temperature, positives) / (2 * n)
@@ -264,11 +284,15 @@ def clip_loss(
 
     image_emb, text_emb: (N, E), normalised here; logit_scale: the multiplier (already
     exponentiated and clamped); positives: optional (N, N) bool mask, positives[i, j] meaning
-    image i and text j match (its transpose is used for the text->image direction).
+    image i and text j match (its transpose is used for the text->image direction); image i
+    and text i always match, whatever the mask's diagonal says. Raises ValueError on an
+    empty batch.
     """
     check_pair(image_emb, text_emb, "image_emb, text_emb")
     n = image_emb.shape[0]
+    check_not_empty(n)
     check_mask(positives, (n, n))
+    positives = with_diagonal(positives)
     image, text = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
     scale = torch.as_tensor(logit_scale, dtype=image.dtype, device=image.device)
     if positives is None:

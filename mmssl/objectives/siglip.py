@@ -26,9 +26,11 @@ from mmssl.objectives.contrastive import (
     check_gather,
     check_keys,
     check_mask,
+    check_not_empty,
     check_pair,
     report_global_mean,
     row_groups,
+    with_diagonal,
 )
 
 SIGLIP_GATHER_MODES = ("chunked", "local_loss", "full")
@@ -67,12 +69,15 @@ def siglip_loss(
     """Sigmoid loss -1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b)).
 
     image_emb, text_emb: (N, E), normalised here; logit_scale t (already exponentiated),
-    logit_bias b; positives: optional (N, N) bool, z_ij = +1 where True (the diagonal is
-    always positive by construction of the keys), -1 elsewhere. Returns a scalar.
+    logit_bias b; positives: optional (N, N) bool, z_ij = +1 where True or i = j (the
+    matching pair is positive whatever the mask's diagonal says, as in `nt_xent_loss`), -1
+    elsewhere. Returns a scalar; raises ValueError on an empty batch.
     """
     check_pair(image_emb, text_emb, "image_emb, text_emb")
     n = image_emb.shape[0]
+    check_not_empty(n)
     check_mask(positives, (n, n))
+    positives = with_diagonal(positives)
     image, text = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
     scale = torch.as_tensor(logit_scale, dtype=image.dtype, device=image.device)
     bias = torch.as_tensor(logit_bias, dtype=image.dtype, device=image.device)

@@ -17,6 +17,7 @@ from mmssl.objectives import (
     nt_xent_loss,
     positives_from_ids,
     positives_from_labels,
+    siglip_loss,
 )
 from mmssl.objectives.contrastive import row_groups, sorted_row_groups
 
@@ -117,6 +118,35 @@ def test_identity_mask_equals_no_mask() -> None:
     eye = torch.eye(7, dtype=torch.bool)
     torch.testing.assert_close(nt_xent_loss(z1, z2, 0.5, eye), nt_xent_loss(z1, z2, 0.5))
     torch.testing.assert_close(clip_loss(z1, z2, 2.0, eye), clip_loss(z1, z2, 2.0))
+
+
+@pytest.mark.parametrize("mask", ["labels_off_diagonal", "none_positive"])
+def test_mask_without_diagonal_still_pairs_each_row_with_its_own(mask: str) -> None:
+    # as nt_xent_loss always did: the matching pair stays positive whatever the mask says
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    eye = torch.eye(6, dtype=torch.bool)
+    pos = (
+        positives_from_labels(LABELS) & ~eye
+        if mask == "labels_off_diagonal"
+        else torch.zeros_like(eye)
+    )
+    _close(
+        _grads(lambda x, y: clip_loss(x, y, 4.0, pos), a, b),
+        _grads(lambda x, y: naive_clip(x, y, 4.0, pos | eye), a, b),
+    )
+    _close(
+        _grads(lambda x, y: nt_xent_loss(x, y, 0.3, pos), a, b),
+        _grads(lambda x, y: naive_nt_xent(x, y, 0.3, pos), a, b),
+    )
+
+
+@pytest.mark.parametrize("loss", [nt_xent_loss, clip_loss, siglip_loss])
+def test_empty_batch_is_an_error_not_nan(loss) -> None:
+    empty = torch.randn(0, 4)
+    args = {nt_xent_loss: (), clip_loss: (1.0,), siglip_loss: (1.0, 0.0)}[loss]
+    with pytest.raises(ValueError, match="batch is empty"):
+        loss(empty, empty, *args)
 
 
 @pytest.mark.parametrize("n", [1, 4, 9])

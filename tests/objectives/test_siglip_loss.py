@@ -36,6 +36,21 @@ def test_siglip_matches_naive_loop(use_mask: bool) -> None:
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+def test_siglip_mask_without_diagonal_keeps_matching_pairs_positive() -> None:
+    # the naive loop's z_ij = +1 for i = j: a caller's mask cannot turn a matching pair negative
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    txt = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.bool)
+    for pos in (positives_from_labels(torch.tensor([0, 1, 0, 2, 1, 0])) & ~eye, eye & ~eye):
+        torch.testing.assert_close(
+            siglip_loss(img, txt, 5.0, -2.0, pos),
+            naive_siglip(img, txt, 5.0, -2.0, pos),
+            atol=1e-10,
+            rtol=1e-10,
+        )
+
+
 def test_siglip_perfectly_separated_analytic() -> None:
     n, t, b = 5, 10.0, -10.0
     e = torch.eye(n, dtype=torch.float64)
