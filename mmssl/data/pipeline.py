@@ -109,6 +109,13 @@ def _doc_tokens(
     return tuple(out)
 
 
+def _weight(value: Any) -> float:
+    """`value` as a float, nan when it is no number (bools and strings included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return math.nan
+    return float(value)
+
+
 def _resolve(
     src: Source, index: int, mode: str, slots: int, world: int, batch: int, plan_args: dict
 ) -> SourceSpec:
@@ -116,11 +123,17 @@ def _resolve(
         raise DataError(f"source kind must be image, image_text or text, got {src.kind!r}")
     if src.kind == "text" and plan_args["tokenizer"] is None:
         raise DataError("a text (LM) source needs a tokenizer")
-    if src.weight <= 0:
-        raise DataError(f"source weight must be positive, got {src.weight}")
+    name = src.name or f"source{index}"
+    weight = _weight(src.weight)
+    # nan used to pass `weight <= 0` and made the source's share of draws nan: never drawn.
+    # Every weight > 0 also keeps the mixture's total > 0 (no all-zero mixture to draw from).
+    if not (math.isfinite(weight) and weight > 0):
+        raise DataError(
+            f"source {name} weight must be a finite number > 0 (its share of the draws in "
+            f"resampled mode), got {src.weight!r}"
+        )
     urls = expand_urls(src.urls)
     check_urls(src.urls, urls)
-    name = src.name or f"source{index}"
     n_batches = rows = 0
     counts: list[int] = []
     doc_tokens: tuple[np.ndarray, ...] = ()
@@ -175,7 +188,7 @@ def _resolve(
     # damage outside the counted samples: the epoch's segments never meet it again
     found = tuple(sorted(skipped.counts.items())) if counts else ()
     return SourceSpec(
-        name, tuple(urls), src.kind, float(src.weight), n_batches, tuple(counts), found, doc_tokens
+        name, tuple(urls), src.kind, weight, n_batches, tuple(counts), found, doc_tokens
     )
 
 

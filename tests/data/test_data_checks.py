@@ -52,6 +52,14 @@ def test_augment_config_accepts_the_edges():
     AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), solarize_threshold=0.0)
 
 
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -1.0, 0.0, "2", None])
+def test_source_weight_that_is_not_a_number_above_0_is_refused(image_shards, weight):
+    # nan used to pass: the source was then silently never drawn in resampled mode
+    sources = [Source(image_shards, name="a"), Source(image_shards, name="b", weight=weight)]
+    with pytest.raises(DataError, match=r"source b weight must be a finite number > 0"):
+        build_pipeline(sources=sources, batch_size=4, rank=0, world_size=1, image_size=8)
+
+
 def _validate(*overrides: str) -> None:
     from mmssl.train.recipe import load_recipe, validate
 
