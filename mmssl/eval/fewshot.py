@@ -80,6 +80,9 @@ def evaluate(
         raise EvalError(f"shots must be >= 1, got {list(shots)}")
     if len(set(shots)) != len(shots):
         raise EvalError(f"shots repeat a value, got {list(shots)}")
+    if repeats(methods):
+        # a method's results are keyed by name: the repeat would be one row printed twice
+        raise EvalError(f"methods repeat {', '.join(repeats(methods))}, got {list(methods)}")
     check_finite(train_x, "train")
     check_finite(test_x, "test")
     fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
@@ -114,17 +117,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
 
 
-def parse_ints(text: str, name: str) -> list[int]:
-    """Comma-separated integers; EvalError if one is not, or one repeats (its result would
-    overwrite the first and its summary column appear twice)."""
+def repeats(values: Sequence[Any]) -> list[str]:
+    """The values that occur more than once, in order of first occurrence, as text."""
+    return [str(v) for i, v in enumerate(values) if v in values[i + 1 :] and v not in values[:i]]
+
+
+def parse_list(text: str, name: str, kind: Callable[[str], Any], what: str) -> list[Any]:
+    """Comma-separated values of option `name`, each converted by `kind`; EvalError if one
+    does not convert (`what`: "integers", ...) or one repeats: results are keyed by value, so
+    a repeat overwrote the first (or was dropped) and its summary row or column appeared twice."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise EvalError(f"{name} must be comma-separated integers, got {text!r}") from None
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise EvalError(f"{name} repeats {', '.join(map(str, repeated))} (in {text!r})")
+        raise EvalError(f"{name} must be comma-separated {what}, got {text!r}") from None
+    if repeats(values):
+        raise EvalError(f"{name} repeats {', '.join(repeats(values))} (in {text!r})")
     return values
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    """Comma-separated integers, none repeated (`parse_list`)."""
+    return parse_list(text, name, int, "integers")
 
 
 def split_features(
@@ -182,7 +195,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     from mmssl.eval.report import md_table, plot_fewshot
 
     shots = parse_ints(args.shots, "--shots")
-    methods = [m for m in args.methods.split(",") if m]
+    methods = parse_list(args.methods, "--methods", str, "method names")
     for m in methods:
         method_fn(m, 0, 1, 1)
     if args.seeds < 1:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mmssl.eval import classifiers
-from mmssl.eval.fewshot import check_finite
+from mmssl.eval.fewshot import check_finite, repeats
 from mmssl.eval.loading import EvalError
 
 DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -51,6 +51,9 @@ def sweep(
     on all of train, score on test."""
     if not decays or any(not math.isfinite(d) or d <= 0 for d in decays):
         raise EvalError(f"weight decays must be positive, got {list(decays)}")
+    if repeats(decays):
+        # val_top1 is keyed by decay: a repeat was fit twice and reported once
+        raise EvalError(f"weight decays repeat {', '.join(repeats(decays))}, got {list(decays)}")
     if not 0 < val_fraction < 1:
         raise EvalError(f"validation fraction must be in (0, 1), got {val_fraction}")
     check_finite(train_x, "train")
@@ -94,13 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    from mmssl.eval.fewshot import train_test_features
+    from mmssl.eval.fewshot import parse_list, train_test_features
     from mmssl.eval.report import md_table
 
-    try:
-        decays = [float(d) for d in args.decays.split(",") if d.strip()]
-    except ValueError:
-        raise EvalError(f"--decays must be comma-separated numbers, got {args.decays!r}") from None
+    decays = parse_list(args.decays, "--decays", float, "numbers")
     train_x, train_y, test_x, test_y = train_test_features(args, ctx)
     res = sweep(
         train_x,

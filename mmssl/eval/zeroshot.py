@@ -164,10 +164,20 @@ def score(
     image_emb: Tensor, class_emb: Tensor, labels: Tensor, classnames: list[str]
 ) -> dict[str, Any]:
     """image_emb (N, E), class_emb (C, E) (both normalised), labels (N,) -> metrics."""
-    logits = image_emb.float() @ class_emb.float().T  # (N, C)
     c = len(classnames)
-    labels = labels.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= c):
+    labels = torch.as_tensor(labels).long()
+    # metrics.topk_accuracy would raise a bare ValueError for these, deep in the scoring
+    if labels.numel() == 0:
+        raise EvalError("zero-shot scoring got no labels: there are no images to classify")
+    if labels.shape != (len(image_emb),):
+        raise EvalError(
+            f"zero-shot scoring needs one label per image: {len(image_emb)} image embeddings, "
+            f"labels of shape {tuple(labels.shape)}"
+        )
+    if len(class_emb) != c:
+        raise EvalError(f"{len(class_emb)} class embeddings but {c} class names")
+    logits = image_emb.float() @ class_emb.float().T  # (N, C)
+    if labels.min() < 0 or labels.max() >= c:
         raise EvalError(
             f"labels run {int(labels.min())}..{int(labels.max())} but there are {c} classes"
         )

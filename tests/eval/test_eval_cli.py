@@ -57,3 +57,30 @@ def test_a_repeated_shot_count_is_refused(
     assert captured.out == ""
     assert captured.err == "mmssl eval: error: --shots repeats 1 (in '1,2,1')\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "task, option, value, says",
+    [
+        ("fewshot", "--methods", "knn,prototype,knn", "--methods repeats knn"),
+        # two spellings of one decay: the second was fit and silently dropped from val_top1
+        ("linear", "--decays", "1e-3,0.01,0.001", "--decays repeats 0.001"),
+    ],
+)
+def test_a_repeated_method_or_decay_is_refused(
+    task: str,
+    option: str,
+    value: str,
+    says: str,
+    tmp_path: Path,
+    tiny_model_dir: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `--methods knn,knn` printed the knn row twice; `--decays` kept one of two equal decays
+    out = tmp_path / "out"
+    argv = [task, "--model", tiny_model_dir, "--train", "T", "--test", "T", option, value]
+    assert main([*argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"mmssl eval: error: {says} (in {value!r})\n"
+    assert not out.exists()

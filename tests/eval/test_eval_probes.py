@@ -155,3 +155,15 @@ def test_fewshot_evaluate_refuses_a_repeated_shot_count():
     with pytest.raises(EvalError, match=r"shots repeat a value, got \[2, 1, 2\]"):
         fewshot.evaluate(x, y, x, y, shots=(2, 1, 2))
     assert fewshot.parse_ints("1, 2,4", "--shots") == [1, 2, 4]
+
+
+def test_probes_refuse_a_repeated_method_or_decay():
+    """From Python too: evaluate() returned one result for `methods=("knn", "knn")`, and
+    sweep() fit a repeated decay twice and reported it once."""
+    x = torch.eye(4).repeat(3, 1)
+    y = torch.arange(4).repeat(3)
+    with pytest.raises(EvalError, match=r"methods repeat knn, got \['knn', 'prototype', 'knn'\]"):
+        fewshot.evaluate(x, y, x, y, shots=(1,), seeds=(0,), methods=("knn", "prototype", "knn"))
+    with pytest.raises(EvalError, match=r"weight decays repeat 0.01, got \[0.01, 0.1, 0.01\]"):
+        linear.sweep(x, y, x, y, decays=(0.01, 0.1, 0.01))
+    assert fewshot.parse_list(" knn , logistic", "--methods", str, "names") == ["knn", "logistic"]

@@ -48,3 +48,19 @@ def test_zeroshot_prompts_file_refuses_repeated_class_names(tmp_path):
         load_classes(str(path))
     path.write_text(json.dumps({"classnames": ["cat", "kitten", "dog"], "prompts": prompts}))
     assert load_classes(str(path)).prompts == prompts
+
+
+def test_zeroshot_score_without_labels_is_a_clear_error():
+    """score() from Python with no labels raised metrics' bare ValueError ("no samples to
+    score"), and with fewer labels than images a shape ValueError from deep inside."""
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import score
+
+    emb = torch.eye(3)
+    with pytest.raises(EvalError, match="got no labels: there are no images to classify"):
+        score(emb[:0], emb, torch.zeros(0, dtype=torch.long), ["a", "b", "c"])
+    with pytest.raises(
+        EvalError, match=r"one label per image: 3 image embeddings, labels of shape \(2,\)"
+    ):
+        score(emb, emb, torch.arange(2), ["a", "b", "c"])
+    assert score(emb, emb, torch.arange(3), ["a", "b", "c"])["top1"] == 1.0
