@@ -436,16 +436,22 @@ class Bf16Master:
     """bf16 weights with fp32 master weights (what DeepSpeed's bf16 mode does): the model runs
     and back-propagates in bf16, a fused AdamW updates fp32 copies, which are cast back.
     As in DeepSpeed, the fp32 gradients live in buffers kept across steps (a fresh 4-byte
-    copy of every gradient per step would page-fault its memory in each time)."""
+    copy of every gradient per step would page-fault its memory in each time).  Weight decay
+    is grouped as mmssl's trainer groups it (`mmssl.train.engine.param_groups`: no decay for
+    1-D tensors, token and position embeddings, class token)."""
 
     def __init__(self, module: torch.nn.Module, lr: float = 1e-4, wd: float = 0.05):
+        from mmssl.train.engine import param_groups as mmssl_param_groups
+
         self.model_params = [p for p in module.parameters() if p.requires_grad]
-        self.master = [torch.nn.Parameter(p.detach().float()) for p in self.model_params]
+        master_of = {id(p): torch.nn.Parameter(p.detach().float()) for p in self.model_params}
+        self.master = [master_of[id(p)] for p in self.model_params]
         for m in self.master:
             m.grad = torch.zeros_like(m)
-        decay = [m for m, p in zip(self.master, self.model_params) if p.ndim >= 2]
-        rest = [m for m, p in zip(self.master, self.model_params) if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+        groups = [
+            {**g, "params": [master_of[id(p)] for p in g["params"]]}
+            for g in mmssl_param_groups(module, wd)
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
         module.to(torch.bfloat16)
 
