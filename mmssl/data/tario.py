@@ -97,7 +97,8 @@ class _Pipe:
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """`dir/000123.seg.png` -> (`dir/000123`, `seg.png`), the webdataset key convention."""
+    """`dir/000123.seg.png` -> (`dir/000123`, `seg.png`), the webdataset key convention
+    (`000123.` -> (`000123`, ``): an empty extension is a field named "")."""
     head, base = os.path.split(name)
     stem, _, ext = base.partition(".")
     return (f"{head}/{stem}" if head else stem), ext.lower()
@@ -304,8 +305,11 @@ def iter_shard(
                     continue
                 k, ext = split_name(name)
                 # a hidden file (macOS's `._KEY.jpg` AppleDouble) is no sample; its key
-                # would be the empty text before the leading dot
-                if not ext or os.path.basename(name).startswith("."):
+                # would be the empty text before the leading dot.  A name without a dot has
+                # no key either, but `KEY.` (an empty extension) is KEY's file "", as in
+                # webdataset's `base_plus_ext`
+                base = os.path.basename(name)
+                if "." not in base or base.startswith("."):
                     continue
                 if k != key or ext in exts:
                     if key is not None:

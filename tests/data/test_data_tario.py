@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import webdataset as wds
 from data_helpers import write_image_shards
 
 from mmssl.data.errors import SkipCounter
@@ -27,7 +28,8 @@ def _reference(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[int]
     with tarfile.open(path) as tf:
         for m in tf.getmembers():
             k, ext = split_name(m.name)
-            if not m.isfile() or not ext or os.path.basename(m.name).startswith("."):
+            base = os.path.basename(m.name)
+            if not m.isfile() or "." not in base or base.startswith("."):
                 continue
             if not samples or samples[-1][0] != k:
                 samples.append((k, {}))
@@ -225,3 +227,20 @@ def test_pipe_shard_with_long_record_padding_is_read_clean(archives, tmp_path):
     assert _read(f"pipe:cat {path}; exit 3")[1] == {"pipe_error": 1}  # a real failure still counts
     got, skipped = _read(f"pipe:cat {path} {path}")  # a second archive after the first: ignored
     assert (got, skipped) == (ref, {})
+
+
+def test_empty_extension_is_a_field_named_empty_as_in_webdataset(tmp_path) -> None:
+    # webdataset's base_plus_ext splits `a.` into key `a` and field "": a sample, not a skip
+    path = str(tmp_path / "empty-ext.tar")
+    members = [("a.", b"0"), ("a.txt", b"1"), ("b.jpg", b"2"), ("c", b"3"), ("d.", b"4")]
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    want = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.WebDataset(path, shardshuffle=False)
+    ]
+    assert want == [("a", {"": b"0", "txt": b"1"}), ("b", {"jpg": b"2"}), ("d", {"": b"4"})]
+    assert _read(path) == (want, {})
