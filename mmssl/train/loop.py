@@ -9,7 +9,8 @@ and `positives: caption` groups identical captions with sorts on an accelerator
 Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
 update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left
 out of the metric averages; `train.max_bad_steps` in a row stop the run with
-`NonFiniteError`, keeping the last good checkpoint.  A non-finite loss is turned into a NaN
+`NonFiniteError`, keeping the last good checkpoint (the newest that passes the resume's
+integrity check; the message and summary.md name it).  A non-finite loss is turned into a NaN
 gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 optimizers
 already check the gradients for overflow (with their own host sync); on the plain fp32
 stage-0 path the loop checks them itself, which is one extra host sync per step there.
@@ -63,7 +64,12 @@ def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> d
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient; `checkpoint` is the
+    last good one (None: there is none)."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 def _next_batches(
@@ -180,6 +186,45 @@ def _eval_loss(
     return {f"eval/{k}": v / recipe.eval.batches for k, v in zip(keys, values.tolist())}
 
 
+def _skipped(streams: dict[str, Any]) -> dict[str, int]:
+    """Bad samples skipped so far, by kind, summed over sources and ranks.  Collective."""
+    skipped: dict[str, int] = {}
+    for per_rank in distributed.all_gather_object({k: s.skipped for k, s in streams.items()}):
+        for counts in per_rank.values():
+            for kind, n in counts.items():
+                skipped[kind] = skipped.get(kind, 0) + n
+    return skipped
+
+
+def _run_info(
+    recipe: Recipe,
+    resolved: Resolved,
+    task: Task,
+    start_step: int,
+    step: int,
+    t_start: float,
+    last_checkpoint: str,
+    bad_steps: int,
+) -> dict[str, Any]:
+    """The summary's facts about this attempt (steps `start_step` -> `step`)."""
+    stage = zero_stage(resolved.ds_config)
+    return {
+        "recipe": recipe.name,
+        "steps": f"{start_step} -> {step} of {recipe.train.steps}",
+        "world_size": distributed.world_size(),
+        "zero_stage": stage,
+        "precision": recipe.precision,
+        "global_batch_size": recipe.train.global_batch_size,
+        "grad_accum": resolved.grad_accum,
+        "parameters": task.model.num_params()
+        if stage != 3
+        else sum(getattr(p, "ds_numel", p.numel()) for p in task.model.parameters()),
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+        "checkpoint": last_checkpoint,
+        "bad_steps": bad_steps,
+    }
+
+
 def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the run summary.  Collective: call on every rank."""
     # ZeRO-3 replaces torch.nn.functional.linear with its memory-efficient version for good
@@ -290,15 +335,18 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                             bad_steps,
                         )
                     if streak >= recipe.train.max_bad_steps:
-                        good = checkpoint.latest_tag(ckpt_dir)
+                        # the one resume=auto would take: a checkpoint with a manifest may
+                        # still be damaged (truncated, bit-flipped)
+                        good = checkpoint.newest_valid(ckpt_dir, "train.max_bad_steps")
                         raise NonFiniteError(
                             f"train.max_bad_steps: {streak} consecutive steps ({step - streak + 1}.."
                             f"{step}) had a non-finite loss or gradient and were skipped; stopping. "
                             + (
                                 f"The last good checkpoint is {ckpt_dir / good}"
                                 if good
-                                else "No checkpoint was written."
-                            )
+                                else "There is no good checkpoint."
+                            ),
+                            ckpt_dir / good if good else None,
                         )
                 log.advance()
                 evaluate = recipe.eval.every > 0 and step % recipe.eval.every == 0
@@ -343,31 +391,21 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                     )
                     log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)
+    except NonFiniteError as err:
+        # a planned end of the run, on every rank at the same step (the skip decision is
+        # global), so the summary's gathers are safe here, unlike after any other error
+        good = str(err.checkpoint) if err.checkpoint else "none"
+        info = _run_info(recipe, resolved, task, start_step, step, t_start, good, bad_steps)
+        log.close({**info, "stopped": str(err)}, _skipped(streams))
+        raise
     except BaseException:
         log.abort()
         raise
     finally:
         key_log.close()
-    skipped: dict[str, int] = {}
-    for per_rank in distributed.all_gather_object({k: s.skipped for k, s in streams.items()}):
-        for counts in per_rank.values():
-            for kind, n in counts.items():
-                skipped[kind] = skipped.get(kind, 0) + n
-    info = {
-        "recipe": recipe.name,
-        "steps": f"{start_step} -> {step} of {recipe.train.steps}",
-        "world_size": world,
-        "zero_stage": zero_stage(resolved.ds_config),
-        "precision": recipe.precision,
-        "global_batch_size": recipe.train.global_batch_size,
-        "grad_accum": resolved.grad_accum,
-        "parameters": task.model.num_params()
-        if zero_stage(resolved.ds_config) != 3
-        else sum(getattr(p, "ds_numel", p.numel()) for p in task.model.parameters()),
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-        "checkpoint": str(ckpt_dir / checkpoint.tag_of(step)),
-        "bad_steps": bad_steps,
-    }
+    skipped = _skipped(streams)
+    last = str(ckpt_dir / checkpoint.tag_of(step))
+    info = _run_info(recipe, resolved, task, start_step, step, t_start, last, bad_steps)
     log.close(info, skipped)
     return {
         **info,

@@ -77,6 +77,58 @@ def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in _weights(run, 4).values())
 
 
+def test_bad_step_stop_writes_the_summary(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A stop on train.max_bad_steps is an end of the run like any other: summary.md (and
+    loss.png) are written, with the reason of the stop and the last good checkpoint."""
+    from mmssl.train.cli import main
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
+    recipe = synthetic_recipe(tmp_path, "m", 8, 20, 2, max_bad_steps=3)
+    assert main([str(recipe), "checkpoint.every=2"]) == 1
+    run = tmp_path / "m"
+    summary = (run / "summary.md").read_text()
+    assert "- stopped: train.max_bad_steps: 3 consecutive steps (3..5)" in summary, summary
+    assert f"- checkpoint: {run / 'checkpoints' / tag_of(4)}\n" in summary, summary
+    assert "- steps: 0 -> 5 of 8" in summary and "- bad_steps: 3" in summary, summary
+    assert (run / "loss.png").is_file()
+
+
+def test_bad_step_stop_names_only_an_intact_checkpoint(
+    tmp_path: Path,
+    in_process: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 'last good checkpoint' of the stop is one the resume would take: a newer one that
+    has its manifest but a truncated file is passed over (and named as skipped)."""
+    from mmssl.train import checkpoint
+    from mmssl.train.cli import main
+
+    save = checkpoint.save
+
+    def save_then_truncate(engine, ckpt_dir, step, *args, **kwargs):  # noqa: ANN001, ANN202
+        folder = save(engine, ckpt_dir, step, *args, **kwargs)
+        if step == 4:  # damaged after its manifest was written (a disk fault, a bad copy)
+            victim = max((p for p in folder.rglob("*.pt")), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[:100])
+        return folder
+
+    monkeypatch.setattr(checkpoint, "save", save_then_truncate)
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
+    recipe = synthetic_recipe(tmp_path, "t", 8, 20, 2, max_bad_steps=3)
+    assert main([str(recipe), "checkpoint.every=2"]) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "t"
+    stop = [x for x in err.splitlines() if "train.max_bad_steps: 3 consecutive" in x]
+    assert len(stop) == 1, err
+    assert f"The last good checkpoint is {run / 'checkpoints' / tag_of(2)}" in stop[0], stop
+    assert tag_of(4) not in stop[0], stop
+    assert f"skipping checkpoint {run / 'checkpoints' / tag_of(4)}" in caplog.text
+
+
 def test_a_bad_streak_continues_across_a_resume(
     tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
