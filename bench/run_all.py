@@ -108,6 +108,18 @@ def _table(record: dict) -> list[str]:
     return lines + [""]
 
 
+def _with_command(section: str, shown: str) -> str:
+    """A bench's own markdown section with its `Command:` line as a user would type it: the
+    bench writes the arguments it was given, run_all's temporary --markdown path among them."""
+    lines = section.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("Command: `"):
+            rest = line.split("`", 2)[2]
+            lines[i] = f"Command: `{shown}`{rest}"
+            break
+    return "\n".join(lines)
+
+
 def _fast_bf16_isa(m: dict) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & set(m["isa"]))
 
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "# mmssl benchmark results",
         "",
         "Written by `python bench/run_all.py"
-        + (" " + " ".join(argv) if argv else "")
+        + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
         + "`"
         + f" on {time.strftime('%Y-%m-%d %H:%M')}. Method: bench/common.py.",
         "",
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(f"Wall time of the bench: {seconds:.0f} s.")
                 out.append("")
             elif name in MARKDOWN_BENCHES:
-                section = (Path(tmp) / f"{name}.md").read_text()
+                section = _with_command((Path(tmp) / f"{name}.md").read_text(), shown)
                 records[name] = section
                 out += [section, f"Wall time of the bench: {seconds:.0f} s.", ""]
             else:

@@ -29,8 +29,9 @@ def _takes_threads(script: str, capsys) -> bool:
     return "--threads" in capsys.readouterr().out
 
 
-def _record_commands(monkeypatch) -> list[list[str]]:
-    """run_all's bench commands, recorded instead of run (each reports failure)."""
+def _record_commands(monkeypatch, succeed: bool = False) -> list[list[str]]:
+    """run_all's bench commands, recorded instead of run (each reports failure; succeed:
+    each writes its --markdown section as the bench does, with the arguments it was given)."""
     import subprocess
 
     import run_all
@@ -39,6 +40,11 @@ def _record_commands(monkeypatch) -> list[list[str]]:
 
     def fake_run(cmd, **kwargs):
         commands.append(cmd)
+        if succeed and "--markdown" in cmd:
+            command = " ".join(["python", f"bench/{Path(cmd[1]).name}", *cmd[2:]])
+            section = f"### {Path(cmd[1]).stem}\n\nCommand: `{command}`  \n- a figure\n"
+            Path(cmd[cmd.index("--markdown") + 1]).write_text(section)
+            return subprocess.CompletedProcess(cmd, 0, "", "")
         return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
 
     monkeypatch.setattr(run_all.subprocess, "run", fake_run)
@@ -84,6 +90,37 @@ def test_run_all_builds_the_same_commands_when_run_twice(tmp_path: Path, monkeyp
     strip = [[a for a in c if not a.startswith(tmp)] for c in commands]
     assert strip[:3] == strip[3:]
     assert all(c.count("--markdown") <= 1 for c in commands), commands
+
+
+def _run_all_cli(tmp_path: Path, monkeypatch, capsys, *args: str) -> str:
+    """RESULTS.md of `python bench/run_all.py ARGS` (main() reads sys.argv), benches faked."""
+    import run_all
+
+    _record_commands(monkeypatch, succeed=True)
+    out = tmp_path / "R.md"
+    monkeypatch.setattr(sys, "argv", ["run_all.py", *args, "--out", str(out)])
+    assert run_all.main() == 0
+    capsys.readouterr()
+    return out.read_text()
+
+
+def test_run_all_header_shows_its_command_line_arguments(tmp_path: Path, monkeypatch, capsys):
+    text = _run_all_cli(tmp_path, monkeypatch, capsys, "--quick", "--only", "actckpt")
+    assert "Written by `python bench/run_all.py --quick --only actckpt --out " in text
+
+
+def test_run_all_shows_the_commands_a_user_types(tmp_path: Path, monkeypatch, capsys) -> None:
+    """RESULTS.md's Command lines hold no temporary --markdown path (run_all's own argument
+    to the benches that write their own section)."""
+    only = ("--only", "actckpt,host_memory")
+    text = _run_all_cli(tmp_path, monkeypatch, capsys, "--quick", *only)
+    commands = [line for line in text.splitlines() if line.startswith("Command:")]
+    assert commands == [
+        "Command: `python bench/bench_actckpt.py --quick`  ",
+        "Command: `python bench/bench_host_memory.py --quick --steps 2`  ",
+    ]
+    assert "--markdown" not in text
+    assert "- a figure\n\nWall time of the bench" in text  # the section's end is kept
 
 
 @pytest.mark.parametrize("value", ["77,90", "80,200"])
