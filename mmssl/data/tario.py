@@ -18,15 +18,43 @@ from mmssl.data.errors import DataError, SkipCounter
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand one pattern or a list of them (`::` also separates patterns)."""
+    """Brace-expand one pattern or a list of them (`::` also separates patterns, see
+    `split_patterns`)."""
     from braceexpand import braceexpand
 
     patterns = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for pattern in patterns:
-        for part in str(pattern).split("::"):
+        for part in split_patterns(str(pattern)):
             out.extend(braceexpand(part.strip()))
     return out
+
+
+def split_patterns(text: str) -> list[str]:
+    """Split `::`-joined patterns, as webdataset does, but keep the `::` of an address.
+
+    webdataset splits on every `::`, which cuts `pipe:curl -s http://[::1]:8000/a.tar` in
+    three.  Here a `::` inside brackets (an IPv6 host in a URL) never separates, and inside
+    a `pipe:` command one separates only when a `pipe:` command follows it: the command's
+    own `::` (`pipe:ssh ::1 cat a.tar`) is kept.  A local pattern after a command therefore
+    needs a list of patterns rather than `::`.
+    """
+    parts: list[str] = []
+    start = depth = i = 0
+    while i < len(text):
+        if text[i] == "[":
+            depth += 1
+        elif text[i] == "]" and depth:
+            depth -= 1
+        elif depth == 0 and text.startswith("::", i):
+            in_pipe = text[start:].lstrip().startswith("pipe:")
+            if not in_pipe or text[i + 2 :].lstrip().startswith("pipe:"):
+                parts.append(text[start:i])
+                start = i = i + 2
+                continue
+        i += 1
+    parts.append(text[start:])
+    return parts
 
 
 def is_local(url: str) -> bool:

@@ -244,3 +244,28 @@ def test_empty_extension_is_a_field_named_empty_as_in_webdataset(tmp_path) -> No
     ]
     assert want == [("a", {"": b"0", "txt": b"1"}), ("b", {"jpg": b"2"}), ("d", {"": b"4"})]
     assert _read(path) == (want, {})
+
+
+def test_double_colon_of_an_address_in_a_command_does_not_split_it(archives) -> None:
+    # webdataset splits on every `::`: these commands came out cut into pieces
+    shard = archives[0]
+    url6 = "pipe:curl -s http://[::1]:8000/a-{0..1}.tar"
+    assert expand_urls(url6) == [
+        "pipe:curl -s http://[::1]:8000/a-0.tar",
+        "pipe:curl -s http://[::1]:8000/a-1.tar",
+    ]
+    bare = f"pipe:echo ::1 > /dev/null; cat {shard}"  # an unbracketed address (ssh ::1 ...)
+    assert expand_urls(bare) == [bare]
+    # `::` still joins patterns and commands, and a list of them
+    joined = f"{shard} :: pipe:cat {shard}::{bare}::pipe:curl http://[::1]/b.tar"
+    assert expand_urls([joined, "c-{0..1}.tar"]) == [
+        shard,
+        f"pipe:cat {shard}",
+        bare,
+        "pipe:curl http://[::1]/b.tar",
+        "c-0.tar",
+        "c-1.tar",
+    ]
+    assert expand_urls("http://[::1]:8000/a.tar::b.tar") == ["http://[::1]:8000/a.tar", "b.tar"]
+    (url,) = expand_urls(f"pipe:test -n '[::1]' && cat {shard}")
+    assert _read(url) == _read(shard)
