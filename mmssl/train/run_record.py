@@ -55,6 +55,18 @@ def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+def _loader_workers(recipe: dict[str, Any]) -> int | None:
+    """The loader workers whose positions a checkpoint of `recipe` holds, per rank (the
+    pipeline runs `data.workers` 0 as one logical worker); None when no source the
+    objectives read has a loader (synthetic data keeps a plain index)."""
+    data = recipe.get("data") or {}
+    sources = data.get("sources") or {}
+    used = {o.get("source", "train") for o in (recipe.get("objectives") or {}).values()}
+    if not any(sources.get(n, {}).get("urls") != "synthetic" for n in used if n in sources):
+        return None
+    return max(1, int(data.get("workers") or 0))
+
+
 def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
     """Before anything is loaded or written: the checkpoint's run record (saved beside it)
     against this run.  A ConfigError names what differs; checkpoints saved before the record
@@ -88,3 +100,13 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
                 f"resume keeps {', '.join(RESUME_FIXED)}: change them in a new run (another "
                 f"name)"
             )
+    # the data positions are saved per loader worker: checked here, before DeepSpeed loads
+    # the checkpoint, rather than by the data state once everything else is loaded
+    was, now = _loader_workers(saved), _loader_workers(recipe)
+    if was is not None and now is not None and was != now:
+        old, new = _at(saved, "data.workers"), _at(recipe, "data.workers")
+        raise ConfigError(
+            f"data.workers is {new!r} but checkpoint {folder} was trained with {old!r}; the "
+            f"saved data positions are per loader worker, so a resume keeps data.workers "
+            f"(0 and 1 are both one worker)"
+        )

@@ -65,3 +65,29 @@ def test_resume_compares_a_record_with_a_removed_field_as_saved(tmp_path: Path) 
     folder = _record(tmp_path / "r", old)
     with pytest.raises(ConfigError, match="optim.retired_knob"):
         check_resume(folder, now, 1, 0)
+
+
+def _loader_recipe(workers: int) -> dict:
+    return _resolved(data={"sources": {"train": {"urls": "shards/{0..3}.tar"}}, "workers": workers})
+
+
+def test_resume_refuses_changed_data_workers_naming_the_recipe_key(tmp_path: Path) -> None:
+    """The data positions are saved per loader worker: a changed `data.workers` is refused
+    from the run record, before DeepSpeed loads anything, naming the recipe key (not the
+    pipeline's `num_workers`)."""
+    folder = _record(tmp_path / "w", _loader_recipe(2))
+    check_resume(folder, _loader_recipe(2), 1, 0)
+    with pytest.raises(ConfigError, match=r"data\.workers is 3 but checkpoint .* with 2"):
+        check_resume(folder, _loader_recipe(3), 1, 0)
+    with pytest.raises(ConfigError, match=r"data\.workers is 0 but"):
+        check_resume(folder, _loader_recipe(0), 1, 0)
+
+
+def test_resume_data_workers_zero_and_one_are_the_same_loader(tmp_path: Path) -> None:
+    """The pipeline runs 0 workers as one logical worker, and synthetic data keeps no
+    per-worker position: neither change is refused."""
+    folder = _record(tmp_path / "one", _loader_recipe(0))
+    check_resume(folder, _loader_recipe(1), 1, 0)
+    synthetic = {"train": {"urls": "synthetic"}}
+    folder = _record(tmp_path / "s", _resolved(data={"sources": synthetic}))
+    check_resume(folder, _resolved(data={"sources": synthetic, "workers": 4}), 1, 0)

@@ -449,3 +449,27 @@ def test_export_records_the_runs_tokenizer_and_eval_uses_it(
     loaded = load_model(str(tmp_path / "path"))
     assert loaded.config["tokenizer"]["name"] == str((tmp_path / "mytok").resolve())
     assert loaded.tokenizer().path.parent == (tmp_path / "mytok").resolve()
+
+
+def test_resume_with_other_data_workers_is_refused_before_loading(
+    demo_data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A changed `data.workers` is refused from the run record, before DeepSpeed loads the
+    checkpoint, in one line naming the recipe key; the run directory is left as it was."""
+    from mmssl.train import checkpoint
+    from mmssl.train.cli import main
+
+    base = [QUICK, *tiny_overrides(demo_data, str(tmp_path), "w"), "train.steps=2"]
+    _train([*base, "data.workers=1", "train.stop_at=1"])
+    before = (tmp_path / "w" / "metrics.jsonl").read_text()
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded before the data.workers check")
+
+    monkeypatch.setattr(checkpoint, "load", no_load)
+    capsys.readouterr()
+    assert main([*base, "data.workers=2", "checkpoint.resume=auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmssl train: error: data.workers is 2 but checkpoint"), err
+    assert "num_workers" not in err[-1]
+    assert (tmp_path / "w" / "metrics.jsonl").read_text() == before
