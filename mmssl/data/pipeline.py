@@ -47,7 +47,10 @@ from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
 from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
 
-STATE_VERSION = 2
+# 3: in resampled mode each source draws its shards from its own seeded stream (version 2
+# drew the same indices for every source); the streams of epoch mode and of source 0 are
+# unchanged, so version 2 states of those still load
+STATE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,18 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, want in self._identity().items():
+        identity = self._identity()
+        if state.get("version") == 2 and state.get("mode") == self.plan.mode:
+            if self.plan.mode == "epoch" or len(self.plan.sources) == 1:
+                identity["version"] = 2  # the same stream as version 3: it continues exactly
+            else:
+                raise DataError(
+                    "data state version 2 was saved when every source of a resampled mixture "
+                    "drew the same shard indices; here each source draws its own, so the saved "
+                    "position of sources after the first is no continuation: resume with the "
+                    "mmssl version that saved it, or start the data stream afresh"
+                )
+        for key, want in identity.items():
             if state.get(key) != want:
                 raise DataError(
                     f"data state was saved with {key}={state.get(key)!r} but this pipeline has "

@@ -138,6 +138,7 @@ class _Worker:
                 shard_counts=src.shard_counts,
                 need=need,
                 run=run,
+                source=index,
             )
             key = [plan.seed, epoch, plan.rank, worker, zlib_crc(src.name)]
             stream = SampleStream(

@@ -4,7 +4,8 @@ Everything is a pure function of (seed, epoch, rank, worker) plus a small positi
 checkpoint stores only numbers:
 
 - the shard sequence: in epoch mode the worker's part of a seeded permutation of the
-  shards, cycled; in resampled mode draws with replacement from a counter-based RNG.
+  shards, cycled; in resampled mode draws with replacement from a counter-based RNG of
+  its own per source (seeded by seed, rank, worker and the source's index).
   Shard `k` of the sequence is computable without replaying `0..k-1`.  With per-shard
   sample counts the epoch is split by samples: the permuted shards are read as one
   sequence of samples, and each (rank, worker) slot takes a contiguous run of the samples
@@ -55,13 +56,18 @@ class ShardSequence:
         shard_counts: Sequence[int] = (),
         need: Sequence[int] = (),
         run: tuple[int, int] | None = None,
+        source: int = 0,
     ) -> None:
         """need: epoch mode with shard_counts: the samples of every (rank, worker) slot,
         rank-major; each slot's run starts where the previous slot's ends.  run: instead
-        of need, this slot's run as (first sample, count) in the epoch's sample order."""
+        of need, this slot's run as (first sample, count) in the epoch's sample order.
+        source: the source's index in the mixture, which seeds its own resampled draws."""
         self.mode = mode
         self.num_shards = num_shards
-        self.key = [seed, rank, worker]
+        # one draw stream per source: with a shared key, sources of equal shard counts drew
+        # the same shard indices in lockstep.  Source 0 keeps the key it had before (state
+        # version 2), so single-source resampled states saved then still resume exactly.
+        self.key = [seed, rank, worker] + ([source] if source else [])
         self.bounds: list[tuple[int, int]] | None = None  # per k % len(mine): [start, stop)
         if mode == "epoch":
             perm = epoch_order(seed, epoch, num_shards)

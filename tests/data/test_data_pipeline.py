@@ -189,6 +189,42 @@ def test_state_from_other_layout_is_refused(image_shards):
     build_pipeline(image_shards, shuffle=5, **kw).load_state_dict(saved)  # the same: accepted
 
 
+def test_resampled_sources_of_equal_shard_counts_draw_their_own_shards(image_shards):
+    # the draws of every source used to come from one RNG stream: two sources over the same
+    # 8 shards read the same shards in the same order
+    sources = [Source(image_shards, name="a"), Source(image_shards, name="b")]
+    kw = dict(batch_size=6, rank=0, world_size=1, shuffle=1, image_size=8, num_views=0)
+    draws: dict[str, list[int]] = {"a": [], "b": []}
+    for batch in _take(build_pipeline(sources=sources, **kw), 60):
+        shards = {int(k[1:]) // 6 for k in batch["__key__"]}  # 6 samples: one whole shard
+        assert len(shards) == 1
+        draws[batch["source"]].extend(shards)
+    n = min(len(d) for d in draws.values())
+    same = sum(x == y for x, y in zip(draws["a"][:n], draws["b"][:n]))
+    assert n >= 20 and same < n / 3  # independent draws from 8 shards agree 1 time in 8
+
+
+def test_version_2_states_load_where_the_stream_is_unchanged(image_shards):
+    kw = dict(batch_size=2, rank=0, world_size=1, shuffle=3, image_size=8, num_views=0)
+    for mode in ("resampled", "epoch"):  # one source: its draws are those of version 2
+        head = build_pipeline(image_shards, mode=mode, **kw)
+        _take(head, 3)
+        saved = {**head.state_dict(), "version": 2}
+        want = [_sig(b) for b in _take(head, 4)]
+        tail = build_pipeline(image_shards, mode=mode, **kw)
+        tail.load_state_dict(saved)
+        assert [_sig(b) for b in _take(tail, 4)] == want
+    # a resampled mixture: version 2 drew other shards for the second source
+    sources = [Source(image_shards, name="a"), Source(image_shards, name="b")]
+    mixed = build_pipeline(sources=sources, **kw)
+    _take(mixed, 3)
+    saved = {**mixed.state_dict(), "version": 2}
+    with pytest.raises(DataError, match="version 2 .* resampled mixture"):
+        build_pipeline(sources=sources, **kw).load_state_dict(saved)
+    with pytest.raises(DataError, match="version=1"):
+        build_pipeline(image_shards, **kw).load_state_dict({**saved, "version": 1})
+
+
 def test_state_after_an_epochs_last_batch_resumes_with_the_next_epoch(image_shards):
     kw = dict(batch_size=2, rank=0, world_size=1, mode="epoch", shuffle=3)
     head = build_pipeline(image_shards, **kw)
