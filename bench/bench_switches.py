@@ -2,6 +2,7 @@
 `train.compile`, each against the default recipe, on the same weights and batches.
 
     python bench/bench_switches.py [--model vit_s16] [--image-size 112] [--batch 16]
+        [--compile | --no-compile]
 
 Every path is one engine built by mmssl's training path (recipe -> validate -> Task ->
 `mmssl.train.engine.initialize`, ZeRO-0, one process, fp32) with a SimCLR objective on
@@ -9,6 +10,9 @@ Every path is one engine built by mmssl's training path (recipe -> validate -> T
 paths alternate round by round (bench/common.py).  `optim.impl=deepspeed` (the default)
 needs DeepSpeed's FusedAdam extension, which is built on first use (minutes): the path is
 skipped when the extension is not built yet, unless --build-extension is given.
+`train.compile=true` runs by default (--no-compile leaves it out; --quick too, unless
+--compile is given); a compilation that fails runs the Blocks eagerly (mmssl.nn.compile's
+fallback), and the row's name then says so.
 """
 
 from __future__ import annotations
@@ -47,8 +51,20 @@ def deepspeed_adam_built() -> bool:
     return (build / "fused_adam.so").is_file()
 
 
-def make_step(name: str, overrides: dict, args) -> tuple[common.Run, float]:
-    """An engine for `overrides` -> (its Run, the loss of its first batch, for a check)."""
+def compile_fallback(module: torch.nn.Module) -> str | None:
+    """Why the compiled Blocks of `module` run eagerly (mmssl.nn.compile's fallback), or None."""
+    from mmssl.nn.compile import CompiledForward
+
+    for m in module.modules():
+        forward = getattr(m, "forward", None)
+        if isinstance(forward, CompiledForward) and forward.failed:
+            return forward.failed
+    return None
+
+
+def make_step(name: str, overrides: dict, args) -> tuple[common.Run, float, torch.nn.Module]:
+    """An engine for `overrides` -> (its Run, the loss of its first batch, for a check, and
+    the engine's module)."""
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.engine import initialize
     from mmssl.train.loop import to_device
@@ -83,16 +99,24 @@ def make_step(name: str, overrides: dict, args) -> tuple[common.Run, float]:
         engine.backward(loss)
         engine.step()
 
-    return common.Run(name, "mmssl", "float32", step), first
+    return common.Run(name, "mmssl", "float32", step), first, engine.module
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = common.base_parser(__doc__, bf16=False)
+    p = common.base_parser(__doc__, bf16=False, compile=False)
     p.add_argument("--batch", type=int, default=16, help="images per step (x 2 views)")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--model", default="vit_s16")
     p.add_argument("--build-extension", action="store_true", help="allow the FusedAdam build")
-    p.add_argument("--no-compile", action="store_true", help="leave out train.compile=true")
+    compile_opts = p.add_mutually_exclusive_group()
+    compile_opts.add_argument(
+        "--compile",
+        action="store_true",
+        help="time train.compile=true even with --quick (without --quick it runs by default)",
+    )
+    compile_opts.add_argument(
+        "--no-compile", action="store_true", help="leave out train.compile=true"
+    )
     args = p.parse_args(argv)
     problem = common.image_args_problem(args, min_batch=2)
     if problem:
@@ -104,16 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
     peaks = {"float32": common.matmul_peak(torch.float32, reps=3)}
     init_distributed()
-    runs, firsts = [], {}
+    runs, firsts, modules = [], {}, {}
     for name, overrides in PATHS.items():
         if "deepspeed" in name and not (args.build_extension or deepspeed_adam_built()):
             skipped = common.Run(name, "mmssl", "float32", lambda: None)
             skipped.skipped = "DeepSpeed FusedAdam extension not built (--build-extension)"
             runs.append(skipped)
             continue
-        if "compile" in name and (args.no_compile or args.quick):
+        if "compile" in name and (args.no_compile or (args.quick and not args.compile)):
             continue
-        run, firsts[name] = make_step(name, overrides, args)
+        run, firsts[name], modules[name] = make_step(name, overrides, args)
         runs.append(run)
     spread = max(firsts.values()) - min(firsts.values())
     print(f"same weights and batch: first losses within {spread:.1e}")
@@ -123,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     base.side = "peer"  # the reference of the ratios: the default recipe
     print(f"torch threads {threads}; timing {sum(not r.skipped for r in runs)} paths", flush=True)
     rounds = common.alternate(runs, args.rounds, args.budget, 2 if args.quick else 3, peaks)
+    for run in runs:
+        reason = compile_fallback(modules[run.name]) if run.name in modules else None
+        if reason:  # the row timed eager Blocks: not what its name would claim
+            print(f"  {run.name}: compilation failed, the Blocks ran eagerly ({reason})")
+            run.name += " (compile failed: ran eagerly)"
     config = {
         "model": args.model,
         "image_size": args.image_size,
