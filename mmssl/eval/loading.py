@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from mmssl.eval.data import Preprocess
 
 if TYPE_CHECKING:
+    from mmssl.models.io import LogitParams
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.tokenizer import Tokenizer
 
@@ -59,6 +60,17 @@ class Loaded:
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
             tuple(std) if std is not None else None,  # type: ignore[arg-type]
         )
+
+    @property
+    def logit_params(self) -> dict[str, LogitParams]:
+        """{objective: learned logit scale and bias} of its clip and siglip objectives."""
+        from mmssl.models.io import read_logit_params
+        from mmssl.schema import ConfigError
+
+        try:
+            return read_logit_params(self.model_dir)
+        except ConfigError as err:
+            raise EvalError(str(err)) from None
 
     def tokenizer(self, override: str | None = None) -> Tokenizer:
         return load_tokenizer(self.config, self.model_dir, self.model, override)

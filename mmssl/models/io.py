@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from mmssl.models.config import ModelConfig
 from mmssl.models.multimodal import MultimodalModel
@@ -132,7 +134,81 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{cfg_path}: missing the 'model' section")
+    _check_descriptor(data.get("descriptor"), cfg_path)
     return data
+
+
+def _check_descriptor(record: Any, cfg_path: Path) -> None:
+    """ConfigError unless config.json's "descriptor" (the augmentation descriptor layout the
+    model was trained with: `DescriptorLayout.to_dict()`, or just its version) is absent or a
+    layout this version of mmssl knows, as it knows it: a later layout would be read with
+    v1's meaning."""
+    from mmssl.descriptor import LAYOUTS
+
+    if record is None:
+        return  # saved by save_pretrained alone, not by `mmssl export`
+    version = record.get("version") if isinstance(record, dict) else record
+    if not isinstance(version, str):
+        raise ConfigError(f"{cfg_path}: 'descriptor' has no layout version: {record!r}")
+    if version not in LAYOUTS:
+        raise ConfigError(
+            f"{cfg_path}: unknown augmentation descriptor layout {version!r} (this mmssl "
+            f"knows {', '.join(sorted(LAYOUTS))}); a newer mmssl exported it"
+        )
+    if isinstance(record, dict) and record != LAYOUTS[version].to_dict():
+        raise ConfigError(
+            f"{cfg_path}: 'descriptor' {version} does not match layout {version}: "
+            f"{LAYOUTS[version].describe()}"
+        )
+
+
+@dataclass(frozen=True)
+class LogitParams:
+    """The learned logit scale and bias of a contrastive objective, as exported."""
+
+    type: str  # "clip" (softmax over the texts) or "siglip" (a sigmoid per pair)
+    logit_scale: float  # log of the multiplier, as open_clip's `logit_scale`
+    logit_bias: float | None  # siglip's; None for clip
+
+    def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """image_emb (N, E), text_emb (M, E) -> (N, M) exp(logit_scale) * cos + logit_bias."""
+        cos = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T
+        return math.exp(self.logit_scale) * cos + (self.logit_bias or 0.0)
+
+    def probabilities(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """(N, M): siglip's sigmoid of each pair's logit, clip's softmax over the M texts."""
+        logits = self.logits(image_emb, text_emb)
+        return logits.sigmoid() if self.type == "siglip" else logits.softmax(-1)
+
+
+def read_logit_params(path: str | Path) -> dict[str, LogitParams]:
+    """{objective: LogitParams} of every clip and siglip objective an exported model was
+    trained with (config.json "logits"); {} for an export without them."""
+    return _logit_params(read_config(path), Path(path) / CONFIG)
+
+
+def _logit_params(data: dict[str, Any], cfg_path: Path) -> dict[str, LogitParams]:
+    record = data.get("logits", {})
+    if not isinstance(record, dict):
+        raise ConfigError(f"{cfg_path}: 'logits' must be an object, got {record!r}")
+    out = {}
+    for key, entry in record.items():
+        where = f"{cfg_path}: logits.{key}"
+        if not isinstance(entry, dict) or entry.get("type") not in ("clip", "siglip"):
+            raise ConfigError(f"{where} must be an object with type 'clip' or 'siglip'")
+        scale: Any = entry.get("logit_scale")
+        bias: Any = entry.get("logit_bias")
+        for name, value in (("logit_scale", scale), ("logit_bias", bias)):
+            if value is None and (name == "logit_scale" or entry["type"] == "siglip"):
+                raise ConfigError(f"{where}.{name} is missing")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
+        out[key] = LogitParams(entry["type"], float(scale), None if bias is None else float(bias))
+    return out
 
 
 def check_model_config(cfg: ModelConfig, where: str) -> None:
@@ -160,6 +236,7 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
     """Rebuild the model of an exported directory and load its weights (strict)."""
     data = read_config(path)
     cfg_path = Path(path) / CONFIG
+    _logit_params(data, cfg_path)  # a damaged record fails the load, not a later use
     try:
         cfg = from_dict(ModelConfig, data["model"], "model")
     except ConfigError as err:

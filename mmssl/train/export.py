@@ -12,7 +12,9 @@ exports its bf16 weights, cast to fp32.
 
 The model and the preprocessing in `config.json` come from the recipe recorded with the
 exported checkpoint (`mmssl_run.json`), not from RUN_DIR/recipe.yaml, which a later resume
-may have changed.
+may have changed.  Beside it, config.json records the learned logit scale and bias of the
+clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
+`mmssl.models.io.read_logit_params` reads back.
 
 The checkpoint's files are checked against its manifest (sha256) first, and every
 `torch.load` runs with `weights_only=True` and the allow-list of
@@ -186,7 +188,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
     model = MultimodalModel(cfg)
     model.load_state_dict(model_state(state, model), strict=True)
     dest = Path(out) if out is not None else run / "export"
-    extra = {
+    extra: dict[str, Any] = {
         "recipe": recipe.name,
         "checkpoint": tag,
         "descriptor": get_layout("v1").to_dict(),
@@ -198,11 +200,38 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
             "std": recipe.data.std,
         },
     }
+    logits = logit_record(state, recipe)
+    if logits:
+        extra["logits"] = logits
     if cfg.text is not None:
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
         extra["tokenizer"] = _tokenizer_record(recipe)
     return save_pretrained(model.eval(), dest, extra)
+
+
+def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, dict[str, Any]]:
+    """{objective: {"type", "logit_scale", "logit_bias"}} of every clip and siglip objective:
+    the learned scale as its log (open_clip's `logit_scale`) and siglip's bias, which zero-shot
+    probabilities need (sigmoid(exp(logit_scale) * cos + logit_bias)).  SigLIP's are the loss's
+    parameters, not the model's, so the weights alone lost them.  CLIP's is the model's
+    `logit_scale`, recorded clamped at the objective's max_logit_scale as its loss uses it."""
+    import math
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, obj in recipe.objectives.items():
+        kind = obj.type or key
+        if kind == "siglip":
+            scale = task_state.get(f"losses.{key}.logit_scale")
+            bias = task_state.get(f"losses.{key}.logit_bias")
+            if scale is not None and bias is not None:
+                out[key] = {"type": kind, "logit_scale": float(scale), "logit_bias": float(bias)}
+        elif kind == "clip" and f"{PREFIX}logit_scale" in task_state:
+            log_scale = min(
+                float(task_state[f"{PREFIX}logit_scale"]), math.log(obj.max_logit_scale)
+            )
+            out[key] = {"type": kind, "logit_scale": log_scale, "logit_bias": None}
+    return out
 
 
 def _tokenizer_record(recipe: Any) -> dict[str, Any]:
