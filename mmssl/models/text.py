@@ -8,7 +8,7 @@ from torch import nn
 
 from mmssl.models.config import TextConfig
 from mmssl.models.trunk import build_trunk
-from mmssl.nn import Norm, RotaryEmbedding, Transformer
+from mmssl.nn import KVCache, Norm, RotaryEmbedding, Transformer
 
 
 def last_valid_index(text_mask: torch.Tensor) -> torch.Tensor:
@@ -79,18 +79,28 @@ class TextTransformer(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """text: (B, T) int64 -> final-normed hidden states (B, T, D).
 
         prefix: optional (B, P, D) embeddings run before the text (a caption prefix); they get
         no text position and are dropped from the output.
+        kv_cache: `text` continues the `kv_cache.length` tokens already run (causal towers
+        only); its positions start there, and the cache gets its keys and values.
         """
         b, t = text.shape
-        if t > self.cfg.context_length:
-            raise ValueError(f"text length {t} exceeds context_length {self.cfg.context_length}")
+        start = 0
+        if kv_cache is not None:
+            if not self.cfg.causal or prefix is not None or text_mask is not None:
+                raise ValueError("a kv cache needs a causal text tower, no prefix, no text_mask")
+            start = kv_cache.length
+        if start + t > self.cfg.context_length:
+            raise ValueError(
+                f"text length {start + t} exceeds context_length {self.cfg.context_length}"
+            )
         x = self.token_embed(text)  # (B, T, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed[:t].to(x.dtype)
+            x = x + self.pos_embed[start : start + t].to(x.dtype)
         num_prefix = 0
         if prefix is not None:
             num_prefix = prefix.shape[1]
@@ -101,8 +111,10 @@ class TextTransformer(nn.Module):
             attn_mask = keys[:, None, None, :]  # (B, 1, 1, P + T)
         rope = None
         if self.rope is not None:
-            rope = self.rope(torch.arange(t, device=text.device))
-        x = self.trunk(x, is_causal=self.cfg.causal, attn_mask=attn_mask, rope=rope)
+            rope = self.rope(torch.arange(start, start + t, device=text.device))
+        x = self.trunk(
+            x, is_causal=self.cfg.causal, attn_mask=attn_mask, rope=rope, kv_cache=kv_cache
+        )
         return self.norm(x[:, num_prefix:])
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -165,8 +177,12 @@ class TextTransformer(nn.Module):
     ) -> torch.Tensor:
         """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
 
-        temperature 0 is greedy decoding.  Rows that emitted `eos_id` keep emitting it.
-        The prompt window slides when it grows past context_length.
+        temperature 0 is greedy decoding.  Rows that emitted `eos_id` keep emitting it, and
+        once every row has, the rest is filled with it without running the model.
+        Runs in eval mode (no dropout) and restores each module's mode afterwards.
+        A causal tower keeps a kv cache, so each new token runs one position.  The prompt
+        window slides when it grows past context_length; sliding moves every position, so
+        from then on each token reruns the whole window, as does a bidirectional tower.
         """
         # a negative temperature would sample from the inverted distribution (the least
         # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
@@ -174,10 +190,33 @@ class TextTransformer(nn.Module):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
             raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            return self._generate(text, max_new_tokens, temperature, top_k, eos_id, generator)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _generate(
+        self,
+        text: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        eos_id: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        ctx = self.cfg.context_length
+        total = text.shape[1] + max_new_tokens
+        cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
         done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
         for _ in range(max_new_tokens):
-            window = text[:, -self.cfg.context_length :]
-            logits = self.logits(window)[:, -1].float()  # (B, V)
+            if cache is not None and text.shape[1] <= ctx:
+                hidden = self.forward_tokens(text[:, cache.length :], kv_cache=cache)
+            else:
+                hidden = self.forward_tokens(text[:, -ctx:])
+            logits = self.head(hidden[:, -1]).float()  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1)
             else:
@@ -191,6 +230,10 @@ class TextTransformer(nn.Module):
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             text = torch.cat([text, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        if text.shape[1] < total:  # every row ended: the documented shape, filled with eos
+            text = F.pad(text, (0, total - text.shape[1]), value=eos_id)  # type: ignore[arg-type]
         return text
 
     def flops_per_token(self) -> float:

@@ -2,6 +2,7 @@
 
 from mmssl.nn.attention import Attention
 from mmssl.nn.block import Block, Transformer
+from mmssl.nn.kv_cache import KVCache, LayerKVCache
 from mmssl.nn.layers import DropPath, LayerScale, PatchEmbed
 from mmssl.nn.mlp import Mlp, SwiGLU, build_mlp
 from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
@@ -13,6 +14,8 @@ __all__ = [
     "ConditionedGate",
     "ConditionedNorm",
     "DropPath",
+    "KVCache",
+    "LayerKVCache",
     "LayerScale",
     "Mlp",
     "Norm",

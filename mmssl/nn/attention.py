@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.nn.kv_cache import LayerKVCache
 from mmssl.nn.pos_embed import apply_rotary
 
 KERNELS = ("auto", "sdpa", "matmul")
@@ -141,7 +142,10 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
+        """kv_cache: the keys and values of earlier positions; x holds the positions after them
+        (their rope is for those positions), and the cache gets this call's keys and values."""
         b, n, d = x.shape
         if self.cross:
             if context is None:
@@ -153,6 +157,18 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and not self.cross:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if kv_cache is not None:
+            if self.cross:
+                raise ValueError("a kv cache is for self-attention")
+            k, v = kv_cache.append(k, v)
+            if is_causal and q.shape[-2] < k.shape[-2]:
+                # SDPA aligns is_causal top-left, but the cached keys come before these
+                # queries: the triangle is bottom-right, and one query sees every key
+                if q.shape[-2] > 1 and attn_mask is None:
+                    attn_mask = torch.ones(
+                        q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device
+                    )
+                is_causal = attn_mask is not None
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             # an additive float mask worked on one kernel only (SDPA in fp32, not causal)
             raise TypeError(f"attn_mask must be bool (True = may attend), got {attn_mask.dtype}")

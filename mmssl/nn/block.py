@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmssl.nn.attention import Attention
+from mmssl.nn.kv_cache import KVCache, LayerKVCache
 from mmssl.nn.layers import DropPath, LayerScale
 from mmssl.nn.mlp import build_mlp
 from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
@@ -109,8 +110,15 @@ class Block(nn.Module):
         attn_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.norm1(x, cond), attn_mask=attn_mask, is_causal=is_causal, rope=rope)
+        h = self.attn(
+            self.norm1(x, cond),
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            rope=rope,
+            kv_cache=kv_cache,
+        )
         x = x + self.drop_path(self.gate1(self.ls1(h), cond))
         x = self.cross(x, context)
         x = x + self.drop_path(self.gate2(self.ls2(self.mlp(self.norm2(x, cond))), cond))
@@ -164,15 +172,24 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """kv_cache: run x as the positions after the cached ones (incremental decoding)."""
         kwargs = dict(
             is_causal=self.causal if is_causal is None else is_causal,
             attn_mask=attn_mask,
             context=context,
             rope=rope,
         )
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if kv_cache is not None and len(kv_cache.layers) != len(self.blocks):
+            raise ValueError(
+                f"kv cache of {len(kv_cache.layers)} layers for {len(self.blocks)} blocks"
+            )
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layers[i] if kv_cache is not None else None
+            if layer_cache is not None:  # a recomputed checkpoint would append twice
+                x = block(x, cond, kv_cache=layer_cache, **kwargs)
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cond, use_reentrant=False, **kwargs)
             else:
                 x = block(x, cond, **kwargs)

@@ -1,0 +1,51 @@
+"""Key/value cache for incremental causal decoding: each new token runs one position.
+
+`KVCache(depth, max_len)` holds one `LayerKVCache` per Block; `Transformer.forward(...,
+kv_cache=cache)` hands layer i its own, and each self-attention appends the keys and values
+of the positions it just ran, then attends over everything cached so far.
+
+The cache is exact only while earlier positions stay as they were: a causal stack, no
+sliding window (sliding past the context moves every position), and the same condition for
+every call.  `TextTransformer.generate` decides when to use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKVCache:
+    """The keys and values (B, H, L, d) of one attention layer, in a buffer of max_len positions."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H, n, d) of the new positions -> all cached keys and values (B, H, L + n, d)."""
+        n = k.shape[-2]
+        if self.length + n > self.max_len:
+            raise ValueError(f"kv cache holds {self.max_len} positions, got {self.length} + {n}")
+        if self.k is None or self.v is None:
+            # one buffer for the whole run: appending by torch.cat would copy it every token
+            b, h, _, d = k.shape
+            self.k = k.new_empty(b, h, self.max_len, d)
+            self.v = v.new_empty(b, h, self.max_len, v.shape[-1])
+        end = self.length + n
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerKVCache per Block of a Transformer; `length` is the number of positions cached."""
+
+    def __init__(self, depth: int, max_len: int):
+        self.layers = [LayerKVCache(max_len) for _ in range(depth)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0

@@ -1,0 +1,111 @@
+"""TextTransformer.generate: the kv cache against a full forward, eval mode, early stop at eos."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmssl.models import TextConfig
+from mmssl.models.config import BlockConfig
+from mmssl.models.text import TextTransformer
+from mmssl.nn import KVCache
+from mmssl.nn.attention import set_attention_kernel
+
+CTX = 12
+
+
+def tiny(pos_embed: str = "learned", causal: bool = True, drop_path: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = TextConfig(
+        vocab_size=64,
+        context_length=CTX,
+        dim=32,
+        depth=2,
+        num_heads=2,
+        pos_embed=pos_embed,  # type: ignore[arg-type]
+        causal=causal,
+        tie_embeddings=False,  # a tied head mostly repeats the last token
+        block=BlockConfig(norm_eps=1e-5, qk_norm=True, drop_path=drop_path),
+    )
+    model = TextTransformer(cfg)
+    if model.pos_embed is not None:  # zeros at init: positions would not matter
+        torch.nn.init.normal_(model.pos_embed, std=0.5)
+    return model.eval()
+
+
+def greedy_reference(model, prompt, max_new_tokens, eos_id=None):
+    """The whole window rerun for every token, as generate ran before its kv cache."""
+    text, done = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = model.logits(text[:, -CTX:])[:, -1].argmax(-1)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        text = torch.cat([text, nxt[:, None]], 1)
+    return text
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("pos_embed", ["learned", "rope"])
+def test_kv_cache_logits_equal_the_full_forward(pos_embed, kernel):
+    model = tiny(pos_embed)
+    set_attention_kernel(model, kernel)
+    text = torch.randint(0, 64, (2, CTX))
+    full = model.logits(text)  # (B, T, V)
+    cache = KVCache(len(model.trunk.blocks), CTX)
+    # a 5-token prompt, a 3-token chunk (bottom-right causal mask), then one token at a time
+    step = lambda t: model.head(model.forward_tokens(t, kv_cache=cache))  # noqa: E731
+    pieces = [step(text[:, :5]), step(text[:, 5:8])]
+    pieces += [step(text[:, t : t + 1]) for t in range(8, CTX)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        step(text[:, :1])
+
+
+@pytest.mark.parametrize(
+    "pos_embed, causal, prompt_len",
+    [
+        ("learned", True, 4),  # cached up to the context, then the window slides
+        ("rope", True, 4),
+        ("learned", True, CTX + 2),  # a prompt longer than the context
+        ("learned", False, 4),  # bidirectional: rerun every token
+    ],
+)
+def test_cached_greedy_generate_equals_rerunning_the_window(pos_embed, causal, prompt_len):
+    model = tiny(pos_embed, causal)
+    prompt = torch.randint(0, 64, (3, prompt_len), generator=torch.Generator().manual_seed(1))
+    ref = greedy_reference(model, prompt, 20)
+    assert torch.equal(model.generate(prompt, 20, temperature=0), ref)
+    # eos: the token row 0 emits 3rd, so rows end at different steps (or never)
+    eos = int(ref[0, prompt_len + 2])
+    assert torch.equal(
+        model.generate(prompt, 20, temperature=0, eos_id=eos),
+        greedy_reference(model, prompt, 20, eos_id=eos),
+    )
+
+
+def test_generate_stops_running_the_model_once_every_row_emitted_eos():
+    model = tiny()
+    prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    free = greedy_reference(model, prompt, 20)[:, 4:]
+    common = set(free[0].tolist()) & set(free[1].tolist())
+    eos = min(common, key=lambda tok: max(int((row == tok).nonzero()[0]) for row in free))
+    last_step = max(int((row == eos).nonzero()[0]) for row in free)
+    assert last_step < 19  # else nothing to skip
+    calls = []
+    model.trunk.register_forward_hook(lambda *_: calls.append(1))
+    out = model.generate(prompt, 20, temperature=0, eos_id=eos)
+    assert len(calls) == last_step + 1
+    assert out.shape == (2, 24)  # the documented shape, the tail filled with eos
+    assert torch.equal(out, greedy_reference(model, prompt, 20, eos_id=eos))
+
+
+def test_generate_runs_in_eval_mode_and_restores_each_modules_mode():
+    model = tiny(drop_path=0.5)  # train-mode drop path would change every step's logits
+    prompt = torch.randint(0, 64, (4, 4), generator=torch.Generator().manual_seed(1))
+    ref = greedy_reference(model, prompt, 10)
+    model.train()
+    model.norm.eval()  # a module the caller froze stays frozen
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert torch.equal(model.generate(prompt, 10, temperature=0), ref)
+    assert {name: m.training for name, m in model.named_modules()} == modes
