@@ -81,12 +81,13 @@ def is_exported(path: Path) -> bool:
 
 
 def export_run(run_dir: Path) -> Path:
-    """Export the latest checkpoint of a training run directory to RUN_DIR/export (the
-    `mmssl export` default), unless that export already holds the latest checkpoint."""
+    """Export the newest good checkpoint of a training run directory to RUN_DIR/export (the
+    `mmssl export` default), unless that export already holds it.  A damaged or incomplete
+    newer checkpoint is passed over (with a warning), as `checkpoint.resume=auto` does."""
     import json
 
     try:
-        from mmssl.train.checkpoint import latest_tag
+        from mmssl.train.checkpoint import latest_tag, newest_valid
         from mmssl.train.export import export_run as _export
     except ImportError as err:
         raise EvalError(f"{run_dir}: cannot export a run directory here ({err})") from None
@@ -98,16 +99,22 @@ def export_run(run_dir: Path) -> Path:
             f"nor a training run directory (recipe.yaml + checkpoints/)"
         )
     dest = run_dir / "export"
-    tag = latest_tag(run_dir / "checkpoints")
-    if tag is None:
+    ckpt_dir = run_dir / "checkpoints"
+    if latest_tag(ckpt_dir) is None:
         raise EvalError(f"{run_dir}: the run has no checkpoint yet")
+    done = None
     if is_exported(dest):
         try:
             done = json.loads((dest / "config.json").read_text()).get("checkpoint")
         except (OSError, json.JSONDecodeError):
-            done = None
-        if done == tag:
-            return dest
+            pass
+    if done is not None and done == latest_tag(ckpt_dir):
+        return dest  # not hashed again: the export verified it
+    tag = newest_valid(ckpt_dir, "mmssl eval", collective=False)
+    if tag is None:
+        raise EvalError(f"{run_dir}: no complete, undamaged checkpoint")
+    if done == tag:
+        return dest
     try:
         return Path(_export(run_dir, dest, tag))
     except (ConfigError, FileNotFoundError) as err:

@@ -178,3 +178,23 @@ def test_export_of_an_older_checkpoint_uses_its_own_recipe(
     (folder / RUN_RECORD).unlink()
     write_manifest(folder, 1)
     assert preprocess(tag_of(1)) == new
+
+
+def test_eval_of_a_run_directory_passes_over_a_damaged_newest_checkpoint(
+    tmp_path: Path, in_process: None, caplog
+) -> None:
+    """`mmssl eval RUN_DIR` exports the newest *good* checkpoint, as resume=auto resumes it;
+    it took the newest with a manifest, and a truncated one failed the evaluation."""
+    import json
+
+    from mmssl.eval.loading import resolve_model_dir
+    from mmssl.train.cli import main as train_main
+
+    assert train_main([str(synthetic_recipe(tmp_path, "e", 2))]) == 0
+    target = tmp_path / "e" / "checkpoints" / tag_of(2) / "mp_rank_00_model_states.pt"
+    target.write_bytes(target.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        out = resolve_model_dir(tmp_path / "e")
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
+    assert any(tag_of(2) in r.getMessage() for r in caplog.records)
+    assert resolve_model_dir(tmp_path / "e") == out  # the export is reused
