@@ -123,7 +123,7 @@ class ShardWriter:
         if key in self._keys:
             raise DataError(f"duplicate sample key {key!r}")
         files = [(ext, _encode(v, key, ext)) for ext, v in sample.items() if ext != "__key__"]
-        for ext, _ in files:  # `KEY.` or `KEY.a/b` would hold no file of the sample
+        for ext, _ in files:  # `KEY.` (field "") or `KEY.a/b`: no field a reader looks up
             if not ext or "/" in ext or "\0" in ext:
                 raise DataError(f"sample {key!r}: bad file extension {ext!r}")
         if not files:  # a reader would never see it, but the manifest would count it
