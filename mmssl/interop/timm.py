@@ -85,6 +85,12 @@ def _norm(module: nn.Module, where: str) -> tuple[str, float]:
             raise _unsupported(f"a bias-free or non-affine {where}")
         return "layernorm", float(module.eps)
     if isinstance(module, nn.RMSNorm) or type(module).__name__ == "RMSNorm":
+        if getattr(module, "weight", None) is None:
+            raise _unsupported(f"a non-affine RMSNorm as {where}")
+        if module.eps is None:
+            # torch then uses finfo(dtype).eps: 1.2e-7 in fp32 but 7.8e-3 in bf16, which
+            # mmssl's one float norm_eps cannot follow
+            raise _unsupported(f"RMSNorm(eps=None) as {where} (a dtype-dependent eps)")
         return "rmsnorm", float(module.eps)  # type: ignore[arg-type]
     raise _unsupported(f"{type(module).__name__} as {where}")
 
