@@ -13,6 +13,11 @@ uses) therefore normalise by the global count of targets (a scalar all-reduce), 
 rank-averaged gradient and the reported value equal the single-process loss on the
 concatenated batch.  The plain functions (`next_token_loss`, `head_next_token_loss`) are
 per-rank means.
+
+Gradient accumulation: the training loop counts a step's targets over all its micro-batches
+(`count_targets`, on the host, before the first forward) and passes that count to
+`global_token_mean`, so the accumulated gradient is that of the token mean over the whole
+step rather than the mean of per-micro-batch token means.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ def _shifted_targets(tokens: Tensor, mask: Tensor | None, ignore_index: int) -> 
         counted = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # (B, T)
         targets = targets.masked_fill(~counted, ignore_index)
     return targets
+
+
+def count_targets(tokens: Tensor, mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """The number of targets `next_token_sum` scores on tokens: (B, T) with mask: (B, T) bool
+    or None, as a 0-d int64 tensor on the tokens' device."""
+    return (_shifted_targets(tokens, mask, ignore_index) != ignore_index).sum()
 
 
 def next_token_sum(
@@ -124,18 +135,25 @@ def head_next_token_sum(
     return total, (targets != ignore_index).sum()
 
 
-def global_token_mean(total: Tensor, count: Tensor) -> Tensor:
+def global_token_mean(total: Tensor, count: Tensor, count_all: Tensor | None = None) -> Tensor:
     """A rank's summed loss and target count -> the token mean over the global batch.
 
     Each rank back-propagates `total * world / count_all`, so the engine's rank-averaged
     gradient is that of the global mean; every rank reports the global mean itself.  Two
     scalar all-reduces (the count, and the reported value, as the contrastive losses do),
     no host sync.  Collective: every rank must call it.
+
+    count_all: the global count to divide by when the caller has it already (0-d float
+    tensor): the training loop's, a step's targets over every rank and micro-batch divided by
+    the number of micro-batches, which makes the accumulated gradient the step's token mean.
+    The count is then not all-reduced here, and `count` is unused.
     """
-    if distributed.world_size() == 1:
-        return total / count.clamp_min(1)
-    count_all = distributed.all_reduce_sum(count.to(torch.float64)).clamp_min(1)
-    local = total * distributed.world_size() / count_all.to(total.dtype)
+    world = distributed.world_size()
+    if count_all is None:
+        if world == 1:
+            return total / count.clamp_min(1)
+        count_all = distributed.all_reduce_sum(count.to(torch.float64)).clamp_min(1)
+    local = total * world / count_all.to(total.dtype)
     return report_global_mean(local)
 
 

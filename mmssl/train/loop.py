@@ -14,6 +14,15 @@ integrity check; the message and summary.md name it).  A non-finite loss is turn
 gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 optimizers
 already check the gradients for overflow (with their own host sync); on the plain fp32
 stage-0 path the loop checks them itself, which is one extra host sync per step there.
+
+Gradient accumulation: a step draws all its micro-batches (every source) before its first
+forward and keeps them on the host, moving each to the device just before its forward.  The
+token-mean objectives (next_token, captioning) count their targets over the whole step from
+those host batches, with one all-reduce per step, and every micro-batch is normalised by
+that count (`tasks.StepTargets`), so the accumulated gradient is the token mean over the
+step's tokens, as one big batch gives it.  The logged `loss` and `loss/<objective>` are
+averages over the step's micro-batches (and over steps and ranks), which for a token-mean
+objective is the step's token mean.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.streams import build_stream, build_streams
 from mmssl.train.streams import tokenizer as recipe_tokenizer
-from mmssl.train.tasks import Task, register_zero3_params
+from mmssl.train.tasks import StepTargets, Task, register_zero3_params
 
 _log = logging.getLogger("mmssl.train")
 
@@ -72,10 +81,8 @@ class NonFiniteError(RuntimeError):
         self.checkpoint = checkpoint
 
 
-def _next_batches(
-    streams: dict[str, Any], dev: torch.device, dtype: torch.dtype, keys: dict[str, list[str]]
-) -> dict[str, Any]:
-    """One micro-batch of every source, on the device; their sample keys go to `keys`."""
+def _next_batches(streams: dict[str, Any], keys: dict[str, list[str]]) -> dict[str, Any]:
+    """One micro-batch of every source, on the host; their sample keys go to `keys`."""
     out = {}
     for name, stream in streams.items():
         try:
@@ -83,8 +90,23 @@ def _next_batches(
         except DataError as err:
             raise DataError(f"data.sources.{name}: {err}") from None
         keys.setdefault(name, []).extend(batch.get("__key__", ()))
-        out[name] = to_device(batch, dev, dtype)
+        out[name] = batch
     return out
+
+
+def _step_targets(
+    task: Task, micro_batches: list[dict[str, Any]], dev: torch.device
+) -> StepTargets | None:
+    """The targets of the step's token-mean objectives, counted on the host over this rank's
+    `micro_batches` and summed over ranks (one all-reduce); None when there are no such
+    objectives.  Collective."""
+    per_micro = [task.target_counts(batches) for batches in micro_batches]
+    names = sorted(per_micro[0])
+    if not names:
+        return None
+    local = torch.tensor([sum(c[k] for c in per_micro) for k in names], dtype=torch.int64)
+    counts = distributed.all_reduce_sum(local.to(dev))
+    return StepTargets(dict(zip(names, counts.unbind())), len(micro_batches))
 
 
 def _finite_or_nan(loss: torch.Tensor) -> torch.Tensor:
@@ -303,8 +325,13 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
             while step < end:
                 step_sums: dict[str, torch.Tensor] = {}
                 keys: dict[str, list[str]] = {}
-                for micro in range(resolved.grad_accum):
-                    loss, metrics = engine(_next_batches(streams, dev, dtype, keys))
+                micro_batches = [_next_batches(streams, keys) for _ in range(resolved.grad_accum)]
+                targets = _step_targets(task, micro_batches, dev)
+                for micro, host in enumerate(micro_batches):
+                    # each micro-batch reaches the device only for its own forward
+                    loss, metrics = engine(
+                        {k: to_device(b, dev, dtype) for k, b in host.items()}, targets
+                    )
                     engine.backward(_finite_or_nan(faults.poison(loss, step + 1)))
                     for k, v in metrics.items():
                         step_sums[k] = step_sums[k] + v.float() if k in step_sums else v.float()

@@ -15,6 +15,18 @@ directly, not through `nn.Module.__call__`, so ZeRO-3 would not gather the param
 those modules own directly (class token, position tables, logit scale, the tied embedding
 used by the LM head).  `register_zero3_params` makes the Task gather them for its forward.
 
+Token-mean objectives (next_token, captioning) under gradient accumulation: the training
+loop counts their targets over the whole step before its first forward (`target_counts`,
+summed over micro-batches and ranks) and passes that count to every micro-batch's forward
+(`StepTargets`).  Each micro-batch then back-propagates its summed token loss divided by
+(step count / micro-batches), so after the engine's 1/micro-batches the step's gradient is
+that of the token mean over the whole step, not the mean of per-micro-batch token means
+(which weighs a token of a micro-batch of short captions more).  Their reported
+`loss/<objective>` is that micro-batch value, whose mean over the step's micro-batches (what
+the loop logs) is the step's token mean.  Without a `StepTargets` (evaluation, a Task called
+directly) each batch is normalised by its own global count, which a step of one micro-batch
+gives exactly.
+
 DeepSpeed (0.19) mishandles 0-d parameters (its start-up broadcast views them as bytes, its
 gradient clipping broadcasts them to shape (1,)), so the Task stores every 0-d parameter
 (logit scale, SigLIP bias) as shape (1,); export reshapes them back.
@@ -22,6 +34,7 @@ gradient clipping broadcasts them to shape (1,)), so the Task stores every 0-d p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,12 +56,32 @@ from mmssl.objectives import (
     next_token_sum,
 )
 from mmssl.objectives.hssl import HSSLLoss
+from mmssl.objectives.lm import count_targets
 from mmssl.train.recipe import NEEDS, ObjectiveConfig
 from mmssl.train.text_condition import PromptTokens, prompt_tokenizer, source_prompts
 
 Batch = dict[str, Any]
 # rows of one text-tower call: (source, ids (B, T), mask (B, T), is the condition prompt)
 TextRows = tuple[str, Tensor, Tensor, bool]
+TOKEN_MEAN = ("next_token", "captioning")  # objectives normalised by their target count
+
+
+@dataclass(frozen=True)
+class StepTargets:
+    """The targets of a whole optimizer step, for the token-mean objectives.
+
+    counts: {objective key: 0-d int64 tensor on the device}, the targets of that objective in
+    every micro-batch of the step on every rank; micro_batches: the step's micro-batches per
+    rank (the engine's gradient accumulation steps).  Integers, so that no input cast of the
+    engine can round them.
+    """
+
+    counts: dict[str, Tensor]
+    micro_batches: int
+
+    def per_micro_batch(self, key: str) -> Tensor:
+        """The global count one micro-batch of `key` is normalised by (0-d float64)."""
+        return self.counts[key].to(torch.float64).clamp_min(1) / self.micro_batches
 
 
 class _ModelScaleClipLoss(ClipLoss):
@@ -73,7 +106,10 @@ class Task(nn.Module):
     """model + objectives.  forward(batches: {source: batch dict}) -> (loss, metrics).
 
     metrics holds detached 0-d tensors (`loss`, `loss/<objective>`, `logit_scale`), so
-    nothing syncs with the host until the loop reads them at its log interval.
+    nothing syncs with the host until the loop reads them at its log interval.  With
+    `step_targets`, a token-mean objective's loss is this micro-batch's share of the step's
+    token mean times the number of micro-batches (module docstring), so `loss` and
+    `loss/<objective>` averaged over the step's micro-batches are the step's values.
 
     Conditioning: a descriptor-conditioned model conditions each view on its own descriptor;
     a text-conditioned one conditions the images of each source on that source's
@@ -259,7 +295,26 @@ class Task(nn.Module):
             return batch["label"]
         return None
 
-    def _loss(self, key: str, obj: ObjectiveConfig, batch: Batch, vis: dict, txt: dict) -> Tensor:
+    def target_counts(self, batches: dict[str, Batch]) -> dict[str, int]:
+        """{token-mean objective: the targets its loss scores in `batches`} (this rank's
+        micro-batch; the rule of `count_targets`).  Reads only the token ids and masks: the
+        loop calls it on host batches, before any forward."""
+        counts = {}
+        for key, obj in self.objectives.items():
+            if (obj.type or key) in TOKEN_MEAN:
+                batch = batches[obj.source]
+                counts[key] = int(count_targets(batch["text"], batch.get("text_mask")))
+        return counts
+
+    def _loss(
+        self,
+        key: str,
+        obj: ObjectiveConfig,
+        batch: Batch,
+        vis: dict,
+        txt: dict,
+        step_targets: StepTargets | None = None,
+    ) -> Tensor:
         kind = obj.type or key
         if kind in ("simclr", "augself") and len(vis["pooled"]) != 2:
             # both are pairwise (NT-Xent over two views, a descriptor difference); recipes are
@@ -315,7 +370,8 @@ class Task(nn.Module):
                     self.text_tower, vis["tokens"][0], *args, text_hidden=hidden
                 )
             # the token mean over the global batch: ranks hold different numbers of real
-            # (unpadded) tokens, so per-rank means averaged by the engine would not be it
+            # (unpadded) tokens, so per-rank means averaged by the engine would not be it;
+            # and over the whole step: so do the micro-batches of a step
             if obj.fused_head:
                 weight = self.text_tower.head_weight()
                 total, count = head_next_token_sum(
@@ -324,18 +380,29 @@ class Task(nn.Module):
             else:
                 logits = self.text_tower.head(hidden).float()
                 total, count = next_token_sum(logits, *args, label_smoothing=obj.label_smoothing)
-            return global_token_mean(total, count)
+            count_all = step_targets.per_micro_batch(key) if step_targets is not None else None
+            return global_token_mean(total, count, count_all)
         raise ValueError(f"unknown objective {kind!r}")
 
-    def forward(self, batches: dict[str, Batch]) -> tuple[Tensor, dict[str, Tensor]]:
-        """batches: {source name: batch dict of DESIGN.md} -> (weighted loss, metrics)."""
+    def forward(
+        self, batches: dict[str, Batch], step_targets: StepTargets | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """batches: {source name: batch dict of DESIGN.md} -> (weighted loss, metrics).
+
+        step_targets: the target counts of the token-mean objectives over the whole step the
+        batches are a micro-batch of (class and module docstrings); None: this batch's own."""
         text, prompt_pooled = self._text(batches)
         vision = self._vision(batches, prompt_pooled)
         total: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for key, obj in self.objectives.items():
             loss = self._loss(
-                key, obj, batches[obj.source], vision.get(obj.source, {}), text.get(obj.source, {})
+                key,
+                obj,
+                batches[obj.source],
+                vision.get(obj.source, {}),
+                text.get(obj.source, {}),
+                step_targets,
             )
             metrics[f"loss/{key}"] = loss.detach()
             weighted = obj.weight * loss
