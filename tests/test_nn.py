@@ -186,6 +186,20 @@ def test_patch_embed_is_patch_flatten_and_linear():
         pe(torch.randn(1, 3, 9, 8))
 
 
+@pytest.mark.parametrize(
+    ("images", "error", "match"),
+    [
+        (torch.rand(3, 8, 8), ValueError, r"\(B, C, H, W\), got shape \(3, 8, 8\)"),
+        (torch.rand(2, 1, 8, 8), ValueError, "1 channels .* takes 3"),
+        (torch.rand(2, 8, 8, 3), ValueError, "8 channels .* takes 3"),  # HWC
+        (torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), TypeError, "uint8"),
+    ],
+)
+def test_patch_embed_names_the_wrong_input(images, error, match):
+    with pytest.raises(error, match=match):
+        PatchEmbed(4, 3, 10)(images)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_patch_embed_matches_the_strided_conv_and_its_gradients(channels_last):
     torch.manual_seed(0)

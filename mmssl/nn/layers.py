@@ -69,6 +69,19 @@ class PatchEmbed(nn.Module):
         self.proj = PatchProjection(in_chans, dim, patch_size, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # the usual mistakes (a single image, HWC, uint8 pixels) otherwise surface as a matmul
+        # shape or dtype error deep inside the projection
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if images.shape[1] != self.proj.in_channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels (shape {tuple(images.shape)}), the "
+                f"model takes {self.proj.in_channels}: expected (B, C, H, W)"
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}"
+            )
         h, w = images.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
