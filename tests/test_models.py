@@ -600,3 +600,17 @@ def test_generate_refuses_sampling_settings_without_a_meaning(kw, match):
     model = mmssl.create_model("test_tiny_gpt").eval()
     with pytest.raises(ValueError, match=match):
         model.text.generate(torch.zeros(1, 2, dtype=torch.long), 1, **kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "match"),
+    [
+        (torch.randint(0, 512, (8,)), ValueError, r"\(B, T\) token ids, got shape \(8,\)"),
+        (torch.randint(0, 512, (2, 8)).float(), TypeError, "integer token ids.*float32"),
+    ],
+)
+def test_text_tower_names_the_wrong_token_input(text, error, match):
+    model = mmssl.create_model("test_tiny_clip")
+    for call in (model.encode_text, model.lm_logits):
+        with pytest.raises(error, match=match):
+            call(text)

@@ -88,6 +88,12 @@ class TextTransformer(nn.Module):
         kv_cache: `text` continues the `kv_cache.length` tokens already run (causal towers
         only); its positions start there, and the cache gets its keys and values.
         """
+        # a single unbatched row or tokenizer output left as floats would otherwise fail deep
+        # in the embedding; out-of-vocabulary ids are left to it (checking them syncs a GPU)
+        if text.ndim != 2:
+            raise ValueError(f"text must be (B, T) token ids, got shape {tuple(text.shape)}")
+        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+            raise TypeError(f"text must be integer token ids (int64), got {text.dtype}")
         b, t = text.shape
         start = 0
         if kv_cache is not None:
