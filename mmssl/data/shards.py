@@ -272,11 +272,21 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="mmssl shards", description=summary(__doc__))
-    parser.add_argument("input_kind", choices=["folder", "csv", "jsonl", "text"])
-    parser.add_argument("inputs", nargs="+")
+    parser.add_argument(
+        "input_kind",
+        choices=["folder", "csv", "jsonl", "text"],
+        help="folder: one subfolder of images per class; csv/jsonl: a table of image paths "
+        "(relative to it) and captions; text: plain text files as LM documents",
+    )
+    parser.add_argument("inputs", nargs="+", help="the folder, the table, or the text files")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max-count", type=int, default=None)
+    parser.add_argument("--split", default="train", help="shard name prefix (default: train)")
+    parser.add_argument(
+        "--max-count",
+        type=int,
+        default=None,
+        help="samples per shard (default: 10000 unless --max-bytes is given)",
+    )
     parser.add_argument(
         "--max-bytes",
         type=_size,
@@ -285,11 +295,18 @@ def main(argv: list[str] | None = None) -> int:
         "(1GB = 1GiB = 1024**3 bytes)",
     )
     parser.add_argument("--caption-template", default=None, help='folder: e.g. "a photo of a {}."')
-    parser.add_argument("--image-col", default="image")
-    parser.add_argument("--caption-col", default="caption")
-    parser.add_argument("--label-col", default="label")
-    parser.add_argument("--docs", choices=["file", "paragraph"], default="file")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--image-col", default="image", help="csv/jsonl (default: image)")
+    parser.add_argument("--caption-col", default="caption", help="csv/jsonl (default: caption)")
+    parser.add_argument(
+        "--label-col", default="label", help="csv/jsonl: integer class (default: label)"
+    )
+    parser.add_argument(
+        "--docs",
+        choices=["file", "paragraph"],
+        default="file",
+        help="text: one document per file or per blank-line paragraph (default: file)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     sized = args.max_count is not None or args.max_bytes is not None
     max_count = args.max_count if sized else 10_000

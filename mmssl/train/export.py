@@ -259,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="mmssl export", description=summary(__doc__))
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, checkpoints/)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="checkpoint tag (default: the newest that matches its manifest; damaged or "
+        "incomplete newer ones are skipped with a warning)",
+    )
     args = p.parse_args(argv)
     try:
         dest = export_run(args.run_dir, args.out, args.tag)
