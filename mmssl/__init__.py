@@ -38,7 +38,10 @@ def list_models() -> list[str]:
 def load_encoder(path: str, tower: str = "vision") -> nn.Module:
     """An exported model directory (model.safetensors + config.json) -> one tower, in eval mode.
 
-    tower: "vision" (has `forward_features` and `encode`), "text", or "model" for the whole
+    tower: "vision" (`forward_features(images)` -> {"pooled": (B, D), "tokens": (B, N, D)},
+    `encode(images)` -> (B, E); images float (B, C, H, W) prepared as config.json's
+    `preprocess` says), "text" (`encode(text, text_mask)` -> (B, E), `logits` -> (B, T, V);
+    text int64 (B, T) from `get_tokenizer().batch_encode`), or "model" for the whole
     MultimodalModel.
     """
     from mmssl.models.io import load_encoder as _load
