@@ -87,7 +87,7 @@ def export_run(run_dir: Path) -> Path:
     import json
 
     try:
-        from mmssl.train.checkpoint import latest_tag, newest_valid
+        from mmssl.train.checkpoint import latest_tag, list_tags, newest_valid
         from mmssl.train.export import export_run as _export
     except ImportError as err:
         raise EvalError(f"{run_dir}: cannot export a run directory here ({err})") from None
@@ -110,13 +110,15 @@ def export_run(run_dir: Path) -> Path:
             pass
     if done is not None and done == latest_tag(ckpt_dir):
         return dest  # not hashed again: the export verified it
-    tag = newest_valid(ckpt_dir, "mmssl eval", collective=False)
+    # nor is it when a newer one is damaged: only those newer ones are checked
+    after = done if done in list_tags(ckpt_dir) else None
+    tag = newest_valid(ckpt_dir, "mmssl eval", collective=False, after=after)
     if tag is None:
+        if after is not None:
+            return dest
         raise EvalError(f"{run_dir}: no complete, undamaged checkpoint")
-    if done == tag:
-        return dest
     try:
-        return Path(_export(run_dir, dest, tag))
+        return Path(_export(run_dir, dest, tag, verified=True))  # not hashed twice
     except (ConfigError, FileNotFoundError) as err:
         raise EvalError(f"cannot export {run_dir}: {err}") from None
 

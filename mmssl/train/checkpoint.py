@@ -188,9 +188,16 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return done[-1] if done else None
 
 
-def newest_valid(ckpt_dir: Path, what: str, collective: bool = True) -> str | None:
-    """The newest checkpoint that passes `verify`; logs each newer one it skips."""
+def newest_valid(
+    ckpt_dir: Path, what: str, collective: bool = True, after: str | None = None
+) -> str | None:
+    """The newest checkpoint that passes `verify`; logs each newer one it skips.
+
+    after: only the checkpoints newer than this tag are checked (None if none of them is
+    good), for a caller that verified `after` itself before."""
     for tag in reversed(list_tags(ckpt_dir)):
+        if after is not None and tag <= after:
+            return None
         problem = verify(ckpt_dir / tag, collective)
         if problem is None:
             return tag

@@ -69,14 +69,22 @@ def _read_recipe(run_dir: Path, folder: Path) -> Any:
 def checkpoint_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The Task's full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage, after
     checking it against its manifest; CheckpointError if damaged or unsafe."""
-    import pickle
-
-    from mmssl.train.checkpoint import CheckpointError, safe_torch_load, unsafe_error, verify
+    from mmssl.train.checkpoint import CheckpointError, verify
 
     folder = ckpt_dir / tag
     problem = verify(folder, collective=False)
     if problem:
         raise CheckpointError(f"checkpoint {folder} is not usable: {problem}")
+    return _read_state(ckpt_dir, tag)
+
+
+def _read_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """`checkpoint_state` of a checkpoint already verified against its manifest."""
+    import pickle
+
+    from mmssl.train.checkpoint import safe_torch_load, unsafe_error
+
+    folder = ckpt_dir / tag
     try:
         with safe_torch_load():
             if list(folder.glob("*optim_states.pt")):
@@ -161,8 +169,17 @@ def model_state(task_state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     return state
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
-    """Export the newest good (or `tag`) checkpoint of `run_dir`; returns the output directory."""
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    tag: str | None = None,
+    *,
+    verified: bool = False,
+) -> Path:
+    """Export the newest good (or `tag`) checkpoint of `run_dir`; returns the output directory.
+
+    verified: the caller has just checked `tag` against its manifest (`newest_valid`), so it
+    is not hashed a second time (a checkpoint with its optimizer state can be many GB)."""
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
@@ -177,9 +194,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, tag: str | No
         tag = newest_valid(ckpt_dir, "mmssl export", collective=False)
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
+        verified = True
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
-    state = checkpoint_state(ckpt_dir, tag)  # verified against its manifest first
+    # verified against its manifest first (newest_valid hashed it already)
+    state = _read_state(ckpt_dir, tag) if verified else checkpoint_state(ckpt_dir, tag)
     recipe = _read_recipe(run, ckpt_dir / tag)
     cfg = model_config(recipe)
     for tower in (cfg.vision, cfg.text):

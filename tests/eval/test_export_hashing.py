@@ -1,0 +1,91 @@
+"""Exporting the newest good checkpoint hashes each of its files once: `newest_valid` has
+verified it, and the export's own manifest check hashed it all a second time (a checkpoint
+with its optimizer state can be many GB).  `mmssl eval RUN_DIR` whose export already holds
+the newest good checkpoint does not hash that one again when a newer one is damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmssl.train.checkpoint as checkpoint
+from mmssl.eval import loading
+from mmssl.models.multimodal import MultimodalModel
+from mmssl.train import export
+from mmssl.train.checkpoint import tag_of, write_manifest
+from mmssl.train.recipe import model_config, recipe_from_dict
+from mmssl.train.tasks import Task
+
+RECIPE = {"name": "h", "model": {"name": "test_tiny_clip"}, "objectives": {"clip": {}}}
+
+
+def _save(run: Path, step: int, task: Task) -> Path:
+    """A stage-0 checkpoint of `task` as the loop saves it (model states + manifest)."""
+    folder = run / "checkpoints" / tag_of(step)
+    folder.mkdir(parents=True)
+    torch.save({"module": task.state_dict()}, folder / "mp_rank_00_model_states.pt")
+    (folder / "extra.bin").write_bytes(bytes(range(256)) * 64)
+    write_manifest(folder, step)
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(json.dumps(RECIPE))  # JSON is YAML
+    torch.manual_seed(0)
+    _save(run, 1, Task(MultimodalModel(model_config(recipe_from_dict(RECIPE))), {}))
+    return run
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts the files `verify` hashes, by (tag, file name)."""
+    counts: Counter = Counter()
+    digest = checkpoint._digest
+
+    def counting(path: Path, flush: bool = False) -> tuple[int, str]:
+        counts[(path.parent.name, path.name)] += 1
+        return digest(path, flush)
+
+    monkeypatch.setattr(checkpoint, "_digest", counting)
+    return counts
+
+
+def test_export_of_the_newest_good_checkpoint_hashes_it_once(run: Path, hashed: Counter) -> None:
+    out = export.export_run(run, run / "out")
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
+    names = ["extra.bin", "mp_rank_00_model_states.pt"]
+    assert hashed == Counter({(tag_of(1), n): 1 for n in names})
+    # a tag named by the caller is still checked against its manifest
+    hashed.clear()
+    export.export_run(run, run / "out2", tag_of(1))
+    assert hashed == Counter({(tag_of(1), n): 1 for n in names})
+
+
+def test_eval_of_a_run_dir_hashes_the_exported_checkpoint_once(run: Path, hashed: Counter) -> None:
+    # a newer checkpoint, damaged: the same size, one bit flipped
+    newer = run / "checkpoints" / tag_of(2)
+    shutil.copytree(run / "checkpoints" / tag_of(1), newer)
+    (newer / "manifest.json").write_text(
+        (newer / "manifest.json").read_text().replace('"step": 1', '"step": 2')
+    )
+    data = bytearray((newer / "extra.bin").read_bytes())
+    data[100] ^= 1
+    (newer / "extra.bin").write_bytes(bytes(data))
+
+    out = loading.export_run(run)
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
+    good = [(tag_of(1), n) for n in ("extra.bin", "mp_rank_00_model_states.pt")]
+    assert all(hashed[k] == 1 for k in good), hashed  # not again by the export
+    for _ in range(2):  # the export is reused, and its checkpoint is not hashed again
+        hashed.clear()
+        assert loading.export_run(run) == out
+        assert not any(k in hashed for k in good), hashed
+        assert hashed[(tag_of(2), "extra.bin")] == 1  # the damaged one is still checked
