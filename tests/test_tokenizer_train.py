@@ -282,3 +282,24 @@ def test_train_functions_check_seed(tmp_path: Path, seed: int) -> None:
 
     with pytest.raises(ValueError, match="seed must be an integer"):
         train_sentencepiece(Corpus(["a b c"], "tiny"), tmp_path / "o", seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+@pytest.mark.parametrize("name", ["latin1.txt", "bad.jsonl", "binary.tar"])
+def test_corpus_errors_are_the_readers_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, name: str
+) -> None:
+    # sentencepiece wrapped a reader's error in a RuntimeError whose last line is a
+    # traceback frame ("corpus.py(105): _iter_lines"): the file and the cause were lost
+    (tmp_path / "x.txt").write_text("some text\n" * 50)
+    bad = tmp_path / name
+    if name == "binary.tar":
+        _write_tar(bad, {"k.txt": b"\xff\xfe\xfa"})
+    else:
+        bad.write_bytes({"latin1.txt": b"caf\xe9\n", "bad.jsonl": b'{"text": "ok"}\n{oops\n'}[name])
+    with pytest.raises(ValueError) as info:  # the reference: the reader alone
+        list(iter_corpus([tmp_path / "x.txt", bad]))
+    argv = ["train", "--kind", kind, "--vocab-size", "300", "--quiet", "--out"]
+    code, err = _run_cli([*argv, str(tmp_path / "o"), str(tmp_path / "x.txt"), str(bad)], capsys)
+    assert code == 2 and err == f"mmssl tokenizer train: error: {info.value}"
+    assert not (tmp_path / "o").exists()

@@ -15,7 +15,7 @@ import argparse
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -182,12 +182,23 @@ def train_sentencepiece(
     specials = _specials(pad, bos, eos, extra_special_tokens)
     _check_seed(seed)
     _check_out_dir(out_dir)
-    lines = (line for text in _progress(corpus, show_progress) for line in text.split("\n") if line)
+    failed: list[Exception] = []
+
+    def lines() -> Iterator[str]:
+        # sentencepiece turns an error raised here into a RuntimeError holding a traceback
+        # excerpt; keep the reader's own error (a bad file, invalid JSON) to raise it instead
+        try:
+            for text in _progress(corpus, show_progress):
+                yield from (line for line in text.split("\n") if line)
+        except Exception as e:
+            failed.append(e)
+            raise
+
     writer = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines,
+            sentence_iterator=lines(),
             model_writer=writer,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -204,6 +215,8 @@ def train_sentencepiece(
             minloglevel=2,
         )  # fmt: skip
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         if corpus.num_texts == 0:
             raise ValueError(f"empty corpus: {corpus.description}") from None
         raise ValueError(
