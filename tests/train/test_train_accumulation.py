@@ -7,7 +7,6 @@ batch at once (the naive reference: one big batch, torch AdamW).  On 1 process (
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,7 @@ import pytest
 import torch
 from distributed_utils import run_distributed
 
-pytestmark = pytest.mark.slow
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_process_group")]
 ROWS, T = 4, 16
 # the first half of the step's rows holds 28 targets, the second 3: averaging two
 # micro-batch token means would weigh a token of the short captions ~9x more
@@ -143,24 +141,6 @@ def _check(
         torch.testing.assert_close(got["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for k, v in losses.items():
         assert got["row"][k] == pytest.approx(v, rel=1e-5), k
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_process_group():
-    """The in-process runs start a one-process group (DeepSpeed keeps it for the module's
-    later runs); leave the environment and group as found."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    was_initialized = dist.is_initialized()
-    yield
-    if dist.is_initialized() and not was_initialized:
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.parametrize("zero", ["zero0", "zero3"])

@@ -8,7 +8,6 @@ C++ extension on first use (minutes); the other training tests cover it."""
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Any
 
@@ -18,26 +17,9 @@ import torch
 from mmssl.schema import ConfigError
 from mmssl.train.recipe import load_recipe, recipe_from_dict, validate
 
+pytestmark = pytest.mark.usefixtures("one_process_group")
 STEPS = 3
 LR = 1e-2
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_process_group():
-    """The engine starts a one-process group; leave the environment and group as found."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    was_initialized = dist.is_initialized()
-    yield
-    if dist.is_initialized() and not was_initialized:
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _recipe(optim: dict[str, Any] | None = None, train: dict[str, Any] | None = None):
