@@ -15,7 +15,9 @@ class CaptionDecoder(nn.Module):
     """Text hidden states attend to image tokens, then the text tower's LM head.
 
     mode "cross": `depth` extra Blocks with cross-attention over the image tokens, on top of
-    the (unimodal) text tower, as CoCa's multimodal decoder.
+    the (unimodal) text tower, as CoCa's multimodal decoder.  They continue the text tower:
+    a rotary tower's positions rotate their self-attention too, and they checkpoint
+    activations when the text tower does (`train.activation_checkpointing`).
     mode "prefix": image tokens are projected to the text width and prepended to the caption,
     which runs causally through the text tower itself.
     """
@@ -32,6 +34,7 @@ class CaptionDecoder(nn.Module):
                 causal=True,
                 cross_attn=True,
                 context_dim=image_dim,
+                grad_checkpointing=text_cfg.grad_checkpointing,
             )
             self.norm = Norm(text_cfg.dim, text_cfg.block.norm, text_cfg.block.norm_eps)
             self.prefix_proj = None
@@ -56,7 +59,15 @@ class CaptionDecoder(nn.Module):
             return text_tower.forward_tokens(text, text_mask, prefix=prefix)
         if text_hidden is None:
             text_hidden = text_tower.forward_tokens(text, text_mask)
-        hidden = self.decoder(text_hidden, is_causal=True, context=image_tokens)  # type: ignore[misc]
+        rope = None
+        if text_tower.rope is not None:
+            # a learned table is added once, at the embedding; rotary positions act inside
+            # every attention, so without them these blocks would not know token order
+            positions = torch.arange(text_hidden.shape[1], device=text_hidden.device)
+            rope = text_tower.rope(positions)
+        hidden = self.decoder(  # type: ignore[misc]
+            text_hidden, is_causal=True, context=image_tokens, rope=rope
+        )
         return self.norm(hidden)  # type: ignore[misc]
 
     def forward(
