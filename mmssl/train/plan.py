@@ -4,8 +4,12 @@ parameter count, FLOPs per sample, memory per rank and step time of a recipe on 
 Memory per rank follows the ZeRO paper (Rajbhandari et al. 2020, section 3): with Psi
 parameters, mixed-precision Adam keeps 2 Psi bytes of bf16 parameters, 2 Psi of bf16
 gradients and K Psi of optimizer states (K = 12: fp32 master weights, momentum, variance);
-fp32 training keeps 4 Psi + 4 Psi + 8 Psi.  Stage 1 divides the optimizer states by N,
-stage 2 also the gradients, stage 3 also the parameters.  Activations per layer and sample
+fp32 training keeps 4 Psi + 4 Psi + 8 Psi, except under ZeRO 1 and 2, whose optimizer
+clones its fp32 partition as a separate master copy (K = 12 there too; the engine aliases
+that copy only under ZeRO 3).  Stage 1 divides the optimizer states by N, stage 2 also the
+gradients, stage 3 also the parameters.  CPU offload follows DeepSpeed's estimators
+(`estimate_zero2/3_model_states_mem_needs`): `offload_optimizer` moves the optimizer states
+and the gradient partitions to the host, `offload_param` (stage 3) the parameters.  Activations per layer and sample
 follow Korthikanti et al. 2022 with fused attention: 34 s h bytes in 16-bit (the 5 a s^2
 attention-matrix term is not stored by SDPA kernels); activation checkpointing keeps 2 s h
 per layer plus one layer's full set.  Training FLOPs are 3x the forward (4x with activation
@@ -99,18 +103,24 @@ def count_params(recipe: Any, cfg: Any) -> tuple[int, int]:
     return (sum(p.numel() for p in task.parameters() if p.requires_grad), task.model.num_params())
 
 
-def memory(psi: int, stage: int, n: int, bf16: bool, offload: bool) -> dict[str, float]:
-    """Bytes per rank of parameters, gradients and optimizer states (ZeRO paper, K = 12)."""
-    p, g, k = (2, 2, 12) if bf16 else (4, 4, 8)
+def memory(
+    psi: int, stage: int, n: int, bf16: bool, offload: bool, offload_param: bool = False
+) -> dict[str, float]:
+    """Bytes per rank of parameters, gradients and optimizer states (ZeRO paper, K = 12).
+
+    offload: `offload_optimizer` on the host; offload_param: `offload_param` on the host."""
+    # fp32 ZeRO 1/2 keep a master partition besides the parameters (stage_1_and_2 clones it)
+    k = 12 if bf16 or stage in (1, 2) else 8
+    p, g = (2, 2) if bf16 else (4, 4)
     out = {
         "parameters": p * psi / (n if stage >= 3 else 1),
         "gradients": g * psi / (n if stage >= 2 else 1),
         "optimizer states": k * psi / (n if stage >= 1 else 1),
     }
-    if offload:
-        out["optimizer states"] = 0.0  # in host memory
-        if stage == 3:
-            out["parameters"] = 0.0
+    if offload:  # gradients are reduced into host partitions (the buckets aside)
+        out["optimizer states"] = out["gradients"] = 0.0
+    if offload_param and stage == 3:
+        out["parameters"] = 0.0
     return out
 
 
@@ -126,7 +136,10 @@ def plan(
     ds = deepspeed_config(recipe, accum)
     stage = zero_stage(ds)
     zero = ds.get("zero_optimization", {})
-    offload = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+    offload, offload_param = (
+        (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
+        for key in ("offload_optimizer", "offload_param")
+    )
     bf16 = recipe.precision == "bf16"
     psi, exported = count_params(recipe, cfg)
     work = workload(recipe, cfg)
@@ -134,7 +147,7 @@ def plan(
     micro, glob = recipe.train.micro_batch_size, recipe.train.global_batch_size
     act_scale = 1.0 if bf16 else 2.0
     act = micro * act_scale * (work.checkpointed_bytes if ckpt else work.activation_bytes)
-    mem = memory(psi, stage, gpus, bf16, offload)
+    mem = memory(psi, stage, gpus, bf16, offload, offload_param)
     mem["activations"] = act
     total = sum(mem.values())
     train_flops = (4 if ckpt else 3) * work.flops
