@@ -57,10 +57,11 @@ def workload(recipe: Any, cfg: Any) -> Workload:
         if needs & {"image", "views"} and cfg.vision is not None:
             v = cfg.vision
             images = max(1, recipe.data.views) if "views" in needs or recipe.data.views else 1
-            n = (1 if v.class_token else 0) + (v.image_size // v.patch_size) ** 2
+            patches = (v.image_size // v.patch_size) ** 2
+            n = (1 if v.class_token else 0) + patches
             flops += images * (
                 v.depth * _block_flops(n, v.dim, v.block.mlp_ratio)
-                + 2 * n * 3 * v.patch_size**2 * v.dim
+                + 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # the class token is no patch
             )
             act += images * v.depth * 34 * n * v.dim
             ckpt += images * v.depth * 2 * n * v.dim
@@ -79,9 +80,13 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                 ckpt += logits
             if "captioning" in kinds and cfg.caption is not None and cfg.caption.mode == "cross":
                 v_tokens = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+                # self-attention block, then cross-attention: q and output projections on
+                # the text, k and v projections of the image tokens (vision width -> text
+                # width), and the attention itself
                 per = (
                     _block_flops(n, t.dim, t.block.mlp_ratio)
                     + 4 * n * t.dim * t.dim
+                    + 4 * v_tokens * cfg.vision.dim * t.dim
                     + 4 * n * v_tokens * t.dim
                 )
                 flops += cfg.caption.depth * per
