@@ -9,10 +9,10 @@ clones its fp32 partition as a separate master copy (K = 12 there too; the engin
 that copy only under ZeRO 3).  Stage 1 divides the optimizer states by N, stage 2 also the
 gradients, stage 3 also the parameters.  CPU offload follows DeepSpeed's estimators
 (`estimate_zero2/3_model_states_mem_needs`): `offload_optimizer` moves the optimizer states
-and the gradient partitions to the host, `offload_param` (stage 3) the parameters.  Activations per layer and sample
-follow Korthikanti et al. 2022 with fused attention: 34 s h bytes in 16-bit (the 5 a s^2
-attention-matrix term is not stored by SDPA kernels); activation checkpointing keeps 2 s h
-per layer plus one layer's full set.  Training FLOPs are 3x the forward (4x with activation
+and the gradient partitions to the host, `offload_param` (stage 3) the parameters.
+Activations per layer and sample follow Korthikanti et al. 2022 with fused attention: 34 s h
+bytes in 16-bit (the 5 a s^2 attention-matrix term is not stored by SDPA kernels);
+activation checkpointing keeps 2 s h per layer plus one layer's full set.  Training FLOPs are 3x the forward (4x with activation
 checkpointing); step time is compute at `tflops x mfu` per GPU, overlapped with the
 data-parallel traffic (2 Psi elements per step for stages 0-2, 3 Psi for stage 3).
 """
