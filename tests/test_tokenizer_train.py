@@ -303,3 +303,16 @@ def test_corpus_errors_are_the_readers_own(
     code, err = _run_cli([*argv, str(tmp_path / "o"), str(tmp_path / "x.txt"), str(bad)], capsys)
     assert code == 2 and err == f"mmssl tokenizer train: error: {info.value}"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text", ["x" * 70_000 + "\n", "\n" + "é" * 40_000])
+def test_sentencepiece_without_a_usable_line_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    # sentencepiece drops lines over 65,536 bytes (the second: 40,000 characters, 80,000
+    # bytes), then failed with its internal "[!sentences_.empty()]"; the corpus is not empty
+    (tmp_path / "x.txt").write_text(text, encoding="utf-8")
+    argv = ["train", "--kind", "sentencepiece", "--vocab-size", "300", "--quiet", "--out"]
+    code, err = _run_cli([*argv, str(tmp_path / "o"), str(tmp_path / "x.txt")], capsys)
+    assert code == 2 and "no text to train on" in err and "65536 bytes" in err, err
+    assert not (tmp_path / "o").exists()

@@ -43,6 +43,7 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 UNK = "<|unk|>"  # sentencepiece only; byte-level BPE needs no unknown token
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_MIN_FREQUENCY = 2
+MAX_LINE_BYTES = 1 << 16  # sentencepiece drops longer lines (its max_sentence_length)
 # The shipped default: every pair seen at least once, so the vocabulary reaches 8192.
 DEFAULT_ARTIFACT_MIN_FREQUENCY = 1
 
@@ -183,13 +184,20 @@ def train_sentencepiece(
     _check_seed(seed)
     _check_out_dir(out_dir)
     failed: list[Exception] = []
+    usable = 0  # lines sentencepiece trains on: non-empty, at most MAX_LINE_BYTES
 
     def lines() -> Iterator[str]:
         # sentencepiece turns an error raised here into a RuntimeError holding a traceback
         # excerpt; keep the reader's own error (a bad file, invalid JSON) to raise it instead
+        nonlocal usable
         try:
             for text in _progress(corpus, show_progress):
-                yield from (line for line in text.split("\n") if line)
+                for line in text.split("\n"):
+                    if line:
+                        # a UTF-8 character is at most 4 bytes: encode only the long lines
+                        short = len(line) <= MAX_LINE_BYTES // 4
+                        usable += short or len(line.encode()) <= MAX_LINE_BYTES
+                        yield line
         except Exception as e:
             failed.append(e)
             raise
@@ -210,7 +218,7 @@ def train_sentencepiece(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             hard_vocab_limit=False,
-            max_sentence_length=1 << 16,
+            max_sentence_length=MAX_LINE_BYTES,
             num_threads=threads,
             minloglevel=2,
         )  # fmt: skip
@@ -219,6 +227,11 @@ def train_sentencepiece(
             raise failed[0] from None
         if corpus.num_texts == 0:
             raise ValueError(f"empty corpus: {corpus.description}") from None
+        if usable == 0:  # sentencepiece says only "[!sentences_.empty()]"
+            raise ValueError(
+                f"no text to train on in {corpus.description}: every line is empty or longer "
+                f"than sentencepiece's {MAX_LINE_BYTES} bytes (--kind bpe has no line limit)"
+            ) from None
         raise ValueError(
             f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}"
         ) from None
