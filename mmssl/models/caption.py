@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from mmssl.models.config import CaptionConfig, TextConfig
-from mmssl.models.text import TextTransformer
+from mmssl.models.text import TextTransformer, sample_tokens
 from mmssl.models.trunk import build_trunk
-from mmssl.nn import Norm
+from mmssl.nn import KVCache, Norm
 
 
 class CaptionDecoder(nn.Module):
@@ -50,25 +50,69 @@ class CaptionDecoder(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         text_hidden: torch.Tensor | None = None,
+        kv_cache: tuple[KVCache, KVCache] | None = None,
     ) -> torch.Tensor:
         """image_tokens (B, N, Dv), text (B, T) -> final-normed hidden states (B, T, D) that
         the LM head scores.  text_hidden: the text tower's hidden states of `text`, if
-        already computed (cross mode reuses them, as CoCa's split of the text tower)."""
+        already computed (cross mode reuses them, as CoCa's split of the text tower).
+        kv_cache: (the text tower's, the decoder's), cross mode only: `text` continues the
+        positions already cached (incremental decoding), see `new_kv_cache`."""
         if self.prefix_proj is not None:
+            if kv_cache is not None:
+                raise ValueError("a kv cache is for the cross mode (a prefix is rerun)")
             prefix = self.prefix_proj(image_tokens)
             return text_tower.forward_tokens(text, text_mask, prefix=prefix)
+        text_cache, decoder_cache = kv_cache if kv_cache is not None else (None, None)
+        start = text_cache.length if text_cache is not None else 0
         if text_hidden is None:
-            text_hidden = text_tower.forward_tokens(text, text_mask)
+            text_hidden = text_tower.forward_tokens(text, text_mask, kv_cache=text_cache)
         rope = None
         if text_tower.rope is not None:
             # a learned table is added once, at the embedding; rotary positions act inside
             # every attention, so without them these blocks would not know token order
-            positions = torch.arange(text_hidden.shape[1], device=text_hidden.device)
+            positions = torch.arange(start, start + text_hidden.shape[1], device=text_hidden.device)
             rope = text_tower.rope(positions)
         hidden = self.decoder(  # type: ignore[misc]
-            text_hidden, is_causal=True, context=image_tokens, rope=rope
+            text_hidden, is_causal=True, context=image_tokens, rope=rope, kv_cache=decoder_cache
         )
         return self.norm(hidden)  # type: ignore[misc]
+
+    def new_kv_cache(self, text_tower: TextTransformer) -> tuple[KVCache, KVCache] | None:
+        """Empty caches for `hidden` over a whole caption (cross mode; None for prefix mode,
+        whose image prefix comes first and would shift every cached position)."""
+        if self.decoder is None:
+            return None
+        ctx = text_tower.cfg.context_length
+        return KVCache(len(text_tower.trunk.blocks), ctx), KVCache(len(self.decoder.blocks), ctx)
+
+    def generate(
+        self,
+        text_tower: TextTransformer,
+        image_tokens: torch.Tensor,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        eos_id: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """image_tokens (B, N, Dv), prompt (B, T0) -> (B, T0 + max_new_tokens) token ids.
+
+        The caller checks the options and sets eval mode (`MultimodalModel.generate_captions`).
+        Cross mode runs each new token once through a kv cache; prefix mode reruns the caption.
+        """
+        cache = self.new_kv_cache(text_tower)
+
+        def next_logits(text: torch.Tensor) -> torch.Tensor:
+            if cache is not None:
+                text = text[:, cache[0].length :]
+            return text_tower.head(
+                self.hidden(text_tower, image_tokens, text, kv_cache=cache)[:, -1]
+            )
+
+        return sample_tokens(
+            next_logits, prompt, max_new_tokens, temperature, top_k, eos_id, generator
+        )
 
     def forward(
         self,

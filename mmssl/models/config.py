@@ -160,6 +160,9 @@ class ModelConfig:
             # both modes read the text tower's hidden state at t, which would have seen
             # token t + 1, the very target it is scored against
             raise ValueError("a caption decoder needs a causal text tower (text.causal=true)")
+        if self.caption is not None and not self.text.lm_head:  # type: ignore[union-attr]
+            # both modes score their hidden states with the text tower's LM head
+            raise ValueError("a caption decoder needs the text tower's LM head (text.lm_head=true)")
         if self.projector is not None and self.vision is None:
             raise ValueError("a projector needs a vision tower (it maps the pooled image features)")
         self._check_condition()

@@ -16,7 +16,7 @@ from torch import nn
 from mmssl.models.caption import CaptionDecoder
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
-from mmssl.models.text import TextTransformer
+from mmssl.models.text import TextTransformer, check_sampling, eval_mode
 from mmssl.models.vision import VisionEncoder
 from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
 
@@ -193,6 +193,61 @@ class MultimodalModel(nn.Module):
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
         return self.caption(self.text, image_tokens, text, text_mask)
+
+    @torch.no_grad()
+    def generate_captions(
+        self,
+        images: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        prompt: torch.Tensor | None = None,
+        bos_id: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Caption images (B, C, H, W) -> token ids (B, T0 + max_new_tokens), prompt included.
+
+        The caption starts from `prompt` (B, T0), or from the bos token alone (pass the
+        tokenizer's `bos_id`), as training frames captions with bos ... eos.  The sampling
+        options are `TextTransformer.generate`'s: temperature 0 is greedy, top_k, rows that
+        emitted `eos_id` are filled with it.  The images are encoded once (with `cond`, or the
+        neutral condition of a descriptor-conditioned model).  Runs in eval mode and restores
+        each module's mode afterwards.  The caption must fit in the text context_length: a
+        sliding window, as `TextTransformer.generate` has, would drop the bos.
+        """
+        if self.caption is None:
+            raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
+        text = self._tower("text")
+        assert isinstance(text, TextTransformer)
+        check_sampling(temperature, top_k)
+        if isinstance(max_new_tokens, bool) or not max_new_tokens >= 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        b = images.shape[0]
+        if (prompt is None) == (bos_id is None):
+            raise ValueError("pass either prompt (B, T0) or the tokenizer's bos_id, not both")
+        if prompt is None:
+            prompt = torch.full((b, 1), bos_id, dtype=torch.int64, device=images.device)  # type: ignore[arg-type]
+        if prompt.ndim != 2 or prompt.shape[0] != b or prompt.shape[1] == 0:
+            raise ValueError(
+                f"prompt must be (B, T0) token ids with B = {b} images and T0 >= 1, "
+                f"got shape {tuple(prompt.shape)}"
+            )
+        ctx = text.cfg.context_length
+        if prompt.shape[1] + max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+                f"text context_length {ctx}; sliding past it would drop the bos"
+            )
+        with eval_mode(self):
+            if cond is None:
+                cond = self.neutral_condition(b, images.device)
+            image_tokens = self.forward_features(images, cond)["tokens"]  # (B, N, Dv)
+            return self.caption.generate(
+                text, image_tokens, prompt, max_new_tokens, temperature, top_k, eos_id, generator
+            )
 
     def forward(
         self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None

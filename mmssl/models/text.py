@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +40,68 @@ def trim_padding(
     if keep == text.shape[1]:
         return text, text_mask
     return text[:, :keep], text_mask[:, :keep]
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """Refuse sampling options that would fail late or silently sample the wrong thing."""
+    # a negative temperature would sample from the inverted distribution (the least
+    # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run `module` in eval mode (no dropout), then restore each submodule's own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def sample_tokens(
+    next_logits: Callable[[torch.Tensor], torch.Tensor],
+    text: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The decoding loop shared by every generator: text (B, T0) -> (B, T0 + max_new_tokens).
+
+    next_logits: the whole sequence so far (B, T) -> logits (B, V) of the token after it.
+    temperature 0 is greedy; top_k keeps the k most likely tokens.  Rows that emitted
+    `eos_id` keep emitting it, and once every row has, the rest is filled with it without
+    calling `next_logits` again.
+    """
+    total = text.shape[1] + max_new_tokens
+    done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
+    for _ in range(max_new_tokens):
+        logits = next_logits(text).float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        text = torch.cat([text, nxt[:, None]], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+    if text.shape[1] < total:  # every row ended: the documented shape, filled with eos
+        text = F.pad(text, (0, total - text.shape[1]), value=eos_id)  # type: ignore[arg-type]
+    return text
 
 
 class TextTransformer(nn.Module):
@@ -190,19 +255,9 @@ class TextTransformer(nn.Module):
         window slides when it grows past context_length; sliding moves every position, so
         from then on each token reruns the whole window, as does a bidirectional tower.
         """
-        # a negative temperature would sample from the inverted distribution (the least
-        # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
-        if not temperature >= 0 or temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
+        check_sampling(temperature, top_k)
+        with eval_mode(self):
             return self._generate(text, max_new_tokens, temperature, top_k, eos_id, generator)
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def _generate(
         self,
@@ -214,33 +269,18 @@ class TextTransformer(nn.Module):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
-        total = text.shape[1] + max_new_tokens
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
-        done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
-        for _ in range(max_new_tokens):
+
+        def next_logits(text: torch.Tensor) -> torch.Tensor:
             if cache is not None and text.shape[1] <= ctx:
                 hidden = self.forward_tokens(text[:, cache.length :], kv_cache=cache)
             else:
                 hidden = self.forward_tokens(text[:, -ctx:])
-            logits = self.head(hidden[:, -1]).float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = logits.softmax(dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            text = torch.cat([text, nxt[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        if text.shape[1] < total:  # every row ended: the documented shape, filled with eos
-            text = F.pad(text, (0, total - text.shape[1]), value=eos_id)  # type: ignore[arg-type]
-        return text
+            return self.head(hidden[:, -1])
+
+        return sample_tokens(
+            next_logits, text, max_new_tokens, temperature, top_k, eos_id, generator
+        )
 
     def flops_per_token(self) -> float:
         """Forward FLOPs per token at full context (2 per multiply-add), LM head included."""
