@@ -244,10 +244,14 @@ def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, 
             scale = task_state.get(f"losses.{key}.logit_scale")
             bias = task_state.get(f"losses.{key}.logit_bias")
             if scale is not None and bias is not None:
-                out[key] = {"type": kind, "logit_scale": float(scale), "logit_bias": float(bias)}
+                out[key] = {
+                    "type": kind,
+                    "logit_scale": float(scale.detach()),
+                    "logit_bias": float(bias.detach()),
+                }
         elif kind == "clip" and f"{PREFIX}logit_scale" in task_state:
             log_scale = min(
-                float(task_state[f"{PREFIX}logit_scale"]), math.log(obj.max_logit_scale)
+                float(task_state[f"{PREFIX}logit_scale"].detach()), math.log(obj.max_logit_scale)
             )
             out[key] = {"type": kind, "logit_scale": log_scale, "logit_bias": None}
     return out
