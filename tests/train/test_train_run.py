@@ -4,13 +4,12 @@ demo data, exact resume, export == live model, and every big recipe for 2 steps.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import PYTHON, RECIPES, losses, run, tiny_overrides
+from train_helpers import PYTHON, RECIPES, losses, restored_env, run, tiny_overrides
 
 from mmssl.train.engine import WarmupCosine
 from mmssl.train.recipe import load_recipe
@@ -20,19 +19,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
 ]
 QUICK = str(RECIPES / "quickstart.yaml")
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
 def _restore_env():
     """In-process runs set the one-process group's variables; keep them out of later tests."""
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with restored_env():
+        yield
 
 
 def _train(args: list[str]) -> dict:

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -15,6 +17,21 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
+GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def restored_env() -> Iterator[None]:
+    """In-process engine runs set the one-process group's variables; put them back after."""
+    saved = {k: os.environ.get(k) for k in GROUP_ENV}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def demo_urls(recipe: str | Path, demo: str) -> list[str]:
