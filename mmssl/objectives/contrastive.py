@@ -24,6 +24,7 @@ Conventions shared by every contrastive loss in mmssl (this file, `siglip.py`):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -303,6 +304,41 @@ def clip_loss(
     return (loss_i + loss_t) / (2 * n)
 
 
+class _ClampedExp(torch.autograd.Function):
+    """min(exp(x), hi) whose gradient above `hi` still flows when it would lower x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, hi: float) -> Tensor:
+        out = x.exp().clamp(max=hi)
+        ctx.save_for_backward(x, out)
+        ctx.hi = hi
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, out = ctx.saved_tensors
+        # below the clamp: exp's own gradient (grad * exp(x)); above it, only a gradient
+        # that a descent step turns into a lower x (grad > 0), taken at the clamp
+        live = (x.exp() <= ctx.hi) | (grad > 0)
+        return torch.where(live, grad * out, torch.zeros_like(grad)), None
+
+
+def clamped_scale(log_scale: Tensor, max_scale: float) -> Tensor:
+    """The logit multiplier exp(log_scale), clamped at `max_scale`.
+
+    open_clip clamps the parameter itself after each optimizer step (`clamp_(0, log 100)`).
+    Under DeepSpeed that clamp would have to reach the fp32 master weights (or the ZeRO-3
+    partitions), so mmssl clamps the value in the forward instead.  A plain
+    `exp().clamp(max=)` would also zero the gradient of a parameter that overshot the
+    clamp, leaving it there for good; here the gradient passes when it points back under
+    the clamp, so, as in open_clip, the scale can come down again once the loss asks for a
+    softer temperature.  (Data parallel: each rank masks its own gradient before the
+    average, so above the clamp the parameter descends when any rank asks it to; the
+    value and gradient at or under the clamp are the plain ones.)
+    """
+    return _ClampedExp.apply(log_scale, float(max_scale))
+
+
 class ClipLoss(nn.Module):
     """CLIP loss with a learnable log logit scale (init log(1/0.07), scale clamped at 100)."""
 
@@ -319,8 +355,8 @@ class ClipLoss(nn.Module):
         self.gather = check_gather(gather, SOFTMAX_GATHER_MODES)
 
     def scale(self) -> Tensor:
-        """The multiplier exp(logit_scale), clamped at `max_logit_scale`; a 0-d tensor."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """The multiplier exp(logit_scale), clamped at `max_logit_scale` (`clamped_scale`)."""
+        return clamped_scale(self.logit_scale, self.max_logit_scale)
 
     def forward(
         self, image_emb: Tensor, text_emb: Tensor, positive_keys: Tensor | None = None

@@ -55,6 +55,7 @@ from mmssl.objectives import (
     head_next_token_sum,
     next_token_sum,
 )
+from mmssl.objectives.contrastive import clamped_scale
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.objectives.lm import count_targets
 from mmssl.train.recipe import NEEDS, ObjectiveConfig
@@ -95,7 +96,7 @@ class _ModelScaleClipLoss(ClipLoss):
     def scale(self) -> Tensor:
         scale = self._model[0].logit_scale
         assert scale is not None
-        return scale.float().exp().clamp(max=self.max_logit_scale)
+        return clamped_scale(scale.float(), self.max_logit_scale)
 
 
 def _projector(dim: int, out: int) -> nn.Module:

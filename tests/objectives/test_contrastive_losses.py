@@ -19,7 +19,7 @@ from mmssl.objectives import (
     positives_from_labels,
     siglip_loss,
 )
-from mmssl.objectives.contrastive import row_groups, sorted_row_groups
+from mmssl.objectives.contrastive import clamped_scale, row_groups, sorted_row_groups
 
 
 @pytest.fixture(autouse=True)
@@ -214,6 +214,47 @@ def test_clip_logit_scale_init_and_clamp() -> None:
     assert loss.scale().item() == 100.0
     e = torch.eye(3)
     torch.testing.assert_close(loss(e, e), clip_loss(e, e, 100.0))
+
+
+@pytest.mark.parametrize("scale", [0.5, 20.0, 49.9])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_clamped_scale_under_the_clamp_is_plain_autograd(scale: float, sign: float) -> None:
+    """Under the clamp: the value and gradient of exp(x).clamp(max=) (the reference)."""
+    x = torch.tensor(math.log(scale), requires_grad=True)
+    ref = torch.tensor(math.log(scale), requires_grad=True)
+    out, want = clamped_scale(x, 50.0), ref.exp().clamp(max=50.0)
+    assert out.item() == want.item()
+    (sign * 0.3 * out).backward()
+    (sign * 0.3 * want).backward()
+    assert x.grad is not None and ref.grad is not None
+    assert x.grad.item() == ref.grad.item() != 0.0
+
+
+def test_clamped_scale_above_the_clamp_passes_only_a_downward_gradient() -> None:
+    """Above the clamp a descent step may lower x (grad > 0) but not raise it further."""
+    for sign, want in ((1.0, 1.0 * 50.0), (-1.0, 0.0)):
+        x = torch.tensor(math.log(60.0), requires_grad=True)
+        out = clamped_scale(x, 50.0)
+        assert out.item() == 50.0
+        (sign * out).backward()
+        assert x.grad is not None
+        assert x.grad.item() == pytest.approx(want)
+
+
+def test_clip_logit_scale_comes_back_under_the_clamp() -> None:
+    """A scale that overshot the clamp recovers once the loss wants a softer temperature, as
+    open_clip's clamp of the parameter after each step allows (a zero gradient above the
+    clamp left it there for good)."""
+    torch.manual_seed(0)
+    loss = ClipLoss(init_logit_scale=math.log(6.0), max_logit_scale=5.0)
+    opt = torch.optim.SGD(loss.parameters(), lr=0.5)
+    # unrelated pairs: the softer the logits, the lower the loss (d loss / d scale > 0)
+    z1, z2 = torch.randn(32, 8), torch.randn(32, 8)
+    for _ in range(20):
+        opt.zero_grad()
+        loss(z1, z2).backward()
+        opt.step()
+    assert loss.logit_scale.item() < math.log(5.0)
 
 
 def test_inputs_are_normalised_inside() -> None:
