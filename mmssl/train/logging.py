@@ -1,5 +1,6 @@
 """Run logging on rank 0: metrics.jsonl, TensorBoard, a tqdm bar with samples/s, and at the
-end `summary.md` with the loss curves (`loss.png`), throughput and skipped-sample counts."""
+end `summary.md` with the loss curves (`loss.png`), throughput and skipped-sample counts.
+A run that an error ends gets `write_error_summary` instead, from each rank that caught it."""
 
 from __future__ import annotations
 
@@ -187,3 +188,61 @@ def write_summary(
         lines.append(f"| {key} | {first.get(key, float('nan')):.4f} | {last[key]:.4f} |")
     lines += ["", "![loss curve](loss.png)", ""]
     (run_dir / "summary.md").write_text("\n".join(lines))
+
+
+def error_summary_name(rank: int) -> str:
+    """The summary file of a failed run written by `rank`: rank 0's is the run's summary.md."""
+    return "summary.md" if rank == 0 else f"summary.rank{rank}.md"
+
+
+def write_error_summary(
+    run_dir: Path,
+    rank: int,
+    info: dict[str, Any],
+    skipped: dict[str, int],
+    error: BaseException,
+    next_step: str,
+) -> Path:
+    """The summary of a run that `error` ended, as this rank saw it (nothing gathered from
+    the other ranks: `skipped` is this rank's); rank 0 also plots loss.png from the metrics
+    it logged.  Returns the file written."""
+    message = str(error)
+    reason = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    lines = [f"# Run summary: {run_dir.name} (failed)", ""]
+    lines += [f"- error: {reason.splitlines()[0] if reason else reason}"]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [
+        f"- rank: {rank}"
+        + (
+            " (written by this rank alone: other ranks may have written summary.rank<R>.md)"
+            if info.get("world_size", 1) != 1
+            else ""
+        ),
+        f"- skipped bad samples on this rank: {sum(skipped.values())}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})" if skipped else ""),
+        "",
+        "## What next",
+        "",
+        next_step[:1].upper() + next_step[1:] + ".",
+        "",
+        "## Error",
+        "",
+        "```",
+        reason,
+        "```",
+        "",
+    ]
+    if rank == 0:
+        rows = read_metrics(run_dir)
+        if rows:
+            last = rows[-1]
+            lines += [f"Last logged (step {last['step']}):", ""]
+            lines += ["| metric | first logged | last logged |", "|---|---|---|"]
+            shown = ("loss", "logit_scale", "logit_bias")
+            for key in (k for k in last if k.split("/")[0] in shown):
+                lines.append(f"| {key} | {rows[0].get(key, float('nan')):.4f} | {last[key]:.4f} |")
+            plot_losses(rows, run_dir / "loss.png")
+            lines += ["", "![loss curve](loss.png)", ""]
+    path = run_dir / error_summary_name(rank)
+    path.write_text("\n".join(lines))
+    return path

@@ -15,6 +15,13 @@ gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 
 already check the gradients for overflow (with their own host sync); on the plain fp32
 stage-0 path the loop checks them itself, which is one extra host sync per step there.
 
+Any other error ends the run unplanned, perhaps on one rank while another waits in a
+collective, so its summary is written with none: each rank that caught the error writes its
+own (rank 0 summary.md and loss.png, rank R > 0 summary.rank<R>.md), naming the error, the
+steps done, the newest checkpoint that passes the resume's integrity check (hashed by that
+rank alone) and how to resume; then the error propagates unchanged.  Writing it never
+replaces the error: a failure there is only logged.
+
 Gradient accumulation: a step draws all its micro-batches (every source) before its first
 forward and keeps them on the host, moving each to the device just before its forward.  The
 token-mean objectives (next_token, captioning) count their targets over the whole step from
@@ -27,6 +34,7 @@ objective is the step's token mean.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,7 +52,7 @@ from mmssl.train import checkpoint, run_record
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
-from mmssl.train.logging import RunLogger
+from mmssl.train.logging import RunLogger, write_error_summary
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.streams import build_stream, build_streams
 from mmssl.train.streams import tokenizer as recipe_tokenizer
@@ -247,6 +255,62 @@ def _run_info(
     }
 
 
+def _resume_hint(recipe: Recipe, good: str | None) -> str:
+    """What the user does after a failed run: resume from `good`, or start again."""
+    run_dir = recipe.run_dir
+    world = distributed.world_size()
+    launch = f"deepspeed --num_gpus {world} --module mmssl.train" if world > 1 else "mmssl train"
+    command = f"`{launch} {run_dir / 'recipe.yaml'} checkpoint.resume=auto`"
+    if good is None:
+        return (
+            "there is no good checkpoint to resume from: fix the cause and run again from "
+            f"step 0 (the same command, or {command})"
+        )
+    return (
+        f"fix the cause, then resume from {good}: rerun the same command with "
+        f"checkpoint.resume=auto (the default), which takes that checkpoint, e.g. {command}"
+        + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
+    )
+
+
+def _error_summary(
+    err: BaseException,
+    recipe: Recipe,
+    resolved: Resolved,
+    task: Task,
+    start_step: int,
+    step: int,
+    t_start: float,
+    bad_steps: int,
+    streams: dict[str, Any],
+) -> None:
+    """summary.md of a run that an error ended (rank R > 0: summary.rank<R>.md): the error,
+    the step reached, the newest checkpoint that passes the resume's integrity check and how
+    to resume.  No collective: the other ranks may be blocked in one, or gone.  Never raises:
+    a failure here is logged and the caller re-raises the original error."""
+    rank = distributed.rank()
+    try:
+        ckpt_dir = recipe.run_dir / "checkpoints"
+        # hashed here by this rank alone: the tag resume=auto would take
+        tag = checkpoint.newest_valid(ckpt_dir, "error summary", collective=False)
+        good = str(ckpt_dir / tag) if tag else None
+        info = _run_info(
+            recipe, resolved, task, start_step, step, t_start, good or "none", bad_steps
+        )
+        skipped: dict[str, int] = {}
+        for stream in streams.values():
+            for kind, n in stream.skipped.items():
+                skipped[kind] = skipped.get(kind, 0) + n
+        write_error_summary(recipe.run_dir, rank, info, skipped, err, _resume_hint(recipe, good))
+    except BaseException as failure:  # noqa: BLE001 -- never masks the run's own error
+        _log.warning(
+            "rank %d: could not write the summary of the failed run (%s: %s)",
+            rank,
+            type(failure).__name__,
+            failure,
+        )
+
+
 def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the run summary.  Collective: call on every rank."""
     # ZeRO-3 replaces torch.nn.functional.linear with its memory-efficient version for good
@@ -414,7 +478,7 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
                                 {"sums": {k: v.item() for k, v in sums.items()}, "count": count}
                             ),
                         },
-                        on_written=lambda s=step: faults.pause("save", s),
+                        on_written=functools.partial(faults.pause, "save", step),
                     )
                     log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)
@@ -425,8 +489,12 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         info = _run_info(recipe, resolved, task, start_step, step, t_start, good, bad_steps)
         log.close({**info, "stopped": str(err)}, _skipped(streams))
         raise
-    except BaseException:
+    except BaseException as err:
         log.abort()
+        # any other error may strike one rank while another waits in a collective (or is
+        # gone), so this summary is written by each rank that caught it, from what that rank
+        # knows, with no collective
+        _error_summary(err, recipe, resolved, task, start_step, step, t_start, bad_steps, streams)
         raise
     finally:
         key_log.close()

@@ -1,0 +1,166 @@
+"""A run that an unplanned error ends (not a train.max_bad_steps stop) still writes its
+summary.md, without any collective, naming the error, the step reached, the newest intact
+checkpoint and how to resume; the error itself propagates unchanged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mmssl.train.checkpoint import tag_of
+
+pytestmark = pytest.mark.usefixtures("one_process_group")
+COLLECTIVES = ("all_gather_object", "all_reduce_sum", "all_reduce_mean", "barrier")
+
+
+class InjectedError(Exception):
+    """The fault of these tests: a type no library code raises."""
+
+
+def _recipe(tmp_path: Path, name: str) -> Path:
+    """Tiny CLIP on synthetic data, 8 steps, a checkpoint every 2."""
+    path = tmp_path / f"{name}.yaml"
+    recipe = {
+        "name": name,
+        "out_dir": str(tmp_path),
+        "model": {"name": "test_tiny_clip"},
+        "data": {"sources": {"train": {"urls": "synthetic"}}},
+        "train": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4},
+        "checkpoint": {"every": 2, "keep_last": 5},
+        "logging": {"every": 1, "tensorboard": False, "progress": False},
+    }
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def _fail_on_batch(monkeypatch: pytest.MonkeyPatch, call: int) -> InjectedError:
+    """The `call`-th batch drawn raises (a data read failing mid-run); from then on every
+    collective fails the test, as one would hang if another rank were blocked elsewhere."""
+    import mmssl.distributed
+    from mmssl.train.streams import SyntheticStream
+
+    error = InjectedError("shard server went away\nsecond line of the message")
+    draw = SyntheticStream.next
+    calls = [0]
+
+    def next_or_fail(self: SyntheticStream) -> dict:
+        calls[0] += 1
+        if calls[0] == call:
+            for name in COLLECTIVES:
+
+                def collective(*args: object, _name: str = name, **kwargs: object) -> None:
+                    raise AssertionError(f"distributed.{_name} after the error")
+
+                monkeypatch.setattr(mmssl.distributed, name, collective)
+            raise error
+        return draw(self)
+
+    monkeypatch.setattr(SyntheticStream, "next", next_or_fail)
+    return error
+
+
+def _train(path: Path) -> None:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(str(path))
+    train(recipe, validate(recipe))
+
+
+def test_an_error_mid_run_writes_the_summary_and_propagates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The draw of step 6 fails: the error propagates as raised (same object, same type),
+    and summary.md names it, the steps done (5) and step 4's checkpoint, the last good one,
+    with the command that resumes from it; loss.png is drawn from the logged steps."""
+    error = _fail_on_batch(monkeypatch, 6)
+    with pytest.raises(InjectedError) as raised:
+        _train(_recipe(tmp_path, "e"))
+    assert raised.value is error
+    run = tmp_path / "e"
+    summary = (run / "summary.md").read_text()
+    assert "- error: InjectedError: shard server went away\n" in summary, summary
+    assert "InjectedError: shard server went away\nsecond line of the message" in summary
+    assert "- steps: 0 -> 5 of 8" in summary, summary
+    assert f"- checkpoint: {run / 'checkpoints' / tag_of(4)}\n" in summary, summary
+    assert f"resume from {run / 'checkpoints' / tag_of(4)}" in summary, summary
+    assert f"mmssl train {run / 'recipe.yaml'} checkpoint.resume=auto" in summary, summary
+    assert (run / "loss.png").is_file()
+    assert not list(run.glob("summary.rank*.md"))
+
+
+def test_the_error_summary_names_only_an_intact_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint named is the one resume=auto would take: a newer one damaged after its
+    manifest was written is passed over."""
+    from mmssl.train import checkpoint
+
+    save = checkpoint.save
+
+    def save_then_truncate(engine, ckpt_dir, step, *args, **kwargs):  # noqa: ANN001, ANN202
+        folder = save(engine, ckpt_dir, step, *args, **kwargs)
+        if step == 4:
+            victim = max((p for p in folder.rglob("*.pt")), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[:100])
+        return folder
+
+    monkeypatch.setattr(checkpoint, "save", save_then_truncate)
+    _fail_on_batch(monkeypatch, 6)
+    with pytest.raises(InjectedError):
+        _train(_recipe(tmp_path, "d"))
+    run = tmp_path / "d"
+    summary = (run / "summary.md").read_text()
+    assert f"- checkpoint: {run / 'checkpoints' / tag_of(2)}\n" in summary, summary
+    assert tag_of(4) not in summary, summary
+
+
+def test_an_error_before_any_checkpoint_says_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_on_batch(monkeypatch, 2)
+    with pytest.raises(InjectedError):
+        _train(_recipe(tmp_path, "n"))
+    summary = (tmp_path / "n" / "summary.md").read_text()
+    assert "- steps: 0 -> 1 of 8" in summary and "- checkpoint: none\n" in summary, summary
+    assert "no good checkpoint" in summary, summary
+
+
+def test_a_failing_summary_never_masks_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the summary cannot be written the run's own error still propagates, and a
+    warning says the summary is missing."""
+    import mmssl.train.loop
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mmssl.train.loop, "write_error_summary", no_space, raising=False)
+    error = _fail_on_batch(monkeypatch, 3)
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        with pytest.raises(InjectedError) as raised:
+            _train(_recipe(tmp_path, "m"))
+    assert raised.value is error
+    assert "could not write the summary of the failed run" in caplog.text, caplog.text
+    assert "No space left on device" in caplog.text
+
+
+def test_a_rank_other_than_0_writes_its_own_summary_file(tmp_path: Path) -> None:
+    """Rank R > 0 writes summary.rank<R>.md (rank 0's summary.md is not overwritten) and
+    draws no plot: the metrics are rank 0's."""
+    from mmssl.train.logging import write_error_summary
+
+    (tmp_path / "summary.md").write_text("rank 0's")
+    info = {"steps": "0 -> 3 of 8", "checkpoint": "none"}
+    path = write_error_summary(tmp_path, 1, info, {"decode": 2}, KeyError("k"), "start again")
+    assert path == tmp_path / "summary.rank1.md"
+    text = path.read_text()
+    assert "- error: KeyError: 'k'" in text and "- rank: 1" in text, text
+    assert "- skipped bad samples on this rank: 2 (decode: 2)" in text, text
+    assert "Start again." in text
+    assert (tmp_path / "summary.md").read_text() == "rank 0's"
+    assert not (tmp_path / "loss.png").exists()
