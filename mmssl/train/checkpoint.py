@@ -44,7 +44,7 @@ from mmssl.schema import ConfigError
 
 TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
-RUN_RECORD = "mmssl_run.json"  # recipe, world size and ZeRO stage of the saving run
+RUN_RECORD = "mmssl_run.json"  # recipe, world size, ZeRO stage, source seeding (run_record)
 log = logging.getLogger("mmssl.train")
 
 
@@ -346,8 +346,9 @@ def save(
     distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
     if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
-        run = {"recipe": recipe, "world_size": client["world_size"]}
-        run["zero_stage"] = int(engine.zero_optimization_stage())
+        from mmssl.train.run_record import record
+
+        run = record(recipe, client["world_size"], int(engine.zero_optimization_stage()))
         _write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:

@@ -1,5 +1,6 @@
-"""The run record of a checkpoint (`mmssl_run.json`: the recipe, world size and ZeRO stage of
-the run that saved it) against a run that would resume from it: what a resume must keep."""
+"""The run record of a checkpoint (`mmssl_run.json`: the recipe, world size, ZeRO stage and
+source seeding of the run that saved it) against a run that would resume from it: what a
+resume must keep."""
 
 from __future__ import annotations
 
@@ -55,16 +56,33 @@ def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+def record(recipe: dict[str, Any], world_size: int, zero_stage: int) -> dict[str, Any]:
+    """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0)."""
+    from mmssl.train.streams import SOURCE_SEEDING
+
+    return {
+        "recipe": recipe,
+        "world_size": world_size,
+        "zero_stage": zero_stage,
+        "source_seeding": SOURCE_SEEDING,
+    }
+
+
+def _shard_sources(recipe: dict[str, Any]) -> list[str]:
+    """The sources the objectives of `recipe` read that stream shards (not `synthetic`)."""
+    data = recipe.get("data") or {}
+    sources = data.get("sources") or {}
+    used = {o.get("source", "train") for o in (recipe.get("objectives") or {}).values()}
+    return [n for n, s in sources.items() if n in used and (s or {}).get("urls") != "synthetic"]
+
+
 def _loader_workers(recipe: dict[str, Any]) -> int | None:
     """The loader workers whose positions a checkpoint of `recipe` holds, per rank (the
     pipeline runs `data.workers` 0 as one logical worker); None when no source the
     objectives read has a loader (synthetic data keeps a plain index)."""
-    data = recipe.get("data") or {}
-    sources = data.get("sources") or {}
-    used = {o.get("source", "train") for o in (recipe.get("objectives") or {}).values()}
-    if not any(sources.get(n, {}).get("urls") != "synthetic" for n in used if n in sources):
+    if not _shard_sources(recipe):
         return None
-    return max(1, int(data.get("workers") or 0))
+    return max(1, int((recipe.get("data") or {}).get("workers") or 0))
 
 
 def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
@@ -77,6 +95,8 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     try:
         run = json.loads(path.read_text())
         saved, saved_world, saved_stage = run["recipe"], run["world_size"], run["zero_stage"]
+        # records written before the field existed: every source was seeded with data.seed
+        seeding = int(run.get("source_seeding", 1))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
     if saved_world != world_size:
@@ -110,3 +130,26 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
             f"saved data positions are per loader worker, so a resume keeps data.workers "
             f"(0 and 1 are both one worker)"
         )
+    _check_seeding(folder, saved, seeding)
+
+
+def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:
+    """Refuse a checkpoint whose sources were seeded otherwise than this version seeds them
+    (`streams.source_seeds`): its saved data positions are positions in other streams.
+    Seeding 1 -> 2 changed only the sources after the first, so a run with one shard source
+    resumes; with several it would go on with different shard draws for those (and their
+    saved positions, which the data state ties to the seed, would not load)."""
+    from mmssl.train.streams import SOURCE_SEEDING
+
+    shards = _shard_sources(saved)
+    if seeding == SOURCE_SEEDING or len(shards) < 2:
+        return
+    raise ConfigError(
+        f"checkpoint {folder} was saved by an mmssl that seeded every data source with "
+        f"data.seed (source seeding {seeding}), so its sources {', '.join(shards)} drew their "
+        f"shards in lockstep; this version seeds each source after the first from data.seed "
+        f"and its name (source seeding {SOURCE_SEEDING}), so the saved data positions of "
+        f"{', '.join(shards[1:])} are no continuation of their streams.  Resume it with the "
+        f"mmssl version that saved it, or start a new run (another name, or "
+        f"checkpoint.resume=none after moving this run's checkpoints away)"
+    )

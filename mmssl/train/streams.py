@@ -8,12 +8,19 @@ benchmarks and tests that need no shards.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
 
 from mmssl.schema import ConfigError, from_dict
 from mmssl.train.recipe import Recipe, SourceConfig
+
+# The seeding of the recipe's sources, written into every checkpoint's run record
+# (`run_record.record`): 1 gave every source `data.seed`, so two sources over shards of equal
+# count drew the same shard indices in lockstep; 2 gives every used loader source after the
+# first its own seed (`source_seeds`).
+SOURCE_SEEDING = 2
 
 # LM rows are context_length + 1 tokens long in the data pipeline; one row must fit the model
 # (next_token_loss shifts inside), so text sources are packed to the model's context - 1.
@@ -198,11 +205,13 @@ def build_stream(
     rank: int,
     world_size: int,
     seed_offset: int = 0,
+    seed: int | None = None,
 ) -> Any:
-    """One source's stream for this rank; `seed_offset` separates eval streams."""
+    """One source's stream for this rank; `seed` (default `data.seed`) plus `seed_offset`
+    (which separates eval streams) seeds it."""
     image_size, context = _sizes(recipe, src, model_cfg)
     d, batch = recipe.data, recipe.train.micro_batch_size
-    seed = d.seed + seed_offset
+    seed = (d.seed if seed is None else seed) + seed_offset
     if src.urls == "synthetic":
         vocab = model_cfg.text.vocab_size if model_cfg.text else 16
         return SyntheticStream(src.kind, batch, image_size, d.views, context, vocab, seed, rank)
@@ -243,11 +252,45 @@ def _triple(values: list[float] | None, where: str) -> tuple[float, float, float
     return (values[0], values[1], values[2])
 
 
-def build_streams(recipe: Recipe, model_cfg: Any, rank: int, world_size: int) -> dict[str, Any]:
-    """Every source the objectives read, in recipe order."""
+def source_seed(seed: int, name: str) -> int:
+    """The seed of source `name` of a recipe seeded with `seed`: stable across processes and
+    machines (crc32 of the name, not `hash`), and 2**32 or more above `seed`, so never the
+    seed of a recipe's first source."""
+    return seed + ((zlib.crc32(name.encode("utf-8")) + 1) << 32)
+
+
+def source_seeds(recipe: Recipe) -> dict[str, int]:
+    """The seed of every source the objectives read, in recipe order.
+
+    Each recipe source is a pipeline of its own (as its source 0), so its shard draws are
+    keyed by (seed, rank, worker) alone: with one seed for all, two sources of equal shard
+    counts (say the same image-text shards read by a CLIP and a SimCLR objective through two
+    source names) drew the same shard indices in lockstep.  So every used shard source after
+    the first, in recipe order, gets `source_seed(data.seed, name)`.  The first keeps
+    `data.seed`, so a single-source run, and the first source of any run (the images of
+    `mmssl demo`), stream as before this seeding existed (`SOURCE_SEEDING` 1), and their
+    checkpoints resume; a checkpoint of a run with several shard sources saved under
+    seeding 1 is refused by the run record (`run_record.check_resume`).  `synthetic`
+    sources keep `data.seed`: their seed defines the generated data (the class prototypes),
+    not a draw order, and they take no part in the count."""
     used = {o.source for o in recipe.objectives.values()}
+    seeds, first = {}, True
+    for name, src in recipe.data.sources.items():
+        if name not in used:
+            continue
+        keyed = src.urls != "synthetic" and not first
+        first = first and src.urls == "synthetic"
+        seeds[name] = source_seed(recipe.data.seed, name) if keyed else recipe.data.seed
+    return seeds
+
+
+def build_streams(recipe: Recipe, model_cfg: Any, rank: int, world_size: int) -> dict[str, Any]:
+    """Every source the objectives read, in recipe order, each with its seed of
+    `source_seeds`."""
+    seeds = source_seeds(recipe)
     return {
-        name: build_stream(name, src, recipe, model_cfg, rank, world_size)
-        for name, src in recipe.data.sources.items()
-        if name in used
+        name: build_stream(
+            name, recipe.data.sources[name], recipe, model_cfg, rank, world_size, seed=seed
+        )
+        for name, seed in seeds.items()
     }

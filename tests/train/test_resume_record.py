@@ -91,3 +91,46 @@ def test_resume_data_workers_zero_and_one_are_the_same_loader(tmp_path: Path) ->
     synthetic = {"train": {"urls": "synthetic"}}
     folder = _record(tmp_path / "s", _resolved(data={"sources": synthetic}))
     check_resume(folder, _resolved(data={"sources": synthetic, "workers": 4}), 1, 0)
+
+
+def _two_sources(**data: object) -> dict:
+    """CLIP and SimCLR over the same shards under two source names."""
+    sources = {"a": {"urls": "shards/{0..3}.tar"}, "b": {"urls": "shards/{0..3}.tar"}}
+    return _resolved(
+        data={"sources": sources, **data},
+        objectives={"clip": {"source": "a"}, "simclr": {"source": "b"}},
+    )
+
+
+def test_resume_refuses_a_multi_source_record_of_the_old_source_seeding(tmp_path: Path) -> None:
+    """A record without `source_seeding` was saved when every source was seeded with
+    data.seed; with several shard sources its data positions belong to other streams than
+    this version draws: refused, saying why and what to do.  Under this seeding it resumes."""
+    now = _two_sources()
+    folder = _record(tmp_path / "old", now)  # no source_seeding: the old seeding
+    with pytest.raises(ConfigError, match="seeded every data source with data.seed") as err:
+        check_resume(folder, now, 1, 0)
+    assert "a, b" in str(err.value) and "start a new run" in str(err.value)
+    assert "mmssl version that saved it" in str(err.value)
+
+    from mmssl.train.run_record import record
+    from mmssl.train.streams import SOURCE_SEEDING
+
+    current = tmp_path / "new"
+    current.mkdir()
+    (current / RUN_RECORD).write_text(json.dumps(record(now, 1, 0)))
+    assert json.loads((current / RUN_RECORD).read_text())["source_seeding"] == SOURCE_SEEDING
+    check_resume(current, now, 1, 0)
+
+
+def test_resume_keeps_single_source_and_synthetic_records_of_the_old_seeding(
+    tmp_path: Path,
+) -> None:
+    """The old seeding gave the first shard source data.seed, as this one does: a record
+    of one shard source (or of synthetic ones) without `source_seeding` resumes."""
+    folder = _record(tmp_path / "one", _loader_recipe(1))
+    check_resume(folder, _loader_recipe(1), 1, 0)
+    synthetic = {"a": {"urls": "synthetic"}, "b": {"urls": "synthetic"}}
+    both = {"clip": {"source": "a"}, "simclr": {"source": "b"}}
+    mixed = _resolved(data={"sources": synthetic}, objectives=both)
+    check_resume(_record(tmp_path / "syn", mixed), mixed, 1, 0)
