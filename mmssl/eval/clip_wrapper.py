@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from mmssl.eval.data import Preprocess
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
 
 
 def mask_from_ids(ids: Tensor, eos_id: int, bos_id: int | None = None) -> Tensor:
@@ -67,7 +70,7 @@ class CLIPWrapper(nn.Module):
     """encode_image(images (B, 3, S, S)) and encode_text(ids (B, T)) -> (B, E), unnormalised,
     plus `logit_scale`; the mask the text tower needs is rebuilt from the eos position."""
 
-    def __init__(self, model: nn.Module, eos_id: int, bos_id: int | None = None) -> None:
+    def __init__(self, model: MultimodalModel, eos_id: int, bos_id: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.eos_id = eos_id
@@ -75,7 +78,12 @@ class CLIPWrapper(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        return self.model.logit_scale
+        scale = self.model.logit_scale
+        if scale is None:  # load_clip checks both towers, which come with the scale
+            raise RuntimeError(
+                "a CLIP-style model needs vision and text towers (and a logit scale)"
+            )
+        return scale
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         return self.model.encode_image(images, normalize=normalize)
@@ -101,12 +109,13 @@ def load_clip(
     from mmssl.eval.loading import EvalError, load_model
 
     loaded = load_model(path)
-    if loaded.model.visual is None or loaded.model.text is None:
+    text = loaded.model.text
+    if loaded.model.visual is None or text is None:
         raise EvalError(f"{path}: a CLIP-style model needs vision and text towers")
     tok = loaded.tokenizer(tokenizer)
     wrapper = CLIPWrapper(loaded.model, int(tok.eos_id), int(tok.bos_id)).eval()
     return (
         wrapper,
         ImageTransform(loaded.preprocess),
-        CLIPTokenizer(tok, loaded.model.cfg.text.context_length),
+        CLIPTokenizer(tok, text.cfg.context_length),
     )

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,7 +28,10 @@ from mmssl import distributed
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls
-from mmssl.eval.loading import EvalError
+from mmssl.eval.loading import EvalError, vision_tower
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
 
 
 def assemble_by_index(index: Tensor, rows: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -63,7 +66,7 @@ def detect_fields(urls: list[str]) -> list[str]:
 
 @torch.no_grad()
 def extract_features(
-    model: torch.nn.Module,
+    model: MultimodalModel,
     urls: list[str],
     preprocess: Preprocess,
     *,
@@ -84,7 +87,7 @@ def extract_features(
     cols.update({f: [] for f in fields})
     keys: list[str] = []
     texts: list[str] = []
-    projected = getattr(model.visual, "proj", None) is not None
+    proj = vision_tower(model).proj
     for batch in iter_image_batches(
         urls,
         preprocess,
@@ -98,8 +101,8 @@ def extract_features(
         pooled = model.forward_features(batch["image"])["pooled"]  # (B, D)
         cols["sample_index"].append(batch["sample_index"])
         cols["features"].append(pooled.float())
-        if projected:
-            cols["embeddings"].append(model.visual.proj(pooled).float())  # (B, E)
+        if proj is not None:
+            cols["embeddings"].append(proj(pooled).float())  # (B, E)
         for f in fields:
             cols[f].append(batch[f])
         keys += batch["__key__"]
@@ -112,7 +115,7 @@ def extract_features(
         if parts:
             local[name] = torch.cat(parts)
     # a rank with no samples still takes part in every gather, with empty tensors
-    local = _fill_empty(local, fields, projected, model)
+    local = _fill_empty(local, fields, model)
     gathered = {name: distributed.all_gather_no_grad(t) for name, t in local.items()}
     index = gathered.pop("sample_index")
     all_keys = [k for part in distributed.all_gather_object(keys) for k in part]
@@ -128,14 +131,15 @@ def extract_features(
 
 
 def _fill_empty(
-    local: dict[str, Tensor], fields: tuple[str, ...], projected: bool, model: torch.nn.Module
+    local: dict[str, Tensor], fields: tuple[str, ...], model: MultimodalModel
 ) -> dict[str, Tensor]:
     if "sample_index" in local:
         return local
-    dim = model.visual.cfg.dim
+    visual = vision_tower(model)
+    dim = visual.cfg.dim
     out = {"sample_index": torch.zeros(0, dtype=torch.int64), "features": torch.zeros(0, dim)}
-    if projected:
-        out["embeddings"] = torch.zeros(0, model.visual.proj.out_features)
+    if visual.proj is not None:
+        out["embeddings"] = torch.zeros(0, visual.proj.out_features)
     for f in fields:
         out[f] = torch.zeros(0, dtype=torch.int64)
     return out
@@ -146,20 +150,20 @@ def _fill_empty(
 MARKER = "mmssl_features"
 
 
-def vision_digest(model: torch.nn.Module) -> str:
+def vision_digest(model: MultimodalModel) -> str:
     """sha256 of the vision tower's weights (names, dtypes, shapes, bytes): recorded in a
     features file, so that a task that pairs its embeddings with a model's text tower can
     check they come from the same model."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in sorted(model.visual.state_dict().items()):
+    for name, t in sorted(vision_tower(model).state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def check_vision_digest(path: str, metadata: dict[str, str], model: torch.nn.Module) -> None:
+def check_vision_digest(path: str, metadata: dict[str, str], model: MultimodalModel) -> None:
     """EvalError unless the features file `path` (with its `metadata`) holds features of
     `model`'s vision tower; a file written before the digest was recorded passes."""
     recorded = metadata.get("vision_sha256")

@@ -15,19 +15,23 @@ import argparse
 import copy
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.eval.loading import EvalError
+from mmssl.eval.loading import EvalError, vision_tower
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.models.vision import VisionEncoder
 
 
 class Classifier(nn.Module):
     """A vision tower and a linear head: images (B, 3, S, S) -> logits (B, C)."""
 
-    def __init__(self, visual: nn.Module, num_classes: int) -> None:
+    def __init__(self, visual: VisionEncoder, num_classes: int) -> None:
         super().__init__()
         self.visual = visual
         self.head = nn.Linear(visual.cfg.dim, num_classes)
@@ -63,7 +67,7 @@ def recipe_for(
 
 
 def finetune(
-    model: nn.Module,
+    model: MultimodalModel,
     train_urls: list[str],
     preprocess: Any,
     field: str,
@@ -83,7 +87,7 @@ def finetune(
     from mmssl.train import engine as ds
 
     torch.manual_seed(seed)
-    clf = Classifier(copy.deepcopy(model.visual), num_classes).train()
+    clf = Classifier(copy.deepcopy(vision_tower(model)), num_classes).train()
     recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed)
     ds.init_distributed()
     eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))

@@ -20,14 +20,17 @@ import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError
+from mmssl.eval.loading import EvalError, text_config, text_tower
 from mmssl.eval.metrics import perplexity, topk_accuracy, unigram_perplexity
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
 
 LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, V)
 SEP = "\n\n"  # between in-context examples
@@ -244,7 +247,7 @@ def score_task(
 
 @torch.no_grad()
 def samples(
-    model: torch.nn.Module,
+    model: MultimodalModel,
     tokenizer: Any,
     prompts: Sequence[str],
     max_new_tokens: int,
@@ -254,12 +257,13 @@ def samples(
 ) -> list[str]:
     """Decoded continuations (prompt included) of each prompt."""
     g = torch.Generator().manual_seed(seed)
+    text = text_tower(model)
     out = []
     for p in prompts:
         ids = torch.tensor(
             [[int(tokenizer.eos_id)] + tokenizer.encode(p, add_bos=False, add_eos=False)]
         )
-        gen = model.text.generate(
+        gen = text.generate(
             ids,
             max_new_tokens,
             temperature=temperature,
@@ -296,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def perplexity_report(
-    model: torch.nn.Module, tokenizer: Any, data: str, train_data: str | None, limit: int | None
+    model: MultimodalModel, tokenizer: Any, data: str, train_data: str | None, limit: int | None
 ) -> dict[str, Any]:
     from mmssl.eval.data import iter_documents, shard_urls
 
@@ -304,7 +308,8 @@ def perplexity_report(
         out = list(iter_documents(shard_urls(pattern)))
         return out[:limit] if limit is not None else out
 
-    cl = model.cfg.text.context_length
+    text_cfg = text_config(model)
+    cl = text_cfg.context_length
     total, n, targets = stream_nll(model.lm_logits, token_stream(tokenizer, docs(data)), cl)
     if train_data is not None:
         counts = torch.bincount(
@@ -314,7 +319,7 @@ def perplexity_report(
         counts = torch.bincount(targets, minlength=tokenizer.vocab_size)
     return {
         "perplexity": perplexity(total, n),
-        "unigram_perplexity": unigram_perplexity(counts[: model.cfg.text.vocab_size], targets),
+        "unigram_perplexity": unigram_perplexity(counts[: text_cfg.vocab_size], targets),
         "unigram_fit_on": train_data if train_data is not None else "the evaluated text",
         "num_tokens": n,
     }

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 from mmssl.eval.data import Preprocess
 
 if TYPE_CHECKING:
+    from mmssl.models.config import TextConfig
     from mmssl.models.io import LogitParams
     from mmssl.models.multimodal import MultimodalModel
+    from mmssl.models.text import TextTransformer
+    from mmssl.models.vision import VisionEncoder
     from mmssl.tokenizer import Tokenizer
 
 
@@ -74,6 +77,27 @@ class Loaded:
 
     def tokenizer(self, override: str | None = None) -> Tokenizer:
         return load_tokenizer(self.config, self.model_dir, self.model, override)
+
+
+def vision_tower(model: MultimodalModel) -> VisionEncoder:
+    """model.visual; EvalError for a model without one."""
+    if model.visual is None:
+        raise EvalError("this model has no vision tower")
+    return model.visual
+
+
+def text_tower(model: MultimodalModel) -> TextTransformer:
+    """model.text; EvalError for a model without one."""
+    if model.text is None:
+        raise EvalError("this model has no text tower")
+    return model.text
+
+
+def text_config(model: MultimodalModel) -> TextConfig:
+    """model.cfg.text; EvalError for a model without a text tower."""
+    if model.cfg.text is None:
+        raise EvalError("this model has no text tower")
+    return model.cfg.text
 
 
 def is_exported(path: Path) -> bool:

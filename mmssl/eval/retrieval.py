@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError
+from mmssl.eval.loading import EvalError, text_config
 from mmssl.eval.metrics import recall_at_k
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
 
 KS = (1, 5, 10)
 
@@ -75,12 +78,14 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
 
 @torch.no_grad()
 def encode_texts(
-    model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int
+    model: MultimodalModel, tokenizer: Any, texts: list[str], batch_size: int
 ) -> Tensor:
     """(T, E) L2-normalised text embeddings."""
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = tokenizer.batch_encode(texts[i : i + batch_size], model.cfg.text.context_length)
+        ids, mask = tokenizer.batch_encode(
+            texts[i : i + batch_size], text_config(model).context_length
+        )
         out.append(model.encode_text(ids, mask, normalize=True).float())
     return torch.cat(out)
 

@@ -13,14 +13,17 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError
+from mmssl.eval.loading import EvalError, text_config
 from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
+
+if TYPE_CHECKING:
+    from mmssl.models.multimodal import MultimodalModel
 
 BUILTIN = ("digit", "color")
 
@@ -143,11 +146,11 @@ def _read_list(path: str) -> list[str]:
 
 @torch.no_grad()
 def class_embeddings(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[list[str]], batch_size: int = 256
+    model: MultimodalModel, tokenizer: Any, prompts: list[list[str]], batch_size: int = 256
 ) -> Tensor:
     """(C, E) L2-normalised class embeddings: the renormalised mean over each class's prompts."""
     flat = [p for ps in prompts for p in ps]
-    context_length = model.cfg.text.context_length
+    context_length = text_config(model).context_length
     embs = []
     for i in range(0, len(flat), batch_size):
         ids, mask = tokenizer.batch_encode(flat[i : i + batch_size], context_length)

@@ -8,7 +8,7 @@ from torch import nn
 from mmssl.models.config import CaptionConfig, TextConfig
 from mmssl.models.text import TextTransformer, sample_tokens
 from mmssl.models.trunk import build_trunk
-from mmssl.nn import KVCache, Norm
+from mmssl.nn import KVCache, Norm, Transformer
 
 
 class CaptionDecoder(nn.Module):
@@ -21,6 +21,11 @@ class CaptionDecoder(nn.Module):
     mode "prefix": image tokens are projected to the text width and prepended to the caption,
     which runs causally through the text tower itself.
     """
+
+    # cross mode: the decoder Blocks and their final norm; prefix mode: the image projection
+    decoder: Transformer | None
+    norm: Norm | None
+    prefix_proj: nn.Linear | None
 
     def __init__(self, cfg: CaptionConfig, text_cfg: TextConfig, image_dim: int):
         super().__init__()
@@ -72,10 +77,12 @@ class CaptionDecoder(nn.Module):
             # every attention, so without them these blocks would not know token order
             positions = torch.arange(start, start + text_hidden.shape[1], device=text_hidden.device)
             rope = text_tower.rope(positions)
-        hidden = self.decoder(  # type: ignore[misc]
+        if self.decoder is None or self.norm is None:  # without a prefix_proj: cross mode
+            raise RuntimeError(f"a cross-mode caption decoder without its blocks ({self.mode!r})")
+        hidden = self.decoder(
             text_hidden, is_causal=True, context=image_tokens, rope=rope, kv_cache=decoder_cache
         )
-        return self.norm(hidden)  # type: ignore[misc]
+        return self.norm(hidden)
 
     def new_kv_cache(self, text_tower: TextTransformer) -> tuple[KVCache, KVCache] | None:
         """Empty caches for `hidden` over a whole caption (cross mode; None for prefix mode,

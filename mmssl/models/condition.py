@@ -20,6 +20,8 @@ attention from the first step, so that mode is neutral only through `cond=None`.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,8 @@ class DescriptorEncoder(nn.Module):
                 f"descriptors must be (B, {aug.shape[-1]}), one row per image, got "
                 f"{tuple(aug.shape)}; a single descriptor for every image is aug[None]"
             )
-        return self.net(aug.to(self.net[0].weight.dtype))
+        # indexing a Sequential is typed as any Module
+        return self.net(aug.to(cast(nn.Linear, self.net[0]).weight.dtype))
 
 
 class TextConditioner(nn.Module):
@@ -80,6 +83,12 @@ class Projector(nn.Module):
       A multiplicative interaction of c and f is what undoes, say, a hue rotation.
     """
 
+    # the modules of the other modes are None
+    cond_in: nn.Linear | None
+    film: nn.Linear | None
+    hyper_coef: nn.Linear | None
+    hyper_weight: nn.Parameter | None
+
     def __init__(
         self,
         in_dim: int,
@@ -102,10 +111,13 @@ class Projector(nn.Module):
         self.mode = cond
         self.hidden_dim = hidden_dim
         self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.cond_in = nn.Linear(cond_dim, hidden_dim, bias=False) if cond == "concat" else None
-        self.film = nn.Linear(cond_dim, 2 * hidden_dim) if cond == "film" else None
-        if cond == "hyper":
-            self.hyper_coef = nn.Linear(cond_dim, hyper_rank)  # type: ignore[arg-type]
+        # a conditioned mode has a cond_dim (checked above): `and cond_dim` only narrows its type
+        self.cond_in = (
+            nn.Linear(cond_dim, hidden_dim, bias=False) if cond == "concat" and cond_dim else None
+        )
+        self.film = nn.Linear(cond_dim, 2 * hidden_dim) if cond == "film" and cond_dim else None
+        if cond == "hyper" and cond_dim:
+            self.hyper_coef = nn.Linear(cond_dim, hyper_rank)
             self.hyper_weight = nn.Parameter(torch.zeros(hyper_rank * hidden_dim, in_dim))
         else:
             self.hyper_coef = None
@@ -135,7 +147,7 @@ class Projector(nn.Module):
             elif self.film is not None:
                 scale, shift = self.film(cond).chunk(2, dim=-1)
                 h = h * (1 + scale) + shift
-            elif self.hyper_weight is not None:
+            elif self.hyper_weight is not None and self.hyper_coef is not None:
                 coef = F.relu(self.hyper_coef(cond))  # (B, K)
                 per_k = F.linear(features, self.hyper_weight)  # (B, K * H): W_k f for every k
                 per_k = per_k.view(features.shape[0], -1, self.hidden_dim)  # (B, K, H)

@@ -8,6 +8,7 @@ class with one tower.  Models compute representations only: losses live in
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,14 @@ from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, Swi
 
 
 class MultimodalModel(nn.Module):
+    # the parts a config may leave out are None
+    visual: VisionEncoder | None
+    text: TextTransformer | None
+    logit_scale: nn.Parameter | None
+    caption: CaptionDecoder | None
+    conditioner: DescriptorEncoder | TextConditioner | None
+    projector: Projector | None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -38,31 +47,30 @@ class MultimodalModel(nn.Module):
             if self.visual is not None and self.text is not None
             else None
         )
-        self.caption = (
-            CaptionDecoder(cfg.caption, cfg.text, cfg.vision.dim)  # type: ignore[arg-type]
-            if cfg.caption is not None
-            else None
-        )
-        self.conditioner: nn.Module | None = None
+        # ModelConfig refuses each of the missing towers below; the checks narrow the types
+        self.caption = None
+        if cfg.caption is not None:
+            if cfg.vision is None or cfg.text is None:
+                raise ValueError("a caption decoder needs both a vision and a text tower")
+            self.caption = CaptionDecoder(cfg.caption, cfg.text, cfg.vision.dim)
+        self.conditioner = None
         if cfg.condition is not None and cfg.condition.source == "descriptor":
             c = cfg.condition
             self.conditioner = DescriptorEncoder(c.dim, c.hidden_dim, c.layout)
         elif cfg.condition is not None:
-            self.conditioner = TextConditioner(cfg.text.dim, cfg.condition.dim)  # type: ignore[union-attr]
+            if cfg.text is None:
+                raise ValueError("condition.source 'text' needs a text tower")
+            self.conditioner = TextConditioner(cfg.text.dim, cfg.condition.dim)
         p = cfg.projector
-        self.projector = (
-            Projector(
-                cfg.vision.dim,
-                p.hidden_dim,
-                p.out_dim,
-                p.depth,
-                p.cond,
-                cond_dim,  # type: ignore[union-attr]
-                p.hyper_rank,
+        self.projector = None
+        if p is not None:
+            if cfg.vision is None:
+                raise ValueError(
+                    "a projector needs a vision tower (it maps the pooled image features)"
+                )
+            self.projector = Projector(
+                cfg.vision.dim, p.hidden_dim, p.out_dim, p.depth, p.cond, cond_dim, p.hyper_rank
             )
-            if p is not None
-            else None
-        )
         self.init_weights()
 
     @torch.no_grad()
@@ -110,8 +118,16 @@ class MultimodalModel(nn.Module):
         if self.logit_scale is not None:
             self.logit_scale.fill_(self.cfg.logit_scale_init)
 
-    def _tower(self, name: str) -> nn.Module:
-        tower = self.visual if name == "vision" else self.text
+    @overload
+    def _tower(self, name: Literal["vision"]) -> VisionEncoder: ...
+    @overload
+    def _tower(self, name: Literal["text"]) -> TextTransformer: ...
+    @overload
+    def _tower(self, name: str) -> VisionEncoder | TextTransformer: ...
+    def _tower(self, name: str) -> VisionEncoder | TextTransformer:
+        tower: VisionEncoder | TextTransformer | None = (
+            self.visual if name == "vision" else self.text
+        )
         if tower is None:
             raise RuntimeError(f"this model has no {name} tower")
         return tower
@@ -221,7 +237,6 @@ class MultimodalModel(nn.Module):
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
         text = self._tower("text")
-        assert isinstance(text, TextTransformer)
         check_sampling(temperature, top_k)
         if isinstance(max_new_tokens, bool) or not max_new_tokens >= 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

@@ -10,6 +10,8 @@ class.  Options that are off are identity modules, so `forward` reads like the m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -175,7 +177,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """kv_cache: run x as the positions after the cached ones (incremental decoding)."""
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             is_causal=self.causal if is_causal is None else is_causal,
             attn_mask=attn_mask,
             context=context,

@@ -10,6 +10,7 @@ stack runs eagerly from then on, so a recipe with `compile: true` still trains o
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,7 @@ class CompiledForward:
     compilation error.  Stored as the block's `forward` attribute; `eager` is the original."""
 
     def __init__(self, block: Block, fallback: _Fallback | None = None, **options: Any):
-        self.eager = block.forward
+        self.eager: Callable[..., torch.Tensor] = block.forward
         self.options = options
         self.compiled = torch.compile(self.eager, **options)
         self.fallback = fallback or _Fallback()
@@ -44,9 +45,12 @@ class CompiledForward:
         # as they are: a copied model (a fine-tuning copy, an EMA teacher) would run the
         # original's weights.  The copy's block gets a compiled forward of its own; the
         # fallback state is copied once per model through `memo`, so its blocks still share it.
-        block = copy.deepcopy(self.eager.__self__, memo)
+        eager = self.eager
+        if not isinstance(eager, types.MethodType):
+            raise TypeError(f"CompiledForward.eager must be a bound forward, got {eager!r}")
+        block = copy.deepcopy(eager.__self__, memo)
         new = CompiledForward.__new__(CompiledForward)
-        new.eager = type(self.eager)(self.eager.__func__, block)
+        new.eager = types.MethodType(eager.__func__, block)
         new.options = dict(self.options)
         new.compiled = torch.compile(new.eager, **new.options)
         new.fallback = copy.deepcopy(self.fallback, memo)
