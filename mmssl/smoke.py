@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     embeddings: list[torch.Tensor] = []
     text = None
     if model.text is not None:
-        c = model.text.cfg
-        text = torch.randint(0, c.vocab_size, (b, min(c.context_length, 32)))
+        tc = model.text.cfg
+        text = torch.randint(0, tc.vocab_size, (b, min(tc.context_length, 32)))
     # every part runs: the conditioner (on random descriptors, or on the text as a prompt),
     # the projector and the caption decoder, so each parameter can receive a gradient
     cond = None
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     elif model.conditioner is not None:
         cond = model.condition(cond_text=text)
     if model.visual is not None:
-        c = model.visual.cfg
-        images = torch.randn(b, c.in_chans, c.image_size, c.image_size)
+        vc = model.visual.cfg
+        images = torch.randn(b, vc.in_chans, vc.image_size, vc.image_size)
         feats = model.forward_features(images, cond)
         emb = model.encode_image(images, cond)
         print(
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             logits = model.caption_logits(feats["tokens"], text)
             print(f"  caption: logits {tuple(logits.shape)}")
             losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), text[:, 1:].flatten()))
-    if text is not None:
-        c = model.text.cfg
+    if text is not None and model.text is not None:  # text is set exactly with a text tower
+        tc = model.text.cfg
         emb = model.encode_text(text)
         print(
             f"  text: {model.num_params('text'):,} params; text {tuple(text.shape)} -> "
             f"embedding {tuple(emb.shape)}"
         )
         embeddings.append(emb)
-        if c.lm_head:
+        if tc.lm_head:
             logits = model.lm_logits(text)
             print(f"  lm: logits {tuple(logits.shape)}")
             losses.append(F.cross_entropy(logits[:, :-1].flatten(0, 1), text[:, 1:].flatten()))
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     with_grad = sum(g is not None for g in grads)
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))
+    norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))
     print(
         f"  backward in {time.perf_counter() - t0:.1f} s: loss {loss.item():.4f}, "
         f"{with_grad}/{len(grads)} parameter tensors received a gradient, grad norm {norm:.4f}"

@@ -43,7 +43,7 @@ def tint(digit8x8: np.ndarray, hue_deg: float, size: int) -> np.ndarray:
     from PIL import Image
 
     gray = Image.fromarray((digit8x8 * (255.0 / 16.0)).round().astype(np.uint8))
-    big = np.asarray(gray.resize((size, size), Image.BICUBIC), dtype=np.float64) / 255.0
+    big = np.asarray(gray.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
     rgb = np.array(colorsys.hsv_to_rgb(hue_deg / 360.0, 1.0, 1.0))
     return (np.clip(big, 0, 1)[..., None] * rgb * 255.0).round().astype(np.uint8)
 

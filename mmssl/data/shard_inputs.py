@@ -100,7 +100,7 @@ def samples_from_folder(
             image = images.read(os.path.join(root, cls, name), f"{cls}/{name}")
             if image is None:
                 continue
-            sample = {"__key__": f"{index:08d}", image[0]: image[1]}
+            sample: dict[str, object] = {"__key__": f"{index:08d}", image[0]: image[1]}
             if caption_template:
                 sample["txt"] = caption_template.format(cls.replace("_", " "))
             sample["json"] = {"label": label, "class": cls, "path": f"{cls}/{name}"}

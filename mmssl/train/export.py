@@ -148,8 +148,9 @@ def _split_flat(
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # storage_offset() is typed as a possibly symbolic int; these tensors are concrete
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and (
-        a.storage_offset() == b.storage_offset() and a.stride() == b.stride()
+        int(a.storage_offset()) == int(b.storage_offset()) and a.stride() == b.stride()
     )
 
 
