@@ -20,15 +20,15 @@ class InjectedError(Exception):
     """The fault of these tests: a type no library code raises."""
 
 
-def _recipe(tmp_path: Path, name: str) -> Path:
-    """Tiny CLIP on synthetic data, 8 steps, a checkpoint every 2."""
+def _recipe(tmp_path: Path, name: str, world_size: int = 1) -> Path:
+    """Tiny CLIP on synthetic data, 8 steps, a checkpoint every 2; micro-batches of 4."""
     path = tmp_path / f"{name}.yaml"
     recipe = {
         "name": name,
         "out_dir": str(tmp_path),
         "model": {"name": "test_tiny_clip"},
         "data": {"sources": {"train": {"urls": "synthetic"}}},
-        "train": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4},
+        "train": {"steps": 8, "global_batch_size": 4 * world_size, "micro_batch_size": 4},
         "checkpoint": {"every": 2, "keep_last": 5},
         "logging": {"every": 1, "tensorboard": False, "progress": False},
     }
@@ -164,3 +164,77 @@ def test_a_rank_other_than_0_writes_its_own_summary_file(tmp_path: Path) -> None
     assert "Start again." in text
     assert (tmp_path / "summary.md").read_text() == "rank 0's"
     assert not (tmp_path / "loss.png").exists()
+
+
+DRIVER = """
+import sys
+from mmssl.train.streams import SyntheticStream
+from mmssl.train.cli import main
+
+class InjectedError(Exception):
+    pass
+
+draw, calls = SyntheticStream.next, [0]
+
+def next_or_fail(self):
+    calls[0] += 1
+    if calls[0] == 4:
+        raise InjectedError("rank 1 lost its shard server")
+    return draw(self)
+
+if sys.argv[2] == "1":  # the error strikes rank 1 alone: rank 0 waits in a collective
+    SyntheticStream.next = next_or_fail
+sys.exit(main([sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_error_on_rank_1_alone_leaves_its_own_summary(tmp_path: Path) -> None:
+    """2 ranks; the draw of step 4 fails on rank 1 only, while rank 0 goes on into the
+    step's collectives.  Rank 1 writes summary.rank1.md (naming the error and step 2's
+    checkpoint) without waiting for rank 0, and exits with the error's traceback.  Rank 0
+    is left blocked or failing on the lost peer; it is stopped here if still running."""
+    import os
+    import signal
+    import subprocess
+
+    from train_helpers import PYTHON, clean_env, free_port
+
+    recipe = _recipe(tmp_path, "r", world_size=2)
+    port = str(free_port())
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = clean_env(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
+            procs.append(
+                subprocess.Popen(
+                    [PYTHON, "-c", DRIVER, str(recipe), str(rank)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,  # its own group: stopped below with its children
+                )
+            )
+        _, err1 = procs[1].communicate(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert procs[1].returncode != 0
+    assert "InjectedError: rank 1 lost its shard server" in err1, err1[-3000:]
+    run = tmp_path / "r"
+    summary = (run / "summary.rank1.md").read_text()
+    assert "- error: InjectedError: rank 1 lost its shard server\n" in summary, summary
+    assert "- rank: 1 (written by this rank alone" in summary, summary
+    assert "- steps: 0 -> 3 of 8" in summary and "- world_size: 2" in summary, summary
+    assert f"- checkpoint: {run / 'checkpoints' / tag_of(2)}\n" in summary, summary
+    assert "deepspeed --num_gpus 2 --module mmssl.train" in summary, summary
