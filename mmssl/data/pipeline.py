@@ -50,7 +50,10 @@ from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, i
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
 # drew the same indices for every source); the streams of epoch mode and of source 0 are
 # unchanged, so version 2 states of those still load
-STATE_VERSION = 3
+# 4: a batch's view parameters come from one generator call (`augment.sample_params`), so
+# the same position renders other views than versions 2 and 3 did; their states still
+# load where no views are drawn (num_views=0, text sources)
+STATE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -303,9 +306,19 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         identity = self._identity()
-        if state.get("version") == 2 and state.get("mode") == self.plan.mode:
-            if self.plan.mode == "epoch" or len(self.plan.sources) == 1:
-                identity["version"] = 2  # the same stream as version 3: it continues exactly
+        old = state.get("version")
+        if old in (2, 3) and state.get("mode") == self.plan.mode:
+            p = self.plan
+            if p.num_views > 0 and any(s.kind != "text" for s in p.sources):
+                raise DataError(
+                    f"data state version {old} was saved when every view parameter had a "
+                    f"generator call of its own; version {STATE_VERSION} draws a batch's in one "
+                    "call, so this position would continue with other augmented views than the "
+                    "run that saved it: resume with the mmssl version that saved it, or start "
+                    "the data stream afresh"
+                )
+            if old == 3 or self.plan.mode == "epoch" or len(self.plan.sources) == 1:
+                identity["version"] = old  # no views: the same stream, it continues exactly
             else:
                 raise DataError(
                     "data state version 2 was saved when every source of a resampled mixture "

@@ -28,6 +28,7 @@ checkpoint stores only numbers:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -200,6 +201,31 @@ class RawStream:
             self._it = None
             self.k, self.offset = self.k + 1, 0
 
+    def take(
+        self, n: int, within_pass: int
+    ) -> list[tuple[str, dict[str, bytes], int, tuple[int, int]]]:
+        """Up to `n` samples of pass `within_pass` from the current position, as `next`
+        gives them; fewer (none) at the end of the pass.  The rest of an open shard is read
+        without `next`'s per-sample checks: a window of samples cost 1-2 us less a sample."""
+        out: list[tuple[str, dict[str, bytes], int, tuple[int, int]]] = []
+        while len(out) < n:
+            item = self.next(within_pass)  # opens and leaves shards, finds all-empty sources
+            if item is None:
+                break
+            out.append(item)
+            shard, k = item[2], self.k
+            start, stop = self.seq.span(k)
+            room = n - len(out)
+            if stop is not None:
+                room = min(room, stop - start - self.offset)
+            it, offset = self._it, self.offset
+            assert it is not None
+            for got in itertools.islice(it, room):
+                out.append((got[0], got[1], shard, (k, start + offset)))
+                offset += 1
+            self.offset = offset
+        return out
+
 
 class SampleStream:
     """Block-shuffled samples of one worker; `state()` after any sample resumes exactly.
@@ -259,13 +285,13 @@ class SampleStream:
         this_pass = self.raw.pass_of(start[0])
         self.window = []
         while len(self.window) < self.shuffle:
-            item = self.raw.next(within_pass=this_pass)
-            if item is None:
+            items = self.raw.take(self.shuffle - len(self.window), this_pass)
+            if not items:
                 if self.window:
                     break
                 this_pass = self.raw.pass_of(self.raw.k)
                 continue
-            self.window.append(item)
+            self.window.extend(items)
         if len(self.window) > 1:
             rng = np.random.default_rng([*self.seed_key, 0x5B0F, index])
             self.order = [int(i) for i in rng.permutation(len(self.window))]

@@ -15,10 +15,13 @@ pytest.importorskip("numba", reason="the compiled view renderer needs numba")
 
 from mmssl.data import fastviews  # noqa: E402
 from mmssl.data.augment import (  # noqa: E402
+    VIEW_DRAWS,
     AugmentConfig,
     _crop_boxes,
+    _params_numpy,
     apply_params,
     make_views,
+    param_constants,
     sample_params,
 )
 
@@ -97,3 +100,50 @@ def test_numba_backend_refuses_what_it_does_not_render():
         apply_params(_images(1, 64, 64), p, 16, backend="numba")
     views, _ = apply_params(_images(1, 64, 64), p, 16, backend="auto")  # falls back
     assert views.shape == (1, 3, 16, 16)
+
+
+def test_view_params_match_numpy_fallback():
+    """The compiled parameter pass and its numpy fallback give the same parameters from the
+    same draws (ties in the jitter order's keys included), so both backends draw alike."""
+    rng = np.random.default_rng(0)
+    cfgs = [
+        AugmentConfig(),
+        AugmentConfig(scale=(0.01, 1.0), ratio=(0.2, 5.0), brightness=2.0, **ALL_ON),
+    ]
+    for cfg in cfgs:
+        k = param_constants(cfg)
+        logr = np.log(cfg.ratio)
+        for _ in range(50):
+            b = 40
+            hw = rng.integers(1, 200, (b, 2)).astype(np.float64)
+            u = rng.random((b, VIEW_DRAWS))
+            u[:3, 45:49] = 0.5
+            aspect = np.exp(logr[0] + (logr[1] - logr[0]) * u[:, 10:20])
+            for a, f in zip(
+                _params_numpy(hw, u, aspect, k), fastviews.view_params(hw, u, aspect, k)
+            ):
+                assert a.dtype == f.dtype and np.array_equal(a, f)
+    p = sample_params(np.random.default_rng(3), [(32, 32)] * 64, AugmentConfig(**ALL_ON))
+    assert sorted(map(tuple, p.order)) != [(0, 1, 2, 3)] * 64
+    assert all(sorted(o) == [0, 1, 2, 3] for o in p.order.tolist())
+    q = sample_params(
+        np.random.default_rng(3), [(32, 32)] * 64, AugmentConfig(backend="torch", **ALL_ON)
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(vars(p).values(), vars(q).values()))
+
+
+def test_sources_read_decoded_images_in_place_and_stack_others():
+    hwc = [im.permute(1, 2, 0).contiguous() for im in _images(4, 12, 10, seed=5)]
+    decoded = [x.permute(2, 0, 1) for x in hwc]  # views of channels-last memory
+    src = fastviews.sources(decoded)
+    assert src.owner is decoded and (src.height, src.width) == (12, 10)
+    assert src.addrs.tolist() == [x.data_ptr() for x in hwc]
+    planar = _images(4, 12, 10, seed=5)  # contiguous (3, H, W): stacked channels-last
+    stacked = fastviews.sources(planar)
+    assert torch.equal(stacked.owner, torch.stack(hwc))
+    assert fastviews.sources(planar[:1] + _images(1, 12, 11)) is None  # mixed sizes
+    assert fastviews.sources([x.float() for x in planar]) is None
+    cfg = AugmentConfig(**ALL_ON)
+    a = make_views(decoded, 2, 12, cfg, np.random.default_rng(2))
+    b = make_views(planar, 2, 12, cfg, np.random.default_rng(2))
+    assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))

@@ -225,6 +225,25 @@ def test_version_2_states_load_where_the_stream_is_unchanged(image_shards):
         build_pipeline(image_shards, **kw).load_state_dict({**saved, "version": 1})
 
 
+def test_version_2_and_3_states_with_views_are_refused(image_shards):
+    """Version 4 draws a batch's view parameters in one generator call: a state of versions
+    2 and 3 would continue with other views, unless the pipeline draws none."""
+    kw = dict(batch_size=2, rank=0, world_size=1, shuffle=3, image_size=8)
+    head = build_pipeline(image_shards, num_views=2, **kw)
+    _take(head, 2)
+    for old in (2, 3):
+        saved = {**head.state_dict(), "version": old}
+        with pytest.raises(DataError, match=f"version {old} .* other augmented views"):
+            build_pipeline(image_shards, num_views=2, **kw).load_state_dict(saved)
+    plain = build_pipeline(image_shards, num_views=0, **kw)
+    _take(plain, 2)
+    saved = {**plain.state_dict(), "version": 3}
+    want = [_sig(b) for b in _take(plain, 3)]
+    tail = build_pipeline(image_shards, num_views=0, **kw)
+    tail.load_state_dict(saved)
+    assert [_sig(b) for b in _take(tail, 3)] == want
+
+
 def test_state_after_an_epochs_last_batch_resumes_with_the_next_epoch(image_shards):
     kw = dict(batch_size=2, rank=0, world_size=1, mode="epoch", shuffle=3)
     head = build_pipeline(image_shards, **kw)
