@@ -42,6 +42,37 @@ def trim_padding(
     return text[:, :keep], text_mask[:, :keep]
 
 
+def check_prompt_mask(prompt_mask: torch.Tensor, text: torch.Tensor) -> None:
+    """Refuse a prompt mask that is not (B, T0) bool, left-padded, with a real token per row.
+
+    Left-padded: each row's padding (False) comes before its tokens (True), so that the new
+    tokens, appended on the right, follow the prompt directly.  One host sync.
+    """
+    if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool:
+        what = prompt_mask.dtype if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask)
+        raise ValueError(f"prompt_mask must be a bool tensor (True = real token), got {what}")
+    if prompt_mask.shape != text.shape:
+        raise ValueError(
+            f"prompt_mask must have the prompt's shape {tuple(text.shape)}, "
+            f"got {tuple(prompt_mask.shape)}"
+        )
+    if prompt_mask.device != text.device:
+        raise ValueError(f"prompt_mask is on {prompt_mask.device}, the prompt on {text.device}")
+    empty = ~prompt_mask.any(dim=1)
+    # left-padded: never a real token followed by padding
+    right_padded = (prompt_mask[:, :-1] & ~prompt_mask[:, 1:]).any(dim=1)
+    bad = torch.stack([empty, right_padded]).cpu()  # one sync for both checks
+    if bool(bad[0].any()):
+        rows = bad[0].nonzero().flatten().tolist()
+        raise ValueError(f"prompt_mask rows {rows} have no real token (all False)")
+    if bool(bad[1].any()):
+        rows = bad[1].nonzero().flatten().tolist()
+        raise ValueError(
+            f"prompt_mask rows {rows} are not left-padded (a real token before padding); "
+            "pad prompts on the left (tokenizer padding_side='left')"
+        )
+
+
 def check_sampling(temperature: float, top_k: int | None) -> None:
     """Refuse sampling options that would fail late or silently sample the wrong thing."""
     # a negative temperature would sample from the inverted distribution (the least
@@ -145,6 +176,8 @@ class TextTransformer(nn.Module):
         text_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        *,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """text: (B, T) int64 -> final-normed hidden states (B, T, D).
 
@@ -152,6 +185,12 @@ class TextTransformer(nn.Module):
         no text position and are dropped from the output.
         kv_cache: `text` continues the `kv_cache.length` tokens already run (causal towers
         only); its positions start there, and the cache gets its keys and values.
+        token_mask: (B, kv_cache.length + T) bool, True = real token, over the cached
+            positions and these; padding may be anywhere (`generate` pads on the left).
+            Each row's positions count its real tokens only (cumsum - 1), and padded keys
+            are never attended, so a real token's hidden state is that of its row run alone
+            without the padding.  Padded positions' outputs are finite but meaningless.
+            Not with `text_mask` or `prefix`.
         """
         # a single unbatched row or tokenizer output left as floats would otherwise fail deep
         # in the embedding; out-of-vocabulary ids are left to it (checking them syncs a GPU)
@@ -160,18 +199,39 @@ class TextTransformer(nn.Module):
         if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
             raise TypeError(f"text must be integer token ids (int64), got {text.dtype}")
         b, t = text.shape
+        if token_mask is not None:
+            if text_mask is not None or prefix is not None:
+                raise ValueError("token_mask is not for use with text_mask or a prefix")
+            if token_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"token_mask must be bool (True = real token), got {token_mask.dtype}"
+                )
         start = 0
         if kv_cache is not None:
             if not self.cfg.causal or prefix is not None or text_mask is not None:
-                raise ValueError("a kv cache needs a causal text tower, no prefix, no text_mask")
+                raise ValueError(
+                    "a kv cache needs a causal text tower, no prefix, no text_mask "
+                    "(token_mask is fine)"
+                )
             start = kv_cache.length
         if start + t > self.cfg.context_length:
             raise ValueError(
                 f"text length {start + t} exceeds context_length {self.cfg.context_length}"
             )
+        positions = None  # per row (B, T), with a token_mask
+        if token_mask is not None:
+            if token_mask.shape != (b, start + t):
+                raise ValueError(
+                    f"token_mask must be (B, cached + T) = {(b, start + t)}, "
+                    f"got {tuple(token_mask.shape)}"
+                )
+            positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
         x = self.token_embed(text)  # (B, T, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed[start : start + t].to(x.dtype)
+            if positions is not None:
+                x = x + self.pos_embed[positions].to(x.dtype)
+            else:
+                x = x + self.pos_embed[start : start + t].to(x.dtype)
         num_prefix = 0
         if prefix is not None:
             num_prefix = prefix.shape[1]
@@ -180,9 +240,20 @@ class TextTransformer(nn.Module):
         if text_mask is not None and not self.cfg.causal:
             keys = F.pad(text_mask, (num_prefix, 0), value=True)
             attn_mask = keys[:, None, None, :]  # (B, 1, 1, P + T)
+        if token_mask is not None:
+            # real keys only; a padded query also sees itself, so that no row of the
+            # attention is empty and its (never attended) value stays finite.  The causal
+            # triangle is added by the attention (bottom-right under a kv cache).
+            own = torch.arange(start + t, device=text.device) == torch.arange(
+                start, start + t, device=text.device
+            ).unsqueeze(1)  # (T, cached + T): query i is key start + i
+            attn_mask = (token_mask[:, None, :] | own)[:, None]  # (B, 1, T, cached + T)
         rope = None
         if self.rope is not None:
-            rope = self.rope(torch.arange(start, start + t, device=text.device))
+            if positions is not None:
+                rope = self.rope(positions)  # (B, T, d) per row
+            else:
+                rope = self.rope(torch.arange(start, start + t, device=text.device))
         x = self.trunk(
             x, is_causal=self.cfg.causal, attn_mask=attn_mask, rope=rope, kv_cache=kv_cache
         )
@@ -205,9 +276,12 @@ class TextTransformer(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        *,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, V): position t predicts token t + 1."""
-        return self.head(self.forward_tokens(text, text_mask, prefix))
+        """Next-token logits (B, T, V): position t predicts token t + 1.  token_mask: see
+        `forward_tokens` (each row's real tokens as if run alone, e.g. a left-padded batch)."""
+        return self.head(self.forward_tokens(text, text_mask, prefix, token_mask=token_mask))
 
     def pool(self, hidden: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         """hidden (B, T, D) -> (B, D): the end-of-text token (last valid), or the masked mean."""
@@ -245,6 +319,7 @@ class TextTransformer(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
 
@@ -254,10 +329,26 @@ class TextTransformer(nn.Module):
         A causal tower keeps a kv cache, so each new token runs one position.  The prompt
         window slides when it grows past context_length; sliding moves every position, so
         from then on each token reruns the whole window, as does a bidirectional tower.
+
+        prompt_mask: optional (B, T0) bool, True = real token, for prompts of different
+        lengths padded on the LEFT (each row's padding before its tokens, as a Hugging Face
+        tokenizer with padding_side="left" gives; the pad ids themselves are never read).
+        Each row then runs as if alone: its positions count its real tokens only, padded
+        keys are never attended, and the new tokens are real.  The output keeps the padding
+        in place: row b's new tokens are out[b, T0:] in any case.  With it, the cached, the
+        sliding-window (the window's positions are recounted from its real tokens, as a row
+        run alone slides once its own tokens pass context_length) and the bidirectional
+        paths all hold.  A mask that is not (B, T0) bool, not left-padded, or has a row with
+        no real token is refused (ValueError).  Greedy, each row equals generating it alone
+        from its unpadded prompt (up to float rounding, as a kv cache against a rerun).
         """
         check_sampling(temperature, top_k)
+        if prompt_mask is not None:
+            check_prompt_mask(prompt_mask, text)
         with eval_mode(self):
-            return self._generate(text, max_new_tokens, temperature, top_k, eos_id, generator)
+            return self._generate(
+                text, max_new_tokens, temperature, top_k, eos_id, generator, prompt_mask
+            )
 
     def _generate(
         self,
@@ -267,15 +358,28 @@ class TextTransformer(nn.Module):
         top_k: int | None,
         eos_id: int | None,
         generator: torch.Generator | None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
+        prompt_len = text.shape[1]
+
+        def mask_of(text: torch.Tensor) -> torch.Tensor | None:
+            if prompt_mask is None:
+                return None  # the new tokens are real: the mask grows with True
+            return F.pad(prompt_mask, (0, text.shape[1] - prompt_len), value=True)
 
         def next_logits(text: torch.Tensor) -> torch.Tensor:
+            mask = mask_of(text)
             if cache is not None and text.shape[1] <= ctx:
-                hidden = self.forward_tokens(text[:, cache.length :], kv_cache=cache)
+                hidden = self.forward_tokens(
+                    text[:, cache.length :], kv_cache=cache, token_mask=mask
+                )
             else:
-                hidden = self.forward_tokens(text[:, -ctx:])
+                # the window's positions are recounted from its own real tokens: each row's
+                # real tokens in it are its last ones, as in the row's own window
+                window_mask = mask[:, -ctx:] if mask is not None else None
+                hidden = self.forward_tokens(text[:, -ctx:], token_mask=window_mask)
             return self.head(hidden[:, -1])
 
         return sample_tokens(

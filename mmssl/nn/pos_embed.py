@@ -27,9 +27,11 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary angles for a head dim.  `forward(positions)` returns (cos, sin) of shape (N, head_dim).
+    """Rotary angles for a head dim.  `forward(positions)` returns (cos, sin) of shape
+    (N, head_dim), or (B, N, head_dim) for per-row positions.
 
-    positions: (N,) for 1-D text, or (N, 2) of (row, col) for 2-D grids, in which case half of
+    positions: (N,) for 1-D text, or (B, N) per row (left-padded batches, whose rows start at
+    different columns); or (N, 2) of (row, col) for 2-D grids (axes=2), in which case half of
     the rotated pairs encode the row and half the column (axial RoPE).
     """
 
@@ -47,20 +49,26 @@ class RotaryEmbedding(nn.Module):
         # angles in bf16 training than in the fp32 export (0.4 rad at position 1000).
         exponent = torch.arange(0, self.per_axis, 2, device=positions.device).float()
         inv_freq = 1.0 / self.base ** (exponent / self.per_axis)  # (per_axis/2,)
-        pos = positions.float().reshape(positions.shape[0], self.axes)  # (N, axes)
-        angles = (pos[:, :, None] * inv_freq[None, None]).flatten(1)  # (N, head_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
+        if self.axes == 1:
+            pos = positions.float()[..., None]  # (N, 1) or (B, N, 1)
+        else:
+            pos = positions.float().reshape(positions.shape[0], self.axes)  # (N, axes)
+        angles = (pos[..., None] * inv_freq).flatten(-2)  # (..., N, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (..., N, head_dim)
         return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of the last dim.  x: (B, H, N, d); cos/sin: (N, d).
+    """Rotate pairs (i, i + d/2) of the last dim.  x: (B, H, N, d); cos/sin: (N, d), or
+    (B, N, d) for per-row positions.
 
     When x has more positions than the table (prefix tokens), the first extra ones are left
     unrotated: rotary covers the trailing N positions.
     """
     cos, sin = rope
-    n = cos.shape[0]
+    if cos.dim() == 3:  # per row: the same angles for every head
+        cos, sin = cos[:, None], sin[:, None]
+    n = cos.shape[-2]
     head, tail = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n :, :]
     x1, x2 = tail.chunk(2, dim=-1)
     rotated = tail * cos + torch.cat([-x2, x1], dim=-1) * sin
