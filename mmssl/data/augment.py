@@ -221,6 +221,14 @@ def _params_numpy(hw: np.ndarray, u: np.ndarray, aspect: np.ndarray, k: np.ndarr
     return box, u[:, _FLIP] < k[18], jitter, factors, order, gray, sigma, u[:, _SOLARIZE] < k[17]
 
 
+def _draws(rng: np.random.Generator, n: int, cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The uniform draws of n views (n, VIEW_DRAWS) and their crop aspect ratios (n, 10)."""
+    u = rng.random((n, VIEW_DRAWS))
+    logr = np.log(cfg.ratio)
+    # numpy's exp for both paths: numba's may differ in the last bit and flip a rounding
+    return u, np.exp(logr[0] + (logr[1] - logr[0]) * u[:, _ASPECT])
+
+
 def sample_params(
     rng: np.random.Generator, sizes: list[tuple[int, int]] | np.ndarray, cfg: AugmentConfig
 ) -> ViewParams:
@@ -230,10 +238,7 @@ def sample_params(
     All from one `rng.random((B, VIEW_DRAWS))` draw, whoever renders."""
     b = len(sizes)
     hw = np.array(sizes, dtype=np.float64).reshape(b, 2)
-    u = rng.random((b, VIEW_DRAWS))
-    logr = np.log(cfg.ratio)
-    # numpy's exp for both paths: numba's may differ in the last bit and flip a rounding
-    aspect = np.exp(logr[0] + (logr[1] - logr[0]) * u[:, _ASPECT])
+    u, aspect = _draws(rng, b, cfg)
     k = param_constants(cfg)
     fast = _fast_module() if cfg.backend != "torch" else None
     params = (fast.view_params if fast else _params_numpy)(hw, u, aspect, k)
@@ -459,18 +464,20 @@ def make_views(
         return [v[0][0] for v in per_view], [v[1][0] for v in per_view]
     b = len(images)
     src = _stack_for_fast(images, size, cfg.backend)
-    if src is not None:
-        p = sample_params(rng, np.broadcast_to((src.height, src.width), (b * num_views, 2)), cfg)
-        vsrc = np.tile(np.arange(b), num_views)
-        fast = _fast_module().render_views
-        x, d = fast(src, vsrc, p, size, cfg.hue_mode, cfg.solarize_threshold)
+    if src is not None:  # the parameters of sample_params, made and used in compiled code
+        u, aspect = _draws(rng, b * num_views, cfg)
+        x, d = _fast_module().render_draws(
+            src, u, aspect, param_constants(cfg), size, cfg.hue_mode, cfg.solarize_threshold
+        )
     else:
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         p = sample_params(rng, sizes * num_views, cfg)
         x, d = apply_params(
             images * num_views, p, size, cfg.hue_mode, cfg.solarize_threshold, backend="torch"
         )
-    return list(x.split(b)), list(d.split(b))
+    return [x[k * b : (k + 1) * b] for k in range(num_views)], [
+        d[k * b : (k + 1) * b] for k in range(num_views)
+    ]
 
 
 def resize_center(images: list[Tensor], size: int) -> Tensor:

@@ -157,22 +157,26 @@ class _Worker:
     def _image_batch(self, src: SourceSpec, i: int) -> dict[str, Any]:
         plan, stream = self.plan, self.streams[src.name]
         images, captions, keys = [], [], []
-        fields: dict[str, list[Any]] = {f: [] for f in plan.json_fields}
+        json_fields, max_pixels = plan.json_fields, plan.max_pixels
+        fields: dict[str, list[Any]] = {f: [] for f in json_fields}
+        texts = src.kind == "image_text"
+        next_sample, mark_good = stream.next, stream.mark_good  # the per-sample loop: locals
         while len(images) < plan.batch_size:
-            key, files, url = stream.next()
+            key, files, url = next_sample()
             try:
-                img = decode_image(find_image(files), plan.max_pixels)
-                cap = decode_text(files) if src.kind == "image_text" else ""
-                meta = decode_fields(files, plan.json_fields)
+                img = decode_image(find_image(files), max_pixels)
+                cap = decode_text(files) if texts else ""
+                meta = decode_fields(files, json_fields) if json_fields else None
             except BadSample as bad:
                 self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
                 continue
-            stream.mark_good()
+            mark_good()
             images.append(img)
             captions.append(cap)
             keys.append(key)
-            for f in plan.json_fields:
-                fields[f].append(meta[f])
+            if meta is not None:
+                for f in json_fields:
+                    fields[f].append(meta[f])
         batch: dict[str, Any] = {"__key__": keys, "source": src.name}
         # the source's name in the key: two image sources of one run draw independent views
         rng = np.random.default_rng(
