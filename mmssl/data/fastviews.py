@@ -104,14 +104,19 @@ def _band(
         lo[i] = min(lo[i], src_len - taps)
         for t in range(taps):
             w[i, t] = 0.0
-        for t in range(2 * r + 1):
+    # tap by tap over all rows: consecutive updates hit different rows, where row by row
+    # they chained through the same few weights (the band took 0.86 us a blurred axis at
+    # 32 px, most of a blurred view's extra cost); the same sums in the same order
+    for t in range(2 * r + 1):
+        kt = ker[t]
+        for i in range(size):
             q = abs(i + t - r)  # reflect padding of the blur
             if q > size - 1:
                 q = 2 * (size - 1) - q
             j0 = int(i0[q]) - lo[i]
-            w[i, j0] += ker[t] * (1.0 - fr[q])
+            w[i, j0] += kt * (1.0 - fr[q])
             if j0 + lo[i] + 1 < src_len:
-                w[i, j0 + 1] += ker[t] * fr[q]
+                w[i, j0 + 1] += kt * fr[q]
     return taps
 
 
