@@ -309,6 +309,9 @@ def render(
     src_t = np.empty((W, 3 * H), np.float32)
     before, after = np.empty(3), np.empty(3)
     inv = np.float32(1.0 / 255.0)
+    tab = np.empty(256, np.float32)  # the byte values / 255, as float32 products
+    for k in range(256):
+        tab[k] = np.uint8(k) * inv
     last = -1
     for v in _by_source(vsrc, M):  # each source is converted once for all its views
         if vsrc[v] != last:
@@ -319,9 +322,9 @@ def render(
                 for y in range(H):
                     row = s[y]
                     for x in range(x0, min(x0 + 64, W)):
-                        src_t[x, y] = row[x, 0] * inv
-                        src_t[x, H + y] = row[x, 1] * inv
-                        src_t[x, 2 * H + y] = row[x, 2] * inv
+                        src_t[x, y] = tab[row[x, 0]]
+                        src_t[x, H + y] = tab[row[x, 1]]
+                        src_t[x, 2 * H + y] = tab[row[x, 2]]
         x = out[v]
         _resample(src_t, box[v], flip[v], sigma[v], ksize, x, work)
         _means(x, before)
