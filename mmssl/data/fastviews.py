@@ -60,24 +60,26 @@ def _band(
     lo: np.ndarray,
     w: np.ndarray,
     scratch: np.ndarray,
+    i0: np.ndarray,
 ) -> int:  # pragma: no cover
     """Separable weights of one view along one axis: out[i] = sum_t w[i, t] src[lo[i] + t].
 
     start/length: the crop along this axis in source pixels.  Fills lo (size,) and
-    w[:, :taps]; returns taps.  scratch: float64 (>= 2 size + ksize) work space.
+    w[:, :taps]; returns taps.  scratch: float64 (>= size + ksize) and i0: int64 (size)
+    work space.
     Kernel taps below 1e-10 are dropped (they change no float32 value).
     """
     r = ksize // 2 if sigma > 0 else 0
     ker = scratch[: 2 * r + 1]
     fr = scratch[2 * r + 1 : 2 * r + 1 + size]
-    i0 = scratch[2 * r + 1 + size : 2 * r + 1 + 2 * size]  # integers, stored as floats
-    for q in range(size):
+    for q in range(size):  # source pixel i0[q] and weight fr[q] of the next one
         u = min(max(start + (q + 0.5) / size * length - 0.5, 0.0), src_len - 1.0)
-        i0[q] = np.floor(u)
-        fr[q] = u - i0[q]
+        f = np.floor(u)
+        i0[q] = int(f)
+        fr[q] = u - f
     if r == 0 and src_len > 1:  # no blur: two taps, the common case made cheap
         for i in range(size):
-            j0 = int(i0[i])
+            j0 = i0[i]
             lo[i] = min(j0, src_len - 2)  # j0 = src_len - 1 only with a weight of 0 after it
             w[i, j0 - lo[i]] = 1.0 - fr[i]
             w[i, 1 - (j0 - lo[i])] = fr[i]
@@ -98,8 +100,8 @@ def _band(
     # [max(i - r, 0), min(i + r, size - 1)], so the band of row i is known in advance
     taps = 1
     for i in range(size):
-        lo[i] = int(i0[max(i - r, 0)])
-        taps = max(taps, min(int(i0[min(i + r, size - 1)]) + 1, src_len - 1) - lo[i] + 1)
+        lo[i] = i0[max(i - r, 0)]
+        taps = max(taps, min(i0[min(i + r, size - 1)] + 1, src_len - 1) - lo[i] + 1)
     for i in range(size):
         lo[i] = min(lo[i], src_len - taps)
         for t in range(taps):
@@ -113,7 +115,7 @@ def _band(
             q = abs(i + t - r)  # reflect padding of the blur
             if q > size - 1:
                 q = 2 * (size - 1) - q
-            j0 = int(i0[q]) - lo[i]
+            j0 = i0[q] - lo[i]
             w[i, j0] += kt * (1.0 - fr[q])
             if j0 + lo[i] + 1 < src_len:
                 w[i, j0 + 1] += kt * fr[q]
@@ -172,9 +174,9 @@ def _resample(
     W = src_t.shape[0]
     H = src_t.shape[1] // 3
     S = out.shape[1]
-    ylo, xlo, wy, wx, t1, t1t, scratch = work
-    ty = _band(box[0], box[2], H, S, sigma, ksize, ylo, wy, scratch)
-    tx = _band(box[1], box[3], W, S, sigma, ksize, xlo, wx, scratch)
+    ylo, xlo, wy, wx, t1, t1t, scratch, i0 = work
+    ty = _band(box[0], box[2], H, S, sigma, ksize, ylo, wy, scratch, i0)
+    tx = _band(box[1], box[3], W, S, sigma, ksize, xlo, wx, scratch, i0)
     if flip:  # the reflect blur is symmetric, so flipping reverses the output columns
         for j in range(S // 2):
             k = S - 1 - j
@@ -304,6 +306,7 @@ def render(
         np.empty((S, 3 * H), np.float32),
         np.empty((3, H, S), np.float32),
         np.empty(2 * S + ksize),
+        np.empty(S, np.int64),
     )
     pre, post, steps = np.empty((3, 4)), np.empty((3, 4)), np.empty(4, np.bool_)
     src_t = np.empty((W, 3 * H), np.float32)
