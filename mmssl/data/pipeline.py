@@ -314,8 +314,8 @@ class StreamLoader:
                     f"data state version {old} was saved when every view parameter had a "
                     f"generator call of its own; version {STATE_VERSION} draws a batch's in one "
                     "call, so this position would continue with other augmented views than the "
-                    "run that saved it: resume with the mmssl version that saved it, or start "
-                    "the data stream afresh"
+                    "run that saved it: resume with the mmssl version that saved it, or do not "
+                    "load this state (the stream starts afresh; for `mmssl train`: a new run)"
                 )
             if old == 3 or self.plan.mode == "epoch" or len(self.plan.sources) == 1:
                 identity["version"] = old  # no views: the same stream, it continues exactly
@@ -324,7 +324,8 @@ class StreamLoader:
                     "data state version 2 was saved when every source of a resampled mixture "
                     "drew the same shard indices; here each source draws its own, so the saved "
                     "position of sources after the first is no continuation: resume with the "
-                    "mmssl version that saved it, or start the data stream afresh"
+                    "mmssl version that saved it, or do not load this state (the stream starts "
+                    "afresh; for `mmssl train`: a new run)"
                 )
         for key, want in identity.items():
             if state.get(key) != want:

@@ -140,6 +140,9 @@ class RunLogger:
         rows = read_metrics(self.run_dir)
         plot_losses(rows, self.run_dir / "loss.png")
         write_summary(self.run_dir, rows, {**info, "samples_per_s": self.samples_per_s}, skipped)
+        # the other ranks' summaries of an earlier failed attempt no longer describe the run
+        for stale in self.run_dir.glob("summary.rank*.md"):
+            stale.unlink(missing_ok=True)
 
 
 def plot_losses(rows: list[dict[str, Any]], out: Path) -> None:

@@ -20,7 +20,9 @@ collective, so its summary is written with none: each rank that caught the error
 own (rank 0 summary.md and loss.png, rank R > 0 summary.rank<R>.md), naming the error, the
 steps done, the newest checkpoint that passes the resume's integrity check (hashed by that
 rank alone) and how to resume; then the error propagates unchanged.  Writing it never
-replaces the error: a failure there is only logged.
+replaces the error: a failure there is only logged.  Ctrl-C and SystemExit write none (the
+checkpoint hashing would hold up the stop).  A later run that ends normally removes the
+rank files, so no failed run's summary outlives it.
 
 Gradient accumulation: a step draws all its micro-batches (every source) before its first
 forward and keeps them on the host, moving each to the device just before its forward.  The
@@ -54,7 +56,7 @@ from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger, write_error_summary
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
-from mmssl.train.streams import build_stream, build_streams
+from mmssl.train.streams import build_stream, build_streams, eval_source_seeds
 from mmssl.train.streams import tokenizer as recipe_tokenizer
 from mmssl.train.tasks import StepTargets, Task, register_zero3_params
 
@@ -189,6 +191,7 @@ def _eval_loss(
 ) -> dict[str, float]:
     """Mean held-out metrics over `eval.batches` batches of freshly started eval streams."""
     rank, world = distributed.rank(), distributed.world_size()
+    seeds = eval_source_seeds(recipe)
     streams = {
         train_src: build_stream(
             held_out,
@@ -198,6 +201,7 @@ def _eval_loss(
             rank,
             world,
             seed_offset=1,
+            seed=seeds[held_out],
         )
         for train_src, held_out in recipe.eval.sources.items()
     }
@@ -259,12 +263,15 @@ def _resume_hint(recipe: Recipe, good: str | None) -> str:
     """What the user does after a failed run: resume from `good`, or start again."""
     run_dir = recipe.run_dir
     world = distributed.world_size()
-    launch = f"deepspeed --num_gpus {world} --module mmssl.train" if world > 1 else "mmssl train"
+    # --num_gpus counts the ranks of one node: the launcher's LOCAL_WORLD_SIZE
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    launch = f"deepspeed --num_gpus {per_node} --module mmssl.train" if world > 1 else "mmssl train"
     command = f"`{launch} {run_dir / 'recipe.yaml'} checkpoint.resume=auto`"
     if good is None:
         return (
-            "there is no good checkpoint to resume from: fix the cause and run again from "
-            f"step 0 (the same command, or {command})"
+            f"there is no good checkpoint in {run_dir / 'checkpoints'}: fix the cause and start "
+            f"again; checkpoint.resume=auto finds none there and starts at step 0, e.g. {command}"
+            + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
         )
     return (
         f"fix the cause, then resume from {good}: rerun the same command with "
@@ -493,8 +500,12 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         log.abort()
         # any other error may strike one rank while another waits in a collective (or is
         # gone), so this summary is written by each rank that caught it, from what that rank
-        # knows, with no collective
-        _error_summary(err, recipe, resolved, task, start_step, step, t_start, bad_steps, streams)
+        # knows, with no collective.  Not for Ctrl-C (KeyboardInterrupt) or SystemExit: the
+        # summary hashes the newest checkpoints first, which would hold up a stop asked for
+        if isinstance(err, Exception):
+            _error_summary(
+                err, recipe, resolved, task, start_step, step, t_start, bad_steps, streams
+            )
         raise
     finally:
         key_log.close()

@@ -274,12 +274,24 @@ def source_seeds(recipe: Recipe) -> dict[str, int]:
     sources keep `data.seed`: their seed defines the generated data (the class prototypes),
     not a draw order, and they take no part in the count."""
     used = {o.source for o in recipe.objectives.values()}
+    return _keyed(recipe, [name for name in recipe.data.sources if name in used])
+
+
+def eval_source_seeds(recipe: Recipe) -> dict[str, int]:
+    """The seed of every held-out source of `eval.sources` (by held-out name), before the
+    eval streams' `seed_offset`: `source_seeds`' rule over the held-out sources in their
+    order, so two of them over the same shards do not draw in lockstep either."""
+    return _keyed(recipe, list(dict.fromkeys(recipe.eval.sources.values())))
+
+
+def _keyed(recipe: Recipe, names: list[str]) -> dict[str, int]:
+    """`data.seed` for the first shard source of `names` and for synthetic ones;
+    `source_seed(data.seed, name)` for every later shard source."""
     seeds, first = {}, True
-    for name, src in recipe.data.sources.items():
-        if name not in used:
-            continue
-        keyed = src.urls != "synthetic" and not first
-        first = first and src.urls == "synthetic"
+    for name in names:
+        synthetic = recipe.data.sources[name].urls == "synthetic"
+        keyed = not synthetic and not first
+        first = first and synthetic
         seeds[name] = source_seed(recipe.data.seed, name) if keyed else recipe.data.seed
     return seeds
 

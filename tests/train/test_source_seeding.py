@@ -176,3 +176,25 @@ def test_a_multi_source_checkpoint_of_the_old_seeding_is_refused_on_resume(
     write_manifest(record_path.parent, 1)
     assert main(args) == 0
     assert "- steps: 1 -> 2 of 2" in (tmp_path / "q" / "summary.md").read_text()
+
+
+def test_held_out_sources_get_their_own_seeds(tmp_path: Path) -> None:
+    """The eval streams follow the same rule: two held-out sources over the same shards do
+    not draw in lockstep (each eval stream is then offset by 1 from its seed)."""
+    recipe = tmp_path / "e.yaml"
+    shards = {"urls": "x/{0..3}.tar"}
+    recipe.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "seed": 3,
+                    "sources": {"a": shards, "b": shards, "ta": shards, "tb": shards},
+                },
+                "objectives": {"clip": {"source": "a"}, "simclr": {"source": "b"}},
+                "eval": {"every": 1, "sources": {"a": "ta", "b": "tb"}},
+            }
+        )
+    )
+    from mmssl.train.streams import eval_source_seeds, source_seed
+
+    assert eval_source_seeds(load_recipe(str(recipe))) == {"ta": 3, "tb": source_seed(3, "tb")}

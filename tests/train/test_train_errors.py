@@ -129,6 +129,57 @@ def test_an_error_before_any_checkpoint_says_there_is_none(
     assert "no good checkpoint" in summary, summary
 
 
+def test_ctrl_c_writes_no_error_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KeyboardInterrupt stops at once: no error summary, whose checkpoint hashing would
+    hold the stop up."""
+    from mmssl.train import loop
+    from mmssl.train.streams import SyntheticStream
+
+    draw, calls = SyntheticStream.next, [0]
+
+    def next_or_interrupt(self: SyntheticStream) -> dict:
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return draw(self)
+
+    def no_summary(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an error summary (and its hashing) after Ctrl-C")
+
+    monkeypatch.setattr(SyntheticStream, "next", next_or_interrupt)
+    monkeypatch.setattr(loop, "_error_summary", no_summary)
+    with pytest.raises(KeyboardInterrupt):
+        _train(_recipe(tmp_path, "c"))
+    assert not (tmp_path / "c" / "summary.md").exists()
+
+
+def test_a_run_that_ends_normally_removes_stale_rank_summaries(tmp_path: Path) -> None:
+    """summary.rank<R>.md of an earlier failed attempt would contradict the run's summary."""
+    path = _recipe(tmp_path, "s")
+    stale = tmp_path / "s" / "summary.rank1.md"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("# Run summary: s (failed)\n")
+    _train(path)
+    assert "(failed)" not in (tmp_path / "s" / "summary.md").read_text()
+    assert not stale.exists()
+
+
+def test_the_resume_hint_counts_the_ranks_of_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed's --num_gpus is per node: 8 nodes x 8 ranks resume with --num_gpus 8."""
+    from types import SimpleNamespace
+
+    import mmssl.distributed
+    from mmssl.train.loop import _resume_hint
+
+    monkeypatch.setattr(mmssl.distributed, "world_size", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    recipe = SimpleNamespace(run_dir=Path("/runs/x"))
+    hint = _resume_hint(recipe, "/runs/x/checkpoints/step_00000004")  # type: ignore[arg-type]
+    assert "deepspeed --num_gpus 8 --module mmssl.train /runs/x/recipe.yaml" in hint, hint
+    none = _resume_hint(recipe, None)  # type: ignore[arg-type]
+    assert "starts at step 0" in none and "--num_gpus 8" in none, none
+
+
 def test_a_failing_summary_never_masks_the_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
