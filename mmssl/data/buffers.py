@@ -37,4 +37,5 @@ def empty(*shape: int, dtype: torch.dtype = torch.float32, leaves: bool = True) 
         storage = torch.UntypedStorage._new_shared(nbytes)
     else:  # the storage keeps the numpy array alive
         storage = torch.from_numpy(np.empty(nbytes, np.uint8)).untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # contiguous
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)

@@ -156,7 +156,9 @@ class _Worker:
 
     def _image_batch(self, src: SourceSpec, i: int) -> dict[str, Any]:
         plan, stream = self.plan, self.streams[src.name]
-        images, captions, keys = [], [], []
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        keys: list[str] = []
         json_fields, max_pixels = plan.json_fields, plan.max_pixels
         fields: dict[str, list[Any]] = {f: [] for f in json_fields}
         texts = src.kind == "image_text"
