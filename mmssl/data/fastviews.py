@@ -455,9 +455,12 @@ def sources(images: list[torch.Tensor]) -> Sources | None:
     Decoders return (3, H, W) views of channels-last memory: those are read where they
     are (their addresses), which saved the copy into one (M, H, W, 3) batch (0.87 us per
     32 px image; checking the strides costs 0.36).  Others are stacked (`stack_hwc`).
+    Only CPU memory has an address numba may read: any other device gives None.
     """
     first = images[0]
     if first.dim() != 3 or first.shape[0] != 3 or first.dtype != torch.uint8:
+        return None
+    if not all(im.is_cpu for im in images):  # a GPU (or meta) address would crash the read
         return None
     _, h, w = first.shape
     want = (first.shape, (1, 3 * w, 3), torch.uint8)

@@ -147,3 +147,15 @@ def test_sources_read_decoded_images_in_place_and_stack_others():
     a = make_views(decoded, 2, 12, cfg, np.random.default_rng(2))
     b = make_views(planar, 2, 12, cfg, np.random.default_rng(2))
     assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+def test_sources_refuse_memory_off_the_cpu():
+    """Only CPU memory has an address numba may read: a channels-last image elsewhere (here
+    on the meta device, as one moved to a GPU would be) is not read in place (that crashed
+    the process), nor stacked; the caller falls back to the torch path."""
+    meta = torch.empty(12, 10, 3, dtype=torch.uint8, device="meta").permute(2, 0, 1)
+    assert meta.stride() == (1, 30, 3)
+    cpu = _images(1, 12, 10, seed=1)
+    assert fastviews.sources([meta]) is None
+    assert fastviews.sources(cpu + [meta]) is None
+    assert fastviews.sources([torch.empty(3, 12, 10, dtype=torch.uint8, device="meta")]) is None
