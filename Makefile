@@ -29,6 +29,7 @@ bench: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mmssl tests bench tokenizer
 	$(BIN)/ruff format --check mmssl tests bench tokenizer
+	$(BIN)/python -m mypy mmssl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -344,9 +344,13 @@ def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
     if k <= 7:  # a few shifted multiply-adds beat a grouped convolution
         w = ker[:, :, None, None, None]  # (n, k, 1, 1, 1)
         z = F.pad(y, (r, r, 0, 0), mode="reflect")
-        y = sum(w[:, t] * z[..., t : t + size] for t in range(k))
+        y = w[:, 0] * z[..., :size]
+        for t in range(1, k):
+            y = y + w[:, t] * z[..., t : t + size]
         z = F.pad(y, (0, 0, r, r), mode="reflect")
-        y = sum(w[:, t] * z[..., t : t + size, :] for t in range(k))
+        y = w[:, 0] * z[..., :size, :]
+        for t in range(1, k):
+            y = y + w[:, t] * z[..., t : t + size, :]
     else:
         kk = ker.repeat_interleave(3, 0)  # (n*3, k)
         z = y.reshape(1, n * 3, size, size)

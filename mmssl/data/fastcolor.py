@@ -10,12 +10,14 @@ channel sums run in float32 per row and float64 across rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
 from mmssl.data.colorops import _GRAY, _RGB2YIQ, _YIQ2RGB
 
-_JIT = {"cache": True, "fastmath": True, "nogil": True}
+_JIT: dict[str, Any] = {"cache": True, "fastmath": True, "nogil": True}
 _G0, _G1, _G2 = (float(g) for g in _GRAY)
 # the YIQ hue rotation by angle a is A + cos(a) B + sin(a) C (`colorops.yiq_hue_matrix`)
 _HUE_BASIS = np.stack(

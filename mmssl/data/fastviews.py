@@ -319,7 +319,7 @@ def render(
     for v in _by_source(vsrc, M):  # each source is converted once for all its views
         if vsrc[v] != last:
             last = vsrc[v]
-            s = numba.carray(_u8_at(addrs[last]), (H, W, 3))
+            s = numba.carray(_u8_at(addrs[last]), (H, W, 3))  # type: ignore[call-arg]  # numba passes typingctx
             # read in order, write with stride 3 H, in tiles of 64 columns (see `_resample`)
             for x0 in range(0, W, 64):
                 for y in range(H):
