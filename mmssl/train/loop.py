@@ -50,11 +50,11 @@ import torch
 
 from mmssl import distributed
 from mmssl.data.errors import DataError
-from mmssl.train import checkpoint, run_record
+from mmssl.train import checkpoint, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
-from mmssl.train.logging import RunLogger, write_error_summary
+from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.streams import build_stream, build_streams, eval_source_seeds
 from mmssl.train.streams import tokenizer as recipe_tokenizer
@@ -218,104 +218,6 @@ def _eval_loss(
     keys = sorted(sums)
     values = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]))
     return {f"eval/{k}": v / recipe.eval.batches for k, v in zip(keys, values.tolist())}
-
-
-def _skipped(streams: dict[str, Any]) -> dict[str, int]:
-    """Bad samples skipped so far, by kind, summed over sources and ranks.  Collective."""
-    skipped: dict[str, int] = {}
-    for per_rank in distributed.all_gather_object({k: s.skipped for k, s in streams.items()}):
-        for counts in per_rank.values():
-            for kind, n in counts.items():
-                skipped[kind] = skipped.get(kind, 0) + n
-    return skipped
-
-
-def _run_info(
-    recipe: Recipe,
-    resolved: Resolved,
-    task: Task,
-    start_step: int,
-    step: int,
-    t_start: float,
-    last_checkpoint: str,
-    bad_steps: int,
-) -> dict[str, Any]:
-    """The summary's facts about this attempt (steps `start_step` -> `step`)."""
-    stage = zero_stage(resolved.ds_config)
-    return {
-        "recipe": recipe.name,
-        "steps": f"{start_step} -> {step} of {recipe.train.steps}",
-        "world_size": distributed.world_size(),
-        "zero_stage": stage,
-        "precision": recipe.precision,
-        "global_batch_size": recipe.train.global_batch_size,
-        "grad_accum": resolved.grad_accum,
-        "parameters": task.model.num_params()
-        if stage != 3
-        else sum(getattr(p, "ds_numel", p.numel()) for p in task.model.parameters()),
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-        "checkpoint": last_checkpoint,
-        "bad_steps": bad_steps,
-    }
-
-
-def _resume_hint(recipe: Recipe, good: str | None) -> str:
-    """What the user does after a failed run: resume from `good`, or start again."""
-    run_dir = recipe.run_dir
-    world = distributed.world_size()
-    # --num_gpus counts the ranks of one node: the launcher's LOCAL_WORLD_SIZE
-    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
-    launch = f"deepspeed --num_gpus {per_node} --module mmssl.train" if world > 1 else "mmssl train"
-    command = f"`{launch} {run_dir / 'recipe.yaml'} checkpoint.resume=auto`"
-    if good is None:
-        return (
-            f"there is no good checkpoint in {run_dir / 'checkpoints'}: fix the cause and start "
-            f"again; checkpoint.resume=auto finds none there and starts at step 0, e.g. {command}"
-            + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
-        )
-    return (
-        f"fix the cause, then resume from {good}: rerun the same command with "
-        f"checkpoint.resume=auto (the default), which takes that checkpoint, e.g. {command}"
-        + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
-    )
-
-
-def _error_summary(
-    err: BaseException,
-    recipe: Recipe,
-    resolved: Resolved,
-    task: Task,
-    start_step: int,
-    step: int,
-    t_start: float,
-    bad_steps: int,
-    streams: dict[str, Any],
-) -> None:
-    """summary.md of a run that an error ended (rank R > 0: summary.rank<R>.md): the error,
-    the step reached, the newest checkpoint that passes the resume's integrity check and how
-    to resume.  No collective: the other ranks may be blocked in one, or gone.  Never raises:
-    a failure here is logged and the caller re-raises the original error."""
-    rank = distributed.rank()
-    try:
-        ckpt_dir = recipe.run_dir / "checkpoints"
-        # hashed here by this rank alone: the tag resume=auto would take
-        tag = checkpoint.newest_valid(ckpt_dir, "error summary", collective=False)
-        good = str(ckpt_dir / tag) if tag else None
-        info = _run_info(
-            recipe, resolved, task, start_step, step, t_start, good or "none", bad_steps
-        )
-        skipped: dict[str, int] = {}
-        for stream in streams.values():
-            for kind, n in stream.skipped.items():
-                skipped[kind] = skipped.get(kind, 0) + n
-        write_error_summary(recipe.run_dir, rank, info, skipped, err, _resume_hint(recipe, good))
-    except BaseException as failure:  # noqa: BLE001 -- never masks the run's own error
-        _log.warning(
-            "rank %d: could not write the summary of the failed run (%s: %s)",
-            rank,
-            type(failure).__name__,
-            failure,
-        )
 
 
 def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
@@ -493,8 +395,10 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         # a planned end of the run, on every rank at the same step (the skip decision is
         # global), so the summary's gathers are safe here, unlike after any other error
         good = str(err.checkpoint) if err.checkpoint else "none"
-        info = _run_info(recipe, resolved, task, start_step, step, t_start, good, bad_steps)
-        log.close({**info, "stopped": str(err)}, _skipped(streams))
+        info = run_summary.run_info(
+            recipe, resolved, task, start_step, step, t_start, good, bad_steps
+        )
+        log.close({**info, "stopped": str(err)}, run_summary.skipped_counts(streams))
         raise
     except BaseException as err:
         log.abort()
@@ -503,15 +407,15 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
         # knows, with no collective.  Not for Ctrl-C (KeyboardInterrupt) or SystemExit: the
         # summary hashes the newest checkpoints first, which would hold up a stop asked for
         if isinstance(err, Exception):
-            _error_summary(
+            run_summary.error_summary(
                 err, recipe, resolved, task, start_step, step, t_start, bad_steps, streams
             )
         raise
     finally:
         key_log.close()
-    skipped = _skipped(streams)
+    skipped = run_summary.skipped_counts(streams)
     last = str(ckpt_dir / checkpoint.tag_of(step))
-    info = _run_info(recipe, resolved, task, start_step, step, t_start, last, bad_steps)
+    info = run_summary.run_info(recipe, resolved, task, start_step, step, t_start, last, bad_steps)
     log.close(info, skipped)
     return {
         **info,

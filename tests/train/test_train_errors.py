@@ -132,7 +132,7 @@ def test_an_error_before_any_checkpoint_says_there_is_none(
 def test_ctrl_c_writes_no_error_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """KeyboardInterrupt stops at once: no error summary, whose checkpoint hashing would
     hold the stop up."""
-    from mmssl.train import loop
+    from mmssl.train import run_summary
     from mmssl.train.streams import SyntheticStream
 
     draw, calls = SyntheticStream.next, [0]
@@ -147,7 +147,7 @@ def test_ctrl_c_writes_no_error_summary(tmp_path: Path, monkeypatch: pytest.Monk
         raise AssertionError("an error summary (and its hashing) after Ctrl-C")
 
     monkeypatch.setattr(SyntheticStream, "next", next_or_interrupt)
-    monkeypatch.setattr(loop, "_error_summary", no_summary)
+    monkeypatch.setattr(run_summary, "error_summary", no_summary)
     with pytest.raises(KeyboardInterrupt):
         _train(_recipe(tmp_path, "c"))
     assert not (tmp_path / "c" / "summary.md").exists()
@@ -169,14 +169,14 @@ def test_the_resume_hint_counts_the_ranks_of_one_node(monkeypatch: pytest.Monkey
     from types import SimpleNamespace
 
     import mmssl.distributed
-    from mmssl.train.loop import _resume_hint
+    from mmssl.train.run_summary import resume_hint
 
     monkeypatch.setattr(mmssl.distributed, "world_size", lambda: 64)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     recipe = SimpleNamespace(run_dir=Path("/runs/x"))
-    hint = _resume_hint(recipe, "/runs/x/checkpoints/step_00000004")  # type: ignore[arg-type]
+    hint = resume_hint(recipe, "/runs/x/checkpoints/step_00000004")  # type: ignore[arg-type]
     assert "deepspeed --num_gpus 8 --module mmssl.train /runs/x/recipe.yaml" in hint, hint
-    none = _resume_hint(recipe, None)  # type: ignore[arg-type]
+    none = resume_hint(recipe, None)  # type: ignore[arg-type]
     assert "starts at step 0" in none and "--num_gpus 8" in none, none
 
 
@@ -185,12 +185,12 @@ def test_a_failing_summary_never_masks_the_error(
 ) -> None:
     """When the summary cannot be written the run's own error still propagates, and a
     warning says the summary is missing."""
-    import mmssl.train.loop
+    import mmssl.train.run_summary
 
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mmssl.train.loop, "write_error_summary", no_space, raising=False)
+    monkeypatch.setattr(mmssl.train.run_summary, "write_error_summary", no_space)
     error = _fail_on_batch(monkeypatch, 3)
     with caplog.at_level(logging.WARNING, logger="mmssl.train"):
         with pytest.raises(InjectedError) as raised:
