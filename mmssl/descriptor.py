@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -141,3 +142,22 @@ def check_descriptor(t: Tensor, version: str = "v1") -> None:
         )
     if not t.is_floating_point():
         raise ValueError(f"augmentation descriptor must be floating point, got {t.dtype}")
+
+
+def render_descriptor(vec: Tensor | np.ndarray | list[float]) -> str:
+    """Short text for a v1 descriptor, e.g. "crop 0.42 at (0.31, 0.55), hue +0.08, grayscale"."""
+    v = [float(a) for a in (vec.tolist() if hasattr(vec, "tolist") else vec)]
+    if len(v) != 13:
+        raise ValueError(f"a v1 descriptor has 13 values, got {len(v)}")
+    parts = []
+    cy, cx, h, w = v[8:12]
+    if abs(h * w - 1) > 5e-3 or abs(cy - 0.5) > 5e-3 or abs(cx - 0.5) > 5e-3:
+        parts.append(f"crop {h * w:.2f} at ({cy:.2f}, {cx:.2f})")
+    for name, val in zip(("brightness", "contrast", "saturation", "hue"), v[1:5]):
+        if abs(val) >= 5e-3:
+            parts.append(f"{name} {val:+.2f}")
+    if v[12] > 0.5:
+        parts.append("grayscale")
+    if v[0] > 0:
+        parts.append(f"blur {v[0]:.1f}")
+    return ", ".join(parts) if parts else "original image"

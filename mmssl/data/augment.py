@@ -27,11 +27,9 @@ Speed: a batch of one source size goes to the compiled renderer `mmssl.data.fast
 (numba; crop, resize, flip, blur, colour and descriptor of a view in one loop nest) when
 numba is installed; `AugmentConfig.backend` picks it ("numba"), this module's torch
 path ("torch") or the first that applies ("auto").  The torch path is the reference:
-crop + resize + flip + blur are two batched matmuls with per-view resampling matrices for
-views up to 64 px, and one `grid_sample` plus a grouped-convolution blur above (a mixed-
-size batch: one antialiased resize per view and a separate blur); the jitter and
-grayscale of a view fold into a single 3x4 colour matrix (contrast uses the analytically
-propagated mean), applied to all views with one `baddbmm` and clamped once.  torchvision
+crop + resize + flip + blur in `mmssl.data.torchviews`, then the colour ops: the jitter
+and grayscale of a view fold into a single 3x4 colour matrix (contrast uses the
+analytically propagated mean), applied to all views with one `baddbmm` and clamped once.  torchvision
 clamps after every op instead; the results agree whenever no intermediate value leaves
 [0, 1].  `hue_mode="hsv"` (default) shifts hue exactly in HSV like torchvision;
 `hue_mode="yiq"` folds hue into the colour matrix as a YIQ chroma rotation (as NVIDIA
@@ -54,6 +52,7 @@ from torch import Tensor
 
 from mmssl.data import buffers
 from mmssl.data.colorops import apply_color
+from mmssl.data.torchviews import _crop_resize
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ VIEW_DRAWS = 54
 
 
 def param_constants(cfg: AugmentConfig) -> np.ndarray:
-    """The config as the float64 vector that `fastviews.view_params` reads: scale (2),
+    """The config as the float64 vector that `fastdraws.view_params` reads: scale (2),
     ratio (2), jitter_p, factor lows (4), factor highs (4), grayscale_p, blur_p,
     blur_sigma (2), solarize_p, flip_p."""
     lo = lambda s: max(0.0, 1.0 - s)  # noqa: E731
@@ -208,7 +207,7 @@ def param_constants(cfg: AugmentConfig) -> np.ndarray:
 
 
 def _params_numpy(hw: np.ndarray, u: np.ndarray, aspect: np.ndarray, k: np.ndarray) -> tuple:
-    """`fastviews.view_params` in numpy (no numba): the same floats, the same parameters."""
+    """`fastdraws.view_params` in numpy (no numba): the same floats, the same parameters."""
     b = len(hw)
     scale = k[0] + (k[1] - k[0]) * u[:, _SCALE]
     box = _crop_boxes(hw, scale, aspect, u[:, _POS].reshape(b, 10, 2), k[2], k[3])
@@ -240,125 +239,9 @@ def sample_params(
     hw = np.array(sizes, dtype=np.float64).reshape(b, 2)
     u, aspect = _draws(rng, b, cfg)
     k = param_constants(cfg)
-    fast = _fast_module() if cfg.backend != "torch" else None
+    fast = _fast_draws() if cfg.backend != "torch" else None
     params = (fast.view_params if fast else _params_numpy)(hw, u, aspect, k)
     return ViewParams(*params)
-
-
-def _interp(start: Tensor, length: Tensor, src: int, size: int, flip: Tensor) -> Tensor:
-    """(B, src, size) bilinear resampling weights of [start, start + length) onto `size`
-    pixels (pixel centres, border clamp: the maths of grid_sample/roi_align)."""
-    k = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    u = (start[:, None] + k * length[:, None] - 0.5).clamp(0, src - 1)  # (B, S)
-    u = torch.where(flip[:, None], u.flip(-1), u)
-    i0 = u.floor()
-    frac = (u - i0).float()[:, None, :]
-    i1 = (i0 + 1).clamp(max=src - 1)
-    w = torch.zeros(len(u), src, size)
-    w.scatter_add_(1, i0.long()[:, None, :], 1 - frac)
-    return w.scatter_add_(1, i1.long()[:, None, :], frac)
-
-
-def _gauss(sigma: np.ndarray, size: int) -> Tensor:
-    """(B, size, size) Gaussian blur matrices (reflect padding); identity where sigma is 0.
-
-    Kernel size ~10% of the image, odd, at least 3 (SimCLR's choice).
-    """
-    b = len(sigma)
-    k = max(3, int(0.1 * size) // 2 * 2 + 1)
-    r = k // 2
-    pos = torch.arange(-r, r + 1, dtype=torch.float64)
-    s = torch.from_numpy(np.where(sigma > 0, sigma, 1.0))[:, None]
-    ker = torch.exp(-0.5 * (pos / s) ** 2)
-    ker = ker / ker.sum(1, keepdim=True)  # (B, k)
-    idx = torch.arange(size)[:, None] + torch.arange(-r, r + 1)[None, :]  # (S, k)
-    idx = idx.abs()
-    idx = torch.where(idx > size - 1, 2 * (size - 1) - idx, idx)
-    g = torch.zeros(b, size, size, dtype=torch.float64)
-    g.scatter_add_(2, idx.expand(b, size, k), ker[:, None, :].expand(b, size, k))
-    eye = torch.eye(size, dtype=torch.float64).expand(b, size, size)
-    return torch.where(torch.from_numpy(sigma > 0)[:, None, None], g, eye).float()
-
-
-def _crop_resize(images: list[Tensor], p: ViewParams, size: int) -> Tensor:
-    """(B, 3, size, size) float in [0, 1]: each box cropped, resized, flipped, blurred.
-
-    A batch of one source size goes through two batched matmuls with per-view
-    resampling matrices (Gaussian blur folded in: it is linear too); mixed sizes take one
-    antialiased resize per view plus a separate blur.
-    """
-    b = len(images)
-    shape = images[0].shape
-    uniform = all(im.shape == shape for im in images) and max(shape[1:]) <= 1.5 * size
-    if uniform and size > 64:
-        # large views: matmul cost grows with size^3, grid_sample with size^2
-        H, W = int(shape[1]), int(shape[2])
-        box = torch.from_numpy(p.box).float()
-        k = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # (S,)
-        gx = (2 * (box[:, 1:2] + k * box[:, 3:4]) / W) - 1  # (B, S), pixel-centre coords
-        gx = torch.where(torch.from_numpy(p.flip)[:, None], gx.flip(-1), gx)
-        gy = (2 * (box[:, 0:1] + k * box[:, 2:3]) / H) - 1
-        grid = torch.stack(
-            [gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1
-        )
-        x = torch.stack(images).float().div_(255.0)  # (B, 3, H, W)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return _blur(x, p.sigma)
-    if uniform:
-        H, W = int(shape[1]), int(shape[2])
-        box = torch.from_numpy(p.box).double()
-        noflip = torch.zeros(b, dtype=torch.bool)
-        ay = _interp(box[:, 0], box[:, 2], H, size, noflip).transpose(1, 2)  # (B, S, H)
-        ax = _interp(box[:, 1], box[:, 3], W, size, torch.from_numpy(p.flip))  # (B, W, S)
-        if (p.sigma > 0).any():
-            g = _gauss(p.sigma, size)
-            ay, ax = g @ ay, ax @ g.transpose(1, 2)
-        x = torch.stack(images).float().div_(255.0)  # (B, 3, H, W)
-        x = torch.matmul(x.view(b, 3 * H, W), ax).view(b, 3, H, size)
-        return torch.matmul(ay[:, None], x)  # (B, 3, S, S)
-    out = torch.empty(b, 3, size, size)
-    for i, im in enumerate(images):
-        t, l, h, w = (int(v) for v in p.box[i])
-        crop = im[None, :, t : t + h, l : l + w].float()
-        big = h > size or w > size
-        v = F.interpolate(crop, (size, size), mode="bilinear", align_corners=False, antialias=big)
-        out[i] = (v[0].flip(-1) if p.flip[i] else v[0]).div_(255.0)
-    return _blur(out, p.sigma)
-
-
-def _blur(x: Tensor, sigma: np.ndarray) -> Tensor:
-    """Separable Gaussian blur of the views with sigma > 0 (reflect padding)."""
-    sel = np.flatnonzero(sigma > 0)
-    if sel.size == 0:
-        return x
-    size = x.shape[-1]
-    k = max(3, int(0.1 * size) // 2 * 2 + 1)  # SimCLR: kernel ~10% of the image, odd
-    r = k // 2
-    pos = torch.arange(-r, r + 1, dtype=torch.float32)
-    s = torch.from_numpy(sigma[sel]).float()[:, None]
-    ker = torch.exp(-0.5 * (pos / s) ** 2)
-    ker = ker / ker.sum(1, keepdim=True)  # (n, k)
-    idx = torch.from_numpy(sel)
-    y = x[idx]
-    n = y.shape[0]
-    if k <= 7:  # a few shifted multiply-adds beat a grouped convolution
-        w = ker[:, :, None, None, None]  # (n, k, 1, 1, 1)
-        z = F.pad(y, (r, r, 0, 0), mode="reflect")
-        y = w[:, 0] * z[..., :size]
-        for t in range(1, k):
-            y = y + w[:, t] * z[..., t : t + size]
-        z = F.pad(y, (0, 0, r, r), mode="reflect")
-        y = w[:, 0] * z[..., :size, :]
-        for t in range(1, k):
-            y = y + w[:, t] * z[..., t : t + size, :]
-    else:
-        kk = ker.repeat_interleave(3, 0)  # (n*3, k)
-        z = y.reshape(1, n * 3, size, size)
-        z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="reflect"), kk[:, None, None, :], groups=n * 3)
-        z = F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=n * 3)
-        y = z.view(n, 3, size, size)
-    x[idx] = y
-    return x
 
 
 @functools.cache
@@ -369,6 +252,16 @@ def _fast_module() -> Any:
     except ImportError:
         return None
     return fastviews
+
+
+@functools.cache
+def _fast_draws() -> Any:
+    """`mmssl.data.fastdraws`, or None without numba (imported on first use, not at import)."""
+    try:
+        from mmssl.data import fastdraws
+    except ImportError:
+        return None
+    return fastdraws
 
 
 def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Any:
@@ -470,7 +363,7 @@ def make_views(
     src = _stack_for_fast(images, size, cfg.backend)
     if src is not None:  # the parameters of sample_params, made and used in compiled code
         u, aspect = _draws(rng, b * num_views, cfg)
-        x, d = _fast_module().render_draws(
+        x, d = _fast_draws().render_draws(
             src, u, aspect, param_constants(cfg), size, cfg.hue_mode, cfg.solarize_threshold
         )
     else:
@@ -503,22 +396,3 @@ def resize_center(images: list[Tensor], size: int) -> Tensor:
         t, l = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         out[i] = v[:, t : t + size, l : l + size].clamp_(0, 255).div_(255.0)
     return out
-
-
-def render_descriptor(vec: Tensor | np.ndarray | list[float]) -> str:
-    """Short text for a v1 descriptor, e.g. "crop 0.42 at (0.31, 0.55), hue +0.08, grayscale"."""
-    v = [float(a) for a in (vec.tolist() if hasattr(vec, "tolist") else vec)]
-    if len(v) != 13:
-        raise ValueError(f"a v1 descriptor has 13 values, got {len(v)}")
-    parts = []
-    cy, cx, h, w = v[8:12]
-    if abs(h * w - 1) > 5e-3 or abs(cy - 0.5) > 5e-3 or abs(cx - 0.5) > 5e-3:
-        parts.append(f"crop {h * w:.2f} at ({cy:.2f}, {cx:.2f})")
-    for name, val in zip(("brightness", "contrast", "saturation", "hue"), v[1:5]):
-        if abs(val) >= 5e-3:
-            parts.append(f"{name} {val:+.2f}")
-    if v[12] > 0.5:
-        parts.append("grayscale")
-    if v[0] > 0:
-        parts.append(f"blur {v[0]:.1f}")
-    return ", ".join(parts) if parts else "original image"

@@ -4,7 +4,7 @@ A conditioner turns what produced a view into a condition vector c (B, C):
 - `DescriptorEncoder` (gamma): an MLP over the augmentation descriptor omega (layout v1, 13 dims);
 - `TextConditioner`: the text tower's pooled embedding of a prompt, through a linear map.
   Training conditions every image of a source on its `condition_prompt`;
-  `mmssl.data.augment.render_descriptor` renders a descriptor as such a prompt, but the
+  `mmssl.descriptor.render_descriptor` renders a descriptor as such a prompt, but the
   training Task does not feed per-view rendered descriptors.
 
 c then enters the image model at one or more places, chosen by config:

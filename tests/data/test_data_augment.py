@@ -17,10 +17,9 @@ from mmssl.data.augment import (
     ViewParams,
     apply_params,
     make_views,
-    render_descriptor,
     sample_params,
 )
-from mmssl.descriptor import DESCRIPTOR_V1, check_descriptor
+from mmssl.descriptor import DESCRIPTOR_V1, check_descriptor, render_descriptor
 
 
 @pytest.fixture(params=["torch", "numba"])

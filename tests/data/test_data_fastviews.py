@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("numba", reason="the compiled view renderer needs numba")
 
-from mmssl.data import fastviews  # noqa: E402
+from mmssl.data import fastdraws, fastviews  # noqa: E402
 from mmssl.data.augment import (  # noqa: E402
     VIEW_DRAWS,
     AugmentConfig,
@@ -82,7 +82,7 @@ def test_crop_boxes_match_numpy_including_fallback():
         aspect = np.exp(rng.uniform(np.log(r0), np.log(r1), (b, 10)))
         u = rng.random((b, 10, 2))
         ref = _crop_boxes(hw, scale, aspect, u, r0, r1)
-        assert np.array_equal(fastviews.crop_boxes(hw, scale, aspect, u, r0, r1), ref)
+        assert np.array_equal(fastdraws.crop_boxes(hw, scale, aspect, u, r0, r1), ref)
         w = np.round(np.sqrt(hw[:, :1] * hw[:, 1:] * scale * aspect))
         h = np.round(np.sqrt(hw[:, :1] * hw[:, 1:] * scale / aspect))
         fits = (w > 0) & (h > 0) & (w <= hw[:, 1:]) & (h <= hw[:, :1])
@@ -120,7 +120,7 @@ def test_view_params_match_numpy_fallback():
             u[:3, 45:49] = 0.5
             aspect = np.exp(logr[0] + (logr[1] - logr[0]) * u[:, 10:20])
             for a, f in zip(
-                _params_numpy(hw, u, aspect, k), fastviews.view_params(hw, u, aspect, k)
+                _params_numpy(hw, u, aspect, k), fastdraws.view_params(hw, u, aspect, k)
             ):
                 assert a.dtype == f.dtype and np.array_equal(a, f)
     p = sample_params(np.random.default_rng(3), [(32, 32)] * 64, AugmentConfig(**ALL_ON))
