@@ -6,35 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_text_generate import CTX, tiny  # the same tiny text towers as the unpadded tests
 
-from mmssl.models import TextConfig, create_model
-from mmssl.models.config import BlockConfig
-from mmssl.models.text import TextTransformer
+from mmssl.models import create_model
 from mmssl.nn import KVCache, RotaryEmbedding, apply_rotary
 from mmssl.nn.attention import set_attention_kernel
 
-CTX = 12
 LENGTHS = (1, 4, 7)
 PAD_ID = 0
-
-
-def tiny(pos_embed: str = "learned", causal: bool = True, seed: int = 0) -> TextTransformer:
-    torch.manual_seed(seed)
-    cfg = TextConfig(
-        vocab_size=64,
-        context_length=CTX,
-        dim=32,
-        depth=2,
-        num_heads=2,
-        pos_embed=pos_embed,  # type: ignore[arg-type]
-        causal=causal,
-        tie_embeddings=False,  # a tied head mostly repeats the last token
-        block=BlockConfig(norm_eps=1e-5, qk_norm=True),
-    )
-    model = TextTransformer(cfg)
-    if model.pos_embed is not None:  # zeros at init: positions would not matter
-        torch.nn.init.normal_(model.pos_embed, std=0.5)
-    return model.eval()
 
 
 def prompts(lengths=LENGTHS, seed: int = 1) -> list[torch.Tensor]:
