@@ -58,6 +58,7 @@ def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
 
 def record(recipe: dict[str, Any], world_size: int, zero_stage: int) -> dict[str, Any]:
     """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0)."""
+    from mmssl.data.pipeline import STATE_VERSION
     from mmssl.train.streams import SOURCE_SEEDING
 
     return {
@@ -65,6 +66,7 @@ def record(recipe: dict[str, Any], world_size: int, zero_stage: int) -> dict[str
         "world_size": world_size,
         "zero_stage": zero_stage,
         "source_seeding": SOURCE_SEEDING,
+        "data_state": STATE_VERSION,
     }
 
 
@@ -97,6 +99,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
         saved, saved_world, saved_stage = run["recipe"], run["world_size"], run["zero_stage"]
         # records written before the field existed: every source was seeded with data.seed
         seeding = int(run.get("source_seeding", 1))
+        data_state = int(run.get("data_state", 3))  # older records: version 3 or before
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
     if saved_world != world_size:
@@ -131,6 +134,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
             f"(0 and 1 are both one worker)"
         )
     _check_seeding(folder, saved, seeding)
+    _check_view_draws(folder, saved, data_state)
 
 
 def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:
@@ -152,4 +156,27 @@ def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:
         f"{', '.join(shards[1:])} are no continuation of their streams.  Resume it with the "
         f"mmssl version that saved it, or start a new run (another name, or "
         f"checkpoint.resume=none after moving this run's checkpoints away)"
+    )
+
+
+def _check_view_draws(folder: Path, saved: dict[str, Any], data_state: int) -> None:
+    """Refuse, before anything loads, a checkpoint whose data state predates version 4 of
+    the pipeline (a batch's view parameters from one generator call) when its run drew
+    augmented views: its saved positions would go on with other views.  The data state's
+    own check (`StreamLoader.load_state_dict`) refuses it too, but only after DeepSpeed
+    has loaded the checkpoint."""
+    if data_state >= 4:
+        return
+    data = saved.get("data") or {}
+    sources = data.get("sources") or {}
+    images = [n for n in _shard_sources(saved) if (sources[n] or {}).get("kind") != "text"]
+    if not int(data.get("views") or 0) or not images:
+        return
+    raise ConfigError(
+        f"checkpoint {folder} was saved with data state version {data_state}, which drew "
+        f"every view parameter with a generator call of its own; this version draws a "
+        f"batch's in one call, so the saved positions of {', '.join(images)} would go on with "
+        f"other augmented views than the run that saved it.  Resume it with the mmssl "
+        f"version that saved it, or start a new run (another name, or checkpoint.resume=none "
+        f"after moving this run's checkpoints away)"
     )

@@ -134,3 +134,32 @@ def test_resume_keeps_single_source_and_synthetic_records_of_the_old_seeding(
     both = {"clip": {"source": "a"}, "simclr": {"source": "b"}}
     mixed = _resolved(data={"sources": synthetic}, objectives=both)
     check_resume(_record(tmp_path / "syn", mixed), mixed, 1, 0)
+
+
+def test_resume_refuses_views_drawn_before_data_state_4_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    """A record without `data_state` (version 3 or before) of a run that drew views from
+    images is refused by the run record, naming the version and the sources, before
+    DeepSpeed would load anything; without views, or with text sources only, it resumes, and
+    so does a record of this version."""
+    views = _resolved(data={"sources": {"train": {"urls": "shards/{0..3}.tar"}}, "views": 2})
+    old = _record(tmp_path / "views", views)  # no data_state: version 3 or before
+    with pytest.raises(ConfigError, match="data state version 3") as err:
+        check_resume(old, views, 1, 0)
+    assert "train" in str(err.value) and "start a new run" in str(err.value)
+    check_resume(_record(tmp_path / "noviews", _loader_recipe(0)), _loader_recipe(0), 1, 0)
+    text = _resolved(
+        data={"sources": {"t": {"urls": "shards/{0..3}.tar", "kind": "text"}}, "views": 2},
+        objectives={"next_token": {"source": "t"}},
+    )
+    check_resume(_record(tmp_path / "text", text), text, 1, 0)
+
+    from mmssl.data.pipeline import STATE_VERSION
+    from mmssl.train.run_record import record
+
+    current = tmp_path / "new"
+    current.mkdir()
+    (current / RUN_RECORD).write_text(json.dumps(record(views, 1, 0)))
+    assert json.loads((current / RUN_RECORD).read_text())["data_state"] == STATE_VERSION
+    check_resume(current, views, 1, 0)
