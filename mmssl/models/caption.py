@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmssl.models.beam import beam_search
 from mmssl.models.config import CaptionConfig, TextConfig
 from mmssl.models.text import TextTransformer, sample_tokens
 from mmssl.models.trunk import build_trunk
@@ -102,11 +103,16 @@ class CaptionDecoder(nn.Module):
         top_k: int | None,
         eos_id: int | None,
         generator: torch.Generator | None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> torch.Tensor:
         """image_tokens (B, N, Dv), prompt (B, T0) -> (B, T0 + max_new_tokens) token ids.
 
         The caller checks the options and sets eval mode (`MultimodalModel.generate_captions`).
         Cross mode runs each new token once through a kv cache; prefix mode reruns the caption.
+        num_beams > 1: beam search (`mmssl.models.beam`); the text caches are expanded to
+        B * num_beams rows after the prompt and reordered by each step's parents, and the
+        image tokens are expanded once (a beam never moves to another image).
         """
         cache = self.new_kv_cache(text_tower)
 
@@ -117,6 +123,21 @@ class CaptionDecoder(nn.Module):
                 self.hidden(text_tower, image_tokens, text, kv_cache=cache)[:, -1]
             )
 
+        if num_beams > 1:
+
+            def reorder(index: torch.Tensor) -> None:
+                nonlocal image_tokens
+                if cache is not None:
+                    cache[0].reorder(index)
+                    cache[1].reorder(index)
+                if index.shape[0] != image_tokens.shape[0]:
+                    # B images -> B * num_beams rows, once: later indices pick parents among
+                    # one image's beams, whose image tokens are the same
+                    image_tokens = image_tokens.index_select(0, index)
+
+            return beam_search(
+                next_logits, reorder, prompt, max_new_tokens, num_beams, eos_id, length_penalty
+            )
         return sample_tokens(
             next_logits, prompt, max_new_tokens, temperature, top_k, eos_id, generator
         )

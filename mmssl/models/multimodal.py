@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
@@ -223,6 +224,8 @@ class MultimodalModel(nn.Module):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         cond: torch.Tensor | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> torch.Tensor:
         """Caption images (B, C, H, W) -> token ids (B, T0 + max_new_tokens), prompt included.
 
@@ -233,11 +236,14 @@ class MultimodalModel(nn.Module):
         neutral condition of a descriptor-conditioned model).  Runs in eval mode and restores
         each module's mode afterwards.  The caption must fit in the text context_length: a
         sliding window, as `TextTransformer.generate` has, would drop the bos.
+        num_beams > 1: deterministic beam search, as open_clip's CoCa captions (see
+        `TextTransformer.generate`: length_penalty, the refused sampling options).
         """
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
         text = self._tower("text")
         check_sampling(temperature, top_k)
+        check_beam(num_beams, temperature, top_k, generator, length_penalty)
         if isinstance(max_new_tokens, bool) or not max_new_tokens >= 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         b = images.shape[0]
@@ -261,7 +267,16 @@ class MultimodalModel(nn.Module):
                 cond = self.neutral_condition(b, images.device)
             image_tokens = self.forward_features(images, cond)["tokens"]  # (B, N, Dv)
             return self.caption.generate(
-                text, image_tokens, prompt, max_new_tokens, temperature, top_k, eos_id, generator
+                text,
+                image_tokens,
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_k,
+                eos_id,
+                generator,
+                num_beams,
+                length_penalty,
             )
 
     def forward(

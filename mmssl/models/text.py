@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.models.beam import beam_search, check_beam
 from mmssl.models.config import TextConfig
 from mmssl.models.trunk import build_trunk
 from mmssl.nn import KVCache, Norm, RotaryEmbedding, Transformer
@@ -320,6 +321,9 @@ class TextTransformer(nn.Module):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         prompt_mask: torch.Tensor | None = None,
+        *,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> torch.Tensor:
         """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
 
@@ -341,13 +345,30 @@ class TextTransformer(nn.Module):
         paths all hold.  A mask that is not (B, T0) bool, not left-padded, or has a row with
         no real token is refused (ValueError).  Greedy, each row equals generating it alone
         from its unpadded prompt (up to float rounding, as a kv cache against a rerun).
+
+        num_beams > 1: deterministic beam search (`mmssl.models.beam`: the num_beams best
+        sequences by summed log-probability; finished ones scored sum / len**length_penalty,
+        len the generated tokens with eos; the best hypothesis per row, eos-filled after its
+        eos).  Sampling options (temperature, top_k, generator) are refused with it, and
+        length_penalty without it.  The kv cache is expanded to B * num_beams rows after the
+        prompt and reordered by each step's parent beams; prompt_mask, the sliding window
+        and a bidirectional tower work as above (each beam carries its row's mask).
         """
         check_sampling(temperature, top_k)
+        check_beam(num_beams, temperature, top_k, generator, length_penalty)
         if prompt_mask is not None:
             check_prompt_mask(prompt_mask, text)
         with eval_mode(self):
             return self._generate(
-                text, max_new_tokens, temperature, top_k, eos_id, generator, prompt_mask
+                text,
+                max_new_tokens,
+                temperature,
+                top_k,
+                eos_id,
+                generator,
+                prompt_mask,
+                num_beams,
+                length_penalty,
             )
 
     def _generate(
@@ -359,6 +380,8 @@ class TextTransformer(nn.Module):
         eos_id: int | None,
         generator: torch.Generator | None,
         prompt_mask: torch.Tensor | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
@@ -382,6 +405,18 @@ class TextTransformer(nn.Module):
                 hidden = self.forward_tokens(text[:, -ctx:], token_mask=window_mask)
             return self.head(hidden[:, -1])
 
+        if num_beams > 1:
+
+            def reorder(index: torch.Tensor) -> None:
+                nonlocal prompt_mask
+                if cache is not None:
+                    cache.reorder(index)
+                if prompt_mask is not None:
+                    prompt_mask = prompt_mask.index_select(0, index)
+
+            return beam_search(
+                next_logits, reorder, text, max_new_tokens, num_beams, eos_id, length_penalty
+            )
         return sample_tokens(
             next_logits, text, max_new_tokens, temperature, top_k, eos_id, generator
         )

@@ -6,7 +6,8 @@ of the positions it just ran, then attends over everything cached so far.
 
 The cache is exact only while earlier positions stay as they were: a causal stack, no
 sliding window (sliding past the context moves every position), and the same condition for
-every call.  `TextTransformer.generate` decides when to use it.
+every call.  `TextTransformer.generate` decides when to use it.  `reorder(index)` picks (or
+repeats) batch rows, as beam search does with each step's parent beams.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ class LayerKVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (R,) int64 of the batch, in that order: new row i is old row
+        index[i].  R may differ from B (a beam search expands B prompts to B * beams rows
+        once, then picks each step's parents)."""
+        if self.k is None or self.v is None:
+            return
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
 
 class KVCache:
     """One LayerKVCache per Block of a Transformer; `length` is the number of positions cached."""
@@ -49,3 +59,8 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder (or expand) the batch rows of every layer: see `LayerKVCache.reorder`."""
+        for layer in self.layers:
+            layer.reorder(index)
