@@ -379,9 +379,9 @@ class TextTransformer(nn.Module):
         top_k: int | None,
         eos_id: int | None,
         generator: torch.Generator | None,
-        prompt_mask: torch.Tensor | None = None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
+        prompt_mask: torch.Tensor | None,
+        num_beams: int,
+        length_penalty: float,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None

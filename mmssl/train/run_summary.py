@@ -22,12 +22,17 @@ _log = logging.getLogger("mmssl.train")
 
 def skipped_counts(streams: dict[str, Any]) -> dict[str, int]:
     """Bad samples skipped so far, by kind, summed over sources and ranks.  Collective."""
-    skipped: dict[str, int] = {}
-    for per_rank in distributed.all_gather_object({k: s.skipped for k, s in streams.items()}):
-        for counts in per_rank.values():
-            for kind, n in counts.items():
-                skipped[kind] = skipped.get(kind, 0) + n
-    return skipped
+    per_rank = distributed.all_gather_object([s.skipped for s in streams.values()])
+    return _sum_counts([counts for rank in per_rank for counts in rank])
+
+
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Skip counts by kind, summed over the given dicts."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
 
 
 def run_info(
@@ -104,10 +109,7 @@ def error_summary(
         info = run_info(
             recipe, resolved, task, start_step, step, t_start, good or "none", bad_steps
         )
-        skipped: dict[str, int] = {}
-        for stream in streams.values():
-            for kind, n in stream.skipped.items():
-                skipped[kind] = skipped.get(kind, 0) + n
+        skipped = _sum_counts([s.skipped for s in streams.values()])  # this rank's only
         write_error_summary(recipe.run_dir, rank, info, skipped, err, resume_hint(recipe, good))
     except BaseException as failure:  # noqa: BLE001 -- never masks the run's own error
         _log.warning(
