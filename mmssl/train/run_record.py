@@ -134,7 +134,25 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
             f"(0 and 1 are both one worker)"
         )
     _check_seeding(folder, saved, seeding)
+    _check_first_source(folder, saved, recipe)
     _check_view_draws(folder, saved, data_state)
+
+
+def _check_first_source(folder: Path, saved: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """Refuse a resume whose first shard source (in `data.sources` order) is another one
+    than the checkpoint's: that source streams with `data.seed` and every later one with a
+    seed of its name (`streams.source_seeds`), so reordering the sources gives two of them
+    other seeds, and their saved positions are no continuation of the new streams.  (The
+    objectives, which a resume keeps, fix the names.)"""
+    was, now = _shard_sources(saved), _shard_sources(recipe)
+    if not was or not now or was[0] == now[0]:
+        return
+    raise ConfigError(
+        f"data.sources lists {', '.join(now)} (the shard sources the objectives read) but "
+        f"checkpoint {folder} was trained with {', '.join(was)}; the first of them streams "
+        f"with data.seed and each later one with a seed of its name, so a resume keeps "
+        f"{was[0]!r} first in data.sources"
+    )
 
 
 def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:

@@ -163,3 +163,25 @@ def test_resume_refuses_views_drawn_before_data_state_4_before_anything_loads(
     (current / RUN_RECORD).write_text(json.dumps(record(views, 1, 0)))
     assert json.loads((current / RUN_RECORD).read_text())["data_state"] == STATE_VERSION
     check_resume(current, views, 1, 0)
+
+
+def test_resume_refuses_reordered_sources_naming_the_first(tmp_path: Path) -> None:
+    """The first shard source streams with data.seed, the others with seeds of their names:
+    swapping them in data.sources changes both streams, so a resume says so before anything
+    loads (rather than failing later on a data state whose seed does not match)."""
+    from mmssl.train.run_record import record
+
+    saved = _two_sources()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / RUN_RECORD).write_text(json.dumps(record(saved, 1, 0)))
+    swapped = copy.deepcopy(saved)
+    swapped["data"]["sources"] = dict(reversed(list(saved["data"]["sources"].items())))
+    with pytest.raises(ConfigError, match="data.sources lists b, a") as err:
+        check_resume(folder, swapped, 1, 0)
+    assert "trained with a, b" in str(err.value) and "keeps 'a' first" in str(err.value)
+    check_resume(folder, copy.deepcopy(saved), 1, 0)
+    # a source no objective reads takes no part: the first shard source is still `a`
+    ahead = copy.deepcopy(saved)
+    ahead["data"]["sources"] = {"s": {"urls": "synthetic"}, **saved["data"]["sources"]}
+    check_resume(folder, ahead, 1, 0)
