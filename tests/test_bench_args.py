@@ -224,3 +224,28 @@ def test_clip_same_adamw_decays_the_parameters_open_clip_decays(monkeypatch, cap
     reference = [p for n, p in modules["peer"].named_parameters() if not excluded(n, p)]
     assert decayed["peer"] == (len(reference), sum(p.numel() for p in reference))
     assert decayed["mmssl"] == decayed["peer"]  # ViT-B-32: (102, 151,072,768)
+
+
+def test_run_all_targets_read_each_data_set_and_hue_mode_of_bench_data() -> None:
+    """The Targets table judges the data pipeline per data set and hue mode from
+    bench_data's printout (the torch reference renderer's rows are not mmssl's pipeline)."""
+    import run_all
+
+    printout = """
+demo digits 32 px PNG: 16384 samples (webdataset 1024) x best of 5 rounds, batch 64, 1 thread
+  decode only (ceiling)            19928 samples/s  (same reader + decoder, no views)
+  mmssl 2 views + desc (hsv)       16436 samples/s   0.82x decode   0.83x huge  21.61x webdataset  [numba]
+  mmssl 2 views + desc (hsv torch)  9000 samples/s   0.45x decode   0.46x huge  11.00x webdataset  [torch]
+
+synthetic 224 px JPEG: 1024 samples (webdataset 256) x best of 5 rounds, batch 64, 1 thread
+  mmssl 2 views + desc (yiq)        1135 samples/s   0.41x decode   0.43x huge   0.90x webdataset  [numba]
+"""
+    rows = run_all._data_targets(printout)
+    assert len(rows) == 2
+    assert rows[0].startswith("| data, demo digits 32 px PNG, hsv:")
+    assert rows[0].endswith("| 0.82x decode, 21.61x webdataset | 0.8x yes, 0.9x no, 1.0x yes |")
+    assert rows[1].startswith("| data, synthetic 224 px JPEG, yiq:")
+    assert rows[1].endswith("| 0.41x decode, 0.90x webdataset | 0.8x no, 0.9x no, 1.0x no |")
+    assert run_all._data_targets("") == [
+        "| data pipeline targets | no data figures in this run | |"
+    ]
