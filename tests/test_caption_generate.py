@@ -5,6 +5,7 @@ decoder without an LM head."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -21,12 +22,15 @@ CASES = [
 ]
 
 
-def captioner(name: str, pos_embed: str = "learned", seed: int = 0) -> mmssl.MultimodalModel:
+def captioner(
+    name: str, pos_embed: str = "learned", seed: int = 0, **overrides: dict
+) -> mmssl.MultimodalModel:
     """A registry captioner whose outputs depend on the image and on positions: at its init
     (std 0.02, tied head, zero-ish position table) greedy captions repeat one token for
     every image, which would hide a decoder that ignores either."""
     torch.manual_seed(seed)
-    model = mmssl.create_model(name, text={"tie_embeddings": False, "pos_embed": pos_embed})
+    text = {"tie_embeddings": False, "pos_embed": pos_embed}
+    model = mmssl.create_model(name, text=text, **overrides)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
@@ -179,3 +183,19 @@ def test_a_caption_decoder_needs_the_lm_head():
         resolve_model_config("test_tiny_coca", text={"lm_head": False})
     # without a caption decoder an LM-head-free text tower is fine (CLIP)
     assert not resolve_model_config("test_tiny_clip", text={"lm_head": False}).text.lm_head
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cross_mode_projects_the_image_keys_and_values_once_per_caption(num_beams):
+    """Each decoder Block's cross-attention kv projection runs at the first step of a caption
+    only (the decoder's kv cache keeps its output), and again for the next caption."""
+    model = captioner("test_tiny_coca", caption={"depth": 2})
+    kvs = [block.cross.attn.kv for block in model.caption.decoder.blocks]
+    calls: Counter[torch.nn.Module] = Counter()
+    for kv in kvs:
+        kv.register_forward_hook(lambda module, args, out: calls.update([module]))
+    options = {"temperature": 0} if num_beams == 1 else {"num_beams": num_beams}
+    model.generate_captions(images(2), 5, bos_id=BOS, **options)
+    assert [calls[kv] for kv in kvs] == [1, 1]
+    model.generate_captions(images(2, seed=4), 5, bos_id=BOS, **options)
+    assert [calls[kv] for kv in kvs] == [2, 2]

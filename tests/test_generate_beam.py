@@ -279,6 +279,8 @@ def test_caption_beam_search_equals_the_references(name, pos_embed):
     )
     out = model.generate_captions(imgs, 6, bos_id=BOS, num_beams=3)
     assert out.shape == (3, 7)
+    # the images' captions differ: cached image keys/values given to the wrong rows would show
+    assert not (out == out[:1]).all(1)[1:].any()
     bos = torch.full((1, 1), BOS)
     for i in range(3):
         fn = caption_fn(model, tokens[i : i + 1])

@@ -12,6 +12,7 @@ from mmssl.nn import (
     Attention,
     Block,
     DropPath,
+    LayerKVCache,
     Norm,
     PatchEmbed,
     RotaryEmbedding,
@@ -20,6 +21,7 @@ from mmssl.nn import (
     apply_rotary,
     sincos_2d,
 )
+from mmssl.nn.kv_cache import ContextKVCache
 
 
 def naive_attention(q, k, v, allowed):
@@ -95,6 +97,26 @@ def test_cross_attention_matches_naive(kernel):
     torch.testing.assert_close(attn(x, context=ctx), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="context"):
         attn(x)
+
+
+def test_cross_attention_context_cache_projects_once():
+    torch.manual_seed(0)
+    attn = Attention(16, 2, qk_norm=True, cross=True, context_dim=12).eval()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 9, 12)
+    cache = ContextKVCache()
+    torch.testing.assert_close(attn(x, context=ctx, context_cache=cache), attn(x, context=ctx))
+    # later calls reuse the keys and values: the contract is one context per cache
+    assert torch.equal(attn(x, context=ctx + 1, context_cache=cache), attn(x, context=ctx))
+    cache.reorder(torch.tensor([1, 1, 0]))
+    rows = [1, 1, 0]
+    out = attn(x[rows], context=ctx[rows], context_cache=cache)
+    torch.testing.assert_close(out, attn(x[rows], context=ctx[rows]))
+    with pytest.raises(ValueError, match="one cache per context"):
+        attn(x, context=ctx, context_cache=cache)
+    with pytest.raises(ValueError, match="kv cache is for self-attention"):
+        attn(x, context=ctx, kv_cache=LayerKVCache(8))
+    with pytest.raises(ValueError, match="context cache is for cross-attention"):
+        Attention(16, 2)(x, context_cache=ContextKVCache())
 
 
 def test_rotary_scores_depend_only_on_relative_position():

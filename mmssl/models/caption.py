@@ -62,7 +62,9 @@ class CaptionDecoder(nn.Module):
         the LM head scores.  text_hidden: the text tower's hidden states of `text`, if
         already computed (cross mode reuses them, as CoCa's split of the text tower).
         kv_cache: (the text tower's, the decoder's), cross mode only: `text` continues the
-        positions already cached (incremental decoding), see `new_kv_cache`."""
+        positions already cached (incremental decoding), see `new_kv_cache`; the decoder's
+        cache also holds the keys and values of these image_tokens, so it serves one caption
+        of the same image_tokens only."""
         if self.prefix_proj is not None:
             if kv_cache is not None:
                 raise ValueError("a kv cache is for the cross mode (a prefix is rerun)")
@@ -109,10 +111,13 @@ class CaptionDecoder(nn.Module):
         """image_tokens (B, N, Dv), prompt (B, T0) -> (B, T0 + max_new_tokens) token ids.
 
         The caller checks the options and sets eval mode (`MultimodalModel.generate_captions`).
-        Cross mode runs each new token once through a kv cache; prefix mode reruns the caption.
+        Cross mode runs each new token once through a kv cache, whose decoder layers also
+        keep the image tokens' cross-attention keys and values (projected at the first
+        step, valid for these image tokens only); prefix mode reruns the caption.
         num_beams > 1: beam search (`mmssl.models.beam`); the text caches are expanded to
         B * num_beams rows after the prompt and reordered by each step's parents, and the
-        image tokens are expanded once (a beam never moves to another image).
+        image tokens and their cached keys and values are expanded once (a beam never moves
+        to another image).
         """
         cache = self.new_kv_cache(text_tower)
 

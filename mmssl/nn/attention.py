@@ -4,6 +4,12 @@ Self-attention uses one fused qkv projection.  With `cross=True` the queries com
 and the keys and values from another sequence (`context`), for a caption decoder that
 attends to image tokens.
 
+Incremental decoding: a self-attention takes `kv_cache` (a `LayerKVCache`) and appends the
+keys and values of its new positions; a cross-attention takes `context_cache` (a
+`ContextKVCache`) and projects the context's keys and values on its first call only, so
+the context must be the same tensor for every call with that cache (one caption).  Calls
+without a cache project everything, as in training.
+
 Kernels (`Attention.kernel`, set for a whole model with `set_attention_kernel`):
 - "sdpa": `F.scaled_dot_product_attention`, fused kernels where they exist (GPUs);
 - "matmul": softmax(q k^T / sqrt(d)) v as matmul, softmax, matmul, with the same masks
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.nn.kv_cache import LayerKVCache
+from mmssl.nn.kv_cache import ContextKVCache, LayerKVCache
 from mmssl.nn.pos_embed import apply_rotary
 
 KERNELS = ("auto", "sdpa", "matmul")
@@ -134,6 +140,11 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
 
+    def _context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, N, Dc) -> keys (k-normed) and values (B, H, N, d) of a cross-attention."""
+        k, v = (self._heads(t) for t in self.kv(context).chunk(2, dim=-1))
+        return self.k_norm(k), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -143,23 +154,31 @@ class Attention(nn.Module):
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: LayerKVCache | None = None,
+        context_cache: ContextKVCache | None = None,
     ) -> torch.Tensor:
-        """kv_cache: the keys and values of earlier positions; x holds the positions after them
-        (their rope is for those positions), and the cache gets this call's keys and values."""
+        """kv_cache (self-attention): the keys and values of earlier positions; x holds the
+        positions after them (their rope is for those positions), and the cache gets this
+        call's keys and values.  context_cache (cross-attention): the context's keys and
+        values, projected by the first call with this cache and reused after."""
         b, n, d = x.shape
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context sequence")
-            q = self._heads(self.q(x))
-            k, v = (self._heads(t) for t in self.kv(context).chunk(2, dim=-1))
+            if kv_cache is not None:
+                raise ValueError("a kv cache is for self-attention; cross-attention: context_cache")
+            q = self.q_norm(self._heads(self.q(x)))
+            if context_cache is None:
+                k, v = self._context_kv(context)
+            else:
+                k, v = context_cache.keys_values(context, self._context_kv)
         else:
+            if context_cache is not None:
+                raise ValueError("a context cache is for cross-attention")
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None and not self.cross:
-            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if kv_cache is not None:
-            if self.cross:
-                raise ValueError("a kv cache is for self-attention")
             k, v = kv_cache.append(k, v)
             if is_causal and q.shape[-2] < k.shape[-2]:
                 # SDPA aligns is_causal top-left, but the cached keys come before these

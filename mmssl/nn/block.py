@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmssl.nn.attention import Attention
-from mmssl.nn.kv_cache import KVCache, LayerKVCache
+from mmssl.nn.kv_cache import ContextKVCache, KVCache, LayerKVCache
 from mmssl.nn.layers import DropPath, LayerScale
 from mmssl.nn.mlp import build_mlp
 from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
@@ -43,14 +43,25 @@ class CrossAttentionBranch(nn.Module):
         self.ls = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        return x + self.drop_path(self.ls(self.attn(self.norm(x), context=context)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        context_cache: ContextKVCache | None = None,
+    ) -> torch.Tensor:
+        h = self.attn(self.norm(x), context=context, context_cache=context_cache)
+        return x + self.drop_path(self.ls(h))
 
 
 class NoCrossAttention(nn.Module):
     """Stands in for CrossAttentionBranch in blocks without one."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        context_cache: ContextKVCache | None = None,
+    ) -> torch.Tensor:
         return x
 
 
@@ -60,6 +71,8 @@ class Block(nn.Module):
     cond_dim: when set, norms and gates are adaLN-Zero conditioned on a (B, cond_dim) vector
     (equal to the plain block at init, and when called with cond=None).
     cross_attn: adds a cross-attention sub-layer over a `context` sequence.
+    kv_cache (forward): the layer's cache; the self-attention appends to it, and the
+    cross-attention projects the context's keys and values into `kv_cache.context` once.
     """
 
     def __init__(
@@ -122,7 +135,7 @@ class Block(nn.Module):
             kv_cache=kv_cache,
         )
         x = x + self.drop_path(self.gate1(self.ls1(h), cond))
-        x = self.cross(x, context)
+        x = self.cross(x, context, kv_cache.context if kv_cache is not None else None)
         x = x + self.drop_path(self.gate2(self.ls2(self.mlp(self.norm2(x, cond))), cond))
         return x
 

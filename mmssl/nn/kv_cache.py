@@ -8,21 +8,61 @@ The cache is exact only while earlier positions stay as they were: a causal stac
 sliding window (sliding past the context moves every position), and the same condition for
 every call.  `TextTransformer.generate` decides when to use it.  `reorder(index)` picks (or
 repeats) batch rows, as beam search does with each step's parent beams.
+
+A cross-attention layer (caption decoders) keeps the keys and values of its context (the
+image tokens) in `LayerKVCache.context`: computed by the first call, reused by every later
+one.  They are valid only while the context is the same tensor for the whole caption (rows
+reordered by `reorder` as the context's are): a new image needs a new cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
+class ContextKVCache:
+    """The keys and values (B, H, N, d) a cross-attention layer projects from its context
+    (B, N, Dc): projected by the first `keys_values` call, then returned as they are."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def keys_values(
+        self,
+        context: torch.Tensor,
+        project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, N, Dc) -> the cached keys and values, from `project(context)` once."""
+        if self.k is None or self.v is None:
+            self.k, self.v = project(context)
+        elif (self.k.shape[0], self.k.shape[-2]) != tuple(context.shape[:2]):
+            raise ValueError(
+                f"the context k/v cached for (B, N) = ({self.k.shape[0]}, {self.k.shape[-2]}) "
+                f"met a context of {tuple(context.shape[:2])}: one cache per context"
+            )
+        return self.k, self.v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch: see `LayerKVCache.reorder`."""
+        if self.k is None or self.v is None:
+            return
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
 class LayerKVCache:
-    """The keys and values (B, H, L, d) of one attention layer, in a buffer of max_len positions."""
+    """The keys and values (B, H, L, d) of one self-attention layer, in a buffer of max_len
+    positions, and `context`: those of the layer's cross-attention, if it has one."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.context = ContextKVCache()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H, n, d) of the new positions -> all cached keys and values (B, H, L + n, d)."""
@@ -44,6 +84,7 @@ class LayerKVCache:
         """Keep rows `index` (R,) int64 of the batch, in that order: new row i is old row
         index[i].  R may differ from B (a beam search expands B prompts to B * beams rows
         once, then picks each step's parents)."""
+        self.context.reorder(index)
         if self.k is None or self.v is None:
             return
         self.k = self.k.index_select(0, index)
