@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mmssl.nn import (
     Attention,
     Block,
+    ContextKVCache,
     DropPath,
     LayerKVCache,
     Norm,
@@ -21,7 +22,6 @@ from mmssl.nn import (
     apply_rotary,
     sincos_2d,
 )
-from mmssl.nn.kv_cache import ContextKVCache
 
 
 def naive_attention(q, k, v, allowed):

@@ -2,7 +2,7 @@
 
 from mmssl.nn.attention import Attention
 from mmssl.nn.block import Block, Transformer
-from mmssl.nn.kv_cache import KVCache, LayerKVCache
+from mmssl.nn.kv_cache import ContextKVCache, KVCache, LayerKVCache
 from mmssl.nn.layers import DropPath, LayerScale, PatchEmbed
 from mmssl.nn.mlp import Mlp, SwiGLU, build_mlp
 from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
@@ -13,6 +13,7 @@ __all__ = [
     "Block",
     "ConditionedGate",
     "ConditionedNorm",
+    "ContextKVCache",
     "DropPath",
     "KVCache",
     "LayerKVCache",
