@@ -54,14 +54,10 @@ class CrossAttentionBranch(nn.Module):
 
 
 class NoCrossAttention(nn.Module):
-    """Stands in for CrossAttentionBranch in blocks without one."""
+    """Stands in for CrossAttentionBranch in blocks without one: x passes as it is (the
+    context and its cache, which CrossAttentionBranch takes, are ignored)."""
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None,
-        context_cache: ContextKVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *_ignored: object) -> torch.Tensor:
         return x
 
 
