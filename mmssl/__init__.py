@@ -19,9 +19,15 @@ __all__ = ["create_model", "get_tokenizer", "list_models", "load_encoder"]
 
 
 def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:
-    """Build a model from a registry name (see `list_models()`) or a JSON config path.
+    """Build a randomly initialised model from a registry name (see `list_models()`) or a
+    JSON config path.
 
-    Overrides are nested dicts (`vision={"depth": 2}`) or dotted keys (`**{"vision.depth": 2}`).
+    A registered name always means the shipped architecture, whatever the working directory
+    holds; a local config is reached by a path that is not a bare registered name
+    (`./test_tiny_clip`, an absolute path, or a `.json` file).  Only the config is read: for
+    an exported model's trained weights use `load_encoder` (create_model warns when given an
+    export).  Overrides are nested dicts (`vision={"depth": 2}`) or dotted keys
+    (`**{"vision.depth": 2}`).
     """
     from mmssl.models.registry import create_model as _create
 

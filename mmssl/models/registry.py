@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,28 @@ def list_models() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def model_config_dict(name_or_path: str) -> dict[str, Any]:
-    """The raw config of a named architecture or of a JSON file."""
+def config_file(name_or_path: str) -> Path:
+    """The JSON file `name_or_path` means.  A registered name (`list_models()`) always means
+    the shipped architecture, whatever the working directory holds; anything else is a path:
+    a `.json` file, or a directory holding `config.json` (an export)."""
+    if name_or_path in list_models():
+        return CONFIG_DIR / f"{name_or_path}.json"
     path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no model config at {path}")
-    else:
-        path = CONFIG_DIR / f"{name_or_path}.json"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown model {name_or_path!r}{suggest(name_or_path, list_models())}; "
-                f"see mmssl.list_models()"
-            )
+    if path.suffix != ".json" and not path.exists():
+        raise ConfigError(
+            f"unknown model {name_or_path!r}{suggest(name_or_path, list_models())}; "
+            f"see mmssl.list_models()"
+        )
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}")
+    return path
+
+
+def model_config_dict(name_or_path: str) -> dict[str, Any]:
+    """The raw config of a named architecture or of a JSON file (`config_file`)."""
+    path = config_file(name_or_path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -56,5 +64,22 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
 
 
 def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:
-    """Build a model from a registry name or a JSON config path, with overrides."""
+    """Build a randomly initialised model from a registry name or a JSON config path, with
+    overrides.  A registered name always means the shipped architecture: reach a local
+    config of the same name by a path (`./name`, an absolute path, or a `.json` file).
+    Only the config is read: an export's weights load with `mmssl.load_encoder`."""
+    _warn_if_weights_beside(name_or_path)
     return MultimodalModel(resolve_model_config(name_or_path, **overrides))
+
+
+def _warn_if_weights_beside(name_or_path: str) -> None:
+    """Warn when the config is an export's: its weights beside it are not loaded."""
+    path = config_file(name_or_path)
+    weights = path.parent / "model.safetensors"
+    if path.parent != CONFIG_DIR and weights.is_file():
+        warnings.warn(
+            f"create_model builds a randomly initialised model from {path} and does not load "
+            f"{weights}: use mmssl.load_encoder({str(path.parent)!r}, tower='model') for the "
+            "trained weights",
+            stacklevel=3,
+        )
