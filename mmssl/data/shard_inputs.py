@@ -1,13 +1,15 @@
 """The inputs of `mmssl shards`, read into samples for `mmssl.data.shards.ShardWriter`.
 
-- an image folder with one subfolder per class (sorted names -> labels 0..C-1);
+- an image folder with one subfolder per class (sorted names -> labels 0..C-1), images
+  anywhere below a class folder;
 - a CSV or JSONL table of (image path, caption[, label]);
 - plain text files, one document per file or per paragraph.
 
-Images keep their jpg/png bytes; bmp/gif/webp/tif/ppm are converted to png.  An image of a
-folder or table that the OS cannot read (missing, a directory, no permission) is skipped and
-counted as `missing_image` in the `skipped` counter the caller passes.  An input where no
-image can be read is a DataError.
+Images are decoded once as a check, then keep their jpg/png bytes; bmp/gif/webp/tif/ppm are
+converted to png.  An image of a folder or table that the OS cannot read (missing, a
+directory, no permission) is skipped and counted as `missing_image` in the `skipped` counter
+the caller passes, one that does not decode (corrupt, truncated) as `bad_image`; neither is
+written.  An input where no image can be read is a DataError.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import re
+import string
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,77 +29,117 @@ _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 _CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
+class _BadImage(Exception):
+    """Image bytes that PIL cannot decode; the message says why."""
+
+
 def _image_bytes(path: str) -> tuple[str, bytes]:
     """(shard extension, bytes), bmp/gif/webp/tif/ppm converted to png.  OSError only when
-    the file cannot be read; a file that reads but does not convert is a DataError."""
+    the file cannot be read, _BadImage when it reads but does not decode (a full decode: a
+    truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
         raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
     with open(path, "rb") as f:
         data = f.read()
-    if ext in _IMAGE_EXTS:
-        return _IMAGE_EXTS[ext], data
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     buf = io.BytesIO()
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if ext in _IMAGE_EXTS:
+                im.load()
+                return _IMAGE_EXTS[ext], data
             im.convert("RGB").save(buf, "PNG")
+    except UnidentifiedImageError:
+        raise _BadImage("not an image PIL can decode") from None
     except Exception as err:  # PIL raises many types (OSError among them) for damaged data
-        raise DataError(f"{path}: cannot convert ({type(err).__name__}: {err})") from None
+        raise _BadImage(f"{type(err).__name__}: {err}") from None
     return "png", buf.getvalue()
 
 
 class _Images:
     """Reads the images of one input; one the OS cannot read is counted in `skipped` as
-    `missing_image` (the first kept for the error when none could be read)."""
+    `missing_image`, one that does not decode as `bad_image` (the first of either kept for
+    the error when none could be read)."""
 
     def __init__(self, source: str, skipped: SkipCounter) -> None:
         self.source, self.skipped = source, skipped
-        self.bad, self.first = 0, ""
+        self.bad: dict[str, int] = {}
+        self.first = ""
 
     def read(self, path: str, where: str) -> tuple[str, bytes] | None:
         try:
             return _image_bytes(path)
         except OSError as err:  # the file, not its content: gone, a directory, no access
-            self.bad += 1
-            where = f"{where}: {err.strerror or err}"
-            self.first = self.first or where
-            self.skipped.add("missing_image", self.source, where)
-            return None
+            self._skip("missing_image", f"{where}: {err.strerror or err}")
+        except _BadImage as err:
+            self._skip("bad_image", f"{where}: {err}")
+        return None
+
+    def _skip(self, kind: str, where: str) -> None:
+        self.bad[kind] = self.bad.get(kind, 0) + 1
+        self.first = self.first or where
+        self.skipped.add(kind, self.source, where)
 
     def check(self, written: int) -> None:
         if self.bad and not written:
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.bad.items()))
             raise DataError(
-                f"{self.source}: no readable image in any of its {self.bad} entries (first: "
-                f"{self.first}); skipped: missing_image: {self.bad}"
+                f"{self.source}: no readable image in any of its {sum(self.bad.values())} "
+                f"entries (first: {self.first}); skipped: {kinds}"
             )
+
+
+def _check_template(template: str) -> None:
+    """DataError unless `template` has exactly one '{}' (the class name) and formats."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        if fields != [""]:
+            raise ValueError(f"found {len(fields)} placeholders: {fields}")
+        template.format("x")
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(
+            f"caption template {template!r} needs one '{{}}' for the class ({err})"
+        ) from None
+
+
+def _class_images(class_dir: str) -> list[str]:
+    """The image files anywhere below `class_dir`, as sorted '/'-joined relative paths (as
+    torchvision's ImageFolder; symlinked subfolders are not followed)."""
+
+    def fail(err: OSError) -> None:
+        raise err
+
+    found = []
+    for top, _, names in os.walk(class_dir, onerror=fail):
+        rel = os.path.relpath(top, class_dir).replace(os.sep, "/")
+        for name in names:
+            ext = os.path.splitext(name)[1].lower()
+            if ext in _IMAGE_EXTS or ext in _CONVERT_EXTS:
+                found.append(name if rel == "." else f"{rel}/{name}")
+    return sorted(found)
 
 
 def samples_from_folder(
     root: str, caption_template: str | None = None, skipped: SkipCounter | None = None
 ) -> Iterator[dict]:
-    """An image folder with one subfolder per class (sorted names -> labels 0..C-1).  An
-    image the OS cannot read is counted in `skipped` as `missing_image` and left out."""
+    """An image folder with one subfolder per class (sorted names -> labels 0..C-1); the
+    images of a class are those anywhere below its folder, subfolders included, in sorted
+    path order.  `caption_template` (e.g. "a photo of a {}.") needs exactly one '{}'.  An
+    image the OS cannot read is counted in `skipped` as `missing_image`, one that does not
+    decode as `bad_image`, and left out."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"image folder {root!r} has no class subfolders")
     if caption_template:
-        try:
-            caption_template.format("x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise DataError(
-                f"caption template {caption_template!r} needs one '{{}}' for the class ({err})"
-            ) from None
+        _check_template(caption_template)
     index = 0
     images = _Images(root, SkipCounter() if skipped is None else skipped)
     for label, cls in enumerate(classes):
-        for name in sorted(os.listdir(os.path.join(root, cls))):
-            ext = os.path.splitext(name)[1].lower()
-            if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
-                continue
+        for name in _class_images(os.path.join(root, cls)):
             image = images.read(os.path.join(root, cls, name), f"{cls}/{name}")
             if image is None:
                 continue
@@ -127,18 +170,49 @@ def _rows(path: str, kind: str) -> Iterator[Any]:
             raise DataError(f"{path}: not UTF-8 text") from None
 
 
+class _LabelColumn:
+    """Finds a table's labels.  `name` None: the column "label" where a row has one; "": no
+    labels; any other name: a column the table must have, in its CSV header or in at least
+    one JSONL record, else a DataError naming it and the columns there are."""
+
+    def __init__(self, name: str | None, path: str, kind: str) -> None:
+        self.name = "label" if name is None else name
+        self.required = bool(name)
+        self.path, self.kind = path, kind
+        self.found = False
+        self.columns: set[str] = set()
+
+    def value(self, row: dict) -> Any:
+        if self.required and not self.found:
+            self.found = self.name in row
+            self.columns.update(k for k in row if isinstance(k, str))
+            if self.kind == "csv":  # every row has the header's columns
+                self.check()
+        return row.get(self.name) if self.name else None
+
+    def check(self) -> None:
+        if self.required and not self.found:
+            where = "header" if self.kind == "csv" else "records"
+            raise DataError(
+                f"{self.path}: label column {self.name!r} is not in its {where} "
+                f"(columns: {', '.join(sorted(self.columns))})"
+            )
+
+
 def samples_from_table(
     path: str,
     image_col: str = "image",
     caption_col: str = "caption",
-    label_col: str | None = "label",
+    label_col: str | None = None,
     kind: str | None = None,
     skipped: SkipCounter | None = None,
 ) -> Iterator[dict]:
     """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
     kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
-    A row whose image the OS cannot read is counted in `skipped` as `missing_image` and left
-    out; a malformed row is a DataError."""
+    label_col: None reads the column "label" where there is one, "" no labels; a name given
+    must be a column of the table (see _LabelColumn).  A row whose image the OS cannot read
+    is counted in `skipped` as `missing_image`, one whose image does not decode as
+    `bad_image`, and left out; a malformed row is a DataError."""
     if not os.path.isfile(path):
         raise DataError(f"table {path!r} does not exist")
     if kind is None:
@@ -146,6 +220,7 @@ def samples_from_table(
     base = os.path.dirname(os.path.abspath(path))
     written = 0
     images = _Images(path, SkipCounter() if skipped is None else skipped)
+    labels = _LabelColumn(label_col, path, kind)
     for n, row in enumerate(_rows(path, kind)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
@@ -155,7 +230,7 @@ def samples_from_table(
                 f"(has {sorted(row)})"
             )
         meta: dict[str, Any] = {"path": str(row[image_col])}
-        label = row.get(label_col) if label_col else None
+        label = labels.value(row)
         if label not in (None, ""):
             integral = isinstance(label, int) and not isinstance(label, bool)
             if not integral and not (
@@ -174,16 +249,18 @@ def samples_from_table(
             continue
         written += 1
         yield {"__key__": f"{n:08d}", image[0]: image[1], "txt": caption, "json": meta}
+    labels.check()
     images.check(written)
 
 
 def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict]:
-    """Plain text files as LM documents: one per file, or one per blank-line paragraph."""
+    """Plain text files as LM documents: one per file, or one per blank-line paragraph.  A
+    leading UTF-8 byte-order mark is dropped."""
     index = 0
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"text file {path!r} does not exist")
-        with open(path, encoding="utf-8", errors="strict") as f:
+        with open(path, encoding="utf-8-sig", errors="strict") as f:  # drops a leading BOM
             try:
                 text = f.read()
             except UnicodeDecodeError:

@@ -10,7 +10,8 @@ one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
 {"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
 The inputs (an image folder, a CSV/JSONL table, text files) are read by
-`mmssl.data.shard_inputs`; the command prints the count of images it skipped.
+`mmssl.data.shard_inputs`; images that cannot be read (`missing_image`) or do not decode
+(`bad_image`) are not written, and the command prints how many of each it skipped.
 
     mmssl shards folder DIR --out OUT [--caption-template "a photo of a {}."]
     mmssl shards csv|jsonl TABLE --out OUT [--image-col image --caption-col caption --label-col label]
@@ -275,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "input_kind",
         choices=["folder", "csv", "jsonl", "text"],
-        help="folder: one subfolder of images per class; csv/jsonl: a table of image paths "
-        "(relative to it) and captions; text: plain text files as LM documents",
+        help="folder: one subfolder per class, its images anywhere below it; csv/jsonl: a "
+        "table of image paths (relative to it) and captions (an image that cannot be read "
+        "or decoded is skipped and counted); text: plain text files as LM documents",
     )
     parser.add_argument("inputs", nargs="+", help="the folder, the table, or the text files")
     parser.add_argument("--out", required=True, help="output directory")
@@ -294,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
         help="largest shard file: bytes, or with a k/m/g/t suffix in powers of 1024 "
         "(1GB = 1GiB = 1024**3 bytes)",
     )
-    parser.add_argument("--caption-template", default=None, help='folder: e.g. "a photo of a {}."')
+    parser.add_argument(
+        "--caption-template",
+        default=None,
+        help='folder: a caption with one {} for the class name, e.g. "a photo of a {}."',
+    )
     parser.add_argument("--image-col", default="image", help="csv/jsonl (default: image)")
     parser.add_argument("--caption-col", default="caption", help="csv/jsonl (default: caption)")
     parser.add_argument(
-        "--label-col", default="label", help="csv/jsonl: integer class (default: label)"
+        "--label-col",
+        default=None,
+        help="csv/jsonl: the integer class column, an error if the table lacks it (default: "
+        "'label' where present; '' for no labels)",
     )
     parser.add_argument(
         "--docs",
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.inputs[0],
                 args.image_col,
                 args.caption_col,
-                args.label_col or None,
+                args.label_col,
                 kind=args.input_kind,
                 skipped=skipped,
             )

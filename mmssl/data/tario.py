@@ -61,6 +61,13 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
+def _no_glob(urls: list[str]) -> str:
+    """Why a URL with glob characters matched nothing, or ""."""
+    if any(c in u for u in urls for c in "*?["):
+        return "; mmssl expands {a..b} brace ranges, not *, ? or [] globs"
+    return ""
+
+
 def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
     """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked)
     or a URL names a scheme (http://, s3://) that only a pipe: command can read."""
@@ -75,11 +82,13 @@ def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if local and len(missing) == len(local):
-        raise DataError(f"shard pattern {pattern!r} matches no file (first: {missing[0]})")
+        raise DataError(
+            f"shard pattern {pattern!r} matches no file{_no_glob(local)} (first: {missing[0]})"
+        )
     if missing:
         raise DataError(
-            f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist "
-            f"(first missing: {missing[0]})"
+            f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist"
+            f"{_no_glob(missing)} (first missing: {missing[0]})"
         )
 
 

@@ -270,7 +270,7 @@ def test_cli_text(tmp_path):
         (["folder", "/nonexistent/x"], "does not exist"),
         (["csv", "{tmp}/bad.csv"], "lacks column"),
         (["csv", "{tmp}/missing.csv"], "no readable image in any of its 1 entries"),
-        (["folder", "{tmp}/corrupt"], "cannot convert"),  # a file that reads is not skipped
+        (["folder", "{tmp}/corrupt"], "its 1 entries (first: cls/a.bmp: "),  # bad_image
         (["text", "{tmp}/latin1.txt"], "not UTF-8"),
         (["text", "{tmp}/empty.txt"], "no samples"),
         (["csv", "{tmp}/short.csv"], "row 1: no caption (got None)"),

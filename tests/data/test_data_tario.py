@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 from data_helpers import write_image_shards
 
-from mmssl.data.errors import SkipCounter
-from mmssl.data.tario import expand_urls, iter_shard, split_name
+from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.tario import check_urls, expand_urls, iter_shard, split_name
 
 
 def _reference(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[int]]:
@@ -269,3 +269,15 @@ def test_double_colon_of_an_address_in_a_command_does_not_split_it(archives) -> 
     assert expand_urls("http://[::1]:8000/a.tar::b.tar") == ["http://[::1]:8000/a.tar", "b.tar"]
     (url,) = expand_urls(f"pipe:test -n '[::1]' && cat {shard}")
     assert _read(url) == _read(shard)
+
+
+def test_a_glob_that_matches_nothing_says_globs_are_not_expanded(archives, tmp_path) -> None:
+    # the shards exist, but `*` is not expanded: "matches no file" alone misled
+    folder = os.path.dirname(archives[0])
+    for pattern in [f"{folder}/*.tar", f"{folder}/a-?.tar", f"{folder}/[ab].tar"]:
+        with pytest.raises(DataError, match=r"matches no file; mmssl expands \{a\.\.b\} brace"):
+            check_urls(pattern, expand_urls(pattern))
+    with pytest.raises(DataError, match=r"do not exist; mmssl expands .* not \*, \? or \[\]"):
+        check_urls([archives[0], f"{folder}/*.tar"], [archives[0], f"{folder}/*.tar"])
+    with pytest.raises(DataError, match=r"matches no file \(first: "):  # no glob, no hint
+        check_urls(str(tmp_path / "a-{0..1}.tar"), expand_urls(str(tmp_path / "a-{0..1}.tar")))

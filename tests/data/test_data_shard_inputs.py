@@ -1,0 +1,147 @@
+"""`mmssl shards` on bad input: undecodable images, caption templates, label columns, nested
+class folders and byte-order marks (each skipped and counted, or refused with a clear error)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from mmssl.data import errors
+from mmssl.data.shards import main
+
+
+def _save(path, fmt="PNG", value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path, fmt)
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()[:-200]
+
+
+_BROKEN = {
+    "broken.png": np.random.default_rng(1).bytes(300),
+    "broken.jpg": _truncated_jpeg(),  # passes PIL's verify(), not a decode
+    "broken.bmp": b"BM not really a bitmap",
+}
+
+
+def _read(out, split="train"):
+    return list(wds.WebDataset(str(out / f"{split}-000000.tar"), shardshuffle=False))
+
+
+def _run(capsys, *argv):
+    """main's exit code, stdout and stderr."""
+    rc = main([*map(str, argv), "--quiet"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", sorted(_BROKEN))
+def test_an_undecodable_image_is_skipped_counted_and_named(
+    tmp_path, capsys, caplog, monkeypatch, name
+):
+    monkeypatch.setattr(errors, "_LOGGED", set())  # the first bad_image of the process warns
+    _save(tmp_path / "in" / "cat" / "0.png")
+    _save(tmp_path / "in" / "dog" / "0.png", value=9)
+    (tmp_path / "in" / "cat" / name).write_bytes(_BROKEN[name])
+    with caplog.at_level(logging.WARNING, logger="mmssl.data"):
+        rc, out, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and "wrote 2 samples" in out and "(bad_image: 1)" in out
+    assert f"bad_image) in {tmp_path / 'in'}: cat/{name}: " in caplog.text
+    paths = [json.loads(s["json"])["path"] for s in _read(tmp_path / "o")]
+    assert paths == ["cat/0.png", "dog/0.png"]
+    # a table's row the same way
+    (tmp_path / "in" / "t.csv").write_text(f"image,caption\ncat/{name},a\ndog/0.png,b\n")
+    rc, out, _ = _run(capsys, "csv", tmp_path / "in" / "t.csv", "--out", tmp_path / "t")
+    assert rc == 0 and "wrote 1 samples" in out and "(bad_image: 1)" in out
+    assert [s["txt"] for s in _read(tmp_path / "t")] == [b"b"]
+
+
+def test_no_decodable_image_is_an_error_that_says_why(tmp_path, capsys):
+    for name in ["broken.png", "broken.jpg"]:
+        (tmp_path / "in" / "cat").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "cat" / name).write_bytes(_BROKEN[name])
+    rc, _, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 2 and "no readable image in any of its 2 entries (first: cat/broken.jpg: " in err
+    assert err.strip().endswith("skipped: bad_image: 2")
+    (tmp_path / "t.csv").write_text("image,caption\nin/cat/broken.png,a\nnope.png,b\n")
+    rc, _, err = _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o")
+    assert rc == 2 and err.strip().endswith("skipped: bad_image: 1, missing_image: 1")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("template", ["a photo of a cat", "{} and {}", "a {0} {0}", "a {:d}"])
+def test_a_caption_template_needs_exactly_one_placeholder(tmp_path, capsys, template):
+    _save(tmp_path / "in" / "cat" / "0.png")
+    argv = ["folder", tmp_path / "in", "--out", tmp_path / "o", "--caption-template", template]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and f"caption template {template!r} needs one '{{}}' for the class" in err
+    assert not (tmp_path / "o").exists()
+
+
+def _tables(tmp_path):
+    _save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text("image,caption,label\na.png,x,1\n")
+    (tmp_path / "t.jsonl").write_text(
+        '{"image": "a.png", "caption": "x"}\n{"image": "a.png", "caption": "y", "cls": 3}\n'
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, col, message",
+    [
+        ("csv", "lbl", "label column 'lbl' is not in its header (columns: caption, image, label)"),
+        ("jsonl", "lbl", "label column 'lbl' is not in its records (columns: caption, cls, image)"),
+    ],
+)
+def test_a_label_column_given_must_exist(tmp_path, capsys, kind, col, message):
+    _tables(tmp_path)
+    rc, _, err = _run(
+        capsys, kind, tmp_path / f"t.{kind}", "--out", tmp_path / "o", "--label-col", col
+    )
+    assert rc == 2 and message in err
+    assert not any((tmp_path / "o").rglob("*"))  # a jsonl's shards are written, then deleted
+
+
+def test_label_column_default_is_optional_and_a_given_one_is_read(tmp_path, capsys):
+    _tables(tmp_path)
+    assert _run(capsys, "jsonl", tmp_path / "t.jsonl", "--out", tmp_path / "o")[0] == 0
+    assert [json.loads(s["json"]).get("label") for s in _read(tmp_path / "o")] == [None, None]
+    argv = ["jsonl", tmp_path / "t.jsonl", "--out", tmp_path / "o", "--label-col", "cls"]
+    assert _run(capsys, *argv)[0] == 0  # in one record of two
+    assert [json.loads(s["json"]).get("label") for s in _read(tmp_path / "o")] == [None, 3]
+    argv = ["csv", tmp_path / "t.csv", "--out", tmp_path / "o", "--label-col", ""]
+    assert _run(capsys, *argv)[0] == 0
+    assert "label" not in json.loads(_read(tmp_path / "o")[0]["json"])
+
+
+def test_images_in_subfolders_of_a_class_are_written_in_sorted_path_order(tmp_path, capsys):
+    for rel in ["cat/b.png", "cat/sub/a.png", "cat/a/z.png", "dog/x/y/z.png"]:
+        _save(tmp_path / "in" / rel)
+    (tmp_path / "in" / "cat" / "sub" / "notes.txt").write_text("not an image")
+    rc, out, _ = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and "wrote 4 samples" in out and "skipped" not in out
+    meta = [json.loads(s["json"]) for s in _read(tmp_path / "o")]
+    assert [(m["label"], m["path"]) for m in meta] == [
+        (0, "cat/a/z.png"),
+        (0, "cat/b.png"),
+        (0, "cat/sub/a.png"),
+        (1, "dog/x/y/z.png"),
+    ]
+
+
+def test_a_text_file_s_byte_order_mark_is_not_part_of_the_document(tmp_path, capsys):
+    (tmp_path / "bom.txt").write_text("first\n\nsecond\n", encoding="utf-8-sig")
+    argv = ["text", tmp_path / "bom.txt", "--out", tmp_path / "o", "--docs", "paragraph"]
+    assert _run(capsys, *argv)[0] == 0
+    assert [s["txt"] for s in _read(tmp_path / "o")] == [b"first", b"second"]
