@@ -50,14 +50,7 @@ class Loaded:
                 f"{self.source}: config.json preprocess.image_size {size!r} is not a positive "
                 f"multiple of the patch size {vision.patch_size}"
             )
-        from mmssl.data.errors import DataError
-        from mmssl.data.pipeline import check_norm
-
-        try:
-            # one of the two alone was skipped without a word: images went in unnormalised
-            check_norm(mean, std, "preprocess.")
-        except DataError as err:
-            raise EvalError(f"{self.model_dir / 'config.json'}: {err}") from None
+        # mean and std were checked when config.json was read (mmssl.models.io.read_config)
         return Preprocess(
             size,
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]

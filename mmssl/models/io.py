@@ -17,10 +17,13 @@ from torch import Tensor, nn
 
 from mmssl.models.config import ModelConfig
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.schema import ConfigError, from_dict, to_dict
+from mmssl.schema import ConfigError, from_dict, suggest, to_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# config.json's sections: what save_pretrained's caller (`mmssl export`) records beside "model"
+SECTIONS = ("model", "recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
+PREPROCESS = ("image_size", "mean", "std")
 
 
 def aliases(model: nn.Module) -> dict[str, str]:
@@ -134,8 +137,41 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{cfg_path}: missing the 'model' section")
+    _check_keys(data, SECTIONS, "", cfg_path)
     _check_descriptor(data.get("descriptor"), cfg_path)
+    _check_preprocess(data.get("preprocess"), cfg_path)
     return data
+
+
+def _check_keys(
+    record: dict[str, Any], known: tuple[str, ...], prefix: str, cfg_path: Path
+) -> None:
+    """ConfigError naming the first key of `record` not in `known`: a misspelt section was
+    ignored, and its default used without a word."""
+    for key in record:
+        if key not in known:
+            raise ConfigError(
+                f"{cfg_path}: unknown key {prefix + key!r}{suggest(key, known)}; "
+                f"known: {', '.join(known)}"
+            )
+
+
+def _check_preprocess(record: Any, cfg_path: Path) -> None:
+    """ConfigError unless config.json's "preprocess" (the image size and normalisation of
+    training, which evaluation applies) is absent or an object of PREPROCESS keys whose
+    mean/std are both given or both absent, 3 finite numbers each, std > 0."""
+    from mmssl.data.errors import DataError
+    from mmssl.data.pipeline import check_norm
+
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise ConfigError(f"{cfg_path}: 'preprocess' must be an object, got {record!r}")
+    _check_keys(record, PREPROCESS, "preprocess.", cfg_path)
+    try:
+        check_norm(record.get("mean"), record.get("std"), "preprocess.")
+    except DataError as err:
+        raise ConfigError(f"{cfg_path}: {err}") from None
 
 
 def _check_descriptor(record: Any, cfg_path: Path) -> None:

@@ -1,0 +1,76 @@
+"""config.json of an export: unknown sections and unknown `preprocess` keys are refused (a
+misspelt "preprocess" meant no normalisation in eval), and preprocess.mean/std are checked
+when the file is read, by load_encoder as by eval."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import mmssl
+from mmssl.eval.loading import EvalError, load_model
+from mmssl.models.io import read_config, save_pretrained
+from mmssl.schema import ConfigError
+
+RGB = [0.5, 0.4, 0.3]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    model = mmssl.create_model("test_tiny_clip")
+    pre = {"image_size": 32, "mean": RGB, "std": RGB}
+    return save_pretrained(model, tmp_path_factory.mktemp("export"), {"preprocess": pre})
+
+
+def _edited(export, tmp_path, edit) -> str:
+    dest = tmp_path / "model"
+    shutil.copytree(export, dest)
+    data = json.loads((dest / "config.json").read_text())
+    edit(data)
+    (dest / "config.json").write_text(json.dumps(data))
+    return str(dest)
+
+
+def _refused(path: str) -> str:
+    """The message both loaders give; they must agree."""
+    with pytest.raises(ConfigError) as err:
+        mmssl.load_encoder(path)
+    with pytest.raises(EvalError) as eval_err:
+        load_model(path)
+    assert str(eval_err.value) == str(err.value)
+    return str(err.value)
+
+
+def test_a_misspelt_section_is_refused_naming_it_and_the_file(export, tmp_path):
+    path = _edited(export, tmp_path, lambda d: d.update(pre_process=d.pop("preprocess")))
+    msg = _refused(path)
+    assert msg.startswith(f"{path}/config.json: unknown key 'pre_process'")
+    assert "did you mean 'preprocess'?" in msg
+
+
+def test_an_unknown_preprocess_key_is_refused(export, tmp_path):
+    path = _edited(export, tmp_path, lambda d: d["preprocess"].update(means=RGB))
+    msg = _refused(path)
+    assert "unknown key 'preprocess.means'" in msg and "did you mean 'mean'?" in msg
+
+
+@pytest.mark.parametrize(
+    "bad, want",
+    [
+        ({"mean": [0.5, 0.4]}, "preprocess.mean must be 3 finite numbers"),
+        ({"std": [0.5, 0.0, 0.3]}, "preprocess.std must be > 0"),
+        ({"std": [0.5, float("nan"), 0.3]}, "preprocess.std must be 3 finite numbers"),
+        ({"std": None}, "preprocess.mean needs preprocess.std too"),
+    ],
+)
+def test_load_encoder_checks_mean_and_std_as_eval_does(export, tmp_path, bad, want):
+    path = _edited(export, tmp_path, lambda d: d["preprocess"].update(bad))
+    assert want in _refused(path)
+
+
+def test_what_mmssl_writes_still_reads(export):
+    assert read_config(export)["preprocess"]["mean"] == RGB
+    loaded = load_model(export)
+    assert loaded.preprocess.mean == tuple(RGB)
