@@ -37,8 +37,24 @@ def check_finite(x: Tensor, split: str) -> None:
         )
 
 
+def check_shots(y: Tensor, shots: Sequence[int]) -> None:
+    """EvalError unless every class of the train labels y has at least max(shots) images: a
+    class with fewer gave all it had to every draw, and a "k-shot" result with no spread."""
+    classes, counts = torch.unique(torch.as_tensor(y).long(), return_counts=True)
+    k = max(shots, default=0)
+    short = [(int(c), int(n)) for c, n in zip(classes, counts) if n < k]
+    if short:
+        listed = ", ".join(f"class {c} has {n}" for c, n in short[:5])
+        more = f" and {len(short) - 5} more classes have fewer" if len(short) > 5 else ""
+        raise EvalError(
+            f"{k}-shot needs {k} train images of every class, but {listed}{more}: the largest "
+            f"k every class allows is {int(counts.min())}"
+        )
+
+
 def sample_support(y: Tensor, k: int, seed: int) -> Tensor:
-    """Indices of k samples of every class of y (all of a class that has fewer), seeded."""
+    """Indices of k samples of every class of y, seeded (a class with fewer gives all it has:
+    `evaluate` refuses such a k first, with `check_shots`)."""
     y = torch.as_tensor(y).long()
     g = torch.Generator().manual_seed(seed)
     picks = []
@@ -86,6 +102,7 @@ def evaluate(
     check_finite(train_x, "train")
     check_finite(test_x, "test")
     fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
+    check_shots(train_y, shots)
     test_y = torch.as_tensor(test_y).long()
     out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     for k in shots:
