@@ -117,7 +117,8 @@ def export_run(run_dir: Path) -> Path:
         )
     dest = run_dir / "export"
     ckpt_dir = run_dir / "checkpoints"
-    if latest_tag(ckpt_dir) is None:
+    tags = list_tags(ckpt_dir)
+    if not tags:
         raise EvalError(f"{run_dir}: the run has no checkpoint yet")
     done = None
     if is_exported(dest):
@@ -128,12 +129,16 @@ def export_run(run_dir: Path) -> Path:
     if done is not None and done == latest_tag(ckpt_dir):
         return dest  # not hashed again: the export verified it
     # nor is it when a newer one is damaged: only those newer ones are checked
-    after = done if done in list_tags(ckpt_dir) else None
+    after = done if done in tags else None
     tag = newest_valid(ckpt_dir, "mmssl eval", collective=False, after=after)
     if tag is None:
         if after is not None:
             return dest
-        raise EvalError(f"{run_dir}: no complete, undamaged checkpoint")
+        # `mmssl export`'s wording; newest_valid has logged why it skipped each one
+        raise EvalError(
+            f"{ckpt_dir}: no complete, undamaged checkpoint ({len(tags)} found, each "
+            "incomplete or damaged)"
+        )
     try:
         return Path(_export(run_dir, dest, tag, verified=True))  # not hashed twice
     except (ConfigError, FileNotFoundError) as err:
