@@ -288,6 +288,11 @@ def _dry_build(cfg: Any) -> None:
         raise ConfigError(f"model: {err} (model.overrides or the model's config)") from None
 
 
+# the model's config names its keys `model.<key>`, bare or quoted; the recipe spells them
+# `model.overrides.<key>`
+_OVERRIDE_KEY = re.compile(r"(^|')model\.(?!overrides\.)")
+
+
 def model_config(recipe: Recipe) -> Any:
     """The resolved ModelConfig, with activation checkpointing switched on in every tower."""
     from mmssl.models.registry import resolve_model_config
@@ -295,7 +300,7 @@ def model_config(recipe: Recipe) -> Any:
     try:
         cfg = resolve_model_config(recipe.model.name, **recipe.model.overrides)
     except ConfigError as err:
-        raise ConfigError(str(err).replace("'model.", "'model.overrides.", 1)) from None
+        raise ConfigError(_OVERRIDE_KEY.sub(r"\1model.overrides.", str(err), count=1)) from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
     from mmssl.train.values import check_model
@@ -414,6 +419,34 @@ def check_shards(recipe: Recipe) -> None:
             raise ConfigError(f"data.sources.{name}.urls: {err}") from None
 
 
+def _streamed(recipe: Recipe) -> list[str]:
+    """The sources a run streams: the objectives' and, with eval on, the held-out ones."""
+    names = {o.source for o in recipe.objectives.values()}
+    if recipe.eval.every:
+        names |= set(recipe.eval.sources.values())
+    return [name for name in recipe.data.sources if name in names]
+
+
+def check_shard_counts(recipe: Recipe, world_size: int) -> None:
+    """Epoch-mode sources have a shard for every (rank, loader worker) slot of `world_size`
+    ranks, as the data pipeline's pre-flight demands; from the URL patterns alone."""
+    from mmssl.data.tario import expand_urls
+
+    workers = max(1, recipe.data.workers)  # no workers: the rank itself reads, one slot
+    slots = world_size * workers
+    for name in _streamed(recipe):
+        src = recipe.data.sources[name]
+        if src.mode != "epoch" or src.urls == "synthetic":
+            continue
+        shards = len(expand_urls(src.urls))
+        if shards < slots:
+            raise ConfigError(
+                f"data.sources.{name}: epoch mode needs a shard for every rank x data.workers "
+                f"slot, {world_size} x {workers} = {slots}, but {src.urls!r} has {shards}; use "
+                f"mode=resampled, fewer data.workers, or write more, smaller shards"
+            )
+
+
 @dataclass
 class Resolved:
     """What `validate` derived: the model config, accumulation steps, the DeepSpeed config."""
@@ -427,7 +460,8 @@ class Resolved:
 def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = True) -> Resolved:
     """Check everything that can be checked without a process group; raise ConfigError.
 
-    check_files=False skips the shard-existence check (recipes for other machines)."""
+    check_files=False skips the shard-existence check (recipes for other machines); the
+    shard counts of epoch-mode sources are checked for `world_size` ranks either way."""
     from mmssl.train.engine import deepspeed_config
     from mmssl.train.objective_checks import check_objectives
     from mmssl.train.streams import check_data
@@ -447,5 +481,6 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     ds = deepspeed_config(recipe, accum)
     if check_files:
         check_shards(recipe)
+    check_shard_counts(recipe, world)
     check_data(recipe, cfg)
     return Resolved(model=cfg, world_size=world, grad_accum=accum, ds_config=ds)

@@ -215,6 +215,7 @@ def build_stream(
     if src.urls == "synthetic":
         vocab = model_cfg.text.vocab_size if model_cfg.text else 16
         return SyntheticStream(src.kind, batch, image_size, d.views, context, vocab, seed, rank)
+    from mmssl.data.errors import DataError
     from mmssl.data.pipeline import Source, build_pipeline
 
     fields = (
@@ -222,25 +223,28 @@ def build_stream(
         if any(o.positives == "label" and o.source == name for o in recipe.objectives.values())
         else []
     )
-    loader = build_pipeline(
-        sources=[Source(src.urls, kind=src.kind, name=name)],
-        batch_size=batch,
-        mode=src.mode,
-        seed=seed,
-        shuffle=src.shuffle,
-        rank=rank,
-        world_size=world_size,
-        num_workers=d.workers,
-        image_size=image_size,
-        num_views=d.views,
-        return_image=d.views == 0,
-        augment=augment_config(recipe),
-        tokenizer=tokenizer(recipe) if src.kind != "image" else None,
-        context_length=context - 1 if src.kind == "text" else context,
-        json_fields=fields,
-        mean=_triple(d.mean, "data.mean"),
-        std=_triple(d.std, "data.std"),
-    )
+    try:
+        loader = build_pipeline(
+            sources=[Source(src.urls, kind=src.kind, name=name)],
+            batch_size=batch,
+            mode=src.mode,
+            seed=seed,
+            shuffle=src.shuffle,
+            rank=rank,
+            world_size=world_size,
+            num_workers=d.workers,
+            image_size=image_size,
+            num_views=d.views,
+            return_image=d.views == 0,
+            augment=augment_config(recipe),
+            tokenizer=tokenizer(recipe) if src.kind != "image" else None,
+            context_length=context - 1 if src.kind == "text" else context,
+            json_fields=fields,
+            mean=_triple(d.mean, "data.mean"),
+            std=_triple(d.std, "data.std"),
+        )
+    except DataError as err:
+        raise DataError(f"data.sources.{name}: {err}") from None
     return LoaderStream(loader)
 
 

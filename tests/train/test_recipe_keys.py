@@ -1,0 +1,55 @@
+"""Errors about the recipe name the key as typed: `model.overrides.<key>` for the model's
+settings, `data.sources.<name>` for a source, at `--validate` as in the run."""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import RECIPES
+
+from mmssl.data.errors import DataError
+from mmssl.schema import ConfigError
+from mmssl.train.recipe import load_recipe, model_config, validate
+from mmssl.train.streams import build_stream
+
+QUICK = str(RECIPES / "quickstart.yaml")
+EPOCH_TEST_SPLIT = ["data.sources.digits_test.mode=epoch", "data.workers=8"]
+TWO_RANKS = ["train.micro_batch_size=128", "data.sources.digits_test.mode=epoch"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.overrides.vision.depth=x", "model.overrides.vision.depth: expected an integer"),
+        ("model.overrides.vision=3", "model.overrides.vision: expected a mapping"),
+        ("model.overrides.vision.dpth=3", "'model.overrides.vision.dpth'"),
+    ],
+)
+def test_a_model_override_error_names_the_key_typed(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        model_config(load_recipe(QUICK, [override]))
+    assert named in str(caught.value)
+
+
+def test_validate_runs_the_epoch_mode_shard_count_preflight() -> None:
+    # 4 test shards for 1 rank x 8 loader workers; --validate used to pass
+    with pytest.raises(
+        ConfigError, match=r"^data\.sources\.digits_test: epoch mode .* 1 x 8 = 8, "
+    ):
+        validate(load_recipe(QUICK, EPOCH_TEST_SPLIT), 1, check_files=False)
+    with pytest.raises(ConfigError, match=r"2 x 4 = 8, "):
+        validate(load_recipe(QUICK, [*TWO_RANKS, "data.workers=4"]), 2, False)
+    validate(load_recipe(QUICK, [*TWO_RANKS, "data.workers=2"]), 2, False)
+
+
+def test_the_runs_shard_count_error_names_the_source(demo_data: str) -> None:
+    recipe = load_recipe(
+        QUICK,
+        [
+            f"data.sources.digits_test.urls={demo_data}/digits/test-{{000000..000003}}.tar",
+            *EPOCH_TEST_SPLIT,
+        ],
+    )
+    src = recipe.data.sources["digits_test"]
+    cfg = model_config(recipe)
+    with pytest.raises(DataError, match=r"^data\.sources\.digits_test: epoch mode needs"):
+        build_stream("digits_test", src, recipe, cfg, rank=0, world_size=2)
