@@ -12,10 +12,17 @@ Kinds: `truncated_tar`, `bad_tar`, `pipe_error`, `empty_shard`, `missing_shard`,
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 log = logging.getLogger("mmssl.data")
 
 _LOGGED: set[str] = set()
+_TALLY: dict[str, int] = {}  # what every SkipCounter of this process counted, by kind
+
+
+def tally() -> dict[str, int]:
+    """What the SkipCounters of this process have counted so far, by kind (a copy)."""
+    return dict(_TALLY)
 
 
 def mark_logged(kinds: tuple[str, ...] | list[str]) -> None:
@@ -25,6 +32,19 @@ def mark_logged(kinds: tuple[str, ...] | list[str]) -> None:
 
 class DataError(ValueError):
     """Bad data or a bad data configuration; the message names the problem."""
+
+
+class WorkerFailure:
+    """A DataError that ended a data-loader worker's stream, handed to the main process as
+    an item (torch's own re-raise makes the worker's traceback its message), with the skip
+    counts of the worker's logical slot at the error."""
+
+    def __init__(self, error: DataError, worker: int, logical: int, skipped: dict[str, int]):
+        self.error, self.worker, self.logical, self.skipped = error, worker, logical, skipped
+
+    def reraise(self) -> NoReturn:
+        self.error.args = (f"{self.error} (in data-loader worker {self.worker})",)
+        raise self.error
 
 
 class SkipCounter:
@@ -38,6 +58,7 @@ class SkipCounter:
         if not self.enabled:
             return
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        _TALLY[kind] = _TALLY.get(kind, 0) + 1
         if kind not in _LOGGED:
             _LOGGED.add(kind)
             extra = f": {detail}" if detail else ""

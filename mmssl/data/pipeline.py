@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
-from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.errors import DataError, SkipCounter, WorkerFailure, tally
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
 from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
 
@@ -198,6 +198,23 @@ def _resolve(
     )
 
 
+class _WorkerDataset(StreamDataset):
+    """The StreamDataset that loader workers run: a DataError becomes a `WorkerFailure`."""
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        start = tally()  # a worker process counts for its one logical worker alone
+        try:
+            yield from super().__iter__()
+        except DataError as err:
+            worker = info.id if info is not None else 0
+            logical = (worker + self.next_batch) % self.plan.num_workers  # as the parent's
+            held = self.worker_states.get(logical, {}).get("skipped", {})
+            grown = {k: n - start.get(k, 0) for k, n in tally().items() if n > start.get(k, 0)}
+            skipped = {k: held.get(k, 0) + grown.get(k, 0) for k in {*held, *grown}}
+            yield WorkerFailure(err, worker, logical, skipped)
+
+
 class StreamLoader:
     """Iterable over batch dicts; `state_dict()` / `load_state_dict()` resume exactly.
 
@@ -239,7 +256,7 @@ class StreamLoader:
         return total
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = StreamDataset(self.plan)
+        dataset = (_WorkerDataset if self.loader_workers > 0 else StreamDataset)(self.plan)
         dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
         dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}
         dataset.quiet = tuple(sorted(self.skipped))
@@ -253,7 +270,14 @@ class StreamLoader:
             )
         else:
             items = dataset
-        for batch, pos in items:
+        for item in items:
+            if isinstance(item, WorkerFailure):
+                self.workers[item.logical] = {
+                    **self.workers.get(item.logical, {}),
+                    "skipped": item.skipped,
+                }
+                item.reraise()
+            batch, pos = item
             self.workers[int(pos.pop("worker"))] = pos
             self.next_batch = int(pos["batch"]) + 1
             yield batch

@@ -1,0 +1,44 @@
+"""A DataError in a data-loader worker reaches the caller as itself: the same type and
+message as without workers, not torch's wrapper whose message is the worker's traceback;
+the loader's skip counts then hold what the worker skipped before it gave up."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mmssl.data.errors import DataError
+from mmssl.data.pipeline import StreamLoader, build_pipeline
+
+
+def _loader(urls: str, workers: int) -> StreamLoader:
+    return build_pipeline(
+        urls,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        image_size=6,
+        num_views=1,
+        mode="resampled",
+        num_workers=workers,
+    )
+
+
+def _first_error(loader: StreamLoader) -> str:
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    return str(caught.value)
+
+
+def test_an_unreadable_source_in_a_worker_raises_the_workers_own_message(tmp_path):
+    for i in range(2):
+        (tmp_path / f"bad-{i:06d}.tar").write_bytes(os.urandom(3000))
+    urls = str(tmp_path / "bad-{000000..000001}.tar")
+    plain = _first_error(_loader(urls, workers=0))
+    loader = _loader(urls, workers=1)
+    from_worker = _first_error(loader)
+    assert plain.startswith("no readable sample in any of 2 shards")
+    assert from_worker == f"{plain} (in data-loader worker 0)"
+    # the message ends with the worker's counts: "...; skipped: {'bad_tar': 3}"
+    assert loader.skipped and plain.endswith(f"skipped: {loader.skipped}")
