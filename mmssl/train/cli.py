@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str, code: int = 2) -> int:
-    prefix = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    rank = os.environ.get("RANK")  # unset under `--validate` with a WORLD_SIZE of its own
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank is not None
+    prefix = f"[rank {rank}] " if multi else ""
     print(f"mmssl train: error: {prefix}{message}", file=sys.stderr)
     return code
 

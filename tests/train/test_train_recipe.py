@@ -390,3 +390,14 @@ def test_an_empty_run_name_is_refused(
     for name in ("", ".", ".."):
         err = _bad([*base, f"name={name}", "--validate"], capsys, tmp_path / "runs")
         assert f"name must name the run directory under out_dir, got {name!r}" in err
+
+
+def test_validate_with_a_world_size_but_no_rank_prints_the_error(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    """`WORLD_SIZE=2 mmssl train RECIPE --validate` outside a launcher has no RANK: a bad
+    override is still one error line, not a KeyError from the line's rank prefix."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    err = _bad([*base, "--validate", "train.stpes=3"], capsys, tmp_path / "runs")
+    assert "'train.stpes'" in err and "[rank" not in err
