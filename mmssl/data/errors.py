@@ -35,15 +35,18 @@ class DataError(ValueError):
 
 
 class WorkerFailure:
-    """A DataError that ended a data-loader worker's stream, handed to the main process as
-    an item (torch's own re-raise makes the worker's traceback its message), with the skip
-    counts of the worker's logical slot at the error."""
+    """A DataError that ended the stream, handed to the loader as an item (torch's own
+    re-raise would make a worker's traceback its message), with the skip counts of the
+    logical worker slot at the error.  `worker` is the data-loader worker's id, or None when
+    the stream ran in the main process (no loader workers)."""
 
-    def __init__(self, error: DataError, worker: int, logical: int, skipped: dict[str, int]):
+    def __init__(self, error: DataError, worker: int | None, logical: int, skipped: dict[str, int]):
         self.error, self.worker, self.logical, self.skipped = error, worker, logical, skipped
 
     def reraise(self) -> NoReturn:
-        self.error.args = (f"{self.error} (in data-loader worker {self.worker})",)
+        """Raise the DataError, its message naming the data-loader worker if there was one."""
+        if self.worker is not None:
+            self.error.args = (f"{self.error} (in data-loader worker {self.worker})",)
         raise self.error
 
 

@@ -199,16 +199,19 @@ def _resolve(
 
 
 class _WorkerDataset(StreamDataset):
-    """The StreamDataset that loader workers run: a DataError becomes a `WorkerFailure`."""
+    """The StreamDataset a StreamLoader runs, in its loader workers or (without workers) in
+    the main process: a DataError becomes a `WorkerFailure` that carries the skip counts."""
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        start = tally()  # a worker process counts for its one logical worker alone
+        # a worker process counts for its one logical worker alone; without workers the
+        # main process has one logical worker (and would count another loader's skips)
+        start = tally()
         try:
             yield from super().__iter__()
         except DataError as err:
-            worker = info.id if info is not None else 0
-            logical = (worker + self.next_batch) % self.plan.num_workers  # as the parent's
+            worker = info.id if info is not None else None
+            logical = ((worker or 0) + self.next_batch) % self.plan.num_workers  # as the parent's
             held = self.worker_states.get(logical, {}).get("skipped", {})
             grown = {k: n - start.get(k, 0) for k, n in tally().items() if n > start.get(k, 0)}
             skipped = {k: held.get(k, 0) + grown.get(k, 0) for k in {*held, *grown}}
@@ -256,7 +259,7 @@ class StreamLoader:
         return total
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = (_WorkerDataset if self.loader_workers > 0 else StreamDataset)(self.plan)
+        dataset = _WorkerDataset(self.plan)
         dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
         dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}
         dataset.quiet = tuple(sorted(self.skipped))

@@ -42,3 +42,18 @@ def test_an_unreadable_source_in_a_worker_raises_the_workers_own_message(tmp_pat
     assert from_worker == f"{plain} (in data-loader worker 0)"
     # the message ends with the worker's counts: "...; skipped: {'bad_tar': 3}"
     assert loader.skipped and plain.endswith(f"skipped: {loader.skipped}")
+
+
+def test_without_workers_the_skip_counts_of_the_message_reach_the_loader(tmp_path):
+    """num_workers=0 (the default): the error's counts are the loader's too, as with a
+    worker; summary.md used to report 0 skipped beside a message that named them."""
+    for i in range(2):
+        (tmp_path / f"bad-{i:06d}.tar").write_bytes(os.urandom(3000))
+    urls = str(tmp_path / "bad-{000000..000001}.tar")
+    plain = _loader(urls, workers=0)
+    message = _first_error(plain)
+    assert message.startswith("no readable sample") and "data-loader worker" not in message
+    assert plain.skipped and message.endswith(f"skipped: {plain.skipped}")
+    worker = _loader(urls, workers=1)
+    _first_error(worker)
+    assert plain.skipped == worker.skipped
