@@ -74,3 +74,21 @@ def test_what_mmssl_writes_still_reads(export):
     assert read_config(export)["preprocess"]["mean"] == RGB
     loaded = load_model(export)
     assert loaded.preprocess.mean == tuple(RGB)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"note": "my run"}, "'note'"),
+        (
+            {"preprocess": {"image_size": 32, "interpolation": "bicubic"}},
+            "'preprocess.interpolation'",
+        ),
+        ({"model": {}}, "'model'"),  # save_pretrained writes it from the model's own config
+    ],
+)
+def test_save_pretrained_refuses_what_read_config_refuses_writing_nothing(tmp_path, extra, key):
+    out = tmp_path / "new" / "export"
+    with pytest.raises(ConfigError, match=f"unknown key {key}"):
+        save_pretrained(mmssl.create_model("test_tiny_clip"), out, extra)
+    assert not (tmp_path / "new").exists()

@@ -459,7 +459,7 @@ def test_export_is_all_or_nothing_and_readable_by_others(tmp_path):
     (out / "config.json").rmdir()
     (out / "config.json").write_text(json.dumps({"old": 1}))
     with pytest.raises(TypeError):
-        save_pretrained(model, out, extra={"bad": object()})  # not JSON: fails after the weights
+        save_pretrained(model, out, extra={"recipe": object()})  # not JSON: fails after weights
     assert (out / "model.safetensors").read_bytes() == weights
     assert json.loads((out / "config.json").read_text()) == {"old": 1}
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -21,8 +21,9 @@ from mmssl.schema import ConfigError, from_dict, suggest, to_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-# config.json's sections: what save_pretrained's caller (`mmssl export`) records beside "model"
-SECTIONS = ("model", "recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
+# what save_pretrained's caller (`mmssl export`) records in config.json beside "model"
+EXTRA_SECTIONS = ("recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
+SECTIONS = ("model", *EXTRA_SECTIONS)  # config.json's sections
 PREPROCESS = ("image_size", "mean", "std")
 
 
@@ -97,10 +98,18 @@ def save_pretrained(
 ) -> Path:
     """Write `model.safetensors` and `config.json` ({"model": ModelConfig, **extra}) to out_dir.
 
+    extra holds config.json's other sections, each optional: "recipe" (the run's recipe
+    name), "checkpoint" (its tag), "descriptor" (the augmentation descriptor layout),
+    "preprocess" (keys "image_size", "mean", "std": what evaluation applies), "logits" (the
+    contrastive objectives' logit scale and bias) and "tokenizer" (its metadata).  Any other
+    key, "model" included, or any other "preprocess" key is a ConfigError naming it, raised
+    before anything is written: `read_config` refuses them.
+
     Both are written under temporary names first and renamed into place only once both are
     complete, so a failure leaves the old files (if any) as they were, never new weights
     beside an old config."""
     out = Path(out_dir)
+    check_sections(extra or {}, f"save_pretrained({str(out)!r}) extra", EXTRA_SECTIONS)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     targets = [out / WEIGHTS, out / CONFIG]
@@ -137,14 +146,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{cfg_path}: missing the 'model' section")
-    _check_keys(data, SECTIONS, "", cfg_path)
+    check_sections(data, cfg_path)
     _check_descriptor(data.get("descriptor"), cfg_path)
     _check_preprocess(data.get("preprocess"), cfg_path)
     return data
 
 
+def check_sections(
+    record: dict[str, Any], where: str | Path, known: tuple[str, ...] = SECTIONS
+) -> None:
+    """ConfigError naming the first unknown key of a config.json record (`where` starts the
+    message): a section not in `known`, or a "preprocess" key not in PREPROCESS.  What
+    read_config refuses, save_pretrained refuses to write."""
+    _check_keys(record, known, "", where)
+    if isinstance(record.get("preprocess"), dict):
+        _check_keys(record["preprocess"], PREPROCESS, "preprocess.", where)
+
+
 def _check_keys(
-    record: dict[str, Any], known: tuple[str, ...], prefix: str, cfg_path: Path
+    record: dict[str, Any], known: tuple[str, ...], prefix: str, cfg_path: str | Path
 ) -> None:
     """ConfigError naming the first key of `record` not in `known`: a misspelt section was
     ignored, and its default used without a word."""
@@ -158,8 +178,9 @@ def _check_keys(
 
 def _check_preprocess(record: Any, cfg_path: Path) -> None:
     """ConfigError unless config.json's "preprocess" (the image size and normalisation of
-    training, which evaluation applies) is absent or an object of PREPROCESS keys whose
-    mean/std are both given or both absent, 3 finite numbers each, std > 0."""
+    training, which evaluation applies) is absent or an object (its keys are
+    `check_sections`') whose mean/std are both given or both absent, 3 finite numbers each,
+    std > 0."""
     from mmssl.data.errors import DataError
     from mmssl.data.pipeline import check_norm
 
@@ -167,7 +188,6 @@ def _check_preprocess(record: Any, cfg_path: Path) -> None:
         return
     if not isinstance(record, dict):
         raise ConfigError(f"{cfg_path}: 'preprocess' must be an object, got {record!r}")
-    _check_keys(record, PREPROCESS, "preprocess.", cfg_path)
     try:
         check_norm(record.get("mean"), record.get("std"), "preprocess.")
     except DataError as err:
