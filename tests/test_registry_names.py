@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 import mmssl
-from mmssl.models import resolve_model_config
+from mmssl.models import registry, resolve_model_config
 from mmssl.models.io import save_pretrained
 
 
@@ -47,3 +47,15 @@ def test_create_model_of_an_export_warns_that_weights_are_not_loaded(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mmssl.create_model("test_tiny_clip")  # a registered name has no weights beside it
+
+
+@pytest.mark.parametrize("create", [mmssl.create_model, registry.create_model])
+def test_the_weights_warning_points_at_the_callers_line(tmp_path, create):
+    """Python's default filter shows a warning once per location: at a line of mmssl it was
+    shown for the first export of the process only."""
+    out = save_pretrained(mmssl.create_model("test_tiny_clip"), tmp_path / "export")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        create(str(out))
+    assert len(w) == 1 and "does not load" in str(w[0].message)
+    assert w[0].filename == __file__

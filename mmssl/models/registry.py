@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from mmssl.models.multimodal import MultimodalModel
 from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, suggest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+PACKAGE_DIR = str(Path(__file__).parents[1]) + os.sep  # mmssl/
 
 
 @functools.cache
@@ -81,5 +84,16 @@ def _warn_if_weights_beside(name_or_path: str) -> None:
             f"create_model builds a randomly initialised model from {path} and does not load "
             f"{weights}: use mmssl.load_encoder({str(path.parent)!r}, tower='model') for the "
             "trained weights",
-            stacklevel=3,
+            stacklevel=_outside_mmssl(),
         )
+
+
+def _outside_mmssl() -> int:
+    """The warnings.warn stacklevel, for the function that calls this, of the first frame
+    outside the mmssl package: the user's line, whether they called this module or a wrapper
+    (mmssl.create_model).  Python's default filter shows a warning once per location, so one
+    inside mmssl would be shown once per process, whatever the user's call."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
