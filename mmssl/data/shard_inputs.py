@@ -92,33 +92,56 @@ class _Images:
 
 
 def _check_template(template: str) -> None:
-    """DataError unless `template` has exactly one '{}' (the class name) and formats."""
+    """DataError unless `template` has exactly one replacement field for the class name,
+    '{}' or '{0}' (a conversion or format spec allowed), and formats with a name."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-        if fields != [""]:
-            raise ValueError(f"found {len(fields)} placeholders: {fields}")
+    except ValueError as err:  # a lone '{' or '}'
+        raise DataError(f"caption template {template!r}: {err}") from None
+    if len(fields) != 1 or fields[0] not in ("", "0"):
+        listed = ": " + ", ".join(f"{{{f}}}" for f in fields) if fields else ""
+        raise DataError(
+            f"caption template {template!r} needs exactly one '{{}}' for the class name "
+            f"(found {len(fields)}{listed})"
+        )
+    try:
         template.format("x")
     except (KeyError, IndexError, ValueError) as err:
         raise DataError(
-            f"caption template {template!r} needs one '{{}}' for the class ({err})"
+            f"caption template {template!r} does not format a class name ({err})"
         ) from None
 
 
 def _class_images(class_dir: str) -> list[str]:
-    """The image files anywhere below `class_dir`, as sorted '/'-joined relative paths (as
-    torchvision's ImageFolder; symlinked subfolders are not followed)."""
+    """The image files anywhere below `class_dir`, as sorted '/'-joined relative paths.
+    Symlinked subfolders are followed, as torchvision's ImageFolder does, except that a
+    folder whose real path this walk already reached (a symlink loop, a second link to one
+    folder) is left out, so each folder's images are listed once."""
 
     def fail(err: OSError) -> None:
         raise err
 
     found = []
-    for top, _, names in os.walk(class_dir, onerror=fail):
+    seen = {os.path.realpath(class_dir)}
+    for top, dirs, names in os.walk(class_dir, onerror=fail, followlinks=True):
+        dirs[:] = _unseen(top, sorted(dirs), seen)
         rel = os.path.relpath(top, class_dir).replace(os.sep, "/")
         for name in names:
             ext = os.path.splitext(name)[1].lower()
             if ext in _IMAGE_EXTS or ext in _CONVERT_EXTS:
                 found.append(name if rel == "." else f"{rel}/{name}")
     return sorted(found)
+
+
+def _unseen(top: str, dirs: list[str], seen: set[str]) -> list[str]:
+    """The folders of `dirs` (in `top`) whose real path is not in `seen`; adds theirs."""
+    kept = []
+    for name in dirs:
+        real = os.path.realpath(os.path.join(top, name))
+        if real not in seen:
+            seen.add(real)
+            kept.append(name)
+    return kept
 
 
 def samples_from_folder(
@@ -152,7 +175,8 @@ def samples_from_folder(
     images.check(index)
 
 
-def _rows(path: str, kind: str) -> Iterator[Any]:
+def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
+    """The rows of a table; a CSV's header goes to `labels` before its first row."""
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is dropped, not read as part
     # of the first column's name
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -165,33 +189,51 @@ def _rows(path: str, kind: str) -> Iterator[Any]:
                         except json.JSONDecodeError as err:
                             raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
             else:
-                yield from csv.DictReader(f)
+                reader = csv.DictReader(f)
+                if reader.fieldnames is not None:  # None: an empty file
+                    labels.header(reader.fieldnames)
+                yield from reader
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
 
 
+class _DefaultLabel(str):
+    """The type of DEFAULT_LABEL, told apart from a label column the caller names."""
+
+
+DEFAULT_LABEL: str = _DefaultLabel("label")
+"""`samples_from_table`'s label_col default: the column "label" where the table has one."""
+
+
 class _LabelColumn:
-    """Finds a table's labels.  `name` None: the column "label" where a row has one; "": no
-    labels; any other name: a column the table must have, in its CSV header or in at least
-    one JSONL record, else a DataError naming it and the columns there are."""
+    """Finds a table's labels.  `name` DEFAULT_LABEL: the column "label" where a row has
+    one; None or "": no labels; any other name: a column the table must have, in its CSV
+    header or in at least one JSONL record, else a DataError naming it and the columns
+    there are (a table without rows is not checked: it has no samples to write)."""
 
     def __init__(self, name: str | None, path: str, kind: str) -> None:
-        self.name = "label" if name is None else name
-        self.required = bool(name)
+        self.name = name or ""
+        self.required = bool(name) and not isinstance(name, _DefaultLabel)
         self.path, self.kind = path, kind
         self.found = False
         self.columns: set[str] = set()
 
+    def header(self, columns: Iterable[Any]) -> None:
+        """A CSV's header, which every row has: the column must be in it."""
+        self._see(columns)
+        self.check()
+
     def value(self, row: dict) -> Any:
         if self.required and not self.found:
-            self.found = self.name in row
-            self.columns.update(k for k in row if isinstance(k, str))
-            if self.kind == "csv":  # every row has the header's columns
-                self.check()
+            self._see(row)
         return row.get(self.name) if self.name else None
 
+    def _see(self, columns: Iterable[Any]) -> None:
+        self.columns.update(k for k in columns if isinstance(k, str))
+        self.found = self.name in self.columns
+
     def check(self) -> None:
-        if self.required and not self.found:
+        if self.required and self.columns and not self.found:
             where = "header" if self.kind == "csv" else "records"
             raise DataError(
                 f"{self.path}: label column {self.name!r} is not in its {where} "
@@ -203,16 +245,17 @@ def samples_from_table(
     path: str,
     image_col: str = "image",
     caption_col: str = "caption",
-    label_col: str | None = None,
+    label_col: str | None = DEFAULT_LABEL,
     kind: str | None = None,
     skipped: SkipCounter | None = None,
 ) -> Iterator[dict]:
     """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
     kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
-    label_col: None reads the column "label" where there is one, "" no labels; a name given
-    must be a column of the table (see _LabelColumn).  A row whose image the OS cannot read
-    is counted in `skipped` as `missing_image`, one whose image does not decode as
-    `bad_image`, and left out; a malformed row is a DataError."""
+    label_col: DEFAULT_LABEL (the default) reads the column "label" where there is one;
+    None or "" reads no labels; any other name must be a column of the table (see
+    _LabelColumn).  A row whose image the OS cannot read is counted in `skipped` as
+    `missing_image`, one whose image does not decode as `bad_image`, and left out; a
+    malformed row is a DataError."""
     if not os.path.isfile(path):
         raise DataError(f"table {path!r} does not exist")
     if kind is None:
@@ -221,7 +264,7 @@ def samples_from_table(
     written = 0
     images = _Images(path, SkipCounter() if skipped is None else skipped)
     labels = _LabelColumn(label_col, path, kind)
-    for n, row in enumerate(_rows(path, kind)):
+    for n, row in enumerate(_rows(path, kind, labels)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
         if image_col not in row or caption_col not in row:

@@ -35,7 +35,12 @@ from typing import Any
 
 from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.errors import DataError, SkipCounter
-from mmssl.data.shard_inputs import samples_from_folder, samples_from_table, samples_from_text
+from mmssl.data.shard_inputs import (
+    DEFAULT_LABEL,
+    samples_from_folder,
+    samples_from_table,
+    samples_from_text,
+)
 
 MANIFEST = "manifest.json"
 
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-col", default="caption", help="csv/jsonl (default: caption)")
     parser.add_argument(
         "--label-col",
-        default=None,
+        default=DEFAULT_LABEL,
         help="csv/jsonl: the integer class column, an error if the table lacks it (default: "
         "'label' where present; '' for no labels)",
     )

@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmssl.data import errors
+from mmssl.data.shard_inputs import samples_from_table
 from mmssl.data.shards import main
 
 
@@ -80,13 +81,37 @@ def test_no_decodable_image_is_an_error_that_says_why(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("template", ["a photo of a cat", "{} and {}", "a {0} {0}", "a {:d}"])
-def test_a_caption_template_needs_exactly_one_placeholder(tmp_path, capsys, template):
+@pytest.mark.parametrize(
+    "template, found",
+    [
+        ("a photo of a cat", "found 0)"),
+        ("{} and {}", "found 2: {}, {})"),
+        ("a {0} {0}", "found 2: {0}, {0})"),
+        ("a {cls}", "found 1: {cls})"),
+    ],
+)
+def test_a_caption_template_needs_exactly_one_placeholder(tmp_path, capsys, template, found):
     _save(tmp_path / "in" / "cat" / "0.png")
     argv = ["folder", tmp_path / "in", "--out", tmp_path / "o", "--caption-template", template]
     rc, _, err = _run(capsys, *argv)
-    assert rc == 2 and f"caption template {template!r} needs one '{{}}' for the class" in err
+    needs = f"caption template {template!r} needs exactly one '{{}}' for the class name ("
+    assert rc == 2 and needs + found in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_caption_template_that_does_not_format_a_name_is_refused(tmp_path, capsys):
+    _save(tmp_path / "in" / "cat" / "0.png")
+    argv = ["folder", tmp_path / "in", "--out", tmp_path / "o", "--caption-template", "a {:d}"]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "caption template 'a {:d}' does not format a class name (" in err
+
+
+@pytest.mark.parametrize("template", ["a photo of a {}.", "a photo of a {0}."])
+def test_a_caption_template_takes_the_class_as_an_empty_or_0_field(tmp_path, capsys, template):
+    _save(tmp_path / "in" / "tabby_cat" / "0.png")
+    argv = ["folder", tmp_path / "in", "--out", tmp_path / "o", "--caption-template", template]
+    assert _run(capsys, *argv)[0] == 0
+    assert [s["txt"] for s in _read(tmp_path / "o")] == [b"a photo of a tabby cat."]
 
 
 def _tables(tmp_path):
@@ -123,6 +148,42 @@ def test_label_column_default_is_optional_and_a_given_one_is_read(tmp_path, caps
     argv = ["csv", tmp_path / "t.csv", "--out", tmp_path / "o", "--label-col", ""]
     assert _run(capsys, *argv)[0] == 0
     assert "label" not in json.loads(_read(tmp_path / "o")[0]["json"])
+
+
+def test_a_header_only_csv_with_a_label_column_has_no_samples_to_write(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("image,caption,label\n")
+    for extra in [[], ["--label-col", "label"]]:
+        rc, _, err = _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o", *extra)
+        assert rc == 2 and "no samples to write" in err and "label column" not in err
+
+
+def test_samples_from_table_reads_label_by_default_and_none_or_empty_means_no_labels(tmp_path):
+    _tables(tmp_path)
+    table = str(tmp_path / "t.csv")
+    assert [s["json"] for s in samples_from_table(table)] == [{"path": "a.png", "label": 1}]
+    for no_labels in (None, ""):
+        samples = samples_from_table(table, label_col=no_labels)
+        assert [s["json"] for s in samples] == [{"path": "a.png"}]
+    jsonl = str(tmp_path / "t.jsonl")  # no "label" column: the default reads none
+    assert [s["json"].get("label") for s in samples_from_table(jsonl)] == [None, None]
+
+
+def test_the_cli_reads_a_label_column_by_default(tmp_path, capsys):
+    _tables(tmp_path)
+    assert _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o")[0] == 0
+    assert json.loads(_read(tmp_path / "o")[0]["json"])["label"] == 1
+
+
+def test_symlinked_subfolders_of_a_class_are_followed_once_and_loops_end(tmp_path, capsys):
+    _save(tmp_path / "in" / "cat" / "a.png")
+    _save(tmp_path / "elsewhere" / "b.png")
+    (tmp_path / "in" / "cat" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in" / "cat" / "linked_again").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "in" / "cat")
+    rc, out, _ = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and "wrote 2 samples" in out
+    paths = [json.loads(s["json"])["path"] for s in _read(tmp_path / "o")]
+    assert paths == ["cat/a.png", "cat/linked/b.png"]
 
 
 def test_images_in_subfolders_of_a_class_are_written_in_sorted_path_order(tmp_path, capsys):

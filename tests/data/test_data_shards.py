@@ -280,7 +280,10 @@ def test_cli_text(tmp_path):
         (["jsonl", "{tmp}/true.jsonl"], "label True is not an integer"),
         (["jsonl", "{tmp}/T.JSONL"], "row 1: no caption"),  # the kind given, not the suffix
         (["csv", "{tmp}/latin1.csv"], "not UTF-8"),
-        (["folder", "{tmp}/imgs", "--caption-template", "a {name}"], "needs one '{}'"),
+        (
+            ["folder", "{tmp}/imgs", "--caption-template", "a {name}"],
+            "needs exactly one '{}' for the class name (found 1: {name})",
+        ),
         (["folder", "{tmp}/imgs", "--max-count", "0"], "must be positive"),
     ],
 )
