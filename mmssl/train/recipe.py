@@ -408,15 +408,25 @@ def _check_eval(recipe: Recipe) -> None:
 def check_shards(recipe: Recipe) -> None:
     """Every local shard of every source exists (pipe: and remote URLs are not checked)."""
     from mmssl.data.errors import DataError
-    from mmssl.data.tario import check_urls, expand_urls
+    from mmssl.data.tario import check_urls
 
     for name, src in recipe.data.sources.items():
         if src.urls == "synthetic":
             continue
         try:
-            check_urls(src.urls, expand_urls(src.urls))
+            check_urls(src.urls, _source_urls(name, src.urls))
         except DataError as err:
             raise ConfigError(f"data.sources.{name}.urls: {err}") from None
+
+
+def _source_urls(name: str, urls: str) -> list[str]:
+    """Source `name`'s brace-expanded URLs; a malformed pattern is a ConfigError."""
+    from mmssl.data.tario import expand_urls
+
+    try:
+        return expand_urls(urls)
+    except ValueError as err:  # braceexpand's UnbalancedBracesError
+        raise ConfigError(f"data.sources.{name}.urls: {err}") from None
 
 
 def _streamed(recipe: Recipe) -> list[str]:
@@ -430,15 +440,13 @@ def _streamed(recipe: Recipe) -> list[str]:
 def check_shard_counts(recipe: Recipe, world_size: int) -> None:
     """Epoch-mode sources have a shard for every (rank, loader worker) slot of `world_size`
     ranks, as the data pipeline's pre-flight demands; from the URL patterns alone."""
-    from mmssl.data.tario import expand_urls
-
     workers = max(1, recipe.data.workers)  # no workers: the rank itself reads, one slot
     slots = world_size * workers
     for name in _streamed(recipe):
         src = recipe.data.sources[name]
         if src.mode != "epoch" or src.urls == "synthetic":
             continue
-        shards = len(expand_urls(src.urls))
+        shards = len(_source_urls(name, src.urls))
         if shards < slots:
             raise ConfigError(
                 f"data.sources.{name}: epoch mode needs a shard for every rank x data.workers "

@@ -53,3 +53,12 @@ def test_the_runs_shard_count_error_names_the_source(demo_data: str) -> None:
     cfg = model_config(recipe)
     with pytest.raises(DataError, match=r"^data\.sources\.digits_test: epoch mode needs"):
         build_stream("digits_test", src, recipe, cfg, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("check_files", [False, True])
+def test_a_malformed_brace_pattern_is_a_config_error_naming_the_source(check_files: bool) -> None:
+    # the first source, an epoch-mode one: both the file and the shard-count checks see it
+    broken = ["data.sources.digits.urls=a-{0..1", "data.sources.digits.mode=epoch"]
+    recipe = load_recipe(QUICK, broken)
+    with pytest.raises(ConfigError, match=r"^data\.sources\.digits\.urls: .*brace"):
+        validate(recipe, 1, check_files=check_files)
