@@ -177,20 +177,29 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool
         f"\n{name}: {n} samples (webdataset {max(4 * BATCH, n // 16)}) x best of {rounds} rounds, "
         f"batch {BATCH}, 1 thread, samples per CPU-second"
     )
-    print(f"  decode only (ceiling)        {dec:9.0f} samples/s  (same reader + decoder, no views)")
-    print(
-        f"  decode only, huge pages      {huge:9.0f} samples/s  (its float batch as mmssl's views)"
-    )
+    print(f"{_rate('decode only (ceiling)', dec)}  (same reader + decoder, no views)")
+    print(f"{_rate('decode only, huge pages', huge)}  (its float batch as mmssl's views)")
     renderer = "numba" if _has_numba() else "torch: numba not installed"
     for label in [k for k in best if k not in ("decode", "decode huge", "wds")]:
-        v = best[label]
         path = "torch" if label.endswith("torch") else renderer
-        print(
-            f"  mmssl 2 views + desc ({label[:3]})   {v:9.0f} samples/s  {v / dec:5.2f}x decode  "
-            f"{v / huge:5.2f}x huge  {v / wd:5.2f}x webdataset  [{path}]"
-        )
-    print(f"  webdataset + torchvision     {wd:9.0f} samples/s")
+        print(row(label, best[label], dec, huge, wd, path))
+    print(_rate("webdataset + torchvision", wd))
     sys.stdout.flush()
+
+
+def _rate(name: str, v: float) -> str:
+    """A printout line's method name, padded to the longest, and its samples/s."""
+    return f"  {name:<33}{v:9.0f} samples/s"
+
+
+def row(label: str, v: float, dec: float, huge: float, wd: float, path: str) -> str:
+    """The printout line of mmssl's pipeline with hue mode `label` ("hsv", "hsv torch",
+    ...): its samples/s `v`, that over the decode-only ceiling `dec`, the ceiling with huge
+    pages `huge` and webdataset `wd`, and the renderer `path` that drew the views."""
+    return (
+        f"{_rate(f'mmssl 2 views + desc ({label})', v)}  {v / dec:5.2f}x decode  "
+        f"{v / huge:5.2f}x huge  {v / wd:5.2f}x webdataset  [{path}]"
+    )
 
 
 def _has_numba() -> bool:

@@ -228,18 +228,22 @@ def test_clip_same_adamw_decays_the_parameters_open_clip_decays(monkeypatch, cap
 
 def test_run_all_targets_read_each_data_set_and_hue_mode_of_bench_data() -> None:
     """The Targets table judges the data pipeline per data set and hue mode from
-    bench_data's printout (the torch reference renderer's rows are not mmssl's pipeline)."""
+    bench_data's printout, its lines made by bench_data's own `row` (the torch reference
+    renderer's rows are not mmssl's pipeline; a run without numba still is)."""
+    import bench_data
     import run_all
 
-    printout = """
-demo digits 32 px PNG: 16384 samples (webdataset 1024) x best of 5 rounds, batch 64, 1 thread
-  decode only (ceiling)            19928 samples/s  (same reader + decoder, no views)
-  mmssl 2 views + desc (hsv)       16436 samples/s   0.82x decode   0.83x huge  21.61x webdataset  [numba]
-  mmssl 2 views + desc (hsv torch)  9000 samples/s   0.45x decode   0.46x huge  11.00x webdataset  [torch]
-
-synthetic 224 px JPEG: 1024 samples (webdataset 256) x best of 5 rounds, batch 64, 1 thread
-  mmssl 2 views + desc (yiq)        1135 samples/s   0.41x decode   0.43x huge   0.90x webdataset  [numba]
-"""
+    printout = "\n".join(
+        [
+            "demo digits 32 px PNG: 16384 samples (webdataset 1024) x best of 5 rounds, batch 64",
+            bench_data.row("hsv", 16436, 20000, 19800, 760.5, "numba"),
+            bench_data.row("hsv torch", 9000, 20000, 19800, 760.5, "torch"),
+            "",
+            "synthetic 224 px JPEG: 1024 samples (webdataset 256) x best of 5 rounds, batch 64",
+            bench_data.row("yiq", 1135, 2768, 2640, 1261, "torch: numba not installed"),
+            bench_data.row("yiq torch", 1100, 2768, 2640, 1261, "torch"),
+        ]
+    )
     rows = run_all._data_targets(printout)
     assert len(rows) == 2
     assert rows[0].startswith("| data, demo digits 32 px PNG, hsv:")
