@@ -17,12 +17,6 @@ from typing import NoReturn
 log = logging.getLogger("mmssl.data")
 
 _LOGGED: set[str] = set()
-_TALLY: dict[str, int] = {}  # what every SkipCounter of this process counted, by kind
-
-
-def tally() -> dict[str, int]:
-    """What the SkipCounters of this process have counted so far, by kind (a copy)."""
-    return dict(_TALLY)
 
 
 def mark_logged(kinds: tuple[str, ...] | list[str]) -> None:
@@ -61,7 +55,6 @@ class SkipCounter:
         if not self.enabled:
             return
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        _TALLY[kind] = _TALLY.get(kind, 0) + 1
         if kind not in _LOGGED:
             _LOGGED.add(kind)
             extra = f": {detail}" if detail else ""

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
-from mmssl.data.errors import DataError, SkipCounter, WorkerFailure, tally
+from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
 from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
 
@@ -204,17 +204,15 @@ class _WorkerDataset(StreamDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        # a worker process counts for its one logical worker alone; without workers the
-        # main process has one logical worker (and would count another loader's skips)
-        start = tally()
         try:
             yield from super().__iter__()
         except DataError as err:
             worker = info.id if info is not None else None
             logical = ((worker or 0) + self.next_batch) % self.plan.num_workers  # as the parent's
+            # the slot's own counter (seeded with its saved counts) holds what it skipped;
+            # an error before the slot was built leaves its saved counts
             held = self.worker_states.get(logical, {}).get("skipped", {})
-            grown = {k: n - start.get(k, 0) for k, n in tally().items() if n > start.get(k, 0)}
-            skipped = {k: held.get(k, 0) + grown.get(k, 0) for k in {*held, *grown}}
+            skipped = dict(self.current.counter.counts if self.current is not None else held)
             yield WorkerFailure(err, worker, logical, skipped)
 
 

@@ -299,6 +299,7 @@ class StreamDataset(IterableDataset):
         self.next_batch = 0
         self.worker_states: dict[int, dict[str, Any]] = {}
         self.quiet: tuple[str, ...] = ()  # kinds of bad input already logged in this run
+        self.current: _Worker | None = None  # the logical worker this iteration runs
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         info = get_worker_info()
@@ -306,7 +307,9 @@ class StreamDataset(IterableDataset):
         plan, W = self.plan, self.plan.num_workers
         # rotate so that DataLoader worker 0 holds the next batch: round-robin stays in order
         logical = ((info.id if info is not None else 0) + self.next_batch) % W
+        self.current = None
         worker = _Worker(plan, self.epoch, logical, self.worker_states.get(logical))
+        self.current = worker
         schedule = plan.schedule(self.epoch)
         i = self.next_batch + (logical - self.next_batch) % W
         while schedule is None or i < len(schedule):
