@@ -438,16 +438,17 @@ def _streamed(recipe: Recipe) -> list[str]:
 
 
 def check_shard_counts(recipe: Recipe, world_size: int) -> None:
-    """Epoch-mode sources have a shard for every (rank, loader worker) slot of `world_size`
-    ranks, as the data pipeline's pre-flight demands; from the URL patterns alone."""
+    """Every streamed source's URL pattern expands, and epoch-mode sources have a shard for
+    every (rank, loader worker) slot of `world_size` ranks, as the data pipeline's pre-flight
+    demands; from the URL patterns alone."""
     workers = max(1, recipe.data.workers)  # no workers: the rank itself reads, one slot
     slots = world_size * workers
     for name in _streamed(recipe):
         src = recipe.data.sources[name]
-        if src.mode != "epoch" or src.urls == "synthetic":
+        if src.urls == "synthetic":
             continue
         shards = len(_source_urls(name, src.urls))
-        if shards < slots:
+        if src.mode == "epoch" and shards < slots:
             raise ConfigError(
                 f"data.sources.{name}: epoch mode needs a shard for every rank x data.workers "
                 f"slot, {world_size} x {workers} = {slots}, but {src.urls!r} has {shards}; use "

@@ -57,8 +57,9 @@ def test_the_runs_shard_count_error_names_the_source(demo_data: str) -> None:
 
 @pytest.mark.parametrize("check_files", [False, True])
 def test_a_malformed_brace_pattern_is_a_config_error_naming_the_source(check_files: bool) -> None:
-    # the first source, an epoch-mode one: both the file and the shard-count checks see it
-    broken = ["data.sources.digits.urls=a-{0..1", "data.sources.digits.mode=epoch"]
-    recipe = load_recipe(QUICK, broken)
-    with pytest.raises(ConfigError, match=r"^data\.sources\.digits\.urls: .*brace"):
-        validate(recipe, 1, check_files=check_files)
+    # in either mode: a recipe for another machine (check_files=False) is still expanded
+    for mode in ("epoch", "resampled"):
+        broken = ["data.sources.digits.urls=a-{0..1", f"data.sources.digits.mode={mode}"]
+        recipe = load_recipe(QUICK, broken)
+        with pytest.raises(ConfigError, match=r"^data\.sources\.digits\.urls: .*brace"):
+            validate(recipe, 1, check_files=check_files)
