@@ -230,6 +230,9 @@ class StreamLoader:
         self.epoch = 0
         self.next_batch = 0
         self.workers: dict[int, dict[str, Any]] = {}
+        # a slot's skip counts at the DataError that ended the last iteration: reported, but
+        # no resumable state (they include the batch that was never delivered)
+        self.failed: dict[int, dict[str, int]] = {}
         self.skipped_done: dict[str, int] = {}  # skip counts of finished epochs
 
     def __len__(self) -> int:
@@ -251,8 +254,9 @@ class StreamLoader:
     def _streamed(self) -> dict[str, int]:
         """What the stream itself skipped: finished epochs plus the workers' counts."""
         total = dict(self.skipped_done)
-        for state in self.workers.values():
-            for kind, n in state.get("skipped", {}).items():
+        slots = {k: state.get("skipped", {}) for k, state in self.workers.items()}
+        for counts in {**slots, **self.failed}.values():
+            for kind, n in counts.items():
                 total[kind] = total.get(kind, 0) + n
         return total
 
@@ -261,6 +265,7 @@ class StreamLoader:
         dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
         dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}
         dataset.quiet = tuple(sorted(self.skipped))
+        self.failed = {}
         if self.loader_workers > 0:
             items: Any = DataLoader(
                 dataset,
@@ -273,10 +278,7 @@ class StreamLoader:
             items = dataset
         for item in items:
             if isinstance(item, WorkerFailure):
-                self.workers[item.logical] = {
-                    **self.workers.get(item.logical, {}),
-                    "skipped": item.skipped,
-                }
+                self.failed[item.logical] = item.skipped
                 item.reraise()
             batch, pos = item
             self.workers[int(pos.pop("worker"))] = pos

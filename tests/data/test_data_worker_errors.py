@@ -57,3 +57,18 @@ def test_without_workers_the_skip_counts_of_the_message_reach_the_loader(tmp_pat
     worker = _loader(urls, workers=1)
     _first_error(worker)
     assert plain.skipped == worker.skipped
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_retry_after_the_error_counts_the_same_skips_once(tmp_path, workers):
+    """The counts at the error include a batch that was never delivered: they are reported,
+    not kept as the loader's position.  A second iteration (or a state saved after the
+    error) starts from the last delivered batch, so it reports the same counts again rather
+    than their double."""
+    for i in range(2):
+        (tmp_path / f"bad-{i:06d}.tar").write_bytes(os.urandom(3000))
+    loader = _loader(str(tmp_path / "bad-{000000..000001}.tar"), workers)
+    first = _first_error(loader)
+    counts = loader.skipped
+    assert counts and loader.state_dict()["workers"] == {}
+    assert _first_error(loader) == first and loader.skipped == counts
