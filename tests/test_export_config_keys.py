@@ -92,3 +92,20 @@ def test_save_pretrained_refuses_what_read_config_refuses_writing_nothing(tmp_pa
     with pytest.raises(ConfigError, match=f"unknown key {key}"):
         save_pretrained(mmssl.create_model("test_tiny_clip"), out, extra)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"preprocess": {"mean": RGB}}, "mean"),  # mean without std
+        ({"preprocess": "bicubic"}, "'preprocess' must be an object"),
+        ({"descriptor": {"version": "v99"}}, "unknown augmentation descriptor layout 'v99'"),
+        ({"preprocess": {1: 2}}, "unknown key 'preprocess.1'"),  # was a TypeError
+    ],
+)
+def test_save_pretrained_refuses_values_read_config_refuses_writing_nothing(tmp_path, extra, says):
+    """Not only the names: a value read_config refuses is refused before anything is written."""
+    out = tmp_path / "new" / "export"
+    with pytest.raises(ConfigError, match=says):
+        save_pretrained(mmssl.create_model("test_tiny_clip"), out, extra)
+    assert not (tmp_path / "new").exists()

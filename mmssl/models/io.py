@@ -102,14 +102,18 @@ def save_pretrained(
     name), "checkpoint" (its tag), "descriptor" (the augmentation descriptor layout),
     "preprocess" (keys "image_size", "mean", "std": what evaluation applies), "logits" (the
     contrastive objectives' logit scale and bias) and "tokenizer" (its metadata).  Any other
-    key, "model" included, or any other "preprocess" key is a ConfigError naming it, raised
-    before anything is written: `read_config` refuses them.
+    key, "model" included, any other "preprocess" key, and a value `read_config` refuses (an
+    unknown descriptor layout, a mean without its std, ...) is a ConfigError naming it, raised
+    before anything is written.
 
     Both are written under temporary names first and renamed into place only once both are
     complete, so a failure leaves the old files (if any) as they were, never new weights
     beside an old config."""
     out = Path(out_dir)
-    check_sections(extra or {}, f"save_pretrained({str(out)!r}) extra", EXTRA_SECTIONS)
+    where = f"save_pretrained({str(out)!r}) extra"
+    check_sections(extra or {}, where, EXTRA_SECTIONS)
+    _check_descriptor((extra or {}).get("descriptor"), where)
+    _check_preprocess((extra or {}).get("preprocess"), where)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     targets = [out / WEIGHTS, out / CONFIG]
@@ -171,12 +175,12 @@ def _check_keys(
     for key in record:
         if key not in known:
             raise ConfigError(
-                f"{cfg_path}: unknown key {prefix + key!r}{suggest(key, known)}; "
+                f"{cfg_path}: unknown key {f'{prefix}{key}'!r}{suggest(str(key), known)}; "
                 f"known: {', '.join(known)}"
             )
 
 
-def _check_preprocess(record: Any, cfg_path: Path) -> None:
+def _check_preprocess(record: Any, cfg_path: str | Path) -> None:
     """ConfigError unless config.json's "preprocess" (the image size and normalisation of
     training, which evaluation applies) is absent or an object (its keys are
     `check_sections`') whose mean/std are both given or both absent, 3 finite numbers each,
@@ -194,7 +198,7 @@ def _check_preprocess(record: Any, cfg_path: Path) -> None:
         raise ConfigError(f"{cfg_path}: {err}") from None
 
 
-def _check_descriptor(record: Any, cfg_path: Path) -> None:
+def _check_descriptor(record: Any, cfg_path: str | Path) -> None:
     """ConfigError unless config.json's "descriptor" (the augmentation descriptor layout the
     model was trained with: `DescriptorLayout.to_dict()`, or just its version) is absent or a
     layout this version of mmssl knows, as it knows it: a later layout would be read with
