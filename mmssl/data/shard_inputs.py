@@ -124,7 +124,10 @@ def _class_images(class_dir: str) -> list[str]:
     found = []
     seen = {os.path.realpath(class_dir)}
     for top, dirs, names in os.walk(class_dir, onerror=fail, followlinks=True):
-        dirs[:] = _unseen(top, sorted(dirs), seen)
+        # real folders before links beside them, so a folder keeps its own name
+        dirs[:] = _unseen(
+            top, sorted(dirs, key=lambda d: (os.path.islink(os.path.join(top, d)), d)), seen
+        )
         rel = os.path.relpath(top, class_dir).replace(os.sep, "/")
         for name in names:
             ext = os.path.splitext(name)[1].lower()
@@ -209,7 +212,8 @@ class _LabelColumn:
     """Finds a table's labels.  `name` DEFAULT_LABEL: the column "label" where a row has
     one; None or "": no labels; any other name: a column the table must have, in its CSV
     header or in at least one JSONL record, else a DataError naming it and the columns
-    there are (a table without rows is not checked: it has no samples to write)."""
+    there are (a CSV is checked against its header; an empty file or a JSONL without
+    records is not checked: it has no samples to write)."""
 
     def __init__(self, name: str | None, path: str, kind: str) -> None:
         self.name = name or ""

@@ -186,6 +186,15 @@ def test_symlinked_subfolders_of_a_class_are_followed_once_and_loops_end(tmp_pat
     assert paths == ["cat/a.png", "cat/linked/b.png"]
 
 
+def test_a_real_subfolder_keeps_its_name_beside_a_link_to_it(tmp_path, capsys):
+    """A link that sorts before the folder it points to does not take its images' paths."""
+    _save(tmp_path / "in" / "cat" / "z" / "i.png")
+    (tmp_path / "in" / "cat" / "a_link").symlink_to(tmp_path / "in" / "cat" / "z")
+    rc, out, _ = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and "wrote 1 samples" in out
+    assert [json.loads(s["json"])["path"] for s in _read(tmp_path / "o")] == ["cat/z/i.png"]
+
+
 def test_images_in_subfolders_of_a_class_are_written_in_sorted_path_order(tmp_path, capsys):
     for rel in ["cat/b.png", "cat/sub/a.png", "cat/a/z.png", "dog/x/y/z.png"]:
         _save(tmp_path / "in" / rel)
