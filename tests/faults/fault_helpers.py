@@ -25,25 +25,6 @@ def tiny_run(demo: str, out: str, name: str, *extra: str) -> list[str]:
     return [QUICK, *tiny_overrides(demo, out, name), "logging.keys=true", *extra]
 
 
-def synthetic_recipe(
-    tmp: Path, name: str, steps: int, keep_last: int = 5, warmup: int = 0, **train: object
-) -> Path:
-    """A tiny CLIP recipe on synthetic data, checkpointing every step: tmp/NAME.yaml."""
-    path = tmp / f"{name}.yaml"
-    recipe = {
-        "name": name,
-        "out_dir": str(tmp),
-        "model": {"name": "test_tiny_clip"},
-        "data": {"sources": {"train": {"urls": "synthetic"}}},
-        "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4, **train},
-        "schedule": {"warmup_steps": warmup},
-        "checkpoint": {"every": 1, "keep_last": keep_last},
-        "logging": {"every": 1, "tensorboard": False, "progress": False},
-    }
-    path.write_text(json.dumps(recipe))  # JSON is YAML
-    return path
-
-
 class Launch:
     """`world` ranks of fault_driver.py started directly (RANK, WORLD_SIZE, MASTER_* in the
     environment, as a launcher would), all in one new process group so that one SIGKILL

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import synthetic_recipe
+from train_helpers import synthetic_recipe
 
 from mmssl.train.checkpoint import CheckpointError, tag_of, write_manifest
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import synthetic_recipe
+from train_helpers import synthetic_recipe
 
 from mmssl.train.checkpoint import tag_of, verify
 from mmssl.train.export import checkpoint_state

@@ -4,11 +4,11 @@ checkpoint and how to resume; the error itself propagates unchanged."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
+from train_helpers import synthetic_recipe
 
 from mmssl.train.checkpoint import tag_of
 
@@ -18,22 +18,6 @@ COLLECTIVES = ("all_gather_object", "all_reduce_sum", "all_reduce_mean", "barrie
 
 class InjectedError(Exception):
     """The fault of these tests: a type no library code raises."""
-
-
-def _recipe(tmp_path: Path, name: str, world_size: int = 1) -> Path:
-    """Tiny CLIP on synthetic data, 8 steps, a checkpoint every 2; micro-batches of 4."""
-    path = tmp_path / f"{name}.yaml"
-    recipe = {
-        "name": name,
-        "out_dir": str(tmp_path),
-        "model": {"name": "test_tiny_clip"},
-        "data": {"sources": {"train": {"urls": "synthetic"}}},
-        "train": {"steps": 8, "global_batch_size": 4 * world_size, "micro_batch_size": 4},
-        "checkpoint": {"every": 2, "keep_last": 5},
-        "logging": {"every": 1, "tensorboard": False, "progress": False},
-    }
-    path.write_text(json.dumps(recipe))
-    return path
 
 
 def _fail_on_batch(monkeypatch: pytest.MonkeyPatch, call: int) -> InjectedError:
@@ -78,7 +62,7 @@ def test_an_error_mid_run_writes_the_summary_and_propagates(
     with the command that resumes from it; loss.png is drawn from the logged steps."""
     error = _fail_on_batch(monkeypatch, 6)
     with pytest.raises(InjectedError) as raised:
-        _train(_recipe(tmp_path, "e"))
+        _train(synthetic_recipe(tmp_path, "e", 8, every=2))
     assert raised.value is error
     run = tmp_path / "e"
     summary = (run / "summary.md").read_text()
@@ -111,7 +95,7 @@ def test_the_error_summary_names_only_an_intact_checkpoint(
     monkeypatch.setattr(checkpoint, "save", save_then_truncate)
     _fail_on_batch(monkeypatch, 6)
     with pytest.raises(InjectedError):
-        _train(_recipe(tmp_path, "d"))
+        _train(synthetic_recipe(tmp_path, "d", 8, every=2))
     run = tmp_path / "d"
     summary = (run / "summary.md").read_text()
     assert f"- checkpoint: {run / 'checkpoints' / tag_of(2)}\n" in summary, summary
@@ -123,7 +107,7 @@ def test_an_error_before_any_checkpoint_says_there_is_none(
 ) -> None:
     _fail_on_batch(monkeypatch, 2)
     with pytest.raises(InjectedError):
-        _train(_recipe(tmp_path, "n"))
+        _train(synthetic_recipe(tmp_path, "n", 8, every=2))
     summary = (tmp_path / "n" / "summary.md").read_text()
     assert "- steps: 0 -> 1 of 8" in summary and "- checkpoint: none\n" in summary, summary
     assert "no good checkpoint" in summary, summary
@@ -149,13 +133,13 @@ def test_ctrl_c_writes_no_error_summary(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(SyntheticStream, "next", next_or_interrupt)
     monkeypatch.setattr(run_summary, "error_summary", no_summary)
     with pytest.raises(KeyboardInterrupt):
-        _train(_recipe(tmp_path, "c"))
+        _train(synthetic_recipe(tmp_path, "c", 8, every=2))
     assert not (tmp_path / "c" / "summary.md").exists()
 
 
 def test_a_run_that_ends_normally_removes_stale_rank_summaries(tmp_path: Path) -> None:
     """summary.rank<R>.md of an earlier failed attempt would contradict the run's summary."""
-    path = _recipe(tmp_path, "s")
+    path = synthetic_recipe(tmp_path, "s", 8, every=2)
     stale = tmp_path / "s" / "summary.rank1.md"
     stale.parent.mkdir(parents=True)
     stale.write_text("# Run summary: s (failed)\n")
@@ -194,7 +178,7 @@ def test_a_failing_summary_never_masks_the_error(
     error = _fail_on_batch(monkeypatch, 3)
     with caplog.at_level(logging.WARNING, logger="mmssl.train"):
         with pytest.raises(InjectedError) as raised:
-            _train(_recipe(tmp_path, "m"))
+            _train(synthetic_recipe(tmp_path, "m", 8, every=2))
     assert raised.value is error
     assert "could not write the summary of the failed run" in caplog.text, caplog.text
     assert "No space left on device" in caplog.text
@@ -252,7 +236,7 @@ def test_an_error_on_rank_1_alone_leaves_its_own_summary(tmp_path: Path) -> None
 
     from train_helpers import PYTHON, clean_env, free_port
 
-    recipe = _recipe(tmp_path, "r", world_size=2)
+    recipe = synthetic_recipe(tmp_path, "r", 8, every=2, world_size=2)
     port = str(free_port())
     procs = []
     try:

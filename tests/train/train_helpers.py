@@ -100,3 +100,31 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
 def losses(run_dir: str | Path) -> list[float]:
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows]
+
+
+def synthetic_recipe(
+    tmp: Path,
+    name: str,
+    steps: int,
+    keep_last: int = 5,
+    warmup: int = 0,
+    every: int = 1,
+    world_size: int = 1,
+    **train: object,
+) -> Path:
+    """A tiny CLIP recipe on synthetic data, micro-batches of 4 on each of `world_size`
+    ranks, a checkpoint every `every` steps: tmp/NAME.yaml."""
+    path = tmp / f"{name}.yaml"
+    batch = {"global_batch_size": 4 * world_size, "micro_batch_size": 4}
+    recipe = {
+        "name": name,
+        "out_dir": str(tmp),
+        "model": {"name": "test_tiny_clip"},
+        "data": {"sources": {"train": {"urls": "synthetic"}}},
+        "train": {"steps": steps, **batch, **train},
+        "schedule": {"warmup_steps": warmup},
+        "checkpoint": {"every": every, "keep_last": keep_last},
+        "logging": {"every": 1, "tensorboard": False, "progress": False},
+    }
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
