@@ -215,11 +215,20 @@ def test_patch_embed_is_patch_flatten_and_linear():
         (torch.rand(2, 1, 8, 8), ValueError, "1 channels .* takes 3"),
         (torch.rand(2, 8, 8, 3), ValueError, "8 channels .* takes 3"),  # HWC
         (torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), TypeError, "uint8"),
+        # bf16 images into fp32 weights outside autocast: a matmul dtype error before
+        (torch.rand(2, 3, 8, 8).bfloat16(), TypeError, "bfloat16 but .*float32: .*autocast"),
     ],
 )
 def test_patch_embed_names_the_wrong_input(images, error, match):
     with pytest.raises(error, match=match):
         PatchEmbed(4, 3, 10)(images)
+
+
+def test_patch_embed_takes_other_dtypes_under_autocast_and_matching_weights():
+    pe, img = PatchEmbed(4, 3, 10), torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pe(img.bfloat16()).dtype == torch.bfloat16
+    assert pe.bfloat16()(img.bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -109,3 +109,29 @@ def test_generate_runs_in_eval_mode_and_restores_each_modules_mode():
     modes = {name: m.training for name, m in model.named_modules()}
     assert torch.equal(model.generate(prompt, 10, temperature=0), ref)
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("budget", [-2, 2.5, True, "3"])
+def test_generate_refuses_a_token_budget_that_is_not_a_count(budget):
+    # a negative budget returned the prompt unchanged, without an error
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        tiny().generate(torch.tensor([[1, 2]]), budget, temperature=0)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 0)])
+def test_generate_refuses_a_prompt_that_is_not_b_by_t0_tokens(shape):
+    # an IndexError from deep inside the loop before
+    with pytest.raises(ValueError, match=r"\(B, T0\) prompt with T0 >= 1"):
+        tiny().generate(torch.ones(shape, dtype=torch.int64), 3, temperature=0)
+
+
+def test_generate_takes_a_numpy_integer_budget():
+    import numpy as np
+
+    out = tiny().generate(torch.tensor([[1, 2]]), np.int64(3), temperature=0)
+    assert out.shape == (1, 5)
+
+
+def test_text_features_refuse_an_empty_sequence():
+    with pytest.raises(ValueError, match=r"no tokens: shape \(2, 0\)"):
+        tiny().forward_features(torch.zeros(2, 0, dtype=torch.int64))

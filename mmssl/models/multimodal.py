@@ -18,7 +18,7 @@ from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
-from mmssl.models.text import TextTransformer, check_sampling, eval_mode
+from mmssl.models.text import TextTransformer, check_max_new_tokens, check_sampling, eval_mode
 from mmssl.models.vision import VisionEncoder
 from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
 
@@ -244,8 +244,7 @@ class MultimodalModel(nn.Module):
         text = self._tower("text")
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
-        if isinstance(max_new_tokens, bool) or not max_new_tokens >= 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         b = images.shape[0]
         if (prompt is None) == (bos_id is None):
             raise ValueError("pass either prompt (B, T0) or the tokenizer's bos_id, not both")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -82,6 +83,14 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Refuse a token budget that is not an integer >= 0 (a negative one returned the prompt
+    unchanged, without an error)."""
+    n = max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 @contextmanager
@@ -299,6 +308,8 @@ class TextTransformer(nn.Module):
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """text (B, T) -> pooled (B, D) and tokens (B, T, D)."""
+        if text.ndim == 2 and text.shape[1] == 0:  # else an amax error deep in the pooling
+            raise ValueError(f"text has no tokens: shape {tuple(text.shape)}")
         tokens = self.forward_tokens(text, text_mask)
         return {"pooled": self.pool(tokens, text_mask), "tokens": tokens}
 
@@ -356,6 +367,11 @@ class TextTransformer(nn.Module):
         """
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
+        check_max_new_tokens(max_new_tokens)
+        if text.ndim != 2 or text.shape[1] == 0:
+            raise ValueError(
+                f"text must be a (B, T0) prompt with T0 >= 1 tokens, got shape {tuple(text.shape)}"
+            )
         if prompt_mask is not None:
             check_prompt_mask(prompt_mask, text)
         with eval_mode(self):

@@ -82,6 +82,12 @@ class PatchEmbed(nn.Module):
             raise TypeError(
                 f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}"
             )
+        weight = self.proj.weight.dtype
+        if images.dtype != weight and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {weight}: cast one to "
+                "the other (.to(dtype)) or run under torch.autocast"
+            )
         h, w = images.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
