@@ -181,6 +181,25 @@ def test_open_clip_tiny_variants_parity(name):
     assert err_i <= TOL and err_t <= TOL
 
 
+def test_open_clip_eos_pooling_with_its_own_pad_id_warns_and_matches_with_that_mask():
+    # XLM-R style ids as open_clip's "worldwide" configs: <s> 0, <pad> 1, </s> 2; the tower
+    # pools at the first eos.  `text != 0` marked the pads real and pooled one (error 2.4)
+    text_cfg = dict(TINY_TEXT, pool_type="eos", eos_id=2, pad_id=1)
+    torch.manual_seed(0)
+    peer = perturb_(open_clip.model.CLIP(24, TINY_VISION, text_cfg).eval(), seed=1)
+    # a built CLIP keeps no pad_id; its config dict does
+    with pytest.warns(UserWarning, match=r"token \(id 2\): pass .*text != pad_id ") as seen:
+        model = load_open_clip(peer)
+    assert seen[0].filename == __file__  # the user's line, not one inside mmssl
+    with pytest.warns(UserWarning, match="text_mask = text != 1 "):
+        open_clip_model_config({"embed_dim": 24, "vision_cfg": TINY_VISION, "text_cfg": text_cfg})
+    text = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    text[:, 0], text[0, 3], text[0, 4:], text[1, 10], text[1, 11:] = 0, 2, 1, 2, 1
+    with torch.no_grad():
+        err = max_diff(model.encode_text(text, text != 1), peer.encode_text(text))
+    assert err <= TOL
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_open_clip_from_file(tmp_path, suffix):
     from safetensors.torch import save_file

@@ -4,12 +4,15 @@ open_clip's default tower is the same pre-norm ViT as mmssl's: MultiheadAttentio
 `in_proj` is the fused qkv (q, k, v order), `visual.proj` and `text_projection` are
 (D, E) matrices applied as `x @ proj` (mmssl's bias-free Linear holds their transpose), and
 the text tower pools at the argmax token (the end-of-text id is the largest), which is the
-last valid token that mmssl pools at when `text_mask = text != 0`.
+last valid token that mmssl pools at when `text_mask = text != 0`.  Towers that pool at
+the first eos token (`pool_type="eos"`) pad with their own `pad_id` (1 in open_clip's
+XLM-R "worldwide" configs): there `text_mask = text != pad_id`, and loading one warns so.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -29,6 +32,7 @@ from mmssl.interop.weights import (
 from mmssl.models.config import BlockConfig, ModelConfig, TextConfig, VisionConfig
 from mmssl.models.io import check_model_config
 from mmssl.models.multimodal import MultimodalModel
+from mmssl.models.registry import user_stacklevel
 
 PEER = "open_clip"
 BLOCK_NAMES = {
@@ -145,6 +149,15 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> ModelConfig:
     v, t = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
     _check_supported(v, VISION_SUPPORTED, "vision_cfg")
     _check_supported(t, TEXT_SUPPORTED, "text_cfg")
+    if t.get("pool_type") == "eos":  # mmssl pools at the last True of the mask
+        pad = t.get("pad_id")
+        mask = "text != pad_id" if pad is None else f"text != {pad}"
+        warnings.warn(
+            f"this open_clip text tower pools at its first end-of-text token (id "
+            f"{t.get('eos_id', 2)}): pass encode_text text_mask = {mask} (the id that pads "
+            "each row after that token), so that the mask ends there; text != 0 would pool a pad",
+            stacklevel=user_stacklevel(),
+        )
     if not isinstance(v.get("layers", 12), int):
         raise ValueError("open_clip vision_cfg.layers is a ResNet layout; only ViT towers load")
     act: Literal["gelu", "quick_gelu"] = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
@@ -239,6 +252,8 @@ def config_from_module(model: Any) -> ModelConfig:
         "embed_cls": getattr(text, "cls_emb", None) is not None,
         "no_causal_mask": getattr(text, "attn_mask", None) is None,
         "pool_type": getattr(text, "text_pool_type", None) or text.pool_type,
+        "eos_id": getattr(text, "text_eos_id", getattr(text, "eos_id", 2)),
+        "pad_id": getattr(text, "pad_id", None),  # CLIP keeps none; its TextTransformer does
         "proj_bias": isinstance(text.text_projection, nn.Linear),
         "norm_kwargs": {"eps": t_block.ln_1.eps},
     }
@@ -303,7 +318,8 @@ def load_open_clip(
     config: the architecture; optional for a model (read from it).  A ModelConfig, an
         open_clip architecture name ('ViT-B-32-quickgelu'), or an open_clip config dict.
         Weights alone do not say the activation or head count, so a state dict needs one.
-    Compare text as open_clip does by passing `text_mask = text != 0` to `encode_text`.
+    Compare text as open_clip does by passing `text_mask = text != 0` to `encode_text`, or
+    `text != pad_id` for a tower that pools at its eos token (loading one warns so).
     """
     return load_peer(
         source,

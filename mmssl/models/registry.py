@@ -84,11 +84,11 @@ def _warn_if_weights_beside(name_or_path: str) -> None:
             f"create_model builds a randomly initialised model from {path} and does not load "
             f"{weights}: use mmssl.load_encoder({str(path.parent)!r}, tower='model') for the "
             "trained weights",
-            stacklevel=_outside_mmssl(),
+            stacklevel=user_stacklevel(),
         )
 
 
-def _outside_mmssl() -> int:
+def user_stacklevel() -> int:
     """The warnings.warn stacklevel, for the function that calls this, of the first frame
     outside the mmssl package: the user's line, whether they called this module or a wrapper
     (mmssl.create_model).  Python's default filter shows a warning once per location, so one
