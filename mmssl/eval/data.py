@@ -99,7 +99,11 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
 
 
 def _missing_field(name: str, key: str, url_hint: str) -> DataError:
-    hint = " (pass --label-field to name another json field)" if name == "label" else ""
+    hint = (
+        " (name another json field: --label-field, or --fields for mmssl features)"
+        if name == "label"
+        else ""
+    )
     return DataError(
         f"shards {url_hint} have no {name!r} field (first at sample {key!r}); this task needs "
         f"labelled shards{hint}"

@@ -48,16 +48,21 @@ def assemble_by_index(index: Tensor, rows: dict[str, Tensor]) -> tuple[Tensor, d
 
 
 def detect_fields(urls: list[str]) -> list[str]:
-    """Numeric json fields of the first sample (`label`, `digit`, ...), sorted."""
-    for _, _, files in iter_raw(urls):
+    """Numeric json fields of the first sample (`label`, `digit`, ...), sorted.  DataError if
+    its json is damaged: an empty list would write features without the labels that the
+    other samples hold."""
+    for _, key, files in iter_raw(urls):
         if "json" not in files:
             return ["label"] if "cls" in files else []
         try:
             meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return []
-        if not isinstance(meta, dict):
-            return []
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DataError(
+                f"sample {key!r}: bad_json {err}; its label fields are unknown (name them "
+                "with --fields)"
+            ) from None
         return sorted(
             k for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         )

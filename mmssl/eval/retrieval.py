@@ -64,7 +64,10 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
     for index, key, files in iter_raw(urls):
         if limit is not None and index >= limit:
             break
-        meta = json.loads(files["json"].decode("utf-8")) if "json" in files else {}
+        try:
+            meta = json.loads(files["json"].decode("utf-8")) if "json" in files else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EvalError(f"sample {key!r}: bad_json {err}") from None
         caps = meta.get("captions") if isinstance(meta, dict) else None
         if caps is None:
             if out:

@@ -68,7 +68,8 @@ def test_features_cli_errors(tmp_path, capsys, tiny_model_dir, unlabelled_shards
         )
         == 2
     )
-    assert "no 'label' field" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no 'label' field" in err and "--fields for mmssl features" in err  # its own option
     args = ["--model", tiny_model_dir, "--data", unlabelled_shards, "--out", str(tmp_path)]
     assert main(args) == 2
     assert "is a directory" in capsys.readouterr().err

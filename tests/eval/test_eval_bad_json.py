@@ -1,0 +1,52 @@
+"""A test shard whose json metadata is damaged is an error naming the sample, in every task
+that reads the metadata (an eval that skipped or ignored it would score another test set)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmssl.eval.cli import run_task
+from mmssl.eval.features import main as features_main
+from mmssl.eval.loading import EvalError
+
+
+@pytest.fixture()
+def bad_json_shard(tmp_path) -> str:
+    """4 samples (png, txt, json); sample 0000's json is cut short, the others are labelled."""
+    path = tmp_path / "badjson.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for k in range(4):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+            meta = b'{"label": 0,' if k == 0 else b'{"label": %d}' % (k % 2)
+            for ext, data in (("png", buf.getvalue()), ("txt", b"caption %d" % k), ("json", meta)):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_retrieval_names_the_sample_with_damaged_json(tmp_path, tiny_model_dir, bad_json_shard):
+    # a JSONDecodeError traceback before
+    argv = ["retrieval", "--model", tiny_model_dir, "--data", bad_json_shard]
+    with pytest.raises(EvalError, match="sample '0000': bad_json"):
+        run_task([*argv, "--out", str(tmp_path / "ret")])
+
+
+@pytest.mark.parametrize("fields", [None, "label"])
+def test_features_name_the_sample_with_damaged_json(
+    tmp_path, capsys, tiny_model_dir, bad_json_shard, fields
+):
+    # without --fields it wrote a file with no labels at all, and said nothing
+    out = tmp_path / "f.safetensors"
+    argv = ["--model", tiny_model_dir, "--data", bad_json_shard, "--out", str(out)]
+    assert features_main(argv + (["--fields", fields] if fields else [])) == 2
+    err = capsys.readouterr().err
+    assert "sample '0000'" in err and "bad_json" in err
+    assert not out.exists()
