@@ -87,11 +87,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
     import numpy as np
     from PIL import Image
 
+    from mmssl.data.shard_inputs import to_rgb8  # 16-bit and float greyscale as above
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise BadSample("image_too_large", f"{im.size} > {max_pixels} pixels")
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(to_rgb8(im))
     except BadSample:
         raise
     except Exception as err:  # PIL raises many types for damaged data

@@ -21,9 +21,12 @@ import os
 import re
 import string
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmssl.data.errors import DataError, SkipCounter
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 _CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -31,6 +34,32 @@ _CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 class _BadImage(Exception):
     """Image bytes that PIL cannot decode; the message says why."""
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB.  PIL's convert("RGB") clips 16-bit, 32-bit integer and
+    float greyscale at 255, which turns a 16-bit image white, so those are brought to 8
+    bits first, as torchvision decodes a 16-bit PNG (its top 8 bits, value >> 8): a 16-bit
+    TIFF or PGM gives the pixels the same data saved as PNG gives.  Mode "I" (PIL's mode
+    for 16-bit PGM and 32-bit integer TIFF) is read as 16-bit when its values are within
+    0..65535; "F" as floats in [0, 1], torchvision's and scikit-image's float convention.
+    Other ranges have no standard 8-bit meaning, and a guessed scale would give other
+    pixels than the source's own tools: ValueError (counted as `bad_image`).  Used by
+    `mmssl.data.decode` too, for formats torchvision does not decode."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"mode {im.mode} values {a.min()}..{a.max()} are not 16-bit")
+        im = Image.fromarray((a >> 8).astype(np.uint8))
+    elif im.mode == "F":
+        a = np.asarray(im)
+        if not (a.min() >= 0 and a.max() <= 1):  # NaN fails too
+            raise ValueError(f"mode F values {a.min()}..{a.max()} are not within [0, 1]")
+        im = Image.fromarray(np.round(a * 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 def _image_bytes(path: str) -> tuple[str, bytes]:
@@ -50,7 +79,7 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
             if ext in _IMAGE_EXTS:
                 im.load()
                 return _IMAGE_EXTS[ext], data
-            im.convert("RGB").save(buf, "PNG")
+            to_rgb8(im).save(buf, "PNG")
     except UnidentifiedImageError:
         raise _BadImage("not an image PIL can decode") from None
     except Exception as err:  # PIL raises many types (OSError among them) for damaged data
