@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
+# pgm/pbm/pnm (Netpbm, as ppm) decode through PIL, as every format but png and jpg does
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif", "pgm", "pbm", "pnm")
 TEXT_EXTS = ("txt", "text", "caption")
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; bigger declared sizes are decompression bombs
 

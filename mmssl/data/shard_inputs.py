@@ -5,11 +5,12 @@
 - a CSV or JSONL table of (image path, caption[, label]);
 - plain text files, one document per file or per paragraph.
 
-Images are decoded once as a check, then keep their jpg/png bytes; bmp/gif/webp/tif/ppm are
-converted to png.  An image of a folder or table that the OS cannot read (missing, a
-directory, no permission) is skipped and counted as `missing_image` in the `skipped` counter
-the caller passes, one that does not decode (corrupt, truncated) as `bad_image`; neither is
-written.  An input where no image can be read is a DataError.
+Images are decoded once as a check, then keep their jpg/png bytes; bmp/gif/webp/tif and
+the Netpbm formats (ppm/pgm/pbm/pnm) are converted to png.  An image of a folder or table
+that the OS cannot read (missing, a directory, no permission) is skipped and counted as
+`missing_image` in the `skipped` counter the caller passes, one that does not decode
+(corrupt, truncated) as `bad_image`, a file of a class folder whose extension is no image's
+as `not_image`; none is written.  An input where no image can be read is a DataError.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 _IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
-_CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# torchvision ImageFolder's formats and gif, with PIL's other Netpbm names (.pbm, .pnm)
+_CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
 
 
 class _BadImage(Exception):
@@ -63,12 +65,15 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 
 def _image_bytes(path: str) -> tuple[str, bytes]:
-    """(shard extension, bytes), bmp/gif/webp/tif/ppm converted to png.  OSError only when
-    the file cannot be read, _BadImage when it reads but does not decode (a full decode: a
-    truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px)."""
+    """(shard extension, bytes), bmp/gif/webp/tif/ppm/pgm/pbm/pnm converted to png.  OSError
+    only when the file cannot be read, _BadImage when it reads but does not decode (a full
+    decode: a truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
-        raise DataError(f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif)")
+        raise DataError(
+            f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif, ppm, pgm, "
+            "pbm, pnm)"
+        )
     with open(path, "rb") as f:
         data = f.read()
     from PIL import Image, UnidentifiedImageError
@@ -101,12 +106,12 @@ class _Images:
         try:
             return _image_bytes(path)
         except OSError as err:  # the file, not its content: gone, a directory, no access
-            self._skip("missing_image", f"{where}: {err.strerror or err}")
+            self.skip("missing_image", f"{where}: {err.strerror or err}")
         except _BadImage as err:
-            self._skip("bad_image", f"{where}: {err}")
+            self.skip("bad_image", f"{where}: {err}")
         return None
 
-    def _skip(self, kind: str, where: str) -> None:
+    def skip(self, kind: str, where: str) -> None:
         self.bad[kind] = self.bad.get(kind, 0) + 1
         self.first = self.first or where
         self.skipped.add(kind, self.source, where)
@@ -141,16 +146,17 @@ def _check_template(template: str) -> None:
         ) from None
 
 
-def _class_images(class_dir: str) -> list[str]:
-    """The image files anywhere below `class_dir`, as sorted '/'-joined relative paths.
-    Symlinked subfolders are followed, as torchvision's ImageFolder does, except that a
-    folder whose real path this walk already reached (a symlink loop, a second link to one
-    folder) is left out, so each folder's images are listed once."""
+def _class_images(class_dir: str) -> tuple[list[str], list[str]]:
+    """The image files anywhere below `class_dir`, and the other files there (hidden ones,
+    such as .DS_Store, left out: they are the OS's, not the dataset's), as sorted '/'-joined
+    relative paths.  Symlinked subfolders are followed, as torchvision's ImageFolder does,
+    except that a folder whose real path this walk already reached (a symlink loop, a second
+    link to one folder) is left out, so each folder's images are listed once."""
 
     def fail(err: OSError) -> None:
         raise err
 
-    found = []
+    found, others = [], []
     seen = {os.path.realpath(class_dir)}
     for top, dirs, names in os.walk(class_dir, onerror=fail, followlinks=True):
         # real folders before links beside them, so a folder keeps its own name
@@ -162,7 +168,9 @@ def _class_images(class_dir: str) -> list[str]:
             ext = os.path.splitext(name)[1].lower()
             if ext in _IMAGE_EXTS or ext in _CONVERT_EXTS:
                 found.append(name if rel == "." else f"{rel}/{name}")
-    return sorted(found)
+            elif not name.startswith("."):
+                others.append(name if rel == "." else f"{rel}/{name}")
+    return sorted(found), sorted(others)
 
 
 def _unseen(top: str, dirs: list[str], seen: set[str]) -> list[str]:
@@ -183,7 +191,8 @@ def samples_from_folder(
     images of a class are those anywhere below its folder, subfolders included, in sorted
     path order.  `caption_template` (e.g. "a photo of a {}.") needs exactly one '{}'.  An
     image the OS cannot read is counted in `skipped` as `missing_image`, one that does not
-    decode as `bad_image`, and left out."""
+    decode as `bad_image`, a file that is no image by its extension as `not_image`, and
+    left out."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -194,7 +203,10 @@ def samples_from_folder(
     index = 0
     images = _Images(root, SkipCounter() if skipped is None else skipped)
     for label, cls in enumerate(classes):
-        for name in _class_images(os.path.join(root, cls)):
+        names, others = _class_images(os.path.join(root, cls))
+        for name in others:  # counted, so that the summary says they were not written
+            images.skip("not_image", f"{cls}/{name}: not an image file by its extension")
+        for name in names:
             image = images.read(os.path.join(root, cls, name), f"{cls}/{name}")
             if image is None:
                 continue

@@ -200,7 +200,7 @@ def test_images_in_subfolders_of_a_class_are_written_in_sorted_path_order(tmp_pa
         _save(tmp_path / "in" / rel)
     (tmp_path / "in" / "cat" / "sub" / "notes.txt").write_text("not an image")
     rc, out, _ = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
-    assert rc == 0 and "wrote 4 samples" in out and "skipped" not in out
+    assert rc == 0 and "wrote 4 samples" in out and "(not_image: 1)" in out
     meta = [json.loads(s["json"]) for s in _read(tmp_path / "o")]
     assert [(m["label"], m["path"]) for m in meta] == [
         (0, "cat/a/z.png"),
