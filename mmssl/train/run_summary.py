@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from typing import Any
 
@@ -71,7 +72,9 @@ def resume_hint(recipe: Recipe, good: str | None) -> str:
     # --num_gpus counts the ranks of one node: the launcher's LOCAL_WORLD_SIZE
     per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
     launch = f"deepspeed --num_gpus {per_node} --module mmssl.train" if world > 1 else "mmssl train"
-    command = f"`{launch} {run_dir / 'recipe.yaml'} checkpoint.resume=auto`"
+    # quoted for the shell: an out_dir or name with a space (or any shell character) is one
+    # argument when the command is pasted
+    command = f"`{launch} {shlex.quote(str(run_dir / 'recipe.yaml'))} checkpoint.resume=auto`"
     if good is None:
         return (
             f"there is no good checkpoint in {run_dir / 'checkpoints'}: fix the cause and start "
