@@ -2,11 +2,14 @@
 
 A sample is the run of consecutive tar members that share a key (the member path up to
 the first dot of its basename, as in webdataset and img2dataset), e.g. `000123.png`,
-`000123.txt`, `000123.json` -> key `000123`, files {png, txt, json}.
+`000123.txt`, `000123.json` -> key `000123`, files {png, txt, json}.  A gzip-compressed
+shard (`.tar.gz`, `.tgz`: any file or command output that starts with gzip's magic bytes)
+is read through gzip, as webdataset reads it.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import tempfile
@@ -205,7 +208,7 @@ class TarReader:
     raises TarDamage where tarfile would stop (bad or cut header, data cut short).
     """
 
-    def __init__(self, stream: IO[bytes] | _Pipe, seekable: bool) -> None:
+    def __init__(self, stream: IO[bytes] | gzip.GzipFile | _Pipe, seekable: bool) -> None:
         self.read = stream.read
         self.seek = stream.seek if seekable else None  # type: ignore[union-attr]
         self.pos = 0
@@ -292,6 +295,19 @@ class TarReader:
             return name, size, is_file
 
 
+def _gunzip(stream: IO[bytes]) -> gzip.GzipFile | None:
+    """A gzip reader of `stream` (buffered, so peek does not consume) when it starts with
+    gzip's magic bytes, else None.  Resume skips whole samples, never seeks to a byte
+    offset, so the decompressed stream serves it as a plain tar does."""
+    try:
+        head = stream.peek(2)[:2]  # type: ignore[attr-defined]
+    except OSError:
+        return None  # the reader's first read meets the error and counts it
+    if head != b"\x1f\x8b":
+        return None
+    return gzip.GzipFile(fileobj=stream, mode="rb")
+
+
 def iter_shard(
     url: str, counter: SkipCounter, skip: int = 0
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -302,7 +318,8 @@ def iter_shard(
     the end-of-archive block has been read), a failing `pipe:` command and an empty
     shard are counted too.  A sample whose key repeats the previous sample's (a file
     extension seen twice) is skipped and counted as `duplicate_key`: merged, it would
-    lose one sample's files silently.  Skipped samples' data is seeked over, not read.
+    lose one sample's files silently.  Skipped samples' data is seeked over, not read
+    (decompressed and dropped, in a gzip shard).
     """
     pipe: _Pipe | None = None
     try:
@@ -319,7 +336,9 @@ def iter_shard(
     problem: tuple[str, str] | None = None  # counted once the shard is closed
     finished = False
     try:
-        tar = TarReader(stream, seekable=pipe is None)
+        gz = _gunzip(pipe.stdout if pipe is not None else stream)  # type: ignore[arg-type]
+        # gzip has no random access: data to skip is decompressed and read past
+        tar = TarReader(gz or stream, seekable=pipe is None and gz is None)
         key: str | None = None
         files: dict[str, bytes] = {}
         exts: set[str] = set()  # the current sample's extensions, read or seeked over
@@ -364,6 +383,10 @@ def iter_shard(
                 problem = ("empty_shard", "") if empty else ("bad_tar", str(err))
             else:
                 problem = ("truncated_tar", str(err))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # damaged gzip stream
+            key = None
+            kind = "bad_tar" if tar.pos == 0 else "truncated_tar"
+            problem = (kind, f"gzip: {err}")
         except OSError as err:
             key = None
             problem = ("truncated_tar", str(err))

@@ -99,6 +99,40 @@ def test_agrees_with_tarfile(archives):
         assert _read(f"pipe:cat {path}")[0] == ref
 
 
+def _gzipped_by_tarfile(src: str, dst: str) -> str:
+    """`src`'s members written again by tarfile as a gzip-compressed tar (mode w:gz)."""
+    with tarfile.open(src) as old, tarfile.open(dst, "w:gz", format=old.format) as new:
+        for m in old.getmembers():
+            new.addfile(m, old.extractfile(m) if m.isfile() else None)
+    with open(dst, "rb") as f:
+        assert f.read(2) == b"\x1f\x8b"
+    return dst
+
+
+@pytest.mark.parametrize("name", ["x.tar.gz", "x.tgz", "gzip-inside.tar"])
+def test_a_gzip_shard_reads_as_its_uncompressed_tar(archives, tmp_path, name):
+    # webdataset reads .tar.gz shards; read as plain tars they were one bad_tar each
+    for path in archives:
+        ref = _read(path)
+        assert ref[1] == {} and len(ref[0]) >= 3
+        gz = _gzipped_by_tarfile(path, str(tmp_path / name))
+        assert _read(gz) == ref, path
+        for skip in (1, len(ref[0]) - 1, len(ref[0]) + 2):  # resume skips samples
+            assert _read(gz, skip)[0] == ref[0][skip:]
+        assert _read(f"pipe:cat {gz}") == ref
+
+
+def test_a_truncated_gzip_shard_keeps_complete_samples_and_is_counted(archives, tmp_path):
+    ref, _ = _read(archives[0])
+    data = open(_gzipped_by_tarfile(archives[0], str(tmp_path / "x.tar.gz")), "rb").read()
+    for cut in (1, 5, 30, len(data) // 3, len(data) // 2, len(data) * 3 // 4):  # 30: < 1 block
+        (tmp_path / "cut.tar.gz").write_bytes(data[:cut])
+        got, skipped = _read(str(tmp_path / "cut.tar.gz"))
+        assert got == ref[: len(got)], cut
+        assert len(skipped) == 1 and skipped.get("bad_tar" if cut <= 30 else "truncated_tar"), cut
+    assert 0 < len(got) < len(ref)  # the last cut is inside the data: some samples were read
+
+
 def test_truncated_at_every_block_keeps_exactly_the_complete_samples(archives, tmp_path):
     for path in archives:
         data = open(path, "rb").read()
