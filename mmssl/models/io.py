@@ -97,6 +97,7 @@ def save_pretrained(
     model: MultimodalModel, out_dir: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write `model.safetensors` and `config.json` ({"model": ModelConfig, **extra}) to out_dir.
+    `model` is a whole MultimodalModel; anything else (one tower) is a TypeError.
 
     extra holds config.json's other sections, each optional: "recipe" (the run's recipe
     name), "checkpoint" (its tag), "descriptor" (the augmentation descriptor layout),
@@ -110,6 +111,14 @@ def save_pretrained(
     complete, so a failure leaves the old files (if any) as they were, never new weights
     beside an old config."""
     out = Path(out_dir)
+    if not isinstance(model, MultimodalModel):
+        # a tower (what load_encoder returns) has a config that is no ModelConfig: its export
+        # would not load, and would replace a good one in place
+        raise TypeError(
+            f"save_pretrained({str(out)!r}) needs the whole MultimodalModel, got "
+            f"{type(model).__name__}; pass load_encoder(path, tower='model') (or "
+            f"load_pretrained(path)), not one tower; nothing was written"
+        )
     where = f"save_pretrained({str(out)!r}) extra"
     check_sections(extra or {}, where, EXTRA_SECTIONS)
     _check_descriptor((extra or {}).get("descriptor"), where)
