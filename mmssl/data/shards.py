@@ -358,6 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     line = f"wrote {info['count']} samples to {os.path.join(args.out, info['pattern'])}"
     if skipped.counts:
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(skipped.counts.items()))
-        line += f"; skipped {skipped.total()} unreadable inputs ({kinds})"
+        line += f"; skipped {skipped.total()} inputs ({kinds})"
     print(line)
     return 0
