@@ -119,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err))
     except NonFiniteError as err:  # the run failed, the input was fine: not a usage error
         return _error(str(err), 1)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and out.get("complete"):
+        # a finished run run again: its summary.md is left as the training wrote it
+        stop = recipe.train.stop_at
+        until = " (train.stop_at)" if stop and stop < recipe.train.steps else ""
+        print(
+            f"mmssl train: {recipe.name}: already complete at step {out['final_step']} of "
+            f"{recipe.train.steps}{until}, nothing to do; run directory {recipe.run_dir}"
+        )
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(
             f"mmssl train: {recipe.name}: steps {out['steps']}, "
             f"{out['samples_per_s']:.1f} samples/s, run directory {recipe.run_dir}"

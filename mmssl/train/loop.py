@@ -265,11 +265,27 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     start = checkpoint.step_of(found[1]) if found else 0
     checkpoint.check_no_later(run_dir / "checkpoints", start, recipe.checkpoint.resume)
     client = checkpoint.load(engine, found[0], found[1], streams) if found else {}
-    _prepare_run_dir(recipe, run_dir)  # after the load: a refused resume leaves the run as it was
     step = int(client.get("step", 0))
     bad_steps = int(client.get("bad_steps", 0))
     ckpt_dir = run_dir / "checkpoints"
     end = recipe.train.stop_at or recipe.train.steps
+    if step >= end:
+        # a finished run run again: nothing to train, and the run directory (its summary.md,
+        # metrics, plot) keeps what the run that trained it wrote
+        if rank == 0:
+            _log.info("%s: already complete at step %d; nothing to do", run_dir, step)
+        last = str(ckpt_dir / checkpoint.tag_of(step))
+        t_now = time.perf_counter()
+        info = run_summary.run_info(recipe, resolved, task, step, step, t_now, last, bad_steps)
+        return {
+            **info,
+            "samples_per_s": 0.0,
+            "skipped": {},
+            "final_step": step,
+            "engine": engine,
+            "complete": True,  # nothing was done: the run was already complete
+        }
+    _prepare_run_dir(recipe, run_dir)  # after the load: a refused resume leaves the run as it was
     samples_per_step = recipe.train.global_batch_size
     log = RunLogger(
         run_dir,
