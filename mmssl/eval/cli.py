@@ -130,7 +130,10 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
     existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way above it, a read-only directory, ...
+        raise EvalError(f"--out {out}: cannot make the directory ({err})") from None
     module = importlib.import_module(TASKS[args.command][0])
     try:
         return module.run(args, Context(args, argv))

@@ -50,6 +50,7 @@ import torch
 
 from mmssl import distributed
 from mmssl.data.errors import DataError
+from mmssl.schema import ConfigError
 from mmssl.train import checkpoint, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
@@ -181,7 +182,10 @@ class KeyLog:
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
     if distributed.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # validate checked it: something changed since
+            raise ConfigError(f"out_dir: cannot make the run directory {run_dir}: {err}") from None
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     distributed.barrier()
 

@@ -456,6 +456,27 @@ def check_shard_counts(recipe: Recipe, world_size: int) -> None:
             )
 
 
+def check_run_dir(recipe: Recipe) -> None:
+    """The run directory out_dir/name can be made (or is there) and written to: its nearest
+    existing ancestor is a writable directory.  A file in the way, or a read-only directory,
+    was a traceback once the engine was built (and `--validate` passed it)."""
+    run_dir = Path(os.path.abspath(recipe.run_dir))
+    there = run_dir
+    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
+        there = there.parent
+    key = "name" if there == run_dir else "out_dir"
+    problem = None
+    if not there.is_dir():
+        problem = "is not a directory"
+    elif not os.access(there, os.W_OK | os.X_OK):
+        problem = "is not writable"
+    if problem:
+        raise ConfigError(
+            f"{key}: the run directory {recipe.run_dir} cannot be made or written: "
+            f"{there} {problem}"
+        )
+
+
 @dataclass
 class Resolved:
     """What `validate` derived: the model config, accumulation steps, the DeepSpeed config."""
@@ -469,8 +490,9 @@ class Resolved:
 def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = True) -> Resolved:
     """Check everything that can be checked without a process group; raise ConfigError.
 
-    check_files=False skips the shard-existence check (recipes for other machines); the
-    shard counts of epoch-mode sources are checked for `world_size` ranks either way."""
+    check_files=False skips the checks of the file system, that the shards exist and that
+    the run directory can be made (recipes for other machines); the shard counts of
+    epoch-mode sources are checked for `world_size` ranks either way."""
     from mmssl.train.engine import deepspeed_config
     from mmssl.train.objective_checks import check_objectives
     from mmssl.train.streams import check_data
@@ -489,6 +511,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     accum = grad_accum_steps(recipe, world)
     ds = deepspeed_config(recipe, accum)
     if check_files:
+        check_run_dir(recipe)
         check_shards(recipe)
     check_shard_counts(recipe, world)
     check_data(recipe, cfg)
