@@ -44,7 +44,7 @@ from mmssl.schema import ConfigError
 
 TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
-RUN_RECORD = "mmssl_run.json"  # recipe, world size, ZeRO stage, source seeding (run_record)
+RUN_RECORD = "mmssl_run.json"  # recipe, model, world size, ZeRO stage, ... (run_record)
 log = logging.getLogger("mmssl.train")
 
 
@@ -348,7 +348,10 @@ def save(
     if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
         from mmssl.train.run_record import record
 
-        run = record(recipe, client["world_size"], int(engine.zero_optimization_stage()))
+        # the model the run built (engine.module is its Task), not its config file as it
+        # is now: the file may have been edited since the run resolved it
+        stage = int(engine.zero_optimization_stage())
+        run = record(recipe, client["world_size"], stage, engine.module.model.cfg)
         _write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:

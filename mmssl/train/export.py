@@ -10,9 +10,10 @@ per group, `fp32_groups_flat`, with DeepSpeed's FusedAdam): the checkpoint's
 values.  A bf16 stage-0 checkpoint without those names (saved before mmssl wrote them)
 exports its bf16 weights, cast to fp32.
 
-The model and the preprocessing in `config.json` come from the recipe recorded with the
-exported checkpoint (`mmssl_run.json`), not from RUN_DIR/recipe.yaml, which a later resume
-may have changed.  Beside it, config.json records the learned logit scale and bias of the
+The model and the preprocessing in `config.json` come from the run record of the exported
+checkpoint (`mmssl_run.json`): the model as the run resolved it, not its config file, which
+may have been edited or deleted since, and the recipe, not RUN_DIR/recipe.yaml, which a later
+resume may have changed.  Beside it, config.json records the learned logit scale and bias of the
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
 `mmssl.models.io.read_logit_params` reads back.
 
@@ -47,14 +48,9 @@ def _read_recipe(run_dir: Path, folder: Path) -> Any:
     from mmssl.train.recipe import read_yaml, recipe_from_dict
     from mmssl.train.values import check_values
 
-    record = folder / RUN_RECORD
-    if record.is_file():
-        try:
-            data = json.loads(record.read_text())["recipe"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})"
-            ) from None
+    run = _read_record(folder)
+    if run is not None:
+        data = run.get("recipe")
         if not isinstance(data, dict):
             raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} holds no recipe")
     else:
@@ -64,6 +60,60 @@ def _read_recipe(run_dir: Path, folder: Path) -> Any:
     recipe = recipe_from_dict(data)
     check_values(recipe)  # validated when trained: anything out of range now is damage
     return recipe
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    """The run record of checkpoint `folder`, None for one saved before mmssl wrote them."""
+    from mmssl.train.checkpoint import RUN_RECORD, CheckpointError
+
+    record = folder / RUN_RECORD
+    if not record.is_file():
+        return None
+    try:
+        run = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable (not an object)")
+    return run
+
+
+def _read_model(folder: Path, recipe: Any) -> Any:
+    """The ModelConfig checkpoint `folder` was trained with: its run record's, since the
+    recipe's `model.name` may name a file edited or deleted after training (or a relative
+    path, from another working directory).  A checkpoint saved before the record held the
+    model: the recipe's model, resolved now.  Call after `verify`."""
+    from mmssl.train.checkpoint import RUN_RECORD
+    from mmssl.train.recipe import model_config
+    from mmssl.train.run_record import recorded_model
+
+    run = _read_record(folder)
+    if run is None or run.get("model") is None:
+        return model_config(recipe)
+    cfg = recorded_model(run["model"], f"checkpoint {folder}: {RUN_RECORD}")
+    _check_overrides(cfg, recipe)
+    return cfg
+
+
+def _check_overrides(cfg: Any, recipe: Any) -> None:
+    """The recorded recipe's `model.overrides` applied again to the recorded model (which
+    holds them already) and checked as `recipe.model_config` checks them: a damaged record
+    is refused naming the key, as it was when the model was resolved from them here."""
+    from mmssl.models.config import ModelConfig
+    from mmssl.schema import apply_overrides, from_dict, merge, to_dict
+    from mmssl.train.recipe import _OVERRIDE_KEY
+    from mmssl.train.values import check_model
+
+    overrides = recipe.model.overrides
+    dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
+    nested = {k: v for k, v in overrides.items() if "." not in k}
+    try:
+        data = apply_overrides(merge(to_dict(cfg), nested), dotted)
+        check_model(from_dict(ModelConfig, data, "model"))
+    except ConfigError as err:
+        raise ConfigError(_OVERRIDE_KEY.sub(r"\1model.overrides.", str(err), count=1)) from None
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
 
 
 def checkpoint_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -185,7 +235,6 @@ def export_run(
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.checkpoint import newest_valid
-    from mmssl.train.recipe import model_config
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
@@ -201,7 +250,7 @@ def export_run(
     # verified against its manifest first (newest_valid hashed it already)
     state = _read_state(ckpt_dir, tag) if verified else checkpoint_state(ckpt_dir, tag)
     recipe = _read_recipe(run, ckpt_dir / tag)
-    cfg = model_config(recipe)
+    cfg = _read_model(ckpt_dir / tag, recipe)
     for tower in (cfg.vision, cfg.text):
         if tower is not None:
             tower.grad_checkpointing = False  # a training-time switch, not part of the export

@@ -1,6 +1,6 @@
-"""The run record of a checkpoint (`mmssl_run.json`: the recipe, world size, ZeRO stage and
-source seeding of the run that saved it) against a run that would resume from it: what a
-resume must keep."""
+"""The run record of a checkpoint (`mmssl_run.json`: the recipe, resolved model config, world
+size, ZeRO stage and source seeding of the run that saved it) against a run that would resume
+from it: what a resume must keep."""
 
 from __future__ import annotations
 
@@ -56,13 +56,50 @@ def _read_as_now(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
-def record(recipe: dict[str, Any], world_size: int, zero_stage: int) -> dict[str, Any]:
-    """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0)."""
+def model_record(cfg: Any) -> dict[str, Any]:
+    """A ModelConfig as the run record holds it: the recipe names its model by a name or a
+    JSON file (`model.name`) that may be edited or deleted after training, so the record
+    keeps what it resolved to.  Activation checkpointing is a training-time switch
+    (`train.activation_checkpointing`, free on a resume), not part of the model."""
+    from mmssl.schema import to_dict
+
+    data = json.loads(json.dumps(to_dict(cfg)))  # as saved: tuples become lists
+    for tower in ("vision", "text"):
+        if isinstance(data.get(tower), dict):
+            data[tower]["grad_checkpointing"] = False
+    return data
+
+
+def recorded_model(saved: dict[str, Any], where: str) -> Any:
+    """The ModelConfig of a run record's `model` (as `model_record` wrote it), checked as a
+    file's would be; CheckpointError naming `where` if it cannot be read."""
+    from mmssl.models.config import ModelConfig
+    from mmssl.models.io import check_model_config
+    from mmssl.schema import from_dict
+
+    try:
+        cfg = from_dict(ModelConfig, saved, "model")
+        check_model_config(cfg, "model")
+    except (ConfigError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{where}: the recorded model is unusable ({err})") from None
+    return cfg
+
+
+def record(
+    recipe: dict[str, Any], world_size: int, zero_stage: int, model: Any = None
+) -> dict[str, Any]:
+    """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0);
+    `model` is the ModelConfig the run built (None: the recipe's, resolved now)."""
     from mmssl.data.pipeline import STATE_VERSION
     from mmssl.train.streams import SOURCE_SEEDING
 
+    if model is None:
+        from mmssl.train.recipe import model_config, recipe_from_dict
+
+        model = model_config(recipe_from_dict(recipe))
     return {
         "recipe": recipe,
+        "model": model_record(model),
         "world_size": world_size,
         "zero_stage": zero_stage,
         "source_seeding": SOURCE_SEEDING,
@@ -102,6 +139,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
         data_state = int(run.get("data_state", 3))  # older records: version 3 or before
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
+    saved_model = run.get("model")  # None in records written before it was kept
     if saved_world != world_size:
         raise ConfigError(
             f"checkpoint {folder} was written by {saved_world} ranks, this run has "
@@ -123,6 +161,8 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
                 f"resume keeps {', '.join(RESUME_FIXED)}: change them in a new run (another "
                 f"name)"
             )
+    if saved_model is not None:
+        _check_model(folder, saved_model, recipe)
     # the data positions are saved per loader worker: checked here, before DeepSpeed loads
     # the checkpoint, rather than by the data state once everything else is loaded
     was, now = _loader_workers(saved), _loader_workers(recipe)
@@ -136,6 +176,30 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     _check_seeding(folder, saved, seeding)
     _check_first_source(folder, saved, recipe)
     _check_view_draws(folder, saved, data_state)
+
+
+def _check_model(folder: Path, saved: Any, recipe: dict[str, Any]) -> None:
+    """Refuse a resume whose model resolves otherwise than the checkpoint's, its recipe's
+    `model` section unchanged: the JSON file `model.name` names was edited since (a changed
+    activation would resume silently with it, a changed width failed in DeepSpeed's load)."""
+    from mmssl.train.recipe import model_config, recipe_from_dict
+
+    # read through this version's ModelConfig, so that a field added since takes its
+    # default; one it cannot read (a field since removed) is compared as saved
+    try:
+        was = model_record(recorded_model(saved, f"checkpoint {folder}: {RUN_RECORD}"))
+    except CheckpointError:
+        was = saved
+    now = model_record(model_config(recipe_from_dict(recipe)))
+    found = _first_difference(was, now, "model")
+    if found:
+        key, old, new = found
+        raise ConfigError(
+            f"{key} is {new!r} but checkpoint {folder} was trained with {old!r}: the model "
+            f"{_at(recipe, 'model.name')!r} resolves otherwise than when it was saved (its "
+            f"config file edited?); a resume keeps the model: restore it, or train a new run "
+            f"(another name)"
+        )
 
 
 def _check_first_source(folder: Path, saved: dict[str, Any], recipe: dict[str, Any]) -> None:
