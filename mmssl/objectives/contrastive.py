@@ -187,7 +187,7 @@ def _nt_xent_sum(
     logits = logits.scatter(1, self_idx, float("-inf"))
     if positives is None:
         return F.cross_entropy(logits, torch.cat([idx + n_all, idx]), reduction="sum")
-    pos = positives.clone()
+    pos = positives.bool().clone()  # 0/1 integers too, as clip_loss takes them
     pos[torch.arange(n, device=pos.device), idx] = (
         True  # the other view of the same sample is always positive
     )
@@ -207,6 +207,8 @@ def nt_xent_loss(
     the other view of the same sample is positive whatever the mask's diagonal says, and
     self-similarity is always excluded. Raises ValueError on an empty batch.
     """
+    if not temperature > 0:  # 0 gave NaN, a negative one a loss of the wrong sign
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     check_pair(z1, z2, "z1, z2")
     n = z1.shape[0]
     check_not_empty(n)

@@ -299,6 +299,12 @@ def test_positives_helpers() -> None:
         (lambda: NTXentLoss(gather="everything"), "gather must be one of"),
         (lambda: ClipLoss(gather="chunked"), "gather must be one of"),
         (lambda: NTXentLoss(temperature=0.0), "temperature must be > 0"),
+        # the function took them: 0 gave NaN, a negative temperature a loss of the wrong sign
+        (
+            lambda: nt_xent_loss(torch.randn(3, 4), torch.randn(3, 4), 0.0),
+            "temperature must be > 0",
+        ),
+        (lambda: nt_xent_loss(torch.randn(3, 4), torch.randn(3, 4), -0.1), "temperature must be"),
         (lambda: nt_xent_loss(torch.randn(3, 4), torch.randn(4, 4)), r"must both be \(B, D\)"),
         (lambda: clip_loss(torch.randn(3), torch.randn(3), 1.0), r"must both be \(B, D\)"),
         (
@@ -318,3 +324,13 @@ def test_positives_helpers() -> None:
 def test_bad_inputs_raise(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_nt_xent_takes_an_integer_positives_mask_as_clip_loss_does() -> None:
+    # a 0/1 integer mask failed in masked_fill_, where clip_loss and siglip_loss take it
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    mask = labels[:, None] == labels[None]
+    expected = nt_xent_loss(z1, z2, 0.1, mask)
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.1, mask.int()), expected)
