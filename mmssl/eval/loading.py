@@ -97,12 +97,32 @@ def is_exported(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | None:
+    """The tag of the checkpoint of `ckpt_dir` that the export `dest` holds, None unless it
+    is still that very checkpoint: a run trained anew in the same directory saves other
+    checkpoints under the same tags, so its manifest's sha256 is compared, not the tag (an
+    export written before mmssl recorded it is redone once)."""
+    import json
+
+    from mmssl.train.export import SOURCE, manifest_digest
+
+    if not is_exported(dest):
+        return None
+    try:
+        source = json.loads((dest / SOURCE).read_text())
+        tag = json.loads((dest / "config.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(source, dict) or tag not in tags or source.get("checkpoint") != tag:
+        return None
+    digest = manifest_digest(ckpt_dir / tag)
+    return tag if digest is not None and digest == source.get("manifest_sha256") else None
+
+
 def export_run(run_dir: Path) -> Path:
     """Export the newest good checkpoint of a training run directory to RUN_DIR/export (the
     `mmssl export` default), unless that export already holds it.  A damaged or incomplete
     newer checkpoint is passed over (with a warning), as `checkpoint.resume=auto` does."""
-    import json
-
     try:
         from mmssl.train.checkpoint import latest_tag, list_tags, newest_valid
         from mmssl.train.export import export_run as _export
@@ -120,19 +140,13 @@ def export_run(run_dir: Path) -> Path:
     tags = list_tags(ckpt_dir)
     if not tags:
         raise EvalError(f"{run_dir}: the run has no checkpoint yet")
-    done = None
-    if is_exported(dest):
-        try:
-            done = json.loads((dest / "config.json").read_text()).get("checkpoint")
-        except (OSError, json.JSONDecodeError):
-            pass
+    done = _exported_checkpoint(dest, ckpt_dir, tags)
     if done is not None and done == latest_tag(ckpt_dir):
         return dest  # not hashed again: the export verified it
     # nor is it when a newer one is damaged: only those newer ones are checked
-    after = done if done in tags else None
-    tag = newest_valid(ckpt_dir, "mmssl eval", collective=False, after=after)
+    tag = newest_valid(ckpt_dir, "mmssl eval", collective=False, after=done)
     if tag is None:
-        if after is not None:
+        if done is not None:
             return dest
         # `mmssl export`'s wording; newest_valid has logged why it skipped each one
         raise EvalError(

@@ -15,7 +15,10 @@ checkpoint (`mmssl_run.json`): the model as the run resolved it, not its config 
 may have been edited or deleted since, and the recipe, not RUN_DIR/recipe.yaml, which a later
 resume may have changed.  Beside it, config.json records the learned logit scale and bias of the
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
-`mmssl.models.io.read_logit_params` reads back.
+`mmssl.models.io.read_logit_params` reads back.  `exported_from.json` beside them names the
+checkpoint exactly (the sha256 of its manifest): a run trained anew in the same directory
+saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`) compares that, not
+the tag, before it reuses RUN_DIR/export.
 
 The checkpoint's files are checked against its manifest (sha256) first, and every
 `torch.load` runs with `weights_only=True` and the allow-list of
@@ -35,6 +38,7 @@ from mmssl.cliargs import ArgumentParser, summary
 from mmssl.schema import ConfigError
 
 PREFIX = "model."
+SOURCE = "exported_from.json"  # {"checkpoint": tag, "manifest_sha256": its manifest's sha256}
 
 
 def _read_recipe(run_dir: Path, folder: Path) -> Any:
@@ -234,7 +238,7 @@ def export_run(
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import newest_valid
+    from mmssl.train.checkpoint import _write_atomic, newest_valid
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
@@ -276,7 +280,27 @@ def export_run(
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
         extra["tokenizer"] = _tokenizer_record(recipe)
-    return save_pretrained(model.eval(), dest, extra)
+    source = {"checkpoint": tag, "manifest_sha256": manifest_digest(ckpt_dir / tag)}
+    if (dest / SOURCE).is_file():
+        # gone before the weights change: it never names a checkpoint they are not from
+        (dest / SOURCE).unlink()
+    saved = save_pretrained(model.eval(), dest, extra)
+    _write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
+    return saved
+
+
+def manifest_digest(folder: Path) -> str | None:
+    """The sha256 of checkpoint `folder`'s manifest (the size and sha256 of each of its
+    files): what identifies the checkpoint, where its tag names only its step.  None
+    without a manifest."""
+    import hashlib
+
+    from mmssl.train.checkpoint import MANIFEST
+
+    try:
+        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,48 @@
+"""`mmssl eval`/`features --model RUN_DIR` reuse RUN_DIR/export only while it holds the very
+checkpoint that is newest: a run trained anew in the same directory (its checkpoints moved
+away) saves other weights under the same tags, and the stale export, matched by its tag
+name alone, was evaluated in their place."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from train_helpers import synthetic_recipe
+
+from mmssl.eval.loading import resolve_model_dir
+from mmssl.train.export import export_run
+
+pytestmark = pytest.mark.usefixtures("one_process_group")
+
+
+def _train(path: Path, *overrides: str) -> None:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(str(path), list(overrides))
+    train(recipe, validate(recipe))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+def test_an_export_of_a_replaced_checkpoint_of_the_same_tag_is_redone(tmp_path: Path) -> None:
+    path = synthetic_recipe(tmp_path, "r", 2)
+    run = tmp_path / "r"
+    _train(path)
+    first = resolve_model_dir(run)
+    assert first == run / "export"
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_dir(run) == first  # the same checkpoint: reused, not written again
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    shutil.rmtree(run / "checkpoints")
+    _train(path, "train.seed=1")  # step_00000002 again, other weights
+    fresh = export_run(run, tmp_path / "fresh")
+    assert not _same_weights(run / "export", fresh)  # RUN_DIR/export is stale now
+    assert resolve_model_dir(run) == run / "export"
+    assert _same_weights(run / "export", fresh)
