@@ -29,11 +29,59 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+class Override:
+    """A `key=value` override's scalar as given on the command line: `text` and the `value`
+    YAML parses it to.  A str field takes the text (`name=42` is "42", `name=no` "no"), any
+    other field the value, with today's errors (`train.steps=x`: expected an integer)."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str, value: Any) -> None:
+        self.text, self.value = text, value
+
+    def __repr__(self) -> str:
+        return f"Override({self.text!r}, {self.value!r})"
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every Override replaced by its parsed value (for fields typed Any)."""
+    if isinstance(value, Override):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert_override(value: Override, tp: Any, where: str) -> Any:
+    """A command-line scalar: its text for a str field (and a Literal's text member), its
+    parsed value for any other.  In a union, str is tried last (`int | str` takes 42 as 42)
+    and null is None for an optional field."""
+    args = typing.get_args(tp)
+    if tp is str:
+        return value.text
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and str in args:
+        if value.value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a not in (str, type(None))):
+            try:
+                return _convert(value.value, arg, where)
+            except ConfigError:
+                pass
+        return value.text
+    if typing.get_origin(tp) is typing.Literal and value.value not in args and value.text in args:
+        return value.text
+    return _convert(value.value, tp, where)
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, Override):
+        return _convert_override(value, tp, where)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -203,6 +251,8 @@ def parse_value(text: str) -> Any:
         return text
     if isinstance(value, datetime.date):  # a run named 2024-06-01, not a datetime.date
         return text
+    if isinstance(value, str) and _YAML11_FLOAT.fullmatch(text.strip()):
+        return float(text)  # YAML 1.1 reads `3e-4` (no dot) as a string
     if isinstance(value, (dict, list)) and text.strip()[:1] not in ("{", "["):
         # block style is not a collection on the command line: a prompt such as
         # `a photo of the digit: 3` or `- draft` is text
@@ -210,11 +260,15 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: typing.Iterable[str], keep_text: bool = False
+) -> dict[str, Any]:
     """Apply `a.b.c=value` strings to nested dict `data` (a copy is returned).
 
     Only the shape is handled here; whether the key exists is checked when the result goes
-    through `from_dict`, which names the full dotted key.
+    through `from_dict`, which names the full dotted key.  keep_text: a value that parses to
+    a number, a boolean or null is kept as an `Override` with its text, for `from_dict` to
+    give a str field the text (`name=42`); the result is then for `from_dict` only.
     """
     out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for item in overrides:
@@ -227,6 +281,8 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if isinstance(child, Override):  # `a=null` then `a.b=1`: a section after all
+                child = child.value
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
@@ -235,9 +291,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
                 )
             node = child
         try:
-            node[parts[-1]] = parse_value(raw)
+            value = parse_value(raw)
         except ConfigError as err:
             raise ConfigError(f"override {key.strip()!r}: {err}") from None
+        scalar = value is None or isinstance(value, (bool, int, float))
+        node[parts[-1]] = Override(raw.strip(), value) if keep_text and scalar else value
     return out
 
 

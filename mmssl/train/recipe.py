@@ -235,18 +235,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# PyYAML (YAML 1.1) reads `3e-4` as a string: it wants `3.0e-4`
-_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _exp_float(item: str) -> str:
-    key, sep, value = item.partition("=")
-    return f"{key}={float(value)!r}" if sep and _EXP_FLOAT.match(value.strip()) else item
-
-
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """YAML file + `a.b=value` overrides -> a Recipe (schema-checked, not yet `validate`d)."""
-    data = apply_overrides(read_yaml(path), [_exp_float(o) for o in overrides])
+    # keep_text: a str field takes an override's text (`name=42`, `name=no`); a number or
+    # boolean in the YAML file itself is YAML's, and refused there (quote it)
+    data = apply_overrides(read_yaml(path), overrides, keep_text=True)
     data.setdefault("base_dir", str(Path(path).resolve().parent))
     return recipe_from_dict(data)
 
