@@ -112,7 +112,7 @@ def _digest(path: Path, flush: bool = False) -> tuple[int, str]:
     return path.stat().st_size, h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -135,7 +135,7 @@ def write_manifest(folder: Path, step: int) -> None:
     if rank == 0:
         entries = {k: {"size": s, "sha256": h} for part in parts for k, (s, h) in part.items()}
         manifest = {"format": 1, "step": step, "files": dict(sorted(entries.items()))}
-        _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     distributed.barrier()
 
 
@@ -352,7 +352,7 @@ def save(
         # is now: the file may have been edited since the run resolved it
         stage = int(engine.zero_optimization_stage())
         run = record(recipe, client["world_size"], stage, engine.module.model.cfg)
-        _write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
+        write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:
         on_written()

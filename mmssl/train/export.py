@@ -105,7 +105,7 @@ def _check_overrides(cfg: Any, recipe: Any) -> None:
     is refused naming the key, as it was when the model was resolved from them here."""
     from mmssl.models.config import ModelConfig
     from mmssl.schema import apply_overrides, from_dict, merge, to_dict
-    from mmssl.train.recipe import _OVERRIDE_KEY
+    from mmssl.train.recipe import override_error
     from mmssl.train.values import check_model
 
     overrides = recipe.model.overrides
@@ -115,7 +115,7 @@ def _check_overrides(cfg: Any, recipe: Any) -> None:
         data = apply_overrides(merge(to_dict(cfg), nested), dotted)
         check_model(from_dict(ModelConfig, data, "model"))
     except ConfigError as err:
-        raise ConfigError(_OVERRIDE_KEY.sub(r"\1model.overrides.", str(err), count=1)) from None
+        raise override_error(err) from None
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
 
@@ -238,7 +238,7 @@ def export_run(
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import _write_atomic, newest_valid
+    from mmssl.train.checkpoint import newest_valid, write_atomic
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
@@ -285,7 +285,7 @@ def export_run(
         # gone before the weights change: it never names a checkpoint they are not from
         (dest / SOURCE).unlink()
     saved = save_pretrained(model.eval(), dest, extra)
-    _write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
+    write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
 
 

@@ -286,6 +286,11 @@ def _dry_build(cfg: Any) -> None:
 _OVERRIDE_KEY = re.compile(r"(^|')model\.(?!overrides\.)")
 
 
+def override_error(err: ConfigError) -> ConfigError:
+    """A model config's error about `model.<key>` as the recipe's `model.overrides.<key>`."""
+    return ConfigError(_OVERRIDE_KEY.sub(r"\1model.overrides.", str(err), count=1))
+
+
 def model_config(recipe: Recipe) -> Any:
     """The resolved ModelConfig, with activation checkpointing switched on in every tower."""
     from mmssl.models.registry import resolve_model_config
@@ -293,7 +298,7 @@ def model_config(recipe: Recipe) -> Any:
     try:
         cfg = resolve_model_config(recipe.model.name, **recipe.model.overrides)
     except ConfigError as err:
-        raise ConfigError(_OVERRIDE_KEY.sub(r"\1model.overrides.", str(err), count=1)) from None
+        raise override_error(err) from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
     from mmssl.train.values import check_model
