@@ -154,7 +154,7 @@ def test_bad_prompt_masks_are_refused():
         (text, mask.flip(1), "not left-padded"),  # right padding
         (text[:, :3], torch.tensor([[True, False, True]] * 3), "not left-padded"),
         (text, torch.cat([torch.zeros(1, 7, dtype=torch.bool), mask[1:]]), "no real token"),
-        (text[:, :0], mask[:, :0], "no real token"),  # an empty prompt
+        (text[:, :0], mask[:, :0], "T0 >= 1"),  # an empty prompt, refused before its mask
     ]
     for t, bad, match in cases:
         with pytest.raises(ValueError, match=match):
