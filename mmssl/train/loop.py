@@ -180,6 +180,13 @@ class KeyLog:
             self.file = None
 
 
+def _summarised(run_dir: Path, last: Path) -> bool:
+    """Whether RUN_DIR/summary.md was written after checkpoint `last` was complete (its
+    manifest is written last): the run that saved it summarised it, not an earlier one."""
+    summary, manifest = run_dir / "summary.md", last / checkpoint.MANIFEST
+    return summary.is_file() and summary.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
+
+
 def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
     if distributed.rank() == 0:
         try:
@@ -273,9 +280,10 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     bad_steps = int(client.get("bad_steps", 0))
     ckpt_dir = run_dir / "checkpoints"
     end = recipe.train.stop_at or recipe.train.steps
-    if step >= end:
+    if step >= end and _summarised(run_dir, ckpt_dir / checkpoint.tag_of(step)):
         # a finished run run again: nothing to train, and the run directory (its summary.md,
-        # metrics, plot) keeps what the run that trained it wrote
+        # metrics, plot) keeps what the run that trained it wrote.  One killed between its
+        # last checkpoint and its summary goes on below and writes the summary
         if rank == 0:
             _log.info("%s: already complete at step %d; nothing to do", run_dir, step)
         last = str(ckpt_dir / checkpoint.tag_of(step))

@@ -36,3 +36,24 @@ def test_a_finished_run_run_again_keeps_its_summary(
     out = capsys.readouterr().out
     assert f"mmssl train: done: already complete at step {end} of 2" in out, out
     assert "nothing to do" in out and "samples/s" not in out, out
+
+
+def test_a_run_killed_before_its_summary_writes_it_when_run_again(tmp_path: Path) -> None:
+    """Killed between its last checkpoint and its summary (here: the summary removed, or
+    older than that checkpoint): running it again said "already complete" and never wrote
+    summary.md or loss.png."""
+    import os
+
+    from mmssl.train.cli import main
+
+    args = [str(synthetic_recipe(tmp_path, "cut", 2))]
+    assert main(args) == 0
+    run = tmp_path / "cut"
+    (run / "summary.md").unlink()
+    (run / "loss.png").unlink(missing_ok=True)
+    assert main(args) == 0
+    assert "- steps: 2 -> 2 of 2" in (run / "summary.md").read_text()
+    stale = run / "summary.md"  # a summary from before the last checkpoint: an earlier attempt's
+    os.utime(stale, ns=(0, 0))
+    assert main(args) == 0
+    assert stale.stat().st_mtime_ns > 0  # written again
