@@ -153,10 +153,17 @@ def export_run(run_dir: Path) -> Path:
             f"{ckpt_dir}: no complete, undamaged checkpoint ({len(tags)} found, each "
             "incomplete or damaged)"
         )
+    from safetensors import SafetensorError
+
     try:
         return Path(_export(run_dir, dest, tag, verified=True))  # not hashed twice
     except (ConfigError, FileNotFoundError) as err:
         raise EvalError(f"cannot export {run_dir}: {err}") from None
+    except (OSError, SafetensorError) as err:  # RUN_DIR not writable: export it elsewhere
+        raise EvalError(
+            f"cannot write {dest} ({err}): export the run elsewhere (mmssl export {run_dir} "
+            "--out DIR) and pass --model DIR"
+        ) from None
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -46,3 +46,23 @@ def test_an_export_of_a_replaced_checkpoint_of_the_same_tag_is_redone(tmp_path: 
     assert not _same_weights(run / "export", fresh)  # RUN_DIR/export is stale now
     assert resolve_model_dir(run) == run / "export"
     assert _same_weights(run / "export", fresh)
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_error_naming_the_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export to redo (one from before exports named their checkpoint) in a run directory
+    the user cannot write: a SafetensorError / PermissionError traceback before."""
+    import mmssl.train.export
+    from mmssl.eval.loading import EvalError
+
+    path = synthetic_recipe(tmp_path, "r", 1)
+    run = tmp_path / "r"
+    _train(path)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(run / "export"))
+
+    monkeypatch.setattr(mmssl.train.export, "export_run", refuse)
+    with pytest.raises(EvalError, match=r"cannot write .*export.*mmssl export .* --out DIR"):
+        resolve_model_dir(run)
