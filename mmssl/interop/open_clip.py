@@ -4,9 +4,9 @@ open_clip's default tower is the same pre-norm ViT as mmssl's: MultiheadAttentio
 `in_proj` is the fused qkv (q, k, v order), `visual.proj` and `text_projection` are
 (D, E) matrices applied as `x @ proj` (mmssl's bias-free Linear holds their transpose), and
 the text tower pools at the argmax token (the end-of-text id is the largest), which is the
-last valid token that mmssl pools at when `text_mask = text != 0`.  Towers that pool at
-the first eos token (`pool_type="eos"`) pad with their own `pad_id` (1 in open_clip's
-XLM-R "worldwide" configs): there `text_mask = text != pad_id`, and loading one warns so.
+last valid token that mmssl pools at when `text_mask = text != 0`.  A tower that pools at
+the first eos token (`pool_type="eos"`, as open_clip's "worldwide" configs) and pads with
+another id than 0 needs `text_mask = text != pad_id`; loading one warns so.
 """
 
 from __future__ import annotations
@@ -149,13 +149,17 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> ModelConfig:
     v, t = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
     _check_supported(v, VISION_SUPPORTED, "vision_cfg")
     _check_supported(t, TEXT_SUPPORTED, "text_cfg")
-    if t.get("pool_type") == "eos":  # mmssl pools at the last True of the mask
-        pad = t.get("pad_id")
-        mask = "text != pad_id" if pad is None else f"text != {pad}"
+    pad = t.get("pad_id", 0)  # open_clip's default; None: a built CLIP, which keeps none
+    if t.get("pool_type") == "eos" and pad != 0:  # mmssl pools at the mask's last True
+        mask = (
+            "text != pad_id (0 unless its text config set another)"
+            if pad is None
+            else f"text != {pad}"
+        )
         warnings.warn(
             f"this open_clip text tower pools at its first end-of-text token (id "
-            f"{t.get('eos_id', 2)}): pass encode_text text_mask = {mask} (the id that pads "
-            "each row after that token), so that the mask ends there; text != 0 would pool a pad",
+            f"{t.get('eos_id', 2)}): pass encode_text text_mask = {mask}, so that the mask "
+            "ends at that token (text != 0 pools a pad when the pad id is another)",
             stacklevel=user_stacklevel(),
         )
     if not isinstance(v.get("layers", 12), int):
