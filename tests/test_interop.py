@@ -183,8 +183,8 @@ def test_open_clip_tiny_variants_parity(name):
 
 
 def test_open_clip_eos_pooling_with_its_own_pad_id_warns_and_matches_with_that_mask():
-    # XLM-R style ids as open_clip's "worldwide" configs: <s> 0, <pad> 1, </s> 2; the tower
-    # pools at the first eos.  `text != 0` marked the pads real and pooled one (error 2.4)
+    # XLM-R style ids (<s> 0, <pad> 1, </s> 2); the tower pools at the first eos.  `text != 0`
+    # marked the pads real and pooled one (error 2.4)
     text_cfg = dict(TINY_TEXT, pool_type="eos", eos_id=2, pad_id=1)
     torch.manual_seed(0)
     peer = perturb_(open_clip.model.CLIP(24, TINY_VISION, text_cfg).eval(), seed=1)
