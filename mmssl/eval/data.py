@@ -98,6 +98,11 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         raise DataError(f"no readable sample in {len(urls)} shard(s) (first: {urls[0]})")
 
 
+def shards_hint(urls: list[str]) -> str:
+    """How an error names the shards it read: the one, or the first and '...'."""
+    return urls[0] if len(urls) == 1 else f"{urls[0]} ..."
+
+
 def _missing_field(name: str, key: str, url_hint: str) -> DataError:
     hint = (
         " (name another json field: --label-field, or --fields for mmssl features)"
@@ -143,7 +148,7 @@ def iter_image_batches(
         buf.clear()
         return batch
 
-    hint = urls[0] if len(urls) == 1 else f"{urls[0]} ..."
+    hint = shards_hint(urls)
     for index, key, files in iter_raw(urls):
         if limit is not None and index >= limit:
             break

@@ -27,7 +27,7 @@ from torch import Tensor
 from mmssl import distributed
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
-from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls
+from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls, shards_hint
 from mmssl.eval.loading import EvalError, vision_tower
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ def detect_fields(urls: list[str]) -> list[str]:
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise DataError(
-                f"sample {key!r}: bad_json {err}; its label fields are unknown (name them "
-                "with --fields)"
-            ) from None
+            raise DataError(f"sample {key!r} of {shards_hint(urls)}: bad_json {err}") from None
         return sorted(
             k for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         )

@@ -58,7 +58,7 @@ def score(
 
 def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
     """Per image, the json `captions` list when the shards have one (None otherwise)."""
-    from mmssl.eval.data import iter_raw
+    from mmssl.eval.data import iter_raw, shards_hint
 
     out: list[list[str]] = []
     for index, key, files in iter_raw(urls):
@@ -67,7 +67,7 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
         try:
             meta = json.loads(files["json"].decode("utf-8")) if "json" in files else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise EvalError(f"sample {key!r}: bad_json {err}") from None
+            raise EvalError(f"sample {key!r} of {shards_hint(urls)}: bad_json {err}") from None
         caps = meta.get("captions") if isinstance(meta, dict) else None
         if caps is None:
             if out:
