@@ -108,9 +108,23 @@ class _Pipe:
         )
         assert self.proc.stdout is not None
         self.stdout: IO[bytes] = self.proc.stdout
+        self.ahead = b""  # read by `peek`, not yet by `read`
+
+    def peek(self, n: int) -> bytes:
+        """The next n bytes that `read` returns, fewer only at the end of the output (a
+        buffered pipe's own peek returns what one write put there: maybe 1 byte)."""
+        if len(self.ahead) < n:
+            self.ahead += self.stdout.read(n - len(self.ahead))
+        return self.ahead[:n]
 
     def read(self, n: int = -1) -> bytes:
-        return self.stdout.read(n)
+        if not self.ahead:
+            return self.stdout.read(n)
+        if n < 0 or n > len(self.ahead):
+            out, self.ahead = self.ahead, b""
+            return out + self.stdout.read(-1 if n < 0 else n - len(out))
+        out, self.ahead = self.ahead[:n], self.ahead[n:]
+        return out
 
     def drain(self, limit: int = 1 << 26) -> bool:
         """Read and drop the rest of the output, so that a command still writing what
@@ -295,7 +309,7 @@ class TarReader:
             return name, size, is_file
 
 
-def _gunzip(stream: IO[bytes]) -> gzip.GzipFile | None:
+def _gunzip(stream: IO[bytes] | _Pipe) -> gzip.GzipFile | None:
     """A gzip reader of `stream` (buffered, so peek does not consume) when it starts with
     gzip's magic bytes, else None.  Resume skips whole samples, never seeks to a byte
     offset, so the decompressed stream serves it as a plain tar does."""
@@ -336,7 +350,7 @@ def iter_shard(
     problem: tuple[str, str] | None = None  # counted once the shard is closed
     finished = False
     try:
-        gz = _gunzip(pipe.stdout if pipe is not None else stream)  # type: ignore[arg-type]
+        gz = _gunzip(pipe if pipe is not None else stream)
         # gzip has no random access: data to skip is decompressed and read past
         tar = TarReader(gz or stream, seekable=pipe is None and gz is None)
         key: str | None = None
