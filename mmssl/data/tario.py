@@ -314,12 +314,12 @@ def _gunzip(stream: IO[bytes] | _Pipe) -> gzip.GzipFile | None:
     gzip's magic bytes, else None.  Resume skips whole samples, never seeks to a byte
     offset, so the decompressed stream serves it as a plain tar does."""
     try:
-        head = stream.peek(2)[:2]  # type: ignore[attr-defined]
+        head = stream.peek(2)[:2]  # type: ignore[union-attr]  # open(..., "rb") and _Pipe have it
     except OSError:
         return None  # the reader's first read meets the error and counts it
     if head != b"\x1f\x8b":
         return None
-    return gzip.GzipFile(fileobj=stream, mode="rb")
+    return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]  # has read()
 
 
 def iter_shard(
