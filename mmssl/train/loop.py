@@ -180,11 +180,20 @@ class KeyLog:
             self.file = None
 
 
-def _summarised(run_dir: Path, last: Path) -> bool:
-    """Whether RUN_DIR/summary.md was written after checkpoint `last` was complete (its
-    manifest is written last): the run that saved it summarised it, not an earlier one."""
-    summary, manifest = run_dir / "summary.md", last / checkpoint.MANIFEST
-    return summary.is_file() and summary.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
+def _summarised(run_dir: Path, step: int) -> bool:
+    """Whether RUN_DIR/summary.md is that of a run that ended well at `step`: not a failed
+    attempt's, nor one of an earlier stop.  A run killed between its last checkpoint and its
+    summary has none of its own, and writes it when run again."""
+    try:
+        lines = (run_dir / "summary.md").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    ended = f" -> {step} of "
+    return (
+        bool(lines)
+        and lines[0] == f"# Run summary: {run_dir.name}"
+        and any(line.startswith("- steps: ") and ended in line for line in lines)
+    )
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
@@ -280,7 +289,7 @@ def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     bad_steps = int(client.get("bad_steps", 0))
     ckpt_dir = run_dir / "checkpoints"
     end = recipe.train.stop_at or recipe.train.steps
-    if step >= end and _summarised(run_dir, ckpt_dir / checkpoint.tag_of(step)):
+    if step >= end and _summarised(run_dir, step):
         # a finished run run again: nothing to train, and the run directory (its summary.md,
         # metrics, plot) keeps what the run that trained it wrote.  One killed between its
         # last checkpoint and its summary goes on below and writes the summary

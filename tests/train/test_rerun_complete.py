@@ -38,22 +38,52 @@ def test_a_finished_run_run_again_keeps_its_summary(
     assert "nothing to do" in out and "samples/s" not in out, out
 
 
-def test_a_run_killed_before_its_summary_writes_it_when_run_again(tmp_path: Path) -> None:
-    """Killed between its last checkpoint and its summary (here: the summary removed, or
-    older than that checkpoint): running it again said "already complete" and never wrote
-    summary.md or loss.png."""
-    import os
-
+@pytest.mark.parametrize("left", ["none", "failed", "earlier stop"])
+def test_a_run_killed_before_its_summary_writes_it_when_run_again(
+    tmp_path: Path, left: str
+) -> None:
+    """Killed between its last checkpoint and its summary, a run is left with no summary.md,
+    a failed attempt's or an earlier stop's: running it again said "already complete" and
+    kept that (or none) for good."""
     from mmssl.train.cli import main
 
     args = [str(synthetic_recipe(tmp_path, "cut", 2))]
     assert main(args) == 0
-    run = tmp_path / "cut"
-    (run / "summary.md").unlink()
-    (run / "loss.png").unlink(missing_ok=True)
+    summary = tmp_path / "cut" / "summary.md"
+    if left == "none":
+        summary.unlink()
+    elif left == "failed":
+        summary.write_text("# Run summary: cut (failed)\n\n- steps: 0 -> 2 of 2\n")
+    else:
+        summary.write_text(summary.read_text().replace("0 -> 2 of 2", "0 -> 1 of 2"))
     assert main(args) == 0
-    assert "- steps: 2 -> 2 of 2" in (run / "summary.md").read_text()
-    stale = run / "summary.md"  # a summary from before the last checkpoint: an earlier attempt's
-    os.utime(stale, ns=(0, 0))
+    text = summary.read_text()
+    assert text.startswith("# Run summary: cut\n") and "- steps: 2 -> 2 of 2" in text
+
+
+def test_a_finished_run_is_complete_whatever_its_files_times(tmp_path: Path) -> None:
+    """A copied or restored run whose checkpoint is newer than its summary is still complete
+    (an mtime rule rewrote its summary as a no-op one)."""
+    import os
+
+    from mmssl.train.cli import main
+
+    args = [str(synthetic_recipe(tmp_path, "t", 2))]
     assert main(args) == 0
-    assert stale.stat().st_mtime_ns > 0  # written again
+    run = tmp_path / "t"
+    os.utime(run / "summary.md", ns=(0, 0))
+    before = _files(run)
+    assert main(args) == 0
+    assert _files(run) == before
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_runs_again_cleanly(tmp_path: Path) -> None:
+    """Its checkpoint is not under its own run directory (an mtime rule looked there and
+    failed with FileNotFoundError on the second run)."""
+    from mmssl.train.cli import main
+
+    assert main([str(synthetic_recipe(tmp_path, "a", 2))]) == 0
+    other = tmp_path / "a" / "checkpoints" / "step_00000002"
+    args = [str(synthetic_recipe(tmp_path, "b", 2)), f"checkpoint.resume={other}"]
+    assert main(args) == 0
+    assert main(args) == 0
