@@ -190,17 +190,18 @@ def test_open_clip_eos_pooling_with_its_own_pad_id_warns_and_matches_with_that_m
     peer = perturb_(open_clip.model.CLIP(24, TINY_VISION, text_cfg).eval(), seed=1)
     # a built CLIP keeps no pad_id; its config dict does
     with pytest.warns(
-        UserWarning, match=r"token \(id 2\): pass .*text != pad_id \(0 unless"
+        UserWarning, match=r"token \(id 2\): pass .*text != the id its tokenizer pads with"
     ) as seen:
         model = load_open_clip(peer)
     assert seen[0].filename == __file__  # the user's line, not one inside mmssl
     with pytest.warns(UserWarning, match="text_mask = text != 1, "):
         open_clip_model_config({"embed_dim": 24, "vision_cfg": TINY_VISION, "text_cfg": text_cfg})
-    with warnings.catch_warnings():  # eos pooling that pads with 0 (the "worldwide" configs)
+    with pytest.warns(UserWarning, match=r"tokenizer pads with \(1 for the XLM-R"):
+        open_clip_model_config("ViT-H-14-worldwide")  # xlm-v-base pads with 1, unrecorded
+    with warnings.catch_warnings():  # a config that says it pads with 0
         warnings.simplefilter("error")
-        pad0 = dict(text_cfg, pad_id=0, eos_id=1)
+        pad0 = dict(text_cfg, pad_id=0)
         open_clip_model_config({"embed_dim": 24, "vision_cfg": TINY_VISION, "text_cfg": pad0})
-        open_clip_model_config("ViT-H-14-worldwide")
     text = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
     text[:, 0], text[0, 3], text[0, 4:], text[1, 10], text[1, 11:] = 0, 2, 1, 2, 1
     with torch.no_grad():

@@ -5,8 +5,9 @@ open_clip's default tower is the same pre-norm ViT as mmssl's: MultiheadAttentio
 (D, E) matrices applied as `x @ proj` (mmssl's bias-free Linear holds their transpose), and
 the text tower pools at the argmax token (the end-of-text id is the largest), which is the
 last valid token that mmssl pools at when `text_mask = text != 0`.  A tower that pools at
-the first eos token (`pool_type="eos"`, as open_clip's "worldwide" configs) and pads with
-another id than 0 needs `text_mask = text != pad_id`; loading one warns so.
+the first eos token (`pool_type="eos"`) needs `text_mask = text != PAD`, PAD the id its
+tokenizer pads with: 1 for the XLM-R tokenizers of open_clip's "worldwide" configs, whose
+configs do not record it.  Loading such a tower warns, unless its config sets `pad_id` 0.
 """
 
 from __future__ import annotations
@@ -149,17 +150,18 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> ModelConfig:
     v, t = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
     _check_supported(v, VISION_SUPPORTED, "vision_cfg")
     _check_supported(t, TEXT_SUPPORTED, "text_cfg")
-    pad = t.get("pad_id", 0)  # open_clip's default; None: a built CLIP, which keeps none
+    pad = t.get("pad_id")  # set only in a config that names it: the tokenizer pads anyway
     if t.get("pool_type") == "eos" and pad != 0:  # mmssl pools at the mask's last True
         mask = (
-            "text != pad_id (0 unless its text config set another)"
-            if pad is None
-            else f"text != {pad}"
+            f"text != {pad}"
+            if pad is not None
+            else "text != the id its tokenizer pads with (1 for the XLM-R tokenizers of "
+            "open_clip's worldwide configs)"
         )
         warnings.warn(
             f"this open_clip text tower pools at its first end-of-text token (id "
             f"{t.get('eos_id', 2)}): pass encode_text text_mask = {mask}, so that the mask "
-            "ends at that token (text != 0 pools a pad when the pad id is another)",
+            "ends at that token; text != 0 pools a pad when the pad id is another",
             stacklevel=user_stacklevel(),
         )
     if not isinstance(v.get("layers", 12), int):
@@ -257,7 +259,6 @@ def config_from_module(model: Any) -> ModelConfig:
         "no_causal_mask": getattr(text, "attn_mask", None) is None,
         "pool_type": getattr(text, "text_pool_type", None) or text.pool_type,
         "eos_id": getattr(text, "text_eos_id", getattr(text, "eos_id", 2)),
-        "pad_id": getattr(text, "pad_id", None),  # CLIP keeps none; its TextTransformer does
         "proj_bias": isinstance(text.text_projection, nn.Linear),
         "norm_kwargs": {"eps": t_block.ln_1.eps},
     }
