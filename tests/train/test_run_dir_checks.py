@@ -71,10 +71,10 @@ def test_a_run_directory_that_fails_after_validation_is_one_line(
 ) -> None:
     """A file put in the way after validation (here: validation's check skipped) fails the
     mkdir of the run: one line and exit 2, not a traceback."""
-    import mmssl.train.recipe
+    import mmssl.train.file_checks
     from mmssl.train.cli import main
 
-    monkeypatch.setattr(mmssl.train.recipe, "check_run_dir", lambda recipe: None)
+    monkeypatch.setattr(mmssl.train.file_checks, "check_run_dir", lambda recipe: None)
     recipe = synthetic_recipe(tmp_path, "r", 2)
     (tmp_path / "afile").write_text("")
     assert main([str(recipe), f"out_dir={tmp_path / 'afile'}"]) == 2

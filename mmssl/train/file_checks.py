@@ -1,0 +1,86 @@
+"""What `mmssl.train.recipe.validate` checks of a recipe against the files it names: the
+shards of every source exist and their patterns expand, epoch-mode sources have a shard for
+every (rank, loader worker) slot, and the run directory can be made and written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mmssl.schema import ConfigError
+
+if TYPE_CHECKING:
+    from mmssl.train.recipe import Recipe
+
+
+def check_shards(recipe: Recipe) -> None:
+    """Every local shard of every source exists (pipe: and remote URLs are not checked)."""
+    from mmssl.data.errors import DataError
+    from mmssl.data.tario import check_urls
+
+    for name, src in recipe.data.sources.items():
+        if src.urls == "synthetic":
+            continue
+        try:
+            check_urls(src.urls, _source_urls(name, src.urls))
+        except DataError as err:
+            raise ConfigError(f"data.sources.{name}.urls: {err}") from None
+
+
+def _source_urls(name: str, urls: str) -> list[str]:
+    """Source `name`'s brace-expanded URLs; a malformed pattern is a ConfigError."""
+    from mmssl.data.tario import expand_urls
+
+    try:
+        return expand_urls(urls)
+    except ValueError as err:  # braceexpand's UnbalancedBracesError
+        raise ConfigError(f"data.sources.{name}.urls: {err}") from None
+
+
+def _streamed(recipe: Recipe) -> list[str]:
+    """The sources a run streams: the objectives' and, with eval on, the held-out ones."""
+    names = {o.source for o in recipe.objectives.values()}
+    if recipe.eval.every:
+        names |= set(recipe.eval.sources.values())
+    return [name for name in recipe.data.sources if name in names]
+
+
+def check_shard_counts(recipe: Recipe, world_size: int) -> None:
+    """Every streamed source's URL pattern expands, and epoch-mode sources have a shard for
+    every (rank, loader worker) slot of `world_size` ranks, as the data pipeline's pre-flight
+    demands; from the URL patterns alone."""
+    workers = max(1, recipe.data.workers)  # no workers: the rank itself reads, one slot
+    slots = world_size * workers
+    for name in _streamed(recipe):
+        src = recipe.data.sources[name]
+        if src.urls == "synthetic":
+            continue
+        shards = len(_source_urls(name, src.urls))
+        if src.mode == "epoch" and shards < slots:
+            raise ConfigError(
+                f"data.sources.{name}: epoch mode needs a shard for every rank x data.workers "
+                f"slot, {world_size} x {workers} = {slots}, but {src.urls!r} has {shards}; use "
+                f"mode=resampled, fewer data.workers, or write more, smaller shards"
+            )
+
+
+def check_run_dir(recipe: Recipe) -> None:
+    """The run directory out_dir/name can be made (or is there) and written to: its nearest
+    existing ancestor is a writable directory.  A file in the way, or a read-only directory,
+    was a traceback once the engine was built (and `--validate` passed it)."""
+    run_dir = Path(os.path.abspath(recipe.run_dir))
+    there = run_dir
+    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
+        there = there.parent
+    key = "name" if there == run_dir else "out_dir"
+    problem = None
+    if not there.is_dir():
+        problem = "is not a directory"
+    elif not os.access(there, os.W_OK | os.X_OK):
+        problem = "is not writable"
+    if problem:
+        raise ConfigError(
+            f"{key}: the run directory {recipe.run_dir} cannot be made or written: "
+            f"{there} {problem}"
+        )
