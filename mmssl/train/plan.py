@@ -12,7 +12,10 @@ gradients, stage 3 also the parameters.  CPU offload follows DeepSpeed's estimat
 and the gradient partitions to the host, `offload_param` (stage 3) the parameters.
 Activations per layer and sample follow Korthikanti et al. 2022 with fused attention: 34 s h
 bytes in 16-bit (the 5 a s^2 attention-matrix term is not stored by SDPA kernels);
-activation checkpointing keeps 2 s h per layer plus one layer's full set.  Training FLOPs are 3x the forward (4x with activation
+activation checkpointing keeps 2 s h per layer plus one layer's full set.  An LM head keeps
+its (N, V) logits either way: with `fused_head` one buffer in the compute dtype that its
+gradient overwrites (`mmssl/nn/linear_ce.py`), else 16-bit logits, an fp32 copy and its
+gradient (10 bytes per logit).  Training FLOPs are 3x the forward (4x with activation
 checkpointing); step time is compute at `tflops x mfu` per GPU, overlapped with the
 data-parallel traffic (2 Psi elements per step for stages 0-2, 3 Psi for stage 3).
 """
@@ -41,13 +44,15 @@ class Workload:
     flops: float
     activation_bytes: float  # at 16 bits, without checkpointing
     checkpointed_bytes: float  # with activation checkpointing
+    logits_bytes: float  # LM heads' (N, V) logits at the recipe's precision, either way
 
 
 def workload(recipe: Any, cfg: Any) -> Workload:
     """Forward FLOPs and activation bytes of one sample of every source, as the Task runs it."""
     from mmssl.train.recipe import NEEDS
 
-    flops = act = ckpt = 0.0
+    flops = act = ckpt = logits = 0.0
+    compute = 2 if recipe.precision == "bf16" else 4  # bytes of one logit in the compute dtype
     peak_layer = 0.0
     for name, src in recipe.data.sources.items():
         kinds = {o.type for o in recipe.objectives.values() if o.source == name}
@@ -75,9 +80,11 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             peak_layer = max(peak_layer, 34 * n * t.dim)
             if kinds & {"next_token", "captioning"}:
                 flops += 2 * n * t.dim * t.vocab_size
-                logits = n * t.vocab_size * (2 + 4 + 4)  # 16-bit logits, fp32 copy, its grad
-                act += logits
-                ckpt += logits
+            for o in recipe.objectives.values():
+                if o.source == name and o.type in ("next_token", "captioning"):
+                    # fused (mmssl/nn/linear_ce.py): one buffer in the compute dtype, its
+                    # gradient written over it; plain: 16-bit logits, fp32 copy, its grad
+                    logits += n * t.vocab_size * (compute if o.fused_head else 2 + 4 + 4)
             if "captioning" in kinds and cfg.caption is not None and cfg.caption.mode == "cross":
                 v_tokens = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
                 # self-attention block, then cross-attention: q and output projections on
@@ -92,7 +99,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                 flops += cfg.caption.depth * per
                 act += cfg.caption.depth * 34 * n * t.dim
                 ckpt += cfg.caption.depth * 2 * n * t.dim
-    return Workload(flops, act, ckpt + peak_layer)
+    return Workload(flops, act, ckpt + peak_layer, logits)
 
 
 def count_params(recipe: Any, cfg: Any) -> tuple[int, int]:
@@ -152,6 +159,7 @@ def plan(
     micro, glob = recipe.train.micro_batch_size, recipe.train.global_batch_size
     act_scale = 1.0 if bf16 else 2.0
     act = micro * act_scale * (work.checkpointed_bytes if ckpt else work.activation_bytes)
+    act += micro * work.logits_bytes  # already at the recipe's precision
     mem = memory(psi, stage, gpus, bf16, offload, offload_param)
     mem["activations"] = act
     total = sum(mem.values())

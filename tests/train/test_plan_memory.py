@@ -132,3 +132,29 @@ def test_forward_flops_match_torch_flop_counter(name: str, extra: list[str]) -> 
         task(batch)
     # what the plan leaves out: norms, projection heads, the 1 x 1 contrastive logits
     assert workload(recipe, cfg).flops == pytest.approx(counter.get_total_flops(), rel=2e-3)
+
+
+@pytest.mark.parametrize(("precision", "logit_bytes"), [("bf16", 2), ("fp32", 4)])
+def test_fused_head_keeps_one_logits_buffer(
+    precision: str, logit_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused LM head + loss (mmssl/nn/linear_ce.py) keeps one (N, V) logits buffer in
+    the compute dtype, the plain path 10 bytes per logit (16-bit logits, fp32 copy, its
+    grad): the plan charged 10 bytes either way, and doubled them again in fp32."""
+    from train_helpers import RECIPES
+
+    from mmssl.train import plan as plan_module
+    from mmssl.train.recipe import load_recipe
+
+    monkeypatch.setattr(plan_module, "GB", 1.0)  # the report in bytes, not rounded to 10 MB
+
+    def activations(fused: bool) -> float:
+        overrides = [f"precision={precision}", f"objectives.next_token.fused_head={fused}"]
+        recipe = load_recipe(RECIPES / "gpt_124m.yaml", overrides)
+        lines = plan_module.plan(recipe, 8, 80.0, 312.0, 0.4, 25.0)
+        (line,) = [x for x in lines if x.split()[0] == "activations"]
+        return float(line.split()[1])
+
+    n, v, micro = 1024, 50257, 12  # the recipe's context length, GPT-2's vocabulary
+    want = micro * n * v * (10 - logit_bytes)
+    assert activations(False) - activations(True) == pytest.approx(want, abs=0.1)
