@@ -3,9 +3,12 @@ corpus readers (text, JSONL, WebDataset tar) and the CLI's bad-input handling.""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,10 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (None, ["train", "--out", "{tmp}/o", "--vocab-size", "0", "{tmp}/x.txt"], "--vocab-size must be >= 1"),
         (None, ["train", "--out", "{tmp}/o", "--vocab-size", "100", "{tmp}/x.txt"], "vocab_size must be >= 259"),
         (None, ["train", "--out", "{tmp}/o", "--bos", "<|pad|>", "{tmp}/x.txt"], "distinct"),
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--pad", "<|unk|>", "{tmp}/x.txt"],
+         "must differ from the unknown token '<|unk|>'"),
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--special-token", "<|unk|>",
+                "{tmp}/x.txt"], "must differ from the unknown token '<|unk|>'"),
         (None, ["train", "--out", "{tmp}/o", "--eos", "EOS", "{tmp}/x.txt"], "'EOS' is a single word"),
         ("bad.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
         ("nofield.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/nofield.jsonl"], "nofield.jsonl:1: no field 'text'"),
@@ -316,3 +323,53 @@ def test_sentencepiece_without_a_usable_line_says_so(
     code, err = _run_cli([*argv, str(tmp_path / "o"), str(tmp_path / "x.txt")], capsys)
     assert code == 2 and "no text to train on" in err and "65536 bytes" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def _refuse_mkdir(monkeypatch: pytest.MonkeyPatch, refused: Callable[[Path], bool]) -> None:
+    """os.mkdir fails with EPERM where `refused`, as on /sys to root, who passes os.access
+    (the tests may run as root)."""
+    mkdir = os.mkdir
+
+    def patched(path: str | Path, mode: int = 0o777) -> None:
+        if refused(Path(path)):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", patched)
+
+
+@pytest.mark.parametrize("case", ["name too long", "not writable"])
+def test_out_that_cannot_be_made_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    # both trained first, then died making --out with an OSError traceback
+    (tmp_path / "x.txt").write_text("some text\n")
+    # training on this file would fail on its encoding: the --out error must come first
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    out = tmp_path / ("a" * 256) / "o"
+    message = "a name in it is longer than 255 bytes"
+    if case == "not writable":
+        out = tmp_path / "ro" / "o"
+        out.parent.mkdir()
+        _refuse_mkdir(monkeypatch, lambda path: path.parent == out.parent)
+        message = f"{out.parent} is not writable (Operation not permitted)"
+    before = sorted(tmp_path.rglob("*"))
+    code, err = _run_cli(["train", "--out", str(out), str(tmp_path / "latin1.txt")], capsys)
+    assert code == 2 and err == f"mmssl tokenizer train: error: cannot write to {out}: {message}"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_out_failing_after_training_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError making --out that the check did not foresee is one line, not a traceback."""
+    (tmp_path / "x.txt").write_text("some text\n" * 50)
+    out = tmp_path / "o"
+    _refuse_mkdir(monkeypatch, lambda path: path == out)  # the check's trial directory passes
+    argv = ["train", "--vocab-size", "300", "--quiet", "--out", str(out), str(tmp_path / "x.txt")]
+    code, err = _run_cli(argv, capsys)
+    assert (
+        code == 2
+        and err == f"mmssl tokenizer train: error: [Errno 1] Operation not permitted: '{out}'"
+    )
+    assert not out.exists()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -68,13 +70,25 @@ def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_out_dir(out_dir: str | Path) -> None:
-    """Fail before training, not after it, when `out_dir` cannot become a directory."""
+    """Fail before training, not after it, when `out_dir` cannot be made or written: its
+    nearest existing ancestor must be a directory that a trial directory can be made in
+    (removed at once; os.access says yes to root on /sys or a read-only mount), and no
+    name still to make longer than the file system allows."""
     path = Path(out_dir)
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise ValueError(f"cannot write to {path}: {existing} is not a directory")
-            return
+    there = full = Path(os.path.abspath(path))
+    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
+        there = there.parent
+    if not there.is_dir():
+        raise ValueError(f"cannot write to {path}: {there} is not a directory")
+    name_max = os.pathconf(there, "PC_NAME_MAX")
+    if any(len(os.fsencode(name)) > name_max for name in full.relative_to(there).parts):
+        raise ValueError(f"cannot write to {path}: a name in it is longer than {name_max} bytes")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=there))
+    except OSError as e:
+        raise ValueError(
+            f"cannot write to {path}: {there} is not writable ({e.strerror})"
+        ) from None
 
 
 def _check_seed(seed: int) -> None:
@@ -181,6 +195,10 @@ def train_sentencepiece(
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     specials = _specials(pad, bos, eos, extra_special_tokens)
+    if UNK in specials:  # sentencepiece's own check fails with its internal trainer text
+        raise ValueError(
+            f"special tokens must differ from the unknown token {UNK!r}, got {specials}"
+        )
     _check_seed(seed)
     _check_out_dir(out_dir)
     failed: list[Exception] = []
@@ -421,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         meta = _run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file not found, or --out unwritable after all
         print(f"mmssl tokenizer train: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else DEFAULT_DIR
