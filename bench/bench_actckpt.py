@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None, help="write a RESULTS.md section here")
     p.set_defaults(budget=60.0)
     args = p.parse_args(argv)
-    problem = common.image_args_problem(args)
+    problem = common.args_problem(args, {"batch": 1, "image_size": 1}, models="mmssl")
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    common.apply_quick(args)
     if args.checkpointing:
         print(json.dumps(memory_worker(args)))
         return 0

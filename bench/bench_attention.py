@@ -60,8 +60,14 @@ def matmul(q, k, v, causal):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, >= 1 (default: all cores)"
+    )
     args = p.parse_args(argv)
+    problem = common.args_problem(args, {"reps": 1})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     threads = common.set_threads(args.threads)
     print(f"torch {torch.__version__}, {threads} threads, median of {args.reps} alternating reps")
     print(

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         "context); a caption holds position + 1 tokens.  5,20: web-caption lengths",
     )
     args = p.parse_args(argv)
+    problem = common.args_problem(args, {"batch": 2}, models="open_clip")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         lo, hi = (int(v) for v in args.caption_tokens.split(","))
     except ValueError:
@@ -54,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= lo < hi:
         print("error: --caption-tokens must be LO,HI with 1 <= LO < HI", file=sys.stderr)
         return 2
-    if args.quick:
-        args.batch, args.rounds = max(2, args.batch // 4), args.rounds or 2
-    if args.batch < 2:
-        print("error: --batch must be >= 2 (a contrastive loss needs negatives)", file=sys.stderr)
-        return 2
+    common.apply_quick(args, min_batch=2)  # a contrastive loss needs negatives: batch >= 2
     threads = common.set_threads(args.threads)
     import open_clip
     from open_clip.loss import ClipLoss as PeerClipLoss

@@ -50,6 +50,10 @@ from mmssl.data.pipeline import build_pipeline
 from mmssl.data.shards import ShardWriter
 from mmssl.data.tario import expand_urls, iter_shard
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
 BATCH = 64
 
 
@@ -212,13 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--demo", default=None, help="demo-data dir (written if missing)")
     parser.add_argument("--samples", type=int, default=16384)
-    parser.add_argument("--size", type=int, default=224)
+    # 2 px at least: torchvision's GaussianBlur (kernel 3) reflect-pads 1 px on each side
+    parser.add_argument("--size", type=int, default=224, help="JPEG side in px, >= 2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", choices=["demo", "jpeg"], default=None)
     parser.add_argument(
         "--torch-ref", action="store_true", help="also time the torch reference renderer"
     )
     args = parser.parse_args(argv)
+    problem = common.args_problem(args, {"samples": 1, "size": 2, "rounds": 1})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:

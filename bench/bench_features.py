@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--model", default="vit_small_patch16_224")
     args = p.parse_args(argv)
-    problem = common.image_args_problem(args)
+    problem = common.args_problem(args, {"batch": 1, "image_size": 1}, models="timm")
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    common.apply_quick(args)
     threads = common.set_threads(args.threads)
     import timm
 

@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--num-heads", type=int, default=6)
     args = p.parse_args(argv)
-    if args.quick:
-        args.batch, args.rounds = max(1, args.batch // 4), args.rounds or 2
-    if args.batch < 1 or args.context_length < 2 or args.dim % args.num_heads:
-        print(
-            "error: need --batch >= 1, --context-length >= 2 and --dim divisible by --num-heads",
-            file=sys.stderr,
-        )
+    least = {"batch": 1, "context_length": 2, "depth": 1, "dim": 1, "num_heads": 1}
+    problem = common.args_problem(args, least)
+    if not problem and args.dim % args.num_heads:
+        problem = "error: --dim must be divisible by --num-heads"
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
+    common.apply_quick(args)
     threads = common.set_threads(args.threads)
     import transformers
 

@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("SIDE", "MODE"), default=None)
     p.add_argument("--markdown", default=None, help="write a RESULTS.md section here")
     args = p.parse_args(argv)
-    problem = common.image_args_problem(args)
+    problem = common.args_problem(args, {"batch": 1, "image_size": 1, "steps": 1}, patch=16)
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    common.apply_quick(args)
     if args.worker:
         args.side, args.mode = args.worker
         print(json.dumps(worker(args)))

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 CONFIGS = [
     ("clip", "local_loss"),
@@ -111,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.global_batch % args.world_size:
-        print("error: --global-batch must be divisible by --world-size", file=sys.stderr)
+    least = {"global_batch": 1, "dim": 1, "world_size": 1, "iters": 1}
+    problem = common.args_problem(args, least)
+    if not problem and args.global_batch % args.world_size:
+        problem = "error: --global-batch must be divisible by --world-size"
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     # inherited by the spawned ranks: large tensors are mmapped and returned on free
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"

@@ -29,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 MB = 2**20
 
@@ -342,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    least = {"image_size": 1, "batch": 1, "steps": 1, "ranks": 2, "timeout": 1, "bucket_size": 1}
+    problem = common.args_problem(args, least, models="mmssl")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     if args.worker:
         worker(args)
         return 0
@@ -353,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if not stages or any(s not in (0, 1, 2, 3) for s in stages) or 0 not in stages:
         print("error: --stages must list ZeRO stages in 0..3, including 0", file=sys.stderr)
         return 2
-    if any(x not in ("fp32", "bf16") for x in precisions) or args.ranks < 2:
-        print("error: --precision takes fp32,bf16 and --ranks must be >= 2", file=sys.stderr)
+    if any(x not in ("fp32", "bf16") for x in precisions):
+        print("error: --precision takes fp32,bf16", file=sys.stderr)
         return 2
     print(
         f"model {args.model} at {args.image_size} px, {args.batch} images x 2 views per rank, "

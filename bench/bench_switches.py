@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-compile", action="store_true", help="leave out train.compile=true"
     )
     args = p.parse_args(argv)
-    problem = common.image_args_problem(args, min_batch=2)
+    problem = common.args_problem(args, {"batch": 2, "image_size": 1}, models="mmssl")
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    common.apply_quick(args, min_batch=2)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = common.set_threads(args.threads)
     from mmssl.train.engine import init_distributed

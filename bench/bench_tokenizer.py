@@ -26,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 
 def caption_like_texts(n: int, seed: int = 0) -> list[str]:
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--context-length", type=int, default=77)
     args = p.parse_args(argv)
+    problem = common.args_problem(args, {"num_texts": 1, "repeats": 1, "context_length": 1})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     n, r, T = args.num_texts, args.repeats, args.context_length
 
     import sentencepiece as spm

@@ -37,8 +37,10 @@ PEAK_SIZE = 2048
 
 
 def set_threads(n: int | None) -> int:
-    """Fix torch's intra-op threads (default: every core) and one inter-op thread."""
-    n = n or os.cpu_count() or 1
+    """Fix torch's intra-op threads (None: every core) and one inter-op thread.  A bench
+    refuses --threads below 1 (`args_problem`): 0 does not mean every core."""
+    if n is None:
+        n = os.cpu_count() or 1
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
@@ -313,7 +315,9 @@ def base_parser(
     """The options every bench shares; a bench leaves out those it does not act on (False),
     so that they are refused rather than silently ignored."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, >= 1 (default: all cores)"
+    )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: fit budget)")
     if budget:
         p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds")
@@ -333,14 +337,81 @@ def base_parser(
     return p
 
 
-def image_args_problem(args: argparse.Namespace, min_batch: int = 1) -> str | None:
-    """Apply --quick (a quarter of the batch, 2 rounds) to an image bench's args; the error
-    for a batch below `min_batch` or an image size that is no multiple of 16, else None."""
+# the least value of the options base_parser gives every bench (a bench adds its own)
+LEAST = {"threads": 1, "rounds": 1, "budget": 0}
+
+
+def args_problem(
+    args: argparse.Namespace,
+    least: dict[str, float] | None = None,
+    models: str | None = None,
+    patch: int | None = None,
+) -> str | None:
+    """The one-line error for a bench's arguments, else None; called by every bench's main
+    right after parsing, before any work.
+
+    least: the least value of each numeric option (by its `args` name), on top of `LEAST`;
+    an option left at None (its default) is not checked.  models: what --model names,
+    "mmssl" (a registry name with a vision tower), "timm" (a timm ViT) or "open_clip":
+    an unknown name is an error, and --image-size must be a multiple of its patch size
+    (mmssl, timm); patch: the patch size --image-size must be a multiple of, for a bench
+    whose model is fixed.
+    """
+    for name, low in {**LEAST, **(least or {})}.items():
+        value = getattr(args, name, None)
+        if value is not None and not value >= low:  # `not >=`: NaN is refused as well
+            return f"error: --{name.replace('_', '-')} must be >= {low}, got {value}"
+    if models is not None:
+        patch, problem = _model_patch(models, args.model)
+        if problem:
+            return f"error: --model {args.model}: {problem}"
+    if patch and args.image_size % patch:
+        return (
+            f"error: --image-size must be a multiple of the patch size {patch}"
+            + (f" of {args.model}" if models else "")
+            + f", got {args.image_size}"
+        )
+    return None
+
+
+def _model_patch(models: str, name: str) -> tuple[int | None, str]:
+    """(patch size or None, '' or why `name` is no model of `models`), without building it."""
+    if models == "mmssl":
+        from mmssl.models.registry import resolve_model_config
+        from mmssl.schema import ConfigError
+
+        try:
+            vision = resolve_model_config(name).vision
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            return None, str(err).splitlines()[0]
+        if vision is None:
+            return None, "has no vision tower"
+        return vision.patch_size, ""
+    if models == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            return None, "unknown timm model"
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation
+            model = timm.create_model(name, pretrained=False)
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is None:
+            return None, "not a ViT (no patch_embed)"
+        size = patch_embed.patch_size
+        return size[0] if isinstance(size, tuple) else size, ""
+    if models == "open_clip":
+        import open_clip
+
+        if open_clip.get_model_config(name) is None:
+            return None, "unknown open_clip model"
+        return None, ""
+    raise ValueError(f"models must be mmssl, timm or open_clip, got {models!r}")
+
+
+def apply_quick(args: argparse.Namespace, min_batch: int = 1) -> None:
+    """--quick: a quarter of the batch (at least `min_batch`) and 2 rounds unless given."""
     if args.quick:
         args.batch, args.rounds = max(min_batch, args.batch // 4), args.rounds or 2
-    if args.batch < min_batch or args.image_size % 16:
-        return f"error: --batch must be >= {min_batch} and --image-size a multiple of 16"
-    return None
 
 
 def measure_peaks(quick: bool) -> dict[str, Peak]:

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 KERNELS = (
     "aten::mm",
@@ -126,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=12)
     args = p.parse_args(argv)
+    problem = common.args_problem(args, {"steps": 1, "rows": 1})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     sides = {"vit": vit_sides, "clip": clip_sides, "gpt": gpt_sides}[args.model]()
     for name, (model, loss_fn, fused) in sides.items():

@@ -229,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join([*STEP_BENCHES, *MARKDOWN_BENCHES, *OTHER_BENCHES]),
     )
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, >= 1 (default: all cores)"
+    )
     args = p.parse_args(argv)
+    problem = common.args_problem(args, {})
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     names = [*STEP_BENCHES, *MARKDOWN_BENCHES, *OTHER_BENCHES]
     chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in chosen if n not in names]

@@ -253,3 +253,94 @@ def test_run_all_targets_read_each_data_set_and_hue_mode_of_bench_data() -> None
     assert run_all._data_targets("") == [
         "| data pipeline targets | no data figures in this run | |"
     ]
+
+
+# (bench, arguments, the start of its one-line error): each would otherwise end in a
+# traceback after warm-ups (StatisticsError, ZeroDivisionError, a divisibility or
+# ConfigError), print nan, or silently run on every core (--threads 0)
+BAD_ARGS = [
+    ("bench_vit", ["--model", "vit_small_patch32_224", "--image-size", "48"], "error: --image-size must be a multiple of the patch size 32 of vit_small_patch32_224"),
+    ("bench_vit", ["--model", "bogus"], "error: --model bogus: unknown timm model"),
+    ("bench_vit", ["--rounds", "0"], "error: --rounds must be >= 1"),
+    ("bench_vit", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_vit", ["--threads", "-1"], "error: --threads must be >= 1"),
+    ("bench_vit", ["--budget", "nan"], "error: --budget must be >= 0"),
+    ("bench_vit", ["--batch", "0", "--quick"], "error: --batch must be >= 1"),
+    ("bench_features", ["--image-size", "40"], "error: --image-size must be a multiple of the patch size 16"),
+    ("bench_features", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_actckpt", ["--model", "vit_s32", "--image-size", "48"], "error: --image-size must be a multiple of the patch size 32 of vit_s32"),
+    ("bench_actckpt", ["--model", "bogus"], "error: --model bogus: unknown model 'bogus'"),
+    ("bench_actckpt", ["--rounds", "0"], "error: --rounds must be >= 1"),
+    ("bench_actckpt", ["--threads", "-1"], "error: --threads must be >= 1"),
+    ("bench_switches", ["--model", "bogus"], "error: --model bogus: unknown model"),
+    ("bench_switches", ["--model", "vit_s32", "--image-size", "48"], "error: --image-size must be a multiple of the patch size 32"),
+    ("bench_switches", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_host_memory", ["--steps", "0"], "error: --steps must be >= 1"),
+    ("bench_host_memory", ["--image-size", "40"], "error: --image-size must be a multiple of the patch size 16"),
+    ("bench_host_memory", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_memory", ["--model", "bogus"], "error: --model bogus: unknown model"),
+    ("bench_memory", ["--model", "vit_s32", "--image-size", "48"], "error: --image-size must be a multiple of the patch size 32"),
+    ("bench_memory", ["--steps", "0"], "error: --steps must be >= 1"),
+    ("bench_memory", ["--ranks", "1"], "error: --ranks must be >= 2"),
+    ("bench_clip", ["--batch", "1"], "error: --batch must be >= 2"),
+    ("bench_clip", ["--model", "bogus"], "error: --model bogus: unknown open_clip model"),
+    ("bench_clip", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_gpt", ["--num-heads", "0"], "error: --num-heads must be >= 1"),
+    ("bench_gpt", ["--depth", "0"], "error: --depth must be >= 1"),
+    ("bench_gpt", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_attention", ["--reps", "0"], "error: --reps must be >= 1"),
+    ("bench_attention", ["--threads", "0"], "error: --threads must be >= 1"),
+    ("bench_tokenizer", ["--repeats", "0", "--num-texts", "8"], "error: --repeats must be >= 1"),
+    ("bench_tokenizer", ["--num-texts", "0", "--repeats", "1"], "error: --num-texts must be >= 1"),
+    ("bench_tokenizer", ["--context-length", "0", "--num-texts", "8"], "error: --context-length must be >= 1"),
+    ("bench_data", ["--samples", "0"], "error: --samples must be >= 1"),
+    ("bench_data", ["--rounds", "0"], "error: --rounds must be >= 1"),
+    ("bench_data", ["--size", "1", "--only", "jpeg"], "error: --size must be >= 2"),
+    ("bench_losses", ["--world-size", "0"], "error: --world-size must be >= 1"),
+    ("bench_losses", ["--global-batch", "0", "--dim", "8", "--iters", "1"], "error: --global-batch must be >= 1"),
+    ("bench_losses", ["--iters", "0", "--global-batch", "8", "--dim", "8"], "error: --iters must be >= 1"),
+    ("profile_step", ["vit", "--steps", "0"], "error: --steps must be >= 1"),
+    ("run_all", ["--threads", "0", "--only", "data"], "error: --threads must be >= 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "argv", "error"), BAD_ARGS)
+def test_bad_bench_arguments_exit_2_with_one_line_before_any_work(
+    script: str, argv: list[str], error: str, monkeypatch, capsys
+) -> None:
+    import importlib
+
+    import torch
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(torch, "set_num_threads", started)
+    module = importlib.import_module(script)
+    if script == "run_all":
+        _record_commands(monkeypatch)  # the old run_all ran the benches with --threads 0
+    assert module.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(error), err
+    assert out == ""
+
+
+def test_benches_say_threads_0_is_refused(capsys) -> None:
+    """--threads 0 is refused (not taken as every core); the help says what the default is."""
+    import bench_attention
+
+    with pytest.raises(SystemExit):
+        bench_attention.main(["--help"])
+    assert ">= 1 (default: all cores)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quick_keeps_the_checked_batch_a_contrastive_bench_needs() -> None:
+    """--quick shrinks a checked batch to a quarter, not below the bench's least batch."""
+    import argparse
+
+    import common
+
+    args = argparse.Namespace(quick=True, batch=4, rounds=None)
+    common.apply_quick(args, min_batch=2)
+    assert (args.batch, args.rounds) == (2, 2)
