@@ -1,8 +1,10 @@
-"""What the digit experiments share: the demo data in memory, the frozen-feature probe, and
-the resumable grid of (seed, variant) runs that appends one JSON row per run."""
+"""What the digit experiments share: the check of their arguments, the demo data in memory,
+the frozen-feature probe, and the resumable grid of (seed, variant) runs that appends one
+JSON row per run."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -12,6 +14,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, variants: list[str]
+) -> None:
+    """`parser.error` (exit 2, one line) unless --variants names known variants and --seeds
+    and every number is in range: called right after parsing, before anything is written.
+    --batch-size >= 2: a contrastive loss needs negatives (its upper bound, the training
+    split, is checked by `check_batch_size` once the data is read)."""
+    unknown = sorted(set(args.variants) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {variants}")
+    if not args.variants:
+        parser.error("--variants needs at least one variant")
+    if not args.seeds:
+        parser.error("--seeds needs at least one seed")
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds must be >= 0 (numpy seeds), got {min(args.seeds)}")
+    for option, least in (("steps", 1), ("batch_size", 2), ("threads", 1)):
+        value = getattr(args, option)
+        if value < least:
+            parser.error(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
+
+
+def check_batch_size(parser: argparse.ArgumentParser, batch_size: int, train: int) -> None:
+    """`parser.error` when a batch (drawn without replacement) exceeds the training split."""
+    if batch_size > train:
+        parser.error(f"--batch-size must be at most the {train} training images, got {batch_size}")
 
 
 def demo_digits(data_dir: Path, size: int = 32) -> dict[str, dict[str, torch.Tensor]]:

@@ -48,7 +48,7 @@ import torch
 import mmssl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import demo_digits, probe, run_grid  # noqa: E402
+from common import check_args, check_batch_size, demo_digits, probe, run_grid  # noqa: E402
 
 from mmssl.data.augment import AugmentConfig, make_views
 from mmssl.eval.sensitivity import (
@@ -267,16 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (1: best on a shared, loaded CPU)"
     )
     args = parser.parse_args(argv)
+    check_args(parser, args, ALL_VARIANTS + ABLATIONS)
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)  # sklearn's BLAS threads fight the other jobs as well
-    unknown = sorted(set(args.variants) - set(ALL_VARIANTS + ABLATIONS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {ALL_VARIANTS + ABLATIONS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = demo_digits(Path(args.data) if args.data else out / "demo-data", size=SIZE)
+    check_batch_size(parser, args.batch_size, len(data["train"]["images"]))
     rows = run_grid(
         out,
         args.variants,

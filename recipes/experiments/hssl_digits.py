@@ -41,7 +41,7 @@ from torch import nn
 import mmssl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import demo_digits, probe, run_grid  # noqa: E402
+from common import check_args, check_batch_size, demo_digits, probe, run_grid  # noqa: E402
 
 from mmssl.models.lifting import remove_structure, translate, translation_lift
 from mmssl.objectives import nt_xent_loss
@@ -184,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    check_args(parser, args, VARIANTS)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = demo_digits(Path(args.data) if args.data else out / "demo-data")
+    check_batch_size(parser, args.batch_size, len(data["train"]["images"]))
     rows = run_grid(
         out,
         args.variants,
