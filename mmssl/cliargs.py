@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 INT64 = 2**63
@@ -53,4 +56,27 @@ def check_numbers(
             return f"{flag} {problem}"
         if dest in rules and not rules[dest][0](value):
             return f"{flag} must be {rules[dest][1]}, got {value}"
+    return None
+
+
+def out_dir_problem(path: str | Path) -> tuple[Path, str] | None:
+    """Why directory `path` cannot be made or written: (the path at fault, what is wrong with
+    it), or None.  Its nearest existing path must be a directory that a trial directory can
+    be made in (removed at once: os.access says yes to root on /sys or a read-only mount),
+    and no name still to make may be longer than its file system allows."""
+    full = Path(os.path.abspath(path))
+    there = full
+    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
+        there = there.parent
+    if not there.is_dir():
+        return there, "is not a directory"
+    name_max = os.pathconf(there, "PC_NAME_MAX")
+    parts = full.relative_to(there).parts
+    for i, name in enumerate(parts):
+        if len(os.fsencode(name)) > name_max:
+            return there.joinpath(*parts[: i + 1]), f"has a name longer than {name_max} bytes"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=there))
+    except OSError as err:
+        return there, f"is not writable ({err.strerror})"
     return None

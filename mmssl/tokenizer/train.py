@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,25 +68,12 @@ def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_out_dir(out_dir: str | Path) -> None:
-    """Fail before training, not after it, when `out_dir` cannot be made or written: its
-    nearest existing ancestor must be a directory that a trial directory can be made in
-    (removed at once; os.access says yes to root on /sys or a read-only mount), and no
-    name still to make longer than the file system allows."""
-    path = Path(out_dir)
-    there = full = Path(os.path.abspath(path))
-    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
-        there = there.parent
-    if not there.is_dir():
-        raise ValueError(f"cannot write to {path}: {there} is not a directory")
-    name_max = os.pathconf(there, "PC_NAME_MAX")
-    if any(len(os.fsencode(name)) > name_max for name in full.relative_to(there).parts):
-        raise ValueError(f"cannot write to {path}: a name in it is longer than {name_max} bytes")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=there))
-    except OSError as e:
-        raise ValueError(
-            f"cannot write to {path}: {there} is not writable ({e.strerror})"
-        ) from None
+    """Fail before training, not after it, when `out_dir` cannot be made or written."""
+    from mmssl.cliargs import out_dir_problem
+
+    found = out_dir_problem(out_dir)
+    if found:
+        raise ValueError(f"cannot write to {out_dir}: {found[0]} {found[1]}")
 
 
 def _check_seed(seed: int) -> None:

@@ -66,20 +66,15 @@ def check_shard_counts(recipe: Recipe, world_size: int) -> None:
 
 
 def check_run_dir(recipe: Recipe) -> None:
-    """The run directory out_dir/name can be made (or is there) and written to: its nearest
-    existing ancestor is a writable directory.  A file in the way, or a read-only directory,
-    was a traceback once the engine was built (and `--validate` passed it)."""
-    run_dir = Path(os.path.abspath(recipe.run_dir))
-    there = run_dir
-    while not os.path.lexists(there):  # lexists: a dangling symlink is in the way too
-        there = there.parent
-    key = "name" if there == run_dir else "out_dir"
-    problem = None
-    if not there.is_dir():
-        problem = "is not a directory"
-    elif not os.access(there, os.W_OK | os.X_OK):
-        problem = "is not writable"
-    if problem:
+    """The run directory out_dir/name can be made (or is there) and written to.  A file in
+    the way, or a read-only directory, was a traceback once the engine was built (and
+    `--validate` passed it)."""
+    from mmssl.cliargs import out_dir_problem
+
+    found = out_dir_problem(recipe.run_dir)
+    if found:
+        there, problem = found
+        key = "name" if there == Path(os.path.abspath(recipe.run_dir)) else "out_dir"
         raise ConfigError(
             f"{key}: the run directory {recipe.run_dir} cannot be made or written: "
             f"{there} {problem}"

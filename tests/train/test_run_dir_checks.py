@@ -57,8 +57,14 @@ def test_a_read_only_directory_above_the_run_directory_is_refused(
     recipe = synthetic_recipe(tmp_path, "r", 2)
     ro = tmp_path / "ro"
     ro.mkdir()
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and access(p, mode))
+    mkdir = os.mkdir  # root may write anywhere: the check's trial directory is refused
+
+    def refuse(path, mode=0o777):
+        if Path(path).parent == ro:
+            raise PermissionError(13, "Permission denied", str(path))
+        mkdir(path, mode)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
     assert main([str(recipe), f"out_dir={ro / 'runs'}", "--validate"]) == 2
     line = _one_line(capsys, "mmssl train")
     assert line.startswith("mmssl train: error: out_dir: "), line
@@ -93,3 +99,17 @@ def test_eval_out_under_a_file_is_one_line(
     assert main(argv) == 2
     line = _one_line(capsys, "mmssl eval")
     assert line.startswith(f"mmssl eval: error: --out {out}: cannot make the directory"), line
+
+
+def test_a_run_name_longer_than_the_file_system_allows_is_refused_by_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(the check shared with `mmssl tokenizer train`): an ENAMETOOLONG traceback after the
+    engine was built before."""
+    from mmssl.train.cli import main
+
+    recipe = synthetic_recipe(tmp_path, "r", 2)
+    assert main([str(recipe), f"name={'n' * 300}", "--validate"]) == 2
+    line = _one_line(capsys, "mmssl train")
+    assert line.startswith("mmssl train: error: name: "), line
+    assert "has a name longer than 255 bytes" in line, line
