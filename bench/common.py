@@ -357,10 +357,14 @@ def args_problem(
     (mmssl, timm); patch: the patch size --image-size must be a multiple of, for a bench
     whose model is fixed.
     """
-    for name, low in {**LEAST, **(least or {})}.items():
-        value = getattr(args, name, None)
-        if value is not None and not value >= low:  # `not >=`: NaN is refused as well
-            return f"error: --{name.replace('_', '-')} must be >= {low}, got {value}"
+    from mmssl.cliargs import check_numbers  # NaN, infinities and 64-bit overflow too
+
+    lows = {**LEAST, **(least or {})}
+    problem = check_numbers(
+        args, {k: (lambda v, lo=lo: v >= lo, f">= {lo}") for k, lo in lows.items()}
+    )
+    if problem:
+        return f"error: {problem}"
     if models is not None:
         patch, problem = _model_patch(models, args.model)
         if problem:

@@ -264,7 +264,7 @@ BAD_ARGS = [
     ("bench_vit", ["--rounds", "0"], "error: --rounds must be >= 1"),
     ("bench_vit", ["--threads", "0"], "error: --threads must be >= 1"),
     ("bench_vit", ["--threads", "-1"], "error: --threads must be >= 1"),
-    ("bench_vit", ["--budget", "nan"], "error: --budget must be >= 0"),
+    ("bench_vit", ["--budget", "nan"], "error: --budget must be a finite number"),
     ("bench_vit", ["--batch", "0", "--quick"], "error: --batch must be >= 1"),
     ("bench_features", ["--image-size", "40"], "error: --image-size must be a multiple of the patch size 16"),
     ("bench_features", ["--threads", "0"], "error: --threads must be >= 1"),
