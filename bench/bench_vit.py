@@ -11,7 +11,9 @@ features), cross-entropy, backward, AdamW.  Paths (see bench/common.py for the m
   its fused attention (default) and without it (`fused_attn = False`: timm's matmul +
   softmax + matmul); mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with fp32
   master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16 matmuls
-  are fast (--bf16).
+  are fast (--bf16);
+- the floor of mmssl's bf16 autocast step (bench/floor.py): its GEMMs, replayed alone, and
+  its fused AdamW step; its share of the bf16 peak is the most these kernels allow.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from floor import FLOOR_PATH, gemm_floor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,14 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             common.train_step(peer_loss, peer_fused, True, timm_unfused),
         )
     )
-    runs.append(
-        Run(
-            "mmssl bf16 autocast fused AdamW",
-            "mmssl",
-            "bfloat16",
-            common.train_step(ours_loss, common.adamw(ours, "fused", no_decay=no_decay), True),
-        )
-    )
+    bf16_opt = common.adamw(ours, "fused", no_decay=no_decay)
+    bf16_step = common.train_step(ours_loss, bf16_opt, True)
+    runs.append(Run("mmssl bf16 autocast fused AdamW", "mmssl", "bfloat16", bf16_step))
     if not skip:
         ours_bf16 = copy.deepcopy(ours)
         master = common.Bf16Master(ours_bf16)
@@ -147,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+        # what no eager path can beat: the GEMMs of that step, and its AdamW, alone
+        runs.append(Run(FLOOR_PATH, "floor", "bfloat16", gemm_floor(bf16_step, bf16_opt)))
     for r in runs:
         if r.dtype == "bfloat16":
             r.skipped = skip

@@ -31,3 +31,38 @@ def test_bf16_master_decays_what_mmssl_training_decays() -> None:
     id_of = dict(zip(names, model_ids))
     for wd, group in groups.items():
         assert {id_of[n] for n in group} == expected[wd]
+
+
+def test_gemm_floor_replays_the_steps_matmul_work_and_steps_the_optimizer() -> None:
+    """bench/floor.py: the replay does exactly the FLOPs torch's flop counter counts for the
+    bf16 training step (forward and backward, patch convolution included), with the
+    operands' layouts (transposed weights, biases) as the step dispatched them,
+    and it steps the optimizer."""
+    import common
+    import floor
+    import torch
+
+    from mmssl.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_tiny_vit")
+    size = model.visual.cfg.image_size
+    images = torch.rand(4, 3, size, size)
+
+    def loss() -> torch.Tensor:
+        return model.forward_features(images)["pooled"].float().pow(2).mean()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = common.train_step(loss, opt, bf16=True)
+    expected = common.count_flops(lambda: loss().backward())
+    model.zero_grad(set_to_none=True)
+    calls = floor.record_gemms(step)
+    layouts = [a for _, args, _ in calls for a in args if isinstance(a, floor.Layout)]
+    assert any(len(a.shape) == 1 for a in layouts)  # addmm's bias
+    assert any(len(a.stride) == 2 and a.stride[0] == 1 < a.stride[1] for a in layouts)
+    assert {a.dtype for a in layouts} >= {torch.bfloat16}
+    replay = floor.gemm_floor(step, opt)
+    assert common.count_flops(replay) == expected > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    replay()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -1,0 +1,96 @@
+"""The matrix-multiply floor of a training step: its GEMMs and its optimizer step alone.
+
+`gemm_floor(step, optimizer)` runs `step` once, records every matmul it dispatches
+(forward and backward: mm, addmm, bmm, baddbmm, convolution, with their shapes, strides and dtypes as
+autocast hands them over) and returns a function that replays those calls on tensors of the
+same layout, then the optimizer's step.  No eager path of the model can be faster than
+that replay: it is the same kernels doing the same FLOPs with every layer norm, GELU,
+softmax, copy and cast taken away.  Its time, as a fraction of the matmul peak, is
+therefore the most a step can reach with these kernels, which is how the ViT bench tells
+a target the code misses from one these kernels cannot reach at this shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+FLOOR_PATH = "floor: the bf16 step's GEMMs + fused AdamW alone"  # the bench row's name
+
+GEMMS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,  # a ViT's patch embedding
+    torch.ops.aten.convolution_backward.default,
+}
+
+
+class Layout(NamedTuple):
+    """A GEMM operand as the replay rebuilds it."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Recorder(TorchDispatchMode):
+    """Keeps (op, arguments as layouts) of every GEMM dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, tuple, dict]] = []  # (op, layouts and scalars, kwargs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in GEMMS:
+            layout = tuple(
+                Layout(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                for a in args
+            )
+            self.calls.append((func, layout, dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+def _tensor(layout: Layout) -> torch.Tensor:
+    """A tensor with this exact layout (transposed and broadcast strides included)."""
+    t = torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype)
+    span = 1 + sum((n - 1) * s for n, s in zip(layout.shape, layout.stride) if n > 0)
+    t.as_strided((span,), (1,)).normal_()  # fill the storage the layout reads
+    return t
+
+
+def record_gemms(step: Callable[[], object]) -> list[tuple[object, tuple, dict]]:
+    """The GEMM calls of one run of `step` (forward and backward), in order."""
+    recorder = _Recorder()
+    with recorder:
+        step()
+    return recorder.calls
+
+
+def gemm_floor(step: Callable[[], object], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A replay of `step`'s GEMMs followed by `optimizer.step()`.
+
+    `step` runs once here (it should be a whole training step, so that the optimizer
+    has gradients and state when the replay steps it).
+    """
+    calls = record_gemms(step)
+    tensors: dict[Layout, torch.Tensor] = {}  # one per layout: operands, not results, matter
+    replay = []
+    for func, layout, kwargs in calls:
+        for a in layout:
+            if isinstance(a, Layout) and a not in tensors:
+                tensors[a] = _tensor(a)
+        args = tuple(tensors[a] if isinstance(a, Layout) else a for a in layout)
+        replay.append((func, args, kwargs))
+
+    def floor_step() -> None:
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+        optimizer.step()
+
+    return floor_step
