@@ -335,6 +335,13 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     model = loaded.model
     if model.text is None or not model.cfg.text.lm_head:
         raise EvalError("LM evaluation needs a text tower with an LM head")
+    if not model.cfg.text.causal:
+        # as training's next_token check: a bidirectional tower's position t attends to token
+        # t + 1, the target it is scored on, so its perplexity and choice scores are copies
+        raise EvalError(
+            "LM evaluation needs a causal text tower, but the model's text.causal is false "
+            "(its tokens see the targets they are scored on)"
+        )
     tokenizer = loaded.tokenizer(args.tokenizer)
     cl = model.cfg.text.context_length
     res: dict[str, Any] = {}

@@ -228,3 +228,28 @@ def test_documents_not_utf8_are_an_error_and_empty_ones_score_nothing(tmp_path):
     shards = [str(tmp_path / "t-000000.tar"), str(tmp_path / "u-000000.tar")]
     with pytest.raises(DataError, match="document 'b' of .*u-000000.tar: not UTF-8"):
         list(iter_documents(shards))  # names the shard that holds it, not the first
+
+
+def test_a_bidirectional_text_tower_is_refused(tmp_path, capsys, tokenizer):
+    # a bidirectional tower's position t sees token t + 1, the target it is scored on: its
+    # "perplexity" and choice log-likelihoods would be copies, not predictions (training refuses
+    # next_token on it for the same reason)
+    import mmssl
+
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_gpt", **{"text.causal": False, "text.vocab_size": tokenizer.vocab_size}
+    )
+    assert model.cfg.text.lm_head and not model.cfg.text.causal
+    export = tmp_path / "bidir"
+    save_pretrained(model, export, extra={"tokenizer": tokenizer.metadata})
+    out = tmp_path / "o"
+    argv = ["lm", "--model", str(export), "--task", "demo", "--shots", "0", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmssl eval: error: ") and len(err.splitlines()) == 1
+    assert "causal" in err and "text.causal is false" in err
+    assert not out.exists()  # refused before anything is written
+    with pytest.raises(EvalError, match="causal"):
+        run_task(argv)
+
