@@ -199,8 +199,10 @@ def score_task(
     shots: int,
     context_length: int,
     seed: int = 0,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
-    """{acc, acc_norm, num_items, shots} of a multiple-choice task.
+    """{acc, acc_norm, num_items, shots} of a multiple-choice task, the choices scored
+    `batch_size` (prefix, choice) pairs per forward.
 
     The prompt is eos (the start-of-document marker of packed training text), then `shots`
     solved examples from the other items separated by a blank line, then the context; each
@@ -225,7 +227,7 @@ def score_task(
             (prefix, tokenizer.encode(" " + c, add_bos=False, add_eos=False))
             for c in item["choices"]
         ]
-    lls = batch_loglik(logits_fn, pairs, context_length)
+    lls = batch_loglik(logits_fn, pairs, context_length, batch_size)
     right = right_norm = 0.0
     pos = 0
     for item in items:
@@ -300,8 +302,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def perplexity_report(
-    model: MultimodalModel, tokenizer: Any, data: str, train_data: str | None, limit: int | None
+    model: MultimodalModel,
+    tokenizer: Any,
+    data: str,
+    train_data: str | None,
+    limit: int | None,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
+    """Perplexity of the text shards `data`, `batch_size` rows per forward, and the unigram
+    baseline's."""
     from mmssl.eval.data import iter_documents, shard_urls
 
     def docs(pattern: str) -> list[str]:
@@ -310,7 +319,8 @@ def perplexity_report(
 
     text_cfg = text_config(model)
     cl = text_cfg.context_length
-    total, n, targets = stream_nll(model.lm_logits, token_stream(tokenizer, docs(data)), cl)
+    tokens = token_stream(tokenizer, docs(data))
+    total, n, targets = stream_nll(model.lm_logits, tokens, cl, batch_size)
     if train_data is not None:
         counts = torch.bincount(
             torch.tensor(token_stream(tokenizer, docs(train_data))), minlength=tokenizer.vocab_size
@@ -347,7 +357,11 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     res: dict[str, Any] = {}
     lines = []
     if args.data is not None:
-        res.update(perplexity_report(model, tokenizer, args.data, args.train_data, args.limit))
+        res.update(
+            perplexity_report(
+                model, tokenizer, args.data, args.train_data, args.limit, args.batch_size
+            )
+        )
         lines.append(
             f"Perplexity on `{args.data}`: **{res['perplexity']:.2f}** over {res['num_tokens']} tokens "
             f"(unigram baseline fit on {res['unigram_fit_on']}: {res['unigram_perplexity']:.2f})."
@@ -357,7 +371,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         items = items[: args.limit] if args.limit is not None else items
         res.setdefault("multiple_choice", {})[name] = {}
         for k in shots:
-            r = score_task(model.lm_logits, tokenizer, items, k, cl, args.seed)
+            r = score_task(model.lm_logits, tokenizer, items, k, cl, args.seed, args.batch_size)
             res["multiple_choice"][name][str(k)] = r
             mc_rows.append([name, k, r["acc"], r["acc_norm"], r["num_items"]])
     if mc_rows:

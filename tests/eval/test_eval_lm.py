@@ -253,3 +253,45 @@ def test_a_bidirectional_text_tower_is_refused(tmp_path, capsys, tokenizer):
     with pytest.raises(EvalError, match="causal"):
         run_task(argv)
 
+
+def test_batch_size_bounds_every_forward_and_leaves_the_results(tmp_path, monkeypatch, tokenizer):
+    from eval_helpers import make_tiny_model_dir, write_text_shards
+
+    from mmssl.models.multimodal import MultimodalModel
+
+    model_dir = make_tiny_model_dir(str(tmp_path / "m"), tokenizer)
+    docs = [
+        "The quick brown fox jumps over the lazy dog.",
+        "A red seven is a digit drawn in red ink.",
+        "def f(x):\n    return x + 1\n",
+        "Lists are mutable sequences, typically used to store collections.",
+    ] * 4  # several full rows of context_length + 1 tokens
+    shards = write_text_shards(str(tmp_path / "text"), docs)
+    rows: list[int] = []
+    real = MultimodalModel.lm_logits
+
+    def recording(self, text, text_mask=None):
+        rows.append(text.shape[0])
+        return real(self, text, text_mask)
+
+    monkeypatch.setattr(MultimodalModel, "lm_logits", recording)
+
+    def run(batch_size: int):
+        rows.clear()
+        res = run_task(
+            ["lm", "--model", model_dir, "--data", shards, "--task", "demo", "--limit", "8"]
+            + ["--shots", "0,2", "--max-new-tokens", "0", "--prompt", "a"]
+            + ["--batch-size", str(batch_size), "--out", str(tmp_path / f"o{batch_size}")]
+        )
+        return res, list(rows)
+
+    wide, wide_rows = run(256)
+    assert max(wide_rows) > 3  # the wide run batches more rows than the narrow ones allow
+    for batch_size in (1, 3):
+        res, seen = run(batch_size)
+        assert seen and max(seen) <= batch_size, (batch_size, seen)
+        assert sum(seen) == sum(wide_rows)  # the same rows, cut into smaller batches
+        assert res["perplexity"] == pytest.approx(wide["perplexity"], rel=1e-5)
+        assert res["num_tokens"] == wide["num_tokens"]
+        assert res["unigram_perplexity"] == wide["unigram_perplexity"]
+        assert res["multiple_choice"] == wide["multiple_choice"]
