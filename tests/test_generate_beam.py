@@ -333,3 +333,24 @@ def test_refused_combinations():
             model.generate(prompt, 3, **kwargs)
         with pytest.raises(ValueError, match=match):
             cap.generate_captions(imgs, 3, bos_id=BOS, **kwargs)
+
+
+@pytest.mark.parametrize("eos_id", [None, 5])
+def test_an_empty_batch_gives_the_shape_greedy_gives(eos_id):
+    # greedy and sampling return (0, T0 + max_new_tokens) for no prompts: beams must too
+    import mmssl
+
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_gpt")
+    prompt = torch.zeros(0, 3, dtype=torch.long)
+    mask = torch.ones(0, 3, dtype=torch.bool)
+    for kw in ({}, {"prompt_mask": mask}):
+        greedy = model.text.generate(prompt, 4, temperature=0, eos_id=eos_id, **kw)
+        beams = model.text.generate(prompt, 4, eos_id=eos_id, num_beams=2, **kw)
+        assert greedy.shape == beams.shape == (0, 7) and beams.dtype == greedy.dtype
+    assert model.text.generate(prompt, 0, num_beams=2).shape == (0, 3)
+    coca = captioner("test_tiny_coca")
+    imgs = torch.rand(0, 3, 32, 32)
+    greedy = coca.generate_captions(imgs, 5, bos_id=BOS, temperature=0, eos_id=eos_id)
+    beams = coca.generate_captions(imgs, 5, bos_id=BOS, eos_id=eos_id, num_beams=2)
+    assert greedy.shape == beams.shape == (0, 6) and beams.dtype == greedy.dtype

@@ -82,6 +82,8 @@ def beam_search(
     k = num_beams
     if max_new_tokens <= 0:
         return text
+    if b == 0:  # no prompts: the (0, T0 + max_new_tokens) the greedy path gives
+        return text.new_empty((0, t0 + max_new_tokens))
     scores = torch.zeros(b, 1, device=text.device)  # (B, live beams), summed log-probs
     # per row: (penalised score, generated tokens), the num_beams best, unsorted
     finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
