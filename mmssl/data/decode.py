@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zlib
 from typing import Any
 
 import torch
@@ -28,10 +29,43 @@ class BadSample(Exception):
         self.detail = detail
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+    if data[:8] == PNG_SIGNATURE and len(data) >= 24:
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
     return None
+
+
+def png_damage(data: bytes) -> str | None:
+    """What is wrong with a PNG's chunks (one cut short, a CRC-32 that does not match), or
+    None when every chunk up to IEND is whole.
+
+    torchvision's PNG decoder (0.29) kills the process with SIGSEGV when libpng meets an
+    error while reading the rows (an IDAT whose CRC or deflate stream is wrong), where errors
+    in the header raise.  A flipped bit anywhere in a chunk fails its CRC, so damaged files
+    are refused here, before the decoder sees them: ~1 us for a 32 px image, 25 us at 224 px.
+    What this does not catch is a deflate stream that is wrong under correct CRCs, which only
+    a faulty or hostile encoder writes: finding it means inflating the image twice.
+    """
+    view = memoryview(data)
+    pos, end = len(PNG_SIGNATURE), len(data)
+    while pos < end:
+        if pos + 8 > end:
+            return f"cut inside a chunk header at byte {pos}"
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        kind = bytes(data[pos + 4 : pos + 8])
+        if pos + 12 + n > end:
+            return f"chunk {kind!r} cut short"
+        if zlib.crc32(view[pos + 4 : pos + 8 + n]) != int.from_bytes(
+            data[pos + 8 + n : pos + 12 + n], "big"
+        ):
+            return f"chunk {kind!r} fails its CRC"
+        if kind == b"IEND":
+            return None
+        pos += 12 + n
+    return None  # no IEND: the decoders report missing image data themselves
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -68,7 +102,12 @@ def _quiet_torchvision() -> None:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
     """Encoded bytes -> uint8 (3, H, W) RGB; BadSample on damage or too many pixels."""
-    size = _png_size(data) or _jpeg_size(data)
+    png = _png_size(data)
+    if png is not None:
+        damage = png_damage(data)
+        if damage:
+            raise BadSample("bad_image", f"PNG {damage}")
+    size = png or _jpeg_size(data)
     if size is not None:
         if size[0] * size[1] > max_pixels:
             raise BadSample("image_too_large", f"{size[1]}x{size[0]} > {max_pixels} pixels")

@@ -17,6 +17,16 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_flipped(arr: np.ndarray, where: str) -> bytes:
+    """`arr` as a PNG with one bit of its IDAT flipped: "crc" in the chunk's CRC (PIL still
+    decodes it), "data" in the middle of its compressed data."""
+    data = bytearray(png_bytes(arr))
+    pos = data.index(b"IDAT") - 4
+    n = int.from_bytes(data[pos : pos + 4], "big")
+    data[pos + 8 + (n if where == "crc" else n // 2)] ^= 1
+    return bytes(data)
+
+
 def write_image_shards(
     out: str, shards: int = 8, per_shard: int = 6, size: int = 8, split: str = "train"
 ) -> str:

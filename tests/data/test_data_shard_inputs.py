@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import webdataset as wds
+from data_helpers import png_flipped
 from PIL import Image
 
 from mmssl.data import errors
@@ -33,6 +34,8 @@ _BROKEN = {
     "broken.png": np.random.default_rng(1).bytes(300),
     "broken.jpg": _truncated_jpeg(),  # passes PIL's verify(), not a decode
     "broken.bmp": b"BM not really a bitmap",
+    # PIL decodes it; torchvision's decoder, which training uses, crashes on it
+    "idat_crc.png": png_flipped(np.full((8, 8, 3), 7, np.uint8), "crc"),
 }
 
 
