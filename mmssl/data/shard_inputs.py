@@ -241,7 +241,14 @@ def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is not None:  # None: an empty file
                     labels.header(reader.fieldnames)
-                yield from reader
+                for row in reader:
+                    if None in row:  # DictReader's key for the fields beyond the header's
+                        raise DataError(
+                            f"{path}:{reader.line_num}: {len(row[None])} more field(s) than "
+                            f"the header's {len(reader.fieldnames or ())} (a comma in a "
+                            "field that is not quoted?)"
+                        )
+                    yield row
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
 

@@ -218,3 +218,20 @@ def test_a_text_file_s_byte_order_mark_is_not_part_of_the_document(tmp_path, cap
     argv = ["text", tmp_path / "bom.txt", "--out", tmp_path / "o", "--docs", "paragraph"]
     assert _run(capsys, *argv)[0] == 0
     assert [s["txt"] for s in _read(tmp_path / "o")] == [b"first", b"second"]
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "image,caption\ncat/0.png,a cat, sitting\n",  # the caption would lose ", sitting"
+        "file,text\ncat/0.png,cap,extra\n",  # and lacks the default columns too
+    ],
+)
+def test_a_csv_row_with_more_fields_than_its_header_is_refused_naming_the_line(
+    tmp_path, capsys, table
+):
+    _save(tmp_path / "cat" / "0.png")
+    (tmp_path / "t.csv").write_text(table)
+    rc, out, err = _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o")
+    assert rc == 2 and f"{tmp_path / 't.csv'}:2: 1 more field(s) than the header's" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
