@@ -45,7 +45,7 @@ from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
-from mmssl.data.tario import check_urls, count_samples, expand_urls, is_local, iter_shard
+from mmssl.data.tario import check_urls, expand_urls, is_local, iter_shard
 
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
 # drew the same indices for every source); the streams of epoch mode and of source 0 are
@@ -94,16 +94,43 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     return counts
 
 
+class _Events(SkipCounter):
+    """Records what a reader counts, in order, without counting or logging it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, str]] = []
+
+    def add(self, kind: str, where: str, detail: str = "") -> None:
+        self.events.append((kind, where, detail))
+
+
+def _count_shard(url: str, unread: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard, as `iter_shard` gives them, for counting before the stream;
+    into `unread` goes only the damage after its last sample, which the epoch's segments
+    never meet: they stop at the counted samples.  That is what ends the shard (a cut or
+    damaged tar, an empty one) and a key repeated after the last sample.  A key repeated
+    before a sample is not counted here: the segment that holds that sample meets it and
+    counts it (`iter_shard` counts a repeat once it reads the next key)."""
+    met = _Events()
+    for sample in iter_shard(url, met):
+        met.events.clear()  # damage before this sample: the stream counts it
+        yield sample
+    for kind, where, detail in met.events:
+        unread.add(kind, where, detail)
+
+
 def _doc_tokens(
     urls: list[str], tokenizer: Any, shard_damage: SkipCounter, bad_docs: SkipCounter
 ) -> tuple[np.ndarray, ...]:
     """Tokens of every document of a text source (eos included; 0 for a bad one), by shard
-    (tokenises every document once).  Damage to the shards themselves goes to
-    `shard_damage`, undecodable or missing text to `bad_docs`."""
+    (tokenises every document once).  Damage to the shards themselves that the stream never
+    meets goes to `shard_damage` (see `_count_shard`), undecodable or missing text to
+    `bad_docs`."""
     out = []
     for url in urls:
         lengths = []
-        for key, files in iter_shard(url, shard_damage):
+        for key, files in _count_shard(url, shard_damage):
             try:
                 text = decode_text(files, "missing_text")
             except BadSample as bad:
@@ -143,7 +170,9 @@ def _resolve(
     n_batches = rows = 0
     counts: list[int] = []
     doc_tokens: tuple[np.ndarray, ...] = ()
-    skipped = SkipCounter()  # what counting the samples met: damaged or empty shards
+    # what counting the samples met that the stream never meets: damage after a shard's
+    # last sample (`_count_shard`)
+    skipped = SkipCounter()
     bad_docs = SkipCounter()  # text: undecodable documents (the stream meets them again)
     if mode == "epoch":
         if len(urls) < slots:
@@ -167,7 +196,7 @@ def _resolve(
                 if key in known:
                     counts.append(known[key])
                 elif is_local(u):
-                    counts.append(count_samples(u, skipped))
+                    counts.append(sum(1 for _ in _count_shard(u, skipped)))
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "
@@ -191,7 +220,8 @@ def _resolve(
                 f"source {name} is smaller than one batch per rank "
                 f"({world} ranks x batch {batch}); lower batch_size"
             )
-    # damage outside the counted samples: the epoch's segments never meet it again
+    # damage after the counted samples: the epoch's segments never meet it (what lies
+    # between samples they count themselves)
     found = tuple(sorted(skipped.counts.items())) if counts else ()
     return SourceSpec(
         name, tuple(urls), src.kind, weight, n_batches, tuple(counts), found, doc_tokens
@@ -243,8 +273,9 @@ class StreamLoader:
     @property
     def skipped(self) -> dict[str, int]:
         """Skipped samples by kind, summed over workers and epochs (as of the last consumed
-        batch), plus on rank 0 the damage that counting samples found before the stream
-        (every rank counts the same shards; the stream never reads that damage)."""
+        batch), plus on rank 0 the damage that counting samples found after a shard's last
+        sample (every rank counts the same shards; the stream never reads that damage, and
+        counting leaves out what it does read, such as a key repeated mid-shard)."""
         total = self._streamed()
         for spec in self.plan.sources if self.plan.rank == 0 else ():
             for kind, n in spec.preflight_skipped:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import os
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -301,3 +304,101 @@ def test_damage_found_by_counting_samples_is_counted_once_on_rank_0(tmp_path):
         )  # fmt: skip
         again.load_state_dict(pl.state_dict())
         assert again.skipped == want
+
+
+def _tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A shard written member by member with tarfile (ShardWriter refuses repeated keys)."""
+    with tarfile.open(path, "w") as tf:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _files(i: int, caption: str = "") -> dict[str, bytes]:
+    arr = np.full((6, 6, 3), i % 256, np.uint8)
+    return {"png": png_bytes(arr), "txt": (caption or f"good {i}").encode()}
+
+
+def _manifest(tmp_path, counts: dict[str, int]) -> None:
+    shards = [{"url": name, "count": n} for name, n in counts.items()]
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "shards": shards}))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_key_repeated_mid_shard_is_counted_once_a_pass(tmp_path, manifest, world):
+    # a second sample under the key of the one before it, in the middle of a shard: the
+    # stream meets it (the segment holding the sample after it counts it), so counting the
+    # samples without a manifest must not report it a second time
+    samples = [(f"g{i:04d}", _files(i)) for i in range(12)]
+    _tar(tmp_path / "d-000000.tar", samples[:3] + [("g0002", _files(99, "dup"))] + samples[3:6])
+    _tar(tmp_path / "d-000001.tar", samples[6:])
+    if manifest:
+        _manifest(tmp_path, {"d-000000.tar": 6, "d-000001.tar": 6})
+    urls = str(tmp_path / "d-{000000..000001}.tar")
+    loaders = [
+        build_pipeline(
+            urls,
+            batch_size=4 // world,
+            mode="epoch",
+            rank=rank,
+            world_size=world,
+            image_size=6,
+            num_views=0,
+            shuffle=3,
+        )  # fmt: skip
+        for rank in range(world)
+    ]
+    for epoch in (1, 2):  # met once a pass, as a bad image is, with or without a manifest
+        keys, captions, skipped = [], [], {}
+        for pl in loaders:
+            batches = list(pl)
+            assert len(batches) == len(pl) == 3
+            keys += [k for b in batches for k in b["__key__"]]
+            captions += [c for b in batches for c in b["caption"]]
+            for kind, n in pl.skipped.items():
+                skipped[kind] = skipped.get(kind, 0) + n
+        assert sorted(keys) == [k for k, _ in samples]  # every good sample once
+        assert "dup" not in captions
+        assert skipped == {"duplicate_key": epoch}
+
+
+def test_a_key_repeated_mid_shard_of_a_text_source_is_counted_once(tmp_path):
+    # text sources count their documents through the same reader before the stream
+    doc = "abcdefghi"  # 9 characters + eos = one row of context_length + 1 = 10 tokens
+    docs = [(f"d{i}", {"txt": doc.encode()}) for i in range(8)]
+    _tar(tmp_path / "t-000000.tar", docs[:2] + [("d1", {"txt": b"repeated!"})] + docs[2:4])
+    _tar(tmp_path / "t-000001.tar", docs[4:])
+    pl = build_pipeline(
+        str(tmp_path / "t-{000000..000001}.tar"), kind="text", batch_size=2, mode="epoch",
+        rank=0, world_size=1, tokenizer=StubTokenizer(), context_length=9, shuffle=1,
+    )  # fmt: skip
+    batches = list(pl)
+    assert len(batches) == len(pl) == 4  # every token of the 8 documents read
+    assert pl.skipped == {"duplicate_key": 1}
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_shard_cut_mid_member_is_counted_once(tmp_path, manifest):
+    # the damage ends the shard: without a manifest only counting the samples meets it (the
+    # epoch's segments stop at the counted samples), with one the stream does
+    samples = [(f"g{i:04d}", _files(i)) for i in range(12)]
+    _tar(tmp_path / "c-000000.tar", samples[:6])
+    _tar(tmp_path / "c-000001.tar", samples[6:])
+    if manifest:  # written before the damage: it counts the shard whole
+        _manifest(tmp_path, {"c-000000.tar": 6, "c-000001.tar": 6})
+    path = tmp_path / "c-000001.tar"
+    with tarfile.open(path) as tf:
+        member = tf.getmember("g0009.png")
+    data = path.read_bytes()
+    path.write_bytes(data[: member.offset_data + member.size // 2])  # inside g0009.png
+    pl = build_pipeline(
+        str(tmp_path / "c-{000000..000001}.tar"), batch_size=8, mode="epoch", rank=0,
+        world_size=1, image_size=6, num_views=0, shuffle=100,  # one window: the whole pass
+    )  # fmt: skip
+    keys = [k for b in pl for k in b["__key__"]]
+    assert len(keys) == 8 and len(set(keys)) == 8
+    assert set(keys) <= {f"g{i:04d}" for i in range(9)}  # g0009 is cut, g0010/11 lost
+    assert pl.skipped == {"truncated_tar": 1}
