@@ -135,3 +135,36 @@ def test_generate_takes_a_numpy_integer_budget():
 def test_text_features_refuse_an_empty_sequence():
     with pytest.raises(ValueError, match=r"no tokens: shape \(2, 0\)"):
         tiny().forward_features(torch.zeros(2, 0, dtype=torch.int64))
+
+
+def _top_k_refusals():
+    import numpy as np
+
+    return [2.5, 2.0, 0, -1, True, "2", np.float64(2.0), torch.tensor(2.0), torch.tensor(True)]
+
+
+@pytest.mark.parametrize("top_k", _top_k_refusals(), ids=repr)
+def test_generate_refuses_a_top_k_that_is_not_an_integer(top_k):
+    # a float top_k passed the check and failed in torch.topk with a TypeError
+    import mmssl
+
+    prompt = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None"):
+        tiny().generate(prompt, 3, top_k=top_k)
+    torch.manual_seed(0)
+    coca = mmssl.create_model("test_tiny_coca")
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None"):
+        coca.generate_captions(torch.rand(1, 3, 32, 32), 3, bos_id=1, top_k=top_k)
+
+
+def test_generate_takes_numpy_and_torch_integer_top_k():
+    import numpy as np
+
+    model, prompt = tiny(), torch.tensor([[1, 2], [3, 4]])
+
+    def sample(top_k):
+        return model.generate(prompt, 6, top_k=top_k, generator=torch.Generator().manual_seed(0))
+
+    want = sample(2)
+    for top_k in (np.int64(2), np.int32(2), torch.tensor(2)):
+        assert torch.equal(sample(top_k), want), top_k

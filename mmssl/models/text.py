@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -81,8 +82,21 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
     # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not 1 <= top_k):
+    if top_k is not None and as_top_k(top_k) is None:
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+
+
+def as_top_k(top_k: object) -> int | None:
+    """top_k as a Python int >= 1 (an int, or a numpy / torch integer scalar, through
+    operator.index), or None when it is anything else: a bool, a float (2.0 included: torch.topk
+    refuses it), a string, a number < 1."""
+    if isinstance(top_k, bool) or (isinstance(top_k, torch.Tensor) and top_k.dtype == torch.bool):
+        return None
+    try:
+        k = operator.index(top_k)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return k if k >= 1 else None
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:
@@ -122,6 +136,8 @@ def sample_tokens(
     calling `next_logits` again.
     """
     total = text.shape[1] + max_new_tokens
+    if top_k is not None:
+        top_k = operator.index(top_k)  # a numpy / torch integer scalar as an int for topk
     done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
     for _ in range(max_new_tokens):
         logits = next_logits(text).float()  # (B, V)
