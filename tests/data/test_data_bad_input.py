@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from data_helpers import StubTokenizer, png_bytes
+from data_helpers import StubTokenizer, png_bytes, png_flipped
 
 from mmssl.data.errors import DataError
 from mmssl.data.pipeline import Source, build_pipeline
@@ -402,3 +402,48 @@ def test_a_shard_cut_mid_member_is_counted_once(tmp_path, manifest):
     assert len(keys) == 8 and len(set(keys)) == 8
     assert set(keys) <= {f"g{i:04d}" for i in range(9)}  # g0009 is cut, g0010/11 lost
     assert pl.skipped == {"truncated_tar": 1}
+
+
+def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_path):
+    """torchvision's PNG decoder dies with SIGSEGV on an IDAT that fails its CRC or its
+    deflate check; the chunks' CRCs are checked first.  Run in a child process, so that a
+    regression fails this test instead of killing the test session.  (An epoch's batches,
+    counted with the damaged samples, are full: the stream reads on past its end to fill
+    them, hence the set.)"""
+    import subprocess
+    import sys
+
+    arr = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    w = ShardWriter(str(tmp_path), "s", max_count=20)
+    for i in range(8):
+        w.write(_good(i))
+    for where in ("crc", "data"):
+        w.write({"__key__": f"b{where}", "png": png_flipped(arr, where), "txt": "damaged"})
+    w.close()
+    code = (
+        "import itertools, json, sys\n"
+        "from mmssl.data.pipeline import build_pipeline\n"
+        f"pl = build_pipeline({str(tmp_path / 's-000000.tar')!r}, batch_size=2, mode='epoch',"
+        " rank=0, world_size=1, image_size=6, num_views=1, shuffle=1)\n"
+        "keys = sorted({k for b in pl for k in b['__key__']})\n"
+        "print(json.dumps([keys, pl.skipped]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys, skipped = json.loads(done.stdout.splitlines()[-1])
+    assert keys == [f"g{i:04d}" for i in range(8)] and skipped == {"bad_image": 2}
+
+
+def test_png_damage_names_the_chunk_and_passes_whole_files():
+    from mmssl.data.decode import BadSample, decode_image, png_damage
+
+    arr = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
+    good = png_bytes(arr)
+    assert png_damage(good) is None and png_damage(good + b"trailing bytes") is None
+    assert torch.equal(decode_image(good), torch.from_numpy(arr).permute(2, 0, 1))
+    assert png_damage(png_flipped(arr, "crc")) == "chunk b'IDAT' fails its CRC"
+    assert png_damage(good[:-2]) == "chunk b'IEND' cut short"
+    assert png_damage(good[:-6]).startswith("cut inside a chunk header")
+    with pytest.raises(BadSample) as err:
+        decode_image(png_flipped(arr, "data"))
+    assert err.value.kind == "bad_image" and "IDAT" in str(err.value)
