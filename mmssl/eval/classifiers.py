@@ -68,8 +68,10 @@ def knn(x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0
     y = torch.as_tensor(y).long()
     k = min(k, len(y))
     sim = q @ xs.T  # (M, N)
-    top, idx = sim.topk(k, dim=1)  # (M, k)
-    weights = (top / temperature).exp()
+    top, idx = sim.topk(k, dim=1)  # (M, k), each row sorted: column 0 is its largest
+    # exp((s - s_max) / T): the same weights up to one factor per row, so the same votes,
+    # and never inf -- exp(s / T) is inf for every neighbour once T < ~0.0014 (s up to 1)
+    weights = ((top - top[:, :1]) / temperature).exp()
     # votes go to the classes present, not to columns 0..max label: a label may be negative
     # or large (a synset offset), which made a (M, max + 1) table
     classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's

@@ -167,3 +167,29 @@ def test_probes_refuse_a_repeated_method_or_decay():
     with pytest.raises(EvalError, match=r"weight decays repeat 0.01, got \[0.01, 0.1, 0.01\]"):
         linear.sweep(x, y, x, y, decays=(0.01, 0.1, 0.01))
     assert fewshot.parse_list(" knn , logistic", "--methods", str, "names") == ["knn", "logistic"]
+
+
+def test_knn_small_temperatures_do_not_overflow():
+    """exp(similarity / temperature) was inf for every neighbour at temperature 0.001, so
+    every class tied and the argmax took the first: accuracy fell from 0.99 to 0.61."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    y = torch.randint(0, 5, (200,), generator=g)
+    query = torch.cat([torch.randn(40, 16, generator=g), x[:40] + 0.1 * torch.randn(40, 16)])
+
+    def naive(k: int, t: float) -> torch.Tensor:
+        sim = torch.nn.functional.normalize(query.double(), dim=-1) @ (
+            torch.nn.functional.normalize(x.double(), dim=-1).T
+        )
+        top, idx = sim.topk(k, dim=1)
+        w = torch.exp(top / t)
+        assert torch.isfinite(w).all()  # the reference itself does not overflow here
+        votes = torch.zeros(len(query), 5, dtype=torch.float64).scatter_add_(1, y[idx], w)
+        return votes.argmax(1)
+
+    for k, t in ((20, 0.07), (20, 0.01), (5, 0.002), (200, 0.0015)):
+        assert torch.equal(classifiers.knn(x, y, query, k, t), naive(k, t))
+    unit = torch.nn.functional.normalize
+    nearest = y[(unit(query, dim=-1) @ unit(x, dim=-1).T).argmax(1)]
+    for t in (1e-3, 1e-4, 1e-6):
+        assert torch.equal(classifiers.knn(x, y, query, k=20, temperature=t), nearest)
