@@ -3,8 +3,9 @@
 A class embedding is the mean of its L2-normalised prompt embeddings, normalised again
 (CLIP's prompt ensembling).  Classes come from a JSON file `{"classnames": [...],
 "templates": ["a photo of a {}.", ...], "field": "label"}` (optionally `"prompts"`: one
-list of rendered prompts per class instead of templates) or from the built-in demo sets
-`digit` and `color`.
+list of rendered prompts per class instead of templates; without `"field"` the class index
+is read from `label`) or from the built-in demo sets `digit` and `color`.  Every prompt must
+fit the text tower's context, its start and end tokens included.
 """
 
 from __future__ import annotations
@@ -37,10 +38,33 @@ class ClassSpec:
     field: str = "label"
 
 
+def _show(value: Any) -> str:
+    """A JSON value as the file has it (null, not None), for a message."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _not_string_list(value: Any) -> str | None:
+    """Why `value` is not a list of strings, or None if it is one."""
+    if not isinstance(value, list):
+        kind = "string" if isinstance(value, str) else type(value).__name__
+        return f"got a {kind} ({_show(value)})"
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            return f"item {i} is {_show(item)}"
+    return None
+
+
 def render_templates(classnames: list[str], templates: list[str]) -> list[list[str]]:
     """Fill `{}` of every template with every class name; EvalError on bad input."""
     if not classnames:
         raise EvalError("the class list is empty: zero-shot needs at least one class name")
+    # a bare string was read character by character: "template 'a' has no '{}' placeholder"
+    problem = _not_string_list(templates)
+    if problem:
+        raise EvalError(f"templates must be a list of strings; {problem}")
     if not templates:
         raise EvalError(
             "the template list is empty: give at least one template such as 'a photo of a {}.'"
@@ -99,12 +123,21 @@ def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
     classnames = data["classnames"]
     if not isinstance(classnames, list):
         raise EvalError(f"{source}: 'classnames' must be a list")
-    field = str(data.get("field", "label"))
+    field = data.get("field", "label")
+    if not isinstance(field, str) or not field:
+        # str() made null the field 'None': "have no 'None' field" from the data, later
+        raise EvalError(
+            f"{source}: 'field' must be a non-empty string naming the json field that holds "
+            f"the class index (leave it out for 'label'), got {_show(field)}"
+        )
     if templates_file is not None:
         return ClassSpec(
             classnames, render_templates(classnames, _read_list(templates_file)), field
         )
     if "templates" in data:
+        problem = _not_string_list(data["templates"])
+        if problem:
+            raise EvalError(f"{source}: 'templates' must be a list of strings; {problem}")
         return ClassSpec(classnames, render_templates(classnames, data["templates"]), field)
     if "prompts" in data:
         prompts = data["prompts"]
@@ -141,6 +174,9 @@ def _read_list(path: str) -> list[str]:
         data = data.get("templates")
     if not isinstance(data, list):
         raise EvalError(f"{path}: expected a JSON list of templates")
+    problem = _not_string_list(data)
+    if problem:
+        raise EvalError(f"{path}: templates must be a list of strings; {problem}")
     return data
 
 
@@ -148,19 +184,60 @@ def _read_list(path: str) -> list[str]:
 def class_embeddings(
     model: MultimodalModel, tokenizer: Any, prompts: list[list[str]], batch_size: int = 256
 ) -> Tensor:
-    """(C, E) L2-normalised class embeddings: the renormalised mean over each class's prompts."""
+    """(C, E) L2-normalised class embeddings: the renormalised mean over each class's prompts.
+
+    EvalError if a prompt (with its start and end tokens) is longer than the text context:
+    cut to it, prompts that differ only past the cut become one token row, and classes
+    that cannot be told apart score without a word."""
     flat = [p for ps in prompts for p in ps]
     context_length = text_config(model).context_length
-    embs = []
-    for i in range(0, len(flat), batch_size):
-        ids, mask = tokenizer.batch_encode(flat[i : i + batch_size], context_length)
-        embs.append(model.encode_text(ids, mask, normalize=True).float())
+    batches = [
+        _encode_prompts(tokenizer, flat[i : i + batch_size], context_length)
+        for i in range(0, len(flat), batch_size)
+    ]
+    too_long = [p for batch in batches for p in batch[2]]
+    if too_long:
+        _refuse_long_prompts(tokenizer, too_long, len(flat), context_length)
+    embs = [model.encode_text(ids, mask, normalize=True).float() for ids, mask, _ in batches]
     emb = torch.cat(embs)  # (P, E)
     out, start = [], 0
     for ps in prompts:
         out.append(emb[start : start + len(ps)].mean(0))
         start += len(ps)
     return F.normalize(torch.stack(out), dim=-1)
+
+
+def _encode_prompts(
+    tokenizer: Any, texts: list[str], context_length: int
+) -> tuple[Tensor, Tensor | None, list[str]]:
+    """(ids, mask) of `texts` as `batch_encode(texts, context_length)` gives them, and the
+    texts it would cut.  Encoded one token wider: a row that reaches the extra column is
+    longer than the context; when none does, dropping that column (padding) leaves exactly
+    the rows of the narrower call."""
+    ids, mask = tokenizer.batch_encode(texts, context_length + 1)
+    if mask is None:  # a tokenizer without a mask (ids only): nothing to measure with
+        return ids[:, :context_length], None, []
+    cut = mask[:, context_length:].any(1).tolist()
+    return ids[:, :context_length], mask[:, :context_length], [t for t, c in zip(texts, cut) if c]
+
+
+def _refuse_long_prompts(
+    tokenizer: Any, too_long: list[str], total: int, context_length: int
+) -> None:
+    """EvalError naming the longest of `too_long` and its token count (start and end tokens
+    included, as batch_encode adds them)."""
+    if hasattr(tokenizer, "encode"):
+        counts = {p: len(tokenizer.encode(p, add_bos=True, add_eos=True)) for p in too_long}
+        longest = max(too_long, key=lambda p: counts[p])
+        size = f"{counts[longest]} tokens"
+    else:
+        longest, size = max(too_long, key=len), f"more than {context_length} tokens"
+    raise EvalError(
+        f"prompt {longest!r} is {size} (start and end tokens included), longer than the "
+        f"text context of {context_length} tokens ({len(too_long)} of {total} prompts are): "
+        "cut to fit, prompts that differ only past the cut would give their classes the same "
+        "embedding; shorten the template (or the prompts / class names)"
+    )
 
 
 def score(

@@ -64,3 +64,89 @@ def test_zeroshot_score_without_labels_is_a_clear_error():
     ):
         score(emb, emb, torch.arange(2), ["a", "b", "c"])
     assert score(emb, emb, torch.arange(3), ["a", "b", "c"])["top1"] == 1.0
+
+
+class _ContextModel:
+    """A stand-in for a text tower with a 16-token context: encode_text checks the width."""
+
+    class cfg:  # noqa: N801
+        class text:  # noqa: N801
+            context_length = 16
+
+    def encode_text(self, ids, mask=None, normalize=False):
+        assert ids.shape[1] == 16 and mask.shape == ids.shape
+        out = torch.nn.functional.one_hot(ids % 64, 64).double().sum(1) * mask.sum(1, True)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+def test_zeroshot_refuses_prompts_longer_than_the_text_context():
+    """A template longer than the text context was cut silently: with the quickstart's
+    16-token context every class's prompt became the same token row, every image tied and
+    top-1 was 0.0 without a word."""
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import class_embeddings, render_templates
+    from mmssl.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    words = (
+        "a blurry low resolution photograph of the handwritten digit {} drawn in bright red ink"
+    ).split()
+    template = " ".join(words)
+    classes = ["zero", "one", "seven"]
+    prompts = render_templates(classes, [template, "a {}."])
+    counts = {p: len(tok.encode(p, add_bos=True, add_eos=True)) for ps in prompts for p in ps}
+    longest = max(counts, key=counts.get)
+    assert counts[longest] > 16
+    with pytest.raises(EvalError) as info:
+        class_embeddings(_ContextModel(), tok, prompts)
+    msg = str(info.value)
+    assert repr(longest) in msg and f"{counts[longest]} tokens" in msg
+    assert "context of 16" in msg and "shorten the template" in msg and "\n" not in msg
+    # a prompt of exactly the context length (bos and eos counted) still passes, unchanged
+    fit = max(
+        (" ".join(words[:n]) for n in range(1, len(words) + 1)),
+        key=lambda t: (
+            max(len(tok.encode(t.replace("{}", c), True, True)) for c in classes) <= 16,
+            len(t),
+        ),
+    )
+    fitted = render_templates(classes, [fit])
+    assert max(len(tok.encode(p, True, True)) for ps in fitted for p in ps) == 16
+    ids, mask = tok.batch_encode([ps[0] for ps in fitted], 16)
+    want = _ContextModel().encode_text(ids, mask, normalize=True).float()
+    got = class_embeddings(_ContextModel(), tok, fitted)
+    assert torch.allclose(got, torch.nn.functional.normalize(want, dim=-1))
+
+
+def test_zeroshot_class_file_field_and_templates_must_have_the_right_types(tmp_path):
+    """A class file with "field": null said "have no 'None' field" later; with "templates":
+    "a photo of {}" (a string) it was read character by character: "template 'a' has no
+    '{}' placeholder"."""
+    import json
+
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import load_classes
+
+    path = tmp_path / "classes.json"
+    for field in (None, 3, "", ["label"]):
+        path.write_text(json.dumps({"classnames": ["cat", "dog"], "field": field}))
+        with pytest.raises(EvalError, match=r"'field' must be a non-empty string") as info:
+            load_classes(str(path))
+        assert str(path) in str(info.value) and "None" not in str(info.value)
+    for templates in ("a photo of {}", ["a photo of {}", 3], {"a": "{}"}):
+        path.write_text(json.dumps({"classnames": ["cat", "dog"], "templates": templates}))
+        with pytest.raises(EvalError, match=r"'templates' must be a list of strings") as info:
+            load_classes(str(path))
+        assert "has no '{}' placeholder" not in str(info.value)
+    # the templates file given apart (--templates) says the same for a non-string item
+    tfile = tmp_path / "templates.json"
+    tfile.write_text(json.dumps(["a {}.", None]))
+    path.write_text(json.dumps({"classnames": ["cat", "dog"]}))
+    with pytest.raises(EvalError, match=r"templates must be a list of strings"):
+        load_classes(str(path), str(tfile))
+    # without 'field' the class index is in 'label', as before
+    path.write_text(json.dumps({"classnames": ["cat", "dog"], "templates": ["a {}."]}))
+    spec = load_classes(str(path))
+    assert spec.field == "label" and spec.prompts == [["a cat."], ["a dog."]]
+    path.write_text(json.dumps({"classnames": ["cat", "dog"], "field": "kind"}))
+    assert load_classes(str(path)).field == "kind"

@@ -507,3 +507,17 @@ def test_float_labels_in_shards_are_refused(tmp_path, capsys, tiny_model_dir, te
     assert want in _err(capsys, [*argv, "--shots", "1", "--out", str(tmp_path / "f")])
     argv = ["zeroshot", "--model", tiny_model_dir, "--data", shards, "--classes", "color"]
     assert want in _err(capsys, [*argv, "--label-field", "label", "--out", str(tmp_path / "z")])
+
+
+def test_zeroshot_template_longer_than_the_context_is_one_line(
+    tmp_path, capsys, tiny_model_dir, test_shards
+):
+    # cut to the context silently, every class's prompt was the same row: top-1 0.0, no word
+    f = tmp_path / "c.json"
+    long = "a blurry photo of {} " + "with many more words " * 8
+    f.write_text(json.dumps({"classnames": ["red", "green", "blue"], "templates": [long]}))
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", test_shards, "--classes", str(f)]
+    err = _err(capsys, [*argv, "--out", str(tmp_path / "z")])
+    assert "longer than the text context of 32 tokens" in err and "shorten the template" in err
+    assert "'a blurry photo of " in err
+    assert not (tmp_path / "z" / "results.json").exists()
