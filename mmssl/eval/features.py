@@ -47,10 +47,35 @@ def assemble_by_index(index: Tensor, rows: dict[str, Tensor]) -> tuple[Tensor, d
     return index[keep], {k: v[order][keep] for k, v in rows.items()}
 
 
-def detect_fields(urls: list[str]) -> list[str]:
-    """Numeric json fields of the first sample (`label`, `digit`, ...), sorted.  DataError if
-    its json is damaged: an empty list would write features without the labels that the
-    other samples hold."""
+# names a json field cannot take: the columns extract_features returns and a features file
+# holds, a batch's image, and what load_features adds; read as fields they replaced those
+# columns (a RuntimeError or IndexError in the extraction)
+RESERVED_FIELDS = (
+    "features",
+    "embeddings",
+    "sample_index",
+    "image",
+    "__key__",
+    "caption",
+    "metadata",
+)
+
+
+def check_field_names(fields: tuple[str, ...] | list[str]) -> None:
+    """EvalError naming the first of `fields` with a reserved name (RESERVED_FIELDS)."""
+    for f in fields:
+        if f in RESERVED_FIELDS:
+            raise EvalError(
+                f"json field {f!r} cannot be read: its name is reserved for the features' own "
+                f"columns ({', '.join(RESERVED_FIELDS)}); name another field"
+            )
+
+
+def detect_fields(urls: list[str], left_out: list[str] | None = None) -> list[str]:
+    """Numeric json fields of the first sample (`label`, `digit`, ...), sorted, but those with
+    a reserved name (RESERVED_FIELDS), which are appended to `left_out` when given.
+    DataError if its json is damaged: an empty list would write features without the labels
+    that the other samples hold."""
     for _, key, files in iter_raw(urls):
         if "json" not in files:
             return ["label"] if "cls" in files else []
@@ -60,9 +85,12 @@ def detect_fields(urls: list[str]) -> list[str]:
                 raise ValueError("not an object")
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DataError(f"sample {key!r} of {shards_hint(urls)}: bad_json {err}") from None
-        return sorted(
+        numeric = sorted(
             k for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         )
+        if left_out is not None:
+            left_out += [k for k in numeric if k in RESERVED_FIELDS]
+        return [k for k in numeric if k not in RESERVED_FIELDS]
     return []
 
 
@@ -80,8 +108,10 @@ def extract_features(
     """Vision features of every sample, in sample order, on every rank.
 
     Returns {"sample_index": (N,), "features": (N, D), "embeddings": (N, E) if projected,
-    <field>: (N,), "__key__": list[str], "caption": list[str] if captions}.
+    <field>: (N,), "__key__": list[str], "caption": list[str] if captions}.  EvalError for a
+    field with a reserved name (RESERVED_FIELDS).
     """
+    check_field_names(fields)
     was_training = model.training
     model.eval()
     rank, world = distributed.rank(), distributed.world_size()
@@ -312,11 +342,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         loaded = load_model(args.model)
         urls = shard_urls(args.data)
+        left_out: list[str] = []
         fields = (
             tuple(f for f in args.fields.split(",") if f)
             if args.fields is not None
-            else tuple(detect_fields(urls))
+            else tuple(detect_fields(urls, left_out))
         )
+        check_field_names(fields)  # --fields: refused before any image is read
+        if left_out and distributed.rank() == 0:
+            print(
+                f"json fields {', '.join(map(repr, left_out))} left out: their names are "
+                "reserved for the features' own columns"
+            )
         feats = extract_features(
             loaded.model,
             urls,

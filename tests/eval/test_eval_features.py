@@ -220,3 +220,52 @@ def test_large_integer_labels_stay_exact_in_mixed_batches(tmp_path, batch_size):
     for bad in (2.5, 1e30):
         with pytest.raises(EvalError, match=re.escape(f"'label' is {bad} at sample 'k2';")):
             read([2**24 + 1, 1.0, bad, 3])
+
+
+def _shards_with_reserved_fields(out) -> str:
+    """4 labelled samples whose json also holds numbers named like the output's columns."""
+    import numpy as np
+    from eval_helpers import png_bytes
+
+    from mmssl.data.shards import ShardWriter
+
+    writer = ShardWriter(str(out), "test", max_count=10)
+    for i in range(4):
+        image = png_bytes(np.full((32, 32, 3), 60 * i, dtype=np.uint8))
+        meta = {"label": i % 2, "features": 7, "embeddings": 1.5, "sample_index": 9 - i}
+        writer.write({"__key__": f"k{i:04d}", "png": image, "json": {**meta, "image": 0}})
+    writer.close()
+    return str(out / writer.pattern)
+
+
+@pytest.mark.slow
+def test_json_fields_named_like_the_output_columns(tmp_path, capsys, tiny_model_dir):
+    """A json field named features, embeddings or sample_index replaced the column of that
+    name and extraction failed with a RuntimeError or IndexError."""
+    from mmssl.eval.cli import run_task
+    from mmssl.eval.loading import EvalError
+
+    shards = _shards_with_reserved_fields(tmp_path / "s")
+    out = tmp_path / "f.safetensors"
+    # detected: left out, and said so; the columns are the model's
+    assert main(["--model", tiny_model_dir, "--data", shards, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    for name in ("embeddings", "features", "image", "sample_index"):
+        assert repr(name) in said
+    assert "left out" in said
+    f = load_features(out)
+    assert f["metadata"]["fields"] == "label" and f["label"].tolist() == [0, 1, 0, 1]
+    assert f["sample_index"].tolist() == [0, 1, 2, 3]
+    assert f["features"].shape == (4, 32) and f["embeddings"].shape == (4, 16)
+    # requested: refused, one line naming it, no file
+    for name in ("features", "embeddings", "sample_index", "image"):
+        out2 = tmp_path / f"{name}.safetensors"
+        argv = ["--model", tiny_model_dir, "--data", shards, "--out", str(out2)]
+        assert main([*argv, "--fields", f"label,{name}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmssl features: error:") and "\n" not in err
+        assert f"field {name!r}" in err and "reserved" in err and not out2.exists()
+    # a task's --label-field too
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", shards, "--classes", "color"]
+    with pytest.raises(EvalError, match="field 'sample_index' .*reserved"):
+        run_task([*argv, "--label-field", "sample_index", "--out", str(tmp_path / "z")])
