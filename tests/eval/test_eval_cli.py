@@ -84,3 +84,36 @@ def test_a_repeated_method_or_decay_is_refused(
     assert captured.out == ""
     assert captured.err == f"mmssl eval: error: {says} (in {value!r})\n"
     assert not out.exists()
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmssl eval: error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "task, option",
+    [("zeroshot", "--data"), ("retrieval", "--data"), ("fewshot", "--train"), ("lm", "--data")],
+)
+def test_an_unbalanced_brace_pattern_is_one_line_naming_it(
+    task: str,
+    option: str,
+    tmp_path: Path,
+    tiny_model_dir: str,
+    test_shards: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # braceexpand's UnbalancedBracesError was a traceback (exit 1)
+    bad = str(Path(test_shards).parent / "test-{000000..000003.tar")
+    extra = {
+        "zeroshot": ["--classes", "color", "--label-field", "label"],
+        "fewshot": ["--test", test_shards, "--shots", "1"],
+    }.get(task, [])
+    out = tmp_path / "out"
+    assert main([task, "--model", tiny_model_dir, option, bad, *extra, "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert repr(bad) in line and "brace" in line.lower(), line
+    assert not out.exists()

@@ -146,3 +146,17 @@ def test_evaluation_uses_the_trained_image_size_and_rejects_a_bad_one(tmp_path, 
         )
         with pytest.raises(EvalError, match="preprocess.image_size"):
             _ = model.preprocess
+
+
+def test_features_with_an_unbalanced_brace_pattern_is_one_line_naming_it(
+    tmp_path, capsys, tiny_model_dir, test_shards
+):
+    # braceexpand's UnbalancedBracesError was a traceback (exit 1)
+    bad = str(Path(test_shards).parent / "test-{000000..000003.tar")
+    out = tmp_path / "f.safetensors"
+    assert features_main(["--model", tiny_model_dir, "--data", bad, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mmssl features: error: "), captured.err
+    assert repr(bad) in err[0] and "brace" in err[0].lower()
+    assert not out.exists()
