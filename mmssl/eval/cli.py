@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -129,20 +130,43 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
-    existed = out.exists()
+    made = missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way above it, a read-only directory, ...
+        remove_empty_dirs(made)
         raise EvalError(f"--out {out}: cannot make the directory ({err})") from None
     module = importlib.import_module(TASKS[args.command][0])
     try:
         return module.run(args, Context(args, argv))
     except BaseException:
-        # a task that failed before writing anything leaves no empty directory behind (one
-        # that wrote partial results, as sensitivity does, keeps them)
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        # a task that failed before writing anything leaves none of the directories it made
+        # behind (one that wrote partial results, as sensitivity does, keeps them)
+        remove_empty_dirs(made)
         raise
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: the directories
+    that `path.mkdir(parents=True)` makes."""
+    missing = []
+    here = Path(os.path.abspath(path))
+    while not os.path.lexists(here):  # lexists: a dangling symlink is not made
+        missing.append(here)
+        here = here.parent
+    return missing
+
+
+def remove_empty_dirs(made: list[Path]) -> None:
+    """Remove the directories of `made` (deepest first) while they are empty; stop at the
+    first that holds something, whose parents then hold it too."""
+    for d in made:
+        try:
+            d.rmdir()
+        except FileNotFoundError:  # never made (mkdir failed below it)
+            continue
+        except OSError:  # not empty (partial results), or not ours to remove
+            break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = 0
     if distributed.rank() == 0:
+        from mmssl.eval.cli import missing_dirs, remove_empty_dirs
+
+        made = missing_dirs(Path(args.out).parent)  # save_features makes them
         try:
             save_features(
                 args.out,
@@ -383,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"to {args.out}"
             )
         except OSError as err:  # e.g. a parent of --out is a file, or no permission
+            remove_empty_dirs(made)  # no directory of a file that was not written is left
             print(f"mmssl features: error: cannot write {args.out}: {err}", file=sys.stderr)
             code = 2
     distributed.barrier()  # every rank, also when rank 0 failed to write: none waits forever

@@ -94,6 +94,20 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_failed_eval_removes_every_directory_it_made(
+    depth: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--out newparent/a/b` with a model that does not exist left newparent/a behind
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    out = keep.joinpath(*[f"new{i}" for i in range(depth)])
+    argv = ["zeroshot", "--model", str(tmp_path / "nomodel"), "--data", "D", "--classes", "color"]
+    assert main([*argv, "--out", str(out)]) == 2
+    _one_error_line(capsys)
+    assert keep.is_dir() and list(keep.iterdir()) == []  # only what the command made is gone
+
+
 @pytest.mark.parametrize(
     "task, option",
     [("zeroshot", "--data"), ("retrieval", "--data"), ("fewshot", "--train"), ("lm", "--data")],

@@ -160,3 +160,18 @@ def test_features_with_an_unbalanced_brace_pattern_is_one_line_naming_it(
     assert len(err) == 1 and err[0].startswith("mmssl features: error: "), captured.err
     assert repr(bad) in err[0] and "brace" in err[0].lower()
     assert not out.exists()
+
+
+def test_features_that_cannot_be_written_leave_no_new_directory(
+    tmp_path, capsys, tiny_model_dir, test_shards
+):
+    # the parents of --out are made before the file is written: a file that then cannot be
+    # written (here a name longer than the file system allows) left them behind
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    out = keep / "new" / "a" / ("x" * 300 + ".safetensors")
+    argv = ["--model", tiny_model_dir, "--data", test_shards, "--limit", "2", "--out", str(out)]
+    assert features_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
+    assert keep.is_dir() and list(keep.iterdir()) == []
