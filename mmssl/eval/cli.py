@@ -2,7 +2,9 @@
 
 Tasks: zeroshot, retrieval, fewshot, linear, finetune, lm, sensitivity.  Every task takes
 `--model`, an exported model directory or a training run directory (its latest checkpoint
-is exported on the fly), and writes results.json, summary.md and its plots to `--out`.
+is exported on the fly), and writes results.json, summary.md and its plots to `--out`: a new
+or empty directory, or one holding an earlier report of the same task, which it replaces
+(another task's results, a training run or other files there are refused before any work).
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in TASKS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--model", required=True, help="exported model dir or training run dir")
-        p.add_argument("--out", default=None, help="output directory (default: eval-TASK)")
+        p.add_argument(
+            "--out",
+            default=None,
+            help="output directory: new, empty or an earlier one of this task (default: eval-TASK)",
+        )
         p.add_argument(
             "--tokenizer",
             default=None,
@@ -130,6 +136,12 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a directory")
+    from mmssl.eval.report import out_dir_problem
+
+    # never over a training run's summary.md, another task's results or someone's files
+    problem = out_dir_problem(out, args.command)
+    if problem:
+        raise EvalError(f"--out {out} {problem}; use another --out (a new or empty directory)")
     made = missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

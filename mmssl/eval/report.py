@@ -20,6 +20,57 @@ from torch import Tensor
 RESULTS = "results.json"
 SUMMARY = "summary.md"
 
+# what marks a training run directory (`mmssl train` writes these next to its summary.md)
+RUN_MARKERS = ("checkpoints", "recipe.yaml")
+
+
+def report_task(out_dir: str | Path) -> str | None:
+    """The task whose report is in `out_dir`: the `task` of its results.json when that is one
+    `write_report` wrote (a JSON object with `task` and `results`), else None."""
+    try:
+        doc = json.loads((Path(out_dir) / RESULTS).read_text())
+    except (OSError, ValueError):  # none, unreadable, not JSON or not UTF-8
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("task"), str) and "results" in doc:
+        return doc["task"]
+    return None
+
+
+def _names(entries: Sequence[Path], most: int = 4) -> str:
+    names = sorted(e.name + ("/" if e.is_dir() else "") for e in entries)
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
+    """Why the report of `task` must not be written to directory `out_dir`, or None.
+
+    Like `mmssl features`, which replaces only a features file it wrote, an eval writes into a
+    new or empty directory, or replaces the report of an earlier run of the same task (its
+    results.json names the task).  Refused: a training run directory, the report of another
+    task (its plots would stay next to this one's results) and files an eval did not write.
+    Subdirectories alone are no obstacle (`--out .` next to eval-*/): an eval writes none.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "exists and is not a directory"
+    try:
+        entries = list(out.iterdir())
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if any(e.name in RUN_MARKERS for e in entries):
+        return f"is a training run directory ({_names(entries)})"
+    earlier = report_task(out)
+    if earlier == task:
+        return None  # a rerun replaces its own output
+    if earlier is not None:
+        return f"holds the results of eval {earlier} ({_names(entries)})"
+    files = [e for e in entries if not e.is_dir()]
+    if files:
+        return f"holds files that no eval {task} wrote ({_names(files)})"
+    return None
+
 
 def versions() -> dict[str, str]:
     """Versions of python and the libraries a result depends on (without importing them)."""
@@ -69,9 +120,20 @@ def write_report(
     summary: str = "",
     plots: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write OUT/results.json and OUT/summary.md; returns the results.json content."""
+    """Write OUT/results.json and OUT/summary.md; returns the results.json content.
+
+    EvalError when OUT holds a results.json or summary.md that is not an earlier report
+    of `task` (the plots a task wrote before its report are its own): `mmssl eval` refuses
+    such an --out before any work (`out_dir_problem`), this keeps any other caller from
+    replacing a run's summary.md or another task's results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = report_task(out)
+    if earlier != task and ((out / RESULTS).exists() or (out / SUMMARY).exists()):
+        what = f"the results of eval {earlier}" if earlier else f"a {RESULTS} or {SUMMARY}"
+        from mmssl.eval.loading import EvalError
+
+        raise EvalError(f"{out} holds {what} that eval {task} did not write; not overwriting it")
     doc = {
         "task": task,
         "model": model,

@@ -94,6 +94,79 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+def test_eval_out_holding_a_training_run_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--out RUN_DIR` replaced the run's summary.md with the eval's
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "summary.md").write_text("the training summary\n")
+    (run / "recipe.yaml").write_text("model: {}\n")
+    before = sorted(p.name for p in run.iterdir())
+    # a model that does not exist: the --out check comes first, before anything is loaded
+    argv = ["zeroshot", "--model", str(tmp_path / "nomodel"), "--data", "D", "--classes", "color"]
+    assert main([*argv, "--out", str(run)]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"mmssl eval: error: --out {run} ") and "another --out" in line
+    assert "training run" in line and "checkpoints" in line
+    assert (run / "summary.md").read_text() == "the training summary\n"
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_eval_out_holding_unrelated_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    argv = ["retrieval", "--model", str(tmp_path / "nomodel"), "--data", "D", "--out", str(out)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"mmssl eval: error: --out {out} ") and "notes.txt" in line
+    assert "another --out" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_eval_out_of_another_task_is_refused_and_the_same_task_replaces_its_own(
+    tmp_path: Path, tiny_model_dir: str, test_shards: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # zeroshot then retrieval into one --out left retrieval's results.json next to zeroshot's
+    # confusion.png, and zeroshot's results were gone
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine
+    zeroshot = [
+        "zeroshot",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        test_shards,
+        "--classes",
+        "color",
+        "--label-field",
+        "label",
+        "--out",
+        str(out),
+    ]
+    assert main(zeroshot) == 0
+    capsys.readouterr()
+    written = json.loads((out / "results.json").read_text())
+    assert written["task"] == "zeroshot" and (out / "confusion.png").exists()
+    summary_md = (out / "summary.md").read_text()
+    retrieval = ["retrieval", "--model", tiny_model_dir, "--data", test_shards, "--out", str(out)]
+    assert main(retrieval) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"mmssl eval: error: --out {out} ") and "another --out" in line
+    assert "zeroshot" in line and "results.json" in line
+    assert json.loads((out / "results.json").read_text()) == written
+    assert (out / "summary.md").read_text() == summary_md
+    # the same task again replaces its own earlier output, as users expect
+    assert main([*zeroshot, "--limit", "6"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["task"] == "zeroshot" and again["time"] >= written["time"]
+    assert "--limit" in again["command"]
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_a_failed_eval_removes_every_directory_it_made(
     depth: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -41,3 +41,25 @@ def test_write_report(tmp_path):
 def test_plot_fewshot(tmp_path):
     path = plot_fewshot({"knn": {1: (0.5, 0.1), 4: (0.8, 0.05)}}, tmp_path / "fs.png", "t")
     assert Image.open(path).format == "PNG"
+
+
+def test_write_report_replaces_only_a_report_of_its_own_task(tmp_path):
+    import pytest
+
+    from mmssl.eval.loading import EvalError
+
+    def write(task: str) -> dict:
+        return write_report(tmp_path, task, {"top1": 0.5}, model="m", data="d", command=["x"])
+
+    (tmp_path / "summary.md").write_text("the training summary\n")  # a run directory's
+    with pytest.raises(EvalError, match="not overwriting"):
+        write("zeroshot")
+    assert (tmp_path / "summary.md").read_text() == "the training summary\n"
+    assert not (tmp_path / "results.json").exists()
+    (tmp_path / "summary.md").unlink()
+    write("zeroshot")
+    first = (tmp_path / "results.json").read_text()
+    with pytest.raises(EvalError, match="results of eval zeroshot"):
+        write("retrieval")
+    assert (tmp_path / "results.json").read_text() == first
+    assert write("zeroshot")["task"] == "zeroshot"  # its own earlier report is replaced

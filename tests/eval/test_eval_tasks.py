@@ -225,7 +225,7 @@ def test_empty_class_list(tmp_path, capsys, tiny_model_dir, test_shards):
             "--classes",
             str(f),
             "--out",
-            str(tmp_path),
+            str(tmp_path / "out"),  # not tmp_path: an eval refuses a directory holding c.json
         ],
     )
     assert "class list is empty" in err
@@ -245,7 +245,7 @@ def test_template_without_placeholder(tmp_path, capsys, tiny_model_dir, test_sha
             "--classes",
             str(f),
             "--out",
-            str(tmp_path),
+            str(tmp_path / "out"),  # not tmp_path: an eval refuses a directory holding c.json
         ],
     )
     assert "'a photo.'" in err and "{}" in err
@@ -486,7 +486,9 @@ def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, t
         err = _err(capsys, [*linear, "--decays", f"1e-3,{bad}", "--out", str(tmp_path / "l")])
         assert "weight decays must be positive" in err
     finetune = ["finetune", "--model", tiny_model_dir, "--train", test_shards, "--test"]
-    err = _err(capsys, [*finetune, test_shards, "--deepspeed", "nope", "--out", str(tmp_path)])
+    err = _err(
+        capsys, [*finetune, test_shards, "--deepspeed", "nope", "--out", str(tmp_path / "f")]
+    )
     assert "no DeepSpeed JSON 'nope'" in err
 
 
