@@ -57,6 +57,7 @@ from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
+from mmssl.train.run_lock import RunDirLock
 from mmssl.train.streams import build_stream, build_streams, eval_source_seeds
 from mmssl.train.streams import tokenizer as recipe_tokenizer
 from mmssl.train.tasks import StepTargets, Task, register_zero3_params
@@ -246,17 +247,20 @@ def train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
     # (DeepSpeed: "This will persist unless manually reset"); a later run in this process
     # (a test driver, a sweep) must not inherit it, since it changes bf16 numerics
     linear = torch.nn.functional.linear
+    lock = RunDirLock(recipe.run_dir)
     try:
-        return _train(recipe, resolved)
+        return _train(recipe, resolved, lock)
     finally:
+        lock.release()
         torch.nn.functional.linear = linear
 
 
-def _train(recipe: Recipe, resolved: Resolved) -> dict[str, Any]:
+def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, Any]:
     init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     if world != resolved.world_size:
         raise RuntimeError(f"validated for {resolved.world_size} ranks, running on {world}")
+    lock.acquire()  # before the resume is looked for: one run at a time in a run directory
     dev = device()
     if dev.type == "cpu" and recipe.train.keep_host_memory:
         keep_freed_memory()

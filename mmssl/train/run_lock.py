@@ -1,0 +1,70 @@
+"""One run at a time in a run directory.
+
+Two launches into one `out_dir/name` (the same command started twice, a sweep whose runs
+share a name) would resume from each other's checkpoints, delete them in rotation and
+interleave `metrics.jsonl`.  Rank 0 therefore holds an advisory lock on
+`RUN_DIR/.mmssl-run.lock` (`fcntl.flock`) from before the resume is looked for until the
+run returns; a second run is refused on every rank, before it reads or writes anything in
+the directory.  The kernel drops the lock when its process ends, however it ends (a
+SIGKILLed run leaves nothing to clean up), so the file itself stays and means nothing alone.
+A file system without flock support gets a warning and the run goes on unlocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from mmssl import distributed
+from mmssl.schema import ConfigError
+
+_log = logging.getLogger(__name__)
+
+LOCK_NAME = ".mmssl-run.lock"
+
+
+class RunDirLock:
+    """The lock on one run directory, held by rank 0 between `acquire` and `release`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Collective: rank 0 takes the lock; on every rank a ConfigError if another
+        process holds it or the run directory cannot be made."""
+        problem = self._take() if distributed.rank() == 0 else None
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+
+    def _take(self) -> str | None:
+        """None once this process holds the lock (or the file system has no locks), else
+        why it cannot."""
+        run_dir = self.path.parent
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as err:  # validate checked it: something changed since
+            return f"out_dir: cannot make the run directory {run_dir}: {err}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return (
+                    f"run directory {run_dir} is in use by another run (it holds "
+                    f"{self.path}); wait for it to end or give this run another name"
+                )
+            _log.warning("%s: no lock on this file system (%s); running unlocked", self.path, err)
+            return None
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
