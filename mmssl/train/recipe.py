@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -340,8 +340,10 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def _check_numbers(recipe: Recipe) -> None:
-    if recipe.name.strip() in ("", ".", ".."):
-        # `name=$RUN` with RUN unset: the run would write into out_dir itself (or its parent)
+    parts = PurePath(recipe.name.strip()).parts
+    if not parts or PurePath(recipe.name).is_absolute() or {".", ".."} & set(parts):
+        # `name=$RUN` with RUN unset: the run would write into out_dir itself; `../x` or
+        # `/x`: beside or far from out_dir, perhaps into another run's directory
         raise ConfigError(f"name must name the run directory under out_dir, got {recipe.name!r}")
     t, s = recipe.train, recipe.schedule
     if t.steps <= 0:

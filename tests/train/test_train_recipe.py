@@ -386,10 +386,12 @@ def test_validate_prints_the_resolved_recipe_alone(tmp_path: Path) -> None:
 def test_an_empty_run_name_is_refused(
     base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    # `name=$RUN` with RUN unset validated, and the run wrote into out_dir itself
-    for name in ("", ".", ".."):
+    # `name=$RUN` with RUN unset validated, and the run wrote into out_dir itself; `../x`
+    # and an absolute path put the run outside out_dir
+    for name in ("", ".", "..", "../x", "a/../../x", str(tmp_path / "elsewhere")):
         err = _bad([*base, f"name={name}", "--validate"], capsys, tmp_path / "runs")
         assert f"name must name the run directory under out_dir, got {name!r}" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "elsewhere").exists()
 
 
 def test_validate_with_a_world_size_but_no_rank_prints_the_error(
