@@ -22,6 +22,8 @@ SUMMARY = "summary.md"
 
 # what marks a training run directory (`mmssl train` writes these next to its summary.md)
 RUN_MARKERS = ("checkpoints", "recipe.yaml")
+# every file name an eval task writes into its --out
+OUTPUTS = (RESULTS, SUMMARY, "confusion.png", "fewshot.png", "finetuned.safetensors")
 
 
 def report_task(out_dir: str | Path) -> str | None:
@@ -44,11 +46,12 @@ def _names(entries: Sequence[Path], most: int = 4) -> str:
 def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
     """Why the report of `task` must not be written to directory `out_dir`, or None.
 
-    Like `mmssl features`, which replaces only a features file it wrote, an eval writes into a
-    new or empty directory, or replaces the report of an earlier run of the same task (its
-    results.json names the task).  Refused: a training run directory, the report of another
-    task (its plots would stay next to this one's results) and files an eval did not write.
-    Subdirectories alone are no obstacle (`--out .` next to eval-*/): an eval writes none.
+    Like `mmssl features`, which replaces only a features file it wrote, an eval replaces
+    only its own files: those of an earlier run of the same task (its results.json names the
+    task).  Refused: a training run directory, the report of another task (its plots would
+    stay next to this one's results) and a file named like an eval output (`OUTPUTS`) that
+    no run of this task wrote, such as a summary.md of the user's.  Files of other names are
+    no obstacle (`--out .` beside the class file and the shards): an eval never touches them.
     """
     out = Path(out_dir)
     if not out.exists():
@@ -66,9 +69,9 @@ def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
         return None  # a rerun replaces its own output
     if earlier is not None:
         return f"holds the results of eval {earlier} ({_names(entries)})"
-    files = [e for e in entries if not e.is_dir()]
-    if files:
-        return f"holds files that no eval {task} wrote ({_names(files)})"
+    ours = [e for e in entries if e.name in OUTPUTS]
+    if ours:
+        return f"holds files an eval writes that no eval {task} wrote ({_names(ours)})"
     return None
 
 

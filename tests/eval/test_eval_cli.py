@@ -113,19 +113,31 @@ def test_eval_out_holding_a_training_run_is_refused_before_any_work(
     assert sorted(p.name for p in run.iterdir()) == before
 
 
-def test_eval_out_holding_unrelated_files_is_refused(
+def test_eval_out_holding_a_file_named_like_an_eval_output_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "mine"
     out.mkdir()
+    (out / "summary.md").write_text("mine\n")
     (out / "notes.txt").write_text("mine\n")
     argv = ["retrieval", "--model", str(tmp_path / "nomodel"), "--data", "D", "--out", str(out)]
     assert main(argv) == 2
     line = _one_error_line(capsys)
-    assert line.startswith(f"mmssl eval: error: --out {out} ") and "notes.txt" in line
-    assert "another --out" in line
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert (out / "notes.txt").read_text() == "mine\n"
+    assert line.startswith(f"mmssl eval: error: --out {out} ") and "summary.md" in line
+    assert "another --out" in line and "notes.txt" not in line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "summary.md"]
+    assert (out / "summary.md").read_text() == "mine\n"
+
+
+def test_eval_out_beside_other_files_writes_its_report_and_leaves_them(
+    tmp_path: Path, tiny_model_dir: str, test_shards: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out .` beside the class file or a features file: an eval never touches those."""
+    (tmp_path / "classes.json").write_text("{}\n")
+    argv = ["retrieval", "--model", tiny_model_dir, "--data", test_shards, "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "classes.json").read_text() == "{}\n"
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "summary.md").is_file()
 
 
 def test_eval_out_of_another_task_is_refused_and_the_same_task_replaces_its_own(
