@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="tokenizer to use instead of the checkpoint's (checked against it)",
         )
-        p.add_argument("--batch-size", type=int, default=256)
+        # lm's rows are whole contexts (1024 tokens x the vocabulary's logits for gpt_124m)
+        batch = 32 if name == "lm" else 256
+        p.add_argument(
+            "--batch-size", type=int, default=batch, help=f"rows per forward (default {batch})"
+        )
         p.add_argument(
             "--limit", type=int, default=None, help="only the first N samples of each split"
         )

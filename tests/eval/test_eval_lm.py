@@ -295,3 +295,15 @@ def test_batch_size_bounds_every_forward_and_leaves_the_results(tmp_path, monkey
         assert res["num_tokens"] == wide["num_tokens"]
         assert res["unigram_perplexity"] == wide["unigram_perplexity"]
         assert res["multiple_choice"] == wide["multiple_choice"]
+
+
+def test_lm_batch_size_defaults_to_32_rows_and_the_other_tasks_to_256():
+    """lm's rows are whole contexts: the shared default of 256 would hold 256 x 1024 x 50257
+    fp32 logits (~53 GB) for gpt_124m."""
+    from mmssl.eval.cli import build_parser
+
+    parser = build_parser()
+    base = ["--model", "m", "--data", "d"]
+    assert parser.parse_args(["lm", *base]).batch_size == 32
+    assert parser.parse_args(["retrieval", *base]).batch_size == 256
+    assert parser.parse_args(["lm", *base, "--batch-size", "8"]).batch_size == 8
