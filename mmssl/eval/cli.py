@@ -2,9 +2,10 @@
 
 Tasks: zeroshot, retrieval, fewshot, linear, finetune, lm, sensitivity.  Every task takes
 `--model`, an exported model directory or a training run directory (its latest checkpoint
-is exported on the fly), and writes results.json, summary.md and its plots to `--out`: a new
-or empty directory, or one holding an earlier report of the same task, which it replaces
-(another task's results, a training run or other files there are refused before any work).
+is exported on the fly), and writes results.json, summary.md and its plots to `--out`,
+replacing an earlier report of the same task there; a training run directory, another
+task's report or a file named like an eval output that this task did not write are
+refused before any work (`mmssl.eval.report.out_dir_problem`); other files are left alone.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out",
             default=None,
-            help="output directory: new, empty or an earlier one of this task (default: eval-TASK)",
+            help="output directory; may hold an earlier report of this task, which is replaced, "
+            "and files of other names (default: eval-TASK)",
         )
         p.add_argument(
             "--tokenizer",
@@ -145,7 +147,7 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     # never over a training run's summary.md, another task's results or someone's files
     problem = out_dir_problem(out, args.command)
     if problem:
-        raise EvalError(f"--out {out} {problem}; use another --out (a new or empty directory)")
+        raise EvalError(f"--out {out} {problem}; use another --out")
     made = missing_dirs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
