@@ -1,9 +1,10 @@
 """The matrix-multiply floor of a training step: its GEMMs and its optimizer step alone.
 
 `gemm_floor(step, optimizer)` runs `step` once, records every matmul it dispatches
-(forward and backward: mm, addmm, bmm, baddbmm, convolution, with their shapes, strides and dtypes as
-autocast hands them over) and returns a function that replays those calls on tensors of the
-same layout, then the optimizer's step.  No eager path of the model can be faster than
+(forward and backward: mm, addmm, bmm, baddbmm, convolution and SDPA's fused CPU kernel,
+with their shapes, strides and dtypes as autocast hands them over) and returns a function
+that replays those calls on tensors of the same layouts, one per operand of the step, then
+the optimizer's step.  No eager path of the model can be faster than
 that replay: it is the same kernels doing the same FLOPs with every layer norm, GELU,
 softmax, copy and cast taken away.  Its time, as a fraction of the matmul peak, is
 therefore the most a step can reach with these kernels, which is how the ViT bench tells
@@ -27,15 +28,21 @@ GEMMS = {
     torch.ops.aten.baddbmm.default,
     torch.ops.aten.convolution.default,  # a ViT's patch embedding
     torch.ops.aten.convolution_backward.default,
+    # attention through SDPA's fused CPU kernel (mmssl's bf16 `auto` above 256 x 256 pairs)
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
 }
 
 
 class Layout(NamedTuple):
-    """A GEMM operand as the replay rebuilds it."""
+    """A GEMM operand as the replay rebuilds it: its layout, and where the step's operand
+    lived, so that operands the step kept apart (each block's weights and activations) stay
+    apart in the replay, with the step's working set, and one it used twice is one."""
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    address: int
 
 
 class _Recorder(TorchDispatchMode):
@@ -49,7 +56,9 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in GEMMS:
             layout = tuple(
-                Layout(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                Layout(tuple(a.shape), a.stride(), a.dtype, a.data_ptr())
+                if isinstance(a, torch.Tensor)
+                else a
                 for a in args
             )
             self.calls.append((func, layout, dict(kwargs)))
@@ -79,7 +88,7 @@ def gemm_floor(step: Callable[[], object], optimizer: torch.optim.Optimizer) -> 
     has gradients and state when the replay steps it).
     """
     calls = record_gemms(step)
-    tensors: dict[Layout, torch.Tensor] = {}  # one per layout: operands, not results, matter
+    tensors: dict[Layout, torch.Tensor] = {}  # one per operand; results are not kept
     replay = []
     for func, layout, kwargs in calls:
         for a in layout:

@@ -66,3 +66,35 @@ def test_gemm_floor_replays_the_steps_matmul_work_and_steps_the_optimizer() -> N
     before = [p.detach().clone() for p in model.parameters()]
     replay()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_gemm_floor_records_sdpa_s_fused_kernel_and_keeps_operands_apart() -> None:
+    """Above 256 x 256 query-key pairs mmssl's bf16 attention runs SDPA's fused CPU kernel,
+    whose GEMMs are not mm/bmm: the floor must replay it too.  Two blocks' weights are two
+    operands in the replay, as in the step, not one tensor per layout."""
+    import floor
+    import torch
+
+    from mmssl.nn.attention import Attention
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([Attention(32, 2) for _ in range(2)])
+    x = torch.randn(2, 300, 32, requires_grad=True)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = blocks[1](blocks[0](x))
+        y.float().sum().backward()
+
+    calls = floor.record_gemms(step)
+    ops = {str(func) for func, _, _ in calls}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in ops
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward.default" in ops
+    weights = {
+        a
+        for func, args, _ in calls
+        if str(func) == "aten.addmm.default"
+        for a in args
+        if isinstance(a, floor.Layout) and a.shape == (32, 96)
+    }
+    assert len(weights) == 2  # each block's qkv weight (transposed), kept apart
