@@ -150,7 +150,7 @@ def run_task(argv: list[str]) -> dict[str, Any]:
         raise EvalError(f"--out {out} {problem}; use another --out")
     made = missing_dirs(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        resolved(out).mkdir(parents=True, exist_ok=True)  # the directories `made` lists
     except OSError as err:  # a file in the way above it, a read-only directory, ...
         remove_empty_dirs(made)
         raise EvalError(f"--out {out}: cannot make the directory ({err})") from None
@@ -164,11 +164,17 @@ def run_task(argv: list[str]) -> dict[str, Any]:
         raise
 
 
+def resolved(path: str | Path) -> Path:
+    """`path` with its symlinks and `..` resolved as the file system resolves them:
+    `sub/../new` is `new` (mkdir of the path as written would make `sub` too)."""
+    return Path(os.path.realpath(path))
+
+
 def missing_dirs(path: Path) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first: the directories
-    that `path.mkdir(parents=True)` makes."""
+    """`resolved(path)` and those of its parents that do not exist yet, deepest first: the
+    directories that `resolved(path).mkdir(parents=True)` makes."""
     missing = []
-    here = Path(os.path.abspath(path))
+    here = resolved(path)
     while not os.path.lexists(here):  # lexists: a dangling symlink is not made
         missing.append(here)
         here = here.parent

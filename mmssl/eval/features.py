@@ -58,6 +58,7 @@ RESERVED_FIELDS = (
     "__key__",
     "caption",
     "metadata",
+    "_pos",  # extract_features's own column of sample positions
 )
 
 
@@ -367,12 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = 0
     if distributed.rank() == 0:
-        from mmssl.eval.cli import missing_dirs, remove_empty_dirs
+        from mmssl.eval.cli import missing_dirs, remove_empty_dirs, resolved
 
         made = missing_dirs(Path(args.out).parent)  # save_features makes them
         try:
             save_features(
-                args.out,
+                resolved(args.out),
                 feats,
                 {
                     "model": str(loaded.model_dir),

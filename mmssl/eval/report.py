@@ -17,13 +17,29 @@ from typing import Any
 
 from torch import Tensor
 
+from mmssl.train.checkpoint import write_atomic
+
 RESULTS = "results.json"
 SUMMARY = "summary.md"
 
-# what marks a training run directory (`mmssl train` writes these next to its summary.md)
-RUN_MARKERS = ("checkpoints", "recipe.yaml")
-# every file name an eval task writes into its --out
-OUTPUTS = (RESULTS, SUMMARY, "confusion.png", "fewshot.png", "finetuned.safetensors")
+# the files of its own that a task writes before its report (a rerun after a failure
+# between the two replaces them), and every name an eval writes into its --out
+TASK_FILES = {
+    "zeroshot": ("confusion.png",),
+    "fewshot": ("fewshot.png",),
+    "finetune": ("finetuned.safetensors",),
+}
+OUTPUTS = (RESULTS, SUMMARY, *(name for names in TASK_FILES.values() for name in names))
+
+
+def _is_run_dir(names: set[str]) -> bool:
+    """A training run directory: its lock file (every run since it has one), or the recipe
+    next to checkpoints or metrics (a recipe.yaml alone may be the user's own)."""
+    from mmssl.train.run_lock import LOCK_NAME
+
+    return LOCK_NAME in names or (
+        "recipe.yaml" in names and bool({"checkpoints", "metrics.jsonl"} & names)
+    )
 
 
 def report_task(out_dir: str | Path) -> str | None:
@@ -48,9 +64,10 @@ def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
 
     Like `mmssl features`, which replaces only a features file it wrote, an eval replaces
     only its own files: those of an earlier run of the same task (its results.json names the
-    task).  Refused: a training run directory, the report of another task (its plots would
-    stay next to this one's results) and a file named like an eval output (`OUTPUTS`) that
-    no run of this task wrote, such as a summary.md of the user's.  Files of other names are
+    task, or the files of its own a run of it wrote before failing: `TASK_FILES`).
+    Refused: a training run directory, the report of another task (its plots would stay
+    next to this one's results) and a file named like an eval output (`OUTPUTS`) that no run
+    of this task wrote, such as a summary.md of the user's.  Files of other names are
     no obstacle (`--out .` beside the class file and the shards): an eval never touches them.
     """
     out = Path(out_dir)
@@ -62,16 +79,17 @@ def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
         entries = list(out.iterdir())
     except OSError as err:
         return f"cannot be read ({err.strerror})"
-    if any(e.name in RUN_MARKERS for e in entries):
+    if _is_run_dir({e.name for e in entries}):
         return f"is a training run directory ({_names(entries)})"
     earlier = report_task(out)
     if earlier == task:
         return None  # a rerun replaces its own output
     if earlier is not None:
         return f"holds the results of eval {earlier} ({_names(entries)})"
-    ours = [e for e in entries if e.name in OUTPUTS]
-    if ours:
-        return f"holds files an eval writes that no eval {task} wrote ({_names(ours)})"
+    own = TASK_FILES.get(task, ())
+    foreign = [e for e in entries if e.name in OUTPUTS and e.name not in own]
+    if foreign:
+        return f"holds files an eval writes that no eval {task} wrote ({_names(foreign)})"
     return None
 
 
@@ -148,7 +166,8 @@ def write_report(
         "plots": list(plots),
     }
     doc = _clean(doc)
-    (out / RESULTS).write_text(json.dumps(doc, indent=2) + "\n")
+    # whole or not at all: a cut results.json would name no task, and block the rerun
+    write_atomic(out / RESULTS, json.dumps(doc, indent=2) + "\n")
     lines = [f"# {task}", "", f"- model: `{model}`", f"- data: `{json.dumps(_clean(data))}`"]
     lines += [f"- command: `{' '.join(doc['command'])}`", ""]
     if summary:

@@ -215,8 +215,8 @@ def _encode_prompts(
     longer than the context; when none does, dropping that column (padding) leaves exactly
     the rows of the narrower call."""
     ids, mask = tokenizer.batch_encode(texts, context_length + 1)
-    if mask is None:  # a tokenizer without a mask (ids only): nothing to measure with
-        return ids[:, :context_length], None, []
+    if mask is None:  # a tokenizer without a mask (ids only): nothing to measure with, and
+        return (*tokenizer.batch_encode(texts, context_length), [])  # its own cut kept
     cut = mask[:, context_length:].any(1).tolist()
     return ids[:, :context_length], mask[:, :context_length], [t for t, c in zip(texts, cut) if c]
 

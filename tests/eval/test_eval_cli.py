@@ -216,3 +216,51 @@ def test_an_unbalanced_brace_pattern_is_one_line_naming_it(
     line = _one_error_line(capsys)
     assert repr(bad) in line and "brace" in line.lower(), line
     assert not out.exists()
+
+
+def test_eval_out_after_a_failed_run_of_the_same_task_is_accepted_and_others_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """zeroshot writes confusion.png before results.json: a run that failed between the two
+    left a directory its rerun must be able to use, and another task must not."""
+    from mmssl.eval.report import out_dir_problem
+
+    out = tmp_path / "zs"
+    out.mkdir()
+    (out / "confusion.png").write_bytes(b"png")
+    assert out_dir_problem(out, "zeroshot") is None
+    assert "confusion.png" in (out_dir_problem(out, "retrieval") or "")
+    assert "confusion.png" in (out_dir_problem(out, "fewshot") or "")
+
+
+def test_a_training_run_directory_is_told_by_its_files_not_a_recipe_alone(tmp_path: Path) -> None:
+    """A project folder holding the user's recipe.yaml and class file is no run directory."""
+    from mmssl.eval.report import out_dir_problem
+    from mmssl.train.run_lock import LOCK_NAME
+
+    (tmp_path / "recipe.yaml").write_text("name: mine\n")
+    (tmp_path / "classes.json").write_text("{}\n")
+    assert out_dir_problem(tmp_path, "zeroshot") is None
+    for marker in ("metrics.jsonl", "checkpoints"):
+        run = tmp_path / marker.split(".")[0]
+        run.mkdir()
+        (run / "recipe.yaml").write_text("name: r\n")
+        (run / "metrics.jsonl").write_text("") if marker == "metrics.jsonl" else (
+            run / "checkpoints"
+        ).mkdir()
+        assert "training run directory" in (out_dir_problem(run, "zeroshot") or "")
+    locked = tmp_path / "live"
+    locked.mkdir()
+    (locked / LOCK_NAME).write_bytes(b"")  # a run before its first log or checkpoint
+    assert "training run directory" in (out_dir_problem(locked, "zeroshot") or "")
+
+
+def test_a_failed_eval_into_a_path_with_dotdot_leaves_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out sub/../new`: mkdir made `sub` too, which the failed run left behind."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["retrieval", "--model", str(tmp_path / "nomodel"), "--data", "D"]
+    assert main([*argv, "--out", "sub/../new"]) == 2
+    capsys.readouterr()
+    assert sorted(os.listdir(tmp_path)) == []

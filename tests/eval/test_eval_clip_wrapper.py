@@ -98,7 +98,7 @@ def test_duck_typed_harness_matches_zeroshot(tmp_path, tiny_model_dir, test_shar
             "--classes",
             str(classes),
             "--out",
-            str(tmp_path / "out"),  # not tmp_path: an eval refuses a directory holding c.json
+            str(tmp_path / "out"),  # a directory of its own
         ]
     )
     assert acc == pytest.approx(ours["top1"])

@@ -232,7 +232,7 @@ def _shards_with_reserved_fields(out) -> str:
     writer = ShardWriter(str(out), "test", max_count=10)
     for i in range(4):
         image = png_bytes(np.full((32, 32, 3), 60 * i, dtype=np.uint8))
-        meta = {"label": i % 2, "features": 7, "embeddings": 1.5, "sample_index": 9 - i}
+        meta = {"label": i % 2, "features": 7, "embeddings": 1.5, "sample_index": 9 - i, "_pos": 3}
         writer.write({"__key__": f"k{i:04d}", "png": image, "json": {**meta, "image": 0}})
     writer.close()
     return str(out / writer.pattern)
@@ -250,7 +250,7 @@ def test_json_fields_named_like_the_output_columns(tmp_path, capsys, tiny_model_
     # detected: left out, and said so; the columns are the model's
     assert main(["--model", tiny_model_dir, "--data", shards, "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    for name in ("embeddings", "features", "image", "sample_index"):
+    for name in ("embeddings", "features", "image", "sample_index", "_pos"):
         assert repr(name) in said
     assert "left out" in said
     f = load_features(out)
@@ -258,7 +258,7 @@ def test_json_fields_named_like_the_output_columns(tmp_path, capsys, tiny_model_
     assert f["sample_index"].tolist() == [0, 1, 2, 3]
     assert f["features"].shape == (4, 32) and f["embeddings"].shape == (4, 16)
     # requested: refused, one line naming it, no file
-    for name in ("features", "embeddings", "sample_index", "image"):
+    for name in ("features", "embeddings", "sample_index", "image", "_pos"):
         out2 = tmp_path / f"{name}.safetensors"
         argv = ["--model", tiny_model_dir, "--data", shards, "--out", str(out2)]
         assert main([*argv, "--fields", f"label,{name}"]) == 2

@@ -150,3 +150,24 @@ def test_zeroshot_class_file_field_and_templates_must_have_the_right_types(tmp_p
     assert spec.field == "label" and spec.prompts == [["a cat."], ["a dog."]]
     path.write_text(json.dumps({"classnames": ["cat", "dog"], "field": "kind"}))
     assert load_classes(str(path)).field == "kind"
+
+
+def test_prompts_of_a_tokenizer_without_a_mask_are_encoded_as_batch_encode_does():
+    """Nothing to measure the length with: the rows are the tokenizer's own at the context
+    length (its cut keeps its end token), not the first columns of a wider encoding."""
+    import torch
+
+    from mmssl.eval.zeroshot import _encode_prompts
+
+    class NoMask:
+        def batch_encode(self, texts, context_length):
+            rows = [[1, *range(10, 10 + len(t)), 2] for t in texts]
+            rows = [r if len(r) <= context_length else [*r[: context_length - 1], 2] for r in rows]
+            ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+            return ids, None
+
+    texts = ["a long prompt", "ab"]
+    ids, mask, cut = _encode_prompts(NoMask(), texts, 6)
+    assert torch.equal(ids, NoMask().batch_encode(texts, 6)[0]) and mask is None and cut == []

@@ -225,7 +225,7 @@ def test_empty_class_list(tmp_path, capsys, tiny_model_dir, test_shards):
             "--classes",
             str(f),
             "--out",
-            str(tmp_path / "out"),  # not tmp_path: an eval refuses a directory holding c.json
+            str(tmp_path / "out"),  # a directory of its own
         ],
     )
     assert "class list is empty" in err
@@ -245,7 +245,7 @@ def test_template_without_placeholder(tmp_path, capsys, tiny_model_dir, test_sha
             "--classes",
             str(f),
             "--out",
-            str(tmp_path / "out"),  # not tmp_path: an eval refuses a directory holding c.json
+            str(tmp_path / "out"),  # a directory of its own
         ],
     )
     assert "'a photo.'" in err and "{}" in err
