@@ -2,12 +2,16 @@
 
 Two launches into one `out_dir/name` (the same command started twice, a sweep whose runs
 share a name) would resume from each other's checkpoints, delete them in rotation and
-interleave `metrics.jsonl`.  Rank 0 therefore holds an advisory lock on
-`RUN_DIR/.mmssl-run.lock` (`fcntl.flock`) from before the resume is looked for until the
-run returns; a second run is refused on every rank, before it reads or writes anything in
-the directory.  The kernel drops the lock when its process ends, however it ends (a
-SIGKILLed run leaves nothing to clean up), so the file itself stays and means nothing alone.
-A file system without flock support gets a warning and the run goes on unlocked.
+interleave `metrics.jsonl`.  Rank 0 therefore holds a POSIX record lock (`fcntl.lockf`) on
+`RUN_DIR/.mmssl-run.lock` from before the resume is looked for until the run returns; a
+second run is refused on every rank before it reads or writes anything in the directory.
+A record lock belongs to its process: forked data-loader workers do not hold it, so the
+kernel drops it the moment rank 0 ends, however it ends (a SIGKILLed run leaves nothing to
+clean up), and NFS supports it (its flock emulation needs the same write-mode descriptor).
+The empty file stays and means nothing alone: it is never written, so a finished run run
+again changes no file; a directory the lock made for a run that was then refused before
+writing anything is removed again.  A file system without locks gets a warning and the run
+goes on unlocked.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class RunDirLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self.fd: int | None = None
+        self.made = False  # whether acquire made the run directory
 
     def acquire(self) -> None:
         """Collective: rank 0 takes the lock; on every rank a ConfigError if another
@@ -45,16 +50,17 @@ class RunDirLock:
         """None once this process holds the lock (or the file system has no locks), else
         why it cannot."""
         run_dir = self.path.parent
+        self.made = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # validate checked it: something changed since
             return f"out_dir: cannot make the run directory {run_dir}: {err}"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            if err.errno in (errno.EAGAIN, errno.EACCES):
                 return (
                     f"run directory {run_dir} is in use by another run (it holds "
                     f"{self.path}); wait for it to end or give this run another name"
@@ -65,6 +71,11 @@ class RunDirLock:
         return None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+        """Drop the lock; remove the directory `acquire` made if the run wrote nothing in it."""
+        if self.fd is None:
+            return
+        if self.made and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink()
+            self.path.parent.rmdir()
+        os.close(self.fd)  # the process's record lock on the file goes with its descriptor
+        self.fd = None
