@@ -421,9 +421,3 @@ def iter_shard(
             stream.close()  # type: ignore[union-attr]
         if problem is not None:
             counter.add(problem[0], url, problem[1])
-
-
-def count_samples(url: str, counter: SkipCounter | None = None) -> int:
-    """Number of samples in a local shard (reads headers and data once); damage is counted
-    into `counter` when given."""
-    return sum(1 for _ in iter_shard(url, counter if counter is not None else SkipCounter()))

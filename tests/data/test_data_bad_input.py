@@ -447,3 +447,28 @@ def test_png_damage_names_the_chunk_and_passes_whole_files():
     with pytest.raises(BadSample) as err:
         decode_image(png_flipped(arr, "data"))
     assert err.value.kind == "bad_image" and "IDAT" in str(err.value)
+
+
+def test_png_damage_walks_over_ancillary_chunks_and_the_size_limit_comes_first():
+    """libpng decodes a PNG whose text chunk fails its CRC (it drops the chunk); a damaged
+    image over the pixel limit is image_too_large, found from its header alone."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from mmssl.data.decode import BadSample, decode_image, png_damage
+
+    arr = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "hello")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", pnginfo=info)
+    data = bytearray(buf.getvalue())
+    pos = data.index(b"tEXt") - 4
+    n = int.from_bytes(data[pos : pos + 4], "big")
+    data[pos + 8 + n] ^= 1  # the text chunk's CRC
+    assert png_damage(bytes(data)) is None
+    assert torch.equal(decode_image(bytes(data)), torch.from_numpy(arr).permute(2, 0, 1))
+    with pytest.raises(BadSample) as err:
+        decode_image(png_flipped(arr, "crc"), max_pixels=35)
+    assert err.value.kind == "image_too_large"
