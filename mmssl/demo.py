@@ -187,6 +187,9 @@ def run_demo(
         "lm_unigram_perplexity": lm["unigram_perplexity"],
         "lm_demo_task_acc_0shot": lm["multiple_choice"]["demo"]["0"]["acc"],
         "lm_demo_task_acc_5shot": lm["multiple_choice"]["demo"]["5"]["acc"],
+        # the prompts of 5 examples that the LM's context cut (it sees fewer examples)
+        "lm_demo_task_cut_5shot": lm["multiple_choice"]["demo"]["5"]["prompts_cut"],
+        "lm_demo_task_items": lm["multiple_choice"]["demo"]["5"]["num_items"],
         "samples": lm["samples"],
         "timings_s": timings,
         "model": str(model_dir),
@@ -222,7 +225,8 @@ def table(r: dict[str, Any]) -> str:
         (
             "LM demo task accuracy, 0-shot / 5-shot (chance 0.5)",
             f"{r['lm_demo_task_acc_0shot']:.3f} / {r['lm_demo_task_acc_5shot']:.3f}",
-            "",
+            f"5-shot prompts cut to the context: {r['lm_demo_task_cut_5shot']} of "
+            f"{r['lm_demo_task_items']}",
         ),
     ]
     lines = ["| result | value | target |", "|---|---|---|"]

@@ -201,8 +201,11 @@ def score_task(
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """{acc, acc_norm, num_items, shots} of a multiple-choice task, the choices scored
-    `batch_size` (prefix, choice) pairs per forward.
+    """{acc, acc_norm, num_items, shots, prompts_cut} of a multiple-choice task, the
+    choices scored `batch_size` (prefix, choice) pairs per forward.  `prompts_cut`: the
+    items whose prompt and longest choice exceed the context window, so that the prompt was
+    cut from the left (the first examples, or all of them, unseen): a k-shot score with
+    many cut prompts is not what k examples give.
 
     The prompt is eos (the start-of-document marker of packed training text), then `shots`
     solved examples from the other items separated by a blank line, then the context; each
@@ -215,6 +218,7 @@ def score_task(
         raise EvalError(f"{shots} in-context examples need more than {len(items)} items")
     rng = random.Random(seed)
     pairs: list[tuple[list[int], list[int]]] = []
+    cut = 0
     for i, item in enumerate(items):
         others = rng.sample([j for j in range(len(items)) if j != i], shots)
         demo = "".join(
@@ -223,10 +227,9 @@ def score_task(
         prefix = [int(tokenizer.eos_id)] + tokenizer.encode(
             demo + item["context"], add_bos=False, add_eos=False
         )
-        pairs += [
-            (prefix, tokenizer.encode(" " + c, add_bos=False, add_eos=False))
-            for c in item["choices"]
-        ]
+        conts = [tokenizer.encode(" " + c, add_bos=False, add_eos=False) for c in item["choices"]]
+        cut += len(prefix) + max(map(len, conts)) > context_length + 1  # as _window keeps
+        pairs += [(prefix, cont) for cont in conts]
     lls = batch_loglik(logits_fn, pairs, context_length, batch_size)
     right = right_norm = 0.0
     pos = 0
@@ -244,6 +247,7 @@ def score_task(
         "acc_norm": right_norm / len(items),
         "num_items": len(items),
         "shots": shots,
+        "prompts_cut": cut,
     }
 
 
@@ -373,9 +377,10 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         for k in shots:
             r = score_task(model.lm_logits, tokenizer, items, k, cl, args.seed, args.batch_size)
             res["multiple_choice"][name][str(k)] = r
-            mc_rows.append([name, k, r["acc"], r["acc_norm"], r["num_items"]])
+            mc_rows.append([name, k, r["acc"], r["acc_norm"], r["num_items"], r["prompts_cut"]])
     if mc_rows:
-        lines.append(md_table(["task", "shots", "acc", "acc_norm", "items"], mc_rows))
+        headers = ["task", "shots", "acc", "acc_norm", "items", f"prompts cut to {cl} tokens"]
+        lines.append(md_table(headers, mc_rows))
     prompts = args.prompt if args.prompt is not None else list(DEFAULT_PROMPTS)
     res["samples"] = samples(
         model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed

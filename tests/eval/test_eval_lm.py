@@ -47,7 +47,12 @@ def test_multiple_choice_hand_computed():
     ]
     for shots in (0, 2):  # a bigram ignores the in-context examples
         res = lm.score_task(bigram_logits(table), tok, items, shots, 32)
-        assert res == {"acc": 0.75, "acc_norm": 0.75, "num_items": 4, "shots": shots}
+        want = {"acc": 0.75, "acc_norm": 0.75, "num_items": 4, "shots": shots, "prompts_cut": 0}
+        assert res == want
+    # a 3-token window keeps 4 tokens: eos + "xa" + " c" (5) and eos + "ca" + " x" are cut;
+    # with 2 examples every prompt is
+    assert lm.score_task(bigram_logits(table), tok, items, 0, 3)["prompts_cut"] == 2
+    assert lm.score_task(bigram_logits(table), tok, items, 2, 3)["prompts_cut"] == 4
     with pytest.raises(EvalError, match="in-context examples need more"):
         lm.score_task(bigram_logits(table), tok, items, 4, 32)
 
