@@ -271,6 +271,13 @@ def init_distributed() -> None:
     )
     if get_accelerator().device_name() == "cpu":
         _unlink_shm_workspace()
+    else:
+        # each rank's own device from the start, as deepspeed.initialize would set it
+        # later: `device()` and the collectives before the engine exists (the run
+        # directory's lock) would otherwise use device 0 on every rank of a node
+        from mmssl import distributed
+
+        get_accelerator().set_device(distributed.local_rank())
 
 
 def _unlink_shm_workspace() -> None:

@@ -260,6 +260,9 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     rank, world = distributed.rank(), distributed.world_size()
     if world != resolved.world_size:
         raise RuntimeError(f"validated for {resolved.world_size} ranks, running on {world}")
+    # one run at a time in a run directory: before anything is built (DeepSpeed's NVMe
+    # offload clears its swap folders in initialize) or the resume is looked for
+    lock.acquire()
     dev = device()
     if dev.type == "cpu" and recipe.train.keep_host_memory:
         keep_freed_memory()
@@ -273,9 +276,6 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
 
     task = Task(MultimodalModel(resolved.model), recipe.objectives, recipe_tokenizer(recipe))
     engine = initialize(task, recipe, resolved.ds_config)
-    # one run at a time in a run directory: before the resume is looked for, after
-    # DeepSpeed has given each rank its device (the lock's broadcast is a collective)
-    lock.acquire()
     if zero_stage(resolved.ds_config) == 3:
         register_zero3_params(engine.module)
     # DeepSpeed's ZeRO and bf16 optimizers skip overflowing steps themselves

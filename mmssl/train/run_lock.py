@@ -67,6 +67,13 @@ class RunDirLock:
                 )
             _log.warning("%s: no lock on this file system (%s); running unlocked", self.path, err)
             return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # locked a file that a refused run's release unlinked meanwhile
+            os.close(fd)
+            return self._take()
         self.fd = fd
         return None
 
@@ -74,8 +81,11 @@ class RunDirLock:
         """Drop the lock; remove the directory `acquire` made if the run wrote nothing in it."""
         if self.fd is None:
             return
-        if self.made and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
-            self.path.unlink()
-            self.path.parent.rmdir()
+        try:
+            if self.made and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()
+                self.path.parent.rmdir()
+        except OSError:  # another launch made its lock file there meanwhile: its directory
+            pass
         os.close(self.fd)  # the process's record lock on the file goes with its descriptor
         self.fd = None
