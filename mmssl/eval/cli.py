@@ -154,6 +154,8 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     except OSError as err:  # a file in the way above it, a read-only directory, ...
         remove_empty_dirs(made)
         raise EvalError(f"--out {out}: cannot make the directory ({err})") from None
+    # the tasks write where that directory is: `sub/../new` as written goes through `sub`
+    args.out = str(resolved(out))
     module = importlib.import_module(TASKS[args.command][0])
     try:
         return module.run(args, Context(args, argv))
@@ -217,5 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     # the summary run_task wrote: `--out ""` is the current directory there, not eval-TASK
     # (whose summary of an earlier run was printed)
     out = build_parser().parse_args(argv).out
-    print((Path(f"eval-{argv[0]}" if out is None else out) / "summary.md").read_text().rstrip())
+    out = resolved(f"eval-{argv[0]}" if out is None else out)
+    print((out / "summary.md").read_text().rstrip())
     return 0

@@ -264,3 +264,22 @@ def test_a_failed_eval_into_a_path_with_dotdot_leaves_no_directory(
     assert main([*argv, "--out", "sub/../new"]) == 2
     capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_an_eval_into_a_path_with_dotdot_writes_its_report_there(
+    tmp_path: Path,
+    tiny_model_dir: str,
+    test_shards: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tasks write where run_task made the directory (through `sub` they found none)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["zeroshot", "--model", tiny_model_dir, "--data", test_shards, "--classes", "color"]
+    assert main([*argv, "--label-field", "label", "--out", "sub/../new"]) == 0, capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "confusion.png",
+        "results.json",
+        "summary.md",
+    ]
+    assert not (tmp_path / "sub").exists()
