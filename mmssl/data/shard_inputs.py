@@ -242,15 +242,15 @@ def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
                 if reader.fieldnames is not None:  # None: an empty file
                     labels.header(reader.fieldnames)
                 for row in reader:
-                    # DictReader's key for the fields beyond the header's; empty ones (a
-                    # trailing comma some exporters write) hold no text to lose
-                    if any(str(v).strip() for v in row.get(None) or ()):
+                    # DictReader's key for the fields beyond the header's.  Even empty ones
+                    # are refused: `x.jpg,a cat, dog,` under `image,caption,label` would
+                    # read caption "a cat" and label " dog"
+                    if None in row:
                         raise DataError(
                             f"{path}:{reader.line_num}: {len(row[None])} more field(s) than "
                             f"the header's {len(reader.fieldnames or ())} (a comma in a "
-                            "field that is not quoted?)"
+                            "field that is not quoted, or one after the last field?)"
                         )
-                    row.pop(None, None)
                     yield row
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
