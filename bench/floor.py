@@ -3,8 +3,8 @@
 `gemm_floor(step, optimizer)` runs `step` once, records every matmul it dispatches
 (forward and backward: mm, addmm, bmm, baddbmm, convolution and SDPA's fused CPU kernel,
 with their shapes, strides and dtypes as autocast hands them over) and returns a function
-that replays those calls on tensors of the same layouts, one per operand of the step, then
-the optimizer's step.  No eager path of the model can be faster than
+that replays those calls on views of the same layouts into storages of their own, one per
+storage of the step, then the optimizer's step.  No eager path of the model can be faster than
 that replay: it is the same kernels doing the same FLOPs with every layer norm, GELU,
 softmax, copy and cast taken away.  Its time, as a fraction of the matmul peak, is
 therefore the most a step can reach with these kernels, which is how the ViT bench tells
@@ -35,14 +35,21 @@ GEMMS = {
 
 
 class Layout(NamedTuple):
-    """A GEMM operand as the replay rebuilds it: its layout, and where the step's operand
-    lived, so that operands the step kept apart (each block's weights and activations) stay
-    apart in the replay, with the step's working set, and one it used twice is one."""
+    """A GEMM operand as the replay rebuilds it: its layout, and where in which storage the
+    step's operand lived.  Operands of one storage (a weight and its transpose, q, k and v
+    of one qkv buffer) become views of one replay storage; operands the step kept apart
+    (each block's weights and activations) stay apart: the step's working set."""
 
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
-    address: int
+    storage: int  # the address of the step's storage
+    offset: int  # elements into it
+
+    @property
+    def end(self) -> int:
+        """One past the last element of the storage this layout reads."""
+        return self.offset + 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 0)
 
 
 class _Recorder(TorchDispatchMode):
@@ -56,21 +63,19 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in GEMMS:
             layout = tuple(
-                Layout(tuple(a.shape), a.stride(), a.dtype, a.data_ptr())
+                Layout(
+                    tuple(a.shape),
+                    a.stride(),
+                    a.dtype,
+                    a.untyped_storage().data_ptr(),
+                    a.storage_offset(),
+                )
                 if isinstance(a, torch.Tensor)
                 else a
                 for a in args
             )
             self.calls.append((func, layout, dict(kwargs)))
         return func(*args, **kwargs)
-
-
-def _tensor(layout: Layout) -> torch.Tensor:
-    """A tensor with this exact layout (transposed and broadcast strides included)."""
-    t = torch.empty_strided(layout.shape, layout.stride, dtype=layout.dtype)
-    span = 1 + sum((n - 1) * s for n, s in zip(layout.shape, layout.stride) if n > 0)
-    t.as_strided((span,), (1,)).normal_()  # fill the storage the layout reads
-    return t
 
 
 def record_gemms(step: Callable[[], object]) -> list[tuple[object, tuple, dict]]:
@@ -88,14 +93,21 @@ def gemm_floor(step: Callable[[], object], optimizer: torch.optim.Optimizer) -> 
     has gradients and state when the replay steps it).
     """
     calls = record_gemms(step)
-    tensors: dict[Layout, torch.Tensor] = {}  # one per operand; results are not kept
+    layouts = [a for _, args, _ in calls for a in args if isinstance(a, Layout)]
+    sizes: dict[tuple[int, torch.dtype], int] = {}  # each storage as far as it is read
+    for a in layouts:
+        key = (a.storage, a.dtype)
+        sizes[key] = max(sizes.get(key, 0), a.end)
+    storages = {key: torch.randn(n).to(key[1]) for key, n in sizes.items()}
     replay = []
-    for func, layout, kwargs in calls:
-        for a in layout:
-            if isinstance(a, Layout) and a not in tensors:
-                tensors[a] = _tensor(a)
-        args = tuple(tensors[a] if isinstance(a, Layout) else a for a in layout)
-        replay.append((func, args, kwargs))
+    for func, args, kwargs in calls:
+        real = tuple(
+            storages[a.storage, a.dtype].as_strided(a.shape, a.stride, a.offset)
+            if isinstance(a, Layout)
+            else a
+            for a in args
+        )
+        replay.append((func, real, kwargs))
 
     def floor_step() -> None:
         for func, args, kwargs in replay:

@@ -61,6 +61,10 @@ def test_gemm_floor_replays_the_steps_matmul_work_and_steps_the_optimizer() -> N
     assert any(len(a.shape) == 1 for a in layouts)  # addmm's bias
     assert any(len(a.stride) == 2 and a.stride[0] == 1 < a.stride[1] for a in layouts)
     assert {a.dtype for a in layouts} >= {torch.bfloat16}
+    strides: dict[int, set] = {}
+    for a in layouts:
+        strides.setdefault(a.storage, set()).add(a.stride)
+    assert any(len(s) > 1 for s in strides.values())  # a weight and its transpose: one storage
     replay = floor.gemm_floor(step, opt)
     assert common.count_flops(replay) == expected > 0
     before = [p.detach().clone() for p in model.parameters()]
