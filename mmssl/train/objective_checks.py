@@ -84,6 +84,19 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
                 f"so the head would read it back; condition the projector instead "
                 f"(model projector.cond) or drop augself"
             )
+        if (
+            obj.projector_dim is not None
+            and cfg.projector is not None
+            and cfg.projector.cond != "none"
+        ):
+            # the task-owned head replaces the model's projector, and with it the condition
+            # the projector was to read: the run would be plain SimCLR, its conditioning
+            # untrained (and `eval sensitivity` would probe the untrained projector)
+            raise ConfigError(
+                f"{where}.projector_dim: a head of its own replaces the model's conditioned "
+                f"projector (projector.cond={cfg.projector.cond!r}), whose conditioning would "
+                f"then never train; drop projector_dim to train the model's projector"
+            )
         if kind in ("clip", "siglip", "captioning", "next_token") and cfg.text is None:
             raise ConfigError(f"{where}: {kind} needs a text tower; model has none")
         if kind in ("clip", "siglip") and cfg.embed_dim is None and cfg.vision.dim != cfg.text.dim:

@@ -183,6 +183,12 @@ def test_other_bad_input(
         assert "objectives.augself: augself predicts the views' descriptor difference" in err
     projector = "model.overrides.projector={cond: film, hidden_dim: 16, out_dim: 8}"
     validate(load_recipe(base[0], [*base[1:], *augself, projector]), check_files=False)
+    # a head of the objective's own would replace that conditioned projector, untrained
+    own_head = "objectives.simclr.projector_dim=16"
+    cond = ["model.overrides.condition={dim: 16}", projector]
+    err = _bad([*base, *cond, own_head], capsys, runs)
+    assert "objectives.simclr.projector_dim: a head of its own replaces the model's" in err
+    validate(load_recipe(base[0], [*base[1:], own_head]), check_files=False)  # plain: fine
 
 
 def test_param_groups_no_decay() -> None:
