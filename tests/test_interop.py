@@ -286,6 +286,18 @@ def test_open_clip_unsupported_options_are_named(cfg, match):
         open_clip_model_config(cfg)
 
 
+@pytest.mark.parametrize("tower", ["vision_cfg", "text_cfg"])
+def test_open_clip_module_with_an_approximate_gelu_is_refused(tower):
+    """A built model's GELU(approximate='tanh') loaded as exact GELU (1e-4 off the peer);
+    the same config as a dict is refused by its act_kwargs."""
+    kw = dict(TINY_CLIPS[sorted(TINY_CLIPS)[0]])
+    kw.pop("custom_text", None)
+    kw[tower] = dict(kw[tower], act_kwargs={"approximate": "tanh"})
+    peer = open_clip.model.CLIP(embed_dim=24, **kw)
+    with pytest.raises(ValueError, match="approximate='tanh'"):
+        load_open_clip(peer)
+
+
 def test_open_clip_bad_sources():
     with pytest.raises(ValueError, match="needs config="):
         load_open_clip({"logit_scale": torch.zeros(())})

@@ -229,6 +229,12 @@ def config_from_module(model: Any) -> ModelConfig:
     act_names = {type(b.mlp.gelu).__name__ for b in (v_block, t_block)}
     if len(act_names) != 1 or next(iter(act_names)) not in ACTS:
         raise ValueError(f"open_clip activation {sorted(act_names)} is not supported")
+    for block in (v_block, t_block):  # act_kwargs, refused by name in a config dict too
+        approximate = getattr(block.mlp.gelu, "approximate", "none")
+        if approximate != "none":
+            raise ValueError(
+                f"open_clip GELU(approximate={approximate!r}) is not supported (act_kwargs)"
+            )
     vision_cfg = {
         "image_size": visual.image_size[0]
         if visual.image_size[0] == visual.image_size[1]
