@@ -28,6 +28,7 @@ The checkpoint's files are checked against its manifest (sha256) first, and ever
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,10 @@ def export_run(
     if not (run / "recipe.yaml").is_file():
         raise ConfigError(f"{run} is not a run directory (no recipe.yaml)")
     ckpt_dir = run / "checkpoints"
+    dest = Path(out) if out is not None else run / "export"
+    problem = _dest_problem(run, dest)
+    if problem:
+        raise ConfigError(f"--out {dest} {problem}; export somewhere else")
     if tag is None:
         tag = newest_valid(ckpt_dir, "mmssl export", collective=False)
         if tag is None:
@@ -260,7 +265,6 @@ def export_run(
             tower.grad_checkpointing = False  # a training-time switch, not part of the export
     model = MultimodalModel(cfg)
     model.load_state_dict(model_state(state, model), strict=True)
-    dest = Path(out) if out is not None else run / "export"
     extra: dict[str, Any] = {
         "recipe": recipe.name,
         "checkpoint": tag,
@@ -287,6 +291,19 @@ def export_run(
     saved = save_pretrained(model.eval(), dest, extra)
     write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
+
+
+def _dest_problem(run: Path, dest: Path) -> str | None:
+    """Why an export must not be written to `dest`, or None.  Into a checkpoint it fails
+    that checkpoint's manifest (resume and export then skip it, and a resume saves over it);
+    over a run directory, `--model RUN_DIR` would take it for the run's export for good."""
+    d, r = Path(os.path.realpath(dest)), Path(os.path.realpath(run))
+    checkpoints = r / "checkpoints"
+    if d == checkpoints or checkpoints in d.parents:
+        return "is inside the run's checkpoints, whose manifests it would break"
+    if d == r or (d / "recipe.yaml").exists() or (d / "checkpoints").exists():
+        return "is a run directory (evaluation would take the export for the run)"
+    return None
 
 
 def manifest_digest(folder: Path) -> str | None:

@@ -66,3 +66,25 @@ def test_a_run_directory_that_cannot_be_written_is_one_error_naming_the_way_out(
     monkeypatch.setattr(mmssl.train.export, "export_run", refuse)
     with pytest.raises(EvalError, match=r"cannot write .*export.*mmssl export .* --out DIR"):
         resolve_model_dir(run)
+
+
+def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Into a checkpoint folder it broke that checkpoint's manifest (a resume then saved over
+    it: the trained state lost); over the run directory, `--model RUN_DIR` took it for the
+    run's export even after newer checkpoints."""
+    from mmssl.train.checkpoint import newest_valid
+    from mmssl.train.export import main
+
+    _train(synthetic_recipe(tmp_path, "r", 2))
+    run = tmp_path / "r"
+    before = sorted(p.name for p in run.iterdir())
+    step = run / "checkpoints" / "step_00000002"
+    for out in (step, run / "checkpoints", run, run / "checkpoints" / ".."):
+        assert main([str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is" in err and "Traceback" not in err
+    assert newest_valid(run / "checkpoints", "test", collective=False) == "step_00000002"
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert main([str(run), "--out", str(tmp_path / "elsewhere")]) == 0
