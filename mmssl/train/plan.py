@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data-parallel bandwidth per rank in GB/s (200 Gb/s InfiniBand: 25)",
     )
     args = p.parse_intermixed_args(argv)  # overrides before or after options
-    from mmssl.train.recipe import load_recipe
+    from mmssl.train.recipe import check_ranges, load_recipe
 
     positive = (lambda v: v > 0, "> 0")
     rules = {"gpus": positive, "gpu_mem": positive, "tflops": positive, "bandwidth": positive}
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_ranges(recipe)  # what training refuses: `-5 steps take -0.0 h` was printed
         lines = plan(recipe, args.gpus, args.gpu_mem, args.tflops, args.mfu, args.bandwidth)
     except (ConfigError, FileNotFoundError) as err:
         print(f"mmssl plan: error: {err}", file=sys.stderr)

@@ -339,7 +339,9 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-def _check_numbers(recipe: Recipe) -> None:
+def check_ranges(recipe: Recipe) -> None:
+    """ConfigError for a name, step count, schedule or other number out of its range (the
+    checks of `validate` that need neither the model nor the files; `mmssl plan` runs them)."""
     parts = PurePath(recipe.name.strip()).parts
     if not parts or PurePath(recipe.name).is_absolute() or {".", ".."} & set(parts):
         # `name=$RUN` with RUN unset: the run would write into out_dir itself; `../x` or
@@ -426,7 +428,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     from mmssl.train.streams import check_data
 
     world = world_size_from_env() if world_size is None else world_size
-    _check_numbers(recipe)
+    check_ranges(recipe)
     from mmssl.train.values import check_values
 
     check_values(recipe)

@@ -283,6 +283,10 @@ def test_plan_matches_zero_formulas(capsys: pytest.CaptureFixture[str]) -> None:
     assert gflops == pytest.approx(total / 1e9, rel=0.01)
     assert plan_main([str(RECIPES / "gpt_124m.yaml"), "--gpus", "7"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    # what training refuses, plan refuses too (it printed "-5 steps take -0.0 h")
+    steps = ["train.steps=-5", "schedule.warmup_steps=0"]
+    assert plan_main([str(RECIPES / "quickstart.yaml"), "--gpus", "1", *steps]) == 2
+    assert "train.steps must be positive" in capsys.readouterr().err
     for bad, why in [("--mfu=nan", "finite"), ("--mfu=2", "(0, 1]"), ("--gpus=x", "invalid int")]:
         with pytest.raises(SystemExit) as exit_:
             plan_main([str(RECIPES / "clip_vit_b16.yaml"), "--gpus", "64", bad])
