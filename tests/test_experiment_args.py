@@ -76,3 +76,26 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_run(
     assert len(errors) == 1 and "--batch-size must be at most the" in errors[0], errors
     assert "training images, got 100000" in errors[0]
     assert not (out / "results.jsonl").exists()
+
+
+def test_run_grid_reruns_a_variant_with_another_setting_and_keeps_each_apart(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A second run with another batch size took the first's rows as done and trained
+    nothing; the table then showed the other batch size's results."""
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import common
+
+    calls = []
+
+    def run(variant: str, seed: int) -> dict:
+        calls.append((variant, seed))
+        return {"variant": variant, "seed": seed, "steps": 5, "acc": len(calls)}
+
+    first = common.run_grid(tmp_path, ["plain"], [0], 5, run, {"batch_size": 32})
+    again = common.run_grid(tmp_path, ["plain"], [0], 5, run, {"batch_size": 32})
+    other = common.run_grid(tmp_path, ["plain"], [0], 5, run, {"batch_size": 256})
+    assert calls == [("plain", 0), ("plain", 0)]  # done once per setting
+    assert first == again and [r["acc"] for r in first] == [1] and first[0]["batch_size"] == 32
+    assert [(r["acc"], r["batch_size"]) for r in other] == [(2, 256)]

@@ -5,6 +5,7 @@ JSON row per run."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -130,9 +131,16 @@ def _claim(path: Path) -> bool:
 
 
 def run_grid(
-    out: Path, variants: list[str], seeds: list[int], steps: int, run: Callable[[str, int], dict]
+    out: Path,
+    variants: list[str],
+    seeds: list[int],
+    steps: int,
+    run: Callable[[str, int], dict],
+    setting: dict | None = None,
 ) -> list[dict]:
-    """Run every (seed, variant) not yet in out/results.jsonl; returns the rows of `steps`.
+    """Run every (seed, variant) not yet in out/results.jsonl; returns the rows of `steps`
+    and `setting` (what else decides a result, e.g. batch size and data: recorded in each
+    row, so that a run with another batch size is not taken for one already done).
 
     Several processes may share `out` (e.g. one per core): before each run the results are
     re-read and the run is claimed (out/claims/), so no run is done twice.
@@ -140,24 +148,27 @@ def run_grid(
     results = out / "results.jsonl"
     claims = out / "claims"
     claims.mkdir(parents=True, exist_ok=True)
+    setting = {"steps": steps, **(setting or {})}
+
+    def same(r: dict) -> bool:
+        return all(r.get(k) == v for k, v in setting.items())
 
     def done(variant: str, seed: int) -> bool:
-        return any(
-            (r["variant"], r["seed"], r["steps"]) == (variant, seed, steps) for r in _rows(results)
-        )
+        return any((r["variant"], r["seed"]) == (variant, seed) and same(r) for r in _rows(results))
 
     for seed in seeds:
         for variant in variants:
             if done(variant, seed):
                 continue
-            claim = claims / f"{variant}-seed{seed}-steps{steps}"
+            key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
+            claim = claims / f"{variant}-seed{seed}-{key}"
             if not _claim(claim):
                 continue
             if done(variant, seed):  # finished by another process since the first look
                 claim.unlink(missing_ok=True)
                 continue
             try:
-                row = run(variant, seed)
+                row = {**run(variant, seed), **setting}
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             finally:
@@ -166,4 +177,4 @@ def run_grid(
                 json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                 flush=True,
             )
-    return [r for r in _rows(results) if r["steps"] == steps]
+    return [r for r in _rows(results) if same(r)]

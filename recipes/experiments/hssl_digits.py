@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds,
         args.steps,
         lambda variant, seed: run(variant, seed, data, args.steps, args.batch_size),
+        {
+            "batch_size": args.batch_size,
+            "data": str(Path(args.data).resolve()) if args.data else None,
+        },
     )
     print(summarise(rows, out))
     return 0
