@@ -21,8 +21,10 @@ is conditioned on that c.  Gradients reach the conditioner and the text tower th
   [eos]`, cut to the caption length with eos kept).
 - CLIP and SigLIP compare `visual.proj(pooled)`, which the SSL projector does not touch, so
   the prompt must reach the backbone (`vision.cond_dim` or `vision.cond_tokens`).
-- Conditioning is neutral at init (zero-initialised adaLN-Zero), so a text-conditioned model
-  starts equal to the unconditioned one.  Downstream, `cond=None` gives the plain features;
+- adaLN-Zero conditioning (`vision.cond_dim`) is neutral at init (zero-initialised), so
+  such a model starts equal to the unconditioned one; prefix tokens (`vision.cond_tokens`)
+  are not: they join the attention from the first step (`mmssl.models.condition`; the one
+  exception to DESIGN's "neutral at init").  Downstream, `cond=None` gives the plain features;
   a model trained with a prompt gives its trained features with
   `model.condition(cond_text=ids, cond_text_mask=mask)` for the same prompt.
 """
