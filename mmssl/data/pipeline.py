@@ -45,7 +45,7 @@ from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
-from mmssl.data.tario import check_urls, expand_urls, is_local, iter_shard
+from mmssl.data.tario import check_urls, expand_urls, is_local, samples_for_counting
 
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
 # drew the same indices for every source); the streams of epoch mode and of source 0 are
@@ -94,43 +94,17 @@ def _manifest_counts(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-class _Events(SkipCounter):
-    """Records what a reader counts, in order, without counting or logging it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, str, str]] = []
-
-    def add(self, kind: str, where: str, detail: str = "") -> None:
-        self.events.append((kind, where, detail))
-
-
-def _count_shard(url: str, unread: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples of one shard, as `iter_shard` gives them, for counting before the stream;
-    into `unread` goes only the damage after its last sample, which the epoch's segments
-    never meet: they stop at the counted samples.  That is what ends the shard (a cut or
-    damaged tar, an empty one) and a key repeated after the last sample.  A key repeated
-    before a sample is not counted here: the segment that holds that sample meets it and
-    counts it (`iter_shard` counts a repeat once it reads the next key)."""
-    met = _Events()
-    for sample in iter_shard(url, met):
-        met.events.clear()  # damage before this sample: the stream counts it
-        yield sample
-    for kind, where, detail in met.events:
-        unread.add(kind, where, detail)
-
-
 def _doc_tokens(
     urls: list[str], tokenizer: Any, shard_damage: SkipCounter, bad_docs: SkipCounter
 ) -> tuple[np.ndarray, ...]:
     """Tokens of every document of a text source (eos included; 0 for a bad one), by shard
     (tokenises every document once).  Damage to the shards themselves that the stream never
-    meets goes to `shard_damage` (see `_count_shard`), undecodable or missing text to
-    `bad_docs`."""
+    meets goes to `shard_damage` (see `tario.samples_for_counting`), undecodable or missing
+    text to `bad_docs`."""
     out = []
     for url in urls:
         lengths = []
-        for key, files in _count_shard(url, shard_damage):
+        for key, files in samples_for_counting(url, shard_damage):
             try:
                 text = decode_text(files, "missing_text")
             except BadSample as bad:
@@ -171,7 +145,7 @@ def _resolve(
     counts: list[int] = []
     doc_tokens: tuple[np.ndarray, ...] = ()
     # what counting the samples met that the stream never meets: damage after a shard's
-    # last sample (`_count_shard`)
+    # last sample (`tario.samples_for_counting`)
     skipped = SkipCounter()
     bad_docs = SkipCounter()  # text: undecodable documents (the stream meets them again)
     if mode == "epoch":
@@ -196,7 +170,7 @@ def _resolve(
                 if key in known:
                     counts.append(known[key])
                 elif is_local(u):
-                    counts.append(sum(1 for _ in _count_shard(u, skipped)))
+                    counts.append(sum(1 for _ in samples_for_counting(u, skipped)))
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "

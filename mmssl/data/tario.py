@@ -421,3 +421,29 @@ def iter_shard(
             stream.close()  # type: ignore[union-attr]
         if problem is not None:
             counter.add(problem[0], url, problem[1])
+
+
+class _Events(SkipCounter):
+    """Records what a reader counts, in order, without counting or logging it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str, str]] = []
+
+    def add(self, kind: str, where: str, detail: str = "") -> None:
+        self.events.append((kind, where, detail))
+
+
+def samples_for_counting(url: str, unread: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard, as `iter_shard` gives them, for counting before the stream;
+    into `unread` goes only the damage after its last sample, which the epoch's segments
+    never meet: they stop at the counted samples.  That is what ends the shard (a cut or
+    damaged tar, an empty one) and a key repeated after the last sample.  A key repeated
+    before a sample is not counted here: the segment that holds that sample meets it and
+    counts it (`iter_shard` counts a repeat once it reads the next key)."""
+    met = _Events()
+    for sample in iter_shard(url, met):
+        met.events.clear()  # damage before this sample: the stream counts it
+        yield sample
+    for kind, where, detail in met.events:
+        unread.add(kind, where, detail)
