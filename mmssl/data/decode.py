@@ -40,7 +40,7 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
 
 def png_damage(data: bytes) -> str | None:
     """What is wrong with a PNG's chunks (one cut short, a critical chunk whose CRC-32 does
-    not match), or None when every chunk up to IEND is whole.
+    not match), or None when every chunk up to IEND is whole, or `data` is no PNG.
 
     torchvision's PNG decoder (0.29) kills the process with SIGSEGV when libpng meets an
     error while reading the rows (an IDAT whose CRC or deflate stream is wrong), where errors
@@ -51,6 +51,8 @@ def png_damage(data: bytes) -> str | None:
     not catch is a deflate stream that is wrong under correct CRCs, which only a faulty or
     hostile encoder writes: finding it means inflating the image twice.
     """
+    if not data.startswith(PNG_SIGNATURE):
+        return None
     view = memoryview(data)
     pos, end = len(PNG_SIGNATURE), len(data)
     while pos < end:
@@ -110,7 +112,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
     if size is not None:
         if size[0] * size[1] > max_pixels:
             raise BadSample("image_too_large", f"{size[1]}x{size[0]} > {max_pixels} pixels")
-        damage = png_damage(data) if png else None
+        damage = png_damage(data)
         if damage:
             raise BadSample("bad_image", f"PNG {damage}")
         try:

@@ -24,7 +24,7 @@ import string
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mmssl.data.decode import PNG_SIGNATURE, png_damage
+from mmssl.data.decode import png_damage
 from mmssl.data.errors import DataError, SkipCounter
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
     with open(path, "rb") as f:
         data = f.read()
     # PIL decodes a PNG whose IDAT fails its CRC; the training decoder must not meet one
-    damage = png_damage(data) if data.startswith(PNG_SIGNATURE) else None
+    damage = png_damage(data)
     if damage:
         raise _BadImage(f"PNG {damage}")
     from PIL import Image, UnidentifiedImageError

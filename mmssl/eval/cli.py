@@ -140,8 +140,6 @@ def run_task(argv: list[str]) -> dict[str, Any]:
     if problem:
         raise EvalError(problem)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise EvalError(f"--out {out} exists and is not a directory")
     from mmssl.eval.report import out_dir_problem
 
     # never over a training run's summary.md, another task's results or someone's files

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from mmssl.train.checkpoint import write_atomic
+from mmssl.train.run_lock import is_run_dir
 
 RESULTS = "results.json"
 SUMMARY = "summary.md"
@@ -30,16 +31,6 @@ TASK_FILES = {
     "finetune": ("finetuned.safetensors",),
 }
 OUTPUTS = (RESULTS, SUMMARY, *(name for names in TASK_FILES.values() for name in names))
-
-
-def _is_run_dir(names: set[str]) -> bool:
-    """A training run directory: its lock file (every run since it has one), or the recipe
-    next to checkpoints or metrics (a recipe.yaml alone may be the user's own)."""
-    from mmssl.train.run_lock import LOCK_NAME
-
-    return LOCK_NAME in names or (
-        "recipe.yaml" in names and bool({"checkpoints", "metrics.jsonl"} & names)
-    )
 
 
 def report_task(out_dir: str | Path) -> str | None:
@@ -79,7 +70,7 @@ def out_dir_problem(out_dir: str | Path, task: str) -> str | None:
         entries = list(out.iterdir())
     except OSError as err:
         return f"cannot be read ({err.strerror})"
-    if _is_run_dir({e.name for e in entries}):
+    if is_run_dir(out):
         return f"is a training run directory ({_names(entries)})"
     earlier = report_task(out)
     if earlier == task:

@@ -298,10 +298,12 @@ def _dest_problem(run: Path, dest: Path) -> str | None:
     that checkpoint's manifest (resume and export then skip it, and a resume saves over it);
     over a run directory, `--model RUN_DIR` would take it for the run's export for good."""
     d, r = Path(os.path.realpath(dest)), Path(os.path.realpath(run))
+    from mmssl.train.run_lock import is_run_dir
+
     checkpoints = r / "checkpoints"
     if d == checkpoints or checkpoints in d.parents:
         return "is inside the run's checkpoints, whose manifests it would break"
-    if d == r or (d / "recipe.yaml").exists() or (d / "checkpoints").exists():
+    if d == r or is_run_dir(d):
         return "is a run directory (evaluation would take the export for the run)"
     return None
 

@@ -30,6 +30,17 @@ _log = logging.getLogger(__name__)
 LOCK_NAME = ".mmssl-run.lock"
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a training run's directory: its lock file (every run since runs
+    lock), or the recipe next to checkpoints or metrics (a recipe.yaml alone may be a
+    user's own)."""
+    p = Path(path)
+    return (p / LOCK_NAME).exists() or (
+        (p / "recipe.yaml").exists()
+        and ((p / "checkpoints").exists() or (p / "metrics.jsonl").exists())
+    )
+
+
 class RunDirLock:
     """The lock on one run directory, held by rank 0 between `acquire` and `release`."""
 
