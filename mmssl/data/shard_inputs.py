@@ -77,7 +77,8 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
         )
     with open(path, "rb") as f:
         data = f.read()
-    # PIL decodes a PNG whose IDAT fails its CRC; the training decoder must not meet one
+    # PIL decodes a PNG whose IDAT fails its CRC or inflates to too few rows; the training
+    # decoder must not meet one (`png_damage`)
     damage = png_damage(data)
     if damage:
         raise _BadImage(f"PNG {damage}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,37 @@ def png_flipped(arr: np.ndarray, where: str) -> bytes:
     n = int.from_bytes(data[pos : pos + 4], "big")
     data[pos + 8 + (n if where == "crc" else n // 2)] ^= 1
     return bytes(data)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk with its correct CRC."""
+    crc = zlib.crc32(kind + payload)
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_with_data(
+    w: int, h: int, idat: bytes, interlace: int = 0, colour: int = 2, depth: int = 8
+) -> bytes:
+    """A PNG of the given header whose one IDAT holds `idat` as it is (compressed image
+    data, right or wrong): every chunk's CRC is correct."""
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, interlace)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def adam7_rows(arr: np.ndarray) -> bytes:
+    """The inflated image data of an 8-bit (H, W, C) image, Adam7-interlaced, filter 0."""
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2))
+    out = b""
+    for x0, y0, dx, dy in passes + ((0, 1, 1, 2),):
+        sub = arr[y0::dy, x0::dx]
+        if sub.shape[0] and sub.shape[1]:
+            out += b"".join(b"\x00" + row.tobytes() for row in sub)
+    return out
 
 
 def write_image_shards(

@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from data_helpers import StubTokenizer, png_bytes, png_flipped
+from data_helpers import StubTokenizer, adam7_rows, png_bytes, png_flipped, png_with_data
 
 from mmssl.data.errors import DataError
 from mmssl.data.pipeline import Source, build_pipeline
@@ -405,9 +405,10 @@ def test_a_shard_cut_mid_member_is_counted_once(tmp_path, manifest):
 
 
 def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_path):
-    """torchvision's PNG decoder dies with SIGSEGV on an IDAT that fails its CRC or its
-    deflate check; the chunks' CRCs are checked first.  Run in a child process, so that a
-    regression fails this test instead of killing the test session.  (An epoch's batches,
+    """torchvision's PNG decoder dies with SIGSEGV on an IDAT that fails its CRC, and on
+    image data that does not inflate to its rows under correct CRCs: both are checked
+    first.  Run in a child process, so that a regression fails this test instead of
+    killing the test session.  (An epoch's batches,
     counted with the damaged samples, are full: the stream reads on past its end to fill
     them, hence the set.)"""
     import subprocess
@@ -419,6 +420,9 @@ def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_
         w.write(_good(i))
     for where in ("crc", "data"):
         w.write({"__key__": f"b{where}", "png": png_flipped(arr, where), "txt": "damaged"})
+    for i, kind in enumerate(sorted(_CRASHERS)):  # every CRC correct
+        png = png_with_data(5, 6, _CRASHERS[kind][0])
+        w.write({"__key__": f"c{i}", "png": png, "txt": "damaged"})
     w.close()
     code = (
         "import itertools, json, sys\n"
@@ -431,7 +435,8 @@ def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     keys, skipped = json.loads(done.stdout.splitlines()[-1])
-    assert keys == [f"g{i:04d}" for i in range(8)] and skipped == {"bad_image": 2}
+    assert keys == [f"g{i:04d}" for i in range(8)]
+    assert skipped == {"bad_image": 2 + len(_CRASHERS)}
 
 
 def test_png_damage_names_the_chunk_and_passes_whole_files():
@@ -447,6 +452,69 @@ def test_png_damage_names_the_chunk_and_passes_whole_files():
     with pytest.raises(BadSample) as err:
         decode_image(png_flipped(arr, "data"))
     assert err.value.kind == "bad_image" and "IDAT" in str(err.value)
+
+
+def _rows(arr: np.ndarray, filter_type: int = 0) -> bytes:
+    """The inflated image data of an 8-bit (H, W, 3) image, one filter type on every row."""
+    return b"".join(bytes([filter_type]) + row.tobytes() for row in arr)
+
+
+_ARR = np.random.default_rng(3).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+_ROWS = _rows(_ARR)
+_Z = zlib.compress(_ROWS)
+# image data under correct CRCs that made torchvision's decoder (libpng) die with SIGSEGV
+_CRASHERS = {
+    "broken deflate": (_Z[:2] + bytes(b ^ 0x5A for b in _Z[2:12]) + _Z[12:], "does not inflate"),
+    "wrong Adler-32": (_Z[:-4] + b"\0\0\0\0", "incorrect data check"),
+    "deflate cut short": (_Z[:-6], "cut short"),
+    "no image data": (b"", "cut short"),
+    "too few rows": (zlib.compress(_ROWS[: len(_ROWS) // 2]), "its rows take 96"),
+    "filter type 7": (zlib.compress(_rows(_ARR, 7)), "row filter type 7"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CRASHERS))
+def test_png_damage_finds_image_data_that_libpng_would_die_on(kind):
+    from mmssl.data.decode import BadSample, decode_image, png_damage
+
+    idat, words = _CRASHERS[kind]
+    data = png_with_data(5, 6, idat)
+    assert words in png_damage(data)
+    with pytest.raises(BadSample) as err:
+        decode_image(data)
+    assert err.value.kind == "bad_image"
+
+
+def test_png_image_data_check_passes_what_libpng_decodes():
+    """Bytes after the rows (libpng warns and decodes), Adam7 interlacing (its empty passes
+    have no rows), a filter type on each row: whole files, decoded as the array."""
+    from mmssl.data.decode import decode_image, png_damage
+
+    expect = torch.from_numpy(_ARR).permute(2, 0, 1)
+    for data in (
+        png_with_data(5, 6, zlib.compress(_ROWS + b"\0" * 40)),
+        png_with_data(5, 6, zlib.compress(adam7_rows(_ARR)), interlace=1),
+        png_bytes(_ARR),  # PIL's encoder picks its filters
+    ):
+        assert png_damage(data) is None
+        assert torch.equal(decode_image(data), expect)
+    tiny = np.full((1, 1, 3), 7, np.uint8)  # 6 of Adam7's 7 passes are empty
+    assert png_damage(png_with_data(1, 1, zlib.compress(adam7_rows(tiny)), interlace=1)) is None
+    short = zlib.compress(adam7_rows(_ARR)[:-3])
+    assert "its rows take" in png_damage(png_with_data(5, 6, short, interlace=1))
+
+
+def test_png_image_data_is_inflated_in_steps(monkeypatch):
+    """A big image is inflated a piece at a time (memory stays bounded); a bad filter byte
+    in a later piece is still found."""
+    from mmssl.data import decode
+
+    monkeypatch.setattr(decode, "_INFLATE_STEP", 7)
+    assert decode.png_damage(png_with_data(5, 6, _Z)) is None
+    bad = bytearray(_ROWS)
+    bad[5 * 16] = 9  # the filter byte of row 5 (rows are 16 bytes)
+    found = decode.png_damage(png_with_data(5, 6, zlib.compress(bytes(bad))))
+    assert found == "row filter type 9 (0-4 exist)"
 
 
 def test_png_damage_walks_over_ancillary_chunks_and_the_size_limit_comes_first():

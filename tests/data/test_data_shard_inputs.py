@@ -6,11 +6,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import zlib
 
 import numpy as np
 import pytest
 import webdataset as wds
-from data_helpers import png_flipped
+from data_helpers import png_flipped, png_with_data
 from PIL import Image
 
 from mmssl.data import errors
@@ -36,6 +37,8 @@ _BROKEN = {
     "broken.bmp": b"BM not really a bitmap",
     # PIL decodes it; torchvision's decoder, which training uses, crashes on it
     "idat_crc.png": png_flipped(np.full((8, 8, 3), 7, np.uint8), "crc"),
+    # CRCs right, half the rows missing: PIL decodes it with the rest black; libpng dies
+    "short_rows.png": png_with_data(8, 8, zlib.compress(bytes(4 * 25))),
 }
 
 
