@@ -87,7 +87,9 @@ def finetune(
     from mmssl.train import engine as ds
 
     torch.manual_seed(seed)
-    clf = Classifier(copy.deepcopy(vision_tower(model)), num_classes).train()
+    vision_tower(model)  # EvalError without one
+    # a copy whose cond=None is the whole model's (the neutral descriptor's c, if conditioned)
+    clf = Classifier(copy.deepcopy(model.standalone_vision()), num_classes).train()
     recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed)
     ds.init_distributed()
     eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))

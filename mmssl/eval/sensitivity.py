@@ -108,16 +108,12 @@ def omega_usage(
 
 @torch.no_grad()
 def features(model: MultimodalModel, images: Tensor, batch_size: int = 512) -> Tensor:
-    """Pooled features (N, D) for downstream use: cond=None, or the neutral descriptor's
-    condition for a backbone-conditioned model (see MultimodalModel.neutral_condition)."""
-    vision = model.visual
-    assert vision is not None
-    backbone = bool(vision.cfg.cond_dim or vision.cfg.cond_tokens)
-    out = []
-    for chunk in images.split(batch_size):
-        cond = model.neutral_condition(chunk.shape[0], chunk.device) if backbone else None
-        out.append(model.forward_features(chunk, cond)["pooled"].float())
-    return torch.cat(out)
+    """Pooled features (N, D) for downstream use: those of the un-augmented images (the
+    neutral descriptor's condition for a backbone-conditioned model, see
+    MultimodalModel.forward_features)."""
+    return torch.cat(
+        [model.forward_features(c)["pooled"].float() for c in images.split(batch_size)]
+    )
 
 
 @torch.no_grad()

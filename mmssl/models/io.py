@@ -359,4 +359,6 @@ def load_encoder(path: str | Path, tower: str = "vision") -> nn.Module:
     model = load_pretrained(path)
     if tower == "model":
         return model
+    if tower == "vision":  # cond=None as the whole model's (`standalone_vision`)
+        return model.standalone_vision().eval()
     return model._tower(tower).eval()

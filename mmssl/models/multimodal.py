@@ -182,14 +182,37 @@ class MultimodalModel(nn.Module):
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """images (B, C, H, W) -> {pooled (B, D), tokens (B, N, D)} of the vision tower."""
-        return self._tower("vision").forward_features(images, cond)
+        """images (B, C, H, W) -> {pooled (B, D), tokens (B, N, D)} of the vision tower.
+        cond=None: the features of the un-augmented image (`image_condition`)."""
+        return self._tower("vision").forward_features(images, self.image_condition(cond))
+
+    def image_condition(
+        self, cond: torch.Tensor | None, device: torch.device | None = None
+    ) -> torch.Tensor | None:
+        """`cond`, or for None the condition of an un-augmented image: the neutral
+        descriptor's c when the vision backbone is conditioned on augmentation descriptors,
+        as training conditions a plain image (`mmssl.train.tasks`).  Such a tower never ran
+        without a condition, and once trained its features without one are another
+        network's.  None for other models."""
+        visual = self._tower("vision")
+        if cond is None and (visual.cfg.cond_dim or visual.cfg.cond_tokens):
+            return self.neutral_condition(1, device or next(visual.parameters()).device)
+        return cond
+
+    @torch.no_grad()
+    def standalone_vision(self) -> VisionEncoder:
+        """The vision tower, ready to stand alone (`load_encoder`, a fine-tuned copy): its
+        cond=None gives what this model's does (`VisionEncoder.cond_default` is set to
+        `image_condition(None)`, from the conditioner's weights now)."""
+        visual = self._tower("vision")
+        visual.cond_default = self.image_condition(None)
+        return visual
 
     def encode_image(
         self, images: torch.Tensor, cond: torch.Tensor | None = None, normalize: bool = False
     ) -> torch.Tensor:
         """images (B, C, H, W) -> (B, E) embeddings, L2-normalised if `normalize`."""
-        out = self._tower("vision").encode(images, cond)
+        out = self._tower("vision").encode(images, self.image_condition(cond))
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_text(
@@ -262,8 +285,6 @@ class MultimodalModel(nn.Module):
                 f"text context_length {ctx}; sliding past it would drop the bos"
             )
         with eval_mode(self):
-            if cond is None:
-                cond = self.neutral_condition(b, images.device)
             image_tokens = self.forward_features(images, cond)["tokens"]  # (B, N, Dv)
             return self.caption.generate(
                 text,

@@ -40,7 +40,9 @@ class VisionEncoder(nn.Module):
     `tokens` are the N patch tokens after the final norm (no class token), in row-major grid
     order.  `cond` (B, C) reaches the adaLN-Zero blocks when `cfg.cond_dim` is set, and
     becomes `cfg.cond_tokens` prefix tokens when that is set (`cond_dim` gives C then);
-    a (1, C) cond conditions every image alike; cond=None gives the plain features.
+    a (1, C) cond conditions every image alike.  cond=None takes `cond_default`: None (the
+    plain features) unless set, as `MultimodalModel.standalone_vision` sets it to the
+    neutral descriptor's c for a tower that stands alone.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class VisionEncoder(nn.Module):
         )
         self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
         self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
+        self.cond_default: torch.Tensor | None
+        self.register_buffer("cond_default", None, persistent=False)
         self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
     def _abs_pos(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
@@ -130,7 +134,10 @@ class VisionEncoder(nn.Module):
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """images: (B, C, H, W); cond: (B or 1, cond_dim) or None.  Returns pooled (B, D), tokens (B, N, D)."""
+        """images: (B, C, H, W); cond: (B or 1, cond_dim) or None (`cond_default`).  Returns
+        pooled (B, D), tokens (B, N, D)."""
+        if cond is None:
+            cond = self.cond_default
         p = self.cfg.patch_size
         grid_h, grid_w = images.shape[-2] // p, images.shape[-1] // p
         x = self.patch_embed(images)  # (B, N, D)
