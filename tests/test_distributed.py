@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -126,7 +125,6 @@ def _fails() -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_launcher_reports_child_errors_without_hanging() -> None:
-    start = time.monotonic()
+    """A hang would end in run_distributed's TimeoutError, which this does not match."""
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         run_distributed(_fails, 2, timeout=100.0)
-    assert time.monotonic() - start < 100.0
