@@ -109,3 +109,16 @@ def test_save_pretrained_refuses_values_read_config_refuses_writing_nothing(tmp_
     with pytest.raises(ConfigError, match=says):
         save_pretrained(mmssl.create_model("test_tiny_clip"), out, extra)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("size", [33, "32", 0, True])
+def test_a_preprocess_image_size_off_the_patch_grid_is_refused_by_both_loaders(
+    export, tmp_path, size
+):
+    """load_encoder loaded these and `mmssl features` refused them: the same check now."""
+    path = _edited(export, tmp_path, lambda d: d["preprocess"].update(image_size=size))
+    msg = _refused(path)
+    assert msg == (
+        f"{path}/config.json: preprocess.image_size {size!r} is not a positive multiple of the "
+        "patch size 8"
+    )

@@ -38,21 +38,12 @@ class Loaded:
             raise EvalError(f"{self.source}: this model has no vision tower")
         pre = self.config.get("preprocess") or {}
         mean, std = pre.get("mean"), pre.get("std")
-        size = pre.get("image_size")  # the size it trained at (data.image_size)
-        size = vision.image_size if size is None else size
-        if (
-            not isinstance(size, int)
-            or isinstance(size, bool)
-            or size <= 0
-            or size % vision.patch_size
-        ):
-            raise EvalError(
-                f"{self.source}: config.json preprocess.image_size {size!r} is not a positive "
-                f"multiple of the patch size {vision.patch_size}"
-            )
-        # mean and std were checked when config.json was read (mmssl.models.io.read_config)
+        from mmssl.models.io import preprocess_size
+
+        # all three were checked when the model was loaded (mmssl.models.io.load_pretrained)
+        size = preprocess_size(pre, self.model.cfg, self.model_dir / "config.json")
         return Preprocess(
-            size,
+            size,  # type: ignore[arg-type]  # an int: the model has a vision tower
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
             tuple(std) if std is not None else None,  # type: ignore[arg-type]
         )

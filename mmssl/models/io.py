@@ -207,6 +207,23 @@ def _check_preprocess(record: Any, cfg_path: str | Path) -> None:
         raise ConfigError(f"{cfg_path}: {err}") from None
 
 
+def preprocess_size(record: Any, cfg: ModelConfig, cfg_path: str | Path) -> int | None:
+    """The image size evaluation prepares images at: config.json's preprocess.image_size (the
+    size training ran at), else the vision tower's own; None without a vision tower.
+    ConfigError unless it is a positive multiple of the patch size."""
+    if cfg.vision is None:
+        return None
+    size = (record or {}).get("image_size")
+    size = cfg.vision.image_size if size is None else size
+    patch = cfg.vision.patch_size
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % patch:
+        raise ConfigError(
+            f"{cfg_path}: preprocess.image_size {size!r} is not a positive multiple of the "
+            f"patch size {patch}"
+        )
+    return size
+
+
 def _check_descriptor(record: Any, cfg_path: str | Path) -> None:
     """ConfigError unless config.json's "descriptor" (the augmentation descriptor layout the
     model was trained with: `DescriptorLayout.to_dict()`, or just its version) is absent or a
@@ -311,6 +328,7 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
     except ConfigError as err:
         raise ConfigError(f"{cfg_path}: {err}") from None
     check_model_config(cfg, str(cfg_path))
+    preprocess_size(data.get("preprocess"), cfg, cfg_path)
     model = MultimodalModel(cfg)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():

@@ -140,12 +140,10 @@ def test_evaluation_uses_the_trained_image_size_and_rejects_a_bad_one(tmp_path, 
     assert load_model(tiny_model_dir).preprocess.image_size == 32  # the model's own
     trained = _with_preprocess(tiny_model_dir, tmp_path / "at48", {"image_size": 48})
     assert load_model(trained).preprocess.image_size == 48  # data.image_size of the run
-    for i, bad in enumerate([12, 0, -8, "48", True]):  # patch size 8
-        model = load_model(
-            _with_preprocess(tiny_model_dir, tmp_path / f"bad{i}", {"image_size": bad})
-        )
+    for i, bad in enumerate([12, 0, -8, "48", True]):  # patch size 8: refused at load
+        path = _with_preprocess(tiny_model_dir, tmp_path / f"bad{i}", {"image_size": bad})
         with pytest.raises(EvalError, match="preprocess.image_size"):
-            _ = model.preprocess
+            load_model(path)
 
 
 def test_features_with_an_unbalanced_brace_pattern_is_one_line_naming_it(
