@@ -373,3 +373,17 @@ def test_out_failing_after_training_is_one_line(
         and err == f"mmssl tokenizer train: error: [Errno 1] Operation not permitted: '{out}'"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["bad.txt", "bad.jsonl"])
+def test_not_utf8_error_gives_file_offset_and_line(tmp_path: Path, name: str) -> None:
+    # the text reader decodes in chunks and its error offset was into the chunk: a bad byte
+    # 100,004 bytes into a file was reported "at byte 1700"
+    head = "é" * 50_000 + "\n"  # 100,001 bytes but 50,001 characters: the offset counts bytes
+    data = head.encode() + b"\n" + b"abc\xffdef\n"  # the empty line still counts as a line
+    offset = data.index(b"\xff")
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        list(iter_corpus([bad]))
+    assert str(info.value) == f"{bad}: not UTF-8 text (invalid start byte at byte {offset}, line 3)"

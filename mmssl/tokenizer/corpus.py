@@ -94,6 +94,25 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]
     return files, skipped
 
 
+def _not_utf8(path: Path) -> str:
+    """The error for a file that failed to decode: where its first non-UTF-8 byte is.
+
+    The text reader's UnicodeDecodeError holds an offset into the chunk it was decoding,
+    not into the file, so the file is read again as bytes. A UTF-8 character never contains
+    a newline byte, so each line decodes on its own and the first failure is the file's.
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"byte {offset + e.start}, line {lineno}"
+                return f"{path}: not UTF-8 text ({e.reason} at {where})"
+            offset += len(raw)
+    return f"{path}: not UTF-8 text"  # the file changed between the two reads
+
+
 def _iter_lines(path: Path) -> Iterator[str]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -101,8 +120,8 @@ def _iter_lines(path: Path) -> Iterator[str]:
                 line = line.rstrip("\r\n")
                 if line:
                     yield line
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(path)) from None
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
