@@ -146,6 +146,16 @@ def export_run(run_dir: Path) -> Path:
         )
     from safetensors import SafetensorError
 
+    if is_exported(dest):  # one of another checkpoint (`mmssl export --tag`, an older step)
+        import logging
+
+        logging.getLogger("mmssl.eval").warning(
+            "%s holds an export of another checkpoint; replacing it with %s (export elsewhere "
+            "with `mmssl export %s --out DIR` to keep one)",
+            dest,
+            tag,
+            run_dir,
+        )
     try:
         return Path(_export(run_dir, dest, tag, verified=True))  # not hashed twice
     except (ConfigError, FileNotFoundError) as err:

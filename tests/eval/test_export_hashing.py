@@ -89,3 +89,20 @@ def test_eval_of_a_run_dir_hashes_the_exported_checkpoint_once(run: Path, hashed
         assert loading.export_run(run) == out
         assert not any(k in hashed for k in good), hashed
         assert hashed[(tag_of(2), "extra.bin")] == 1  # the damaged one is still checked
+
+
+def test_eval_of_a_run_dir_says_when_it_replaces_an_export_of_another_checkpoint(
+    run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RUN_DIR/export of step 1 (`mmssl export --tag`) is replaced by step 2's, and said so."""
+    torch.manual_seed(1)
+    _save(run, 2, Task(MultimodalModel(model_config(recipe_from_dict(RECIPE))), {}))
+    export.export_run(run, run / "export", tag_of(1))
+    with caplog.at_level("WARNING", logger="mmssl.eval"):
+        out = loading.export_run(run)
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(2)
+    assert f"{run / 'export'} holds an export of another checkpoint; replacing it" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmssl.eval"):
+        assert loading.export_run(run) == out  # reused: nothing replaced, nothing said
+    assert "replacing" not in caplog.text
