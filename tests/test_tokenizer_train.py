@@ -387,3 +387,28 @@ def test_not_utf8_error_gives_file_offset_and_line(tmp_path: Path, name: str) ->
     with pytest.raises(ValueError) as info:
         list(iter_corpus([bad]))
     assert str(info.value) == f"{bad}: not UTF-8 text (invalid start byte at byte {offset}, line 3)"
+
+
+def test_sentencepiece_reports_dropped_long_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # sentencepiece skips lines over 65,536 bytes without a word; with other lines usable,
+    # training went on and tokenizer_meta.json gave no sign that text was left out
+    short = [line for t in _small_corpus() for line in t.split("\n") if line]
+    edge = "ab " * 21_845 + "a"  # exactly 65,536 bytes: kept
+    long = ["é" * 40_000, "w" * 70_000]  # 80,000 and 70,000 bytes: dropped
+    (tmp_path / "mixed.txt").write_text("\n".join([long[0], edge, *short, long[1]]) + "\n")
+    (tmp_path / "kept.txt").write_text("\n".join([edge, *short]) + "\n")
+    argv = ["train", "--kind", "sentencepiece", "--vocab-size", "500", "--quiet", "--out"]
+    for name in ("mixed", "kept"):
+        assert main([*argv, str(tmp_path / name), str(tmp_path / f"{name}.txt")]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 2 line(s) (110000 characters) longer than sentencepiece's 65536 bytes" in err
+    corpus = json.loads((tmp_path / "mixed" / META_FILE).read_text())["corpus"]
+    assert (corpus["dropped_long_lines"], corpus["dropped_long_chars"]) == (2, 110_000)
+    kept = json.loads((tmp_path / "kept" / META_FILE).read_text())["corpus"]
+    assert (kept["dropped_long_lines"], kept["dropped_long_chars"]) == (0, 0)
+    # the reference: the same file without the long lines trains the same model
+    assert (tmp_path / "mixed" / "tokenizer.model").read_bytes() == (
+        tmp_path / "kept" / "tokenizer.model"
+    ).read_bytes()

@@ -174,6 +174,8 @@ def train_sentencepiece(
     Ids: pad 0, bos 1, eos 2, unk 3, extras after. Lossless settings: identity
     normalisation, whitespace kept, byte fallback for unseen characters. Texts are split
     into lines (sentencepiece trains on sentences). One thread keeps it deterministic.
+    Lines over MAX_LINE_BYTES UTF-8 bytes are not trained on; the meta's corpus counts
+    them in dropped_long_lines and dropped_long_chars (the CLI warns when they are not 0).
     """
     import sentencepiece as spm
 
@@ -188,19 +190,25 @@ def train_sentencepiece(
     _check_out_dir(out_dir)
     failed: list[Exception] = []
     usable = 0  # lines sentencepiece trains on: non-empty, at most MAX_LINE_BYTES
+    long_lines = long_chars = 0  # lines over MAX_LINE_BYTES, and their characters
 
     def lines() -> Iterator[str]:
         # sentencepiece turns an error raised here into a RuntimeError holding a traceback
         # excerpt; keep the reader's own error (a bad file, invalid JSON) to raise it instead
-        nonlocal usable
+        nonlocal usable, long_lines, long_chars
         try:
             for text in _progress(corpus, show_progress):
                 for line in text.split("\n"):
-                    if line:
-                        # a UTF-8 character is at most 4 bytes: encode only the long lines
-                        short = len(line) <= MAX_LINE_BYTES // 4
-                        usable += short or len(line.encode()) <= MAX_LINE_BYTES
-                        yield line
+                    if not line:
+                        continue
+                    # a UTF-8 character is at most 4 bytes: encode only the long lines
+                    if len(line) > MAX_LINE_BYTES // 4 and len(line.encode()) > MAX_LINE_BYTES:
+                        # sentencepiece would skip it without a word; skip it here to count it
+                        long_lines += 1
+                        long_chars += len(line)
+                        continue
+                    usable += 1
+                    yield line
         except Exception as e:
             failed.append(e)
             raise
@@ -255,6 +263,9 @@ def train_sentencepiece(
     )
     meta["special_tokens"]["unk"] = UNK
     meta["unk_id"] = 3
+    # num_chars and sha256 describe every text read; these say what training left out
+    meta["corpus"]["dropped_long_lines"] = long_lines
+    meta["corpus"]["dropped_long_chars"] = long_chars
     return _write_meta(out, meta)
 
 
@@ -397,13 +408,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if kind == "bpe":
         min_frequency = args.min_frequency or DEFAULT_MIN_FREQUENCY
         return train_bpe(corpus, args.out, min_frequency=min_frequency, **common)
-    return train_sentencepiece(
+    meta = train_sentencepiece(
         corpus,
         args.out,
         model_type=args.model_type or "unigram",
         threads=args.threads or 1,
         **common,
     )
+    dropped = meta["corpus"]["dropped_long_lines"]
+    if dropped:  # training went on without them: say so, or a corpus shrinks unnoticed
+        print(
+            f"mmssl tokenizer train: warning: dropped {dropped} line(s) "
+            f"({meta['corpus']['dropped_long_chars']} characters) longer than sentencepiece's "
+            f"{MAX_LINE_BYTES} bytes; they are not trained on (--kind bpe has no line limit)",
+            file=sys.stderr,
+        )
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
