@@ -412,3 +412,23 @@ def test_sentencepiece_reports_dropped_long_lines(
     assert (tmp_path / "mixed" / "tokenizer.model").read_bytes() == (
         tmp_path / "kept" / "tokenizer.model"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_decode_drops_every_special_token_as_documented(tmp_path: Path, kind: str) -> None:
+    # the docs said decode drops bos/eos/pad; it drops an extra special token too (a
+    # sentencepiece control symbol has no text at all), and the docs now say so
+    from mmssl.tokenizer import Tokenizer
+
+    (tmp_path / "c.txt").write_text("\n".join(CAPTIONS * 20) + "\n")
+    argv = ["train", "--kind", kind, "--vocab-size", "300", "--special-token", "<|sep|>"]
+    assert main([*argv, "--quiet", "--out", str(tmp_path / "o"), str(tmp_path / "c.txt")]) == 0
+    tok = get_tokenizer(str(tmp_path / "o"))
+    sep = next(i for i in range(tok.vocab_size) if tok.id_to_token(i) == "<|sep|>")
+    a, b = tok.encode("a red"), tok.encode("7.")
+    # the reference: the same ids without the special ones
+    assert tok.decode([tok.bos_id, *a, sep, tok.pad_id, *b, tok.eos_id]) == tok.decode(a + b)
+    assert tok.decode([sep]) == ""
+    readme = (Path(__file__).resolve().parents[1] / "tokenizer" / "README.md").read_text()
+    assert "`decode` drops every special token" in " ".join(readme.split())
+    assert "drops every special token" in " ".join((Tokenizer.decode.__doc__ or "").split())

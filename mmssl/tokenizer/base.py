@@ -84,7 +84,7 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def _decode_ids(self, ids: list[int]) -> str:
-        """Text of ids that contain no special ids and are all in range."""
+        """Text of in-range ids without bos/eos/pad; drops the backend's other special tokens."""
 
     def id_to_token(self, idx: int) -> str | None:
         """The vocabulary entry of an in-range id (used to check tokenizer_meta.json)."""
@@ -102,7 +102,12 @@ class Tokenizer(ABC):
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` with bos/eos/pad dropped. Out-of-range ids raise ValueError."""
+        """Text of `ids` (N,); drops every special token. Out-of-range ids raise ValueError.
+
+        bos/eos/pad are dropped here, the backend's other special tokens (a tokenizer.json's
+        special added tokens, a sentencepiece model's control symbols) in `_decode_ids`:
+        none has text of its own. CLIP's pad 0 is the real token '!' and is kept.
+        """
         if hasattr(ids, "tolist"):  # tensors and arrays
             ids = ids.tolist()
         ids = [int(i) for i in ids]
