@@ -168,3 +168,13 @@ def test_generate_takes_numpy_and_torch_integer_top_k():
     want = sample(2)
     for top_k in (np.int64(2), np.int32(2), torch.tensor(2)):
         assert torch.equal(sample(top_k), want), top_k
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_tiny_positive_temperature_samples_the_greedy_tokens(temperature):
+    """logits / 1e-40 overflowed to inf (a NaN softmax, a RuntimeError in multinomial); in the
+    limit sampling at temperature T -> 0 is greedy decoding."""
+    model = tiny()
+    prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(1))
+    got = model.generate(prompt, 6, temperature=temperature, generator=torch.Generator())
+    assert torch.equal(got, greedy_reference(model, prompt, 6))

@@ -119,6 +119,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+_GREEDY_BELOW = 1.0 / torch.finfo(torch.float32).max  # ~2.9e-39
+
+
 def sample_tokens(
     next_logits: Callable[[torch.Tensor], torch.Tensor],
     text: torch.Tensor,
@@ -141,10 +144,12 @@ def sample_tokens(
     done = torch.zeros(text.shape[0], dtype=torch.bool, device=text.device)
     for _ in range(max_new_tokens):
         logits = next_logits(text).float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
+        if temperature < _GREEDY_BELOW:  # 0, or a 1 / T that float32 cannot hold: greedy,
+            nxt = logits.argmax(dim=-1)  # the limit of sampling as T -> 0
         else:
-            logits = logits / temperature
+            # the max taken out first: a tiny temperature sends the others to -inf, not the
+            # top to +inf (inf - inf is a NaN softmax); the distribution is the same
+            logits = (logits - logits.amax(dim=-1, keepdim=True)) * (1.0 / temperature)
             if top_k is not None:
                 kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
