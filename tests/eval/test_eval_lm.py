@@ -312,3 +312,24 @@ def test_lm_batch_size_defaults_to_32_rows_and_the_other_tasks_to_256():
     assert parser.parse_args(["lm", *base]).batch_size == 32
     assert parser.parse_args(["retrieval", *base]).batch_size == 256
     assert parser.parse_args(["lm", *base, "--batch-size", "8"]).batch_size == 8
+
+
+class _DecodingCharTokenizer(CharTokenizer):
+    def decode(self, ids: list[int]) -> str:
+        if any(not 0 <= i < self.vocab_size for i in ids):  # as Tokenizer.decode refuses them
+            raise ValueError(f"token id out of range for vocab_size {self.vocab_size}")
+        return "".join(self.chars[i - 3] if i >= 3 else "" for i in ids)
+
+
+def test_samples_of_a_vocab_padded_past_the_tokenizer_leave_its_extra_ids_out():
+    """A model whose vocab_size exceeds the tokenizer's (nanoGPT's padded 50304) samples ids
+    the tokenizer has no text for: they are left out and counted, not a decode error."""
+    import mmssl
+
+    tok = _DecodingCharTokenizer()
+    torch.manual_seed(0)
+    model = mmssl.create_model("test_tiny_gpt", text={"vocab_size": 64}).eval()  # tokenizer: 9
+    texts, beyond = lm.samples(model, tok, ["ab", "c"], 12, 1.0, None, seed=0)
+    assert len(texts) == 2 and beyond > 0  # 55 of 64 ids lie beyond: most samples do
+    assert all(set(t) <= set(tok.chars) for t in texts)
+    assert texts[0].startswith("ab") and texts[1].startswith("c")
