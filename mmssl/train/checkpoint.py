@@ -318,10 +318,12 @@ def save(
     keep_last: int,
     extra: dict[str, Any] | None = None,
     on_written: Callable[[], None] | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> Path:
     """Save on every rank (each writes its ZeRO shards), then the manifest; keep the newest
     `keep_last` complete checkpoints up to `step`.  `on_written` runs between DeepSpeed's
-    write and the manifest (fault injection).  Collective."""
+    write and the manifest (fault injection).  `tokenizer`: the run's pinned tokenizer
+    metadata, for the run record.  Collective."""
     from mmssl.descriptor import get_layout
     from mmssl.train.engine import fp32_master_names
 
@@ -351,7 +353,7 @@ def save(
         # the model the run built (engine.module is its Task), not its config file as it
         # is now: the file may have been edited since the run resolved it
         stage = int(engine.zero_optimization_stage())
-        run = record(recipe, client["world_size"], stage, engine.module.model.cfg)
+        run = record(recipe, client["world_size"], stage, engine.module.model.cfg, tokenizer)
         write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:

@@ -283,7 +283,7 @@ def export_run(
     if cfg.text is not None:
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
-        extra["tokenizer"] = _tokenizer_record(recipe)
+        extra["tokenizer"] = _tokenizer_record(recipe, _read_record(ckpt_dir / tag))
     source = {"checkpoint": tag, "manifest_sha256": manifest_digest(ckpt_dir / tag)}
     if (dest / SOURCE).is_file():
         # gone before the weights change: it never names a checkpoint they are not from
@@ -350,25 +350,32 @@ def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, 
     return out
 
 
-def _tokenizer_record(recipe: Any) -> dict[str, Any]:
-    """The metadata of the run's `data.tokenizer` (`Tokenizer.metadata`), a path tokenizer
-    named by its absolute path (found from the working directory or the recipe's), so that
-    evaluation loads it from anywhere.  A tokenizer that no longer loads is recorded by name
-    only: evaluation then fails naming it (or takes --tokenizer) rather than the export."""
-    import os
+def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]:
+    """The tokenizer the run trained with, for evaluation to load and check: the metadata
+    its run record pinned when training started (`streams.tokenizer_record`: a path by its
+    absolute name, its sha256), with a warning when the file there is now another; for a
+    checkpoint saved before runs pinned it, `data.tokenizer` as it resolves now.  A tokenizer
+    that no longer loads is recorded by name only: evaluation then fails naming it (or takes
+    --tokenizer) rather than the export."""
+    from mmssl.train.streams import tokenizer_name, tokenizer_record
 
-    from mmssl.tokenizer import get_tokenizer
-    from mmssl.train.recipe import resolve_path
+    pinned = (run or {}).get("tokenizer")
+    if not isinstance(pinned, dict) or not isinstance(pinned.get("name"), str):
+        name = tokenizer_name(recipe)
+        return tokenizer_record(name) or {"name": name}
+    now = tokenizer_record(pinned["name"])
+    if now is None or now.get("sha256") != pinned.get("sha256"):
+        import logging
 
-    name = recipe.data.tokenizer
-    if name not in ("default", "clip"):
-        name = str(resolve_path(recipe, os.path.expanduser(name)).resolve())
-    try:
-        meta = dict(get_tokenizer(name).metadata)
-    except (FileNotFoundError, ValueError):
-        return {"name": name}
-    meta["name"] = name
-    return meta
+        logging.getLogger("mmssl.train").warning(
+            "the tokenizer %s is %s since the run trained with it (sha256 %s); the export "
+            "records the one it trained with, so evaluation refuses that file: pass "
+            "--tokenizer with the tokenizer the run used",
+            pinned["name"],
+            "gone" if now is None else f"another (sha256 {now.get('sha256')})",
+            pinned.get("sha256"),
+        )
+    return pinned
 
 
 def main(argv: list[str] | None = None) -> int:

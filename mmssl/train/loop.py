@@ -58,7 +58,13 @@ from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.run_lock import RunDirLock
-from mmssl.train.streams import build_stream, build_streams, eval_source_seeds
+from mmssl.train.streams import (
+    build_stream,
+    build_streams,
+    eval_source_seeds,
+    tokenizer_name,
+    tokenizer_record,
+)
 from mmssl.train.streams import tokenizer as recipe_tokenizer
 from mmssl.train.tasks import StepTargets, Task, register_zero3_params
 
@@ -275,6 +281,9 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     from mmssl.models.multimodal import MultimodalModel
 
     task = Task(MultimodalModel(resolved.model), recipe.objectives, recipe_tokenizer(recipe))
+    # the tokenizer as the run starts, pinned in every checkpoint's run record: the export
+    # records it, a resume refuses another (the file may be retrained in place meanwhile)
+    pinned = tokenizer_record(tokenizer_name(recipe)) if resolved.model.text else None
     engine = initialize(task, recipe, resolved.ds_config)
     if zero_stage(resolved.ds_config) == 3:
         register_zero3_params(engine.module)
@@ -431,6 +440,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                             ),
                         },
                         on_written=functools.partial(faults.pause, "save", step),
+                        tokenizer=pinned,
                     )
                     log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)

@@ -86,10 +86,16 @@ def recorded_model(saved: dict[str, Any], where: str) -> Any:
 
 
 def record(
-    recipe: dict[str, Any], world_size: int, zero_stage: int, model: Any = None
+    recipe: dict[str, Any],
+    world_size: int,
+    zero_stage: int,
+    model: Any = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0);
-    `model` is the ModelConfig the run built (None: the recipe's, resolved now)."""
+    `model` is the ModelConfig the run built (None: the recipe's, resolved now); `tokenizer`
+    the metadata of the tokenizer it reads text with, as it was when the run started
+    (`streams.tokenizer_record`; None for a model without a text tower)."""
     from mmssl.data.pipeline import STATE_VERSION
     from mmssl.train.streams import SOURCE_SEEDING
 
@@ -104,6 +110,7 @@ def record(
         "zero_stage": zero_stage,
         "source_seeding": SOURCE_SEEDING,
         "data_state": STATE_VERSION,
+        **({"tokenizer": tokenizer} if tokenizer is not None else {}),
     }
 
 
@@ -176,6 +183,27 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     _check_seeding(folder, saved, seeding)
     _check_first_source(folder, saved, recipe)
     _check_view_draws(folder, saved, data_state)
+    _check_tokenizer(folder, run.get("tokenizer"), recipe)
+
+
+def _check_tokenizer(folder: Path, pinned: Any, recipe: dict[str, Any]) -> None:
+    """Refuse a resume whose `data.tokenizer` is not the file the checkpoint trained with
+    (retrained in place, or another path): the same text would become other ids.  Records
+    written before runs pinned their tokenizer are not checked."""
+    if not isinstance(pinned, dict) or "sha256" not in pinned:
+        return
+    from mmssl.train.recipe import recipe_from_dict
+    from mmssl.train.streams import tokenizer_name, tokenizer_record
+
+    name = tokenizer_name(recipe_from_dict(recipe))
+    now = tokenizer_record(name)
+    if now is None or now.get("sha256") != pinned["sha256"]:
+        found = "does not load" if now is None else f"has sha256 {now.get('sha256')}"
+        raise ConfigError(
+            f"data.tokenizer {name!r} {found} but checkpoint {folder} was trained with "
+            f"{pinned.get('name')!r} (sha256 {pinned['sha256']}); a resume keeps the "
+            f"tokenizer: restore that file, or train a new run (another name)"
+        )
 
 
 def _check_model(folder: Path, saved: Any, recipe: dict[str, Any]) -> None:

@@ -141,13 +141,41 @@ def augment_config(recipe: Recipe) -> Any:
     )
 
 
+def tokenizer_name(recipe: Recipe) -> str:
+    """`data.tokenizer` as `get_tokenizer` takes it: "default" or "clip", or a path made
+    absolute (found from the working directory, else from the recipe's), so that a run, its
+    resume and its export read the same file from any directory."""
+    import os
+
+    from mmssl.train.recipe import resolve_path
+
+    name = recipe.data.tokenizer
+    if name in ("default", "clip"):
+        return name
+    return str(resolve_path(recipe, os.path.expanduser(name)).resolve())
+
+
 def tokenizer(recipe: Recipe) -> Any:
     from mmssl.tokenizer import get_tokenizer
 
     try:
-        return get_tokenizer(recipe.data.tokenizer)
+        return get_tokenizer(tokenizer_name(recipe))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.tokenizer: {err}") from None
+
+
+def tokenizer_record(name: str) -> dict[str, Any] | None:
+    """The metadata (`Tokenizer.metadata`: kind, ids, sha256 of its file) of tokenizer
+    `name` (`tokenizer_name`), as a run pins it in each checkpoint's run record; None when
+    it does not load."""
+    from mmssl.tokenizer import get_tokenizer
+
+    try:
+        meta = dict(get_tokenizer(name).metadata)
+    except (FileNotFoundError, ValueError):
+        return None
+    meta["name"] = name
+    return meta
 
 
 def _sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]:

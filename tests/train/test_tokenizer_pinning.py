@@ -1,0 +1,72 @@
+"""A run pins its tokenizer when it starts: the metadata (with the sha256 of its file) goes
+into every checkpoint's run record.  The export records that one, whatever the file at the
+path has become, and a resume refuses another.  A relative `data.tokenizer` is found from
+the working directory, else from the recipe's, by training as by the export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmssl.train.checkpoint import RUN_RECORD
+
+
+def _train(args: list[str]) -> dict:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(args[0], args[1:])
+    return train(recipe, validate(recipe))
+
+
+def test_a_run_pins_its_tokenizer_for_its_export_and_its_resume(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from mmssl.tokenizer import DEFAULT_DIR, META_FILE, get_tokenizer
+    from mmssl.tokenizer.base import sha256_file
+    from mmssl.train.cli import main
+    from mmssl.train.export import export_run
+
+    proj = tmp_path / "proj"
+    shutil.copytree(DEFAULT_DIR, proj / "mytok")
+    recipe = proj / "r.yaml"
+    recipe.write_text(
+        "name: pin\n"
+        f"out_dir: {tmp_path / 'runs'}\n"
+        "model: {name: test_tiny_clip, overrides: {text: {vocab_size: 8192}}}\n"
+        "data: {tokenizer: mytok, sources: {train: {urls: synthetic}}}\n"
+        "train: {steps: 2, global_batch_size: 4, micro_batch_size: 4}\n"
+        "logging: {every: 1, tensorboard: false, progress: false}\n"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # mytok lies beside the recipe, not here
+    _train([str(recipe), "train.stop_at=1"])
+    run = tmp_path / "runs" / "pin"
+    tok_dir = str((proj / "mytok").resolve())
+    trained = get_tokenizer(tok_dir).sha256
+    pinned = json.loads((run / "checkpoints" / "step_00000001" / RUN_RECORD).read_text())
+    assert (pinned["tokenizer"]["name"], pinned["tokenizer"]["sha256"]) == (tok_dir, trained)
+
+    # retrained in place: other bytes, and the metadata file that vouches for them
+    tok_file, meta_file = proj / "mytok" / "tokenizer.json", proj / "mytok" / META_FILE
+    tok_file.write_text(tok_file.read_text() + "\n")
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "sha256": sha256_file(tok_file)}))
+    assert get_tokenizer(tok_dir).sha256 != trained
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        out = export_run(run)
+    assert json.loads((out / "config.json").read_text())["tokenizer"]["sha256"] == trained
+    assert f"the tokenizer {tok_dir} is another (sha256 " in caplog.text
+
+    capsys.readouterr()
+    assert main([str(recipe), "checkpoint.resume=auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mmssl train: error: data.tokenizer {tok_dir!r} has sha256 "), err
+    assert f"(sha256 {trained}); a resume keeps the tokenizer" in err
