@@ -341,7 +341,7 @@ def test_wrong_descriptor_names_the_expected_layout():
     model = mmssl.create_model("test_tiny_vit_cond")
     with pytest.raises(ValueError, match=r"v1\[13\]: blur 0:1"):
         model.condition(torch.rand(2, 12))
-    with pytest.raises(ValueError, match="unknown augmentation descriptor version"):
+    with pytest.raises(ConfigError, match="condition: layout 'v0' is no augmentation descriptor"):
         mmssl.create_model("test_tiny_vit_cond", condition={"layout": "v0"})
     with pytest.raises(ConfigError, match="condition"):
         mmssl.create_model("test_tiny_simclr", projector={"cond": "film"})

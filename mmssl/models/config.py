@@ -113,6 +113,15 @@ class ConditionConfig:
     dim: int = 64  # size of c
     hidden_dim: int = 128  # hidden width of the descriptor MLP
 
+    def __post_init__(self) -> None:
+        from mmssl.descriptor import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"layout {self.layout!r} is no augmentation descriptor version; "
+                f"known: {sorted(LAYOUTS)}"
+            )
+
 
 @dataclass
 class ProjectorConfig:

@@ -22,6 +22,10 @@ TWO_RANKS = ["train.micro_batch_size=128", "data.sources.digits_test.mode=epoch"
         ("model.overrides.vision.depth=x", "model.overrides.vision.depth: expected an integer"),
         ("model.overrides.vision=3", "model.overrides.vision: expected a mapping"),
         ("model.overrides.vision.dpth=3", "'model.overrides.vision.dpth'"),
+        (
+            "model.overrides.condition={layout: v2}",
+            "model.overrides.condition: layout 'v2' is no augmentation descriptor version",
+        ),
     ],
 )
 def test_a_model_override_error_names_the_key_typed(override: str, named: str) -> None:
