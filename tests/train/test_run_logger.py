@@ -73,3 +73,26 @@ def test_abort_flushes_tensorboard(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("loss")] == [1.0, 2.0, 3.0]
+
+
+def test_a_resume_killed_while_it_trims_the_metrics_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows past the resumed step are dropped by writing the kept ones aside and renaming
+    that over the file; a kill before the rename (here: the rename fails) leaves every row,
+    where truncating in place first left an empty file."""
+    import os
+
+    (tmp_path / METRICS).write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    before = (tmp_path / METRICS).read_bytes()
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # SIGINT; a SIGKILL there leaves the same files
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        RunLogger(tmp_path, True, 10, 1, 8, False, False)
+    assert (tmp_path / METRICS).read_bytes() == before
+    monkeypatch.undo()
+    RunLogger(tmp_path, True, 10, 1, 8, False, False)
+    assert _rows(tmp_path) == [{"step": 1}]
