@@ -239,7 +239,7 @@ def export_run(
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import newest_valid, write_atomic
+    from mmssl.train.checkpoint import TAG, newest_valid, write_atomic
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
@@ -254,6 +254,8 @@ def export_run(
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
         verified = True
+    if not TAG.fullmatch(tag):  # a path ("../../other/checkpoints/...") names another run's
+        raise ConfigError(f"--tag {tag!r} is no checkpoint tag (step_XXXXXXXX) of {ckpt_dir}")
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
     # verified against its manifest first (newest_valid hashed it already)

@@ -106,3 +106,17 @@ def test_eval_of_a_run_dir_says_when_it_replaces_an_export_of_another_checkpoint
     with caplog.at_level("WARNING", logger="mmssl.eval"):
         assert loading.export_run(run) == out  # reused: nothing replaced, nothing said
     assert "replacing" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "tag", ["../../other/checkpoints/step_00000001", "step_1", "step_00000001/", "latest"]
+)
+def test_export_refuses_a_tag_that_is_no_checkpoint_of_the_run(run: Path, tag: str) -> None:
+    """A path as --tag exported another run's weights into this run's export."""
+    from mmssl.schema import ConfigError
+
+    other = run.parent / "other"
+    shutil.copytree(run, other)
+    with pytest.raises(ConfigError, match="is no checkpoint tag"):
+        export.export_run(run, run / "out", tag)
+    assert not (run / "out").exists()
