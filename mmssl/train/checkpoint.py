@@ -346,7 +346,9 @@ def save(
     if distributed.rank() == 0 and folder.exists():
         shutil.rmtree(folder)  # left by an attempt that was rolled back: rewritten whole
     distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    # `latest` (DeepSpeed's pointer, which its zero_to_fp32.py reads) is written below, once
+    # the manifest is: DeepSpeed writes it before its files, naming a save a kill cuts short
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
         from mmssl.train.run_record import record
 
@@ -360,6 +362,7 @@ def save(
         on_written()
     write_manifest(folder, step)
     if distributed.rank() == 0:
+        write_atomic(ckpt_dir / "latest", tag)
         upto = [t for t in list_tags(ckpt_dir) if step_of(t) <= step]
         done = [t for t in upto if (ckpt_dir / t / MANIFEST).is_file()]
         for old in sorted(set(upto) - set(done[-keep_last:])):

@@ -62,8 +62,11 @@ def _kill_at(
     launch.wait_paused(run_dir, point)
     ckpt = run_dir / "checkpoints"
     if point == "save":
-        # DeepSpeed already names the new checkpoint `latest`: only the manifest tells
-        assert (ckpt / "latest").read_text().strip() == tag_of(step)
+        # DeepSpeed's `latest` still names the last complete checkpoint (its zero_to_fp32.py
+        # reads it): written after the manifest, which is not there yet
+        was = _good_before(point, step)
+        latest = ckpt / "latest"
+        assert latest.read_text().strip() == tag_of(was) if was else not latest.exists()
         assert not (ckpt / tag_of(step) / MANIFEST).exists()
     launch.kill()
     assert wait_gone(launch.pgid) == [], "processes survived SIGKILL"
