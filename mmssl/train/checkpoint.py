@@ -210,18 +210,32 @@ def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     """resume = auto | none | a checkpoint folder or a run directory -> (dir, tag) or None.
 
     auto (and a run directory) fall back past incomplete or damaged checkpoints to the newest
-    good one; a named checkpoint folder must be good.  Collective."""
+    good one; a named checkpoint folder must be good.  A checkpoint of another run is where
+    this run starts: once this run has saved a good checkpoint of its own, it continues from
+    that (logged), so that the same command requeues it.  Collective."""
     if resume == "none":
         return None
+    own = run_dir / "checkpoints"
     if resume == "auto":
-        ckpt = run_dir / "checkpoints"
-        tag = newest_valid(ckpt, "checkpoint.resume=auto")
-        if tag is None and list_tags(ckpt) and distributed.rank() == 0:
-            log.warning(
-                "checkpoint.resume=auto: no good checkpoint in %s; starting at step 0", ckpt
-            )
-        return (ckpt, tag) if tag else None
+        tag = newest_valid(own, "checkpoint.resume=auto")
+        if tag is None and list_tags(own) and distributed.rank() == 0:
+            log.warning("checkpoint.resume=auto: no good checkpoint in %s; starting at step 0", own)
+        return (own, tag) if tag else None
     path = Path(resume)
+    named = (path.parent,) if TAG.match(path.name) else (path / "checkpoints", path)
+    if all(os.path.realpath(d) != os.path.realpath(own) for d in named) and list_tags(own):
+        tag = newest_valid(own, f"checkpoint.resume={resume}")
+        if tag is not None:
+            if distributed.rank() == 0:
+                log.warning(
+                    "checkpoint.resume=%s: this run has a checkpoint of its own since it "
+                    "started from there; continuing from %s (to start over from %s, use "
+                    "another name)",
+                    resume,
+                    own / tag,
+                    resume,
+                )
+            return own, tag
     if TAG.match(path.name) and path.is_dir():
         problem = verify(path)
         if problem:

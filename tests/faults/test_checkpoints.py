@@ -198,3 +198,27 @@ def test_eval_of_a_run_directory_passes_over_a_damaged_newest_checkpoint(
     assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
     assert any(tag_of(2) in r.getMessage() for r in caplog.records)
     assert resolve_model_dir(tmp_path / "e") == out  # the export is reused
+
+
+def test_a_run_started_from_another_runs_checkpoint_requeues_with_the_same_command(
+    tmp_path: Path, in_process: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """checkpoint.resume names another run's checkpoint: the fork starts there; pre-empted
+    after saving its own, the same command continues from its own (the named one was
+    refused then, as a start before a later good checkpoint), and runs the steps an
+    uninterrupted fork runs, with the same losses."""
+    from train_helpers import losses
+
+    from mmssl.train.cli import main as train_main
+
+    base = synthetic_recipe(tmp_path, "base", 4)
+    assert train_main([str(base), "train.stop_at=2"]) == 0
+    start = f"checkpoint.resume={tmp_path / 'base' / 'checkpoints' / tag_of(2)}"
+    assert train_main([str(base), "name=whole", start]) == 0  # the reference: 3 and 4
+    assert train_main([str(base), "name=fork", start, "train.stop_at=3"]) == 0  # pre-empted
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        assert train_main([str(base), "name=fork", start]) == 0  # requeued
+    own = tmp_path / "fork" / "checkpoints"
+    assert f"continuing from {own / tag_of(3)}" in caplog.text
+    assert losses(tmp_path / "fork") == losses(tmp_path / "whole")
+    assert train_main([str(base), "name=fork", start]) == 0  # finished: nothing changes
