@@ -451,7 +451,9 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         info = run_summary.run_info(
             recipe, resolved, task, start_step, step, t_start, good, bad_steps
         )
-        log.close({**info, "stopped": str(err)}, run_summary.skipped_counts(streams))
+        hint = run_summary.resume_hint(recipe, str(err.checkpoint) if err.checkpoint else None)
+        info = {**info, "stopped": str(err), "what next": hint}
+        log.close(info, run_summary.skipped_counts(streams))
         raise
     except BaseException as err:
         log.abort()

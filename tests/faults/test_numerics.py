@@ -81,7 +81,8 @@ def test_bad_step_stop_writes_the_summary(
     tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """A stop on train.max_bad_steps is an end of the run like any other: summary.md (and
-    loss.png) are written, with the reason of the stop and the last good checkpoint."""
+    loss.png) are written, with the reason of the stop, the last good checkpoint and how to
+    resume from it."""
     from mmssl.train.cli import main
 
     monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
@@ -92,6 +93,9 @@ def test_bad_step_stop_writes_the_summary(
     assert "- stopped: train.max_bad_steps: 3 consecutive steps (3..5)" in summary, summary
     assert f"- checkpoint: {run / 'checkpoints' / tag_of(4)}\n" in summary, summary
     assert "- steps: 0 -> 5 of 8" in summary and "- bad_steps: 3" in summary, summary
+    good = run / "checkpoints" / tag_of(4)
+    assert f"- what next: fix the cause, then resume from {good}: rerun" in summary, summary
+    assert "checkpoint.resume=auto`" in summary, summary
     assert (run / "loss.png").is_file()
 
 
