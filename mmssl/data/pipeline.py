@@ -31,7 +31,6 @@ again by the workers of later epochs or of a resumed run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -45,6 +44,7 @@ from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
+from mmssl.data.shards import manifest_counts
 from mmssl.data.tario import check_urls, expand_urls, is_local, samples_for_counting
 
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
@@ -65,33 +65,6 @@ class Source:
     weight: float = 1.0
     name: str = ""
     epoch_batches: int | None = None  # override the per-rank epoch length
-
-
-def _manifest_counts(urls: list[str]) -> dict[str, int]:
-    """Sample counts by absolute shard path from manifest.json files next to the shards."""
-    counts: dict[str, int] = {}
-    for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):
-        path = os.path.join(d, "manifest.json")
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
-            shards = manifest.get("shards", [])
-            if not isinstance(shards, list):
-                raise ValueError("'shards' is not a list")
-            for shard in shards:
-                count = shard["count"]
-                if not _is_int(count) or count < 0:
-                    raise ValueError(f"count {count!r} of {shard['url']!r}")
-                counts[os.path.join(d, str(shard["url"]))] = count
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            what = f"no {err}" if isinstance(err, KeyError) else str(err)
-            raise DataError(
-                f"{path} is not a shard manifest ({what}); epoch mode takes the sample counts "
-                f"from it: move it away (the shards are then counted) or set Source.epoch_batches"
-            ) from None
-    return counts
 
 
 def _doc_tokens(
@@ -164,7 +137,7 @@ def _resolve(
             rows = tokens // (plan_args["context_length"] + 1)
             n_batches = rows // (world * batch)
         else:
-            known = _manifest_counts(urls)
+            known = manifest_counts(urls)
             for u in urls:
                 key = os.path.abspath(u)
                 if key in known:

@@ -62,6 +62,50 @@ def _encode(value: Any, key: str, ext: str) -> bytes:
     raise DataError(f"sample {key!r}: cannot write a {type(value).__name__} into a shard ({ext})")
 
 
+def manifest_counts(urls: list[str]) -> dict[str, int]:
+    """Sample counts by absolute shard path from the manifest.json files next to the local
+    shards (as `ShardWriter` writes them), for epoch mode.  A shard whose size is not the
+    manifest's `bytes` (rewritten since) is left out with a warning, so that it is counted by
+    reading it: its stale count made an epoch repeat or drop samples, silently."""
+    from mmssl.data.errors import log
+    from mmssl.data.tario import is_local
+
+    counts: dict[str, int] = {}
+    for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):
+        path = os.path.join(d, "manifest.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            shards = manifest.get("shards", [])
+            if not isinstance(shards, list):
+                raise ValueError("'shards' is not a list")
+            for shard in shards:
+                count, size = shard["count"], shard.get("bytes")
+                if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                    raise ValueError(f"count {count!r} of {shard['url']!r}")
+                url = os.path.join(d, str(shard["url"]))
+                if size is not None and os.path.isfile(url) and os.path.getsize(url) != size:
+                    log.warning(
+                        "%s: %s is %d bytes, the manifest says %s: counting its samples by "
+                        "reading it",
+                        path,
+                        shard["url"],
+                        os.path.getsize(url),
+                        size,
+                    )
+                    continue
+                counts[url] = count
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise DataError(
+                f"{path} is not a shard manifest ({what}); epoch mode takes the sample counts "
+                f"from it: move it away (the shards are then counted) or set Source.epoch_batches"
+            ) from None
+    return counts
+
+
 class ShardWriter:
     """Writes samples to `OUT/{split}-%06d.tar`, a new shard every `max_count` samples or
     `max_bytes` bytes.  `close()` renames the finished shards into place, deletes the shards

@@ -209,3 +209,38 @@ def test_a_url_only_a_command_can_read_is_a_preflight_error(tmp_path, url):
         build_pipeline(
             [str(tmp_path / "local.tar"), url], batch_size=2, rank=0, world_size=1, mode="epoch"
         )
+
+
+@pytest.mark.parametrize("kept", [2, 10])  # fewer samples than the manifest says, and more
+def test_a_shard_rewritten_since_its_manifest_is_counted_by_reading_it(tmp_path, caplog, kept):
+    """The manifest's count of a shard rewritten since (its size is not the recorded
+    `bytes`) made an epoch repeat samples (or drop them), silently; now the shard is counted
+    by reading it, with a warning, and every sample comes once."""
+    import logging
+
+    import numpy as np
+    from data_helpers import png_bytes, write_image_shards
+
+    from mmssl.data.shards import ShardWriter
+
+    pattern = write_image_shards(str(tmp_path), shards=2, per_shard=6)
+    manifest = (tmp_path / "manifest.json").read_text()
+    w = ShardWriter(str(tmp_path / "new"), "train", max_count=100)
+    for i in range(kept):
+        w.write(
+            {"__key__": f"r{i:03d}", "png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "txt": "r"}
+        )
+    w.close()
+    os.replace(tmp_path / "new" / "train-000000.tar", tmp_path / "train-000000.tar")
+    (tmp_path / "manifest.json").write_text(manifest)  # the old counts: 6 and 6
+    want = {f"r{i:03d}" for i in range(kept)} | {f"s{i:05d}" for i in range(6, 12)}
+    with caplog.at_level(logging.WARNING, logger="mmssl.data"):
+        pl = build_pipeline(
+            pattern, batch_size=1, mode="epoch", rank=0, world_size=1, image_size=8,
+            num_views=0, shuffle=1,
+        )  # fmt: skip
+        keys = [k for b in pl for k in b["__key__"]]
+    assert sorted(keys) == sorted(want)
+    assert (
+        "train-000000.tar is " in caplog.text and "counting its samples by reading" in caplog.text
+    )
