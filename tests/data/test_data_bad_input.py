@@ -473,10 +473,16 @@ _CRASHERS = {
 }
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["numba", "libpng"])
 @pytest.mark.parametrize("kind", sorted(_CRASHERS))
-def test_png_damage_finds_image_data_that_libpng_would_die_on(kind):
+def test_png_damage_finds_image_data_that_libpng_would_die_on(kind, fast, monkeypatch):
+    """Both decoders refuse it: mmssl.data.fastpng (numba), and the check before torchvision
+    without numba (or for a format fastpng does not cover)."""
+    from mmssl.data import decode
     from mmssl.data.decode import BadSample, decode_image, png_damage
 
+    if not fast:
+        monkeypatch.setattr(decode, "_fast_png", lambda: None)
     idat, words = _CRASHERS[kind]
     data = png_with_data(5, 6, idat)
     assert words in png_damage(data)
