@@ -131,6 +131,8 @@ class ViewParams:
 
     @staticmethod
     def identity(sizes: list[tuple[int, int]]) -> ViewParams:
+        """Parameters that leave each image as it is: the whole (H, W) of `sizes`, no flip, jitter,
+        grey, blur or solarize."""
         b = len(sizes)
         return ViewParams(
             box=np.array([[0, 0, h, w] for h, w in sizes], dtype=np.int64).reshape(b, 4),

@@ -249,6 +249,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
 
 
 def find_image(files: dict[str, bytes]) -> bytes:
+    """The bytes of a sample's image member, the first of IMAGE_EXTS it has; BadSample
+    "missing_image" when it has none."""
     for ext in IMAGE_EXTS:
         if ext in files:
             return files[ext]

@@ -67,6 +67,8 @@ def _stratified_test(cells: np.ndarray, rng: np.random.Generator, frac: float) -
 
 
 def write_digits(out: str, seed: int, size: int) -> dict[str, Any]:
+    """Write the coloured-digit shards (train/test) under `out`; returns each split's manifest
+    entry (pattern, count)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -104,6 +106,8 @@ def write_digits(out: str, seed: int, size: int) -> dict[str, Any]:
 
 
 def write_text(out: str, seed: int) -> dict[str, Any]:
+    """Write the help-text shards (train/validation) under `out`; returns each split's manifest
+    entry (pattern, count)."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
@@ -167,6 +171,7 @@ def write_demo(out: str, seed: int = 0, size: int = 32) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl demo-data OUT`: exit code 0, or 2 on bad input."""
     parser = ArgumentParser(prog="mmssl demo-data", description=summary(__doc__))
     parser.add_argument("out", help="output directory")
     parser.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,8 @@ class SkipCounter:
         self.enabled = True  # off while a restore re-reads data that was already counted
 
     def add(self, kind: str, where: str, detail: str = "") -> None:
+        """Count one skipped `kind`; the first of a kind in this process is logged with `where`
+        and `detail`.  Does nothing while disabled."""
         if not self.enabled:
             return
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -68,4 +70,5 @@ class SkipCounter:
             )
 
     def total(self) -> int:
+        """Skips counted, all kinds together."""
         return sum(self.counts.values())

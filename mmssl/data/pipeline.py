@@ -310,6 +310,8 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`; DataError when it was saved by a pipeline of other
+        settings or a state version whose position would not continue the same stream."""
         identity = self._identity()
         old = state.get("version")
         if old in (2, 3) and state.get("mode") == self.plan.mode:

@@ -85,6 +85,8 @@ class Plan:
         return order
 
     def source_of(self, i: int, schedule: np.ndarray | None) -> int:
+        """The source index of batch `i`: from the epoch's `schedule`, else a seeded draw by source
+        weight (the same on every rank and worker)."""
         if schedule is not None:
             return int(schedule[i])
         if len(self.sources) == 1:
@@ -95,6 +97,7 @@ class Plan:
 
 
 def identity_collate(x: Any) -> Any:
+    """The loader's collate_fn: workers already yield whole batches."""
     return x
 
 
@@ -284,6 +287,7 @@ def _text_runs(
 
 
 def zlib_crc(name: str) -> int:
+    """A stable integer of a source name for seeding (`hash()` of a str changes per process)."""
     import zlib
 
     return zlib.crc32(name.encode("utf-8"))

@@ -321,6 +321,7 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl shards ...`: exit code 0, or 2 on bad input."""
     parser = ArgumentParser(prog="mmssl shards", description=summary(__doc__))
     parser.add_argument(
         "input_kind",

@@ -160,6 +160,8 @@ class RawStream:
         self._empty: set[int] = set()
 
     def seek(self, k: int, offset: int) -> None:
+        """Move to sample `offset` of shard-sequence position `k`; the open shard is kept when
+        already there."""
         if (k, offset) == (self.k, self.offset) and self._it is not None:
             return  # already there: keep reading the open shard
         if self._it is not None:
@@ -167,6 +169,7 @@ class RawStream:
         self.k, self.offset, self._it = k, offset, None
 
     def pass_of(self, k: int) -> int:
+        """Which pass over the shards position `k` belongs to (see `ShardSequence.pass_of`)."""
         return self.seq.pass_of(k)
 
     def next(
@@ -308,6 +311,7 @@ class SampleStream:
         return key, files, self.urls[shard]
 
     def mark_good(self) -> None:
+        """Report that the last sample from `next()` decoded (see the class docstring)."""
         self._good = True
 
     def state(self, before_next: bool = False) -> dict[str, Any]:

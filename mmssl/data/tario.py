@@ -61,6 +61,7 @@ def split_patterns(text: str) -> list[str]:
 
 
 def is_local(url: str) -> bool:
+    """Whether `url` is a local path: not `pipe:` and no `scheme://`."""
     return not url.startswith("pipe:") and "://" not in url
 
 
@@ -251,10 +252,13 @@ class TarReader:
             self._exact(n, "member data")
 
     def data(self, size: int) -> bytes:
+        """The current member's data, `size` bytes (its padding read and dropped)."""
         self.pending = 0
         return self._block_data(size)
 
     def next(self) -> tuple[str, int, bool] | None:
+        """(name, data size, is_file) of the next member, skipping the unread data of the current
+        one; None at the end-of-archive block; TarDamage for a bad or cut header."""
         if self.pending:
             self.skip_data()
         name: str | None = None
