@@ -46,6 +46,7 @@ class Context:
         self._loaded: Loaded | None = None
 
     def load(self) -> Loaded:
+        """The model of --model, loaded (and exported from a run) on first use."""
         if self._loaded is None:
             from mmssl.eval.loading import load_model
 
@@ -61,6 +62,8 @@ class Context:
         summary: str = "",
         plots: list[str] | None = None,
     ) -> dict[str, Any]:
+        """Write the task's results.json and summary.md to --out (see `write_report`); returns the
+        results.json content."""
         from mmssl.eval.report import write_report
 
         model = str(self._loaded.model_dir) if self._loaded is not None else self.args.model
@@ -79,6 +82,7 @@ class Context:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mmssl eval` parser: one subcommand per task, with the common options."""
     parser = ArgumentParser(prog="mmssl eval", description=summary(__doc__))
     sub = parser.add_subparsers(dest="command", metavar="TASK")
     for name, (module, help_) in TASKS.items():
@@ -194,6 +198,7 @@ def remove_empty_dirs(made: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl eval TASK ...`: prints the task's summary.md; exit code 0, or 2 on bad input."""
     from mmssl.data.errors import DataError
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -78,6 +78,7 @@ class CLIPWrapper(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
+        """The model's logit scale."""
         scale = self.model.logit_scale
         if scale is None:  # load_clip checks both towers, which come with the scale
             raise RuntimeError(
@@ -86,9 +87,11 @@ class CLIPWrapper(nn.Module):
         return scale
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """images (B, 3, S, S) -> (B, E)."""
         return self.model.encode_image(images, normalize=normalize)
 
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        """ids (B, T) -> (B, E); the mask is rebuilt from the eos position."""
         return self.model.encode_text(
             text, mask_from_ids(text, self.eos_id, self.bos_id), normalize=normalize
         )

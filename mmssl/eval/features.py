@@ -310,6 +310,7 @@ def _init_from_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl features --model M --data SHARDS --out FILE`: exit code 0, or 2 on bad input."""
     parser = ArgumentParser(prog="mmssl features", description=summary(__doc__))
     parser.add_argument("--model", required=True, help="exported model dir or run dir")
     parser.add_argument(

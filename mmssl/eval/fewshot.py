@@ -67,6 +67,8 @@ def sample_support(y: Tensor, k: int, seed: int) -> Tensor:
 def method_fn(
     name: str, weight_decay: float, knn_k: int, temperature: float
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The classifier of few-shot method `name`: fn(support x (K, D), y (K,), queries (Q, D))
+    -> predicted labels (Q,); EvalError for an unknown name."""
     if name == "logistic":
         return lambda x, y, q: classifiers.logistic(x, y, q, weight_decay)
     if name == "prototype":
@@ -119,6 +121,7 @@ def evaluate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `fewshot` task's options."""
     parser.add_argument(
         "--train", required=True, help="labelled train shards or a features .safetensors"
     )
@@ -209,6 +212,7 @@ def train_test_features(args: argparse.Namespace, ctx: Any) -> tuple[Tensor, ...
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `fewshot` task: writes results.json, summary.md, fewshot.png under args.out."""
     from mmssl.eval.report import md_table, plot_fewshot
 
     shots = parse_ints(args.shots, "--shots")

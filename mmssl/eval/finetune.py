@@ -39,6 +39,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def logits(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> logits (B, C)."""
         return self.head(self.visual.forward_features(images)["pooled"])
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -49,6 +50,7 @@ class Classifier(nn.Module):
 def recipe_for(
     steps: int, lr: float, weight_decay: float, batch_size: int, warmup: int, deepspeed: str
 ) -> Any:
+    """A training Recipe holding only fine-tuning's optimizer, schedule and DeepSpeed settings."""
     from mmssl.train.recipe import recipe_from_dict
 
     return recipe_from_dict(
@@ -165,6 +167,7 @@ def accuracy(clf: Classifier, images: Tensor, labels: Tensor, batch_size: int = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `finetune` task's options."""
     parser.add_argument("--train", required=True, help="labelled train shards (pattern)")
     parser.add_argument("--test", required=True, help="labelled test shards (pattern)")
     parser.add_argument("--label-field", default="label")
@@ -194,6 +197,8 @@ def _images_and_labels(
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `finetune` task: writes results.json, summary.md and finetuned.safetensors under
+    args.out."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features, integer_labels
     from mmssl.eval.linear import sweep

@@ -34,6 +34,7 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
 
 
 def accuracy(pred: Tensor, y: Tensor) -> float:
+    """Fraction of predictions `pred` (N,) equal to labels `y` (N,)."""
     return float((pred == torch.as_tensor(y).long()).double().mean())
 
 
@@ -84,6 +85,7 @@ def sweep(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `linear` task's options."""
     parser.add_argument(
         "--train", required=True, help="labelled train shards or a features .safetensors"
     )
@@ -97,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `linear` task: writes results.json, summary.md under args.out."""
     from mmssl.eval.fewshot import parse_list, train_test_features
     from mmssl.eval.report import md_table
 

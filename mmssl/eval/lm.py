@@ -97,6 +97,7 @@ def load_task(path: str) -> list[dict[str, Any]]:
 
 
 def check_item(item: Any, where: str) -> dict[str, Any]:
+    """A multiple-choice item {context, choices, answer}, checked; EvalError naming `where`."""
     if not isinstance(item, dict):
         raise EvalError(f"{where}: expected an object with context, choices, answer")
     missing = [k for k in ("context", "choices", "answer") if k not in item]
@@ -290,6 +291,7 @@ def samples(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lm` task's options."""
     parser.add_argument("--data", default=None, help="text shards to score (perplexity)")
     parser.add_argument(
         "--train-data", default=None, help="text shards the unigram baseline is fit on"
@@ -345,6 +347,7 @@ def perplexity_report(
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `lm` task: writes results.json, summary.md under args.out."""
     from mmssl.eval.fewshot import parse_ints
     from mmssl.eval.report import md_table
 

@@ -33,6 +33,8 @@ class Loaded:
 
     @property
     def preprocess(self) -> Preprocess:
+        """The image preprocessing the model was trained with (size, mean, std); EvalError for a
+        model without a vision tower."""
         vision = self.model.cfg.vision
         if vision is None:
             raise EvalError(f"{self.source}: this model has no vision tower")
@@ -60,6 +62,7 @@ class Loaded:
             raise EvalError(str(err)) from None
 
     def tokenizer(self, override: str | None = None) -> Tokenizer:
+        """The model's tokenizer, or `override` checked against it (see load_tokenizer)."""
         return load_tokenizer(self.config, self.model_dir, self.model, override)
 
 
@@ -85,6 +88,7 @@ def text_config(model: MultimodalModel) -> TextConfig:
 
 
 def is_exported(path: Path) -> bool:
+    """Whether `path` is an exported model dir (config.json and model.safetensors)."""
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 

@@ -94,6 +94,7 @@ def encode_texts(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `retrieval` task's options."""
     parser.add_argument("--data", required=True, help="image-text shards (pattern)")
     parser.add_argument(
         "--exact-pairs",
@@ -103,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `retrieval` task: writes results.json, summary.md under args.out."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features
     from mmssl.eval.report import md_table

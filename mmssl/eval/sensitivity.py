@@ -170,6 +170,7 @@ def single_augmentations(cfg: Any) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sensitivity` task's options."""
     parser.add_argument("--data", required=True, help="image shards for the augmented batches")
     parser.add_argument(
         "--train",
@@ -280,6 +281,7 @@ def omega_problem(model: MultimodalModel) -> str | None:
 
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
+    """The `sensitivity` task: writes results.json, summary.md under args.out."""
     from mmssl.data.augment import make_views
     from mmssl.eval.loading import EvalError
     from mmssl.eval.report import md_table

@@ -298,6 +298,7 @@ def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `zeroshot` task's options."""
     parser.add_argument(
         "--data",
         required=True,
