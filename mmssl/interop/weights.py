@@ -29,10 +29,12 @@ WRAPPERS = ("state_dict", "model", "module")
 
 
 def keep(t: torch.Tensor) -> torch.Tensor:
+    """The tensor transform of a rule that copies a weight as it is."""
     return t
 
 
 def transpose(t: torch.Tensor) -> torch.Tensor:
+    """The tensor transform of a rule whose weight is stored transposed, (in, out) -> (out, in)."""
     return t.t()
 
 
