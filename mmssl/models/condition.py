@@ -67,6 +67,7 @@ class TextConditioner(nn.Module):
         self.proj = nn.Linear(text_dim, cond_dim)
 
     def forward(self, pooled_text: torch.Tensor) -> torch.Tensor:
+        """pooled_text (B, D_text) -> c (B, C)."""
         return self.proj(pooled_text)
 
 
@@ -140,6 +141,8 @@ class Projector(nn.Module):
             nn.init.zeros_(self.hyper_weight)
 
     def forward(self, features: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """features f (B, D), cond c (B, C) or None -> z (B, out_dim); cond=None gives the plain
+        head."""
         h = self.fc1(features)  # (B, H)
         if cond is not None:
             if self.cond_in is not None:
@@ -164,4 +167,5 @@ class PrefixTokens(nn.Module):
         self.proj = nn.Linear(cond_dim, num_tokens * dim)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond (B, C) -> condition tokens (B, k, D)."""
         return self.proj(cond).view(cond.shape[0], self.num_tokens, -1)

@@ -175,6 +175,7 @@ class VisionEncoder(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per image at the configured size: grid ** 2 (prefix tokens not counted)."""
         return self.grid**2
 
     def flops_per_image(self) -> float:
