@@ -49,6 +49,8 @@ class CrossAttentionBranch(nn.Module):
         context: torch.Tensor | None,
         context_cache: ContextKVCache | None = None,
     ) -> torch.Tensor:
+        """x (B, N, D), context (B, M, D_context) -> (B, N, D); `context_cache` holds the context's
+        keys and values once projected (decoding), so later calls need not project it again."""
         h = self.attn(self.norm(x), context=context, context_cache=context_cache)
         return x + self.drop_path(self.ls(h))
 
@@ -58,6 +60,7 @@ class NoCrossAttention(nn.Module):
     context and its cache, which CrossAttentionBranch takes, are ignored)."""
 
     def forward(self, x: torch.Tensor, *_ignored: object) -> torch.Tensor:
+        """x (B, N, D), returned as it is."""
         return x
 
 
@@ -123,6 +126,8 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); cond (B, C) or None; context (B, M, D_context) for the
+        cross-attention; rope: (cos, sin) from RotaryEmbedding."""
         h = self.attn(
             self.norm1(x, cond),
             attn_mask=attn_mask,

@@ -99,6 +99,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """Positions cached so far (0 for a cache of no layers)."""
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: torch.Tensor) -> None:

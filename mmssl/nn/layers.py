@@ -14,6 +14,8 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) -> (B, ...): in training, each sample's x zeroed with probability p, the
+        rest scaled by 1 / (1 - p) so the expectation is unchanged; the identity in eval."""
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
@@ -30,6 +32,7 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), init_values))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> x * gamma, (..., D)."""
         return x * self.gamma
 
 
@@ -48,6 +51,7 @@ class PatchProjection(nn.Conv2d):
         super().__init__(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) -> patch embeddings (B, N, D)."""
         b, c, h, w = images.shape
         p = self.kernel_size[0]
         patch = (p, p) == self.kernel_size == self.stride and self.padding == (0, 0)
@@ -69,6 +73,8 @@ class PatchEmbed(nn.Module):
         self.proj = PatchProjection(in_chans, dim, patch_size, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W), floating point -> (B, N, D); other shapes and dtypes are refused
+        with a message naming the mistake."""
         # the usual mistakes (a single image, HWC, uint8 pixels) otherwise surface as a matmul
         # shape or dtype error deep inside the projection
         if images.ndim != 4:

@@ -27,6 +27,7 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., D) -> normalised (..., D); `cond` is ignored."""
         if self.kind == "layernorm":
             return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -50,6 +51,7 @@ class ConditionedNorm(Norm):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D), cond (B, C) or None -> (B, N, D); cond=None gives the plain norm."""
         x = super().forward(x)
         if cond is None:
             return x
@@ -81,6 +83,7 @@ class ConditionedGate(nn.Module):
         nn.init.zeros_(self.gate.bias)
 
     def forward(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """y (B, N, D), cond (B, C) or None -> (B, N, D); cond=None returns y unchanged."""
         if cond is None:
             return y
         return y * (1 + self.gate(F.silu(cond)).unsqueeze(1))
@@ -90,4 +93,5 @@ class Ungated(nn.Module):
     """The gate of an unconditioned branch: returns `y` unchanged."""
 
     def forward(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """y (..., D), returned as it is; `cond` is ignored."""
         return y

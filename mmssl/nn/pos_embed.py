@@ -44,6 +44,8 @@ class RotaryEmbedding(nn.Module):
         self.base = base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,), (B, N) or (N, 2) -> (cos, sin), each (N, head_dim), or (B, N, head_dim)
+        for (B, N) positions."""
         # The frequencies are made here in fp32, not kept as a buffer: `model.bfloat16()` (what
         # DeepSpeed's bf16 does) would round a buffer, and far positions would turn by other
         # angles in bf16 training than in the fp32 export (0.4 rad at position 1000).
