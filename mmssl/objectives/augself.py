@@ -133,4 +133,5 @@ class AugSelfHead(nn.Module):
         return augself_loss(pred, omega1, omega2, self.version, self.weights)
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"version={self.version!r}, weights={self.weights}, symmetric={self.symmetric}"

@@ -123,16 +123,19 @@ def soft_target_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
 
 
 def check_pair(a: Tensor, b: Tensor, names: str) -> None:
+    """ValueError unless `a` and `b` are both (B, D) of one shape; `names` names them in it."""
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"{names} must both be (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def check_keys(keys: Tensor | None, n: int) -> None:
+    """ValueError unless `keys` (positive keys, one per row) is None or has `n` rows."""
     if keys is not None and keys.shape[0] != n:
         raise ValueError(f"positive_keys has {keys.shape[0]} rows, the batch has {n}")
 
 
 def check_mask(positives: Tensor | None, shape: tuple[int, int]) -> None:
+    """ValueError unless the `positives` mask is None or has shape `shape`."""
     if positives is not None and tuple(positives.shape) != shape:
         raise ValueError(f"positives mask has shape {tuple(positives.shape)}, expected {shape}")
 
@@ -244,6 +247,7 @@ class NTXentLoss(nn.Module):
         return report_global_mean(local * len(sizes) / (2 * n_all))
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"temperature={self.temperature}, gather={self.gather!r}"
 
 
@@ -381,4 +385,5 @@ class ClipLoss(nn.Module):
         return report_global_mean(local * len(sizes) / (2 * n_all))
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"max_logit_scale={self.max_logit_scale}, gather={self.gather!r}"

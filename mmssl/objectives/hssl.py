@@ -105,4 +105,5 @@ class HSSLLoss(nn.Module):
         return self.nt_xent(z1, z2)
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"displacement={self.displacement}"

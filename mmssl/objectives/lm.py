@@ -189,6 +189,7 @@ class NextTokenLoss(nn.Module):
         return global_token_mean(total, count)
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
 
 

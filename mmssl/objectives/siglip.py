@@ -144,4 +144,5 @@ class SigLipLoss(nn.Module):
         return report_global_mean(local * world / n_all)
 
     def extra_repr(self) -> str:
+        """The settings shown in the module's repr."""
         return f"gather={self.gather!r}"
