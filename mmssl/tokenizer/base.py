@@ -92,6 +92,7 @@ class Tokenizer(ABC):
 
     @property
     def special_ids(self) -> frozenset[int]:
+        """The ids `decode` drops: bos, eos and pad."""
         return frozenset((self.bos_id, self.eos_id, self.pad_id))
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:

@@ -158,6 +158,7 @@ class CLIPTokenizer(Tokenizer):
 
     @property
     def special_ids(self) -> frozenset[int]:
+        """The ids `decode` drops: bos and eos only."""
         # pad 0 is the real token '!', so decode must keep it
         return frozenset((self.bos_id, self.eos_id))
 

@@ -40,6 +40,8 @@ class Corpus:
             yield text
 
     def summary(self) -> dict[str, Any]:
+        """What the trainer consumed so far: description, num_texts, num_chars and sha256 (for
+        tokenizer_meta.json)."""
         return {
             "description": self.description,
             "num_texts": self.num_texts,

@@ -68,6 +68,7 @@ class HFTokenizer(Tokenizer):
         )
 
     def id_to_token(self, idx: int) -> str | None:
+        """The vocabulary entry of an in-range id (used to check tokenizer_meta.json)."""
         return self._tok.id_to_token(idx)
 
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -62,6 +62,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = self._load(self._proto, self.path)
 
     def id_to_token(self, idx: int) -> str | None:
+        """The piece of an in-range id (used to check tokenizer_meta.json)."""
         return self._sp.id_to_piece(idx)
 
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
