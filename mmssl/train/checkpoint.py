@@ -53,10 +53,12 @@ class CheckpointError(ConfigError):
 
 
 def tag_of(step: int) -> str:
+    """The checkpoint tag of `step`: step_00001234."""
     return f"step_{step:08d}"
 
 
 def step_of(tag: str) -> int:
+    """The step of a checkpoint tag (inverse of `tag_of`)."""
     return int(tag[len("step_") :])
 
 
@@ -78,6 +80,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states saved by `rng_state()`."""
     from deepspeed.accelerator import get_accelerator
 
     torch.set_rng_state(state["torch"])
@@ -113,6 +116,8 @@ def _digest(path: Path, flush: bool = False) -> tuple[int, str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and rename, fsynced (file and directory),
+    so a kill leaves the old file or the new one, never part of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -312,6 +317,8 @@ def refused_file(folder: Path) -> tuple[Path, str] | None:
 
 
 def unsafe_error(folder: Path, err: Exception) -> CheckpointError:
+    """The CheckpointError for a refused safe load of `folder`, naming the offending file when
+    one is found (else the folder and the first line of `err`)."""
     found = refused_file(folder)
     where, why = found if found else (folder, str(err).splitlines()[0])
     return CheckpointError(

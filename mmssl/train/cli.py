@@ -74,6 +74,8 @@ def _stdout_aside() -> Iterator[io.StringIO]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl train RECIPE [key=value ...]`: exit code 0; 2 on bad input; 1 when training stops on
+    non-finite values."""
     args = _parser().parse_intermixed_args(argv)  # overrides before or after options
     problem = check_numbers(
         args,

@@ -238,6 +238,7 @@ class WarmupCosine:
 
 
 def lr_schedule(recipe: Recipe) -> WarmupCosine:
+    """The recipe's LR multiplier per optimizer step (see WarmupCosine)."""
     s = recipe.schedule
     return WarmupCosine(s.warmup_steps, recipe.train.steps, s.min_lr_ratio, s.kind == "cosine")
 
@@ -306,6 +307,7 @@ def _unlink_shm_workspace() -> None:
 
 
 def device() -> torch.device:
+    """This rank's accelerator device (DeepSpeed's current one), or the CPU."""
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
@@ -370,4 +372,5 @@ def alias_zero3_fp32_partitions(optimizer: Any) -> int:
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without zero_optimization)."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -381,6 +381,7 @@ def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl export RUN_DIR [--out DIR --tag TAG]`: exit code 0, or 2 on bad input."""
     p = ArgumentParser(prog="mmssl export", description=summary(__doc__))
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, checkpoints/)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")

@@ -86,6 +86,7 @@ class Faults:
 
     @classmethod
     def from_env(cls, run_dir: Path, rank: int) -> Faults:
+        """The faults that MMSSL_FAULTS asks for (none when it is unset)."""
         return cls(os.environ.get(ENV, ""), run_dir, rank)
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:

@@ -116,6 +116,7 @@ class RunLogger:
         self.excluded += seconds
 
     def advance(self, steps: int = 1) -> None:
+        """Move the progress bar on by `steps`."""
         if self.bar is not None:
             self.bar.update(steps)
 
@@ -138,6 +139,8 @@ class RunLogger:
             self.tb = None
 
     def close(self, info: dict[str, Any], skipped: dict[str, int]) -> None:
+        """At the end of a run (rank 0): close the bar and TensorBoard, plot loss.png and write
+        summary.md; other ranks do nothing."""
         if not self.enabled:
             return
         self.abort()
@@ -179,6 +182,8 @@ def plot_losses(rows: list[dict[str, Any]], out: Path) -> None:
 def write_summary(
     run_dir: Path, rows: list[dict[str, Any]], info: dict[str, Any], skipped: dict[str, int]
 ) -> None:
+    """Write RUN_DIR/summary.md: `info`, throughput, skip counts, the first and last logged loss
+    metrics, and the loss plot."""
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     lines = [f"# Run summary: {run_dir.name}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "samples_per_s"]

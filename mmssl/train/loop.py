@@ -72,6 +72,7 @@ _log = logging.getLogger("mmssl.train")
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -178,10 +179,12 @@ class KeyLog:
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 -- closed in close()
 
     def write(self, step: int, keys: dict[str, list[str]]) -> None:
+        """Append the sample keys of `step`, by source."""
         if self.file is not None:
             self.file.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
     def close(self) -> None:
+        """Close the file (a no-op when disabled or closed)."""
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -193,6 +193,7 @@ def plan(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl plan RECIPE --gpus N ...`: prints the plan; exit code 0, or 2 on bad input."""
     p = ArgumentParser(prog="mmssl plan", description=summary(__doc__))
     p.add_argument("recipe")
     # default=[]: a missing recipe is reported alone (see `mmssl.train.cli`)

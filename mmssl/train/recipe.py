@@ -209,9 +209,11 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
+        """out_dir / name: where the run writes everything."""
         return Path(self.out_dir) / self.name
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain nested data (what recipe.yaml holds)."""
         return to_dict(self)
 
 
@@ -245,6 +247,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """A Recipe from nested dicts, every key and type checked (ConfigError); an objective's type
+    defaults to its key and must be one of OBJECTIVE_TYPES."""
     recipe = from_dict(Recipe, data, "")
     for key, obj in recipe.objectives.items():
         obj.type = obj.type or key
@@ -336,6 +340,7 @@ def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
 
 
 def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, keys in field order."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 

@@ -34,6 +34,8 @@ class LoaderStream:
         self._it: Any = None
 
     def next(self) -> dict[str, Any]:
+        """The next batch dict, starting the next epoch when one ends; RuntimeError for a source
+        with no batches."""
         # starting a DataLoader draws its base seed from the global torch RNG; shielding it
         # keeps the training randomness (drop_path) independent of when loaders (re)start,
         # which a resumed run does at another step than an uninterrupted one
@@ -48,14 +50,17 @@ class LoaderStream:
         raise RuntimeError("data source yields no batches in an epoch")
 
     def state_dict(self) -> dict[str, Any]:
+        """The loader's position (`StreamLoader.state_dict`)."""
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`; the next `next()` starts a new iterator."""
         self.loader.load_state_dict(state)
         self._it = None
 
     @property
     def skipped(self) -> dict[str, int]:
+        """Bad samples skipped so far, by kind."""
         return dict(self.loader.skipped)
 
 
@@ -86,6 +91,9 @@ class SyntheticStream:
         self.protos = torch.rand(10, 3, image_size, image_size, generator=g)
 
     def next(self) -> dict[str, Any]:
+        """The batch at the current index: image (B, 3, S, S), label (B,), and views with their aug
+        (B, 13) when views > 0, text and text_mask (B, T) for image_text; text sources give only
+        text and text_mask (B, T)."""
         g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.index)) % 2**62)
         self.index += 1
         b = self.batch_size
@@ -111,13 +119,16 @@ class SyntheticStream:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        """The position: the index of the next batch."""
         return {"synthetic": True, "index": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`."""
         self.index = int(state["index"])
 
     @property
     def skipped(self) -> dict[str, int]:
+        """Always empty: generated batches have no bad samples."""
         return {}
 
 
@@ -156,6 +167,7 @@ def tokenizer_name(recipe: Recipe) -> str:
 
 
 def tokenizer(recipe: Recipe) -> Any:
+    """The recipe's `data.tokenizer`, loaded; ConfigError when it cannot be."""
     from mmssl.tokenizer import get_tokenizer
 
     try:

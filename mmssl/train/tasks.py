@@ -165,11 +165,13 @@ class Task(nn.Module):
 
     @property
     def visual(self) -> VisionEncoder:
+        """The model's vision tower (validation guarantees one)."""
         assert self.model.visual is not None, "validated: objectives need a vision tower"
         return self.model.visual
 
     @property
     def text_tower(self) -> TextTransformer:
+        """The model's text tower (validation guarantees one)."""
         assert self.model.text is not None, "validated: objectives need a text tower"
         return self.model.text
 

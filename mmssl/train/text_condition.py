@@ -116,6 +116,7 @@ class PromptTokens:
         return min(n, self.context_length)
 
     def get(self, source: str, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Ids (1, length) int64 and mask (1, length) bool of `source`'s prompt, on `device`."""
         key = (source, length)
         if key not in self._cache:
             self._cache[key] = self.tokenizer.batch_encode([self.prompts[source]], length)
