@@ -36,6 +36,8 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl COMMAND ...`: runs the subcommand's `main(rest)` and returns its exit code (2 for an
+    unknown command, 0 for --help)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -29,6 +29,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print `PROG: error: MESSAGE` on one line and exit 2."""
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -235,6 +235,8 @@ def table(r: dict[str, Any]) -> str:
 
 
 def targets_met(r: dict[str, Any]) -> bool:
+    """Whether the demo results `r` meet TARGETS (zero-shot digit and 10-shot logistic accuracy)
+    and the LM beats its unigram baseline's perplexity."""
     return (
         r["zeroshot_digit"] >= TARGETS["zeroshot_digit"]
         and r["fewshot10_logistic"] >= TARGETS["fewshot10_logistic"]
@@ -243,6 +245,7 @@ def targets_met(r: dict[str, Any]) -> bool:
 
 
 def write_summary(out: Path, r: dict[str, Any], wall: float) -> None:
+    """Write OUT/summary.md (results table, timings, samples, plots) and OUT/demo_results.json."""
     plots = [
         "runs/quickstart/loss.png",
         "eval/zeroshot_digit/confusion.png",
@@ -275,6 +278,7 @@ def output_problem(out: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl demo`: exit code 0; 1 with --check when a target is missed; 2 on bad input."""
     parser = ArgumentParser(prog="mmssl demo", description=summary(__doc__))
     parser.add_argument("--out", default="demo", help="output directory (default ./demo)")
     parser.add_argument(

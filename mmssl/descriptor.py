@@ -41,6 +41,7 @@ class DescriptorGroup:
 
     @property
     def slice(self) -> slice:
+        """The group's dims as a slice of the last axis."""
         return slice(self.start, self.start + self.dim)
 
 
@@ -54,17 +55,21 @@ class DescriptorLayout:
 
     @property
     def dim(self) -> int:
+        """Total descriptor dims (13 for v1)."""
         return sum(g.dim for g in self.groups)
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The group names, in layout order."""
         return tuple(g.name for g in self.groups)
 
     @property
     def binary_groups(self) -> tuple[str, ...]:
+        """The names of the 0/1-valued groups."""
         return tuple(g.name for g in self.groups if g.binary)
 
     def group(self, name: str) -> DescriptorGroup:
+        """The group called `name`; KeyError naming the groups if none is."""
         for g in self.groups:
             if g.name == name:
                 return g

@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 
 
 def suggest(key: str, valid: typing.Iterable[str]) -> str:
+    """A hint for an unknown `key`: " (did you mean 'X'?)" with the closest of `valid`, or ""
+    when none is close."""
     close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

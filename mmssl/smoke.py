@@ -17,6 +17,7 @@ from mmssl.objectives import clip_loss
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmssl smoke`: exit code 0; bad arguments exit 2."""
     parser = ArgumentParser(prog="mmssl smoke", description=__doc__)
     parser.add_argument("--model", default="clip_vit_b32", help="a name from list_models()")
     parser.add_argument("--batch-size", type=int, default=2)
