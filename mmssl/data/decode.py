@@ -10,6 +10,7 @@ import io
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +52,9 @@ _ADAM7 = (
     (0, 1, 1, 2),
 )
 _INFLATE_STEP = 1 << 20  # inflated bytes per step: memory stays bounded for a big image
+# compressed bytes per step: the decompressor copies its unconsumed input at every step, so
+# a whole big IDAT fed at once made inflating quadratic in its size
+_FEED = 1 << 16
 
 
 def png_damage(data: bytes) -> str | None:
@@ -75,12 +79,15 @@ def png_damage(data: bytes) -> str | None:
     return chunks if isinstance(chunks, str) else _image_data_damage(*chunks)
 
 
-def _png_chunks(data: bytes) -> tuple[bytes, bytes] | str:
-    """A PNG's header (IHDR's data) and image data (its IDAT chunks joined), or what is
-    wrong with its chunks: one cut short, a critical one whose CRC-32 does not match."""
+def _png_chunks(data: bytes) -> tuple[bytes, list[memoryview]] | str:
+    """A PNG's header (IHDR's data) and image data (its IDAT chunks), or what is wrong with
+    its chunks: one cut short, a critical one whose CRC-32 does not match, IDAT chunks with
+    another between them (the spec wants them consecutive; libpng stops at the gap and dies
+    for want of rows)."""
     view = memoryview(data)
     pos, end = len(PNG_SIGNATURE), len(data)
-    ihdr, idat = b"", []
+    ihdr, last = b"", b""
+    idat: list[memoryview] = []
     while pos < end:
         if pos + 8 > end:
             return f"cut inside a chunk header at byte {pos}"
@@ -96,12 +103,29 @@ def _png_chunks(data: bytes) -> tuple[bytes, bytes] | str:
         if kind == b"IHDR" and not ihdr:
             ihdr = bytes(data[pos + 8 : pos + 8 + n])
         elif kind == b"IDAT":
+            if idat and last != b"IDAT":
+                return f"IDAT chunks are not consecutive ({last!r} between them)"
             idat.append(view[pos + 8 : pos + 8 + n])
         elif kind == b"IEND":
             break
-        pos += 12 + n
+        pos, last = pos + 12 + n, kind
     # no IEND: libpng reads the rows without it, so they are checked all the same
-    return ihdr, b"".join(idat)
+    return ihdr, idat
+
+
+def inflate(z: Any, idat: list[memoryview]) -> Iterator[bytes]:
+    """The image data inflated by decompressor `z`, in pieces of at most _INFLATE_STEP
+    bytes, the IDAT data fed _FEED bytes at a time; zlib.error for a broken stream (the
+    caller reads `z.eof` afterwards: False when the stream was cut short)."""
+    for part in idat:
+        for start in range(0, len(part), _FEED):
+            rest = part[start : start + _FEED]
+            while rest:
+                piece = z.decompress(rest, _INFLATE_STEP)
+                rest = z.unconsumed_tail
+                yield piece
+    while piece := z.decompress(b"", _INFLATE_STEP):  # output still held back
+        yield piece
 
 
 def _row_runs(ihdr: bytes) -> list[tuple[int, int]]:
@@ -119,7 +143,7 @@ def _row_runs(ihdr: bytes) -> list[tuple[int, int]]:
     return runs
 
 
-def _image_data_damage(ihdr: bytes, idat: bytes) -> str | None:
+def _image_data_damage(ihdr: bytes, idat: list[memoryview]) -> str | None:
     """What libpng would meet while reading the rows: a deflate stream that is broken, cut
     short or fails its Adler-32, fewer bytes than the rows take, a filter type above 4.
     Bytes after the rows pass, as libpng lets them (with a warning)."""
@@ -131,26 +155,21 @@ def _image_data_damage(ihdr: bytes, idat: bytes) -> str | None:
     run, left = 0, runs[0][1]  # the pass being read, its rows not yet reached
     row = 0  # offset of the next row's filter byte in the inflated stream
     done = 0  # bytes inflated before `piece`
-    rest: bytes = idat
-    while True:
-        try:
-            piece = z.decompress(rest, _INFLATE_STEP)
-        except zlib.error as err:
-            return f"image data does not inflate ({err})"
-        rest = z.unconsumed_tail
-        while run < len(runs) and row < done + len(piece):  # the filter bytes in piece
-            length = runs[run][0]
-            stop = min(done + len(piece), row + left * length)
-            filters = piece[row - done : stop - done : length]
-            if max(filters) > 4:
-                return f"row filter type {max(filters)} (0-4 exist)"
-            row, left = row + len(filters) * length, left - len(filters)
-            if left == 0:
-                run += 1
-                left = runs[run][1] if run < len(runs) else 0
-        done += len(piece)
-        if not piece:
-            break
+    try:
+        for piece in inflate(z, idat):
+            while run < len(runs) and row < done + len(piece):  # the filter bytes in piece
+                length = runs[run][0]
+                stop = min(done + len(piece), row + left * length)
+                filters = piece[row - done : stop - done : length]
+                if max(filters) > 4:
+                    return f"row filter type {max(filters)} (0-4 exist)"
+                row, left = row + len(filters) * length, left - len(filters)
+                if left == 0:
+                    run += 1
+                    left = runs[run][1] if run < len(runs) else 0
+            done += len(piece)
+    except zlib.error as err:
+        return f"image data does not inflate ({err})"
     if not z.eof:
         return "image data cut short (its deflate stream does not end)"
     if done < need:

@@ -423,6 +423,7 @@ def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_
     for i, kind in enumerate(sorted(_CRASHERS)):  # every CRC correct
         png = png_with_data(5, 6, _CRASHERS[kind][0])
         w.write({"__key__": f"c{i}", "png": png, "txt": "damaged"})
+    w.write({"__key__": "split", "png": _split_idat(), "txt": "damaged"})
     w.close()
     code = (
         "import itertools, json, sys\n"
@@ -436,7 +437,7 @@ def test_a_png_damaged_in_its_image_data_is_a_counted_bad_image_not_a_crash(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     keys, skipped = json.loads(done.stdout.splitlines()[-1])
     assert keys == [f"g{i:04d}" for i in range(8)]
-    assert skipped == {"bad_image": 2 + len(_CRASHERS)}
+    assert skipped == {"bad_image": 3 + len(_CRASHERS)}
 
 
 def test_png_damage_names_the_chunk_and_passes_whole_files():
@@ -461,6 +462,7 @@ def _rows(arr: np.ndarray, filter_type: int = 0) -> bytes:
 
 _ARR = np.random.default_rng(3).integers(0, 256, (6, 5, 3), dtype=np.uint8)
 _ROWS = _rows(_ARR)
+_EXPECT = torch.from_numpy(_ARR).permute(2, 0, 1)
 _Z = zlib.compress(_ROWS)
 # image data under correct CRCs that made torchvision's decoder (libpng) die with SIGSEGV
 _CRASHERS = {
@@ -516,11 +518,38 @@ def test_png_image_data_is_inflated_in_steps(monkeypatch):
     from mmssl.data import decode
 
     monkeypatch.setattr(decode, "_INFLATE_STEP", 7)
+    monkeypatch.setattr(decode, "_FEED", 5)  # and fed a few compressed bytes at a time
     assert decode.png_damage(png_with_data(5, 6, _Z)) is None
+    assert torch.equal(decode.decode_image(png_with_data(5, 6, _Z)), _EXPECT)
     bad = bytearray(_ROWS)
     bad[5 * 16] = 9  # the filter byte of row 5 (rows are 16 bytes)
     found = decode.png_damage(png_with_data(5, 6, zlib.compress(bytes(bad))))
     assert found == "row filter type 9 (0-4 exist)"
+
+
+def _split_idat() -> bytes:
+    """_ROWS as a PNG whose image data is two IDAT chunks with a text chunk between them."""
+    from data_helpers import png_chunk
+
+    whole = png_with_data(5, 6, b"")
+    head = whole[: whole.index(b"IDAT") - 4]
+    parts = [png_chunk(b"IDAT", _Z[:20]), png_chunk(b"tEXt", b"a\0b"), png_chunk(b"IDAT", _Z[20:])]
+    return head + b"".join(parts) + png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["numba", "libpng"])
+def test_idat_chunks_split_by_another_chunk_are_damage(fast, monkeypatch):
+    """libpng stops reading image data at the first other chunk and then dies for want of
+    rows (SIGSEGV in torchvision); the spec wants IDAT chunks consecutive."""
+    from mmssl.data import decode
+
+    if not fast:
+        monkeypatch.setattr(decode, "_fast_png", lambda: None)
+    assert (
+        decode.png_damage(_split_idat()) == "IDAT chunks are not consecutive (b'tEXt' between them)"
+    )
+    with pytest.raises(decode.BadSample, match="not consecutive"):
+        decode.decode_image(_split_idat())
 
 
 def test_png_damage_walks_over_ancillary_chunks_and_the_size_limit_comes_first():
