@@ -99,7 +99,8 @@ def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | N
     export written before mmssl recorded it is redone once)."""
     import json
 
-    from mmssl.train.export import SOURCE, manifest_digest
+    from mmssl.train.checkpoint import manifest_digest
+    from mmssl.train.export import SOURCE
 
     if not is_exported(dest):
         return None

@@ -211,13 +211,48 @@ def newest_valid(
     return None
 
 
+def manifest_digest(folder: Path) -> str | None:
+    """The sha256 of checkpoint `folder`'s manifest (the size and sha256 of each of its
+    files): what identifies the checkpoint, where its tag names only its step.  None
+    without a manifest."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def started_from(folder: Path) -> dict[str, Any]:
+    """The record of checkpoint `folder` of another run as a run's starting point (its path
+    and manifest digest), which the run's own checkpoints keep in their run records."""
+    return {"checkpoint": os.path.realpath(folder), "manifest_sha256": manifest_digest(folder)}
+
+
+def _grew_from(own: Path, tag: str, resume: str) -> bool:
+    """Whether the run record of checkpoint own/tag says its run started from the checkpoint
+    `resume` names (that folder, or one of that run's): the same command requeued."""
+    from mmssl.train.run_record import read_started_from
+
+    start = read_started_from(own / tag)
+    if not start:
+        return False
+    origin = Path(start["checkpoint"])
+    named = os.path.realpath(resume)
+    if named not in (str(origin), str(origin.parent), str(origin.parent.parent)):
+        return False
+    digest = manifest_digest(origin)  # gone (rotated away) is fine; another one is not
+    return digest is None or digest == start.get("manifest_sha256")
+
+
 def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     """resume = auto | none | a checkpoint folder or a run directory -> (dir, tag) or None.
 
     auto (and a run directory) fall back past incomplete or damaged checkpoints to the newest
     good one; a named checkpoint folder must be good.  A checkpoint of another run is where
-    this run starts: once this run has saved a good checkpoint of its own, it continues from
-    that (logged), so that the same command requeues it.  Collective."""
+    this run starts: once this run has saved a good checkpoint of its own since it started
+    there (its run record says so, `started_from`), it continues from that (logged), so that
+    the same command requeues it.  Collective."""
     if resume == "none":
         return None
     own = run_dir / "checkpoints"
@@ -227,20 +262,17 @@ def find_resume(resume: str, run_dir: Path) -> tuple[Path, str] | None:
             log.warning("checkpoint.resume=auto: no good checkpoint in %s; starting at step 0", own)
         return (own, tag) if tag else None
     path = Path(resume)
-    named = (path.parent,) if TAG.match(path.name) else (path / "checkpoints", path)
-    if all(os.path.realpath(d) != os.path.realpath(own) for d in named) and list_tags(own):
-        tag = newest_valid(own, f"checkpoint.resume={resume}")
-        if tag is not None:
-            if distributed.rank() == 0:
-                log.warning(
-                    "checkpoint.resume=%s: this run has a checkpoint of its own since it "
-                    "started from there; continuing from %s (to start over from %s, use "
-                    "another name)",
-                    resume,
-                    own / tag,
-                    resume,
-                )
-            return own, tag
+    tag = newest_valid(own, f"checkpoint.resume={resume}") if list_tags(own) else None
+    if tag is not None and _grew_from(own, tag, resume):
+        if distributed.rank() == 0:
+            log.warning(
+                "checkpoint.resume=%s: this run started from there and has saved since; "
+                "continuing from %s (to start over from %s, use another name)",
+                resume,
+                own / tag,
+                resume,
+            )
+        return own, tag
     if TAG.match(path.name) and path.is_dir():
         problem = verify(path)
         if problem:
@@ -340,11 +372,13 @@ def save(
     extra: dict[str, Any] | None = None,
     on_written: Callable[[], None] | None = None,
     tokenizer: dict[str, Any] | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
     """Save on every rank (each writes its ZeRO shards), then the manifest; keep the newest
     `keep_last` complete checkpoints up to `step`.  `on_written` runs between DeepSpeed's
     write and the manifest (fault injection).  `tokenizer`: the run's pinned tokenizer
-    metadata, for the run record.  Collective."""
+    metadata, `origin`: the checkpoint of another run it started from (`started_from`),
+    both for the run record.  Collective."""
     from mmssl.descriptor import get_layout
     from mmssl.train.engine import fp32_master_names
 
@@ -376,7 +410,9 @@ def save(
         # the model the run built (engine.module is its Task), not its config file as it
         # is now: the file may have been edited since the run resolved it
         stage = int(engine.zero_optimization_stage())
-        run = record(recipe, client["world_size"], stage, engine.module.model.cfg, tokenizer)
+        run = record(
+            recipe, client["world_size"], stage, engine.module.model.cfg, tokenizer, origin
+        )
         write_atomic(folder / RUN_RECORD, json.dumps(run, indent=1) + "\n")
     distributed.barrier()
     if on_written is not None:

@@ -286,6 +286,8 @@ def export_run(
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
         extra["tokenizer"] = _tokenizer_record(recipe, _read_record(ckpt_dir / tag))
+    from mmssl.train.checkpoint import manifest_digest
+
     source = {"checkpoint": tag, "manifest_sha256": manifest_digest(ckpt_dir / tag)}
     if (dest / SOURCE).is_file():
         # gone before the weights change: it never names a checkpoint they are not from
@@ -308,20 +310,6 @@ def _dest_problem(run: Path, dest: Path) -> str | None:
     if d == r or is_run_dir(d):
         return "is a run directory (evaluation would take the export for the run)"
     return None
-
-
-def manifest_digest(folder: Path) -> str | None:
-    """The sha256 of checkpoint `folder`'s manifest (the size and sha256 of each of its
-    files): what identifies the checkpoint, where its tag names only its step.  None
-    without a manifest."""
-    import hashlib
-
-    from mmssl.train.checkpoint import MANIFEST
-
-    try:
-        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
 
 
 def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, dict[str, Any]]:

@@ -302,6 +302,13 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         run_record.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
     start = checkpoint.step_of(found[1]) if found else 0
     checkpoint.check_no_later(run_dir / "checkpoints", start, recipe.checkpoint.resume)
+    # the checkpoint of another run this run's line started from, kept in its run records
+    # (a requeue with the same checkpoint.resume continues the line: find_resume)
+    origin = None
+    if found and os.path.realpath(found[0]) != os.path.realpath(run_dir / "checkpoints"):
+        origin = checkpoint.started_from(found[0] / found[1])
+    elif found:
+        origin = run_record.read_started_from(found[0] / found[1])
     client = checkpoint.load(engine, found[0], found[1], streams) if found else {}
     step = int(client.get("step", 0))
     bad_steps = int(client.get("bad_steps", 0))
@@ -444,6 +451,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                         },
                         on_written=functools.partial(faults.pause, "save", step),
                         tokenizer=pinned,
+                        origin=origin,
                     )
                     log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)

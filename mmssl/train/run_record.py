@@ -91,11 +91,14 @@ def record(
     zero_stage: int,
     model: Any = None,
     tokenizer: dict[str, Any] | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run record a checkpoint is saved with (`checkpoint.save` writes it on rank 0);
     `model` is the ModelConfig the run built (None: the recipe's, resolved now); `tokenizer`
     the metadata of the tokenizer it reads text with, as it was when the run started
-    (`streams.tokenizer_record`; None for a model without a text tower)."""
+    (`streams.tokenizer_record`; None for a model without a text tower); `origin` the
+    checkpoint of another run it started from (`checkpoint.started_from`), kept by every
+    checkpoint of its line (None: it started at step 0)."""
     from mmssl.data.pipeline import STATE_VERSION
     from mmssl.train.streams import SOURCE_SEEDING
 
@@ -111,7 +114,17 @@ def record(
         "source_seeding": SOURCE_SEEDING,
         "data_state": STATE_VERSION,
         **({"tokenizer": tokenizer} if tokenizer is not None else {}),
+        **({"started_from": origin} if origin is not None else {}),
     }
+
+
+def read_started_from(folder: Path) -> dict[str, Any] | None:
+    """The `started_from` of checkpoint `folder`'s run record, None without one."""
+    try:
+        start = json.loads((folder / RUN_RECORD).read_text()).get("started_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return start if isinstance(start, dict) and "checkpoint" in start else None
 
 
 def _shard_sources(recipe: dict[str, Any]) -> list[str]:

@@ -222,3 +222,31 @@ def test_a_run_started_from_another_runs_checkpoint_requeues_with_the_same_comma
     assert f"continuing from {own / tag_of(3)}" in caplog.text
     assert losses(tmp_path / "fork") == losses(tmp_path / "whole")
     assert train_main([str(base), "name=fork", start]) == 0  # finished: nothing changes
+
+
+def test_a_run_of_its_own_named_to_start_from_another_runs_checkpoint_starts_there(
+    tmp_path: Path, in_process: None
+) -> None:
+    """Checkpoints a run saved before (from step 0) are not where a checkpoint of another
+    run, named, leads: the run starts at the named one, as asked, and is refused where its
+    own later checkpoints would outlive the new line."""
+    import json
+
+    from mmssl.train.checkpoint import RUN_RECORD
+    from mmssl.train.cli import main as train_main
+
+    base = synthetic_recipe(tmp_path, "base", 4)
+    assert train_main([str(base), "train.stop_at=3"]) == 0
+    assert train_main([str(base), "name=own", "train.stop_at=1"]) == 0  # its own step 1
+    named = tmp_path / "base" / "checkpoints" / tag_of(3)
+    assert train_main([str(base), "name=own", f"checkpoint.resume={named}"]) == 0
+    rows = json.loads((tmp_path / "own" / "checkpoints" / tag_of(4) / RUN_RECORD).read_text())
+    assert rows["started_from"]["checkpoint"] == str(named.resolve())
+    assert [s for s, _ in losses_by_step(tmp_path / "own")] == [1, 4]  # step 1, then 3 -> 4
+
+
+def losses_by_step(run: Path) -> list[tuple[int, float]]:
+    import json
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
