@@ -8,8 +8,6 @@ neutral descriptor of DESCRIPTOR_V1."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -44,8 +42,12 @@ def test_cond_none_is_the_neutral_descriptor_on_every_path(tmp_path):
         alone = load_encoder(tmp_path / "export")
         torch.testing.assert_close(alone.forward_features(images)["pooled"], want["pooled"])
         torch.testing.assert_close(alone.encode(images), model.encode_image(images))
-        tuned = copy.deepcopy(model.standalone_vision())  # as `mmssl eval finetune` copies it
+        tuned = model.standalone_vision()  # a copy, as `mmssl eval finetune` trains
         torch.testing.assert_close(tuned.forward_features(images)["pooled"], want["pooled"])
+        assert tuned is not model.visual and model.visual.cond_default is None  # left as it was
+        torch.testing.assert_close(
+            model.visual.forward_features(images, None)["pooled"], plain["pooled"]
+        )
         # a condition given is used as given
         c = model.conditioner(torch.rand(3, 13))
         torch.testing.assert_close(

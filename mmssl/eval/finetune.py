@@ -12,7 +12,6 @@ memory, so that both reported numbers come from the same training data.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +90,7 @@ def finetune(
     torch.manual_seed(seed)
     vision_tower(model)  # EvalError without one
     # a copy whose cond=None is the whole model's (the neutral descriptor's c, if conditioned)
-    clf = Classifier(copy.deepcopy(model.standalone_vision()), num_classes).train()
+    clf = Classifier(model.standalone_vision(), num_classes).train()
     recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed)
     ds.init_distributed()
     eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))

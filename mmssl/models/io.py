@@ -378,5 +378,5 @@ def load_encoder(path: str | Path, tower: str = "vision") -> nn.Module:
     if tower == "model":
         return model
     if tower == "vision":  # cond=None as the whole model's (`standalone_vision`)
-        return model.standalone_vision().eval()
+        return model.standalone_vision(copy=False).eval()  # the model is dropped
     return model._tower(tower).eval()

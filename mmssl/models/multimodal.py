@@ -200,11 +200,16 @@ class MultimodalModel(nn.Module):
         return cond
 
     @torch.no_grad()
-    def standalone_vision(self) -> VisionEncoder:
-        """The vision tower, ready to stand alone (`load_encoder`, a fine-tuned copy): its
-        cond=None gives what this model's does (`VisionEncoder.cond_default` is set to
-        `image_condition(None)`, from the conditioner's weights now)."""
+    def standalone_vision(self, copy: bool = True) -> VisionEncoder:
+        """A copy of the vision tower that stands alone (`load_encoder`, a fine-tuned copy):
+        its cond=None gives what this model's gives now (its `VisionEncoder.cond_default`
+        is `image_condition(None)`, from the conditioner's weights now).  copy=False sets it
+        on this model's own tower instead, for a model about to be dropped (`load_encoder`):
+        the tower's cond=None then no longer follows the conditioner."""
+        import copy as copying
+
         visual = self._tower("vision")
+        visual = copying.deepcopy(visual) if copy else visual
         visual.cond_default = self.image_condition(None)
         return visual
 
