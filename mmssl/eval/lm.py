@@ -261,14 +261,14 @@ def samples(
     temperature: float,
     top_k: int | None,
     seed: int,
-) -> tuple[list[str], int]:
-    """Decoded continuations (prompt included) of each prompt, and how many sampled ids lay
-    beyond the tokenizer's vocabulary: a model whose vocab_size is padded past it (as
-    nanoGPT pads GPT-2's 50257 to 50304) can sample those, and they are left out of the text,
-    which has no token for them."""
+) -> list[str]:
+    """Decoded continuations (prompt included) of each prompt.  Only ids the tokenizer has
+    are sampled: a model whose vocab_size is padded past it (as nanoGPT pads GPT-2's 50257 to
+    50304) has ids no text decodes to."""
     g = torch.Generator().manual_seed(seed)
     text = text_tower(model)
-    out, beyond = [], 0
+    limit = min(int(tokenizer.vocab_size), text.cfg.vocab_size)
+    out = []
     for p in prompts:
         ids = torch.tensor(
             [[int(tokenizer.eos_id)] + tokenizer.encode(p, add_bos=False, add_eos=False)]
@@ -280,11 +280,10 @@ def samples(
             top_k=top_k,
             eos_id=int(tokenizer.eos_id),
             generator=g,
-        )[0, 1:].tolist()
-        known = [i for i in gen if i < tokenizer.vocab_size]
-        beyond += len(gen) - len(known)
-        out.append(tokenizer.decode(known))
-    return out, beyond
+            vocab_limit=limit,
+        )
+        out.append(tokenizer.decode(gen[0, 1:].tolist()))
+    return out
 
 
 # ----------------------------------------------------------------------------- the task
@@ -390,15 +389,10 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         headers = ["task", "shots", "acc", "acc_norm", "items", f"prompts cut to {cl} tokens"]
         lines.append(md_table(headers, mc_rows))
     prompts = args.prompt if args.prompt is not None else list(DEFAULT_PROMPTS)
-    res["samples"], res["sample_ids_beyond_tokenizer"] = samples(
+    res["samples"] = samples(
         model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed
     )
     lines.append("Samples:\n\n" + "\n".join(f"- `{s!r}`" for s in res["samples"]))
-    if res["sample_ids_beyond_tokenizer"]:
-        lines.append(
-            f"{res['sample_ids_beyond_tokenizer']} sampled ids lay beyond the tokenizer's "
-            f"{tokenizer.vocab_size} (the model's vocab_size is larger) and are left out."
-        )
     data = {"text": args.data, "train_text": args.train_data, "tasks": args.task}
     ctx.report("lm", res, data=data, summary="\n\n".join(lines))
     return res

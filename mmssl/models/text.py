@@ -356,6 +356,7 @@ class TextTransformer(nn.Module):
         *,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
 
@@ -385,8 +386,16 @@ class TextTransformer(nn.Module):
         length_penalty without it.  The kv cache is expanded to B * num_beams rows after the
         prompt and reordered by each step's parent beams; prompt_mask, the sliding window
         and a bidirectional tower work as above (each beam carries its row's mask).
+
+        vocab_limit: only ids below it are generated (a tokenizer with fewer ids than the
+        model's vocab_size, padded as nanoGPT pads GPT-2's 50257 to 50304, has no text for
+        the others): the logits are cut to the first vocab_limit ids before sampling.
         """
         check_sampling(temperature, top_k)
+        if vocab_limit is not None and not 1 <= operator.index(vocab_limit) <= self.cfg.vocab_size:
+            raise ValueError(
+                f"vocab_limit must be in 1..{self.cfg.vocab_size} (the vocab_size), got {vocab_limit}"
+            )
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
         if text.ndim != 2 or text.shape[1] == 0:
@@ -406,6 +415,7 @@ class TextTransformer(nn.Module):
                 prompt_mask,
                 num_beams,
                 length_penalty,
+                vocab_limit,
             )
 
     def _generate(
@@ -419,6 +429,7 @@ class TextTransformer(nn.Module):
         prompt_mask: torch.Tensor | None,
         num_beams: int,
         length_penalty: float,
+        vocab_limit: int | None,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
@@ -440,7 +451,8 @@ class TextTransformer(nn.Module):
                 # real tokens in it are its last ones, as in the row's own window
                 window_mask = mask[:, -ctx:] if mask is not None else None
                 hidden = self.forward_tokens(text[:, -ctx:], token_mask=window_mask)
-            return self.head(hidden[:, -1])
+            logits = self.head(hidden[:, -1])
+            return logits if vocab_limit is None else logits[:, :vocab_limit]
 
         if num_beams > 1:
 

@@ -321,15 +321,34 @@ class _DecodingCharTokenizer(CharTokenizer):
         return "".join(self.chars[i - 3] if i >= 3 else "" for i in ids)
 
 
-def test_samples_of_a_vocab_padded_past_the_tokenizer_leave_its_extra_ids_out():
-    """A model whose vocab_size exceeds the tokenizer's (nanoGPT's padded 50304) samples ids
-    the tokenizer has no text for: they are left out and counted, not a decode error."""
+def test_samples_of_a_vocab_padded_past_the_tokenizer_draw_only_its_ids():
+    """A model whose vocab_size exceeds the tokenizer's (nanoGPT's padded 50304) could sample
+    ids the tokenizer has no text for (a decode error, no results.json): only the
+    tokenizer's ids are drawn."""
     import mmssl
 
     tok = _DecodingCharTokenizer()
     torch.manual_seed(0)
     model = mmssl.create_model("test_tiny_gpt", text={"vocab_size": 64}).eval()  # tokenizer: 9
-    texts, beyond = lm.samples(model, tok, ["ab", "c"], 12, 1.0, None, seed=0)
-    assert len(texts) == 2 and beyond > 0  # 55 of 64 ids lie beyond: most samples do
+    texts = lm.samples(model, tok, ["ab", "c"], 12, 1.0, None, seed=0)  # 55 of 64 ids beyond
     assert all(set(t) <= set(tok.chars) for t in texts)
     assert texts[0].startswith("ab") and texts[1].startswith("c")
+
+
+def test_generate_with_a_vocab_limit_equals_a_naive_loop_over_the_first_ids():
+    """Greedy with vocab_limit: the argmax over the first `limit` logits of the full forward
+    at each step (a naive loop, no kv cache), never an id at or past the limit."""
+    import mmssl
+
+    torch.manual_seed(1)
+    text = mmssl.create_model("test_tiny_gpt", text={"vocab_size": 64}).eval().text
+    prompt = torch.tensor([[1, 5, 7], [2, 3, 4]])
+    got = text.generate(prompt, 6, temperature=0.0, vocab_limit=9)
+    want = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = text.logits(want)[:, -1, :9].argmax(-1, keepdim=True)
+            want = torch.cat([want, nxt], dim=1)
+    assert torch.equal(got, want) and int(got[:, 3:].max()) < 9
+    with pytest.raises(ValueError, match="vocab_limit must be in 1..64"):
+        text.generate(prompt, 1, vocab_limit=65)
