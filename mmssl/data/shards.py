@@ -66,7 +66,9 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
     """Sample counts by absolute shard path from the manifest.json files next to the local
     shards (as `ShardWriter` writes them), for epoch mode.  A shard whose size is not the
     manifest's `bytes` (rewritten since) is left out with a warning, so that it is counted by
-    reading it: its stale count made an epoch repeat or drop samples, silently."""
+    reading it: its stale count made an epoch repeat or drop samples, silently.  A rewrite
+    to the very same size (tar pads to 10 KiB records: 17 and 18 small samples can match)
+    goes unseen: write the manifest again with the shards (`mmssl shards` does)."""
     from mmssl.data.errors import log
     from mmssl.data.tario import is_local
 

@@ -254,8 +254,14 @@ def export_run(
         if tag is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
         verified = True
-    if not TAG.fullmatch(tag):  # a path ("../../other/checkpoints/...") names another run's
+    # a tag, or a path to one of this run's checkpoints ("step_00000004/" as the shell
+    # completes it); a path elsewhere ("../../other/checkpoints/...") names another run's
+    where = Path(tag).parent
+    if not TAG.fullmatch(Path(tag).name) or (
+        where != Path(".") and os.path.realpath(where) != os.path.realpath(ckpt_dir)
+    ):
         raise ConfigError(f"--tag {tag!r} is no checkpoint tag (step_XXXXXXXX) of {ckpt_dir}")
+    tag = Path(tag).name
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
     # verified against its manifest first (newest_valid hashed it already)

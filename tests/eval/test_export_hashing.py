@@ -109,7 +109,7 @@ def test_eval_of_a_run_dir_says_when_it_replaces_an_export_of_another_checkpoint
 
 
 @pytest.mark.parametrize(
-    "tag", ["../../other/checkpoints/step_00000001", "step_1", "step_00000001/", "latest"]
+    "tag", ["../../other/checkpoints/step_00000001", "step_1", "latest", "x/step_00000001"]
 )
 def test_export_refuses_a_tag_that_is_no_checkpoint_of_the_run(run: Path, tag: str) -> None:
     """A path as --tag exported another run's weights into this run's export."""
@@ -120,3 +120,9 @@ def test_export_refuses_a_tag_that_is_no_checkpoint_of_the_run(run: Path, tag: s
     with pytest.raises(ConfigError, match="is no checkpoint tag"):
         export.export_run(run, run / "out", tag)
     assert not (run / "out").exists()
+
+
+@pytest.mark.parametrize("form", ["step_00000001/", "{run}/checkpoints/step_00000001"])
+def test_export_takes_a_path_to_one_of_the_runs_own_checkpoints(run: Path, form: str) -> None:
+    out = export.export_run(run, run / "out", form.format(run=run))
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
