@@ -68,8 +68,8 @@ def decode(ihdr: bytes, idat: list[memoryview]) -> torch.Tensor | None:
     """uint8 (3, H, W) RGB of a PNG with header `ihdr` and image data `idat` (its IDAT
     chunks), as a view of (H, W, 3) memory as torchvision returns it; None for a format
     this does not cover; BadSample for image data that libpng would die on."""
-    if len(ihdr) != 13 or ihdr[8] != 8 or ihdr[9] not in _SAMPLES or ihdr[12] != 0:
-        return None
+    if len(ihdr) != 13 or ihdr[8] != 8 or ihdr[9] not in _SAMPLES or ihdr[10:13] != b"\0\0\0":
+        return None  # compression, filter method and interlace other than 0: libpng decides
     w, h = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
     if not w or not h:  # libpng refuses the header itself
         return None

@@ -79,3 +79,40 @@ def test_other_pngs_are_left_to_libpng(mode):
     assert decode_image(buf.getvalue()).shape == (3, 9, 7)
     interlaced = png_with_data(3, 3, zlib.compress(b"\0" * 40), interlace=1)
     assert fastpng.decode(*_png_chunks(interlaced)) is None
+
+
+@pytest.mark.parametrize("byte", [10, 11])  # compression method, filter method: 0 only
+def test_a_header_method_other_than_0_is_left_to_libpng(byte):
+    """libpng refuses a filter method other than 0 (and PIL too): the fast path decoded it."""
+    from data_helpers import png_chunk
+
+    data = bytearray(png_with_data(5, 4, zlib.compress(_filtered(5, 4, 2, [0]))))
+    data[16 + byte] = 1  # IHDR's data starts at byte 16
+    ihdr = bytes(data[16:29])
+    data = data[:8] + png_chunk(b"IHDR", ihdr) + data[33:]
+    assert fastpng.decode(*_png_chunks(bytes(data))) is None
+
+
+def test_numba_with_nowhere_to_cache_its_kernels_falls_back_to_libpng(monkeypatch):
+    """numba raises RuntimeError at import when no cache location is writable (a read-only
+    install without a cache directory): the compiled modules are then None and decoding
+    goes through the check and libpng, instead of every decode raising."""
+    import sys
+
+    import numba.core.caching as caching
+
+    from mmssl.data import decode
+
+    def no_locator(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot cache function 'x': no locator available for file 'y'")
+
+    data = png_with_data(5, 4, zlib.compress(_filtered(5, 4, 2, [1, 4])))
+    want = _reference(data)
+    monkeypatch.setattr(caching.CacheImpl, "__init__", no_locator)
+    monkeypatch.delitem(sys.modules, "mmssl.data.fastpng")
+    decode.compiled.cache_clear()
+    try:
+        assert decode.compiled("fastpng") is None
+        assert torch.equal(decode_image(data), want)
+    finally:
+        decode.compiled.cache_clear()
