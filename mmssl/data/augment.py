@@ -38,7 +38,6 @@ DALI does), which is faster and approximate.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from torch import Tensor
 
 from mmssl.data import buffers
 from mmssl.data.colorops import apply_color
+from mmssl.data.decode import compiled
 from mmssl.data.torchviews import _crop_resize
 
 
@@ -246,24 +246,14 @@ def sample_params(
     return ViewParams(*params)
 
 
-@functools.cache
 def _fast_module() -> Any:
-    """`mmssl.data.fastviews`, or None without numba (imported on first use, not at import)."""
-    try:
-        from mmssl.data import fastviews
-    except ImportError:
-        return None
-    return fastviews
+    """`mmssl.data.fastviews`, or None (`decode.compiled`)."""
+    return compiled("fastviews")
 
 
-@functools.cache
 def _fast_draws() -> Any:
-    """`mmssl.data.fastdraws`, or None without numba (imported on first use, not at import)."""
-    try:
-        from mmssl.data import fastdraws
-    except ImportError:
-        return None
-    return fastdraws
+    """`mmssl.data.fastdraws`, or None (`decode.compiled`)."""
+    return compiled("fastdraws")
 
 
 def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Any:

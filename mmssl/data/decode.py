@@ -197,13 +197,21 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 @functools.cache
-def _fast_png() -> Any:
-    """`mmssl.data.fastpng`, or None without numba (imported on first use, not at import)."""
+def compiled(name: str) -> Any:
+    """Numba module `mmssl.data.<name>` (fastviews, fastdraws, fastpng), imported on first
+    use, not at import; None without numba, or with nowhere to cache its compiled kernels
+    (numba raises RuntimeError then, a read-only install without a cache directory): the
+    callers fall back to torch or libpng."""
+    import importlib
+
     try:
-        from mmssl.data import fastpng
-    except ImportError:
+        return importlib.import_module(f"mmssl.data.{name}")
+    except (ImportError, RuntimeError):
         return None
-    return fastpng
+
+
+def _fast_png() -> Any:
+    return compiled("fastpng")
 
 
 _QUIET = False
