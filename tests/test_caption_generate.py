@@ -199,3 +199,27 @@ def test_cross_mode_projects_the_image_keys_and_values_once_per_caption(num_beam
     assert [calls[kv] for kv in kvs] == [1, 1]
     model.generate_captions(images(2, seed=4), 5, bos_id=BOS, **options)
     assert [calls[kv] for kv in kvs] == [2, 2]
+
+
+@pytest.mark.parametrize("name", ["test_tiny_coca", "test_tiny_coca_prefix"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_captions_with_a_vocab_limit_draw_only_ids_below_it(name, num_beams):
+    """Greedy: the argmax over the first `limit` logits of the full captioning forward; beam
+    search and sampling never pass the limit either."""
+    model = captioner(name)
+    imgs = images()
+    bos = torch.full((3, 1), BOS)
+    greedy = {"temperature": 0} if num_beams == 1 else {"num_beams": num_beams}
+    got = model.generate_captions(imgs, 8, bos_id=BOS, vocab_limit=40, **greedy)
+    assert int(got[:, 1:].max()) < 40
+    if num_beams == 1:
+        with torch.no_grad():
+            image_tokens, want = model.forward_features(imgs)["tokens"], bos
+            for _ in range(8):
+                nxt = model.caption_logits(image_tokens, want)[:, -1, :40].argmax(-1)
+                want = torch.cat([want, nxt[:, None]], 1)
+        assert torch.equal(got, want)
+        sampled = model.generate_captions(imgs, 8, bos_id=BOS, vocab_limit=40)
+        assert int(sampled[:, 1:].max()) < 40
+    with pytest.raises(ValueError, match="vocab_limit must be an integer in 1..512"):
+        model.generate_captions(imgs, 2, bos_id=BOS, vocab_limit=513)

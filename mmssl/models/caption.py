@@ -107,6 +107,7 @@ class CaptionDecoder(nn.Module):
         generator: torch.Generator | None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """image_tokens (B, N, Dv), prompt (B, T0) -> (B, T0 + max_new_tokens) token ids.
 
@@ -117,16 +118,18 @@ class CaptionDecoder(nn.Module):
         num_beams > 1: beam search (`mmssl.models.beam`); the text caches are expanded to
         B * num_beams rows after the prompt and reordered by each step's parents, and the
         image tokens and their cached keys and values are expanded once (a beam never moves
-        to another image).
+        to another image).  vocab_limit: only ids below it are generated (checked by the
+        caller), as in `TextTransformer.generate`.
         """
         cache = self.new_kv_cache(text_tower)
 
         def next_logits(text: torch.Tensor) -> torch.Tensor:
             if cache is not None:
                 text = text[:, cache[0].length :]
-            return text_tower.head(
+            logits = text_tower.head(
                 self.hidden(text_tower, image_tokens, text, kv_cache=cache)[:, -1]
             )
+            return logits if vocab_limit is None else logits[:, :vocab_limit]
 
         if num_beams > 1:
 

@@ -18,7 +18,13 @@ from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
-from mmssl.models.text import TextTransformer, check_max_new_tokens, check_sampling, eval_mode
+from mmssl.models.text import (
+    TextTransformer,
+    check_max_new_tokens,
+    check_sampling,
+    check_vocab_limit,
+    eval_mode,
+)
 from mmssl.models.vision import VisionEncoder
 from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
 
@@ -254,6 +260,7 @@ class MultimodalModel(nn.Module):
         cond: torch.Tensor | None = None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Caption images (B, C, H, W) -> token ids (B, T0 + max_new_tokens), prompt included.
 
@@ -266,6 +273,8 @@ class MultimodalModel(nn.Module):
         sliding window, as `TextTransformer.generate` has, would drop the bos.
         num_beams > 1: deterministic beam search, as open_clip's CoCa captions (see
         `TextTransformer.generate`: length_penalty, the refused sampling options).
+        vocab_limit: only ids below it are generated (a tokenizer smaller than the padded
+        vocab_size), as in `TextTransformer.generate`.
         """
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
@@ -273,6 +282,7 @@ class MultimodalModel(nn.Module):
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
+        vocab_limit = check_vocab_limit(vocab_limit, text.cfg.vocab_size)
         b = images.shape[0]
         if (prompt is None) == (bos_id is None):
             raise ValueError("pass either prompt (B, T0) or the tokenizer's bos_id, not both")
@@ -302,6 +312,7 @@ class MultimodalModel(nn.Module):
                 generator,
                 num_beams,
                 length_penalty,
+                vocab_limit,
             )
 
     def forward(

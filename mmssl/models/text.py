@@ -99,6 +99,17 @@ def as_top_k(top_k: object) -> int | None:
     return k if k >= 1 else None
 
 
+def check_vocab_limit(vocab_limit: object, vocab_size: int) -> int | None:
+    """vocab_limit as an int in 1..vocab_size (None stays None); ValueError otherwise (a
+    bool, a float, a number out of range)."""
+    if vocab_limit is None:
+        return None
+    limit = as_top_k(vocab_limit)  # an integer >= 1, by the same rules as top_k
+    if limit is None or limit > vocab_size:
+        raise ValueError(f"vocab_limit must be an integer in 1..{vocab_size}, got {vocab_limit!r}")
+    return limit
+
+
 def check_max_new_tokens(max_new_tokens: int) -> None:
     """Refuse a token budget that is not an integer >= 0 (a negative one returned the prompt
     unchanged, without an error)."""
@@ -392,10 +403,7 @@ class TextTransformer(nn.Module):
         the others): the logits are cut to the first vocab_limit ids before sampling.
         """
         check_sampling(temperature, top_k)
-        if vocab_limit is not None and not 1 <= operator.index(vocab_limit) <= self.cfg.vocab_size:
-            raise ValueError(
-                f"vocab_limit must be in 1..{self.cfg.vocab_size} (the vocab_size), got {vocab_limit}"
-            )
+        vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
         if text.ndim != 2 or text.shape[1] == 0:

@@ -350,5 +350,6 @@ def test_generate_with_a_vocab_limit_equals_a_naive_loop_over_the_first_ids():
             nxt = text.logits(want)[:, -1, :9].argmax(-1, keepdim=True)
             want = torch.cat([want, nxt], dim=1)
     assert torch.equal(got, want) and int(got[:, 3:].max()) < 9
-    with pytest.raises(ValueError, match="vocab_limit must be in 1..64"):
-        text.generate(prompt, 1, vocab_limit=65)
+    for bad in (65, 0, True, 2.0):
+        with pytest.raises(ValueError, match="vocab_limit must be an integer in 1..64"):
+            text.generate(prompt, 1, vocab_limit=bad)
