@@ -301,7 +301,8 @@ def check_no_later(ckpt_dir: Path, start: int, resume: str) -> None:
                 f"checkpoint.resume={resume}: this run starts at step {start}, but "
                 f"{ckpt_dir / tag} is a good checkpoint of a later step; it would outlive this "
                 f"run's checkpoints and win the next resume=auto and mmssl export: remove the "
-                f"checkpoints after step {start}, or use another name"
+                f"checkpoints after step {start}, use another name, or continue this run with "
+                f"checkpoint.resume=auto"
             )
 
 
