@@ -360,7 +360,11 @@ def check_ranges(recipe: Recipe) -> None:
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if not 0 <= s.warmup_steps <= t.steps:
-        raise ConfigError(f"schedule.warmup_steps must be in 0..train.steps, got {s.warmup_steps}")
+        raise ConfigError(
+            f"schedule.warmup_steps must be in 0..train.steps ({t.steps}), got "
+            f"{s.warmup_steps}: a shorter run needs a shorter warmup, e.g. "
+            f"schedule.warmup_steps={max(0, min(s.warmup_steps, t.steps // 10))}"
+        )
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     if len(recipe.optim.betas) != 2:

@@ -67,3 +67,15 @@ def test_a_malformed_brace_pattern_is_a_config_error_naming_the_source(check_fil
         recipe = load_recipe(QUICK, broken)
         with pytest.raises(ConfigError, match=r"^data\.sources\.digits\.urls: .*brace"):
             validate(recipe, 1, check_files=check_files)
+
+
+def test_a_run_shorter_than_its_warmup_is_refused_with_a_warmup_that_fits() -> None:
+    """quickstart's 30 warmup steps in a 20-step run: the error gives the run's length and
+    a warmup that fits, which then validates."""
+    with pytest.raises(ConfigError) as caught:
+        validate(load_recipe(QUICK, ["train.steps=20"]), 1, check_files=False)
+    msg = str(caught.value)
+    assert msg.startswith("schedule.warmup_steps must be in 0..train.steps (20), got 30: ")
+    fix = msg.rsplit(" ", 1)[-1]
+    assert fix == "schedule.warmup_steps=2"
+    validate(load_recipe(QUICK, ["train.steps=20", fix]), 1, check_files=False)
