@@ -335,8 +335,9 @@ class Task(nn.Module):
                 z1, z2 = vis["emb"]
             return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
         if kind == "hssl":
-            # the grid of the images trained on (data.image_size may differ from the model's)
-            h, w = batch["image"].shape[-2:]
+            # the grid of the images trained on (data.image_size may differ from the model's):
+            # the plain image, or with rendered views the first view, whose tokens it lifts
+            h, w = (batch.get("views") or [batch.get("image")])[0].shape[-2:]
             p = self.visual.cfg.patch_size
             lifted = translation_lift(vis["tokens"][0], (h // p, w // p), obj.window)
             if not obj.structure:

@@ -77,6 +77,26 @@ def test_hssl_objective_through_the_task_equals_the_loss_written_out():
         torch.testing.assert_close(loss, ref(f1, f2), atol=1e-6, rtol=1e-6)
 
 
+def test_hssl_lifts_the_first_view_when_the_source_renders_views():
+    """With data.views 2 (SimCLR and H-SSL on one source) a batch has views and no plain
+    image: H-SSL read the grid from batch["image"] (KeyError on the first step); it lifts the
+    first view, whose tokens it already used, as the loss written out on that view."""
+    from mmssl.models.lifting import translation_lift
+    from mmssl.objectives.hssl import HSSLLoss
+
+    model = mmssl.create_model("test_tiny_vit_local")
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.rand(5, 3, 48, 48, generator=gen) for _ in range(2)]
+    obj = ObjectiveConfig(type="hssl", source="digits", window=2)
+    torch.manual_seed(7)
+    aug = [torch.rand(5, 13, generator=gen) for _ in range(2)]
+    loss, _ = Task(model, {"h": obj})({"digits": {"views": views, "aug": aug}})
+    torch.manual_seed(7)
+    lifted = translation_lift(model.forward_features(views[0])["tokens"], (6, 6), 2)
+    f1, f2 = HSSLLoss(None, 0.1).sample(lifted)
+    torch.testing.assert_close(loss, HSSLLoss(None, 0.1)(f1, f2), atol=1e-6, rtol=1e-6)
+
+
 def test_hssl_recipe_needs_relative_positions(tmp_path):
     import pytest
 
