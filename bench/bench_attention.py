@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
 from mmssl.nn.attention import _use_matmul, matmul_attention  # noqa: E402
 
 # (label, batch, heads, tokens, causal)
@@ -58,7 +59,7 @@ def matmul(q, k, v, causal):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--reps", type=int, default=15)
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads, >= 1 (default: all cores)"

@@ -42,6 +42,7 @@ import time
 import numpy as np
 import torch
 
+from mmssl.cliargs import summary
 from mmssl.data import buffers
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import decode_image, find_image
@@ -213,7 +214,7 @@ def _has_numba() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--demo", default=None, help="demo-data dir (written if missing)")
     parser.add_argument("--samples", type=int, default=16384)
     # 2 px at least: torchvision's GaussianBlur (kernel 3) reflect-pads 1 px on each side

@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
+
 CONFIGS = [
     ("clip", "local_loss"),
     ("clip", "full"),
@@ -108,7 +110,7 @@ def run_config(loss: str, gather: str, global_batch: int, dim: int, world: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--global-batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--world-size", type=int, default=2)

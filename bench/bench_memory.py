@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
+
 HERE = Path(__file__).resolve().parent
 MB = 2**20
 
@@ -328,14 +330,19 @@ live tensors) but not the peak RSS."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--model", default="vit_s16", help="a registry name (vision tower needed)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=2, help="images per rank per step")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--stages", default="0,2,3")
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--impl", default="torch", help="optim.impl (deepspeed builds an extension)")
+    p.add_argument(
+        "--impl",
+        default="torch",
+        choices=["deepspeed", "torch", "foreach", "fused"],
+        help="optim.impl (deepspeed builds an extension)",
+    )
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--bucket-size", type=float, default=None, help="ZeRO bucket sizes")

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
+
 
 def caption_like_texts(n: int, seed: int = 0) -> list[str]:
     """Demo captions and pydoc sentences (<= 300 characters), shuffled."""
@@ -59,7 +61,7 @@ def median_rate(fn: Callable[[], object], n: int, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--num-texts", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--context-length", type=int, default=77)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from mmssl.cliargs import summary
+
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_SIZE = 2048
 
@@ -314,7 +316,7 @@ def base_parser(
 ) -> argparse.ArgumentParser:
     """The options every bench shares; a bench leaves out those it does not act on (False),
     so that they are refused rather than silently ignored."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(doc))
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads, >= 1 (default: all cores)"
     )

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
+
 KERNELS = (
     "aten::mm",
     "aten::_softmax",
@@ -127,7 +129,7 @@ def gpt_sides() -> dict[str, Side]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("model", choices=["vit", "clip", "gpt"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=12)

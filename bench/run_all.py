@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from mmssl.cliargs import summary
+
 HERE = Path(__file__).resolve().parent
 # step benches: name -> (script, fixed args); clip_web: the CLIP step on web-caption lengths
 STEP_BENCHES = {
@@ -225,7 +227,7 @@ def _data_targets(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=summary(__doc__))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--compile", action="store_true", help="add the compiled mmssl paths")
     p.add_argument(
