@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from mmssl.cliargs import summary
+from mmssl.train.recipe import OptimConfig
 
 HERE = Path(__file__).resolve().parent
 MB = 2**20
@@ -337,12 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--stages", default="0,2,3")
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument(
-        "--impl",
-        default="torch",
-        choices=["deepspeed", "torch", "foreach", "fused"],
-        help="optim.impl (deepspeed builds an extension)",
-    )
+    p.add_argument("--impl", default="torch", help="optim.impl (deepspeed builds an extension)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--bucket-size", type=float, default=None, help="ZeRO bucket sizes")
@@ -371,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(x not in ("fp32", "bf16") for x in precisions):
         print("error: --precision takes fp32,bf16", file=sys.stderr)
+        return 2
+    impls = typing.get_args(typing.get_type_hints(OptimConfig)["impl"])  # optim.impl values
+    if args.impl not in impls:
+        print(f"error: --impl takes one of {', '.join(impls)}, got {args.impl!r}", file=sys.stderr)
         return 2
     print(
         f"model {args.model} at {args.image_size} px, {args.batch} images x 2 views per rank, "

@@ -282,6 +282,7 @@ BAD_ARGS = [
     ("bench_memory", ["--model", "vit_s32", "--image-size", "48"], "error: --image-size must be a multiple of the patch size 32"),
     ("bench_memory", ["--steps", "0"], "error: --steps must be >= 1"),
     ("bench_memory", ["--ranks", "1"], "error: --ranks must be >= 2"),
+    ("bench_memory", ["--impl", "bogus"], "error: --impl takes one of deepspeed, torch, foreach, fused, got 'bogus'"),
     ("bench_clip", ["--batch", "1"], "error: --batch must be >= 2"),
     ("bench_clip", ["--model", "bogus"], "error: --model bogus: unknown open_clip model"),
     ("bench_clip", ["--threads", "0"], "error: --threads must be >= 1"),
