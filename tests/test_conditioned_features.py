@@ -8,6 +8,8 @@ neutral descriptor of DESCRIPTOR_V1."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -79,3 +81,51 @@ def test_captions_of_a_conditioned_model_read_the_neutral_features():
         want = model.generate_captions(images, 5, bos_id=1, temperature=0.0, cond=c)
         got = model.generate_captions(images, 5, bos_id=1, temperature=0.0)
     assert torch.equal(got, want)
+
+
+def test_the_features_digest_covers_the_condition_of_a_conditioned_backbone():
+    """A features file of a descriptor-conditioned backbone depends on the conditioner too:
+    its digest changes with it (a changed conditioner's features were accepted as the same
+    model's); an unconditioned model's digest is the vision weights' alone, as before."""
+    from mmssl.eval.features import vision_digest
+
+    model = _trained_like("test_tiny_vit_cond")
+    before = vision_digest(model)
+    with torch.no_grad():
+        model.conditioner.net[-1].bias.add_(0.5)
+    assert vision_digest(model) != before
+    plain = _trained_like("test_tiny_vit")
+    assert plain.image_condition(None) is None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(plain.visual.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert vision_digest(plain) == h.hexdigest()
+
+
+def test_a_finetuned_classifier_reloads_on_the_tower_load_encoder_gives(tmp_path):
+    """`mmssl eval finetune` saves the Classifier's weights; rebuilt on
+    `mmssl.load_encoder(EXPORT)` (whose tower carries the condition it was scored with) it
+    gives the scored logits, where the model's own tower (no condition) does not."""
+    from safetensors.torch import load_file, save_file
+
+    from mmssl.eval.finetune import Classifier
+
+    model = _trained_like("test_tiny_vit_cond")
+    save_pretrained(model, tmp_path / "export")
+    model = load_encoder(tmp_path / "export", tower="model")
+    clf = Classifier(model.standalone_vision(), 4).eval()  # as finetune builds it
+    with torch.no_grad():
+        clf.head.weight.normal_()
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp_path / "ft.safetensors")
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = clf.logits(images)
+        again = Classifier(load_encoder(tmp_path / "export"), 4).eval()
+        again.load_state_dict(load_file(tmp_path / "ft.safetensors"))
+        torch.testing.assert_close(again.logits(images), want, rtol=0, atol=0)
+        bare = Classifier(copy.deepcopy(model.visual), 4).eval()
+        bare.load_state_dict(load_file(tmp_path / "ft.safetensors"))
+        assert (bare.logits(images) - want).abs().max() > 1e-3

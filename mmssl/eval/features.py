@@ -184,15 +184,21 @@ MARKER = "mmssl_features"
 
 
 def vision_digest(model: MultimodalModel) -> str:
-    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes): recorded in a
-    features file, so that a task that pairs its embeddings with a model's text tower can
-    check they come from the same model."""
+    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes), and of the
+    condition its features take without one (`MultimodalModel.image_condition`: a backbone
+    conditioned on descriptors reads the conditioner's output too): recorded in a features
+    file, so that a task that pairs its embeddings with a model's text tower can check they
+    come from the same model."""
     import hashlib
 
     h = hashlib.sha256()
     for name, t in sorted(vision_tower(model).state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    with torch.no_grad():
+        cond = model.image_condition(None)
+    if cond is not None:  # nothing for other models: their digests are as before
+        h.update(b"condition;" + cond.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -197,7 +197,10 @@ def _images_and_labels(
 
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `finetune` task: writes results.json, summary.md and finetuned.safetensors under
-    args.out."""
+    args.out.  The last is the `Classifier`'s state_dict (visual.*, head.*); rebuilt as
+    `Classifier(mmssl.load_encoder(EXPORT), num_classes)` it gives the scored logits
+    (load_encoder's tower carries the condition a descriptor-conditioned backbone was
+    fine-tuned with)."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features, integer_labels
     from mmssl.eval.linear import sweep

@@ -14,8 +14,10 @@ c then enters the image model at one or more places, chosen by config:
 - prefix tokens prepended to the patch tokens (`vision.cond_tokens`).
 
 Every mode equals the unconditioned model at init (zero-initialised conditioning weights),
-and `cond=None` always gives the plain path, except prefix tokens: extra tokens take part in
-attention from the first step, so that mode is neutral only through `cond=None`.
+except prefix tokens: extra tokens take part in attention from the first step.  A
+`VisionEncoder` given cond=None runs the plain path; `MultimodalModel.forward_features`
+given none conditions a descriptor-conditioned backbone on the neutral descriptor, as
+training conditions a plain image (`MultimodalModel.image_condition`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ the saved weights, the tower really changed, and unlabelled shards are refused."
 
 from __future__ import annotations
 
-import copy
 import stat
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from test_eval_tasks import naive_samples
 
+import mmssl
 from mmssl.eval.cli import main, run_task
 from mmssl.eval.finetune import Classifier
 from mmssl.models.io import load_pretrained
@@ -40,7 +40,7 @@ def test_finetune_accuracy_matches_saved_weights(
         ]
     )
     model = load_pretrained(tiny_model_dir)
-    clf = Classifier(copy.deepcopy(model.visual), 3)
+    clf = Classifier(mmssl.load_encoder(tiny_model_dir), 3)  # as run()'s docstring says
     clf.load_state_dict(load_file(str(tmp_path / "finetuned.safetensors")))
     clf.eval()
     samples = naive_samples(test_shards)
