@@ -46,10 +46,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.data import buffers
 from mmssl.data.colorops import apply_color
 from mmssl.data.decode import compiled
 from mmssl.data.torchviews import _crop_resize
@@ -367,24 +365,3 @@ def make_views(
     return [x[k * b : (k + 1) * b] for k in range(num_views)], [
         d[k * b : (k + 1) * b] for k in range(num_views)
     ]
-
-
-def resize_center(images: list[Tensor], size: int) -> Tensor:
-    """The un-augmented image: shorter side to `size`, centre crop -> (B, 3, size, size).
-
-    Sizes and offsets follow torchvision's `Resize(size)` + `CenterCrop(size)`, which
-    open_clip's eval transform is: the longer side truncated (`int(size * long / short)`),
-    the crop offset `int(round((h - size) / 2))` (Python rounds halves to even)."""
-    out = buffers.empty(len(images), 3, size, size)
-    for i, im in enumerate(images):
-        h, w = int(im.shape[1]), int(im.shape[2])
-        if (h, w) == (size, size):
-            out[i] = im.float().div_(255.0)
-            continue
-        short, long = min(h, w), max(h, w)
-        resized = int(size * long / short)
-        nh, nw = (size, resized) if h <= w else (resized, size)
-        v = F.interpolate(im[None].float(), (nh, nw), mode="bilinear", antialias=size < short)[0]
-        t, l = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        out[i] = v[:, t : t + size, l : l + size].clamp_(0, 255).div_(255.0)
-    return out

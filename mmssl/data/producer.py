@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmssl.data.augment import AugmentConfig, make_views, resize_center
+from mmssl.data.augment import AugmentConfig, make_views
+from mmssl.data.center import resize_center
 from mmssl.data.decode import (
     BadSample,
     decode_fields,

@@ -43,7 +43,7 @@ class Preprocess:
 
     def __call__(self, images: list[Tensor]) -> Tensor:
         """uint8 (3, H, W) images -> float (B, 3, S, S)."""
-        from mmssl.data.augment import resize_center
+        from mmssl.data.center import resize_center
 
         x = resize_center(images, self.image_size)
         if self.mean is not None and self.std is not None:
