@@ -285,11 +285,11 @@ def find_image(files: dict[str, bytes]) -> bytes:
 
 
 def decode_text(files: dict[str, bytes], kind: str = "missing_caption") -> str:
-    """The caption / document text (utf-8); BadSample if missing, empty or undecodable."""
+    """The caption / document text (utf-8, a byte-order mark dropped); BadSample if missing, empty or undecodable."""
     for ext in TEXT_EXTS:
         if ext in files:
             try:
-                text = files[ext].decode("utf-8").strip()
+                text = files[ext].decode("utf-8-sig").strip()
             except UnicodeDecodeError as err:
                 raise BadSample("bad_text", str(err)) from None
             if not text:
@@ -321,7 +321,7 @@ def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str,
     meta: dict[str, Any] = {}
     if "json" in files:
         try:
-            meta = json.loads(files["json"].decode("utf-8"))
+            meta = json.loads(files["json"].decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BadSample("bad_json", str(err)) from None
         if not isinstance(meta, dict):

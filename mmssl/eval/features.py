@@ -81,7 +81,7 @@ def detect_fields(urls: list[str], left_out: list[str] | None = None) -> list[st
         if "json" not in files:
             return ["label"] if "cls" in files else []
         try:
-            meta = json.loads(files["json"].decode("utf-8"))
+            meta = json.loads(files["json"].decode("utf-8-sig"))
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -15,9 +15,11 @@ import pytest
 import torch
 from data_helpers import StubTokenizer, adam7_rows, png_bytes, png_flipped, png_with_data
 
+from mmssl.data.decode import decode_fields, decode_text
 from mmssl.data.errors import DataError
 from mmssl.data.pipeline import Source, build_pipeline
 from mmssl.data.shards import ShardWriter
+from mmssl.eval.features import detect_fields
 
 
 def _good(i: int) -> dict:
@@ -137,6 +139,23 @@ def test_missing_and_bad_json_field(tmp_path):
     keys, skipped = _run(str(tmp_path / "j-{000000..000001}.tar"), json_fields=("i",), n=3)
     assert skipped.get("missing_field", 0) >= 1 and skipped.get("bad_json", 0) >= 1
     assert {"g0001", "g0002", "g0004"}.isdisjoint(keys) and "g0003" in keys
+
+
+def test_a_byte_order_mark_before_json_or_a_caption_is_dropped(tmp_path):
+    """Windows tools write UTF-8 with a byte-order mark: json.loads refused the str
+    ("Unexpected UTF-8 BOM") and the caption kept U+FEFF as its first character."""
+    bom = b"\xef\xbb\xbf"
+    files = {"json": bom + b'{"label": 3}', "txt": bom + b"a red digit"}
+    assert decode_fields(files, ("label",)) == {"label": 3}
+    assert decode_text(files) == "a red digit"
+    w = ShardWriter(str(tmp_path), "b", max_count=4)
+    for i in range(4):
+        w.write({**_good(i), "json": bom + b'{"label": %d}' % i})
+    w.close()
+    urls = [str(tmp_path / "b-000000.tar")]
+    assert detect_fields(urls) == ["label"]
+    keys, skipped = _run(urls[0], json_fields=("label",), n=1)
+    assert not skipped and len(keys) == 4
 
 
 @pytest.mark.parametrize("value", [b"NaN", b"-Infinity", b"1e400"])
