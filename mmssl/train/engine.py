@@ -32,6 +32,7 @@ RECIPE_KEYS = (
     "optimizer",
     "scheduler",
     "bf16",
+    "bfloat16",  # DeepSpeed's older name of bf16: compared with the bf16 the recipe sets
     "fp16",
     "amp",
     "torch_autocast",  # the recipe's `precision` decides the dtypes
@@ -171,15 +172,24 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     for key in RECIPE_KEYS:
         if key not in data:
             continue
-        if key in ("scheduler", "amp", "torch_autocast") or not _same(data[key], injected.get(key)):
+        ours = injected.get("bf16" if key == "bfloat16" else key)
+        if key in ("scheduler", "amp", "torch_autocast") or not _same(data[key], ours):
             raise ConfigError(
                 f"{path}: {key!r} conflicts with the recipe ({json.dumps(data[key])} vs "
-                f"{json.dumps(injected.get(key))}); remove it, the recipe sets it"
+                f"{json.dumps(ours)}); remove it, the recipe sets it"
             )
     out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **data, **injected}
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage}")
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage!r}")
+    for key, least in (("offload_optimizer", 1), ("offload_param", 3)):
+        # DeepSpeed ignores an offload below the stage that implements it
+        section = out.get("zero_optimization", {}).get(key) or {}
+        if section.get("device", "none") != "none" and stage < least:
+            raise ConfigError(
+                f"{path}: zero_optimization.{key} needs stage {least} or above (got stage "
+                f"{stage}), where DeepSpeed would train without it; raise the stage or remove it"
+            )
     return out
 
 

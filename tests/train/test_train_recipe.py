@@ -105,6 +105,7 @@ def test_deepspeed_json_conflict(
         "optimizer": {"type": "Adam", "params": {"lr": 0.1}},
         "scheduler": {"type": "WarmupLR"},
         "bf16": {"enabled": True},
+        "bfloat16": {"enabled": True},  # DeepSpeed's older name: trained in fp32 unrefused
         "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
     }
     for key, value in conflicts.items():
@@ -135,6 +136,21 @@ def test_deepspeed_json_conflict(
         path.write_text(json.dumps(body))
         with pytest.raises(ConfigError, match=re.escape(says)):
             deepspeed_config(recipe, 2)
+    # an offload below the stage that implements it: DeepSpeed trains without it
+    for zero, says in [
+        ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer needs stage 1"),
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs stage 3"),
+        ({"stage": "2"}, "must be 0..3, got '2'"),
+    ]:
+        path.write_text(json.dumps({"zero_optimization": zero}))
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            deepspeed_config(recipe, 2)
+    for zero in (
+        {"stage": 0, "offload_optimizer": {"device": "none"}},
+        {"stage": 1, "offload_optimizer": {"device": "cpu"}},
+    ):
+        path.write_text(json.dumps({"zero_optimization": zero}))
+        assert deepspeed_config(recipe, 2)["zero_optimization"] == zero
     path.write_bytes(b'{"zero_optimization": {"stage": 2}} \xff')
     with pytest.raises(ConfigError, match="not UTF-8"):
         deepspeed_config(recipe, 2)
