@@ -125,7 +125,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warmup from 0, then cosine decay to `lr * min_lr_ratio` at `train.steps`."""
+    """Linear warmup from 0, then cosine decay to `lr * min_lr_ratio` at `train.steps`
+    (kind "constant": lr after the warmup, no min_lr_ratio)."""
 
     kind: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
@@ -367,6 +368,11 @@ def check_ranges(recipe: Recipe) -> None:
         )
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if s.kind == "constant" and s.min_lr_ratio:  # the constant schedule never reads it
+        raise ConfigError(
+            f"schedule.min_lr_ratio={s.min_lr_ratio} has no effect with schedule.kind=constant; "
+            "use kind=cosine to decay, or remove it"
+        )
     if len(recipe.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs 2 numbers, got {recipe.optim.betas}")
     if recipe.checkpoint.every < 0 or recipe.checkpoint.keep_last < 1:
@@ -393,6 +399,11 @@ def _check_eval(recipe: Recipe) -> None:
 
     ev, sources = recipe.eval, recipe.data.sources
     read = {o.source for o in recipe.objectives.values()} | set(ev.sources.values())
+    for train_src, held_out in ev.sources.items():  # first: a typo here makes the real one unread
+        if held_out not in sources:
+            raise ConfigError(
+                f"eval.sources.{train_src}: no data source {held_out!r}{suggest(held_out, sources)}"
+            )
     for name in sources:
         if name not in read:  # often a mistyped key: data.sources.trian.mode=epoch
             raise ConfigError(
@@ -406,8 +417,6 @@ def _check_eval(recipe: Recipe) -> None:
                 f"a held-out source, got {sorted(ev.sources)}"
             )
         for train_src, held_out in ev.sources.items():
-            if held_out not in sources:
-                raise ConfigError(f"eval.sources.{train_src}: no data source {held_out!r}")
             if sources[held_out].kind != sources[train_src].kind:
                 raise ConfigError(
                     f"eval.sources.{train_src}: {held_out!r} is a "

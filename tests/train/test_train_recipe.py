@@ -78,6 +78,23 @@ def test_wrong_type(base: list[str], capsys: pytest.CaptureFixture[str], tmp_pat
     assert "precision" in err
 
 
+def test_a_setting_the_schedule_does_not_read_is_refused(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # the constant schedule held lr after its warmup and dropped the ratio without a word
+    err = _bad([*base, "schedule.kind=constant", "schedule.min_lr_ratio=0.5"], capsys, tmp_path)
+    assert "schedule.min_lr_ratio=0.5 has no effect with schedule.kind=constant" in err
+
+
+def test_a_mistyped_held_out_source_is_named_before_the_source_it_leaves_unread(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # it said "data.sources.digits_test: no objective or eval.sources reads it (did you mean
+    # 'digits_tst'?)", inviting the user to rename the right source to the typo
+    err = _bad([*base, "eval.sources.digits=digits_tst"], capsys, tmp_path)
+    assert "eval.sources.digits: no data source 'digits_tst' (did you mean 'digits_test'?)" in err
+
+
 def test_batch_not_divisible(
     base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
