@@ -417,8 +417,8 @@ class Task(nn.Module):
         # siglip objective's own scale and bias (the model's is unused there)
         for key, loss_fn in self.losses.items():
             if isinstance(loss_fn, _ModelScaleClipLoss) and self.model.logit_scale is not None:
-                scale = self.model.logit_scale.detach().float().exp()
-                metrics["logit_scale"] = scale.reshape(())
+                # the multiplier the loss uses: clamped at max_logit_scale, as exported
+                metrics["logit_scale"] = loss_fn.scale().detach().reshape(())
             elif isinstance(loss_fn, SigLipLoss):
                 metrics[f"logit_scale/{key}"] = (
                     loss_fn.logit_scale.detach().float().exp().reshape(())

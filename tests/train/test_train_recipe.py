@@ -282,6 +282,11 @@ def test_metrics_report_the_temperatures_that_train() -> None:
     want = clip.model.logit_scale.detach().exp().item()
     assert metrics["logit_scale"].item() == pytest.approx(want)
     assert not [k for k in metrics if k.startswith("logit_bias")]
+    # past the clamp the logged scale is the one the loss uses, as open_clip's (it logged 150)
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(math.log(150.0))
+    _, metrics = clip(batch)
+    assert metrics["logit_scale"].item() == pytest.approx(100.0)
 
 
 def test_warmup_cosine_values() -> None:
