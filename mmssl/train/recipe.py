@@ -76,7 +76,9 @@ class DataConfig:
     std: list[float] | None = None
     tokenizer: str = "default"
     context_length: int | None = None  # None: the model's text context_length
-    workers: int = 0  # data-loader worker processes per rank
+    # data-loader worker processes per rank; max(1, workers) slots each read their own run
+    # of the shards, so the count changes the order of the batches (0 and 1 agree)
+    workers: int = 0
     seed: int = 0
 
 
