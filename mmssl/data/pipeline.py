@@ -147,7 +147,8 @@ def _resolve(
                 else:
                     raise DataError(
                         f"epoch mode needs sample counts: {u} has no manifest.json entry; "
-                        f"write one (mmssl shards does) or set Source.epoch_batches"
+                        f"write one (mmssl shards does) or set the source's epoch_batches (in a recipe: "
+                        f"data.sources.NAME.epoch_batches), or use resampled mode"
                     )
             n_batches = sum(counts) // (world * batch)
         damage = dict(skipped.counts)

@@ -103,7 +103,8 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
             what = f"no {err}" if isinstance(err, KeyError) else str(err)
             raise DataError(
                 f"{path} is not a shard manifest ({what}); epoch mode takes the sample counts "
-                f"from it: move it away (the shards are then counted) or set Source.epoch_batches"
+                f"from it: move it away (the shards are then counted) or set the source's "
+                f"epoch_batches (in a recipe: data.sources.NAME.epoch_batches)"
             ) from None
     return counts
 

@@ -54,6 +54,11 @@ def check_shard_counts(recipe: Recipe, world_size: int) -> None:
     slots = world_size * workers
     for name in _streamed(recipe):
         src = recipe.data.sources[name]
+        if src.epoch_batches is not None and (src.mode != "epoch" or src.epoch_batches < 1):
+            raise ConfigError(
+                f"data.sources.{name}.epoch_batches must be >= 1 and needs mode=epoch, got "
+                f"{src.epoch_batches} with mode={src.mode}"
+            )
         if src.urls == "synthetic":
             continue
         shards = len(_source_urls(name, src.urls))

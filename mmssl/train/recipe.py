@@ -60,6 +60,9 @@ class SourceConfig:
     mode: Literal["resampled", "epoch"] = "resampled"
     shuffle: int = 256  # block-shuffle window in samples (1: no shuffle)
     context_length: int | None = None  # None: data.context_length
+    # epoch mode: batches per rank in an epoch, for shards without a manifest (pipe: URLs);
+    # None: counted from the manifest or the shards
+    epoch_batches: int | None = None
 
 
 @dataclass

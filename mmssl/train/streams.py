@@ -265,7 +265,7 @@ def build_stream(
     )
     try:
         loader = build_pipeline(
-            sources=[Source(src.urls, kind=src.kind, name=name)],
+            sources=[Source(src.urls, kind=src.kind, name=name, epoch_batches=src.epoch_batches)],
             batch_size=batch,
             mode=src.mode,
             seed=seed,

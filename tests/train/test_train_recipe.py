@@ -451,3 +451,30 @@ def test_validate_with_a_world_size_but_no_rank_prints_the_error(
     monkeypatch.delenv("RANK", raising=False)
     err = _bad([*base, "--validate", "train.stpes=3"], capsys, tmp_path / "runs")
     assert "'train.stpes'" in err and "[rank" not in err
+
+
+def test_epoch_mode_over_pipes_takes_the_recipes_epoch_batches(
+    demo_data: str, tmp_path: Path
+) -> None:
+    """pipe: shards have no manifest to count: the error advised `Source.epoch_batches`, which
+    a recipe could not set ("unknown key"); data.sources.NAME.epoch_batches is that length."""
+    from mmssl.data.errors import DataError
+    from mmssl.train.streams import build_stream
+
+    pipes = f"pipe:cat {demo_data}/digits/train-{{000000..000003}}.tar"
+    args = [*tiny_overrides(demo_data, str(tmp_path), "p"), f"data.sources.digits.urls={pipes}"]
+    recipe = load_recipe(QUICK, [*args, "data.sources.digits.mode=epoch"])
+    model_cfg = validate(recipe, 1, check_files=False).model
+    with pytest.raises(DataError, match=re.escape("data.sources.NAME.epoch_batches")):
+        build_stream("digits", recipe.data.sources["digits"], recipe, model_cfg, 0, 1)
+    recipe = load_recipe(
+        QUICK, [*args, "data.sources.digits.mode=epoch", "data.sources.digits.epoch_batches=3"]
+    )
+    stream = build_stream("digits", recipe.data.sources["digits"], recipe, model_cfg, 0, 1)
+    assert len(stream.loader) == 3
+    for bad in (
+        ["data.sources.digits.mode=epoch", "data.sources.digits.epoch_batches=0"],
+        ["data.sources.digits.epoch_batches=3"],
+    ):
+        with pytest.raises(ConfigError, match="epoch_batches must be >= 1 and needs mode=epoch"):
+            validate(load_recipe(QUICK, [*args, *bad]), 1, check_files=False)
