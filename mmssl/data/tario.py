@@ -2,14 +2,17 @@
 
 A sample is the run of consecutive tar members that share a key (the member path up to
 the first dot of its basename, as in webdataset and img2dataset), e.g. `000123.png`,
-`000123.txt`, `000123.json` -> key `000123`, files {png, txt, json}.  A gzip-compressed
-shard (`.tar.gz`, `.tgz`: any file or command output that starts with gzip's magic bytes)
-is read through gzip, as webdataset reads it.
+`000123.txt`, `000123.json` -> key `000123`, files {png, txt, json}.  A compressed shard
+(gzip, bzip2 or xz: any file or command output that starts with their magic bytes, as
+`.tar.gz`, `.tar.bz2`, `.tar.xz` do) is read through its decompressor, as webdataset
+(tarfile's "r|*") reads it; a zstd one is a counted bad_tar that says how to read it.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 import subprocess
 import tempfile
@@ -313,17 +316,26 @@ class TarReader:
             return name, size, is_file
 
 
-def _gunzip(stream: IO[bytes] | _Pipe) -> gzip.GzipFile | None:
-    """A gzip reader of `stream` (buffered, so peek does not consume) when it starts with
-    gzip's magic bytes, else None.  Resume skips whole samples, never seeks to a byte
-    offset, so the decompressed stream serves it as a plain tar does."""
+_ZSTD = b"\x28\xb5\x2f\xfd"
+
+
+def _decompressed(stream: IO[bytes] | _Pipe) -> IO[bytes] | None:
+    """A gzip, bzip2 or xz reader of `stream` (buffered, so peek does not consume) when it
+    starts with that format's magic bytes, else None.  Resume skips whole samples, never
+    seeks to a byte offset, so the decompressed stream serves it as a plain tar does."""
     try:
-        head = stream.peek(2)[:2]  # type: ignore[union-attr]  # open(..., "rb") and _Pipe have it
+        head = stream.peek(6)[:6]  # type: ignore[union-attr]  # open(..., "rb") and _Pipe have it
     except OSError:
         return None  # the reader's first read meets the error and counts it
-    if head != b"\x1f\x8b":
-        return None
-    return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]  # has read()
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]  # has read()
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(stream, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(_ZSTD):  # no zstd in this Python's standard library
+        raise TarDamage("a zstd-compressed tar: decompress it or read it as 'pipe:zstd -dc FILE'")
+    return None
 
 
 def iter_shard(
@@ -337,7 +349,7 @@ def iter_shard(
     shard are counted too.  A sample whose key repeats the previous sample's (a file
     extension seen twice) is skipped and counted as `duplicate_key`: merged, it would
     lose one sample's files silently.  Skipped samples' data is seeked over, not read
-    (decompressed and dropped, in a gzip shard).
+    (decompressed and dropped, in a compressed shard).
     """
     pipe: _Pipe | None = None
     try:
@@ -354,8 +366,12 @@ def iter_shard(
     problem: tuple[str, str] | None = None  # counted once the shard is closed
     finished = False
     try:
-        gz = _gunzip(pipe if pipe is not None else stream)
-        # gzip has no random access: data to skip is decompressed and read past
+        try:
+            gz = _decompressed(pipe if pipe is not None else stream)
+        except TarDamage as err:  # compressed in a format this reader has no decompressor of
+            problem = ("bad_tar", str(err))
+            return  # (a pipe's command is stopped, its broken pipe not counted)
+        # a compressed stream has no random access: data to skip is decompressed and read past
         tar = TarReader(gz or stream, seekable=pipe is None and gz is None)
         key: str | None = None
         files: dict[str, bytes] = {}
@@ -401,10 +417,10 @@ def iter_shard(
                 problem = ("empty_shard", "") if empty else ("bad_tar", str(err))
             else:
                 problem = ("truncated_tar", str(err))
-        except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # damaged gzip stream
+        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as err:  # damaged
             key = None
             kind = "bad_tar" if tar.pos == 0 else "truncated_tar"
-            problem = (kind, f"gzip: {err}")
+            problem = (kind, f"{type(gz).__name__}: {err}")
         except OSError as err:
             key = None
             problem = ("truncated_tar", str(err))
