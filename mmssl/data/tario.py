@@ -22,6 +22,8 @@ from typing import IO
 
 from mmssl.data.errors import DataError, SkipCounter
 
+Decompressed = gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile  # a compressed shard's reader
+
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Brace-expand one pattern or a list of them (`::` also separates patterns, see
@@ -226,7 +228,7 @@ class TarReader:
     raises TarDamage where tarfile would stop (bad or cut header, data cut short).
     """
 
-    def __init__(self, stream: IO[bytes] | gzip.GzipFile | _Pipe, seekable: bool) -> None:
+    def __init__(self, stream: IO[bytes] | Decompressed | _Pipe, seekable: bool) -> None:
         self.read = stream.read
         self.seek = stream.seek if seekable else None  # type: ignore[union-attr]
         self.pos = 0
@@ -319,7 +321,7 @@ class TarReader:
 _ZSTD = b"\x28\xb5\x2f\xfd"
 
 
-def _decompressed(stream: IO[bytes] | _Pipe) -> IO[bytes] | None:
+def _decompressed(stream: IO[bytes] | _Pipe) -> Decompressed | None:
     """A gzip, bzip2 or xz reader of `stream` (buffered, so peek does not consume) when it
     starts with that format's magic bytes, else None.  Resume skips whole samples, never
     seeks to a byte offset, so the decompressed stream serves it as a plain tar does."""
@@ -330,7 +332,7 @@ def _decompressed(stream: IO[bytes] | _Pipe) -> IO[bytes] | None:
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]  # has read()
     if head.startswith(b"BZh"):
-        return bz2.BZ2File(stream, mode="rb")  # type: ignore[arg-type]
+        return bz2.BZ2File(stream, mode="rb")  # type: ignore[call-overload]  # has read()
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(stream, mode="rb")  # type: ignore[arg-type]
     if head.startswith(_ZSTD):  # no zstd in this Python's standard library
