@@ -174,7 +174,7 @@ class _Worker:
                 cap = decode_text(files) if texts else ""
                 meta = decode_fields(files, json_fields) if json_fields else None
             except BadSample as bad:
-                self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
+                stream.count_bad(bad.kind, f"{url}:{key}", bad.detail)
                 continue
             mark_good()
             images.append(img)
@@ -222,7 +222,7 @@ class _Worker:
                 try:
                     text = decode_text(files, "missing_text")
                 except BadSample as bad:
-                    self.counter.add(bad.kind, f"{url}:{key}", bad.detail)
+                    stream.count_bad(bad.kind, f"{url}:{key}", bad.detail)
                     continue
                 stream.mark_good()
                 return key, text, before, self._doc_span(src.name, stream)

@@ -38,6 +38,8 @@ from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.tario import iter_shard
 
 _DRAW_BLOCK = 1024
+_UNCOUNTED = SkipCounter()  # what re-reads of an epoch report to: counted on the first read
+_UNCOUNTED.enabled = False
 
 
 class ShardSequence:
@@ -186,7 +188,10 @@ class RawStream:
             shard = self.seq[self.k]
             start, stop = self.seq.span(self.k)
             if self._it is None:
-                self._it = iter_shard(self.urls[shard], self.counter, skip=start + self.offset)
+                # a later pass re-reads samples whose damage the first pass counted (this
+                # slot's own, or another slot's when reading all shards)
+                counter = self.counter if self.pass_of(self.k) == 0 else _UNCOUNTED
+                self._it = iter_shard(self.urls[shard], counter, skip=start + self.offset)
             done = stop is not None and start + self.offset >= stop
             item = None if done else next(self._it, None)
             if item is not None:
@@ -313,6 +318,12 @@ class SampleStream:
     def mark_good(self) -> None:
         """Report that the last sample from `next()` decoded (see the class docstring)."""
         self._good = True
+
+    def count_bad(self, kind: str, where: str, detail: str = "") -> None:
+        """Count the last sample from `next()` as bad, unless it is a re-read (an epoch's
+        later pass: counted when first read, so the count is the bad samples of the data)."""
+        if self.raw.pass_of(self.at[0]) == 0:
+            self.counter.add(kind, where, detail)
 
     def state(self, before_next: bool = False) -> dict[str, Any]:
         """The position; `before_next`: taken right before a `next()` whose sample will be
