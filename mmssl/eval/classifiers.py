@@ -1,8 +1,12 @@
 """Classifiers on frozen features: logistic regression, nearest prototype, weighted kNN.
 
-Every function takes support features (N, D), labels (N,) and query features (M, D) and
-returns predicted labels (M,).  Features are L2-normalised inside, so the three methods see
-the same geometry (cosine).
+Every `*_scores` function takes support features (N, D), labels (N,) and query features
+(M, D) and returns the support's classes (C,) (sorted) with a score per query and class
+(M, C); `predict` turns scores into labels (M,), with ties against the model when the
+query's true labels are given (`metrics.predictions`: a collapsed encoder whose classes all
+score equal is wrong everywhere, whatever its labels are called), and `logistic`,
+`prototype` and `knn` are the label-free predictions.  Features are L2-normalised inside,
+so the three methods see the same geometry (cosine).
 
 Logistic regression is scikit-learn's multinomial `LogisticRegression` (L-BFGS) with an
 L2 penalty written as a weight decay: loss = mean cross-entropy + weight_decay / 2 * |W|^2,
@@ -12,11 +16,14 @@ i.e. C = 1 / (weight_decay * N).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmssl.eval.metrics import predictions
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -38,37 +45,70 @@ def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, max_iter: int = 1000
     return clf
 
 
+def logistic_decision(clf: object, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(classes (C,), scores (M, C)) of a fitted `fit_logistic` model on x (M, D): its
+    decision function, a binary model's one column d as scores (0, d) (scikit-learn predicts
+    the second class where d > 0)."""
+    fitted: Any = clf
+    d = torch.from_numpy(np.asarray(fitted.decision_function(_norm(x).numpy()))).double()
+    if d.ndim == 1:
+        d = torch.stack([torch.zeros_like(d), d], dim=1)  # (M, 2)
+    return torch.from_numpy(np.asarray(fitted.classes_)).long(), d
+
+
 def predict_logistic(clf: object, x: Tensor) -> Tensor:
     """Labels (M,) predicted by a fitted `fit_logistic` model."""
-    return torch.from_numpy(np.asarray(clf.predict(_norm(x).numpy()))).long()  # type: ignore[attr-defined]
+    return predict(*logistic_decision(clf, x))
 
 
-def logistic(x: Tensor, y: Tensor, query: Tensor, weight_decay: float = 1e-3) -> Tensor:
-    """Fit on (x, y), predict query; a single-class support predicts that class everywhere."""
+def predict(classes: Tensor, scores: Tensor, labels: Tensor | None = None) -> Tensor:
+    """classes (C,) sorted, scores (M, C) -> predicted labels (M,): the best-scoring class;
+    given the true labels (M,), a label tied at the top is not predicted (ties count against
+    the model, `metrics.predictions`), and a label that is none of `classes` is never hit."""
+    if labels is None:
+        return classes[scores.argmax(1)]
+    labels = torch.as_tensor(labels).long()
+    column = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
+    known = classes[column] == labels
+    tied_against = classes[predictions(scores, torch.where(known, column, 0))]
+    return torch.where(known, tied_against, classes[scores.argmax(1)])
+
+
+def logistic_scores(
+    x: Tensor, y: Tensor, query: Tensor, weight_decay: float = 1e-3
+) -> tuple[Tensor, Tensor]:
+    """(classes (C,), scores (M, C)) of logistic regression fit on (x, y); a single-class
+    support scores its class alone (there is nothing to fit)."""
     y = torch.as_tensor(y).long()
     if len(torch.unique(y)) == 1:
-        return torch.full((len(query),), int(y[0]), dtype=torch.long)
-    return predict_logistic(fit_logistic(x, y, weight_decay), query)
+        return y[:1].clone(), torch.zeros(len(query), 1, dtype=torch.float64)
+    return logistic_decision(fit_logistic(x, y, weight_decay), query)
 
 
-def prototype(x: Tensor, y: Tensor, query: Tensor) -> Tensor:
-    """Nearest class mean by cosine: the prototype of a class is its normalised mean feature."""
+def prototype_scores(x: Tensor, y: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    """(classes (C,), cosine (M, C) of each query to each class prototype: the normalised
+    mean feature of the class)."""
     xs, q = _norm(x), _norm(query)
     y = torch.as_tensor(y).long()
     classes = torch.unique(y)  # sorted
     protos = torch.stack([xs[y == c].mean(0) for c in classes])  # (C, D)
-    sim = q @ F.normalize(protos, dim=-1).T  # (M, C)
-    return classes[sim.argmax(1)]
+    return classes, q @ F.normalize(protos, dim=-1).T  # (M, C)
 
 
-def knn(x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0.07) -> Tensor:
-    """Weighted kNN (as in DINO's evaluation): each of the k most cosine-similar support
-    samples votes for its class with weight exp(similarity / temperature)."""
+def knn_scores(
+    x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0.07
+) -> tuple[Tensor, Tensor]:
+    """(classes (C,), votes (M, C)) of weighted kNN (as in DINO's evaluation): each of the k
+    most cosine-similar support samples votes for its class with weight
+    exp(similarity / temperature).  Among support samples at the same similarity the earlier
+    ones are the neighbours (a stable order, so the same votes on every run)."""
     xs, q = _norm(x), _norm(query)
     y = torch.as_tensor(y).long()
     k = min(k, len(y))
     sim = q @ xs.T  # (M, N)
-    top, idx = sim.topk(k, dim=1)  # (M, k), each row sorted: column 0 is its largest
+    # topk picks among equal similarities in no documented order
+    top, idx = sim.sort(dim=1, descending=True, stable=True)
+    top, idx = top[:, :k], idx[:, :k]  # (M, k), each row sorted: column 0 is its largest
     # exp((s - s_max) / T): the same weights up to one factor per row, so the same votes,
     # and never inf -- exp(s / T) is inf for every neighbour once T < ~0.0014 (s up to 1)
     weights = ((top - top[:, :1]) / temperature).exp()
@@ -77,4 +117,19 @@ def knn(x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0
     classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's
     votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
     votes.scatter_add_(1, column[idx], weights)
-    return classes[votes.argmax(1)]
+    return classes, votes
+
+
+def logistic(x: Tensor, y: Tensor, query: Tensor, weight_decay: float = 1e-3) -> Tensor:
+    """Labels (M,) predicted by `logistic_scores` (a single-class support: that class)."""
+    return predict(*logistic_scores(x, y, query, weight_decay))
+
+
+def prototype(x: Tensor, y: Tensor, query: Tensor) -> Tensor:
+    """Labels (M,) of the nearest class prototype by cosine (`prototype_scores`)."""
+    return predict(*prototype_scores(x, y, query))
+
+
+def knn(x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0.07) -> Tensor:
+    """Labels (M,) with the most kNN votes (`knn_scores`)."""
+    return predict(*knn_scores(x, y, query, k, temperature))

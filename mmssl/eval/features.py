@@ -3,7 +3,8 @@
 Writes `features` (N, D) pooled vision features, `embeddings` (N, E) projected image
 embeddings (when the model has a projection), `sample_index` (N,), one (N,) tensor per json field
 (`label`, `digit`, ...), and in the safetensors metadata the sample keys (JSON), the model
-directory and the sha256 of its vision weights (`eval zeroshot` on the file checks it).
+directory, the sha256 of its vision weights and the image preprocessing (size, mean, std)
+the features were extracted with (the tasks that read the file check both against --model).
 The tasks that read such a file take labels only from the json fields its metadata lists
 under `fields` (a file without that record: any tensor but features, embeddings and
 sample_index), and only whole-number values, like the same split read from shards.
@@ -28,7 +29,7 @@ from mmssl import distributed
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls, shards_hint
-from mmssl.eval.loading import EvalError, vision_tower
+from mmssl.eval.loading import EvalError, Loaded, vision_tower
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -202,14 +203,62 @@ def vision_digest(model: MultimodalModel) -> str:
     return h.hexdigest()
 
 
-def check_vision_digest(path: str, metadata: dict[str, str], model: MultimodalModel) -> None:
-    """EvalError unless the features file `path` (with its `metadata`) holds features of
-    `model`'s vision tower; a file written before the digest was recorded passes."""
+def preprocess_record(preprocess: Preprocess) -> str:
+    """The image preprocessing as a features file records it: JSON {image_size, mean, std}
+    (mean and std null when images are not normalised)."""
+
+    def floats(v: tuple[float, ...] | None) -> list[float] | None:
+        return None if v is None else [float(x) for x in v]
+
+    return json.dumps(
+        {
+            "image_size": int(preprocess.image_size),
+            "mean": floats(preprocess.mean),
+            "std": floats(preprocess.std),
+        }
+    )
+
+
+def check_vision_digest(path: str, metadata: dict[str, str], loaded: Loaded) -> None:
+    """EvalError unless the features file `path` (with its `metadata`) holds features of the
+    loaded model's vision tower on images prepared as it prepares them (`Loaded.preprocess`):
+    the same weights on images of another size or normalisation give other features.  A file without
+    a digest (hand-written, or from before it was recorded) passes; a file with a digest but
+    no preprocessing record (from before that was recorded) cannot be checked and is refused."""
     recorded = metadata.get("vision_sha256")
-    if recorded is not None and recorded != vision_digest(model):
+    if recorded is None:
+        return
+    if recorded != vision_digest(loaded.model):
         raise EvalError(
             f"{path} holds the features of another vision tower than --model's (extracted "
             f"with {metadata.get('model')}); extract them with this model"
+        )
+    if "preprocess" not in metadata:
+        raise EvalError(
+            f"{path} does not record the image preprocessing its features were extracted with "
+            "(written by an older mmssl), so it cannot be checked against --model's; extract "
+            "them again with `mmssl features`"
+        )
+    try:
+        theirs = json.loads(metadata["preprocess"])
+    except ValueError:
+        theirs = None
+    ours = json.loads(preprocess_record(loaded.preprocess))
+    if not isinstance(theirs, dict):
+        raise EvalError(
+            f"{path}: its preprocessing record {metadata['preprocess']!r} is damaged; extract "
+            "the features again with `mmssl features`"
+        )
+    differ = [
+        f"{k} {json.dumps(theirs.get(k))} in the file, {json.dumps(ours[k])} for --model"
+        for k in ours
+        if theirs.get(k) != ours[k]
+    ]
+    if differ:
+        raise EvalError(
+            f"{path} holds features of images prepared otherwise than --model prepares them "
+            f"({'; '.join(differ)}; extracted with {metadata.get('model')}): its features "
+            "would not match this model's; extract them again with `mmssl features`"
         )
 
 
@@ -385,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "model": str(loaded.model_dir),
                     "vision_sha256": vision_digest(loaded.model),
+                    "preprocess": preprocess_record(loaded.preprocess),
                     "data": args.data,
                     "fields": ",".join(fields),
                 },

@@ -66,15 +66,15 @@ def sample_support(y: Tensor, k: int, seed: int) -> Tensor:
 
 def method_fn(
     name: str, weight_decay: float, knn_k: int, temperature: float
-) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
     """The classifier of few-shot method `name`: fn(support x (K, D), y (K,), queries (Q, D))
-    -> predicted labels (Q,); EvalError for an unknown name."""
+    -> (classes (C,), scores (Q, C)); EvalError for an unknown name."""
     if name == "logistic":
-        return lambda x, y, q: classifiers.logistic(x, y, q, weight_decay)
+        return lambda x, y, q: classifiers.logistic_scores(x, y, q, weight_decay)
     if name == "prototype":
-        return classifiers.prototype
+        return classifiers.prototype_scores
     if name == "knn":
-        return lambda x, y, q: classifiers.knn(x, y, q, knn_k, temperature)
+        return lambda x, y, q: classifiers.knn_scores(x, y, q, knn_k, temperature)
     raise EvalError(f"unknown few-shot method {name!r}; choose from {', '.join(METHODS)}")
 
 
@@ -91,7 +91,8 @@ def evaluate(
     knn_k: int = 20,
     temperature: float = 0.07,
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """{method: {k: {"mean", "std", "runs"}}} top-1 accuracy on the test split."""
+    """{method: {k: {"mean", "std", "runs"}}} top-1 accuracy on the test split, ties
+    against the model (`classifiers.predict`)."""
     if len(train_y) == 0 or len(test_y) == 0:
         raise EvalError("few-shot needs non-empty train and test splits")
     if any(k < 1 for k in shots):
@@ -113,7 +114,10 @@ def evaluate(
             idx = sample_support(train_y, k, seed)
             x, y = train_x[idx], torch.as_tensor(train_y).long()[idx]
             for m, fn in fns.items():
-                runs[m].append(float((fn(x, y, test_x) == test_y).double().mean()))
+                # ties count against the model, as in zero-shot: a collapsed encoder's equal
+                # scores gave the smallest label id, a score set by how classes are named
+                pred = classifiers.predict(*fn(x, y, test_x), test_y)
+                runs[m].append(float((pred == test_y).double().mean()))
         for m in methods:
             r = runs[m]
             out[m][k] = {"mean": statistics.fmean(r), "std": statistics.pstdev(r), "runs": r}
@@ -143,13 +147,16 @@ def repeats(values: Sequence[Any]) -> list[str]:
 
 
 def parse_list(text: str, name: str, kind: Callable[[str], Any], what: str) -> list[Any]:
-    """Comma-separated values of option `name`, each converted by `kind`; EvalError if one
-    does not convert (`what`: "integers", ...) or one repeats: results are keyed by value, so
-    a repeat overwrote the first (or was dropped) and its summary row or column appeared twice."""
+    """Comma-separated values of option `name`, each converted by `kind`; EvalError if there
+    are none (the task ran nothing and reported empty results), if one does not convert
+    (`what`: "integers", ...) or one repeats: results are keyed by value, so a repeat
+    overwrote the first (or was dropped) and its summary row or column appeared twice."""
     try:
         values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise EvalError(f"{name} must be comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise EvalError(f"{name} is empty (got {text!r}): give one or more comma-separated {what}")
     if repeats(values):
         raise EvalError(f"{name} repeats {', '.join(repeats(values))} (in {text!r})")
     return values
@@ -180,7 +187,7 @@ def split_features(
         y = file_labels(source, feats, field, "features", limit)
         if "vision_sha256" in feats["metadata"]:
             # a probe fit on one model's features and scored on another's is meaningless
-            check_vision_digest(source, feats["metadata"], ctx.load().model)
+            check_vision_digest(source, feats["metadata"], ctx.load())
         return feats["features"][:limit], y
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features, integer_labels

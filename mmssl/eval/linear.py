@@ -33,9 +33,12 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def accuracy(pred: Tensor, y: Tensor) -> float:
-    """Fraction of predictions `pred` (N,) equal to labels `y` (N,)."""
-    return float((pred == torch.as_tensor(y).long()).double().mean())
+def accuracy(clf: object, x: Tensor, y: Tensor) -> float:
+    """Top-1 of the fitted logistic regression `clf` on features x (N, D) with labels y (N,),
+    ties against the model (`classifiers.predict`), as in few-shot and zero-shot."""
+    y = torch.as_tensor(y).long()
+    pred = classifiers.predict(*classifiers.logistic_decision(clf, x), y)
+    return float((pred == y).double().mean())
 
 
 def sweep(
@@ -71,12 +74,12 @@ def sweep(
     val_acc = {}
     for d in decays:
         clf = classifiers.fit_logistic(train_x[tr], train_y[tr], d)
-        val_acc[d] = accuracy(classifiers.predict_logistic(clf, train_x[va]), train_y[va])
+        val_acc[d] = accuracy(clf, train_x[va], train_y[va])
     best = max(sorted(decays, reverse=True), key=lambda d: val_acc[d])
     clf = classifiers.fit_logistic(train_x, train_y, best)
     return {
-        "top1": accuracy(classifiers.predict_logistic(clf, test_x), test_y),
-        "train_top1": accuracy(classifiers.predict_logistic(clf, train_x), train_y),
+        "top1": accuracy(clf, test_x, test_y),
+        "train_top1": accuracy(clf, train_x, train_y),
         "weight_decay": best,
         "val_top1": {str(d): a for d, a in val_acc.items()},
         "num_train": len(train_y),

@@ -3,9 +3,10 @@
 A class embedding is the mean of its L2-normalised prompt embeddings, normalised again
 (CLIP's prompt ensembling).  Classes come from a JSON file `{"classnames": [...],
 "templates": ["a photo of a {}.", ...], "field": "label"}` (optionally `"prompts"`: one
-list of rendered prompts per class instead of templates; without `"field"` the class index
-is read from `label`) or from the built-in demo sets `digit` and `color`.  Every prompt must
-fit the text tower's context, its start and end tokens included.
+list of rendered prompts per class instead of templates, refused beside templates unless it
+is those templates rendered; without `"field"` the class index is read from `label`) or from
+the built-in demo sets `digit` and `color`.  Every prompt must fit the text tower's context,
+its start and end tokens included.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError, text_config
+from mmssl.eval.loading import EvalError, Loaded, text_config, text_tower
 from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
 
 if TYPE_CHECKING:
@@ -138,7 +139,16 @@ def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
         problem = _not_string_list(data["templates"])
         if problem:
             raise EvalError(f"{source}: 'templates' must be a list of strings; {problem}")
-        return ClassSpec(classnames, render_templates(classnames, data["templates"]), field)
+        rendered = render_templates(classnames, data["templates"])
+        if "prompts" in data and data["prompts"] != rendered:
+            # the templates won and edited prompts were dropped without a word; the demo's
+            # files carry both, the prompts rendered from the templates, and load as before
+            raise EvalError(
+                f"{source} has both 'templates' and 'prompts', and the prompts are not the "
+                "templates filled with the class names: remove 'templates' to use the prompts, "
+                "or 'prompts' to use the templates"
+            )
+        return ClassSpec(classnames, rendered, field)
     if "prompts" in data:
         prompts = data["prompts"]
         if not classnames:
@@ -274,9 +284,11 @@ def score(
     }
 
 
-def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict[str, Any]:
+def _features_file(path: str, field: str, limit: int | None, loaded: Loaded) -> dict[str, Any]:
     """The embeddings and `field` labels of a features file, its first `limit` rows; the
-    file must come from `model`'s vision tower (files written before the check: any)."""
+    file must come from the loaded model's vision tower and preprocessing (files written
+    before the check: any), and its embeddings must be as wide as the model's text
+    embeddings they are scored against."""
     from mmssl.eval.features import check_vision_digest, file_labels, load_features
 
     if not Path(path).is_file():
@@ -293,8 +305,25 @@ def _features_file(path: str, field: str, limit: int | None, model: Any) -> dict
         # as shards without a readable sample are: topk_accuracy would raise a bare ValueError
         raise EvalError(f"{path} has no feature rows: there are no images to classify")
     labels = file_labels(path, feats, field, "embeddings", limit)
-    check_vision_digest(path, feats["metadata"], model)
-    return {"embeddings": feats["embeddings"][:limit], field: labels}
+    check_vision_digest(path, feats["metadata"], loaded)
+    emb, width = feats["embeddings"], text_width(loaded.model)
+    if emb.ndim != 2 or emb.shape[1] != width:
+        # a file without a digest (hand-written) may come from any model: the product with
+        # the class embeddings raised a bare RuntimeError
+        got = (
+            f"{emb.shape[1]}-wide embeddings" if emb.ndim == 2 else f"embeddings {tuple(emb.shape)}"
+        )
+        raise EvalError(
+            f"{path} holds {got}, but --model's class embeddings are {width} wide: they come "
+            "from another model; extract the features with this one"
+        )
+    return {"embeddings": emb[:limit], field: labels}
+
+
+def text_width(model: MultimodalModel) -> int:
+    """The width E of `model`'s text embeddings (its projection's, else its tower's)."""
+    text = text_tower(model)
+    return text.proj.out_features if text.proj is not None else text_config(model).dim
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -329,7 +358,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         raise EvalError("zero-shot classification needs a model with vision and text towers")
     tokenizer = loaded.tokenizer(args.tokenizer)
     if args.data.endswith(".safetensors"):
-        feats = _features_file(args.data, field, args.limit, model)
+        feats = _features_file(args.data, field, args.limit, loaded)
     else:
         feats = extract_features(
             model,

@@ -86,6 +86,37 @@ def test_a_repeated_method_or_decay_is_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "task, option, what",
+    [
+        ("fewshot", "--shots", "integers"),
+        ("fewshot", "--methods", "method names"),
+        ("linear", "--decays", "numbers"),
+        ("lm", "--shots", "integers"),
+    ],
+)
+def test_an_empty_list_option_is_refused(
+    task: str,
+    option: str,
+    what: str,
+    tmp_path: Path,
+    tiny_model_dir: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `fewshot --shots ''` and `--methods ''` exited 0 with empty results, while
+    # `linear --decays ''` was refused: every list option is now refused alike
+    data = ["--train", "T", "--test", "T"] if task != "lm" else []
+    out = tmp_path / "out"
+    argv = [task, "--model", tiny_model_dir, *data, option, "", "--out", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"mmssl eval: error: {option} is empty (got ''): give one or more comma-separated {what}\n"
+    )
+    assert not out.exists()
+
+
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,9 +158,11 @@ def _file_labels_both_tasks(path: str, field: str, limit: int | None = None) -> 
     from mmssl.eval.fewshot import split_features
     from mmssl.eval.zeroshot import _features_file
 
-    # no vision digest in these files, so neither reader needs a model
+    # no vision digest in these files, so neither reader needs a model; zero-shot reads only
+    # the width of its text embeddings (3, as the file's)
     _, a = split_features(path, field, None, 64, limit)
-    b = _features_file(path, field, limit, None)[field]
+    text = SimpleNamespace(proj=torch.nn.Linear(1, 3, bias=False))
+    b = _features_file(path, field, limit, SimpleNamespace(model=SimpleNamespace(text=text)))[field]
     assert a.dtype == b.dtype == torch.int64
     return [a.tolist(), b.tolist()]
 

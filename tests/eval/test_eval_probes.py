@@ -193,3 +193,66 @@ def test_knn_small_temperatures_do_not_overflow():
     nearest = y[(unit(query, dim=-1) @ unit(x, dim=-1).T).argmax(1)]
     for t in (1e-3, 1e-4, 1e-6):
         assert torch.equal(classifiers.knn(x, y, query, k=20, temperature=t), nearest)
+
+
+@pytest.mark.parametrize("naming", ["identity", "reversed", "shuffled"])
+def test_collapsed_features_score_the_tie_rule_whatever_the_labels_are_called(naming):
+    """A collapsed encoder (every image the same feature) scores all classes equal; ties
+    count against the model (metrics.predictions, as zero-shot does), so the probes are wrong
+    everywhere.  They broke ties toward the smallest label id: 0.91 on a test split that is
+    91% class 0, and 0.01 once that class is called 9."""
+    names = {
+        "identity": list(range(10)),
+        "reversed": [9 - c for c in range(10)],
+        "shuffled": [3, 7, 0, 9, 5, 1, 8, 2, 6, 4],
+    }[naming]
+    # train rows in blocks of 16 per class, the test split's majority class first
+    train_y = torch.tensor([names[c] for c in range(10) for _ in range(16)])
+    test_y = torch.tensor([names[0]] * 91 + names[1:])
+    x, q = torch.ones(160, 8), torch.ones(100, 8)
+    res = fewshot.evaluate(x, train_y, q, test_y, shots=(1, 16), seeds=(0, 1), knn_k=20)
+    for m in ("logistic", "prototype"):
+        assert res[m][1]["runs"] == res[m][16]["runs"] == [0.0, 0.0], m
+    # 1-shot kNN: k = 10 neighbours, one per class, every class one equal vote
+    assert res["knn"][1]["runs"] == [0.0, 0.0]
+    # 16-shot kNN: 20 of 160 equally near neighbours, taken in support order (sorted row
+    # indices): the 16 rows of the first block and 4 of the second, so the first block's
+    # class wins 16 votes to 4 -- the test split's majority, 91 of 100
+    assert res["knn"][16]["runs"] == [0.91, 0.91]
+    # the linear probe (same tie rule): every decay scores all classes equal
+    lin = linear.sweep(x, train_y, q, test_y, decays=(1e-3, 1e-1))
+    assert lin["top1"] == 0.0 and set(lin["val_top1"].values()) == {0.0}
+
+
+def test_knn_neighbours_among_equal_similarities_are_the_first_rows():
+    # every support row equally near: torch.topk picked among them in no documented order
+    # (row 8 of 10 here); the neighbours are now the first k rows, as a stable sort gives
+    x, q = torch.ones(10, 4), torch.ones(3, 4)
+    y = torch.tensor([4, 9, 1, 7, 0, 3, 8, 2, 6, 5])
+    assert classifiers.knn(x, y, q, k=1, temperature=0.1).tolist() == [4, 4, 4]
+    classes, votes = classifiers.knn_scores(x, y, q, k=3, temperature=0.1)
+    assert classes.tolist() == list(range(10))
+    # rows 0, 1, 2 (classes 4, 9, 1), each at weight exp(0) = 1
+    want = [1.0 if c in (4, 9, 1) else 0.0 for c in range(10)]
+    assert votes.tolist() == [want] * 3
+
+
+def test_predict_counts_ties_against_the_model():
+    # hand-computed: labels 5 and 7 tie at the top of row 0 -> a miss for label 5 (the rival
+    # 7 is predicted) and for label 7 (5 is); a label the support never had is never hit
+    classes = torch.tensor([2, 5, 7])
+    scores = torch.tensor([[0.1, 0.9, 0.9], [0.8, 0.1, 0.1], [0.3, 0.2, 0.1]])
+    assert classifiers.predict(classes, scores).tolist() == [5, 2, 2]
+    assert classifiers.predict(classes, scores, torch.tensor([5, 2, 2])).tolist() == [7, 2, 2]
+    assert classifiers.predict(classes, scores, torch.tensor([7, 2, 4])).tolist() == [5, 2, 2]
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , "])
+def test_empty_option_lists_are_refused(text):
+    # `fewshot --shots ''` and `--methods ''` ran nothing and exited 0 with empty results
+    # (while `linear --decays ''` was refused); lm --shots parses the same way
+    for name, kind, what in (("--shots", int, "integers"), ("--methods", str, "method names")):
+        with pytest.raises(EvalError, match=rf"^{name} is empty \(got '{text}'\)"):
+            fewshot.parse_list(text, name, kind, what)
+    with pytest.raises(EvalError, match=r"^--shots is empty"):
+        fewshot.parse_ints(text, "--shots")

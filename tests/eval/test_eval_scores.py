@@ -171,3 +171,45 @@ def test_prompts_of_a_tokenizer_without_a_mask_are_encoded_as_batch_encode_does(
     texts = ["a long prompt", "ab"]
     ids, mask, cut = _encode_prompts(NoMask(), texts, 6)
     assert torch.equal(ids, NoMask().batch_encode(texts, 6)[0]) and mask is None and cut == []
+
+
+def test_zeroshot_class_file_with_templates_and_other_prompts_is_refused(tmp_path):
+    """With both keys the templates won and edited "prompts" were dropped without a word;
+    the demo's class files carry both, the prompts rendered from the templates, and load as
+    before."""
+    import json
+
+    from mmssl.data.demo import class_files
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import load_classes
+
+    path = tmp_path / "classes.json"
+    both = {"classnames": ["cat", "dog"], "templates": ["a {}.", "my {}"]}
+    both["prompts"] = [["something red."], ["something blue."]]
+    path.write_text(json.dumps(both))
+    with pytest.raises(EvalError) as info:
+        load_classes(str(path))
+    assert str(info.value) == (
+        f"{path} has both 'templates' and 'prompts', and the prompts are not the templates "
+        "filled with the class names: remove 'templates' to use the prompts, or 'prompts' to "
+        "use the templates"
+    )
+    # one prompt of one class missing is a difference too
+    both["prompts"] = [["a cat.", "my cat"], ["a dog."]]
+    path.write_text(json.dumps(both))
+    with pytest.raises(EvalError, match="has both 'templates' and 'prompts'"):
+        load_classes(str(path))
+    # the prompts the templates render (by hand): accepted, as the templates alone
+    both["prompts"] = [["a cat.", "my cat"], ["a dog.", "my dog"]]
+    path.write_text(json.dumps(both))
+    assert load_classes(str(path)).prompts == both["prompts"]
+    # each key alone, as before
+    path.write_text(json.dumps({"classnames": ["cat", "dog"], "prompts": [["x"], ["y"]]}))
+    assert load_classes(str(path)).prompts == [["x"], ["y"]]
+    # the demo's class files (both keys) still load, with their own prompts
+    class_files(str(tmp_path))
+    for name, field in (("classes_digit.json", "digit"), ("classes_color.json", "color")):
+        data = json.loads((tmp_path / name).read_text())
+        assert {"templates", "prompts"} <= set(data)
+        spec = load_classes(str(tmp_path / name))
+        assert spec.field == field and spec.prompts == data["prompts"]
