@@ -273,8 +273,13 @@ class TarReader:
             buf = self.read(_BLOCK)
             self.pos += len(buf)
             if len(buf) != _BLOCK:
-                if not buf:
-                    raise TarDamage("the data ends without the end-of-archive block", start == 0)
+                if not buf:  # after whole members: a tar writer never closed, or a copy cut
+                    closed = (
+                        " (a tar writer not closed?)" if start and name is None and not pax else ""
+                    )
+                    raise TarDamage(
+                        f"the data ends without the end-of-archive block{closed}", start == 0
+                    )
                 raise TarDamage(f"header cut short at byte {self.pos}", start == 0)
             if buf == _ZEROS:
                 return None

@@ -74,7 +74,7 @@ class _FirstProblem(SkipCounter):
     def add(self, kind: str, where: str, detail: str = "") -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if self.problem is None:
-            self.problem = (kind, detail)
+            self.problem = (kind, f"{where}: {detail}" if kind == "duplicate_key" else detail)
 
 
 def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
@@ -93,6 +93,12 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
             read += 1
         if counter.problem is not None:
             kind, detail = counter.problem
+            if kind == "duplicate_key":  # the reader went on: what is lost is that sample
+                raise DataError(
+                    f"shard {url} repeats a sample's key ({detail}, a file extension seen twice: "
+                    "members of two samples under one key); the repeat is left out, and "
+                    "evaluating without it would score a different test set"
+                )
             raise DataError(
                 f"shard {url} is damaged ({kind}{': ' + detail if detail else ''}); only its "
                 f"first {read} sample(s) could be read, and evaluating without the rest would "

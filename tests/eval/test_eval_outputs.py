@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -43,6 +44,38 @@ def truncated_shards(tmp_path) -> str:
 def test_truncated_shard_is_an_error_naming_it(truncated_shards):
     with pytest.raises(DataError, match=r"test-000001\.tar is damaged \(truncated_tar"):
         list(iter_raw(shard_urls(truncated_shards)))
+
+
+def test_a_shard_never_closed_or_a_repeated_key_says_so(tmp_path):
+    """A tar without its end-of-archive blocks (TarWriter never closed) and a repeated key
+    are errors (the tasks score whole test sets), which say what they found: the repeat's
+    said that "only its first 5 sample(s) could be read" after all 5 were read."""
+    import io
+    import tarfile
+
+    def member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for key in ("a", "b", "b", "c"):
+            member(tar, f"{key}.txt", b"x")
+    with pytest.raises(DataError, match=r"repeats a sample's key \(.*dup\.tar:b: key repeated"):
+        list(iter_raw([str(tmp_path / "dup.tar")]))
+    with tarfile.open(tmp_path / "ok.tar", "w") as tar:
+        for key in ("a", "b", "c", "d"):
+            member(tar, f"{key}.txt", b"x")
+    data = (tmp_path / "ok.tar").read_bytes()
+    end = 3 * 1024  # a, b, c: a header and one data block each
+    (tmp_path / "open.tar").write_bytes(data[:end])
+    with pytest.raises(
+        DataError, match=re.escape("end-of-archive block (a tar writer not closed?)")
+    ):
+        list(iter_raw([str(tmp_path / "open.tar")]))
+    (tmp_path / "cut.tar").write_bytes(data[: end - 512])  # mid-member: no such hint
+    with pytest.raises(DataError, match="truncated_tar: member data cut short"):
+        list(iter_raw([str(tmp_path / "cut.tar")]))
 
 
 def test_eval_on_a_truncated_shard_fails_instead_of_scoring_fewer(
