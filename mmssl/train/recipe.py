@@ -82,6 +82,9 @@ class DataConfig:
     # data-loader worker processes per rank; max(1, workers) slots each read their own run
     # of the shards, so the count changes the order of the batches (0 and 1 agree)
     workers: int = 0
+    # images above this many pixels are counted image_too_large skips (decompression bombs);
+    # a 61 MP camera photo needs more
+    max_pixels: int = 50_000_000
     seed: int = 0
 
 
@@ -397,6 +400,8 @@ def check_ranges(recipe: Recipe) -> None:
         )
     if recipe.data.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {recipe.data.workers}")
+    if recipe.data.max_pixels < 1:
+        raise ConfigError(f"data.max_pixels must be >= 1, got {recipe.data.max_pixels}")
 
 
 def _check_eval(recipe: Recipe) -> None:

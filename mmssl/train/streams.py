@@ -280,6 +280,7 @@ def build_stream(
             tokenizer=tokenizer(recipe) if src.kind != "image" else None,
             context_length=context - 1 if src.kind == "text" else context,
             json_fields=fields,
+            max_pixels=d.max_pixels,
             mean=_triple(d.mean, "data.mean"),
             std=_triple(d.std, "data.std"),
         )

@@ -478,3 +478,19 @@ def test_epoch_mode_over_pipes_takes_the_recipes_epoch_batches(
     ):
         with pytest.raises(ConfigError, match="epoch_batches must be >= 1 and needs mode=epoch"):
             validate(load_recipe(QUICK, [*args, *bad]), 1, check_files=False)
+
+
+def test_the_pixel_limit_of_decoded_images_is_a_recipe_key(demo_data: str, tmp_path: Path) -> None:
+    """A 61 MP camera photo was an image_too_large skip that no recipe key could allow."""
+    from mmssl.data.decode import DEFAULT_MAX_PIXELS
+    from mmssl.train.recipe import DataConfig
+    from mmssl.train.streams import build_stream
+
+    assert DataConfig().max_pixels == DEFAULT_MAX_PIXELS
+    args = tiny_overrides(demo_data, str(tmp_path), "px")
+    recipe = load_recipe(QUICK, [*args, "data.max_pixels=70000000"])
+    model_cfg = validate(recipe, 1, check_files=False).model
+    stream = build_stream("digits", recipe.data.sources["digits"], recipe, model_cfg, 0, 1)
+    assert stream.loader.plan.max_pixels == 70_000_000
+    with pytest.raises(ConfigError, match="data.max_pixels must be >= 1"):
+        validate(load_recipe(QUICK, [*args, "data.max_pixels=0"]), 1, check_files=False)
