@@ -320,8 +320,10 @@ class SampleStream:
         self._good = True
 
     def count_bad(self, kind: str, where: str, detail: str = "") -> None:
-        """Count the last sample from `next()` as bad, unless it is a re-read (an epoch's
-        later pass: counted when first read, so the count is the bad samples of the data)."""
+        """Count the last sample from `next()` as bad, unless this slot read it in an epoch's
+        later pass: its own part again (counted the first time) or, after that, every shard
+        (counted by the slot whose part holds it; one that never reached it, its batches
+        full, does not)."""
         if self.raw.pass_of(self.at[0]) == 0:
             self.counter.add(kind, where, detail)
 

@@ -331,12 +331,12 @@ def _decompressed(stream: IO[bytes] | _Pipe) -> Decompressed | None:
     starts with that format's magic bytes, else None.  Resume skips whole samples, never
     seeks to a byte offset, so the decompressed stream serves it as a plain tar does."""
     try:
-        head = stream.peek(6)[:6]  # type: ignore[union-attr]  # open(..., "rb") and _Pipe have it
+        head = stream.peek(10)[:10]  # type: ignore[union-attr]  # open(..., "rb") and _Pipe have it
     except OSError:
         return None  # the reader's first read meets the error and counts it
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]  # has read()
-    if head.startswith(b"BZh"):
+    if head.startswith(b"BZh") and head[4:10] == b"1AY&SY":  # as tarfile: a key may be BZh1
         return bz2.BZ2File(stream, mode="rb")  # type: ignore[call-overload]  # has read()
     if head.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(stream, mode="rb")  # type: ignore[arg-type]
@@ -371,6 +371,7 @@ def iter_shard(
         return
     n = 0
     problem: tuple[str, str] | None = None  # counted once the shard is closed
+    theirs = False
     finished = False
     try:
         try:
@@ -428,13 +429,17 @@ def iter_shard(
             key = None
             kind = "bad_tar" if tar.pos == 0 else "truncated_tar"
             problem = (kind, f"{type(gz).__name__}: {err}")
-        except OSError as err:
+        except OSError as err:  # a read error, or a bzip2 stream damaged (BZ2File's error)
             key = None
-            problem = ("truncated_tar", str(err))
+            kind = "bad_tar" if gz is not None and tar.pos == 0 else "truncated_tar"
+            problem = (kind, f"{type(gz).__name__}: {err}" if gz is not None else str(err))
         if key is not None:
             yield from finish()
         if n == 0 and problem is None:
             problem = ("empty_shard", "")
+        # met before the samples this reader skips to (a slot whose part starts mid-shard):
+        # the reader of that part counts it
+        theirs = n < skip
         # the tar ended: let the command write the rest (or stop it, its exit then is ours)
         finished = pipe is None or problem is not None or pipe.drain()
     finally:
@@ -443,10 +448,15 @@ def iter_shard(
                 pipe.proc.kill()
             failed = pipe.close()
             if failed and finished:
-                problem = ("pipe_error", failed)
+                # a reader stopped by damage mid-tar breaks the command's pipe: the damage is
+                # the cause; with no tar read (bad or empty at its start) the command's failure
+                if problem is None or problem[0] != "truncated_tar":
+                    problem = ("pipe_error", failed)
+                else:
+                    problem = (problem[0], f"{problem[1]} (then the command {failed})")
         else:
             stream.close()  # type: ignore[union-attr]
-        if problem is not None:
+        if problem is not None and not theirs:
             counter.add(problem[0], url, problem[1])
 
 

@@ -360,3 +360,54 @@ def test_a_glob_that_matches_nothing_says_globs_are_not_expanded(archives, tmp_p
         check_urls([archives[0], f"{folder}/*.tar"], [archives[0], f"{folder}/*.tar"])
     with pytest.raises(DataError, match=r"matches no file \(first: "):  # no glob, no hint
         check_urls(str(tmp_path / "a-{0..1}.tar"), expand_urls(str(tmp_path / "a-{0..1}.tar")))
+
+
+def test_a_plain_tar_whose_first_key_begins_like_bzip2_is_read(tmp_path):
+    # "BZh" alone took it for bzip2 (tarfile also checks the block magic): the shard was lost
+    path = tmp_path / "bzh.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("BZh1.txt", "BZh1.jpg", "BZh2.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+    assert _read(str(path)) == (
+        [("BZh1", {"txt": b"ok", "jpg": b"ok"}), ("BZh2", {"txt": b"ok"})],
+        {},
+    )
+
+
+def test_compressed_damage_at_the_start_is_a_bad_tar_named_by_its_format(tmp_path):
+    for name, head in (
+        ("x.tar.gz", b"\x1f\x8b\x08\x00"),
+        ("x.tar.bz2", b"BZh91AY&SY"),
+        ("x.tar.xz", b"\xfd7zXZ\x00"),
+    ):
+        (tmp_path / name).write_bytes(head + bytes(range(256)) * 4)
+        counter = SkipCounter()
+        assert list(iter_shard(str(tmp_path / name), counter)) == []
+        assert counter.counts == {"bad_tar": 1}, name  # bzip2's OSError was a truncated_tar
+
+
+def test_damage_mid_tar_through_a_pipe_is_counted_as_damage(archives, tmp_path):
+    # the reader stops at the damage; the command then dies on the broken pipe (141), and
+    # the shard was counted as a pipe_error
+    data = open(archives[0], "rb").read()
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[: len(data) // 2] + b"\xff" * 512 + bytes(1 << 20))
+    _, direct = _read(str(path))
+    _, piped = _read(f"pipe:cat {path}")
+    assert set(direct) == set(piped) == {"truncated_tar"} or set(direct) == set(piped) == {
+        "bad_tar"
+    }
+
+
+def test_damage_before_a_readers_part_is_counted_by_the_part_that_holds_it(archives, tmp_path):
+    # a slot whose part of a shard starts after the damage read through it and counted it too
+    data = open(archives[0], "rb").read()
+    ref, complete_at = _reference(archives[0])
+    cut = complete_at[1] + 700  # inside the third sample
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    got, skipped = _read(str(tmp_path / "cut.tar"))
+    assert got == ref[:2] and skipped == {"truncated_tar": 1}  # the part from sample 0
+    got, skipped = _read(str(tmp_path / "cut.tar"), skip=5)  # a part from sample 5
+    assert got == [] and skipped == {}
