@@ -180,12 +180,16 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
             )
     out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **data, **injected}
     stage = out.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage!r}")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = DeepSpeedZeroConfig(**out.get("zero_optimization", {}))  # with its older names
     for key, least in (("offload_optimizer", 1), ("offload_param", 3)):
         # DeepSpeed ignores an offload below the stage that implements it
-        section = out.get("zero_optimization", {}).get(key) or {}
-        if section.get("device", "none") != "none" and stage < least:
+        section = getattr(zero, key)
+        device = getattr(section, "device", "none")
+        if str(getattr(device, "value", device)) != "none" and stage < least:
             raise ConfigError(
                 f"{path}: zero_optimization.{key} needs stage {least} or above (got stage "
                 f"{stage}), where DeepSpeed would train without it; raise the stage or remove it"

@@ -158,6 +158,9 @@ def test_deepspeed_json_conflict(
         ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "offload_optimizer needs stage 1"),
         ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs stage 3"),
         ({"stage": "2"}, "must be 0..3, got '2'"),
+        ({"stage": True}, "must be 0..3, got True"),
+        ({"stage": 0, "cpu_offload": True}, "offload_optimizer needs stage 1"),  # older names
+        ({"stage": 2, "cpu_offload_param": True}, "offload_param needs stage 3"),
     ]:
         path.write_text(json.dumps({"zero_optimization": zero}))
         with pytest.raises(ConfigError, match=re.escape(says)):
