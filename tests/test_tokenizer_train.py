@@ -432,3 +432,15 @@ def test_decode_drops_every_special_token_as_documented(tmp_path: Path, kind: st
     readme = (Path(__file__).resolve().parents[1] / "tokenizer" / "README.md").read_text()
     assert "`decode` drops every special token" in " ".join(readme.split())
     assert "drops every special token" in " ".join((Tokenizer.decode.__doc__ or "").split())
+
+
+def test_a_byte_order_mark_is_no_corpus_text(tmp_path: Path) -> None:
+    # a Windows tool's text file or caption began with U+FEFF, which the tokenizer learned
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello world\nsecond line\n")
+    with tarfile.open(tmp_path / "c.tar", "w") as tar:
+        data = b"\xef\xbb\xbfa caption"
+        info = tarfile.TarInfo("0001.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    got = list(iter_corpus([tmp_path / "a.txt", tmp_path / "c.tar"]))
+    assert got == ["hello world", "second line", "a caption"]

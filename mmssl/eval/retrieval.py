@@ -65,7 +65,7 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
         if limit is not None and index >= limit:
             break
         try:
-            meta = json.loads(files["json"].decode("utf-8")) if "json" in files else {}
+            meta = json.loads(files["json"].decode("utf-8-sig")) if "json" in files else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EvalError(f"sample {key!r} of {shards_hint(urls)}: bad_json {err}") from None
         caps = meta.get("captions") if isinstance(meta, dict) else None

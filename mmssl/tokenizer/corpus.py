@@ -117,7 +117,7 @@ def _not_utf8(path: Path) -> str:
 
 def _iter_lines(path: Path) -> Iterator[str]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             for line in f:
                 line = line.rstrip("\r\n")
                 if line:
@@ -153,7 +153,9 @@ def _iter_tar(path: Path, tar_field: str) -> Iterator[str]:
                 data = tar.extractfile(member)
                 raw = data.read() if data is not None else b""
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode(
+                        "utf-8-sig"
+                    )  # a byte-order mark dropped, as training reads it
                 except UnicodeDecodeError:
                     raise ValueError(f"{path}:{member.name}: not UTF-8 text") from None
                 if text:

@@ -51,3 +51,17 @@ def test_features_name_the_sample_with_damaged_json(
     assert "sample '0000' of " in err and "badjson.tar: bad_json" in err
     assert "--fields" not in err  # naming the fields does not get past a damaged sample
     assert not out.exists()
+
+
+def test_retrieval_reads_captions_json_after_a_byte_order_mark(tmp_path):
+    # training and the other tasks dropped the mark; retrieval raised "Unexpected UTF-8 BOM"
+    from mmssl.eval.retrieval import _captions_of
+
+    path = tmp_path / "bom.tar"
+    with tarfile.open(path, "w") as tar:
+        for k in range(2):
+            meta = b'\xef\xbb\xbf{"captions": ["a %d", "b %d"]}' % (k, k)
+            info = tarfile.TarInfo(f"{k:04d}.json")
+            info.size = len(meta)
+            tar.addfile(info, io.BytesIO(meta))
+    assert _captions_of([str(path)], None) == [["a 0", "b 0"], ["a 1", "b 1"]]
