@@ -73,7 +73,8 @@ class _FirstProblem(SkipCounter):
 
     def add(self, kind: str, where: str, detail: str = "") -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if self.problem is None:
+        # damage that ends the shard outranks a repeated key met before it
+        if self.problem is None or self.problem[0] == "duplicate_key" != kind:
             self.problem = (kind, f"{where}: {detail}" if kind == "duplicate_key" else detail)
 
 

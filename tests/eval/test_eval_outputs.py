@@ -76,6 +76,10 @@ def test_a_shard_never_closed_or_a_repeated_key_says_so(tmp_path):
     (tmp_path / "cut.tar").write_bytes(data[: end - 512])  # mid-member: no such hint
     with pytest.raises(DataError, match="truncated_tar: member data cut short"):
         list(iter_raw([str(tmp_path / "cut.tar")]))
+    dup = (tmp_path / "dup.tar").read_bytes()  # a, b, b, c: the repeat, then a cut in c
+    (tmp_path / "both.tar").write_bytes(dup[: 4 * 1024 - 512])
+    with pytest.raises(DataError, match="damaged \\(truncated_tar"):  # not only the repeat
+        list(iter_raw([str(tmp_path / "both.tar")]))
 
 
 def test_eval_on_a_truncated_shard_fails_instead_of_scoring_fewer(
