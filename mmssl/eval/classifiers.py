@@ -100,23 +100,25 @@ def knn_scores(
 ) -> tuple[Tensor, Tensor]:
     """(classes (C,), votes (M, C)) of weighted kNN (as in DINO's evaluation): each of the k
     most cosine-similar support samples votes for its class with weight
-    exp(similarity / temperature).  Among support samples at the same similarity the earlier
-    ones are the neighbours (a stable order, so the same votes on every run)."""
+    exp(similarity / temperature).  Support samples tied with the k-th nearest share its
+    remaining places equally: picking some of them (topk's choice, or the first rows) made
+    the votes of a collapsed encoder follow the order of the support set."""
     xs, q = _norm(x), _norm(query)
     y = torch.as_tensor(y).long()
     k = min(k, len(y))
     sim = q @ xs.T  # (M, N)
-    # topk picks among equal similarities in no documented order
-    top, idx = sim.sort(dim=1, descending=True, stable=True)
-    top, idx = top[:, :k], idx[:, :k]  # (M, k), each row sorted: column 0 is its largest
+    kth = sim.topk(k, dim=1).values[:, -1:]  # (M, 1)
+    above, at = sim > kth, sim == kth
+    share = (k - above.sum(1, keepdim=True)) / at.sum(1, keepdim=True)  # places per tied row
     # exp((s - s_max) / T): the same weights up to one factor per row, so the same votes,
     # and never inf -- exp(s / T) is inf for every neighbour once T < ~0.0014 (s up to 1)
-    weights = ((top - top[:, :1]) / temperature).exp()
+    top = sim.max(1, keepdim=True).values
+    weights = ((sim - top) / temperature).exp() * (above + at * share)  # (M, N)
     # votes go to the classes present, not to columns 0..max label: a label may be negative
     # or large (a synset offset), which made a (M, max + 1) table
     classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's
     votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
-    votes.scatter_add_(1, column[idx], weights)
+    votes.index_add_(1, column, weights)
     return classes, votes
 
 

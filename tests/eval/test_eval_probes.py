@@ -215,26 +215,30 @@ def test_collapsed_features_score_the_tie_rule_whatever_the_labels_are_called(na
         assert res[m][1]["runs"] == res[m][16]["runs"] == [0.0, 0.0], m
     # 1-shot kNN: k = 10 neighbours, one per class, every class one equal vote
     assert res["knn"][1]["runs"] == [0.0, 0.0]
-    # 16-shot kNN: 20 of 160 equally near neighbours, taken in support order (sorted row
-    # indices): the 16 rows of the first block and 4 of the second, so the first block's
-    # class wins 16 votes to 4 -- the test split's majority, 91 of 100
-    assert res["knn"][16]["runs"] == [0.91, 0.91]
+    # 16-shot kNN: 160 equally near rows share the 20 places, 2 votes a class (the first
+    # 20 rows in support order gave the first block's class 16 of 20: the test split's
+    # majority, 0.91)
+    assert res["knn"][16]["runs"] == [0.0, 0.0]
     # the linear probe (same tie rule): every decay scores all classes equal
     lin = linear.sweep(x, train_y, q, test_y, decays=(1e-3, 1e-1))
     assert lin["top1"] == 0.0 and set(lin["val_top1"].values()) == {0.0}
 
 
-def test_knn_neighbours_among_equal_similarities_are_the_first_rows():
+def test_knn_rows_tied_with_the_kth_neighbour_share_its_places():
     # every support row equally near: torch.topk picked among them in no documented order
-    # (row 8 of 10 here); the neighbours are now the first k rows, as a stable sort gives
+    # (row 8 of 10 here), so one class got the vote; the 10 tied rows share the k places
     x, q = torch.ones(10, 4), torch.ones(3, 4)
     y = torch.tensor([4, 9, 1, 7, 0, 3, 8, 2, 6, 5])
-    assert classifiers.knn(x, y, q, k=1, temperature=0.1).tolist() == [4, 4, 4]
-    classes, votes = classifiers.knn_scores(x, y, q, k=3, temperature=0.1)
-    assert classes.tolist() == list(range(10))
-    # rows 0, 1, 2 (classes 4, 9, 1), each at weight exp(0) = 1
-    want = [1.0 if c in (4, 9, 1) else 0.0 for c in range(10)]
-    assert votes.tolist() == [want] * 3
+    for k in (1, 3):
+        classes, votes = classifiers.knn_scores(x, y, q, k=k, temperature=0.1)
+        assert classes.tolist() == list(range(10))
+        torch.testing.assert_close(votes, torch.full((3, 10), k / 10, dtype=torch.float64))
+    # hand-computed: sims 1, 0.6, 0.6, 0.6, 0 for k = 2: row 0 whole, rows 1-3 a third each
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, -0.8], [0.0, 1.0]])
+    y = torch.tensor([0, 1, 2, 2, 0])
+    classes, votes = classifiers.knn_scores(x, y, torch.tensor([[1.0, 0.0]]), k=2, temperature=0.5)
+    w = math.exp((0.6 - 1.0) / 0.5) / 3
+    torch.testing.assert_close(votes, torch.tensor([[1.0, w, 2 * w]], dtype=torch.float64))
 
 
 def test_predict_counts_ties_against_the_model():
