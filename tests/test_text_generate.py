@@ -178,3 +178,28 @@ def test_a_tiny_positive_temperature_samples_the_greedy_tokens(temperature):
     prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(1))
     got = model.generate(prompt, 6, temperature=temperature, generator=torch.Generator())
     assert torch.equal(got, greedy_reference(model, prompt, 6))
+
+
+@pytest.mark.parametrize("temperature", [1e30, 1e45, 1e300])
+def test_top_k_keeps_filtering_at_a_huge_temperature(temperature):
+    """The temperature scaled the logits before the k-th was taken: at 1e45 they rounded to
+    one value in float32 and top_k=1 sampled any of the 64 ids; top_k=1 is greedy at any T,
+    and top_k=4 samples only among each step's 4 most likely ids."""
+    model = tiny()
+    prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    got = model.generate(prompt, 6, temperature=temperature, top_k=1, generator=gen)
+    assert torch.equal(got, greedy_reference(model, prompt, 6))
+    out = model.generate(prompt, 6, temperature=temperature, top_k=4, generator=gen)
+    with torch.no_grad():
+        for t in range(4, 10):  # each sampled id among the 4 best logits after its prefix
+            best4 = model.logits(out[:, :t][:, -CTX:])[:, -1].topk(4, dim=-1).indices
+            assert (best4 == out[:, t : t + 1]).any(dim=1).all(), t
+
+
+def test_generate_takes_a_numpy_integer_beam_count():
+    import numpy as np
+
+    model, prompt = tiny(), torch.tensor([[1, 2], [3, 4]])
+    want = model.generate(prompt, 5, num_beams=3)
+    assert torch.equal(model.generate(prompt, 5, num_beams=np.int64(3)), want)

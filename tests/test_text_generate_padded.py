@@ -184,3 +184,23 @@ def test_registry_tiny_gpt_batches_left_padded_prompts(pos_embed):
         torch.testing.assert_close(
             batched[i, mask[i]], model.logits(r[None])[0], atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("pad", [-1, -100, 64])  # 64 = vocab_size: no embedding row
+def test_any_pad_id_may_fill_the_prompt_masks_padding(pad):
+    """The pad ids are never read, as generate's docstring says: -1, -100 or vocab_size were
+    looked up in the embedding (IndexError), greedy and beam alike."""
+    model = tiny()
+    rows = prompts()
+    text, mask = left_pad(rows)
+    want = model.generate(text, 5, temperature=0, prompt_mask=mask)
+    filled = text.masked_fill(~mask, pad)
+    got = model.generate(filled, 5, temperature=0, prompt_mask=mask)
+    assert torch.equal(got[:, text.shape[1] :], want[:, text.shape[1] :])
+    beams = model.generate(filled, 4, num_beams=2, prompt_mask=mask)
+    assert torch.equal(
+        beams,
+        model.generate(text, 4, num_beams=2, prompt_mask=mask).masked_fill(
+            torch.cat([~mask, torch.zeros(3, 4, dtype=torch.bool)], 1), pad
+        ),
+    )

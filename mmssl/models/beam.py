@@ -19,6 +19,7 @@ the model is not called again.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,8 @@ def check_beam(
     length_penalty: float,
 ) -> None:
     """Refuse a beam count that is not an integer >= 1, and sampling options with beams."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+    # numpy's integers too, as max_new_tokens and top_k take them
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")

@@ -158,12 +158,15 @@ def sample_tokens(
         if temperature < _GREEDY_BELOW:  # 0, or a 1 / T that float32 cannot hold: greedy,
             nxt = logits.argmax(dim=-1)  # the limit of sampling as T -> 0
         else:
+            drop = None
+            if top_k is not None:  # chosen before the temperature, which can round them equal
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                drop = logits < kth
             # the max taken out first: a tiny temperature sends the others to -inf, not the
             # top to +inf (inf - inf is a NaN softmax); the distribution is the same
             logits = (logits - logits.amax(dim=-1, keepdim=True)) * (1.0 / temperature)
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if drop is not None:
+                logits = logits.masked_fill(drop, float("-inf"))
             probs = logits.softmax(dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         if eos_id is not None:
@@ -268,6 +271,7 @@ class TextTransformer(nn.Module):
                     f"got {tuple(token_mask.shape)}"
                 )
             positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+            text = text.masked_fill(~token_mask[:, start:], 0)  # any pad id: never looked up
         x = self.token_embed(text)  # (B, T, D)
         if self.pos_embed is not None:
             if positions is not None:
