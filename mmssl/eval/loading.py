@@ -236,6 +236,20 @@ def load_tokenizer(
                 f"{err} (the checkpoint in {model_dir} was trained with another tokenizer)"
             ) from None
     text = model.cfg.text
+    if (
+        text is not None
+        and choice == "default"
+        and saved is None
+        and tok.vocab_size != text.vocab_size
+    ):
+        # an import (open_clip's 49408 ids) saved without a tokenizer record: the default's
+        # 8192 ids fit its table, and every prompt was encoded into other tokens
+        raise EvalError(
+            f"{model_dir} records no tokenizer and its text tower has vocab_size "
+            f"{text.vocab_size}, not the default tokenizer's {tok.vocab_size}: pass --tokenizer "
+            "(e.g. clip for an open_clip import), or save the model with "
+            "extra={'tokenizer': {'name': ...}}"
+        )
     if text is not None and tok.vocab_size > text.vocab_size:
         raise EvalError(
             f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's text tower has "

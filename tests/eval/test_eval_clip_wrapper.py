@@ -104,3 +104,29 @@ def test_duck_typed_harness_matches_zeroshot(tmp_path, tiny_model_dir, test_shar
     assert acc == pytest.approx(ours["top1"])
     img, txt, scale = model(torch.stack([transform(p) for p in pil[:2]]), tokenizer(["x", "y"]))
     assert img.shape == txt.shape == (2, 16) and scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_a_model_saved_without_a_tokenizer_of_another_vocabulary_is_not_given_the_default(
+    tmp_path,
+):
+    """An open_clip import saved with save_pretrained (no tokenizer record, 49408 ids) was
+    evaluated with the default tokenizer's 8192 ids, which fit its table: every prompt was
+    encoded into other tokens (encode_text off by up to 2.5), without a word."""
+    import dataclasses
+
+    import mmssl
+    from mmssl.eval.loading import EvalError
+    from mmssl.models.io import save_pretrained
+    from mmssl.models.multimodal import MultimodalModel
+
+    cfg = mmssl.create_model("test_tiny_clip").cfg
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=9000))
+    save_pretrained(MultimodalModel(cfg), tmp_path / "model")
+    with pytest.raises(
+        EvalError, match="records no tokenizer and its text tower has vocab_size 9000"
+    ):
+        load_clip(tmp_path / "model")
+    save_pretrained(
+        MultimodalModel(cfg), tmp_path / "named", extra={"tokenizer": {"name": "default"}}
+    )
+    assert load_clip(tmp_path / "named")[2]("a photo").shape[0] == 1  # named: taken as asked
