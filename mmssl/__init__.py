@@ -47,8 +47,9 @@ def load_encoder(path: str, tower: str = "vision") -> nn.Module:
     tower: "vision" (`forward_features(images)` -> {"pooled": (B, D), "tokens": (B, N, D)},
     `encode(images)` -> (B, E); images float (B, C, H, W) prepared as config.json's
     `preprocess` says), "text" (`encode(text, text_mask)` -> (B, E), `logits` -> (B, T, V);
-    text int64 (B, T) from `get_tokenizer().batch_encode`), or "model" for the whole
-    MultimodalModel.
+    text int64 (B, T) from the tokenizer the export records, `get_tokenizer(name)`,
+    `batch_encode`), or "model" for the whole MultimodalModel.  The parameters stay
+    trainable (finetuning wraps the tower): extract features under `torch.inference_mode()`.
     """
     from mmssl.models.io import load_encoder as _load
 

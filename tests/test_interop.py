@@ -559,3 +559,16 @@ def test_interop_modules_import_the_peers_only_inside_functions():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             assert not {n.split(".")[0] for n in names} & peers, (path.name, names)
+
+
+def test_an_integer_tensor_where_a_float_weight_belongs_is_named():
+    # a torch RuntimeError from inside load_state_dict ("Only Tensors of floating point ...
+    # can require gradients") instead of the listing of what does not fit
+    peer = tiny_clip("quickgelu_layerscale")
+    sd = dict(peer.state_dict())
+    sd["ln_final.bias"] = sd["ln_final.bias"].long()
+    with pytest.raises(
+        ValueError,
+        match=r"dtype kind mismatch \(peer vs mmssl\) \['text\.norm\.bias: torch\.int64 vs torch\.float32'\]",
+    ):
+        load_open_clip(sd, config=open_clip_model_config(peer))

@@ -1,7 +1,8 @@
-"""The un-augmented image: shorter side to `size`, centre crop (open_clip's eval transform).
+"""The un-augmented image: shorter side to `size`, centre crop.
 
 `resize_center` follows torchvision's `Resize(size)` + `CenterCrop(size)` on float images:
-bilinear, antialiased when shrinking.  Resizing the whole image before cropping needs
+bilinear, antialiased when shrinking (open_clip's eval transform has the same sizes and
+crop, but resizes bicubic).  Resizing the whole image before cropping needs
 memory for the resized image, which an extreme aspect ratio makes huge (a 20000 x 1
 banner at 224 px resizes to 224 x 4.48M: 12 GB of float32), so such images take a second
 path that computes only the crop's pixels, with the same weights (`_taps`).
@@ -23,8 +24,8 @@ CROP_ONLY_ABOVE = 16
 def resize_center(images: list[Tensor], size: int) -> Tensor:
     """uint8 (3, H, W) images -> float (B, 3, size, size) in [0, 1].
 
-    Sizes and offsets follow torchvision's `Resize(size)` + `CenterCrop(size)`, which
-    open_clip's eval transform is: the longer side truncated (`int(size * long / short)`),
+    Sizes and offsets follow torchvision's `Resize(size)` + `CenterCrop(size)`, as open_clip's
+    eval transform's do: the longer side truncated (`int(size * long / short)`),
     the crop offset `int(round((h - size) / 2))` (Python rounds halves to even)."""
     out = buffers.empty(len(images), 3, size, size)
     for i, im in enumerate(images):

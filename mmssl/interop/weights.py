@@ -131,13 +131,20 @@ def build_with_weights(
         for k in set(expected) & set(state_dict)
         if state_dict[k].shape != expected[k].shape
     )
-    if missing or unexpected or shapes:
+    # an integer tensor where mmssl has a float one (a parameter) failed inside load_state_dict
+    kinds = sorted(
+        f"{k}: {state_dict[k].dtype} vs {expected[k].dtype}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].is_floating_point() != expected[k].is_floating_point()
+    )
+    if missing or unexpected or shapes or kinds:
         parts = [
             f"{label} {items}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
                 ("shape mismatch (peer vs mmssl)", shapes),
+                ("dtype kind mismatch (peer vs mmssl)", kinds),
             )
             if items
         ]
