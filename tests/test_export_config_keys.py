@@ -63,6 +63,8 @@ def test_an_unknown_preprocess_key_is_refused(export, tmp_path):
         ({"std": [0.5, 0.0, 0.3]}, "preprocess.std must be > 0"),
         ({"std": [0.5, float("nan"), 0.3]}, "preprocess.std must be 3 finite numbers"),
         ({"std": None}, "preprocess.mean needs preprocess.std too"),
+        ({"max_pixels": 0}, "preprocess.max_pixels must be a positive integer, got 0"),
+        ({"max_pixels": "61MP"}, "preprocess.max_pixels must be a positive integer"),
     ],
 )
 def test_load_encoder_checks_mean_and_std_as_eval_does(export, tmp_path, bad, want):
@@ -74,6 +76,35 @@ def test_what_mmssl_writes_still_reads(export):
     assert read_config(export)["preprocess"]["mean"] == RGB
     loaded = load_model(export)
     assert loaded.preprocess.mean == tuple(RGB)
+
+
+def test_eval_decodes_up_to_the_pixel_limit_training_had(export, tmp_path):
+    """A run trained with data.max_pixels above the default read 61 MP photos that its eval
+    refused (image_too_large): the export records the limit, eval's Preprocess keeps it."""
+    from mmssl.data.decode import DEFAULT_MAX_PIXELS
+    from mmssl.data.errors import DataError
+    from mmssl.eval.data import iter_image_batches
+
+    assert load_model(export).preprocess.max_pixels == DEFAULT_MAX_PIXELS  # none recorded
+    path = _edited(export, tmp_path, lambda d: d["preprocess"].update(max_pixels=1000))
+    pre = load_model(path).preprocess
+    assert pre.max_pixels == 1000
+    import io
+
+    from PIL import Image
+
+    from mmssl.data.shards import ShardWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "PNG")
+    w = ShardWriter(str(tmp_path), "s", max_count=4)
+    for i in range(2):
+        w.write({"__key__": f"k{i}", "png": buf.getvalue(), "txt": "x"})
+    w.close()
+    shards = str(tmp_path / "s-000000.tar")
+    with pytest.raises(DataError, match="image_too_large"):  # 1600 pixels > 1000
+        list(iter_image_batches([shards], pre, 2))
+    assert len(list(iter_image_batches([shards], load_model(export).preprocess, 2))) == 1
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mmssl.data.decode import (
+    DEFAULT_MAX_PIXELS,
     BadSample,
     decode_fields,
     decode_image,
@@ -30,11 +31,13 @@ from mmssl.data.tario import check_urls, expand_urls, iter_shard
 @dataclass(frozen=True)
 class Preprocess:
     """How images are prepared for a model: shorter side to `image_size`, centre crop, scale to
-    [0, 1], then (x - mean) / std when both are set."""
+    [0, 1], then (x - mean) / std when both are set.  Images above `max_pixels` are bad
+    samples (the decoder's decompression-bomb limit: training's `data.max_pixels`)."""
 
     image_size: int
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         # one of the two alone used to be skipped without a word: images went in unnormalised
@@ -172,7 +175,7 @@ def iter_image_batches(
                 raise _missing_field(bad.detail, key, hint) from None
             raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}") from None
         try:
-            image = decode_image(find_image(files))
+            image = decode_image(find_image(files), preprocess.max_pixels)
             caption = decode_text(files) if captions else ""
         except BadSample as bad:
             raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}".rstrip()) from None

@@ -48,6 +48,7 @@ class Loaded:
             size,  # type: ignore[arg-type]  # an int: the model has a vision tower
             tuple(mean) if mean is not None else None,  # type: ignore[arg-type]
             tuple(std) if std is not None else None,  # type: ignore[arg-type]
+            **({"max_pixels": pre["max_pixels"]} if pre.get("max_pixels") is not None else {}),
         )
 
     @property

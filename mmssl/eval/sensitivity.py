@@ -240,8 +240,9 @@ def augment_config(overrides: dict[str, Any], items: list[str]) -> Any:
         raise EvalError(str(err)) from None
 
 
-def read_images(pattern: str, limit: int | None) -> list[Tensor]:
-    """uint8 (3, H, W) images of the shards in order; DataError when there are none."""
+def read_images(pattern: str, limit: int | None, max_pixels: int) -> list[Tensor]:
+    """uint8 (3, H, W) images of the shards in order (`max_pixels`: the decoder's limit);
+    DataError when there are none."""
     from mmssl.data.decode import BadSample, decode_image, find_image
     from mmssl.data.errors import DataError
     from mmssl.eval.data import iter_raw, shard_urls
@@ -252,7 +253,7 @@ def read_images(pattern: str, limit: int | None) -> list[Tensor]:
         if limit is not None and index >= limit:
             break
         try:
-            images.append(decode_image(find_image(files)))
+            images.append(decode_image(find_image(files), max_pixels))
         except BadSample as bad:
             if bad.kind != "missing_image":
                 raise DataError(f"sample {key!r} of {pattern}: {bad.kind} {bad.detail}") from None
@@ -294,10 +295,10 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     temperature = 0.1 if temperature is None else temperature
     if temperature <= 0:
         raise EvalError(f"--temperature must be > 0, got {temperature}")
-    images = read_images(args.data, args.limit)
-    train_images = read_images(args.train, args.limit) if args.train else images
     loaded = ctx.load()
     model, pre = loaded.model.eval(), loaded.preprocess
+    images = read_images(args.data, args.limit, pre.max_pixels)
+    train_images = read_images(args.train, args.limit, pre.max_pixels) if args.train else images
     size = pre.image_size
 
     def views_of(imgs: list[Tensor], c: Any, rng: np.random.Generator, n: int) -> Any:

@@ -24,7 +24,7 @@ CONFIG = "config.json"
 # what save_pretrained's caller (`mmssl export`) records in config.json beside "model"
 EXTRA_SECTIONS = ("recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
 SECTIONS = ("model", *EXTRA_SECTIONS)  # config.json's sections
-PREPROCESS = ("image_size", "mean", "std")
+PREPROCESS = ("image_size", "mean", "std", "max_pixels")
 
 
 def aliases(model: nn.Module) -> dict[str, str]:
@@ -101,7 +101,7 @@ def save_pretrained(
 
     extra holds config.json's other sections, each optional: "recipe" (the run's recipe
     name), "checkpoint" (its tag), "descriptor" (the augmentation descriptor layout),
-    "preprocess" (keys "image_size", "mean", "std": what evaluation applies), "logits" (the
+    "preprocess" (keys "image_size", "mean", "std", "max_pixels": what evaluation applies), "logits" (the
     contrastive objectives' logit scale and bias) and "tokenizer" (its metadata).  Any other
     key, "model" included, any other "preprocess" key, and a value `read_config` refuses (an
     unknown descriptor layout, a mean without its std, ...) is a ConfigError naming it, raised
@@ -205,6 +205,11 @@ def _check_preprocess(record: Any, cfg_path: str | Path) -> None:
         check_norm(record.get("mean"), record.get("std"), "preprocess.")
     except DataError as err:
         raise ConfigError(f"{cfg_path}: {err}") from None
+    limit = record.get("max_pixels")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(
+            f"{cfg_path}: preprocess.max_pixels must be a positive integer, got {limit!r}"
+        )
 
 
 def preprocess_size(record: Any, cfg: ModelConfig, cfg_path: str | Path) -> int | None:

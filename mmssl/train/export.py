@@ -283,6 +283,7 @@ def export_run(
             "image_size": recipe.data.image_size or (cfg.vision and cfg.vision.image_size),
             "mean": recipe.data.mean,
             "std": recipe.data.std,
+            "max_pixels": recipe.data.max_pixels,  # the decoder's limit, which eval keeps
         },
     }
     logits = logit_record(state, recipe)

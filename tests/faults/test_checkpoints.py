@@ -161,6 +161,7 @@ def test_export_of_an_older_checkpoint_uses_its_own_recipe(
     recipe = synthetic_recipe(tmp_path, "x", 2)
     first = ["data.image_size=32", "data.mean=[0.1, 0.2, 0.3]", "data.std=[0.5, 0.5, 0.5]"]
     later = ["data.image_size=16", "data.mean=[0.4, 0.5, 0.6]", "data.std=[0.2, 0.2, 0.2]"]
+    later.append("data.max_pixels=60000000")  # the decoder's limit, which eval keeps
     assert train_main([str(recipe), "train.stop_at=1", *first]) == 0
     assert train_main([str(recipe), *later]) == 0
     assert "- steps: 1 -> 2 of 2" in (tmp_path / "x" / "summary.md").read_text()  # a resume
@@ -170,7 +171,9 @@ def test_export_of_an_older_checkpoint_uses_its_own_recipe(
         return json.loads((out / "config.json").read_text())["preprocess"]
 
     old = {"image_size": 32, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
+    old["max_pixels"] = 50_000_000
     new = {"image_size": 16, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2]}
+    new["max_pixels"] = 60_000_000
     assert preprocess(tag_of(1)) == old
     assert preprocess(tag_of(2)) == new
     # a checkpoint saved before run records existed: recipe.yaml is all there is
