@@ -203,3 +203,14 @@ def test_generate_takes_a_numpy_integer_beam_count():
     model, prompt = tiny(), torch.tensor([[1, 2], [3, 4]])
     want = model.generate(prompt, 5, num_beams=3)
     assert torch.equal(model.generate(prompt, 5, num_beams=np.int64(3)), want)
+
+
+def test_a_boolean_temperature_and_an_eos_cut_off_by_vocab_limit_are_refused():
+    # temperature=True sampled at 1; an eos_id at or above vocab_limit was never generated,
+    # so no row stopped and the budget always ran out
+    model, prompt = tiny(), torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got True"):
+        model.generate(prompt, 3, temperature=True)
+    with pytest.raises(ValueError, match="eos_id 20 is not below vocab_limit 20"):
+        model.generate(prompt, 3, eos_id=20, vocab_limit=20)
+    assert model.generate(prompt, 3, eos_id=19, vocab_limit=20, temperature=0).shape == (1, 5)

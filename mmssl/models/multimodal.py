@@ -282,7 +282,7 @@ class MultimodalModel(nn.Module):
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
-        vocab_limit = check_vocab_limit(vocab_limit, text.cfg.vocab_size)
+        vocab_limit = check_vocab_limit(vocab_limit, text.cfg.vocab_size, eos_id)
         b = images.shape[0]
         if (prompt is None) == (bos_id is None):
             raise ValueError("pass either prompt (B, T0) or the tokenizer's bos_id, not both")

@@ -80,7 +80,7 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
     """Refuse sampling options that would fail late or silently sample the wrong thing."""
     # a negative temperature would sample from the inverted distribution (the least
     # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
-    if not temperature >= 0 or temperature == float("inf"):
+    if isinstance(temperature, bool) or not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and as_top_k(top_k) is None:
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
@@ -99,14 +99,19 @@ def as_top_k(top_k: object) -> int | None:
     return k if k >= 1 else None
 
 
-def check_vocab_limit(vocab_limit: object, vocab_size: int) -> int | None:
+def check_vocab_limit(
+    vocab_limit: object, vocab_size: int, eos_id: int | None = None
+) -> int | None:
     """vocab_limit as an int in 1..vocab_size (None stays None); ValueError otherwise (a
-    bool, a float, a number out of range)."""
+    bool, a float, a number out of range), or when it cuts off `eos_id` (never generated,
+    no row would stop)."""
     if vocab_limit is None:
         return None
     limit = as_top_k(vocab_limit)  # an integer >= 1, by the same rules as top_k
     if limit is None or limit > vocab_size:
         raise ValueError(f"vocab_limit must be an integer in 1..{vocab_size}, got {vocab_limit!r}")
+    if eos_id is not None and eos_id >= limit:
+        raise ValueError(f"eos_id {eos_id} is not below vocab_limit {limit}: no row could end")
     return limit
 
 
@@ -407,7 +412,7 @@ class TextTransformer(nn.Module):
         the others): the logits are cut to the first vocab_limit ids before sampling.
         """
         check_sampling(temperature, top_k)
-        vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size)
+        vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size, eos_id)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
         if text.ndim != 2 or text.shape[1] == 0:
