@@ -420,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
         )
     except (EvalError, DataError, FileNotFoundError) as err:
-        print(f"mmssl features: error: {err}", file=sys.stderr)
+        # a field's value (NaN, not a number) or absence, in a field no one asked for
+        found = args.fields is None and isinstance(err, DataError) and " field" in str(err)
+        hint = " (the json fields were found in the first sample; --fields picks those to read)"
+        print(f"mmssl features: error: {err}{hint if found else ''}", file=sys.stderr)
         return 2
     code = 0
     if distributed.rank() == 0:

@@ -65,3 +65,33 @@ def test_retrieval_reads_captions_json_after_a_byte_order_mark(tmp_path):
             info.size = len(meta)
             tar.addfile(info, io.BytesIO(meta))
     assert _captions_of([str(path)], None) == [["a 0", "b 0"], ["a 1", "b 1"]]
+
+
+def test_features_say_the_fields_were_detected_when_one_is_unreadable(
+    tmp_path, capsys, tiny_model_dir
+):
+    """LAION's json holds fields no one asked for (punsafe NaN): with the fields taken from
+    the first sample, the error now says --fields picks those to read."""
+    path = tmp_path / "laion.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for k in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+            meta = b'{"label": 1, "punsafe": %s}' % (b"NaN" if k == 2 else b"0.1")
+            for ext, data in (("png", buf.getvalue()), ("json", meta)):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(path),
+        "--out",
+        str(tmp_path / "f.safetensors"),
+    ]
+    assert features_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "field 'punsafe' is nan" in err and "--fields picks those to read" in err
+    assert features_main([*argv, "--fields", "label"]) == 0
