@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmssl.descriptor import get_layout
@@ -122,16 +121,24 @@ def centred_cosines(
     images: Tensor,
     transforms: dict[str, Callable[[Tensor], Tensor]],
     mean: Tensor,
-) -> dict[str, float]:
-    """Mean cosine of (f(x) - mean) and (f(t(x)) - mean) for each named transform t.
+) -> dict[str, float | None]:
+    """Mean cosine of (f(x) - mean) and (f(t(x)) - mean) for each named transform t, over
+    the images where both are defined: None when none is (a feature equal to the mean, as
+    every feature of a collapsed encoder is; F.cosine_similarity called that 0, "sensitive").
 
     images: (N, 3, H, W) clean images; mean: (D,) training-mean feature.
     """
-    ref = features(model, images) - mean
-    return {
-        name: F.cosine_similarity(ref, features(model, t(images)) - mean, dim=-1).mean().item()
-        for name, t in transforms.items()
-    }
+    raw = features(model, images)
+    tol = 1e-4 * float(raw.norm(dim=-1).max())  # float error of a difference of such features
+    ref = raw - mean
+    out: dict[str, float | None] = {}
+    for name, t in transforms.items():
+        other = features(model, t(images)) - mean
+        na, nb = ref.norm(dim=-1), other.norm(dim=-1)
+        ok = (na > tol) & (nb > tol)
+        cos = (ref * other).sum(-1)[ok] / (na[ok] * nb[ok])
+        out[name] = cos.mean().item() if len(cos) else None
+    return out
 
 
 def single_augmentations(cfg: Any) -> dict[str, Any]:
@@ -152,7 +159,7 @@ def single_augmentations(cfg: Any) -> dict[str, Any]:
         blur_p=0.0,
         solarize_p=0.0,
     )
-    out = {}
+    out: dict[str, Any] = {}
     # a config read from YAML or `--augment` holds the pair as a list, never equal to a tuple
     if tuple(cfg.scale) != (1.0, 1.0) or cfg.flip_p > 0:
         out["crop"] = dataclasses.replace(off, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p)
@@ -163,6 +170,18 @@ def single_augmentations(cfg: Any) -> dict[str, Any]:
         out["grayscale"] = dataclasses.replace(off, grayscale_p=1.0)
     if cfg.blur_p > 0:
         out["blur"] = dataclasses.replace(off, blur_p=1.0)
+    return out
+
+
+def view_augmentations(configs: list[Any]) -> dict[str, Any]:
+    """`single_augmentations` of every view's AugmentConfig: each type any view applies, named
+    by its view ("hue (view 2)") where two views apply it at different strengths."""
+    out: dict[str, Any] = {}
+    for v, c in enumerate(configs):
+        for name, one in single_augmentations(c).items():
+            if out.get(name, one) != one:
+                name = f"{name} (view {v + 1})"
+            out.setdefault(name, one)
     return out
 
 
@@ -199,11 +218,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _recipe_defaults(model_path: str) -> tuple[dict[str, Any], float | None]:
-    """(data.augment, SimCLR temperature) of a run directory's recipe; ({}, None) otherwise."""
+def _recipe_defaults(
+    model_path: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]], float | None]:
+    """(data.augment, data.view_augment, SimCLR temperature) of a run directory's recipe;
+    ({}, [], None) otherwise."""
     path = Path(model_path) / "recipe.yaml"
     if not path.is_file():
-        return {}, None
+        return {}, [], None
     from mmssl.eval.loading import EvalError
     from mmssl.schema import ConfigError
     from mmssl.train.recipe import read_yaml
@@ -213,11 +235,12 @@ def _recipe_defaults(model_path: str) -> tuple[dict[str, Any], float | None]:
     except ConfigError as err:
         raise EvalError(str(err)) from None
     augment = dict((data.get("data") or {}).get("augment") or {})
+    per_view = [dict(v or {}) for v in (data.get("data") or {}).get("view_augment") or []]
     for key, obj in (data.get("objectives") or {}).items():
         obj = obj or {}
         if (obj.get("type") or key) == "simclr" and "temperature" in obj:
-            return augment, float(obj["temperature"])
-    return augment, None
+            return augment, per_view, float(obj["temperature"])
+    return augment, per_view, None
 
 
 def augment_config(overrides: dict[str, Any], items: list[str]) -> Any:
@@ -289,8 +312,13 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
     if args.batches < 1:
         raise EvalError(f"--batches must be >= 1, got {args.batches}")
-    recipe_augment, recipe_temperature = _recipe_defaults(args.model)
+    recipe_augment, per_view, recipe_temperature = _recipe_defaults(args.model)
     cfg = augment_config(recipe_augment, args.augment)
+    # the run's two views as it trained them (BYOL-style view_augment: the quickstart's
+    # second view alone shifts hue), each with the --augment overrides
+    views = [augment_config({**recipe_augment, **v}, args.augment) for v in per_view]
+    if views and len(views) != 2:
+        raise EvalError(f"the run's data.view_augment has {len(views)} views; this task draws 2")
     temperature = args.temperature if args.temperature is not None else recipe_temperature
     temperature = 0.1 if temperature is None else temperature
     if temperature <= 0:
@@ -311,10 +339,12 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if not args.cosines_only and problem is None:
         for i in range(min(args.batches, max(1, len(images) // args.batch_size))):
             chunk = images[i * args.batch_size : (i + 1) * args.batch_size]
-            batches.append(views_of(chunk, cfg, np.random.default_rng([args.seed, i]), 2))
+            batches.append(views_of(chunk, views or cfg, np.random.default_rng([args.seed, i]), 2))
         if len(batches[0][0][0]) < 2:
             raise EvalError("the omega-usage diagnostic needs at least 2 images per batch")
         omega = omega_usage(model, batches, temperature, seed=args.seed)
+    if len(train_images) < 2:  # one image's feature is the mean: every cosine undefined
+        raise EvalError("the centred cosines need at least 2 images for the training mean")
     clean = pre(images)  # normalised by the preprocessing, like the views
     mean = features(model, pre(train_images)).mean(0)
 
@@ -322,9 +352,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         # t(x) is rendered from the decoded images (x is their clean version, in order)
         return lambda _x: views_of(images, c, np.random.default_rng([args.seed, 100 + k]), 1)[0][0]
 
-    transforms = {
-        name: single(c, k) for k, (name, c) in enumerate(single_augmentations(cfg).items())
-    }
+    singles = view_augmentations(views or [cfg])
+    transforms = {name: single(c, k) for k, (name, c) in enumerate(singles.items())}
     cosines = centred_cosines(model, clean, transforms, mean)
     res = {
         "omega_usage": omega,
@@ -332,6 +361,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         "centred_cosine": cosines,
         "temperature": temperature,
         "augment": dataclasses.asdict(cfg),
+        "view_augment": [dataclasses.asdict(c) for c in views],
         "num_images": len(images),
         "num_train_images": len(train_images),
         "batches": len(batches),

@@ -217,3 +217,38 @@ def test_single_augmentations_skip_the_crop_of_a_full_unflipped_view():
     flipped = augment_config({}, ["scale=[1.0, 1.0]", "flip_p=0.5"])
     assert list(single_augmentations(flipped)) == ["crop", *types]
     assert list(single_augmentations(augment_config({}, []))) == ["crop", *types]
+
+
+def test_the_runs_view_augment_is_measured(tmp_path):
+    """The quickstart shifts hue and greys only its second view (data.view_augment); the
+    task read data.augment alone, so hue and grayscale were never measured."""
+    from mmssl.eval.sensitivity import _recipe_defaults, augment_config, view_augmentations
+
+    (tmp_path / "recipe.yaml").write_text(
+        "data:\n  augment: {hue: 0.0, grayscale_p: 0.0, blur_p: 0.5}\n"
+        "  view_augment: [{}, {hue: 0.5, grayscale_p: 0.2, blur_p: 0.1}]\n"
+    )
+    augment, per_view, _ = _recipe_defaults(str(tmp_path))
+    views = [augment_config({**augment, **v}, []) for v in per_view]
+    got = view_augmentations(views)
+    assert {"hue", "grayscale", "blur", "crop"} <= set(got)
+    assert got["hue"].hue == 0.5  # the second view's strength
+    # blur in both views (always applied, sigma range the same): one entry
+    assert "blur (view 2)" not in got
+    assert set(view_augmentations([views[0]])) == set(got) - {"hue", "grayscale"}
+
+
+def test_centred_cosine_of_a_feature_equal_to_the_mean_is_undefined_not_zero(monkeypatch):
+    """A collapsed encoder (every feature the mean) scored 0.0, read as "fully sensitive"."""
+    from mmssl.eval import sensitivity
+
+    # features f(x): the first pixel's value in every dim, so t shifts them or not at all
+    monkeypatch.setattr(sensitivity, "features", lambda m, x: x[:, 0, 0, :1].expand(-1, 4))
+    x = torch.tensor([0.2, 0.6, 1.0]).view(3, 1, 1, 1).expand(3, 3, 8, 8)
+    same = torch.full((4,), 0.6)  # the middle image's feature is the mean: left out
+    got = sensitivity.centred_cosines(
+        None, x, {"id": lambda y: y, "flat": lambda y: y * 0 + 0.6}, same
+    )
+    assert got["id"] == pytest.approx(1.0) and got["flat"] is None  # f(t(x)) = mean everywhere
+    got = sensitivity.centred_cosines(None, x, {"neg": lambda y: 1.2 - y}, same)
+    assert got["neg"] == pytest.approx(-1.0)
