@@ -1,6 +1,7 @@
 """Checks of a recipe's `objectives` section against its data sources and its model: what
 each objective needs (views, text, a tower, a decoder), the options each one reads, and the
-combinations that would train silently on the wrong thing.  Called by `recipe.validate`.
+combinations that would train silently on the wrong thing; and of its `eval.sources`, which
+must be held out.  Called by `recipe.validate`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
     and the options it reads; a ConfigError names `objectives.KEY`."""
     if not recipe.objectives:
         raise ConfigError("objectives: a recipe needs at least one objective")
+    if all(o.weight == 0 for o in recipe.objectives.values()):  # a weight of 0 is an ablation
+        raise ConfigError("objectives: every weight is 0, so the loss is 0 and nothing is learnt")
     sources = recipe.data.sources
     unset = ObjectiveConfig()
     for key, obj in recipe.objectives.items():
@@ -123,3 +126,61 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
             raise ConfigError(f"{where}.gather: {obj.gather!r} is not one of {list(allowed)}")
         if obj.temperature <= 0:
             raise ConfigError(f"{where}.temperature must be > 0, got {obj.temperature}")
+
+
+def check_eval(recipe: Recipe) -> None:
+    """`eval.sources` against the data sources: each names one (checked before the sources
+    no one reads, which a typo here makes), and with eval on maps every training source to a
+    held-out one of its kind that is neither read by an objective nor shares its shards."""
+    ev, sources = recipe.eval, recipe.data.sources
+    read = {o.source for o in recipe.objectives.values()} | set(ev.sources.values())
+    for train_src, held_out in ev.sources.items():  # first: a typo here makes the real one unread
+        if held_out not in sources:
+            raise ConfigError(
+                f"eval.sources.{train_src}: no data source {held_out!r}{suggest(held_out, sources)}"
+            )
+    for name in sources:
+        if name not in read:  # often a mistyped key: data.sources.trian.mode=epoch
+            raise ConfigError(
+                f"data.sources.{name}: no objective or eval.sources reads it{suggest(name, read)}"
+            )
+    if ev.every:
+        used = {o.source for o in recipe.objectives.values()}
+        if set(ev.sources) != used:
+            raise ConfigError(
+                f"eval.sources must map every training source {sorted(used)} to "
+                f"a held-out source, got {sorted(ev.sources)}"
+            )
+        for train_src, held_out in ev.sources.items():
+            if held_out in used:
+                raise ConfigError(
+                    f"eval.sources.{train_src}: {held_out!r} is a training source (an objective "
+                    "reads it), not held out"
+                )
+            shared = _shared_shards(sources[held_out].urls, [sources[u].urls for u in used])
+            if shared:
+                raise ConfigError(
+                    f"eval.sources.{train_src}: {held_out!r} shares shards with a training "
+                    f"source ({shared}), so it is not held out"
+                )
+            if sources[held_out].kind != sources[train_src].kind:
+                raise ConfigError(
+                    f"eval.sources.{train_src}: {held_out!r} is a "
+                    f"{sources[held_out].kind} source, {train_src!r} is "
+                    f"{sources[train_src].kind}"
+                )
+
+
+def _shared_shards(urls: str, others: list[str]) -> str | None:
+    """The first shard URL of pattern `urls` that one of `others` also lists, or None
+    (synthetic sources and patterns that do not expand are left to their own checks)."""
+    from mmssl.data.tario import expand_urls
+
+    if urls == "synthetic":
+        return None
+    try:
+        mine = expand_urls(urls)
+        theirs = {u for o in others if o != "synthetic" for u in expand_urls(o)}
+    except ValueError:
+        return None
+    return next((u for u in mine if u in theirs), None)

@@ -404,37 +404,6 @@ def check_ranges(recipe: Recipe) -> None:
         raise ConfigError(f"data.max_pixels must be >= 1, got {recipe.data.max_pixels}")
 
 
-def _check_eval(recipe: Recipe) -> None:
-    from mmssl.schema import suggest
-
-    ev, sources = recipe.eval, recipe.data.sources
-    read = {o.source for o in recipe.objectives.values()} | set(ev.sources.values())
-    for train_src, held_out in ev.sources.items():  # first: a typo here makes the real one unread
-        if held_out not in sources:
-            raise ConfigError(
-                f"eval.sources.{train_src}: no data source {held_out!r}{suggest(held_out, sources)}"
-            )
-    for name in sources:
-        if name not in read:  # often a mistyped key: data.sources.trian.mode=epoch
-            raise ConfigError(
-                f"data.sources.{name}: no objective or eval.sources reads it{suggest(name, read)}"
-            )
-    if ev.every:
-        used = {o.source for o in recipe.objectives.values()}
-        if set(ev.sources) != used:
-            raise ConfigError(
-                f"eval.sources must map every training source {sorted(used)} to "
-                f"a held-out source, got {sorted(ev.sources)}"
-            )
-        for train_src, held_out in ev.sources.items():
-            if sources[held_out].kind != sources[train_src].kind:
-                raise ConfigError(
-                    f"eval.sources.{train_src}: {held_out!r} is a "
-                    f"{sources[held_out].kind} source, {train_src!r} is "
-                    f"{sources[train_src].kind}"
-                )
-
-
 @dataclass
 class Resolved:
     """What `validate` derived: the model config, accumulation steps, the DeepSpeed config."""
@@ -452,7 +421,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     the run directory can be made (recipes for other machines); the shard counts of
     epoch-mode sources are checked for `world_size` ranks either way."""
     from mmssl.train.engine import deepspeed_config
-    from mmssl.train.objective_checks import check_objectives
+    from mmssl.train.objective_checks import check_eval, check_objectives
     from mmssl.train.streams import check_data
 
     world = world_size_from_env() if world_size is None else world_size
@@ -465,7 +434,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
 
     check_condition(recipe, cfg)  # condition_prompt against model.condition.source
     check_objectives(recipe, cfg)
-    _check_eval(recipe)
+    check_eval(recipe)
     accum = grad_accum_steps(recipe, world)
     ds = deepspeed_config(recipe, accum)
     from mmssl.train import file_checks

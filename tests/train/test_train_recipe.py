@@ -497,3 +497,32 @@ def test_the_pixel_limit_of_decoded_images_is_a_recipe_key(demo_data: str, tmp_p
     assert stream.loader.plan.max_pixels == 70_000_000
     with pytest.raises(ConfigError, match="data.max_pixels must be >= 1"):
         validate(load_recipe(QUICK, [*args, "data.max_pixels=0"]), 1, check_files=False)
+
+
+def test_a_held_out_source_that_trains_is_refused(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """eval.sources may not name a source an objective reads, nor one listing its shards:
+    the 'held-out' loss was measured on training data without a word."""
+    recipe = load_recipe(QUICK, tiny_overrides("/x", "/y", "n"))
+    recipe.eval.every, recipe.eval.sources["digits"] = 2, "digits"
+    del recipe.data.sources["digits_test"]
+    with pytest.raises(ConfigError, match="eval.sources.digits: 'digits' is a training source"):
+        validate(recipe, 1, check_files=False)
+    recipe = load_recipe(QUICK, tiny_overrides("/x", "/y", "n"))
+    recipe.eval.every = 2
+    recipe.data.sources["digits_test"].urls = recipe.data.sources["digits"].urls
+    with pytest.raises(ConfigError, match="'digits_test' shares shards with a training source"):
+        validate(recipe, 1, check_files=False)
+
+
+def test_every_objective_weighted_0_is_refused(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # the loss was 0 and the optimizer stepped on weight decay alone; one 0 is an ablation
+    weights = [f"objectives.{k}.weight=0" for k in load_recipe(QUICK, []).objectives]
+    err = _bad([*base, *weights], capsys, tmp_path)
+    assert "every weight is 0" in err
+    validate(
+        load_recipe(QUICK, [*tiny_overrides("/x", "/y", "n"), weights[0]]), 1, check_files=False
+    )
