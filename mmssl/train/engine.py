@@ -350,7 +350,34 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
     )
     if zero_stage(ds_config) == 3:
         alias_zero3_fp32_partitions(engine.optimizer)
+    undo_state_init(engine.optimizer)
     return engine
+
+
+def undo_state_init(optimizer: Any) -> bool:
+    """Undo the optimizer step DeepSpeed's stage-0 fp16/bf16 wrappers (FP16_UnfusedOptimizer,
+    FP16_Optimizer) take on zero gradients when built (`initialize_optimizer_states`): AdamW
+    counted it, so the first real update used step 2's bias correction (0.744 of fp32's and of
+    ZeRO 1-3's: another loss curve), and it shrank the fp32 master weights by one weight decay
+    at the full lr.  The inner state goes (AdamW makes it again at the first step, as torch's
+    does) and the masters are copied back from the model's weights they were made from.  A
+    resume loads its own state afterwards.  True when there was such a wrapper."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return False  # ZeRO 1-3's build their state without a step
+    inner = optimizer.optimizer
+    inner.state.clear()
+    with torch.no_grad():
+        if getattr(optimizer, "fp32_groups", None) is not None:  # unfused: a master per param
+            for low, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+                for p, m in zip(low, masters):
+                    m.copy_(p.float())
+        else:  # fused: one flat master per group, a copy of the flat low-precision group
+            for low, master in zip(optimizer.fp16_groups_flat, optimizer.fp32_groups_flat):
+                master.copy_(low.float())
+    return True
 
 
 def alias_zero3_fp32_partitions(optimizer: Any) -> int:

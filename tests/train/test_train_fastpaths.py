@@ -56,13 +56,15 @@ def _task(recipe, resolved):
 def _engine_losses(recipe) -> tuple[list[float], Any]:
     """STEPS steps of the real engine on the synthetic batches -> (losses, engine)."""
     from mmssl.train.engine import init_distributed, initialize
+    from mmssl.train.loop import to_device
 
     resolved = validate(recipe, world_size=1)
     init_distributed()
     engine = initialize(_task(recipe, resolved), recipe, resolved.ds_config)
     losses = []
+    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
     for batch in _batches(recipe, resolved):
-        loss, _ = engine(batch)
+        loss, _ = engine({k: to_device(v, torch.device("cpu"), dtype) for k, v in batch.items()})
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
@@ -204,3 +206,30 @@ def test_attention_kernel_reaches_every_block_and_trains_alike(kernel: str) -> N
     kernels = {m.kernel for m in engine.module.modules() if isinstance(m, Attention)}
     assert kernels == {kernel}
     torch.testing.assert_close(losses, list(_reference_losses()), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_at_zero0_starts_adamw_as_zero1_does() -> None:
+    """DeepSpeed's stage-0 bf16 wrapper steps its optimizer once on zero gradients when built:
+    AdamW counted that step (the first real update was 0.744 of ZeRO-1's) and shrank the fp32
+    masters by one weight decay.  mmssl undoes it: the masters equal the model's weights, the
+    optimizer has no state, and ZeRO-0 trains as ZeRO-1 does (same maths, other code)."""
+
+    base = {"optim": {"lr": LR, "impl": "torch", "weight_decay": 0.1}, "precision": "bf16",
+            "schedule": {"kind": "constant"},
+            "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 8, "grad_clip": None}}  # fmt: skip
+    from mmssl.train.engine import init_distributed, initialize
+
+    recipe = recipe_from_dict(base)
+    resolved = validate(recipe, world_size=1)
+    init_distributed()
+    engine = initialize(_task(recipe, resolved), recipe, resolved.ds_config)
+    opt = engine.optimizer
+    assert len(opt.optimizer.state) == 0
+    for low, masters in zip(opt.fp16_groups, opt.fp32_groups):
+        for p, m in zip(low, masters):
+            assert torch.equal(m, p.float())
+    zero0, _ = _engine_losses(recipe)
+    zero1, engine1 = _engine_losses(
+        recipe_from_dict({**base, "train": {**base["train"], "deepspeed": "zero1"}})
+    )
+    torch.testing.assert_close(zero0, zero1, rtol=0, atol=1e-5)  # the bug: 7e-4 at step 2
