@@ -72,6 +72,9 @@ def resume_hint(recipe: Recipe, good: str | None) -> str:
     # --num_gpus counts the ranks of one node: the launcher's LOCAL_WORLD_SIZE
     per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
     launch = f"deepspeed --num_gpus {per_node} --module mmssl.train" if world > 1 else "mmssl train"
+    if world > 1 and per_node.isdigit() and world > int(per_node):  # several nodes
+        nodes = world // int(per_node)
+        launch = f"deepspeed --num_nodes {nodes} --num_gpus {per_node} --hostfile HOSTFILE --module mmssl.train"
     # quoted for the shell: an out_dir or name with a space (or any shell character) is one
     # argument when the command is pasted
     command = f"`{launch} {shlex.quote(str(run_dir / 'recipe.yaml'))} checkpoint.resume=auto`"
@@ -79,12 +82,12 @@ def resume_hint(recipe: Recipe, good: str | None) -> str:
         return (
             f"there is no good checkpoint in {run_dir / 'checkpoints'}: fix the cause and start "
             f"again; checkpoint.resume=auto finds none there and starts at step 0, e.g. {command}"
-            + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
+            + (f" (or your launcher's equivalent for all {world} ranks)" if world > 1 else "")
         )
     return (
         f"fix the cause, then resume from {good}: rerun the same command with "
         f"checkpoint.resume=auto (the default), which takes that checkpoint, e.g. {command}"
-        + (" (or your launcher's equivalent for every rank)" if world > 1 else "")
+        + (f" (or your launcher's equivalent for all {world} ranks)" if world > 1 else "")
     )
 
 

@@ -159,9 +159,14 @@ def test_the_resume_hint_counts_the_ranks_of_one_node(monkeypatch: pytest.Monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     recipe = SimpleNamespace(run_dir=Path("/runs/x"))
     hint = resume_hint(recipe, "/runs/x/checkpoints/step_00000004")  # type: ignore[arg-type]
-    assert "deepspeed --num_gpus 8 --module mmssl.train /runs/x/recipe.yaml" in hint, hint
+    # several nodes: the command says how many (it said --num_gpus 8 alone: 8 ranks of 64)
+    want = "deepspeed --num_nodes 8 --num_gpus 8 --hostfile HOSTFILE --module mmssl.train "
+    assert want + "/runs/x/recipe.yaml" in hint and "all 64 ranks" in hint, hint
     none = resume_hint(recipe, None)  # type: ignore[arg-type]
     assert "starts at step 0" in none and "--num_gpus 8" in none, none
+    monkeypatch.setattr(mmssl.distributed, "world_size", lambda: 8)  # one node of 8
+    hint = resume_hint(recipe, "/runs/x/checkpoints/step_00000004")  # type: ignore[arg-type]
+    assert "deepspeed --num_gpus 8 --module mmssl.train /runs/x/recipe.yaml" in hint, hint
 
 
 def test_a_failing_summary_never_masks_the_error(
