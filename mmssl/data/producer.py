@@ -146,7 +146,12 @@ class _Worker:
             )
             key = [plan.seed, epoch, plan.rank, worker, zlib_crc(src.name)]
             stream = SampleStream(
-                list(src.urls), seq, shuffle=plan.shuffle, seed_key=key, counter=self.counter
+                list(src.urls),
+                seq,
+                shuffle=plan.shuffle,
+                seed_key=key,
+                counter=self.counter,
+                last_stays_last=src.name in self.cuts,
             )
             self.streams[src.name] = stream
             saved = self.saved.get(src.name)

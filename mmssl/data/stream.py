@@ -250,8 +250,12 @@ class SampleStream:
         shuffle: int,
         seed_key: list[int],
         counter: SkipCounter,
+        last_stays_last: bool = False,
     ) -> None:
         self.raw = RawStream(urls, seq, counter)
+        # a text slot's run ends inside its last document: that piece has no eos, so the
+        # block shuffle must not put another document after it (a junction no text has)
+        self.last_stays_last = last_stays_last
         self.urls = urls
         self.shuffle = max(1, int(shuffle))
         self.seed_key = seed_key
@@ -303,6 +307,11 @@ class SampleStream:
         if len(self.window) > 1:
             rng = np.random.default_rng([*self.seed_key, 0x5B0F, index])
             self.order = [int(i) for i in rng.permutation(len(self.window))]
+            bounds = self.raw.seq.bounds
+            if self.last_stays_last and this_pass == 0 and bounds:
+                end = (len(bounds) - 1, bounds[-1][1] - 1)  # the run's last sample
+                last = [i for i in self.order if self.window[i][3] == end]
+                self.order = [i for i in self.order if i not in last] + last
         else:
             self.order = [0]
         self.emitted = 0

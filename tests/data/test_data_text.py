@@ -67,3 +67,45 @@ def test_tokenize_captions_with_default_tokenizer(tokenizer):
     assert ids[0, n - 1].item() == tokenizer.eos_id and (ids[0, n:] == tokenizer.pad_id).all()
     inner = tokenizer.encode("a red seven.", add_bos=False, add_eos=False)
     assert ids[0, 1 : n - 1].tolist() == list(inner)
+
+
+def test_a_slots_cut_last_document_is_never_followed_by_another(demo_data):
+    """In epoch mode a text slot's run ends inside its last document (no eos: the rest is the
+    next slot's).  The block shuffle put that piece mid-window, straight into the next
+    document with no eos between them: a junction no text has, once per slot and epoch."""
+    import glob
+    import tarfile
+
+    from mmssl.data.pipeline import Source, build_pipeline
+    from mmssl.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("default")
+    docs = []
+    for path in sorted(glob.glob(f"{demo_data}/text/train-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".txt"):
+                    text = tar.extractfile(m).read().decode("utf-8").strip()  # type: ignore[union-attr]
+                    docs.append(tok.encode(text, add_bos=False, add_eos=False))
+    starts = {tuple(d[:8]) for d in docs}  # a document begins with these tokens
+    cuts = 0
+    for world in (1, 2):
+        for rank in range(world):
+            pl = build_pipeline(
+                sources=[Source(f"{demo_data}/text/train-{{000000..000008}}.tar", kind="text", name="docs")],
+                batch_size=4, mode="epoch", seed=0, rank=rank, world_size=world, tokenizer=tok,
+                context_length=63, shuffle=256,
+            )  # fmt: skip
+            stream = [t for b in pl for row in b["text"].tolist() for t in row]
+            pieces, cur = [], []
+            for t in stream:
+                if t == tok.eos_id:
+                    pieces.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            for piece in pieces:  # a whole document, or one that starts mid-piece: a junction
+                whole = any(piece == d for d in docs)
+                inside = any(tuple(piece[i : i + 8]) in starts for i in range(1, len(piece) - 8))
+                cuts += not whole and inside
+    assert cuts == 0
