@@ -104,6 +104,11 @@ def test_eval_decodes_up_to_the_pixel_limit_training_had(export, tmp_path):
     shards = str(tmp_path / "s-000000.tar")
     with pytest.raises(DataError, match="image_too_large"):  # 1600 pixels > 1000
         list(iter_image_batches([shards], pre, 2))
+    # finetune's training batches too (its pipeline skips them: here every sample, an error)
+    from mmssl.eval.finetune import _stream_batches
+
+    with pytest.raises(DataError, match="image_too_large"):
+        next(_stream_batches([shards], pre, "label", 2, 0))
     assert len(list(iter_image_batches([shards], load_model(export).preprocess, 2))) == 1
 
 

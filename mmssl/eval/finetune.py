@@ -130,6 +130,7 @@ def _stream_batches(
         json_fields=(field,),
         mean=preprocess.mean,
         std=preprocess.std,
+        max_pixels=preprocess.max_pixels,  # training's limit, as the test split decodes
     )
     for batch in loader:
         yield batch["image"], batch[field].long()

@@ -239,6 +239,7 @@ def load_tokenizer(
     text = model.cfg.text
     if (
         text is not None
+        and override is None  # --tokenizer default: the user's word
         and choice == "default"
         and saved is None
         and tok.vocab_size != text.vocab_size
@@ -248,7 +249,8 @@ def load_tokenizer(
         raise EvalError(
             f"{model_dir} records no tokenizer and its text tower has vocab_size "
             f"{text.vocab_size}, not the default tokenizer's {tok.vocab_size}: pass --tokenizer "
-            "(e.g. clip for an open_clip import), or save the model with "
+            "(clip for an open_clip import; default for a model trained with it and a padded "
+            "vocabulary), or save the model with "
             "extra={'tokenizer': {'name': ...}}"
         )
     if text is not None and tok.vocab_size > text.vocab_size:

@@ -381,7 +381,14 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     parts.append(
         "Centred cosine of f(x) and f(t(x)) (features minus the mean over "
         f"{len(train_images)} {'--train' if args.train else '--data'} images), one augmentation "
-        "type at a time:\n\n" + md_table(["augmentation", "centred cosine"], list(cosines.items()))
+        "type at a time:\n\n"
+        + md_table(
+            ["augmentation", "centred cosine"],
+            [
+                [k, "undefined (every feature equals the mean)" if v is None else v]
+                for k, v in cosines.items()
+            ],
+        )
     )
     data = {"data": args.data, "train": args.train or args.data}
     ctx.report("sensitivity", res, data=data, summary="\n\n".join(parts))

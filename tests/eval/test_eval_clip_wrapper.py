@@ -126,6 +126,8 @@ def test_a_model_saved_without_a_tokenizer_of_another_vocabulary_is_not_given_th
         EvalError, match="records no tokenizer and its text tower has vocab_size 9000"
     ):
         load_clip(tmp_path / "model")
+    # named on the command line (an older export trained with the default, vocab padded)
+    assert load_clip(tmp_path / "model", tokenizer="default")[2]("a photo").shape[0] == 1
     save_pretrained(
         MultimodalModel(cfg), tmp_path / "named", extra={"tokenizer": {"name": "default"}}
     )
