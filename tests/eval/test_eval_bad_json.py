@@ -15,21 +15,33 @@ from mmssl.eval.features import main as features_main
 from mmssl.eval.loading import EvalError
 
 
-@pytest.fixture()
-def bad_json_shard(tmp_path) -> str:
-    """4 samples (png, txt, json); sample 0000's json is cut short, the others are labelled."""
-    path = tmp_path / "badjson.tar"
+def _shard(path, samples: list[dict[str, bytes]]) -> str:
+    """A tar of samples 0000, 0001, ...: each a random 32 px png and the given members."""
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w") as tar:
-        for k in range(4):
+        for k, members in enumerate(samples):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-            meta = b'{"label": 0,' if k == 0 else b'{"label": %d}' % (k % 2)
-            for ext, data in (("png", buf.getvalue()), ("txt", b"caption %d" % k), ("json", meta)):
+            for ext, data in {"png": buf.getvalue(), **members}.items():
                 info = tarfile.TarInfo(f"{k:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+@pytest.fixture()
+def bad_json_shard(tmp_path) -> str:
+    """4 samples (png, txt, json); sample 0000's json is cut short, the others are labelled."""
+    return _shard(
+        tmp_path / "badjson.tar",
+        [
+            {
+                "txt": b"caption %d" % k,
+                "json": b'{"label": 0,' if k == 0 else b'{"label": %d}' % (k % 2),
+            }
+            for k in range(4)
+        ],
+    )
 
 
 def test_retrieval_names_the_sample_with_damaged_json(tmp_path, tiny_model_dir, bad_json_shard):
@@ -72,17 +84,13 @@ def test_features_say_the_fields_were_detected_when_one_is_unreadable(
 ):
     """LAION's json holds fields no one asked for (punsafe NaN): with the fields taken from
     the first sample, the error now says --fields picks those to read."""
-    path = tmp_path / "laion.tar"
-    rng = np.random.default_rng(0)
-    with tarfile.open(path, "w") as tar:
-        for k in range(3):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-            meta = b'{"label": 1, "punsafe": %s}' % (b"NaN" if k == 2 else b"0.1")
-            for ext, data in (("png", buf.getvalue()), ("json", meta)):
-                info = tarfile.TarInfo(f"{k:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    path = _shard(
+        tmp_path / "laion.tar",
+        [
+            {"json": b'{"label": 1, "punsafe": %s}' % (b"NaN" if k == 2 else b"0.1")}
+            for k in range(3)
+        ],
+    )
     argv = [
         "--model",
         tiny_model_dir,
