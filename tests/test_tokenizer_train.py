@@ -264,6 +264,18 @@ def test_directory_reads_only_corpus_files(
     assert list(iter_corpus([folder / "notes.md"])) == ["not training text"]
 
 
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"])
+def test_compressed_shards_in_a_directory_are_corpus_files(tmp_path: Path, suffix: str) -> None:
+    # the suffixes the data pipeline trains from are the ones a directory contributes
+    mode = {".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tar.xz": "xz"}[suffix]
+    with tarfile.open(tmp_path / f"s{suffix}", f"w:{mode}") as tar:
+        for key, text in (("000000", "a compressed caption"), ("000001", "another one")):
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    assert list(iter_corpus([tmp_path])) == ["a compressed caption", "another one"]
+
+
 def test_directory_of_only_other_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "manifest.json").write_text("{}\n")
     code, err = _run_cli(["train", "--out", str(tmp_path / "o"), str(tmp_path)], capsys)

@@ -67,7 +67,10 @@ def default_corpus() -> Corpus:
 
 # What a directory contributes; other files there (a shard folder's manifest.json, READMEs,
 # images) are not training text. A file named explicitly is read whatever its name.
-DIR_SUFFIXES = (".txt", ".jsonl", ".tar", ".tar.gz", ".tgz")
+# Tar shards are the suffixes the data pipeline reads (mmssl.data.tario): plain, gzip,
+# bzip2, xz; tarfile's "r|*" opens each.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+DIR_SUFFIXES = (".txt", ".jsonl") + TAR_SUFFIXES
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
@@ -169,11 +172,11 @@ def iter_corpus(
 ) -> Iterator[str]:
     """Texts of text files (per line), .jsonl files (`field`) and .tar shards (`tar_field`).
 
-    Directories contribute only their .txt, .jsonl and .tar files (see `expand_inputs`).
+    Directories contribute only their .txt, .jsonl and tar files (see `expand_inputs`).
     """
     for path in expand_inputs(inputs)[0]:
         name = path.name.lower()
-        if name.endswith((".tar", ".tar.gz", ".tgz")):
+        if name.endswith(TAR_SUFFIXES):
             yield from _iter_tar(path, tar_field)
         elif name.endswith(".jsonl"):
             yield from _iter_jsonl(path, field)

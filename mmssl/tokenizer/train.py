@@ -4,7 +4,8 @@
     mmssl tokenizer train --default        # rebuild tokenizer/default byte-for-byte
 
 Inputs are plain text files (one text per line), JSONL files (one field per record),
-WebDataset .tar shards (the `txt` member of each sample) or directories of these. The
+WebDataset tar shards, plain or gzip/bzip2/xz (the `txt` member of each sample), or
+directories of these. The
 output directory receives the artifact (tokenizer.json or tokenizer.model) and
 tokenizer_meta.json: vocab size, special ids, corpus description and sha256s.
 """
@@ -316,7 +317,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="mmssl tokenizer train",
         description="Train a tokenizer on text files, JSONL or WebDataset .tar shards.",
     )
-    p.add_argument("inputs", nargs="*", help="text files, .jsonl, .tar shards or directories")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="text files, .jsonl, tar shards (.tar, gzip, bzip2, xz) or directories",
+    )
     p.add_argument("--default", action="store_true", help="rebuild the shipped default tokenizer")
     p.add_argument("--out", help=f"output directory (with --default: {DEFAULT_DIR})")
     p.add_argument("--kind", choices=("bpe", "sentencepiece"), help="trainer (default: bpe)")
@@ -386,7 +391,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     files, skipped = expand_inputs(args.inputs)
     description = "files: " + ", ".join(map(str, args.inputs))
     if skipped:
-        # directories hold only .txt/.jsonl/.tar training text; say what else was left out
+        # directories hold only .txt/.jsonl/tar-shard training text; say what else was left out
         names = ", ".join(p.name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         kinds = "/".join(DIR_SUFFIXES)
         note = f"skipped {len(skipped)} file(s) in input directories, not {kinds}: {names}"
