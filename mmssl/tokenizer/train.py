@@ -5,9 +5,8 @@
 
 Inputs are plain text files (one text per line), JSONL files (one field per record),
 WebDataset tar shards, plain or gzip/bzip2/xz (the `txt` member of each sample), or
-directories of these. The
-output directory receives the artifact (tokenizer.json or tokenizer.model) and
-tokenizer_meta.json: vocab size, special ids, corpus description and sha256s.
+directories of these. The output directory receives the artifact (tokenizer.json or
+tokenizer.model) and tokenizer_meta.json: vocab size, special ids, corpus description and sha256s.
 """
 
 from __future__ import annotations
