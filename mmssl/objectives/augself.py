@@ -121,7 +121,8 @@ class AugSelfHead(nn.Module):
             raise ValueError(
                 f"f1, f2 must both be (B, dim), got {tuple(f1.shape)}, {tuple(f2.shape)}"
             )
-        return self.mlp(torch.cat([f1, f2], dim=-1))
+        # in the head's own dtype: DeepSpeed's bf16 casts the head with the model
+        return self.mlp(torch.cat([f1, f2], dim=-1).to(self.mlp[0].weight.dtype))
 
     def forward(self, f1: Tensor, f2: Tensor, omega1: Tensor, omega2: Tensor) -> Tensor:
         """f*: (B, dim) features of the views; omega*: (B, descriptor_dim) descriptors."""
@@ -130,7 +131,10 @@ class AugSelfHead(nn.Module):
             omega1, omega2 = torch.cat([omega1, omega2]), torch.cat([omega2, omega1])
         else:
             pred = self.predict(f1, f2)
-        return augself_loss(pred, omega1, omega2, self.version, self.weights)
+        # the loss in fp32, whatever the head's dtype (as the other objectives' losses)
+        return augself_loss(
+            pred.float(), omega1.float(), omega2.float(), self.version, self.weights
+        )
 
     def extra_repr(self) -> str:
         """The settings shown in the module's repr."""

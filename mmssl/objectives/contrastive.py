@@ -225,7 +225,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather: str = "local_loss") -> None:
         super().__init__()
-        if temperature <= 0:
+        if not temperature > 0:  # NaN too
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.gather = check_gather(gather, SOFTMAX_GATHER_MODES)

@@ -357,7 +357,7 @@ class Task(nn.Module):
         if kind == "augself":
             f1, f2 = vis["pooled"]
             aug = batch["aug"]
-            return self.heads[key](f1.float(), f2.float(), aug[0].float(), aug[1].float())
+            return self.heads[key](f1, f2, aug[0], aug[1])
         if kind in ("next_token", "captioning"):
             hidden = txt["hidden"]
             # the text tower ran without the all-padding trailing columns (`_text`): the

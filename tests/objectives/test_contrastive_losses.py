@@ -299,6 +299,7 @@ def test_positives_helpers() -> None:
         (lambda: NTXentLoss(gather="everything"), "gather must be one of"),
         (lambda: ClipLoss(gather="chunked"), "gather must be one of"),
         (lambda: NTXentLoss(temperature=0.0), "temperature must be > 0"),
+        (lambda: NTXentLoss(temperature=float("nan")), "temperature must be > 0"),
         # the function took them: 0 gave NaN, a negative temperature a loss of the wrong sign
         (
             lambda: nt_xent_loss(torch.randn(3, 4), torch.randn(3, 4), 0.0),
