@@ -1,4 +1,4 @@
-"""Every objective trains at `precision: bf16` through the real engine, with the losses of the
+"""Every objective, and a conditioned encoder, trains at `precision: bf16` through the real engine, with the losses of the
 fp32 run on the same weights and batches to bf16's precision.  DeepSpeed's bf16 casts the
 whole Task (heads included) to bf16; an objective that fed its head fp32 features stopped
 at step 0 (AugSelf: "mat1 and mat2 must have the same dtype")."""
@@ -24,7 +24,22 @@ OBJECTIVES = {
 }
 
 
-def _losses(precision: str, objectives: dict) -> list[dict[str, float]]:
+TINY_COCA = {
+    "name": "test_tiny_coca",
+    "overrides": {"vision": {"pos_embed": "rope", "class_token": False, "pool": "mean"}},
+}
+# conditioned on each view's descriptor: adaLN-Zero blocks and a hypernetwork projector
+CONDITIONED = {
+    "name": "test_tiny_simclr",
+    "overrides": {
+        "vision": {"cond_dim": 16},
+        "condition": {"dim": 16},
+        "projector": {"cond": "hyper", "hyper_rank": 4},
+    },
+}
+
+
+def _losses(precision: str, objectives: dict, model: dict) -> list[dict[str, float]]:
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.engine import init_distributed, initialize
     from mmssl.train.loop import to_device
@@ -64,10 +79,18 @@ def _losses(precision: str, objectives: dict) -> list[dict[str, float]]:
     return out
 
 
-def test_every_objective_trains_in_bf16_as_in_fp32() -> None:
-    fp32 = _losses("fp32", OBJECTIVES)
-    bf16 = _losses("bf16", OBJECTIVES)
-    assert set(bf16[0]) == {f"loss/{k}" for k in OBJECTIVES}
+@pytest.mark.parametrize(
+    "model, objectives",
+    [
+        (TINY_COCA, OBJECTIVES),
+        (CONDITIONED, {k: OBJECTIVES[k] for k in ("simclr", "augself")}),
+    ],
+    ids=["every objective", "conditioned encoder"],
+)
+def test_objectives_train_in_bf16_as_in_fp32(model: dict, objectives: dict) -> None:
+    fp32 = _losses("fp32", objectives, model)
+    bf16 = _losses("bf16", objectives, model)
+    assert set(bf16[0]) == {f"loss/{k}" for k in objectives}
     for step32, step16 in zip(fp32, bf16):
         for key, value in step32.items():
             assert step16[key] == pytest.approx(value, rel=0.02, abs=0.01), key
