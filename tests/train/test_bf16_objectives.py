@@ -1,7 +1,7 @@
 """Every objective, and a conditioned encoder, trains at `precision: bf16` through the real
 engine, with the losses of the fp32 run on the same weights and batches to bf16's precision.
-DeepSpeed's bf16 casts the whole Task (heads included) to bf16; an objective that fed its head fp32 features stopped
-at step 0 (AugSelf: "mat1 and mat2 must have the same dtype")."""
+DeepSpeed's bf16 casts the whole Task (heads included) to bf16; an objective that fed its
+head fp32 features stopped at step 0 (AugSelf: "mat1 and mat2 must have the same dtype")."""
 
 from __future__ import annotations
 
