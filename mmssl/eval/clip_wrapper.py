@@ -52,18 +52,41 @@ class CLIPTokenizer:
 
 
 class ImageTransform:
-    """A PIL image (or uint8 (3, H, W) tensor) -> float (3, S, S), as the model's evaluation
-    preprocessing (shorter side resize, centre crop, optional mean/std)."""
+    """A PIL image, or a (3, H, W) tensor (uint8, or float in [0, 1]), -> float (3, S, S), as
+    the model's evaluation preprocessing (shorter side resize, centre crop, optional
+    mean/std).  A PIL image becomes 8-bit RGB as the shard decoder makes it (`to_rgb8`:
+    16-bit and float greyscale are scaled, not clipped white); a float tensor is quantised
+    to uint8 as a decoded image is, so it gives the pixels its uint8 twin gives."""
 
     def __init__(self, preprocess: Preprocess) -> None:
         self.preprocess = preprocess
 
     def __call__(self, image: Any) -> Tensor:
-        if not isinstance(image, Tensor):
-            import numpy as np
+        if isinstance(image, Tensor):
+            return self.preprocess([_uint8_chw(image)])[0]
+        if not hasattr(image, "convert"):
+            raise TypeError(
+                f"expected a PIL image or a (3, H, W) tensor, got {type(image).__name__}"
+            )
+        import numpy as np
 
-            image = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
-        return self.preprocess([image])[0]
+        from mmssl.data.shard_inputs import to_rgb8
+
+        rgb = np.asarray(to_rgb8(image)).copy()
+        return self.preprocess([torch.from_numpy(rgb).permute(2, 0, 1)])[0]
+
+
+def _uint8_chw(image: Tensor) -> Tensor:
+    """A (3, H, W) image tensor as uint8; ValueError for another layout, dtype or range."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image
+    if not image.is_floating_point():
+        raise ValueError(f"expected a uint8 or float image tensor, got {image.dtype}")
+    if not bool(((image >= 0) & (image <= 1)).all()):  # NaN fails too
+        raise ValueError("a float image tensor must hold values in [0, 1] (0..255 is uint8)")
+    return (image.float() * 255).round().to(torch.uint8)
 
 
 class CLIPWrapper(nn.Module):

@@ -132,3 +132,63 @@ def test_a_model_saved_without_a_tokenizer_of_another_vocabulary_is_not_given_th
         MultimodalModel(cfg), tmp_path / "named", extra={"tokenizer": {"name": "default"}}
     )
     assert load_clip(tmp_path / "named")[2]("a photo").shape[0] == 1  # named: taken as asked
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "L", "RGBA", "P"])
+def test_transform_reads_an_image_as_the_shard_decoder_does(mode: str) -> None:
+    """load_clip's transform took PIL's convert("RGB"), which clips 16-bit and float
+    greyscale at 255: a 16-bit ramp came out 99.8% white (embedding cosine 0.006 with the
+    same file through `mmssl features`)."""
+    import numpy as np
+
+    from mmssl.data.decode import decode_image
+    from mmssl.eval.clip_wrapper import ImageTransform
+    from mmssl.eval.data import Preprocess
+
+    ramp = np.linspace(0, 1, 20 * 24).reshape(20, 24)
+    image = {
+        "I;16": lambda: Image.fromarray((ramp * 65535).astype(np.uint16)),
+        "I": lambda: Image.fromarray((ramp * 65535).astype(np.int32)),
+        "F": lambda: Image.fromarray(ramp.astype(np.float32)),
+        "L": lambda: Image.fromarray((ramp * 255).astype(np.uint8)),
+        "RGBA": lambda: Image.fromarray((ramp * 255).astype(np.uint8)).convert("RGBA"),
+        "P": lambda: Image.fromarray((ramp * 255).astype(np.uint8)).convert("P"),
+    }[mode]()
+    assert image.mode == mode
+    pre = Preprocess(16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    transform = ImageTransform(pre)
+    got = transform(image)
+    if mode == "F":  # PNG holds no float pixels: the reference is the [0, 1] values as 8 bits
+        want = pre([torch.from_numpy(np.round(ramp * 255).astype(np.uint8)).expand(3, -1, -1)])
+    elif mode == "I":  # 32-bit integers do not fit a PNG: the same values as a 16-bit one
+        want = pre([decode_image(_png(Image.fromarray((ramp * 65535).astype(np.uint16))))])
+    else:
+        want = pre([decode_image(_png(image))])
+    torch.testing.assert_close(got, want[0], atol=1e-6, rtol=0)
+    assert got.std() > 0.5  # a ramp, not a white page
+
+
+def test_transform_takes_float_tensors_in_unit_range_and_refuses_the_rest() -> None:
+    from mmssl.eval.clip_wrapper import ImageTransform
+    from mmssl.eval.data import Preprocess
+
+    transform = ImageTransform(Preprocess(16))
+    u8 = torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8)
+    # a float tensor in [0, 1] was divided by 255 again (cosine -0.99 with its uint8 twin)
+    torch.testing.assert_close(transform(u8.float() / 255), transform(u8), atol=0, rtol=0)
+    for bad, match in [
+        (u8.float(), r"values in \[0, 1\]"),
+        (u8.to(torch.int32), "uint8 or float"),
+        (u8.permute(1, 2, 0), r"\(3, H, W\) image tensor, got shape \(20, 24, 3\)"),
+        (torch.zeros(4, 8, 8, dtype=torch.uint8), r"got shape \(4, 8, 8\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            transform(bad)
+    with pytest.raises(TypeError, match="PIL image or a"):
+        transform(u8.numpy())
