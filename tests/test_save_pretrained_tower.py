@@ -26,3 +26,19 @@ def test_save_pretrained_refuses_a_tower_and_writes_nothing(tmp_path, tower):
     # the whole model, as load_encoder(path, "model") gives it, is still saved
     save_pretrained(mmssl.load_encoder(str(out), "model"), tmp_path / "again")
     load_pretrained(tmp_path / "again")
+
+
+def test_a_home_relative_path_saves_and_loads(tmp_path, monkeypatch):
+    """ "~/..." was taken literally by save_pretrained and load_encoder (a directory named
+    "~"), while the CLI's --model expands it."""
+    from mmssl.models.io import load_encoder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    model = mmssl.create_model("test_tiny_clip")
+    assert save_pretrained(model, "~/exported") == tmp_path / "exported"
+    encoder = load_encoder("~/exported")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.eval().encode_image(x))
+    assert isinstance(load_pretrained("~/exported"), type(model))

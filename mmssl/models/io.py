@@ -110,7 +110,7 @@ def save_pretrained(
     Both are written under temporary names first and renamed into place only once both are
     complete, so a failure leaves the old files (if any) as they were, never new weights
     beside an old config."""
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     if not isinstance(model, MultimodalModel):
         # a tower (what load_encoder returns) has a config that is no ModelConfig: its export
         # would not load, and would replace a good one in place
@@ -145,7 +145,8 @@ def save_pretrained(
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of an exported model directory, with a clear error if it is unusable."""
-    cfg_path = Path(path) / CONFIG
+    path = Path(path).expanduser()  # "~/models/x", as the CLI's --model takes it
+    cfg_path = path / CONFIG
     if not cfg_path.is_file():
         if (Path(path) / "recipe.yaml").is_file():
             raise FileNotFoundError(
@@ -325,6 +326,7 @@ def check_model_config(cfg: ModelConfig, where: str) -> None:
 
 def load_pretrained(path: str | Path) -> MultimodalModel:
     """Rebuild the model of an exported directory and load its weights (strict)."""
+    path = Path(path).expanduser()
     data = read_config(path)
     cfg_path = Path(path) / CONFIG
     _logit_params(data, cfg_path)  # a damaged record fails the load, not a later use
