@@ -129,3 +129,27 @@ def test_a_finetuned_classifier_reloads_on_the_tower_load_encoder_gives(tmp_path
         bare = Classifier(copy.deepcopy(model.visual), 4).eval()
         bare.load_state_dict(load_file(tmp_path / "ft.safetensors"))
         assert (bare.logits(images) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"vision": {"cond_tokens": 0}}, {"vision": {"cond_dim": None, "cond_tokens": 2}}],
+    ids=["adaLN and prefix tokens", "adaLN", "prefix tokens"],
+)
+def test_a_cond_the_tower_cannot_take_is_named(overrides):
+    """A descriptor given where the tower takes the conditioner's c (or a c of another
+    batch) failed deep in torch: "mat1 and mat2 shapes cannot be multiplied (2x13 and
+    16x64)", "The expanded size of the tensor (2) must match"."""
+    model = _trained_like("test_tiny_vit_cond", **overrides)
+    images = torch.rand(2, 3, 32, 32)
+    descriptor = torch.tensor([DESCRIPTOR_V1.neutral] * 2)
+    c = model.condition(descriptor)
+    width = c.shape[1]
+    with torch.no_grad():
+        for cond in (c, c[:1]):  # one per image, or one for all
+            model.visual.forward_features(images, cond)
+        for bad in (descriptor, c.repeat(2, 1)[:3], c[0]):
+            with pytest.raises(ValueError, match=rf"cond must be \(B or 1, {width}\) for 2 images"):
+                model.visual.forward_features(images, bad)
+        with pytest.raises(ValueError, match="MultimodalModel.condition"):
+            model.encode_image(images, descriptor)
