@@ -263,6 +263,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _complete_launch_env() -> None:
+    """A launcher's environment given in part (RANK set by hand, say): DeepSpeed takes all of
+    `LAUNCH_ENV` or tries MPI discovery, which failed on a missing mpi4py.  A one-process
+    group gets the rest filled in as a bare `python -m mmssl.train` does; a larger one
+    cannot be guessed (which rank shares a node with which), so the missing names are said."""
+    missing = [k for k in LAUNCH_ENV if k not in os.environ]
+    if not missing:
+        return
+    if os.environ.get("WORLD_SIZE", "1") == "1" and os.environ["RANK"] == "0":
+        defaults = {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        for key in missing:
+            os.environ[key] = defaults.get(key) or str(_free_port())
+        return
+    raise RuntimeError(
+        f"RANK is set but {', '.join(missing)} not: set all of {', '.join(LAUNCH_ENV)} (as "
+        "torchrun and the deepspeed launcher do), or none for a one-process run"
+    )
+
+
 def init_distributed() -> None:
     """Start the process group through DeepSpeed, with the accelerator's backend (gloo on CPU).
 
@@ -280,6 +302,8 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
+    elif "RANK" in os.environ:
+        _complete_launch_env()
     # idempotent; adopts a process group that a caller (a test harness) already started
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), verbose=False

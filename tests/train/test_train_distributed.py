@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -242,3 +243,23 @@ def test_cpu_allreduce_workspace_leaves_no_shm_file() -> None:
     for left, head in run_distributed(_shm_job, 2, timeout=300.0):
         assert left == []
         assert head == [3.0, 3.0]
+
+
+def test_a_launch_environment_given_in_part(tmp_path):
+    """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand, without LOCAL_RANK: DeepSpeed
+    then tried MPI discovery and the run died on a missing mpi4py.  One process is completed
+    as a bare run is; for more, the missing names are said."""
+    from train_helpers import free_port, losses, run, synthetic_recipe
+
+    recipe = synthetic_recipe(tmp_path, "partial", 2)
+    port = str(free_port())
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    proc = run([sys.executable, "-m", "mmssl.train", str(recipe)], **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(tmp_path / "partial")) == 2
+    proc = run(
+        [sys.executable, "-m", "mmssl.train", str(recipe), "train.global_batch_size=8"],
+        **{**env, "RANK": "1", "WORLD_SIZE": "2"},
+    )
+    assert proc.returncode != 0
+    assert "RANK is set but LOCAL_RANK not" in proc.stderr + proc.stdout
