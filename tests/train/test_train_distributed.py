@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,7 +249,7 @@ def test_a_launch_environment_given_in_part(tmp_path):
     """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand, without LOCAL_RANK: DeepSpeed
     then tried MPI discovery and the run died on a missing mpi4py.  One process is completed
     as a bare run is; for more, the missing names are said."""
-    from train_helpers import free_port, losses, run, synthetic_recipe
+    from train_helpers import synthetic_recipe
 
     recipe = synthetic_recipe(tmp_path, "partial", 2)
     port = str(free_port())
