@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             f" x {resolved.grad_accum} accumulation steps = {recipe.train.global_batch_size}"
         )
         return 0
-    from mmssl.train.loop import NonFiniteError, train
+    from mmssl.train.loop import train
+    from mmssl.train.nonfinite import NonFiniteError
 
     try:
         out = train(recipe, resolved)

@@ -9,8 +9,9 @@ and `positives: caption` groups identical captions with sorts on an accelerator
 Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
 update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left
 out of the metric averages; `train.max_bad_steps` in a row stop the run with
-`NonFiniteError`, keeping the last good checkpoint (the newest that passes the resume's
-integrity check; the message and summary.md name it).  A non-finite loss is turned into a NaN
+`NonFiniteError`, keeping the last good checkpoint (no checkpoint is saved in a streak,
+so none rotates out an older one; the newest that passes the resume's integrity check is
+named in the message and summary.md): `mmssl.train.nonfinite`.  A non-finite loss is turned into a NaN
 gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 optimizers
 already check the gradients for overflow (with their own host sync); on the plain fp32
 stage-0 path the loop checks them itself, which is one extra host sync per step there.
@@ -51,7 +52,7 @@ import torch
 from mmssl import distributed
 from mmssl.data.errors import DataError
 from mmssl.schema import ConfigError
-from mmssl.train import checkpoint, run_record, run_summary
+from mmssl.train import checkpoint, nonfinite, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
@@ -91,15 +92,6 @@ def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> d
     return {k: move(v) for k, v in batch.items()}
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient; `checkpoint` is the
-    last good one (None: there is none)."""
-
-    def __init__(self, message: str, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-
-
 def _next_batches(streams: dict[str, Any], keys: dict[str, list[str]]) -> dict[str, Any]:
     """One micro-batch of every source, on the host; their sample keys go to `keys`."""
     out = {}
@@ -126,33 +118,6 @@ def _step_targets(
     local = torch.tensor([sum(c[k] for c in per_micro) for k in names], dtype=torch.int64)
     counts = distributed.all_reduce_sum(local.to(dev))
     return StepTargets(dict(zip(names, counts.unbind())), len(micro_batches))
-
-
-def _finite_or_nan(loss: torch.Tensor) -> torch.Tensor:
-    """`loss` itself when finite (x 1.0 is exact), else NaN with a NaN gradient everywhere, so
-    that the optimizer's gradient check also catches a non-finite loss.  No host sync."""
-    one = torch.ones((), dtype=loss.dtype, device=loss.device)
-    return loss * torch.where(torch.isfinite(loss), one, torch.full_like(one, float("nan")))
-
-
-def _grads_finite(engine: Any) -> bool:
-    """All (already all-reduced) gradients finite.  One host sync."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
-
-
-def _skip_update(engine: Any) -> None:
-    """Run DeepSpeed's step without the optimizer update and mark it as an overflow, so that
-    DeepSpeed counts it skipped and holds the LR schedule, as its ZeRO/bf16 paths do."""
-    opt = engine.optimizer
-    opt.overflow = True
-    opt.step = lambda *args, **kwargs: None
-    try:
-        engine.step()
-    finally:
-        del opt.step, opt.overflow
 
 
 class KeyLog:
@@ -238,11 +203,15 @@ def _eval_loss(
     rng = checkpoint.rng_state()  # evaluation must not shift the training randomness
     engine.eval()
     sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for _ in range(recipe.eval.batches):
-            _, metrics = engine({k: to_device(s.next(), dev, dtype) for k, s in streams.items()})
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v.float() if k in sums else v.float()
+    try:
+        with torch.no_grad():
+            for _ in range(recipe.eval.batches):
+                batch = {k: to_device(s.next(), dev, dtype) for k, s in streams.items()}
+                for k, v in engine(batch)[1].items():
+                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+    finally:  # their workers stop now (as the training streams' at the end of the run)
+        for stream in streams.values():
+            stream.close()
     engine.train()
     checkpoint.set_rng_state(rng)
     keys = sorted(sums)
@@ -367,7 +336,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                     loss, metrics = engine(
                         {k: to_device(b, dev, dtype) for k, b in host.items()}, targets
                     )
-                    engine.backward(_finite_or_nan(faults.poison(loss, step + 1)))
+                    engine.backward(nonfinite.finite_or_nan(faults.poison(loss, step + 1)))
                     for k, v in metrics.items():
                         step_sums[k] = step_sums[k] + v.float() if k in step_sums else v.float()
                     if micro < resolved.grad_accum - 1:
@@ -375,8 +344,8 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                         continue
                     faults.pause("mid_step", step + 1)
                     lr = engine.get_lr()[0]  # this step's: engine.step() advances the schedule
-                    if own_check and not _grads_finite(engine):
-                        _skip_update(engine)
+                    if own_check and not nonfinite.grads_finite(engine):
+                        nonfinite.skip_update(engine)
                     else:
                         engine.step()
                 step += 1
@@ -397,19 +366,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                             bad_steps,
                         )
                     if streak >= recipe.train.max_bad_steps:
-                        # the one resume=auto would take: a checkpoint with a manifest may
-                        # still be damaged (truncated, bit-flipped)
-                        good = checkpoint.newest_valid(ckpt_dir, "train.max_bad_steps")
-                        raise NonFiniteError(
-                            f"train.max_bad_steps: {streak} consecutive steps ({step - streak + 1}.."
-                            f"{step}) had a non-finite loss or gradient and were skipped; stopping. "
-                            + (
-                                f"The last good checkpoint is {ckpt_dir / good}"
-                                if good
-                                else "There is no good checkpoint."
-                            ),
-                            ckpt_dir / good if good else None,
-                        )
+                        raise nonfinite.stop(ckpt_dir, step, streak)
                 log.advance()
                 evaluate = recipe.eval.every > 0 and step % recipe.eval.every == 0
                 if step % recipe.logging.every == 0 or step == end or evaluate:
@@ -432,8 +389,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                     # steps): the interval's sums go on
                     if step % recipe.logging.every == 0:
                         sums, count = {}, 0
-                every = recipe.checkpoint.every
-                if (every and step % every == 0) or step == end:
+                if nonfinite.save_due(step, recipe.checkpoint.every, end, streak):
                     t_save = time.perf_counter()
                     checkpoint.save(
                         engine,
@@ -455,7 +411,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                     )
                     log.exclude(time.perf_counter() - t_save)  # from the next interval
                 faults.pause("step_end", step)
-    except NonFiniteError as err:
+    except nonfinite.NonFiniteError as err:
         # a planned end of the run, on every rank at the same step (the skip decision is
         # global), so the summary's gathers are safe here, unlike after any other error
         good = str(err.checkpoint) if err.checkpoint else "none"
@@ -467,7 +423,10 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         log.close(info, run_summary.skipped_counts(streams))
         raise
     except BaseException as err:
-        log.abort()
+        try:  # closing TensorBoard can fail too (a full disk, a dead data worker's signal)
+            log.abort()
+        except Exception as close_err:
+            _log.warning("closing the progress bar and TensorBoard failed: %r", close_err)
         # any other error may strike one rank while another waits in a collective (or is
         # gone), so this summary is written by each rank that caught it, from what that rank
         # knows, with no collective.  Not for Ctrl-C (KeyboardInterrupt) or SystemExit: the
@@ -479,6 +438,11 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         raise
     finally:
         key_log.close()
+        # the data workers stop now, not at interpreter exit: an error's traceback keeps the
+        # loaders alive until then, and multiprocessing's exit kill left their temporary
+        # directories (pymp-*) behind
+        for stream in streams.values():
+            stream.close()
     skipped = run_summary.skipped_counts(streams)
     last = str(ckpt_dir / checkpoint.tag_of(step))
     info = run_summary.run_info(recipe, resolved, task, start_step, step, t_start, last, bad_steps)

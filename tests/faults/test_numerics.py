@@ -39,7 +39,12 @@ def test_bad_step_is_skipped_and_counted(
     from mmssl.train.loop import train
     from mmssl.train.recipe import load_recipe, validate
 
+    from mmssl.train import nonfinite
+
     monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@2,inf_grad@4")
+    # a checkpoint at every step, the skipped ones too (the loop saves none in a streak), to
+    # see the weights of each
+    monkeypatch.setattr(nonfinite, "save_due", lambda *args: True)
     recipe = load_recipe(synthetic_recipe(tmp_path, "r", 5, 20, 2, deepspeed=f"zero{stage}"))
     out = train(recipe, validate(recipe))
     assert out["bad_steps"] == 2 and out["final_step"] == 5
@@ -68,13 +73,31 @@ def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
     err = [x for x in capsys.readouterr().err.strip().splitlines() if not TORCH_LOG.match(x)]
     assert len(err) == 1 and "Traceback" not in err[0], err
     run = tmp_path / "k"
-    good = run / "checkpoints" / tag_of(4)
+    good = run / "checkpoints" / tag_of(2)
     assert "train.max_bad_steps: 3 consecutive steps (3..5)" in err[0] and str(good) in err[0]
-    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_of(2), tag_of(4)]
+    # step 4's checkpoint fell due in the streak: not saved (it held step 2's weights)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_of(2)]
     assert verify(good) is None
-    # what it holds is the last update that happened: step 2's weights, all finite
-    assert _same(_weights(run, 4), _weights(run, 2))
-    assert all(torch.isfinite(v).all() for v in _weights(run, 4).values())
+    assert all(torch.isfinite(v).all() for v in _weights(run, 2).values())
+
+
+def test_a_streak_rotates_out_no_checkpoint_from_before_it(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The checkpoints saved in a streak held no new weights, yet their rotation deleted the
+    ones before it: with keep_last 2 only streak checkpoints were left, and the stop named one
+    of them "the last good checkpoint"."""
+    from mmssl.train.cli import main
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
+    recipe = synthetic_recipe(tmp_path, "r", 8, 2, 0, max_bad_steps=4)
+    assert main([str(recipe), "checkpoint.every=1"]) == 1
+    run = tmp_path / "r"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [tag_of(1), tag_of(2)]
+    err = capsys.readouterr().err
+    good = run / "checkpoints" / tag_of(2)
+    assert f"The last good checkpoint is {good} (its weights are step 2's" in err, err
+    assert f"remove it to resume from an earlier one: {tag_of(1)})" in err, err
 
 
 def test_bad_step_stop_writes_the_summary(
@@ -91,9 +114,9 @@ def test_bad_step_stop_writes_the_summary(
     run = tmp_path / "m"
     summary = (run / "summary.md").read_text()
     assert "- stopped: train.max_bad_steps: 3 consecutive steps (3..5)" in summary, summary
-    assert f"- checkpoint: {run / 'checkpoints' / tag_of(4)}\n" in summary, summary
+    assert f"- checkpoint: {run / 'checkpoints' / tag_of(2)}\n" in summary, summary
     assert "- steps: 0 -> 5 of 8" in summary and "- bad_steps: 3" in summary, summary
-    good = run / "checkpoints" / tag_of(4)
+    good = run / "checkpoints" / tag_of(2)
     assert f"- what next: fix the cause, then resume from {good}: rerun" in summary, summary
     assert "checkpoint.resume=auto`" in summary, summary
     assert (run / "loss.png").is_file()
@@ -121,8 +144,8 @@ def test_bad_step_stop_names_only_an_intact_checkpoint(
         return folder
 
     monkeypatch.setattr(checkpoint, "save", save_then_truncate)
-    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@3-8")
-    recipe = synthetic_recipe(tmp_path, "t", 8, 20, 2, max_bad_steps=3)
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@5-10")
+    recipe = synthetic_recipe(tmp_path, "t", 10, 20, 2, max_bad_steps=3)
     assert main([str(recipe), "checkpoint.every=2"]) == 1
     err = capsys.readouterr().err
     run = tmp_path / "t"
