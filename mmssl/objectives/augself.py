@@ -122,7 +122,7 @@ class AugSelfHead(nn.Module):
                 f"f1, f2 must both be (B, dim), got {tuple(f1.shape)}, {tuple(f2.shape)}"
             )
         # in the head's own dtype: DeepSpeed's bf16 casts the head with the model
-        return self.mlp(torch.cat([f1, f2], dim=-1).to(self.mlp[0].weight.dtype))
+        return self.mlp(torch.cat([f1, f2], dim=-1).to(next(self.mlp.parameters()).dtype))
 
     def forward(self, f1: Tensor, f2: Tensor, omega1: Tensor, omega2: Tensor) -> Tensor:
         """f*: (B, dim) features of the views; omega*: (B, descriptor_dim) descriptors."""

@@ -16,9 +16,8 @@ A checkpoint is complete once its `manifest.json` exists: written last (atomic r
 it lists every file with its size and sha256.  `resume=auto` takes the newest checkpoint
 whose files match their manifest and names every newer one it skips (a save cut short, a
 truncated or bit-flipped file).  Hashing is split over the ranks (a shared file system, as
-DeepSpeed's own resume needs).  Loading never unpickles arbitrary objects: every
-`torch.load` of a load, DeepSpeed's included, runs with `weights_only=True` and an
-allow-list of the few DeepSpeed classes its optimizer states hold.
+DeepSpeed's own resume needs).  Loading never unpickles arbitrary objects
+(`mmssl.train.safe_load`).
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,13 @@ import torch
 from mmssl import distributed
 from mmssl.schema import ConfigError
 
+# re-exported: the checkpoint API names them (export and the tests import them from here)
+from mmssl.train.safe_load import CheckpointError, safe_torch_load, unsafe_error  # noqa: F401
+
 TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 RUN_RECORD = "mmssl_run.json"  # recipe, model, world size, ZeRO stage, ... (run_record)
 log = logging.getLogger("mmssl.train")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is incomplete, damaged or unsafe to load; the message names it."""
 
 
 def tag_of(step: int) -> str:
@@ -306,60 +303,6 @@ def check_no_later(ckpt_dir: Path, start: int, resume: str) -> None:
             )
 
 
-# ----------------------------------------------------------------------------- safe loading
-
-
-def allowed_globals() -> list[Any]:
-    """The classes DeepSpeed pickles into optimizer states, besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextmanager
-def safe_torch_load() -> Iterator[None]:
-    """Inside, every torch.load (DeepSpeed passes weights_only=False) is weights_only=True
-    with `allowed_globals()`: a pickle that would build any other object is refused."""
-    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ[keys[0]] = "1"
-    os.environ.pop(keys[1], None)
-    try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def refused_file(folder: Path) -> tuple[Path, str] | None:
-    """The first *.pt file of `folder` that a safe load refuses, with torch's reason."""
-    for path in sorted(folder.glob("*.pt")):
-        try:
-            with safe_torch_load():
-                torch.load(path, map_location="cpu")
-        except pickle.UnpicklingError as err:
-            lines = [x.strip() for x in str(err).splitlines() if "global" in x.lower()]
-            return path, (lines[0] if lines else str(err).splitlines()[0])
-    return None
-
-
-def unsafe_error(folder: Path, err: Exception) -> CheckpointError:
-    """The CheckpointError for a refused safe load of `folder`, naming the offending file when
-    one is found (else the folder and the first line of `err`)."""
-    found = refused_file(folder)
-    where, why = found if found else (folder, str(err).splitlines()[0])
-    return CheckpointError(
-        f"refusing to load {where}: it pickles objects outside the allow-list of plain tensors, "
-        f"containers and DeepSpeed's optimizer classes ({why})"
-    )
-
-
 # ----------------------------------------------------------------------------- save / load
 
 
@@ -402,9 +345,18 @@ def save(
     if distributed.rank() == 0 and folder.exists():
         shutil.rmtree(folder)  # left by an attempt that was rolled back: rewritten whole
     distributed.barrier()
+    # made here, so that an unwritable disk fails with its own errno: DeepSpeed logs its
+    # mkdir's OSError and goes on to "Parent directory ... does not exist"
+    folder.mkdir(parents=True, exist_ok=True)
     # `latest` (DeepSpeed's pointer, which its zero_to_fp32.py reads) is written below, once
     # the manifest is: DeepSpeed writes it before its files, naming a save a kill cuts short
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    except RuntimeError as err:  # a full disk is torch's "unexpected pos 1815424 vs 1815316"
+        free = shutil.disk_usage(folder).free
+        raise OSError(
+            f"saving checkpoint {folder} failed ({err}); {free} bytes free there"
+        ) from err
     if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
         from mmssl.train.run_record import record
 
@@ -443,6 +395,9 @@ def _replay_cpu_adam(engine: Any) -> None:
     from deepspeed.accelerator import get_accelerator
 
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the basic one
+    if hasattr(opt, "ds_opt_adam"):  # ZeRO offload's DeepSpeedCPUAdam: the same kernel state
+        _replay_offload_adam(opt)
+        return
     if get_accelerator().device_name() != "cpu" or not hasattr(opt, "multi_tensor_adam"):
         return
     steps = max((int(s.get("step", 0)) for s in opt.state.values()), default=0)
@@ -466,6 +421,22 @@ def _replay_cpu_adam(engine: Any) -> None:
             opt.adam_w_mode,
             1 if group["bias_correction"] else 0,
             0.0,
+        )
+
+
+def _replay_offload_adam(opt: Any) -> None:
+    """`_replay_cpu_adam` for DeepSpeedCPUAdam (ZeRO offload): its per-optimizer kernel state
+    keeps beta^t the same way (a call repeating the last step leaves it as it is).  The steps
+    are read from the state itself: ZeRO-3 empties the param groups between steps."""
+    steps = max((int(state.get("step", 0)) for state in opt.state.values()), default=0)
+    if steps == 0:
+        return
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    dummy = [torch.zeros(1) for _ in range(4)]  # params, grads, exp_avg, exp_avg_sq
+    for step in (2**30, *range(1, steps + 1)):
+        opt.ds_opt_adam.adam_update(
+            opt.opt_id, step, 0.0, beta1, beta2, group["eps"], 0.0, group["bias_correction"], *dummy
         )
 
 

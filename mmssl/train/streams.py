@@ -49,6 +49,12 @@ class LoaderStream:
                     self._it = None
         raise RuntimeError("data source yields no batches in an epoch")
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (the position is kept: `state_dict` still works)."""
+        if self._it is not None:
+            self._it.close()  # ends StreamLoader.__iter__, which drops its DataLoader iterator
+            self._it = None
+
     def state_dict(self) -> dict[str, Any]:
         """The loader's position (`StreamLoader.state_dict`)."""
         return self.loader.state_dict()
@@ -66,7 +72,11 @@ class LoaderStream:
 
 class SyntheticStream:
     """Deterministic generated batches: 10 classes, each an image prototype plus noise and a
-    caption [bos, 3 + class, eos]; text sources are random token rows.  Position = index."""
+    caption [bos, 3 + class, eos]; text sources are random token rows.  Position = index.
+
+    `seed` makes the prototypes (the dataset) and the draws; `held_out` > 0 (an eval
+    stream's `seed_offset`) draws other samples of the same prototypes: a held-out stream
+    seeded seed + 1 was another dataset, its loss rising above chance as training fit."""
 
     def __init__(
         self,
@@ -78,7 +88,9 @@ class SyntheticStream:
         vocab_size: int,
         seed: int,
         rank: int,
+        held_out: int = 0,
     ) -> None:
+        self.held_out = held_out
         self.kind, self.batch_size, self.image_size, self.views = (
             kind,
             batch_size,
@@ -94,7 +106,10 @@ class SyntheticStream:
         """The batch at the current index: image (B, 3, S, S), label (B,), and views with their aug
         (B, 13) when views > 0, text and text_mask (B, T) for image_text; text sources give only
         text and text_mask (B, T)."""
-        g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.index)) % 2**62)
+        key: tuple[int, ...] = (self.seed, self.rank, self.index)
+        if self.held_out:
+            key = (self.seed, -self.held_out, self.rank, self.index)
+        g = torch.Generator().manual_seed(hash(key) % 2**62)
         self.index += 1
         b = self.batch_size
         if self.kind == "text":
@@ -130,6 +145,9 @@ class SyntheticStream:
     def skipped(self) -> dict[str, int]:
         """Always empty: generated batches have no bad samples."""
         return {}
+
+    def close(self) -> None:
+        """Nothing to stop (as `LoaderStream.close`)."""
 
 
 def augment_config(recipe: Recipe) -> Any:
@@ -251,10 +269,13 @@ def build_stream(
     (which separates eval streams) seeds it."""
     image_size, context = _sizes(recipe, src, model_cfg)
     d, batch = recipe.data, recipe.train.micro_batch_size
-    seed = (d.seed if seed is None else seed) + seed_offset
-    if src.urls == "synthetic":
+    seed = d.seed if seed is None else seed
+    if src.urls == "synthetic":  # the offset draws other samples of the same data
         vocab = model_cfg.text.vocab_size if model_cfg.text else 16
-        return SyntheticStream(src.kind, batch, image_size, d.views, context, vocab, seed, rank)
+        return SyntheticStream(
+            src.kind, batch, image_size, d.views, context, vocab, seed, rank, seed_offset
+        )
+    seed += seed_offset
     from mmssl.data.errors import DataError
     from mmssl.data.pipeline import Source, build_pipeline
 

@@ -198,3 +198,37 @@ def test_held_out_sources_get_their_own_seeds(tmp_path: Path) -> None:
     from mmssl.train.streams import eval_source_seeds, source_seed
 
     assert eval_source_seeds(load_recipe(str(recipe))) == {"ta": 3, "tb": source_seed(3, "tb")}
+
+
+def test_a_held_out_synthetic_source_draws_from_the_training_data(tmp_path: Path) -> None:
+    """The eval stream's seed offset made a synthetic held-out source from other class
+    prototypes (pixels up to 0.99 apart): another dataset, whose eval loss rose above chance
+    while training fit.  Now it draws other samples of the training prototypes."""
+    import torch
+
+    from mmssl.train.streams import build_stream
+
+    path = tmp_path / "h.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "sources": {"train": {"urls": "synthetic"}, "held": {"urls": "synthetic"}}
+                },
+                "objectives": {"clip": {"source": "train"}},
+                "eval": {"every": 1, "sources": {"train": "held"}},
+                "train": {"global_batch_size": 64, "micro_batch_size": 64},
+            }
+        )
+    )
+    recipe = load_recipe(str(path))
+    resolved = validate(recipe, world_size=1)
+    sources = recipe.data.sources
+    train = build_stream("train", sources["train"], recipe, resolved.model, 0, 1)
+    held = build_stream("held", sources["held"], recipe, resolved.model, 0, 1, seed_offset=1)
+    assert torch.equal(held.protos, train.protos)  # the same dataset
+    a, b = train.next(), held.next()
+    assert not torch.equal(a["image"], b["image"])  # other samples of it
+    # each held-out image is its class prototype plus the training noise (0.2, clamped)
+    residual = b["image"] - train.protos[b["label"]]
+    assert residual.abs().mean() < 0.2

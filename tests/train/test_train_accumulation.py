@@ -57,6 +57,9 @@ class _RaggedStream:
     def skipped(self) -> dict[str, int]:
         return {}
 
+    def close(self) -> None:
+        pass
+
 
 def _recipe(out_dir: str, name: str, micro: int, zero: str = "zero0") -> Any:
     from mmssl.train.recipe import recipe_from_dict

@@ -189,6 +189,49 @@ def test_a_failing_summary_never_masks_the_error(
     assert "No space left on device" in caplog.text
 
 
+def test_a_failing_tensorboard_close_never_masks_the_error_or_its_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing TensorBoard after the error raised too (a data worker killed by the OOM
+    killer: torch's SIGCHLD handler fires in the writer's join): that error replaced the
+    run's and no summary.md was written."""
+    from mmssl.train.logging import RunLogger
+
+    def dead_worker(self: RunLogger) -> None:
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+
+    monkeypatch.setattr(RunLogger, "abort", dead_worker)
+    error = _fail_on_batch(monkeypatch, 3)
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        with pytest.raises(InjectedError) as raised:
+            _train(synthetic_recipe(tmp_path, "t", 8, every=2))
+    assert raised.value is error
+    assert (
+        "- error: InjectedError: shard server went away"
+        in (tmp_path / "t" / "summary.md").read_text()
+    )
+    assert "closing the progress bar and TensorBoard failed" in caplog.text
+    assert "is killed by signal" in caplog.text
+
+
+def test_a_full_disk_at_a_save_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reports a checkpoint write cut short by a full disk as "[enforce fail at
+    inline_container.cc:672] . unexpected pos 1815424 vs 1815316", naming neither the disk
+    nor the checkpoint."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def full(self: DeepSpeedEngine, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1815424")
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", full)
+    with pytest.raises(OSError, match="unexpected pos") as raised:
+        _train(synthetic_recipe(tmp_path, "f", 4, every=2))
+    folder = tmp_path / "f" / "checkpoints" / tag_of(2)
+    assert str(raised.value).startswith(f"saving checkpoint {folder} failed (")
+    assert str(raised.value).endswith(" bytes free there")
+    assert f"saving checkpoint {folder} failed" in (tmp_path / "f" / "summary.md").read_text()
+
+
 def test_a_rank_other_than_0_writes_its_own_summary_file(tmp_path: Path) -> None:
     """Rank R > 0 writes summary.rank<R>.md (rank 0's summary.md is not overwritten) and
     draws no plot: the metrics are rank 0's."""

@@ -466,3 +466,25 @@ def test_resume_with_other_data_workers_is_refused_before_loading(
     assert err[-1].startswith("mmssl train: error: data.workers is 2 but checkpoint"), err
     assert "num_workers" not in err[-1]
     assert (tmp_path / "w" / "metrics.jsonl").read_text() == before
+
+
+def test_an_error_mid_run_leaves_no_data_worker_directories(demo_data: str, tmp_path: Path) -> None:
+    """A run an error ended left one pymp-* directory in $TMPDIR per live data worker: the
+    traceback kept the loaders alive until exit, when multiprocessing kills their workers
+    before they clean up.  The loop now stops them itself, on every end."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    args = tiny_overrides(demo_data, str(tmp_path), "w") + ["train.steps=4", "data.workers=2"]
+    script = (
+        "import sys\n"
+        "from mmssl.train import checkpoint\n"
+        "def fail(*a, **k):\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "checkpoint.save = fail\n"
+        "from mmssl.train.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    res = run([PYTHON, "-c", script, QUICK, *args, "checkpoint.every=2"], TMPDIR=str(tmp))
+    assert res.returncode != 0 and "No space left on device" in res.stderr, res.stderr[-3000:]
+    assert "(failed)" in (tmp_path / "w" / "summary.md").read_text()
+    assert not list(tmp.glob("pymp-*")), list(tmp.iterdir())
