@@ -36,10 +36,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_bad_step_is_skipped_and_counted(
     stage: int, tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mmssl.train import nonfinite
     from mmssl.train.loop import train
     from mmssl.train.recipe import load_recipe, validate
-
-    from mmssl.train import nonfinite
 
     monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@2,inf_grad@4")
     # a checkpoint at every step, the skipped ones too (the loop saves none in a streak), to
