@@ -6,15 +6,11 @@ the losses' cross-rank gathers skip their size exchange (`distributed.equal_batc
 and `positives: caption` groups identical captions with sorts on an accelerator
 (`objectives.contrastive.row_groups`).  One exception: the fp32 stage-0 gradient check below.
 
-Non-finite steps: a step whose loss or gradient holds NaN/inf is skipped (no optimizer
-update, no LR-schedule step), counted (`bad_steps` in the metrics and the summary) and left
-out of the metric averages; `train.max_bad_steps` in a row stop the run with
-`NonFiniteError`, keeping the last good checkpoint (no checkpoint is saved in a streak,
-so none rotates out an older one; the newest that passes the resume's integrity check is
-named in the message and summary.md): `mmssl.train.nonfinite`.  A non-finite loss is turned into a NaN
-gradient on the device, so one decision covers both.  DeepSpeed's ZeRO and bf16 optimizers
-already check the gradients for overflow (with their own host sync); on the plain fp32
-stage-0 path the loop checks them itself, which is one extra host sync per step there.
+Non-finite steps (`mmssl.train.nonfinite`): a step whose loss or gradient holds NaN/inf is
+skipped, counted (`bad_steps` in the metrics and the summary) and left out of the metric
+averages; `train.max_bad_steps` in a row stop the run with `NonFiniteError`, keeping the last
+good checkpoint (none is saved in a streak; the message and summary.md name it).  On the
+plain fp32 stage-0 path the loop checks the gradients itself: one extra host sync per step.
 
 Any other error ends the run unplanned, perhaps on one rank while another waits in a
 collective, so its summary is written with none: each rank that caught the error writes its
