@@ -251,9 +251,15 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         [m, *(f"{res[m][k]['mean']:.4f} ± {res[m][k]['std']:.4f}" for k in shots)] for m in methods
     ]
     summary = (
-        f"Top-1 on {len(test_y)} test images, mean ± std over {args.seeds} support draws.\n\n"
+        f"Top-1 on {len(test_y)} test images, mean ± std over {args.seeds} support draws "
+        f"(seeds 0..{args.seeds - 1}).\n\n"
         + md_table(["method", *(f"{k}-shot" for k in shots)], rows)
     )
-    data = {"train": args.train, "test": args.test, "field": args.label_field}
+    data = {
+        "train": args.train,
+        "test": args.test,
+        "field": args.label_field,
+        "support_seeds": list(range(args.seeds)),  # `sample_support`'s, one draw each
+    }
     ctx.report("fewshot", res, data=data, summary=summary, plots=[plot])
     return res

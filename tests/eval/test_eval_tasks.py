@@ -153,6 +153,9 @@ def test_fewshot_and_linear_from_shards_equal_features_files(
     assert a == b
     assert set(a) == {"logistic", "prototype", "knn"} and set(a["knn"]) == {1, 4}
     assert (tmp_path / "a" / "fewshot.png").stat().st_size > 1000
+    # the support draws are recorded: sample_support(labels, k, seed) for each seed
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["data"]["support_seeds"] == [0, 1]
     lin = run_task(
         [
             "linear",
