@@ -393,7 +393,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                         step,
                         recipe_dict,
                         streams,
-                        recipe.checkpoint.keep_last,
+                        nonfinite.rotation(recipe.checkpoint.keep_last, streak),
                         extra={
                             "bad_steps": bad_steps,
                             "bad_streak": streak,

@@ -6,7 +6,8 @@ covers both; DeepSpeed's ZeRO and bf16 optimizers check the gradients themselves
 plain fp32 stage-0 path is checked here (`grads_finite`, one host sync) and skipped the way
 DeepSpeed skips (`skip_update`).  A skipped step leaves the weights as they were, so a
 checkpoint falling due in a streak would hold no new weights and its rotation would delete
-older checkpoints: none is saved until a step is applied again (`save_due`).
+older checkpoints: none is saved until a step is applied again (`save_due`), except at the
+run's end, which rotates none out (`rotation`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def skip_update(engine: Any) -> None:
 
 def save_due(step: int, every: int, end: int, streak: int) -> bool:
     """Whether step `step` saves a checkpoint: every `every` steps unless in a streak of
-    skipped steps (`streak` > 0), and at the run's `end` (train.steps or train.stop_at)."""
+    skipped steps (`streak` > 0), and at the run's `end` (train.steps or train.stop_at),
+    which a resume starts from (`rotation` keeps the older ones then)."""
     if step == end:
         return True
     if not every or step % every:
@@ -69,6 +71,12 @@ def save_due(step: int, every: int, end: int, streak: int) -> bool:
     if streak and distributed.rank() == 0:
         _log.warning("step %d: no checkpoint saved in a run of skipped steps", step)
     return not streak
+
+
+def rotation(keep_last: int, streak: int) -> int:
+    """The `keep_last` of a save: a save in a streak (the run's end) deletes none, since the
+    checkpoints before the streak are the ones with other weights."""
+    return keep_last if not streak else 2**31
 
 
 def stop(ckpt_dir: Path, step: int, streak: int) -> NonFiniteError:
@@ -80,11 +88,18 @@ def stop(ckpt_dir: Path, step: int, streak: int) -> NonFiniteError:
     where = "There is no good checkpoint."
     if good:
         where = f"The last good checkpoint is {ckpt_dir / good}"
-        older = [t for t in checkpoint.list_tags(ckpt_dir) if t < good]
-        if checkpoint.step_of(good) == first - 1 and older:
+        # complete ones only (a rotation cut short leaves folders without a manifest)
+        older = [
+            t
+            for t in checkpoint.list_tags(ckpt_dir)
+            if checkpoint.step_of(t) < first - 1 and (ckpt_dir / t / checkpoint.MANIFEST).is_file()
+        ]
+        # saved at step first - 1, or in the streak (a stop_at): the streak's weights
+        if checkpoint.step_of(good) >= first - 1 and older:
             where += (
                 f" (its weights are step {first - 1}'s, which every skipped step ran with; if "
-                f"they are the cause, remove it to resume from an earlier one: {', '.join(older)})"
+                f"they are the cause, remove the checkpoints from step {first - 1} on to resume "
+                f"from an earlier one: {', '.join(older)})"
             )
     return NonFiniteError(
         f"train.max_bad_steps: {streak} consecutive steps ({first}..{step}) had a non-finite "

@@ -96,7 +96,7 @@ def test_a_streak_rotates_out_no_checkpoint_from_before_it(
     err = capsys.readouterr().err
     good = run / "checkpoints" / tag_of(2)
     assert f"The last good checkpoint is {good} (its weights are step 2's" in err, err
-    assert f"remove it to resume from an earlier one: {tag_of(1)})" in err, err
+    assert f"remove the checkpoints from step 2 on to resume from an earlier one: {tag_of(1)})" in err, err
 
 
 def test_bad_step_stop_writes_the_summary(
@@ -167,3 +167,31 @@ def test_a_bad_streak_continues_across_a_resume(
     assert main([recipe, "checkpoint.every=2"]) == 1
     err = capsys.readouterr().err
     assert "train.max_bad_steps: 3 consecutive steps (3..5)" in err, err
+
+
+def test_a_run_ending_in_a_streak_rotates_out_no_checkpoint_from_before_it(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The run's end (here train.stop_at) saves in a streak, as a resume needs, but its
+    rotation deleted the checkpoints from before the streak (the reviewer's keep_last 2: step
+    2 went, and the later stop named only streak checkpoints)."""
+    from mmssl.train.cli import main
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@5-20")
+    recipe = str(synthetic_recipe(tmp_path, "e", 12, 2, 0, 2, max_bad_steps=4))
+    assert main([recipe, "train.stop_at=6"]) == 0  # ends 2 steps into the streak
+    run = tmp_path / "e"
+    tags = [tag_of(2), tag_of(4), tag_of(6)]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == tags
+    capsys.readouterr()
+    assert main([recipe]) == 1  # resumed: steps 7 and 8 make the streak 4 long
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == tags
+    err = capsys.readouterr().err
+    assert "train.max_bad_steps: 4 consecutive steps (5..8)" in err, err
+    assert (
+        f"The last good checkpoint is {run / 'checkpoints' / tag_of(6)} (its weights are step 4's"
+        in err
+    )
+    assert (
+        f"remove the checkpoints from step 4 on to resume from an earlier one: {tag_of(2)})" in err
+    )
