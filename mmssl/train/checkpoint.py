@@ -47,6 +47,8 @@ TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 RUN_RECORD = "mmssl_run.json"  # recipe, model, world size, ZeRO stage, ... (run_record)
 log = logging.getLogger("mmssl.train")
+# torch's words for a checkpoint file it could not write whole (a full disk, a quota)
+WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
 
 
 def tag_of(step: int) -> str:
@@ -353,6 +355,8 @@ def save(
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     except RuntimeError as err:  # a full disk is torch's "unexpected pos 1815424 vs 1815316"
+        if not any(m in str(err) for m in WRITE_FAILURES):
+            raise  # another failure (a collective, say) as it came
         free = shutil.disk_usage(folder).free
         raise OSError(
             f"saving checkpoint {folder} failed ({err}); {free} bytes free there"

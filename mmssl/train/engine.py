@@ -302,8 +302,8 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
-    elif "RANK" in os.environ:
-        _complete_launch_env()
+    elif "RANK" in os.environ and not torch.distributed.is_initialized():
+        _complete_launch_env()  # a group a caller started is adopted as it is
     # idempotent; adopts a process group that a caller (a test harness) already started
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), verbose=False

@@ -96,7 +96,9 @@ def test_a_streak_rotates_out_no_checkpoint_from_before_it(
     err = capsys.readouterr().err
     good = run / "checkpoints" / tag_of(2)
     assert f"The last good checkpoint is {good} (its weights are step 2's" in err, err
-    assert f"remove the checkpoints from step 2 on to resume from an earlier one: {tag_of(1)})" in err, err
+    assert (
+        f"remove the checkpoints from step 2 on to resume from an earlier one: {tag_of(1)})" in err
+    ), err
 
 
 def test_bad_step_stop_writes_the_summary(

@@ -232,6 +232,19 @@ def test_a_full_disk_at_a_save_is_named(tmp_path: Path, monkeypatch: pytest.Monk
     assert f"saving checkpoint {folder} failed" in (tmp_path / "f" / "summary.md").read_text()
 
 
+def test_another_save_failure_is_not_called_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def gloo(self: DeepSpeedEngine, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", gloo)
+    with pytest.raises(RuntimeError, match="^Connection closed by peer"):
+        _train(synthetic_recipe(tmp_path, "g", 4, every=2))
+
+
 def test_a_rank_other_than_0_writes_its_own_summary_file(tmp_path: Path) -> None:
     """Rank R > 0 writes summary.rank<R>.md (rank 0's summary.md is not overwritten) and
     draws no plot: the metrics are rank 0's."""
