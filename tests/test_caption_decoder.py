@@ -101,6 +101,15 @@ def test_caption_logits_ignore_padding(name):
     torch.testing.assert_close(logits[0, :5], alone[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["test_tiny_coca", "test_tiny_coca_prefix"])
+def test_caption_logits_of_images_say_what_they_take(name):
+    """Images (the README's neighbours take them) failed in attention: "too many values to
+    unpack (expected 3)"."""
+    model = mmssl.create_model(name).eval()
+    with pytest.raises(ValueError, match=r"image_tokens must be \(B, N, D\), got shape \(2, 3"):
+        model.caption_logits(torch.rand(2, 3, 32, 32), torch.randint(3, 512, (2, 5)))
+
+
 def test_caption_decoder_checkpoints_with_the_text_tower():
     """`train.activation_checkpointing` sets the towers' grad_checkpointing; the decoder
     blocks continue the text tower and recompute in backward too, with the same grads."""

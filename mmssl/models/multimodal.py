@@ -243,6 +243,11 @@ class MultimodalModel(nn.Module):
         """image_tokens (B, N, Dv) from forward_features, text (B, T) -> logits (B, T, V)."""
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
+        if image_tokens.ndim != 3:  # images themselves failed deep in attention
+            raise ValueError(
+                f"image_tokens must be (B, N, D), got shape {tuple(image_tokens.shape)}: pass "
+                "forward_features(images)['tokens'] (generate_captions takes images)"
+            )
         return self.caption(self.text, image_tokens, text, text_mask)
 
     @torch.no_grad()
