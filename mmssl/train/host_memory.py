@@ -2,9 +2,10 @@
 
 On the CPU every tensor of a step (activations, gradients, temporaries) is a fresh
 `malloc`.  glibc serves large blocks with `mmap` and hands freed memory back to the kernel,
-so the next step touches new pages and page-faults on each 4 KiB: 34,000-38,000 faults per
-bf16 ViT-S/16 step (112 px, batch 32), some 8-9% of its time, most of it inside the
-elementwise kernels (GELU, LayerNorm) that first write each new output.  Raising glibc's
+so the next step touches new pages and page-faults on each 4 KiB: 19,000-43,000 faults per
+bf16 ViT-S/16 step (112 px, batch 32), most of them inside the elementwise kernels (GELU,
+LayerNorm) that first write each new output.  Kept, a step took 1.13-1.25x less time in
+three runs on an idle machine, but 0.83x in another (`bench/RESULTS.md`, 2026-12-05).  Raising glibc's
 mmap and trim thresholds keeps freed blocks in the heap, and later steps reuse them: no
 faults after the first step.  The CUDA caching allocator does the same on a GPU; PyTorch's
 own CPU launcher (`torch.backends.xeon.run_cpu`) gets it by preloading jemalloc or tcmalloc.
