@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = 0
     if distributed.rank() == 0:
+        from safetensors import SafetensorError
+
         from mmssl.eval.cli import missing_dirs, remove_empty_dirs, resolved
 
         made = missing_dirs(Path(args.out).parent)  # save_features makes them
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features "
                 f"to {args.out}"
             )
-        except OSError as err:  # e.g. a parent of --out is a file, or no permission
+        except (OSError, SafetensorError) as err:  # a parent of --out is a file, /proc/x, ...
             remove_empty_dirs(made)  # no directory of a file that was not written is left
             print(f"mmssl features: error: cannot write {args.out}: {err}", file=sys.stderr)
             code = 2

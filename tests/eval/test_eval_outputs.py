@@ -139,6 +139,10 @@ def test_features_that_cannot_be_written_are_one_line(tmp_path, capsys, tiny_mod
     assert features_main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
+    # a directory that exists but takes no file (safetensors' own I/O error was a traceback)
+    assert features_main([*argv, "--out", "/proc/x.safetensors"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
 
 
 def _with_preprocess(src: str, dest: Path, preprocess: dict) -> str:
