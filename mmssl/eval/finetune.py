@@ -235,6 +235,11 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         integer_labels(frozen[split][field], f"shards {src}", field, frozen[split]["__key__"])
         for split, src in (("train", args.train), ("test", args.test))
     )
+    if args.train_batch_size > len(train_y):  # 100000 for 16 images took all 23 GB: killed
+        raise EvalError(
+            f"--train-batch-size {args.train_batch_size} is more than the {len(train_y)} "
+            "training images"
+        )
     num_classes = args.num_classes or int(train_y.max()) + 1
     probe = sweep(frozen["train"]["features"], train_y, frozen["test"]["features"], test_y)
     clf = finetune(

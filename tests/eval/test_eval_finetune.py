@@ -75,6 +75,15 @@ def test_finetune_needs_labels(tmp_path, capsys, tiny_model_dir, unlabelled_shar
     assert "no 'label' field" in capsys.readouterr().err
 
 
+def test_a_train_batch_larger_than_the_training_images_is_refused(
+    tmp_path, capsys, tiny_model_dir, train_shards, test_shards
+):
+    argv = ["finetune", "--model", tiny_model_dir, "--train", train_shards, "--test", test_shards]
+    argv += ["--limit", "6", "--steps", "1", "--train-batch-size", "7", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--train-batch-size 7 is more than the 6 training images" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_finetune_limit_bounds_the_training_samples(
     tmp_path, monkeypatch, tiny_model_dir, train_shards, test_shards
