@@ -200,7 +200,8 @@ def samples_from_folder(
     decode as `bad_image`, a file that is no image by its extension as `not_image`, and
     left out."""
     if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist")
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"image folder {root!r} {what}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"image folder {root!r} has no class subfolders")
@@ -318,7 +319,8 @@ def samples_from_table(
     `missing_image`, one whose image does not decode as `bad_image`, and left out; a
     malformed row is a DataError."""
     if not os.path.isfile(path):
-        raise DataError(f"table {path!r} does not exist")
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise DataError(f"table {path!r} {what}")
     if kind is None:
         kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
     base = os.path.dirname(os.path.abspath(path))
@@ -363,7 +365,8 @@ def samples_from_text(paths: Iterable[str], docs: str = "file") -> Iterator[dict
     index = 0
     for path in paths:
         if not os.path.isfile(path):
-            raise DataError(f"text file {path!r} does not exist")
+            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+            raise DataError(f"text file {path!r} {what}")
         with open(path, encoding="utf-8-sig", errors="strict") as f:  # drops a leading BOM
             try:
                 text = f.read()

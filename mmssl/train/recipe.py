@@ -230,7 +230,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A recipe file as a dict, with one-line errors for missing or malformed files."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"recipe {str(p)!r} does not exist")
+        what = "is a directory, not a recipe file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"recipe {str(p)!r} {what}")
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

@@ -268,6 +268,10 @@ def test_cli_text(tmp_path):
     "args, message",
     [
         (["folder", "/nonexistent/x"], "does not exist"),
+        # a path of the other kind was said not to exist
+        (["folder", "{tmp}/latin1.txt"], "latin1.txt' is a file, not a folder"),
+        (["csv", "{tmp}/imgs"], "imgs' is a directory, not a file"),
+        (["text", "{tmp}/imgs"], "imgs' is a directory, not a file"),
         (["csv", "{tmp}/bad.csv"], "lacks column"),
         (["csv", "{tmp}/missing.csv"], "no readable image in any of its 1 entries"),
         (["folder", "{tmp}/corrupt"], "its 1 entries (first: cls/a.bmp: "),  # bad_image

@@ -184,6 +184,7 @@ def test_other_bad_input(
 ) -> None:
     runs = tmp_path / "runs"
     assert "does not exist" in _bad([str(tmp_path / "none.yaml")], capsys, runs)
+    assert "is a directory, not a recipe file" in _bad([str(tmp_path)], capsys, runs)
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     assert "not UTF-8" in _bad([str(tmp_path / "latin1.yaml")], capsys, runs)
     assert "'simclr'" in _bad([*base, "objectives.clip.type=simclar"], capsys, runs)
