@@ -86,7 +86,7 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
 
     A damaged shard (truncated or corrupt tar, failing pipe, empty) raises DataError once it
     has been read: the training stream counts and skips it, but an evaluation that lost the
-    rest of a shard would report a number for another test set."""
+    rest of a shard (of its training or its test split) would report a number for other data."""
     index = 0
     for url in urls:
         counter = _FirstProblem()
@@ -101,12 +101,13 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
                 raise DataError(
                     f"shard {url} repeats a sample's key ({detail}, a file extension seen twice: "
                     "members of two samples under one key); the repeat is left out, and "
-                    "evaluating without it would score a different test set"
+                    "evaluating without it would measure other data than these shards (train "
+                    "or test)"
                 )
             raise DataError(
                 f"shard {url} is damaged ({kind}{': ' + detail if detail else ''}); only its "
                 f"first {read} sample(s) could be read, and evaluating without the rest would "
-                "score a different test set"
+                "measure other data than these shards (train or test)"
             )
     if index == 0:
         raise DataError(f"no readable sample in {len(urls)} shard(s) (first: {urls[0]})")
