@@ -37,9 +37,12 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`mmssl COMMAND ...`: runs the subcommand's `main(rest)` and returns its exit code (2 for an
-    unknown command, 0 for --help)."""
+    unknown or missing command, 0 for --help)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a mistake, as argparse treats a missing subcommand: the usage on stderr, 2
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]

@@ -29,3 +29,11 @@ def test_unknown_command_is_one_line_naming_it(argv, hint, capsys):
     assert len(lines) == 1, captured.err  # the house rule of mmssl.cliargs, not the usage block
     assert lines[0].startswith(f"mmssl: error: unknown command {argv[0]!r}; {hint}")
     assert lines[0].endswith("choose from " + ", ".join(COMMANDS))
+
+
+def test_no_command_is_an_error_with_the_usage(capsys):
+    # as argparse treats a missing subcommand (and git its missing command): usage, exit 2
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "commands:" in captured.err
+    assert main(["--help"]) == 0 and "commands:" in capsys.readouterr().out

@@ -202,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmssl.data.errors import DataError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a missing task is a mistake (usage on stderr, 2); --help is not
+        build_parser().print_usage(sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
     if argv[0] not in TASKS and not argv[0].startswith("-"):

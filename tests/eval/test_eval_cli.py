@@ -23,6 +23,13 @@ def test_an_unknown_task_is_one_line_with_the_close_one(
     )
 
 
+def test_no_task_is_an_error_with_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: mmssl eval")
+    assert main(["--help"]) == 0 and "zeroshot" in capsys.readouterr().out
+
+
 def test_the_printed_summary_is_the_one_just_written(
     tmp_path: Path, tiny_model_dir: str, test_shards: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
