@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmssl.models import create_model
 from mmssl.nn import (
     Attention,
     Block,
@@ -22,6 +23,7 @@ from mmssl.nn import (
     apply_rotary,
     sincos_2d,
 )
+from mmssl.schema import ConfigError
 
 
 def naive_attention(q, k, v, allowed):
@@ -256,6 +258,20 @@ def test_drop_path_identity_in_eval_and_unbiased_in_train():
     kept = (out[:, 0] != 0).float().mean()
     assert abs(kept.item() - 0.7) < 0.02
     assert abs(out.mean().item() - 1.0) < 0.03
+
+
+def test_drop_path_one_drops_everything_and_the_rate_is_checked():
+    # p=1 computed x * 0 / 0 = NaN; timm gives zeros.  -0.5 was silently no drop path and
+    # 1.5 failed at the first forward with bernoulli's "p=-0.5"
+    x = torch.ones(8, 4)
+    assert torch.equal(DropPath(1.0).train()(x), torch.zeros_like(x))
+    for p in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="drop_path must be in"):
+            DropPath(p)
+        with pytest.raises(ValueError, match="drop_path must be in"):
+            Transformer(8, 2, 2, drop_path=p)
+    with pytest.raises(ConfigError, match="block.drop_path must be in"):
+        create_model("test_tiny_vit", **{"vision.block.drop_path": 1.5})
 
 
 def test_zero_init_conditioned_block_equals_plain_block():

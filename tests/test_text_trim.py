@@ -80,3 +80,19 @@ def test_trainer_loss_and_gradients_equal_the_untrimmed_path(monkeypatch, model,
     assert len(out[0]) == len(out[1]) > 1
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_text_mask_of_another_shape_is_refused_and_01_masks_are_read() -> None:
+    # a (1, T) mask pooled every row at row 0's last token; a (B, T - 2) one pooled before
+    # the text's end; an int64 mask (Hugging Face's attention_mask) failed in torch.where
+    torch.manual_seed(0)
+    model = MultimodalModel(resolve_model_config("test_tiny_clip")).eval()
+    vocab = model.cfg.text.vocab_size
+    text, mask = _captions(vocab, t=16, lengths=(4, 16))
+    want = model.encode_text(text, mask)
+    for bad in (mask[:1], mask[:, :14], torch.ones(2, 18, dtype=torch.bool)):
+        for call in (model.encode_text, model.text.forward_features, model.text.forward_tokens):
+            with pytest.raises(ValueError, match="text_mask must have the text's shape"):
+                call(text, bad)
+    for as_number in (mask.long(), mask.float()):
+        torch.testing.assert_close(model.encode_text(text, as_number), want, rtol=0, atol=0)

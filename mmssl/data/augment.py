@@ -254,6 +254,22 @@ def _fast_draws() -> Any:
     return compiled("fastdraws")
 
 
+def check_images(images: list[Tensor]) -> None:
+    """TypeError/ValueError unless every image is a uint8 (3, H, W) tensor.
+
+    The renderers read 0..255: a float image in [0, 1] (torchvision's `to_tensor`) would
+    render nearly black views without a word, an (H, W, 3) one fail deep in a reshape."""
+    for i, im in enumerate(images):
+        if not isinstance(im, Tensor) or im.dtype != torch.uint8:
+            what = im.dtype if isinstance(im, Tensor) else type(im).__name__
+            raise TypeError(
+                f"image {i} is {what}: views are drawn from uint8 (3, H, W) tensors (0..255); "
+                "convert a float image in [0, 1] with (x * 255).round().to(torch.uint8)"
+            )
+        if im.ndim != 3 or im.shape[0] != 3 or min(im.shape[1:]) < 1:
+            raise ValueError(f"image {i} has shape {tuple(im.shape)}: views need (3, H, W), RGB")
+
+
 def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Any:
     """The images as `fastviews.Sources` when the compiled renderer applies, else None."""
     if backend not in ("auto", "torch", "numba"):
@@ -294,6 +310,7 @@ def apply_params(
     src = _stack_for_fast(list({id(im): im for im in images}.values()), size, backend)
     if src is not None:
         return _fast_module().render_views(src, vsrc, p, size, hue_mode, solarize_t)
+    check_images(images)  # the compiled path took only uint8 (3, H, W): these may be anything
     x = _crop_resize(images, p, size)
     before = x.mean(dim=(2, 3))
     x = apply_color(x, p, hue_mode)
@@ -357,6 +374,7 @@ def make_views(
             src, u, aspect, param_constants(cfg), size, cfg.hue_mode, cfg.solarize_threshold
         )
     else:
+        check_images(images)
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         p = sample_params(rng, sizes * num_views, cfg)
         x, d = apply_params(

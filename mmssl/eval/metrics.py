@@ -61,9 +61,19 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
 
 
 def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """(C, C) int64 counts; row = true class, column = predicted class."""
+    """(C, C) int64 counts; row = true class, column = predicted class.  ValueError for a
+    prediction or label outside [0, C) (it would be counted in another cell)."""
     pred = torch.as_tensor(pred, dtype=torch.int64)
     labels = torch.as_tensor(labels, dtype=torch.int64)
+    if pred.shape != labels.shape or pred.ndim != 1:
+        raise ValueError(
+            f"need pred (N,) and labels (N,), got {tuple(pred.shape)}, {tuple(labels.shape)}"
+        )
+    for name, t in (("predictions", pred), ("labels", labels)):
+        if len(t) and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(
+                f"{name} must be in [0, {num_classes}), got {int(t.min())}..{int(t.max())}"
+            )
     flat = labels * num_classes + pred
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes

@@ -26,6 +26,11 @@ class BlockConfig:
     init_values: float | None = None  # LayerScale; None = off
     drop_path: float = 0.0
 
+    def __post_init__(self) -> None:
+        # the rate of the deepest block (trunk.py spreads 0..drop_path over depth)
+        if not 0.0 <= self.drop_path <= 1.0:  # NaN too
+            raise ValueError(f"block.drop_path must be in [0, 1], got {self.drop_path}")
+
 
 @dataclass
 class VisionConfig:

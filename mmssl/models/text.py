@@ -24,6 +24,24 @@ def last_valid_index(text_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(text_mask, positions, -1).amax(dim=1).clamp(min=0)
 
 
+def as_text_mask(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`text_mask` as a (B, T) bool tensor of `text`'s shape (True = valid token), or None.
+
+    A 0/1 integer or float mask (Hugging Face's `attention_mask`) is read as nonzero = valid,
+    as the losses read it.  ValueError for another shape: a (1, T) mask broadcast one row's
+    padding to every row, a shorter one pooled before the end of the text."""
+    if text_mask is None:
+        return None
+    if not isinstance(text_mask, torch.Tensor):
+        raise TypeError(f"text_mask must be a tensor, got {type(text_mask).__name__}")
+    if tuple(text_mask.shape) != tuple(text.shape):
+        raise ValueError(
+            f"text_mask must have the text's shape {tuple(text.shape)}, "
+            f"got {tuple(text_mask.shape)}"
+        )
+    return text_mask if text_mask.dtype == torch.bool else text_mask != 0
+
+
 def trim_padding(
     text: torch.Tensor, text_mask: torch.Tensor | None, multiple: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -249,6 +267,7 @@ class TextTransformer(nn.Module):
         if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
             raise TypeError(f"text must be integer token ids (int64), got {text.dtype}")
         b, t = text.shape
+        text_mask = as_text_mask(text, text_mask)
         if token_mask is not None:
             if text_mask is not None or prefix is not None:
                 raise ValueError("token_mask is not for use with text_mask or a prefix")
@@ -351,13 +370,14 @@ class TextTransformer(nn.Module):
         """text (B, T) -> pooled (B, D) and tokens (B, T, D)."""
         if text.ndim == 2 and text.shape[1] == 0:  # else an amax error deep in the pooling
             raise ValueError(f"text has no tokens: shape {tuple(text.shape)}")
+        text_mask = as_text_mask(text, text_mask)
         tokens = self.forward_tokens(text, text_mask)
         return {"pooled": self.pool(tokens, text_mask), "tokens": tokens}
 
     def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """text (B, T) -> (B, E): pooled features through the projection, if any.  Runs
         without the all-padding trailing columns (`trim_padding`)."""
-        text, text_mask = trim_padding(text, text_mask)
+        text, text_mask = trim_padding(text, as_text_mask(text, text_mask))
         pooled = self.forward_features(text, text_mask)["pooled"]
         return self.proj(pooled) if self.proj is not None else pooled
 

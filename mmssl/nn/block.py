@@ -167,6 +167,8 @@ class Transformer(nn.Module):
         self.causal = causal
         self.grad_checkpointing = grad_checkpointing
         first_conditioned = depth - (depth if cond_depth is None else cond_depth)
+        if not 0.0 <= drop_path <= 1.0:  # a negative rate was silently no drop path
+            raise ValueError(f"drop_path must be in [0, 1], got {drop_path}")
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(

@@ -11,6 +11,8 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p <= 1.0:  # NaN too
+            raise ValueError(f"drop_path must be in [0, 1], got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -19,6 +21,8 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
+        if keep == 0.0:  # always dropped: zeros (not 0 / 0), as timm
+            return x * 0.0
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 

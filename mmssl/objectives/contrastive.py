@@ -238,6 +238,7 @@ class NTXentLoss(nn.Module):
         n = z1.shape[0]
         sizes = distributed.gather_sizes(n, z1.device)
         offset, n_all = sum(sizes[: distributed.rank()]), sum(sizes)
+        check_not_empty(n_all)  # every rank's count: all ranks raise together
         g1, g2 = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
         if self.gather == "full":
             pos = global_positives(positive_keys, offset, n, True, z1.device)
@@ -374,6 +375,7 @@ class ClipLoss(nn.Module):
         n = image.shape[0]
         sizes = distributed.gather_sizes(n, image.device)
         offset, n_all = sum(sizes[: distributed.rank()]), sum(sizes)
+        check_not_empty(n_all)  # every rank's count: all ranks raise together
         image_all = distributed.all_gather_with_grad(image)
         text_all = distributed.all_gather_with_grad(text)
         scale = self.scale()

@@ -111,6 +111,7 @@ class SigLipLoss(nn.Module):
         sizes = distributed.gather_sizes(n, image.device)
         offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         n_all, world = sum(sizes), len(sizes)
+        check_not_empty(n_all)  # every rank's count: all ranks raise together
         groups = (
             None
             if positive_keys is None

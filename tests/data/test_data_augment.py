@@ -221,3 +221,20 @@ def test_large_view_path_matches_roi_align_and_torchvision_blur(backend):
     ref = torch.where(torch.from_numpy(p.flip)[:, None, None, None], ref.flip(-1), ref)
     ref[1] = TF.gaussian_blur(ref[1], [7, 7], [1.3, 1.3])
     assert torch.allclose(views, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "image, error",
+    [
+        (torch.rand(3, 16, 16), TypeError),  # float in [0, 1]: nearly black views before
+        (torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8), ValueError),  # HWC
+        (torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8), ValueError),  # grey
+    ],
+)
+def test_views_refuse_images_that_are_not_uint8_rgb_chw(image, error):
+    cfg = AugmentConfig(backend="auto")
+    with pytest.raises(error, match="image 0"):
+        make_views([image], 2, 8, cfg, np.random.default_rng(0))
+    p = sample_params(np.random.default_rng(0), [(16, 16)], cfg)
+    with pytest.raises(error, match="image 0"):
+        apply_params([image], p, 8, backend="torch")

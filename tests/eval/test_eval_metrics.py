@@ -82,6 +82,18 @@ def test_confusion_and_per_class():
     assert metrics.mean_per_class_accuracy(pred, labels, 4) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize(
+    "pred, labels, what",
+    [([0, 5], [0, 1], "predictions"), ([0, -1], [0, 1], "predictions"), ([0, 1], [0, 3], "labels")],
+)
+def test_confusion_refuses_classes_outside_the_range(pred, labels, what):
+    # pred 5 of 3 classes was counted as a correct class-2 prediction (cell (2, 2))
+    with pytest.raises(ValueError, match=f"{what} must be in \\[0, 3\\)"):
+        metrics.confusion_matrix(torch.tensor(pred), torch.tensor(labels), 3)
+    with pytest.raises(ValueError, match=what):
+        metrics.per_class_accuracy(torch.tensor(pred), torch.tensor(labels), 3)
+
+
 def test_recall_three_of_four():
     # 4 queries x 4 items; the diagonal is the match; query 2 ranks its match second
     emb = torch.eye(4)

@@ -12,6 +12,7 @@ from torch import Tensor
 from mmssl.objectives import (
     ClipLoss,
     NTXentLoss,
+    SigLipLoss,
     caption_keys,
     clip_loss,
     nt_xent_loss,
@@ -147,6 +148,14 @@ def test_empty_batch_is_an_error_not_nan(loss) -> None:
     args = {nt_xent_loss: (), clip_loss: (1.0,), siglip_loss: (1.0, 0.0)}[loss]
     with pytest.raises(ValueError, match="batch is empty"):
         loss(empty, empty, *args)
+
+
+@pytest.mark.parametrize("module", [NTXentLoss, ClipLoss, SigLipLoss])
+def test_empty_batch_is_an_error_in_the_modules_too(module) -> None:
+    # the functions raised; the modules (what a training loop holds) returned NaN
+    empty = torch.randn(0, 4)
+    with pytest.raises(ValueError, match="batch is empty"):
+        module()(empty, empty)
 
 
 @pytest.mark.parametrize("n", [1, 4, 9])
