@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mmssl.eval.data import Preprocess
 
 if TYPE_CHECKING:
+    from mmssl.models.io import LogitParams
     from mmssl.models.multimodal import MultimodalModel
 
 
@@ -91,23 +92,47 @@ def _uint8_chw(image: Tensor) -> Tensor:
 
 class CLIPWrapper(nn.Module):
     """encode_image(images (B, 3, S, S)) and encode_text(ids (B, T)) -> (B, E), unnormalised,
-    plus `logit_scale`; the mask the text tower needs is rebuilt from the eos position."""
+    plus `logit_scale` (and a SigLIP model's `logit_bias`); the mask the text tower needs is
+    rebuilt from the eos position.
 
-    def __init__(self, model: MultimodalModel, eos_id: int, bos_id: int | None = None) -> None:
+    logits: the export's record of the objective the towers were trained with (`load_clip`
+    passes its clip one, else its siglip one).  Its scale is the one the loss used: the
+    model's parameter clamped at `max_logit_scale` (open_clip clamps the parameter itself;
+    mmssl clamps in the loss, so the parameter may lie above).  Without one, the model's
+    `logit_scale` parameter, and no bias.
+    """
+
+    def __init__(
+        self,
+        model: MultimodalModel,
+        eos_id: int,
+        bos_id: int | None = None,
+        logits: LogitParams | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.eos_id = eos_id
         self.bos_id = bos_id
+        self.logits = logits
 
     @property
     def logit_scale(self) -> Tensor:
-        """The model's logit scale."""
+        """log of the logit multiplier (open_clip's `logit_scale`): the trained objective's."""
+        if self.logits is not None:
+            return torch.tensor(self.logits.logit_scale)
         scale = self.model.logit_scale
         if scale is None:  # load_clip checks both towers, which come with the scale
             raise RuntimeError(
                 "a CLIP-style model needs vision and text towers (and a logit scale)"
             )
         return scale
+
+    @property
+    def logit_bias(self) -> Tensor | None:
+        """A SigLIP objective's learned bias; None for CLIP (as open_clip's models)."""
+        if self.logits is None or self.logits.logit_bias is None:
+            return None
+        return torch.tensor(self.logits.logit_bias)
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """images (B, 3, S, S) -> (B, E)."""
@@ -119,13 +144,16 @@ class CLIPWrapper(nn.Module):
             text, mask_from_ids(text, self.eos_id, self.bos_id), normalize=normalize
         )
 
-    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """open_clip's (image_features, text_features, logit_scale.exp()), normalised."""
-        return (
+    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, ...]:
+        """open_clip's (image_features, text_features, logit_scale.exp()), normalised, with
+        `logit_bias` fourth for a SigLIP model (as open_clip's)."""
+        out = (
             self.encode_image(images, normalize=True),
             self.encode_text(text, normalize=True),
             self.logit_scale.exp(),
         )
+        bias = self.logit_bias
+        return out if bias is None else (*out, bias)
 
 
 def load_clip(
@@ -139,7 +167,11 @@ def load_clip(
     if loaded.model.visual is None or text is None:
         raise EvalError(f"{path}: a CLIP-style model needs vision and text towers")
     tok = loaded.tokenizer(tokenizer)
-    wrapper = CLIPWrapper(loaded.model, int(tok.eos_id), int(tok.bos_id)).eval()
+    records = loaded.logit_params
+    chosen = [r for kind in ("clip", "siglip") for r in records.values() if r.type == kind]
+    wrapper = CLIPWrapper(
+        loaded.model, int(tok.eos_id), int(tok.bos_id), chosen[0] if chosen else None
+    ).eval()
     return (
         wrapper,
         ImageTransform(loaded.preprocess),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 
 import braceexpand
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import mmssl
 from mmssl.eval.cli import run_task
 from mmssl.eval.clip_wrapper import load_clip, mask_from_ids
+from mmssl.models.io import save_pretrained
 
 
 def clip_benchmark_zeroshot(model, transform, tokenizer, pil_images, labels, classnames, templates):
@@ -192,3 +195,27 @@ def test_transform_takes_float_tensors_in_unit_range_and_refuses_the_rest() -> N
             transform(bad)
     with pytest.raises(TypeError, match="PIL image or a"):
         transform(u8.numpy())
+
+
+def test_logit_scale_is_the_trained_objectives_and_siglip_gives_its_bias(tmp_path, tokenizer):
+    # the wrapper returned exp of the model's parameter (14.3 at init), while the loss had
+    # used it clamped at max_logit_scale 10 and the export recorded log 10
+    model = mmssl.create_model("test_tiny_clip", text={"vocab_size": tokenizer.vocab_size})
+    images, ids = torch.rand(2, 3, 32, 32), torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0]])
+
+    def wrapper_out(name: str, logits: dict | None) -> tuple:
+        extra = {"tokenizer": tokenizer.metadata, **({"logits": logits} if logits else {})}
+        save_pretrained(model, tmp_path / name, extra=extra)
+        with torch.no_grad():
+            return load_clip(tmp_path / name)[0](images, ids)
+
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    clip = {"clip": {"type": "clip", "logit_scale": math.log(10.0), "logit_bias": None}}
+    out = wrapper_out("clip", clip)
+    assert len(out) == 3 and out[2].item() == pytest.approx(10.0, rel=1e-6)
+    sig = {"sig": {"type": "siglip", "logit_scale": math.log(8.0), "logit_bias": -3.5}}
+    out = wrapper_out("sig", sig)
+    assert len(out) == 4 and out[2].item() == pytest.approx(8.0, rel=1e-6)
+    assert out[3].item() == -3.5
+    out = wrapper_out("bare", None)  # no record: the model's parameter, no bias
+    assert len(out) == 3 and out[2].item() == pytest.approx(1 / 0.07, rel=1e-5)
