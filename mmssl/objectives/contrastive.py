@@ -325,8 +325,12 @@ class _ClampedExp(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         x, out = ctx.saved_tensors
         # below the clamp: exp's own gradient (grad * exp(x)); above it, only a gradient
-        # that a descent step turns into a lower x (grad > 0), taken at the clamp
-        live = (x.exp() <= ctx.hi) | (grad > 0)
+        # that a descent step turns into a lower x (grad > 0), taken at the clamp.  The sign
+        # is the whole batch's: data parallel, each rank holds its share of the gradient,
+        # and the optimizer steps on their average (one scalar all-reduce per backward, on
+        # every rank alike: no branch on the value, no host sync)
+        total = distributed.all_reduce_sum(grad) if distributed.world_size() > 1 else grad
+        live = (x.exp() <= ctx.hi) | (total > 0)
         return torch.where(live, grad * out, torch.zeros_like(grad)), None
 
 
@@ -339,9 +343,9 @@ def clamped_scale(log_scale: Tensor, max_scale: float) -> Tensor:
     `exp().clamp(max=)` would also zero the gradient of a parameter that overshot the
     clamp, leaving it there for good; here the gradient passes when it points back under
     the clamp, so, as in open_clip, the scale can come down again once the loss asks for a
-    softer temperature.  (Data parallel: each rank masks its own gradient before the
-    average, so above the clamp the parameter descends when any rank asks it to; the
-    value and gradient at or under the clamp are the plain ones.)
+    softer temperature.  Data parallel, the decision above the clamp is taken on the sum
+    of the ranks' gradients, so every rank masks alike and the averaged gradient is the one
+    process's on the whole batch.
     """
     return _ClampedExp.apply(log_scale, float(max_scale))
 

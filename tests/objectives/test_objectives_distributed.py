@@ -55,6 +55,11 @@ W2_CASES: list[Case] = [
     for keys in (False, True)
 ] + [
     ("clip", "local_loss", True, (3, 5)),
+    # the logit scale above its clamp, where the whole batch's gradient asks for a larger
+    # scale (masked) but rank 0's share asks for a smaller one: masking per rank let that
+    # share through (the averaged gradient was 0.0017 against 0)
+    ("clip_over", "local_loss", False, (2, 2)),
+    ("clip_over", "full", False, (2, 2)),
     ("nt_xent", "local_loss", False, (5, 3)),
     ("siglip", "local_loss", False, (3, 5)),
     ("next_token", "-", True, (3, 5)),
@@ -95,6 +100,10 @@ def make_inputs(case: Case) -> dict[str, Tensor]:
         lengths[: sizes[0]] = 2  # rank 0 holds far fewer target tokens than rank 1
         mask = torch.arange(t)[None, :] < lengths[:, None]
         return {"a": torch.randn(n, t, DIM, generator=g), "tokens": tokens, "mask": mask}
+    if loss == "clip_over":  # the numerics tester's case: pairs close enough to ask for more
+        g = torch.Generator().manual_seed(63)
+        a = torch.randn(n, 3, dtype=torch.float64, generator=g)
+        return {"a": a, "b": a + 0.05 * torch.randn(n, 3, dtype=torch.float64, generator=g)}
     labels = torch.randint(0, 3, (n,), generator=g)
     # caption ids that repeat across ranks, differing only under the padding mask
     text = torch.randint(0, 50, (n, 5), generator=g)
@@ -119,6 +128,9 @@ def make_modules(case: Case) -> tuple[nn.Module, nn.Module]:
         module: nn.Module = NTXentLoss(temperature=0.2, gather=gather)
     elif loss == "clip":
         module = ClipLoss(init_logit_scale=math.log(5.0), gather=gather)
+    elif loss == "clip_over":
+        encoder = nn.Identity()  # float64 pairs as they are
+        module = ClipLoss(init_logit_scale=math.log(200.0), gather=gather).double()
     elif loss == "siglip":
         # a milder bias than the paper's -10 keeps every gradient far from zero
         module = SigLipLoss(init_logit_scale=math.log(5.0), init_logit_bias=-2.0, gather=gather)
