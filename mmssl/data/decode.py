@@ -35,9 +35,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:
-    if data[:8] == PNG_SIGNATURE and len(data) >= 24:
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    return None
+    """(H, W) of a PNG's IHDR, None for other bytes.  BadSample unless IHDR is the first
+    chunk, as the spec wants: the size check read bytes 16..24 whatever chunk held them, so a
+    small chunk before IHDR let an image of any size past `max_pixels` (libpng refuses it)."""
+    if data[:8] != PNG_SIGNATURE:
+        return None
+    if len(data) < 33 or data[12:16] != b"IHDR" or data[8:12] != b"\0\0\0\x0d":
+        raise BadSample("bad_image", "PNG whose first chunk is not a 13-byte IHDR")
+    return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
 
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
@@ -177,23 +182,48 @@ def _image_data_damage(ihdr: bytes, idat: list[memoryview]) -> str | None:
     return None
 
 
+_JPEG_NO_LENGTH = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RST0..7: a marker alone
+_JPEG_SOF = frozenset(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) of a JPEG's frame header, found as libjpeg (torchvision's decoder) finds it,
+    None when there is none before the scan (PIL decides then, checking its size first).
+
+    The markers are read as libjpeg's `next_marker` reads them: bytes up to an 0xFF are
+    skipped, 0xFF fill bytes too, FF 00 is no marker; TEM and RST have no length.  A walker
+    that gave TEM a length jumped into a comment holding a small fake frame header, and
+    the size check passed an image of any size."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
+    while True:
+        while True:  # the next marker
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+            while i + 1 < n and data[i + 1] == 0xFF:
+                i += 1
+            if i + 1 >= n:
+                return None
+            if data[i + 1] != 0:
+                break
+            i += 2
         marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
-                data[i + 7 : i + 9], "big"
+        i += 2
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                return None
+            return int.from_bytes(data[i + 3 : i + 5], "big"), int.from_bytes(
+                data[i + 5 : i + 7], "big"
             )
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
+        if marker in _JPEG_NO_LENGTH:
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI, or a scan before any frame
+            return None
+        if i + 2 > n:
+            return None
+        i += max(int.from_bytes(data[i : i + 2], "big"), 2)
 
 
 @functools.cache

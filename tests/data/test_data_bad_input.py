@@ -9,6 +9,7 @@ import os
 import struct
 import tarfile
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -620,3 +621,67 @@ def test_png_damage_walks_over_ancillary_chunks_and_the_size_limit_comes_first()
     with pytest.raises(BadSample) as err:
         decode_image(png_flipped(arr, "crc"), max_pixels=35)
     assert err.value.kind == "image_too_large"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_a_png_whose_first_chunk_is_not_ihdr_cannot_pass_the_size_limit():
+    """The size was read from bytes 16..24 whatever chunk held them: a text chunk before IHDR
+    saying 1 x 1 let a 200 x 200 image decode under max_pixels 1000 (libpng refuses a chunk
+    before IHDR; PIL decodes it)."""
+    from mmssl.data.decode import BadSample, decode_image
+
+    w = h = 200
+    z = zlib.compress((b"\0" + bytes(3 * w)) * h, 9)
+    ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    rest = ihdr + _chunk(b"IDAT", z) + _chunk(b"IEND", b"")
+    sig = b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(BadSample) as err:
+        decode_image(sig + rest, max_pixels=1000)
+    assert err.value.kind == "image_too_large"
+    decoy = _chunk(b"tEXt", struct.pack(">II", 1, 1) + b"x\0y")
+    with pytest.raises(BadSample) as err:
+        decode_image(sig + decoy + rest, max_pixels=1000)
+    assert err.value.kind == "bad_image" and "first chunk" in str(err.value)
+    assert decode_image(sig + rest).shape == (3, h, w)
+
+
+def _jpeg(size: tuple[int, int], **save: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def test_the_jpeg_size_is_the_frame_libjpeg_decodes():
+    """A TEM marker (FF 01, no length) was given a length: the walk jumped into a comment
+    holding a fake 16 x 16 frame header while libjpeg decoded the real 2000 x 2000 one, past
+    max_pixels.  The walk now reads markers as libjpeg does."""
+    from mmssl.data.decode import BadSample, _jpeg_size, decode_image
+
+    src = _jpeg((16, 16), quality=90)
+    segments, i = [], 2
+    while src[i + 1] != 0xDA:  # up to the scan
+        n = int.from_bytes(src[i + 2 : i + 4], "big")
+        segments.append(src[i : i + 2 + n])
+        i += 2 + n
+    sof = next(s for s in segments if s[1] == 0xC0)
+    real = sof[:5] + struct.pack(">HH", 2000, 2000) + sof[9:]
+    out = bytearray(b"\xff\xd8\xff\x01") + real
+    fake = b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 16, 16) + b"\x03" + bytes(9)
+    pad = 2 + 2 + 0xFFC0 - (len(out) + 4)  # where a length read at the TEM marker lands
+    payload = bytes(pad) + fake + bytes(16)
+    out += b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload
+    out += b"".join(s for s in segments if s[1] != 0xC0) + src[i:]
+    assert _jpeg_size(bytes(out)) == (2000, 2000)
+    with pytest.raises(BadSample) as err:
+        decode_image(bytes(out), max_pixels=1000)
+    assert err.value.kind == "image_too_large"
+    # the sizes of ordinary files, as PIL reads them: baseline, progressive, with EXIF
+    for save in ({}, {"progressive": True}, {"exif": b"Exif\0\0" + bytes(64)}):
+        assert _jpeg_size(_jpeg((37, 23), **save)) == (23, 37), save
