@@ -165,6 +165,7 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 _BLOCK = 512
+_PIECE = 1 << 26  # the most bytes one read asks for (`TarReader._exact`)
 _ZEROS = bytes(_BLOCK)  # an end-of-archive block
 _FILE_TYPES = b"07\x00"  # regular (new and old style), contiguous
 _NO_DATA_TYPES = b"123456"  # hard link, symlink, char, block, directory, fifo: no data blocks
@@ -235,12 +236,31 @@ class TarReader:
         self.pending = 0  # data + padding of the current member not yet consumed
         self.pax_global: dict[str, str] = {}
 
-    def _exact(self, n: int, what: str) -> bytes:
-        data = self.read(n)
-        self.pos += len(data)
-        if len(data) != n:
+    def _exact(self, n: int, what: str, keep: bool = True) -> bytes:
+        """The next `n` bytes (b"" when not `keep`); TarDamage when the data ends first.
+
+        A header may declare any size (a 40 KB file saying 1 TiB): one read of `n` bytes
+        asked for that much memory up front (MemoryError, or OverflowError past 2**63), so
+        a large `n` is read in pieces, and only the bytes that exist are held."""
+        if n <= _PIECE:
+            data = self.read(n)
+            got = len(data)
+        else:
+            parts: list[bytes] = []
+            got = 0
+            while got < n:
+                want = min(n - got, _PIECE)
+                part = self.read(want)
+                got += len(part)
+                if keep:
+                    parts.append(part)
+                if len(part) < want:
+                    break  # the data ended
+            data = b"".join(parts)
+        self.pos += got
+        if got != n:
             raise TarDamage(f"{what} cut short at byte {self.pos}")
-        return data
+        return data if keep else b""
 
     def _block_data(self, size: int) -> bytes:
         data = self._exact(size + (-size % _BLOCK), "member data")
@@ -250,11 +270,14 @@ class TarReader:
         """Move past the current member's data without reading it (seek when possible)."""
         n, self.pending = self.pending, 0
         if n and self.seek is not None:
-            self.seek(n - 1, 1)
+            try:
+                self.seek(n - 1, 1)
+            except (OverflowError, OSError):  # a declared size past any file's end
+                raise TarDamage(f"member data cut short at byte {self.pos}") from None
             self.pos += n - 1
             self._exact(1, "member data")  # seeking past the end does not fail by itself
         elif n:
-            self._exact(n, "member data")
+            self._exact(n, "member data", keep=False)
 
     def data(self, size: int) -> bytes:
         """The current member's data, `size` bytes (its padding read and dropped)."""

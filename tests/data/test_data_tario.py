@@ -229,6 +229,33 @@ def test_bad_pax_size_ends_the_shard_and_keeps_complete_samples(tmp_path, bad_me
     assert skipped == {"truncated_tar": 1}
 
 
+@pytest.mark.parametrize("how", ["base256", "pax"])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_member_declaring_a_huge_size_is_a_truncated_tar(tmp_path, how, compressed):
+    """A 3 KB file whose header says 1 TiB (or a pax size of 10**30) read that many bytes
+    in one call: MemoryError (OverflowError) ended the run instead of a counted skip."""
+    import gzip
+
+    def member(name: str, data: bytes, size: int | None = None) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        if how == "pax" and size is not None:
+            info.pax_headers = {"size": str(size)}
+        block = bytearray(info.tobuf(tarfile.PAX_FORMAT if how == "pax" else tarfile.GNU_FORMAT))
+        if how == "base256" and size is not None:  # the size field in GNU's base-256
+            block[124:136] = b"\x80" + size.to_bytes(11, "big")
+            block[148:156] = b"        "
+            block[148:156] = b"%06o\0 " % sum(block)
+        return bytes(block) + data + bytes(-len(data) % 512)
+
+    huge = 1 << 40 if how == "base256" else 10**30
+    data = member("a.txt", b"hello") + member("b.txt", b"x" * 512, huge) + bytes(1024)
+    path = tmp_path / ("huge.tar.gz" if compressed else "huge.tar")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    got, skipped = _read(str(path))
+    assert [k for k, _ in got] == ["a"] and skipped == {"truncated_tar": 1}
+
+
 def test_empty_random_and_end_blocks_only(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     assert _read(str(tmp_path / "empty.tar")) == ([], {"empty_shard": 1})
