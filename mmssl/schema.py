@@ -228,10 +228,35 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_VALUES = 100_000  # far above any recipe; a "billion laughs" of aliases is not one
+
+
 def load_yaml(text: str) -> Any:
     """yaml.safe_load, except that a key given twice in one mapping is a YAMLError
-    (`DuplicateKeyError`) instead of the last value silently winning."""
-    return yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
+    (`DuplicateKeyError`) instead of the last value silently winning, and that data which
+    expands to more than MAX_YAML_VALUES values is a ConfigError: aliases share one object
+    when loaded, but every copy made later expands them (9 levels of 9 aliases: 9**9
+    values, gigabytes and a traceback)."""
+    data = yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
+    budget = [MAX_YAML_VALUES]
+
+    def count(node: Any) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(
+                f"the YAML expands to more than {MAX_YAML_VALUES} values "
+                "(aliases of aliases repeating a structure?)"
+            )
+        if isinstance(node, dict):
+            for k, v in node.items():
+                count(k)
+                count(v)
+        elif isinstance(node, list):
+            for v in node:
+                count(v)
+
+    count(data)
+    return data
 
 
 # values YAML 1.1 would read as something else: sexagesimal (12:30 -> 750), octal (010 -> 8),

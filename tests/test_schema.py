@@ -106,3 +106,22 @@ def test_override_text_that_yaml_reads_as_a_date_or_block_collection_stays_text(
         assert from_dict(Outer, apply_overrides({}, [f"mode={text}"])).mode == text
     assert value("[a, b]") == ["a", "b"] and value(" {a: 1}") == {"a": 1}
     assert value("{a: [1, 2], b: x: y}") == "{a: [1, 2], b: x: y}"  # not YAML: text as before
+
+
+def test_yaml_that_expands_past_the_limit_is_refused_before_any_copy(tmp_path):
+    """A "billion laughs" of aliases (9 levels of 9) loads as shared objects in no time, but
+    the recipe code copied it out in full: 1.25 GB and a MemoryError traceback."""
+    from mmssl.train.recipe import read_yaml
+
+    lines = ['x0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        lines.append(f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_yaml("\n".join(lines))
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError, match="laughs.yaml.*expands to more than"):
+        read_yaml(path)
+    # aliases within reason (a merged base section) load as before
+    data = load_yaml("base: &b {lr: 1, wd: 2}\nrun: {<<: *b, lr: 3}\nlist: [*b, *b]")
+    assert data["run"] == {"lr": 3, "wd": 2} and data["list"] == [{"lr": 1, "wd": 2}] * 2

@@ -234,6 +234,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {str(p)!r} {what}")
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
+    except ConfigError as err:
+        raise ConfigError(f"recipe {str(p)!r}: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {str(p)!r}: not UTF-8 text") from None
     except yaml.YAMLError as err:
