@@ -156,6 +156,29 @@ def _check_ds_keys(path: Path, data: dict[str, Any]) -> None:
         ) from None
 
 
+# sections that, enabled, write files where they are told (anywhere, over any file) or send
+# the run to a service: a DeepSpeed JSON holds engine knobs (DESIGN), mmssl logs to RUN_DIR
+DS_OUTSIDE = ("autotuning", "comet", "csv_monitor", "nebula", "tensorboard", "wandb")
+
+
+def _check_ds_outside(path: Path, data: dict[str, Any]) -> None:
+    """ConfigError for an enabled section of DS_OUTSIDE, or a flops profiler's output_file."""
+    for key in DS_OUTSIDE:
+        section = data.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            raise ConfigError(
+                f"{path}: {key!r} is enabled: DeepSpeed's monitors write outside the run "
+                "directory (or to a service); remove it (mmssl logs to RUN_DIR: "
+                "metrics.jsonl, logging.tensorboard)"
+            )
+    profiler = data.get("flops_profiler")
+    if isinstance(profiler, dict) and profiler.get("output_file"):
+        raise ConfigError(
+            f"{path}: flops_profiler.output_file writes outside the run directory; remove "
+            "it (the profile is then printed)"
+        )
+
+
 def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     """The engine JSON of the recipe with batch sizes, precision, clipping and optimizer injected."""
     path = find_deepspeed_json(recipe)
@@ -168,6 +191,7 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     _check_ds_keys(path, data)
+    _check_ds_outside(path, data)
     injected = _injected(recipe, grad_accum)
     for key in RECIPE_KEYS:
         if key not in data:

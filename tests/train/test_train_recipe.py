@@ -177,6 +177,22 @@ def test_deepspeed_json_conflict(
     real = {"zero_optimization": {"stage": 2, "overlap_comm": True}, "flops_profiler": {}}
     path.write_text(json.dumps(real))
     assert deepspeed_config(recipe, 2)["zero_optimization"]["overlap_comm"] is True
+    # DeepSpeed's monitors write where they are told (a tester's profiler report replaced an
+    # existing file outside the run): a DeepSpeed JSON holds engine knobs only
+    outside = tmp_path / "elsewhere"
+    for body, says in [
+        ({"tensorboard": {"enabled": True, "output_path": str(outside)}}, "'tensorboard' is"),
+        ({"csv_monitor": {"enabled": True, "output_path": str(outside)}}, "'csv_monitor' is"),
+        ({"wandb": {"enabled": True}}, "'wandb' is enabled"),
+        ({"flops_profiler": {"enabled": True, "output_file": str(outside)}}, "output_file"),
+    ]:
+        path.write_text(json.dumps(body))
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            deepspeed_config(recipe, 2)
+    assert not outside.exists()
+    off = {"tensorboard": {"enabled": False}, "flops_profiler": {"enabled": True}}
+    path.write_text(json.dumps(off))
+    assert deepspeed_config(recipe, 2)["tensorboard"] == {"enabled": False}
 
 
 def test_other_bad_input(
