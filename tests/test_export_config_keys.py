@@ -158,3 +158,30 @@ def test_a_preprocess_image_size_off_the_patch_grid_is_refused_by_both_loaders(
         f"{path}/config.json: preprocess.image_size {size!r} is not a positive multiple of the "
         "patch size 8"
     )
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_before_the_model_is_built(
+    export, tmp_path, monkeypatch
+):
+    """The model of config.json was built (weights allocated and initialised) before its
+    shapes were compared with the file's: a config edited to vision.dim 8192 beside 2 MB of
+    weights took 12.8 GB and a minute.  The comparison now runs on a model without storage."""
+    import torch
+
+    import mmssl.models.io as io
+
+    built = []
+    real = io.MultimodalModel
+
+    def spy(cfg):
+        built.append(torch.empty(0).device.type)  # the device models are built on here
+        return real(cfg)
+
+    monkeypatch.setattr(io, "MultimodalModel", spy)
+    path = _edited(export, tmp_path, lambda d: d["model"]["vision"].update(dim=64, num_heads=4))
+    with pytest.raises(ValueError, match="differ in shapes"):
+        mmssl.load_encoder(path)
+    assert built == ["meta"]
+    built.clear()
+    assert mmssl.load_encoder(export, tower="model").visual is not None  # a good export loads
+    assert built == ["meta", "cpu"]

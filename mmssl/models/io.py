@@ -33,7 +33,8 @@ def aliases(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     out = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        ptr = tensor.data_ptr()
+        # a model built on the meta device has no addresses: its shared tensors are one object
+        ptr = id(tensor) if tensor.is_meta else tensor.data_ptr()
         if tensor.numel() and ptr in first:
             out[name] = first[ptr]
         else:
@@ -336,7 +337,10 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
         raise ConfigError(f"{cfg_path}: {err}") from None
     check_model_config(cfg, str(cfg_path))
     preprocess_size(data.get("preprocess"), cfg, cfg_path)
-    model = MultimodalModel(cfg)
+    # the checks below run on a model without storage: a config.json edited to a huge model
+    # beside small weights took 12.8 GB and a minute to build before its shapes failed
+    with torch.device("meta"):
+        model = MultimodalModel(cfg)
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights file")
@@ -373,6 +377,7 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
             f"{weights} does not match {cfg_path}: {len(items)} tensors differ in {what}, "
             f"e.g. {items[:3]}"
         )
+    model = MultimodalModel(cfg)
     model.load_state_dict(state)
     return model.eval()
 

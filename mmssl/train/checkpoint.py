@@ -23,6 +23,7 @@ DeepSpeed's own resume needs).  Loading never unpickles arbitrary objects
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -387,7 +388,20 @@ def save(
     return folder
 
 
-def _replay_cpu_adam(engine: Any) -> None:
+def _adam_steps(opt: Any, limit: int, folder: Path) -> int:
+    """The optimizer state's step count, at most `limit` (the checkpoint's step: a skipped
+    step does not step the optimizer); CheckpointError above it, before a replay of that
+    many kernel calls (a count of 10**9 in another's checkpoint took the machine's memory)."""
+    steps = max((int(s.get("step", 0)) for s in opt.state.values()), default=0)
+    if not 0 <= steps <= limit:
+        raise CheckpointError(
+            f"checkpoint {folder}: its optimizer state has taken {steps} steps, the "
+            f"checkpoint is at step {limit}: not a state this run wrote"
+        )
+    return steps
+
+
+def _replay_cpu_adam(engine: Any, limit: int, folder: Path) -> None:
     """Make DeepSpeed's CPU FusedAdam continue exactly after a resume.
 
     Its C++ kernel keeps beta^t in one process-wide state, advanced as a float32 running
@@ -400,11 +414,11 @@ def _replay_cpu_adam(engine: Any) -> None:
 
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the basic one
     if hasattr(opt, "ds_opt_adam"):  # ZeRO offload's DeepSpeedCPUAdam: the same kernel state
-        _replay_offload_adam(opt)
+        _replay_offload_adam(opt, _adam_steps(opt, limit, folder))
         return
     if get_accelerator().device_name() != "cpu" or not hasattr(opt, "multi_tensor_adam"):
         return
-    steps = max((int(s.get("step", 0)) for s in opt.state.values()), default=0)
+    steps = _adam_steps(opt, limit, folder)
     if steps == 0:
         return
     from deepspeed.ops.adam.fused_adam import multi_tensor_applier
@@ -412,7 +426,7 @@ def _replay_cpu_adam(engine: Any) -> None:
     group = opt.param_groups[0]
     beta1, beta2 = group["betas"]
     dummy = [[torch.zeros(1)] for _ in range(4)]  # grads, params, exp_avg, exp_avg_sq
-    for step in (2**30, *range(1, steps + 1)):
+    for step in itertools.chain((2**30,), range(1, steps + 1)):
         multi_tensor_applier(
             opt.multi_tensor_adam,
             opt._dummy_overflow_buf,
@@ -428,17 +442,16 @@ def _replay_cpu_adam(engine: Any) -> None:
         )
 
 
-def _replay_offload_adam(opt: Any) -> None:
+def _replay_offload_adam(opt: Any, steps: int) -> None:
     """`_replay_cpu_adam` for DeepSpeedCPUAdam (ZeRO offload): its per-optimizer kernel state
     keeps beta^t the same way (a call repeating the last step leaves it as it is).  The steps
     are read from the state itself: ZeRO-3 empties the param groups between steps."""
-    steps = max((int(state.get("step", 0)) for state in opt.state.values()), default=0)
     if steps == 0:
         return
     group = opt.param_groups[0]
     beta1, beta2 = group["betas"]
     dummy = [torch.zeros(1) for _ in range(4)]  # params, grads, exp_avg, exp_avg_sq
-    for step in (2**30, *range(1, steps + 1)):
+    for step in itertools.chain((2**30,), range(1, steps + 1)):
         opt.ds_opt_adam.adam_update(
             opt.opt_id, step, 0.0, beta1, beta2, group["eps"], 0.0, group["bias_correction"], *dummy
         )
@@ -455,7 +468,10 @@ def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict
         raise unsafe_error(folder, err) from None
     if path is None:
         raise CheckpointError(f"could not load checkpoint {folder}")
-    _replay_cpu_adam(engine)
+    step = client.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CheckpointError(f"checkpoint {folder}: its step is {step!r}, not a step count")
+    _replay_cpu_adam(engine, step, folder)
     rank, world = distributed.rank(), distributed.world_size()
     if client.get("world_size") != world:
         raise ConfigError(

@@ -271,3 +271,29 @@ def test_a_zero3_offload_resume_is_bitwise(tmp_path: Path, in_process: None) -> 
     full = checkpoint_state(tmp_path / "full" / "checkpoints", tag_of(5))
     cut = checkpoint_state(tmp_path / "cut" / "checkpoints", tag_of(5))
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_an_optimizer_step_count_beyond_the_checkpoint_is_refused(
+    tmp_path: Path, in_process: None, capsys
+) -> None:
+    """The CPU Adam replay on resume ran as many kernel calls as the optimizer state's step
+    count, built as a tuple first: a count of 10**9 in a (manifest-consistent) checkpoint
+    took 23 GB before the OOM killer.  A count above the checkpoint's step is refused."""
+    from mmssl.train.cli import main as train_main
+
+    fused = ["optim.impl=deepspeed"]  # DeepSpeed's FusedAdam: the replayed kernel on CPU
+    recipe = synthetic_recipe(tmp_path, "s", 4)
+    assert train_main([str(recipe), *fused, "train.stop_at=2"]) == 0
+    folder = tmp_path / "s" / "checkpoints" / tag_of(2)
+    target = folder / "mp_rank_00_model_states.pt"
+    saved = torch.load(target, map_location="cpu", weights_only=True)
+    state = saved["optimizer"]["state"]
+    assert max(int(s["step"]) for s in state.values()) == 2
+    for s in state.values():
+        s["step"] = torch.tensor(10**9) if torch.is_tensor(s["step"]) else 10**9
+    torch.save(saved, target)
+    write_manifest(folder, 2)
+    capsys.readouterr()
+    assert train_main([str(recipe), *fused]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has taken 1000000000 steps" in err[0] and "at step 2" in err[0], err
