@@ -16,10 +16,12 @@ as `not_image`; none is written.  An input where no image can be read is a DataE
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import re
+import stat
 import string
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -75,6 +77,10 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
             f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif, ppm, pgm, "
             "pbm, pnm)"
         )
+    # a device or FIFO named like an image (a link to /dev/zero read until memory ran out;
+    # a FIFO's open waited for ever): only regular files are read
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)")
     with open(path, "rb") as f:
         data = f.read()
     # PIL decodes a PNG whose IDAT fails its CRC or inflates to too few rows; the training

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,15 @@ def test_non_image_files_of_a_class_folder_are_counted_not_dropped_silently(tmp_
     assert main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no readable image" in err and "a/notes.txt" in err and "not_image: 2" in err
+
+
+def test_a_device_or_fifo_named_like_an_image_is_counted_not_read(tmp_path, capsys):
+    """A link to /dev/zero was read until memory ran out (SIGABRT) and a FIFO's open waited
+    for ever: both are missing_image skips, the regular images are written."""
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "in" / "a" / "x.png")
+    (tmp_path / "in" / "a" / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "in" / "a" / "fifo.png")
+    assert main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 1 samples" in out and "missing_image: 2" in out, out
