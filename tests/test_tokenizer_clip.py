@@ -234,6 +234,23 @@ def test_corrupt_vocab_names_file(tmp_path, content: bytes, message: str) -> Non
     assert str(bad) in str(info.value)
 
 
+def test_a_vocab_file_is_inflated_only_as_far_as_its_merges(tmp_path) -> None:
+    """The whole file was inflated and decoded before its first line was read: a 1 MB file
+    of zeros took 7.7 GB.  Here 64 MiB of zeros on one line, read with a bounded peak."""
+    import tracemalloc
+
+    bomb = tmp_path / "bomb.txt.gz"
+    bomb.write_bytes(gzip.compress(b"#version\n" + bytes(64 << 20), 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="expected a merge"):
+            get_tokenizer(str(bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
 def test_missing_vocab_names_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="vocab.txt.gz"):
         CLIPTokenizer(tmp_path / "vocab.txt.gz")
