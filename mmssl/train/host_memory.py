@@ -49,9 +49,13 @@ def _libc() -> ctypes.CDLL | None:
     return libc if ctypes.cast(process.malloc, ctypes.c_void_p).value == address else None
 
 
+_KEPT = False  # set once this process's malloc keeps freed memory
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks of up to 32 MiB in the heap; returns whether it took
     (False off glibc or under another malloc, and nothing is changed then)."""
+    global _KEPT
     libc = _libc()
     if libc is None:
         return False
@@ -59,4 +63,13 @@ def keep_freed_memory() -> bool:
     libc.mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success, 0 for a parameter or value it refuses (musl: always 0)
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
-    return ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = ok and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    _KEPT = _KEPT or ok
+    return ok
+
+
+def kept() -> bool:
+    """Whether a `keep_freed_memory` call of this process took.  There is no undoing it:
+    glibc has no call that reads its thresholds back, and setting one ends its dynamic mmap
+    threshold for good."""
+    return _KEPT

@@ -1,10 +1,15 @@
 """The training loop: one function, `train(recipe, resolved)`, run identically on every rank.
 
-Host syncs happen only at log intervals: per-step metrics stay detached tensors that are
-summed on the device and read (and averaged over ranks) every `logging.every` steps, and
-the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`),
-and `positives: caption` groups identical captions with sorts on an accelerator
-(`objectives.contrastive.row_groups`).  One exception: the fp32 stage-0 gradient check below.
+The loop's own host syncs happen only at log intervals: per-step metrics stay detached
+tensors that are summed on the device and read (and averaged over ranks) every
+`logging.every` steps, and the losses' cross-rank gathers skip their size exchange
+(`distributed.equal_batches`), and `positives: caption` groups identical captions with sorts
+on an accelerator (`objectives.contrastive.row_groups`).  Exceptions, one sync a forward
+each: the fp32 stage-0 gradient check below, the text tower's trim of all-padding columns
+(`models.text.trim_padding`: it sizes the tensors that follow) and the fused LM head's test
+for ignored targets (`nn.linear_ce`).  With bf16 weights and a torch AdamW
+(`optim.impl` torch/foreach/fused), DeepSpeed's own optimizer wrapper tests each gradient for
+overflow on the host.
 
 Non-finite steps (`mmssl.train.nonfinite`): a step whose loss or gradient holds NaN/inf is
 skipped, counted (`bad_steps` in the metrics and the summary) and left out of the metric
@@ -51,6 +56,7 @@ from mmssl.schema import ConfigError
 from mmssl.train import checkpoint, nonfinite, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
+from mmssl.train import host_memory
 from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
@@ -240,6 +246,11 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     dev = device()
     if dev.type == "cpu" and recipe.train.keep_host_memory:
         keep_freed_memory()
+    elif dev.type == "cpu" and host_memory.kept():
+        _log.warning(
+            "train.keep_host_memory=false has no effect here: an earlier run in this process "
+            "set it, and the setting is process-wide (run this one in its own process)"
+        )
     dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
     run_dir = recipe.run_dir
     faults = Faults.from_env(run_dir, rank)

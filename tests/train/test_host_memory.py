@@ -47,3 +47,27 @@ def test_kept_heap_reuses_freed_blocks_without_page_faults():
     # every iteration writes 3,072 fresh pages if freed blocks go back to the kernel; kept,
     # they are reused: a few faults of other allocations at most
     assert kept < 30, kept
+
+
+def test_keep_host_memory_false_after_a_run_that_set_it_says_it_has_no_effect(
+    tmp_path, monkeypatch, caplog
+):
+    """The setting is process-wide and cannot be undone (glibc reads no threshold back): a
+    second run of a sweep in one process asked for false and silently kept the first's."""
+    import logging
+
+    from train_helpers import restored_env, synthetic_recipe
+
+    from mmssl.train import host_memory
+    from mmssl.train.cli import main as train_main
+
+    monkeypatch.setattr(host_memory, "_KEPT", False)
+    with restored_env(), caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        off = str(synthetic_recipe(tmp_path, "off", 1, keep_host_memory=False))
+        assert train_main([off]) == 0
+        assert "keep_host_memory=false has no effect" not in caplog.text
+        assert train_main([str(synthetic_recipe(tmp_path, "on", 1))]) == 0
+        assert host_memory.kept() == GLIBC_MALLOC
+        caplog.clear()
+        assert train_main([str(synthetic_recipe(tmp_path, "off2", 1, keep_host_memory=False))]) == 0
+    assert ("keep_host_memory=false has no effect" in caplog.text) == GLIBC_MALLOC
