@@ -61,7 +61,7 @@ def run_demo(
     from mmssl.data.demo import write_demo
     from mmssl.data.errors import DataError
     from mmssl.eval.cli import run_task
-    from mmssl.eval.features import extract_features, save_features
+    from mmssl.eval.features import extract_features, features_metadata, save_features
     from mmssl.eval.loading import EvalError, export_run, load_model
     from mmssl.train.cli import main as train_main
 
@@ -108,9 +108,9 @@ def run_demo(
             loaded.model, shard_urls(pattern), loaded.preprocess, fields=("digit", "color")
         )
         feats[split] = str(ev / f"features_{split}.safetensors")
-        save_features(
-            feats[split], f, {"model": str(model_dir), "data": pattern, "fields": "digit,color"}
-        )
+        # with the vision weights' sha256 and the preprocessing, as `mmssl features` writes
+        # them: the tasks below check the file against --model
+        save_features(feats[split], f, features_metadata(loaded, pattern, ("digit", "color")))
     _stage("features", timings, t)
 
     t = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,6 +263,19 @@ def check_vision_digest(path: str, metadata: dict[str, str], loaded: Loaded) -> 
         )
 
 
+def features_metadata(loaded: Loaded, data: str, fields: Sequence[str]) -> dict[str, str]:
+    """The metadata of a features file of `loaded`'s model: the model, the sha256 of its vision
+    weights and its preprocessing (which the tasks reading the file check against --model),
+    the data and the label fields."""
+    return {
+        "model": str(loaded.model_dir),
+        "vision_sha256": vision_digest(loaded.model),
+        "preprocess": preprocess_record(loaded.preprocess),
+        "data": data,
+        "fields": ",".join(fields),
+    }
+
+
 def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
     """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors,
     atomically and readable by others."""
@@ -433,17 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
         made = missing_dirs(Path(args.out).parent)  # save_features makes them
         try:
-            save_features(
-                resolved(args.out),
-                feats,
-                {
-                    "model": str(loaded.model_dir),
-                    "vision_sha256": vision_digest(loaded.model),
-                    "preprocess": preprocess_record(loaded.preprocess),
-                    "data": args.data,
-                    "fields": ",".join(fields),
-                },
-            )
+            save_features(resolved(args.out), feats, features_metadata(loaded, args.data, fields))
             print(
                 f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features "
                 f"to {args.out}"

@@ -53,10 +53,9 @@ import torch
 from mmssl import distributed
 from mmssl.data.errors import DataError
 from mmssl.schema import ConfigError
-from mmssl.train import checkpoint, nonfinite, run_record, run_summary
+from mmssl.train import checkpoint, host_memory, nonfinite, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
-from mmssl.train import host_memory
 from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
