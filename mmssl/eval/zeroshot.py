@@ -168,10 +168,11 @@ def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
     return ClassSpec(classnames, render_templates(classnames, ["a photo of a {}."]), field)
 
 
-def _read_json(path: str) -> Any:
+def _read_json(path: str, what: str = "class file") -> Any:
     p = Path(path)
     if not p.is_file():
-        raise EvalError(f"class file not found: {path} (or use a built-in: {', '.join(BUILTIN)})")
+        builtin = f" (or use a built-in: {', '.join(BUILTIN)})" if what == "class file" else ""
+        raise EvalError(f"{what} not found: {path}{builtin}")
     try:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -179,7 +180,15 @@ def _read_json(path: str) -> Any:
 
 
 def _read_list(path: str) -> list[str]:
-    data = _read_json(path)
+    """--templates: a JSON list given inline (`'["a photo of a {}."]'`) or in a file (a list,
+    or an object with "templates")."""
+    if path.lstrip().startswith("["):
+        try:
+            data = json.loads(path)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"--templates {path!r}: not a valid JSON list ({err})") from None
+    else:
+        data = _read_json(path, "templates file")
     if isinstance(data, dict):
         data = data.get("templates")
     if not isinstance(data, list):
@@ -339,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--templates",
         default=None,
-        help="JSON list of templates with {} (overrides the class file's)",
+        help="templates with {}: a JSON list, inline or in a file (overrides the class file's)",
     )
     parser.add_argument("--label-field", default=None, help="json field holding the class index")
 

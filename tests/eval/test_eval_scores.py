@@ -213,3 +213,27 @@ def test_zeroshot_class_file_with_templates_and_other_prompts_is_refused(tmp_pat
         assert {"templates", "prompts"} <= set(data)
         spec = load_classes(str(tmp_path / name))
         assert spec.field == field and spec.prompts == data["prompts"]
+
+
+def test_zeroshot_templates_are_a_json_list_inline_or_in_a_file(tmp_path):
+    """--templates' help says "JSON list of templates": given inline, it was looked for as a
+    file, and the error called it a missing "class file"."""
+    import json
+
+    from mmssl.eval.loading import EvalError
+    from mmssl.eval.zeroshot import load_classes
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classnames": ["cat", "dog"], "templates": ["x {}"]}))
+    inline = load_classes(str(path), '["a photo of a {}.", "{} things"]')
+    assert inline.prompts == [
+        ["a photo of a cat.", "cat things"],
+        ["a photo of a dog.", "dog things"],
+    ]
+    tfile = tmp_path / "t.json"
+    tfile.write_text('["a photo of a {}.", "{} things"]')
+    assert load_classes(str(path), str(tfile)).prompts == inline.prompts
+    with pytest.raises(EvalError, match=r"templates file not found: .*nope\.json$"):
+        load_classes(str(path), str(tmp_path / "nope.json"))
+    with pytest.raises(EvalError, match="not a valid JSON list"):
+        load_classes(str(path), '["a {}.",')
