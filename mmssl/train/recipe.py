@@ -417,6 +417,28 @@ class Resolved:
     ds_config: dict[str, Any]
 
 
+def _warn_if_export(name: str) -> None:
+    """Log (rank 0) that `model.name` is an export whose weights the run does not load: a
+    recipe builds its model from the config, randomly initialised, and a run started so
+    looked warm-started while it trained from scratch."""
+    from mmssl import distributed
+    from mmssl.models.registry import CONFIG_DIR, config_file
+
+    path = config_file(name)
+    if path.parent != CONFIG_DIR and (path.parent / "model.safetensors").is_file():
+        if distributed.rank() == 0:
+            import logging
+
+            logging.getLogger("mmssl.train").warning(
+                "model.name %s is an export: the run builds its architecture from %s and "
+                "starts from random weights; %s is not loaded (recipes have no warm start: "
+                "fine-tune with `mmssl eval finetune`)",
+                name,
+                path,
+                path.parent / "model.safetensors",
+            )
+
+
 def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = True) -> Resolved:
     """Check everything that can be checked without a process group; raise ConfigError.
 
@@ -433,6 +455,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
 
     check_values(recipe)
     cfg = model_config(recipe)
+    _warn_if_export(recipe.model.name)
     from mmssl.train.text_condition import check_condition
 
     check_condition(recipe, cfg)  # condition_prompt against model.condition.source

@@ -543,3 +543,24 @@ def test_every_objective_weighted_0_is_refused(
     validate(
         load_recipe(QUICK, [*tiny_overrides("/x", "/y", "n"), weights[0]]), 1, check_files=False
     )
+
+
+def test_a_model_name_that_is_an_export_says_its_weights_are_not_loaded(tmp_path, caplog):
+    """A recipe naming an export as its model trained from random weights without a word (the
+    run record kept the export's path, as if warm-started); create_model warned, training
+    did not."""
+    import logging
+
+    from train_helpers import synthetic_recipe
+
+    import mmssl
+    from mmssl.models.io import save_pretrained
+    from mmssl.train.recipe import load_recipe, validate
+
+    export = save_pretrained(mmssl.create_model("test_tiny_clip"), tmp_path / "exp")
+    recipe = synthetic_recipe(tmp_path, "warm", 1)
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        validate(load_recipe(recipe), world_size=1, check_files=False)
+        assert "is an export" not in caplog.text
+        validate(load_recipe(recipe, [f"model.name={export}"]), world_size=1, check_files=False)
+    assert "is an export" in caplog.text and "model.safetensors is not loaded" in caplog.text
