@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mmssl import distributed
+from mmssl.data.errors import DataError
 from mmssl.schema import ConfigError
 
 # re-exported: the checkpoint API names them (export and the tests import them from here)
@@ -485,6 +486,12 @@ def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict
             f"checkpoint {folder} uses another descriptor layout: {client.get('descriptor')}"
         )
     for name, stream in streams.items():
-        stream.load_state_dict(client["data"][rank][name])
+        try:
+            stream.load_state_dict(client["data"][rank][name])
+        except DataError as err:  # the shard count of data.sources.NAME.urls, mostly
+            raise ConfigError(
+                f"checkpoint {folder}: data source {name!r}: {err} (a resume keeps "
+                f"data.sources.{name}: the same number of shards, kind and mode)"
+            ) from None
     set_rng_state(client["rng"][rank])
     return client

@@ -178,8 +178,24 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
             where, was, now = found
             raise ConfigError(
                 f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; a "
-                f"resume keeps {', '.join(RESUME_FIXED)}: change them in a new run (another "
-                f"name)"
+                f"resume, from this run's checkpoint or another's, keeps "
+                f"{', '.join(RESUME_FIXED)}: change them in a run from step 0 (another name, "
+                f"no checkpoint.resume)"
+            )
+    # what the saved data positions depend on, named by its key before anything is loaded
+    # (the data state's own check comes after DeepSpeed's load and names no recipe key)
+    shards = _shard_sources(saved)
+    fields = ("kind", "mode", "shuffle", "epoch_batches")
+    for key in (["data.seed"] if shards else []) + [
+        f"data.sources.{name}.{field}" for name in shards for field in fields
+    ]:
+        found = _first_difference(_at(saved, key), _at(recipe, key), key)
+        if found:
+            where, was, now = found
+            raise ConfigError(
+                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; the "
+                f"saved data positions are positions in that stream, so a resume keeps it: "
+                f"restore it, or change it in a run from step 0 (another name)"
             )
     if saved_model is not None:
         _check_model(folder, saved_model, recipe)

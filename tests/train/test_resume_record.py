@@ -185,3 +185,26 @@ def test_resume_refuses_reordered_sources_naming_the_first(tmp_path: Path) -> No
     ahead = copy.deepcopy(saved)
     ahead["data"]["sources"] = {"s": {"urls": "synthetic"}, **saved["data"]["sources"]}
     check_resume(folder, ahead, 1, 0)
+
+
+def test_resume_refuses_changed_data_stream_settings_naming_the_recipe_key(tmp_path: Path) -> None:
+    """data.seed or a source's shuffle changed on a resume was refused by the data state,
+    after DeepSpeed had loaded the checkpoint, as "data state was saved with seed=0": now
+    from the run record first, naming the key.  Synthetic data has no saved stream."""
+    saved = _resolved(data={"sources": {"train": {"urls": "shards/{0..3}.tar"}}})
+    folder = _record(tmp_path / "d", saved)
+    check_resume(folder, saved, 1, 0)
+    for key, value in [("seed", 7), ("sources.train.shuffle", 64), ("sources.train.mode", "epoch")]:
+        changed = copy.deepcopy(saved)
+        *path, last = key.split(".")
+        node = changed["data"]
+        for part in path:
+            node = node[part]
+        node[last] = value
+        with pytest.raises(ConfigError, match=rf"data\.{key} is {value!r} but checkpoint"):
+            check_resume(folder, changed, 1, 0)
+    synthetic = _resolved(data={"sources": {"train": {"urls": "synthetic"}}})
+    folder = _record(tmp_path / "s", synthetic)
+    check_resume(
+        folder, _resolved(data={"sources": {"train": {"urls": "synthetic"}}, "seed": 3}), 1, 0
+    )
