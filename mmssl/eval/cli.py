@@ -67,8 +67,14 @@ class Context:
         from mmssl.eval.report import write_report
 
         model = str(self._loaded.model_dir) if self._loaded is not None else self.args.model
+        notes = []
         if self._loaded is not None and str(self._loaded.model_dir) != self.args.model:
-            model = f"{self.args.model} (exported to {self._loaded.model_dir})"
+            notes.append(f"exported to {self._loaded.model_dir}")
+        checkpoint = self._loaded.checkpoint() if self._loaded is not None else None
+        if checkpoint:  # which step was scored: a run dir's export follows the run
+            notes.append(f"checkpoint {checkpoint['tag']}")
+        if notes:
+            model = f"{self.args.model} ({', '.join(notes)})"
         return write_report(
             self.args.out,
             task,
@@ -78,6 +84,7 @@ class Context:
             command=["mmssl", "eval", *self.argv],
             summary=summary,
             plots=plots or [],
+            checkpoint=checkpoint,
         )
 
 

@@ -3,6 +3,7 @@ fly), its tokenizer checked against the checkpoint, and its image preprocessing.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,22 @@ class Loaded:
             tuple(std) if std is not None else None,  # type: ignore[arg-type]
             **({"max_pixels": pre["max_pixels"]} if pre.get("max_pixels") is not None else {}),
         )
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """{"tag", "manifest_sha256"} of the training checkpoint the model was exported from
+        (config.json's "checkpoint", exported_from.json's hash), None for a model saved
+        otherwise."""
+        tag = self.config.get("checkpoint")
+        if not isinstance(tag, str):
+            return None
+        out: dict[str, Any] = {"tag": tag}
+        try:
+            origin = json.loads((self.model_dir / "exported_from.json").read_text())
+        except (OSError, ValueError):
+            return out
+        if isinstance(origin, dict) and origin.get("checkpoint") == tag:
+            out["manifest_sha256"] = origin.get("manifest_sha256")
+        return out
 
     @property
     def logit_params(self) -> dict[str, LogitParams]:

@@ -131,8 +131,10 @@ def write_report(
     command: Sequence[str] | None = None,
     summary: str = "",
     plots: Sequence[str] = (),
+    checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write OUT/results.json and OUT/summary.md; returns the results.json content.
+    checkpoint: the training checkpoint the model was exported from (`Loaded.checkpoint`).
 
     EvalError when OUT holds a results.json or summary.md that is not an earlier report
     of `task` (the plots a task wrote before its report are its own): `mmssl eval` refuses
@@ -149,6 +151,7 @@ def write_report(
     doc = {
         "task": task,
         "model": model,
+        **({"checkpoint": checkpoint} if checkpoint else {}),
         "data": data,
         "command": list(command) if command is not None else ["mmssl", *sys.argv[1:]],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -214,3 +214,29 @@ def test_features_that_cannot_be_written_leave_no_new_directory(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmssl features: error: cannot write"), err
     assert keep.is_dir() and list(keep.iterdir()) == []
+
+
+def test_the_report_names_the_checkpoint_the_model_was_exported_from(
+    tmp_path, tokenizer, test_shards
+):
+    """Reports of intermediate checkpoints could not be told apart: results.json named the
+    model directory only (for a run directory, whatever its export held then)."""
+    import mmssl
+    from mmssl.eval.cli import run_task
+    from mmssl.models.io import save_pretrained
+
+    model = mmssl.create_model("test_tiny_clip", text={"vocab_size": tokenizer.vocab_size})
+    extra = {"tokenizer": tokenizer.metadata, "checkpoint": "step_00000008"}
+    export = save_pretrained(model, tmp_path / "exp", extra=extra)
+    origin = {"checkpoint": "step_00000008", "manifest_sha256": "ab" * 32}
+    (export / "exported_from.json").write_text(json.dumps(origin))
+    out = tmp_path / "ev"
+    run_task(["retrieval", "--model", str(export), "--data", test_shards, "--out", str(out)])
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["checkpoint"] == {"tag": "step_00000008", "manifest_sha256": "ab" * 32}
+    assert "checkpoint step_00000008" in (out / "summary.md").read_text()
+    plain = save_pretrained(model, tmp_path / "plain", extra={"tokenizer": tokenizer.metadata})
+    run_task(
+        ["retrieval", "--model", str(plain), "--data", test_shards, "--out", str(tmp_path / "p")]
+    )
+    assert "checkpoint" not in json.loads((tmp_path / "p" / "results.json").read_text())
