@@ -144,6 +144,19 @@ def _loader_workers(recipe: dict[str, Any]) -> int | None:
     return max(1, int((recipe.get("data") or {}).get("workers") or 0))
 
 
+def _refuse_changes(
+    folder: Path, saved: dict[str, Any], recipe: dict[str, Any], keys: Any, why: str
+) -> None:
+    """ConfigError naming the first of `keys` (dotted) whose value differs from the record's."""
+    for key in keys:
+        found = _first_difference(_at(saved, key), _at(recipe, key), key)
+        if found:
+            where, was, now = found
+            raise ConfigError(
+                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; {why}"
+            )
+
+
 def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_stage: int) -> None:
     """Before anything is loaded or written: the checkpoint's run record (saved beside it)
     against this run.  A ConfigError names what differs; checkpoints saved before the record
@@ -172,31 +185,27 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
         )
     recipe = json.loads(json.dumps(recipe))  # as saved: tuples become lists
     saved = _read_as_now(saved)
-    for key in RESUME_FIXED:
-        found = _first_difference(_at(saved, key), _at(recipe, key), key)
-        if found:
-            where, was, now = found
-            raise ConfigError(
-                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; a "
-                f"resume, from this run's checkpoint or another's, keeps "
-                f"{', '.join(RESUME_FIXED)}: change them in a run from step 0 (another name, "
-                f"no checkpoint.resume)"
-            )
+    _refuse_changes(
+        folder,
+        saved,
+        recipe,
+        RESUME_FIXED,
+        f"a resume, from this run's checkpoint or another's, keeps {', '.join(RESUME_FIXED)}: "
+        "change them in a run from step 0 (another name, no checkpoint.resume)",
+    )
     # what the saved data positions depend on, named by its key before anything is loaded
     # (the data state's own check comes after DeepSpeed's load and names no recipe key)
     shards = _shard_sources(saved)
     fields = ("kind", "mode", "shuffle", "epoch_batches")
-    for key in (["data.seed"] if shards else []) + [
-        f"data.sources.{name}.{field}" for name in shards for field in fields
-    ]:
-        found = _first_difference(_at(saved, key), _at(recipe, key), key)
-        if found:
-            where, was, now = found
-            raise ConfigError(
-                f"{where} is {now!r} but checkpoint {folder} was trained with {was!r}; the "
-                f"saved data positions are positions in that stream, so a resume keeps it: "
-                f"restore it, or change it in a run from step 0 (another name)"
-            )
+    _refuse_changes(
+        folder,
+        saved,
+        recipe,
+        (["data.seed"] if shards else [])
+        + [f"data.sources.{name}.{field}" for name in shards for field in fields],
+        "the saved data positions are positions in that stream, so a resume keeps it: "
+        "restore it, or change it in a run from step 0 (another name)",
+    )
     if saved_model is not None:
         _check_model(folder, saved_model, recipe)
     # the data positions are saved per loader worker: checked here, before DeepSpeed loads
