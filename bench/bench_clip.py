@@ -9,7 +9,7 @@ class token; the fast paths of both sides use torch's fused AdamW).
 Texts are random tokens ending in the end-of-text id (the largest id, which open_clip pools
 at) and zero-padded; mmssl gets `text_mask = text != 0`.  Paths: see bench/bench_vit.py.
 Both sides pad to the 77-token context; mmssl's text tower skips the columns that are
-padding in every caption (`mmssl.models.text.trim_padding`), open_clip runs them.  The
+padding in every caption (`mmssl.models.text_masks.trim_padding`), open_clip runs them.  The
 default end-of-text positions (5-76; one caption ends at 76) leave nothing to skip;
 `--caption-tokens 5,20` (web-caption lengths) shows the skip.  The FLOPs line counts mmssl's
 work; each side's fraction of the peak is computed from its own work.

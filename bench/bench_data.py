@@ -49,7 +49,8 @@ from mmssl.data.decode import decode_image, find_image
 from mmssl.data.errors import SkipCounter
 from mmssl.data.pipeline import build_pipeline
 from mmssl.data.shards import ShardWriter
-from mmssl.data.tario import expand_urls, iter_shard
+from mmssl.data.tario import iter_shard
+from mmssl.data.urls import expand_urls
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmssl.models import MultimodalModel, resolve_model_config
-from mmssl.models.text import trim_padding
+from mmssl.models.text_masks import trim_padding
 
 
 def _captions(vocab: int, t: int = 32, lengths=(5, 9, 3, 12)) -> tuple[torch.Tensor, torch.Tensor]:

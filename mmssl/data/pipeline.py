@@ -45,7 +45,8 @@ from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
 from mmssl.data.shards import manifest_counts
-from mmssl.data.tario import check_urls, expand_urls, is_local, samples_for_counting
+from mmssl.data.tario import samples_for_counting
+from mmssl.data.urls import check_urls, expand_urls, is_local
 
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
 # drew the same indices for every source); the streams of epoch mode and of source 0 are

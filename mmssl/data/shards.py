@@ -70,7 +70,7 @@ def manifest_counts(urls: list[str]) -> dict[str, int]:
     to the very same size (tar pads to 10 KiB records: 17 and 18 small samples can match)
     goes unseen: write the manifest again with the shards (`mmssl shards` does)."""
     from mmssl.data.errors import log
-    from mmssl.data.tario import is_local
+    from mmssl.data.urls import is_local
 
     counts: dict[str, int] = {}
     for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):

@@ -25,7 +25,8 @@ from mmssl.data.decode import (
     find_image,
 )
 from mmssl.data.errors import DataError, SkipCounter
-from mmssl.data.tario import check_urls, expand_urls, iter_shard
+from mmssl.data.tario import iter_shard
+from mmssl.data.urls import check_urls, expand_urls
 
 
 @dataclass(frozen=True)

@@ -13,85 +13,14 @@ from torch import nn
 
 from mmssl.models.beam import beam_search, check_beam
 from mmssl.models.config import TextConfig
+from mmssl.models.text_masks import (
+    as_text_mask,
+    check_prompt_mask,
+    last_valid_index,
+    trim_padding,
+)
 from mmssl.models.trunk import build_trunk
 from mmssl.nn import KVCache, Norm, RotaryEmbedding, Transformer
-
-
-def last_valid_index(text_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True of each row.  text_mask: (B, T) bool -> (B,) int64."""
-    t = text_mask.shape[1]
-    positions = torch.arange(t, device=text_mask.device).expand_as(text_mask)
-    return torch.where(text_mask, positions, -1).amax(dim=1).clamp(min=0)
-
-
-def as_text_mask(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """`text_mask` as a (B, T) bool tensor of `text`'s shape (True = valid token), or None.
-
-    A 0/1 integer or float mask (Hugging Face's `attention_mask`) is read as nonzero = valid,
-    as the losses read it.  ValueError for another shape: a (1, T) mask broadcast one row's
-    padding to every row, a shorter one pooled before the end of the text."""
-    if text_mask is None:
-        return None
-    if not isinstance(text_mask, torch.Tensor):
-        raise TypeError(f"text_mask must be a tensor, got {type(text_mask).__name__}")
-    if tuple(text_mask.shape) != tuple(text.shape):
-        raise ValueError(
-            f"text_mask must have the text's shape {tuple(text.shape)}, "
-            f"got {tuple(text_mask.shape)}"
-        )
-    return text_mask if text_mask.dtype == torch.bool else text_mask != 0
-
-
-def trim_padding(
-    text: torch.Tensor, text_mask: torch.Tensor | None, multiple: int = 8
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop the trailing columns that are padding in every row: (B, T) -> (B, T') with T'
-    the last valid column + 1, rounded up to a multiple of `multiple` (fewer shapes for
-    compiled blocks), at most T.  One host sync.
-
-    Exact for `TextTransformer`: a valid token never attends to the padding after it (causal
-    attention, or masked keys), and pooling reads valid positions only.  Captions are short
-    next to CLIP's 77-token context, so this skips most of a caption batch's text tower.
-    """
-    if text_mask is None:
-        return text, None
-    cols = torch.nonzero(text_mask.any(dim=0))
-    last = int(cols.max()) + 1 if len(cols) else 1
-    keep = min(text.shape[1], -(-last // multiple) * multiple)
-    if keep == text.shape[1]:
-        return text, text_mask
-    return text[:, :keep], text_mask[:, :keep]
-
-
-def check_prompt_mask(prompt_mask: torch.Tensor, text: torch.Tensor) -> None:
-    """Refuse a prompt mask that is not (B, T0) bool, left-padded, with a real token per row.
-
-    Left-padded: each row's padding (False) comes before its tokens (True), so that the new
-    tokens, appended on the right, follow the prompt directly.  One host sync.
-    """
-    if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool:
-        what = prompt_mask.dtype if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask)
-        raise ValueError(f"prompt_mask must be a bool tensor (True = real token), got {what}")
-    if prompt_mask.shape != text.shape:
-        raise ValueError(
-            f"prompt_mask must have the prompt's shape {tuple(text.shape)}, "
-            f"got {tuple(prompt_mask.shape)}"
-        )
-    if prompt_mask.device != text.device:
-        raise ValueError(f"prompt_mask is on {prompt_mask.device}, the prompt on {text.device}")
-    empty = ~prompt_mask.any(dim=1)
-    # left-padded: never a real token followed by padding
-    right_padded = (prompt_mask[:, :-1] & ~prompt_mask[:, 1:]).any(dim=1)
-    bad = torch.stack([empty, right_padded]).cpu()  # one sync for both checks
-    if bool(bad[0].any()):
-        rows = bad[0].nonzero().flatten().tolist()
-        raise ValueError(f"prompt_mask rows {rows} have no real token (all False)")
-    if bool(bad[1].any()):
-        rows = bad[1].nonzero().flatten().tolist()
-        raise ValueError(
-            f"prompt_mask rows {rows} are not left-padded (a real token before padding); "
-            "pad prompts on the left (tokenizer padding_side='left')"
-        )
 
 
 def check_sampling(temperature: float, top_k: int | None) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def check_shards(recipe: Recipe) -> None:
     """Every local shard of every source exists (pipe: and remote URLs are not checked)."""
     from mmssl.data.errors import DataError
-    from mmssl.data.tario import check_urls
+    from mmssl.data.urls import check_urls
 
     for name, src in recipe.data.sources.items():
         if src.urls == "synthetic":
@@ -30,7 +30,7 @@ def check_shards(recipe: Recipe) -> None:
 
 def _source_urls(name: str, urls: str) -> list[str]:
     """Source `name`'s brace-expanded URLs; a malformed pattern is a ConfigError."""
-    from mmssl.data.tario import expand_urls
+    from mmssl.data.urls import expand_urls
 
     try:
         return expand_urls(urls)

@@ -6,7 +6,7 @@ tensors that are summed on the device and read (and averaged over ranks) every
 (`distributed.equal_batches`), and `positives: caption` groups identical captions with sorts
 on an accelerator (`objectives.contrastive.row_groups`).  Exceptions, one sync a forward
 each: the fp32 stage-0 gradient check below, the text tower's trim of all-padding columns
-(`models.text.trim_padding`: it sizes the tensors that follow) and the fused LM head's test
+(`models.text_masks.trim_padding`: it sizes the tensors that follow) and the fused LM head's test
 for ignored targets (`nn.linear_ce`).  With bf16 weights and a torch AdamW
 (`optim.impl` torch/foreach/fused), DeepSpeed's own optimizer wrapper tests each gradient for
 overflow on the host.

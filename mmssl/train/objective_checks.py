@@ -174,7 +174,7 @@ def check_eval(recipe: Recipe) -> None:
 def _shared_shards(urls: str, others: list[str]) -> str | None:
     """The first shard URL of pattern `urls` that one of `others` also lists, or None
     (synthetic sources and patterns that do not expand are left to their own checks)."""
-    from mmssl.data.tario import expand_urls
+    from mmssl.data.urls import expand_urls
 
     if urls == "synthetic":
         return None

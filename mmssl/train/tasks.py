@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from mmssl.models.condition import DescriptorEncoder, TextConditioner
 from mmssl.models.lifting import remove_structure, translation_lift
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.models.text import TextTransformer, trim_padding
+from mmssl.models.text import TextTransformer
+from mmssl.models.text_masks import trim_padding
 from mmssl.models.vision import VisionEncoder
 from mmssl.objectives import (
     AugSelfHead,

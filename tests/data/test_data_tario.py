@@ -14,7 +14,8 @@ import webdataset as wds
 from data_helpers import write_image_shards
 
 from mmssl.data.errors import DataError, SkipCounter
-from mmssl.data.tario import check_urls, expand_urls, iter_shard, split_name
+from mmssl.data.tario import iter_shard, split_name
+from mmssl.data.urls import check_urls, expand_urls
 
 
 def _reference(path: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[int]]:
