@@ -4,7 +4,9 @@ Each sample becomes tar members `KEY.jpg|png`, `KEY.txt`, `KEY.json` (`__key__` 
 Members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same input gives
 byte-identical shards.  Shards are written under hidden `.NAME.partial` names and renamed
 into place only when the whole split has been written, so a run that fails part-way leaves
-an earlier run's shards and manifest as they were.  `max_bytes` bounds each shard file's
+an earlier run's shards and manifest as they were.  One process at a time writes a split of
+a folder (a second is refused: `.SPLIT.lock`); writers of other splits take turns updating
+the manifest (`.manifest.lock`).  `max_bytes` bounds each shard file's
 size exactly (tar pads a file to 10 KiB records), except that a shard always holds at least
 one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
@@ -31,8 +33,10 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from mmssl.atomic import Busy, FileLock, write_atomic
 from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.shard_inputs import (
@@ -134,6 +138,17 @@ class ShardWriter:
         self.out_dir, self.split = out_dir, split
         self.max_count, self.max_bytes = max_count, max_bytes
         self._read_manifest()  # a damaged manifest fails now, not after the writing
+        # one writer of a split at a time: two wrote into the same .partial files and each
+        # renamed the other's half-written shards into place (writers of other splits may
+        # share the folder: they take turns at the manifest)
+        self._lock: FileLock | None = FileLock(os.path.join(out_dir, f".{split}.lock"))
+        try:
+            self._lock.acquire(wait=False)
+        except Busy:
+            raise DataError(
+                f"{out_dir}: another process is writing split {split!r} there (it holds "
+                f".{split}.lock); wait for it to end, or write elsewhere"
+            ) from None
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._count = self._bytes = 0
@@ -240,6 +255,14 @@ class ShardWriter:
             return self._manifest
         self._finish()
         try:
+            with FileLock(os.path.join(self.out_dir, ".manifest.lock")):
+                return self._publish()
+        finally:
+            self._unlock()
+
+    def _publish(self) -> dict[str, Any]:
+        """close(), holding the folder's manifest lock: read, merge, write it whole."""
+        try:
             manifest = self._read_manifest()
         except DataError:
             self.abort()
@@ -261,13 +284,16 @@ class ShardWriter:
         total = sum(s["count"] for s in self.shards)
         manifest["splits"][self.split] = {"pattern": self.pattern, "count": total}
         manifest["splits"] = dict(sorted(manifest["splits"].items()))
-        path = os.path.join(self.out_dir, MANIFEST)
-        with open(path + ".partial", "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(path + ".partial", path)
+        write_atomic(
+            Path(self.out_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+        )
         self._manifest = manifest
         return manifest
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def abort(self) -> None:
         """Delete the shards this writer has written so far; the directory's earlier shards
@@ -279,6 +305,7 @@ class ShardWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._partial(entry["url"]))
         self.shards = []
+        self._unlock()
 
     def __enter__(self) -> ShardWriter:
         return self

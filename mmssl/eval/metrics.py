@@ -110,11 +110,18 @@ def recall_at_k(
         raise ValueError(
             f"scores and positives must both be (Q, G), got {tuple(scores.shape)}, {tuple(positives.shape)}"
         )
+    above = ahead_of_best(scores, positives)
+    return {k: float((above < k).double().mean()) for k in ks}
+
+
+def ahead_of_best(scores: Tensor, positives: Tensor) -> Tensor:
+    """(Q,) int64: per query, the non-positives scoring >= its best positive (a NaN score
+    counts as ahead); ValueError for a query without a positive.  `recall_at_k`'s count,
+    for callers that score blocks of queries (`eval.retrieval.score`)."""
     if not positives.any(1).all():
         raise ValueError("every query needs at least one positive gallery item")
     best = scores.masked_fill(~positives, -math.inf).amax(1, keepdim=True)  # (Q, 1), NaN wins
-    above = (((scores >= best) | scores.isnan() | best.isnan()) & ~positives).sum(1)  # (Q,)
-    return {k: float((above < k).double().mean()) for k in ks}
+    return (((scores >= best) | scores.isnan() | best.isnan()) & ~positives).sum(1)
 
 
 def pair_positives(query_group: Tensor, gallery_group: Tensor) -> Tensor:

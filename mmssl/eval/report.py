@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mmssl.train.checkpoint import write_atomic
+from mmssl.atomic import write_atomic
 from mmssl.train.run_lock import is_run_dir
 
 RESULTS = "results.json"

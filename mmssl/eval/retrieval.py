@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmssl.eval.loading import EvalError, text_config
-from mmssl.eval.metrics import recall_at_k
+from mmssl.eval.metrics import ahead_of_best
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -25,33 +25,72 @@ if TYPE_CHECKING:
 KS = (1, 5, 10)
 
 
+def caption_groups(image_of_text: Tensor, captions: list[str] | None = None) -> Tensor:
+    """(T,) int64: the group of each caption, a caption matching every image that has a
+    caption of its group.  Without `captions` each caption is its own group (exact pairs);
+    with them (T texts), identical texts share one."""
+    t = len(image_of_text)
+    if captions is None:
+        return torch.arange(t)
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(c, len(ids)) for c in captions], dtype=torch.int64)
+
+
 def positives(image_of_text: Tensor, num_images: int, captions: list[str] | None = None) -> Tensor:
-    """(I, T) bool: image i matches caption j.
+    """(I, T) bool: image i matches caption j (`caption_groups`).
 
     image_of_text (T,): the image each caption was written for.  With `captions` (T texts),
     caption j also matches every image that has a caption with the same text.
     """
     image_of_text = torch.as_tensor(image_of_text, dtype=torch.int64)
-    t = len(image_of_text)
-    if captions is None:
-        group = torch.arange(t)
-    else:
-        ids: dict[str, int] = {}
-        group = torch.tensor([ids.setdefault(c, len(ids)) for c in captions], dtype=torch.int64)
-    has = torch.zeros(num_images, int(group.max()) + 1 if t else 0, dtype=torch.bool)  # (I, G)
-    has[image_of_text, group] = True
+    group = caption_groups(image_of_text, captions)
+    has = torch.zeros(num_images, int(group.max()) + 1 if len(group) else 0, dtype=torch.bool)
+    has[image_of_text, group] = True  # (I, G)
     return has[:, group]  # (I, T)
 
 
 def score(
-    image_emb: Tensor, text_emb: Tensor, pos: Tensor, ks: tuple[int, ...] = KS
+    image_emb: Tensor,
+    text_emb: Tensor,
+    image_of_text: Tensor,
+    group: Tensor | None = None,
+    ks: tuple[int, ...] = KS,
+    block: int = 1 << 24,
 ) -> dict[str, float]:
-    """image_emb (I, E), text_emb (T, E) normalised, pos (I, T) -> {i2t_R@k, t2i_R@k, mean}."""
-    sim = image_emb.float() @ text_emb.float().T  # (I, T)
-    i2t = recall_at_k(sim, pos, ks)
-    t2i = recall_at_k(sim.T, pos.T, ks)
-    out = {f"i2t_R@{k}": v for k, v in i2t.items()}
-    out.update({f"t2i_R@{k}": v for k, v in t2i.items()})
+    """image_emb (I, E), text_emb (T, E) normalised, image_of_text (T,), group (T,) the
+    caption groups (`caption_groups`; None: exact pairs) -> {i2t_R@k, t2i_R@k, mean}.
+
+    Recall@k as `metrics.recall_at_k` counts it, computed over blocks of queries of at most
+    `block` similarities each: no (I, T) matrix is held (at 40k images the whole float64
+    matrices and masks took 34 GB)."""
+    img, txt = image_emb.float(), text_emb.float()
+    image_of_text = torch.as_tensor(image_of_text, dtype=torch.int64)
+    group = torch.arange(len(txt)) if group is None else torch.as_tensor(group, dtype=torch.int64)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    # (image, group) pairs: image i matches every caption of group g
+    pairs = torch.unique(torch.stack([image_of_text, group], dim=1), dim=0)
+    above: dict[str, list[Tensor]] = {"i2t": [], "t2i": []}
+    rows = max(1, block // max(1, len(txt)))
+    for r0 in range(0, len(img), rows):
+        r1 = min(len(img), r0 + rows)
+        mine = pairs[(pairs[:, 0] >= r0) & (pairs[:, 0] < r1)]
+        has = torch.zeros(r1 - r0, n_groups, dtype=torch.bool)
+        has[mine[:, 0] - r0, mine[:, 1]] = True
+        above["i2t"].append(ahead_of_best(img[r0:r1] @ txt.T, has[:, group]))
+    rows = max(1, block // max(1, len(img)))
+    lookup = torch.full((n_groups,), -1, dtype=torch.int64)
+    for j0 in range(0, len(txt), rows):
+        wanted, inverse = torch.unique(group[j0 : j0 + rows], return_inverse=True)
+        lookup[wanted] = torch.arange(len(wanted))
+        mine = pairs[lookup[pairs[:, 1]] >= 0]
+        has = torch.zeros(len(wanted), len(img), dtype=torch.bool)  # (groups here, I)
+        has[lookup[mine[:, 1]], mine[:, 0]] = True
+        lookup[wanted] = -1
+        above["t2i"].append(ahead_of_best(txt[j0 : j0 + rows] @ img.T, has[inverse]))
+    out = {}
+    for direction, parts in above.items():
+        counts = torch.cat(parts)
+        out.update({f"{direction}_R@{k}": float((counts < k).double().mean()) for k in ks})
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
 
@@ -129,8 +168,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     image_of_text = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
     image_emb = F.normalize(feats["embeddings"], dim=-1)
     text_emb = encode_texts(model, tokenizer, texts, args.batch_size)
-    pos = positives(image_of_text, len(per_image), None if args.exact_pairs else texts)
-    res: dict[str, Any] = score(image_emb, text_emb, pos)
+    group = caption_groups(image_of_text, None if args.exact_pairs else texts)
+    res: dict[str, Any] = score(image_emb, text_emb, image_of_text, group)
     res.update(num_images=len(per_image), num_texts=len(texts))
     rows = [[d, *(res[f"{d}_R@{k}"] for k in KS)] for d in ("i2t", "t2i")]
     summary = (

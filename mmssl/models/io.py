@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmssl.atomic import temp_name
 from mmssl.models.config import ModelConfig
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.schema import ConfigError, from_dict, suggest, to_dict
@@ -76,17 +77,12 @@ def write_safetensors(
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _temp_name(path: Path) -> Path:
-    # a hidden sibling: same filesystem, so os.replace is atomic
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically: a failed write leaves any old file as it was."""
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         write_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
@@ -131,7 +127,7 @@ def save_pretrained(
         if target.exists() and not target.is_file():
             raise FileExistsError(f"{target} exists and is not a file; nothing was written")
     out.mkdir(parents=True, exist_ok=True)
-    temps = [_temp_name(t) for t in targets]
+    temps = [temp_name(t) for t in targets]
     config = {"model": to_dict(model.cfg), **(extra or {})}
     try:
         write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})

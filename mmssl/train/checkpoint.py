@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mmssl import distributed
+from mmssl.atomic import write_atomic
 from mmssl.data.errors import DataError
 from mmssl.schema import ConfigError
 
@@ -114,22 +115,6 @@ def _digest(path: Path, flush: bool = False) -> tuple[int, str]:
         if flush:
             os.fsync(f.fileno())
     return path.stat().st_size, h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and rename, fsynced (file and directory),
-    so a kill leaves the old file or the new one, never part of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(folder: Path, step: int) -> None:

@@ -236,10 +236,11 @@ def export_run(
 
     verified: the caller has just checked `tag` against its manifest (`newest_valid`), so it
     is not hashed a second time (a checkpoint with its optimizer state can be many GB)."""
+    from mmssl.atomic import write_atomic
     from mmssl.descriptor import get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import TAG, newest_valid, write_atomic
+    from mmssl.train.checkpoint import TAG, newest_valid
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():

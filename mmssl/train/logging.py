@@ -59,7 +59,7 @@ class RunLogger:
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
         # into a temporary file, then renamed: a resume killed here (a pre-empted job dies
         # again as it restarts) keeps the run's history, which truncating in place lost
-        from mmssl.train.checkpoint import write_atomic
+        from mmssl.atomic import write_atomic
 
         write_atomic(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
         last_time = kept[-1].get("time") if kept else None

@@ -137,3 +137,27 @@ def test_zeroshot_per_class_agrees_with_top1_on_a_collapsed_model():
     r = zeroshot.score(same, torch.ones(3, 4) / 2, torch.tensor([0, 1, 2, 0, 1, 2]), list("abc"))
     assert r["top1"] == 0.0 and r["per_class"] == {"a": 0.0, "b": 0.0, "c": 0.0}
     assert r["confusion"].diagonal().sum() == 0
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 24])
+def test_retrieval_scored_in_blocks_equals_the_whole_matrix(block):
+    """retrieval held the whole (I, T) similarity matrix, float64 copies and masks (34 GB
+    at 40k images); it scores blocks of queries now, with recall_at_k's counts."""
+    from mmssl.eval import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    num_images = 13
+    per_image = torch.randint(1, 4, (num_images,), generator=g)
+    image_of_text = torch.repeat_interleave(torch.arange(num_images), per_image)
+    captions = [f"c{int(i)}" for i in torch.randint(0, 9, (len(image_of_text),), generator=g)]
+    image_emb = torch.nn.functional.normalize(torch.randn(num_images, 4, generator=g), dim=-1)
+    text_emb = torch.nn.functional.normalize(torch.randn(len(captions), 4, generator=g), dim=-1)
+    text_emb[3] = text_emb[5]  # a tie
+    sim = image_emb @ text_emb.T
+    for caps in (None, captions):
+        pos = retrieval.positives(image_of_text, num_images, caps)
+        group = retrieval.caption_groups(image_of_text, caps)
+        got = retrieval.score(image_emb, text_emb, image_of_text, group, block=block)
+        for direction, (s, p) in {"i2t": (sim, pos), "t2i": (sim.T, pos.T)}.items():
+            for k, v in metrics.recall_at_k(s, p, (1, 5, 10)).items():
+                assert got[f"{direction}_R@{k}"] == v, (direction, k, caps)

@@ -52,7 +52,7 @@ def test_recall_matches_clip_benchmark_with_several_captions_per_image():
         image_emb = F.normalize(torch.randn(num_images, 8, generator=g), dim=-1)
         text_emb = F.normalize(torch.randn(len(image_of_text), 8, generator=g), dim=-1)
         pos = retrieval.positives(image_of_text, num_images)
-        res = retrieval.score(image_emb, text_emb, pos, (1, 2, 5))
+        res = retrieval.score(image_emb, text_emb, image_of_text, ks=(1, 2, 5))
         sim = image_emb @ text_emb.T
         for k in (1, 2, 5):
             # continuous random scores: no ties, where the two may differ by design
