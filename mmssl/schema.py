@@ -238,24 +238,22 @@ def load_yaml(text: str) -> Any:
     when loaded, but every copy made later expands them (9 levels of 9 aliases: 9**9
     values, gigabytes and a traceback)."""
     data = yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader
-    budget = [MAX_YAML_VALUES]
-
-    def count(node: Any) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
+    # counted with a stack, not recursion: an alias inside its own anchor (`x: &a [*a]`)
+    # makes a structure that contains itself, which expands without end
+    todo, left = [data], MAX_YAML_VALUES
+    while todo:
+        node = todo.pop()
+        left -= 1
+        if left < 0:
             raise ConfigError(
-                f"the YAML expands to more than {MAX_YAML_VALUES} values "
-                "(aliases of aliases repeating a structure?)"
+                f"the YAML expands to more than {MAX_YAML_VALUES} values (aliases of aliases "
+                "repeating a structure, or an alias inside its own anchor?)"
             )
         if isinstance(node, dict):
-            for k, v in node.items():
-                count(k)
-                count(v)
+            todo.extend(node.keys())
+            todo.extend(node.values())
         elif isinstance(node, list):
-            for v in node:
-                count(v)
-
-    count(data)
+            todo.extend(node)
     return data
 
 

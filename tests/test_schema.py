@@ -122,6 +122,11 @@ def test_yaml_that_expands_past_the_limit_is_refused_before_any_copy(tmp_path):
     path.write_text("\n".join(lines))
     with pytest.raises(ConfigError, match="laughs.yaml.*expands to more than"):
         read_yaml(path)
+    # an alias inside its own anchor: a structure that contains itself (it was a
+    # RecursionError traceback in the counting)
+    for text in ("x: &a [*a]", "train: &a {steps: *a}"):
+        with pytest.raises(ConfigError, match="alias inside its own anchor"):
+            load_yaml(text)
     # aliases within reason (a merged base section) load as before
     data = load_yaml("base: &b {lr: 1, wd: 2}\nrun: {<<: *b, lr: 3}\nlist: [*b, *b]")
     assert data["run"] == {"lr": 3, "wd": 2} and data["list"] == [{"lr": 1, "wd": 2}] * 2

@@ -474,9 +474,7 @@ def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict
         try:
             stream.load_state_dict(client["data"][rank][name])
         except DataError as err:  # the shard count of data.sources.NAME.urls, mostly
-            raise ConfigError(
-                f"checkpoint {folder}: data source {name!r}: {err} (a resume keeps "
-                f"data.sources.{name}: the same number of shards, kind and mode)"
-            ) from None
+            same = " (a resume keeps its shard count)" if "saved with sources=" in str(err) else ""
+            raise ConfigError(f"checkpoint {folder}: data source {name!r}: {err}{same}") from None
     set_rng_state(client["rng"][rank])
     return client
