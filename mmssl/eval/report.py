@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mmssl.atomic import write_atomic
+from mmssl.atomic import FileLock, write_atomic
 from mmssl.train.run_lock import is_run_dir
 
 RESULTS = "results.json"
@@ -142,6 +142,24 @@ def write_report(
     replacing a run's summary.md or another task's results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # two evaluations sharing an --out take turns: its results.json and summary.md are
+    # always one report's (they were each half of two, or a cut file)
+    with FileLock(out / ".mmssl-eval.lock"):
+        return _write_report(out, task, results, model, data, command, summary, plots, checkpoint)
+
+
+def _write_report(
+    out: Path,
+    task: str,
+    results: dict[str, Any],
+    model: str,
+    data: Any,
+    command: Sequence[str] | None,
+    summary: str,
+    plots: Sequence[str],
+    checkpoint: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """`write_report`, holding the --out's lock."""
     earlier = report_task(out)
     if earlier != task and ((out / RESULTS).exists() or (out / SUMMARY).exists()):
         what = f"the results of eval {earlier}" if earlier else f"a {RESULTS} or {SUMMARY}"
@@ -167,7 +185,7 @@ def write_report(
     if summary:
         lines += [summary, ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    (out / SUMMARY).write_text("\n".join(lines).rstrip() + "\n")
+    write_atomic(out / SUMMARY, "\n".join(lines).rstrip() + "\n")
     return doc
 
 

@@ -236,11 +236,7 @@ def export_run(
 
     verified: the caller has just checked `tag` against its manifest (`newest_valid`), so it
     is not hashed a second time (a checkpoint with its optimizer state can be many GB)."""
-    from mmssl.atomic import write_atomic
-    from mmssl.descriptor import get_layout
-    from mmssl.models.io import save_pretrained
-    from mmssl.models.multimodal import MultimodalModel
-    from mmssl.train.checkpoint import TAG, newest_valid
+    from mmssl.train.checkpoint import newest_valid
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
@@ -250,11 +246,38 @@ def export_run(
     problem = _dest_problem(run, dest)
     if problem:
         raise ConfigError(f"--out {dest} {problem}; export somewhere else")
-    if tag is None:
-        tag = newest_valid(ckpt_dir, "mmssl export", collective=False)
-        if tag is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
-        verified = True
+    for attempt in range(3):
+        chosen, checked = tag, verified
+        if chosen is None:
+            chosen = newest_valid(ckpt_dir, "mmssl export", collective=False)
+            if chosen is None:
+                raise FileNotFoundError(f"{ckpt_dir}: no complete, undamaged checkpoint")
+            checked = True
+        try:
+            return _export_checkpoint(run, ckpt_dir, chosen, dest, checked)
+        except _Rotated as gone:
+            # a run still training deleted it (keep_last) while it was read: the newest
+            # again, or, for a named tag, say so rather than "no model states"
+            if tag is not None or attempt == 2:
+                raise FileNotFoundError(
+                    f"{gone}: removed while it was being exported (the run is still training "
+                    f"and rotated it away: checkpoint.keep_last); export again"
+                ) from None
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+class _Rotated(Exception):
+    """The checkpoint being exported was deleted meanwhile."""
+
+
+def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified: bool) -> Path:
+    """`export_run` of one checkpoint; `_Rotated` when it disappears while being read."""
+    from mmssl.atomic import FileLock, write_atomic
+    from mmssl.descriptor import get_layout
+    from mmssl.models.io import save_pretrained
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.train.checkpoint import TAG, manifest_digest
+
     # a tag, or a path to one of this run's checkpoints ("step_00000004/" as the shell
     # completes it); a path elsewhere ("../../other/checkpoints/...") names another run's
     where = Path(tag).parent
@@ -263,12 +286,22 @@ def export_run(
     ):
         raise ConfigError(f"--tag {tag!r} is no checkpoint tag (step_XXXXXXXX) of {ckpt_dir}")
     tag = Path(tag).name
-    if not (ckpt_dir / tag).is_dir():
+    folder = ckpt_dir / tag
+    if not folder.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
-    # verified against its manifest first (newest_valid hashed it already)
-    state = _read_state(ckpt_dir, tag) if verified else checkpoint_state(ckpt_dir, tag)
-    recipe = _read_recipe(run, ckpt_dir / tag)
-    cfg = _read_model(ckpt_dir / tag, recipe)
+    digest = manifest_digest(folder)  # first: what names the checkpoint, before its files
+    try:
+        # verified against its manifest first (newest_valid hashed it already)
+        state = _read_state(ckpt_dir, tag) if verified else checkpoint_state(ckpt_dir, tag)
+        recipe = _read_recipe(run, folder)
+        cfg = _read_model(folder, recipe)
+        record = _read_record(folder)
+    except Exception:
+        if not folder.is_dir() or (digest is not None and manifest_digest(folder) is None):
+            raise _Rotated(str(folder)) from None
+        raise
+    if manifest_digest(folder) != digest:  # gone (or replaced) while it was read
+        raise _Rotated(str(folder))
     for tower in (cfg.vision, cfg.text):
         if tower is not None:
             tower.grad_checkpointing = False  # a training-time switch, not part of the export
@@ -293,15 +326,17 @@ def export_run(
     if cfg.text is not None:
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
-        extra["tokenizer"] = _tokenizer_record(recipe, _read_record(ckpt_dir / tag))
-    from mmssl.train.checkpoint import manifest_digest
-
-    source = {"checkpoint": tag, "manifest_sha256": manifest_digest(ckpt_dir / tag)}
-    if (dest / SOURCE).is_file():
-        # gone before the weights change: it never names a checkpoint they are not from
-        (dest / SOURCE).unlink()
-    saved = save_pretrained(model.eval(), dest, extra)
-    write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
+        extra["tokenizer"] = _tokenizer_record(recipe, record)
+    source = {"checkpoint": tag, "manifest_sha256": digest}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # two exports into one folder (two evaluations of a running run) take turns, so that
+    # its weights, config and exported_from.json are always one export's
+    with FileLock(dest.parent / f".{dest.name}.export.lock"):
+        if (dest / SOURCE).is_file():
+            # gone before the weights change: it never names a checkpoint they are not from
+            (dest / SOURCE).unlink()
+        saved = save_pretrained(model.eval(), dest, extra)
+        write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
 
 

@@ -88,3 +88,32 @@ def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
     assert newest_valid(run / "checkpoints", "test", collective=False) == "step_00000002"
     assert sorted(p.name for p in run.iterdir()) == before
     assert main([str(run), "--out", str(tmp_path / "elsewhere")]) == 0
+
+
+def test_a_checkpoint_rotated_away_during_an_export_is_not_exported_half(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exporting a run still training (keep_last 1): rotation deleted the checkpoint between
+    the export's reads, which then wrote manifest_sha256 null or failed with "no DeepSpeed
+    model states".  The newest checkpoint is taken again; a named one is said to be gone."""
+    import json
+
+    import mmssl.train.export as export
+
+    _train(synthetic_recipe(tmp_path, "r", 3))
+    run = tmp_path / "r"
+    real = export._read_state
+
+    def rotating(ckpt_dir: Path, tag: str):  # the run deletes the checkpoint mid-read
+        if tag == "step_00000003":
+            shutil.rmtree(ckpt_dir / tag)
+            raise FileNotFoundError(f"{ckpt_dir / tag}: no DeepSpeed model states")
+        return real(ckpt_dir, tag)
+
+    monkeypatch.setattr(export, "_read_state", rotating)
+    out = export_run(run, tmp_path / "exp")
+    source = json.loads((out / "exported_from.json").read_text())
+    assert source["checkpoint"] == "step_00000002" and len(source["manifest_sha256"]) == 64
+    (run / "checkpoints" / "step_00000002").rename(run / "checkpoints" / "step_00000003")
+    with pytest.raises(FileNotFoundError, match="removed while it was being exported"):
+        export_run(run, tmp_path / "exp2", tag="step_00000003", verified=True)
