@@ -2,8 +2,9 @@
 `temp_name`) and advisory locks between writers of one output (`FileLock`: a shard folder's
 split and manifest, an evaluation's --out, an export folder).
 
-A POSIX record lock (`fcntl.lockf`) on a hidden, empty lock file beside the output: the
-kernel drops it when its process ends, however it ends, and NFS supports it.  Two writers
+A POSIX record lock (`fcntl.lockf`) on a hidden, empty lock file beside the output, removed
+again on release: the kernel drops the lock when its process ends, however it ends (a
+killed holder leaves only the empty file), and NFS supports it.  Two writers
 then take turns (`wait=True`) or the second is refused (`wait=False`), instead of writing
 into each other's temporary files.  A file system without locks gets a warning and the
 write goes on unlocked.  (Training runs have their own lock: `mmssl.train.run_lock`.)
@@ -35,19 +36,34 @@ class FileLock:
 
     def acquire(self, wait: bool = True) -> None:
         """Take the lock, waiting for another holder if `wait`, else `Busy`."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise Busy(str(self.path)) from None
+                _log.warning("%s: no lock on this file system (%s); unlocked", self.path, err)
+            if self._current(fd):
+                self.fd = fd
+                return
+            os.close(fd)  # locked a file its holder's release unlinked meanwhile: again
+
+    def _current(self, fd: int) -> bool:
+        """Whether `fd` is the file at `path` (not one a release unlinked)."""
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise Busy(str(self.path)) from None
-            _log.warning("%s: no lock on this file system (%s); writing unlocked", self.path, err)
-        self.fd = fd
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
-        """Drop the lock (the file stays: removing it could split the next two writers)."""
+        """Drop the lock and remove its file (a waiter that locked the removed file sees that
+        and takes a new one), so that the output holds no lock files."""
         if self.fd is not None:
+            if self._current(self.fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             os.close(self.fd)
             self.fd = None
 
