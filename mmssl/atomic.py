@@ -17,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -28,16 +29,48 @@ class Busy(Exception):
 
 
 class FileLock:
-    """The lock on `path` (made if missing, never written); `with FileLock(p):` waits for it."""
+    """The lock on `path` (made if missing, never written); `with FileLock(p):` waits for it.
+
+    Between processes, a record lock.  Within one process (record locks belong to the
+    process: a second descriptor of it would share, and its close drop, the first one's) the
+    threads take turns on a lock of this process per path, which one thread may take again
+    (a task holding its --out while its report takes it too); `acquire(wait=False)` is
+    refused when another FileLock of this process holds the path."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fd: int | None = None
+        self._mine: _Held | None = None
 
     def acquire(self, wait: bool = True) -> None:
         """Take the lock, waiting for another holder if `wait`, else `Busy`."""
+        held = _held(self.path)
+        if not held.lock.acquire(blocking=wait):  # another thread holds it
+            raise Busy(str(self.path))
+        if not wait and held.count:  # this thread holds it already, and may not wait
+            held.lock.release()
+            raise Busy(str(self.path))
+        self._mine = held
+        held.count += 1
+        if held.count == 1:
+            try:
+                held.fd = self._lock_file(wait)
+            except BaseException:
+                held.count -= 1
+                self._mine = None
+                held.lock.release()
+                raise
+        self.fd = held.fd
+
+    def _lock_file(self, wait: bool) -> int | None:
+        """The locked descriptor of `path`; None where no lock can be had (a folder of
+        another user's lock files, a read-only or lock-less file system: a warning)."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # others may lock too
+            except OSError as err:
+                _log.warning("%s: cannot make a lock file (%s); unlocked", self.path, err)
+                return None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except OSError as err:
@@ -45,27 +78,25 @@ class FileLock:
                     os.close(fd)
                     raise Busy(str(self.path)) from None
                 _log.warning("%s: no lock on this file system (%s); unlocked", self.path, err)
-            if self._current(fd):
-                self.fd = fd
-                return
+            if _same_file(fd, self.path):
+                return fd
             os.close(fd)  # locked a file its holder's release unlinked meanwhile: again
 
-    def _current(self, fd: int) -> bool:
-        """Whether `fd` is the file at `path` (not one a release unlinked)."""
-        try:
-            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
-        except FileNotFoundError:
-            return False
-
     def release(self) -> None:
-        """Drop the lock and remove its file (a waiter that locked the removed file sees that
-        and takes a new one), so that the output holds no lock files."""
-        if self.fd is not None:
-            if self._current(self.fd):
-                with contextlib.suppress(FileNotFoundError):
+        """Drop the lock; the last holder in this process removes its file (a waiter that
+        locked the removed file sees that and takes a new one), so that the output holds no
+        lock files."""
+        held, self._mine, self.fd = self._mine, None, None
+        if held is None:
+            return
+        held.count -= 1
+        if held.count == 0 and held.fd is not None:
+            if _same_file(held.fd, self.path):
+                with contextlib.suppress(OSError):
                     os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = None
+            os.close(held.fd)
+            held.fd = None
+        held.lock.release()
 
     def __enter__(self) -> FileLock:
         self.acquire()
@@ -75,6 +106,32 @@ class FileLock:
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+class _Held:
+    """This process's hold on one lock path: its thread lock, holders, locked descriptor."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.count = 0
+        self.fd: int | None = None
+
+
+_HELD: dict[str, _Held] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _held(path: Path) -> _Held:
+    with _HELD_LOCK:
+        return _HELD.setdefault(os.path.abspath(path), _Held())
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `fd` is the file at `path` (not one a release unlinked)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def temp_name(path: Path) -> Path:

@@ -72,7 +72,7 @@ def test_a_second_writer_of_a_split_is_refused_while_the_first_writes(tmp_path: 
     first.start()
     try:
         assert ready.wait(30)
-        with pytest.raises(DataError, match="another process is writing split 'train'"):
+        with pytest.raises(DataError, match="another writer is writing split 'train'"):
             ShardWriter(str(tmp_path), "train")
         ShardWriter(str(tmp_path), "test").abort()  # another split may share the folder
     finally:
@@ -112,3 +112,18 @@ def test_two_reports_into_one_out_leave_one_whole_report(tmp_path: Path):
         assert _both(_report, (out, 10), (out, 300)) == [(10, "ok"), (300, "ok")]
         n = json.loads((Path(out) / "results.json").read_text())["results"]["n"]
         assert f"summary {n}" in (Path(out) / "summary.md").read_text()
+
+
+def test_a_second_writer_of_a_split_in_the_same_process_is_refused_too(tmp_path: Path):
+    """Record locks belong to the process: a second writer here was accepted (sharing the
+    first one's .partial files), and its abort dropped the first one's lock."""
+    first = ShardWriter(str(tmp_path), "train")
+    first.write({"__key__": "a", "txt": "a"})
+    with pytest.raises(DataError, match="another writer is writing split 'train'"):
+        ShardWriter(str(tmp_path), "train")
+    with ShardWriter(str(tmp_path), "manifest") as other:  # a split named like the lock
+        other.write({"__key__": "m", "txt": "m"})
+    first.close()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["splits"]) == ["manifest", "train"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

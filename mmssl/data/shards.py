@@ -5,7 +5,7 @@ Members get fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same input gi
 byte-identical shards.  Shards are written under hidden `.NAME.partial` names and renamed
 into place only when the whole split has been written, so a run that fails part-way leaves
 an earlier run's shards and manifest as they were.  One process at a time writes a split of
-a folder (a second is refused: `.SPLIT.lock`); writers of other splits take turns updating
+a folder (a second is refused: `.split-SPLIT.lock`); writers of other splits take turns updating
 the manifest (`.manifest.lock`).  `max_bytes` bounds each shard file's
 size exactly (tar pads a file to 10 KiB records), except that a shard always holds at least
 one sample.  Every output directory gets a `manifest.json`:
@@ -141,13 +141,14 @@ class ShardWriter:
         # one writer of a split at a time: two wrote into the same .partial files and each
         # renamed the other's half-written shards into place (writers of other splits may
         # share the folder: they take turns at the manifest)
-        self._lock: FileLock | None = FileLock(os.path.join(out_dir, f".{split}.lock"))
+        lock = f".split-{split}.lock"
+        self._lock: FileLock | None = FileLock(os.path.join(out_dir, lock))
         try:
             self._lock.acquire(wait=False)
         except Busy:
             raise DataError(
-                f"{out_dir}: another process is writing split {split!r} there (it holds "
-                f".{split}.lock); wait for it to end, or write elsewhere"
+                f"{out_dir}: another writer is writing split {split!r} there (it holds "
+                f"{lock}); wait for it to end, or write elsewhere"
             ) from None
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
@@ -253,10 +254,13 @@ class ShardWriter:
         OUT/manifest.json (returned).  With nothing written the manifest is left as it was."""
         if self._manifest is not None:
             return self._manifest
-        self._finish()
         try:
+            self._finish()
             with FileLock(os.path.join(self.out_dir, ".manifest.lock")):
                 return self._publish()
+        except BaseException:
+            self.abort()  # its shards not yet renamed into place are deleted
+            raise
         finally:
             self._unlock()
 

@@ -136,13 +136,27 @@ def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | N
 def export_run(run_dir: Path) -> Path:
     """Export the newest good checkpoint of a training run directory to RUN_DIR/export (the
     `mmssl export` default), unless that export already holds it.  A damaged or incomplete
-    newer checkpoint is passed over (with a warning), as `checkpoint.resume=auto` does."""
+    newer checkpoint is passed over (with a warning), as `checkpoint.resume=auto` does; one
+    that a running run rotates away while it is read is replaced by the newest again."""
     try:
-        from mmssl.train.checkpoint import latest_tag, list_tags, newest_valid
-        from mmssl.train.export import export_run as _export
+        from mmssl.train.export import CheckpointRotated
     except ImportError as err:
         raise EvalError(f"{run_dir}: cannot export a run directory here ({err})") from None
+    for attempt in range(3):
+        try:
+            return _export_newest(run_dir)
+        except CheckpointRotated as err:
+            if attempt == 2:
+                raise EvalError(f"cannot export {run_dir}: {err}") from None
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _export_newest(run_dir: Path) -> Path:
+    """One try of `export_run`."""
     from mmssl.schema import ConfigError
+    from mmssl.train.checkpoint import latest_tag, list_tags, newest_valid
+    from mmssl.train.export import CheckpointRotated
+    from mmssl.train.export import export_run as _export
 
     if not (run_dir / "recipe.yaml").is_file():
         raise EvalError(
@@ -181,6 +195,8 @@ def export_run(run_dir: Path) -> Path:
         )
     try:
         return Path(_export(run_dir, dest, tag, verified=True))  # not hashed twice
+    except CheckpointRotated:
+        raise
     except (ConfigError, FileNotFoundError) as err:
         raise EvalError(f"cannot export {run_dir}: {err}") from None
     except (OSError, SafetensorError) as err:  # RUN_DIR not writable: export it elsewhere

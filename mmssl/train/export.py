@@ -259,7 +259,7 @@ def export_run(
             # a run still training deleted it (keep_last) while it was read: the newest
             # again, or, for a named tag, say so rather than "no model states"
             if tag is not None or attempt == 2:
-                raise FileNotFoundError(
+                raise CheckpointRotated(
                     f"{gone}: removed while it was being exported (the run is still training "
                     f"and rotated it away: checkpoint.keep_last); export again"
                 ) from None
@@ -268,6 +268,10 @@ def export_run(
 
 class _Rotated(Exception):
     """The checkpoint being exported was deleted meanwhile."""
+
+
+class CheckpointRotated(FileNotFoundError):
+    """`export_run` of a named checkpoint that a running run deleted while it was read."""
 
 
 def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified: bool) -> Path:
@@ -290,6 +294,8 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
     if not folder.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag}")
     digest = manifest_digest(folder)  # first: what names the checkpoint, before its files
+    if digest is None and verified:  # checked complete a moment ago: rotation has begun
+        raise _Rotated(str(folder))
     try:
         # verified against its manifest first (newest_valid hashed it already)
         state = _read_state(ckpt_dir, tag) if verified else checkpoint_state(ckpt_dir, tag)
@@ -328,10 +334,10 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
         # record; without it, it fell back to the default tokenizer whatever the run used
         extra["tokenizer"] = _tokenizer_record(recipe, record)
     source = {"checkpoint": tag, "manifest_sha256": digest}
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     # two exports into one folder (two evaluations of a running run) take turns, so that
     # its weights, config and exported_from.json are always one export's
-    with FileLock(dest.parent / f".{dest.name}.export.lock"):
+    with FileLock(dest / ".mmssl-export.lock"):
         if (dest / SOURCE).is_file():
             # gone before the weights change: it never names a checkpoint they are not from
             (dest / SOURCE).unlink()

@@ -114,6 +114,11 @@ def test_a_checkpoint_rotated_away_during_an_export_is_not_exported_half(
     out = export_run(run, tmp_path / "exp")
     source = json.loads((out / "exported_from.json").read_text())
     assert source["checkpoint"] == "step_00000002" and len(source["manifest_sha256"]) == 64
+    # rotation deletes the manifest first: a checked tag without one is gone (it was
+    # exported with manifest_sha256 null)
+    (run / "checkpoints" / "step_00000002" / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="removed while it was being exported"):
+        export_run(run, tmp_path / "exp3", tag="step_00000002", verified=True)
     (run / "checkpoints" / "step_00000002").rename(run / "checkpoints" / "step_00000003")
     with pytest.raises(FileNotFoundError, match="removed while it was being exported"):
         export_run(run, tmp_path / "exp2", tag="step_00000003", verified=True)
