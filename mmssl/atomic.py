@@ -34,12 +34,11 @@ class FileLock:
     Between processes, a record lock.  Within one process (record locks belong to the
     process: a second descriptor of it would share, and its close drop, the first one's) the
     threads take turns on a lock of this process per path, which one thread may take again
-    (a task holding its --out while its report takes it too); `acquire(wait=False)` is
-    refused when another FileLock of this process holds the path."""
+    (nested `with` blocks); `acquire(wait=False)` is refused when another FileLock of this
+    process holds the path."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.fd: int | None = None
         self._mine: _Held | None = None
 
     def acquire(self, wait: bool = True) -> None:
@@ -60,7 +59,6 @@ class FileLock:
                 self._mine = None
                 held.lock.release()
                 raise
-        self.fd = held.fd
 
     def _lock_file(self, wait: bool) -> int | None:
         """The locked descriptor of `path`; None where no lock can be had (a folder of
@@ -86,7 +84,7 @@ class FileLock:
         """Drop the lock; the last holder in this process removes its file (a waiter that
         locked the removed file sees that and takes a new one), so that the output holds no
         lock files."""
-        held, self._mine, self.fd = self._mine, None, None
+        held, self._mine = self._mine, None
         if held is None:
             return
         held.count -= 1

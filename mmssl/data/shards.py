@@ -266,11 +266,7 @@ class ShardWriter:
 
     def _publish(self) -> dict[str, Any]:
         """close(), holding the folder's manifest lock: read, merge, write it whole."""
-        try:
-            manifest = self._read_manifest()
-        except DataError:
-            self.abort()
-            raise
+        manifest = self._read_manifest()  # damaged since: close() deletes this writer's shards
         if not self.shards:
             self._manifest = manifest
             return manifest
