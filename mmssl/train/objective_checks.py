@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmssl.descriptor import get_layout
 from mmssl.schema import ConfigError, suggest
 from mmssl.train.recipe import NEEDS, SOURCE_PROVIDES, ObjectiveConfig, Recipe
 
@@ -20,6 +21,7 @@ OPTION_USERS = {
     "label_smoothing": ("next_token", "captioning"),
     "fused_head": ("next_token", "captioning"),
     "hidden": ("augself",),
+    "group_weights": ("augself",),
     "window": ("hssl",),
     "displacement": ("hssl",),
     "structure": ("hssl",),
@@ -87,6 +89,8 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
                 f"so the head would read it back; condition the projector instead "
                 f"(model projector.cond) or drop augself"
             )
+        if obj.group_weights:
+            _check_group_weights(obj.group_weights, f"{where}.group_weights")
         if (
             obj.projector_dim is not None
             and cfg.projector is not None
@@ -184,3 +188,17 @@ def _shared_shards(urls: str, others: list[str]) -> str | None:
     except ValueError:
         return None
     return next((u for u in mine if u in theirs), None)
+
+
+def _check_group_weights(weights: dict[str, float], where: str) -> None:
+    """AugSelf's per-group weights: groups of the v1 descriptor, >= 0, not all 0."""
+    names = get_layout("v1").names
+    for name, w in weights.items():
+        if name not in names:
+            raise ConfigError(
+                f"{where}: no descriptor group {name!r}{suggest(name, names)}; groups: {list(names)}"
+            )
+        if not w >= 0 or w == float("inf"):
+            raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {w}")
+    if all(weights.get(n, 1.0) == 0 for n in names):
+        raise ConfigError(f"{where}: every group weighs 0, so augself's loss is 0")

@@ -107,6 +107,9 @@ class ObjectiveConfig:
     fused_head: bool = True
     projector_dim: int | None = None  # simclr: a task-owned 2-layer MLP head; None: model proj
     hidden: int = 512  # augself head width
+    # augself: loss weight per descriptor group (blur, color, color_diff, crop, grayscale);
+    # a group left out weighs 1, 0 drops it (the AugSelf paper predicts crop and color only)
+    group_weights: dict[str, float] = field(default_factory=dict)
     # hssl: positives are two fibers (pooled `window` x `window` patch windows) of one image's
     # token grid; `displacement` caps their offset (None: any two positions); structure=false
     # is the ablation that mixes the fibers by a fixed random map.

@@ -159,7 +159,9 @@ class Task(nn.Module):
             elif kind == "siglip":
                 self.losses[key] = SigLipLoss(gather=gather or "chunked")
             elif kind == "augself":
-                self.heads[key] = AugSelfHead(vision_dim, hidden=obj.hidden)
+                self.heads[key] = AugSelfHead(
+                    vision_dim, hidden=obj.hidden, weights=obj.group_weights
+                )
         promote_scalar_params(self)
 
     # ------------------------------------------------------------------ features

@@ -244,6 +244,46 @@ def test_other_bad_input(
     validate(load_recipe(base[0], [*base[1:], own_head]), check_files=False)  # plain: fine
 
 
+def test_augself_group_weights(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A recipe weighs AugSelf's descriptor groups (the paper predicts crop and color only):
+    the Task's loss is that weighted sum of the per-group losses; bad weights are refused."""
+    from mmssl import create_model
+    from mmssl.objectives.augself import augself_group_losses
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    runs = tmp_path / "runs"
+    augself = ["objectives.augself.source=digits"]
+    paper = "objectives.augself.group_weights={blur: 0, color_diff: 0, grayscale: 0}"
+    recipe = load_recipe(base[0], [*base[1:], *augself, paper])
+    validate(recipe, check_files=False)
+    weights = {"blur": 0.0, "color_diff": 0.0, "grayscale": 0.0}
+    assert recipe.objectives["augself"].group_weights == weights
+    obj = ObjectiveConfig(type="augself", group_weights={"crop": 2.0, "grayscale": 0.0})
+    task = Task(create_model("test_tiny_simclr"), {"augself": obj})
+    head = task.heads["augself"]
+    torch.manual_seed(0)
+    f1, f2 = torch.randn(2, 4, head.mlp[0].in_features // 2)
+    w1, w2 = torch.rand(2, 4, 13)
+    pred = head.predict(torch.cat([f1, f2]), torch.cat([f2, f1]))
+    parts = augself_group_losses(pred, torch.cat([w1, w2]), torch.cat([w2, w1]))
+    want = sum({"crop": 2.0, "grayscale": 0.0}.get(k, 1.0) * v for k, v in parts.items())
+    torch.testing.assert_close(head(f1, f2, w1, w2), want)
+    err = _bad(
+        [*base, *augself, "objectives.augself.group_weights={crop: 1, colour: 0}"], capsys, runs
+    )
+    assert "objectives.augself.group_weights: no descriptor group 'colour' (did you mean" in err
+    err = _bad([*base, *augself, "objectives.augself.group_weights={crop: -1}"], capsys, runs)
+    assert "objectives.augself.group_weights.crop must be a finite number >= 0, got -1.0" in err
+    zero = "{blur: 0, color: 0, color_diff: 0, crop: 0, grayscale: 0}"
+    err = _bad([*base, *augself, f"objectives.augself.group_weights={zero}"], capsys, runs)
+    assert "every group weighs 0" in err
+    err = _bad([*base, "objectives.simclr.group_weights={crop: 1}"], capsys, runs)
+    assert "objectives.simclr.group_weights: simclr does not use it (only augself do)" in err
+
+
 def test_param_groups_no_decay() -> None:
     """Decay exactly the Linear/Conv weights; norms, biases, embeddings, position tables,
     class token and logit scale go without (rule written by module type here)."""
