@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mmssl.cliargs import ArgumentParser, summary
+from mmssl.shipped import shipped_path
 
 TARGETS = {"zeroshot_digit": 0.80, "fewshot10_logistic": 0.85}
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+RECIPE = shipped_path("recipes", "quickstart.yaml")
 DATA_PREFIX = "data/demo/"
 
 

@@ -15,12 +15,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mmssl.shipped import shipped_path
 from mmssl.tokenizer.base import META_FILE, Tokenizer, sha256_file
 
 __all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta"]
 
 # The source checkout's tokenizer/ folder (editable installs resolve here too).
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tokenizer" / "default"
+DEFAULT_DIR = shipped_path("tokenizer", "default")
 _ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
 
 
@@ -39,7 +40,8 @@ def get_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
         if not (DEFAULT_DIR / "tokenizer.json").is_file():
             raise FileNotFoundError(
                 f"default tokenizer not found at {DEFAULT_DIR / 'tokenizer.json'}; it ships in "
-                f"the source checkout (rebuild: mmssl tokenizer train --default), or pass a path"
+                f"the repository's tokenizer/default and in a wheel's mmssl/_shipped (rebuild: "
+                f"mmssl tokenizer train --default), or pass a path"
             )
         return _load_dir(str(DEFAULT_DIR), "default")
     if name_or_path == "clip":

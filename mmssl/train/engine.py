@@ -19,6 +19,7 @@ from torch import nn
 
 from mmssl.nn.attention import set_attention_kernel
 from mmssl.schema import ConfigError
+from mmssl.shipped import shipped_path
 
 if TYPE_CHECKING:
     from mmssl.train.recipe import Recipe
@@ -40,7 +41,7 @@ RECIPE_KEYS = (
 # parameters without weight decay besides every tensor with ndim < 2 (norms, biases,
 # logit scale and bias): embedding tables, position tables and the class token
 NO_DECAY_NAMES = ("token_embed", "pos_embed", "cls_token")
-SHIPPED_DS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+SHIPPED_DS = shipped_path("recipes", "deepspeed")
 # optim.impl -> extra DeepSpeed optimizer params: `torch_adam` makes DeepSpeed build
 # torch.optim.AdamW, which receives the params DeepSpeed does not consume (`fused`) as keywords
 OPTIM_IMPL_PARAMS: dict[str, dict[str, Any]] = {

@@ -404,10 +404,24 @@ def check_ranges(recipe: Recipe) -> None:
             f"data.view_augment has {len(recipe.data.view_augment)} entries; "
             f"data.views is {recipe.data.views}"
         )
+    _check_numba(recipe.data)
     if recipe.data.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {recipe.data.workers}")
     if recipe.data.max_pixels < 1:
         raise ConfigError(f"data.max_pixels must be >= 1, got {recipe.data.max_pixels}")
+
+
+def _check_numba(data: DataConfig) -> None:
+    """backend numba needs numba installed: said before the run starts, not at its first batch."""
+    asked = [data.augment, *data.view_augment]
+    if data.views and any(a.get("backend", data.augment.get("backend")) == "numba" for a in asked):
+        try:
+            import numba  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                f"data.augment.backend numba: numba cannot be imported ({err}); install the "
+                f"`fast` extra (pip install numba), or use backend auto (torch renders then)"
+            ) from None
 
 
 @dataclass

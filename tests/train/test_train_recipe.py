@@ -604,3 +604,19 @@ def test_a_model_name_that_is_an_export_says_its_weights_are_not_loaded(tmp_path
         assert "is an export" not in caplog.text
         validate(load_recipe(recipe, [f"model.name={export}"]), world_size=1, check_files=False)
     assert "is an export" in caplog.text and "model.safetensors is not loaded" in caplog.text
+
+
+def test_numba_backend_without_numba(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    """backend numba on a machine without numba is refused before the run starts (it died at
+    the first batch, in a data worker); backend auto trains with torch then."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    runs = tmp_path / "runs"
+    err = _bad([*base, "data.augment.backend=numba"], capsys, runs)
+    assert "data.augment.backend numba: numba cannot be imported" in err
+    err = _bad([*base, "data.view_augment=[{backend: numba}, {}]"], capsys, runs)
+    assert "data.augment.backend numba: numba cannot be imported" in err
+    validate(load_recipe(base[0], [*base[1:], "data.augment.backend=auto"]), check_files=False)
