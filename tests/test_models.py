@@ -614,3 +614,31 @@ def test_text_tower_names_the_wrong_token_input(text, error, match):
     for call in (model.encode_text, model.lm_logits):
         with pytest.raises(error, match=match):
             call(text)
+
+
+def test_film_projector_formula() -> None:
+    """FiLM away from its zero init: rest(fc1(f) * (1 + scale(c)) + shift(c))."""
+    from mmssl.models.condition import Projector
+
+    torch.manual_seed(0)
+    p = Projector(6, 5, 3, cond="film", cond_dim=4)
+    torch.nn.init.normal_(p.film.weight)
+    torch.nn.init.normal_(p.film.bias)
+    f, c = torch.randn(2, 6), torch.randn(2, 4)
+    scale, shift = p.film(c).chunk(2, -1)
+    torch.testing.assert_close(p(f, c), p.rest(p.fc1(f) * (1 + scale) + shift))
+
+
+def test_text_mean_pool_ignores_padding() -> None:
+    from mmssl.models.config import TextConfig
+    from mmssl.models.text import TextTransformer
+
+    torch.manual_seed(0)
+    cfg = TextConfig(vocab_size=50, context_length=8, dim=16, depth=1, num_heads=2, pool="mean")
+    text = TextTransformer(cfg).eval()
+    ids = torch.randint(1, 50, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    torch.testing.assert_close(
+        text.forward_features(ids)["pooled"], text.forward_features(padded, mask)["pooled"]
+    )

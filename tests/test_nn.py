@@ -330,3 +330,36 @@ def test_patch_projection_is_the_conv_for_other_settings_and_sizes():
     proj.stride, proj.padding = (2, 2), (1, 1)  # overlapping, padded patches
     ref = F.conv2d(img, proj.weight, proj.bias, stride=2, padding=1).flatten(2).transpose(1, 2)
     torch.testing.assert_close(proj(img), ref)
+
+
+def test_drop_path_rates_rise_linearly_from_zero() -> None:
+    """Stochastic depth as timm: block i of d drops with rate drop_path * i / (d - 1)."""
+    from mmssl.nn.block import Transformer
+
+    t = Transformer(8, 3, 2, drop_path=0.2)
+    rates = [0.0 if isinstance(b.drop_path, torch.nn.Identity) else b.drop_path.p for b in t.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_sincos_2d_off_diagonal_cell() -> None:
+    """Row 0, column 1 of a 2 x 3 grid: the first half encodes the row (0), the second the
+    column (1): a transposed grid gives the same last cell but not this one."""
+    from mmssl.nn.pos_embed import sincos_2d
+
+    e = sincos_2d(8, 2, 3)[1]
+    torch.testing.assert_close(e[:4], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(e[4], torch.tensor(math.sin(1.0)))
+
+
+def test_rotary_turns_each_pair_by_its_angle() -> None:
+    """apply_rotary against complex multiplication: the pair (x[i], x[i + d/2]) as
+    x[i] + 1j x[i + d/2] times exp(1j * pos * base^(-2i/d)) (the GPT-NeoX / LLaMA convention;
+    the opposite turn also gives relative scores, so the tests above cannot tell)."""
+    torch.manual_seed(0)
+    d, n = 8, 5
+    x = torch.randn(1, 1, n, d, dtype=torch.float64)
+    got = apply_rotary(x, RotaryEmbedding(d)(torch.arange(n)))
+    freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    turn = torch.polar(torch.ones(n, d // 2, dtype=torch.float64), torch.arange(n)[:, None] * freq)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * turn
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), rtol=1e-6, atol=1e-6)

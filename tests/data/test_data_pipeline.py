@@ -385,3 +385,44 @@ def test_text_source_skip_counts_survive_a_resume_at_every_cut(tmp_path):
         tail = build_pipeline(urls, **kw)
         tail.load_state_dict(head.state_dict())
         assert counts(tail, 30 - cut) == ref[cut:], cut
+
+
+def test_epoch_order_changes_with_epoch() -> None:
+    """Each epoch deals the shards in a new order (a fixed order replayed epoch 0)."""
+    from mmssl.data.stream import epoch_order
+
+    assert not np.array_equal(epoch_order(0, 0, 32), epoch_order(0, 1, 32))
+    assert sorted(epoch_order(0, 1, 32)) == list(range(32))
+
+
+def test_whole_shard_epoch_slots_are_disjoint() -> None:
+    """Epoch mode without sample counts deals whole shards: the 2 ranks x 2 workers read
+    each of 8 shards exactly once."""
+    from mmssl.data.stream import ShardSequence
+
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            seq = ShardSequence(
+                8, mode="epoch", seed=0, epoch=0, rank=rank, world_size=2,
+                worker=worker, num_workers=2,
+            )  # fmt: skip
+            seen += seq.mine
+    assert sorted(seen) == list(range(8))
+
+
+@pytest.mark.parametrize("one_shard", [False, True], ids=["shards", "one shard"])
+def test_each_epoch_is_reshuffled(image_shards: str, one_shard: bool) -> None:
+    """Two epochs hold the same samples in different orders, also from a single shard,
+    where only the shuffle window's seed can change the order."""
+    import glob
+    import re
+
+    urls = sorted(glob.glob(re.sub(r"\{.*\}", "*", image_shards)))[0] if one_shard else image_shards
+    pl = build_pipeline(
+        urls, batch_size=2, mode="epoch", rank=0, world_size=1, num_workers=0,
+        image_size=8, num_views=0, shuffle=100,
+    )  # fmt: skip
+    e0 = [k for b in pl for k in b["__key__"]]
+    e1 = [k for b in pl for k in b["__key__"]]
+    assert sorted(e0) == sorted(e1) and e0 != e1

@@ -161,3 +161,20 @@ def test_retrieval_scored_in_blocks_equals_the_whole_matrix(block):
         for direction, (s, p) in {"i2t": (sim, pos), "t2i": (sim.T, pos.T)}.items():
             for k, v in metrics.recall_at_k(s, p, (1, 5, 10)).items():
                 assert got[f"{direction}_R@{k}"] == v, (direction, k, caps)
+
+
+def test_recall_ties_count_against_the_model() -> None:
+    """All scores equal: the right item is not ranked first (as top-k: ties count against)."""
+    r = metrics.recall_at_k(torch.zeros(4, 4), torch.eye(4, dtype=torch.bool), (1, 4))
+    assert r[1] == 0.0 and r[4] == 1.0
+
+
+def test_retrieval_mean_recall_is_the_mean_of_both_directions() -> None:
+    from mmssl.eval import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    out = retrieval.score(img, txt, torch.arange(6), ks=(1, 2))
+    vals = [v for k, v in out.items() if k != "mean_recall"]
+    assert len(vals) == 4 and out["mean_recall"] == pytest.approx(sum(vals) / 4)

@@ -260,3 +260,40 @@ def test_empty_option_lists_are_refused(text):
             fewshot.parse_list(text, name, kind, what)
     with pytest.raises(EvalError, match=r"^--shots is empty"):
         fewshot.parse_ints(text, "--shots")
+
+
+def test_fewshot_seeds_draw_their_own_supports(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    draw = fewshot.sample_support
+    monkeypatch.setattr(fewshot, "sample_support", lambda y, k, s: seen.append(s) or draw(y, k, s))
+    x, y = torch.randn(40, 3), torch.arange(4).repeat(10)
+    fewshot.evaluate(x, y, x, y, shots=(1,), seeds=(0, 1, 2), methods=("prototype",))
+    assert seen == [0, 1, 2]
+
+
+def test_linear_sweep_refits_on_all_train_and_ties_take_the_stronger_decay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    fit = classifiers.fit_logistic
+
+    def spy(x, y, decay, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((len(y), decay))
+        return fit(x, y, decay, *args, **kwargs)
+
+    monkeypatch.setattr(classifiers, "fit_logistic", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([[1.0, 0], [0, 1.0]]).repeat(10, 1) + 0.01 * torch.randn(20, 2, generator=g)
+    y = torch.tensor([0, 1]).repeat(10)
+    res = linear.sweep(x, y, x, y, decays=(1e-4, 1e-3))
+    assert calls[-1][0] == 20  # the final fit: all of train, not the sub-split
+    assert res["val_top1"]["0.0001"] == res["val_top1"]["0.001"]
+    assert res["weight_decay"] == 1e-3
+
+
+def test_prototype_is_the_mean_of_normalised_features() -> None:
+    x = torch.tensor([[10.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    y = torch.tensor([0, 0, 1])
+    _, s = classifiers.prototype_scores(x, y, torch.tensor([[1.0, 1.0]]))
+    # class 0: normalise(mean([1, 0], [0, 1])) = [0.707, 0.707], cosine 1 with [1, 1]
+    assert s[0, 0].item() == pytest.approx(1.0)

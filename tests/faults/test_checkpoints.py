@@ -297,3 +297,13 @@ def test_an_optimizer_step_count_beyond_the_checkpoint_is_refused(
     assert train_main([str(recipe), *fused]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has taken 1000000000 steps" in err[0] and "at step 2" in err[0], err
+
+
+def test_rotation_keeps_exactly_keep_last(tmp_path: Path, in_process: None) -> None:
+    from mmssl.train.checkpoint import list_tags
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(synthetic_recipe(tmp_path, "k", 4, keep_last=2))
+    train(recipe, validate(recipe))
+    assert list_tags(tmp_path / "k" / "checkpoints") == [tag_of(3), tag_of(4)]

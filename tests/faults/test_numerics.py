@@ -197,3 +197,16 @@ def test_a_run_ending_in_a_streak_rotates_out_no_checkpoint_from_before_it(
     assert (
         f"remove the checkpoints from step 4 on to resume from an earlier one: {tag_of(2)})" in err
     )
+
+
+def test_bad_steps_apart_do_not_stop_the_run(
+    tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_bad_steps counts bad steps in a row: a good step between two resets the streak."""
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    monkeypatch.setenv("MMSSL_FAULTS", "nan_loss@2,nan_loss@4")
+    recipe = load_recipe(synthetic_recipe(tmp_path, "r", 5, max_bad_steps=2))
+    out = train(recipe, validate(recipe))
+    assert out["bad_steps"] == 2 and out["final_step"] == 5

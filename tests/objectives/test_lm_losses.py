@@ -91,3 +91,15 @@ def test_lm_bad_inputs() -> None:
         )
     with pytest.raises(ValueError, match="label_smoothing"):
         NextTokenLoss(label_smoothing=1.0)
+
+
+def test_next_token_sum_of_bf16_logits_sums_in_fp32() -> None:
+    from mmssl.objectives.lm import next_token_sum
+
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 256, 1000) * 3).bfloat16()
+    tokens = torch.randint(0, 1000, (4, 256))
+    got, _ = next_token_sum(logits, tokens)
+    want, _ = next_token_sum(logits.float(), tokens)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

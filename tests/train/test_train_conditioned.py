@@ -298,3 +298,31 @@ def test_text_conditioned_recipe_trains_through_the_engine(demo_data, tmp_path, 
     assert type(model.conditioner).__name__ == "TextConditioner"
     modulation = model.visual.trunk.blocks[0].norm1.modulation.weight
     assert modulation.abs().sum() > 0
+
+
+def test_task_augself_loss_takes_the_views_descriptors_in_order() -> None:
+    """The Task scores AugSelf as head(f1, f2, aug[0], aug[1]): swapped descriptors flip the
+    sign of every regression target."""
+    from mmssl.models.multimodal import MultimodalModel
+    from mmssl.train.recipe import recipe_from_dict, validate
+    from mmssl.train.streams import build_streams
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"name": "test_tiny_simclr"},
+            "data": {"sources": {"train": {"urls": "synthetic", "kind": "image_text"}}, "views": 2},
+            "objectives": {"augself": {"source": "train", "hidden": 16}},
+            "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 4},
+        }
+    )
+    resolved = validate(recipe, world_size=1)
+    torch.manual_seed(0)
+    task = Task(MultimodalModel(resolved.model), recipe.objectives)
+    batch = build_streams(recipe, resolved.model, 0, 1)["train"].next()
+    _, metrics = task({"train": batch})
+    f1, f2 = (task.visual.forward_features(v)["pooled"] for v in batch["views"])
+    a1, a2 = batch["aug"]
+    head = task.heads["augself"]
+    want = head(f1, f2, a1, a2)
+    assert not torch.allclose(want, head(f1, f2, a2, a1))
+    torch.testing.assert_close(metrics["loss/augself"], want, rtol=1e-4, atol=1e-5)
