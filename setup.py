@@ -25,8 +25,11 @@ class BuildWithShipped(build_py):
         if getattr(self, "editable_mode", False):
             return
         dest = Path(self.build_lib) / "mmssl" / "_shipped"
+        shutil.rmtree(dest, ignore_errors=True)  # an earlier build's copy of a deleted file
         for pattern in SHIPPED:
-            files = sorted(HERE.glob(pattern))
+            files = sorted(
+                f for f in HERE.glob(pattern) if f.is_file() and not f.name.startswith(".")
+            )
             if not files:  # a wheel without them fails at run time, far from here
                 raise FileNotFoundError(f"setup.py: nothing matches {pattern} in {HERE}")
             for f in files:

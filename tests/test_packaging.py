@@ -37,6 +37,9 @@ from mmssl.train.engine import find_deepspeed_json
 from mmssl.train.recipe import load_recipe, validate
 
 site = Path(sys.argv[1]).resolve()
+from mmssl.tokenizer.train import main as tokenizer_main
+
+rebuild = tokenizer_main(["train", "--default", "--quiet"])  # not into the wheel's copy
 recipe = load_recipe(RECIPE)
 validate(recipe, check_files=False)
 print(json.dumps({
@@ -45,6 +48,7 @@ print(json.dumps({
     "recipe": str(RECIPE),
     "tokenizer_sha256": get_tokenizer().sha256,
     "zero2": str(find_deepspeed_json(load_recipe(RECIPE, ["train.deepspeed=zero2"]))),
+    "rebuild": rebuild,
 }))
 """
 
@@ -94,3 +98,24 @@ def test_installed_wheel_finds_its_shipped_files(tmp_path: Path) -> None:
     from mmssl.tokenizer import get_tokenizer
 
     assert got["tokenizer_sha256"] == get_tokenizer().sha256
+    assert (
+        got["rebuild"] == 2 and "this package is installed" in out.stderr and "--out" in out.stderr
+    )
+
+
+def test_a_checkout_reads_its_own_folders_not_a_stray_copy(tmp_path: Path) -> None:
+    """In a checkout (pyproject.toml beside mmssl/) the checkout's recipes/ and tokenizer/ are
+    read even when a stray mmssl/_shipped holds older copies; installed, the wheel's copy."""
+    from mmssl.shipped import in_checkout, shipped_path
+
+    checkout = tmp_path / "checkout"
+    (checkout / "mmssl" / "_shipped" / "recipes").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    package = checkout / "mmssl"
+    assert in_checkout(package)
+    assert shipped_path("recipes", "x.yaml", package=package) == checkout / "recipes" / "x.yaml"
+    installed = tmp_path / "site-packages" / "mmssl"
+    (installed / "_shipped").mkdir(parents=True)
+    assert not in_checkout(installed)
+    assert shipped_path("tokenizer", package=installed) == installed / "_shipped" / "tokenizer"
+    assert in_checkout() and shipped_path("recipes") == ROOT / "recipes"  # this repository

@@ -18,8 +18,9 @@ def _sincos_1d(dim: int, pos: torch.Tensor, base: float = 10000.0) -> torch.Tens
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding as MAE builds it, the row in the first half of `dim` and
-    the column in the second (MAE's code, through its meshgrid order, puts the column first).
+    """Fixed 2-D sin-cos embedding, MAE's construction but with the row in the first half of
+    `dim` and the column in the second (MAE's code, through its meshgrid order, puts the
+    column first).
     Returns (grid_h * grid_w, dim)."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos needs dim divisible by 4, got {dim}")

@@ -20,7 +20,7 @@ from mmssl.tokenizer.base import META_FILE, Tokenizer, sha256_file
 
 __all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta"]
 
-# The source checkout's tokenizer/ folder (editable installs resolve here too).
+# tokenizer/default of the checkout, or an installed wheel's copy (mmssl.shipped).
 DEFAULT_DIR = shipped_path("tokenizer", "default")
 _ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
 

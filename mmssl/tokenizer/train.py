@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mmssl.shipped import in_checkout
 from mmssl.tokenizer import DEFAULT_DIR
 from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
 from mmssl.tokenizer.corpus import (
@@ -364,6 +365,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if args.inputs or given:
             raise ValueError(
                 f"--default takes only --out and --quiet, got {' '.join(args.inputs + given)}"
+            )
+        if args.out is None and not in_checkout():
+            # an installed package's copy is the wheel's, and its RECORD hashes it
+            raise ValueError(
+                f"--default rebuilds a checkout's tokenizer/default; this package is installed "
+                f"({DEFAULT_DIR}), so pass --out"
             )
         return build_default(args.out or DEFAULT_DIR, show_progress=not args.quiet)
     if not args.out:

@@ -198,7 +198,7 @@ def _check_group_weights(weights: dict[str, float], where: str) -> None:
             raise ConfigError(
                 f"{where}: no descriptor group {name!r}{suggest(name, names)}; groups: {list(names)}"
             )
-        if not w >= 0 or w == float("inf"):
-            raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {w}")
+        if not w >= 0:
+            raise ConfigError(f"{where}.{name} must be >= 0, got {w}")
     if all(weights.get(n, 1.0) == 0 for n in names):
         raise ConfigError(f"{where}: every group weighs 0, so augself's loss is 0")

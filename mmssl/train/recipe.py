@@ -412,16 +412,23 @@ def check_ranges(recipe: Recipe) -> None:
 
 
 def _check_numba(data: DataConfig) -> None:
-    """backend numba needs numba installed: said before the run starts, not at its first batch."""
-    asked = [data.augment, *data.view_augment]
-    if data.views and any(a.get("backend", data.augment.get("backend")) == "numba" for a in asked):
-        try:
-            import numba  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                f"data.augment.backend numba: numba cannot be imported ({err}); install the "
-                f"`fast` extra (pip install numba), or use backend auto (torch renders then)"
-            ) from None
+    """backend numba needs numba installed: said before the run starts, not at its first batch.
+    Each view renders with `data.augment` updated by its `data.view_augment` entry."""
+    asking = []  # the keys that set backend numba for a view that is rendered
+    for i, view in enumerate(data.view_augment or [{}] * bool(data.views)):
+        if {**data.augment, **view}.get("backend") == "numba":
+            asking.append(
+                f"data.view_augment[{i}].backend" if "backend" in view else "data.augment.backend"
+            )
+    if not asking:
+        return
+    try:
+        import numba  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"{asking[0]}: backend numba, but numba cannot be imported ({err}); install the "
+            f"`fast` extra (pip install numba), or use backend auto (torch renders then)"
+        ) from None
 
 
 @dataclass

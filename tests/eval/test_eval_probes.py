@@ -266,7 +266,8 @@ def test_fewshot_seeds_draw_their_own_supports(monkeypatch: pytest.MonkeyPatch) 
     seen = []
     draw = fewshot.sample_support
     monkeypatch.setattr(fewshot, "sample_support", lambda y, k, s: seen.append(s) or draw(y, k, s))
-    x, y = torch.randn(40, 3), torch.arange(4).repeat(10)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.arange(4).repeat(10)
     fewshot.evaluate(x, y, x, y, shots=(1,), seeds=(0, 1, 2), methods=("prototype",))
     assert seen == [0, 1, 2]
 

@@ -276,7 +276,7 @@ def test_augself_group_weights(
     )
     assert "objectives.augself.group_weights: no descriptor group 'colour' (did you mean" in err
     err = _bad([*base, *augself, "objectives.augself.group_weights={crop: -1}"], capsys, runs)
-    assert "objectives.augself.group_weights.crop must be a finite number >= 0, got -1.0" in err
+    assert "objectives.augself.group_weights.crop must be >= 0, got -1.0" in err
     zero = "{blur: 0, color: 0, color_diff: 0, crop: 0, grayscale: 0}"
     err = _bad([*base, *augself, f"objectives.augself.group_weights={zero}"], capsys, runs)
     assert "every group weighs 0" in err
@@ -616,7 +616,15 @@ def test_numba_backend_without_numba(
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     runs = tmp_path / "runs"
     err = _bad([*base, "data.augment.backend=numba"], capsys, runs)
-    assert "data.augment.backend numba: numba cannot be imported" in err
-    err = _bad([*base, "data.view_augment=[{backend: numba}, {}]"], capsys, runs)
-    assert "data.augment.backend numba: numba cannot be imported" in err
+    assert "data.augment.backend: backend numba, but numba cannot be imported" in err
+    err = _bad([*base, "data.view_augment=[{}, {backend: numba}]"], capsys, runs)
+    assert "data.view_augment[1].backend: backend numba, but numba cannot be" in err
+    # every view overrides it back: nothing renders with numba
+    both = "data.view_augment=[{backend: auto}, {backend: torch}]"
+    validate(
+        load_recipe(base[0], [*base[1:], "data.augment.backend=numba", both]), check_files=False
+    )
+    no_views = ["data.augment.backend=numba", "data.views=0", "data.view_augment=[]"]
+    with pytest.raises(ConfigError, match="two views"):  # refused for its objectives, not numba
+        validate(load_recipe(base[0], [*base[1:], *no_views]), check_files=False)
     validate(load_recipe(base[0], [*base[1:], "data.augment.backend=auto"]), check_files=False)
