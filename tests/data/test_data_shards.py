@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,3 +409,28 @@ def test_max_bytes_help_says_its_units_are_powers_of_1024(capsys):
     # what the help says is what the option does
     assert _size("1GB") == _size("1GiB") == _size("1g") == 1_073_741_824
     assert _size("500MB") == 500 * 1_048_576 and _size("2k") == 2048 and _size("100") == 100
+
+
+@pytest.mark.parametrize(
+    "count,ok", [(0, True), (3, True), (-1, False), (True, False), (2.0, False)]
+)
+def test_manifest_counts_refuses_a_count_that_is_no_sample_count(tmp_path: Path, count, ok) -> None:
+    """A negative, boolean or float count is refused: an epoch would be planned over it."""
+    from mmssl.data.shards import manifest_counts
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"\0" * 1024)
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "shards": [{"url": shard.name, "count": count, "bytes": 1024, "split": "train"}],
+                "splits": {},
+            }
+        )
+    )
+    if ok:
+        assert manifest_counts([str(shard)]) == {str(shard): count}
+    else:
+        with pytest.raises(DataError, match="is not a shard manifest"):
+            manifest_counts([str(shard)])

@@ -232,3 +232,30 @@ def test_a_held_out_synthetic_source_draws_from_the_training_data(tmp_path: Path
     # each held-out image is its class prototype plus the training noise (0.2, clamped)
     residual = b["image"] - train.protos[b["label"]]
     assert residual.abs().mean() < 0.2
+
+
+def _sources_only(**sources: str):  # type: ignore[no-untyped-def]
+    """What streams._keyed reads of a recipe: data.seed and each source's urls."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        data=SimpleNamespace(
+            seed=7, sources={k: SimpleNamespace(urls=v) for k, v in sources.items()}
+        )
+    )
+
+
+def test_the_first_shard_source_after_a_synthetic_one_keeps_data_seed() -> None:
+    """Synthetic sources and the first shard source keep data.seed (runs with one shard
+    source stream and resume as before keyed seeding), also behind a synthetic source."""
+    from mmssl.train.streams import _keyed, source_seed
+
+    r = _sources_only(
+        syn="synthetic", imgs="/d/a-{000000..000001}.tar", more="/d/b.tar", syn2="synthetic"
+    )
+    assert _keyed(r, ["syn", "imgs", "more", "syn2"]) == {
+        "syn": 7,
+        "imgs": 7,
+        "more": source_seed(7, "more"),
+        "syn2": 7,
+    }

@@ -1,0 +1,77 @@
+"""Tar headers that would make the reader loop for ever without their checks: a negative
+(GNU base-256) member size, which seeks back onto the same header, and a pax record whose
+length does not cover its own `LEN ` prefix.  Each is a counted damaged shard.  The
+timeout marks (pytest-timeout) fail a reader that loops instead of raising."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mmssl.data.errors import SkipCounter
+from mmssl.data.tario import iter_shard
+
+
+def _read(url: str) -> tuple[list[str], dict[str, int]]:
+    counter = SkipCounter()
+    keys = [k for k, _ in iter_shard(url, counter)]
+    return keys, counter.counts
+
+
+def _negative_size_tar(path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("a.txt", b"first"), ("README", b"x" * 10), ("b.txt", b"second")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    h = 1024  # README's header: after a.txt's header and its one data block
+    assert raw[h : h + 6] == b"README"
+    # the size field (12 bytes at 124) in GNU base-256: -512; then the header checksum again
+    raw[h + 124 : h + 136] = b"\xff" + (-512 % (1 << 88)).to_bytes(11, "big")
+    raw[h + 148 : h + 156] = b"        "
+    raw[h + 148 : h + 156] = b"%06o\x00 " % sum(raw[h : h + 512])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.timeout(30)
+def test_a_negative_member_size_is_damage_not_an_endless_read(tmp_path: Path) -> None:
+    _negative_size_tar(tmp_path / "neg.tar")
+    keys, counts = _read(str(tmp_path / "neg.tar"))
+    assert "b" not in keys  # the reader stopped at the damaged header
+    assert counts.get("truncated_tar", 0) + counts.get("bad_tar", 0) == 1
+
+
+def _pax_tar(path: Path, pax_body: bytes) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        first = tarfile.TarInfo("a.txt")
+        first.size = 5
+        tar.addfile(first, io.BytesIO(b"first"))
+        pax = tarfile.TarInfo("PaxHeader")
+        pax.type = tarfile.XHDTYPE
+        pax.size = len(pax_body)
+        tar.addfile(pax, io.BytesIO(pax_body))
+        second = tarfile.TarInfo("b.txt")
+        second.size = 6
+        tar.addfile(second, io.BytesIO(b"second"))
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.mark.timeout(30)
+def test_a_good_pax_record_renames_the_next_member(tmp_path: Path) -> None:
+    _pax_tar(tmp_path / "ok.tar", b"14 path=c.txt\n")
+    assert _read(str(tmp_path / "ok.tar")) == (["a", "c"], {})
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("body", [b"0 path=c.txt\n", b"2 path=c.txt\n"])
+def test_a_pax_record_shorter_than_its_prefix_is_damage(tmp_path: Path, body: bytes) -> None:
+    _pax_tar(tmp_path / "bad.tar", body)
+    keys, counts = _read(str(tmp_path / "bad.tar"))
+    assert "c" not in keys and "b" not in keys
+    assert counts.get("truncated_tar", 0) + counts.get("bad_tar", 0) == 1
