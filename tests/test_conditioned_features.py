@@ -72,7 +72,7 @@ def test_cond_none_is_unchanged_without_backbone_conditioning(tmp_path, name):
     assert model.standalone_vision().cond_default is None
 
 
-def test_captions_of_a_conditioned_model_read_the_neutral_features():
+def test_captions_of_a_conditioned_model_read_the_neutral_features() -> None:
     cond = {"vision": {"cond_dim": 16}, "condition": {"dim": 16, "hidden_dim": 32}}
     model = _trained_like("test_tiny_coca", **cond)
     images = torch.rand(2, 3, 32, 32)
@@ -83,7 +83,7 @@ def test_captions_of_a_conditioned_model_read_the_neutral_features():
     assert torch.equal(got, want)
 
 
-def test_the_features_digest_covers_the_condition_of_a_conditioned_backbone():
+def test_the_features_digest_covers_the_condition_of_a_conditioned_backbone() -> None:
     """A features file of a descriptor-conditioned backbone depends on the conditioner too:
     its digest changes with it (a changed conditioner's features were accepted as the same
     model's); an unconditioned model's digest is the vision weights' alone, as before."""
@@ -153,3 +153,47 @@ def test_a_cond_the_tower_cannot_take_is_named(overrides):
                 model.visual.forward_features(images, bad)
         with pytest.raises(ValueError, match="MultimodalModel.condition"):
             model.encode_image(images, descriptor)
+
+
+def test_padded_prompt_gives_the_same_condition_as_the_prompt_alone() -> None:
+    """MultimodalModel.condition(cond_text=..., cond_text_mask=...) pools the prompt with its
+    padding mask, so a prompt padded to a longer length gives the same c as the prompt alone.
+    Dropping the mask (pooling the pad positions) passes every existing test: the only test that
+    passes cond_text_mask compares against condition() called the same way."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    ).eval()
+    vocab = model.text.cfg.vocab_size
+    ids = torch.randint(1, vocab, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[:, :5] = True
+    with torch.no_grad():
+        alone = model.condition(cond_text=ids)
+        with_pad = model.condition(cond_text=padded, cond_text_mask=mask)
+        no_mask = model.condition(cond_text=padded)
+    torch.testing.assert_close(with_pad, alone, atol=1e-5, rtol=1e-5)
+    assert (no_mask - alone).abs().max() > 1e-4  # the padding would matter without the mask
+
+
+def test_cond_none_on_prefix_token_tower_is_the_neutral_descriptor() -> None:
+    """A vision tower conditioned ONLY through prefix tokens (cond_tokens > 0, cond_dim None)
+    still gets the neutral descriptor's c for cond=None (MultimodalModel.image_condition docstring:
+    "the neutral descriptor's c when the vision backbone is conditioned on augmentation
+    descriptors"; training always conditions).  Checking only cond_dim would silently drop the
+    prefix tokens at eval; no test exercises cond=None on a prefix-token-only tower."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_vit_cond", vision={"cond_dim": None, "cond_tokens": 2}
+    ).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in model.conditioner.parameters():
+            p.normal_(0, 0.5)
+        for p in model.visual.cond_prefix.parameters():
+            p.normal_(0, 0.5)
+        c = model.conditioner(torch.tensor([DESCRIPTOR_V1.neutral]))
+        want = model.visual.forward_features(images, c)["pooled"]
+        got = model.forward_features(images)["pooled"]
+    torch.testing.assert_close(got, want)

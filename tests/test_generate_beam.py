@@ -354,3 +354,41 @@ def test_an_empty_batch_gives_the_shape_greedy_gives(eos_id):
     greedy = coca.generate_captions(imgs, 5, bos_id=BOS, temperature=0, eos_id=eos_id)
     beams = coca.generate_captions(imgs, 5, bos_id=BOS, eos_id=eos_id, num_beams=2)
     assert greedy.shape == beams.shape == (0, 6) and beams.dtype == greedy.dtype
+
+
+def _scripted(table, vocab: int):  # type: ignore[no-untyped-def]
+    """A beam_search next-token function whose distribution depends only on the step:
+    table(generated so far) -> probabilities over the vocabulary (a one-token prompt)."""
+    import math
+
+    def next_logits(text: torch.Tensor) -> torch.Tensor:
+        probs = table(text.shape[1] - 1)
+        return torch.tensor([math.log(p) for p in probs]).expand(text.shape[0], vocab).clone()
+
+    return next_logits
+
+
+def test_early_stopping_does_not_change_the_result() -> None:
+    """A finished row stops only when no live beam can beat it: the bound on a live beam
+    takes the length the penalty favours most (max_new_tokens for length_penalty > 0), not
+    the next step's.  At step 2 both eos candidates finish with (ln .5 + ln .37) / 2 = -0.85;
+    the live beam (ln .5 + ln .12 = -2.81) goes on with probability ~1 to 4 tokens,
+    -2.81 / 4 = -0.70, and must win."""
+    from mmssl.models.beam import beam_search
+
+    vocab, eos = 13, 12
+
+    def probs(d: dict[int, float]) -> list[float]:
+        return [d.get(i, 1e-6) for i in range(vocab)]
+
+    def table(gen: int) -> list[float]:
+        if gen == 0:
+            return probs({0: 0.5, 1: 0.5})
+        if gen == 1:
+            return probs({eos: 0.37, 0: 0.12, **{i: 0.051 for i in range(2, 12)}})
+        return probs({0: 1.0})
+
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    out = beam_search(_scripted(table, vocab), lambda i: None, prompt, 4, 2, eos, 1.0)
+    assert eos not in out[0].tolist(), out
+    assert out[0, 2:].tolist() == [0, 0, 0]

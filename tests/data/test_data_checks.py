@@ -244,3 +244,18 @@ def test_a_shard_rewritten_since_its_manifest_is_counted_by_reading_it(tmp_path,
     assert (
         "train-000000.tar is " in caplog.text and "counting its samples by reading" in caplog.text
     )
+
+
+def test_mean_and_std_apply_per_channel_in_rgb_order(image_shards: str) -> None:
+    """data.mean / data.std normalise channel c with mean[c] and std[c] (the test above uses
+    one value for all three channels, which a reversed table passes)."""
+    import torch
+
+    from mmssl.data.pipeline import build_pipeline
+
+    common = dict(batch_size=4, rank=0, world_size=1, image_size=8, num_views=0, shuffle=1)
+    plain = next(iter(build_pipeline(image_shards, **common)))["image"]
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    normed = next(iter(build_pipeline(image_shards, mean=mean, std=std, **common)))["image"]
+    want = (plain - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert (normed - want).abs().max() < 1e-5

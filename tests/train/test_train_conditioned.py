@@ -326,3 +326,35 @@ def test_task_augself_loss_takes_the_views_descriptors_in_order() -> None:
     want = head(f1, f2, a1, a2)
     assert not torch.allclose(want, head(f1, f2, a2, a1))
     torch.testing.assert_close(metrics["loss/augself"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_each_view_is_conditioned_on_its_own_descriptor() -> None:
+    """The training Task conditions each view on ITS OWN augmentation descriptor
+    (mmssl.train.tasks: "Each view is conditioned on its own descriptor").  The check above runs after 5 small Adam steps from zero-init gates, where
+    the conditioning barely matters, so pairing view 0 with view 1's descriptor passes it.  Here
+    the conditioning weights are made large first."""
+    from mmssl.objectives import nt_xent_loss
+
+    torch.manual_seed(0)
+    cond = mmssl.create_model(
+        "test_tiny_simclr",
+        vision={"cond_dim": 16},
+        condition={"dim": 16},
+        projector={"cond": "hyper", "hyper_rank": 4},
+    )
+    with torch.no_grad():
+        for name, p in cond.named_parameters():
+            if "modulation" in name or "gate" in name or "conditioner" in name or "hyper" in name:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.rand(6, 3, 32, 32, generator=g) for _ in range(2)]
+    augs = [torch.rand(6, 13, generator=g) for _ in views]
+    batch = {"digits": {"views": views, "aug": augs}}
+    task = Task(cond, {"simclr": ObjectiveConfig(source="digits")})
+    with torch.no_grad():
+        z = []
+        for v, a in zip(views, augs):
+            c = cond.condition(a)
+            z.append(cond.project(cond.forward_features(v, c)["pooled"], c))
+        ref = nt_xent_loss(z[0], z[1], 0.1)
+        torch.testing.assert_close(task(batch)[0], ref, atol=1e-5, rtol=1e-5)
