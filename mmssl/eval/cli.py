@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import os
 import sys
@@ -227,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_task(argv)
     except (EvalError, DataError, FileNotFoundError) as err:
+        print(f"mmssl eval: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:  # the disk, not the arguments
+            raise
         print(f"mmssl eval: error: {err}", file=sys.stderr)
         return 2
     # the summary run_task wrote: `--out ""` is the current directory there, not eval-TASK

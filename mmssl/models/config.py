@@ -61,6 +61,7 @@ class VisionConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        _check_positive(self, ["image_size", "patch_size", "in_chans", "dim", "depth", "num_heads"])
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
@@ -74,7 +75,6 @@ class VisionConfig:
                 "attn_window with cond_tokens and pool='mean': patch tokens never attend to the "
                 "prefix, so the condition tokens would have no effect"
             )
-        _check_positive(self, ["image_size", "patch_size", "in_chans", "dim", "depth", "num_heads"])
 
 
 @dataclass

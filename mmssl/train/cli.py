@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             recipe = load_recipe(args.recipe, args.overrides)
             resolved = validate(recipe, args.world_size)
-        except (ConfigError, DataError, FileNotFoundError) as err:
+        except (ConfigError, DataError, OSError) as err:  # OSError: a path too long, ...
             problem = str(err)
         else:
             problem = None

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data-parallel bandwidth per rank in GB/s (200 Gb/s InfiniBand: 25)",
     )
     args = p.parse_intermixed_args(argv)  # overrides before or after options
-    from mmssl.train.recipe import check_ranges, load_recipe
+    from mmssl.train.recipe import check_recipe, load_recipe
 
     positive = (lambda v: v > 0, "> 0")
     rules = {"gpus": positive, "gpu_mem": positive, "tflops": positive, "bandwidth": positive}
@@ -223,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        check_ranges(recipe)  # what training refuses: `-5 steps take -0.0 h` was printed
+        # what training refuses: `-5 steps take -0.0 h` was printed, and objective values
+        # it refuses (a temperature of 0) ended in a traceback
+        check_recipe(recipe)
         lines = plan(recipe, args.gpus, args.gpu_mem, args.tflops, args.mfu, args.bandwidth)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, OSError) as err:  # OSError: a recipe or path unreadable, too long
         print(f"mmssl plan: error: {err}", file=sys.stderr)
         return 2
     print("\n".join(lines))

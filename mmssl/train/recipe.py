@@ -285,21 +285,6 @@ def resolve_path(recipe: Recipe, path: str) -> Path:
     return Path(recipe.base_dir) / p
 
 
-def _dry_build(cfg: Any) -> None:
-    """Build the model on the meta device (no memory, no initialisation): sizes that the
-    layers refuse (a width its heads do not divide, ...) are a ConfigError at validation,
-    not a traceback once the ranks build it."""
-    import torch
-
-    from mmssl.models.multimodal import MultimodalModel
-
-    try:
-        with torch.device("meta"):
-            MultimodalModel(cfg)
-    except (ValueError, AssertionError) as err:
-        raise ConfigError(f"model: {err} (model.overrides or the model's config)") from None
-
-
 # the model's config names its keys `model.<key>`, bare or quoted; the recipe spells them
 # `model.overrides.<key>`
 _OVERRIDE_KEY = re.compile(r"(^|')model\.(?!overrides\.)")
@@ -323,7 +308,9 @@ def model_config(recipe: Recipe) -> Any:
     from mmssl.train.values import check_model
 
     check_model(cfg)
-    _dry_build(cfg)
+    from mmssl.train.dry_build import dry_build
+
+    dry_build(cfg)
     if recipe.train.activation_checkpointing:
         for tower in (cfg.vision, cfg.text):
             if tower is not None:
@@ -463,6 +450,24 @@ def _warn_if_export(name: str) -> None:
             )
 
 
+def check_recipe(recipe: Recipe) -> Any:
+    """The checks of `validate` that need neither a world size nor the file system (`mmssl
+    plan` runs them too): ranges, values, the model (built on meta; returned), the
+    objectives against it, eval sources.  ConfigError on the first problem."""
+    from mmssl.train.objective_checks import check_eval, check_objectives
+    from mmssl.train.text_condition import check_condition
+    from mmssl.train.values import check_values
+
+    check_ranges(recipe)
+    check_values(recipe)
+    cfg = model_config(recipe)
+    _warn_if_export(recipe.model.name)
+    check_condition(recipe, cfg)  # condition_prompt against model.condition.source
+    check_objectives(recipe, cfg)
+    check_eval(recipe)
+    return cfg
+
+
 def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = True) -> Resolved:
     """Check everything that can be checked without a process group; raise ConfigError.
 
@@ -470,21 +475,10 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     the run directory can be made (recipes for other machines); the shard counts of
     epoch-mode sources are checked for `world_size` ranks either way."""
     from mmssl.train.engine import deepspeed_config
-    from mmssl.train.objective_checks import check_eval, check_objectives
     from mmssl.train.streams import check_data
 
     world = world_size_from_env() if world_size is None else world_size
-    check_ranges(recipe)
-    from mmssl.train.values import check_values
-
-    check_values(recipe)
-    cfg = model_config(recipe)
-    _warn_if_export(recipe.model.name)
-    from mmssl.train.text_condition import check_condition
-
-    check_condition(recipe, cfg)  # condition_prompt against model.condition.source
-    check_objectives(recipe, cfg)
-    check_eval(recipe)
+    cfg = check_recipe(recipe)
     accum = grad_accum_steps(recipe, world)
     ds = deepspeed_config(recipe, accum)
     from mmssl.train import file_checks

@@ -321,3 +321,22 @@ def test_an_eval_into_a_path_with_dotdot_writes_its_report_there(
         "summary.md",
     ]
     assert not (tmp_path / "sub").exists()
+
+
+@pytest.mark.parametrize(
+    "task, args",
+    [
+        ("zeroshot", ["--data", "d.tar", "--classes", "digit"]),
+        ("retrieval", ["--data", "d.tar"]),
+        ("linear", ["--train", "d.tar", "--test", "d.tar"]),
+        ("lm", []),
+    ],
+)
+def test_a_model_path_too_long_is_one_line(
+    task: str, args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A --model name longer than the file system takes (found by a fuzzer: a traceback)."""
+    assert main([task, "--model", "x" * 300, *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "File name too long" in err, err
+    assert not (tmp_path / "out").exists()

@@ -628,3 +628,32 @@ def test_numba_backend_without_numba(
     with pytest.raises(ConfigError, match="two views"):  # refused for its objectives, not numba
         validate(load_recipe(base[0], [*base[1:], *no_views]), check_files=False)
     validate(load_recipe(base[0], [*base[1:], "data.augment.backend=auto"]), check_files=False)
+
+
+def test_fuzzed_values_are_one_line_errors(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """What a fuzzer of the overrides found ending in a traceback (or never ending): a zero
+    patch size, sizes past what torch can allocate, a depth of 2**31 (validation builds the
+    model on meta), paths too long for the file system, and `mmssl plan` skipping the
+    objective checks `--validate` makes."""
+    from mmssl.train.plan import main as plan_main
+
+    runs = tmp_path / "runs"
+    vision = "model.overrides.vision"
+    assert "patch_size must be positive, got 0" in _bad(
+        [*base, f"{vision}.patch_size=0"], capsys, runs
+    )
+    err = _bad([*base, f"{vision}.dim=2147483648"], capsys, runs)
+    assert err.startswith("mmssl train: error: model: ") and "overflow" in err.lower()
+    err = _bad([*base, f"{vision}.block.mlp_ratio=1e300"], capsys, runs)
+    assert "model: " in err
+    err = _bad([*base, f"{vision}.depth=2147483648"], capsys, runs)
+    assert "model.overrides.vision.depth: 2147483648 layers; at most 4096" in err
+    long = "a" * 300
+    for key in ("train.deepspeed", "data.tokenizer", "base_dir"):
+        assert "File name too long" in _bad([*base, f"{key}={long}"], capsys, runs)
+    for bad in ("objectives.simclr.temperature=0", "objectives.clip.gather=no"):
+        assert plan_main([base[0], "--gpus", "1", *base[1:], bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mmssl plan: error: "), err
