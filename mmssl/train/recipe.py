@@ -391,7 +391,6 @@ def check_ranges(recipe: Recipe) -> None:
             f"data.view_augment has {len(recipe.data.view_augment)} entries; "
             f"data.views is {recipe.data.views}"
         )
-    _check_numba(recipe.data)
     if recipe.data.workers < 0:
         raise ConfigError(f"data.workers must be >= 0, got {recipe.data.workers}")
     if recipe.data.max_pixels < 1:
@@ -483,9 +482,10 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     ds = deepspeed_config(recipe, accum)
     from mmssl.train import file_checks
 
-    if check_files:
+    if check_files:  # this machine: its files, and numba if the views ask for it
         file_checks.check_run_dir(recipe)
         file_checks.check_shards(recipe)
+        _check_numba(recipe.data)
     file_checks.check_shard_counts(recipe, world)
     check_data(recipe, cfg)
     return Resolved(model=cfg, world_size=world, grad_accum=accum, ds_config=ds)
