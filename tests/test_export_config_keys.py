@@ -137,14 +137,39 @@ def test_save_pretrained_refuses_what_read_config_refuses_writing_nothing(tmp_pa
         ({"preprocess": "bicubic"}, "'preprocess' must be an object"),
         ({"descriptor": {"version": "v99"}}, "unknown augmentation descriptor layout 'v99'"),
         ({"preprocess": {1: 2}}, "unknown key 'preprocess.1'"),  # was a TypeError
+        # the checks below ran only when loading: each save wrote an export that did not load
+        ({"preprocess": {"image_size": 36}}, "image_size 36 is not a positive multiple"),
+        ({"preprocess": {"image_size": 32.0}}, "image_size 32.0 is not a positive multiple"),
+        ({"logits": 5}, "'logits' must be an object"),
+        ({"logits": {"clip": {"type": "clip", "logit_scale": "x"}}}, "must be a finite number"),
+        ({"tokenizer": 5}, "'tokenizer' must be an object"),  # and loading ignored it
+        ({"tokenizer": {"name": 7}}, "'tokenizer' must be an object"),
     ],
 )
 def test_save_pretrained_refuses_values_read_config_refuses_writing_nothing(tmp_path, extra, says):
-    """Not only the names: a value read_config refuses is refused before anything is written."""
+    """Not only the names: a value the loaders refuse is refused before anything is written."""
     out = tmp_path / "new" / "export"
     with pytest.raises(ConfigError, match=says):
         save_pretrained(mmssl.create_model("test_tiny_clip"), out, extra)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_save_over_a_good_export_leaves_it_loading(tmp_path):
+    """A save with a preprocess size off the patch grid replaced a loadable config.json with
+    one load_encoder refused."""
+    model = mmssl.create_model("test_tiny_clip")
+    out = save_pretrained(model, tmp_path / "export", {"preprocess": {"image_size": 32}})
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(ConfigError, match="image_size 36"):
+        save_pretrained(model, out, {"preprocess": {"image_size": 36}})
+    assert (out / "config.json").read_bytes() == before
+    mmssl.load_encoder(out)
+
+
+def test_a_tokenizer_record_that_is_not_an_object_is_refused_on_load(export, tmp_path):
+    """It was ignored: evaluation then used the default tokenizer, unchecked."""
+    path = _edited(export, tmp_path, lambda d: d.update(tokenizer="clip"))
+    assert "'tokenizer' must be an object" in _refused(path)
 
 
 @pytest.mark.parametrize("size", [33, "32", 0, True])

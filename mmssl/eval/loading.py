@@ -232,13 +232,6 @@ def load_model(path: str | Path) -> Loaded:
     return Loaded(model=model, model_dir=model_dir, config=config, source=str(path))
 
 
-def _saved_tokenizer_meta(config: dict[str, Any]) -> dict[str, Any] | None:
-    meta = config.get("tokenizer")
-    if isinstance(meta, dict):
-        return meta
-    return None
-
-
 def load_tokenizer(
     config: dict[str, Any],
     model_dir: Path,
@@ -249,13 +242,13 @@ def load_tokenizer(
     one its config names, else the default; always checked against the saved metadata."""
     from mmssl.tokenizer import get_tokenizer
 
-    saved = _saved_tokenizer_meta(config)
+    saved = config.get("tokenizer")  # None or a dict (`io.read_config` checks)
     if override is not None:
         choice: str | Path = override
     elif (model_dir / "tokenizer_meta.json").is_file() or (model_dir / "tokenizer.json").is_file():
         choice = model_dir
     elif saved is not None and saved.get("name"):
-        choice = str(saved["name"])
+        choice = saved["name"]
     else:
         choice = "default"
     try:

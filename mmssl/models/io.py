@@ -100,9 +100,9 @@ def save_pretrained(
     name), "checkpoint" (its tag), "descriptor" (the augmentation descriptor layout),
     "preprocess" (keys "image_size", "mean", "std", "max_pixels": what evaluation applies), "logits" (the
     contrastive objectives' logit scale and bias) and "tokenizer" (its metadata).  Any other
-    key, "model" included, any other "preprocess" key, and a value `read_config` refuses (an
-    unknown descriptor layout, a mean without its std, ...) is a ConfigError naming it, raised
-    before anything is written.
+    key, "model" included, any other "preprocess" key, and a value the loaders refuse (an
+    unknown descriptor layout, a mean without its std, an image size off the patch grid, ...:
+    `check_record`) is a ConfigError naming it, raised before anything is written.
 
     Both are written under temporary names first and renamed into place only once both are
     complete, so a failure leaves the old files (if any) as they were, never new weights
@@ -116,10 +116,7 @@ def save_pretrained(
             f"{type(model).__name__}; pass load_encoder(path, tower='model') (or "
             f"load_pretrained(path)), not one tower; nothing was written"
         )
-    where = f"save_pretrained({str(out)!r}) extra"
-    check_sections(extra or {}, where, EXTRA_SECTIONS)
-    _check_descriptor((extra or {}).get("descriptor"), where)
-    _check_preprocess((extra or {}).get("preprocess"), where)
+    check_record(extra or {}, f"save_pretrained({str(out)!r}) extra", EXTRA_SECTIONS, model.cfg)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     targets = [out / WEIGHTS, out / CONFIG]
@@ -157,10 +154,27 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{cfg_path}: missing the 'model' section")
-    check_sections(data, cfg_path)
-    _check_descriptor(data.get("descriptor"), cfg_path)
-    _check_preprocess(data.get("preprocess"), cfg_path)
+    check_record(data, cfg_path)
     return data
+
+
+def check_record(
+    record: dict[str, Any],
+    where: str | Path,
+    known: tuple[str, ...] = SECTIONS,
+    cfg: ModelConfig | None = None,
+) -> None:
+    """ConfigError for a config.json record (`where` starts the message) that loading would
+    refuse: an unknown key (`check_sections`), a bad descriptor, preprocess, tokenizer or
+    logits section and, given the model's `cfg`, a preprocess.image_size it cannot take.
+    read_config and load_pretrained run these on a file, save_pretrained before it writes."""
+    check_sections(record, where, known)
+    _check_descriptor(record.get("descriptor"), where)
+    _check_preprocess(record.get("preprocess"), where)
+    _check_tokenizer(record.get("tokenizer"), where)
+    _logit_params(record, where)
+    if cfg is not None:
+        preprocess_size(record.get("preprocess"), cfg, where)
 
 
 def check_sections(
@@ -227,6 +241,20 @@ def preprocess_size(record: Any, cfg: ModelConfig, cfg_path: str | Path) -> int 
     return size
 
 
+def _check_tokenizer(record: Any, cfg_path: str | Path) -> None:
+    """ConfigError unless config.json's "tokenizer" (`Tokenizer.metadata`, with the name it
+    loads by if not the default, which evaluation loads and checks) is absent or an object
+    whose name, if any, is a string: another value was ignored, and evaluation fell back to
+    the default tokenizer without a check."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("name", ""), str):
+        raise ConfigError(
+            f"{cfg_path}: 'tokenizer' must be an object (Tokenizer.metadata, with a string "
+            f"'name' unless the default), got {record!r}"
+        )
+
+
 def _check_descriptor(record: Any, cfg_path: str | Path) -> None:
     """ConfigError unless config.json's "descriptor" (the augmentation descriptor layout the
     model was trained with: `DescriptorLayout.to_dict()`, or just its version) is absent or a
@@ -276,7 +304,7 @@ def read_logit_params(path: str | Path) -> dict[str, LogitParams]:
     return _logit_params(read_config(path), Path(path) / CONFIG)
 
 
-def _logit_params(data: dict[str, Any], cfg_path: Path) -> dict[str, LogitParams]:
+def _logit_params(data: dict[str, Any], cfg_path: str | Path) -> dict[str, LogitParams]:
     record = data.get("logits", {})
     if not isinstance(record, dict):
         raise ConfigError(f"{cfg_path}: 'logits' must be an object, got {record!r}")
@@ -326,7 +354,6 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
     path = Path(path).expanduser()
     data = read_config(path)
     cfg_path = Path(path) / CONFIG
-    _logit_params(data, cfg_path)  # a damaged record fails the load, not a later use
     try:
         cfg = from_dict(ModelConfig, data["model"], "model")
     except ConfigError as err:

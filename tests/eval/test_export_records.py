@@ -108,9 +108,14 @@ def test_a_damaged_logits_record_fails_the_load(tmp_path: Path) -> None:
             r"logits\.s\.logit_scale must be a finite number",
         ),
     ]:
-        save_pretrained(model, tmp_path, {"logits": logits})
+        with pytest.raises(ConfigError, match=says):  # nor is it written
+            save_pretrained(model, tmp_path / "refused", {"logits": logits})
+        save_pretrained(model, tmp_path)
+        path = tmp_path / "config.json"  # as another tool or a hand edit leaves it
+        path.write_text(json.dumps({**json.loads(path.read_text()), "logits": logits}))
         with pytest.raises(ConfigError, match=says):
             load_pretrained(tmp_path)
+    assert not (tmp_path / "refused").exists()
 
 
 def _with_descriptor(folder: Path, record: object) -> None:
