@@ -30,7 +30,7 @@ from mmssl import distributed
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls, shards_hint
-from mmssl.eval.loading import EvalError, Loaded, vision_tower
+from mmssl.eval.loading import EvalError, Loaded, text_width, vision_tower
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -172,6 +172,23 @@ def extract_features(
     if captions:
         out["caption"] = [all_texts[p] for p in pos]
     return out
+
+
+def embedding_column(model: MultimodalModel) -> str:
+    """The column of `extract_features` that `encode_image` equals, which zero-shot and
+    retrieval score against text embeddings: "embeddings" (projected), or "features" for a
+    vision tower without projection (embed_dim null: its encode_image is the pooled
+    features, and a CLIP objective compares those).  EvalError when the two towers'
+    embeddings differ in width: such a model never compared images with texts."""
+    visual = vision_tower(model)
+    width = visual.proj.out_features if visual.proj is not None else visual.cfg.dim
+    if width != text_width(model):
+        raise EvalError(
+            f"the model's image embeddings are {width} wide and its text embeddings "
+            f"{text_width(model)}: they cannot be compared (without a projection, embed_dim "
+            "null, the towers' widths must be equal)"
+        )
+    return "embeddings" if visual.proj is not None else "features"
 
 
 def _fill_empty(

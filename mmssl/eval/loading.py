@@ -105,6 +105,12 @@ def text_config(model: MultimodalModel) -> TextConfig:
     return model.cfg.text
 
 
+def text_width(model: MultimodalModel) -> int:
+    """The width E of `model`'s text embeddings (its projection's, else its tower's)."""
+    text = text_tower(model)
+    return text.proj.out_features if text.proj is not None else text_config(model).dim
+
+
 def is_exported(path: Path) -> bool:
     """Whether `path` is an exported model dir (config.json and model.safetensors)."""
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError, Loaded, text_config, text_tower
+from mmssl.eval.loading import EvalError, Loaded, text_config, text_width
 from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
 
 if TYPE_CHECKING:
@@ -293,11 +293,13 @@ def score(
     }
 
 
-def _features_file(path: str, field: str, limit: int | None, loaded: Loaded) -> dict[str, Any]:
-    """The embeddings and `field` labels of a features file, its first `limit` rows; the
-    file must come from the loaded model's vision tower and preprocessing (files written
-    before the check: any), and its embeddings must be as wide as the model's text
-    embeddings they are scored against."""
+def _features_file(
+    path: str, field: str, limit: int | None, loaded: Loaded, column: str
+) -> dict[str, Any]:
+    """The image embeddings (`column`: `embedding_column`) and `field` labels of a features
+    file, its first `limit` rows; the file must come from the loaded model's vision tower
+    and preprocessing (files written before the check: any), and its embeddings must be as
+    wide as the model's text embeddings they are scored against."""
     from mmssl.eval.features import check_vision_digest, file_labels, load_features
 
     if not Path(path).is_file():
@@ -306,16 +308,16 @@ def _features_file(path: str, field: str, limit: int | None, loaded: Loaded) -> 
         feats = load_features(path)
     except Exception as err:  # safetensors raises its own error types on damage
         raise EvalError(f"{path}: not a readable features file ({err})") from None
-    if "embeddings" not in feats:
+    if column not in feats:
         raise EvalError(
             f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
         )
-    if len(feats["embeddings"]) == 0:
+    if len(feats[column]) == 0:
         # as shards without a readable sample are: topk_accuracy would raise a bare ValueError
         raise EvalError(f"{path} has no feature rows: there are no images to classify")
-    labels = file_labels(path, feats, field, "embeddings", limit)
+    labels = file_labels(path, feats, field, column, limit)
     check_vision_digest(path, feats["metadata"], loaded)
-    emb, width = feats["embeddings"], text_width(loaded.model)
+    emb, width = feats[column], text_width(loaded.model)
     if emb.ndim != 2 or emb.shape[1] != width:
         # a file without a digest (hand-written) may come from any model: the product with
         # the class embeddings raised a bare RuntimeError
@@ -326,13 +328,7 @@ def _features_file(path: str, field: str, limit: int | None, loaded: Loaded) -> 
             f"{path} holds {got}, but --model's class embeddings are {width} wide: they come "
             "from another model; extract the features with this one"
         )
-    return {"embeddings": emb[:limit], field: labels}
-
-
-def text_width(model: MultimodalModel) -> int:
-    """The width E of `model`'s text embeddings (its projection's, else its tower's)."""
-    text = text_tower(model)
-    return text.proj.out_features if text.proj is not None else text_config(model).dim
+    return {column: emb[:limit], field: labels}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -356,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `zeroshot` task: writes results.json, summary.md, confusion.png under args.out."""
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features, integer_labels
+    from mmssl.eval.features import embedding_column, extract_features, integer_labels
     from mmssl.eval.report import md_table, plot_confusion
 
     spec = load_classes(args.classes, args.templates)
@@ -366,8 +362,9 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if model.text is None or model.visual is None:
         raise EvalError("zero-shot classification needs a model with vision and text towers")
     tokenizer = loaded.tokenizer(args.tokenizer)
+    column = embedding_column(model)
     if args.data.endswith(".safetensors"):
-        feats = _features_file(args.data, field, args.limit, loaded)
+        feats = _features_file(args.data, field, args.limit, loaded, column)
     else:
         feats = extract_features(
             model,
@@ -378,7 +375,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             limit=args.limit,
         )
         feats[field] = integer_labels(feats[field], f"shards {args.data}", field, feats["__key__"])
-    image_emb = F.normalize(feats["embeddings"], dim=-1)
+    image_emb = F.normalize(feats[column], dim=-1)
     class_emb = class_embeddings(model, tokenizer, spec.prompts, args.batch_size)
     res = score(image_emb, class_emb, feats[field], spec.classnames)
     plot = plot_confusion(

@@ -29,6 +29,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> str:
 
 
 @pytest.fixture(scope="session")
+def unprojected_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> str:
+    """test_tiny_clip without projections (embed_dim null): encode_* give pooled features."""
+    return make_tiny_model_dir(
+        str(tmp_path_factory.mktemp("unprojected")), tokenizer, embed_dim=None
+    )
+
+
+@pytest.fixture(scope="session")
 def test_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_labelled_shards(str(tmp_path_factory.mktemp("test")), n=12, split="test")
 

@@ -55,12 +55,14 @@ def write_text_shards(out: str, docs: list[str], split: str = "validation") -> s
     return os.path.join(out, writer.pattern)
 
 
-def make_tiny_model_dir(out: str, tokenizer, seed: int = 0) -> str:
-    """An exported test_tiny_clip sized for the tokenizer, with its metadata in config.json."""
+def make_tiny_model_dir(out: str, tokenizer, seed: int = 0, **overrides) -> str:
+    """An exported test_tiny_clip sized for the tokenizer, with its metadata in config.json;
+    `overrides` of its config as create_model takes them."""
     from mmssl.models.io import save_pretrained
     from mmssl.models.registry import create_model
 
     torch.manual_seed(seed)
-    model = create_model("test_tiny_clip", text={"vocab_size": tokenizer.vocab_size})
+    text = {"vocab_size": tokenizer.vocab_size, **overrides.pop("text", {})}
+    model = create_model("test_tiny_clip", text=text, **overrides)
     save_pretrained(model, out, extra={"tokenizer": tokenizer.metadata})
     return out

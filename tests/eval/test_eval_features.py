@@ -162,7 +162,8 @@ def _file_labels_both_tasks(path: str, field: str, limit: int | None = None) -> 
     # the width of its text embeddings (3, as the file's)
     _, a = split_features(path, field, None, 64, limit)
     text = SimpleNamespace(proj=torch.nn.Linear(1, 3, bias=False))
-    b = _features_file(path, field, limit, SimpleNamespace(model=SimpleNamespace(text=text)))[field]
+    loaded = SimpleNamespace(model=SimpleNamespace(text=text))
+    b = _features_file(path, field, limit, loaded, "embeddings")[field]
     assert a.dtype == b.dtype == torch.int64
     return [a.tolist(), b.tolist()]
 

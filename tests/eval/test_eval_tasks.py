@@ -35,7 +35,14 @@ def naive_samples(pattern: str) -> list[tuple[torch.Tensor, str, dict]]:
     return out
 
 
-def test_zeroshot_matches_naive(tmp_path, tiny_model_dir, test_shards, tokenizer):
+# embed_dim null: encode_image is the pooled features (zeroshot and retrieval read the
+# projected embeddings only, and ended in a KeyError traceback)
+MODELS = ["tiny_model_dir", "unprojected_model_dir"]
+
+
+@pytest.mark.parametrize("model_dir", MODELS)
+def test_zeroshot_matches_naive(tmp_path, request, model_dir, test_shards, tokenizer):
+    tiny_model_dir = request.getfixturevalue(model_dir)
     classes = tmp_path / "classes.json"
     names, templates = ["red", "green", "blue"], ["a photo of a {} square.", "{} things"]
     classes.write_text(json.dumps({"classnames": names, "templates": templates}))
@@ -79,7 +86,9 @@ def test_zeroshot_matches_naive(tmp_path, tiny_model_dir, test_shards, tokenizer
         assert res["results"]["per_class"][name] == pytest.approx(right[c][0] / right[c][1])
 
 
-def test_retrieval_matches_naive(tmp_path, tiny_model_dir, test_shards, tokenizer):
+@pytest.mark.parametrize("model_dir", MODELS)
+def test_retrieval_matches_naive(tmp_path, request, model_dir, test_shards, tokenizer):
+    tiny_model_dir = request.getfixturevalue(model_dir)
     res = run_task(
         [
             "retrieval",
@@ -526,3 +535,35 @@ def test_zeroshot_template_longer_than_the_context_is_one_line(
     assert "longer than the text context of 32 tokens" in err and "shorten the template" in err
     assert "'a blurry photo of " in err
     assert not (tmp_path / "z" / "results.json").exists()
+
+
+def test_zeroshot_from_the_features_file_of_an_unprojected_model(
+    tmp_path, unprojected_model_dir, test_shards
+):
+    """Its file has no 'embeddings': the pooled 'features' are what encode_image gives."""
+    from mmssl.eval.features import main as features_main
+
+    f = str(tmp_path / "f.safetensors")
+    assert features_main(["--model", unprojected_model_dir, "--data", test_shards, "--out", f]) == 0
+    common = ["--model", unprojected_model_dir, "--classes", "color", "--label-field", "label"]
+    a = run_task(["zeroshot", *common, "--data", f, "--out", str(tmp_path / "a")])
+    b = run_task(["zeroshot", *common, "--data", test_shards, "--out", str(tmp_path / "b")])
+    assert a["num_samples"] == b["num_samples"] == 12 and a["top1"] == b["top1"]
+
+
+@pytest.mark.parametrize("task", ["zeroshot", "retrieval"])
+def test_towers_of_unequal_widths_without_projection_are_one_line(
+    tmp_path, capsys, tokenizer, test_shards, task
+):
+    from eval_helpers import make_tiny_model_dir
+
+    model = make_tiny_model_dir(
+        str(tmp_path / "m"), tokenizer, embed_dim=None, text={"dim": 16, "num_heads": 2}
+    )
+    argv = [task, "--model", model, "--data", test_shards, "--out", str(tmp_path / "o")]
+    err = _err(capsys, argv + (["--classes", "color"] if task == "zeroshot" else []))
+    assert err == (
+        "mmssl eval: error: the model's image embeddings are 32 wide and its text embeddings "
+        "16: they cannot be compared (without a projection, embed_dim null, the towers' widths "
+        "must be equal)"
+    )
