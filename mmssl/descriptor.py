@@ -124,6 +124,9 @@ DESCRIPTOR_V1 = DescriptorLayout(
 )
 
 LAYOUTS: dict[str, DescriptorLayout] = {"v1": DESCRIPTOR_V1}
+# the layout the data pipeline writes (`mmssl.data.augment`), and so the one training runs
+# with and checkpoints and exports record: a model's condition.layout must be this one
+PIPELINE_LAYOUT = "v1"
 
 
 def get_layout(version: str = "v1") -> DescriptorLayout:

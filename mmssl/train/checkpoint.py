@@ -312,7 +312,7 @@ def save(
     write and the manifest (fault injection).  `tokenizer`: the run's pinned tokenizer
     metadata, `origin`: the checkpoint of another run it started from (`started_from`),
     both for the run record.  Collective."""
-    from mmssl.descriptor import get_layout
+    from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
     from mmssl.train.engine import fp32_master_names
 
     data = distributed.all_gather_object({k: s.state_dict() for k, s in streams.items()})
@@ -320,7 +320,7 @@ def save(
     client = {
         "step": step,
         "recipe": recipe,
-        "descriptor": get_layout("v1").to_dict(),
+        "descriptor": get_layout(PIPELINE_LAYOUT).to_dict(),
         "data": data,
         "rng": rngs,
         "world_size": distributed.world_size(),
@@ -464,9 +464,9 @@ def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict
             f"checkpoint {folder} was written by {client.get('world_size')} ranks, this "
             f"run has {world}: the data positions cannot be mapped"
         )
-    from mmssl.descriptor import get_layout
+    from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
 
-    if client.get("descriptor") != get_layout("v1").to_dict():
+    if client.get("descriptor") != get_layout(PIPELINE_LAYOUT).to_dict():
         raise ConfigError(
             f"checkpoint {folder} uses another descriptor layout: {client.get('descriptor')}"
         )

@@ -277,7 +277,7 @@ class CheckpointRotated(FileNotFoundError):
 def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified: bool) -> Path:
     """`export_run` of one checkpoint; `_Rotated` when it disappears while being read."""
     from mmssl.atomic import FileLock, write_atomic
-    from mmssl.descriptor import get_layout
+    from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.checkpoint import TAG, manifest_digest
@@ -316,7 +316,7 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
     extra: dict[str, Any] = {
         "recipe": recipe.name,
         "checkpoint": tag,
-        "descriptor": get_layout("v1").to_dict(),
+        "descriptor": get_layout(PIPELINE_LAYOUT).to_dict(),
         # the image size and normalisation of training, which evaluation applies
         # (mmssl.eval.loading); data.image_size may differ from the model's own
         "preprocess": {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmssl.descriptor import get_layout
+from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
 from mmssl.schema import ConfigError, suggest
 from mmssl.train.recipe import NEEDS, SOURCE_PROVIDES, ObjectiveConfig, Recipe
 
@@ -35,6 +35,13 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
         raise ConfigError("objectives: a recipe needs at least one objective")
     if all(o.weight == 0 for o in recipe.objectives.values()):  # a weight of 0 is an ablation
         raise ConfigError("objectives: every weight is 0, so the loss is 0 and nothing is learnt")
+    cond = cfg.condition
+    if cond is not None and cond.source == "descriptor" and cond.layout != PIPELINE_LAYOUT:
+        # the model would read the pipeline's descriptors, and its neutral one, by its own layout
+        raise ConfigError(
+            f"model condition.layout {cond.layout!r}: the data pipeline writes descriptor "
+            f"layout {PIPELINE_LAYOUT!r}, which the model would read as {cond.layout!r}"
+        )
     sources = recipe.data.sources
     unset = ObjectiveConfig()
     for key, obj in recipe.objectives.items():
@@ -192,7 +199,7 @@ def _shared_shards(urls: str, others: list[str]) -> str | None:
 
 def _check_group_weights(weights: dict[str, float], where: str) -> None:
     """AugSelf's per-group weights: groups of the v1 descriptor, >= 0, not all 0."""
-    names = get_layout("v1").names
+    names = get_layout(PIPELINE_LAYOUT).names
     for name, w in weights.items():
         if name not in names:
             raise ConfigError(

@@ -655,3 +655,24 @@ def test_fuzzed_values_are_one_line_errors(
         assert plan_main([base[0], "--gpus", "1", *base[1:], bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("mmssl plan: error: "), err
+
+
+def test_a_descriptor_layout_other_than_the_pipelines_is_refused(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    """A layout registered beside v1 (here v1's groups, crop first) passed validation, and
+    the model read the pipeline's v1 descriptors, and its own neutral one, by it."""
+    from mmssl import descriptor
+
+    v1 = descriptor.DESCRIPTOR_V1
+    order = ["crop", "blur", "color", "color_diff", "grayscale"]
+    groups = [(g.name, g.dim, g.binary) for n in order for g in v1.groups if g.name == n]
+    neutral = (0.5, 0.5, 1.0, 1.0) + (0.0,) * 9
+    v2 = descriptor.DescriptorLayout("v2", descriptor._contiguous(groups), neutral)
+    monkeypatch.setitem(descriptor.LAYOUTS, "v2", v2)
+    cond = "model.overrides.condition={source: descriptor, layout: v2, dim: 8, hidden_dim: 8}"
+    err = _bad([*base, cond, "model.overrides.vision.cond_dim=8"], capsys, tmp_path / "runs")
+    assert err == (
+        "mmssl train: error: model condition.layout 'v2': the data pipeline writes descriptor "
+        "layout 'v1', which the model would read as 'v2'\n"
+    )
