@@ -13,3 +13,15 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("demo")
     write_demo(str(out))
     return str(out)
+
+
+@pytest.fixture()
+def reloaded_compiled():
+    """mmssl.data.decode loads each compiled (numba) module once a process: a test that
+    changes whether it can load (numba hidden, NUMBA_DISABLE_JIT) sees its own state, and
+    the tests after it the real one."""
+    from mmssl.data import decode
+
+    decode._load_compiled.cache_clear()
+    yield
+    decode._load_compiled.cache_clear()

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from mmssl.data.colorops import apply_color
-from mmssl.data.decode import compiled
+from mmssl.data.decode import compiled, compiled_problem
 from mmssl.data.torchviews import _crop_resize
 
 
@@ -279,7 +279,7 @@ def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Any:
     fast = _fast_module()
     if fast is None:
         if backend == "numba":
-            raise ImportError("backend='numba' needs numba (pip install numba)")
+            raise ImportError(f"backend='numba', but {compiled_problem('fastviews')}")
         return None
     src = fast.sources(images)
     # mixed sizes and big downscales: the torch path resamples per view, antialiased

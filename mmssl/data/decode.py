@@ -226,18 +226,39 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         i += max(int.from_bytes(data[i : i + 2], "big"), 2)
 
 
-@functools.cache
 def compiled(name: str) -> Any:
     """Numba module `mmssl.data.<name>` (fastviews, fastdraws, fastpng), imported on first
-    use, not at import; None without numba, or with nowhere to cache its compiled kernels
-    (numba raises RuntimeError then, a read-only install without a cache directory): the
-    callers fall back to torch or libpng."""
+    use, not at import; None when it cannot run (`compiled_problem`): the callers fall back
+    to torch or libpng."""
+    return _load_compiled(name)[0]
+
+
+def compiled_problem(name: str) -> str | None:
+    """Why `compiled(name)` is None, as a sentence with its fix; None when it loads."""
+    return _load_compiled(name)[1]
+
+
+@functools.cache  # once a process: a failed import searches sys.path again each time
+def _load_compiled(name: str) -> tuple[Any, str | None]:
+    """(module, None), or (None, why): numba missing; nowhere to cache its compiled kernels
+    (numba raises RuntimeError at import then: a read-only install without a writable cache
+    folder); or numba's debug switch NUMBA_DISABLE_JIT, which runs the kernels as Python,
+    ~1000x slower, and fastviews' byte-reading intrinsic not at all."""
     import importlib
 
     try:
-        return importlib.import_module(f"mmssl.data.{name}")
-    except (ImportError, RuntimeError):
-        return None
+        module = importlib.import_module(f"mmssl.data.{name}")
+        jit_off = importlib.import_module("numba").config.DISABLE_JIT
+    except ImportError as err:
+        return None, f"numba cannot be imported ({err}); install the `fast` extra (pip install numba)"
+    except RuntimeError as err:
+        return None, (
+            f"numba cannot cache the compiled kernels ({err}); set NUMBA_CACHE_DIR to a "
+            "writable folder"
+        )
+    if jit_off:
+        return None, "NUMBA_DISABLE_JIT is set, so numba compiles nothing; unset it"
+    return module, None
 
 
 def _fast_png() -> Any:

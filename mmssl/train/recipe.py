@@ -398,8 +398,11 @@ def check_ranges(recipe: Recipe) -> None:
 
 
 def _check_numba(data: DataConfig) -> None:
-    """backend numba needs numba installed: said before the run starts, not at its first batch.
-    Each view renders with `data.augment` updated by its `data.view_augment` entry."""
+    """backend numba needs the compiled renderer to load (numba installed, a writable cache,
+    no NUMBA_DISABLE_JIT): said before the run starts, not at its first batch.  Each view
+    renders with `data.augment` updated by its `data.view_augment` entry."""
+    from mmssl.data.decode import compiled_problem
+
     asking = []  # the keys that set backend numba for a view that is rendered
     for i, view in enumerate(data.view_augment or [{}] * bool(data.views)):
         if {**data.augment, **view}.get("backend") == "numba":
@@ -408,13 +411,11 @@ def _check_numba(data: DataConfig) -> None:
             )
     if not asking:
         return
-    try:
-        import numba  # noqa: F401
-    except ImportError as err:
+    problem = compiled_problem("fastviews") or compiled_problem("fastdraws")
+    if problem:
         raise ConfigError(
-            f"{asking[0]}: backend numba, but numba cannot be imported ({err}); install the "
-            f"`fast` extra (pip install numba), or use backend auto (torch renders then)"
-        ) from None
+            f"{asking[0]}: backend numba, but {problem}; or use backend auto (torch renders then)"
+        )
 
 
 @dataclass

@@ -238,3 +238,45 @@ def test_views_refuse_images_that_are_not_uint8_rgb_chw(image, error):
     p = sample_params(np.random.default_rng(0), [(16, 16)], cfg)
     with pytest.raises(error, match="image 0"):
         apply_params([image], p, 8, backend="torch")
+
+
+@pytest.mark.parametrize("why", ["disable_jit", "no_cache"])
+def test_backend_auto_renders_with_torch_when_the_compiled_renderer_cannot_run(
+    why, monkeypatch, reloaded_compiled
+):
+    """NUMBA_DISABLE_JIT (numba's debug switch: its kernels as Python) made backend auto
+    crash in fastviews; a read-only install without a cache folder (numba's RuntimeError at
+    import) fell back silently, and backend numba then said 'needs numba' of an installed
+    numba.  Both now fall back to torch under auto and name the cause under numba."""
+    import importlib
+
+    numba = pytest.importorskip("numba", reason="the compiled view renderer needs numba")
+    from mmssl.data.decode import compiled, compiled_problem
+
+    from mmssl.data import fastdraws, fastpng, fastviews  # noqa: F401  # compiled before
+
+    if why == "disable_jit":  # set at start-up, numba's njit returns the Python functions
+        monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+        says = "NUMBA_DISABLE_JIT is set"
+    else:
+        real = importlib.import_module
+
+        def no_cache(name, *args):
+            if name.startswith("mmssl.data.fast"):
+                raise RuntimeError("cannot cache function 'render': no locator available")
+            return real(name, *args)
+
+        monkeypatch.setattr(importlib, "import_module", no_cache)
+        says = "numba cannot cache the compiled kernels (cannot cache function"
+    for name in ("fastviews", "fastdraws", "fastpng"):
+        assert compiled(name) is None and says in compiled_problem(name)
+    imgs = _images(4)
+    views = [
+        make_views(imgs, 2, 16, AugmentConfig(backend=b), np.random.default_rng(0))
+        for b in ("auto", "torch")
+    ]
+    for a, b in zip(views[0][0] + views[0][1], views[1][0] + views[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ImportError) as err:
+        make_views(imgs, 2, 16, AugmentConfig(backend="numba"), np.random.default_rng(0))
+    assert str(err.value).startswith(f"backend='numba', but {says}")

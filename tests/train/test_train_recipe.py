@@ -607,13 +607,18 @@ def test_a_model_name_that_is_an_export_says_its_weights_are_not_loaded(tmp_path
 
 
 def test_numba_backend_without_numba(
-    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+    base: list[str],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reloaded_compiled: None,
 ) -> None:
     """backend numba on a machine without numba is refused before the run starts (it died at
     the first batch, in a data worker); backend auto trains with torch then."""
     import sys
 
-    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    for name in ("numba", "mmssl.data.fastviews", "mmssl.data.fastdraws"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
     runs = tmp_path / "runs"
     err = _bad([*base, "data.augment.backend=numba"], capsys, runs)
     assert "data.augment.backend: backend numba, but numba cannot be imported" in err
@@ -626,6 +631,27 @@ def test_numba_backend_without_numba(
     capsys.readouterr()
     # a recipe for another machine (check_files=False, as `mmssl plan`) is not asked for numba
     validate(load_recipe(base[0], [*base[1:], "data.augment.backend=numba"]), check_files=False)
+
+
+def test_numba_backend_with_numba_switched_off(
+    base: list[str],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reloaded_compiled: None,
+) -> None:
+    """An installed numba that cannot compile (NUMBA_DISABLE_JIT; a read-only install
+    without a cache folder, as mmssl.data.decode.compiled_problem words it) passed
+    validation, and the run died at its first batch saying 'needs numba'."""
+    numba = pytest.importorskip("numba")
+    from mmssl.data import fastdraws, fastviews  # noqa: F401  # compiled before the switch
+
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    err = _bad([*base, "data.augment.backend=numba"], capsys, tmp_path / "runs")
+    assert err == (
+        "mmssl train: error: data.augment.backend: backend numba, but NUMBA_DISABLE_JIT is "
+        "set, so numba compiles nothing; unset it; or use backend auto (torch renders then)\n"
+    )
 
 
 def test_fuzzed_values_are_one_line_errors(
