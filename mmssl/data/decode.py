@@ -250,7 +250,10 @@ def _load_compiled(name: str) -> tuple[Any, str | None]:
         module = importlib.import_module(f"mmssl.data.{name}")
         jit_off = importlib.import_module("numba").config.DISABLE_JIT
     except ImportError as err:
-        return None, f"numba cannot be imported ({err}); install the `fast` extra (pip install numba)"
+        return (
+            None,
+            f"numba cannot be imported ({err}); install the `fast` extra (pip install numba)",
+        )
     except RuntimeError as err:
         return None, (
             f"numba cannot cache the compiled kernels ({err}); set NUMBA_CACHE_DIR to a "

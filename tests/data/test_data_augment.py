@@ -251,9 +251,8 @@ def test_backend_auto_renders_with_torch_when_the_compiled_renderer_cannot_run(
     import importlib
 
     numba = pytest.importorskip("numba", reason="the compiled view renderer needs numba")
-    from mmssl.data.decode import compiled, compiled_problem
-
     from mmssl.data import fastdraws, fastpng, fastviews  # noqa: F401  # compiled before
+    from mmssl.data.decode import compiled, compiled_problem
 
     if why == "disable_jit":  # set at start-up, numba's njit returns the Python functions
         monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
