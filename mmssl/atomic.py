@@ -143,7 +143,7 @@ def write_atomic(path: Path, text: str) -> None:
     so a kill leaves the old file or the new one, never part of one."""
     tmp = temp_name(path)  # this process's: two writers never share one (a report, an export)
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

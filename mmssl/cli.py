@@ -10,6 +10,8 @@ import difflib
 import importlib
 import sys
 
+from mmssl.cliargs import tolerant_streams
+
 # name -> (module with `main(argv: list[str] | None) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("mmssl.smoke", "build a registry model and run one forward/backward pass"),
@@ -38,6 +40,7 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """`mmssl COMMAND ...`: runs the subcommand's `main(rest)` and returns its exit code (2 for an
     unknown or missing command, 0 for --help)."""
+    tolerant_streams()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # a mistake, as argparse treats a missing subcommand: the usage on stderr, 2
         print(_usage(), file=sys.stderr)

@@ -20,6 +20,18 @@ from typing import Any, NoReturn
 INT64 = 2**63
 
 
+def tolerant_streams() -> None:
+    """stdout and stderr write what the locale's encoding cannot hold as escapes: under an
+    ASCII locale (LC_ALL=C without Python's UTF-8 mode) a summary's "±" or a class name's
+    "é" ended a finished command in UnicodeEncodeError.  Files are written in UTF-8."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on a replaced stream
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def summary(doc: str | None) -> str:
     """A module docstring's first paragraph as one line: a CLI's `--help` description."""
     return " ".join((doc or "").strip().split("\n\n")[0].split())

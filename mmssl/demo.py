@@ -75,7 +75,7 @@ def run_demo(
     if not (data / "demo.json").is_file():
         write_demo(str(data))
     try:
-        info = json.loads((data / "demo.json").read_text())
+        info = json.loads((data / "demo.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:  # damaged by hand or by a crash while writing it
         raise DataError(
             f"{data / 'demo.json'} is unreadable ({err}); delete {data} to write the data again"
@@ -263,9 +263,9 @@ def write_summary(out: Path, r: dict[str, Any], wall: float) -> None:
     ]
     lines += ["Samples:", ""] + [f"- `{s!r}`" for s in r["samples"]] + [""]
     lines += [f"![{Path(p).parent.name}]({p})" for p in plots if (out / p).is_file()]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "demo_results.json").write_text(
-        json.dumps(dict(r, wall_s=round(wall, 1)), indent=2) + "\n"
+        json.dumps(dict(r, wall_s=round(wall, 1)), indent=2) + "\n", encoding="utf-8"
     )
 
 

@@ -142,7 +142,7 @@ def class_files(out: str) -> None:
     names = list(COLORS)
     colors = entry("color", names, COLOR_TEMPLATES, lambda t, c: t.format(color=names[c]))
     for name, obj in (("classes_digit.json", digits), ("classes_color.json", colors)):
-        with open(os.path.join(out, name), "w") as f:
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
 
@@ -164,7 +164,7 @@ def write_demo(out: str, seed: int = 0, size: int = 32) -> dict[str, Any]:
         "colors": list(COLORS),
     }
     class_files(out)
-    with open(os.path.join(out, "demo.json"), "w") as f:
+    with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1, sort_keys=True)
         f.write("\n")
     return info

@@ -239,7 +239,7 @@ class ShardWriter:
         if not os.path.isfile(path):
             return {"version": 1, "shards": [], "splits": {}}
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 manifest = json.load(f)
             if not isinstance(manifest.get("shards"), list) or not isinstance(
                 manifest.get("splits"), dict

@@ -61,7 +61,7 @@ class Loaded:
             return None
         out: dict[str, Any] = {"tag": tag}
         try:
-            origin = json.loads((self.model_dir / "exported_from.json").read_text())
+            origin = json.loads((self.model_dir / "exported_from.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return out
         if isinstance(origin, dict) and origin.get("checkpoint") == tag:
@@ -129,8 +129,8 @@ def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | N
     if not is_exported(dest):
         return None
     try:
-        source = json.loads((dest / SOURCE).read_text())
-        tag = json.loads((dest / "config.json").read_text()).get("checkpoint")
+        source = json.loads((dest / SOURCE).read_text(encoding="utf-8"))
+        tag = json.loads((dest / "config.json").read_text(encoding="utf-8")).get("checkpoint")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(source, dict) or tag not in tags or source.get("checkpoint") != tag:

@@ -37,7 +37,7 @@ def report_task(out_dir: str | Path) -> str | None:
     """The task whose report is in `out_dir`: the `task` of its results.json when that is one
     `write_report` wrote (a JSON object with `task` and `results`), else None."""
     try:
-        doc = json.loads((Path(out_dir) / RESULTS).read_text())
+        doc = json.loads((Path(out_dir) / RESULTS).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, unreadable, not JSON or not UTF-8
         return None
     if isinstance(doc, dict) and isinstance(doc.get("task"), str) and "results" in doc:

@@ -174,7 +174,7 @@ def _read_json(path: str, what: str = "class file") -> Any:
         builtin = f" (or use a built-in: {', '.join(BUILTIN)})" if what == "class file" else ""
         raise EvalError(f"{what} not found: {path}{builtin}")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalError(f"{path}: not valid JSON ({err})") from None
 

@@ -57,7 +57,7 @@ def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (/proc, since 4.7):
     setting it to read it would give files that other threads create meanwhile mode 0666."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
@@ -128,7 +128,7 @@ def save_pretrained(
     config = {"model": to_dict(model.cfg), **(extra or {})}
     try:
         write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})
-        temps[1].write_text(json.dumps(config, indent=2) + "\n")
+        temps[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     finally:
@@ -149,7 +149,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
             )
         raise FileNotFoundError(f"{cfg_path}: no config.json (is {path} an exported model?)")
     try:
-        data = json.loads(cfg_path.read_text())
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "model" not in data:

@@ -50,7 +50,7 @@ def model_config_dict(name_or_path: str) -> dict[str, Any]:
     """The raw config of a named architecture or of a JSON file (`config_file`)."""
     path = config_file(name_or_path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     return data.get("model", data) if isinstance(data, dict) else data

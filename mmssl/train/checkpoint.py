@@ -136,7 +136,7 @@ def verify(folder: Path, collective: bool = True) -> str | None:
     rank, world = (distributed.rank(), distributed.world_size()) if collective else (0, 1)
     problem: str | None = None
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         entries = manifest["files"]
         names = sorted(entries)
     except FileNotFoundError:

@@ -75,7 +75,7 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
     if not record.is_file():
         return None
     try:
-        run = json.loads(record.read_text())
+        run = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {folder}: {RUN_RECORD} is unreadable ({err})") from None
     if not isinstance(run, dict):

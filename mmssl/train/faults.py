@@ -106,7 +106,7 @@ class Faults:
         folder = self.run_dir / ".faults"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{point}.rank{self.rank}.tmp"
-        tmp.write_text(str(os.getpid()))
+        tmp.write_text(str(os.getpid()), encoding="utf-8")
         tmp.replace(folder / f"{point}.rank{self.rank}")
         time.sleep(PAUSE_LIMIT_S)
         os._exit(86)  # nobody came: fail loudly rather than train on

@@ -17,7 +17,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     mid-append) is dropped, so that the resume rewrites the file without it."""
     path = run_dir / METRICS
     rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
         except ValueError:
@@ -100,7 +100,7 @@ class RunLogger:
             "time": round(now - self.t0, 3),
             **metrics,
         }
-        with open(self.run_dir / METRICS, "a") as f:
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
@@ -199,7 +199,7 @@ def write_summary(
     for key in (k for k in last if k.split("/")[0] in shown):
         lines.append(f"| {key} | {first.get(key, float('nan')):.4f} | {last[key]:.4f} |")
     lines += ["", "![loss curve](loss.png)", ""]
-    (run_dir / "summary.md").write_text("\n".join(lines))
+    (run_dir / "summary.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def error_summary_name(rank: int) -> str:
@@ -256,5 +256,5 @@ def write_error_summary(
             plot_losses(rows, run_dir / "loss.png")
             lines += ["", "![loss curve](loss.png)", ""]
     path = run_dir / error_summary_name(rank)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -133,16 +133,16 @@ class KeyLog:
         path = run_dir / "keys" / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
+        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
             try:
                 if json.loads(line)["step"] <= start_step:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 -- closed in close()
+        self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 -- closed in close()
 
     def write(self, step: int, keys: dict[str, list[str]]) -> None:
         """Append the sample keys of `step`, by source."""
@@ -161,7 +161,7 @@ def _summarised(run_dir: Path, step: int) -> bool:
     attempt's, nor one of an earlier stop.  A run killed between its last checkpoint and its
     summary has none of its own, and writes it when run again."""
     try:
-        lines = (run_dir / "summary.md").read_text().splitlines()
+        lines = (run_dir / "summary.md").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return False
     ended = f" -> {step} of "
@@ -178,7 +178,7 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # validate checked it: something changed since
             raise ConfigError(f"out_dir: cannot make the run directory {run_dir}: {err}") from None
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     distributed.barrier()
 
 

@@ -121,7 +121,7 @@ def record(
 def read_started_from(folder: Path) -> dict[str, Any] | None:
     """The `started_from` of checkpoint `folder`'s run record, None without one."""
     try:
-        start = json.loads((folder / RUN_RECORD).read_text()).get("started_from")
+        start = json.loads((folder / RUN_RECORD).read_text(encoding="utf-8")).get("started_from")
     except (OSError, ValueError, AttributeError):
         return None
     return start if isinstance(start, dict) and "checkpoint" in start else None
@@ -165,7 +165,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     if not path.is_file():
         return
     try:
-        run = json.loads(path.read_text())
+        run = json.loads(path.read_text(encoding="utf-8"))
         saved, saved_world, saved_stage = run["recipe"], run["world_size"], run["zero_stage"]
         # records written before the field existed: every source was seeded with data.seed
         seeding = int(run.get("source_seeding", 1))
