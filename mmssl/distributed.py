@@ -31,6 +31,14 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def destroy() -> None:
+    """Tear the default process group down, if there is one: a launched rank does it itself
+    before the interpreter's own teardown (PyTorch asks for this; a rank that now and then
+    aborted at exit with "terminate called without an active exception" did not)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     """Global rank of this process (0 without a process group)."""
     return dist.get_rank() if is_initialized() else 0

@@ -128,3 +128,22 @@ def test_launcher_reports_child_errors_without_hanging() -> None:
     """A hang would end in run_distributed's TimeoutError, which this does not match."""
     with pytest.raises(RuntimeError, match="boom on rank 1"):
         run_distributed(_fails, 2, timeout=100.0)
+
+
+def test_no_other_module_calls_torch_distributed() -> None:
+    """DESIGN: mmssl/distributed.py is the only module that calls torch.distributed (the
+    training entry point and the engine's launch check did; one place to change for another
+    backend, one place to read for what a rank does)."""
+    import re
+    from pathlib import Path
+
+    package = Path(distributed.__file__).parent
+    uses = re.compile(r"\btorch\.distributed\b|\bfrom torch import distributed\b")
+    found = [
+        f"{path.relative_to(package)}:{i}"
+        for path in sorted(package.rglob("*.py"))
+        if path != Path(distributed.__file__)
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if uses.search(line.split("#")[0])
+    ]
+    assert not found, found

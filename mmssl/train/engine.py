@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mmssl import distributed
 from mmssl.nn.attention import set_attention_kernel
 from mmssl.schema import ConfigError
 from mmssl.shipped import shipped_path
@@ -327,7 +328,7 @@ def init_distributed() -> None:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
-    elif "RANK" in os.environ and not torch.distributed.is_initialized():
+    elif "RANK" in os.environ and not distributed.is_initialized():
         _complete_launch_env()  # a group a caller started is adopted as it is
     # idempotent; adopts a process group that a caller (a test harness) already started
     deepspeed.init_distributed(
@@ -339,8 +340,6 @@ def init_distributed() -> None:
         # each rank's own device from the start, as deepspeed.initialize would set it
         # later: `device()` and the collectives before the engine exists (the run
         # directory's lock) would otherwise use device 0 on every rank of a node
-        from mmssl import distributed
-
         get_accelerator().set_device(distributed.local_rank())
 
 
@@ -355,8 +354,6 @@ def _unlink_shm_workspace() -> None:
     mappings stay valid until the processes exit, and nothing is left behind even after
     a crash.
     """
-    from mmssl import distributed
-
     world = distributed.world_size()
     if os.environ.get("LOCAL_SIZE") != str(world):
         return
