@@ -56,14 +56,32 @@ def model_config_dict(name_or_path: str) -> dict[str, Any]:
     return data.get("model", data) if isinstance(data, dict) else data
 
 
+class ModelFileError(ConfigError):
+    """A model config file's own error (not its overrides'), naming the file."""
+
+
 def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     """ModelConfig of a name/path with overrides: nested dicts (`vision={'depth': 2}`) or dotted
-    keys (`**{'vision.depth': 2}`)."""
-    data = model_config_dict(name_or_path)
+    keys (`**{'vision.depth': 2}`).  An error the file makes without the overrides is a
+    ModelFileError naming the file."""
+    own = model_config_dict(name_or_path)
     dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
     nested = {k: v for k, v in overrides.items() if "." not in k}
-    data = apply_overrides(merge(data, nested), dotted)
-    return from_dict(ModelConfig, data, "model")
+    data = apply_overrides(merge(own, nested), dotted)
+    try:
+        return from_dict(ModelConfig, data, "model")
+    except ConfigError as err:
+        if overrides and _config_problem(own) != str(err):
+            raise  # the overrides' error
+        raise ModelFileError(f"{config_file(name_or_path)}: {err}") from None
+
+
+def _config_problem(data: Any) -> str | None:
+    try:
+        from_dict(ModelConfig, data, "model")
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:

@@ -297,10 +297,12 @@ def override_error(err: ConfigError) -> ConfigError:
 
 def model_config(recipe: Recipe) -> Any:
     """The resolved ModelConfig, with activation checkpointing switched on in every tower."""
-    from mmssl.models.registry import resolve_model_config
+    from mmssl.models.registry import ModelFileError, resolve_model_config
 
     try:
         cfg = resolve_model_config(recipe.model.name, **recipe.model.overrides)
+    except ModelFileError as err:  # a key of the file model.name names, not of the overrides
+        raise ConfigError(f"model.name: {err}") from None
     except ConfigError as err:
         raise override_error(err) from None
     except (FileNotFoundError, ValueError) as err:

@@ -702,3 +702,34 @@ def test_a_descriptor_layout_other_than_the_pipelines_is_refused(
         "mmssl train: error: model condition.layout 'v2': the data pipeline writes descriptor "
         "layout 'v1', which the model would read as 'v2'\n"
     )
+
+
+def test_a_key_of_a_model_file_is_named_in_the_file(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A misspelt key inside the JSON that model.name names was reported as
+    'model.overrides.vision.dept', a key the recipe does not have, and the file unnamed."""
+    import json
+
+    from mmssl.models.registry import ModelFileError, model_config_dict, resolve_model_config
+
+    cfg = model_config_dict("test_tiny_simclr")
+    cfg["vision"]["dept"] = cfg["vision"].pop("depth")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    runs = tmp_path / "runs"
+    err = _bad([*base, f"model.name={path}"], capsys, runs)
+    assert err.startswith(
+        f"mmssl train: error: model.name: {path}: unknown key 'model.vision.dept'"
+    ), err
+    with pytest.raises(ModelFileError, match=f"^{path}: unknown key 'model.vision.dept'"):
+        resolve_model_config(str(path), embed_dim=8)  # the overrides do not touch it
+    # an override's own mistake is still the override's, also on a good file
+    path.write_text(json.dumps(model_config_dict("test_tiny_simclr")), encoding="utf-8")
+    err = _bad([*base, f"model.name={path}", "model.overrides.vision.dpth=2"], capsys, runs)
+    assert "unknown key 'model.overrides.vision.dpth'" in err and str(path) not in err
+    # and an override that mends the file's error is the user's word
+    bad = model_config_dict("test_tiny_simclr")
+    bad["vision"].update(pool="token", class_token=False)
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    assert resolve_model_config(str(path), **{"vision.class_token": True}).vision.class_token
