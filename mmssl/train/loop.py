@@ -69,6 +69,7 @@ from mmssl.train.streams import (
 )
 from mmssl.train.streams import tokenizer as recipe_tokenizer
 from mmssl.train.tasks import StepTargets, Task, register_zero3_params
+from mmssl.train.text_condition import source_prompts
 
 _log = logging.getLogger("mmssl.train")
 
@@ -258,7 +259,9 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     seed_everything(recipe.train.seed)
     from mmssl.models.multimodal import MultimodalModel
 
-    task = Task(MultimodalModel(resolved.model), recipe.objectives, recipe_tokenizer(recipe))
+    # the tokenizer of the condition prompts, loaded only for them, as validation checks it
+    tok = recipe_tokenizer(recipe) if source_prompts(recipe.objectives) else None
+    task = Task(MultimodalModel(resolved.model), recipe.objectives, tok)
     # the tokenizer as the run starts, pinned in every checkpoint's run record: the export
     # records it, a resume refuses another (the file may be retrained in place meanwhile)
     pinned = tokenizer_record(tokenizer_name(recipe)) if resolved.model.text else None

@@ -245,9 +245,13 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
                     f"data.sources.{name}: context length {context} exceeds the model's text "
                     f"context_length {model_cfg.text.context_length}"
                 )
-    if any(s.kind != "image" and s.urls != "synthetic" for s in recipe.data.sources.values()):
+    # the text sources read it, and a text tower's run pins it for its export and resumes
+    text_read = any(
+        s.kind != "image" and s.urls != "synthetic" for s in recipe.data.sources.values()
+    )
+    if text_read or model_cfg.text is not None:
         tok = tokenizer(recipe)
-        if model_cfg.text is not None and tok.vocab_size > model_cfg.text.vocab_size:
+        if text_read and model_cfg.text is not None and tok.vocab_size > model_cfg.text.vocab_size:
             raise ConfigError(
                 f"data.tokenizer {recipe.data.tokenizer!r} has {tok.vocab_size} ids but the "
                 f"model's text vocab_size is {model_cfg.text.vocab_size}; set "

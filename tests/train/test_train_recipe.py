@@ -733,3 +733,30 @@ def test_a_key_of_a_model_file_is_named_in_the_file(
     bad["vision"].update(pool="token", class_token=False)
     path.write_text(json.dumps(bad), encoding="utf-8")
     assert resolve_model_config(str(path), **{"vision.class_token": True}).vision.class_token
+
+
+def test_validation_and_the_run_agree_on_the_tokenizer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An image-only run never reads data.tokenizer, yet the run loaded it (a misspelt one
+    ended it after --validate said ok); a model with a text tower pins it for its export, and
+    --validate now checks it loads."""
+    recipe = {
+        "name": "img",
+        "out_dir": str(tmp_path / "runs"),
+        "model": {"name": "test_tiny_simclr"},  # no text tower
+        "data": {"sources": {"train": {"urls": "synthetic", "kind": "image"}}, "views": 2},
+        "objectives": {"simclr": {"source": "train"}},
+        "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 4},
+        "logging": {"every": 1, "tensorboard": False, "progress": False},
+    }
+    path = tmp_path / "img.yaml"
+    path.write_text(json.dumps(recipe), encoding="utf-8")
+    typo = "data.tokenizer=defualt"
+    assert main([str(path), typo, "--validate"]) == 0
+    assert main([str(path), typo]) == 0
+    assert (tmp_path / "runs" / "img" / "summary.md").is_file()
+    capsys.readouterr()
+    text_tower = [str(path), typo, "model.name=test_tiny_clip", "name=clip"]
+    err = _bad([*text_tower, "--validate"], capsys, tmp_path / "none")
+    assert err.startswith("mmssl train: error: data.tokenizer: tokenizer not found: ")
