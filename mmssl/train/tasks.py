@@ -59,7 +59,7 @@ from mmssl.objectives import (
 from mmssl.objectives.contrastive import clamped_scale
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.objectives.lm import count_targets
-from mmssl.train.recipe import NEEDS, ObjectiveConfig
+from mmssl.train.recipe import NEEDS, OBJECTIVE_TYPES, ObjectiveConfig
 from mmssl.train.text_condition import PromptTokens, prompt_tokenizer, source_prompts
 
 Batch = dict[str, Any]
@@ -141,6 +141,10 @@ class Task(nn.Module):
         vision_dim = model.cfg.vision.dim if model.cfg.vision is not None else 0
         for key, obj in self.objectives.items():
             kind = obj.type or key
+            if kind not in OBJECTIVE_TYPES:  # a recipe's are checked; a Python caller's here
+                raise ValueError(
+                    f"objective {key!r}: unknown type {kind!r}; one of {list(OBJECTIVE_TYPES)}"
+                )
             gather = obj.gather
             if kind == "simclr":
                 self.losses[key] = NTXentLoss(obj.temperature, gather or "local_loss")

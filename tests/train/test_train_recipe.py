@@ -760,3 +760,14 @@ def test_validation_and_the_run_agree_on_the_tokenizer(
     text_tower = [str(path), typo, "model.name=test_tiny_clip", "name=clip"]
     err = _bad([*text_tower, "--validate"], capsys, tmp_path / "none")
     assert err.startswith("mmssl train: error: data.tokenizer: tokenizer not found: ")
+
+
+def test_a_task_of_an_unknown_objective_type_is_refused_when_built() -> None:
+    """A recipe's objective types are checked; one built in Python was accepted and its
+    forward ended in a bare KeyError."""
+    from mmssl import create_model
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    with pytest.raises(ValueError, match="objective 'mine': unknown type 'mine'; one of"):
+        Task(create_model("test_tiny_simclr"), {"mine": ObjectiveConfig(type="mine")})
