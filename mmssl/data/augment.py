@@ -51,6 +51,7 @@ from torch import Tensor
 from mmssl.data.colorops import apply_color
 from mmssl.data.decode import compiled, compiled_problem
 from mmssl.data.torchviews import _crop_resize
+from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,11 @@ def make_views(
     """
     if num_views < 1:
         return [], []
+    if not images:  # a batch of none, as the models take one
+        width = get_layout(PIPELINE_LAYOUT).dim
+        return [torch.zeros(0, 3, size, size) for _ in range(num_views)], [
+            torch.zeros(0, width) for _ in range(num_views)
+        ]
     if not isinstance(cfg, AugmentConfig):
         if len(cfg) != num_views:
             raise ValueError(f"{len(cfg)} augment configs for {num_views} views")

@@ -147,6 +147,14 @@ class Projector(nn.Module):
         head."""
         h = self.fc1(features)  # (B, H)
         if cond is not None:
+            reader = self.cond_in or self.film or self.hyper_coef
+            width = reader.in_features if reader is not None else None
+            if width is not None and (cond.ndim != 2 or cond.shape[1] != width):
+                # torch's own error was "mat1 and mat2 shapes cannot be multiplied"
+                raise ValueError(
+                    f"projector cond must be (B or 1, {width}), got {tuple(cond.shape)}: the "
+                    "conditioner's c, made by MultimodalModel.condition"
+                )
             if self.cond_in is not None:
                 h = h + self.cond_in(cond)
             elif self.film is not None:
@@ -170,4 +178,5 @@ class PrefixTokens(nn.Module):
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         """cond (B, C) -> condition tokens (B, k, D)."""
-        return self.proj(cond).view(cond.shape[0], self.num_tokens, -1)
+        dim = self.proj.out_features // self.num_tokens  # not -1: a batch of 0 has no size
+        return self.proj(cond).view(cond.shape[0], self.num_tokens, dim)

@@ -183,7 +183,7 @@ class MultimodalModel(nn.Module):
         """The SSL projector: pooled (B, D) -> z (B, out_dim), conditioned on c if given."""
         if self.projector is None:
             raise RuntimeError("this model has no projector (set `projector` in its config)")
-        return self.projector(pooled, cond)
+        return self.projector(pooled, self._no_stray(cond))
 
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
@@ -203,6 +203,16 @@ class MultimodalModel(nn.Module):
         visual = self._tower("vision")
         if cond is None and (visual.cfg.cond_dim or visual.cfg.cond_tokens):
             return self.neutral_condition(1, device or next(visual.parameters()).device)
+        return self._no_stray(cond)
+
+    def _no_stray(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """`cond`, unless this model has no conditioner to have made it: then nothing reads
+        it, and the caller would get the plain features without a word."""
+        if cond is not None and self.conditioner is None:
+            raise ValueError(
+                "this model is not conditioned (no `condition` in its config), so nothing "
+                "reads cond: pass cond=None"
+            )
         return cond
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,14 @@ class Tokenizer(ABC):
         none has text of its own. CLIP's pad 0 is the real token '!' and is kept.
         """
         if hasattr(ids, "tolist"):  # tensors and arrays
+            shape = tuple(getattr(ids, "shape", ()))
+            if len(shape) != 1:
+                raise ValueError(f"decode takes one row of ids (N,), got shape {shape}")
             ids = ids.tolist()
+        ids = list(ids)
+        stray = next((i for i in ids if isinstance(i, bool) or not isinstance(i, Integral)), None)
+        if stray is not None:  # int() truncated 3.9 to 3 without a word
+            raise TypeError(f"token ids must be integers, got {stray!r}")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
