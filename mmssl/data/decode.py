@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import math
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -229,8 +230,12 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 def compiled(name: str) -> Any:
     """Numba module `mmssl.data.<name>` (fastviews, fastdraws, fastpng), imported on first
     use, not at import; None when it cannot run (`compiled_problem`): the callers fall back
-    to torch or libpng."""
-    return _load_compiled(name)[0]
+    to torch or libpng.  An installed numba that cannot run is a warning (once a place, as
+    Python shows warnings); a missing one is the optional `fast` extra, and says nothing."""
+    module, why, installed = _load_compiled(name)
+    if module is None and installed:
+        warnings.warn(f"mmssl.data.{name} cannot run: {why}; a slower path runs", stacklevel=2)
+    return module
 
 
 def compiled_problem(name: str) -> str | None:
@@ -239,29 +244,29 @@ def compiled_problem(name: str) -> str | None:
 
 
 @functools.cache  # once a process: a failed import searches sys.path again each time
-def _load_compiled(name: str) -> tuple[Any, str | None]:
-    """(module, None), or (None, why): numba missing; nowhere to cache its compiled kernels
-    (numba raises RuntimeError at import then: a read-only install without a writable cache
-    folder); or numba's debug switch NUMBA_DISABLE_JIT, which runs the kernels as Python,
-    ~1000x slower, and fastviews' byte-reading intrinsic not at all."""
+def _load_compiled(name: str) -> tuple[Any, str | None, bool]:
+    """(module, None, True), or (None, why, whether numba is installed): numba missing;
+    nowhere to cache its compiled kernels (numba raises RuntimeError at import then: a
+    read-only install without a writable cache folder); or numba's debug switch
+    NUMBA_DISABLE_JIT, which runs the kernels as Python, ~1000x slower, and fastviews'
+    byte-reading intrinsic not at all."""
     import importlib
 
     try:
         module = importlib.import_module(f"mmssl.data.{name}")
         jit_off = importlib.import_module("numba").config.DISABLE_JIT
     except ImportError as err:
-        return (
-            None,
-            f"numba cannot be imported ({err}); install the `fast` extra (pip install numba)",
-        )
+        why = f"numba cannot be imported ({err}); install the `fast` extra (pip install numba)"
+        return None, why, False
     except RuntimeError as err:
-        return None, (
+        why = (
             f"numba cannot cache the compiled kernels ({err}); set NUMBA_CACHE_DIR to a "
             "writable folder"
         )
+        return None, why, True
     if jit_off:
-        return None, "NUMBA_DISABLE_JIT is set, so numba compiles nothing; unset it"
-    return module, None
+        return None, "NUMBA_DISABLE_JIT is set, so numba compiles nothing; unset it", True
+    return module, None, True
 
 
 def _fast_png() -> Any:
