@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,6 @@ def tolerant_streams() -> None:
     """stdout and stderr write what the locale's encoding cannot hold as escapes: under an
     ASCII locale (LC_ALL=C without Python's UTF-8 mode) a summary's "±" or a class name's
     "é" ended a finished command in UnicodeEncodeError.  Files are written in UTF-8."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)  # absent on a replaced stream
         if reconfigure is not None:
@@ -86,7 +85,15 @@ def out_dir_problem(path: str | Path) -> tuple[Path, str] | None:
     name_max = os.pathconf(there, "PC_NAME_MAX")
     parts = full.relative_to(there).parts
     for i, name in enumerate(parts):
-        if len(os.fsencode(name)) > name_max:
+        try:
+            size = len(os.fsencode(name))
+        except UnicodeEncodeError:  # an ASCII locale (LC_ALL=C) names files in ASCII only
+            encoding = sys.getfilesystemencoding()
+            return there.joinpath(*parts[: i + 1]), (
+                f"has a name this locale's file-name encoding ({encoding}) cannot hold; set a "
+                "UTF-8 locale (LC_ALL=C.UTF-8) or PYTHONUTF8=1"
+            )
+        if size > name_max:
             return there.joinpath(*parts[: i + 1]), f"has a name longer than {name_max} bytes"
     try:
         os.rmdir(tempfile.mkdtemp(dir=there))

@@ -102,4 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from mmssl.cliargs import tolerant_streams
+
+    tolerant_streams()
     raise SystemExit(main())

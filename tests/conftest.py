@@ -23,5 +23,7 @@ def reloaded_compiled():
     from mmssl.data import decode
 
     decode._load_compiled.cache_clear()
+    decode._SAID.clear()
     yield
     decode._load_compiled.cache_clear()
+    decode._SAID.clear()

@@ -23,6 +23,9 @@ def test_a_cond_for_a_model_without_conditioner_is_refused() -> None:
         with pytest.raises(ValueError, match="this model is not conditioned"):
             call()
     model.encode_image(images)  # cond=None stays the plain features
+    # the tower alone, as load_encoder returns it, refuses one as well
+    with pytest.raises(ValueError, match="this vision tower is not conditioned"):
+        model.visual.forward_features(images, torch.randn(2, 64))
 
 
 def test_conditioned_inputs_of_the_wrong_shape_are_named() -> None:
@@ -30,11 +33,23 @@ def test_conditioned_inputs_of_the_wrong_shape_are_named() -> None:
     c = model.condition(torch.rand(2, 13))
     pooled = model.forward_features(torch.rand(2, 3, 32, 32), c)["pooled"]
     assert model.project(pooled, c).shape[0] == 2
-    with pytest.raises(ValueError, match=r"projector cond must be \(B or 1, \d+\), got \(2, 13\)"):
+    with pytest.raises(ValueError, match=r"projector cond must be \(B or 1, \d+\) for 2 features"):
         model.project(pooled, torch.rand(2, 13))  # a descriptor, not the conditioner's c
-    # a batch of 0 with its own (0, C) condition: the prefix tokens' reshape had no size
-    empty = model.forward_features(torch.rand(0, 3, 32, 32), c[:0])
-    assert empty["pooled"].shape == (0, model.visual.cfg.dim)
+    with pytest.raises(ValueError, match=r"projector cond must be \(B or 1, \d+\) for 2 features"):
+        model.project(pooled, torch.cat([c, c, c]))  # 6 rows of c for 2 features
+    # a tower the conditioner does not reach (projector-only conditioning) takes no cond;
+    # the model passes the projector's condition past it
+    projector_only = mmssl.create_model(
+        "test_tiny_vit_cond", vision={"cond_dim": None, "cond_tokens": 0}
+    ).eval()
+    x, c = torch.rand(2, 3, 32, 32), projector_only.condition(torch.rand(2, 13))
+    torch.testing.assert_close(
+        projector_only.forward_features(x, c)["pooled"],
+        projector_only.forward_features(x)["pooled"],
+    )
+    assert projector_only.project(projector_only.forward_features(x, c)["pooled"], c).shape[0] == 2
+    with pytest.raises(ValueError, match="this vision tower is not conditioned"):
+        projector_only.visual.forward_features(x, c)
 
 
 def test_make_views_of_no_images_is_a_batch_of_none() -> None:
@@ -45,6 +60,8 @@ def test_make_views_of_no_images_is_a_batch_of_none() -> None:
         )
         assert [v.shape for v in views] == [(0, 3, 16, 16)] * 2
         assert [d.shape for d in descs] == [(0, 13)] * 2
+    with pytest.raises(ValueError, match="1 augment configs for 2 views"):  # checked all the same
+        make_views([], 2, 16, [AugmentConfig()], np.random.default_rng(0))
 
 
 def test_decode_refuses_ids_that_are_no_integers() -> None:
@@ -59,3 +76,10 @@ def test_decode_refuses_ids_that_are_no_integers() -> None:
         tok.decode([True, 5])
     with pytest.raises(ValueError, match=r"decode takes one row of ids \(N,\), got shape \(1, 3\)"):
         tok.decode(ids[None])
+    # integers of every kind are ids: 0-d tensors, numpy integers, an array.array
+    import array
+
+    assert tok.decode(list(ids)) == tok.decode([np.int64(i) for i in ids.tolist()]) == "hello world"
+    assert tok.decode(array.array("l", ids.tolist())) == "hello world"
+    with pytest.raises(TypeError, match="token ids must be integers, got tensor"):
+        tok.decode([torch.tensor(1.5)])

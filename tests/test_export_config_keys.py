@@ -154,6 +154,15 @@ def test_save_pretrained_refuses_values_read_config_refuses_writing_nothing(tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_save_pretrained_refuses_a_model_config_the_loaders_refuse(tmp_path):
+    """The model's own values are checked as load_pretrained checks them (a norm_eps of 0
+    saved, and did not load)."""
+    model = mmssl.create_model("test_tiny_clip", **{"vision.block.norm_eps": 0.0})
+    with pytest.raises(ConfigError, match=r"model\.vision\.block\.norm_eps must be > 0"):
+        save_pretrained(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_refused_save_over_a_good_export_leaves_it_loading(tmp_path):
     """A save with a preprocess size off the patch grid replaced a loadable config.json with
     one load_encoder refused."""

@@ -88,3 +88,27 @@ print("accuracy \\u00b1 std")
     assert (tmp_path / "summary.md").read_bytes() == "top-1 0.5 ± 0.1".encode()
     assert run.stderr.strip().endswith(b"True")
     assert run.stdout == b"accuracy \\xb1 std\n"
+
+
+def test_a_run_name_an_ascii_locale_cannot_hold_is_one_line(tmp_path: Path) -> None:
+    """os.fsencode raised UnicodeEncodeError from the run-directory check: a traceback."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        'name: "z\\u00e9ro"\n'  # YAML's escape: the file itself is ASCII
+        f"out_dir: {tmp_path / 'runs'}\n"
+        "model: {name: test_tiny_clip}\n"
+        "data: {sources: {train: {urls: synthetic}}}\n"
+        "train: {steps: 1, global_batch_size: 4, micro_batch_size: 4}\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "mmssl.cli", "train", str(recipe), "--validate"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    err = [line for line in run.stderr.decode().splitlines() if "mmssl train" in line]
+    assert run.returncode == 2 and len(err) == 1, run.stderr.decode(errors="replace")[-2000:]
+    assert "file-name encoding (ascii) cannot hold; set a UTF-8 locale" in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -362,14 +362,14 @@ def make_views(
     """
     if num_views < 1:
         return [], []
+    if not isinstance(cfg, AugmentConfig) and len(cfg) != num_views:
+        raise ValueError(f"{len(cfg)} augment configs for {num_views} views")
     if not images:  # a batch of none, as the models take one
         width = get_layout(PIPELINE_LAYOUT).dim
         return [torch.zeros(0, 3, size, size) for _ in range(num_views)], [
             torch.zeros(0, width) for _ in range(num_views)
         ]
     if not isinstance(cfg, AugmentConfig):
-        if len(cfg) != num_views:
-            raise ValueError(f"{len(cfg)} augment configs for {num_views} views")
         per_view = [make_views(images, 1, size, c, rng) for c in cfg]
         return [v[0][0] for v in per_view], [v[1][0] for v in per_view]
     b = len(images)

@@ -230,12 +230,17 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 def compiled(name: str) -> Any:
     """Numba module `mmssl.data.<name>` (fastviews, fastdraws, fastpng), imported on first
     use, not at import; None when it cannot run (`compiled_problem`): the callers fall back
-    to torch or libpng.  An installed numba that cannot run is a warning (once a place, as
-    Python shows warnings); a missing one is the optional `fast` extra, and says nothing."""
+    to torch or libpng.  An installed numba that cannot run is a warning, once a module and
+    process (this runs per decoded image); a missing one is the optional `fast` extra, and
+    says nothing."""
     module, why, installed = _load_compiled(name)
-    if module is None and installed:
+    if module is None and installed and name not in _SAID:
+        _SAID.add(name)
         warnings.warn(f"mmssl.data.{name} cannot run: {why}; a slower path runs", stacklevel=2)
     return module
+
+
+_SAID: set[str] = set()  # the modules `compiled` warned of
 
 
 def compiled_problem(name: str) -> str | None:

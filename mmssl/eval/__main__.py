@@ -2,6 +2,8 @@
 
 import sys
 
+from mmssl.cliargs import tolerant_streams
 from mmssl.eval.cli import main
 
+tolerant_streams()
 sys.exit(main())

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmssl.cliargs import ArgumentParser, check_numbers, summary, tolerant_streams
+from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.eval.loading import EvalError, Loaded
 
 # task -> (module with add_arguments(parser) and run(args, ctx), one-line help)
@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     """`mmssl eval TASK ...`: prints the task's summary.md; exit code 0, or 2 on bad input."""
     from mmssl.data.errors import DataError
 
-    tolerant_streams()  # `python -m mmssl.eval` too
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # a missing task is a mistake (usage on stderr, 2); --help is not
         build_parser().print_usage(sys.stderr)

@@ -309,9 +309,8 @@ def _features_file(
     except Exception as err:  # safetensors raises its own error types on damage
         raise EvalError(f"{path}: not a readable features file ({err})") from None
     if column not in feats:
-        raise EvalError(
-            f"{path} has no projected 'embeddings' (extracted from a model without projection?)"
-        )
+        what = "projected 'embeddings'" if column == "embeddings" else "pooled 'features'"
+        raise EvalError(f"{path} has no {what}, which this model's image embeddings are")
     if len(feats[column]) == 0:
         # as shards without a readable sample are: topk_accuracy would raise a bare ValueError
         raise EvalError(f"{path} has no feature rows: there are no images to classify")

@@ -148,12 +148,9 @@ class Projector(nn.Module):
         h = self.fc1(features)  # (B, H)
         if cond is not None:
             reader = self.cond_in or self.film or self.hyper_coef
-            width = reader.in_features if reader is not None else None
-            if width is not None and (cond.ndim != 2 or cond.shape[1] != width):
-                # torch's own error was "mat1 and mat2 shapes cannot be multiplied"
-                raise ValueError(
-                    f"projector cond must be (B or 1, {width}), got {tuple(cond.shape)}: the "
-                    "conditioner's c, made by MultimodalModel.condition"
+            if reader is not None:
+                check_cond(
+                    cond, reader.in_features, features.shape[0], "projector cond", "features"
                 )
             if self.cond_in is not None:
                 h = h + self.cond_in(cond)
@@ -166,6 +163,19 @@ class Projector(nn.Module):
                 per_k = per_k.view(features.shape[0], -1, self.hidden_dim)  # (B, K, H)
                 h = h + torch.einsum("bk,bkh->bh", coef, per_k)
         return self.rest(h)
+
+
+def check_cond(
+    cond: torch.Tensor, width: int, batch: int, what: str = "cond", rows: str = "images"
+) -> None:
+    """ValueError unless `cond` is (B or 1, width) for B `rows`: the conditioner's c,
+    which the adaLN blocks, prefix tokens and projector read.  torch's own errors were
+    "mat1 and mat2 shapes cannot be multiplied" or a broadcast deep inside."""
+    if cond.ndim != 2 or cond.shape[1] != width or cond.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{what} must be (B or 1, {width}) for {batch} {rows}, got {tuple(cond.shape)}: the "
+            "conditioner's c, made from a descriptor or a text by MultimodalModel.condition"
+        )
 
 
 class PrefixTokens(nn.Module):

@@ -166,7 +166,8 @@ def check_record(
 ) -> None:
     """ConfigError for a config.json record (`where` starts the message) that loading would
     refuse: an unknown key (`check_sections`), a bad descriptor, preprocess, tokenizer or
-    logits section and, given the model's `cfg`, a preprocess.image_size it cannot take.
+    logits section and, given the model's `cfg`, its values (`check_model_config`) and a
+    preprocess.image_size it cannot take.
     read_config and load_pretrained run these on a file, save_pretrained before it writes."""
     check_sections(record, where, known)
     _check_descriptor(record.get("descriptor"), where)
@@ -174,6 +175,7 @@ def check_record(
     _check_tokenizer(record.get("tokenizer"), where)
     _logit_params(record, where)
     if cfg is not None:
+        check_model_config(cfg, str(where))
         preprocess_size(record.get("preprocess"), cfg, where)
 
 

@@ -201,9 +201,12 @@ class MultimodalModel(nn.Module):
         without a condition, and once trained its features without one are another
         network's.  None for other models."""
         visual = self._tower("vision")
-        if cond is None and (visual.cfg.cond_dim or visual.cfg.cond_tokens):
+        conditioned = visual.cfg.cond_dim or visual.cfg.cond_tokens
+        if cond is None and conditioned:
             return self.neutral_condition(1, device or next(visual.parameters()).device)
-        return self._no_stray(cond)
+        cond = self._no_stray(cond)
+        # a tower the conditioner does not reach (it conditions the projector) gets None
+        return cond if conditioned else None
 
     def _no_stray(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """`cond`, unless this model has no conditioner to have made it: then nothing reads

@@ -46,18 +46,18 @@ def config_file(name_or_path: str) -> Path:
     return path
 
 
+class ModelFileError(ConfigError):
+    """A model config file's own error (not its overrides'), naming the file."""
+
+
 def model_config_dict(name_or_path: str) -> dict[str, Any]:
     """The raw config of a named architecture or of a JSON file (`config_file`)."""
     path = config_file(name_or_path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path}: not valid JSON ({err})") from None
     return data.get("model", data) if isinstance(data, dict) else data
-
-
-class ModelFileError(ConfigError):
-    """A model config file's own error (not its overrides'), naming the file."""
 
 
 def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.models.condition import PrefixTokens
+from mmssl.models.condition import PrefixTokens, check_cond
 from mmssl.models.config import VisionConfig
 from mmssl.models.trunk import build_trunk
 from mmssl.nn import Norm, PatchEmbed, RotaryEmbedding, Transformer, sincos_2d
@@ -138,8 +138,15 @@ class VisionEncoder(nn.Module):
         pooled (B, D), tokens (B, N, D)."""
         if cond is None:
             cond = self.cond_default
-        elif self.cfg.cond_dim or self.cond_prefix is not None:
-            self._check_cond(cond, images.shape[0])
+        elif self.cond_prefix is not None:
+            check_cond(cond, self.cond_prefix.proj.in_features, images.shape[0])
+        elif self.cfg.cond_dim:
+            check_cond(cond, self.cfg.cond_dim, images.shape[0])
+        else:  # it was dropped: the plain features came back for any cond
+            raise ValueError(
+                "this vision tower is not conditioned (vision.cond_dim and cond_tokens unset), "
+                "so nothing reads cond: pass cond=None"
+            )
         p = self.cfg.patch_size
         grid_h, grid_w = images.shape[-2] // p, images.shape[-1] // p
         x = self.patch_embed(images)  # (B, N, D)
@@ -167,17 +174,6 @@ class VisionEncoder(nn.Module):
         tokens = x[:, num_prefix:]
         pooled = x[:, 0] if self.cfg.pool == "token" else tokens.mean(dim=1)
         return {"pooled": pooled, "tokens": tokens}
-
-    def _check_cond(self, cond: torch.Tensor, batch: int) -> None:
-        """A clear error for a cond the blocks or prefix tokens cannot take (torch's own was
-        "mat1 and mat2 shapes cannot be multiplied")."""
-        width = self.cond_prefix.proj.in_features if self.cond_prefix else self.cfg.cond_dim
-        if cond.ndim != 2 or cond.shape[1] != width or cond.shape[0] not in (1, batch):
-            raise ValueError(
-                f"cond must be (B or 1, {width}) for {batch} images, got {tuple(cond.shape)}: "
-                "the tower takes the conditioner's c, made from a descriptor or a text by "
-                "MultimodalModel.condition"
-            )
 
     def encode(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, C, H, W) -> (B, E): pooled features through the projection, if any."""

@@ -8,10 +8,10 @@ truncates the same way (the CLIP text tower pools on the last True position of t
 from __future__ import annotations
 
 import hashlib
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
-from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,17 @@ def check_texts(texts: Iterable[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
     return texts
+
+
+def _token_id(i: Any) -> int:
+    """An id as an int: an int, a numpy integer or a 0-d integer tensor; TypeError for a
+    bool or a float (int() truncated 3.9 to 3 without a word)."""
+    if isinstance(i, bool):
+        raise TypeError(f"token ids must be integers, got {i!r}")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"token ids must be integers, got {i!r}") from None
 
 
 class Tokenizer(ABC):
@@ -110,16 +121,10 @@ class Tokenizer(ABC):
         special added tokens, a sentencepiece model's control symbols) in `_decode_ids`:
         none has text of its own. CLIP's pad 0 is the real token '!' and is kept.
         """
-        if hasattr(ids, "tolist"):  # tensors and arrays
-            shape = tuple(getattr(ids, "shape", ()))
-            if len(shape) != 1:
-                raise ValueError(f"decode takes one row of ids (N,), got shape {shape}")
-            ids = ids.tolist()
-        ids = list(ids)
-        stray = next((i for i in ids if isinstance(i, bool) or not isinstance(i, Integral)), None)
-        if stray is not None:  # int() truncated 3.9 to 3 without a word
-            raise TypeError(f"token ids must be integers, got {stray!r}")
-        ids = [int(i) for i in ids]
+        shape = getattr(ids, "shape", None)  # tensors and arrays
+        if shape is not None and len(shape) != 1:
+            raise ValueError(f"decode takes one row of ids (N,), got shape {tuple(shape)}")
+        ids = [_token_id(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} out of range for vocab_size {self.vocab_size}")

@@ -3,8 +3,10 @@
 import sys
 
 from mmssl import distributed
+from mmssl.cliargs import tolerant_streams
 from mmssl.train.cli import main
 
+tolerant_streams()
 code = main()
 distributed.destroy()
 sys.exit(code)

@@ -439,4 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # `python -m mmssl.train.export` used to exit 0 doing nothing
+    from mmssl.cliargs import tolerant_streams
+
+    tolerant_streams()
     sys.exit(main())

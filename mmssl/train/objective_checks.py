@@ -35,13 +35,6 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
         raise ConfigError("objectives: a recipe needs at least one objective")
     if all(o.weight == 0 for o in recipe.objectives.values()):  # a weight of 0 is an ablation
         raise ConfigError("objectives: every weight is 0, so the loss is 0 and nothing is learnt")
-    cond = cfg.condition
-    if cond is not None and cond.source == "descriptor" and cond.layout != PIPELINE_LAYOUT:
-        # the model would read the pipeline's descriptors, and its neutral one, by its own layout
-        raise ConfigError(
-            f"model condition.layout {cond.layout!r}: the data pipeline writes descriptor "
-            f"layout {PIPELINE_LAYOUT!r}, which the model would read as {cond.layout!r}"
-        )
     sources = recipe.data.sources
     unset = ObjectiveConfig()
     for key, obj in recipe.objectives.items():

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mmssl.descriptor import PIPELINE_LAYOUT
 from mmssl.schema import ConfigError, from_dict
 from mmssl.train.recipe import Recipe, SourceConfig
 
@@ -221,6 +222,13 @@ def _sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]
 def check_data(recipe: Recipe, model_cfg: Any) -> None:
     """Pre-flight of what the streams will need: augmentation keys, tokenizer vocabulary."""
     augment_config(recipe)
+    cond = model_cfg.condition
+    if cond is not None and cond.source == "descriptor" and cond.layout != PIPELINE_LAYOUT:
+        # the model would read the pipeline's descriptors, and its neutral one, by its own layout
+        raise ConfigError(
+            f"model condition.layout {cond.layout!r}: the data pipeline writes descriptor "
+            f"layout {PIPELINE_LAYOUT!r}, which the model would read as {cond.layout!r}"
+        )
     _triple(recipe.data.mean, "data.mean")
     _triple(recipe.data.std, "data.std")
     v = model_cfg.vision
@@ -245,13 +253,12 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
                     f"data.sources.{name}: context length {context} exceeds the model's text "
                     f"context_length {model_cfg.text.context_length}"
                 )
-    # the text sources read it, and a text tower's run pins it for its export and resumes
-    text_read = any(
-        s.kind != "image" and s.urls != "synthetic" for s in recipe.data.sources.values()
-    )
-    if text_read or model_cfg.text is not None:
+    # the text sources read it, and a text tower's run pins it for its export (evaluation
+    # refuses a tokenizer with more ids than the tower); synthetic data has its own ids
+    real = [s for s in recipe.data.sources.values() if s.urls != "synthetic"]
+    if any(s.kind != "image" for s in real) or model_cfg.text is not None:
         tok = tokenizer(recipe)
-        if text_read and model_cfg.text is not None and tok.vocab_size > model_cfg.text.vocab_size:
+        if real and model_cfg.text is not None and tok.vocab_size > model_cfg.text.vocab_size:
             raise ConfigError(
                 f"data.tokenizer {recipe.data.tokenizer!r} has {tok.vocab_size} ids but the "
                 f"model's text vocab_size is {model_cfg.text.vocab_size}; set "

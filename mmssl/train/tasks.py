@@ -232,7 +232,9 @@ class Task(nn.Module):
                 ]
             ).to(images[0].device, images[0].dtype)
             cond = self.model.condition(aug)
-        feats = visual.forward_features(torch.cat(images), cond)
+        # the projector's condition only, for a tower the conditioner does not reach
+        reads = visual.cfg.cond_dim or visual.cfg.cond_tokens
+        feats = visual.forward_features(torch.cat(images), cond if reads else None)
         pooled, tokens = feats["pooled"], feats["tokens"]
         emb = visual.proj(pooled) if visual.proj is not None else pooled
         out: dict[str, dict[str, list[Any]]] = {}

@@ -249,6 +249,7 @@ def test_backend_auto_renders_with_torch_when_the_compiled_renderer_cannot_run(
     import) fell back silently, and backend numba then said 'needs numba' of an installed
     numba.  Both now fall back to torch under auto and name the cause under numba."""
     import importlib
+    import warnings
 
     numba = pytest.importorskip("numba", reason="the compiled view renderer needs numba")
     from mmssl.data import fastdraws, fastpng, fastviews  # noqa: F401  # compiled before
@@ -270,6 +271,9 @@ def test_backend_auto_renders_with_torch_when_the_compiled_renderer_cannot_run(
     for name in ("fastviews", "fastdraws", "fastpng"):
         with pytest.warns(UserWarning, match=f"mmssl.data.{name} cannot run: "):
             assert compiled(name) is None  # an installed numba that cannot run is said
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert compiled(name) is None  # once: it runs per decoded image
         assert says in compiled_problem(name)
     imgs = _images(4)
     views = [

@@ -724,6 +724,9 @@ def test_a_key_of_a_model_file_is_named_in_the_file(
     ), err
     with pytest.raises(ModelFileError, match=f"^{path}: unknown key 'model.vision.dept'"):
         resolve_model_config(str(path), embed_dim=8)  # the overrides do not touch it
+    path.write_text("{not json", encoding="utf-8")  # the file's too, not "model.overrides.json"
+    err = _bad([*base, f"model.name={path}"], capsys, runs)
+    assert err.startswith(f"mmssl train: error: model.name: {path}: not valid JSON"), err
     # an override's own mistake is still the override's, also on a good file
     path.write_text(json.dumps(model_config_dict("test_tiny_simclr")), encoding="utf-8")
     err = _bad([*base, f"model.name={path}", "model.overrides.vision.dpth=2"], capsys, runs)
@@ -736,7 +739,7 @@ def test_a_key_of_a_model_file_is_named_in_the_file(
 
 
 def test_validation_and_the_run_agree_on_the_tokenizer(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: str
 ) -> None:
     """An image-only run never reads data.tokenizer, yet the run loaded it (a misspelt one
     ended it after --validate said ok); a model with a text tower pins it for its export, and
@@ -760,6 +763,11 @@ def test_validation_and_the_run_agree_on_the_tokenizer(
     text_tower = [str(path), typo, "model.name=test_tiny_clip", "name=clip"]
     err = _bad([*text_tower, "--validate"], capsys, tmp_path / "none")
     assert err.startswith("mmssl train: error: data.tokenizer: tokenizer not found: ")
+    # and one with more ids than the tower, which evaluation would refuse of its export, on
+    # real images (synthetic data has its own ids)
+    shards = f"data.sources.train.urls={demo_data}/digits/train-{{000000..000014}}.tar"
+    err = _bad([*text_tower[:1], *text_tower[2:], shards, "--validate"], capsys, tmp_path / "none")
+    assert "data.tokenizer 'default' has 8192 ids but the model's text vocab_size is" in err
 
 
 def test_a_task_of_an_unknown_objective_type_is_refused_when_built() -> None:
