@@ -81,6 +81,10 @@ def png_damage(data: bytes) -> str | None:
     """
     if not data.startswith(PNG_SIGNATURE):
         return None
+    try:
+        _png_size(data)  # the header decode_image reads first: IHDR the first chunk
+    except BadSample as bad:
+        return bad.detail.removeprefix("PNG ")
     chunks = _png_chunks(data)
     return chunks if isinstance(chunks, str) else _image_data_damage(*chunks)
 

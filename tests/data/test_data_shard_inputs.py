@@ -31,6 +31,19 @@ def _truncated_jpeg() -> bytes:
     return buf.getvalue()[:-200]
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _png_text_first() -> bytes:
+    """A whole 8 x 8 PNG with a tEXt chunk before IHDR: PIL decodes it; decode_image (as
+    libpng) wants IHDR first."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 5, np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    return data[:8] + _png_chunk(b"tEXt", b"k\0v") + data[8:]
+
+
 _BROKEN = {
     "broken.png": np.random.default_rng(1).bytes(300),
     "broken.jpg": _truncated_jpeg(),  # passes PIL's verify(), not a decode
@@ -39,6 +52,8 @@ _BROKEN = {
     "idat_crc.png": png_flipped(np.full((8, 8, 3), 7, np.uint8), "crc"),
     # CRCs right, half the rows missing: PIL decodes it with the rest black; libpng dies
     "short_rows.png": png_with_data(8, 8, zlib.compress(bytes(4 * 25))),
+    # PIL decodes it, decode_image refuses it: shards that training and mmssl eval then lost
+    "text_first.png": _png_text_first(),
 }
 
 
