@@ -338,6 +338,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
             arr = np.asarray(to_rgb8(im))
     except BadSample:
         raise
+    except Image.DecompressionBombError as err:  # PIL's own limit (~179 MP), checked at open
+        raise BadSample("image_too_large", str(err)) from None
     except Exception as err:  # PIL raises many types for damaged data
         raise BadSample("bad_image", f"{type(err).__name__}: {err}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -349,7 +351,9 @@ def find_image(files: dict[str, bytes]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in files:
             return files[ext]
-    raise BadSample("missing_image")
+    # the members it has instead: an image in a format mmssl does not read (.avif) shows
+    members = ", ".join(sorted(k for k in files if not k.startswith("__"))) or "none"
+    raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTS)} member; it has: {members}")
 
 
 def decode_text(files: dict[str, bytes], kind: str = "missing_caption") -> str:

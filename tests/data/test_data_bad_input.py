@@ -685,3 +685,32 @@ def test_the_jpeg_size_is_the_frame_libjpeg_decodes():
     # the sizes of ordinary files, as PIL reads them: baseline, progressive, with EXIF
     for save in ({}, {"progressive": True}, {"exif": b"Exif\0\0" + bytes(64)}):
         assert _jpeg_size(_jpeg((37, 23), **save)) == (23, 37), save
+
+
+def test_a_bomb_in_a_format_pil_decodes_is_counted_as_too_large() -> None:
+    """A GIF or BMP header claiming 20000 x 20000 pixels hit PIL's own limit at open and was
+    counted as bad_image, where the same PNG or JPEG header is image_too_large."""
+    import io
+
+    from PIL import Image
+
+    from mmssl.data.decode import BadSample, decode_image
+
+    for fmt, at, pack in (("GIF", 6, "<HH"), ("BMP", 18, "<ii")):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buf, fmt)
+        data = bytearray(buf.getvalue())
+        data[at : at + struct.calcsize(pack)] = struct.pack(pack, 20000, 20000)
+        with pytest.raises(BadSample) as err:
+            decode_image(bytes(data))
+        assert err.value.kind == "image_too_large", (fmt, err.value)
+
+
+def test_a_sample_with_an_image_in_another_format_names_its_members() -> None:
+    """A `.avif` member was reported as a bare missing_image, the file never named."""
+    from mmssl.data.decode import BadSample, find_image
+
+    with pytest.raises(BadSample) as err:
+        find_image({"__key__": "k", "avif": b"...", "txt": b"a cat"})
+    assert err.value.kind == "missing_image"
+    assert err.value.detail.endswith("member; it has: avif, txt")
