@@ -167,8 +167,8 @@ def check_record(
     """ConfigError for a config.json record (`where` starts the message) that loading would
     refuse: an unknown key (`check_sections`), a bad descriptor, preprocess, tokenizer or
     logits section and, given the model's `cfg`, its values (`check_model_config`) and a
-    preprocess.image_size it cannot take.
-    read_config and load_pretrained run these on a file, save_pretrained before it writes."""
+    preprocess.image_size it cannot take.  read_config runs these on a file (load_pretrained
+    again with its model's config), save_pretrained before it writes."""
     check_sections(record, where, known)
     _check_descriptor(record.get("descriptor"), where)
     _check_preprocess(record.get("preprocess"), where)
@@ -360,8 +360,7 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
         cfg = from_dict(ModelConfig, data["model"], "model")
     except ConfigError as err:
         raise ConfigError(f"{cfg_path}: {err}") from None
-    check_model_config(cfg, str(cfg_path))
-    preprocess_size(data.get("preprocess"), cfg, cfg_path)
+    check_record(data, cfg_path, cfg=cfg)  # the model's values and its preprocess size
     # the checks below run on a model without storage: a config.json edited to a huge model
     # beside small weights took 12.8 GB and a minute to build before its shapes failed
     with torch.device("meta"):
