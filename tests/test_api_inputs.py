@@ -83,3 +83,18 @@ def test_decode_refuses_ids_that_are_no_integers() -> None:
     assert tok.decode(array.array("l", ids.tolist())) == "hello world"
     with pytest.raises(TypeError, match="token ids must be integers, got tensor"):
         tok.decode([torch.tensor(1.5)])
+
+
+def test_project_refuses_a_cond_on_a_model_without_conditioner():
+    model = mmssl.create_model("test_tiny_simclr")
+    assert model.conditioner is None and model.projector is not None
+    pooled = torch.zeros(2, model.cfg.vision.dim)
+    with pytest.raises(ValueError, match="not conditioned"):
+        model.project(pooled, torch.zeros(2, 8))
+
+
+def test_prefix_tokens_of_a_batch_of_none():
+    from mmssl.models.condition import PrefixTokens
+
+    tokens = PrefixTokens(cond_dim=4, num_tokens=3, dim=5)
+    assert tokens(torch.zeros(0, 4)).shape == (0, 3, 5)

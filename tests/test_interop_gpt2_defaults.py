@@ -21,3 +21,33 @@ def test_missing_keys_take_gpt2config_defaults():
 def test_n_inner_sets_the_mlp_width():
     cfg = gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 4, "n_inner": 96}).text
     assert cfg.block.mlp_ratio == 1.5
+
+
+def test_gpt2_config_json_defaults_are_transformers_defaults():
+    # transformers' GPT2Config defaults: a config.json may leave these out
+    text = gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 2}).text
+    assert text.tie_embeddings is True
+    assert text.context_length == 1024
+    assert text.vocab_size == 50257
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("scale_attn_weights", False),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("add_cross_attention", True),
+    ],
+)
+def test_gpt2_unsupported_flags_are_refused(name, bad):
+    with pytest.raises(ValueError, match=f"GPT-2 {name}={bad} is not supported"):
+        gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 2, name: bad})
+
+
+def test_gpt2_exact_gelu_maps_to_exact_gelu():
+    text = gpt2_model_config(
+        {"n_embd": 64, "n_layer": 1, "n_head": 2, "activation_function": "gelu"}
+    ).text
+    assert text.block.act == "gelu"
+    text = gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 2}).text
+    assert text.block.act == "gelu_tanh"

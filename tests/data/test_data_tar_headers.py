@@ -75,3 +75,29 @@ def test_a_pax_record_shorter_than_its_prefix_is_damage(tmp_path: Path, body: by
     keys, counts = _read(str(tmp_path / "bad.tar"))
     assert "c" not in keys and "b" not in keys
     assert counts.get("truncated_tar", 0) + counts.get("bad_tar", 0) == 1
+
+
+def test_a_signed_header_checksum_is_accepted(tmp_path):
+    """Old tars write the header checksum over signed bytes; with a name beyond ASCII it
+    differs from the unsigned sum, and both are valid (POSIX readers accept either)."""
+    import io
+    import tarfile
+
+    from mmssl.data.errors import SkipCounter
+    from mmssl.data.tario import iter_shard
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("z\u00e9ro.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    data = bytearray(buf.getvalue())
+    header = data[:512]
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + b" " * 8 + header[156:])
+    assert signed != sum(header[:148]) + 256 + sum(header[156:])  # the name has high bytes
+    data[148:156] = b"%06o\0 " % signed
+    path = tmp_path / "s.tar"
+    path.write_bytes(bytes(data))
+    counter = SkipCounter()
+    assert [k for k, _ in iter_shard(str(path), counter)] == ["z\u00e9ro"]
+    assert not counter.counts

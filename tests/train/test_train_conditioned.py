@@ -358,3 +358,28 @@ def test_each_view_is_conditioned_on_its_own_descriptor() -> None:
             z.append(cond.project(cond.forward_features(v, c)["pooled"], c))
         ref = nt_xent_loss(z[0], z[1], 0.1)
         torch.testing.assert_close(task(batch)[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_augself_needs_a_prompt_under_text_conditioning():
+    data = _text_recipe(clip={"condition_prompt": PROMPT}, augself={})
+    from mmssl.schema import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"objectives\.augself\.condition_prompt: .*give the prompt"
+    ):
+        _validate(data)
+
+
+def test_prompt_id_equal_to_vocab_size_is_out_of_range():
+    from mmssl.schema import ConfigError
+    from mmssl.train.recipe import recipe_from_dict
+    from mmssl.train.streams import tokenizer
+
+    tok = tokenizer(recipe_from_dict(_text_recipe()))
+    top = max(tok.encode(PROMPT, add_bos=True, add_eos=True))
+    data = _text_recipe()
+    data["model"]["overrides"]["text"]["vocab_size"] = top + 1
+    _validate(data)  # every id fits
+    data["model"]["overrides"]["text"]["vocab_size"] = top
+    with pytest.raises(ConfigError, match=f"token id {top} .* vocab_size {top}"):
+        _validate(data)

@@ -779,3 +779,18 @@ def test_a_task_of_an_unknown_objective_type_is_refused_when_built() -> None:
 
     with pytest.raises(ValueError, match="objective 'mine': unknown type 'mine'; one of"):
         Task(create_model("test_tiny_simclr"), {"mine": ObjectiveConfig(type="mine")})
+
+
+@pytest.mark.parametrize("broken", ["fastviews", "fastdraws"])
+def test_backend_numba_is_refused_when_either_renderer_cannot_run(monkeypatch, broken):
+    import mmssl.data.decode as decode
+    from mmssl.train.recipe import DataConfig, _check_numba
+
+    monkeypatch.setattr(
+        decode, "compiled_problem", lambda name: f"{name} is broken" if name == broken else None
+    )
+    data = DataConfig(views=2, augment={"backend": "numba"})
+    with pytest.raises(
+        ConfigError, match=f"data.augment.backend: backend numba, but {broken} is broken"
+    ):
+        _check_numba(data)

@@ -1,0 +1,61 @@
+"""export_run: a failed re-export leaves no exported_from.json naming another checkpoint;
+a checkpoint replaced while it was read is refused; training-time switches are not exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_helpers import synthetic_recipe
+
+from mmssl.train.export import CheckpointRotated, export_run
+
+pytestmark = pytest.mark.usefixtures("one_process_group")
+
+
+def _train(path: Path) -> None:
+    from mmssl.train.loop import train
+    from mmssl.train.recipe import load_recipe, validate
+
+    recipe = load_recipe(str(path), [])
+    train(recipe, validate(recipe))
+
+
+def test_export_gaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmssl.train.export as export
+
+    _train(synthetic_recipe(tmp_path, "r", 1))
+    run = tmp_path / "r"
+    tag = "step_00000001"
+    out = export_run(run, tmp_path / "exp")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    # E9: a training-time switch, not part of the export
+    assert config["model"]["vision"]["grad_checkpointing"] is False
+    assert config["model"]["text"]["grad_checkpointing"] is False
+    assert (out / "exported_from.json").is_file()
+
+    # E5: a second export that fails while saving leaves no exported_from.json naming a
+    # checkpoint the folder's weights may not be from
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr("mmssl.models.io.save_pretrained", broken)
+        with pytest.raises(OSError, match="disk full"):
+            export_run(run, out)
+    assert not (out / "exported_from.json").exists()
+
+    # E4: the checkpoint replaced (its manifest rewritten) while it was read
+    real = export._read_record
+    folder = run / "checkpoints" / tag
+
+    def replacing(f: Path):
+        got = real(f)
+        manifest = folder / "manifest.json"
+        manifest.write_text(manifest.read_text(encoding="utf-8") + " ", encoding="utf-8")
+        return got
+
+    monkeypatch.setattr(export, "_read_record", replacing)
+    with pytest.raises(CheckpointRotated, match="removed while it was being exported"):
+        export_run(run, tmp_path / "exp2", tag=tag, verified=True)
