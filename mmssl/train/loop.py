@@ -81,6 +81,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_task(recipe: Recipe, model_cfg: Any) -> Task:
+    """The recipe's model (randomly initialised) and objectives; condition prompts are
+    tokenized with `data.tokenizer`, as the captions are, which is loaded only for them."""
+    from mmssl.models.multimodal import MultimodalModel
+
+    tok = recipe_tokenizer(recipe) if source_prompts(recipe.objectives) else None
+    return Task(MultimodalModel(model_cfg), recipe.objectives, tok)
+
+
 def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Tensors (and lists of tensors) to `dev`; floating tensors to the training dtype."""
 
@@ -257,11 +266,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
 
     # the same seed on every rank: identical initial weights before any broadcast
     seed_everything(recipe.train.seed)
-    from mmssl.models.multimodal import MultimodalModel
-
-    # the tokenizer of the condition prompts, loaded only for them, as validation checks it
-    tok = recipe_tokenizer(recipe) if source_prompts(recipe.objectives) else None
-    task = Task(MultimodalModel(resolved.model), recipe.objectives, tok)
+    task = build_task(recipe, resolved.model)
     # the tokenizer as the run starts, pinned in every checkpoint's run record: the export
     # records it, a resume refuses another (the file may be retrained in place meanwhile)
     pinned = tokenizer_record(tokenizer_name(recipe)) if resolved.model.text else None

@@ -383,3 +383,23 @@ def test_prompt_id_equal_to_vocab_size_is_out_of_range():
     data["model"]["overrides"]["text"]["vocab_size"] = top
     with pytest.raises(ConfigError, match=f"token id {top} .* vocab_size {top}"):
         _validate(data)
+
+
+def test_condition_prompts_are_tokenized_with_the_recipes_tokenizer() -> None:
+    """As the captions are: with data.tokenizer clip the prompt is CLIP's ids, not the
+    default tokenizer's (the Task falls back to the default when given none)."""
+    pytest.importorskip("open_clip", reason="the clip tokenizer reads open_clip's vocabulary")
+    from mmssl.tokenizer import get_tokenizer
+    from mmssl.train.loop import build_task
+    from mmssl.train.recipe import recipe_from_dict
+
+    data = _text_recipe()
+    data["model"]["overrides"]["text"]["vocab_size"] = 49408
+    data["data"]["tokenizer"] = "clip"
+    recipe = recipe_from_dict(data)
+    task = build_task(recipe, _validate(data).model)
+    n = task.prompts.natural_length("train")
+    ids, _ = task.prompts.get("train", n, torch.device("cpu"))
+    want, _ = get_tokenizer("clip").batch_encode([PROMPT], n)
+    assert torch.equal(ids, want)
+    assert not torch.equal(ids[:, : len(want[0])], get_tokenizer().batch_encode([PROMPT], n)[0])
