@@ -44,6 +44,8 @@ def test_finetune_accuracy_matches_saved_weights(
     clf.load_state_dict(load_file(str(tmp_path / "finetuned.safetensors")))
     clf.eval()
     samples = naive_samples(test_shards)
+    # scored on --test, trained on --train (a mutant scoring the train split passed)
+    assert res["num_test"] == len(samples) != len(naive_samples(train_shards)) == res["num_train"]
     with torch.no_grad():
         right = sum(
             int(clf.logits(img[None]).argmax(1).item() == meta["label"]) for img, _, meta in samples
