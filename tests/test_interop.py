@@ -8,6 +8,7 @@ inputs in fp32 eval mode: max abs diff <= 1e-4.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -374,6 +375,8 @@ TINY_VITS = {
         mlp_ratio=2.0,
     ),
     "no_class_token_avg": dict(class_token=False, global_pool="avg", fc_norm=False),
+    # an nn.GELU module with the tanh approximation (a string act_layer makes another class)
+    "gelu_tanh_module": dict(act_layer=functools.partial(torch.nn.GELU, approximate="tanh")),
 }
 
 
