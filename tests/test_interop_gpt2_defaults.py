@@ -1,4 +1,5 @@
-"""gpt2_model_config: keys a config dict leaves out take transformers' GPT2Config defaults."""
+"""GPT-2 configs: keys a config dict leaves out take transformers' GPT2Config defaults, the
+activation and flags map as transformers means them, and an explicit config= is used."""
 
 from __future__ import annotations
 
@@ -23,14 +24,6 @@ def test_n_inner_sets_the_mlp_width():
     assert cfg.block.mlp_ratio == 1.5
 
 
-def test_gpt2_config_json_defaults_are_transformers_defaults():
-    # transformers' GPT2Config defaults: a config.json may leave these out
-    text = gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 2}).text
-    assert text.tie_embeddings is True
-    assert text.context_length == 1024
-    assert text.vocab_size == 50257
-
-
 @pytest.mark.parametrize(
     "name, bad",
     [
@@ -51,3 +44,15 @@ def test_gpt2_exact_gelu_maps_to_exact_gelu():
     assert text.block.act == "gelu"
     text = gpt2_model_config({"n_embd": 64, "n_layer": 1, "n_head": 2}).text
     assert text.block.act == "gelu_tanh"
+
+
+def test_an_explicit_config_wins_over_the_directorys(tmp_path):
+    """config= is used as given also for a saved directory, whose config.json is read only
+    without it."""
+    from mmssl.interop.hf_gpt2 import load_hf_gpt2
+
+    small = {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 16, "vocab_size": 64}
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**small)).save_pretrained(tmp_path)
+    assert load_hf_gpt2(tmp_path).cfg.text.block.act == "gelu_tanh"  # the directory's
+    model = load_hf_gpt2(tmp_path, config={**small, "activation_function": "gelu"})
+    assert model.cfg.text.block.act == "gelu"
