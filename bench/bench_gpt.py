@@ -13,7 +13,8 @@ attention (matmul + softmax + matmul); its best path is the faster of the two.  
 (`mmssl.nn.linear_ce`: the LM head and the cross-entropy as one op, no fp32 logits), which
 is what the trainer's next_token objective runs by default (`fused_head`).  That default
 is also in the fp32 same-configuration group: the same model, dtype and optimizer, scored
-the way an mmssl run scores it.
+the way an mmssl run scores it.  The floor row times the GEMMs of the bf16 autocast fused
+head + loss step alone (bench/floor.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from floor import FLOOR_PATH, gemm_floor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = common.count_flops(lambda: ours_loss().backward())
     ours.zero_grad(set_to_none=True)
     skip = common.bf16_skip_reason(args, peaks, flops)
+    fused_opt = common.adamw(ours, "fused", 3e-4, 0.1)
+    fused_step = common.train_step(make_fused_loss(ours), fused_opt, True)
     runs += [
         Run(
             "HF GPT-2 bf16 autocast",
@@ -136,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped=skip,
         ),
         Run(
-            "mmssl bf16 autocast, fused head + loss",
-            "mmssl",
-            "bfloat16",
-            common.train_step(make_fused_loss(ours), common.adamw(ours, "fused", 3e-4, 0.1), True),
-            skipped=skip,
+            "mmssl bf16 autocast, fused head + loss", "mmssl", "bfloat16", fused_step, skipped=skip
         ),
     ]
     if not skip:
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 master.step_fn(make_fused_loss(ours_bf16)),
             )
         )
+        # what no eager path can beat: the GEMMs of the fused autocast step, and its AdamW
+        runs.append(Run(FLOOR_PATH, "floor", "bfloat16", gemm_floor(fused_step, fused_opt)))
     if args.compile and not args.quick:
         compiled = copy.deepcopy(ours)
         compile_blocks(compiled)

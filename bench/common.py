@@ -289,11 +289,16 @@ def summarize(
     }
 
 
+GEMM_CEILING = "the most these GEMMs allow"  # the ratio of the floor row, see ratios_from_rows
+
+
 def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
     """Speed-ups, peer time / mmssl time (> 1: mmssl is faster), by wall and by CPU time.
 
     fp32 same config: the best fp32-group path of each side; best path: the fastest timed
-    path of each side.  CPU time (process_time) is less disturbed by other jobs on a shared
+    path of each side; with a floor row (bench/floor.py: mmssl's bf16 step's GEMMs and
+    AdamW alone), the floor against the peer's fastest path: no mmssl path that runs these
+    GEMM kernels can beat the peer by more.  CPU time (process_time) is less disturbed by other jobs on a shared
     machine than wall time, so both are given.
     """
     timed = [r for r in rows if "median_s" in r]
@@ -308,6 +313,14 @@ def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
             if len(sides) == 2:
                 name = f"{label} ({clock}): {sides['mmssl']['name']} vs {sides['peer']['name']}"
                 out[name] = sides["peer"][key] / sides["mmssl"][key]
+    # the ceiling of any mmssl path on these GEMM kernels: the floor against the peer's best
+    floor = [r for r in timed if r["side"] == "floor"]
+    peer = [r for r in timed if r["side"] == "peer"]
+    if floor and peer:
+        for clock, key in (("wall", "median_s"), ("cpu", "cpu_median_s")):
+            best = min(peer, key=lambda r: r[key])
+            name = f"{GEMM_CEILING} ({clock}): {floor[0]['name']} vs {best['name']}"
+            out[name] = best[key] / floor[0][key]
     return out
 
 

@@ -164,11 +164,13 @@ def _targets(records: dict[str, object], m: dict) -> list[str]:
                 f"{cpu[0]:.2f}x CPU | {met} |"
             )
         best = [v for k, v in ratios.items() if k.startswith("best path (wall)")]
+        ceiling = [v for k, v in ratios.items() if k.startswith(f"{common.GEMM_CEILING} (wall)")]
         if best and _fast_bf16_isa(m):
             met = "yes" if best[0] >= 1.3 else "no"
+            at_most = f"; mmssl's bf16 GEMMs + AdamW alone: {ceiling[0]:.2f}x" if ceiling else ""
             lines.append(
                 f"| best path: mmssl >= 1.3x {peer}'s best (its faster attention kernel) | "
-                f"{best[0]:.2f}x wall ({_vs_default(rec['paths'])}) | {met} |"
+                f"{best[0]:.2f}x wall ({_vs_default(rec['paths'])}{at_most}) | {met} |"
             )
         bf16 = [r for r in rec["paths"] if r["side"] == "mmssl" and "bf16" in r["name"]]
         if name == "vit" and _fast_bf16_isa(m) and all("peak_fraction" in r for r in bf16):

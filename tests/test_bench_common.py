@@ -102,3 +102,45 @@ def test_gemm_floor_records_sdpa_s_fused_kernel_and_keeps_operands_apart() -> No
         if isinstance(a, floor.Layout) and a.shape == (32, 96)
     }
     assert len(weights) == 2  # each block's qkv weight (transposed), kept apart
+
+
+def _row(name: str, side: str, wall: float, cpu: float, group: str | None = None) -> dict:
+    return {"name": name, "side": side, "group": group, "median_s": wall, "cpu_median_s": cpu}
+
+
+def test_the_floor_row_bounds_the_best_path_by_the_peers_fastest_path() -> None:
+    """With a floor row, the ratios say how far mmssl could beat the peer's fastest path on
+    these GEMMs (that path's time over the floor's, per clock), and the Targets table shows
+    it beside the best-path ratio; without one, neither appears."""
+    import common
+    import run_all
+
+    rows = [
+        _row("peer fp32", "peer", 2.0, 4.0, "fp32"),
+        _row("peer bf16", "peer", 1.0, 2.1),
+        _row("peer bf16, other kernel", "peer", 0.8, 1.5),
+        _row("mmssl bf16", "mmssl", 0.7, 1.4),
+        _row("floor", "floor", 0.5, 1.2),
+    ]
+    ratios = common.ratios_from_rows(rows)
+    ceiling = {k: v for k, v in ratios.items() if k.startswith(common.GEMM_CEILING)}
+    assert ceiling == {
+        f"{common.GEMM_CEILING} (wall): floor vs peer bf16, other kernel": 0.8 / 0.5,
+        f"{common.GEMM_CEILING} (cpu): floor vs peer bf16, other kernel": 1.5 / 1.2,
+    }
+    assert ratios["best path (wall): mmssl bf16 vs peer bf16, other kernel"] == 0.8 / 0.7
+    machine = {"isa": ["avx512_bf16"]}
+    (line,) = [
+        t
+        for t in run_all._targets({"vit": {"paths": rows}}, machine)
+        if t.startswith("| best path")
+    ]
+    assert "1.14x wall (" in line and "GEMMs + AdamW alone: 1.60x) | no |" in line
+    without = [r for r in rows if r["side"] != "floor"]
+    assert not any(k.startswith(common.GEMM_CEILING) for k in common.ratios_from_rows(without))
+    (line,) = [
+        t
+        for t in run_all._targets({"vit": {"paths": without}}, machine)
+        if t.startswith("| best path")
+    ]
+    assert "alone" not in line
