@@ -298,8 +298,8 @@ def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
     fp32 same config: the best fp32-group path of each side; best path: the fastest timed
     path of each side; with a floor row (bench/floor.py: mmssl's bf16 step's GEMMs and
     AdamW alone), the floor against the peer's fastest path: no mmssl path that runs these
-    GEMM kernels can beat the peer by more.  CPU time (process_time) is less disturbed by other jobs on a shared
-    machine than wall time, so both are given.
+    GEMM kernels can beat the peer by more.  CPU time (process_time) is less disturbed by
+    other jobs on a shared machine than wall time, so both are given.
     """
     timed = [r for r in rows if "median_s" in r]
     out: dict[str, float] = {}
