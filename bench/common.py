@@ -274,9 +274,9 @@ def summarize(
                 "peak_fraction": frac,
             }
         )
-    ratios = ratios_from_rows(rows)
+    ratios, spreads = ratios_from_rows(rows), round_spreads(rows)
     for key, value in ratios.items():
-        print(f"  {key}: {value:.2f}x")
+        print(f"  {key}: {value:.2f}x{spread_text(spreads.get(key))}")
     return {
         "title": title,
         "config": config,
@@ -292,17 +292,10 @@ def summarize(
 GEMM_CEILING = "the most these GEMMs allow"  # the ratio of the floor row, see ratios_from_rows
 
 
-def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
-    """Speed-ups, peer time / mmssl time (> 1: mmssl is faster), by wall and by CPU time.
-
-    fp32 same config: the best fp32-group path of each side; best path: the fastest timed
-    path of each side; with a floor row (bench/floor.py: mmssl's bf16 step's GEMMs and
-    AdamW alone), the floor against the peer's fastest path: no mmssl path that runs these
-    GEMM kernels can beat the peer by more.  CPU time (process_time) is less disturbed by
-    other jobs on a shared machine than wall time, so both are given.
-    """
+def _pairs(rows: list[dict]) -> list[tuple[str, dict, dict, str]]:
+    """(ratio name, peer row, mmssl or floor row, the time key) of each ratio reported."""
     timed = [r for r in rows if "median_s" in r]
-    out: dict[str, float] = {}
+    out = []
     for label, group in (("fp32 same config", "fp32"), ("best path", None)):
         for clock, key in (("wall", "median_s"), ("cpu", "cpu_median_s")):
             sides = {}
@@ -312,7 +305,7 @@ def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
                     sides[side] = min(cands, key=lambda r: r[key])
             if len(sides) == 2:
                 name = f"{label} ({clock}): {sides['mmssl']['name']} vs {sides['peer']['name']}"
-                out[name] = sides["peer"][key] / sides["mmssl"][key]
+                out.append((name, sides["peer"], sides["mmssl"], key))
     # the ceiling of any mmssl path on these GEMM kernels: the floor against the peer's best
     floor = [r for r in timed if r["side"] == "floor"]
     peer = [r for r in timed if r["side"] == "peer"]
@@ -320,8 +313,41 @@ def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
         for clock, key in (("wall", "median_s"), ("cpu", "cpu_median_s")):
             best = min(peer, key=lambda r: r[key])
             name = f"{GEMM_CEILING} ({clock}): {floor[0]['name']} vs {best['name']}"
-            out[name] = best[key] / floor[0][key]
+            out.append((name, best, floor[0], key))
     return out
+
+
+def ratios_from_rows(rows: list[dict]) -> dict[str, float]:
+    """Speed-ups, peer time / mmssl time (> 1: mmssl is faster), by wall and by CPU time.
+
+    fp32 same config: the best fp32-group path of each side; best path: the fastest timed
+    path of each side; with a floor row (bench/floor.py: mmssl's bf16 step's GEMMs and
+    AdamW alone), the floor against the peer's fastest path: no mmssl path that runs these
+    GEMM kernels can beat the peer by more.  CPU time (process_time) is less disturbed by
+    other jobs on a shared machine than wall time, so both are given.
+    """
+    return {name: peer[key] / ours[key] for name, peer, ours, key in _pairs(rows)}
+
+
+def round_spreads(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """The lowest and highest per-round ratio of each wall-clock ratio of `ratios_from_rows`.
+
+    `alternate` times every path once a round, so round i of the two paths ran seconds
+    apart: their ratio pairs out the machine's slow drifts, and the spread over rounds shows
+    how far one median ratio may be from the next run's (a 0.96x and a 1.03x of the same
+    code on a shared VM fall in one spread)."""
+    out = {}
+    for name, peer, ours, key in _pairs(rows):
+        if key == "median_s" and "times_s" in peer and "times_s" in ours:
+            per_round = [p / o for p, o in zip(peer["times_s"], ours["times_s"]) if o > 0]
+            if per_round:
+                out[name] = (min(per_round), max(per_round))
+    return out
+
+
+def spread_text(spread: tuple[float, float] | None) -> str:
+    """' (rounds 0.93-1.05x)': a ratio's per-round spread as printed beside it."""
+    return f" (rounds {spread[0]:.2f}-{spread[1]:.2f}x)" if spread else ""
 
 
 def base_parser(

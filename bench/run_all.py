@@ -106,8 +106,9 @@ def _table(record: dict) -> list[str]:
             f"{r['peak_fraction'] * 100:.1f}% | {', '.join(f'{t:.2f}' for t in r['times_s'])} |"
         )
     lines.append("")
+    spreads = common.round_spreads(record["paths"])
     for key, value in common.ratios_from_rows(record["paths"]).items():
-        lines.append(f"- {key}: **{value:.2f}x**")
+        lines.append(f"- {key}: **{value:.2f}x**{common.spread_text(spreads.get(key))}")
     return lines + [""]
 
 
@@ -154,23 +155,25 @@ def _targets(records: dict[str, object], m: dict) -> list[str]:
         rec = records.get(name)
         if not isinstance(rec, dict):
             continue
-        ratios = common.ratios_from_rows(rec["paths"])
-        wall = [v for k, v in ratios.items() if k.startswith("fp32 same config (wall)")]
+        ratios, spreads = common.ratios_from_rows(rec["paths"]), common.round_spreads(rec["paths"])
+        wall = [(v, k) for k, v in ratios.items() if k.startswith("fp32 same config (wall)")]
         cpu = [v for k, v in ratios.items() if k.startswith("fp32 same config (cpu)")]
         if wall:
-            met = "yes" if wall[0] >= 1.0 else "no"
+            met = "yes" if wall[0][0] >= 1.0 else "no"
             lines.append(
-                f"| fp32 same config: mmssl >= 1.0x {peer} | {wall[0]:.2f}x wall, "
-                f"{cpu[0]:.2f}x CPU | {met} |"
+                f"| fp32 same config: mmssl >= 1.0x {peer} | {wall[0][0]:.2f}x wall"
+                f"{common.spread_text(spreads.get(wall[0][1]))}, {cpu[0]:.2f}x CPU | {met} |"
             )
         best = [v for k, v in ratios.items() if k.startswith("best path (wall)")]
+        best_spread = [spreads.get(k) for k in ratios if k.startswith("best path (wall)")]
         ceiling = [v for k, v in ratios.items() if k.startswith(f"{common.GEMM_CEILING} (wall)")]
         if best and _fast_bf16_isa(m):
             met = "yes" if best[0] >= 1.3 else "no"
             at_most = f"; mmssl's bf16 GEMMs + AdamW alone: {ceiling[0]:.2f}x" if ceiling else ""
             lines.append(
                 f"| best path: mmssl >= 1.3x {peer}'s best (its faster attention kernel) | "
-                f"{best[0]:.2f}x wall ({_vs_default(rec['paths'])}{at_most}) | {met} |"
+                f"{best[0]:.2f}x wall{common.spread_text(best_spread[0])} "
+                f"({_vs_default(rec['paths'])}{at_most}) | {met} |"
             )
         bf16 = [r for r in rec["paths"] if r["side"] == "mmssl" and "bf16" in r["name"]]
         if name == "vit" and _fast_bf16_isa(m) and all("peak_fraction" in r for r in bf16):

@@ -144,3 +144,34 @@ def test_the_floor_row_bounds_the_best_path_by_the_peers_fastest_path() -> None:
         if t.startswith("| best path")
     ]
     assert "alone" not in line
+
+
+def test_round_spreads_pair_the_two_paths_round_by_round() -> None:
+    """Each wall ratio's spread is over the rounds' own ratios (round i of the peer over
+    round i of mmssl), not over every pairing of the two lists, and the Targets table and
+    RESULTS.md's ratio lines print it; CPU ratios (medians only) get none."""
+    import common
+    import run_all
+
+    peer = {**_row("peer fp32", "peer", 1.0, 2.0, "fp32"), "times_s": [1.2, 1.0, 0.9]}
+    ours = {**_row("mmssl fp32", "mmssl", 1.0, 2.0, "fp32"), "times_s": [1.0, 1.0, 1.0]}
+    spreads = common.round_spreads([peer, ours])
+    assert spreads == {  # the fastest fp32 paths are also each side's fastest
+        "fp32 same config (wall): mmssl fp32 vs peer fp32": (0.9, 1.2),
+        "best path (wall): mmssl fp32 vs peer fp32": (0.9, 1.2),
+    }
+    ours["times_s"] = [1.2, 1.0, 0.9]  # the same drift on both sides: paired, no spread
+    assert set(common.round_spreads([peer, ours]).values()) == {(1.0, 1.0)}  # not 0.75-1.33
+    (line,) = [
+        t
+        for t in run_all._targets({"vit": {"paths": [peer, ours]}}, {"isa": []})
+        if t.startswith("| fp32 same config")
+    ]
+    assert "| 1.00x wall (rounds 1.00-1.00x), 1.00x CPU | yes |" in line
+    for r in (peer, ours):
+        r["peak_fraction"] = 0.5
+    record = {"title": "t", "config": {}, "flops": 1.0, "rounds": 3, "paths": [peer, ours]}
+    record.update(peaks={}, command="python bench/bench_vit.py", machine={"loadavg": [0.0]})
+    md = "\n".join(run_all._table(record))
+    assert "- fp32 same config (wall): mmssl fp32 vs peer fp32: **1.00x** (rounds 1.00-1.00x)" in md
+    assert "- fp32 same config (cpu): mmssl fp32 vs peer fp32: **1.00x**\n" in md + "\n"
