@@ -175,3 +175,21 @@ def test_round_spreads_pair_the_two_paths_round_by_round() -> None:
     md = "\n".join(run_all._table(record))
     assert "- fp32 same config (wall): mmssl fp32 vs peer fp32: **1.00x** (rounds 1.00-1.00x)" in md
     assert "- fp32 same config (cpu): mmssl fp32 vs peer fp32: **1.00x**\n" in md + "\n"
+
+
+def test_a_miss_is_never_printed_as_its_target() -> None:
+    """0.996x misses 1.0x: the Targets table prints 0.996x beside "no", not 1.00x."""
+    import run_all
+
+    assert run_all._times(0.996, 1.0) == "0.996x"
+    assert run_all._times(1.296, 1.3) == "1.296x"
+    assert run_all._times(0.994, 1.0) == "0.99x"
+    assert run_all._times(1.004, 1.0) == "1.00x"  # met: two decimals do not mislead
+    peer = _row("peer fp32", "peer", 0.996, 2.0, "fp32")
+    ours = _row("mmssl fp32", "mmssl", 1.0, 2.0, "fp32")
+    (line,) = [
+        t
+        for t in run_all._targets({"vit": {"paths": [peer, ours]}}, {"isa": []})
+        if t.startswith("| fp32 same config")
+    ]
+    assert "| 0.996x wall, 1.00x CPU | no |" in line
