@@ -1,6 +1,7 @@
 """Python-API inputs that were taken without a word or failed deep in torch: a cond given
 to a model that nothing conditions, a projector cond of the wrong width, a batch of 0 with
-condition tokens, an empty make_views batch, token ids that are no integers."""
+condition tokens, an empty make_views batch, token ids that are no integers, features in
+another dtype than the model."""
 
 from __future__ import annotations
 
@@ -98,3 +99,23 @@ def test_prefix_tokens_of_a_batch_of_none():
 
     tokens = PrefixTokens(cond_dim=4, num_tokens=3, dim=5)
     assert tokens(torch.zeros(0, 4)).shape == (0, 3, 5)
+
+
+def test_inputs_in_another_dtype_than_a_bf16_model_are_named() -> None:
+    """fp32 pooled features into a bf16 model's projector, or fp32 image tokens into its
+    caption decoder, failed in torch with "mat1 and mat2 must have the same dtype" (images
+    were already named); under autocast they run, and the model's own dtype runs."""
+    for name, call in (
+        ("test_tiny_simclr", lambda m, f: m.project(f["pooled"])),
+        ("test_tiny_coca", lambda m, f: m.caption_logits(f["tokens"], torch.zeros(2, 4).long())),
+    ):
+        model = mmssl.create_model(name).to(torch.bfloat16).eval()
+        size = model.cfg.vision.image_size
+        feats = model.forward_features(torch.rand(2, 3, size, size).bfloat16())
+        assert call(model, feats).dtype == torch.bfloat16
+        fp32 = {k: v.float() for k, v in feats.items()}
+        what = "pooled features" if name.endswith("simclr") else "image_tokens"
+        with pytest.raises(TypeError, match=f"{what} are torch.float32 but the model's weights"):
+            call(model, fp32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(model, fp32).dtype == torch.bfloat16

@@ -27,6 +27,7 @@ from mmssl.models.text import (
 )
 from mmssl.models.vision import VisionEncoder
 from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
+from mmssl.nn.layers import check_dtype
 
 
 class MultimodalModel(nn.Module):
@@ -183,6 +184,7 @@ class MultimodalModel(nn.Module):
         """The SSL projector: pooled (B, D) -> z (B, out_dim), conditioned on c if given."""
         if self.projector is None:
             raise RuntimeError("this model has no projector (set `projector` in its config)")
+        check_dtype(pooled, next(self.projector.parameters()), "pooled features")
         return self.projector(pooled, self._no_stray(cond))
 
     def forward_features(
@@ -261,6 +263,7 @@ class MultimodalModel(nn.Module):
                 f"image_tokens must be (B, N, D), got shape {tuple(image_tokens.shape)}: pass "
                 "forward_features(images)['tokens'] (generate_captions takes images)"
             )
+        check_dtype(image_tokens, next(self.caption.parameters()), "image_tokens")
         return self.caption(self.text, image_tokens, text, text_mask)
 
     @torch.no_grad()

@@ -40,6 +40,17 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def check_dtype(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    """TypeError naming the fix when floating-point input `x` and the `weight` it meets
+    differ in dtype outside autocast (torch's own message names neither: "mat1 and mat2
+    must have the same dtype")."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{what} are {x.dtype} but the model's weights are {weight.dtype}: cast one to "
+            "the other (.to(dtype)) or run under torch.autocast"
+        )
+
+
 class PatchProjection(nn.Conv2d):
     """A conv with kernel = stride = `patch_size` (the weight is the conv's, (D, C, p, p), so
     timm and open_clip load into it), applied as one matrix multiply over the flattened
@@ -92,12 +103,7 @@ class PatchEmbed(nn.Module):
             raise TypeError(
                 f"images must be floating point (pixels scaled to [0, 1]), got {images.dtype}"
             )
-        weight = self.proj.weight.dtype
-        if images.dtype != weight and not torch.is_autocast_enabled(images.device.type):
-            raise TypeError(
-                f"images are {images.dtype} but the model's weights are {weight}: cast one to "
-                "the other (.to(dtype)) or run under torch.autocast"
-            )
+        check_dtype(images, self.proj.weight, "images")
         h, w = images.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
