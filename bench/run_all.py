@@ -142,6 +142,16 @@ def _vs_default(rows: list[dict]) -> str:
     return f"{plain[0] / ours:.2f}x against its bf16 autocast with its default attention"
 
 
+def _ratios(rows: list[dict]) -> dict[str, tuple[float, str]]:
+    """The step ratios by their label ("best path (wall)"; the paths' names dropped): the
+    value and its per-round spread as printed beside it (empty for CPU ratios)."""
+    spreads = common.round_spreads(rows)
+    return {
+        key.split(":")[0]: (value, common.spread_text(spreads.get(key)))
+        for key, value in common.ratios_from_rows(rows).items()
+    }
+
+
 def _times(ratio: float, target: float) -> str:
     """A ratio as '1.02x', with a third decimal where two would round a miss onto its target
     (0.996 is printed 0.996x, not 1.00x beside "no")."""
@@ -162,24 +172,21 @@ def _targets(records: dict[str, object], m: dict) -> list[str]:
         rec = records.get(name)
         if not isinstance(rec, dict):
             continue
-        ratios, spreads = common.ratios_from_rows(rec["paths"]), common.round_spreads(rec["paths"])
-        wall = [(v, k) for k, v in ratios.items() if k.startswith("fp32 same config (wall)")]
-        cpu = [v for k, v in ratios.items() if k.startswith("fp32 same config (cpu)")]
-        if wall:
-            met = "yes" if wall[0][0] >= 1.0 else "no"
+        ratios = _ratios(rec["paths"])
+        wall, cpu = ratios.get("fp32 same config (wall)"), ratios.get("fp32 same config (cpu)")
+        if wall and cpu:
+            met = "yes" if wall[0] >= 1.0 else "no"
             lines.append(
-                f"| fp32 same config: mmssl >= 1.0x {peer} | {_times(wall[0][0], 1.0)} wall"
-                f"{common.spread_text(spreads.get(wall[0][1]))}, {cpu[0]:.2f}x CPU | {met} |"
+                f"| fp32 same config: mmssl >= 1.0x {peer} | {_times(wall[0], 1.0)} wall"
+                f"{wall[1]}, {cpu[0]:.2f}x CPU | {met} |"
             )
-        best = [v for k, v in ratios.items() if k.startswith("best path (wall)")]
-        best_spread = [spreads.get(k) for k in ratios if k.startswith("best path (wall)")]
-        ceiling = [v for k, v in ratios.items() if k.startswith(f"{common.GEMM_CEILING} (wall)")]
+        best, ceiling = ratios.get("best path (wall)"), ratios.get(f"{common.GEMM_CEILING} (wall)")
         if best and _fast_bf16_isa(m):
             met = "yes" if best[0] >= 1.3 else "no"
             at_most = f"; mmssl's bf16 GEMMs + AdamW alone: {ceiling[0]:.2f}x" if ceiling else ""
             lines.append(
                 f"| best path: mmssl >= 1.3x {peer}'s best (its faster attention kernel) | "
-                f"{_times(best[0], 1.3)} wall{common.spread_text(best_spread[0])} "
+                f"{_times(best[0], 1.3)} wall{best[1]} "
                 f"({_vs_default(rec['paths'])}{at_most}) | {met} |"
             )
         bf16 = [r for r in rec["paths"] if r["side"] == "mmssl" and "bf16" in r["name"]]
