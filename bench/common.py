@@ -244,8 +244,11 @@ def summarize(
     """
     print(f"\n== {title}")
     print("  config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    # paths that do other work (the peer's full last block, its padded captions) count theirs
+    other = sorted({p.flops for p in paths if p.flops and p.flops != flops})
+    also = "".join(f" ({o / 1e9:.2f} GFLOP on the paths that do more)" for o in other)
     print(
-        f"  FLOPs per timed step (matmul/conv/attention; fwd+bwd when it trains): {flops / 1e9:.2f} GFLOP; rounds: {rounds}"
+        f"  FLOPs per timed step (matmul/conv/attention; fwd+bwd when it trains): {flops / 1e9:.2f} GFLOP{also}; rounds: {rounds}"
     )
     for p in peaks.values():
         print(f"  matmul peak {p.dtype:<9} {p.flops_per_s / 1e9:8.2f} GFLOP/s  {p.note}")

@@ -45,7 +45,8 @@ def load_encoder(path: str, tower: str = "vision") -> nn.Module:
     """An exported model directory (model.safetensors + config.json) -> one tower, in eval mode.
 
     tower: "vision" (`forward_features(images)` -> {"pooled": (B, D), "tokens": (B, N, D)},
-    `encode(images)` -> (B, E); images float (B, C, H, W) prepared as config.json's
+    `forward_pooled(images)` -> the pooled (B, D) for less work, `encode(images)` -> (B, E);
+    images float (B, C, H, W) prepared as config.json's
     `preprocess` says), "text" (`encode(text, text_mask)` -> (B, E), `logits` -> (B, T, V);
     text int64 (B, T) from the tokenizer the export records, `get_tokenizer(name)`,
     `batch_encode`), or "model" for the whole MultimodalModel.  The parameters stay

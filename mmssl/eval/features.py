@@ -134,7 +134,7 @@ def extract_features(
         world_size=world,
         limit=limit,
     ):
-        pooled = model.forward_features(batch["image"])["pooled"]  # (B, D)
+        pooled = model.forward_pooled(batch["image"])  # (B, D)
         cols["sample_index"].append(batch["sample_index"])
         cols["features"].append(pooled.float())
         if proj is not None:

@@ -39,7 +39,7 @@ class Classifier(nn.Module):
 
     def logits(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) -> logits (B, C)."""
-        return self.head(self.visual.forward_features(images)["pooled"])
+        return self.head(self.visual.forward_pooled(images))
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """The task's loss: mean cross-entropy (a model never calls backward itself)."""

@@ -58,7 +58,7 @@ def conditioned_simclr_loss(
     z = []
     for view, aug in zip(views, augs):
         c = model.condition(aug)
-        z.append(ssl_embedding(model, model.forward_features(view, c)["pooled"], c))
+        z.append(ssl_embedding(model, model.forward_pooled(view, c), c))
     return nt_xent_loss(z[0], z[1], temperature)
 
 
@@ -110,9 +110,7 @@ def features(model: MultimodalModel, images: Tensor, batch_size: int = 512) -> T
     """Pooled features (N, D) for downstream use: those of the un-augmented images (the
     neutral descriptor's condition for a backbone-conditioned model, see
     MultimodalModel.forward_features)."""
-    return torch.cat(
-        [model.forward_features(c)["pooled"].float() for c in images.split(batch_size)]
-    )
+    return torch.cat([model.forward_pooled(c).float() for c in images.split(batch_size)])
 
 
 @torch.no_grad()

@@ -167,7 +167,8 @@ class MultimodalModel(nn.Module):
                     "augmentation descriptors: pass cond_text (B, T), not aug"
                 )
             return None
-        pooled = self._tower("text").forward_features(cond_text, cond_text_mask)["pooled"]
+        text_tower = self._tower("text")
+        pooled = text_tower.forward_pooled(cond_text, cond_text_mask)
         return self.conditioner(pooled)
 
     def neutral_condition(
@@ -193,6 +194,13 @@ class MultimodalModel(nn.Module):
         """images (B, C, H, W) -> {pooled (B, D), tokens (B, N, D)} of the vision tower.
         cond=None: the features of the un-augmented image (`image_condition`)."""
         return self._tower("vision").forward_features(images, self.image_condition(cond))
+
+    def forward_pooled(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward_features(images, cond)["pooled"]` (B, D), for less work where the tower
+        pools at its class token (`VisionEncoder.forward_pooled`)."""
+        return self._tower("vision").forward_pooled(images, self.image_condition(cond))
 
     def image_condition(
         self, cond: torch.Tensor | None, device: torch.device | None = None

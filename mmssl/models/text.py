@@ -132,6 +132,11 @@ def sample_tokens(
     return text
 
 
+def _check_not_empty(text: torch.Tensor) -> None:
+    if text.ndim == 2 and text.shape[1] == 0:  # else an amax error deep in the pooling
+        raise ValueError(f"text has no tokens: shape {tuple(text.shape)}")
+
+
 class TextTransformer(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, D), LM logits (B, T, V) and a pooled embedding.
 
@@ -175,6 +180,7 @@ class TextTransformer(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         token_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """text: (B, T) int64 -> final-normed hidden states (B, T, D).
 
@@ -188,6 +194,9 @@ class TextTransformer(nn.Module):
             are never attended, so a real token's hidden state is that of its row run alone
             without the padding.  Padded positions' outputs are finite but meaningless.
             Not with `text_mask` or `prefix`.
+        rows: (B,) int64, the one position of each row the caller reads (`pool` reads the
+            end of the text): the last block computes only those and the result is (B, 1, D)
+            (`Transformer` rows).  Not with `kv_cache`.
         """
         # a single unbatched row or tokenizer output left as floats would otherwise fail deep
         # in the embedding; out-of-vocabulary ids are left to it (checking them syncs a GPU)
@@ -254,9 +263,14 @@ class TextTransformer(nn.Module):
             else:
                 rope = self.rope(torch.arange(start, start + t, device=text.device))
         x = self.trunk(
-            x, is_causal=self.cfg.causal, attn_mask=attn_mask, rope=rope, kv_cache=kv_cache
+            x,
+            is_causal=self.cfg.causal,
+            attn_mask=attn_mask,
+            rope=rope,
+            kv_cache=kv_cache,
+            rows=None if rows is None else rows + num_prefix,
         )
-        return self.norm(x[:, num_prefix:])
+        return self.norm(x if rows is not None else x[:, num_prefix:])
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> logits (..., V), through the tied embedding by default."""
@@ -297,17 +311,28 @@ class TextTransformer(nn.Module):
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """text (B, T) -> pooled (B, D) and tokens (B, T, D)."""
-        if text.ndim == 2 and text.shape[1] == 0:  # else an amax error deep in the pooling
-            raise ValueError(f"text has no tokens: shape {tuple(text.shape)}")
+        _check_not_empty(text)
         text_mask = as_text_mask(text, text_mask)
         tokens = self.forward_tokens(text, text_mask)
         return {"pooled": self.pool(tokens, text_mask), "tokens": tokens}
+
+    def forward_pooled(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward_features(text, text_mask)["pooled"]` (B, D) for less work: pooled at the end
+        of the text, the last block computes that position only (`forward_tokens` rows)."""
+        _check_not_empty(text)
+        text_mask = as_text_mask(text, text_mask)
+        if self.cfg.pool == "mean" or text.ndim != 2:  # (forward_tokens names a wrong shape)
+            return self.pool(self.forward_tokens(text, text_mask), text_mask)
+        valid = text_mask if text_mask is not None else torch.ones_like(text, dtype=torch.bool)
+        return self.forward_tokens(text, text_mask, rows=last_valid_index(valid))[:, 0]
 
     def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """text (B, T) -> (B, E): pooled features through the projection, if any.  Runs
         without the all-padding trailing columns (`trim_padding`)."""
         text, text_mask = trim_padding(text, as_text_mask(text, text_mask))
-        pooled = self.forward_features(text, text_mask)["pooled"]
+        pooled = self.forward_pooled(text, text_mask)
         return self.proj(pooled) if self.proj is not None else pooled
 
     forward = encode

@@ -136,6 +136,18 @@ class VisionEncoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """images: (B, C, H, W); cond: (B or 1, cond_dim) or None (`cond_default`).  Returns
         pooled (B, D), tokens (B, N, D)."""
+        return self._features(images, cond, pooled_only=False)
+
+    def forward_pooled(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward_features(images, cond)["pooled"]` (B, D) for less work: pooled at the class
+        token, the last block computes that token's row only (`Transformer` rows)."""
+        return self._features(images, cond, pooled_only=True)["pooled"]
+
+    def _features(
+        self, images: torch.Tensor, cond: torch.Tensor | None, pooled_only: bool
+    ) -> dict[str, torch.Tensor]:
         if cond is None:
             cond = self.cond_default
         elif self.cond_prefix is not None:
@@ -163,21 +175,25 @@ class VisionEncoder(nn.Module):
             x = torch.cat([x[:, : self.num_prefix], prefix, x[:, self.num_prefix :]], dim=1)
             num_prefix += prefix.shape[1]
         x = self.norm_pre(x)
+        cls_only = pooled_only and self.cfg.pool == "token"
         x = self.trunk(
             x,
             cond,
             is_causal=False,
             attn_mask=self._attn_mask(grid_h, grid_w, num_prefix, x.device),
             rope=self._rope(grid_h, grid_w, x.device),
+            rows=x.new_zeros(x.shape[0], dtype=torch.long) if cls_only else None,
         )
-        x = self.norm(x)  # (B, P + N, D)
+        x = self.norm(x)  # (B, P + N, D), or (B, 1, D): the class token's row
+        if cls_only:
+            return {"pooled": x[:, 0]}
         tokens = x[:, num_prefix:]
         pooled = x[:, 0] if self.cfg.pool == "token" else tokens.mean(dim=1)
         return {"pooled": pooled, "tokens": tokens}
 
     def encode(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, C, H, W) -> (B, E): pooled features through the projection, if any."""
-        pooled = self.forward_features(images, cond)["pooled"]
+        pooled = self.forward_pooled(images, cond)
         return self.proj(pooled) if self.proj is not None else pooled
 
     forward = encode

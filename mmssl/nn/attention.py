@@ -10,6 +10,10 @@ keys and values of its new positions; a cross-attention takes `context_cache` (a
 the context must be the same tensor for every call with that cache (one caption).  Calls
 without a cache project everything, as in training.
 
+Query rows: a self-attention given `rows` (B,) computes the output of one query row per
+sample (keys and values still from every row), for a caller that reads that row only: the
+last block of a tower pooled at its class or end-of-text token (`Transformer` `rows`).
+
 Kernels (`Attention.kernel`, set for a whole model with `set_attention_kernel`):
 - "sdpa": `F.scaled_dot_product_attention`, fused kernels where they exist (GPUs);
 - "matmul": softmax(q k^T / sqrt(d)) v as matmul, softmax, matmul, with the same masks
@@ -85,6 +89,27 @@ def matmul_attention(
     return probs.masked_fill(empty, 0.0) @ v  # not in place: softmax saved probs
 
 
+def query_rows(
+    q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q (B, H, N, d) -> (B, H, 1, d): query row rows[b] of sample b, and the mask of those
+    rows, (B, H or 1, 1, Nk) or None, with `is_causal` folded in (row r sees keys 0..r)."""
+    b, h, n, d = q.shape
+    if rows.shape != (b,) or rows.dtype != torch.long:
+        raise ValueError(f"rows must be (B,) = ({b},) int64, got {tuple(rows.shape)} {rows.dtype}")
+    q = q.gather(2, rows.view(b, 1, 1, 1).expand(b, h, 1, d))
+    mask = None
+    if attn_mask is not None:  # (Nq, Nk) or (B or 1, H or 1, Nq or 1, Nk)
+        m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        m = m.expand(b, m.shape[1], n, m.shape[3])
+        mask = m.gather(2, rows.view(b, 1, 1, 1).expand(b, m.shape[1], 1, m.shape[3]))
+    if is_causal:
+        keys = torch.arange(n, device=q.device)
+        causal = (keys <= rows[:, None]).view(b, 1, 1, n)
+        mask = causal if mask is None else mask & causal
+    return q, mask
+
+
 def _use_matmul(kernel: str, q: torch.Tensor, k: torch.Tensor) -> bool:
     if kernel != "auto":
         return kernel == "matmul"
@@ -155,8 +180,11 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: LayerKVCache | None = None,
         context_cache: ContextKVCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """kv_cache (self-attention): the keys and values of earlier positions; x holds the
+        """rows (B,) int64: compute query row rows[b] of sample b only, (B, N, D) -> (B, 1, D)
+        (self-attention without a kv cache; see the module docstring).
+        kv_cache (self-attention): the keys and values of earlier positions; x holds the
         positions after them (their rope is for those positions), and the cache gets this
         call's keys and values.  context_cache (cross-attention): the context's keys and
         values, projected by the first call with this cache and reused after."""
@@ -198,6 +226,11 @@ class Attention(nn.Module):
                 f"a 3-D attn_mask {tuple(attn_mask.shape)} is ambiguous; pass (Nq, Nk), or "
                 "(B, 1, Nq, Nk) for one mask per sample (attn_mask[:, None])"
             )
+        if rows is not None:
+            if self.cross or kv_cache is not None:
+                raise ValueError("rows is for a self-attention without a kv cache")
+            q, attn_mask = query_rows(q, attn_mask, is_causal, rows)
+            n, is_causal = 1, False
         attn_mask, is_causal = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], x.device)
         if _use_matmul(self.kernel, q, k):
             out = matmul_attention(q, k, v, attn_mask, is_causal)

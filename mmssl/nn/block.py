@@ -23,6 +23,11 @@ from mmssl.nn.mlp import build_mlp
 from mmssl.nn.norm import ConditionedGate, ConditionedNorm, Norm, Ungated
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), rows (B,) int64 -> (B, 1, D): row rows[b] of sample b."""
+    return x.gather(1, rows.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
+
+
 class CrossAttentionBranch(nn.Module):
     """Pre-norm residual cross-attention to a context sequence: x + attn(norm(x), context)."""
 
@@ -72,6 +77,8 @@ class Block(nn.Module):
     cross_attn: adds a cross-attention sub-layer over a `context` sequence.
     kv_cache (forward): the layer's cache; the self-attention appends to it, and the
     cross-attention projects the context's keys and values into `kv_cache.context` once.
+    rows (forward): (B,) int64, compute only row rows[b] of sample b (its keys and values
+    from every row): (B, N, D) -> (B, 1, D).
     """
 
     def __init__(
@@ -125,16 +132,20 @@ class Block(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: LayerKVCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D); cond (B, C) or None; context (B, M, D_context) for the
-        cross-attention; rope: (cos, sin) from RotaryEmbedding."""
+        """x (B, N, D) -> (B, N, D), or (B, 1, D) with `rows`; cond (B, C) or None; context
+        (B, M, D_context) for the cross-attention; rope: (cos, sin) from RotaryEmbedding."""
         h = self.attn(
             self.norm1(x, cond),
             attn_mask=attn_mask,
             is_causal=is_causal,
             rope=rope,
             kv_cache=kv_cache,
+            rows=rows,
         )
+        if rows is not None:  # the residual stream of those rows only
+            x = take_rows(x, rows)
         x = x + self.drop_path(self.gate1(self.ls1(h), cond))
         x = self.cross(x, context, kv_cache.context if kv_cache is not None else None)
         x = x + self.drop_path(self.gate2(self.ls2(self.mlp(self.norm2(x, cond))), cond))
@@ -148,6 +159,10 @@ class Transformer(nn.Module):
         trunk overrides it per call with `is_causal=`.
     cond_depth: condition only the top k blocks (None: all, when cond_dim is set).
     drop_path: the maximum rate, increased linearly with depth.
+    rows (forward): (B,) int64 for a caller that reads one row per sample (a class or
+        end-of-text token): the last block computes only row rows[b] of sample b, its keys
+        and values still from every row, and the stack returns (B, 1, D).  The same values
+        as the full output's rows, without ~3/4 of the last block's compute.
     """
 
     def __init__(
@@ -191,8 +206,10 @@ class Transformer(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """kv_cache: run x as the positions after the cached ones (incremental decoding)."""
+        """kv_cache: run x as the positions after the cached ones (incremental decoding);
+        rows: see the class docstring."""
         kwargs: dict[str, Any] = dict(
             is_causal=self.causal if is_causal is None else is_causal,
             attn_mask=attn_mask,
@@ -203,8 +220,13 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"kv cache of {len(kv_cache.layers)} layers for {len(self.blocks)} blocks"
             )
+        if rows is not None and not self.blocks:
+            return take_rows(x, rows)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache.layers[i] if kv_cache is not None else None
+            if i == last:
+                kwargs["rows"] = rows
             if layer_cache is not None:  # a recomputed checkpoint would append twice
                 x = block(x, cond, kv_cache=layer_cache, **kwargs)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():

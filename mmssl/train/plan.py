@@ -37,6 +37,15 @@ def _block_flops(n: int, dim: int, mlp_ratio: float) -> float:
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
+def _tower_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bool) -> float:
+    """Forward FLOPs of `depth` Blocks on n tokens; pooled_only: the last computes one row
+    (`Transformer` rows): qkv on every token, the rest on one."""
+    if not pooled_only or depth == 0:
+        return depth * _block_flops(n, dim, mlp_ratio)
+    last = 2 * n * dim * 3 * dim + 2 * dim * dim * (1 + 2 * mlp_ratio) + 4 * n * dim
+    return (depth - 1) * _block_flops(n, dim, mlp_ratio) + last
+
+
 @dataclass
 class Workload:
     """Per sample (one from every source the objectives read), forward only."""
@@ -48,8 +57,13 @@ class Workload:
 
 
 def workload(recipe: Any, cfg: Any) -> Workload:
-    """Forward FLOPs and activation bytes of one sample of every source, as the Task runs it."""
+    """Forward FLOPs and activation bytes of one sample of every source, as the Task runs it
+    (activations as if the pooled-only last blocks kept every row: a slight overestimate)."""
     from mmssl.train.recipe import NEEDS
+    from mmssl.train.tasks import TOKEN_MEAN, VISION_TOKENS
+
+    # the Task runs the vision tower pooled-only unless some objective reads its tokens
+    vision_pooled = not any(o.type in VISION_TOKENS for o in recipe.objectives.values())
 
     flops = act = ckpt = logits = 0.0
     compute = 2 if recipe.precision == "bf16" else 4  # bytes of one logit in the compute dtype
@@ -64,8 +78,9 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             images = max(1, recipe.data.views) if "views" in needs or recipe.data.views else 1
             patches = (v.image_size // v.patch_size) ** 2
             n = (1 if v.class_token else 0) + patches
+            pooled_only = vision_pooled and v.pool == "token"
             flops += images * (
-                v.depth * _block_flops(n, v.dim, v.block.mlp_ratio)
+                _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
                 + 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # the class token is no patch
             )
             act += images * v.depth * 34 * n * v.dim
@@ -74,7 +89,10 @@ def workload(recipe: Any, cfg: Any) -> Workload:
         if "text" in needs and cfg.text is not None:
             t = cfg.text
             n = src.context_length or recipe.data.context_length or t.context_length
-            flops += t.depth * _block_flops(n, t.dim, t.block.mlp_ratio)
+            # pooled-only without a token objective on this source (the Task runs sources of
+            # one text length in one call, in full if any reads tokens: counted per source)
+            pooled_only = not kinds & set(TOKEN_MEAN) and t.pool != "mean"
+            flops += _tower_flops(t.depth, n, t.dim, t.block.mlp_ratio, pooled_only)
             act += t.depth * 34 * n * t.dim
             ckpt += t.depth * 2 * n * t.dim
             peak_layer = max(peak_layer, 34 * n * t.dim)

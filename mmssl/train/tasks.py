@@ -66,6 +66,10 @@ Batch = dict[str, Any]
 # rows of one text-tower call: (source, ids (B, T), mask (B, T), is the condition prompt)
 TextRows = tuple[str, Tensor, Tensor, bool]
 TOKEN_MEAN = ("next_token", "captioning")  # objectives normalised by their target count
+# the objectives that read the vision tower's tokens; the others read pooled features, which
+# skip the last block's other rows (`forward_pooled`), as text does without
+# a TOKEN_MEAN objective
+VISION_TOKENS = ("hssl", "captioning")
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,19 @@ class Task(nn.Module):
             o.source == source and NEEDS[o.type or k] & what for k, o in self.objectives.items()
         )
 
+    def _reads(self, kinds: tuple[str, ...], source: str | None = None) -> bool:
+        """Whether an objective of one of `kinds` (on `source`, or on any) is trained."""
+        return any(
+            (o.type or k) in kinds and source in (None, o.source)
+            for k, o in self.objectives.items()
+        )
+
     def _vision(
         self, batches: dict[str, Batch], prompt_pooled: dict[str, Tensor]
     ) -> dict[str, dict[str, list[Any]]]:
         """One vision call for every source that needs images -> per source, per view:
-        pooled (B, D), tokens (B, N, D), emb (B, E), cond (B, C) or None.
+        pooled (B, D), tokens (B, N, D) (none unless a VISION_TOKENS objective is trained),
+        emb (B, E), cond (B, C) or None.
 
         prompt_pooled: {source: (1, D_text)} pooled text features of its condition prompt."""
         names: list[tuple[str, int, int]] = []
@@ -234,8 +246,13 @@ class Task(nn.Module):
             cond = self.model.condition(aug)
         # the projector's condition only, for a tower the conditioner does not reach
         reads = visual.cfg.cond_dim or visual.cfg.cond_tokens
-        feats = visual.forward_features(torch.cat(images), cond if reads else None)
-        pooled, tokens = feats["pooled"], feats["tokens"]
+        images_cat, cond = torch.cat(images), cond if reads else None
+        tokens = None
+        if self._reads(VISION_TOKENS):
+            feats = visual.forward_features(images_cat, cond)
+            pooled, tokens = feats["pooled"], feats["tokens"]
+        else:
+            pooled = visual.forward_pooled(images_cat, cond)
         emb = visual.proj(pooled) if visual.proj is not None else pooled
         out: dict[str, dict[str, list[Any]]] = {}
         start = 0
@@ -243,7 +260,7 @@ class Task(nn.Module):
             sl = [slice(start + i * b, start + (i + 1) * b) for i in range(nviews)]
             out[name] = {
                 "pooled": [pooled[s] for s in sl],
-                "tokens": [tokens[s] for s in sl],
+                "tokens": [tokens[s] for s in sl] if tokens is not None else [],
                 "emb": [emb[s] for s in sl],
                 "cond": [cond[s] if cond is not None else None for s in sl],
             }
@@ -253,7 +270,8 @@ class Task(nn.Module):
     def _text(
         self, batches: dict[str, Batch]
     ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-        """Text features of every source that needs text -> hidden (B, T, D), emb (B, E);
+        """Text features of every source that needs text -> hidden (B, T, D) (None
+        unless a TOKEN_MEAN objective reads them), emb (B, E);
         and the pooled features (1, D) of every condition prompt, by source.
 
         Sources of equal text length share one call; different lengths (short captions next
@@ -282,8 +300,12 @@ class Task(nn.Module):
             text = torch.cat([r[1] for r in group])
             mask = torch.cat([r[2] for r in group])
             text, mask = trim_padding(text, mask)  # hidden: (B_all, T' <= T, D)
-            hidden = self.text_tower.forward_tokens(text, mask)
-            pooled = self.text_tower.pool(hidden, mask)
+            hidden = None
+            if any(not r[3] and self._reads(TOKEN_MEAN, r[0]) for r in group):
+                hidden = self.text_tower.forward_tokens(text, mask)
+                pooled = self.text_tower.pool(hidden, mask)
+            else:  # pooled features only
+                pooled = self.text_tower.forward_pooled(text, mask)
             proj = self.text_tower.proj
             emb = proj(pooled) if proj is not None else pooled
             start = 0
@@ -292,7 +314,10 @@ class Task(nn.Module):
                 if is_prompt:
                     prompts[name] = pooled[sl]
                 else:
-                    out[name] = {"hidden": hidden[sl], "emb": emb[sl]}
+                    out[name] = {
+                        "hidden": hidden[sl] if hidden is not None else None,
+                        "emb": emb[sl],
+                    }
                 start += ids.shape[0]
         return out, prompts
 

@@ -179,6 +179,10 @@ def test_compile_failure_warns_once_and_trains_eagerly(monkeypatch) -> None:
     monkeypatch.setattr(
         nn_compile, "compile_blocks", lambda module, **kw: original(module, backend=broken)
     )
+    # Block.forward's dynamo cache is per process: after the earlier tests' compiles it can
+    # be at its recompile limit, and dynamo then runs new shapes eagerly without calling
+    # any backend, the broken one included
+    torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses, _ = _engine_losses(_recipe({"impl": "torch"}, {"compile": True}))
