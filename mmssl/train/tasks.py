@@ -269,7 +269,7 @@ class Task(nn.Module):
 
     def _text(
         self, batches: dict[str, Batch]
-    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    ) -> tuple[dict[str, dict[str, Tensor | None]], dict[str, Tensor]]:
         """Text features of every source that needs text -> hidden (B, T, D) (None
         unless a TOKEN_MEAN objective reads them), emb (B, E);
         and the pooled features (1, D) of every condition prompt, by source.
