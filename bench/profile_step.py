@@ -66,7 +66,7 @@ def vit_sides() -> dict[str, Side]:
     return {
         "timm": (peer, lambda: peer(x).float().pow(2).mean(), True),
         "timm, unfused attention": (unfused, lambda: unfused(x).float().pow(2).mean(), True),
-        "mmssl": (ours, lambda: ours.forward_features(x)["pooled"].float().pow(2).mean(), True),
+        "mmssl": (ours, lambda: ours.forward_pooled(x).float().pow(2).mean(), True),
     }
 
 
