@@ -84,8 +84,11 @@ def test_rows_are_refused_where_they_cannot_hold():
         t(x, rows=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"rows must be \(B,\)"):
         t(x, rows=torch.tensor([0.0, 1.0]))
+    deep = Transformer(16, 2, 2, causal=True)
+    cache = KVCache(2, 8)
     with pytest.raises(ValueError, match="without a kv cache"):
-        t(x, rows=torch.tensor([0, 1]), kv_cache=KVCache(1, 8))
+        deep(x, rows=torch.tensor([0, 1]), kv_cache=cache)
+    assert cache.length == 0  # refused before a block appended to its cache
     empty = Transformer(16, 0, 2)  # no block: the rows of the input
     torch.testing.assert_close(empty(x, rows=torch.tensor([3, 1])), x[[0, 1], [3, 1]][:, None])
 

@@ -89,14 +89,21 @@ def matmul_attention(
     return probs.masked_fill(empty, 0.0) @ v  # not in place: softmax saved probs
 
 
+def check_rows(rows: torch.Tensor, batch: int) -> None:
+    """ValueError unless `rows` is (batch,) int64, one query row per sample."""
+    if rows.shape != (batch,) or rows.dtype != torch.long:
+        raise ValueError(
+            f"rows must be (B,) = ({batch},) int64, got {tuple(rows.shape)} {rows.dtype}"
+        )
+
+
 def query_rows(
     q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q (B, H, N, d) -> (B, H, 1, d): query row rows[b] of sample b, and the mask of those
     rows, (B, H or 1, 1, Nk) or None, with `is_causal` folded in (row r sees keys 0..r)."""
     b, h, n, d = q.shape
-    if rows.shape != (b,) or rows.dtype != torch.long:
-        raise ValueError(f"rows must be (B,) = ({b},) int64, got {tuple(rows.shape)} {rows.dtype}")
+    check_rows(rows, b)
     q = q.gather(2, rows.view(b, 1, 1, 1).expand(b, h, 1, d))
     mask = None
     if attn_mask is not None:  # (Nq, Nk) or (B or 1, H or 1, Nq or 1, Nk)

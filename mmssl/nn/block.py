@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmssl.nn.attention import Attention
+from mmssl.nn.attention import Attention, check_rows
 from mmssl.nn.kv_cache import ContextKVCache, KVCache, LayerKVCache
 from mmssl.nn.layers import DropPath, LayerScale
 from mmssl.nn.mlp import build_mlp
@@ -220,8 +220,12 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"kv cache of {len(kv_cache.layers)} layers for {len(self.blocks)} blocks"
             )
-        if rows is not None and not self.blocks:
-            return take_rows(x, rows)
+        if rows is not None:  # before any block runs (or appends to a cache)
+            check_rows(rows, x.shape[0])
+            if kv_cache is not None:
+                raise ValueError("rows is for a self-attention without a kv cache")
+            if not self.blocks:
+                return take_rows(x, rows)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache.layers[i] if kv_cache is not None else None
