@@ -229,7 +229,7 @@ class Transformer(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache.layers[i] if kv_cache is not None else None
-            if i == last:
+            if i == last and rows is not None:  # (absent otherwise: one compiled graph)
                 kwargs["rows"] = rows
             if layer_cache is not None:  # a recomputed checkpoint would append twice
                 x = block(x, cond, kv_cache=layer_cache, **kwargs)
