@@ -13,8 +13,8 @@ every token's and keeps the class token's.  Paths (see bench/common.py for the m
 - best paths: timm bf16 autocast with torch's fused AdamW (as mmssl's fast paths use), with
   its fused attention (default) and without it (`fused_attn = False`: timm's matmul +
   softmax + matmul); mmssl fused AdamW in fp32, bf16 autocast, bf16 weights with fp32
-  master weights, and (--compile) compiled blocks.  bf16 paths run only where bf16 matmuls
-  are fast (--bf16);
+  master weights, and (--compile) compiled blocks in fp32 and under bf16 autocast.  bf16
+  paths run only where bf16 matmuls are fast (--bf16);
 - the floor of mmssl's bf16 autocast step (bench/floor.py): its GEMMs, replayed alone, and
   its fused AdamW step; its share of the bf16 peak is the most these kernels allow.
 """
@@ -177,6 +177,20 @@ def main(argv: list[str] | None = None) -> int:
                 common.train_step(
                     lambda: ours_loss(compiled), common.adamw(compiled, "fused", no_decay=no_decay)
                 ),
+            )
+        )
+        compiled_bf16 = copy.deepcopy(compiled)  # its own compiled blocks (CompiledForward)
+        runs.append(
+            Run(
+                "mmssl bf16 autocast fused AdamW compiled",
+                "mmssl",
+                "bfloat16",
+                common.train_step(
+                    lambda: ours_loss(compiled_bf16),
+                    common.adamw(compiled_bf16, "fused", no_decay=no_decay),
+                    True,
+                ),
+                skipped=skip,
             )
         )
     print(f"torch threads {threads}; timing {sum(not r.skipped for r in runs)} paths", flush=True)
