@@ -32,6 +32,29 @@ def test_compiled_blocks_match_eager_forward_and_grads() -> None:
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
+def test_the_one_row_last_block_adds_no_compiled_graph() -> None:
+    """A pooled-only call's last block (`rows`) runs eagerly: its own graphs doubled the
+    graphs every Block shares under dynamo's recompile limit, past which dynamo runs new
+    shapes eagerly anyway.  Its rows are still those of the compiled full output."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()  # Block.forward's graphs of earlier tests are not counted
+    compiled = _stack()
+    compile_blocks(compiled, backend=counting)
+    x = torch.randn(2, 5, 32)
+    full = compiled(x)
+    before = len(graphs)
+    assert before > 0
+    rows = torch.tensor([4, 2])
+    got = compiled(x, rows=rows)
+    assert len(graphs) == before
+    torch.testing.assert_close(got[:, 0], full[torch.arange(2), rows])
+
+
 def test_failing_backend_falls_back_to_eager_with_one_warning() -> None:
     def broken(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):
         raise RuntimeError("no compiler here")

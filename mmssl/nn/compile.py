@@ -62,7 +62,10 @@ class CompiledForward:
         return self.fallback.reason
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fallback.reason is not None:
+        # the one-row last block of a pooled-only call (`Transformer` rows) runs eagerly: a
+        # graph of its own per variant doubled the graphs that all Blocks share under
+        # dynamo's recompile limit (8 per code object), for ~1/4 of one block's work
+        if self.fallback.reason is not None or kwargs.get("rows") is not None:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
