@@ -246,13 +246,13 @@ class Task(nn.Module):
             cond = self.model.condition(aug)
         # the projector's condition only, for a tower the conditioner does not reach
         reads = visual.cfg.cond_dim or visual.cfg.cond_tokens
-        images_cat, cond = torch.cat(images), cond if reads else None
+        images_cat, tower_cond = torch.cat(images), cond if reads else None
         tokens = None
         if self._reads(VISION_TOKENS):
-            feats = visual.forward_features(images_cat, cond)
+            feats = visual.forward_features(images_cat, tower_cond)
             pooled, tokens = feats["pooled"], feats["tokens"]
         else:
-            pooled = visual.forward_pooled(images_cat, cond)
+            pooled = visual.forward_pooled(images_cat, tower_cond)
         emb = visual.proj(pooled) if visual.proj is not None else pooled
         out: dict[str, dict[str, list[Any]]] = {}
         start = 0

@@ -54,6 +54,27 @@ def test_conditioned_task_equals_plain_at_init_and_trains_gamma():
     torch.testing.assert_close(task(batch)[0], nt_xent_loss(z[0], z[1], 0.1), atol=1e-6, rtol=1e-6)
 
 
+def test_a_conditioned_projector_on_a_plain_backbone_gets_each_views_condition():
+    """Only the projector reads the descriptor: the backbone runs unconditioned, and each
+    view's projection still gets its own condition (equal to the loss written out)."""
+    from mmssl.objectives import nt_xent_loss
+
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_simclr", condition={"dim": 16}, projector={"cond": "hyper", "hyper_rank": 4}
+    )
+    with torch.no_grad():  # off the neutral init, so that the condition changes the output
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    task = Task(model, {"simclr": ObjectiveConfig(source="digits")})
+    batch = _batch(1)
+    views, augs = batch["digits"]["views"], batch["digits"]["aug"]
+    z = [model.project(model.forward_pooled(v), model.condition(a)) for v, a in zip(views, augs)]
+    plain = model.project(model.forward_pooled(views[0]), None)
+    assert not torch.allclose(z[0], plain, atol=1e-3)
+    torch.testing.assert_close(task(batch)[0], nt_xent_loss(z[0], z[1], 0.1), atol=1e-6, rtol=1e-6)
+
+
 def test_hssl_objective_through_the_task_equals_the_loss_written_out():
     from mmssl.models.lifting import remove_structure, translation_lift
     from mmssl.objectives.hssl import HSSLLoss
