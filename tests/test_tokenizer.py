@@ -329,3 +329,53 @@ def test_meta_special_tokens_checked_for_sentencepiece(tmp_path: Path) -> None:
     (tmp_path / META_FILE).write_text(json.dumps({**meta, "bos_id": 3}))  # 3 is <|unk|>
     with pytest.raises(ValueError, match=re.escape("bos_id 3 is '<|unk|>'")):
         get_tokenizer(str(tmp_path))
+
+
+def _bare_json(tmp_path: Path) -> str:
+    copy = tmp_path / "src" / "my.json"  # no meta: special ids found by name
+    copy.parent.mkdir()
+    copy.write_bytes((DEFAULT_DIR / "tokenizer.json").read_bytes())
+    return str(copy)
+
+
+def _sentencepiece(tmp_path: Path) -> str:
+    from mmssl.tokenizer.train import Corpus, train_sentencepiece
+
+    texts = [f"caption number {i} of a red digit" for i in range(50)]
+    train_sentencepiece(
+        Corpus(texts, "tiny"), tmp_path / "src", vocab_size=300, show_progress=False
+    )
+    return str(tmp_path / "src")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [lambda p: "default", lambda p: "clip", _bare_json, _sentencepiece],
+    ids=["default", "clip", "bare-json", "sentencepiece"],
+)
+def test_save_tokenizer_gives_the_same_tokenizer_from_its_folder(tmp_path: Path, source) -> None:
+    from mmssl.tokenizer import save_tokenizer
+
+    name = source(tmp_path)
+    if name == "clip":
+        pytest.importorskip("open_clip", reason="the 'clip' tokenizer reads open_clip's vocab")
+    orig = get_tokenizer(name)
+    meta_path = save_tokenizer(orig, tmp_path / "out")
+    assert meta_path == tmp_path / "out" / META_FILE
+    saved = get_tokenizer(tmp_path / "out")  # checks the meta against the copied file
+    assert saved.path.parent == tmp_path / "out" and saved.path != orig.path
+    assert saved.kind == orig.kind and saved.sha256 == sha256_file(orig.path)
+    assert saved.metadata | {"name": 0} == orig.metadata | {"name": 0}
+    ids, mask = orig.batch_encode(TEXTS, 24, add_bos=True)
+    assert all(t.equal(u) for t, u in zip((ids, mask), saved.batch_encode(TEXTS, 24, add_bos=True)))
+    assert [saved.decode(row) for row in ids] == [orig.decode(row) for row in ids]
+
+
+def test_save_tokenizer_refuses_a_file_changed_since_it_loaded(tmp_path: Path) -> None:
+    from mmssl.tokenizer import save_tokenizer
+
+    orig = get_tokenizer(_bare_json(tmp_path))
+    orig.path.write_text(orig.path.read_text() + "\n")  # retrained in place after the load
+    with pytest.raises(ValueError, match="changed since its tokenizer loaded"):
+        save_tokenizer(orig, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing half-written

@@ -11,18 +11,25 @@ importing this package is cheap.
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from mmssl.shipped import shipped_path
-from mmssl.tokenizer.base import META_FILE, Tokenizer, sha256_file
+from mmssl.tokenizer.base import META_FILE, META_FORMAT, Tokenizer, sha256_file
 
-__all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta"]
+__all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta", "save_tokenizer"]
 
 # tokenizer/default of the checkout, or an installed wheel's copy (mmssl.shipped).
 DEFAULT_DIR = shipped_path("tokenizer", "default")
 _ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
+# The file name `save_tokenizer` gives each kind of artifact, by its suffix.
+SAVED_NAMES = {
+    ".json": "tokenizer.json",
+    ".model": "tokenizer.model",
+    ".txt.gz": "tokenizer.txt.gz",
+}
 
 
 def get_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
@@ -89,6 +96,57 @@ def read_meta(directory: str | Path) -> dict[str, Any] | None:
     if not isinstance(tokens, dict) or not all(isinstance(t, str) for t in tokens.values()):
         raise ValueError(f"{path}: 'special_tokens' must map roles to strings, got {tokens!r}")
     return meta
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
+    """Copy `tok`'s file into `directory` with a tokenizer_meta.json naming it, so that
+    `get_tokenizer(directory)` gives the same tokenizer (ids, special ids, sha256) wherever
+    the directory goes; `mmssl export` puts the run's tokenizer beside the weights this way.
+    A meta beside the source file is kept (its provenance), with the new file's name.  The
+    file is checked against `tok.sha256` after the copy: a file changed since `tok` loaded
+    is a ValueError, and nothing is replaced.  Returns the meta file's path."""
+    from mmssl.atomic import temp_name, write_atomic
+
+    suffix = ".txt.gz" if tok.path.name.endswith(".txt.gz") else tok.path.suffix
+    if suffix not in SAVED_NAMES:
+        raise ValueError(f"cannot save tokenizer file {tok.path}: unknown type {suffix!r}")
+    out = Path(directory).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / SAVED_NAMES[suffix]
+    meta: dict[str, Any] = {}
+    source_meta = tok.path.parent / META_FILE
+    if source_meta.is_file():
+        found = read_meta(tok.path.parent)
+        if found is not None and found["artifact"] == tok.path.name:
+            meta = found
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    try:
+        tokens = {role: tok.id_to_token(i) for role, i in ids.items()}
+    except NotImplementedError:  # CLIP's: its ids are fixed by its vocabulary file
+        tokens = {}
+    meta.update(
+        format=META_FORMAT,
+        artifact=target.name,
+        kind=tok.kind,
+        vocab_size=tok.vocab_size,
+        sha256=tok.sha256,
+        special_tokens={role: t for role, t in tokens.items() if t is not None},
+        **{f"{role}_id": i for role, i in ids.items()},
+    )
+    if target.resolve() != tok.path.resolve():
+        tmp = temp_name(target)
+        try:
+            tmp.write_bytes(tok.path.read_bytes())
+            if sha256_file(tmp) != tok.sha256:
+                raise ValueError(
+                    f"{tok.path} changed since its tokenizer loaded (sha256 {tok.sha256}); "
+                    f"not saved to {out}"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    write_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out / META_FILE
 
 
 def _load_dir(directory: str, name: str) -> Tokenizer:

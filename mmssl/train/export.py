@@ -15,7 +15,8 @@ checkpoint (`mmssl_run.json`): the model as the run resolved it, not its config 
 may have been edited or deleted since, and the recipe, not RUN_DIR/recipe.yaml, which a later
 resume may have changed.  Beside it, config.json records the learned logit scale and bias of the
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
-`mmssl.models.io.read_logit_params` reads back.  `exported_from.json` beside them names the
+`mmssl.models.io.read_logit_params` reads back, and the run's tokenizer is copied beside them
+(`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json` beside them names the
 checkpoint exactly (the sha256 of its manifest): a run trained anew in the same directory
 saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`) compares that, not
 the tag, before it reuses RUN_DIR/export.
@@ -27,6 +28,7 @@ The checkpoint's files are checked against its manifest (sha256) first, and ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -341,6 +343,7 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
         if (dest / SOURCE).is_file():
             # gone before the weights change: it never names a checkpoint they are not from
             (dest / SOURCE).unlink()
+        _save_tokenizer(dest, extra.get("tokenizer"))
         saved = save_pretrained(model.eval(), dest, extra)
         write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
@@ -387,6 +390,31 @@ def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, 
             )
             out[key] = {"type": kind, "logit_scale": log_scale, "logit_bias": None}
     return out
+
+
+def _save_tokenizer(dest: Path, record: dict[str, Any] | None) -> None:
+    """Put the run's tokenizer (its file and a tokenizer_meta.json) beside the weights, which
+    evaluation loads first (`mmssl.eval.loading.load_tokenizer`): the export then evaluates
+    on a machine without the file the run named (a user's path, open_clip's vocabulary).
+    A copy already there that is the recorded one stays (a re-export after the file went);
+    a tokenizer gone or changed since the run is not copied (the record names it), and any
+    other copy goes, so that no other tokenizer is left beside the weights."""
+    from mmssl.tokenizer import META_FILE, SAVED_NAMES, get_tokenizer, save_tokenizer
+
+    def loaded(name: str | Path) -> Any:
+        try:
+            return get_tokenizer(name)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    want = (record or {}).get("sha256")
+    if not want or getattr(loaded(dest), "sha256", None) != want:
+        for name in (META_FILE, *SAVED_NAMES.values()):
+            (dest / name).unlink(missing_ok=True)
+        source = loaded(record["name"]) if want and record else None
+        if source is not None and source.sha256 == want:
+            with contextlib.suppress(ValueError):  # changed while it was copied: as if gone
+                save_tokenizer(source, dest)
 
 
 def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]:

@@ -70,3 +70,59 @@ def test_a_run_pins_its_tokenizer_for_its_export_and_its_resume(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mmssl train: error: data.tokenizer {tok_dir!r} has sha256 "), err
     assert f"(sha256 {trained}); a resume keeps the tokenizer" in err
+
+
+def test_an_export_carries_its_tokenizer_to_a_machine_without_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export copies the run's tokenizer beside the weights, so that it evaluates after
+    the file the run named is gone (another machine, a deleted project folder); a re-export
+    then keeps that copy, and an export of a run on the default tokenizer holds no other."""
+    from mmssl.eval.loading import load_model
+    from mmssl.tokenizer import DEFAULT_DIR, META_FILE, get_tokenizer
+    from mmssl.tokenizer.base import sha256_file
+    from mmssl.train.export import export_run
+
+    tok_dir = tmp_path / "proj" / "mytok"
+    shutil.copytree(DEFAULT_DIR, tok_dir)
+    # other bytes than the default's (the same ids), so only this file's copy matches
+    tok_file, meta_file = tok_dir / "tokenizer.json", tok_dir / META_FILE
+    tok_file.write_text(tok_file.read_text() + "\n")
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "sha256": sha256_file(tok_file)}))
+    trained = get_tokenizer(tok_dir)
+    assert trained.sha256 != get_tokenizer("default").sha256
+    probe = ["a red seven", "the digit 3 in blue"]
+    want_ids = trained.batch_encode(probe, 16)[0]
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: carry\n"
+        f"out_dir: {tmp_path / 'runs'}\n"
+        "model: {name: test_tiny_clip, overrides: {text: {vocab_size: 8192}}}\n"
+        f"data: {{tokenizer: {tok_dir}, sources: {{train: {{urls: synthetic}}}}}}\n"
+        "train: {steps: 1, global_batch_size: 4, micro_batch_size: 4}\n"
+        "logging: {every: 1, tensorboard: false, progress: false}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    _train([str(recipe)])
+    run = tmp_path / "runs" / "carry"
+    out = export_run(run)
+    shutil.rmtree(tmp_path / "proj")  # the file the run named is gone
+    moved = shutil.copytree(out, tmp_path / "elsewhere" / "model")
+    for model_dir in (out, moved):
+        tok = load_model(model_dir).tokenizer()
+        assert tok.sha256 == trained.sha256 and tok.path.parent == model_dir
+        assert tok.batch_encode(probe, 16)[0].equal(want_ids)
+        kept = json.loads((model_dir / META_FILE).read_text())
+        assert kept["corpus"] == meta["corpus"]  # the source meta's provenance is kept
+
+    assert export_run(run) == out  # re-exported without the file: its copy stays
+    assert load_model(out).tokenizer().sha256 == trained.sha256
+
+    # the same folder now exports a run on the default tokenizer: no copy of mytok is left
+    recipe.write_text(recipe.read_text().replace(f"tokenizer: {tok_dir}", "tokenizer: default"))
+    shutil.rmtree(run)
+    _train([str(recipe)])
+    export_run(run)
+    assert load_model(out).tokenizer().sha256 == get_tokenizer("default").sha256
