@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
-from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate
+from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate, ignore_sigterm
 from mmssl.data.shards import manifest_counts
 from mmssl.data.tario import samples_for_counting
 from mmssl.data.urls import check_urls, expand_urls, is_local
@@ -253,6 +253,7 @@ class StreamLoader:
                 num_workers=self.loader_workers,
                 collate_fn=identity_collate,
                 pin_memory=self.pin_memory,
+                worker_init_fn=ignore_sigterm,
             )
         else:
             items = dataset
@@ -337,6 +338,8 @@ class StreamLoader:
                     "afresh; for `mmssl train`: a new run)"
                 )
         for key, want in identity.items():
+            if key == "sources" and state.get(key) != want:
+                raise DataError(_sources_changed(state.get(key), want))
             if state.get(key) != want:
                 raise DataError(
                     f"data state was saved with {key}={state.get(key)!r} but this pipeline has "
@@ -350,6 +353,24 @@ class StreamLoader:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+# a saved source's fields; the epoch length follows from the shards' sample counts, the batch
+# size and, for text, the context length
+_SOURCE_FIELDS = ("name", "kind", "shard count", "weight", "epoch length in batches")
+
+
+def _sources_changed(saved: Any, now: list[list[Any]]) -> str:
+    """What differs between a saved position's sources and this pipeline's, field by field."""
+    pairs = zip(saved, now) if isinstance(saved, list) and len(saved) == len(now) else []
+    diffs = [
+        f"source {new[0]!r}: {field} {a!r} when saved, {b!r} now"
+        for old, new in pairs
+        if isinstance(old, list)
+        for field, a, b in zip(_SOURCE_FIELDS, old, new)
+        if a != b
+    ] or [f"sources {saved!r} when saved, {now!r} now"]
+    return "; ".join(diffs) + "; the stream position cannot be transferred"
 
 
 def _check_args(

@@ -8,6 +8,7 @@ position after it, which the consumer (`StreamLoader`) records.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,13 @@ class Plan:
 def identity_collate(x: Any) -> Any:
     """The loader's collate_fn: workers already yield whole batches."""
     return x
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """The loader's worker_init_fn: a SIGTERM sent to the whole job (a scheduler's) does not
+    stop a worker, whose parent may be saving a checkpoint for it (`mmssl.train.preempt`);
+    the parent stops its workers, and a worker whose parent is gone exits on its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Worker:

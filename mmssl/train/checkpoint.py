@@ -474,7 +474,12 @@ def load(engine: Any, ckpt_dir: Path, tag: str, streams: dict[str, Any]) -> dict
         try:
             stream.load_state_dict(client["data"][rank][name])
         except DataError as err:  # the shard count of data.sources.NAME.urls, mostly
-            same = " (a resume keeps its shard count)" if "saved with sources=" in str(err) else ""
+            keep = {
+                "shard count": " (a resume keeps its shard count)",
+                "epoch length": " (a resume keeps the epoch's length: its data, batch size "
+                "and, for text, context length)",
+            }
+            same = "".join(v for k, v in keep.items() if k in str(err))
             raise ConfigError(f"checkpoint {folder}: data source {name!r}: {err}{same}") from None
     set_rng_state(client["rng"][rank])
     return client

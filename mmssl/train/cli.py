@@ -75,7 +75,7 @@ def _stdout_aside() -> Iterator[io.StringIO]:
 
 def main(argv: list[str] | None = None) -> int:
     """`mmssl train RECIPE [key=value ...]`: exit code 0; 2 on bad input; 1 when training stops on
-    non-finite values."""
+    non-finite values; 143 when SIGTERM stopped it after a checkpoint (`mmssl.train.preempt`)."""
     args = _parser().parse_intermixed_args(argv)  # overrides before or after options
     problem = check_numbers(
         args,
@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err))
     except NonFiniteError as err:  # the run failed, the input was fine: not a usage error
         return _error(str(err), 1)
+    if out.get("preempted"):
+        from mmssl.train.preempt import EXIT_CODE
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mmssl train: {recipe.name}: {out['stopped']}; {out['what next']}")
+        return EXIT_CODE  # what a job killed by SIGTERM reports: a scheduler requeues it
     if int(os.environ.get("RANK", "0")) == 0 and out.get("complete"):
         # a finished run run again: its summary.md is left as the training wrote it
         stop = recipe.train.stop_at

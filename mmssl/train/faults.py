@@ -9,7 +9,7 @@ checkpoint `step_STEP`), or a range `A-B`:
   a suffix `:rR` limits a loss or gradient fault to rank R (e.g. `nan_loss@5:r1`);
 - `pause@POINT:S`: at POINT of step S the process writes its pid to
   `RUN_DIR/.faults/POINT.rank<R>` and sleeps until it is killed (the kill-and-resume tests
-  send SIGKILL there).  POINT is `step_end` (step S done, its checkpoint included, the next
+  send SIGKILL there) or receives SIGTERM (the run then goes on, to save and stop there).  POINT is `step_end` (step S done, its checkpoint included, the next
   step not started), `mid_step` (forward and backward of step S done, the optimizer update
   not applied) or `save` (checkpoint S written by DeepSpeed, its manifest not yet).
 
@@ -108,5 +108,11 @@ class Faults:
         tmp = folder / f".{point}.rank{self.rank}.tmp"
         tmp.write_text(str(os.getpid()), encoding="utf-8")
         tmp.replace(folder / f"{point}.rank{self.rank}")
-        time.sleep(PAUSE_LIMIT_S)
+        from mmssl.train.preempt import requested
+
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while time.monotonic() < deadline:
+            if requested():  # SIGTERM, held by the run: it goes on to save and stop
+                return
+            time.sleep(0.05)
         os._exit(86)  # nobody came: fail loudly rather than train on

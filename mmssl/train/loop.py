@@ -53,7 +53,7 @@ import torch
 from mmssl import distributed
 from mmssl.data.errors import DataError
 from mmssl.schema import ConfigError
-from mmssl.train import checkpoint, host_memory, nonfinite, run_record, run_summary
+from mmssl.train import checkpoint, host_memory, nonfinite, preempt, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
@@ -336,10 +336,35 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     seen: set[str] = set()  # metric names seen
     t_start = time.perf_counter()
     start_step = step
+    preempted = False
+
+    def save(step: int) -> None:
+        t_save = time.perf_counter()
+        checkpoint.save(
+            engine,
+            ckpt_dir,
+            step,
+            recipe_dict,
+            streams,
+            nonfinite.rotation(recipe.checkpoint.keep_last, streak),
+            extra={
+                "bad_steps": bad_steps,
+                "bad_streak": streak,
+                "log_interval": distributed.all_gather_object(
+                    {"sums": {k: v.item() for k, v in sums.items()}, "count": count}
+                ),
+            },
+            on_written=functools.partial(faults.pause, "save", step),
+            tokenizer=pinned,
+            origin=origin,
+        )
+        log.exclude(time.perf_counter() - t_save)  # from the next interval
+
+    sigterm = preempt.SigtermStop(recipe.checkpoint.sigterm_check_every)
     try:
         # every rank's micro-batch has train.micro_batch_size rows, so the losses' gathers
         # need not exchange sizes (a host sync each on GPU)
-        with distributed.equal_batches():
+        with distributed.equal_batches(), sigterm:
             while step < end:
                 step_sums: dict[str, torch.Tensor] = {}
                 keys: dict[str, list[str]] = {}
@@ -403,28 +428,15 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
                     # steps): the interval's sums go on
                     if step % recipe.logging.every == 0:
                         sums, count = {}, 0
-                if nonfinite.save_due(step, recipe.checkpoint.every, end, streak):
-                    t_save = time.perf_counter()
-                    checkpoint.save(
-                        engine,
-                        ckpt_dir,
-                        step,
-                        recipe_dict,
-                        streams,
-                        nonfinite.rotation(recipe.checkpoint.keep_last, streak),
-                        extra={
-                            "bad_steps": bad_steps,
-                            "bad_streak": streak,
-                            "log_interval": distributed.all_gather_object(
-                                {"sums": {k: v.item() for k, v in sums.items()}, "count": count}
-                            ),
-                        },
-                        on_written=functools.partial(faults.pause, "save", step),
-                        tokenizer=pinned,
-                        origin=origin,
-                    )
-                    log.exclude(time.perf_counter() - t_save)  # from the next interval
+                saved = nonfinite.save_due(step, recipe.checkpoint.every, end, streak)
+                if saved:
+                    save(step)
                 faults.pause("step_end", step)
+                if step < end and sigterm.agreed(step, dev):
+                    if not saved:
+                        save(step)  # as at the run's end: one in a streak deletes none
+                    preempted = True
+                    break
     except nonfinite.NonFiniteError as err:
         # a planned end of the run, on every rank at the same step (the skip decision is
         # global), so the summary's gathers are safe here, unlike after any other error
@@ -460,6 +472,9 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     skipped = run_summary.skipped_counts(streams)
     last = str(ckpt_dir / checkpoint.tag_of(step))
     info = run_summary.run_info(recipe, resolved, task, start_step, step, t_start, last, bad_steps)
+    if preempted:
+        hint = run_summary.resume_hint(recipe, last, cause=False)
+        info = {**info, "stopped": f"SIGTERM at step {step}: saved {last}", "what next": hint}
     log.close(info, skipped)
     return {
         **info,
@@ -467,4 +482,5 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         "skipped": skipped,
         "final_step": step,
         "engine": engine,
+        "preempted": preempted,
     }

@@ -177,6 +177,7 @@ class CheckpointConfig:
     every: int = 0  # steps between saves; 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto: latest checkpoint of the run directory; none; or a path
+    sigterm_check_every: int = 10  # SIGTERM: save and exit 143 (train.preempt); 0: no handler
 
 
 @dataclass
@@ -378,8 +379,9 @@ def check_ranges(recipe: Recipe) -> None:
         )
     if len(recipe.optim.betas) != 2:
         raise ConfigError(f"optim.betas needs 2 numbers, got {recipe.optim.betas}")
-    if recipe.checkpoint.every < 0 or recipe.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    c = recipe.checkpoint
+    if c.every < 0 or c.keep_last < 1 or c.sigterm_check_every < 0:
+        raise ConfigError("checkpoint.every, .sigterm_check_every >= 0 and .keep_last >= 1")
     if recipe.logging.every < 1:
         raise ConfigError(f"logging.every must be >= 1, got {recipe.logging.every}")
     if recipe.data.views not in (0, 2):

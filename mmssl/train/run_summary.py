@@ -65,8 +65,9 @@ def run_info(
     }
 
 
-def resume_hint(recipe: Recipe, good: str | None) -> str:
-    """What the user does after a failed run: resume from `good`, or start again."""
+def resume_hint(recipe: Recipe, good: str | None, cause: bool = True) -> str:
+    """What the user does after a failed (or, `cause` False, a stopped) run: resume from
+    `good`, or start again."""
     run_dir = recipe.run_dir
     world = distributed.world_size()
     # --num_gpus counts the ranks of one node: the launcher's LOCAL_WORLD_SIZE
@@ -85,7 +86,7 @@ def resume_hint(recipe: Recipe, good: str | None) -> str:
             + (f" (or your launcher's equivalent for all {world} ranks)" if world > 1 else "")
         )
     return (
-        f"fix the cause, then resume from {good}: rerun the same command with "
+        f"{'fix the cause, then ' if cause else ''}resume from {good}: rerun the same command with "
         f"checkpoint.resume=auto (the default), which takes that checkpoint, e.g. {command}"
         + (f" (or your launcher's equivalent for all {world} ranks)" if world > 1 else "")
     )

@@ -184,9 +184,16 @@ def test_state_from_other_layout_is_refused(image_shards):
     with pytest.raises(DataError, match="shuffle"):
         build_pipeline(image_shards, shuffle=50, **kw).load_state_dict(saved)
     fewer = image_shards.replace("000007", "000006")
-    with pytest.raises(DataError, match="sources"):
+    # the message names the field that changed: 8 shards were 7
+    with pytest.raises(DataError, match="source 'source0': shard count 8 when saved, 7 now;"):
         build_pipeline(fewer, shuffle=5, **kw).load_state_dict(saved)
     build_pipeline(image_shards, shuffle=5, **kw).load_state_dict(saved)  # the same: accepted
+    # an epoch's length in batches (here set; a text source's context length moves it too)
+    ep = dict(kw, shuffle=5, mode="epoch")
+    saved = build_pipeline(sources=[Source(image_shards, epoch_batches=3)], **ep).state_dict()
+    with pytest.raises(DataError, match="epoch length in batches 3 when saved, 4 now;") as info:
+        build_pipeline(sources=[Source(image_shards, epoch_batches=4)], **ep).load_state_dict(saved)
+    assert "shard count" not in str(info.value)
 
 
 def test_resampled_sources_of_equal_shard_counts_draw_their_own_shards(image_shards):
