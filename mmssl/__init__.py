@@ -48,8 +48,8 @@ def load_encoder(path: str, tower: str = "vision") -> nn.Module:
     `forward_pooled(images)` -> the pooled (B, D) for less work, `encode(images)` -> (B, E);
     images float (B, C, H, W) prepared as config.json's
     `preprocess` says), "text" (`encode(text, text_mask)` -> (B, E), `logits` -> (B, T, V);
-    text int64 (B, T) from the tokenizer the export records, `get_tokenizer(name)`,
-    `batch_encode`), or "model" for the whole MultimodalModel.  The parameters stay
+    text int64 (B, T) from the export's tokenizer, `get_tokenizer(path)` (the copy beside the
+    weights), `batch_encode`), or "model" for the whole MultimodalModel.  The parameters stay
     trainable (finetuning wraps the tower): extract features under `torch.inference_mode()`.
     """
     from mmssl.models.io import load_encoder as _load

@@ -121,6 +121,12 @@ def test_eval_decodes_up_to_the_pixel_limit_training_had(export, tmp_path):
             "'preprocess.interpolation'",
         ),
         ({"model": {}}, "'model'"),  # save_pretrained writes it from the model's own config
+        # a misspelt tokenizer name: evaluation took the default tokenizer, without a check
+        ({"tokenizer": {"nmae": "clip"}}, "'tokenizer.nmae'"),
+        (
+            {"logits": {"clip": {"type": "clip", "logit_scale": 2.0, "temperatur": 0.07}}},
+            "'logits.clip.temperatur'",
+        ),
     ],
 )
 def test_save_pretrained_refuses_what_read_config_refuses_writing_nothing(tmp_path, extra, key):
@@ -179,6 +185,23 @@ def test_a_tokenizer_record_that_is_not_an_object_is_refused_on_load(export, tmp
     """It was ignored: evaluation then used the default tokenizer, unchecked."""
     path = _edited(export, tmp_path, lambda d: d.update(tokenizer="clip"))
     assert "'tokenizer' must be an object" in _refused(path)
+
+
+def test_a_misspelt_tokenizer_key_is_refused_on_load(export, tmp_path):
+    """{"nmae": "clip"} named no tokenizer: an import with CLIP's 49408 ids was evaluated
+    with the default's 8192, every prompt encoded into other tokens (top-1 near chance)."""
+    path = _edited(export, tmp_path, lambda d: d.update(tokenizer={"nmae": "clip"}))
+    msg = _refused(path)
+    assert "unknown key 'tokenizer.nmae'" in msg and "did you mean 'name'?" in msg
+
+
+def test_a_tokenizer_record_without_a_name_is_no_licence_for_the_default(tmp_path):
+    """An import whose record names no tokenizer (an empty one) and whose vocabulary is not
+    the default's is refused as one with no record is, not encoded with the default."""
+    model = mmssl.create_model("test_tiny_clip", **{"text.vocab_size": 49408})
+    out = save_pretrained(model, tmp_path / "imp", {"tokenizer": {}})
+    with pytest.raises(EvalError, match="pass --tokenizer"):
+        load_model(out).tokenizer()
 
 
 @pytest.mark.parametrize("size", [33, "32", 0, True])

@@ -260,7 +260,8 @@ def load_tokenizer(
     try:
         tok = get_tokenizer(choice)
     except (FileNotFoundError, ValueError) as err:
-        raise EvalError(f"cannot load tokenizer {str(choice)!r}: {err}") from None
+        hint = "" if override else "; pass --tokenizer with the one the model was trained with"
+        raise EvalError(f"cannot load tokenizer {str(choice)!r}: {err}{hint}") from None
     if saved is not None:
         try:
             tok.check_matches(saved)
@@ -273,7 +274,7 @@ def load_tokenizer(
         text is not None
         and override is None  # --tokenizer default: the user's word
         and choice == "default"
-        and saved is None
+        and not (saved or {}).get("name")  # none recorded (an import), or no name in it
         and tok.vocab_size != text.vocab_size
     ):
         # an import (open_clip's 49408 ids) saved without a tokenizer record: the default's

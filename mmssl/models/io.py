@@ -26,6 +26,8 @@ CONFIG = "config.json"
 EXTRA_SECTIONS = ("recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
 SECTIONS = ("model", *EXTRA_SECTIONS)  # config.json's sections
 PREPROCESS = ("image_size", "mean", "std", "max_pixels")
+TOKENIZER = ("name", "kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")  # .metadata
+LOGITS = ("type", "logit_scale", "logit_bias")
 
 
 def aliases(model: nn.Module) -> dict[str, str]:
@@ -255,6 +257,7 @@ def _check_tokenizer(record: Any, cfg_path: str | Path) -> None:
             f"{cfg_path}: 'tokenizer' must be an object (Tokenizer.metadata, with a string "
             f"'name' unless the default), got {record!r}"
         )
+    _check_keys(record, TOKENIZER, "tokenizer.", cfg_path)  # a misspelt name: the default
 
 
 def _check_descriptor(record: Any, cfg_path: str | Path) -> None:
@@ -315,6 +318,7 @@ def _logit_params(data: dict[str, Any], cfg_path: str | Path) -> dict[str, Logit
         where = f"{cfg_path}: logits.{key}"
         if not isinstance(entry, dict) or entry.get("type") not in ("clip", "siglip"):
             raise ConfigError(f"{where} must be an object with type 'clip' or 'siglip'")
+        _check_keys(entry, LOGITS, f"logits.{key}.", cfg_path)
         scale: Any = entry.get("logit_scale")
         bias: Any = entry.get("logit_bias")
         for name, value in (("logit_scale", scale), ("logit_bias", bias)):

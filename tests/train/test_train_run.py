@@ -402,10 +402,10 @@ def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
 def test_export_records_the_runs_tokenizer_and_eval_uses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run trained with `data.tokenizer: clip` exports that tokenizer's metadata, and
-    evaluation loads CLIP's BPE for it, not the default tokenizer (which it used to,
-    silently, as the export named no tokenizer).  A tokenizer directory given relative to
-    the training's working directory is recorded by its absolute path."""
+    """A run trained with `data.tokenizer: clip` exports that tokenizer's metadata and a copy
+    of it, and evaluation loads CLIP's BPE for it, not the default tokenizer (which it used
+    to, silently, as the export named no tokenizer).  A tokenizer directory given relative
+    to the training's working directory is recorded by its absolute path."""
     import shutil
 
     from mmssl.eval.loading import load_model
@@ -425,7 +425,10 @@ def test_export_records_the_runs_tokenizer_and_eval_uses_it(
     loaded = load_model(str(tmp_path / "tok"))
     assert loaded.config["tokenizer"]["sha256"] == clip.sha256
     tok = loaded.tokenizer()
-    assert tok.name == "clip" and tok.sha256 == clip.sha256
+    assert tok.kind == "clip" and tok.sha256 == clip.sha256
+    assert tok.path.parent == tmp_path / "tok" / "export"  # the export's copy
+    texts = ["a photo of a red 7", "two   spaces, Ünïcode"]
+    assert tok.batch_encode(texts, 16)[0].equal(clip.batch_encode(texts, 16)[0])
 
     shutil.copytree(DEFAULT_DIR, tmp_path / "mytok")
     monkeypatch.chdir(tmp_path)
@@ -441,7 +444,7 @@ def test_export_records_the_runs_tokenizer_and_eval_uses_it(
     monkeypatch.chdir(tmp_path / "elsewhere")
     loaded = load_model(str(tmp_path / "path"))
     assert loaded.config["tokenizer"]["name"] == str((tmp_path / "mytok").resolve())
-    assert loaded.tokenizer().path.parent == (tmp_path / "mytok").resolve()
+    assert loaded.tokenizer().sha256 == get_tokenizer(tmp_path / "mytok").sha256
 
 
 def test_resume_with_other_data_workers_is_refused_before_loading(
