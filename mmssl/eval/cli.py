@@ -130,7 +130,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": (lambda v: v >= 1, ">= 1"),
     "train_batch_size": (lambda v: v >= 1, ">= 1"),
     "num_classes": (lambda v: v >= 1, ">= 1"),
-    "max_new_tokens": (lambda v: v >= 0, ">= 0"),
+    # a sample is printed: 1e12 tokens allocated 8 TB after the scores were computed
+    "max_new_tokens": (lambda v: 0 <= v <= 100_000, "in 0..100000"),
     "top_k": (lambda v: v >= 1, ">= 1"),
     "seed": (lambda v: v >= 0, ">= 0"),
     "lr": (lambda v: v > 0, "> 0"),

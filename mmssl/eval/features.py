@@ -478,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"wrote {len(feats['sample_index'])} x {feats['features'].shape[1]} features "
                 f"to {args.out}"
             )
+            if bad := int((~torch.isfinite(feats["features"]).all(1)).sum()):  # written as is
+                print(
+                    f"mmssl features: warning: {bad} rows are not finite (NaN or inf): the "
+                    "model's features diverged",
+                    file=sys.stderr,
+                )
         except (OSError, SafetensorError) as err:  # a parent of --out is a file, /proc/x, ...
             remove_empty_dirs(made)  # no directory of a file that was not written is left
             print(f"mmssl features: error: cannot write {args.out}: {err}", file=sys.stderr)

@@ -32,7 +32,7 @@ def check_finite(x: Tensor, split: str) -> None:
     if bad.any():
         raise EvalError(
             f"{int(bad.sum())} of {len(bad)} {split} feature rows are not finite (NaN or inf; "
-            f"first: row {int(bad.nonzero()[0])}): the model's features diverged, and no probe "
+            f"first: row {int(bad.nonzero()[0])}): the model's features diverged, and nothing "
             "can be fit or scored on them"
         )
 

@@ -345,6 +345,19 @@ def perplexity_report(
     }
 
 
+@torch.no_grad()
+def _check_finite_logits(model: MultimodalModel, tokenizer: Any) -> None:
+    """EvalError unless the model's logits for a short text are finite: a diverged model
+    (NaN weights) scored 0.0 on every choice task, below chance, as a result, and its
+    samples failed with a traceback after the scores were computed."""
+    ids = torch.tensor([[int(tokenizer.eos_id)] + tokenizer.encode("The")])  # as `samples`
+    if not torch.isfinite(model.lm_logits(ids)).all():
+        raise EvalError(
+            "the model's next-token logits are not finite (NaN or inf) for the text 'The': "
+            "its weights diverged, and no perplexity, choice or sample can be scored"
+        )
+
+
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `lm` task: writes results.json, summary.md under args.out."""
     from mmssl.eval.fewshot import parse_ints
@@ -365,6 +378,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         )
     tokenizer = loaded.tokenizer(args.tokenizer)
     cl = model.cfg.text.context_length
+    _check_finite_logits(model, tokenizer)
     res: dict[str, Any] = {}
     lines = []
     if args.data is not None:

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `retrieval` task: writes results.json, summary.md under args.out."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import embedding_column, extract_features
+    from mmssl.eval.fewshot import check_finite
     from mmssl.eval.report import md_table
 
     loaded = ctx.load()
@@ -166,8 +167,10 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     per_image = multi if multi is not None else [[c] for c in feats["caption"]]
     texts = [c for caps in per_image for c in caps]
     image_of_text = torch.tensor([i for i, caps in enumerate(per_image) for _ in caps])
+    check_finite(feats[embedding_column(model)], "image")  # NaN scored R@k 0.0, as a result
     image_emb = F.normalize(feats[embedding_column(model)], dim=-1)
     text_emb = encode_texts(model, tokenizer, texts, args.batch_size)
+    check_finite(text_emb, "caption embedding")
     group = caption_groups(image_of_text, None if args.exact_pairs else texts)
     res: dict[str, Any] = score(image_emb, text_emb, image_of_text, group)
     res.update(num_images=len(per_image), num_texts=len(texts))

@@ -352,6 +352,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `zeroshot` task: writes results.json, summary.md, confusion.png under args.out."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import embedding_column, extract_features, integer_labels
+    from mmssl.eval.fewshot import check_finite
     from mmssl.eval.report import md_table, plot_confusion
 
     spec = load_classes(args.classes, args.templates)
@@ -374,8 +375,10 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             limit=args.limit,
         )
         feats[field] = integer_labels(feats[field], f"shards {args.data}", field, feats["__key__"])
+    check_finite(feats[column], "image")  # NaN scored 0.0, below chance, as a result
     image_emb = F.normalize(feats[column], dim=-1)
     class_emb = class_embeddings(model, tokenizer, spec.prompts, args.batch_size)
+    check_finite(class_emb, "class embedding")
     res = score(image_emb, class_emb, feats[field], spec.classnames)
     plot = plot_confusion(
         res["confusion"],

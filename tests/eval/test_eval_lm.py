@@ -353,3 +353,14 @@ def test_generate_with_a_vocab_limit_equals_a_naive_loop_over_the_first_ids():
     for bad in (65, 0, True, 2.0):
         with pytest.raises(ValueError, match="vocab_limit must be an integer in 1..64"):
             text.generate(prompt, 1, vocab_limit=bad)
+
+
+def test_a_sample_length_beyond_any_use_is_refused_before_scoring(tmp_path, capsys, tiny_model_dir):
+    """--max-new-tokens 1e12 scored the text, then failed allocating 8 TB for the sample, a
+    traceback that lost the scores; it is refused at the start, in one line."""
+    out = tmp_path / "o"
+    argv = ["lm", "--model", tiny_model_dir, "--prompt", "a", "--out", str(out)]
+    assert main([*argv, "--max-new-tokens", "1000000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmssl eval: error: ") and "--max-new-tokens" in err
+    assert "in 0..100000" in err and len(err.splitlines()) == 1 and not out.exists()
