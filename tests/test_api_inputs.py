@@ -119,3 +119,24 @@ def test_inputs_in_another_dtype_than_a_bf16_model_are_named() -> None:
             call(model, fp32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert call(model, fp32).dtype == torch.bfloat16
+
+
+def test_token_ids_outside_the_vocabulary_are_named() -> None:
+    """They failed in the embedding as a bare IndexError ("index out of range in self"): ids
+    of the shipped tokenizer (8192) given to a text tower of another vocabulary."""
+    model = mmssl.create_model("test_tiny_clip").eval()
+    v = model.cfg.text.vocab_size
+    ok = torch.randint(0, v, (2, 5))
+    for bad_id in (v, v + 100, -1):
+        text = ok.clone()
+        text[1, 3] = bad_id
+        for call in (
+            lambda: model.encode_text(text),
+            lambda: model.lm_logits(text),
+            lambda: model.text.forward_pooled(text),
+        ):
+            with pytest.raises(ValueError, match=rf"token id {bad_id} is outside .* \[0, {v}\)"):
+                call()
+    edge = ok.clone()
+    edge[0, 0], edge[1, 0] = 0, v - 1  # the first and last ids are in it
+    assert torch.isfinite(model.encode_text(edge)).all()

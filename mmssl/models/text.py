@@ -199,7 +199,8 @@ class TextTransformer(nn.Module):
             (`Transformer` rows).  Not with `kv_cache`.
         """
         # a single unbatched row or tokenizer output left as floats would otherwise fail deep
-        # in the embedding; out-of-vocabulary ids are left to it (checking them syncs a GPU)
+        # in the embedding; out-of-vocabulary ids are checked (below) on the CPU only (on a
+        # GPU the check would sync it, and its embedding asserts them)
         if text.ndim != 2:
             raise ValueError(f"text must be (B, T) token ids, got shape {tuple(text.shape)}")
         if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
@@ -234,6 +235,14 @@ class TextTransformer(nn.Module):
                 )
             positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
             text = text.masked_fill(~token_mask[:, start:], 0)  # any pad id: never looked up
+        if text.device.type == "cpu" and text.numel():
+            lo, hi = int(text.min()), int(text.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"token id {lo if lo < 0 else hi} is outside the text tower's vocabulary "
+                    f"[0, {self.cfg.vocab_size}): the ids come from another tokenizer (an "
+                    "export's own is get_tokenizer(EXPORT_DIR))"
+                )
         x = self.token_embed(text)  # (B, T, D)
         if self.pos_embed is not None:
             if positions is not None:

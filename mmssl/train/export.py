@@ -436,7 +436,8 @@ def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]
 
         logging.getLogger("mmssl.train").warning(
             "the tokenizer %s is %s since the run trained with it (sha256 %s); the export "
-            "records the one it trained with, so evaluation refuses that file: pass "
+            "records the one it trained with, so evaluation refuses that file: it reads the "
+            "copy an earlier export put beside the weights, if there is one, else pass "
             "--tokenizer with the tokenizer the run used",
             pinned["name"],
             "gone" if now is None else f"another (sha256 {now.get('sha256')})",
