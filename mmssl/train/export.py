@@ -15,9 +15,9 @@ checkpoint (`mmssl_run.json`): the model as the run resolved it, not its config 
 may have been edited or deleted since, and the recipe, not RUN_DIR/recipe.yaml, which a later
 resume may have changed.  Beside it, config.json records the learned logit scale and bias of the
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
-`mmssl.models.io.read_logit_params` reads back, and the run's tokenizer is copied beside them
-(`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json` beside them names the
-checkpoint exactly (the sha256 of its manifest): a run trained anew in the same directory
+`mmssl.models.io.read_logit_params` reads back, and the run's tokenizer is copied beside
+them (`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json`
+beside them names the checkpoint exactly (the sha256 of its manifest): a run trained anew in the same directory
 saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`) compares that, not
 the tag, before it reuses RUN_DIR/export.
 

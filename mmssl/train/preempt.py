@@ -12,8 +12,9 @@ what a process killed by it reports); `checkpoint.resume=auto` continues it exac
 check is a host sync, as a logging step is; 0 turns the handler off, and SIGTERM then kills
 the run at once, as Ctrl-C (SIGINT) always does.
 
-Data-loader workers ignore SIGTERM (`mmssl.data.producer.ignore_sigterm`): the scheduler signals them too, and a
-worker gone would fail the step before the save; their parent stops them.
+Data-loader workers ignore SIGTERM (`mmssl.data.producer.ignore_sigterm`): the scheduler
+signals them too, and a worker gone would fail the step before the save; their parent stops
+them.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class SigtermStop:
         err: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._held:
-            signal.signal(signal.SIGTERM, self._old)
+        if self._held:  # None: the old handler was a C one, which Python cannot restore
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._old is None else self._old)
             self._held = False
         _received.clear()
 
