@@ -55,6 +55,10 @@ def _stage(name: str, timings: dict[str, float], start: float) -> None:
     print(f"[demo] {name} done in {timings[name]:.1f} s", flush=True)
 
 
+class _Stopped(Exception):
+    """The pretraining stopped on SIGTERM (`mmssl.train.preempt`), its checkpoint saved."""
+
+
 def run_demo(
     out: Path, steps: int | None = None, fresh: bool = False, recipe: Path = RECIPE
 ) -> dict[str, Any]:
@@ -64,6 +68,7 @@ def run_demo(
     from mmssl.eval.cli import run_task
     from mmssl.eval.features import extract_features, features_metadata, save_features
     from mmssl.eval.loading import EvalError, export_run, load_model
+    from mmssl.train import preempt
     from mmssl.train.cli import main as train_main
 
     timings: dict[str, float] = {}
@@ -85,7 +90,13 @@ def run_demo(
     t = time.perf_counter()
     argv = [str(recipe), *recipe_overrides(recipe, data, out, steps), "logging.progress=true"]
     print("[demo] mmssl train " + " ".join(argv), flush=True)
-    if train_main(argv) != 0:
+    code = train_main(argv)
+    if code == preempt.EXIT_CODE:  # the run saved a checkpoint and stopped: not a failure
+        raise _Stopped(
+            f"[demo] stopped by SIGTERM after saving a checkpoint in {run_dir / 'checkpoints'};"
+            " the same `mmssl demo` command continues the training from it"
+        )
+    if code != 0:
         hint = ""
         if (run_dir / "checkpoints").is_dir():  # e.g. an earlier demo with another --steps
             hint = f"; pass --fresh to start {run_dir} over"
@@ -310,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, DataError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         print(f"mmssl demo: error: {err}", file=sys.stderr)
         return 2
+    except _Stopped as stop:
+        from mmssl.train.preempt import EXIT_CODE
+
+        print(stop, flush=True)
+        return EXIT_CODE
     wall = time.perf_counter() - start
     write_summary(out, r, wall)
     print()
