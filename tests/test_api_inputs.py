@@ -136,3 +136,15 @@ def test_token_ids_outside_the_vocabulary_are_named() -> None:
     edge = ok.clone()
     edge[0, 0], edge[1, 0] = 0, v - 1  # the first and last ids are in it
     assert torch.isfinite(model.encode_text(edge)).all()
+
+
+def test_a_text_row_with_no_valid_token_is_refused_by_encode_text() -> None:
+    """It was encoded: the row pooled a padding position and came back as an embedding."""
+    model = mmssl.create_model("test_tiny_clip").eval()
+    text = torch.randint(1, model.cfg.text.vocab_size, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2] = False
+    with pytest.raises(ValueError, match="text_mask row 2 marks no token valid"):
+        model.encode_text(text, mask)
+    mask[2, 0] = True  # one token is enough
+    assert model.encode_text(text, mask).shape == (3, model.cfg.embed_dim)

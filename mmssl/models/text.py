@@ -340,7 +340,11 @@ class TextTransformer(nn.Module):
     def encode(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """text (B, T) -> (B, E): pooled features through the projection, if any.  Runs
         without the all-padding trailing columns (`trim_padding`)."""
-        text, text_mask = trim_padding(text, as_text_mask(text, text_mask))
+        text_mask = as_text_mask(text, text_mask)
+        if text_mask is not None and text.ndim == 2 and not bool(text_mask.any(1).all()):
+            row = int((~text_mask.any(1)).nonzero()[0])  # it pooled a padding position
+            raise ValueError(f"text_mask row {row} marks no token valid: nothing to encode")
+        text, text_mask = trim_padding(text, text_mask)
         pooled = self.forward_pooled(text, text_mask)
         return self.proj(pooled) if self.proj is not None else pooled
 
