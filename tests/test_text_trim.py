@@ -29,6 +29,23 @@ def test_trim_keeps_every_valid_column_rounded_to_eight() -> None:
     assert trim_padding(text, mask, multiple=1)[0].shape[1] == 12
 
 
+def test_trim_does_not_round_past_the_context_length() -> None:
+    """Captions in 32 columns whose longest has 12 tokens, for a 14-token context: rounded to
+    16, encode_text refused them as "text length 16 exceeds context_length 14"."""
+    text, mask = _captions(50)
+    assert trim_padding(text, mask, limit=14)[0].shape[1] == 14
+    assert trim_padding(text, mask, limit=20)[0].shape[1] == 16  # rounding as before
+    assert trim_padding(text, mask, limit=10)[0].shape[1] == 12  # the real length, refused
+    cfg = resolve_model_config("test_tiny_clip", text={"context_length": 14})
+    model = MultimodalModel(cfg).double().eval()
+    want = model.encode_text(text[:, :14], mask[:, :14])
+    torch.testing.assert_close(model.encode_text(text, mask), want, rtol=1e-12, atol=1e-12)
+    long = mask.clone()
+    long[0, :15] = True  # 15 real tokens: the error names 15, not the rounded 16
+    with pytest.raises(ValueError, match="text length 15 exceeds context_length 14"):
+        model.encode_text(text, long)
+
+
 @pytest.mark.parametrize("causal, pool", [(True, "eot"), (False, "mean")])
 def test_encode_text_equals_the_untrimmed_tower(causal: bool, pool: str) -> None:
     cfg = resolve_model_config(

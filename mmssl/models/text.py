@@ -344,7 +344,7 @@ class TextTransformer(nn.Module):
         if text_mask is not None and text.ndim == 2 and not bool(text_mask.any(1).all()):
             row = int((~text_mask.any(1)).nonzero()[0])  # it pooled a padding position
             raise ValueError(f"text_mask row {row} marks no token valid: nothing to encode")
-        text, text_mask = trim_padding(text, text_mask)
+        text, text_mask = trim_padding(text, text_mask, limit=self.cfg.context_length)
         pooled = self.forward_pooled(text, text_mask)
         return self.proj(pooled) if self.proj is not None else pooled
 

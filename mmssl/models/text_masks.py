@@ -32,11 +32,15 @@ def as_text_mask(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Te
 
 
 def trim_padding(
-    text: torch.Tensor, text_mask: torch.Tensor | None, multiple: int = 8
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    multiple: int = 8,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Drop the trailing columns that are padding in every row: (B, T) -> (B, T') with T'
     the last valid column + 1, rounded up to a multiple of `multiple` (fewer shapes for
-    compiled blocks), at most T.  One host sync.
+    compiled blocks), at most T, and not rounded past `limit` (the context length: 10 real
+    tokens of a 12-token context were refused as "text length 16").  One host sync.
 
     Exact for `TextTransformer`: a valid token never attends to the padding after it (causal
     attention, or masked keys), and pooling reads valid positions only.  Captions are short
@@ -47,6 +51,8 @@ def trim_padding(
     cols = torch.nonzero(text_mask.any(dim=0))
     last = int(cols.max()) + 1 if len(cols) else 1
     keep = min(text.shape[1], -(-last // multiple) * multiple)
+    if limit is not None:
+        keep = min(keep, max(last, limit))
     if keep == text.shape[1]:
         return text, text_mask
     return text[:, :keep], text_mask[:, :keep]
