@@ -396,10 +396,11 @@ def _save_tokenizer(dest: Path, record: dict[str, Any] | None) -> None:
     """Put the run's tokenizer (its file and a tokenizer_meta.json) beside the weights, which
     evaluation loads first (`mmssl.eval.loading.load_tokenizer`): the export then evaluates
     on a machine without the file the run named (a user's path, open_clip's vocabulary).
-    A copy already there that is the recorded one stays (a re-export after the file went);
-    a tokenizer gone or changed since the run is not copied (the record names it), and any
-    other copy goes, so that no other tokenizer is left beside the weights."""
-    from mmssl.tokenizer import META_FILE, SAVED_NAMES, get_tokenizer, save_tokenizer
+    The recorded tokenizer already there stays (an earlier export's copy, after the file
+    went); a tokenizer gone or changed since the run is not copied (the record names it).
+    An earlier export's copy of another tokenizer goes: the meta it wrote and the file that
+    names, never the run's own file nor a file no export wrote."""
+    from mmssl.tokenizer import META_FILE, SAVED_NAMES, get_tokenizer, read_meta, save_tokenizer
 
     def loaded(name: str | Path) -> Any:
         try:
@@ -408,13 +409,22 @@ def _save_tokenizer(dest: Path, record: dict[str, Any] | None) -> None:
             return None
 
     want = (record or {}).get("sha256")
-    if not want or getattr(loaded(dest), "sha256", None) != want:
-        for name in (META_FILE, *SAVED_NAMES.values()):
-            (dest / name).unlink(missing_ok=True)
-        source = loaded(record["name"]) if want and record else None
-        if source is not None and source.sha256 == want:
-            with contextlib.suppress(ValueError):  # changed while it was copied: as if gone
-                save_tokenizer(source, dest)
+    if want and getattr(loaded(dest), "sha256", None) == want:
+        return
+    source = loaded(record["name"]) if want and record else None
+    if source is not None and source.sha256 != want:
+        source = None
+    try:
+        meta = read_meta(dest)
+    except ValueError:  # not one an export wrote: left as it is
+        meta = None
+    if meta is not None and meta["artifact"] in SAVED_NAMES.values():
+        for path in (dest / meta["artifact"], dest / META_FILE):
+            if source is None or path.resolve() != source.path.resolve():
+                path.unlink(missing_ok=True)
+    if source is not None:
+        with contextlib.suppress(ValueError):  # changed while it was copied: as if gone
+            save_tokenizer(source, dest)
 
 
 def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]:

@@ -126,3 +126,33 @@ def test_an_export_carries_its_tokenizer_to_a_machine_without_the_file(
     _train([str(recipe)])
     export_run(run)
     assert load_model(out).tokenizer().sha256 == get_tokenizer("default").sha256
+
+
+def test_an_export_deletes_no_tokenizer_file_it_did_not_write(tmp_path: Path) -> None:
+    """Exported into the folder of the run's own tokenizer.json, beside another tokenizer
+    file, the export deleted that tokenizer.json (the folder did not load as one tokenizer,
+    so its files were taken for a stale copy) and copied nothing.  Now the run's file stays
+    and a meta names it; files no export wrote stay too, also when nothing is copied."""
+    from mmssl.tokenizer import DEFAULT_DIR, META_FILE, get_tokenizer
+    from mmssl.train.export import _save_tokenizer
+    from mmssl.train.streams import tokenizer_record
+
+    folder = tmp_path / "tokx"
+    folder.mkdir()
+    shutil.copy(DEFAULT_DIR / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "other.model").write_bytes(b"someone else's sentencepiece model")
+    before = (folder / "tokenizer.json").read_bytes()
+    record = tokenizer_record(str(folder / "tokenizer.json"))
+    assert record is not None
+    _save_tokenizer(folder, record)
+    assert (folder / "tokenizer.json").read_bytes() == before
+    assert (folder / "other.model").read_bytes() == b"someone else's sentencepiece model"
+    assert json.loads((folder / META_FILE).read_text())["artifact"] == "tokenizer.json"
+    assert get_tokenizer(folder).sha256 == record["sha256"]
+
+    # the run's tokenizer gone: a user's tokenizer.model in the export folder is no copy of it
+    dest = tmp_path / "export"
+    dest.mkdir()
+    (dest / "tokenizer.model").write_bytes(b"a user's file")
+    _save_tokenizer(dest, {**record, "name": str(tmp_path / "gone" / "tokenizer.json")})
+    assert sorted(p.name for p in dest.iterdir()) == ["tokenizer.model"]
