@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ import torch
 
 from mmssl.cliargs import ArgumentParser, summary
 from mmssl.schema import ConfigError
+
+_log = logging.getLogger("mmssl.train")
 
 PREFIX = "model."
 SOURCE = "exported_from.json"  # {"checkpoint": tag, "manifest_sha256": its manifest's sha256}
@@ -335,18 +338,31 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
         extra["tokenizer"] = _tokenizer_record(recipe, record)
-    source = {"checkpoint": tag, "manifest_sha256": digest}
+    this_run = os.path.realpath(run)
+    source = {"checkpoint": tag, "manifest_sha256": digest, "run": this_run}
     dest.mkdir(parents=True, exist_ok=True)
     # two exports into one folder (two evaluations of a running run) take turns, so that
     # its weights, config and exported_from.json are always one export's
     with FileLock(dest / ".mmssl-export.lock"):
         if (dest / SOURCE).is_file():
+            _warn_other_run(dest, this_run)
             # gone before the weights change: it never names a checkpoint they are not from
             (dest / SOURCE).unlink()
         _save_tokenizer(dest, extra.get("tokenizer"))
         saved = save_pretrained(model.eval(), dest, extra)
         write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
+
+
+def _warn_other_run(dest: Path, run: str) -> None:
+    """Say so when `dest` holds the export of another run (its exported_from.json names it;
+    an export written before mmssl recorded the run names none), which this one replaces."""
+    try:
+        other = json.loads((dest / SOURCE).read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(other, str) and other != run:
+        _log.warning("%s held the export of another run (%s), now %s's", dest, other, run)
 
 
 def _dest_problem(run: Path, dest: Path) -> str | None:
@@ -442,9 +458,7 @@ def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]
         return tokenizer_record(name) or {"name": name}
     now = tokenizer_record(pinned["name"])
     if now is None or now.get("sha256") != pinned.get("sha256"):
-        import logging
-
-        logging.getLogger("mmssl.train").warning(
+        _log.warning(
             "the tokenizer %s is %s since the run trained with it (sha256 %s); the export "
             "records the one it trained with, so evaluation refuses that file: it reads the "
             "copy an earlier export put beside the weights, if there is one, else pass "

@@ -59,3 +59,24 @@ def test_export_gaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export, "_read_record", replacing)
     with pytest.raises(CheckpointRotated, match="removed while it was being exported"):
         export_run(run, tmp_path / "exp2", tag=tag, verified=True)
+
+
+def test_an_export_over_another_runs_export_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`mmssl export B --out DIR` replaced run A's export in DIR without a word (a re-export
+    of the same run, a newer checkpoint, is the usual case and stays quiet)."""
+    import logging
+
+    for name in ("a", "b"):
+        _train(synthetic_recipe(tmp_path, name, 1))
+    out = tmp_path / "exp"
+    export_run(tmp_path / "a", out)
+    assert json.loads((out / "exported_from.json").read_text())["run"] == str(tmp_path / "a")
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        export_run(tmp_path / "a", out)
+        assert "another run" not in caplog.text
+        export_run(tmp_path / "b", out)
+    assert f"{out} held the export of another run ({tmp_path / 'a'}), now {tmp_path / 'b'}'s" in (
+        caplog.text
+    )
