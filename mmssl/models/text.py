@@ -236,7 +236,7 @@ class TextTransformer(nn.Module):
             positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
             text = text.masked_fill(~token_mask[:, start:], 0)  # any pad id: never looked up
         if text.device.type == "cpu" and text.numel():
-            lo, hi = int(text.min()), int(text.max())
+            lo, hi = (int(v) for v in torch.aminmax(text))  # one pass over the ids
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(
                     f"token id {lo if lo < 0 else hi} is outside the text tower's vocabulary "

@@ -17,9 +17,9 @@ resume may have changed.  Beside it, config.json records the learned logit scale
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
 `mmssl.models.io.read_logit_params` reads back, and the run's tokenizer is copied beside
 them (`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json`
-beside them names the checkpoint exactly (the sha256 of its manifest): a run trained anew in the same directory
-saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`) compares that, not
-the tag, before it reuses RUN_DIR/export.
+beside them names the checkpoint exactly (the sha256 of its manifest): a run trained anew in
+the same directory saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`)
+compares that, not the tag, before it reuses RUN_DIR/export.
 
 The checkpoint's files are checked against its manifest (sha256) first, and every
 `torch.load` runs with `weights_only=True` and the allow-list of
@@ -427,7 +427,7 @@ def _save_tokenizer(dest: Path, record: dict[str, Any] | None) -> None:
     want = (record or {}).get("sha256")
     if want and getattr(loaded(dest), "sha256", None) == want:
         return
-    source = loaded(record["name"]) if want and record else None
+    source = loaded(record["name"]) if want and record is not None else None
     if source is not None and source.sha256 != want:
         source = None
     try:

@@ -9,9 +9,10 @@ checkpoint `step_STEP`), or a range `A-B`:
   a suffix `:rR` limits a loss or gradient fault to rank R (e.g. `nan_loss@5:r1`);
 - `pause@POINT:S`: at POINT of step S the process writes its pid to
   `RUN_DIR/.faults/POINT.rank<R>` and sleeps until it is killed (the kill-and-resume tests
-  send SIGKILL there) or receives SIGTERM (the run then goes on, to save and stop there).  POINT is `step_end` (step S done, its checkpoint included, the next
-  step not started), `mid_step` (forward and backward of step S done, the optimizer update
-  not applied) or `save` (checkpoint S written by DeepSpeed, its manifest not yet).
+  send SIGKILL there) or receives SIGTERM (the run then goes on, to save and stop there).
+  POINT is `step_end` (step S done, its checkpoint included, the next step not started),
+  `mid_step` (forward and backward of step S done, the optimizer update not applied) or
+  `save` (checkpoint S written by DeepSpeed, its manifest not yet).
 
 With the variable unset every hook is a no-op and the loss is passed through untouched.
 """
