@@ -34,6 +34,12 @@ clamps after every op instead; the results agree whenever no intermediate value 
 [0, 1].  `hue_mode="hsv"` (default) shifts hue exactly in HSV like torchvision;
 `hue_mode="yiq"` folds hue into the colour matrix as a YIQ chroma rotation (as NVIDIA
 DALI does), which is faster and approximate.
+
+The crop box is resampled as a continuous region, as torchvision's `roi_align` does:
+bilinear at the centres of the output pixels, clamped at the image's border only.  Where a
+box is enlarged, its edge rows and columns blend in up to half of the source pixel beyond
+the box, where torchvision's `resized_crop` clamps at the box (the other pixels of such a
+view agree).  The descriptor's crop is the box either way.
 """
 
 from __future__ import annotations
@@ -271,6 +277,13 @@ def check_images(images: list[Tensor]) -> None:
             raise ValueError(f"image {i} has shape {tuple(im.shape)}: views need (3, H, W), RGB")
 
 
+def check_size(size: Any) -> None:
+    """ValueError unless the view size is an integer >= 2: the blur reflects at the view's
+    border, which a 1-pixel view does not have."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
+        raise ValueError(f"view size must be an integer >= 2, got {size!r}")
+
+
 def _stack_for_fast(images: list[Tensor], size: int, backend: str) -> Any:
     """The images as `fastviews.Sources` when the compiled renderer applies, else None."""
     if backend not in ("auto", "torch", "numba"):
@@ -306,6 +319,7 @@ def apply_params(
     backend: "torch" (the reference), "numba" (`mmssl.data.fastviews`, compiled; needs
     numba and images of one size) or "auto" (numba where it applies, else torch).
     """
+    check_size(size)
     first: dict[int, int] = {}  # an image passed once per view is read once
     vsrc = np.array([first.setdefault(id(im), len(first)) for im in images], dtype=np.int64)
     src = _stack_for_fast(list({id(im): im for im in images}.values()), size, backend)
@@ -360,6 +374,7 @@ def make_views(
     `cfg` may be a sequence of one config per view (BYOL-style asymmetric views); each
     view is then rendered in its own pass.
     """
+    check_size(size)
     if num_views < 1:
         return [], []
     if not isinstance(cfg, AugmentConfig) and len(cfg) != num_views:

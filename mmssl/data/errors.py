@@ -38,10 +38,15 @@ class WorkerFailure:
     def __init__(self, error: DataError, worker: int | None, logical: int, skipped: dict[str, int]):
         self.error, self.worker, self.logical, self.skipped = error, worker, logical, skipped
 
-    def reraise(self) -> NoReturn:
-        """Raise the DataError, its message naming the data-loader worker if there was one."""
+    def reraise(self, counted: dict[str, int] | None = None) -> NoReturn:
+        """Raise the DataError, its message naming the data-loader worker if there was one,
+        and `counted`: the damage that counting the shards found before the stream began."""
+        message = str(self.error)
         if self.worker is not None:
-            self.error.args = (f"{self.error} (in data-loader worker {self.worker})",)
+            message += f" (in data-loader worker {self.worker})"
+        if counted:
+            message += f"; skipped while counting the shards: {counted}"
+        self.error.args = (message,)
         raise self.error
 
 

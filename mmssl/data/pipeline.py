@@ -226,9 +226,8 @@ class StreamLoader:
         sample (every rank counts the same shards; the stream never reads that damage, and
         counting leaves out what it does read, such as a key repeated mid-shard)."""
         total = self._streamed()
-        for spec in self.plan.sources if self.plan.rank == 0 else ():
-            for kind, n in spec.preflight_skipped:
-                total[kind] = total.get(kind, 0) + n
+        for kind, n in (self.plan.counted() if self.plan.rank == 0 else {}).items():
+            total[kind] = total.get(kind, 0) + n
         return total
 
     def _streamed(self) -> dict[str, int]:
@@ -260,7 +259,7 @@ class StreamLoader:
         for item in items:
             if isinstance(item, WorkerFailure):
                 self.failed[item.logical] = item.skipped
-                item.reraise()
+                item.reraise(self.plan.counted())
             batch, pos = item
             self.workers[int(pos.pop("worker"))] = pos
             self.next_batch = int(pos["batch"]) + 1
@@ -385,7 +384,7 @@ def _check_args(
     """The sizes and counts of `build_pipeline` in range: otherwise torch or numpy fail deep
     inside a worker (or a negative count silently means none)."""
     for name, value, least in (
-        ("image_size", image_size, 1),
+        ("image_size", image_size, 2),  # a 1-pixel view has no border to reflect a blur at
         ("num_views", num_views, 0),
         ("seed", seed, 0),  # numpy seeds are non-negative
         ("shuffle", shuffle, 1),

@@ -76,6 +76,14 @@ class Plan:
     std: tuple[float, float, float] | None
     max_pixels: int
 
+    def counted(self) -> dict[str, int]:
+        """The damage that counting the sources' samples found (the same on every rank)."""
+        total: dict[str, int] = {}
+        for spec in self.sources:
+            for kind, n in spec.preflight_skipped:
+                total[kind] = total.get(kind, 0) + n
+        return total
+
     def schedule(self, epoch: int) -> np.ndarray | None:
         """Epoch mode: the source index of every batch of the epoch (same on all ranks)."""
         if self.mode != "epoch":

@@ -240,6 +240,21 @@ def test_views_refuse_images_that_are_not_uint8_rgb_chw(image, error):
         apply_params([image], p, 8, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_one_pixel_view_is_refused_by_name(backend):
+    # the blur reflects at the view's border: F.pad raised "Padding size should be less
+    # than the corresponding input dimension" (torch) or indexed -1 (1 x 1 sources)
+    cfg = AugmentConfig(blur_p=1.0, backend=backend)
+    images = [torch.zeros(3, 4, 4, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="view size must be an integer >= 2, got 1"):
+        make_views(images, 2, 1, cfg, np.random.default_rng(0))
+    p = sample_params(np.random.default_rng(0), [(4, 4)], cfg)
+    with pytest.raises(ValueError, match="view size must be an integer >= 2, got 1"):
+        apply_params(images, p, 1, backend=backend)
+    views, _ = make_views(images, 2, 2, cfg, np.random.default_rng(0))  # the least size works
+    assert views[0].shape == (1, 3, 2, 2)
+
+
 @pytest.mark.parametrize("why", ["disable_jit", "no_cache"])
 def test_backend_auto_renders_with_torch_when_the_compiled_renderer_cannot_run(
     why, monkeypatch, reloaded_compiled

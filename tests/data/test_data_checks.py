@@ -94,6 +94,7 @@ def test_recipe_with_mean_and_std_validates():
     [
         ({"image_size": 0}, "image_size"),
         ({"image_size": -8}, "image_size"),
+        ({"image_size": 1}, "image_size must be an integer >= 2"),  # its blur crashed a worker
         ({"num_views": -1}, "num_views"),
         ({"seed": -1}, "seed"),
         ({"mean": (0.5,), "std": (0.2,)}, "mean must be 3"),
@@ -159,6 +160,32 @@ def test_epoch_source_of_unreadable_shards_says_they_were_skipped(tmp_path):
         build_pipeline(urls, batch_size=4, mode="epoch", rank=0, world_size=1)
     assert "lower batch_size" not in str(e.value)
     assert "empty_shard: 2" in str(e.value)
+
+
+def test_every_sample_bad_names_the_damage_counting_found_too(tmp_path):
+    # a shard of undecodable images beside a garbage and an empty shard: the error listed
+    # the stream's bad_image only, not the two shards that counting the samples had skipped
+    import io
+    import tarfile
+
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tf:
+        for i in range(3):
+            for ext, data in (("jpg", b"not a jpeg"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    urls = [str(bad), *_garbage(tmp_path, 2)]
+    loader = build_pipeline(
+        urls, batch_size=2, mode="epoch", shuffle=2, image_size=8, num_views=0, rank=0,
+        world_size=1,
+    )  # fmt: skip
+    with pytest.raises(DataError, match="every sample is bad") as e:
+        next(iter(loader))
+    assert str(e.value).endswith(
+        "skipped: {'bad_image': 3}; skipped while counting the shards: "
+        "{'bad_tar': 1, 'empty_shard': 1}"
+    )
 
 
 def test_epoch_text_source_of_unreadable_shards_says_they_were_skipped(tmp_path):
