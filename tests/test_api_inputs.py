@@ -5,6 +5,8 @@ another dtype than the model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,60 @@ def test_a_text_row_with_no_valid_token_is_refused_by_encode_text() -> None:
         model.encode_text(text, mask)
     mask[2, 0] = True  # one token is enough
     assert model.encode_text(text, mask).shape == (3, model.cfg.embed_dim)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_left_padded_text_mask_is_refused(causal: bool) -> None:
+    """A Hugging Face-style left-padded batch (padding_side='left') was encoded without a
+    word: its rows' positions start at the padding and a causal token attends to it, so the
+    embeddings were not those of the texts alone (cosine 0.71 in a review).  Right padding
+    gives each text alone's embedding."""
+    model = mmssl.create_model("test_tiny_clip").eval()
+    if not causal:
+        model.text.cfg = dataclasses.replace(model.text.cfg, causal=False)
+    v = model.cfg.text.vocab_size
+    lengths = [5, 3]
+    ids = [torch.randint(1, v, (n,)) for n in lengths]
+    right = torch.zeros(2, 8, dtype=torch.long)
+    left = torch.zeros(2, 8, dtype=torch.long)
+    for i, t in enumerate(ids):
+        right[i, : len(t)], left[i, 8 - len(t) :] = t, t
+    rmask, lmask = right != 0, left != 0
+    with torch.no_grad():
+        alone = torch.cat([model.encode_text(t[None]) for t in ids])
+        torch.testing.assert_close(model.encode_text(right, rmask), alone, atol=1e-5, rtol=0)
+        for call in (
+            lambda: model.encode_text(left, lmask),
+            lambda: model.encode_text(left, lmask.long()),  # a 0/1 attention_mask
+            lambda: model.text.forward_features(left, lmask),
+            lambda: model.lm_logits(left, lmask),
+        ):
+            with pytest.raises(ValueError, match=r"text_mask rows \[0, 1\] are not right-padded"):
+                call()
+
+
+def test_a_cond_token_ids_or_an_image_of_the_wrong_kind_are_named() -> None:
+    """Each failed deep in torch: "mat1 and mat2 must have the same dtype" for a cond in
+    another dtype, "Expected tensor for argument #1 'indices' to have one of the following
+    scalar types: Long, Int" for uint8 ids, ZeroDivisionError for an image of no pixels."""
+    from mmssl.data.center import resize_center
+
+    for overrides in ({}, {"vision": {"cond_dim": None, "cond_tokens": 2}}):  # adaLN, prefix
+        model = mmssl.create_model("test_tiny_vit_cond", **overrides).eval()
+        x = torch.rand(2, 3, 32, 32)
+        c = model.condition(torch.rand(2, 13))
+        for dtype in (torch.float64, torch.bfloat16):
+            with pytest.raises(TypeError, match=f"cond are {dtype} but the model's weights"):
+                model.forward_features(x, c.to(dtype))
+            with pytest.raises(TypeError, match=f"projector cond are {dtype} but the model's"):
+                model.project(model.forward_features(x, c)["pooled"], c.to(dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts it
+            assert model.forward_features(x, c.bfloat16())["pooled"].shape[0] == 2
+    model = mmssl.create_model("test_tiny_clip").eval()
+    ids = torch.tensor([[1, 67, 300, 2]])
+    for dtype in (torch.uint8, torch.int16):
+        with pytest.raises(TypeError, match=f"got {dtype}; convert with .long()"):
+            model.encode_text(ids.to(dtype))
+    torch.testing.assert_close(model.encode_text(ids.int()), model.encode_text(ids))
+    with pytest.raises(ValueError, match="image 1 is 0x5 pixels: nothing to resize"):
+        resize_center([torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3, 0, 5).byte()], 8)

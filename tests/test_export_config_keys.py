@@ -62,6 +62,11 @@ def test_an_unknown_preprocess_key_is_refused(export, tmp_path):
         ({"mean": [0.5, 0.4]}, "preprocess.mean must be 3 finite numbers"),
         ({"std": [0.5, 0.0, 0.3]}, "preprocess.std must be > 0"),
         ({"std": [0.5, float("nan"), 0.3]}, "preprocess.std must be 3 finite numbers"),
+        # the 0-255 scale normalised every image to about -2; strings failed at the first image
+        ({"mean": [123.675, 116.28, 103.53]}, "preprocess.mean must be in [0, 1] in every"),
+        ({"std": [58.395, 57.12, 57.375]}, "preprocess.std must be at most 1 in every"),
+        ({"mean": ["0.5", "0.5", "0.5"]}, "preprocess.mean must be 3 finite numbers"),
+        ({"mean": "0.5"}, "preprocess.mean must be 3 finite numbers"),
         ({"std": None}, "preprocess.mean needs preprocess.std too"),
         ({"max_pixels": 0}, "preprocess.max_pixels must be a positive integer, got 0"),
         ({"max_pixels": "61MP"}, "preprocess.max_pixels must be a positive integer"),
@@ -242,3 +247,16 @@ def test_a_config_that_does_not_match_the_weights_is_refused_before_the_model_is
     built.clear()
     assert mmssl.load_encoder(export, tower="model").visual is not None  # a good export loads
     assert built == ["meta", "cpu"]
+
+
+def test_save_pretrained_of_values_json_cannot_hold_writes_nothing(tmp_path):
+    """numpy floats in `extra` passed the checks, then json.dumps failed naming nothing and
+    left an empty folder."""
+    import numpy as np
+
+    model = mmssl.create_model("test_tiny_vit")
+    rgb = list(np.array(RGB, dtype=np.float32))
+    out = tmp_path / "export"
+    with pytest.raises(TypeError, match="float32 is not JSON serializable; pass plain Python"):
+        save_pretrained(model, out, extra={"preprocess": {"mean": rgb, "std": rgb}})
+    assert not out.exists()

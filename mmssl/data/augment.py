@@ -89,7 +89,7 @@ class AugmentConfig:
             raise ValueError(f"hue_mode must be 'hsv' or 'yiq', got {self.hue_mode!r}")
         for name in ("scale", "ratio", "blur_sigma"):
             pair = getattr(self, name)
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_real, pair))):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(is_real, pair))):
                 raise ValueError(f"{name} must be 2 numbers [min, max], got {pair!r}")
             if not pair[0] <= pair[1]:
                 raise ValueError(f"{name} must have min <= max, got {list(pair)}")
@@ -101,22 +101,22 @@ class AugmentConfig:
             raise ValueError(f"blur_sigma must be >= 0 and finite, got {list(self.blur_sigma)}")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             value = getattr(self, name)
-            if not (_real(value) and 0.0 <= value <= 1.0):
+            if not (is_real(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
         for name in ("brightness", "contrast", "saturation"):
             value = getattr(self, name)
-            if not (_real(value) and 0.0 <= value < math.inf):
+            if not (is_real(value) and 0.0 <= value < math.inf):
                 raise ValueError(f"{name} strength must be >= 0 and finite, got {value!r}")
-        if not (_real(self.hue) and 0.0 <= self.hue <= 0.5):  # 0.5: +-180 degrees
+        if not (is_real(self.hue) and 0.0 <= self.hue <= 0.5):  # 0.5: +-180 degrees
             raise ValueError(f"hue strength must be in [0, 0.5], got {self.hue!r}")
         # intensities are in [0, 1]
-        if not (_real(self.solarize_threshold) and 0.0 <= self.solarize_threshold <= 1.0):
+        if not (is_real(self.solarize_threshold) and 0.0 <= self.solarize_threshold <= 1.0):
             raise ValueError(
                 f"solarize_threshold must be in [0, 1], got {self.solarize_threshold!r}"
             )
 
 
-def _real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A real number (not a bool, a string or None)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

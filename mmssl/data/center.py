@@ -30,6 +30,8 @@ def resize_center(images: list[Tensor], size: int) -> Tensor:
     out = buffers.empty(len(images), 3, size, size)
     for i, im in enumerate(images):
         h, w = int(im.shape[1]), int(im.shape[2])
+        if min(h, w) < 1:  # the decoders never give one; a caller's tensor may
+            raise ValueError(f"image {i} is {h}x{w} pixels: nothing to resize")
         if (h, w) == (size, size):
             out[i] = im.float().div_(255.0)
             continue

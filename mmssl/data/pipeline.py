@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, get_worker_info
 
+from mmssl.data.args import check_args, check_norm
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
@@ -350,10 +351,6 @@ class StreamLoader:
         self.skipped_done = dict(state.get("skipped_done", {}))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 # a saved source's fields; the epoch length follows from the shards' sample counts, the batch
 # size and, for text, the context length
 _SOURCE_FIELDS = ("name", "kind", "shard count", "weight", "epoch length in batches")
@@ -370,52 +367,6 @@ def _sources_changed(saved: Any, now: list[list[Any]]) -> str:
         if a != b
     ] or [f"sources {saved!r} when saved, {now!r} now"]
     return "; ".join(diffs) + "; the stream position cannot be transferred"
-
-
-def _check_args(
-    image_size: Any,
-    num_views: Any,
-    seed: Any,
-    shuffle: Any,
-    num_workers: Any,
-    max_pixels: Any,
-    augment: Any,
-) -> None:
-    """The sizes and counts of `build_pipeline` in range: otherwise torch or numpy fail deep
-    inside a worker (or a negative count silently means none)."""
-    for name, value, least in (
-        ("image_size", image_size, 2),  # a 1-pixel view has no border to reflect a blur at
-        ("num_views", num_views, 0),
-        ("seed", seed, 0),  # numpy seeds are non-negative
-        ("shuffle", shuffle, 1),
-        ("num_workers", num_workers, 0),
-        ("max_pixels", max_pixels, 1),
-    ):
-        if not (_is_int(value) and value >= least):
-            raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
-    if isinstance(augment, (tuple, list)) and len(augment) != num_views:
-        raise DataError(f"{len(augment)} augment configs for num_views={num_views}")
-
-
-def check_norm(mean: Any, std: Any, prefix: str = "") -> None:
-    """Per-channel normalisation takes both mean and std (one alone used to be ignored
-    without a word): 3 finite numbers each, std > 0.  DataError names `prefix`mean/std."""
-    if (mean is None) != (std is None):
-        given, missing = ("mean", "std") if std is None else ("std", "mean")
-        raise DataError(
-            f"{prefix}{given} needs {prefix}{missing} too (images are normalised with both)"
-        )
-    for name, values in (("mean", mean), ("std", std)):
-        if values is None:
-            continue
-        try:
-            ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise DataError(f"{prefix}{name} must be 3 finite numbers (R, G, B), got {values!r}")
-    if std is not None and not all(float(v) > 0 for v in std):
-        raise DataError(f"{prefix}std must be > 0 in every channel, got {std!r}")
 
 
 def build_pipeline(
@@ -461,7 +412,7 @@ def build_pipeline(
         world_size = distributed.world_size() if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    _check_args(image_size, num_views, seed, shuffle, num_workers, max_pixels, augment)
+    check_args(image_size, num_views, seed, shuffle, num_workers, max_pixels, augment)
     check_norm(mean, std)
     if sources is None:
         assert urls is not None

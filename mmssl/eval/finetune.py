@@ -199,9 +199,9 @@ def _images_and_labels(
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `finetune` task: writes results.json, summary.md and finetuned.safetensors under
     args.out.  The last is the `Classifier`'s state_dict (visual.*, head.*); rebuilt as
-    `Classifier(mmssl.load_encoder(EXPORT), num_classes)` it gives the scored logits
-    (load_encoder's tower carries the condition a descriptor-conditioned backbone was
-    fine-tuned with)."""
+    `Classifier(mmssl.load_encoder(EXPORT), num_classes)` it gives the scored logits (a
+    descriptor-conditioned backbone's state_dict holds `visual.cond_default`, the condition
+    it was fine-tuned with)."""
     from mmssl.eval.data import shard_urls
     from mmssl.eval.features import extract_features, integer_labels
     from mmssl.eval.linear import sweep

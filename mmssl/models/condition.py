@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.descriptor import check_descriptor, get_layout
+from mmssl.nn.layers import check_dtype
 
 
 class DescriptorEncoder(nn.Module):
@@ -150,7 +151,12 @@ class Projector(nn.Module):
             reader = self.cond_in or self.film or self.hyper_coef
             if reader is not None:
                 check_cond(
-                    cond, reader.in_features, features.shape[0], "projector cond", "features"
+                    cond,
+                    reader.in_features,
+                    features.shape[0],
+                    "projector cond",
+                    "features",
+                    reader.weight,
                 )
             if self.cond_in is not None:
                 h = h + self.cond_in(cond)
@@ -166,16 +172,25 @@ class Projector(nn.Module):
 
 
 def check_cond(
-    cond: torch.Tensor, width: int, batch: int, what: str = "cond", rows: str = "images"
+    cond: torch.Tensor,
+    width: int,
+    batch: int,
+    what: str = "cond",
+    rows: str = "images",
+    weight: torch.Tensor | None = None,
 ) -> None:
-    """ValueError unless `cond` is (B or 1, width) for B `rows`: the conditioner's c,
-    which the adaLN blocks, prefix tokens and projector read.  torch's own errors were
-    "mat1 and mat2 shapes cannot be multiplied" or a broadcast deep inside."""
+    """ValueError unless `cond` is (B or 1, width) for B `rows`, TypeError unless its dtype
+    is `weight`'s (a weight that reads it) outside autocast.  cond is the conditioner's c,
+    which the adaLN blocks, prefix tokens and projector read; torch's own errors were "mat1
+    and mat2 shapes cannot be multiplied" (or "... must have the same dtype") or a broadcast
+    deep inside."""
     if cond.ndim != 2 or cond.shape[1] != width or cond.shape[0] not in (1, batch):
         raise ValueError(
             f"{what} must be (B or 1, {width}) for {batch} {rows}, got {tuple(cond.shape)}: the "
             "conditioner's c, made from a descriptor or a text by MultimodalModel.condition"
         )
+    if weight is not None:
+        check_dtype(cond, weight, what)
 
 
 class PrefixTokens(nn.Module):

@@ -125,12 +125,18 @@ def save_pretrained(
     for target in targets:
         if target.exists() and not target.is_file():
             raise FileExistsError(f"{target} exists and is not a file; nothing was written")
+    try:  # before anything is written: a numpy float in `extra` left an empty folder
+        config = json.dumps({"model": to_dict(model.cfg), **(extra or {})}, indent=2) + "\n"
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"save_pretrained({str(out)!r}) extra: {err}; pass plain Python values (float, "
+            "int, str, list, dict); nothing was written"
+        ) from None
     out.mkdir(parents=True, exist_ok=True)
     temps = [temp_name(t) for t in targets]
-    config = {"model": to_dict(model.cfg), **(extra or {})}
     try:
         write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})
-        temps[1].write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        temps[1].write_text(config, encoding="utf-8")
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     finally:
@@ -208,10 +214,10 @@ def _check_keys(
 def _check_preprocess(record: Any, cfg_path: str | Path) -> None:
     """ConfigError unless config.json's "preprocess" (the image size and normalisation of
     training, which evaluation applies) is absent or an object (its keys are
-    `check_sections`') whose mean/std are both given or both absent, 3 finite numbers each,
-    std > 0."""
+    `check_sections`') whose mean/std are both given or both absent, 3 finite numbers each
+    on the images' [0, 1] scale (`mmssl.data.args.check_norm`)."""
+    from mmssl.data.args import check_norm
     from mmssl.data.errors import DataError
-    from mmssl.data.pipeline import check_norm
 
     if record is None:
         return

@@ -17,6 +17,8 @@ from mmssl.models.text_masks import (
     as_text_mask,
     check_prompt_mask,
     last_valid_index,
+    raise_left_padded,
+    text_mask_faults,
     trim_padding,
 )
 from mmssl.models.trunk import build_trunk
@@ -203,8 +205,11 @@ class TextTransformer(nn.Module):
         # GPU the check would sync it, and its embedding asserts them)
         if text.ndim != 2:
             raise ValueError(f"text must be (B, T) token ids, got shape {tuple(text.shape)}")
-        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
-            raise TypeError(f"text must be integer token ids (int64), got {text.dtype}")
+        if text.dtype not in (torch.int64, torch.int32):  # what the embedding takes
+            raise TypeError(
+                f"text must be integer token ids (int64), got {text.dtype}"
+                + ("; convert with .long()" if not text.is_floating_point() else "")
+            )
         b, t = text.shape
         text_mask = as_text_mask(text, text_mask)
         if token_mask is not None:
@@ -214,6 +219,8 @@ class TextTransformer(nn.Module):
                 raise ValueError(
                     f"token_mask must be bool (True = real token), got {token_mask.dtype}"
                 )
+        if text_mask is not None and text_mask.device.type == "cpu" and t > 1:
+            raise_left_padded(text_mask_faults(text_mask)[1])  # on a GPU: `encode` checks
         start = 0
         if kv_cache is not None:
             if not self.cfg.causal or prefix is not None or text_mask is not None:
@@ -341,9 +348,12 @@ class TextTransformer(nn.Module):
         """text (B, T) -> (B, E): pooled features through the projection, if any.  Runs
         without the all-padding trailing columns (`trim_padding`)."""
         text_mask = as_text_mask(text, text_mask)
-        if text_mask is not None and text.ndim == 2 and not bool(text_mask.any(1).all()):
-            row = int((~text_mask.any(1)).nonzero()[0])  # it pooled a padding position
-            raise ValueError(f"text_mask row {row} marks no token valid: nothing to encode")
+        if text_mask is not None and text.ndim == 2:
+            empty, left_padded = text_mask_faults(text_mask).cpu()  # one sync for both
+            if bool(empty.any()):  # it pooled a padding position
+                row = int(empty.nonzero()[0])
+                raise ValueError(f"text_mask row {row} marks no token valid: nothing to encode")
+            raise_left_padded(left_padded)
         text, text_mask = trim_padding(text, text_mask, limit=self.cfg.context_length)
         pooled = self.forward_pooled(text, text_mask)
         return self.proj(pooled) if self.proj is not None else pooled

@@ -31,6 +31,29 @@ def as_text_mask(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Te
     return text_mask if text_mask.dtype == torch.bool else text_mask != 0
 
 
+def text_mask_faults(text_mask: torch.Tensor) -> torch.Tensor:
+    """(2, B) bool on the mask's device: rows with no valid token, and rows not right-padded
+    (a valid token after padding).  For one host sync with the caller's other checks."""
+    empty = ~text_mask.any(dim=1)
+    left_padded = (~text_mask[:, :-1] & text_mask[:, 1:]).any(dim=1)
+    return torch.stack([empty, left_padded])
+
+
+def raise_left_padded(left_padded: torch.Tensor) -> None:
+    """ValueError naming the rows of a text_mask with a valid token after padding.
+
+    Positions count from each row's first column and a causal token attends to the padding
+    before it, so such a row's features are not those of its text alone (cosine 0.71 in a
+    review): right-pad, or pass a left-padded batch to `logits`/`generate` as token_mask or
+    prompt_mask."""
+    if bool(left_padded.any()):
+        rows = left_padded.nonzero().flatten().tolist()
+        raise ValueError(
+            f"text_mask rows {rows[:8]} are not right-padded (a valid token after padding): "
+            "pad text on the right (tokenizer padding_side='right')"
+        )
+
+
 def trim_padding(
     text: torch.Tensor,
     text_mask: torch.Tensor | None,

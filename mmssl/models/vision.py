@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,8 +88,27 @@ class VisionEncoder(nn.Module):
         self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
         self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
         self.cond_default: torch.Tensor | None
+        # in the state dict when set, so a standalone tower's round trip keeps its cond=None
+        # (a fresh tower has none: `_save_to_state_dict`, `_load_from_state_dict`)
         self.register_buffer("cond_default", None, persistent=False)
         self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cond_default is not None:
+            c = self.cond_default
+            destination[prefix + "cond_default"] = c if keep_vars else c.detach()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # a saved cond_default is adopted, even by a fresh tower (it had none: loaded into
+        # create_model(name).visual, the tower ran the plain path, which such a conditioned
+        # tower never saw in training); a state dict without one (a whole model's, one saved
+        # before it was kept) leaves the tower's as it is
+        saved = state_dict.pop(prefix + "cond_default", None)
+        if saved is not None:
+            device = next(self.parameters()).device
+            self.cond_default = saved.detach().to(device=device, copy=True)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _abs_pos(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
         """The absolute position table for a grid, (1, P + N, D), resampled if the grid differs."""
@@ -151,9 +172,11 @@ class VisionEncoder(nn.Module):
         if cond is None:
             cond = self.cond_default
         elif self.cond_prefix is not None:
-            check_cond(cond, self.cond_prefix.proj.in_features, images.shape[0])
+            proj = self.cond_prefix.proj
+            check_cond(cond, proj.in_features, images.shape[0], weight=proj.weight)
         elif self.cfg.cond_dim:
-            check_cond(cond, self.cfg.cond_dim, images.shape[0])
+            weight = self.patch_embed.proj.weight  # the blocks' dtype
+            check_cond(cond, self.cfg.cond_dim, images.shape[0], weight=weight)
         else:  # it was dropped: the plain features came back for any cond
             raise ValueError(
                 "this vision tower is not conditioned (vision.cond_dim and cond_tokens unset), "

@@ -97,9 +97,9 @@ def check_values(recipe: Recipe) -> None:
     # halves, std > 0), and data.augment on its own (AugmentConfig range-checks every field,
     # pairs included), so that a bad value there is not reported under a data.view_augment
     # entry it is merged into later
+    from mmssl.data.args import check_norm
     from mmssl.data.augment import AugmentConfig
     from mmssl.data.errors import DataError
-    from mmssl.data.pipeline import check_norm
     from mmssl.schema import from_dict
 
     try:

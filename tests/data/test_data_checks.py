@@ -102,6 +102,8 @@ def test_recipe_with_mean_and_std_validates():
         ({"mean": (0.5, 0.5, 0.5)}, "mean needs std"),
         ({"mean": (0.5, 0.5, 0.5), "std": (0.0, 0.2, 0.2)}, "std must be > 0"),
         ({"mean": (0.5, math.nan, 0.5), "std": (0.2, 0.2, 0.2)}, "mean must be 3 finite"),
+        ({"mean": (124.0, 116.0, 104.0), "std": (58.0, 57.0, 57.0)}, r"mean must be in \[0, 1\]"),
+        ({"mean": (0.5, 0.5, 0.5), "std": (58.0, 57.0, 57.0)}, "std must be at most 1"),
         ({"num_views": 1, "augment": (AugmentConfig(), AugmentConfig())}, "2 augment configs"),
     ],
 )
