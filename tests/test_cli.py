@@ -37,3 +37,16 @@ def test_no_command_is_an_error_with_the_usage(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "commands:" in captured.err
     assert main(["--help"]) == 0 and "commands:" in capsys.readouterr().out
+
+
+def test_every_command_help_lists_its_options(capsys):
+    """`mmssl tokenizer --help` printed a usage line only; each command's --help is its whole
+    help (exit 0, options listed)."""
+    for name in COMMANDS:
+        try:
+            code = main([name, "--help"])
+        except SystemExit as e:  # argparse exits after printing its help
+            code = e.code
+        out = capsys.readouterr().out
+        assert code in (0, None), name
+        assert out.startswith(f"usage: mmssl {name}") and "-h, --help" in out, (name, out[:300])

@@ -441,9 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     """`mmssl tokenizer train ...`; argv starts with the subcommand "train"."""
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = "usage: mmssl tokenizer train [--default] [--out DIR] [options] [INPUT ...]"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):  # the one subcommand's whole help, options included
+        print(_parser().format_help(), end="")
+        return 0
     if argv[0] != "train":
         print(
             f"mmssl tokenizer: unknown subcommand {argv[0]!r} (expected 'train')", file=sys.stderr
