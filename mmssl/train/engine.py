@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -311,6 +312,23 @@ def _complete_launch_env() -> None:
     )
 
 
+def env_ninja_first() -> None:
+    """Put the `ninja` installed beside this Python (DeepSpeed's dependency) first on PATH.
+
+    DeepSpeed builds its CPU ops (the shared-memory all-reduce, Adam) with torch's JIT into
+    one cache per user, and ninja runs that build.  A shell with the venv activated found
+    the venv's ninja (1.13, build log v7), one without it the system's (1.11, log v5); each
+    discarded the other's log and rebuilt every op, 1-2 minutes a launch.  Now every run of
+    this environment takes the same ninja.
+    """
+    here = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(here, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + (os.pathsep + path if path else "")
+
+
 def init_distributed() -> None:
     """Start the process group through DeepSpeed, with the accelerator's backend (gloo on CPU).
 
@@ -320,6 +338,7 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    env_ninja_first()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
             RANK="0",

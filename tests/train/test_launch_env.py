@@ -20,3 +20,24 @@ def test_a_started_group_is_adopted_without_local_rank(monkeypatch: pytest.Monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     init_distributed()  # adopted: no "RANK is set but LOCAL_RANK not"
+
+
+def test_the_environments_ninja_comes_first(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A shell without the venv on PATH built DeepSpeed's ops with the system's ninja, one with
+    it with the venv's; each version discarded the other's build log and rebuilt every op
+    (1-2 minutes a launch).  The ninja beside this Python now comes first, once."""
+    import os
+    import sys
+
+    from mmssl.train.engine import env_ninja_first
+
+    env_bin = tmp_path / "bin"
+    env_bin.mkdir()
+    monkeypatch.setattr(sys, "executable", str(env_bin / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", "/usr/bin"]))
+    env_ninja_first()
+    assert os.environ["PATH"] == os.pathsep.join(["/usr/local/bin", "/usr/bin"])  # none there
+    (env_bin / "ninja").write_text("")
+    for _ in range(2):
+        env_ninja_first()
+        assert os.environ["PATH"] == os.pathsep.join([str(env_bin), "/usr/local/bin", "/usr/bin"])
