@@ -16,6 +16,7 @@ import torch
 import mmssl
 from mmssl.descriptor import DESCRIPTOR_V1
 from mmssl.models.io import load_encoder, save_pretrained
+from mmssl.schema import ConfigError
 
 
 def _trained_like(name: str, **overrides) -> mmssl.models.MultimodalModel:
@@ -208,3 +209,60 @@ def test_cond_none_on_prefix_token_tower_is_the_neutral_descriptor() -> None:
         want = model.visual.forward_features(images, c)["pooled"]
         got = model.forward_features(images)["pooled"]
     torch.testing.assert_close(got, want)
+
+
+def _text_conditioned(tmp_path, prompts: dict) -> tuple:
+    """A trained-like text-conditioned model, exported with the prompts record of `prompts`
+    ({source: ids})."""
+    model = _trained_like(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    )
+    record = {s: {"text": f"prompt of {s}", "ids": ids} for s, ids in prompts.items()}
+    save_pretrained(model, tmp_path / "export", extra={"condition": {"prompts": record}})
+    return model, tmp_path / "export"
+
+
+def test_a_text_conditioned_export_gives_its_prompts_features_for_cond_none(tmp_path):
+    """Training conditions every image on its source's prompt, and its tower never ran
+    without it; the export named no prompt, and cond=None ran that never-trained path
+    (the features and every eval).  Now the export records the prompt's ids."""
+    ids = [1, 67, 300, 2]
+    model, export = _text_conditioned(tmp_path, {"digits": ids, "more": ids})
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model.visual.encode(images, model.condition(cond_text=torch.tensor([ids])))
+        plain = model.visual.encode(images)
+        assert (want - plain).abs().max() > 0.1  # the test can fail
+        loaded = load_encoder(export, tower="model")
+        torch.testing.assert_close(loaded.encode_image(images), want, rtol=0, atol=0)
+        torch.testing.assert_close(load_encoder(export)(images), want, rtol=0, atol=0)
+        c = loaded.condition(cond_text=torch.tensor([[1, 5, 2]]))  # a condition given: as given
+        torch.testing.assert_close(loaded.encode_image(images, c), model.encode_image(images, c))
+    # a prompt per source: no one condition is the plain one; said, and the plain path
+    _, export = _text_conditioned(tmp_path / "two", {"digits": ids, "colours": [1, 9, 2]})
+    with pytest.warns(UserWarning, match=r"a prompt per source \(colours, digits\)"):
+        loaded = load_encoder(export, tower="model")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompts": {"digits": {"text": "a", "ids": [1, 99999]}}}, r"ids in 0\.\.\d+"),
+        ({"prompts": {"digits": {"text": "a", "ids": []}}}, "condition.prompts.digits must be"),
+        ({"prompts": {"digits": {"text": "a", "ids": [1], "mask": [1]}}}, "unknown key"),
+        ({"prompts": {}}, "'condition' must be"),
+        ({"prompt": {"digits": {"text": "a", "ids": [1]}}}, "'condition' must be"),
+    ],
+)
+def test_a_bad_condition_record_is_refused(tmp_path, record, message):
+    model = mmssl.create_model(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    )
+    with pytest.raises(ConfigError, match=message):
+        save_pretrained(model, tmp_path / "export", extra={"condition": record})
+    plain = mmssl.create_model("test_tiny_clip")  # a record of prompts for no text condition
+    ok = {"prompts": {"digits": {"text": "a", "ids": [1, 2]}}}
+    with pytest.raises(ConfigError, match="of a model conditioned on text"):
+        save_pretrained(plain, tmp_path / "plain", extra={"condition": ok})

@@ -17,7 +17,8 @@ Every mode equals the unconditioned model at init (zero-initialised conditioning
 except prefix tokens: extra tokens take part in attention from the first step.  A
 `VisionEncoder` given cond=None runs the plain path; `MultimodalModel.forward_features`
 given none conditions a descriptor-conditioned backbone on the neutral descriptor, as
-training conditions a plain image (`MultimodalModel.image_condition`).
+training conditions a plain image, and a text-conditioned one on the prompt it trained with
+when its export records one (`MultimodalModel.image_condition`).
 """
 
 from __future__ import annotations

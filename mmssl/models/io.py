@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from mmssl.schema import ConfigError, from_dict, suggest, to_dict
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # what save_pretrained's caller (`mmssl export`) records in config.json beside "model"
-EXTRA_SECTIONS = ("recipe", "checkpoint", "descriptor", "preprocess", "logits", "tokenizer")
+EXTRA_SECTIONS = (
+    "recipe",
+    "checkpoint",
+    "descriptor",
+    "preprocess",
+    "logits",
+    "tokenizer",
+    "condition",
+)
 SECTIONS = ("model", *EXTRA_SECTIONS)  # config.json's sections
 PREPROCESS = ("image_size", "mean", "std", "max_pixels")
 TOKENIZER = ("name", "kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")  # .metadata
@@ -183,6 +192,7 @@ def check_record(
     _check_tokenizer(record.get("tokenizer"), where)
     _logit_params(record, where)
     if cfg is not None:
+        condition_prompts(record.get("condition"), where, cfg)
         check_model_config(cfg, str(where))
         preprocess_size(record.get("preprocess"), cfg, where)
 
@@ -249,6 +259,50 @@ def preprocess_size(record: Any, cfg: ModelConfig, cfg_path: str | Path) -> int 
             f"patch size {patch}"
         )
     return size
+
+
+def condition_prompts(record: Any, cfg_path: str | Path, cfg: ModelConfig) -> dict[str, list[int]]:
+    """{source: prompt ids} of config.json's "condition": the prompt that a text-conditioned
+    model's training conditioned each source's images on (`mmssl.train.text_condition.
+    export_record`); {} without one.  ConfigError for a record that is not {"prompts":
+    {source: {"text": str, "ids": [ids in the vocabulary]}}} of a model conditioned on text."""
+    if record is None:
+        return {}
+    text_model = cfg.condition is not None and cfg.condition.source == "text"
+    prompts = record.get("prompts") if isinstance(record, dict) else None
+    if not text_model or not isinstance(prompts, dict) or not prompts:
+        raise ConfigError(
+            f"{cfg_path}: 'condition' must be {{'prompts': {{source: {{'text', 'ids'}}}}}} of a "
+            f"model conditioned on text, got {record!r}"
+        )
+    _check_keys(record, ("prompts",), "condition.", cfg_path)
+    vocab = cfg.text.vocab_size if cfg.text is not None else 0
+    for source, prompt in prompts.items():
+        ids = prompt.get("ids") if isinstance(prompt, dict) else None
+        ok = isinstance(ids, list) and ids and isinstance(prompt.get("text"), str)
+        if not (ok and all(type(i) is int and 0 <= i < vocab for i in ids)):
+            raise ConfigError(
+                f"{cfg_path}: condition.prompts.{source} must be {{'text': str, 'ids': [ids in "
+                f"0..{vocab - 1}]}}, got {prompt!r}"
+            )
+        _check_keys(prompt, ("text", "ids"), f"condition.prompts.{source}.", cfg_path)
+    return {source: prompt["ids"] for source, prompt in prompts.items()}
+
+
+def _set_cond_prompt(model: MultimodalModel, prompts: dict[str, list[int]], where: Path) -> None:
+    """cond=None of a text-conditioned model: the prompt its training conditioned every image
+    on (`MultimodalModel.image_condition`); with a prompt per source, the unconditioned path,
+    which training never ran, and a warning."""
+    distinct = {tuple(ids) for ids in prompts.values()}
+    if len(distinct) == 1:
+        model.cond_prompt = torch.tensor([list(distinct.pop())])
+    elif distinct:
+        warnings.warn(
+            f"{where}: trained with a prompt per source ({', '.join(sorted(prompts))}), so "
+            "cond=None runs the vision tower unconditioned, as training never did; condition "
+            "it on a source's prompt with model.condition(cond_text=ids)",
+            stacklevel=3,
+        )
 
 
 def _check_tokenizer(record: Any, cfg_path: str | Path) -> None:
@@ -413,6 +467,7 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
         )
     model = MultimodalModel(cfg)
     model.load_state_dict(state)
+    _set_cond_prompt(model, condition_prompts(data.get("condition"), cfg_path, cfg), cfg_path)
     return model.eval()
 
 

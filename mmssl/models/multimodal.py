@@ -69,6 +69,10 @@ class MultimodalModel(nn.Module):
             if cfg.text is None:
                 raise ValueError("condition.source 'text' needs a text tower")
             self.conditioner = TextConditioner(cfg.text.dim, cfg.condition.dim)
+        # (1, T) int64 ids of the prompt training conditioned every image on, when it had one
+        # (an export's config.json "condition"; `image_condition`); set by `load_pretrained`
+        self.cond_prompt: torch.Tensor | None
+        self.register_buffer("cond_prompt", None, persistent=False)
         p = cfg.projector
         self.projector = None
         if p is not None:
@@ -207,11 +211,15 @@ class MultimodalModel(nn.Module):
     ) -> torch.Tensor | None:
         """`cond`, or for None the condition of an un-augmented image: the neutral
         descriptor's c when the vision backbone is conditioned on augmentation descriptors,
-        as training conditions a plain image (`mmssl.train.tasks`).  Such a tower never ran
-        without a condition, and once trained its features without one are another
-        network's.  None for other models."""
+        as training conditions a plain image (`mmssl.train.tasks`), and the c of the prompt
+        training conditioned every image on (`cond_prompt`) when it is conditioned on text.
+        Such a tower never ran without a condition, and once trained its features without
+        one are another network's.  None for other models (and a text-conditioned one
+        trained with several prompts: the plain path)."""
         visual = self._tower("vision")
         conditioned = visual.cfg.cond_dim or visual.cfg.cond_tokens
+        if cond is None and conditioned and self.cond_prompt is not None:
+            return self.condition(cond_text=self.cond_prompt)
         if cond is None and conditioned:
             return self.neutral_condition(1, device or next(visual.parameters()).device)
         cond = self._no_stray(cond)

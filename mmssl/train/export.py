@@ -15,8 +15,9 @@ checkpoint (`mmssl_run.json`): the model as the run resolved it, not its config 
 may have been edited or deleted since, and the recipe, not RUN_DIR/recipe.yaml, which a later
 resume may have changed.  Beside it, config.json records the learned logit scale and bias of the
 clip and siglip objectives (`logits`: SigLIP's are its loss's, not model weights), which
-`mmssl.models.io.read_logit_params` reads back, and the run's tokenizer is copied beside
-them (`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json`
+`mmssl.models.io.read_logit_params` reads back, the prompts of a text-conditioned run
+(`condition`, `mmssl.train.text_condition.export_record`), and the run's tokenizer is copied
+beside them (`mmssl.tokenizer.save_tokenizer`), which evaluation loads first.  `exported_from.json`
 beside them names the checkpoint exactly (the sha256 of its manifest): a run trained anew in
 the same directory saves checkpoints of the same tags, so evaluation (`mmssl.eval.loading`)
 compares that, not the tag, before it reuses RUN_DIR/export.
@@ -28,7 +29,6 @@ The checkpoint's files are checked against its manifest (sha256) first, and ever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -286,6 +286,8 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.train.checkpoint import TAG, manifest_digest
+    from mmssl.train.export_records import logit_record, save_tokenizer_copy, tokenizer_record
+    from mmssl.train.text_condition import export_record
 
     # a tag, or a path to one of this run's checkpoints ("step_00000004/" as the shell
     # completes it); a path elsewhere ("../../other/checkpoints/...") names another run's
@@ -337,7 +339,9 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
     if cfg.text is not None:
         # evaluation loads and checks the tokenizer the model was trained with from this
         # record; without it, it fell back to the default tokenizer whatever the run used
-        extra["tokenizer"] = _tokenizer_record(recipe, record)
+        extra["tokenizer"] = tokenizer_record(recipe, record)
+        condition = export_record(recipe, cfg.text.context_length)  # its prompts, if any
+        extra.update({"condition": condition} if condition else {})
     this_run = os.path.realpath(run)
     source = {"checkpoint": tag, "manifest_sha256": digest, "run": this_run}
     dest.mkdir(parents=True, exist_ok=True)
@@ -348,7 +352,7 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
             _warn_other_run(dest, this_run)
             # gone before the weights change: it never names a checkpoint they are not from
             (dest / SOURCE).unlink()
-        _save_tokenizer(dest, extra.get("tokenizer"))
+        save_tokenizer_copy(dest, extra.get("tokenizer"))
         saved = save_pretrained(model.eval(), dest, extra)
         write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
@@ -378,96 +382,6 @@ def _dest_problem(run: Path, dest: Path) -> str | None:
     if d == r or is_run_dir(d):
         return "is a run directory (evaluation would take the export for the run)"
     return None
-
-
-def logit_record(task_state: dict[str, torch.Tensor], recipe: Any) -> dict[str, dict[str, Any]]:
-    """{objective: {"type", "logit_scale", "logit_bias"}} of every clip and siglip objective:
-    the learned scale as its log (open_clip's `logit_scale`) and siglip's bias, which zero-shot
-    probabilities need (sigmoid(exp(logit_scale) * cos + logit_bias)).  SigLIP's are the loss's
-    parameters, not the model's, so the weights alone lost them.  CLIP's is the model's
-    `logit_scale`, recorded clamped at the objective's max_logit_scale as its loss uses it."""
-    import math
-
-    out: dict[str, dict[str, Any]] = {}
-    for key, obj in recipe.objectives.items():
-        kind = obj.type or key
-        if kind == "siglip":
-            scale = task_state.get(f"losses.{key}.logit_scale")
-            bias = task_state.get(f"losses.{key}.logit_bias")
-            if scale is not None and bias is not None:
-                out[key] = {
-                    "type": kind,
-                    "logit_scale": float(scale.detach()),
-                    "logit_bias": float(bias.detach()),
-                }
-        elif kind == "clip" and f"{PREFIX}logit_scale" in task_state:
-            log_scale = min(
-                float(task_state[f"{PREFIX}logit_scale"].detach()), math.log(obj.max_logit_scale)
-            )
-            out[key] = {"type": kind, "logit_scale": log_scale, "logit_bias": None}
-    return out
-
-
-def _save_tokenizer(dest: Path, record: dict[str, Any] | None) -> None:
-    """Put the run's tokenizer (its file and a tokenizer_meta.json) beside the weights, which
-    evaluation loads first (`mmssl.eval.loading.load_tokenizer`): the export then evaluates
-    on a machine without the file the run named (a user's path, open_clip's vocabulary).
-    The recorded tokenizer already there stays (an earlier export's copy, after the file
-    went); a tokenizer gone or changed since the run is not copied (the record names it).
-    An earlier export's copy of another tokenizer goes: the meta it wrote and the file that
-    names, never the run's own file nor a file no export wrote."""
-    from mmssl.tokenizer import META_FILE, SAVED_NAMES, get_tokenizer, read_meta, save_tokenizer
-
-    def loaded(name: str | Path) -> Any:
-        try:
-            return get_tokenizer(name)
-        except (FileNotFoundError, ValueError):
-            return None
-
-    want = (record or {}).get("sha256")
-    if want and getattr(loaded(dest), "sha256", None) == want:
-        return
-    source = loaded(record["name"]) if want and record is not None else None
-    if source is not None and source.sha256 != want:
-        source = None
-    try:
-        meta = read_meta(dest)
-    except ValueError:  # not one an export wrote: left as it is
-        meta = None
-    if meta is not None and meta["artifact"] in SAVED_NAMES.values():
-        for path in (dest / meta["artifact"], dest / META_FILE):
-            if source is None or path.resolve() != source.path.resolve():
-                path.unlink(missing_ok=True)
-    if source is not None:
-        with contextlib.suppress(ValueError):  # changed while it was copied: as if gone
-            save_tokenizer(source, dest)
-
-
-def _tokenizer_record(recipe: Any, run: dict[str, Any] | None) -> dict[str, Any]:
-    """The tokenizer the run trained with, for evaluation to load and check: the metadata
-    its run record pinned when training started (`streams.tokenizer_record`: a path by its
-    absolute name, its sha256), with a warning when the file there is now another; for a
-    checkpoint saved before runs pinned it, `data.tokenizer` as it resolves now.  A tokenizer
-    that no longer loads is recorded by name only: evaluation then fails naming it (or takes
-    --tokenizer) rather than the export."""
-    from mmssl.train.streams import tokenizer_name, tokenizer_record
-
-    pinned = (run or {}).get("tokenizer")
-    if not isinstance(pinned, dict) or not isinstance(pinned.get("name"), str):
-        name = tokenizer_name(recipe)
-        return tokenizer_record(name) or {"name": name}
-    now = tokenizer_record(pinned["name"])
-    if now is None or now.get("sha256") != pinned.get("sha256"):
-        _log.warning(
-            "the tokenizer %s is %s since the run trained with it (sha256 %s); the export "
-            "records the one it trained with, so evaluation refuses that file: it reads the "
-            "copy an earlier export put beside the weights, if there is one, else pass "
-            "--tokenizer with the tokenizer the run used",
-            pinned["name"],
-            "gone" if now is None else f"another (sha256 {now.get('sha256')})",
-            pinned.get("sha256"),
-        )
-    return pinned
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,13 @@ is conditioned on that c.  Gradients reach the conditioner and the text tower th
 - adaLN-Zero conditioning (`vision.cond_dim`) is neutral at init (zero-initialised), so
   such a model starts equal to the unconditioned one; prefix tokens (`vision.cond_tokens`)
   are not: they join the attention from the first step (`mmssl.models.condition`; the one
-  exception to DESIGN's "neutral at init").  Downstream, `cond=None` gives the plain features;
-  a model trained with a prompt gives its trained features with
-  `model.condition(cond_text=ids, cond_text_mask=mask)` for the same prompt.
+  exception to DESIGN's "neutral at init").
+- Downstream: `mmssl export` records each source's prompt and its ids in config.json
+  ("condition": {"prompts": {source: {"text", "ids"}}}).  A model loaded from it whose
+  sources shared one prompt gives that prompt's features for `cond=None` (as a
+  descriptor-conditioned one gives the neutral descriptor's): training never ran its tower
+  without the prompt.  With several prompts `cond=None` runs the unconditioned path, and
+  `model.condition(cond_text=ids, cond_text_mask=mask)` gives a prompt's features.
 """
 
 from __future__ import annotations
@@ -122,3 +126,25 @@ class PromptTokens:
             self._cache[key] = self.tokenizer.batch_encode([self.prompts[source]], length)
         ids, mask = self._cache[key]
         return ids.to(device), mask.to(device)
+
+
+def export_record(recipe: Any, context_length: int) -> dict[str, Any] | None:
+    """config.json's "condition" of a text-conditioned run: {"prompts": {source: {"text":
+    prompt, "ids": [...]}}}, the ids as training encoded the prompt alone (`PromptTokens`,
+    with `data.tokenizer`); None for a run without prompts."""
+    prompts = source_prompts(recipe.objectives)
+    if not prompts:
+        return None
+    from mmssl.train.streams import tokenizer
+
+    tokens = PromptTokens(prompts, tokenizer(recipe), context_length)
+    cpu = torch.device("cpu")
+    return {
+        "prompts": {
+            source: {
+                "text": text,
+                "ids": tokens.get(source, tokens.natural_length(source), cpu)[0][0].tolist(),
+            }
+            for source, text in sorted(prompts.items())
+        }
+    }

@@ -134,7 +134,7 @@ def test_an_export_deletes_no_tokenizer_file_it_did_not_write(tmp_path: Path) ->
     so its files were taken for a stale copy) and copied nothing.  Now the run's file stays
     and a meta names it; files no export wrote stay too, also when nothing is copied."""
     from mmssl.tokenizer import DEFAULT_DIR, META_FILE, get_tokenizer
-    from mmssl.train.export import _save_tokenizer
+    from mmssl.train.export_records import save_tokenizer_copy
     from mmssl.train.streams import tokenizer_record
 
     folder = tmp_path / "tokx"
@@ -144,7 +144,7 @@ def test_an_export_deletes_no_tokenizer_file_it_did_not_write(tmp_path: Path) ->
     before = (folder / "tokenizer.json").read_bytes()
     record = tokenizer_record(str(folder / "tokenizer.json"))
     assert record is not None
-    _save_tokenizer(folder, record)
+    save_tokenizer_copy(folder, record)
     assert (folder / "tokenizer.json").read_bytes() == before
     assert (folder / "other.model").read_bytes() == b"someone else's sentencepiece model"
     assert json.loads((folder / META_FILE).read_text())["artifact"] == "tokenizer.json"
@@ -154,5 +154,5 @@ def test_an_export_deletes_no_tokenizer_file_it_did_not_write(tmp_path: Path) ->
     dest = tmp_path / "export"
     dest.mkdir()
     (dest / "tokenizer.model").write_bytes(b"a user's file")
-    _save_tokenizer(dest, {**record, "name": str(tmp_path / "gone" / "tokenizer.json")})
+    save_tokenizer_copy(dest, {**record, "name": str(tmp_path / "gone" / "tokenizer.json")})
     assert sorted(p.name for p in dest.iterdir()) == ["tokenizer.model"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -291,7 +293,8 @@ def test_text_conditioned_recipe_trains_through_the_engine(demo_data, tmp_path, 
     export holds the text conditioner, and training moved the zero-initialised adaLN weights."""
     from train_helpers import RECIPES, demo_urls
 
-    from mmssl.models.io import load_pretrained
+    from mmssl.models.io import load_encoder, load_pretrained
+    from mmssl.tokenizer import get_tokenizer
     from mmssl.train.export import export_run
     from mmssl.train.loop import train
     from mmssl.train.recipe import load_recipe, validate
@@ -315,10 +318,22 @@ def test_text_conditioned_recipe_trains_through_the_engine(demo_data, tmp_path, 
     ]
     recipe = load_recipe(path, overrides)
     assert train(recipe, validate(recipe))["final_step"] == 3
-    model = load_pretrained(export_run(tmp_path / "clip_text_conditioned"))
+    export = export_run(tmp_path / "clip_text_conditioned")
+    model = load_pretrained(export)
     assert type(model.conditioner).__name__ == "TextConditioner"
     modulation = model.visual.trunk.blocks[0].norm1.modulation.weight
     assert modulation.abs().sum() > 0
+    # the export records the prompt as training encoded it, and cond=None gives its features
+    (source, obj), *_ = [(o.source, o) for o in recipe.objectives.values() if o.condition_prompt]
+    prompt = json.loads((export / "config.json").read_text())["condition"]["prompts"][source]
+    ids, _ = get_tokenizer(export).batch_encode([obj.condition_prompt], len(prompt["ids"]))
+    assert prompt == {"text": obj.condition_prompt, "ids": ids[0].tolist()}
+    assert ids[0, -1] == get_tokenizer(export).eos_id and ids.shape[1] > 2
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.visual.encode(images, model.condition(cond_text=ids))
+        torch.testing.assert_close(load_encoder(export)(images), want, rtol=0, atol=0)
+        assert (model.visual.encode(images) - want).abs().max() > 0  # not the plain path
 
 
 def test_task_augself_loss_takes_the_views_descriptors_in_order() -> None:
