@@ -476,6 +476,10 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
         hint = run_summary.resume_hint(recipe, last, cause=False)
         info = {**info, "stopped": f"SIGTERM at step {step}: saved {last}", "what next": hint}
     log.close(info, skipped)
+    # no rank leaves before rank 0 wrote summary.md and loss.png: a launcher kills the other
+    # ranks once one exits with an error, and a rank that aborted at its teardown ("terminate
+    # called without an active exception") had cost a finished run its summary
+    distributed.barrier()
     return {
         **info,
         "samples_per_s": log.samples_per_s,
