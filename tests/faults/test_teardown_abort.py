@@ -25,7 +25,11 @@ sys.exit(code)
 def test_a_rank_aborting_at_teardown_costs_no_summary(demo_data: str, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    args = [str(RECIPES / "quickstart.yaml"), *tiny_overrides(demo_data, str(tmp_path), "run"), "train.steps=2"]
+    args = [
+        str(RECIPES / "quickstart.yaml"),
+        *tiny_overrides(demo_data, str(tmp_path), "run"),
+        "train.steps=2",
+    ]
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     res = run([*torchrun, str(driver), *args], timeout=300)
     assert res.returncode != 0 and "exitcode  : -6" in res.stderr, res.stderr[-2000:]
