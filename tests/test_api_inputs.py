@@ -178,8 +178,13 @@ def test_a_left_padded_text_mask_is_refused(causal: bool) -> None:
             lambda: model.text.forward_features(left, lmask),
             lambda: model.lm_logits(left, lmask),
         ):
-            with pytest.raises(ValueError, match=r"text_mask rows \[0, 1\] are not right-padded"):
+            with pytest.raises(ValueError, match=r"text_mask rows \[0, 1\] are left-padded"):
                 call()
+    # a False inside a row is no padding: open_clip's `text != 0` marks CLIP's "!" (id 0) so
+    holed = rmask.clone()
+    holed[0, 2] = False
+    with torch.no_grad():
+        assert model.encode_text(right, holed).shape == (2, model.cfg.embed_dim)
 
 
 def test_a_cond_token_ids_or_an_image_of_the_wrong_kind_are_named() -> None:

@@ -266,3 +266,59 @@ def test_a_bad_condition_record_is_refused(tmp_path, record, message):
     ok = {"prompts": {"digits": {"text": "a", "ids": [1, 2]}}}
     with pytest.raises(ConfigError, match="of a model conditioned on text"):
         save_pretrained(plain, tmp_path / "plain", extra={"condition": ok})
+
+
+def test_the_carried_conditions_load_as_buffers_do(tmp_path):
+    """cond_default and cond_prompt travel in state dicts while set (`mmssl.models.carried`):
+    cast to the receiving module's dtype (a bf16 tower took an fp32 one and failed in torch),
+    taken as saved with assign=True, refused where nothing reads them or the shape is wrong,
+    and accepted by load_pretrained (a fine-tuned tower put back into its model, or a model
+    saved after loading, was refused or lost its prompt)."""
+    model = _trained_like("test_tiny_vit_cond")
+    save_pretrained(model, tmp_path / "export")
+    tower = load_encoder(tmp_path / "export")
+    state = tower.state_dict()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tower(images)
+        half = mmssl.create_model("test_tiny_vit_cond").visual.to(torch.bfloat16).eval()
+        half.load_state_dict(state)
+        assert half.cond_default.dtype == torch.bfloat16
+        torch.testing.assert_close(half(images.bfloat16()).float(), want, atol=0.1, rtol=0.05)
+        with torch.device("meta"):
+            empty = mmssl.create_model("test_tiny_vit_cond").visual.eval()
+        empty.load_state_dict(state, assign=True)
+        torch.testing.assert_close(empty(images), want, rtol=0, atol=0)
+    plain = mmssl.create_model("test_tiny_vit").visual
+    with pytest.raises(RuntimeError, match='Unexpected key.*"cond_default"'):
+        plain.load_state_dict({**plain.state_dict(), "cond_default": state["cond_default"]})
+    fresh = mmssl.create_model("test_tiny_vit_cond").visual
+    with pytest.raises(RuntimeError, match=r"cond_default: torch.float32 \(1, 7\), this tower"):
+        fresh.load_state_dict({**state, "cond_default": torch.zeros(1, 7)})
+    # a fine-tuned tower (carrying its condition) put back into its model, saved, loaded
+    whole = load_encoder(tmp_path / "export", tower="model")
+    whole.visual.load_state_dict(state)
+    save_pretrained(whole, tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(load_encoder(tmp_path / "again")(images), want)
+    # a text-conditioned model saved after loading keeps its prompt; a state dict too
+    ids = [1, 67, 300, 2]
+    text_model, export = _text_conditioned(tmp_path / "text", {"digits": ids})
+    loaded = load_encoder(export, tower="model")
+    save_pretrained(loaded, tmp_path / "text-again")
+    again = load_encoder(tmp_path / "text-again", tower="model")
+    assert again.cond_prompt.tolist() == [ids]
+    fresh_text = mmssl.create_model(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    )
+    fresh_text.load_state_dict(loaded.state_dict())
+    assert fresh_text.cond_prompt.tolist() == [ids]
+    with pytest.raises(RuntimeError, match='Unexpected key.*"cond_prompt"'):
+        mmssl.create_model("test_tiny_clip").load_state_dict(
+            {
+                **mmssl.create_model("test_tiny_clip").state_dict(),
+                "cond_prompt": torch.tensor([ids]),
+            }
+        )
+    with pytest.raises(RuntimeError, match=r"cond_prompt: .* not \(1, T\) token ids"):
+        fresh_text.load_state_dict({**loaded.state_dict(), "cond_prompt": torch.tensor([[10**6]])})

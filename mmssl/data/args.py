@@ -64,9 +64,9 @@ def check_norm(mean: Any, std: Any, prefix: str = "") -> None:
             raise DataError(f"{prefix}{name} must be 3 finite numbers (R, G, B), got {values!r}")
     if std is not None and not all(float(v) > 0 for v in std):
         raise DataError(f"{prefix}std must be > 0 in every channel, got {std!r}")
-    for name, values, ok in (("mean", mean, "in [0, 1]"), ("std", std, "at most 1")):
+    for name, values, bound in (("mean", mean, "in [0, 1]"), ("std", std, "at most 1")):
         if values is not None and not all(0 <= float(v) <= 1 for v in values):
             raise DataError(
-                f"{prefix}{name} must be {ok} in every channel (images are in [0, 1]), got "
+                f"{prefix}{name} must be {bound} in every channel (images are in [0, 1]), got "
                 f"{values!r}; divide a {name} on the 0-255 scale by 255"
             )

@@ -37,6 +37,7 @@ SECTIONS = ("model", *EXTRA_SECTIONS)  # config.json's sections
 PREPROCESS = ("image_size", "mean", "std", "max_pixels")
 TOKENIZER = ("name", "kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")  # .metadata
 LOGITS = ("type", "logit_scale", "logit_bias")
+CARRIED = ("cond_prompt", "visual.cond_default")  # `mmssl.models.carried`: saved while set
 
 
 def aliases(model: nn.Module) -> dict[str, str]:
@@ -279,8 +280,13 @@ def condition_prompts(record: Any, cfg_path: str | Path, cfg: ModelConfig) -> di
     vocab = cfg.text.vocab_size if cfg.text is not None else 0
     for source, prompt in prompts.items():
         ids = prompt.get("ids") if isinstance(prompt, dict) else None
-        ok = isinstance(ids, list) and ids and isinstance(prompt.get("text"), str)
-        if not (ok and all(type(i) is int and 0 <= i < vocab for i in ids)):
+        text = prompt.get("text") if isinstance(prompt, dict) else None
+        if not (
+            isinstance(ids, list)
+            and ids
+            and isinstance(text, str)
+            and all(type(i) is int and 0 <= i < vocab for i in ids)
+        ):
             raise ConfigError(
                 f"{cfg_path}: condition.prompts.{source} must be {{'text': str, 'ids': [ids in "
                 f"0..{vocab - 1}]}}, got {prompt!r}"
@@ -441,7 +447,9 @@ def load_pretrained(path: str | Path) -> MultimodalModel:
             state[name] = state[kept]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    # the conditions cond=None stands for, saved while set (a fine-tuned tower put back, a
+    # model saved after load_pretrained): load_state_dict checks and sets them
+    unexpected = sorted(set(state) - set(expected) - set(CARRIED))
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"

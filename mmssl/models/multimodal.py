@@ -8,7 +8,7 @@ class with one tower.  Models compute representations only: losses live in
 from __future__ import annotations
 
 import math
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 
 from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
+from mmssl.models.carried import load_carried, save_carried
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
 from mmssl.models.text import (
@@ -70,7 +71,8 @@ class MultimodalModel(nn.Module):
                 raise ValueError("condition.source 'text' needs a text tower")
             self.conditioner = TextConditioner(cfg.text.dim, cfg.condition.dim)
         # (1, T) int64 ids of the prompt training conditioned every image on, when it had one
-        # (an export's config.json "condition"; `image_condition`); set by `load_pretrained`
+        # (an export's config.json "condition"; `image_condition`); set by `load_pretrained`,
+        # and in the state dict while set (`mmssl.models.carried`)
         self.cond_prompt: torch.Tensor | None
         self.register_buffer("cond_prompt", None, persistent=False)
         p = cfg.projector
@@ -84,6 +86,46 @@ class MultimodalModel(nn.Module):
                 cfg.vision.dim, p.hidden_dim, p.out_dim, p.depth, p.cond, cond_dim, p.hyper_rank
             )
         self.init_weights()
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_carried(self, "cond_prompt", destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        load_carried(
+            self,
+            "cond_prompt",
+            state_dict,
+            prefix,
+            local_metadata,
+            unexpected_keys,
+            error_msgs,
+            self._cond_prompt_problem,
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _cond_prompt_problem(self, saved: torch.Tensor) -> str | None:
+        """`load_carried`'s check of a saved cond_prompt: "" for a model not conditioned on
+        text."""
+        if not isinstance(self.conditioner, TextConditioner) or self.cfg.text is None:
+            return ""
+        vocab = self.cfg.text.vocab_size
+        ints = not (saved.is_floating_point() or saved.is_complex() or saved.dtype == torch.bool)
+        fits = ints and saved.dim() == 2 and saved.shape[0] == 1 and saved.shape[1] >= 1
+        if not (fits and 0 <= int(saved.min()) and int(saved.max()) < vocab):
+            return f"{saved.dtype} {tuple(saved.shape)}, not (1, T) token ids in [0, {vocab})"
+        return None
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -32,15 +32,17 @@ def as_text_mask(text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Te
 
 
 def text_mask_faults(text_mask: torch.Tensor) -> torch.Tensor:
-    """(2, B) bool on the mask's device: rows with no valid token, and rows not right-padded
-    (a valid token after padding).  For one host sync with the caller's other checks."""
+    """(2, B) bool on the mask's device: rows with no valid token, and left-padded rows (the
+    first column padding, a later one valid).  For one host sync with the caller's other
+    checks.  A False inside a row is no padding to refuse: open_clip's `text != 0` marks
+    CLIP's "!" (id 0) so, and a causal tower reads such a row as it did before."""
     empty = ~text_mask.any(dim=1)
-    left_padded = (~text_mask[:, :-1] & text_mask[:, 1:]).any(dim=1)
+    left_padded = ~text_mask[:, 0] & text_mask.any(dim=1)
     return torch.stack([empty, left_padded])
 
 
 def raise_left_padded(left_padded: torch.Tensor) -> None:
-    """ValueError naming the rows of a text_mask with a valid token after padding.
+    """ValueError naming the rows of a text_mask that start with padding.
 
     Positions count from each row's first column and a causal token attends to the padding
     before it, so such a row's features are not those of its text alone (cosine 0.71 in a
@@ -49,8 +51,8 @@ def raise_left_padded(left_padded: torch.Tensor) -> None:
     if bool(left_padded.any()):
         rows = left_padded.nonzero().flatten().tolist()
         raise ValueError(
-            f"text_mask rows {rows[:8]} are not right-padded (a valid token after padding): "
-            "pad text on the right (tokenizer padding_side='right')"
+            f"text_mask rows {rows[:8]} are left-padded (padding before the text): pad text "
+            "on the right (tokenizer padding_side='right')"
         )
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.models.carried import load_carried, save_carried
 from mmssl.models.condition import PrefixTokens, check_cond
 from mmssl.models.config import VisionConfig
 from mmssl.models.trunk import build_trunk
@@ -95,20 +96,44 @@ class VisionEncoder(nn.Module):
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.cond_default is not None:
-            c = self.cond_default
-            destination[prefix + "cond_default"] = c if keep_vars else c.detach()
+        save_carried(self, "cond_default", destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        # a saved cond_default is adopted, even by a fresh tower (it had none: loaded into
-        # create_model(name).visual, the tower ran the plain path, which such a conditioned
-        # tower never saw in training); a state dict without one (a whole model's, one saved
-        # before it was kept) leaves the tower's as it is
-        saved = state_dict.pop(prefix + "cond_default", None)
-        if saved is not None:
-            device = next(self.parameters()).device
-            self.cond_default = saved.detach().to(device=device, copy=True)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a saved cond_default is adopted, even by a fresh tower: loaded into
+        # create_model(name).visual, which has none, the tower ran the plain path, which such
+        # a conditioned tower never saw in training (`mmssl.models.carried`)
+        load_carried(
+            self,
+            "cond_default",
+            state_dict,
+            prefix,
+            local_metadata,
+            unexpected_keys,
+            error_msgs,
+            self._cond_default_problem,
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _cond_default_problem(self, saved: torch.Tensor) -> str | None:
+        """`load_carried`'s check of a saved cond_default: "" for a tower that reads no cond."""
+        width = self.cond_prefix.proj.in_features if self.cond_prefix is not None else None
+        width = width or self.cfg.cond_dim
+        if not width:
+            return ""
+        if not saved.is_floating_point() or tuple(saved.shape) != (1, width):
+            return f"{saved.dtype} {tuple(saved.shape)}, this tower reads a float (1, {width})"
+        return None
 
     def _abs_pos(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor | None:
         """The absolute position table for a grid, (1, P + N, D), resampled if the grid differs."""
