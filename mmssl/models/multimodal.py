@@ -8,7 +8,7 @@ class with one tower.  Models compute representations only: losses live in
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import nn
 
 from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
-from mmssl.models.carried import load_carried, save_carried
+from mmssl.models.carried import CarriesBuffer
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
 from mmssl.models.text import (
@@ -31,7 +31,8 @@ from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, Swi
 from mmssl.nn.layers import check_dtype
 
 
-class MultimodalModel(nn.Module):
+class MultimodalModel(CarriesBuffer):
+    CARRIED = "cond_prompt"  # the ids of the prompt cond=None stands for, when set
     # the parts a config may leave out are None
     visual: VisionEncoder | None
     text: TextTransformer | None
@@ -87,36 +88,8 @@ class MultimodalModel(nn.Module):
             )
         self.init_weights()
 
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_carried(self, "cond_prompt", destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Any,
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        load_carried(
-            self,
-            "cond_prompt",
-            state_dict,
-            prefix,
-            local_metadata,
-            unexpected_keys,
-            error_msgs,
-            self._cond_prompt_problem,
-        )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def _cond_prompt_problem(self, saved: torch.Tensor) -> str | None:
-        """`load_carried`'s check of a saved cond_prompt: "" for a model not conditioned on
+    def carried_problem(self, saved: torch.Tensor) -> str | None:
+        """A saved cond_prompt's fit (`CarriesBuffer`): "" for a model not conditioned on
         text."""
         if not isinstance(self.conditioner, TextConditioner) or self.cfg.text is None:
             return ""

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.models.carried import load_carried, save_carried
+from mmssl.models.carried import CarriesBuffer
 from mmssl.models.condition import PrefixTokens, check_cond
 from mmssl.models.config import VisionConfig
 from mmssl.models.trunk import build_trunk
@@ -37,7 +35,7 @@ def local_window_mask(
     return mask
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(CarriesBuffer):
     """A ViT.  images (B, C, H, W) -> `forward_features` {pooled (B, D), tokens (B, N, D)}.
 
     `tokens` are the N patch tokens after the final norm (no class token), in row-major grid
@@ -47,6 +45,8 @@ class VisionEncoder(nn.Module):
     plain features) unless set, as `MultimodalModel.standalone_vision` sets it to the
     neutral descriptor's c for a tower that stands alone.
     """
+
+    CARRIED = "cond_default"  # the condition of cond=None, when set
 
     def __init__(
         self,
@@ -88,45 +88,14 @@ class VisionEncoder(nn.Module):
         )
         self.norm = Norm(d, cfg.block.norm, cfg.block.norm_eps)
         self.proj = nn.Linear(d, embed_dim, bias=False) if embed_dim else None
+        # in the state dict while set, so a standalone tower's round trip keeps its cond=None,
+        # even into a fresh tower, which has none (`mmssl.models.carried`)
         self.cond_default: torch.Tensor | None
-        # in the state dict when set, so a standalone tower's round trip keeps its cond=None
-        # (a fresh tower has none: `_save_to_state_dict`, `_load_from_state_dict`)
         self.register_buffer("cond_default", None, persistent=False)
         self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_carried(self, "cond_default", destination, prefix, keep_vars)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Any,
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # a saved cond_default is adopted, even by a fresh tower: loaded into
-        # create_model(name).visual, which has none, the tower ran the plain path, which such
-        # a conditioned tower never saw in training (`mmssl.models.carried`)
-        load_carried(
-            self,
-            "cond_default",
-            state_dict,
-            prefix,
-            local_metadata,
-            unexpected_keys,
-            error_msgs,
-            self._cond_default_problem,
-        )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def _cond_default_problem(self, saved: torch.Tensor) -> str | None:
-        """`load_carried`'s check of a saved cond_default: "" for a tower that reads no cond."""
+    def carried_problem(self, saved: torch.Tensor) -> str | None:
+        """A saved cond_default's fit (`CarriesBuffer`): "" for a tower that reads no cond."""
         width = self.cond_prefix.proj.in_features if self.cond_prefix is not None else None
         width = width or self.cfg.cond_dim
         if not width:
