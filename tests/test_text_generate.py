@@ -118,6 +118,20 @@ def test_generate_refuses_a_token_budget_that_is_not_a_count(budget):
         tiny().generate(torch.tensor([[1, 2]]), budget, temperature=0)
 
 
+@pytest.mark.parametrize("eos_id", [64, -1, 1.5, True])
+def test_generate_refuses_an_eos_id_that_is_no_token(eos_id):
+    # taken without a word: no row ever stopped (64 is outside the tiny model's 64 ids)
+    with pytest.raises(ValueError, match=r"eos_id must be a token id in \[0, 64\) or None"):
+        tiny().generate(torch.tensor([[1, 2]]), 3, temperature=0, eos_id=eos_id)
+    assert tiny().generate(torch.tensor([[1, 2]]), 3, temperature=0, eos_id=63).shape == (1, 5)
+
+
+def test_generate_refuses_a_temperature_that_is_no_number():
+    # a raw TypeError ("'>=' not supported between 'str' and 'int'") before
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got '1'"):
+        tiny().generate(torch.tensor([[1, 2]]), 3, temperature="1")
+
+
 @pytest.mark.parametrize("shape", [(3,), (2, 0)])
 def test_generate_refuses_a_prompt_that_is_not_b_by_t0_tokens(shape):
     # an IndexError from deep inside the loop before

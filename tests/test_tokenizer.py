@@ -379,3 +379,30 @@ def test_save_tokenizer_refuses_a_file_changed_since_it_loaded(tmp_path: Path) -
     with pytest.raises(ValueError, match="changed since its tokenizer loaded"):
         save_tokenizer(orig, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing half-written
+
+
+def test_a_file_loads_with_the_meta_beside_it_and_a_clip_meta_is_checked(tmp_path: Path) -> None:
+    """A trained tokenizer loaded by its file path ignored the tokenizer_meta.json beside it
+    (other special ids: a bos named only there was "no bos token", a pad id differed from the
+    folder's); a CLIP copy's meta with other ids was ignored without a word."""
+    from mmssl.tokenizer.corpus import Corpus
+    from mmssl.tokenizer.train import train_bpe
+
+    out = tmp_path / "custom"
+    text = Corpus(["some text to learn a few merges from, " * 20] * 5, "tiny")
+    train_bpe(text, out, vocab_size=300, pad="<|p|>", bos="<|start|>", show_progress=False)
+    by_dir, by_file = get_tokenizer(out), get_tokenizer(out / "tokenizer.json")
+    assert (by_file.bos_id, by_file.eos_id, by_file.pad_id) == (
+        by_dir.bos_id,
+        by_dir.eos_id,
+        by_dir.pad_id,
+    )
+    assert (
+        by_file.batch_encode(["a b"], 6)[0].tolist() == by_dir.batch_encode(["a b"], 6)[0].tolist()
+    )
+    clip = tmp_path / "clip"
+    tokmod.save_tokenizer(get_tokenizer("clip"), clip)
+    meta = json.loads((clip / META_FILE).read_text())
+    (clip / META_FILE).write_text(json.dumps({**meta, "eos_id": 5, "bos_id": 7}))
+    with pytest.raises(ValueError, match=r"\{'bos_id': 7, 'eos_id': 5\} differ from CLIP's"):
+        get_tokenizer(clip)

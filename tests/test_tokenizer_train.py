@@ -204,6 +204,12 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
          "must differ from the unknown token '<|unk|>'"),
         (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--special-token", "<|unk|>",
                 "{tmp}/x.txt"], "must differ from the unknown token '<|unk|>'"),
+        # a byte piece's name took that byte's id (a newline encoded as eos); U+2581 decoded
+        # every space as the special token: both trained and exited 0
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--eos", "<0x0A>", "{tmp}/x.txt"],
+         "special token '<0x0A>' is the name of a byte piece"),
+        (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--special-token", "\u2581",
+                "{tmp}/x.txt"], "holds U+2581, sentencepiece's space"),
         (None, ["train", "--out", "{tmp}/o", "--eos", "EOS", "{tmp}/x.txt"], "'EOS' is a single word"),
         ("bad.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
         ("nofield.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/nofield.jsonl"], "nofield.jsonl:1: no field 'text'"),

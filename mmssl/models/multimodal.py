@@ -19,13 +19,13 @@ from mmssl.models.caption import CaptionDecoder
 from mmssl.models.carried import CarriesBuffer
 from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
 from mmssl.models.config import ModelConfig
-from mmssl.models.text import (
-    TextTransformer,
+from mmssl.models.gen_args import (
+    check_eos_id,
     check_max_new_tokens,
     check_sampling,
     check_vocab_limit,
-    eval_mode,
 )
+from mmssl.models.text import TextTransformer, eval_mode
 from mmssl.models.vision import VisionEncoder
 from mmssl.nn import Attention, ConditionedGate, ConditionedNorm, Mlp, Norm, SwiGLU
 from mmssl.nn.layers import check_dtype
@@ -334,6 +334,7 @@ class MultimodalModel(CarriesBuffer):
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
+        check_eos_id(eos_id, text.cfg.vocab_size)
         vocab_limit = check_vocab_limit(vocab_limit, text.cfg.vocab_size, eos_id)
         b = images.shape[0]
         if (prompt is None) == (bos_id is None):

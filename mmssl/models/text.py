@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +12,12 @@ from torch import nn
 
 from mmssl.models.beam import beam_search, check_beam
 from mmssl.models.config import TextConfig
+from mmssl.models.gen_args import (
+    check_eos_id,
+    check_max_new_tokens,
+    check_sampling,
+    check_vocab_limit,
+)
 from mmssl.models.text_masks import (
     as_text_mask,
     check_prompt_mask,
@@ -23,53 +28,6 @@ from mmssl.models.text_masks import (
 )
 from mmssl.models.trunk import build_trunk
 from mmssl.nn import KVCache, Norm, RotaryEmbedding, Transformer
-
-
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    """Refuse sampling options that would fail late or silently sample the wrong thing."""
-    # a negative temperature would sample from the inverted distribution (the least
-    # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
-    if isinstance(temperature, bool) or not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and as_top_k(top_k) is None:
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-
-
-def as_top_k(top_k: object) -> int | None:
-    """top_k as a Python int >= 1 (an int, or a numpy / torch integer scalar, through
-    operator.index), or None when it is anything else: a bool, a float (2.0 included: torch.topk
-    refuses it), a string, a number < 1."""
-    if isinstance(top_k, bool) or (isinstance(top_k, torch.Tensor) and top_k.dtype == torch.bool):
-        return None
-    try:
-        k = operator.index(top_k)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    return k if k >= 1 else None
-
-
-def check_vocab_limit(
-    vocab_limit: object, vocab_size: int, eos_id: int | None = None
-) -> int | None:
-    """vocab_limit as an int in 1..vocab_size (None stays None); ValueError otherwise (a
-    bool, a float, a number out of range), or when it cuts off `eos_id` (never generated,
-    no row would stop)."""
-    if vocab_limit is None:
-        return None
-    limit = as_top_k(vocab_limit)  # an integer >= 1, by the same rules as top_k
-    if limit is None or limit > vocab_size:
-        raise ValueError(f"vocab_limit must be an integer in 1..{vocab_size}, got {vocab_limit!r}")
-    if eos_id is not None and eos_id >= limit:
-        raise ValueError(f"eos_id {eos_id} is not below vocab_limit {limit}: no row could end")
-    return limit
-
-
-def check_max_new_tokens(max_new_tokens: int) -> None:
-    """Refuse a token budget that is not an integer >= 0 (a negative one returned the prompt
-    unchanged, without an error)."""
-    n = max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 @contextmanager
@@ -409,6 +367,7 @@ class TextTransformer(nn.Module):
         the others): the logits are cut to the first vocab_limit ids before sampling.
         """
         check_sampling(temperature, top_k)
+        check_eos_id(eos_id, self.cfg.vocab_size)
         vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size, eos_id)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)

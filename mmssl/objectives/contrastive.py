@@ -345,7 +345,10 @@ def clamped_scale(log_scale: Tensor, max_scale: float) -> Tensor:
     the clamp, so, as in open_clip, the scale can come down again once the loss asks for a
     softer temperature.  Data parallel, the decision above the clamp is taken on the sum
     of the ranks' gradients, so every rank masks alike and the averaged gradient is the one
-    process's on the whole batch.
+    process's on the whole batch.  It is taken per backward and per call, though: with
+    gradient accumulation each micro-batch decides on its own share, as do two clip
+    objectives on the one scale, so above the clamp a step whose shares disagree in sign
+    keeps only the shares that lower the scale (open_clip steps on their sum, then clamps).
     """
     return _ClampedExp.apply(log_scale, float(max_scale))
 

@@ -63,7 +63,11 @@ def get_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
             f"tokenizer not found: {path} (expected 'default', 'clip', a tokenizer.json, "
             f"a sentencepiece .model, a CLIP .txt.gz or a directory holding one)"
         )
-    return _load_file(str(path.resolve()), str(name_or_path))
+    path = path.resolve()
+    beside = read_meta(path.parent)  # a file named by the meta beside it loads as its folder:
+    if beside is not None and beside["artifact"] == path.name:  # its ids, its sha256 check
+        return _load_dir(str(path.parent), str(name_or_path))
+    return _load_file(str(path), str(name_or_path))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any] | None:
@@ -180,11 +184,19 @@ def _cached(path: str, name: str, meta_json: str | None, mtime_ns: int, size: in
     if path.endswith(".txt.gz"):
         from mmssl.tokenizer.clip import CLIPTokenizer
 
-        return CLIPTokenizer(path, name=name)
-    if path.endswith(".model"):
+        clip = CLIPTokenizer(path, name=name)
+        fixed = {f"{role}_id": getattr(clip, f"{role}_id") for role in ("bos", "eos", "pad")}
+        wrong = {k: meta[k] for k in fixed if meta is not None and meta[k] != fixed[k]}
+        if wrong:  # a meta's other ids were ignored without a word
+            raise ValueError(
+                f"{Path(path).parent / META_FILE}: {wrong} differ from CLIP's {fixed}, which "
+                "its vocabulary fixes"
+            )
+        tok: Tokenizer = clip
+    elif path.endswith(".model"):
         from mmssl.tokenizer.spm import SentencePieceTokenizer
 
-        tok: Tokenizer = SentencePieceTokenizer(path, name=name, meta=meta)
+        tok = SentencePieceTokenizer(path, name=name, meta=meta)
     elif path.endswith(".json"):
         from mmssl.tokenizer.hf import HFTokenizer
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -187,6 +188,20 @@ def train_sentencepiece(
         raise ValueError(
             f"special tokens must differ from the unknown token {UNK!r}, got {specials}"
         )
+    for token in specials:
+        # byte fallback names the 256 byte pieces <0x00>..<0xFF>: a special of such a name
+        # took that byte's id (a newline became eos); U+2581 is sentencepiece's space, and
+        # a special holding it decoded every space as that special
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            raise ValueError(
+                f"special token {token!r} is the name of a byte piece (<0x00>..<0xFF>): "
+                "text holding that byte would encode as the special token"
+            )
+        if "\u2581" in token:
+            raise ValueError(
+                f"special token {token!r} holds U+2581, sentencepiece's space: every space "
+                "would decode as it"
+            )
     _check_seed(seed)
     _check_out_dir(out_dir)
     failed: list[Exception] = []
