@@ -280,6 +280,9 @@ def test_open_clip_shape_mismatch_names_the_key():
         ({"text_cfg": {"pool_type": "first"}}, "text_cfg.pool_type"),
         ({"vision_cfg": {"layers": [3, 4, 6, 3]}}, "ResNet"),
         ({"init_logit_bias": -10}, "init_logit_bias"),
+        # accepted before, then "N open_clip keys have no mmssl counterpart" at the load
+        ({"text_cfg": {"scaled_cosine_attn": True}}, "text_cfg.scaled_cosine_attn"),
+        ({"text_cfg": {"scale_fc": True}}, "text_cfg.scale_fc"),
     ],
 )
 def test_open_clip_unsupported_options_are_named(cfg, match):
@@ -375,6 +378,8 @@ TINY_VITS = {
         mlp_ratio=2.0,
     ),
     "no_class_token_avg": dict(class_token=False, global_pool="avg", fc_norm=False),
+    # timm.layers.GELU, exact, no `approximate`: refused as "activation GELU" before
+    "gelu_by_name": dict(act_layer="gelu"),
     # an nn.GELU module with the tanh approximation (a string act_layer makes another class)
     "gelu_tanh_module": dict(act_layer=functools.partial(torch.nn.GELU, approximate="tanh")),
 }
@@ -575,3 +580,25 @@ def test_an_integer_tensor_where_a_float_weight_belongs_is_named():
         match=r"dtype kind mismatch \(peer vs mmssl\) \['text\.norm\.bias: torch\.int64 vs torch\.float32'\]",
     ):
         load_open_clip(sd, config=open_clip_model_config(peer))
+
+
+def test_open_clip_configs_and_weights_that_differed_without_a_word():
+    """A square size written as a list (JSON's tuples) was refused as non-square; OpenAI's
+    weights (they carry input_resolution) loaded with GELU into a config without QuickGELU,
+    0.02-0.04 off; final_ln_after_pool with token pooling gave tokens open_clip normalises
+    not (0.97 off) while the embeddings match."""
+    square = {"vision_cfg": dict(TINY_VISION, image_size=[32, 32], patch_size=[8, 8])}
+    assert open_clip_model_config({**square, "text_cfg": TINY_TEXT}).vision.image_size == 32
+    with pytest.raises(ValueError, match="non-square image_size/patch_size"):
+        open_clip_model_config({"vision_cfg": dict(TINY_VISION, image_size=[32, 48])})
+    peer = tiny_clip("quickgelu_layerscale")
+    state = {**peer.state_dict(), "input_resolution": torch.tensor(32)}
+    gelu = open_clip_model_config(dict(TINY_CLIPS["quickgelu_layerscale"], quick_gelu=False))
+    with pytest.warns(UserWarning, match="OpenAI CLIP weights .* use QuickGELU"):
+        load_open_clip(state, config=replace(gelu, embed_dim=24))
+    quick = open_clip_model_config(TINY_CLIPS["quickgelu_layerscale"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_open_clip(state, config=replace(quick, embed_dim=24))
+    with pytest.warns(UserWarning, match="tokens carry the final norm"):
+        open_clip_model_config({"vision_cfg": dict(TINY_VISION, final_ln_after_pool=True)})

@@ -94,7 +94,14 @@ TEXT_SUPPORTED = {
     "act_kwargs": (None,),
     "block_type": (None, "default"),
     "qk_norm": (False,),
+    "scaled_cosine_attn": (False,),
+    "scale_heads": (False,),
+    "scale_attn_inner": (False,),
+    "scale_attn": (False,),
+    "scale_fc": (False,),
 }
+# keys of OpenAI's checkpoints, whose towers use QuickGELU
+OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def _rule(key: str) -> tuple[str, Any] | None:
@@ -118,10 +125,20 @@ def convert_open_clip_state_dict(
 ) -> StateDict:
     """open_clip CLIP / CustomTextCLIP keys -> mmssl MultimodalModel keys.
 
-    Unknown keys are an error listing them.  `cfg` is accepted for symmetry with the other
-    converters; the mapping does not depend on it.
+    Unknown keys are an error listing them.  The mapping does not depend on `cfg`; given, a
+    state dict of OpenAI's (its `input_resolution`, ...) for a cfg without QuickGELU warns:
+    such weights loaded with GELU without a word (image 0.022, text 0.041 off the peer).
     """
-    del cfg
+    towers = [t for t in (cfg.vision, cfg.text) if t is not None] if cfg is not None else []
+    if any(k in state_dict for k in OPENAI_KEYS) and any(
+        t.block.act != "quick_gelu" for t in towers
+    ):
+        warnings.warn(
+            "these are OpenAI CLIP weights (they carry input_resolution), whose towers use "
+            "QuickGELU, but the config's use GELU: load them with a '-quickgelu' config "
+            "(e.g. 'ViT-B-32-quickgelu')",
+            stacklevel=user_stacklevel(),
+        )
     rule: Rule = _rule
     sd = {k: v for k, v in state_dict.items() if k not in SKIP}
     return rename(sd, rule, PEER)
@@ -136,6 +153,13 @@ def _check_supported(
                 f"open_clip {where}.{key}={section[key]!r} is not supported by mmssl "
                 f"(supported: {list(allowed)})"
             )
+
+
+def _square(size: Any) -> int | None:
+    """An image or patch size: an int, or a pair of equal ints (a JSON config's list)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _eps(section: Mapping[str, Any]) -> float:
@@ -167,8 +191,8 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> ModelConfig:
     if not isinstance(v.get("layers", 12), int):
         raise ValueError("open_clip vision_cfg.layers is a ResNet layout; only ViT towers load")
     act: Literal["gelu", "quick_gelu"] = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    image_size, patch_size = v.get("image_size", 224), v.get("patch_size", 16)
-    if not isinstance(image_size, int) or not isinstance(patch_size, int):
+    image_size, patch_size = _square(v.get("image_size", 224)), _square(v.get("patch_size", 16))
+    if image_size is None or patch_size is None:
         raise ValueError("open_clip non-square image_size/patch_size is not supported")
     width = v.get("width", 768)
     pool: Literal["token", "mean"] = "token" if v.get("pool_type", "tok") == "tok" else "mean"
@@ -176,6 +200,13 @@ def config_from_dict(model_cfg: Mapping[str, Any]) -> ModelConfig:
         # With token pooling the norm commutes with pooling; with the mean it does not.
         raise ValueError(
             "open_clip vision_cfg.final_ln_after_pool with pool_type='avg' is not supported"
+        )
+    if v.get("final_ln_after_pool", False):
+        warnings.warn(
+            "open_clip vision_cfg.final_ln_after_pool: the pooled features and embeddings "
+            "match open_clip's, but forward_features' tokens carry the final norm, which "
+            "open_clip leaves off its tokens",
+            stacklevel=user_stacklevel(),
         )
     vision = VisionConfig(
         image_size=image_size,
@@ -261,15 +292,18 @@ def config_from_module(model: Any) -> ModelConfig:
         "heads": t_block.attn.num_heads,
         "mlp_ratio": t_block.mlp.c_fc.out_features / text.transformer.width,
         "ls_init_value": _layer_scale(t_block.ls_1),
-        "embed_cls": getattr(text, "cls_emb", None) is not None,
+        # a plain CLIP keeps no cls_emb, but its position table has the class token's row
+        "embed_cls": getattr(text, "cls_emb", None) is not None
+        or text.positional_embedding.shape[0] != text.context_length,
         "no_causal_mask": getattr(text, "attn_mask", None) is None,
         "pool_type": getattr(text, "text_pool_type", None) or text.pool_type,
         "eos_id": getattr(text, "text_eos_id", getattr(text, "eos_id", 2)),
         "proj_bias": isinstance(text.text_projection, nn.Linear),
         "norm_kwargs": {"eps": t_block.ln_1.eps},
     }
-    if type(v_block).__name__ != "ResidualAttentionBlock":
-        vision_cfg["block_type"] = type(v_block).__name__
+    for block, cfg_of in ((v_block, vision_cfg), (t_block, text_cfg)):
+        if type(block).__name__ != "ResidualAttentionBlock":  # qk-norm, scaled cosine, ...
+            cfg_of["block_type"] = type(block).__name__
     if getattr(model, "logit_bias", None) is not None:
         raise ValueError("open_clip init_logit_bias (SigLIP bias) is not supported")
     for cfg in (vision_cfg, text_cfg):

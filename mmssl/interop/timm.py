@@ -46,6 +46,7 @@ BLOCK_RE = re.compile(
 SKIPPED = re.compile(r"head\.(weight|bias)")
 ACTS = {
     ("GELU", "none"): "gelu",
+    ("GELU", None): "gelu",  # timm.layers.GELU (act_layer='gelu'): F.gelu, exact
     ("GELU", "tanh"): "gelu_tanh",
     ("GELUTanh", None): "gelu_tanh",
     ("QuickGELU", None): "quick_gelu",
