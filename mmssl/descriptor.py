@@ -13,12 +13,22 @@ color      1:5   no     brightness, contrast, saturation, hue strengths, normali
                         range (as CASSLE's code does), so a descriptor means the
                         same under any AugmentConfig
 color_diff 5:8   no     per-channel (R, G, B) mean change caused by the colour ops
+                        (jitter and grayscale): the mean after minus the mean
+                        before.  CASSLE's code records before minus after, of the
+                        jitter alone: negate it to compare
 crop       8:12  no     centre y, centre x, height, width, normalised to [0, 1];
                         centre x mirrored (1 - cx) when the view was flipped
 grayscale  12:13 yes    1 when converted to grayscale, else 0
 ========== ===== ====== ===========================================================
 
 Horizontal flip has no slot of its own in v1: it is carried by the mirrored crop centre x.
+
+The neutral descriptor (`DescriptorLayout.neutral`) is that of the un-augmented view: the
+crop (0.5, 0.5, 1, 1), nothing else applied.  It also conditions every plain image, in
+training (a CLIP-style source's resized, centre-cropped image) and at evaluation (cond=None),
+whatever the source's aspect ratio: it stands for "the standard view", the same at both,
+not for the exact box a centre crop of a non-square image takes (which evaluation would not
+know).
 """
 
 from __future__ import annotations

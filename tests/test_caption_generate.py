@@ -170,6 +170,9 @@ def test_clear_errors():
         model.generate_captions(imgs, 5, prompt=torch.ones(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         model.generate_captions(imgs, 5, bos_id=BOS, temperature=-1.0)
+    for bos in (2.7, True, -1):  # 2.7 and True started every caption with token 2 and 1
+        with pytest.raises(ValueError, match=r"bos_id must be a token id in \[0, "):
+            model.generate_captions(imgs, 5, bos_id=bos)
     with pytest.raises(ValueError, match="top_k"):
         model.generate_captions(imgs, 5, bos_id=BOS, top_k=0)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -168,7 +168,10 @@ def test_save_pretrained_refuses_values_read_config_refuses_writing_nothing(tmp_
 def test_save_pretrained_refuses_a_model_config_the_loaders_refuse(tmp_path):
     """The model's own values are checked as load_pretrained checks them (a norm_eps of 0
     saved, and did not load)."""
-    model = mmssl.create_model("test_tiny_clip", **{"vision.block.norm_eps": 0.0})
+    with pytest.raises(ConfigError, match=r"model\.vision\.block\.norm_eps must be > 0"):
+        mmssl.create_model("test_tiny_clip", **{"vision.block.norm_eps": 0.0})
+    model = mmssl.create_model("test_tiny_clip")
+    model.cfg.vision.block.norm_eps = 0.0  # a config edited after the build
     with pytest.raises(ConfigError, match=r"model\.vision\.block\.norm_eps must be > 0"):
         save_pretrained(model, tmp_path / "new")
     assert not (tmp_path / "new").exists()

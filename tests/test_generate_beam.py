@@ -325,6 +325,7 @@ def test_refused_combinations():
         (dict(num_beams=2.0), "num_beams must be an integer >= 1"),
         (dict(length_penalty=2.0), "needs num_beams > 1"),
         (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite"),
+        (dict(num_beams=2, length_penalty=True), "length_penalty must be a finite"),
     ]
     cap = captioner("test_tiny_coca")
     imgs = images(1)
@@ -333,6 +334,15 @@ def test_refused_combinations():
             model.generate(prompt, 3, **kwargs)
         with pytest.raises(ValueError, match=match):
             cap.generate_captions(imgs, 3, bos_id=BOS, **kwargs)
+
+
+def test_a_numpy_length_penalty_is_a_number() -> None:
+    """np.float32(2.0) was refused as "not a finite number" while np.float64 passed."""
+    import numpy as np
+
+    model, prompt = tiny(), torch.zeros(1, 2, dtype=torch.long)
+    want = model.generate(prompt, 3, num_beams=2, length_penalty=2.0)
+    assert torch.equal(model.generate(prompt, 3, num_beams=2, length_penalty=np.float32(2.0)), want)
 
 
 @pytest.mark.parametrize("eos_id", [None, 5])

@@ -285,6 +285,21 @@ def test_condition_refuses_the_other_sources_input():
     assert plain.condition(torch.rand(2, 13)) is None
 
 
+def test_a_projector_that_reads_no_condition_still_checks_its_shape():
+    """A backbone-conditioned model whose projector is plain: model.project took a c of any
+    width and ignored it, and a plain Projector given one ignored it too."""
+    from mmssl.models.condition import Projector
+
+    model = mmssl.create_model("test_tiny_vit_cond", projector={"cond": "none"})
+    pooled = torch.randn(2, 32)
+    c = model.condition(torch.rand(2, 13))
+    torch.testing.assert_close(model.project(pooled, c), model.project(pooled))
+    with pytest.raises(ValueError, match=r"projector cond must be \(B or 1, 16\) for 2 features"):
+        model.project(pooled, torch.randn(2, 99))
+    with pytest.raises(ValueError, match="this projector is not conditioned"):
+        Projector(8, 16, 4)(torch.randn(2, 8), torch.randn(2, 99))
+
+
 def test_projector_depth_counts_its_linear_layers():
     """depth 1 used to build the 2-layer projector silently, and hyper_rank 0 a hypernetwork
     that could never change the output."""

@@ -117,7 +117,7 @@ def test_cross_attention_context_cache_projects_once():
         attn(x, context=ctx, context_cache=cache)
     with pytest.raises(ValueError, match="kv cache is for self-attention"):
         attn(x, context=ctx, kv_cache=LayerKVCache(8))
-    with pytest.raises(ValueError, match="context cache is for cross-attention"):
+    with pytest.raises(ValueError, match=r"a context \(or its cache\) is for cross-attention"):
         Attention(16, 2)(x, context_cache=ContextKVCache())
 
 

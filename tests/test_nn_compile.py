@@ -70,6 +70,29 @@ def test_failing_backend_falls_back_to_eager_with_one_warning() -> None:
     assert all(b.forward.failed for b in compiled.blocks)
 
 
+def test_a_backward_that_fails_to_compile_falls_back_too() -> None:
+    """aot_autograd compiled the backward lazily, inside loss.backward(): a failure there
+    stopped the step instead of falling back.  It compiles with the forward now."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def no_backward(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        raise RuntimeError("no compiler for the backward")
+
+    torch._dynamo.reset()
+    eager, compiled = _stack(), _stack()
+    compile_blocks(
+        compiled,
+        backend=aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=no_backward),
+    )
+    x = torch.randn(2, 5, 32)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="running them eagerly"):
+        out = compiled(x2)
+    out.square().sum().backward()
+    eager(x1).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
 def test_model_errors_are_not_swallowed() -> None:
     compiled = _stack()
     compile_blocks(compiled, backend="eager")

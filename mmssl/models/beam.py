@@ -37,7 +37,8 @@ def check_beam(
     # numpy's integers too, as max_new_tokens and top_k take them
     if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
+    real = isinstance(length_penalty, numbers.Real) and not isinstance(length_penalty, bool)
+    if not real or not math.isfinite(length_penalty):  # np.float32 was refused, True taken
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if num_beams == 1:
         if length_penalty != 1.0:

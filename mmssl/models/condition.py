@@ -150,15 +150,16 @@ class Projector(nn.Module):
         h = self.fc1(features)  # (B, H)
         if cond is not None:
             reader = self.cond_in or self.film or self.hyper_coef
-            if reader is not None:
-                check_cond(
-                    cond,
-                    reader.in_features,
-                    features.shape[0],
-                    "projector cond",
-                    "features",
-                    reader.weight,
-                )
+            if reader is None:  # a c of any shape was ignored
+                raise ValueError("this projector is not conditioned (cond='none'): pass cond=None")
+            check_cond(
+                cond,
+                reader.in_features,
+                features.shape[0],
+                "projector cond",
+                "features",
+                reader.weight,
+            )
             if self.cond_in is not None:
                 h = h + self.cond_in(cond)
             elif self.film is not None:

@@ -7,8 +7,11 @@ patch_size, vocab_size, context_length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from mmssl.schema import ConfigError, to_dict
 
 
 @dataclass
@@ -23,7 +26,7 @@ class BlockConfig:
     mlp: Literal["mlp", "swiglu"] = "mlp"
     act: Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"] = "gelu"
     mlp_bias: bool = True
-    init_values: float | None = None  # LayerScale; None = off
+    init_values: float | None = None  # LayerScale; None or 0 = off (as in timm)
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
@@ -206,3 +209,48 @@ def _check_positive(cfg: object, names: list[str]) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+
+
+# model fields that are sizes or strengths, by the least value each may take
+_MIN = {
+    **dict.fromkeys(
+        ("dim", "depth", "num_heads", "patch_size", "image_size", "vocab_size", "context_length"),
+        1,
+    ),
+    **dict.fromkeys(("embed_dim", "in_chans", "cond_dim", "cond_depth"), 1),
+    **dict.fromkeys(("hidden_dim", "out_dim"), 1),  # condition and projector widths
+    "cond_tokens": 0,
+    "attn_window": 0,  # a token attends to itself (and the prefix) only
+}
+_POSITIVE = ("mlp_ratio", "norm_eps", "init_std")
+
+
+def check_values(cfg: ModelConfig) -> None:
+    """Every number finite and every size or strength in range: what the dataclasses' own
+    checks leave to a whole config (create_model, recipes and loading all run it).  A
+    ConfigError names `model.<path>`."""
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+            return
+        key = where.rsplit(".", 1)[-1]
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            return
+        if not math.isfinite(node):  # JSON reads NaN: a NaN norm_eps gave NaN features
+            raise ConfigError(f"{where} must be a finite number, got {node}")
+        if key in _MIN and node < _MIN[key]:
+            raise ConfigError(f"{where} must be >= {_MIN[key]}, got {node}")
+        if key in _POSITIVE and not node > 0:
+            raise ConfigError(f"{where} must be > 0, got {node}")
+        if key == "drop_path" and not 0 <= node < 1:
+            raise ConfigError(f"{where} must be in [0, 1), got {node}")
+
+    walk(to_dict(cfg), "model")
+    v = cfg.vision
+    if v is not None and v.cond_depth is not None and v.cond_depth > v.depth:
+        # more than depth conditioned every block, as None does, without a word
+        raise ConfigError(
+            f"model.vision.cond_depth must be <= vision.depth ({v.depth}), got {v.cond_depth}"
+        )

@@ -57,9 +57,12 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
-def check_eos_id(eos_id: object, vocab_size: int) -> None:
-    """Refuse an `eos_id` that is not a token id of the model: out of range (or a bool, a
-    float), no row would ever stop, and no error said so."""
-    ok = isinstance(eos_id, numbers.Integral) and not isinstance(eos_id, bool)
-    if eos_id is not None and not (ok and 0 <= eos_id < vocab_size):  # type: ignore[operator]
-        raise ValueError(f"eos_id must be a token id in [0, {vocab_size}) or None, got {eos_id!r}")
+def check_token_id(token_id: object, vocab_size: int, name: str = "eos_id") -> None:
+    """Refuse an `eos_id` (or a caption's `bos_id`) that is not a token id of the model: out
+    of range, no row would ever stop; a float (2.7) or a bool, another token was used (2, 1);
+    and no error said so."""
+    ok = isinstance(token_id, numbers.Integral) and not isinstance(token_id, bool)
+    if token_id is not None and not (ok and 0 <= token_id < vocab_size):  # type: ignore[operator]
+        raise ValueError(
+            f"{name} must be a token id in [0, {vocab_size}) or None, got {token_id!r}"
+        )

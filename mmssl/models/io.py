@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmssl.atomic import temp_name
-from mmssl.models.config import ModelConfig
+from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.schema import ConfigError, from_dict, suggest, to_dict
 
@@ -401,24 +401,12 @@ def _logit_params(data: dict[str, Any], cfg_path: str | Path) -> dict[str, Logit
 
 
 def check_model_config(cfg: ModelConfig, where: str) -> None:
-    """The value checks a recipe's model gets (mmssl.train.values.check_model), plus every
-    number finite, for a config read from a file (JSON reads NaN and Infinity): a NaN norm_eps
-    would load and give NaN features.  The ConfigError names `where` and the key."""
-    from mmssl.train.values import check_model
-
-    def finite(node: Any, key: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                finite(v, f"{key}.{k}")
-        elif isinstance(node, float) and not math.isfinite(node):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {node}")
-
-    finite(to_dict(cfg), "model")
+    """mmssl.models.config.check_values for a config read from a file (JSON reads NaN and
+    Infinity): the ConfigError names `where` and the key."""
     try:
-        check_model(cfg)
+        check_values(cfg)
     except ConfigError as err:
-        # check_model names a recipe's keys (model.overrides.<path>); a file's are model.<path>
-        raise ConfigError(f"{where}: {str(err).replace('model.overrides.', 'model.', 1)}") from None
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def load_pretrained(path: str | Path) -> MultimodalModel:

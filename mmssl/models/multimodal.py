@@ -17,12 +17,12 @@ from torch import nn
 from mmssl.models.beam import check_beam
 from mmssl.models.caption import CaptionDecoder
 from mmssl.models.carried import CarriesBuffer
-from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner
+from mmssl.models.condition import DescriptorEncoder, Projector, TextConditioner, check_cond
 from mmssl.models.config import ModelConfig
 from mmssl.models.gen_args import (
-    check_eos_id,
     check_max_new_tokens,
     check_sampling,
+    check_token_id,
     check_vocab_limit,
 )
 from mmssl.models.text import TextTransformer, eval_mode
@@ -205,7 +205,12 @@ class MultimodalModel(CarriesBuffer):
         if self.projector is None:
             raise RuntimeError("this model has no projector (set `projector` in its config)")
         check_dtype(pooled, next(self.projector.parameters()), "pooled features")
-        return self.projector(pooled, self._no_stray(cond))
+        cond = self._no_stray(cond)
+        if cond is not None and self.cfg.condition is not None:
+            # checked here too: a projector that does not read c ignored one of any shape
+            check_cond(cond, self.cfg.condition.dim, pooled.shape[0], "projector cond", "features")
+        # a projector that does not read c gets None (the backbone may read it)
+        return self.projector(pooled, None if self.projector.mode == "none" else cond)
 
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None
@@ -334,7 +339,8 @@ class MultimodalModel(CarriesBuffer):
         check_sampling(temperature, top_k)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)
-        check_eos_id(eos_id, text.cfg.vocab_size)
+        check_token_id(eos_id, text.cfg.vocab_size)
+        check_token_id(bos_id, text.cfg.vocab_size, "bos_id")
         vocab_limit = check_vocab_limit(vocab_limit, text.cfg.vocab_size, eos_id)
         b = images.shape[0]
         if (prompt is None) == (bos_id is None):

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mmssl.models.config import ModelConfig
+from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, suggest
 
@@ -69,16 +69,23 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     nested = {k: v for k, v in overrides.items() if "." not in k}
     data = apply_overrides(merge(own, nested), dotted)
     try:
-        return from_dict(ModelConfig, data, "model")
+        return checked_config(data)
     except ConfigError as err:
         if overrides and _config_problem(own) != str(err):
             raise  # the overrides' error
         raise ModelFileError(f"{config_file(name_or_path)}: {err}") from None
 
 
+def checked_config(data: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a dict, its keys, types and values checked (ConfigError)."""
+    cfg = from_dict(ModelConfig, data, "model")
+    check_values(cfg)
+    return cfg
+
+
 def _config_problem(data: Any) -> str | None:
     try:
-        from_dict(ModelConfig, data, "model")
+        checked_config(data)
     except ConfigError as err:
         return str(err)
     return None

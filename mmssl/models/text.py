@@ -13,9 +13,9 @@ from torch import nn
 from mmssl.models.beam import beam_search, check_beam
 from mmssl.models.config import TextConfig
 from mmssl.models.gen_args import (
-    check_eos_id,
     check_max_new_tokens,
     check_sampling,
+    check_token_id,
     check_vocab_limit,
 )
 from mmssl.models.text_masks import (
@@ -367,7 +367,7 @@ class TextTransformer(nn.Module):
         the others): the logits are cut to the first vocab_limit ids before sampling.
         """
         check_sampling(temperature, top_k)
-        check_eos_id(eos_id, self.cfg.vocab_size)
+        check_token_id(eos_id, self.cfg.vocab_size)
         vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size, eos_id)
         check_beam(num_beams, temperature, top_k, generator, length_penalty)
         check_max_new_tokens(max_new_tokens)

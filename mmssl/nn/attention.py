@@ -153,6 +153,8 @@ class Attention(nn.Module):
         context_dim: int | None = None,
     ):
         super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -199,6 +201,10 @@ class Attention(nn.Module):
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context sequence")
+            if is_causal or rope is not None:
+                # a causal triangle over the context (query i sees context keys <= i), and
+                # rotary positions shared by queries and context, mean nothing here
+                raise ValueError("is_causal and rope are for self-attention, not cross-attention")
             if kv_cache is not None:
                 raise ValueError("a kv cache is for self-attention; cross-attention: context_cache")
             q = self.q_norm(self._heads(self.q(x)))
@@ -207,8 +213,8 @@ class Attention(nn.Module):
             else:
                 k, v = context_cache.keys_values(context, self._context_kv)
         else:
-            if context_cache is not None:
-                raise ValueError("a context cache is for cross-attention")
+            if context is not None or context_cache is not None:
+                raise ValueError("a context (or its cache) is for cross-attention (cross=True)")
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:

@@ -181,6 +181,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = grad_checkpointing
+        if cond_depth is not None and not 1 <= cond_depth <= depth:
+            # 0 or less conditioned no block (cond accepted and ignored); more was all blocks
+            raise ValueError(f"cond_depth must be in [1, depth={depth}], got {cond_depth}")
         first_conditioned = depth - (depth if cond_depth is None else cond_depth)
         if not 0.0 <= drop_path <= 1.0:  # a negative rate was silently no drop path
             raise ValueError(f"drop_path must be in [0, 1], got {drop_path}")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from torch import nn
 
 from mmssl.nn.block import Block
@@ -68,7 +69,10 @@ class CompiledForward:
         if self.fallback.reason is not None or kwargs.get("rows") is not None:
             return self.eager(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            # the backward compiles with the forward, not lazily in loss.backward(), so that
+            # a failure there falls back here too instead of stopping the step
+            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                return self.compiled(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 -- filtered by _is_compile_error
             if not _is_compile_error(err):
                 raise

@@ -74,6 +74,12 @@ class LayerKVCache:
             b, h, _, d = k.shape
             self.k = k.new_empty(b, h, self.max_len, d)
             self.v = v.new_empty(b, h, self.max_len, v.shape[-1])
+        elif k.shape[:2] != self.k.shape[:2] or k.shape[-1] != self.k.shape[-1]:
+            # the slice assignment would broadcast a batch-1 step into every cached row
+            raise ValueError(
+                f"kv cache holds (B, H, d) = {tuple(self.k.shape[:2]) + (self.k.shape[-1],)}, "
+                f"got keys {tuple(k.shape)}"
+            )
         end = self.length + n
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v

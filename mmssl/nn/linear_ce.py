@@ -22,6 +22,7 @@ computes the gradient only when one is needed (grad mode on and an input requiri
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _BLOCK_BYTES = 1 << 22  # fp32 bytes of one softmax block (4 MiB: about half an L2 per core)
+
+
+def check_label_smoothing(value: object) -> None:
+    """A label smoothing is a number in [0, 1): F.cross_entropy takes a negative one without
+    a word, and the fused path took anything (1.5 gave a loss)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not 0 <= float(value) < 1:  # type: ignore[arg-type]
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {value!r}")
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -119,6 +128,14 @@ def linear_cross_entropy(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} != ({hidden.shape[0]},)")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        # an integer hidden cast the weight to int64 and scored integer logits
+        raise TypeError(
+            f"hidden and weight must be floating point, got {hidden.dtype}, {weight.dtype}"
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    check_label_smoothing(label_smoothing)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
         hidden,

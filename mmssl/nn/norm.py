@@ -55,6 +55,7 @@ class ConditionedNorm(Norm):
         x = super().forward(x)
         if cond is None:
             return x
+        _check_cond_rows(cond, x)
         shift, scale = self.modulation(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D)
         return x * (1 + scale) + shift
 
@@ -86,7 +87,16 @@ class ConditionedGate(nn.Module):
         """y (B, N, D), cond (B, C) or None -> (B, N, D); cond=None returns y unchanged."""
         if cond is None:
             return y
+        _check_cond_rows(cond, y)
         return y * (1 + self.gate(F.silu(cond)).unsqueeze(1))
+
+
+def _check_cond_rows(cond: torch.Tensor, x: torch.Tensor) -> None:
+    """cond (B or 1, C) for x (B, N, D): a 3-D cond broadcast the output to (B, B, N, D)."""
+    if cond.dim() != 2 or cond.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"cond must be (B, C) or (1, C) for x {tuple(x.shape)}, got {tuple(cond.shape)}"
+        )
 
 
 class Ungated(nn.Module):

@@ -74,6 +74,8 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     if cos.dim() == 3:  # per row: the same angles for every head
         cos, sin = cos[:, None], sin[:, None]
     n = cos.shape[-2]
+    if n > x.shape[-2]:  # the slices below would wrap round and broadcast to n positions
+        raise ValueError(f"rotary table has {n} positions, more than x's {x.shape[-2]}")
     head, tail = x[..., : x.shape[-2] - n, :], x[..., x.shape[-2] - n :, :]
     x1, x2 = tail.chunk(2, dim=-1)
     rotated = tail * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl import distributed
-from mmssl.nn.linear_ce import linear_cross_entropy
+from mmssl.nn.linear_ce import check_label_smoothing, linear_cross_entropy
 from mmssl.objectives.contrastive import report_global_mean
 
 
@@ -64,6 +64,7 @@ def next_token_sum(
             f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
             f"{tuple(tokens.shape)}"
         )
+    check_label_smoothing(label_smoothing)
     targets = _shifted_targets(tokens, mask, ignore_index)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
     if flat_logits.dtype in (torch.float16, torch.bfloat16):
@@ -178,8 +179,7 @@ class NextTokenLoss(nn.Module):
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_label_smoothing(label_smoothing)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
 

@@ -139,6 +139,8 @@ def verify(folder: Path, collective: bool = True) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         entries = manifest["files"]
         names = sorted(entries)
+        if not all(_entry_ok(entries[name]) for name in names):
+            raise ValueError("an entry is not {size: int, sha256: str}")
     except FileNotFoundError:
         problem = f"no {MANIFEST}: the save did not finish"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -164,6 +166,16 @@ def verify(folder: Path, collective: bool = True) -> str | None:
         return problem
     found = [p for p in distributed.all_gather_object(problem) if p]
     return found[0] if found else None
+
+
+def _entry_ok(entry: object) -> bool:
+    """A manifest entry {"size": int, "sha256": str}: every rank reads every entry, so a
+    damaged one makes the checkpoint unreadable on all of them (one rank's KeyError left
+    the others waiting in the gather)."""
+    if not isinstance(entry, dict):
+        return False
+    size, digest = entry.get("size"), entry.get("sha256")
+    return isinstance(size, int) and not isinstance(size, bool) and isinstance(digest, str)
 
 
 def list_tags(ckpt_dir: Path) -> list[str]:

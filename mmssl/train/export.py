@@ -109,17 +109,16 @@ def _check_overrides(cfg: Any, recipe: Any) -> None:
     """The recorded recipe's `model.overrides` applied again to the recorded model (which
     holds them already) and checked as `recipe.model_config` checks them: a damaged record
     is refused naming the key, as it was when the model was resolved from them here."""
-    from mmssl.models.config import ModelConfig
-    from mmssl.schema import apply_overrides, from_dict, merge, to_dict
+    from mmssl.models.registry import checked_config
+    from mmssl.schema import apply_overrides, merge, to_dict
     from mmssl.train.recipe import override_error
-    from mmssl.train.values import check_model
 
     overrides = recipe.model.overrides
     dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
     nested = {k: v for k, v in overrides.items() if "." not in k}
     try:
         data = apply_overrides(merge(to_dict(cfg), nested), dotted)
-        check_model(from_dict(ModelConfig, data, "model"))
+        checked_config(data)
     except ConfigError as err:
         raise override_error(err) from None
     except ValueError as err:

@@ -308,9 +308,6 @@ def model_config(recipe: Recipe) -> Any:
         raise override_error(err) from None
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
-    from mmssl.train.values import check_model
-
-    check_model(cfg)
     from mmssl.train.dry_build import dry_build
 
     dry_build(cfg)

@@ -107,39 +107,3 @@ def check_values(recipe: Recipe) -> None:
     except DataError as err:
         raise ConfigError(str(err)) from None
     from_dict(AugmentConfig, dict(d.augment), "data.augment")
-
-
-# model fields that are sizes or strengths, by the least value each may take
-_MODEL_MIN = {
-    **dict.fromkeys(
-        ("dim", "depth", "num_heads", "patch_size", "image_size", "vocab_size", "context_length"),
-        1,
-    ),
-    **dict.fromkeys(("embed_dim", "in_chans", "cond_dim", "cond_depth", "attn_window"), 1),
-    **dict.fromkeys(("hidden_dim", "out_dim"), 1),  # condition and projector widths
-    "cond_tokens": 0,
-}
-_MODEL_POSITIVE = ("mlp_ratio", "norm_eps", "init_std")
-
-
-def check_model(cfg: Any) -> None:
-    """Sizes of a resolved model config (overrides included) in range, before anything is
-    built: a ConfigError names `model.overrides.<path>`."""
-    from mmssl.schema import to_dict
-
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{where}.{k}")
-            return
-        key = where.rsplit(".", 1)[-1]
-        if isinstance(node, bool) or not isinstance(node, (int, float)):
-            return
-        if key in _MODEL_MIN and node < _MODEL_MIN[key]:
-            raise ConfigError(f"model.overrides{where} must be >= {_MODEL_MIN[key]}, got {node}")
-        if key in _MODEL_POSITIVE and not node > 0:
-            raise ConfigError(f"model.overrides{where} must be > 0, got {node}")
-        if key == "drop_path" and not 0 <= node < 1:
-            raise ConfigError(f"model.overrides{where} must be in [0, 1), got {node}")
-
-    walk(to_dict(cfg), "")

@@ -44,6 +44,29 @@ def test_a_bit_flip_in_the_first_listed_file_fails_verification(tmp_path: Path) 
         assert problem is not None and "a_first.pt" in problem
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda files: files["a_first.pt"].pop("size"),
+        lambda files: files["zz_last.json"].update(sha256=None),
+        lambda files: files["a_first.pt"].update(size="100"),
+        lambda files: files.update({"a_first.pt": "100"}),
+    ],
+)
+def test_a_damaged_manifest_entry_is_an_unreadable_manifest(tmp_path: Path, damage) -> None:
+    """Valid JSON with one bad entry raised KeyError out of verify (on the rank hashing that
+    entry only: the other waited in the gather), so resume=auto and export never fell back
+    to an older checkpoint."""
+    import json
+
+    folder = _ckpt(tmp_path)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    damage(manifest["files"])
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    for collective in (False, True):
+        assert verify(folder, collective=collective) == f"{MANIFEST} is unreadable"
+
+
 @pytest.mark.parametrize("steps,ok", [(3, True), (4, False), (-1, False)])
 def test_an_optimizer_one_step_past_the_checkpoint_is_refused(steps: int, ok: bool) -> None:
     """A count above the checkpoint's step (or below 0) is refused before CPU Adam replays it."""
