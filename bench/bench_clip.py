@@ -12,11 +12,16 @@ Both sides pad to the 77-token context; mmssl's text tower skips the columns tha
 padding in every caption (`mmssl.models.text_masks.trim_padding`), open_clip runs them.  The
 default end-of-text positions (5-76; one caption ends at 76) leave nothing to skip;
 `--caption-tokens 5,20` (web-caption lengths) shows the skip.  The FLOPs line counts mmssl's
-work; each side's fraction of the peak is computed from its own work.
+work; each side's fraction of the peak is computed from its own work.  Both towers' last
+blocks compute the pooled rows only (see bench/bench_vit.py); "mmssl fp32 all tokens" does
+open_clip's work (every row, no column trimmed), for the same-work ratio.
 The floor row times the GEMMs of mmssl's bf16 autocast step alone (bench/floor.py).
 open_clip's towers attend through torch's SDPA (`nn.MultiheadAttention`); the peer also
 runs under `sdpa_kernel(SDPBackend.MATH)`, torch's unfused kernel, and its best path is the
-faster of the two.
+faster of the two.  On the CPU (torch 2.14) the MATH kernel computes a bf16 attention in
+fp32 (it casts q, k, v up): open_clip offers no bf16 matmul attention, which mmssl's bf16
+path uses at these lengths, so part of the best-path margin is that kernel (about 4% of the
+open_clip step, measured by patching SDPA in a review).
 """
 
 from __future__ import annotations
@@ -113,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         return loss
 
     ours_loss = make_ours_loss(ours)
+
+    def all_tokens_loss() -> torch.Tensor:  # open_clip's work: every row, no column trimmed
+        v, t = ours.visual, ours.text
+        img = v.proj(v.forward_features(images)["pooled"])
+        txt = t.proj(t.forward_features(text, mask)["pooled"])
+        img, txt = (torch.nn.functional.normalize(e, dim=-1) for e in (img, txt))
+        return clip_loss(img, txt, ours.logit_scale.exp())
+
     flops = common.count_flops(lambda: ours_loss().backward())
     ours.zero_grad(set_to_none=True)
     # open_clip runs every caption to the context length; mmssl drops all-padding columns,
@@ -144,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             "float32",
             common.train_step(ours_loss, common.adamw(ours, "fused", 5e-4, 0.2, NO_DECAY)),
         ),
+        Run(
+            "mmssl fp32 all tokens (same AdamW)",
+            "mmssl",
+            "float32",
+            common.train_step(all_tokens_loss, common.adamw(ours, "default", 5e-4, 0.2, NO_DECAY)),
+            "fp32-work",
+            flops=common.count_flops(lambda: all_tokens_loss().backward()),
+        ),
     ]
+    ours.zero_grad(set_to_none=True)
     skip = common.bf16_skip_reason(args, peaks, flops)
     bf16_opt = common.adamw(ours, "fused", 5e-4, 0.2, NO_DECAY)
     bf16_step = common.train_step(ours_loss, bf16_opt, True)

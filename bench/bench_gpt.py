@@ -8,7 +8,9 @@ cross-entropy (HF's `labels=` loss / mmssl's `next_token_loss`), backward, AdamW
 side uses the optimizer its Trainer picks by default (fused torch AdamW for torch >= 2.8),
 so the fp32 comparison gives mmssl the same one.  Dropout is 0 on the HF side (mmssl has
 none).  HF runs its default attention (SDPA) and, as a second peer path, its "eager"
-attention (matmul + softmax + matmul); its best path is the faster of the two.  Paths: see bench/bench_vit.py; the
+attention (matmul + softmax + matmul), each also with HF's `gelu_pytorch_tanh` in place of
+GPT-2's `gelu_new` (the same function as one fused op, as mmssl runs it); its best path is
+the fastest of these.  Paths: see bench/bench_vit.py; the
 "fused head + loss" paths score the hidden states with `head_next_token_loss`
 (`mmssl.nn.linear_ce`: the LM head and the cross-entropy as one op, no fp32 logits), which
 is what the trainer's next_token objective runs by default (`fused_head`).  That default
@@ -82,6 +84,27 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             peer.set_attn_implementation("sdpa")
 
+    @contextlib.contextmanager
+    def hf_tanh_gelu():
+        # HF's gelu_pytorch_tanh: the same function as GPT-2's gelu_new (a chain of Python
+        # element-wise ops), as one fused torch op, which mmssl's loader maps gelu_new to
+        from transformers.activations import ACT2FN
+
+        mlps = [block.mlp for block in peer.transformer.h]
+        default = [mlp.act for mlp in mlps]
+        for mlp in mlps:
+            mlp.act = ACT2FN["gelu_pytorch_tanh"]
+        try:
+            yield
+        finally:
+            for mlp, act in zip(mlps, default):
+                mlp.act = act
+
+    @contextlib.contextmanager
+    def hf_eager_tanh_gelu():
+        with hf_eager(), hf_tanh_gelu():
+            yield
+
     def peer_loss() -> torch.Tensor:
         return peer(tokens, labels=tokens).loss
 
@@ -97,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     Run = common.Run
     runs = [
         Run("HF GPT-2 fp32", "peer", "float32", common.train_step(peer_loss, peer_opt), "fp32"),
+        Run(
+            "HF GPT-2 fp32, gelu_pytorch_tanh",
+            "peer",
+            "float32",
+            common.train_step(peer_loss, peer_opt, False, hf_tanh_gelu),
+            "fp32",
+        ),
         Run(
             "mmssl fp32 fused AdamW",
             "mmssl",
@@ -130,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             "peer",
             "bfloat16",
             common.train_step(peer_loss, peer_opt, True, hf_eager),
+            skipped=skip,
+        ),
+        Run(
+            "HF GPT-2 bf16 autocast, gelu_pytorch_tanh",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True, hf_tanh_gelu),
+            skipped=skip,
+        ),
+        Run(
+            "HF GPT-2 bf16 autocast, eager attention, gelu_pytorch_tanh",
+            "peer",
+            "bfloat16",
+            common.train_step(peer_loss, peer_opt, True, hf_eager_tanh_gelu),
             skipped=skip,
         ),
         Run(

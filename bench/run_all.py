@@ -94,16 +94,18 @@ def _table(record: dict) -> list[str]:
         lines.append(f"Matmul peak {p['dtype']}: {p['flops_per_s'] / 1e9:.2f} GFLOP/s{note}  ")
     lines += [
         "",
-        "| path | side | median s | CPU s | % of same-dtype matmul peak | all times (s) |",
-        "|---|---|---:|---:|---:|---|",
+        "| path | side | median s | CPU s | GFLOP | % of same-dtype matmul peak | all times (s) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in record["paths"]:
         if "skipped" in r:
-            lines.append(f"| {r['name']} | {r['side']} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {r['name']} | {r['side']} | skipped: {r['skipped']} | | | | |")
             continue
+        gflop = f"{r['gflop']:.2f}" if "gflop" in r else ""
         lines.append(
             f"| {r['name']} | {r['side']} | {r['median_s']:.3f} | {r['cpu_median_s']:.3f} | "
-            f"{r['peak_fraction'] * 100:.1f}% | {', '.join(f'{t:.2f}' for t in r['times_s'])} |"
+            f"{gflop} | {r['peak_fraction'] * 100:.1f}% | "
+            f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |"
         )
     lines.append("")
     spreads = common.round_spreads(record["paths"])
@@ -174,11 +176,18 @@ def _targets(records: dict[str, object], m: dict) -> list[str]:
             continue
         ratios = _ratios(rec["paths"])
         wall, cpu = ratios.get("fp32 same config (wall)"), ratios.get("fp32 same config (cpu)")
+        work = ratios.get("fp32 same work (wall)")
         if wall and cpu:
             met = "yes" if wall[0] >= 1.0 else "no"
+            same_work = (
+                f"; doing {peer.split(' (')[0]}'s work (no row or column skipped): "
+                f"{work[0]:.2f}x wall{work[1]}"
+                if work
+                else ""
+            )
             lines.append(
                 f"| fp32 same config: mmssl >= 1.0x {peer} | {_times(wall[0], 1.0)} wall"
-                f"{wall[1]}, {cpu[0]:.2f}x CPU | {met} |"
+                f"{wall[1]}, {cpu[0]:.2f}x CPU{same_work} | {met} |"
             )
         best, ceiling = ratios.get("best path (wall)"), ratios.get(f"{common.GEMM_CEILING} (wall)")
         if best and _fast_bf16_isa(m):
@@ -209,12 +218,21 @@ def _targets(records: dict[str, object], m: dict) -> list[str]:
         )
     memory = records.get("memory")
     if isinstance(memory, str):
+        rss = {  # "bf16 ZeRO-3 / ZeRO-0" -> its measured peak RSS ratio, shown beside
+            line.split(",")[0].lstrip("- "): line.split("**")[1]
+            for line in memory.splitlines()
+            if "ZeRO-3 / ZeRO-0, peak RSS absolute" in line
+        }
         for line in memory.splitlines():
             if "ZeRO-3 / ZeRO-0, params+optimizer" in line:
                 value = float(line.split("**")[1].rstrip("x"))
                 met = "yes" if value <= 0.6 else "no"
                 label = line.split(",")[0].lstrip("- ")
-                lines.append(f"| {label}: params+optimizer <= 0.6x ZeRO-0 | {value:.2f}x | {met} |")
+                measured = f"; peak RSS, measured: {rss[label]}" if label in rss else ""
+                lines.append(
+                    f"| {label}: params+optimizer <= 0.6x ZeRO-0 | {value:.2f}x (the tensors "
+                    f"a rank holds, counted{measured}) | {met} |"
+                )
     data = records.get("data")
     lines += _data_targets(data) if isinstance(data, str) else []
     return lines + [""]

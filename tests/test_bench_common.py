@@ -177,6 +177,50 @@ def test_round_spreads_pair_the_two_paths_round_by_round() -> None:
     assert "- fp32 same config (cpu): mmssl fp32 vs peer fp32: **1.00x**\n" in md + "\n"
 
 
+def test_the_same_work_ratio_pairs_the_peer_with_mmssl_doing_its_work() -> None:
+    """A path doing the peer's work (group fp32-work: every token's row) gives the same-work
+    ratio, printed in the fp32 target's row; it never stands for the same-config ratio,
+    and a bench without one prints none."""
+    import common
+    import run_all
+
+    rows = [
+        _row("peer fp32", "peer", 1.3, 2.6, "fp32"),
+        _row("mmssl fp32", "mmssl", 1.2, 2.4, "fp32"),
+        _row("mmssl fp32 all tokens", "mmssl", 1.25, 2.5, "fp32-work"),
+    ]
+    ratios = common.ratios_from_rows(rows)
+    assert ratios["fp32 same config (wall): mmssl fp32 vs peer fp32"] == 1.3 / 1.2
+    assert ratios["fp32 same work (wall): mmssl fp32 all tokens vs peer fp32"] == 1.3 / 1.25
+    (line,) = [
+        t
+        for t in run_all._targets({"vit": {"paths": rows}}, {"isa": []})
+        if t.startswith("| fp32 same config")
+    ]
+    assert "1.08x wall, 1.08x CPU; doing timm's work (no row or column skipped" in line
+    assert "): 1.04x wall | yes |" in line
+    assert not any("same work" in k for k in common.ratios_from_rows(rows[:2]))
+
+
+def test_the_zero3_memory_target_shows_the_measured_rss_beside_the_counted_bytes() -> None:
+    """The target is met on the counted parameter + optimizer bytes; the measured peak RSS
+    (higher under ZeRO-3 on the CPU) stands in the same row, not only further up."""
+    import run_all
+
+    memory = "\n".join(
+        [
+            "- bf16 ZeRO-3 / ZeRO-0, params+optimizer (max over ranks): **0.50x** (target <= 0.60)",
+            "- bf16 ZeRO-3 / ZeRO-0, peak RSS above imports (max over ranks): **1.18x**",
+            "- bf16 ZeRO-3 / ZeRO-0, peak RSS absolute (max over ranks): **1.07x**",
+        ]
+    )
+    (line,) = [t for t in run_all._targets({"memory": memory}, {"isa": []}) if "ZeRO-3" in t]
+    assert line == (
+        "| bf16 ZeRO-3 / ZeRO-0: params+optimizer <= 0.6x ZeRO-0 | 0.50x (the tensors a rank "
+        "holds, counted; peak RSS, measured: 1.07x) | yes |"
+    )
+
+
 def test_a_miss_is_never_printed_as_its_target() -> None:
     """0.996x misses 1.0x: the Targets table prints 0.996x beside "no", not 1.00x."""
     import run_all
