@@ -227,6 +227,21 @@ class _StrictLoader(yaml.SafeLoader):
                 raise err
         return super().construct_mapping(node, deep=deep)
 
+    def construct_ambiguous_number(self, node: yaml.ScalarNode) -> Any:
+        """YAML 1.1's octal (`0400` -> 256) and base-60 (`1:40` -> 100) numbers stay text,
+        as on the command line (`_KEEP_TEXT`): a number field then refuses them by name."""
+        if _YAML11_ONLY_NUMBER.fullmatch(str(node.value).strip()):
+            return self.construct_scalar(node)
+        if node.tag.endswith(":int"):
+            return self.construct_yaml_int(node)
+        return self.construct_yaml_float(node)
+
+
+# numbers only YAML 1.1 reads (as octal or base 60); 0x hex and 0o octal are YAML 1.2 too
+_YAML11_ONLY_NUMBER = re.compile(r"[-+]?0[0-7_]+|[-+]?\d[\d_]*(:[0-5]?\d)+(\.[\d_]*)?")
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_ambiguous_number)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_ambiguous_number)
+
 
 MAX_YAML_VALUES = 100_000  # far above any recipe; a "billion laughs" of aliases is not one
 
@@ -295,7 +310,7 @@ def apply_overrides(
     a number, a boolean or null is kept as an `Override` with its text, for `from_dict` to
     give a str field the text (`name=42`); the result is then for `from_dict` only.
     """
-    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    out = _copy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -322,6 +337,17 @@ def apply_overrides(
         scalar = value is None or isinstance(value, (bool, int, float))
         node[parts[-1]] = Override(raw.strip(), value) if keep_text and scalar else value
     return out
+
+
+def _copy(node: Any) -> Any:
+    """A copy of plain data in which no two keys share a dict or list.  A YAML alias
+    (`b: *a`) loads as the same object as its anchor, and copies that keep sharing
+    (copy.deepcopy, a YAML round trip) let an override of `a.x` change `b.x` too."""
+    if isinstance(node, dict):
+        return {k: _copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy(v) for v in node]
+    return node
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

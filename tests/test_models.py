@@ -300,6 +300,18 @@ def test_a_projector_that_reads_no_condition_still_checks_its_shape():
         Projector(8, 16, 4)(torch.randn(2, 8), torch.randn(2, 99))
 
 
+def test_an_override_given_dotted_and_nested_is_refused():
+    """A recipe's `overrides: {vision.depth: 2}` plus the command line's
+    model.overrides.vision.depth=4 (stored nested) built depth 2: the dotted key won."""
+    from mmssl.train.recipe import override_error
+
+    with pytest.raises(ConfigError, match="model.vision.depth is given twice") as err:
+        mmssl.create_model("test_tiny_vit", **{"vision.depth": 2, "vision": {"depth": 4}})
+    assert str(override_error(err.value)).startswith("model.overrides.vision.depth is given")
+    both = mmssl.create_model("test_tiny_vit", **{"vision.depth": 3, "vision": {"dim": 64}})
+    assert (both.cfg.vision.depth, both.cfg.vision.dim) == (3, 64)  # different keys: both apply
+
+
 def test_projector_depth_counts_its_linear_layers():
     """depth 1 used to build the 2-layer projector silently, and hyper_rank 0 a hypernetwork
     that could never change the output."""

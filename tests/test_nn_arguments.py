@@ -63,6 +63,14 @@ def test_create_model_checks_values_as_a_recipe_does(overrides: dict, match: str
         create_model("test_tiny_vit", **overrides)
 
 
+def test_drop_path_bounds_agree_across_the_checks() -> None:
+    """check_values took [0, 1) where BlockConfig and Transformer take [0, 1]: a rate of 1
+    built before create_model ran the value checks, and still does."""
+    create_model("test_tiny_vit", **{"vision.block.drop_path": 1.0})
+    with pytest.raises(ConfigError, match=r"drop_path must be in \[0, 1\]"):
+        create_model("test_tiny_vit", **{"vision.block.drop_path": 1.5})
+
+
 def test_a_kv_cache_refuses_keys_of_another_batch() -> None:
     cache = LayerKVCache(6)
     cache.append(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
@@ -111,7 +119,7 @@ def test_linear_cross_entropy_refuses_integer_logits_and_non_integer_targets() -
     weight, targets = torch.randn(11, 8), torch.tensor([1, 2, 3, 4])
     with pytest.raises(TypeError, match="hidden and weight must be floating point"):
         linear_cross_entropy(torch.ones(4, 8, dtype=torch.int64), weight, targets)
-    for bad in (targets.bool(), targets.float()):
-        with pytest.raises(TypeError, match="targets must be integer token ids"):
+    for bad in (targets.bool(), targets.float(), targets.to(torch.uint8), targets.short()):
+        with pytest.raises(TypeError, match="targets must be int64 or int32 token ids"):
             linear_cross_entropy(torch.randn(4, 8), weight, bad)
     linear_cross_entropy(torch.randn(4, 8), weight, targets.int())

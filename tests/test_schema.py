@@ -78,6 +78,27 @@ def test_override_values_yaml_would_misread_stay_text():
         from_dict(Outer, apply_overrides({}, ["inner.a=010"]))
 
 
+def test_yaml_11_octal_and_base_60_numbers_in_a_file_stay_text():
+    """`steps: 0400` read as 256 and `every: 1:40` as 100, inside files and inside flow
+    values on the command line, where a plain command-line scalar was already refused."""
+    data = load_yaml("a: 0400\nb: 1:40\nc: 1:30.5\nd: 0x10\ne: 12\nf: 0\ng: [010, 3]\nh: 1.5")
+    assert data == {"a": "0400", "b": "1:40", "c": "1:30.5", "d": 16, "e": 12, "f": 0,
+                    "g": ["010", 3], "h": 1.5}  # fmt: skip
+    with pytest.raises(ConfigError, match="inner.a: expected an integer"):
+        from_dict(Outer, load_yaml("inner: {a: 010}"))
+    with pytest.raises(ConfigError, match="inner.a: expected an integer"):
+        from_dict(Outer, apply_overrides({}, ["inner={a: 010}"]))
+
+
+def test_an_override_of_an_aliased_section_changes_that_section_only():
+    """`b: *a` loads as the very object `a` is, and the copy the overrides were applied to
+    (a YAML round trip) kept it shared: overriding a.x changed b.x too."""
+    data = load_yaml("a: &src {x: 64, y: {z: 1}}\nb: *src\nc: {<<: *src, x: 2}")
+    out = apply_overrides(data, ["a.x=1", "a.y.z=5"])
+    assert out == {"a": {"x": 1, "y": {"z": 5}}, "b": {"x": 64, "y": {"z": 1}},
+                   "c": {"x": 2, "y": {"z": 1}}}  # fmt: skip
+
+
 def test_a_key_given_twice_in_yaml_is_an_error_not_the_last_value():
     # PyYAML keeps the last of two equal keys: a recipe repeating `train:` lost the first
     # section's settings without a word

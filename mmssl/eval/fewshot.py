@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,22 @@ def split_features(
     )
 
 
+def _same_data(a: str, b: str) -> bool:
+    """Whether two sources (a features file, shard paths or URLs) name the same data."""
+    if "://" in a or "://" in b or "{" in a or "{" in b:
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def train_test_features(args: argparse.Namespace, ctx: Any) -> tuple[Tensor, ...]:
     """(train_x, train_y, test_x, test_y) of --train and --test, with matching widths."""
+    if _same_data(args.train, args.test):
+        warnings.warn(
+            f"--train and --test are the same data ({args.test}): the test accuracy is an "
+            "accuracy on the training samples",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     f = args.label_field, ctx, args.batch_size, args.limit
     train_x, train_y = split_features(args.train, *f)
     test_x, test_y = split_features(args.test, *f)

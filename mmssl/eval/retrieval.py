@@ -138,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exact-pairs",
         action="store_true",
-        help="identical captions of other images are not positives",
+        help="identical captions of other images are not positives (where captions repeat, "
+        "even a perfect model's recall is then below 1: ties count against it)",
     )
 
 
@@ -177,7 +178,13 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     rows = [[d, *(res[f"{d}_R@{k}"] for k in KS)] for d in ("i2t", "t2i")]
     summary = (
         f"{len(per_image)} images, {len(texts)} captions"
-        f"{' (exact pairs)' if args.exact_pairs else ' (identical captions count as positives)'}.\n\n"
+        + (
+            " (exact pairs: an identical caption of another image ranks as a miss, and ties "
+            "count against the model, so a perfect model's R@k is below 1 where captions repeat)"
+            if args.exact_pairs
+            else " (identical captions count as positives)"
+        )
+        + ".\n\n"
         + md_table(["direction", *(f"R@{k}" for k in KS)], rows)
     )
     ctx.report(

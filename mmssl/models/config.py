@@ -244,8 +244,8 @@ def check_values(cfg: ModelConfig) -> None:
             raise ConfigError(f"{where} must be >= {_MIN[key]}, got {node}")
         if key in _POSITIVE and not node > 0:
             raise ConfigError(f"{where} must be > 0, got {node}")
-        if key == "drop_path" and not 0 <= node < 1:
-            raise ConfigError(f"{where} must be in [0, 1), got {node}")
+        if key == "drop_path" and not 0 <= node <= 1:  # as BlockConfig and Transformer
+            raise ConfigError(f"{where} must be in [0, 1], got {node}")
 
     walk(to_dict(cfg), "model")
     v = cfg.vision

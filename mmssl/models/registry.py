@@ -67,6 +67,7 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     own = model_config_dict(name_or_path)
     dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
     nested = {k: v for k, v in overrides.items() if "." not in k}
+    _refuse_twice_given(overrides, nested)
     data = apply_overrides(merge(own, nested), dotted)
     try:
         return checked_config(data)
@@ -74,6 +75,22 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
         if overrides and _config_problem(own) != str(err):
             raise  # the overrides' error
         raise ModelFileError(f"{config_file(name_or_path)}: {err}") from None
+
+
+def _refuse_twice_given(overrides: dict[str, Any], nested: dict[str, Any]) -> None:
+    """A key set both dotted (`vision.depth: 2`) and nested (`vision: {depth: 4}`, which is
+    what a command-line `model.overrides.vision.depth=4` adds to a recipe written with dots)
+    is a ConfigError: the dotted one won without a word, whichever came last."""
+    for key in overrides:
+        parts = key.split(".")
+        node: Any = nested
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if len(parts) > 1 and isinstance(node, dict) and parts[-1] in node:
+            raise ConfigError(
+                f"model.{key} is given twice in the overrides, as {key!r} and inside "
+                f"{parts[0]!r}: keep one"
+            )
 
 
 def checked_config(data: dict[str, Any]) -> ModelConfig:

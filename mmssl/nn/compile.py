@@ -69,10 +69,17 @@ class CompiledForward:
         if self.fallback.reason is not None or kwargs.get("rows") is not None:
             return self.eager(*args, **kwargs)
         try:
-            # the backward compiles with the forward, not lazily in loss.backward(), so that
-            # a failure there falls back here too instead of stopping the step
-            with functorch_config.patch(force_non_lazy_backward_lowering=True):
+            if not torch.is_grad_enabled():  # no backward to compile
                 return self.compiled(*args, **kwargs)
+            # the backward compiles with the forward, not lazily in loss.backward(), so that
+            # a failure there falls back here too instead of stopping the step (set by hand:
+            # config.patch() builds a class per call, ~50 us a block)
+            lazy = functorch_config.force_non_lazy_backward_lowering
+            functorch_config.force_non_lazy_backward_lowering = True
+            try:
+                return self.compiled(*args, **kwargs)
+            finally:
+                functorch_config.force_non_lazy_backward_lowering = lazy
         except Exception as err:  # noqa: BLE001 -- filtered by _is_compile_error
             if not _is_compile_error(err):
                 raise

@@ -135,8 +135,8 @@ def linear_cross_entropy(
         raise TypeError(
             f"hidden and weight must be floating point, got {hidden.dtype}, {weight.dtype}"
         )
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):  # what gather takes as an index
+        raise TypeError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
     check_label_smoothing(label_smoothing)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(

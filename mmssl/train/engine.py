@@ -146,6 +146,14 @@ def _check_ds_keys(path: Path, data: dict[str, Any]) -> None:
     zero = data.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{path}: zero_optimization must be an object, got {zero!r}")
+    # sections DeepSpeed has removed (elasticity, sparse_attention, ...) passed --validate and
+    # failed at deepspeed.initialize with a traceback; its own check, where it has one
+    reject_removed = getattr(ds_config, "_reject_removed_config_keys", None)
+    if reject_removed is not None:
+        try:
+            reject_removed(data)
+        except ds_config.DeepSpeedConfigError as err:
+            raise ConfigError(f"{path}: {str(err).strip()}") from None
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
 

@@ -84,3 +84,18 @@ def check_run_dir(recipe: Recipe) -> None:
             f"{key}: the run directory {recipe.run_dir} cannot be made or written: "
             f"{there} {problem}"
         )
+
+
+def check_resume(recipe: Recipe) -> None:
+    """A `checkpoint.resume` path that is not there (and no checkpoint of this run's own to
+    continue from) is refused at --validate too, as the run would refuse it at start;
+    `null` in a recipe is the text "null" here, for the field takes text: say `none`."""
+    from mmssl.train.checkpoint import list_tags
+
+    resume = recipe.checkpoint.resume
+    if resume in ("auto", "none") or Path(resume).expanduser().exists():
+        return
+    if list_tags(Path(recipe.run_dir) / "checkpoints"):
+        return  # a run that started there and has saved since continues from its own
+    hint = " (to start afresh write none)" if resume.lower() in ("null", "~", "") else ""
+    raise ConfigError(f"checkpoint.resume: no checkpoint at {resume!r}{hint}")

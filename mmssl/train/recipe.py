@@ -322,9 +322,12 @@ def world_size_from_env() -> int:
     """The world size the launcher announced (1 without a launcher)."""
     value = os.environ.get("WORLD_SIZE", "1")
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
-        raise ConfigError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+        size = 0
+    if size < 1:  # 0 divided the batch by zero (a traceback)
+        raise ConfigError(f"WORLD_SIZE must be an integer >= 1, got {value!r}")
+    return size
 
 
 def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
@@ -487,6 +490,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     if check_files:  # this machine: its files, and numba if the views ask for it
         file_checks.check_run_dir(recipe)
         file_checks.check_shards(recipe)
+        file_checks.check_resume(recipe)
         _check_numba(recipe.data)
     file_checks.check_shard_counts(recipe, world)
     check_data(recipe, cfg)

@@ -70,3 +70,26 @@ def test_fewshot_limit_cuts_features_files(tmp_path: Path, tiny_model_dir: str) 
     )
     assert got == want
     assert f"on {LIMIT} test images" in got["summary"][0]
+
+
+def test_the_same_file_as_train_and_test_warns(tmp_path: Path, tiny_model_dir: str) -> None:
+    """A probe scored on its own training samples reported a "test" accuracy without a word;
+    two different files do not warn."""
+    import warnings
+
+    import pytest
+
+    _file(tmp_path / "train.safetensors", seed=1)
+    _file(tmp_path / "test.safetensors", seed=2)
+    same = tmp_path / "sub" / ".." / "train.safetensors"
+    (tmp_path / "sub").mkdir()
+    with pytest.warns(RuntimeWarning, match="--train and --test are the same data"):
+        _fewshot(tiny_model_dir, tmp_path / "train.safetensors", same, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _fewshot(
+            tiny_model_dir,
+            tmp_path / "train.safetensors",
+            tmp_path / "test.safetensors",
+            tmp_path / "b",
+        )

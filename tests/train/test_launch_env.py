@@ -41,3 +41,14 @@ def test_the_environments_ninja_comes_first(monkeypatch: pytest.MonkeyPatch, tmp
     for _ in range(2):
         env_ninja_first()
         assert os.environ["PATH"] == os.pathsep.join([str(env_bin), "/usr/local/bin", "/usr/bin"])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_world_size_below_one_is_named(monkeypatch, value: str) -> None:
+    """WORLD_SIZE=0 divided the batch by zero (a traceback), -2 was reported as a world size."""
+    from mmssl.schema import ConfigError
+    from mmssl.train.recipe import world_size_from_env
+
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ConfigError, match=f"WORLD_SIZE must be an integer >= 1, got '{value}'"):
+        world_size_from_env()

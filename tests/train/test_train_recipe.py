@@ -71,6 +71,17 @@ def test_unknown_key_suggests(
     assert "dpth" in err and "'depth'" in err
 
 
+def test_a_resume_path_that_is_not_there_fails_validate(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--validate said ok; the run then refused it at start."""
+    err = _bad([*base, "checkpoint.resume=nul", "--validate"], capsys, tmp_path / "runs")
+    assert "checkpoint.resume: no checkpoint at 'nul'" in err
+    err = _bad([*base, "checkpoint.resume=null", "--validate"], capsys, tmp_path / "runs")
+    assert "(to start afresh write none)" in err
+    assert main([*base, f"checkpoint.resume={tmp_path}", "--validate"]) == 0
+
+
 def test_wrong_type(base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = _bad([*base, "train.steps=many"], capsys, tmp_path / "runs")
     assert "train.steps" in err and "integer" in err
@@ -149,6 +160,9 @@ def test_deepspeed_json_conflict(
         ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation' (did you mean"),
         ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com"),
         ({"zero_optimization": []}, "zero_optimization must be an object"),
+        # sections DeepSpeed has removed: --validate passed them, initialize raised
+        ({"elasticity": {"enabled": False}}, "Elastic training has been removed"),
+        ({"sparse_attention": {"mode": "fixed"}}, "Sparse Attention has been removed"),
     ]:
         path.write_text(json.dumps(body))
         with pytest.raises(ConfigError, match=re.escape(says)):
