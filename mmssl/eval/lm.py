@@ -62,9 +62,12 @@ def stream_nll(
     parts = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
     parts += [r[None] for r in rows if len(r) < row]
     for batch in parts:  # (B, L)
-        logits = logits_fn(batch[:, :-1]).float()  # (B, L - 1, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
+        logits = logits_fn(batch[:, :-1])  # (B, L - 1, V)
+        # one row's fp32 log-softmax at a time: the batch's is as large as its logits (6.6 GB
+        # at GPT-2's vocabulary, 32 rows of 1024)
+        for b in range(len(batch)):
+            row_logits = logits[b].float()
+            total += float(F.cross_entropy(row_logits, batch[b, 1:], reduction="sum"))
         count += batch[:, 1:].numel()
         targets.append(batch[:, 1:].flatten())
     return total, count, torch.cat(targets)
@@ -185,11 +188,13 @@ def batch_loglik(
         x = torch.zeros(len(chunk), width, dtype=torch.int64)
         for i, (ids, _) in enumerate(chunk):
             x[i, : len(ids)] = torch.tensor(ids)
-        logp = logits_fn(x[:, :-1]).float().log_softmax(-1)  # (B, W - 1, V)
+        logits = logits_fn(x[:, :-1])  # (B, W - 1, V)
         for i, (ids, n) in enumerate(chunk):
             end = len(ids) - 1  # logits at positions end - n .. end - 1 predict the continuation
             targets = x[i, end - n + 1 : end + 1]
-            out.append(float(logp[i, end - n : end].gather(1, targets[:, None]).sum()))
+            # the continuation's rows only: a log-softmax of the whole batch was its size again
+            logp = logits[i, end - n : end].float().log_softmax(-1)  # (n, V)
+            out.append(float(logp.gather(1, targets[:, None]).sum()))
     return out
 
 
