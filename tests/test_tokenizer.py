@@ -290,6 +290,24 @@ def test_plain_tokenizer_json_without_meta(tmp_path: Path, tok: Tokenizer) -> No
     assert plain.encode("hello there") == tok.encode("hello there")
 
 
+def test_without_meta_a_registered_special_token_wins_over_an_ordinary_piece(
+    tmp_path: Path,
+) -> None:
+    """A GPT-2-style file whose vocabulary holds `</s>` and `<s>` as ordinary pieces and
+    `<|endoftext|>` as its special token: the ordinary pieces were taken as eos and bos."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    hf = HF(models.BPE(vocab={"a": 0, "b": 1, "</s>": 2, "<s>": 3, "c": 4}, merges=[]))
+    hf.add_special_tokens(["<|endoftext|>"])  # id 5
+    hf.save(str(tmp_path / "tokenizer.json"))
+    loaded = get_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (5, 5, 5)
+    hf.add_special_tokens(["</s>"])  # registered special: it comes first in the list again
+    hf.save(str(tmp_path / "tokenizer.json"))
+    assert get_tokenizer(str(tmp_path / "tokenizer.json")).eos_id == 2
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

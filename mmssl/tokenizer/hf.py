@@ -50,15 +50,22 @@ class HFTokenizer(Tokenizer):
         else:
             self.bos_id = self._find(_BOS_NAMES, "bos")
             self.eos_id = self._find(_EOS_NAMES, "eos")
-            pads = [tok.token_to_id(t) for t in _PAD_NAMES]
+            pads = [tok.token_to_id(t) for t in self._special_first(_PAD_NAMES)]
             self.pad_id = next((int(i) for i in pads if i is not None), self.eos_id)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._tok.encode_special_tokens = True  # not part of the pickled JSON
 
+    def _special_first(self, names: Sequence[str]) -> list[str]:
+        """`names`, those the file registers as special tokens first: a vocabulary may hold
+        `</s>` as an ordinary piece, which would have been the eos of a GPT-2 vocabulary
+        whose special `<|endoftext|>` comes later in the list."""
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        return sorted(names, key=lambda name: name not in special)  # stable: list order kept
+
     def _find(self, names: Sequence[str], role: str) -> int:
-        for token in names:
+        for token in self._special_first(names):
             idx = self._tok.token_to_id(token)
             if idx is not None:
                 return int(idx)
