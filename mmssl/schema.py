@@ -228,8 +228,9 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
     def construct_ambiguous_number(self, node: yaml.ScalarNode) -> Any:
-        """YAML 1.1's octal (`0400` -> 256) and base-60 (`1:40` -> 100) numbers stay text,
-        as on the command line (`_KEEP_TEXT`): a number field then refuses them by name."""
+        """YAML 1.1's octal (`0400` -> 256), binary and base-60 (`1:40` -> 100) numbers stay
+        text (a plain command-line value is kept as text by `_KEEP_TEXT`): a number field
+        then refuses them by name."""
         if _YAML11_ONLY_NUMBER.fullmatch(str(node.value).strip()):
             return self.construct_scalar(node)
         if node.tag.endswith(":int"):
@@ -237,8 +238,10 @@ class _StrictLoader(yaml.SafeLoader):
         return self.construct_yaml_float(node)
 
 
-# numbers only YAML 1.1 reads (as octal or base 60); 0x hex and 0o octal are YAML 1.2 too
-_YAML11_ONLY_NUMBER = re.compile(r"[-+]?0[0-7_]+|[-+]?\d[\d_]*(:[0-5]?\d)+(\.[\d_]*)?")
+# numbers only YAML 1.1 reads so (octal 0400, binary 0b101, base 60 1:40); 0x hex is kept
+_YAML11_ONLY_NUMBER = re.compile(
+    r"[-+]?0[0-7_]+|[-+]?0b[01_]+|[-+]?\d[\d_]*(:[0-5]?\d)+(\.[\d_]*)?"
+)
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_ambiguous_number)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_ambiguous_number)
 

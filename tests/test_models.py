@@ -310,6 +310,10 @@ def test_an_override_given_dotted_and_nested_is_refused():
     assert str(override_error(err.value)).startswith("model.overrides.vision.depth is given")
     both = mmssl.create_model("test_tiny_vit", **{"vision.depth": 3, "vision": {"dim": 64}})
     assert (both.cfg.vision.depth, both.cfg.vision.dim) == (3, 64)  # different keys: both apply
+    with pytest.raises(ConfigError, match="model.vision.block.norm_eps is given twice"):
+        mmssl.create_model(  # two dotted entries: the one applied last won
+            "test_tiny_vit", **{"vision.block": {"norm_eps": 1e-6}, "vision.block.norm_eps": 1e-5}
+        )
 
 
 def test_projector_depth_counts_its_linear_layers():

@@ -91,6 +91,9 @@ def test_a_backward_that_fails_to_compile_falls_back_too() -> None:
     out.square().sum().backward()
     eager(x1).square().sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad)
+    import torch._functorch.config as functorch_config
+
+    assert functorch_config.force_non_lazy_backward_lowering is False  # set for the call only
 
 
 def test_model_errors_are_not_swallowed() -> None:

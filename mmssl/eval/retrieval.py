@@ -180,7 +180,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         f"{len(per_image)} images, {len(texts)} captions"
         + (
             " (exact pairs: an identical caption of another image ranks as a miss, and ties "
-            "count against the model, so a perfect model's R@k is below 1 where captions repeat)"
+            "count against the model, so a perfect model's R@1 is below 1 where captions "
+            "repeat, its R@k where a caption repeats k times or more)"
             if args.exact_pairs
             else " (identical captions count as positives)"
         )

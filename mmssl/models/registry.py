@@ -67,7 +67,7 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     own = model_config_dict(name_or_path)
     dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
     nested = {k: v for k, v in overrides.items() if "." not in k}
-    _refuse_twice_given(overrides, nested)
+    _refuse_twice_given(overrides)
     data = apply_overrides(merge(own, nested), dotted)
     try:
         return checked_config(data)
@@ -77,20 +77,29 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
         raise ModelFileError(f"{config_file(name_or_path)}: {err}") from None
 
 
-def _refuse_twice_given(overrides: dict[str, Any], nested: dict[str, Any]) -> None:
-    """A key set both dotted (`vision.depth: 2`) and nested (`vision: {depth: 4}`, which is
-    what a command-line `model.overrides.vision.depth=4` adds to a recipe written with dots)
-    is a ConfigError: the dotted one won without a word, whichever came last."""
-    for key in overrides:
-        parts = key.split(".")
-        node: Any = nested
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if len(parts) > 1 and isinstance(node, dict) and parts[-1] in node:
-            raise ConfigError(
-                f"model.{key} is given twice in the overrides, as {key!r} and inside "
-                f"{parts[0]!r}: keep one"
-            )
+def _refuse_twice_given(overrides: dict[str, Any]) -> None:
+    """A key set by two entries of the overrides, dotted (`vision.depth: 2`) and nested
+    (`vision: {depth: 4}`, which is what a command-line `model.overrides.vision.depth=4`
+    adds), or by two dotted ones (`vision.block: {...}`, `vision.block.norm_eps`), is a
+    ConfigError: one of them won without a word, by the order they were applied in."""
+
+    def leaves(path: tuple[str, ...], value: Any) -> list[tuple[str, ...]]:
+        if isinstance(value, dict) and value:
+            return [p for k, v in value.items() for p in leaves((*path, str(k)), v)]
+        return [path]
+
+    seen: dict[tuple[str, ...], str] = {}
+    for key, value in overrides.items():
+        for path in leaves(tuple(key.split(".")), value):
+            for other, where in seen.items():
+                n = min(len(path), len(other))
+                if where != key and path[:n] == other[:n]:
+                    raise ConfigError(
+                        f"model.{'.'.join(path[:n])} is given twice in the overrides, in "
+                        f"{where!r} and {key!r}: keep one (the command line nests its keys, "
+                        "so a key the recipe writes with dots is changed in the recipe)"
+                    )
+            seen[path] = key
 
 
 def checked_config(data: dict[str, Any]) -> ModelConfig:

@@ -87,15 +87,22 @@ def check_run_dir(recipe: Recipe) -> None:
 
 
 def check_resume(recipe: Recipe) -> None:
-    """A `checkpoint.resume` path that is not there (and no checkpoint of this run's own to
-    continue from) is refused at --validate too, as the run would refuse it at start;
-    `null` in a recipe is the text "null" here, for the field takes text: say `none`."""
-    from mmssl.train.checkpoint import list_tags
+    """A `checkpoint.resume` that the run would refuse at start (`find_resume`: a checkpoint
+    folder, or a run or checkpoints directory holding checkpoint folders, taken as written)
+    is refused at --validate too, unless this run has checkpoints of its own to continue
+    from (a requeue after its source was deleted).  Only presence is checked here."""
+    from mmssl.train.checkpoint import TAG, list_tags
 
     resume = recipe.checkpoint.resume
-    if resume in ("auto", "none") or Path(resume).expanduser().exists():
+    if resume in ("auto", "none") or list_tags(Path(recipe.run_dir) / "checkpoints"):
         return
-    if list_tags(Path(recipe.run_dir) / "checkpoints"):
-        return  # a run that started there and has saved since continues from its own
-    hint = " (to start afresh write none)" if resume.lower() in ("null", "~", "") else ""
+    path = Path(resume)
+    if (
+        (TAG.match(path.name) and path.is_dir())
+        or list_tags(path / "checkpoints")
+        or list_tags(path)
+    ):
+        return
+    # the command line's null or ~ is text for this field, and YAML's spelling of no value
+    hint = " (to start afresh write none)" if resume.lower() in ("null", "none", "~", "") else ""
     raise ConfigError(f"checkpoint.resume: no checkpoint at {resume!r}{hint}")

@@ -79,7 +79,11 @@ def test_a_resume_path_that_is_not_there_fails_validate(
     assert "checkpoint.resume: no checkpoint at 'nul'" in err
     err = _bad([*base, "checkpoint.resume=null", "--validate"], capsys, tmp_path / "runs")
     assert "(to start afresh write none)" in err
-    assert main([*base, f"checkpoint.resume={tmp_path}", "--validate"]) == 0
+    err = _bad([*base, f"checkpoint.resume={tmp_path}", "--validate"], capsys, tmp_path / "runs")
+    assert "no checkpoint at" in err  # a directory with no checkpoint folder in it
+    (tmp_path / "prev" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    for there in ("prev", "prev/checkpoints", "prev/checkpoints/step_00000010"):
+        assert main([*base, f"checkpoint.resume={tmp_path / there}", "--validate"]) == 0
 
 
 def test_wrong_type(base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
