@@ -74,7 +74,12 @@ def run_demo(
     timings: dict[str, float] = {}
     data = out / "data"
     run_dir = out / "runs" / "quickstart"
-    if fresh:
+    if fresh and run_dir.is_dir():
+        from mmssl.train.run_lock import RunDirLock
+
+        lock = RunDirLock(run_dir)  # a demo still training there: refused, not deleted
+        lock.acquire()
+        lock.release()
         shutil.rmtree(run_dir, ignore_errors=True)
     t = time.perf_counter()
     if not (data / "demo.json").is_file():
@@ -310,15 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         print(f"mmssl demo: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
+    from mmssl.schema import ConfigError
+
     out = Path(args.out)
-    problem = output_problem(out)
+    try:
+        problem = output_problem(out)
+    except OSError as err:  # a name too long, a symlink loop: exists() raises
+        problem = f"{out}: {err.strerror or err}"
     if problem:  # before anything is written, not a traceback from deep in the data writer
         print(f"mmssl demo: error: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
         r = run_demo(out, args.steps, args.fresh)
-    except (EvalError, DataError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (EvalError, DataError, ConfigError, OSError) as err:  # a read-only or full disk too
         print(f"mmssl demo: error: {err}", file=sys.stderr)
         return 2
     except _Stopped as stop:

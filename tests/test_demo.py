@@ -40,3 +40,46 @@ def test_a_pretraining_stopped_by_sigterm_stops_the_demo_as_such(
     assert "[demo] stopped by SIGTERM after saving a checkpoint" in said.out
     assert "the same `mmssl demo` command continues" in said.out and not said.err
     assert sorted(p.name for p in out.iterdir()) == ["data"]  # no export, no eval
+
+
+@pytest.mark.parametrize("kind", ["loop", "long"])
+def test_an_output_path_the_os_cannot_resolve_is_one_line(tmp_path: Path, kind: str, capsys):
+    """A symlink loop or a name past NAME_MAX raised OSError out of Path.exists(): a
+    traceback and exit 1."""
+    if kind == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        out = tmp_path / "a"
+    else:
+        out = tmp_path / ("x" * 300)
+    assert main(["--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mmssl demo: error: ") and str(out) in err[0], err
+
+
+def test_fresh_refuses_to_delete_a_run_that_is_still_training(tmp_path: Path, capsys):
+    """--fresh deleted the run directory before training took its lock: a second demo
+    removed a live run's checkpoints and lock."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "out" / "runs" / "quickstart"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds the run's lock, as a training run does
+        [sys.executable, "-c", (
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(run_dir / '.mmssl-run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(["--out", str(tmp_path / "out"), "--steps", "1", "--fresh"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert "is in use by another run" in err, err
+    assert (run_dir / "checkpoints").is_dir()  # kept

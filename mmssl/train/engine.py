@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -358,9 +359,17 @@ def init_distributed() -> None:
     elif "RANK" in os.environ and not distributed.is_initialized():
         _complete_launch_env()  # a group a caller started is adopted as it is
     # idempotent; adopts a process group that a caller (a test harness) already started
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), verbose=False
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), verbose=False
+        )
+    except (RuntimeError, subprocess.CalledProcessError) as err:  # the first time on a CPU,
+        if isinstance(err, RuntimeError) and "building extension" not in str(err):
+            raise  # DeepSpeed compiles its shared-memory op
+        raise ConfigError(
+            "DeepSpeed could not build its CPU communication op (deepspeed_shm_comm): it needs "
+            f"a working C++ compiler (c++ or $CXX; e.g. apt install g++) the first time ({err})"
+        ) from None
     if get_accelerator().device_name() == "cpu":
         _unlink_shm_workspace()
     else:

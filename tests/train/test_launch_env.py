@@ -52,3 +52,27 @@ def test_a_world_size_below_one_is_named(monkeypatch, value: str) -> None:
     monkeypatch.setenv("WORLD_SIZE", value)
     with pytest.raises(ConfigError, match=f"WORLD_SIZE must be an integer >= 1, got '{value}'"):
         world_size_from_env()
+
+
+@pytest.mark.parametrize("build_fails", [True, False])
+def test_a_failed_op_build_names_the_compiler(monkeypatch, build_fails: bool) -> None:
+    """On the CPU DeepSpeed compiles its shared-memory op the first time on a machine; without
+    a C++ compiler training died with a ~60-line traceback. Other errors pass as they are."""
+    import deepspeed
+
+    from mmssl.schema import ConfigError
+    from mmssl.train.engine import init_distributed
+
+    message = "Error building extension 'deepspeed_shm_comm'" if build_fails else "other"
+
+    def fail(**kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fail)
+    expected = (
+        (ConfigError, "needs a working C\\+\\+ compiler")
+        if build_fails
+        else (RuntimeError, "other")
+    )
+    with pytest.raises(expected[0], match=expected[1]):
+        init_distributed()
