@@ -65,9 +65,9 @@ def find_deepspeed_json(recipe: Recipe) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise ConfigError(
-        f"train.deepspeed: no DeepSpeed JSON {value!r} (looked in {base} and {SHIPPED_DS})"
-    )
+    named = " (shipped ones are named without .json)" if (SHIPPED_DS / value).is_file() else ""
+    looked = ", ".join(map(str, candidates))
+    raise ConfigError(f"train.deepspeed: no DeepSpeed JSON {value!r}{named} (looked for {looked})")
 
 
 def _injected(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
@@ -324,12 +324,10 @@ def _complete_launch_env() -> None:
 def env_ninja_first() -> None:
     """Put the `ninja` installed beside this Python (DeepSpeed's dependency) first on PATH.
 
-    DeepSpeed builds its CPU ops (the shared-memory all-reduce, Adam) with torch's JIT into
-    one cache per user, and ninja runs that build.  A shell with the venv activated found
-    the venv's ninja (1.13, build log v7), one without it the system's (1.11, log v5); each
-    discarded the other's log and rebuilt every op, 1-2 minutes a launch.  Now every run of
-    this environment takes the same ninja.
-    """
+    DeepSpeed builds its CPU ops (shared-memory all-reduce, Adam) with torch's JIT into one
+    cache per user, and ninja runs that build.  A shell with the venv activated found the
+    venv's ninja (1.13, build log v7), one without it the system's (1.11, log v5); each
+    discarded the other's log and rebuilt every op, 1-2 minutes a launch."""
     here = os.path.dirname(sys.executable)
     if not os.path.isfile(os.path.join(here, "ninja")):
         return

@@ -86,6 +86,16 @@ def test_a_resume_path_that_is_not_there_fails_validate(
         assert main([*base, f"checkpoint.resume={tmp_path / there}", "--validate"]) == 0
 
 
+def test_a_shipped_deepspeed_name_with_json_says_so(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`zero1.json` was never looked for in recipes/deepspeed, while the message said it was."""
+    err = _bad([*base, "train.deepspeed=zero1.json", "--validate"], capsys, tmp_path / "runs")
+    assert "no DeepSpeed JSON 'zero1.json' (shipped ones are named without .json)" in err
+    assert "(looked for zero1.json, " in err
+    assert main([*base, "train.deepspeed=zero1", "--validate"]) == 0
+
+
 def test_wrong_type(base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     err = _bad([*base, "train.steps=many"], capsys, tmp_path / "runs")
     assert "train.steps" in err and "integer" in err
