@@ -206,11 +206,13 @@ class MultimodalModel(CarriesBuffer):
             raise RuntimeError("this model has no projector (set `projector` in its config)")
         check_dtype(pooled, next(self.projector.parameters()), "pooled features")
         cond = self._no_stray(cond)
-        if cond is not None and self.cfg.condition is not None:
-            # checked here too: a projector that does not read c ignored one of any shape
-            check_cond(cond, self.cfg.condition.dim, pooled.shape[0], "projector cond", "features")
-        # a projector that does not read c gets None (the backbone may read it)
-        return self.projector(pooled, None if self.projector.mode == "none" else cond)
+        if self.projector.mode == "none":  # c is for the backbone: checked, not passed on
+            if cond is not None and self.cfg.condition is not None:
+                check_cond(
+                    cond, self.cfg.condition.dim, pooled.shape[0], "projector cond", "features"
+                )
+            cond = None
+        return self.projector(pooled, cond)
 
     def forward_features(
         self, images: torch.Tensor, cond: torch.Tensor | None = None

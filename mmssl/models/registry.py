@@ -65,16 +65,21 @@ def resolve_model_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     keys (`**{'vision.depth': 2}`).  An error the file makes without the overrides is a
     ModelFileError naming the file."""
     own = model_config_dict(name_or_path)
-    dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
-    nested = {k: v for k, v in overrides.items() if "." not in k}
-    _refuse_twice_given(overrides)
-    data = apply_overrides(merge(own, nested), dotted)
     try:
-        return checked_config(data)
+        return with_overrides(own, overrides)
     except ConfigError as err:
         if overrides and _config_problem(own) != str(err):
             raise  # the overrides' error
         raise ModelFileError(f"{config_file(name_or_path)}: {err}") from None
+
+
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+    """The checked ModelConfig of a config dict with overrides, nested (`vision={'depth': 2}`)
+    or dotted (`**{'vision.depth': 2}`); ConfigError naming the key."""
+    _refuse_twice_given(overrides)
+    dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
+    nested = {k: v for k, v in overrides.items() if "." not in k}
+    return checked_config(apply_overrides(merge(data, nested), dotted))
 
 
 def _refuse_twice_given(overrides: dict[str, Any]) -> None:

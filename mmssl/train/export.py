@@ -109,16 +109,12 @@ def _check_overrides(cfg: Any, recipe: Any) -> None:
     """The recorded recipe's `model.overrides` applied again to the recorded model (which
     holds them already) and checked as `recipe.model_config` checks them: a damaged record
     is refused naming the key, as it was when the model was resolved from them here."""
-    from mmssl.models.registry import checked_config
-    from mmssl.schema import apply_overrides, merge, to_dict
+    from mmssl.models.registry import with_overrides
+    from mmssl.schema import to_dict
     from mmssl.train.recipe import override_error
 
-    overrides = recipe.model.overrides
-    dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
-    nested = {k: v for k, v in overrides.items() if "." not in k}
     try:
-        data = apply_overrides(merge(to_dict(cfg), nested), dotted)
-        checked_config(data)
+        with_overrides(to_dict(cfg), recipe.model.overrides)
     except ConfigError as err:
         raise override_error(err) from None
     except ValueError as err:
