@@ -18,8 +18,8 @@ Descriptor (v1, `mmssl.descriptor.DESCRIPTOR_V1`, 13 dims):
   mirrored (1 - cx) when the view was flipped;
 - grayscale: 1 or 0.
 Solarize has no slot in v1 (nor in CASSLE's descriptor): a solarized view's descriptor
-equals the unsolarized one's, and color_diff is measured before it.  Keep `solarize_p`
-at 0 where a model must be able to tell solarized views from the descriptor.
+equals the unsolarized one's, and color_diff is measured before it.  A recipe whose model
+or AugSelf reads descriptors is refused a `solarize_p` above 0 (`train.objective_checks`).
 The neutral descriptor (no augmentation) is `DESCRIPTOR_V1.neutral`:
 blur 0, color 0 0 0 0, color_diff 0 0 0, crop 0.5 0.5 1 1, grayscale 0.
 

@@ -370,6 +370,9 @@ def decode_text(files: dict[str, bytes], kind: str = "missing_caption") -> str:
     raise BadSample(kind)
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def field_column(values: list[Any], floats: torch.dtype = torch.float32) -> Tensor:
     """One json field of a batch (B,): bool when every value is one, int64 when every value
     is a whole number in int64's range (JSON `3` and `3.0` alike, so every batch of a label
@@ -417,4 +420,7 @@ def decode_fields(files: dict[str, bytes], fields: tuple[str, ...]) -> dict[str,
         # equals nothing, not even itself
         if isinstance(out[name], float) and not math.isfinite(out[name]):
             raise BadSample("bad_json", f"field {name!r} is {out[name]}")
+        # a finite number past float32's largest became inf in a training batch's column
+        if isinstance(out[name], float) and abs(out[name]) > _FLOAT32_MAX:
+            raise BadSample("bad_json", f"field {name!r} = {out[name]} is beyond float32")
     return out

@@ -7,7 +7,7 @@ files never stop a run; a source where nothing is readable raises `DataError`.
 Kinds: `truncated_tar`, `bad_tar`, `pipe_error`, `empty_shard`, `missing_shard`,
 `bad_image`, `image_too_large`, `missing_image`, `missing_caption`, `bad_text`,
 `bad_json`, `missing_field`; `mmssl shards` also counts `not_image` (a file in a class
-folder that is no image).
+folder, or a table's image path, that is no image by its extension).
 """
 
 from __future__ import annotations

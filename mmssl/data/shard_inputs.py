@@ -9,8 +9,9 @@ Images are decoded once as a check, then keep their jpg/png bytes; bmp/gif/webp/
 the Netpbm formats (ppm/pgm/pbm/pnm) are converted to png.  An image of a folder or table
 that the OS cannot read (missing, a directory, no permission) is skipped and counted as
 `missing_image` in the `skipped` counter the caller passes, one that does not decode
-(corrupt, truncated) as `bad_image`, a file of a class folder whose extension is no image's
-as `not_image`; none is written.  An input where no image can be read is a DataError.
+(corrupt, truncated) as `bad_image`, a file of a class folder or a table's path whose
+extension is no image's as `not_image`; none is written.  An input where no image can be
+read is a DataError.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ _CONVERT_EXTS = {".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm
 
 class _BadImage(Exception):
     """Image bytes that PIL cannot decode; the message says why."""
+
+
+class _NotImage(Exception):
+    """A path whose extension is no image format's."""
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
@@ -70,12 +75,13 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 def _image_bytes(path: str) -> tuple[str, bytes]:
     """(shard extension, bytes), bmp/gif/webp/tif/ppm/pgm/pbm/pnm converted to png.  OSError
     only when the file cannot be read, _BadImage when it reads but does not decode (a full
-    decode: a truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px)."""
+    decode: a truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px),
+    _NotImage when its extension is no image's."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
-        raise DataError(
-            f"{path}: not an image file (expected jpg, png, bmp, gif, webp, tif, ppm, pgm, "
-            "pbm, pnm)"
+        raise _NotImage(
+            "not an image file by its extension (expected jpg, png, bmp, gif, webp, tif, ppm, "
+            "pgm, pbm, pnm)"
         )
     # a device or FIFO named like an image (a link to /dev/zero read until memory ran out;
     # a FIFO's open waited for ever): only regular files are read
@@ -121,6 +127,8 @@ class _Images:
             self.skip("missing_image", f"{where}: {err.strerror or err}")
         except _BadImage as err:
             self.skip("bad_image", f"{where}: {err}")
+        except _NotImage as err:  # a table's row; a class folder's are counted before
+            self.skip("not_image", f"{where}: {err}")
         return None
 
     def skip(self, kind: str, where: str) -> None:
@@ -322,8 +330,8 @@ def samples_from_table(
     label_col: DEFAULT_LABEL (the default) reads the column "label" where there is one;
     None or "" reads no labels; any other name must be a column of the table (see
     _LabelColumn).  A row whose image the OS cannot read is counted in `skipped` as
-    `missing_image`, one whose image does not decode as `bad_image`, and left out; a
-    malformed row is a DataError."""
+    `missing_image`, one whose image does not decode as `bad_image`, one whose path has no
+    image's extension as `not_image`, and left out; a malformed row is a DataError."""
     if not os.path.isfile(path):
         what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
         raise DataError(f"table {path!r} {what}")

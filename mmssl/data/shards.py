@@ -45,6 +45,7 @@ from mmssl.data.shard_inputs import (
     samples_from_table,
     samples_from_text,
 )
+from mmssl.data.tario import split_name
 
 MANIFEST = "manifest.json"
 
@@ -189,12 +190,20 @@ class ShardWriter:
                 f"sample key must be non-empty without dots, a leading or trailing '/' or NUL, "
                 f"got {key!r}"
             )
+        read_back = split_name(f"{key}.x")[0]
+        if read_back != key:  # `a//b`: a reader's key is `a/b`, another sample's
+            raise DataError(f"sample key {key!r} would be read back as {read_back!r}")
         if key in self._keys:
             raise DataError(f"duplicate sample key {key!r}")
         files = [(ext, _encode(v, key, ext)) for ext, v in sample.items() if ext != "__key__"]
         for ext, _ in files:  # `KEY.` (field "") or `KEY.a/b`: no field a reader looks up
             if not ext or "/" in ext or "\0" in ext:
                 raise DataError(f"sample {key!r}: bad file extension {ext!r}")
+        lowered = [ext.lower() for ext, _ in files]
+        if len(set(lowered)) < len(lowered):  # readers lower-case them: `png` and `PNG` clash
+            raise DataError(
+                f"sample {key!r}: extensions equal but for case {sorted(e for e, _ in files)}"
+            )
         if not files:  # a reader would never see it, but the manifest would count it
             raise DataError(f"sample {key!r} has no files")
         if self._manifest is not None:

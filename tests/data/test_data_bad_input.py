@@ -159,10 +159,11 @@ def test_a_byte_order_mark_before_json_or_a_caption_is_dropped(tmp_path):
     assert not skipped and len(keys) == 4
 
 
-@pytest.mark.parametrize("value", [b"NaN", b"-Infinity", b"1e400"])
+@pytest.mark.parametrize("value", [b"NaN", b"-Infinity", b"1e400", b"-1.5e300"])
 def test_a_non_finite_json_field_is_bad_json(tmp_path, value):
     # Python's json.loads takes NaN/Infinity (not JSON) and reads 1e400 as inf; as a label
-    # it equals no other label, not even its own
+    # it equals no other label, not even its own.  -1.5e300 is finite, but -inf in a
+    # float32 batch column
     w = ShardWriter(str(tmp_path), "n", max_count=6)
     for i in range(12):
         sample = _good(i)

@@ -240,6 +240,18 @@ def test_a_url_only_a_command_can_read_is_a_preflight_error(tmp_path, url):
         )
 
 
+def test_a_shard_listed_twice_is_a_preflight_error(image_shards, tmp_path):
+    """An epoch read its samples twice (an evaluation counted them twice), unwarned."""
+    from mmssl.data.urls import expand_urls
+
+    urls = expand_urls(image_shards)
+    same = os.path.join(os.path.dirname(urls[0]), ".", os.path.basename(urls[0]))
+    for twice in ([*urls, urls[0]], [*urls, same], ["pipe:cat x.tar", "pipe:cat x.tar"]):
+        with pytest.raises(DataError, match="lists a shard twice"):
+            build_pipeline(twice, batch_size=2, rank=0, world_size=1, mode="epoch")
+    assert len(build_pipeline(urls, batch_size=2, rank=0, world_size=1, mode="epoch")) == 24
+
+
 @pytest.mark.parametrize("kept", [2, 10])  # fewer samples than the manifest says, and more
 def test_a_shard_rewritten_since_its_manifest_is_counted_by_reading_it(tmp_path, caplog, kept):
     """The manifest's count of a shard rewritten since (its size is not the recorded

@@ -89,6 +89,17 @@ def test_an_undecodable_image_is_skipped_counted_and_named(
     assert [s["txt"] for s in _read(tmp_path / "t")] == [b"b"]
 
 
+def test_a_table_row_whose_path_is_no_image_is_skipped_and_counted(tmp_path, capsys):
+    """As a class folder's file: counted `not_image`, the other rows written (it stopped
+    the run, and the shards written so far were removed)."""
+    _save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "x.avif").write_bytes(b"\0" * 64)
+    (tmp_path / "in" / "t.csv").write_text("image,caption\nx.avif,a\na.png,b\n")
+    rc, out, _ = _run(capsys, "csv", tmp_path / "in" / "t.csv", "--out", tmp_path / "t")
+    assert rc == 0 and "wrote 1 samples" in out and "(not_image: 1)" in out
+    assert [s["txt"] for s in _read(tmp_path / "t")] == [b"b"]
+
+
 def test_no_decodable_image_is_an_error_that_says_why(tmp_path, capsys):
     for name in ["broken.png", "broken.jpg"]:
         (tmp_path / "in" / "cat").mkdir(parents=True, exist_ok=True)

@@ -149,12 +149,14 @@ def test_writer_rejects_bad_keys(tmp_path):
         {"__key__": "a\0b", "txt": "x"},  # the tar name ends at the NUL: a.txt is lost
         {"__key__": "k", "": b"x"},  # member k.: no extension
         {"__key__": "k", "a/b": b"x"},  # member k.a/b: key k.a/b, no extension
+        {"__key__": "a//b", "txt": "x"},  # read back as a/b: another sample's key
+        {"__key__": "k", "png": b"x", "PNG": b"y"},  # read back as png twice
     ],
 )
 def test_writer_rejects_what_no_reader_would_read_back(tmp_path, sample):
     # the manifest would count a sample that tarfile + webdataset grouping never yield
     w = ShardWriter(str(tmp_path))
-    with pytest.raises(ValueError, match="key must be|extension"):
+    with pytest.raises(ValueError, match="key must be|extension|read back as"):
         w.write(sample)
 
 
