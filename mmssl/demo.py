@@ -66,7 +66,8 @@ def run_demo(
     from mmssl.data.demo import write_demo
     from mmssl.data.errors import DataError
     from mmssl.eval.cli import run_task
-    from mmssl.eval.features import extract_features, features_metadata, save_features
+    from mmssl.eval.features import extract_features
+    from mmssl.eval.features_file import features_metadata, save_features
     from mmssl.eval.loading import EvalError, export_run, load_model
     from mmssl.train import preempt
     from mmssl.train.cli import main as train_main

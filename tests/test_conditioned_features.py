@@ -98,7 +98,7 @@ def test_the_features_digest_covers_the_condition_of_a_conditioned_backbone() ->
     """A features file of a descriptor-conditioned backbone depends on the conditioner too:
     its digest changes with it (a changed conditioner's features were accepted as the same
     model's); an unconditioned model's digest is the vision weights' alone, as before."""
-    from mmssl.eval.features import vision_digest
+    from mmssl.eval.features_file import vision_digest
 
     model = _trained_like("test_tiny_vit_cond")
     before = vision_digest(model)

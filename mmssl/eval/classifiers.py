@@ -56,11 +56,6 @@ def logistic_decision(clf: object, x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.asarray(fitted.classes_)).long(), d
 
 
-def predict_logistic(clf: object, x: Tensor) -> Tensor:
-    """Labels (M,) predicted by a fitted `fit_logistic` model."""
-    return predict(*logistic_decision(clf, x))
-
-
 def predict(classes: Tensor, scores: Tensor, labels: Tensor | None = None) -> Tensor:
     """classes (C,) sorted, scores (M, C) -> predicted labels (M,): the best-scoring class;
     given the true labels (M,), a label tied at the top is not predicted (ties count against

@@ -16,21 +16,23 @@ is identical to a single-process run and padding never duplicates a row.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmssl import distributed
 from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls, shards_hint
-from mmssl.eval.loading import EvalError, Loaded, text_width, vision_tower
+from mmssl.eval.features_file import features_metadata, is_features_file, save_features
+from mmssl.eval.loading import EvalError, text_width, vision_tower
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -124,7 +126,7 @@ def extract_features(
     texts: list[str] = []
     joined = 0  # batches appended since the last join
     proj = vision_tower(model).proj
-    for batch in iter_image_batches(
+    batches = iter_image_batches(
         urls,
         preprocess,
         batch_size,
@@ -133,7 +135,9 @@ def extract_features(
         rank=rank,
         world_size=world,
         limit=limit,
-    ):
+    )
+    # a bar on rank 0's terminal only (disable=None: none where stderr is a file or a pipe)
+    for batch in tqdm(batches, "features", unit=" batches", disable=None if rank == 0 else True):
         pooled = model.forward_pooled(batch["image"])  # (B, D)
         cols["sample_index"].append(batch["sample_index"])
         cols["features"].append(pooled.float())
@@ -160,6 +164,7 @@ def extract_features(
             local[name] = torch.cat(parts)
     # a rank with no samples still takes part in every gather, with empty tensors
     local = _fill_empty(local, fields, model)
+    _agree_field_dtypes(local, fields)
     gathered = {name: distributed.all_gather_no_grad(t) for name, t in local.items()}
     index = gathered.pop("sample_index")
     all_keys = [k for part in distributed.all_gather_object(keys) for k in part]
@@ -191,6 +196,21 @@ def embedding_column(model: MultimodalModel) -> str:
     return "embeddings" if visual.proj is not None else "features"
 
 
+def _agree_field_dtypes(local: dict[str, Tensor], fields: tuple[str, ...]) -> None:
+    """Cast each json field to one dtype on every rank, the one a single process's joined
+    batches get (`field_column` makes a batch's column bool, int64 or float64 by its values,
+    so ranks may differ): all_gather read another rank's int64 1 as the float64 5e-324.  A
+    rank without samples has no say."""
+    if distributed.world_size() == 1 or not fields:
+        return
+    mine = {f: local[f].dtype if len(local[f]) else None for f in fields}
+    ranks = distributed.all_gather_object(mine)
+    for f in fields:
+        dtypes = [r[f] for r in ranks if r[f] is not None]
+        if dtypes:
+            local[f] = local[f].to(functools.reduce(torch.promote_types, dtypes))
+
+
 def _fill_empty(
     local: dict[str, Tensor], fields: tuple[str, ...], model: MultimodalModel
 ) -> dict[str, Tensor]:
@@ -204,196 +224,6 @@ def _fill_empty(
     for f in fields:
         out[f] = torch.zeros(0, dtype=torch.int64)
     return out
-
-
-# a metadata key every features file carries, so that `--out` may replace an earlier one
-# but never another file (a model's own model.safetensors is a safetensors file too)
-MARKER = "mmssl_features"
-
-
-def vision_digest(model: MultimodalModel) -> str:
-    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes), and of the
-    condition its features take without one (`MultimodalModel.image_condition`: a backbone
-    conditioned on descriptors reads the conditioner's output too): recorded in a features
-    file, so that a task that pairs its embeddings with a model's text tower can check they
-    come from the same model."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(vision_tower(model).state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    with torch.no_grad():
-        cond = model.image_condition(None)
-    if cond is not None:  # nothing for other models: their digests are as before
-        h.update(b"condition;" + cond.float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def preprocess_record(preprocess: Preprocess) -> str:
-    """The image preprocessing as a features file records it: JSON {image_size, mean, std}
-    (mean and std null when images are not normalised)."""
-
-    def floats(v: tuple[float, ...] | None) -> list[float] | None:
-        return None if v is None else [float(x) for x in v]
-
-    return json.dumps(
-        {
-            "image_size": int(preprocess.image_size),
-            "mean": floats(preprocess.mean),
-            "std": floats(preprocess.std),
-        }
-    )
-
-
-def check_vision_digest(path: str, metadata: dict[str, str], loaded: Loaded) -> None:
-    """EvalError unless the features file `path` (with its `metadata`) holds features of the
-    loaded model's vision tower on images prepared as it prepares them (`Loaded.preprocess`):
-    the same weights on images of another size or normalisation give other features.  A file without
-    a digest (hand-written, or from before it was recorded) passes; a file with a digest but
-    no preprocessing record (from before that was recorded) cannot be checked and is refused."""
-    recorded = metadata.get("vision_sha256")
-    if recorded is None:
-        return
-    if recorded != vision_digest(loaded.model):
-        raise EvalError(
-            f"{path} holds the features of another vision tower than --model's (extracted "
-            f"with {metadata.get('model')}); extract them with this model"
-        )
-    if "preprocess" not in metadata:
-        raise EvalError(
-            f"{path} does not record the image preprocessing its features were extracted with "
-            "(written by an older mmssl), so it cannot be checked against --model's; extract "
-            "them again with `mmssl features`"
-        )
-    try:
-        theirs = json.loads(metadata["preprocess"])
-    except ValueError:
-        theirs = None
-    ours = json.loads(preprocess_record(loaded.preprocess))
-    if not isinstance(theirs, dict):
-        raise EvalError(
-            f"{path}: its preprocessing record {metadata['preprocess']!r} is damaged; extract "
-            "the features again with `mmssl features`"
-        )
-    differ = [
-        f"{k} {json.dumps(theirs.get(k))} in the file, {json.dumps(ours[k])} for --model"
-        for k in ours
-        if theirs.get(k) != ours[k]
-    ]
-    if differ:
-        raise EvalError(
-            f"{path} holds features of images prepared otherwise than --model prepares them "
-            f"({'; '.join(differ)}; extracted with {metadata.get('model')}): its features "
-            "would not match this model's; extract them again with `mmssl features`"
-        )
-
-
-def features_metadata(loaded: Loaded, data: str, fields: Sequence[str]) -> dict[str, str]:
-    """The metadata of a features file of `loaded`'s model: the model, the sha256 of its vision
-    weights and its preprocessing (which the tasks reading the file check against --model),
-    the data and the label fields."""
-    return {
-        "model": str(loaded.model_dir),
-        "vision_sha256": vision_digest(loaded.model),
-        "preprocess": preprocess_record(loaded.preprocess),
-        "data": data,
-        "fields": ",".join(fields),
-    }
-
-
-def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write the tensors of `feats` and its keys (JSON in the metadata) to safetensors,
-    atomically and readable by others."""
-    from mmssl.models.io import save_safetensors
-
-    tensors = {k: v.contiguous() for k, v in feats.items() if isinstance(v, Tensor)}
-    meta = dict(metadata, keys=json.dumps(feats["__key__"]))
-    meta[MARKER] = "1"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, metadata=meta)
-
-
-def is_features_file(path: str | Path) -> bool:
-    """Whether `path` is a features file written by mmssl (its metadata has the marker, or,
-    from before the marker, the `keys` and `fields` that only `mmssl features` writes)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return False
-    return MARKER in meta or {"keys", "fields", "model"} <= set(meta)
-
-
-def load_features(path: str | Path) -> dict[str, Any]:
-    """The tensors of a features file plus `__key__` (list[str]) and `metadata`."""
-    from safetensors import safe_open
-
-    out: dict[str, Any] = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for name in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
-            out[name] = f.get_tensor(name)
-    out["__key__"] = json.loads(meta.get("keys", "[]"))
-    out["metadata"] = {k: v for k, v in meta.items() if k != "keys"}
-    return out
-
-
-# tensors of every features file that are never labels
-NOT_LABELS = ("features", "embeddings", "sample_index")
-
-
-def label_fields(feats: dict[str, Any]) -> list[str]:
-    """The label fields of a loaded features file: those its metadata lists under `fields`
-    (the json fields `mmssl features` read from the shards).  A file without that record
-    (written by hand or before it existed) offers every tensor except features, embeddings
-    and sample_index."""
-    meta = feats.get("metadata", {})
-    if "fields" in meta:
-        return [f for f in meta["fields"].split(",") if f]
-    return sorted(k for k in feats if k not in (*NOT_LABELS, "__key__", "metadata"))
-
-
-def integer_labels(labels: Tensor, source: str, field: str, keys: list[str]) -> Tensor:
-    """labels (N,) as int64; EvalError naming `source`, `field` and the first sample (its key
-    from `keys`, else its row) whose value is not a whole number: `.long()` would make 2.5
-    class 2 without a word, and a whole number beyond int64 any class."""
-    if labels.is_floating_point():
-        labels = labels.double()
-        fits = (labels >= -(2.0**63)) & (labels < 2.0**63)
-        whole = torch.isfinite(labels) & (labels == labels.round()) & fits
-        bad = torch.nonzero(~whole).flatten()
-        if len(bad):
-            i = int(bad[0])
-            where = f"sample {keys[i]!r}" if i < len(keys) else f"row {i}"
-            raise EvalError(
-                f"{source}: {field!r} is {labels[i].item()} at {where}; labels must be "
-                "whole class indices"
-            )
-    return labels.long()
-
-
-def file_labels(
-    path: str, feats: dict[str, Any], field: str, rows: str, limit: int | None
-) -> Tensor:
-    """The first `limit` int64 labels (N,) of `field` in the loaded features file `path`, one
-    per row of its `rows` tensor; EvalError unless `field` is one of its label fields
-    (`label_fields`) with whole-number values."""
-    fields = label_fields(feats)
-    if field not in fields or field not in feats:
-        listed = ", ".join(f for f in fields if f in feats) or "none"
-        raise EvalError(
-            f"{path} has no {field!r} labels (its label fields: {listed}); this task needs "
-            "labelled data (pass --label-field to name another field)"
-        )
-    y, n = feats[field], len(feats[rows])
-    if y.shape != (n,):
-        raise EvalError(
-            f"{path}: {field!r} has shape {tuple(y.shape)} but there are {n} feature rows"
-        )
-    return integer_labels(y[:limit], path, field, feats["__key__"])
 
 
 def _init_from_launcher() -> None:

@@ -174,7 +174,7 @@ def split_features(
     """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file
     (extracted with the same model, when the file records which)."""
     if source.endswith(".safetensors"):
-        from mmssl.eval.features import check_vision_digest, file_labels, load_features
+        from mmssl.eval.features_file import check_vision_digest, file_labels, load_features
 
         if not Path(source).is_file():
             raise EvalError(f"features file not found: {source}")
@@ -191,7 +191,8 @@ def split_features(
             check_vision_digest(source, feats["metadata"], ctx.load())
         return feats["features"][:limit], y
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features, integer_labels
+    from mmssl.eval.features import extract_features
+    from mmssl.eval.features_file import integer_labels
 
     loaded = ctx.load()
     feats = extract_features(

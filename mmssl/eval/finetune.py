@@ -203,7 +203,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     descriptor-conditioned backbone's state_dict holds `visual.cond_default`, the condition
     it was fine-tuned with)."""
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import extract_features, integer_labels
+    from mmssl.eval.features import extract_features
+    from mmssl.eval.features_file import integer_labels
     from mmssl.eval.linear import sweep
     from mmssl.models.io import save_safetensors
 

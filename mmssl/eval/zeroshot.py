@@ -300,7 +300,7 @@ def _features_file(
     file, its first `limit` rows; the file must come from the loaded model's vision tower
     and preprocessing (files written before the check: any), and its embeddings must be as
     wide as the model's text embeddings they are scored against."""
-    from mmssl.eval.features import check_vision_digest, file_labels, load_features
+    from mmssl.eval.features_file import check_vision_digest, file_labels, load_features
 
     if not Path(path).is_file():
         raise EvalError(f"features file not found: {path}")
@@ -351,7 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `zeroshot` task: writes results.json, summary.md, confusion.png under args.out."""
     from mmssl.eval.data import shard_urls
-    from mmssl.eval.features import embedding_column, extract_features, integer_labels
+    from mmssl.eval.features import embedding_column, extract_features
+    from mmssl.eval.features_file import integer_labels
     from mmssl.eval.fewshot import check_finite
     from mmssl.eval.report import md_table, plot_confusion
 

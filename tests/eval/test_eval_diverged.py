@@ -52,8 +52,8 @@ def test_lm_refuses_nan_logits_before_scoring(diverged, text_shards, tmp_path, c
 
 
 def test_features_writes_nan_rows_and_warns(diverged, test_shards, tmp_path: Path, capsys) -> None:
-    from mmssl.eval.features import load_features
     from mmssl.eval.features import main as features
+    from mmssl.eval.features_file import load_features
 
     out = tmp_path / "f.safetensors"
     assert features(["--model", diverged[0], "--data", test_shards, "--out", str(out)]) == 0

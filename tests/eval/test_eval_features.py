@@ -10,7 +10,8 @@ import torch
 from distributed_utils import run_distributed
 
 from mmssl.eval.data import shard_urls
-from mmssl.eval.features import assemble_by_index, extract_features, load_features, main
+from mmssl.eval.features import assemble_by_index, extract_features, main
+from mmssl.eval.features_file import load_features
 from mmssl.eval.loading import load_model
 
 
@@ -85,7 +86,7 @@ def _extract_two_ranks(model_dir: str, pattern: str, out: str) -> dict:
         shard_urls(pattern),
         loaded.preprocess,
         batch_size=4,
-        fields=("label",),
+        fields=("label", "w"),
         limit=7,
     )
     assert (
@@ -101,6 +102,8 @@ def _extract_two_ranks(model_dir: str, pattern: str, out: str) -> dict:
                 "3",
                 "--limit",
                 "7",
+                "--fields",
+                "label,w",
             ]
         )
         == 0
@@ -110,19 +113,35 @@ def _extract_two_ranks(model_dir: str, pattern: str, out: str) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, test_shards):
-    # 7 samples over 2 ranks: rank 0 gets 4, rank 1 gets 3 (uneven, where a sampler would pad)
+def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+    # 7 samples over 2 ranks: rank 0 gets 4, rank 1 gets 3 (uneven, where a sampler would pad).
+    # Field w is fractional at even samples (rank 0's: float64) and whole at odd ones (rank
+    # 1's: int64): rank 1's int64 bytes were gathered as float64 (1 -> 5e-324)
+    import numpy as np
+    from eval_helpers import png_bytes
+
+    from mmssl.data.shards import ShardWriter
+
+    writer = ShardWriter(str(tmp_path / "s"), "test", max_count=5)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        image = png_bytes((rng.random((32, 32, 3)) * 255).astype(np.uint8))
+        meta = {"label": i % 3, "w": i + 0.5 if i % 2 == 0 else i}
+        writer.write({"__key__": f"k{i:04d}", "png": image, "json": meta})
+    writer.close()
+    pattern = str(tmp_path / "s" / writer.pattern)
     out = str(tmp_path / "two.safetensors")
-    results = run_distributed(_extract_two_ranks, 2, tiny_model_dir, test_shards, out)
+    results = run_distributed(_extract_two_ranks, 2, tiny_model_dir, pattern, out)
     loaded = load_model(tiny_model_dir)
     single = extract_features(
         loaded.model,
-        shard_urls(test_shards),
+        shard_urls(pattern),
         loaded.preprocess,
         batch_size=12,
-        fields=("label",),
+        fields=("label", "w"),
         limit=7,
     )
+    assert single["w"].tolist() == [0.5, 1, 2.5, 3, 4.5, 5, 6.5]
     assert len(single["__key__"]) == 7
     for r in results:
         feats = r["feats"]
@@ -131,14 +150,16 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_model_dir, test_shards):
         torch.testing.assert_close(feats["features"], single["features"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(feats["embeddings"], single["embeddings"], rtol=1e-5, atol=1e-6)
         assert torch.equal(feats["label"], single["label"])
+        assert torch.equal(feats["w"], single["w"])
     written = load_features(out)
     torch.testing.assert_close(written["features"], single["features"], rtol=1e-5, atol=1e-6)
     assert written["__key__"] == single["__key__"]
+    assert torch.equal(written["w"], single["w"])
 
 
 def _labelled_file(path, metadata: dict) -> str:
     """Six rows with an int `label`, a float `score` (2.5 at k2) and every non-label tensor."""
-    from mmssl.eval.features import save_features
+    from mmssl.eval.features_file import save_features
 
     g = torch.Generator().manual_seed(0)
     feats = {
@@ -203,7 +224,7 @@ def test_large_integer_labels_stay_exact_in_mixed_batches(tmp_path, batch_size):
 
     from mmssl.data.shards import ShardWriter
     from mmssl.eval.data import Preprocess, iter_image_batches
-    from mmssl.eval.features import integer_labels
+    from mmssl.eval.features_file import integer_labels
     from mmssl.eval.loading import EvalError
 
     def read(labels: list) -> torch.Tensor:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mmssl.eval.cli import main, run_task
-from mmssl.eval.features import load_features, save_features
 from mmssl.eval.features import main as features_main
+from mmssl.eval.features_file import load_features, save_features
 
 pytestmark = pytest.mark.slow
 

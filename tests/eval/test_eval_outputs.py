@@ -16,8 +16,8 @@ from eval_helpers import write_labelled_shards
 from mmssl.data.errors import DataError
 from mmssl.eval.cli import main as eval_main
 from mmssl.eval.data import iter_raw, shard_urls
-from mmssl.eval.features import load_features
 from mmssl.eval.features import main as features_main
+from mmssl.eval.features_file import load_features
 
 
 def _mode(path: Path) -> int:

@@ -425,7 +425,7 @@ def test_zeroshot_refuses_a_features_file_of_another_model(
 
 def test_zeroshot_on_an_empty_features_file_is_one_line(tmp_path, capsys, tiny_model_dir):
     # topk_accuracy raised a bare ValueError (a traceback from the CLI) on 0 rows
-    from mmssl.eval.features import save_features, vision_digest
+    from mmssl.eval.features_file import save_features, vision_digest
 
     model = load_pretrained(tiny_model_dir)
     empty = {
@@ -461,7 +461,7 @@ def test_probes_refuse_a_features_file_of_another_model(
 
 
 def test_bad_feature_files_and_probe_options(tmp_path, capsys, tiny_model_dir, test_shards):
-    from mmssl.eval.features import save_features
+    from mmssl.eval.features_file import save_features
 
     def feats(n: int, d: int = 4, labels: int | None = None) -> dict:
         g = torch.Generator().manual_seed(n)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mmssl.eval.cli import run_task
-from mmssl.eval.features import save_features
+from mmssl.eval.features_file import save_features
 
 ROWS, LIMIT = 40, 10
 

@@ -9,7 +9,7 @@ import torch
 
 from mmssl.eval import fewshot
 from mmssl.eval.cli import main
-from mmssl.eval.features import save_features
+from mmssl.eval.features_file import save_features
 from mmssl.eval.loading import EvalError
 
 
