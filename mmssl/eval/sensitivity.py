@@ -6,13 +6,14 @@
   hue strength alone (`PARTS`).  A mechanism that ignores omega shows no rise; one that uses it to undo an augmentation gets
   worse when the descriptor no longer matches the view.
 - **Centred cosine** (`centred_cosines`) between f(x) and f(t(x)) for one augmentation type
-  at a time.  Features are centred by the training mean first: post-activation features
-  share a large common component, so raw cosines are near 1 for any pair and say little
-  about invariance.
+  at a time, x being the view with every augmentation off (rendered as t(x) is).  Features
+  are centred by the training mean first: post-activation features share a large common
+  component, so raw cosines are near 1 for any pair and say little about invariance.
 
 The CLI reads images from shards (labels are not needed).  Views follow `--augment`
 overrides of `AugmentConfig`; when `--model` is a training run directory, its recipe's
-`data.augment` and SimCLR temperature are the defaults, so the batches look like training.
+`data.augment` and SimCLR temperature are the defaults, so the batches look like training;
+otherwise a note on stderr names the built-in defaults used.
 Batch i holds images [i*B, (i+1)*B) and its two views are drawn from
 `numpy.random.default_rng([seed, i])`; the shuffles from `torch.Generator` seeded `seed`.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,11 +141,10 @@ def centred_cosines(
     return out
 
 
-def single_augmentations(cfg: Any) -> dict[str, Any]:
-    """One AugmentConfig per augmentation type that `cfg` (an AugmentConfig) applies, with only
-    that type on, always applied: crop (with cfg's flip), brightness, contrast, saturation,
-    hue, grayscale, blur."""
-    off = dataclasses.replace(
+def identity_augmentation(cfg: Any) -> Any:
+    """`cfg` (an AugmentConfig) with every augmentation off: the whole image (a centre square
+    of a non-square one), unflipped, unjittered, in colour, sharp."""
+    return dataclasses.replace(
         cfg,
         scale=(1.0, 1.0),
         ratio=(1.0, 1.0),
@@ -157,6 +158,13 @@ def single_augmentations(cfg: Any) -> dict[str, Any]:
         blur_p=0.0,
         solarize_p=0.0,
     )
+
+
+def single_augmentations(cfg: Any) -> dict[str, Any]:
+    """One AugmentConfig per augmentation type that `cfg` (an AugmentConfig) applies, with only
+    that type on, always applied: crop (with cfg's flip), brightness, contrast, saturation,
+    hue, grayscale, blur."""
+    off = identity_augmentation(cfg)
     out: dict[str, Any] = {}
     # a config read from YAML or `--augment` holds the pair as a list, never equal to a tuple
     if tuple(cfg.scale) != (1.0, 1.0) or cfg.flip_p > 0:
@@ -185,6 +193,8 @@ def view_augmentations(configs: list[Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the CLI task
 
+DEFAULT_TEMPERATURE = 0.1  # without --temperature or a run recipe's
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sensitivity` task's options."""
@@ -205,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature",
         type=float,
         default=None,
-        help="SimCLR temperature (default: the run recipe's, else 0.1)",
+        help=f"SimCLR temperature (default: the run recipe's, else {DEFAULT_TEMPERATURE})",
     )
     parser.add_argument("--batches", type=int, default=4, help="fixed augmented batches")
     parser.add_argument("--seed", type=int, default=0)
@@ -216,12 +226,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _recipe_path(model_path: str) -> Path:
+    # "~/run" expanded as the model's own path is (loading.resolve_model_dir): without it the
+    # model loaded but its recipe was not found, and the defaults were used without a word
+    return Path(model_path).expanduser() / "recipe.yaml"
+
+
 def _recipe_defaults(
     model_path: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], float | None]:
     """(data.augment, data.view_augment, SimCLR temperature) of a run directory's recipe;
     ({}, [], None) otherwise."""
-    path = Path(model_path) / "recipe.yaml"
+    path = _recipe_path(model_path)
     if not path.is_file():
         return {}, [], None
     from mmssl.eval.loading import EvalError
@@ -259,6 +275,39 @@ def augment_config(overrides: dict[str, Any], items: list[str]) -> Any:
         return from_dict(AugmentConfig, merged, "augment")
     except ConfigError as err:
         raise EvalError(str(err)) from None
+
+
+def _value(v: Any) -> str:
+    """An AugmentConfig value as `--augment` reads it (YAML: a pair as a list)."""
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(map(_value, v)) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def defaults_note(args: argparse.Namespace, omega: bool) -> str | None:
+    """Which built-in defaults stand in for a run's when --model has no recipe.yaml (an
+    exported model: `mmssl export` writes none beside it) and the options do not set them;
+    None otherwise.  `omega`: the omega-usage part runs (the temperature is used)."""
+    from mmssl.data.augment import AugmentConfig
+
+    if _recipe_path(args.model).is_file():
+        return None
+    used, options = [], []
+    if omega and args.temperature is None:
+        used.append(f"temperature {DEFAULT_TEMPERATURE}")
+        options.append("--temperature")
+    if not args.augment:
+        # written as --augment takes them, to be copied and changed
+        cfg = dataclasses.asdict(AugmentConfig())
+        used.append("augment " + ", ".join(f"{k}={_value(v)}" for k, v in cfg.items()))
+        options.append("--augment")
+    if not used:
+        return None
+    return (
+        f"{args.model} is no run directory (no recipe.yaml), so the defaults are used, not "
+        f"the run's: {'; '.join(used)}; set them with {' / '.join(options)}, or pass the run "
+        "directory as --model"
+    )
 
 
 def read_images(pattern: str, limit: int | None, max_pixels: int) -> list[Tensor]:
@@ -318,7 +367,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if views and len(views) != 2:
         raise EvalError(f"the run's data.view_augment has {len(views)} views; this task draws 2")
     temperature = args.temperature if args.temperature is not None else recipe_temperature
-    temperature = 0.1 if temperature is None else temperature
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
     if temperature <= 0:
         raise EvalError(f"--temperature must be > 0, got {temperature}")
     loaded = ctx.load()
@@ -332,6 +381,11 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         return [_normalise(x, pre) for x in v], a
 
     problem = None if args.cosines_only else omega_problem(model)
+    # an export's config.json keeps the preprocessing but no recipe: say so, rather than
+    # measure with augmentations (and a temperature) that may not be the run's in silence
+    note = defaults_note(args, omega=not args.cosines_only and problem is None)
+    if note:
+        print(f"mmssl eval: note: {note}", file=sys.stderr)
     omega = None
     batches: list[Any] = []
     if not args.cosines_only and problem is None:
@@ -343,11 +397,15 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         omega = omega_usage(model, batches, temperature, seed=args.seed)
     if len(train_images) < 2:  # one image's feature is the mean: every cosine undefined
         raise EvalError("the centred cosines need at least 2 images for the training mean")
-    clean = pre(images)  # normalised by the preprocessing, like the views
-    mean = features(model, pre(train_images)).mean(0)
+    # x is the view with every augmentation off, not pre(images): that resizes then crops, a
+    # view crops then resizes, so for a non-square image every t(x) also differed from x by
+    # resampling (0.02-0.04 per pixel), read as sensitivity.  The training mean likewise.
+    off = identity_augmentation(cfg)  # the same view whatever the rng draws
+    clean = views_of(images, off, np.random.default_rng(0), 1)[0][0]
+    mean = features(model, views_of(train_images, off, np.random.default_rng(0), 1)[0][0]).mean(0)
 
     def single(c: Any, k: int) -> Callable[[Tensor], Tensor]:
-        # t(x) is rendered from the decoded images (x is their clean version, in order)
+        # t(x) is rendered from the decoded images (x is their all-off view, in order)
         return lambda _x: views_of(images, c, np.random.default_rng([args.seed, 100 + k]), 1)[0][0]
 
     singles = view_augmentations(views or [cfg])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -172,8 +173,10 @@ def test_model_without_conditioner_still_writes_cosines(
     out = tmp_path / "plain"
     argv = ["sensitivity", "--model", tiny_model_dir, "--data", test_shards, "--out", str(out)]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "has no conditioner" in err and "--cosines-only" in err
+    # an export (no recipe.yaml): the note on the default augmentations, then the error
+    note, err = capsys.readouterr().err.strip().splitlines()
+    assert note.startswith("mmssl eval: note:") and "temperature" not in note  # unused
+    assert "has no conditioner" in err and "--cosines-only" in err
     res = json.loads((out / "results.json").read_text())["results"]
     assert res["omega_usage"] is None and "no conditioner" in res["omega_error"]
     assert -1 <= res["centred_cosine"]["hue"] <= 1
@@ -252,3 +255,94 @@ def test_centred_cosine_of_a_feature_equal_to_the_mean_is_undefined_not_zero(mon
     assert got["id"] == pytest.approx(1.0) and got["flat"] is None  # f(t(x)) = mean everywhere
     got = sensitivity.centred_cosines(None, x, {"neg": lambda y: 1.2 - y}, same)
     assert got["neg"] == pytest.approx(-1.0)
+
+
+def _zero_cond_model(path: Path) -> str:
+    """An exported SimCLR model with a descriptor conditioner (zero-initialised)."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_simclr", condition={"dim": 8}, projector={"cond": "hyper", "hyper_rank": 4}
+    )
+    return str(save_pretrained(model, path))
+
+
+def test_a_run_directory_given_with_a_tilde_uses_its_recipe(
+    tmp_path, test_shards, monkeypatch, capsys
+):
+    """`--model '~/run'` loaded the model (expanded) but looked for ~/run/recipe.yaml
+    literally: the default temperature and augmentations were used, without a word."""
+    home = tmp_path / "home"
+    # an export with a recipe.yaml beside it: loads as a model, reads as a run directory
+    _zero_cond_model(home / "run")
+    (home / "run" / "recipe.yaml").write_text(
+        "objectives:\n  simclr: {temperature: 0.3}\ndata:\n  augment: {hue: 0.25, blur_p: 0.0}\n"
+    )
+    monkeypatch.setenv("HOME", str(home))
+    out = tmp_path / "out"
+    argv = ["sensitivity", "--model", "~/run", "--data", test_shards, "--out", str(out)]
+    assert main([*argv, "--batches", "1"]) == 0
+    assert "note" not in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert res["temperature"] == 0.3 and res["augment"]["hue"] == 0.25
+    assert "blur" not in res["centred_cosine"]
+
+
+def test_an_export_says_which_defaults_stand_in_for_the_runs(tmp_path, test_shards, capsys):
+    """An exported model keeps no recipe: its temperature and augmentations are the built-in
+    defaults, and one note on stderr says so, unless the options set them."""
+    from mmssl.data.augment import AugmentConfig
+
+    model = _zero_cond_model(tmp_path / "model")
+    argv = ["sensitivity", "--model", model, "--data", test_shards, "--batches", "1"]
+    argv += ["--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip()
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert len(err.splitlines()) == 1 and err.startswith("mmssl eval: note:") and model in err
+    assert "no recipe.yaml" in err and f"temperature {res['temperature']}" in err
+    assert res["augment"] == json.loads(json.dumps(dataclasses.asdict(AugmentConfig())))
+    assert f"hue={AugmentConfig().hue}" in err and f"blur_p={AugmentConfig().blur_p}" in err
+    for extra in (["--temperature", "0.2"], ["--cosines-only"]):
+        assert main([*argv, *extra, "--augment", "hue=0.2"]) == 0
+        assert capsys.readouterr().err == ""  # set, or unused (--cosines-only: no temperature)
+
+
+@pytest.mark.parametrize("shapes", [[(24, 40)] * 6, [(24, 40), (40, 24), (30, 48)] * 2])
+def test_the_identity_view_of_a_non_square_image_is_x(tmp_path, shapes, monkeypatch):
+    """x came from the eval preprocessing (resize, then centre crop) and t(x) from the views
+    (crop, then resize): with every augmentation off they differed on non-square images, and
+    the identity scored below 1.  Shapes of one size can take the compiled renderer."""
+    from eval_helpers import png_bytes
+
+    from mmssl.data.augment import AugmentConfig
+    from mmssl.data.shards import ShardWriter
+    from mmssl.eval import sensitivity
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(str(tmp_path), "test", max_count=10)
+    for i, (h, w) in enumerate(shapes):  # smooth images, as photographs are
+        small = torch.from_numpy(rng.random((1, 3, 4, 4)) * 255)
+        img = torch.nn.functional.interpolate(small, (h, w), mode="bicubic", align_corners=False)
+        arr = img[0].clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
+        writer.write({"__key__": f"k{i:04d}", "png": png_bytes(arr)})
+    writer.close()
+    off = AugmentConfig(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0
+    )
+    monkeypatch.setattr(sensitivity, "view_augmentations", lambda _: {"identity": off})
+    seen = {}
+
+    def spy(model, images, transforms, mean):
+        seen["x"], seen["t(x)"] = images, transforms["identity"](images)
+        return real(model, images, transforms, mean)
+
+    real = sensitivity.centred_cosines
+    monkeypatch.setattr(sensitivity, "centred_cosines", spy)
+    out = tmp_path / "out"
+    data = str(tmp_path / writer.pattern)
+    argv = ["sensitivity", "--model", _zero_cond_model(tmp_path / "m"), "--data", data]
+    assert main([*argv, "--cosines-only", "--out", str(out)]) == 0
+    assert seen["x"].shape == (len(shapes), 3, 32, 32)
+    assert torch.equal(seen["t(x)"], seen["x"])
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert res["centred_cosine"]["identity"] == pytest.approx(1.0, abs=1e-6)
