@@ -349,3 +349,46 @@ def test_bad_inputs_name_the_problem():
         gather_fibers(torch.randn(2, 3, 3, 4), torch.tensor([[0, 3], [1, 1]]))
     with pytest.raises(ValueError, match=r"index must be \(B, 2\)"):
         gather_fibers(torch.randn(2, 3, 3, 4), torch.tensor([0, 1]))
+
+
+def test_translate_refuses_fractional_shifts():
+    x = torch.randn(2, 1, 4, 4)
+    for shift in ([0.6, 0.0], [1.0, -1.5], torch.tensor([[0.0, 0.0], [0.5, 1.0]])):
+        with pytest.raises(ValueError, match="shift must be whole patches"):
+            translate(x, torch.as_tensor(shift))
+    with pytest.raises(ValueError, match="shift must be whole patches"):
+        translate(x, torch.tensor([float("inf"), 0.0]))
+    # integral floats are whole shifts: the same as the int shift
+    assert torch.equal(translate(x, torch.tensor([1.0, -1.0])), translate(x, torch.tensor([1, -1])))
+
+
+def test_rotation_lift_refuses_non_square_images_and_unpooled_features():
+    with pytest.raises(ValueError, match="square images, got 4x6"):
+        rotation_lift(lambda v: v.flatten(1), torch.randn(2, 3, 4, 6))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"return \(8, D\) for 8 images, got \(8, 16, 3\)"):
+        rotation_lift(lambda v: v.flatten(2).transpose(1, 2), x)  # (4B, N, D) tokens
+    with pytest.raises(ValueError, match=r"got \(2, 48\)"):
+        rotation_lift(lambda v: v[:2].flatten(1), x)  # wrong row count
+    assert rotation_lift(lambda v: v.flatten(1), x).shape == (2, 4, 48)
+
+
+def test_unstructured_map_is_a_private_copy():
+    # sizes and seeds no other test uses, so this test builds the cached matrix
+    m = unstructured_map(5, 9001)
+    m.zero_()  # a caller's in-place edit
+    fresh = unstructured_map(5, 9001)
+    assert torch.allclose(fresh @ fresh.T, torch.eye(5), atol=1e-5)
+
+
+def test_unstructured_map_first_built_in_inference_mode_still_trains():
+    lifted = torch.randn(2, 7, 3)
+    with torch.inference_mode():  # e.g. an eval before the first training step
+        ref = remove_structure(lifted, seed=9002)
+    x = lifted.clone().requires_grad_()
+    out = remove_structure(x, seed=9002)
+    out.square().sum().backward()
+    assert torch.allclose(out, ref)
+    m = unstructured_map(7, 9002)  # d/dx sum((m x)^2) = 2 m^T m x = 2 x for orthogonal m
+    assert torch.allclose(x.grad, 2 * lifted, atol=1e-5)
+    assert not m.is_inference()

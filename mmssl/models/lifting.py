@@ -33,7 +33,11 @@ def translate(images: torch.Tensor, shift: torch.Tensor, patch_size: int = 1) ->
     images: (B, C, H, W); shift: (2,) for every image or (B, 2) per image, int.
     """
     b, _, h, w = images.shape
-    shift = torch.as_tensor(shift, device=images.device).long().expand(b, 2) * patch_size
+    shift = torch.as_tensor(shift, device=images.device)
+    # .long() truncates: a shift of 0.6 patches moved nothing and -1.5 moved one, silently
+    if shift.is_floating_point() and not (shift.isfinite() & (shift == shift.round())).all():
+        raise ValueError(f"shift must be whole patches (integers), got {shift.tolist()}")
+    shift = shift.long().expand(b, 2) * patch_size
     rows = torch.arange(h, device=images.device)[None] - shift[:, :1]  # (B, H) source rows
     cols = torch.arange(w, device=images.device)[None] - shift[:, 1:]  # (B, W)
     valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
@@ -71,17 +75,34 @@ def rotation_lift(
 
     `encode` maps (4B, C, H, W) -> (4B, D) (e.g. pooled features); one call for all rotations.
     """
-    b = images.shape[0]
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    if h != w:  # a quarter turn swaps H and W: the rotated batches would not concatenate
+        raise ValueError(f"rotation_lift needs square images, got {h}x{w}")
     feats = encode(torch.cat([rotate(images, -g) for g in range(ROTATIONS)]))  # (4B, D)
-    return feats.reshape(ROTATIONS, b, -1).transpose(0, 1)
+    # a (4B, N, D) token output would reshape without error into (B, 4, N*D) fibers
+    if feats.ndim != 2 or feats.shape[0] != ROTATIONS * b:
+        raise ValueError(
+            f"encode must return ({ROTATIONS * b}, D) for {ROTATIONS * b} images, "
+            f"got {tuple(feats.shape)}"
+        )
+    return feats.reshape(ROTATIONS, b, -1).transpose(0, 1)  # (B, 4, D)
 
 
 @functools.cache
+def _orthogonal(num_fibers: int, seed: int) -> torch.Tensor:
+    # built outside inference mode whatever the first caller's mode: a cached inference
+    # tensor (first built by an eval under torch.inference_mode) failed every later backward
+    with torch.inference_mode(False):
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.randn(num_fibers, num_fibers, generator=gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(a)
+        return (q * r.diagonal().sign()).float()  # sign fix: Haar-distributed, not QR-dependent
+
+
 def unstructured_map(num_fibers: int, seed: int = 0) -> torch.Tensor:
     """A fixed random orthogonal (num_fibers, num_fibers) matrix, deterministic in `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(num_fibers, num_fibers, generator=gen, dtype=torch.float64))
-    return (q * r.diagonal().sign()).float()  # sign fix: Haar-distributed, not QR-dependent
+    # a copy: the cached matrix is shared, so a caller's in-place edit changed it for all
+    return _orthogonal(num_fibers, seed).clone()
 
 
 def remove_structure(lifted: torch.Tensor, seed: int = 0) -> torch.Tensor:

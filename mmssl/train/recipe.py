@@ -493,5 +493,5 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
         file_checks.check_resume(recipe)
         _check_numba(recipe.data)
     file_checks.check_shard_counts(recipe, world)
-    check_data(recipe, cfg)
+    check_data(recipe, cfg, world)
     return Resolved(model=cfg, world_size=world, grad_accum=accum, ds_config=ds)

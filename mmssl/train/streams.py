@@ -219,9 +219,11 @@ def _sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]
     return image, context
 
 
-def check_data(recipe: Recipe, model_cfg: Any) -> None:
-    """Pre-flight of what the streams will need: augmentation keys, tokenizer vocabulary."""
+def check_data(recipe: Recipe, model_cfg: Any, world_size: int) -> None:
+    """Pre-flight of what the streams will need: augmentation keys, tokenizer vocabulary,
+    and batches and fibers that give a contrastive objective a real problem."""
     augment_config(recipe)
+    _check_contrastive_batch(recipe, world_size)
     cond = model_cfg.condition
     if cond is not None and cond.source == "descriptor" and cond.layout != PIPELINE_LAYOUT:
         # the model would read the pipeline's descriptors, and its neutral one, by its own layout
@@ -238,12 +240,26 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
             f"patch_size {v.patch_size}"
         )
     for key, obj in recipe.objectives.items():
-        if (obj.type or key) == "hssl" and v is not None:
+        if (obj.type or key) != "hssl":
+            continue
+        # HSSLLoss takes k=0 (the sampler's limit case); a run with it draws the first fiber
+        # twice, so both positives are one vector and nothing invariant is learnt
+        if obj.displacement == 0:
+            raise ConfigError(
+                f"objectives.{key}.displacement 0 makes both positives the same fiber; "
+                f"use >= 1, or leave it unset for any two positions"
+            )
+        if v is not None:
             grid = (recipe.data.image_size or v.image_size) // v.patch_size
             if obj.window > grid:
                 raise ConfigError(
                     f"objectives.{key}.window {obj.window} exceeds the {grid}x{grid} patch grid "
                     f"of the images (image size / the model's patch_size {v.patch_size})"
+                )
+            if obj.window == grid:  # one fiber: the same silent no-positive case
+                raise ConfigError(
+                    f"objectives.{key}.window {obj.window} equals the {grid}x{grid} patch grid, "
+                    f"so there is one fiber and both positives are the same; use a smaller window"
                 )
     if model_cfg.text is not None:
         for name, src in recipe.data.sources.items():
@@ -264,6 +280,30 @@ def check_data(recipe: Recipe, model_cfg: Any) -> None:
                 f"model's text vocab_size is {model_cfg.text.vocab_size}; set "
                 f"model.overrides.text.vocab_size={tok.vocab_size}"
             )
+
+
+# the objectives that score each sample against the others of its batch
+CONTRASTIVE = ("simclr", "clip", "siglip", "hssl")
+
+
+def _check_contrastive_batch(recipe: Recipe, world_size: int) -> None:
+    """ConfigError when a contrastive objective would see one sample per batch.
+
+    Each micro-batch, gathered across ranks, is its own contrastive problem (`recipe`'s
+    docstring).  With one sample, NT-Xent (simclr, hssl) and CLIP softmax over the positive
+    alone: loss exactly 0, no gradient, a run that trains nothing.  SigLIP keeps only its
+    positive term, which a constant embedding minimises."""
+    t = recipe.train
+    on = [k for k, o in recipe.objectives.items() if (o.type or k) in CONTRASTIVE and o.weight]
+    if not on or t.micro_batch_size * world_size >= 2:
+        return
+    why = f"objectives.{on[0]} is contrastive and needs negatives from the batch"
+    if t.global_batch_size < 2:
+        raise ConfigError(f"train.global_batch_size must be >= 2, got {t.global_batch_size}: {why}")
+    raise ConfigError(  # gradient accumulation: each micro-batch of 1 is its own problem
+        f"train.micro_batch_size {t.micro_batch_size} x world size {world_size} is 1 sample "
+        f"per contrastive batch (accumulation does not add negatives): {why}"
+    )
 
 
 def build_stream(
