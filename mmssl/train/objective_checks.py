@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmssl.data.augment import is_real
 from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
 from mmssl.schema import ConfigError, suggest
 from mmssl.train.recipe import NEEDS, SOURCE_PROVIDES, ObjectiveConfig, Recipe
@@ -130,6 +131,32 @@ def check_objectives(recipe: Recipe, cfg: Any) -> None:
             raise ConfigError(f"{where}.gather: {obj.gather!r} is not one of {list(allowed)}")
         if obj.temperature <= 0:
             raise ConfigError(f"{where}.temperature must be > 0, got {obj.temperature}")
+    _check_solarize(recipe, cfg)
+
+
+def _check_solarize(recipe: Recipe, cfg: Any) -> None:
+    """Solarize has no slot in the v1 descriptor (`mmssl.data.augment`): a solarized view's
+    descriptor equals the unsolarized one's, so a model conditioned on descriptors, or
+    AugSelf predicting them, would be told the image is unchanged while it was inverted."""
+    readers = [
+        f"objectives.{k} (augself)"
+        for k, o in recipe.objectives.items()
+        if (o.type or k) == "augself"
+    ]
+    if cfg.condition is not None and cfg.condition.source == "descriptor":
+        readers.append("the model's descriptor conditioning")
+    data = recipe.data
+    views = [
+        (f"data.view_augment[{i}]", {**data.augment, **dict(v)})
+        for i, v in enumerate(data.view_augment)
+    ] or [("data.augment", data.augment)]
+    for where, augment in views:
+        p = augment.get("solarize_p", 0)
+        if readers and is_real(p) and p > 0:
+            raise ConfigError(
+                f"{where}: solarize_p {p} with {' and '.join(readers)}: the v1 descriptor has "
+                "no solarize slot, so a solarized view reads as unchanged; set solarize_p 0"
+            )
 
 
 def check_eval(recipe: Recipe) -> None:

@@ -82,3 +82,39 @@ def test_pairwise_objectives_refuse_other_view_counts() -> None:
                 task({"digits": batch})
         two = {"views": views * 2, "aug": batch["aug"] * 2}  # two views still train
         assert torch.isfinite(task({"digits": two})[0])
+
+
+def _recipe(model: str, objectives: dict, data: dict) -> dict:
+    sources = {"train": {"urls": "synthetic", "kind": "image_text"}}
+    return {
+        "model": {"name": model},
+        "data": {"sources": sources, "views": 2, **data},
+        "objectives": objectives,
+        "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 4},
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "objectives", "reader"),
+    [
+        ("test_tiny_simclr", {"augself": {"source": "train"}}, r"objectives\.augself"),
+        ("test_tiny_vit_cond", {"simclr": {"source": "train"}}, "descriptor conditioning"),
+    ],
+)
+def test_solarize_is_refused_where_descriptors_are_read(model, objectives, reader) -> None:
+    """The v1 descriptor has no solarize slot: a solarized view read as an unchanged one
+    (its descriptor equal to the unsolarized view's, the image inverted above 0.5)."""
+    from mmssl.train.recipe import recipe_from_dict
+
+    def check(data: dict) -> None:
+        validate(recipe_from_dict(_recipe(model, objectives, data)), 1, check_files=False)
+
+    with pytest.raises(ConfigError, match=rf"data\.augment: solarize_p 0\.2 with .*{reader}"):
+        check({"augment": {"solarize_p": 0.2}})
+    with pytest.raises(ConfigError, match=r"data\.view_augment\[1\]: solarize_p 0\.2"):
+        check({"view_augment": [{}, {"solarize_p": 0.2}]})
+    check({"augment": {"solarize_p": 0.2}, "view_augment": [{"solarize_p": 0}] * 2})
+    # a plain SimCLR model reads no descriptor: BYOL-style solarized views are fine
+    plain = _recipe("test_tiny_simclr", {"simclr": {"source": "train"}}, {})
+    plain["data"]["augment"] = {"solarize_p": 0.2}
+    validate(recipe_from_dict(plain), 1, check_files=False)
