@@ -6,12 +6,14 @@ what it needs when first called.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
     from torch import nn
 
     from mmssl.models.multimodal import MultimodalModel
+    from mmssl.models.text import TextTransformer
+    from mmssl.models.vision import VisionEncoder
     from mmssl.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -41,6 +43,14 @@ def list_models() -> list[str]:
     return list(_list())
 
 
+# the tower named gives the type returned (STYLE: a return type never depends on a flag
+# that the types do not tell)
+@overload
+def load_encoder(path: str, tower: Literal["vision"] = "vision") -> VisionEncoder: ...
+@overload
+def load_encoder(path: str, tower: Literal["text"]) -> TextTransformer: ...
+@overload
+def load_encoder(path: str, tower: Literal["model"]) -> MultimodalModel: ...
 def load_encoder(path: str, tower: str = "vision") -> nn.Module:
     """An exported model directory (model.safetensors + config.json) -> one tower, in eval mode.
 

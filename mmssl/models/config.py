@@ -30,7 +30,7 @@ class BlockConfig:
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
-        # the rate of the deepest block (trunk.py spreads 0..drop_path over depth)
+        # the rate of the deepest block (`nn.block.Transformer` spreads 0..drop_path over depth)
         if not 0.0 <= self.drop_path <= 1.0:  # NaN too
             raise ValueError(f"block.drop_path must be in [0, 1], got {self.drop_path}")
 
