@@ -8,7 +8,9 @@ LM step scores its logits under bf16 autocast), but:
   one large matmul;
 - the softmax runs over blocks of rows small enough to stay in cache (fp32), and each
   block's gradient (softmax - one-hot) overwrites its logits in place, during the forward;
-- the backward is two large matmuls with that buffer: d hidden = G W, d weight = G^T H.
+- the backward is two large matmuls with that buffer: d hidden = G W, d weight = G^T H;
+- the buffer's rows are padded to a multiple of 64 (`_padded_rows`): the matmuls are
+  faster on aligned rows (the weight gradient's, 1.3x at GPT-2's vocabulary).
 
 The plain path instead writes the fp32 logits, their fp32 log-softmax, a zero-filled fp32
 gradient, its fp32 log-softmax backward and a bf16 copy: ~7 passes over N x V x 4 bytes,
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _BLOCK_BYTES = 1 << 22  # fp32 bytes of one softmax block (4 MiB: about half an L2 per core)
+_ROW_ALIGN = 64  # the (N, V) buffer's rows are padded to a multiple of this many elements
 
 
 def check_label_smoothing(value: object) -> None:
@@ -38,6 +41,26 @@ def check_label_smoothing(value: object) -> None:
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not real or not 0 <= float(value) < 1:  # type: ignore[arg-type]
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {value!r}")
+
+
+def _padded_rows(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """weight in dtype, in a buffer of a multiple of _ROW_ALIGN rows (zeros after its own).
+
+    The logits `h @ w.T` then have rows of that many elements: with GPT-2's 50,257 (odd)
+    the weight-gradient matmul over them (d W = G^T H) took 1.3x as long as with 50,304
+    (bf16, 2,048 x 384 hidden, AMD EPYC; a strided (N, 50,257) view of the padded buffer
+    was as slow as the unpadded one).  As nanoGPT pads GPT-2's vocabulary, but inside the
+    op: the model keeps its vocabulary.  The padding rows are zeros, so their logits are 0
+    and never read; under autocast the weight is cast anyway, the cast writes the buffer.
+    """
+    v = weight.shape[0]
+    rows = -(-v // _ROW_ALIGN) * _ROW_ALIGN
+    if rows == v:
+        return weight.to(dtype)
+    out = weight.new_empty((rows, weight.shape[1]), dtype=dtype)
+    out[:v].copy_(weight)
+    out[v:].zero_()
+    return out
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -60,9 +83,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype: torch.dtype,
         need_grad: bool,
     ) -> Tensor:
-        h, w = hidden.to(dtype), weight.to(dtype)
-        logits = h @ w.t()  # (N, V): becomes the gradient buffer, block by block
-        n, v = logits.shape
+        h, w = hidden.to(dtype), _padded_rows(weight, dtype)
+        buf = h @ w.t()  # (N, V padded): its padding columns are 0, as is their gradient
+        n, v = buf.shape[0], weight.shape[0]
+        logits = buf[:, :v]  # becomes the gradient, block by block
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         acc = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
@@ -89,8 +113,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # block cost a pass over it (~5% of a GPT-2 step, where each row's last is ignored)
             logits.index_fill_(0, ignored, 0.0)
         if need_grad:
-            ctx.save_for_backward(h, w, logits)
+            ctx.save_for_backward(h, w, buf)
             ctx.dtypes = (hidden.dtype, weight.dtype)
+            ctx.vocab = v
         return total.to(acc)
 
     @staticmethod
@@ -105,9 +130,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = scaled(g @ w, ctx.dtypes[0])
+            grad_h = scaled(g @ w, ctx.dtypes[0])  # w's padding rows meet g's 0 columns
         if ctx.needs_input_grad[1]:
-            grad_w = scaled(g.t() @ h, ctx.dtypes[1])
+            grad_w = scaled((g.t() @ h)[: ctx.vocab], ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None
 
 

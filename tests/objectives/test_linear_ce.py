@@ -38,6 +38,18 @@ def test_fp64_equals_the_plain_path(monkeypatch, smoothing, use_mask, block_byte
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("v", [1, 63, 64, 65])
+def test_vocabularies_at_and_around_the_row_padding(v) -> None:
+    """The (N, V) buffer's rows are padded to a multiple of 64: the padding is never a
+    logit and never reaches a gradient (64: no padding; 65: 63 columns of it)."""
+    hidden, weight, tokens, mask = _inputs(v=v)
+    plain = next_token_loss(F.linear(hidden, weight), tokens, mask, label_smoothing=0.1)
+    fused = head_next_token_loss(hidden, weight, tokens, mask, label_smoothing=0.1)
+    for a, b in zip(_loss_and_grads(plain, hidden, weight), _loss_and_grads(fused, hidden, weight)):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 def test_blocks_with_a_ragged_last_block(monkeypatch) -> None:
     """27 rows in blocks of 4 (the last holds 3): the sum and gradients do not depend on
     the block size."""
