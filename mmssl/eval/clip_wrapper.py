@@ -93,7 +93,8 @@ def _uint8_chw(image: Tensor) -> Tensor:
 class CLIPWrapper(nn.Module):
     """encode_image(images (B, 3, S, S)) and encode_text(ids (B, T)) -> (B, E), unnormalised,
     plus `logit_scale` (and a SigLIP model's `logit_bias`); the mask the text tower needs is
-    rebuilt from the eos position.
+    rebuilt from the eos position.  Inputs run on the model's device and the results come
+    back on the inputs' device, so a harness's tensors all stay on one device.
 
     logits: the export's record of the objective the towers were trained with (`load_clip`
     passes its clip one, else its siglip one).  Its scale is the one the loss used: the
@@ -119,7 +120,7 @@ class CLIPWrapper(nn.Module):
     def logit_scale(self) -> Tensor:
         """log of the logit multiplier (open_clip's `logit_scale`): the trained objective's."""
         if self.logits is not None:
-            return torch.tensor(self.logits.logit_scale)
+            return torch.tensor(self.logits.logit_scale, device=self._device())
         scale = self.model.logit_scale
         if scale is None:  # load_clip checks both towers, which come with the scale
             raise RuntimeError(
@@ -132,34 +133,43 @@ class CLIPWrapper(nn.Module):
         """A SigLIP objective's learned bias; None for CLIP (as open_clip's models)."""
         if self.logits is None or self.logits.logit_bias is None:
             return None
-        return torch.tensor(self.logits.logit_bias)
+        return torch.tensor(self.logits.logit_bias, device=self._device())
+
+    def _device(self) -> torch.device:
+        from mmssl.eval.loading import model_device
+
+        return model_device(self.model)
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
-        """images (B, 3, S, S) -> (B, E)."""
-        return self.model.encode_image(images, normalize=normalize)
+        """images (B, 3, S, S) -> (B, E), on the images' device."""
+        out = self.model.encode_image(images.to(self._device()), normalize=normalize)
+        return out.to(images.device)
 
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
-        """ids (B, T) -> (B, E); the mask is rebuilt from the eos position."""
-        return self.model.encode_text(
-            text, mask_from_ids(text, self.eos_id, self.bos_id), normalize=normalize
+        """ids (B, T) -> (B, E), on the ids' device; the mask is rebuilt from the eos position."""
+        ids = text.to(self._device())
+        out = self.model.encode_text(
+            ids, mask_from_ids(ids, self.eos_id, self.bos_id), normalize=normalize
         )
+        return out.to(text.device)
 
     def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, ...]:
         """open_clip's (image_features, text_features, logit_scale.exp()), normalised, with
-        `logit_bias` fourth for a SigLIP model (as open_clip's)."""
+        `logit_bias` fourth for a SigLIP model (as open_clip's); on the images' device."""
         out = (
             self.encode_image(images, normalize=True),
-            self.encode_text(text, normalize=True),
-            self.logit_scale.exp(),
+            self.encode_text(text, normalize=True).to(images.device),
+            self.logit_scale.exp().to(images.device),
         )
         bias = self.logit_bias
-        return out if bias is None else (*out, bias)
+        return out if bias is None else (*out, bias.to(images.device))
 
 
 def load_clip(
     path: str | Path, tokenizer: str | None = None
 ) -> tuple[CLIPWrapper, ImageTransform, CLIPTokenizer]:
-    """(model, transform, tokenizer) of an exported model or run directory, in eval mode."""
+    """(model, transform, tokenizer) of an exported model or run directory, in eval mode, on
+    the accelerator device (`mmssl.eval.loading.load_model`)."""
     from mmssl.eval.loading import EvalError, load_model
 
     loaded = load_model(path)

@@ -32,7 +32,7 @@ from mmssl.cliargs import ArgumentParser, check_numbers, summary
 from mmssl.data.errors import DataError
 from mmssl.eval.data import Preprocess, iter_image_batches, iter_raw, shard_urls, shards_hint
 from mmssl.eval.features_file import features_metadata, is_features_file, save_features
-from mmssl.eval.loading import EvalError, text_width, vision_tower
+from mmssl.eval.loading import EvalError, model_device, text_width, vision_tower
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -125,7 +125,7 @@ def extract_features(
     keys: list[str] = []
     texts: list[str] = []
     joined = 0  # batches appended since the last join
-    proj = vision_tower(model).proj
+    vision_tower(model)  # EvalError without one
     batches = iter_image_batches(
         urls,
         preprocess,
@@ -138,11 +138,9 @@ def extract_features(
     )
     # a bar on rank 0's terminal only (disable=None: none where stderr is a file or a pipe)
     for batch in tqdm(batches, "features", unit=" batches", disable=None if rank == 0 else True):
-        pooled = model.forward_pooled(batch["image"])  # (B, D)
         cols["sample_index"].append(batch["sample_index"])
-        cols["features"].append(pooled.float())
-        if proj is not None:
-            cols["embeddings"].append(proj(pooled).float())  # (B, E)
+        for name, t in embed_batch(model, batch["image"]).items():
+            cols[name].append(t.cpu())  # host memory: a split's rows may not fit the device's
         for f in fields:
             cols[f].append(batch[f])
         keys += batch["__key__"]
@@ -165,7 +163,7 @@ def extract_features(
     # a rank with no samples still takes part in every gather, with empty tensors
     local = _fill_empty(local, fields, model)
     _agree_field_dtypes(local, fields)
-    gathered = {name: distributed.all_gather_no_grad(t) for name, t in local.items()}
+    gathered = gather_rows(local, model_device(model))
     index = gathered.pop("sample_index")
     all_keys = [k for part in distributed.all_gather_object(keys) for k in part]
     all_texts = [t for part in distributed.all_gather_object(texts) for t in part]
@@ -177,6 +175,23 @@ def extract_features(
     if captions:
         out["caption"] = [all_texts[p] for p in pos]
     return out
+
+
+def embed_batch(model: MultimodalModel, images: Tensor) -> dict[str, Tensor]:
+    """images (B, 3, S, S), on any device -> {"features": (B, D) pooled, "embeddings": (B, E)
+    projected, when the vision tower has a projection}, float, on the model's device."""
+    proj = vision_tower(model).proj
+    pooled = model.forward_pooled(images.to(model_device(model)))  # (B, D)
+    out = {"features": pooled.float()}
+    if proj is not None:
+        out["embeddings"] = proj(pooled).float()  # (B, E)
+    return out
+
+
+def gather_rows(local: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Every rank's rows {name: (B_r, ...)} concatenated in rank order, on the CPU.  The
+    gathers run on `device` (the model's: NCCL gathers accelerator tensors only)."""
+    return {name: distributed.all_gather_no_grad(t.to(device)).cpu() for name, t in local.items()}
 
 
 def embedding_column(model: MultimodalModel) -> str:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.eval.loading import EvalError, vision_tower
+from mmssl.eval.loading import EvalError, model_device, vision_tower
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -83,7 +83,8 @@ def finetune(
     limit: int | None = None,
 ) -> Classifier:
     """Fine-tune a copy of model.visual with a new head for `steps` engine steps, on the first
-    `limit` train samples when set (else the whole stream); returns it in eval mode on CPU."""
+    `limit` train samples when set (else the whole stream); returns it in eval mode on the
+    device it trained on (`mmssl.train.engine.device()`)."""
     from mmssl import distributed
     from mmssl.train import engine as ds
 
@@ -110,7 +111,7 @@ def finetune(
         loss = eng(images.to(dev), labels.to(dev))
         eng.backward(loss)
         eng.step()
-    return eng.module.to("cpu").eval()
+    return eng.module.eval()
 
 
 def _stream_batches(
@@ -152,14 +153,18 @@ def _memory_batches(
 
 @torch.no_grad()
 def accuracy(clf: Classifier, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    """Top-1 of clf on images (N, 3, S, S), labels (N,).  Ties and NaN logits count against
-    the model, as in `mmssl.eval.metrics` (an argmax gave a head that never moved, or one
-    that diverged to NaN, every sample of class 0); a label the head has no column for is
-    a miss."""
+    """Top-1 of clf on images (N, 3, S, S), labels (N,), the forwards on clf's device and the
+    scoring on the CPU.  Ties and NaN logits count against the model, as in
+    `mmssl.eval.metrics` (an argmax gave a head that never moved, or one that diverged to
+    NaN, every sample of class 0); a label the head has no column for is a miss."""
     from mmssl.eval.metrics import predictions
 
+    dev = model_device(clf)
     logits = torch.cat(
-        [clf.logits(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]
+        [
+            clf.logits(images[i : i + batch_size].to(dev)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     )  # (N, C)
     labels = labels.long()
     pred = predictions(logits, labels.clamp(0, logits.shape[1] - 1))
@@ -269,7 +274,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     }
     weights = Path(args.out) / "finetuned.safetensors"
     # readable by others (safetensors' own save_file makes it 0600), replaced atomically
-    save_safetensors({k: v.contiguous() for k, v in clf.state_dict().items()}, weights)
+    save_safetensors({k: v.cpu().contiguous() for k, v in clf.state_dict().items()}, weights)
     summary = (
         f"Fine-tuned vision tower + linear head, {args.steps} steps: **test top-1 {res['top1']:.4f}** "
         f"vs linear probe of the frozen tower {res['linear_probe_top1']:.4f}, both trained on the "

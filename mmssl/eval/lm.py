@@ -26,15 +26,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError, text_config, text_tower
+from mmssl.eval.loading import EvalError, model_device, text_config, text_tower
 from mmssl.eval.metrics import perplexity, topk_accuracy, unigram_perplexity
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
 
-LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) -> logits (B, T, V)
+LogitsFn = Callable[[Tensor], Tensor]  # ids (B, T) on the CPU -> logits (B, T, V) on any device
 SEP = "\n\n"  # between in-context examples
 DEFAULT_PROMPTS = ("The ", "a red ")
+
+
+def model_logits(model: MultimodalModel) -> LogitsFn:
+    """`model.lm_logits` of ids (B, T) on any device, moved to the model's: logits (B, T, V)
+    there (the scoring moves its targets to them)."""
+    dev = model_device(model)
+
+    def logits(ids: Tensor) -> Tensor:
+        return model.lm_logits(ids.to(dev))
+
+    return logits
 
 
 def token_stream(tokenizer: Any, docs: Iterable[str]) -> list[int]:
@@ -67,7 +78,8 @@ def stream_nll(
         # at GPT-2's vocabulary, 32 rows of 1024)
         for b in range(len(batch)):
             row_logits = logits[b].float()
-            total += float(F.cross_entropy(row_logits, batch[b, 1:], reduction="sum"))
+            row_targets = batch[b, 1:].to(row_logits.device)
+            total += float(F.cross_entropy(row_logits, row_targets, reduction="sum"))
         count += batch[:, 1:].numel()
         targets.append(batch[:, 1:].flatten())
     return total, count, torch.cat(targets)
@@ -191,7 +203,7 @@ def batch_loglik(
         logits = logits_fn(x[:, :-1])  # (B, W - 1, V)
         for i, (ids, n) in enumerate(chunk):
             end = len(ids) - 1  # logits at positions end - n .. end - 1 predict the continuation
-            targets = x[i, end - n + 1 : end + 1]
+            targets = x[i, end - n + 1 : end + 1].to(logits.device)
             # the continuation's rows only: a log-softmax of the whole batch was its size again
             logp = logits[i, end - n : end].float().log_softmax(-1)  # (n, V)
             out.append(float(logp.gather(1, targets[:, None]).sum()))
@@ -270,13 +282,15 @@ def samples(
     """Decoded continuations (prompt included) of each prompt.  Only ids the tokenizer has
     are sampled: a model whose vocab_size is padded past it (as nanoGPT pads GPT-2's 50257 to
     50304) has ids no text decodes to."""
-    g = torch.Generator().manual_seed(seed)
+    dev = model_device(model)
+    g = torch.Generator(device=dev).manual_seed(seed)  # multinomial samples on the model's
     text = text_tower(model)
     limit = min(int(tokenizer.vocab_size), text.cfg.vocab_size)
     out = []
     for p in prompts:
         ids = torch.tensor(
-            [[int(tokenizer.eos_id)] + tokenizer.encode(p, add_bos=False, add_eos=False)]
+            [[int(tokenizer.eos_id)] + tokenizer.encode(p, add_bos=False, add_eos=False)],
+            device=dev,
         )
         gen = text.generate(
             ids,
@@ -335,7 +349,7 @@ def perplexity_report(
     text_cfg = text_config(model)
     cl = text_cfg.context_length
     tokens = token_stream(tokenizer, docs(data))
-    total, n, targets = stream_nll(model.lm_logits, tokens, cl, batch_size)
+    total, n, targets = stream_nll(model_logits(model), tokens, cl, batch_size)
     if train_data is not None:
         counts = torch.bincount(
             torch.tensor(token_stream(tokenizer, docs(train_data))), minlength=tokenizer.vocab_size
@@ -356,7 +370,7 @@ def _check_finite_logits(model: MultimodalModel, tokenizer: Any) -> None:
     (NaN weights) scored 0.0 on every choice task, below chance, as a result, and its
     samples failed with a traceback after the scores were computed."""
     ids = torch.tensor([[int(tokenizer.eos_id)] + tokenizer.encode("The")])  # as `samples`
-    if not torch.isfinite(model.lm_logits(ids)).all():
+    if not torch.isfinite(model_logits(model)(ids)).all():
         raise EvalError(
             "the model's next-token logits are not finite (NaN or inf) for the text 'The': "
             "its weights diverged, and no perplexity, choice or sample can be scored"
@@ -401,7 +415,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         items = items[: args.limit] if args.limit is not None else items
         res.setdefault("multiple_choice", {})[name] = {}
         for k in shots:
-            r = score_task(model.lm_logits, tokenizer, items, k, cl, args.seed, args.batch_size)
+            r = score_task(model_logits(model), tokenizer, items, k, cl, args.seed, args.batch_size)
             res["multiple_choice"][name][str(k)] = r
             mc_rows.append([name, k, r["acc"], r["acc_norm"], r["num_items"], r["prompts_cut"]])
     if mc_rows:

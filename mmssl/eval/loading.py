@@ -1,5 +1,6 @@
 """What every evaluation starts from: a model directory (or a run directory, exported on the
-fly), its tokenizer checked against the checkpoint, and its image preprocessing."""
+fly) loaded onto the accelerator device, its tokenizer checked against the checkpoint, and
+its image preprocessing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from mmssl.eval.data import Preprocess
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from mmssl.models.config import TextConfig
     from mmssl.models.io import LogitParams
     from mmssl.models.multimodal import MultimodalModel
@@ -225,7 +229,11 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> Loaded:
-    """Load an exported model (or a run's latest checkpoint) in eval mode, on CPU."""
+    """Load an exported model (or a run's latest checkpoint) in eval mode, on this rank's
+    accelerator device (`mmssl.train.engine.device()`: DeepSpeed's, the CPU without one;
+    `_device`).
+    The tasks move their inputs to the model's device (`model_device`) and their results
+    back to the CPU, where the metrics are computed."""
     from mmssl.models.io import load_pretrained, read_config
     from mmssl.schema import ConfigError
 
@@ -235,7 +243,34 @@ def load_model(path: str | Path) -> Loaded:
         model = load_pretrained(model_dir)
     except (ConfigError, ValueError) as err:
         raise EvalError(str(err)) from None
+    model = model.to(_device())
     return Loaded(model=model, model_dir=model_dir, config=config, source=str(path))
+
+
+def _device() -> torch.device:
+    """`mmssl.train.engine.device()` where there may be an accelerator (DS_ACCELERATOR names
+    one, or CUDA is present), else the CPU without importing DeepSpeed: its import took
+    3.5 s and printed "Setting accelerator to CPU" into every evaluation's stdout."""
+    import os
+
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    from mmssl.train.engine import device
+
+    return device()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s parameters, where its inputs go; the CPU for a model without
+    parameters (or a stand-in without `parameters()`, as tests pass)."""
+    import torch
+
+    params = getattr(model, "parameters", None)
+    for p in params() if params is not None else ():
+        return p.device
+    return torch.device("cpu")
 
 
 def load_tokenizer(

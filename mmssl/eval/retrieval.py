@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmssl.eval.loading import EvalError, text_config
+from mmssl.eval.loading import EvalError, model_device, text_config
 from mmssl.eval.metrics import ahead_of_best
 
 if TYPE_CHECKING:
@@ -118,17 +118,25 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
     return out
 
 
+def embed_texts(model: MultimodalModel, ids: Tensor, mask: Tensor | None) -> Tensor:
+    """ids (B, T) and mask (B, T) or None of `batch_encode`, on any device -> (B, E)
+    L2-normalised float text embeddings, on the model's device."""
+    dev = model_device(model)
+    mask = None if mask is None else mask.to(dev)
+    return model.encode_text(ids.to(dev), mask, normalize=True).float()
+
+
 @torch.no_grad()
 def encode_texts(
     model: MultimodalModel, tokenizer: Any, texts: list[str], batch_size: int
 ) -> Tensor:
-    """(T, E) L2-normalised text embeddings."""
+    """(T, E) L2-normalised text embeddings, on the CPU."""
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = tokenizer.batch_encode(
             texts[i : i + batch_size], text_config(model).context_length
         )
-        out.append(model.encode_text(ids, mask, normalize=True).float())
+        out.append(embed_texts(model, ids, mask).cpu())
     return torch.cat(out)
 
 

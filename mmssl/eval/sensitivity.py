@@ -55,12 +55,16 @@ def conditioned_simclr_loss(
 ) -> Tensor:
     """SimCLR loss with each view conditioned on its own descriptor (both branches).
 
-    views: two (B, 3, H, W); augs: two (B, 13).  Unconditioned models ignore augs.
+    views: two (B, 3, H, W); augs: two (B, 13), on any device; the loss is on the model's.
+    Unconditioned models ignore augs.
     """
+    from mmssl.eval.loading import model_device
+
+    dev = model_device(model)
     z = []
     for view, aug in zip(views, augs):
-        c = model.condition(aug)
-        z.append(ssl_embedding(model, model.forward_pooled(view, c), c))
+        c = model.condition(aug.to(dev))
+        z.append(ssl_embedding(model, model.forward_pooled(view.to(dev), c), c))
     return nt_xent_loss(z[0], z[1], temperature)
 
 
@@ -109,10 +113,15 @@ def omega_usage(
 
 @torch.no_grad()
 def features(model: MultimodalModel, images: Tensor, batch_size: int = 512) -> Tensor:
-    """Pooled features (N, D) for downstream use: those of the un-augmented images (the
-    neutral descriptor's condition for a backbone-conditioned model, see
+    """Pooled features (N, D), on the CPU, for downstream use: those of the un-augmented
+    images (the neutral descriptor's condition for a backbone-conditioned model, see
     MultimodalModel.forward_features)."""
-    return torch.cat([model.forward_pooled(c).float() for c in images.split(batch_size)])
+    from mmssl.eval.loading import model_device
+
+    dev = model_device(model)
+    return torch.cat(
+        [model.forward_pooled(c.to(dev)).float().cpu() for c in images.split(batch_size)]
+    )
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mmssl.eval.loading import EvalError, Loaded, text_config, text_width
 from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
+from mmssl.eval.retrieval import embed_texts
 
 if TYPE_CHECKING:
     from mmssl.models.multimodal import MultimodalModel
@@ -203,7 +204,8 @@ def _read_list(path: str) -> list[str]:
 def class_embeddings(
     model: MultimodalModel, tokenizer: Any, prompts: list[list[str]], batch_size: int = 256
 ) -> Tensor:
-    """(C, E) L2-normalised class embeddings: the renormalised mean over each class's prompts.
+    """(C, E) L2-normalised class embeddings, on the CPU: the renormalised mean over each
+    class's prompts.
 
     EvalError if a prompt (with its start and end tokens) is longer than the text context:
     cut to it, prompts that differ only past the cut become one token row, and classes
@@ -217,8 +219,8 @@ def class_embeddings(
     too_long = [p for batch in batches for p in batch[2]]
     if too_long:
         _refuse_long_prompts(tokenizer, too_long, len(flat), context_length)
-    embs = [model.encode_text(ids, mask, normalize=True).float() for ids, mask, _ in batches]
-    emb = torch.cat(embs)  # (P, E)
+    embs = [embed_texts(model, ids, mask).cpu() for ids, mask, _ in batches]
+    emb = torch.cat(embs)  # (P, E), on the CPU
     out, start = [], 0
     for ps in prompts:
         out.append(emb[start : start + len(ps)].mean(0))
