@@ -196,7 +196,9 @@ def check_cond(
 
 
 class PrefixTokens(nn.Module):
-    """c (B, C) -> k condition tokens (B, k, D) to prepend to the patch tokens."""
+    """c (B, C) -> k condition tokens (B, k, D) to prepend to the patch tokens.  Not zero
+    at init, and even zero tokens would take attention weight: unlike adaLN-Zero, a model
+    with them does not start equal to its unconditioned twin."""
 
     def __init__(self, cond_dim: int, num_tokens: int, dim: int):
         super().__init__()

@@ -53,7 +53,11 @@ class VisionConfig:
     pool: Literal["token", "mean"] = "token"
     cond_dim: int | None = None  # adaLN-Zero conditioning of the blocks; None = unconditioned
     cond_depth: int | None = None  # condition only the top k blocks; None = all
-    cond_tokens: int = 0  # condition tokens prepended to the patch tokens (needs `condition`)
+    # condition tokens prepended to the patch tokens (needs `condition`).  The one route that
+    # is not neutral at init: the tokens join attention from the first step, so features
+    # differ from the unconditioned model's (adaLN-Zero and the conditioned projector start
+    # equal to it)
+    cond_tokens: int = 0
     # Local attention: a patch token attends only to the patch tokens within this grid
     # (Chebyshev) distance.  With rope and no absolute table, the patch tokens farther than
     # depth * attn_window from the border are then exactly equivariant to whole-patch shifts
