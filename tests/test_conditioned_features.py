@@ -105,6 +105,17 @@ def test_the_features_digest_covers_the_condition_of_a_conditioned_backbone() ->
     with torch.no_grad():
         model.conditioner.net[-1].bias.add_(0.5)
     assert vision_digest(model) != before
+    # of the weights and prompt that make the condition, not of its value, which an
+    # accelerator computes otherwise than the CPU in its last bits (extracted on one, a
+    # file was refused on the other)
+    after = vision_digest(model)
+    nudged = model.image_condition(None) * (1 + 1e-6)
+    model.image_condition = lambda cond, device=None: nudged  # type: ignore[method-assign]
+    assert vision_digest(model) == after
+    model.cond_prompt = torch.tensor([[1, 5, 2]])
+    with_prompt = vision_digest(model)
+    model.cond_prompt = torch.tensor([[1, 6, 2]])
+    assert len({after, with_prompt, vision_digest(model)}) == 3
     plain = _trained_like("test_tiny_vit")
     assert plain.image_condition(None) is None
     import hashlib

@@ -5,7 +5,7 @@ read it (few-shot, linear, zero-shot) take them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,21 +25,32 @@ MARKER = "mmssl_features"
 
 
 def vision_digest(model: MultimodalModel) -> str:
-    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes), and of the
-    condition its features take without one (`MultimodalModel.image_condition`: a backbone
-    conditioned on descriptors reads the conditioner's output too): recorded in a features
-    file, so that a task that pairs its embeddings with a model's text tower can check they
-    come from the same model."""
+    """sha256 of the vision tower's weights (names, dtypes, shapes, bytes), and of what makes
+    the condition its features take without one (`MultimodalModel.image_condition`: a
+    backbone conditioned on descriptors or on a prompt reads the conditioner's output too):
+    recorded in a features file, so that a task that pairs its embeddings with a model's text
+    tower can check they come from the same model."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in sorted(vision_tower(model).state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    with torch.no_grad():
-        cond = model.image_condition(None)
-    if cond is not None:  # nothing for other models: their digests are as before
-        h.update(b"condition;" + cond.float().cpu().contiguous().numpy().tobytes())
+
+    def weights(items: Iterable[tuple[str, Tensor]]) -> None:
+        for name, t in sorted(items):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    weights(vision_tower(model).state_dict().items())
+    visual = vision_tower(model)
+    if model.conditioner is not None and (visual.cfg.cond_dim or visual.cfg.cond_tokens):
+        # the weights and prompt that make the condition, not its value: a value computed on
+        # an accelerator differs from the CPU's in its last bits, and a file extracted on
+        # one was refused on the other.  Other models' digests are as before
+        h.update(b"condition;")
+        prompt = model.cond_prompt
+        makers = ("conditioner.", "text.") if prompt is not None else ("conditioner.",)
+        weights((n, t) for n, t in model.state_dict().items() if n.startswith(makers))
+        if prompt is not None:
+            h.update(b"prompt;" + prompt.cpu().to(torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 
