@@ -248,6 +248,9 @@ def test_sample_fiber_pairs_ranges_and_displacement():
     i1, i2 = sample_fiber_pairs(4000, (7, 7), 1, gen)
     assert (i1 - i2).abs().max() == 1
     assert ((i2 >= 0) & (i2 < 7)).all()
+    # uniform within k on both sides of every axis (a one-sided window also has max 1)
+    d = i2 - i1
+    assert d.min() == -1 and d.float().mean(0).abs().max() < 0.05
     i1, i2 = sample_fiber_pairs(100, (4,), 0, gen)
     assert torch.equal(i1, i2)
 

@@ -71,3 +71,12 @@ def test_a_png_whose_deflate_stream_is_cut_before_its_checksum_is_bad() -> None:
     with pytest.raises(BadSample) as err:
         decode_image(png)
     assert err.value.kind == "bad_image"
+
+
+def test_an_image_of_exactly_max_pixels_decodes() -> None:
+    """The limit is inclusive, as PIL's fallback path has it: 40 x 25 = 1000 pixels."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((25, 40, 3), np.uint8)).save(buf, "PNG")
+    assert decode_image(buf.getvalue(), max_pixels=1000).shape == (3, 25, 40)
+    with pytest.raises(BadSample):
+        decode_image(buf.getvalue(), max_pixels=999)

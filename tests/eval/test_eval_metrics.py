@@ -178,3 +178,11 @@ def test_retrieval_mean_recall_is_the_mean_of_both_directions() -> None:
     out = retrieval.score(img, txt, torch.arange(6), ks=(1, 2))
     vals = [v for k, v in out.items() if k != "mean_recall"]
     assert len(vals) == 4 and out["mean_recall"] == pytest.approx(sum(vals) / 4)
+
+
+def test_a_nan_score_of_the_positive_counts_against_the_model() -> None:
+    """One diverged gallery embedding: the positive's NaN score is ahead of nothing, so the
+    finite negatives rank before it (as topk_accuracy treats a NaN target)."""
+    scores = torch.tensor([[math.nan, 0.1, 0.2]])
+    positives = torch.tensor([[True, False, False]])
+    assert metrics.recall_at_k(scores, positives, (1, 2, 3)) == {1: 0.0, 2: 0.0, 3: 1.0}
