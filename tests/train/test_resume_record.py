@@ -208,3 +208,27 @@ def test_resume_refuses_changed_data_stream_settings_naming_the_recipe_key(tmp_p
     check_resume(
         folder, _resolved(data={"sources": {"train": {"urls": "synthetic"}}, "seed": 3}), 1, 0
     )
+
+
+def test_a_run_grew_from_the_named_checkpoint_only_while_it_is_the_same_one(
+    tmp_path: Path,
+) -> None:
+    """`find_resume`'s requeue test (`_grew_from`): this run's checkpoint grew from the one
+    `resume=` names while that path holds the same checkpoint (its manifest's digest), or
+    none (rotated away); a different checkpoint at the path is a new starting point."""
+    from mmssl.train.checkpoint import MANIFEST, _grew_from, started_from
+
+    origin = tmp_path / "base" / "checkpoints" / "step_00000002"
+    origin.mkdir(parents=True)
+    (origin / MANIFEST).write_text('{"files": {"a": 1}}')
+    own = tmp_path / "fork" / "checkpoints"
+    record = {"recipe": {}, "started_from": started_from(origin)}
+    (own / "step_00000003").mkdir(parents=True)
+    (own / "step_00000003" / RUN_RECORD).write_text(json.dumps(record))
+    for named in (origin, origin.parent, origin.parent.parent):
+        assert _grew_from(own, "step_00000003", str(named))
+    assert not _grew_from(own, "step_00000003", str(tmp_path / "elsewhere"))
+    (origin / MANIFEST).write_text('{"files": {"a": 2}}')  # the base run saved step 2 again
+    assert not _grew_from(own, "step_00000003", str(origin))
+    (origin / MANIFEST).unlink()  # rotated away: still the run that grew from it
+    assert _grew_from(own, "step_00000003", str(origin))
