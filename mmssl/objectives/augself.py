@@ -81,7 +81,7 @@ def augself_loss(
 class AugSelfHead(nn.Module):
     """MLP head predicting the descriptor difference of two views from their features.
 
-    dim: feature dim of f(v); descriptor_dim must match the layout of `version`; hidden_dim: MLP
+    dim: feature dim of f(v); descriptor_dim must match the layout of `version`; hidden: MLP
     width; weights: per-group loss weights (0 switches a group off; AugSelf's own recipes use
     only crop and color).
     """
@@ -90,7 +90,7 @@ class AugSelfHead(nn.Module):
         self,
         dim: int,
         descriptor_dim: int = 13,
-        hidden_dim: int = 512,
+        hidden: int = 512,
         version: str = "v1",
         weights: dict[str, float] | None = None,
         symmetric: bool = True,
@@ -108,11 +108,11 @@ class AugSelfHead(nn.Module):
         self.weights = dict(weights or {})
         self.symmetric = symmetric
         self.mlp = nn.Sequential(
-            nn.Linear(2 * dim, hidden_dim),
+            nn.Linear(2 * dim, hidden),
             nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
+            nn.Linear(hidden, hidden),
             nn.GELU(),
-            nn.Linear(hidden_dim, descriptor_dim),
+            nn.Linear(hidden, descriptor_dim),
         )
 
     def predict(self, f1: Tensor, f2: Tensor) -> Tensor:

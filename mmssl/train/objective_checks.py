@@ -21,7 +21,7 @@ OPTION_USERS = {
     "max_logit_scale": ("clip",),
     "label_smoothing": ("next_token", "captioning"),
     "fused_head": ("next_token", "captioning"),
-    "hidden_dim": ("augself",),
+    "hidden": ("augself",),
     "group_weights": ("augself",),
     "window": ("hssl",),
     "displacement": ("hssl",),

@@ -106,7 +106,7 @@ class ObjectiveConfig:
     # loss, bf16 rounding aside)
     fused_head: bool = True
     projector_dim: int | None = None  # simclr: a task-owned 2-layer MLP head; None: model proj
-    hidden_dim: int = 512  # augself head width
+    hidden: int = 512  # augself head width
     # augself: loss weight per descriptor group (blur, color, color_diff, crop, grayscale);
     # a group left out weighs 1, 0 drops it (the AugSelf paper predicts crop and color only)
     group_weights: dict[str, float] = field(default_factory=dict)

@@ -168,7 +168,7 @@ class Task(nn.Module):
                 self.losses[key] = SigLipLoss(gather=gather or "chunked")
             elif kind == "augself":
                 self.heads[key] = AugSelfHead(
-                    vision_dim, hidden_dim=obj.hidden_dim, weights=obj.group_weights
+                    vision_dim, hidden=obj.hidden, weights=obj.group_weights
                 )
         promote_scalar_params(self)
 

@@ -75,7 +75,7 @@ def check_values(recipe: Recipe) -> None:
                 "in [0, 1)",
                 obj.label_smoothing,
             ),
-            (f"{where}.hidden_dim", obj.hidden_dim >= 1, ">= 1", obj.hidden_dim),
+            (f"{where}.hidden", obj.hidden >= 1, ">= 1", obj.hidden),
             (
                 f"{where}.projector_dim",
                 obj.projector_dim is None or obj.projector_dim >= 1,

@@ -127,7 +127,7 @@ def run(variant: str, seed: int, data: dict, steps: int, batch_size: int) -> dic
     t_run = time.perf_counter()
     torch.manual_seed(seed)
     model = mmssl.create_model("test_tiny_simclr", **merge(BASE, VARIANTS[base]))
-    head = AugSelfHead(model.cfg.vision.dim, hidden_dim=256) if base == "augself" else None
+    head = AugSelfHead(model.cfg.vision.dim, hidden=256) if base == "augself" else None
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     warmup = max(1, steps // 20)

@@ -56,7 +56,7 @@ def test_group_losses_match_naive_loop() -> None:
 
 def test_head_is_symmetric_and_trains_features() -> None:
     torch.manual_seed(0)
-    head = AugSelfHead(dim=6, hidden_dim=16)
+    head = AugSelfHead(dim=6, hidden=16)
     f1 = torch.randn(4, 6, requires_grad=True)
     f2 = torch.randn(4, 6, requires_grad=True)
     g = torch.Generator().manual_seed(1)
@@ -68,7 +68,7 @@ def test_head_is_symmetric_and_trains_features() -> None:
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert f1.grad.abs().sum() > 0 and f2.grad.abs().sum() > 0
-    one_way = AugSelfHead(dim=6, hidden_dim=16, symmetric=False)
+    one_way = AugSelfHead(dim=6, hidden=16, symmetric=False)
     assert one_way.predict(f1, f2).shape == (4, 13)
 
 

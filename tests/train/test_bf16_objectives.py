@@ -17,7 +17,7 @@ OBJECTIVES = {
     "clip": {"source": "train", "positives": "caption"},
     "siglip": {"source": "train", "weight": 0.5},
     "simclr": {"source": "train", "projector_dim": 16},
-    "augself": {"source": "train", "hidden_dim": 16, "weight": 0.5},
+    "augself": {"source": "train", "hidden": 16, "weight": 0.5},
     "hssl": {"source": "train", "weight": 0.3},
     "next_token": {"source": "train", "weight": 0.25},
     "captioning": {"source": "train", "weight": 0.25, "label_smoothing": 0.1},

@@ -347,7 +347,7 @@ def test_task_augself_loss_takes_the_views_descriptors_in_order() -> None:
         {
             "model": {"name": "test_tiny_simclr"},
             "data": {"sources": {"train": {"urls": "synthetic", "kind": "image_text"}}, "views": 2},
-            "objectives": {"augself": {"source": "train", "hidden_dim": 16}},
+            "objectives": {"augself": {"source": "train", "hidden": 16}},
             "train": {"steps": 1, "global_batch_size": 4, "micro_batch_size": 4},
         }
     )

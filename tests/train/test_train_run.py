@@ -244,7 +244,7 @@ def test_other_objectives_zero3_synthetic(tmp_path: Path) -> None:
         "data: {views: 2, sources: {train: {urls: synthetic}}}\n"
         "objectives:\n"
         "  siglip: {}\n"
-        "  augself: {weight: 0.5, hidden_dim: 16}\n"
+        "  augself: {weight: 0.5, hidden: 16}\n"
         "  simclr: {projector_dim: 8, positives: label}\n"
         "train: {steps: 2, global_batch_size: 8, micro_batch_size: 4, deepspeed: zero3}\n"
         "logging: {every: 1, tensorboard: false, progress: false}\n"
