@@ -47,7 +47,7 @@ from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate, ignore_sigterm
 from mmssl.data.shards import manifest_counts
 from mmssl.data.tario import samples_for_counting
-from mmssl.data.urls import check_urls, expand_urls, is_local
+from mmssl.data.urls import check_no_repeats, check_urls, expand_urls, is_local
 
 # 3: in resampled mode each source draws its shards from its own seeded stream (version 2
 # drew the same indices for every source); the streams of epoch mode and of source 0 are
@@ -124,6 +124,7 @@ def _resolve(
     skipped = SkipCounter()
     bad_docs = SkipCounter()  # text: undecodable documents (the stream meets them again)
     if mode == "epoch":
+        check_no_repeats(src.urls, urls)
         if len(urls) < slots:
             raise DataError(
                 f"epoch mode needs at least ranks x workers = {slots} shards per source, but "

@@ -62,9 +62,8 @@ def _no_glob(urls: list[str]) -> str:
 
 
 def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
-    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked),
-    a URL names a scheme (http://, s3://) that only a pipe: command can read, or a shard is
-    listed twice (the same path or command)."""
+    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked)
+    or a URL names a scheme (http://, s3://) that only a pipe: command can read."""
     if not urls:
         raise DataError(f"shard pattern {pattern!r} expands to no URL")
     remote = next((u for u in urls if not is_local(u) and not u.startswith("pipe:")), None)
@@ -73,15 +72,6 @@ def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
             f"shard {remote!r} of {pattern!r}: only local paths and pipe: commands are read; "
             f"stream it through a command, e.g. 'pipe:curl -sfL {remote}'"
         )
-    seen: dict[str, str] = {}
-    for u in urls:  # an epoch would read its samples twice, an evaluation count them twice
-        same = os.path.abspath(u) if is_local(u) else u
-        if same in seen:
-            raise DataError(
-                f"shard pattern {pattern!r} lists a shard twice ({seen[same]!r} and {u!r}); "
-                f"a source's share of the draws is its weight"
-            )
-        seen[same] = u
     local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if local and len(missing) == len(local):
@@ -93,3 +83,18 @@ def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
             f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist"
             f"{_no_glob(missing)} (first missing: {missing[0]})"
         )
+
+
+def check_no_repeats(pattern: str | Sequence[str], urls: list[str]) -> None:
+    """DataError when a shard is listed twice (the same path or command) where each shard is
+    read once: an epoch read its samples twice, an evaluation counted them twice.  (Resampled
+    mode draws from the list, so there a repeat weights a shard, as in webdataset.)"""
+    seen: dict[str, str] = {}
+    for u in urls:
+        same = os.path.abspath(u) if is_local(u) else u
+        if same in seen:
+            raise DataError(
+                f"shard pattern {pattern!r} lists a shard twice ({seen[same]!r} and {u!r}), "
+                f"so its samples would be read twice"
+            )
+        seen[same] = u

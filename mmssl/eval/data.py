@@ -26,7 +26,7 @@ from mmssl.data.decode import (
 )
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.tario import iter_shard
-from mmssl.data.urls import check_urls, expand_urls
+from mmssl.data.urls import check_no_repeats, check_urls, expand_urls
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     except ValueError as err:  # braceexpand's UnbalancedBracesError, as training reports it
         raise DataError(f"shard pattern {pattern!r} cannot be brace-expanded: {err}") from None
     check_urls(pattern, urls)
+    check_no_repeats(pattern, urls)
     return urls
 
 

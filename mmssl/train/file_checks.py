@@ -15,15 +15,19 @@ if TYPE_CHECKING:
 
 
 def check_shards(recipe: Recipe) -> None:
-    """Every local shard of every source exists (pipe: and remote URLs are not checked)."""
+    """Every local shard of every source exists (pipe: and remote URLs are not checked), and
+    an epoch-mode source lists each once."""
     from mmssl.data.errors import DataError
-    from mmssl.data.urls import check_urls
+    from mmssl.data.urls import check_no_repeats, check_urls
 
     for name, src in recipe.data.sources.items():
         if src.urls == "synthetic":
             continue
         try:
-            check_urls(src.urls, _source_urls(name, src.urls))
+            urls = _source_urls(name, src.urls)
+            check_urls(src.urls, urls)
+            if src.mode == "epoch":
+                check_no_repeats(src.urls, urls)
         except DataError as err:
             raise ConfigError(f"data.sources.{name}.urls: {err}") from None
 

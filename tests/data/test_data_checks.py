@@ -240,16 +240,21 @@ def test_a_url_only_a_command_can_read_is_a_preflight_error(tmp_path, url):
         )
 
 
-def test_a_shard_listed_twice_is_a_preflight_error(image_shards, tmp_path):
-    """An epoch read its samples twice (an evaluation counted them twice), unwarned."""
+def test_a_shard_listed_twice_is_refused_where_each_is_read_once(image_shards, tmp_path):
+    """An epoch read a repeated shard's samples twice (an evaluation counted them twice),
+    unwarned.  Resampled mode draws from the list: a repeat weights the shard there."""
     from mmssl.data.urls import expand_urls
+    from mmssl.eval.data import shard_urls
 
     urls = expand_urls(image_shards)
     same = os.path.join(os.path.dirname(urls[0]), ".", os.path.basename(urls[0]))
     for twice in ([*urls, urls[0]], [*urls, same], ["pipe:cat x.tar", "pipe:cat x.tar"]):
         with pytest.raises(DataError, match="lists a shard twice"):
             build_pipeline(twice, batch_size=2, rank=0, world_size=1, mode="epoch")
+    with pytest.raises(DataError, match="lists a shard twice"):
+        shard_urls([*urls, same])
     assert len(build_pipeline(urls, batch_size=2, rank=0, world_size=1, mode="epoch")) == 24
+    build_pipeline([*urls, urls[0]], batch_size=2, rank=0, world_size=1, mode="resampled")
 
 
 @pytest.mark.parametrize("kept", [2, 10])  # fewer samples than the manifest says, and more

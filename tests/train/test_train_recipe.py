@@ -138,6 +138,18 @@ def test_missing_shards(
     assert "data.sources.digits.urls" in err and "nowhere" in err
 
 
+def test_an_epoch_source_listing_a_shard_twice(
+    base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: str
+) -> None:
+    """Refused at --validate, before a run reads the shard twice each epoch; resampled mode
+    draws from the list, where a repeat weights the shard."""
+    twice = f"data.sources.digits.urls={demo_data}/digits/train-{{000000,000001,000000}}.tar"
+    err = _bad([*base, twice, "data.sources.digits.mode=epoch"], capsys, tmp_path / "runs")
+    assert "data.sources.digits.urls" in err and "lists a shard twice" in err
+    recipe = load_recipe(QUICK, [*base[1:], twice])
+    validate(recipe, 1, check_files=True)
+
+
 def test_deepspeed_json_conflict(
     base: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
