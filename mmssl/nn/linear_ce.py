@@ -52,6 +52,8 @@ def _padded_rows(weight: Tensor, dtype: torch.dtype) -> Tensor:
     was as slow as the unpadded one).  As nanoGPT pads GPT-2's vocabulary, but inside the
     op: the model keeps its vocabulary.  The padding rows are zeros, so their logits are 0
     and never read; under autocast the weight is cast anyway, the cast writes the buffer.
+    In fp32 the copy is extra, held for the forward only (the backward's d hidden = G W
+    reads the weight itself: as fast with G's padded rows as without).
     """
     v = weight.shape[0]
     rows = -(-v // _ROW_ALIGN) * _ROW_ALIGN
@@ -111,9 +113,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_grad and ignored.numel():
             # the ignored rows' gradient is 0: zeroed once here, as a masked_fill_ of every
             # block cost a pass over it (~5% of a GPT-2 step, where each row's last is ignored)
-            logits.index_fill_(0, ignored, 0.0)
+            buf.index_fill_(0, ignored, 0.0)  # padding too: 0 * inf hidden is NaN there
         if need_grad:
-            ctx.save_for_backward(h, w, buf)
+            # the weight as given where no cast was made (fp32): the padded copy is then
+            # freed after the forward instead of held as a second weight
+            ctx.save_for_backward(h, weight if weight.dtype == dtype else w[:v], buf)
             ctx.dtypes = (hidden.dtype, weight.dtype)
             ctx.vocab = v
         return total.to(acc)
@@ -130,7 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = scaled(g @ w, ctx.dtypes[0])  # w's padding rows meet g's 0 columns
+            grad_h = scaled(g[:, : ctx.vocab] @ w, ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             grad_w = scaled((g.t() @ h)[: ctx.vocab], ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,20 @@ def test_vocabularies_at_and_around_the_row_padding(v) -> None:
     for a, b in zip(_loss_and_grads(plain, hidden, weight), _loss_and_grads(fused, hidden, weight)):
         assert b.shape == a.shape
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_an_ignored_row_of_inf_hidden_gets_a_zero_gradient() -> None:
+    """As in the plain path (whose ignored row's logit gradient is 0): the row padding's
+    logits of an inf hidden state are 0 * inf = NaN, zeroed with the row's own."""
+    _, weight, _, _ = _inputs(v=37)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    hidden[2, 0] = math.inf
+    hidden.requires_grad_()
+    targets = torch.tensor([3, 1, -100, 7, 0])
+    loss = linear_ce.linear_cross_entropy(hidden, weight, targets)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[2].any()
 
 
 def test_blocks_with_a_ragged_last_block(monkeypatch) -> None:
