@@ -259,7 +259,13 @@ def _device() -> torch.device:
         return torch.device("cpu")
     from mmssl.train.engine import device
 
-    return device()
+    dev = device()
+    local = os.environ.get("LOCAL_RANK")
+    # under a launcher, before init_distributed pins this rank's device (`mmssl eval
+    # finetune` loads first), the current device is every rank's device 0
+    if dev.type != "cpu" and local is not None and dev.index != int(local):
+        dev = torch.device(dev.type, int(local))
+    return dev
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -243,3 +243,20 @@ def test_finetuned_classifier_is_scored_on_its_device(tiny_model_dir: str) -> No
     clf = Classifier(load_pretrained(tiny_model_dir).standalone_vision(), 3).eval().to(META)
     with strict(), pytest.raises(NotImplementedError, match=COPY_OUT):
         accuracy(clf, _images(5), torch.tensor([0, 1, 2, 0, 1]), batch_size=2)
+
+
+def test_a_launched_rank_loads_onto_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before init_distributed pins it, the accelerator's current device is 0 on every rank
+    (`mmssl eval finetune` loads the model first): LOCAL_RANK names the rank's own."""
+    import mmssl.train.engine as engine
+    from mmssl.eval.loading import _device
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setattr(engine, "device", lambda: torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _device() == torch.device("cuda", 0)
+    monkeypatch.setattr(engine, "device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _device() == torch.device("cpu")
