@@ -141,7 +141,7 @@ def _check_solarize(recipe: Recipe, cfg: Any) -> None:
     readers = [
         f"objectives.{k} (augself)"
         for k, o in recipe.objectives.items()
-        if (o.type or k) == "augself"
+        if (o.type or k) == "augself" and o.weight  # weight 0: an ablation, nothing read
     ]
     if cfg.condition is not None and cfg.condition.source == "descriptor":
         readers.append("the model's descriptor conditioning")

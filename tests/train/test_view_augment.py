@@ -114,7 +114,12 @@ def test_solarize_is_refused_where_descriptors_are_read(model, objectives, reade
     with pytest.raises(ConfigError, match=r"data\.view_augment\[1\]: solarize_p 0\.2"):
         check({"view_augment": [{}, {"solarize_p": 0.2}]})
     check({"augment": {"solarize_p": 0.2}, "view_augment": [{"solarize_p": 0}] * 2})
-    # a plain SimCLR model reads no descriptor: BYOL-style solarized views are fine
+    # a plain SimCLR model reads no descriptor: BYOL-style solarized views are fine; nor
+    # does an augself of weight 0 (an ablation)
+    ablated = _recipe("test_tiny_simclr", {"augself": {"source": "train", "weight": 0}}, {})
+    ablated["objectives"]["simclr"] = {"source": "train"}
+    ablated["data"]["augment"] = {"solarize_p": 0.2}
+    validate(recipe_from_dict(ablated), 1, check_files=False)
     plain = _recipe("test_tiny_simclr", {"simclr": {"source": "train"}}, {})
     plain["data"]["augment"] = {"solarize_p": 0.2}
     validate(recipe_from_dict(plain), 1, check_files=False)
