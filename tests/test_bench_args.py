@@ -137,6 +137,7 @@ def test_clip_caption_tokens_must_start_inside_the_context(value: str, capsys) -
 # accepted and silently ignored (bench_host_memory always runs bf16 autocast, for one)
 UNUSED_OPTIONS = {
     "bench_actckpt": ["--bf16", "--compile"],
+    "bench_head_padding": ["--bf16", "--compile", "--budget", "--json"],
     "bench_host_memory": ["--bf16", "--compile", "--budget", "--json"],
     "bench_switches": ["--bf16"],
 }

@@ -91,7 +91,7 @@ def check_no_repeats(pattern: str | Sequence[str], urls: list[str]) -> None:
     mode draws from the list, so there a repeat weights a shard, as in webdataset.)"""
     seen: dict[str, str] = {}
     for u in urls:
-        same = os.path.abspath(u) if is_local(u) else u
+        same = os.path.realpath(u) if is_local(u) else u  # a link to a listed shard too
         if same in seen:
             raise DataError(
                 f"shard pattern {pattern!r} lists a shard twice ({seen[same]!r} and {u!r}), "

@@ -259,12 +259,13 @@ def _device() -> torch.device:
         return torch.device("cpu")
     from mmssl.train.engine import device
 
+    from mmssl.distributed import local_rank
+
     dev = device()
-    local = os.environ.get("LOCAL_RANK")
     # under a launcher, before init_distributed pins this rank's device (`mmssl eval
     # finetune` loads first), the current device is every rank's device 0
-    if dev.type != "cpu" and local is not None and dev.index != int(local):
-        dev = torch.device(dev.type, int(local))
+    if dev.type != "cpu" and "LOCAL_RANK" in os.environ and dev.index != local_rank():
+        dev = torch.device(dev.type, local_rank())
     return dev
 
 

@@ -253,6 +253,10 @@ def test_a_shard_listed_twice_is_refused_where_each_is_read_once(image_shards, t
             build_pipeline(twice, batch_size=2, rank=0, world_size=1, mode="epoch")
     with pytest.raises(DataError, match="lists a shard twice"):
         shard_urls([*urls, same])
+    link = tmp_path / "link.tar"  # the same file under another name
+    link.symlink_to(urls[0])
+    with pytest.raises(DataError, match="lists a shard twice"):
+        shard_urls([*urls, str(link)])
     assert len(build_pipeline(urls, batch_size=2, rank=0, world_size=1, mode="epoch")) == 24
     build_pipeline([*urls, urls[0]], batch_size=2, rank=0, world_size=1, mode="resampled")
 

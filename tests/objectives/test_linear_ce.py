@@ -53,8 +53,8 @@ def test_vocabularies_at_and_around_the_row_padding(v) -> None:
 
 
 def test_an_ignored_row_of_inf_hidden_gets_a_zero_gradient() -> None:
-    """As in the plain path (whose ignored row's logit gradient is 0): the row padding's
-    logits of an inf hidden state are 0 * inf = NaN, zeroed with the row's own."""
+    """An ignored row's gradient is 0 even for an inf hidden state (the plain path gives NaN
+    there, 0 * the softmax of inf): the padding columns' 0 * inf = NaN reach no gradient."""
     _, weight, _, _ = _inputs(v=37)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(5, 8, generator=g, dtype=torch.float64)
@@ -64,6 +64,15 @@ def test_an_ignored_row_of_inf_hidden_gets_a_zero_gradient() -> None:
     loss = linear_ce.linear_cross_entropy(hidden, weight, targets)
     (grad,) = torch.autograd.grad(loss, hidden)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[2].any()
+
+
+def test_fp32_saves_the_weight_itself_not_its_padded_copy() -> None:
+    """No cast in fp32: the backward reads the weight itself, so the padded copy (another
+    V x D in fp32, 154 MB at GPT-2 small's) lives for the forward only."""
+    hidden, weight, tokens, _ = _inputs(torch.float32, v=37)
+    loss = linear_ce.linear_cross_entropy(hidden[0], weight, tokens[0].clamp(min=0))
+    saved = loss.grad_fn.saved_tensors  # type: ignore[union-attr]
+    assert saved[1].data_ptr() == weight.data_ptr() and saved[1].shape == weight.shape
 
 
 def test_blocks_with_a_ragged_last_block(monkeypatch) -> None:
