@@ -257,9 +257,8 @@ def _device() -> torch.device:
 
     if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" and not torch.cuda.is_available():
         return torch.device("cpu")
-    from mmssl.train.engine import device
-
     from mmssl.distributed import local_rank
+    from mmssl.train.engine import device
 
     dev = device()
     # under a launcher, before init_distributed pins this rank's device (`mmssl eval
