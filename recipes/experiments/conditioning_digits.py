@@ -13,12 +13,14 @@ and the centred cosine of f(x) and f(t(x)) per augmentation type.
 
 writes `results.jsonl` (one row per run; the grid resumes from it), `table.md` (mean +- std
 over seeds) and `results.png`.  Several processes started with the same --out share the grid
-(each run is claimed first): the 3-seed grid of RESULTS_conditioning.md ran as two.  The evaluation is fixed in advance (probe C=1 on
-standardised features, no tuning).
+(each run is claimed first): the 3-seed grid of RESULTS_conditioning.md ran as one for its
+first 4 runs, then two.  The evaluation is fixed in advance (probe C=1 on standardised
+features, no tuning).
 
 Settings, chosen before any result was seen (from step-time measurements only):
 - Budget: 12 variants x 3 seeds in about 40 minutes on a shared 2-core CPU (load 5-11 from
-  other jobs), so about 65 s per run, of which about 10 s is evaluation.
+  other jobs), so about 65 s per run, of which about 10 s is evaluation (estimates made
+  before the run; measured: 135 s per run, 116 s of training, 46 minutes on two processes).
 - One torch thread and one BLAS thread: on the loaded machine a 2-thread SimCLR step took
   4.5 s against 0.6 s with one thread, and a 2-thread sklearn probe 30 s against 0.4 s.
 - 16x16 images with 4x4 patches (16 tokens, as the prototype's 16x16 input), mean pooling
