@@ -39,8 +39,8 @@ def vision_digest(model: MultimodalModel) -> str:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
-    weights(vision_tower(model).state_dict().items())
     visual = vision_tower(model)
+    weights(visual.state_dict().items())
     if model.conditioner is not None and (visual.cfg.cond_dim or visual.cfg.cond_tokens):
         # the weights and prompt that make the condition, not its value: a value computed on
         # an accelerator differs from the CPU's in its last bits, and a file extracted on

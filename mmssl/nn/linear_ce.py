@@ -113,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_grad and ignored.numel():
             # the ignored rows' gradient is 0: zeroed once here, as a masked_fill_ of every
             # block cost a pass over it (~5% of a GPT-2 step, where each row's last is ignored)
-            buf.index_fill_(0, ignored, 0.0)  # padding too: 0 * inf hidden is NaN there
+            logits.index_fill_(0, ignored, 0.0)
         if need_grad:
             # the weight as given where no cast was made (fp32): the padded copy is then
             # freed after the forward instead of held as a second weight
