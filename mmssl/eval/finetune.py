@@ -12,7 +12,7 @@ memory, so that both reported numbers come from the same training data.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +111,22 @@ def finetune(
         loss = eng(images.to(dev), labels.to(dev))
         eng.backward(loss)
         eng.step()
-    return eng.module.eval()
+    return _whole(eng, lambda: Classifier(model.standalone_vision(), num_classes)).eval()
+
+
+def _whole(eng: Any, build: Callable[[], Classifier]) -> Classifier:
+    """The engine's trained module with whole parameters.  Under ZeRO-3 each rank keeps a
+    slice of every parameter and the module's own are empty (its state_dict held 0-element
+    tensors): they are gathered, on every rank, into a new `build()`, in their dtype."""
+    if int(eng.zero_optimization_stage()) != 3:
+        return eng.module
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(eng.module.parameters())):
+        state = {k: v.detach().clone() for k, v in eng.module.state_dict().items()}
+    plain = build()
+    plain.load_state_dict(state, assign=True)
+    return plain
 
 
 def _stream_batches(

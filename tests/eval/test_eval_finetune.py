@@ -145,3 +145,29 @@ def test_finetune_accuracy_counts_ties_and_nan_against_the_head():
     assert accuracy(clf, images, labels, batch_size=4) == pytest.approx(naive())
     # a test label past the head's columns is a miss, not an error
     assert accuracy(clf, images, labels + 3) == 0.0
+
+
+@pytest.mark.slow
+def test_zero3_finetune_returns_the_whole_weights_of_zero0(tiny_model_dir, train_shards):
+    """Under ZeRO-3 the engine's module holds empty parameters (each rank keeps slices):
+    finetune() gathers them, so what it scores and saves equals ZeRO-0's run (one process, the
+    same data and seed) instead of 0-element tensors."""
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.finetune import _images_and_labels, accuracy, finetune
+    from mmssl.eval.loading import load_model
+
+    loaded = load_model(tiny_model_dir)
+    urls = shard_urls(train_shards)
+    kw = {"steps": 4, "lr": 3e-3, "batch_size": 8, "limit": 16}
+    images, labels = _images_and_labels(urls, loaded.preprocess, "label", 8, 16)
+    state, top1 = {}, {}
+    for stage in ("zero0", "zero3"):
+        clf = finetune(loaded.model, urls, loaded.preprocess, "label", 3, deepspeed=stage, **kw)
+        top1[stage] = accuracy(clf, images, labels)  # a forward releases ZeRO-3's gathered weights
+        state[stage] = clf.state_dict()
+    assert top1["zero3"] == top1["zero0"]
+    assert state["zero3"].keys() == state["zero0"].keys()
+    for k, v in state["zero0"].items():
+        torch.testing.assert_close(state["zero3"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    start = loaded.model.visual.patch_embed.proj.weight
+    assert not torch.equal(state["zero3"]["visual.patch_embed.proj.weight"], start)
