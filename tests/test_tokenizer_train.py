@@ -301,6 +301,26 @@ def test_out_is_a_file_fails_before_training(
     assert (tmp_path / "x.txt").read_text() == "some text\n"
 
 
+def test_a_tokenizer_in_out_is_replaced_only_with_overwrite(
+    inputs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mmssl.tokenizer.train import train_sentencepiece
+
+    out = tmp_path / "out"
+    train = ["train", "--out", str(out), "--quiet", "--vocab-size"]
+    assert main([*train, "600", *map(str, inputs)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # training on this file would fail on its encoding: the refusal must come first
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    code, err = _run_cli([*train, "700", str(tmp_path / "latin1.txt")], capsys)
+    assert code == 2 and "already holds a tokenizer" in err and "--overwrite" in err
+    with pytest.raises(ValueError, match="already holds a tokenizer"):  # the function too
+        train_sentencepiece(Corpus(["a b c"], "tiny"), out, vocab_size=300)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*train, "700", "--overwrite", *map(str, inputs)]) == 0
+    assert get_tokenizer(str(out)).vocab_size == 700
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, True])
 def test_train_functions_check_seed(tmp_path: Path, seed: int) -> None:
     from mmssl.tokenizer.train import train_sentencepiece

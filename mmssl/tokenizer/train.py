@@ -23,13 +23,7 @@ from typing import Any, NoReturn
 from mmssl.shipped import in_checkout
 from mmssl.tokenizer import DEFAULT_DIR
 from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
-from mmssl.tokenizer.corpus import (
-    DIR_SUFFIXES,
-    Corpus,
-    default_corpus,
-    expand_inputs,
-    iter_corpus,
-)
+from mmssl.tokenizer.corpus import DIR_SUFFIXES, Corpus, default_corpus, expand_inputs, iter_corpus
 
 __all__ = [
     "Corpus",
@@ -69,13 +63,22 @@ def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _check_out_dir(out_dir: str | Path) -> None:
-    """Fail before training, not after it, when `out_dir` cannot be made or written."""
+def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Fail before training, not after it, when `out_dir` cannot be made or written, or
+    already holds a tokenizer and `overwrite` is not set (a retrained one replaced it)."""
     from mmssl.cliargs import out_dir_problem
 
     found = out_dir_problem(out_dir)
     if found:
         raise ValueError(f"cannot write to {out_dir}: {found[0]} {found[1]}")
+    held = [
+        n for n in (META_FILE, "tokenizer.json", "tokenizer.model") if (Path(out_dir) / n).exists()
+    ]
+    if held and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a tokenizer ({', '.join(held)}); choose another output "
+            "directory, or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 def _check_seed(seed: int) -> None:
@@ -103,6 +106,7 @@ def train_bpe(
     extra_special_tokens: Sequence[str] = (),
     seed: int = 0,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a byte-level BPE; write tokenizer.json and tokenizer_meta.json; return the meta.
 
@@ -116,7 +120,7 @@ def train_bpe(
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size must be >= {256 + len(specials)} (bytes + specials)")
     _check_seed(seed)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, overwrite)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     for s in specials:
@@ -170,6 +174,7 @@ def train_sentencepiece(
     seed: int = 0,
     threads: int = 1,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a sentencepiece unigram or BPE model; write tokenizer.model and tokenizer_meta.json.
 
@@ -203,7 +208,7 @@ def train_sentencepiece(
                 "would decode as it"
             )
     _check_seed(seed)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, overwrite)
     failed: list[Exception] = []
     usable = 0  # lines sentencepiece trains on: non-empty, at most MAX_LINE_BYTES
     long_lines = long_chars = 0  # lines over MAX_LINE_BYTES, and their characters
@@ -310,14 +315,18 @@ def _meta(
     }
 
 
-def build_default(out_dir: str | Path = DEFAULT_DIR, show_progress: bool = True) -> dict[str, Any]:
-    """Rebuild the shipped default tokenizer (see tokenizer/README.md)."""
+def build_default(
+    out_dir: str | Path = DEFAULT_DIR, show_progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Rebuild the shipped default tokenizer (see tokenizer/README.md); it replaces the one in
+    DEFAULT_DIR, one elsewhere only with `overwrite`."""
     return train_bpe(
         default_corpus(),
         out_dir,
         vocab_size=DEFAULT_VOCAB_SIZE,
         min_frequency=DEFAULT_ARTIFACT_MIN_FREQUENCY,
         show_progress=show_progress,
+        overwrite=overwrite or Path(out_dir).resolve() == DEFAULT_DIR.resolve(),
     )
 
 
@@ -364,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sentencepiece sampling seed (default: 0)")
     p.add_argument("--threads", type=int, help="sentencepiece threads (default: 1, deterministic)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     return p
 
 
@@ -373,13 +383,15 @@ def _given(value: str | None, default: str) -> str:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     options = {
-        k: v for k, v in vars(args).items() if k not in ("inputs", "default", "out", "quiet")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("inputs", "default", "out", "quiet", "overwrite")
     }
     if args.default:
         given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
         if args.inputs or given:
             raise ValueError(
-                f"--default takes only --out and --quiet, got {' '.join(args.inputs + given)}"
+                f"--default takes only --out, --overwrite and --quiet, got {' '.join(args.inputs + given)}"
             )
         if args.out is None and not in_checkout():
             # an installed package's copy is the wheel's, and its RECORD hashes it
@@ -387,7 +399,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 f"--default rebuilds a checkout's tokenizer/default; this package is installed "
                 f"({DEFAULT_DIR}), so pass --out"
             )
-        return build_default(args.out or DEFAULT_DIR, show_progress=not args.quiet)
+        return build_default(
+            args.out or DEFAULT_DIR, show_progress=not args.quiet, overwrite=args.overwrite
+        )
     if not args.out:
         raise ValueError("--out is required (or use --default)")
     if not args.inputs:
@@ -430,6 +444,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "extra_special_tokens": args.special_token or [],
         "seed": args.seed or 0,
         "show_progress": not args.quiet,
+        "overwrite": args.overwrite,
     }
     if kind == "bpe":
         min_frequency = args.min_frequency or DEFAULT_MIN_FREQUENCY
