@@ -12,12 +12,11 @@ besides the engine's own model/optimizer/schedule state:
 DeepSpeed writes the client state from data-parallel rank 0 only, so per-rank states are
 gathered to every rank before saving and each rank picks its own entry on load.
 
-A checkpoint is complete once its `manifest.json` exists: written last (atomic rename),
-it lists every file with its size and sha256.  `resume=auto` takes the newest checkpoint
-whose files match their manifest and names every newer one it skips (a save cut short, a
-truncated or bit-flipped file).  Hashing is split over the ranks (a shared file system, as
-DeepSpeed's own resume needs).  Loading never unpickles arbitrary objects
-(`mmssl.train.safe_load`).
+A checkpoint is complete once its `manifest.json` (every file's size and sha256) exists,
+written last.  `resume=auto` takes the newest checkpoint whose files match their manifest and
+names every newer one it skips (a save cut short, a truncated or bit-flipped file).  Hashing
+is split over the ranks (a shared file system, as DeepSpeed's own resume needs).  Loading
+never unpickles arbitrary objects (`mmssl.train.safe_load`).
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from mmssl.train.safe_load import CheckpointError, safe_torch_load, unsafe_error
 TAG = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 RUN_RECORD = "mmssl_run.json"  # recipe, model, world size, ZeRO stage, ... (run_record)
+SAVED = re.compile(r"\.pt$|^mmssl_run\.json$")  # the files a save writes, but its manifest
 log = logging.getLogger("mmssl.train")
 # torch's words for a checkpoint file it could not write whole (a full disk, a quota)
 WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
@@ -146,10 +146,12 @@ def verify(folder: Path, collective: bool = True) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         problem = f"{MANIFEST} is unreadable"
     if problem is None:
-        unlisted = sorted(set(_files(folder)) - set(names))
+        # DeepSpeed's states or the run record unlisted: written after the manifest, or it is
+        # another save's; other files (a note a user left) are not the checkpoint's
+        unlisted = [n for n in sorted(set(_files(folder)) - set(names)) if SAVED.search(n)]
         if not names:
             problem = f"{MANIFEST} lists no files"
-        elif unlisted:  # written after the manifest, or the manifest is another one's
+        elif unlisted:
             problem = f"{unlisted[0]} is not in {MANIFEST}"
     if problem is None:
         for name in names[rank::world]:
@@ -222,13 +224,13 @@ def manifest_digest(folder: Path) -> str | None:
 
 
 def started_from(folder: Path) -> dict[str, Any]:
-    """The record of checkpoint `folder` of another run as a run's starting point (its path
-    and manifest digest), which the run's own checkpoints keep in their run records."""
+    """Checkpoint `folder` of another run as a run's starting point (path, manifest digest),
+    kept in the run records of the run's own checkpoints."""
     return {"checkpoint": os.path.realpath(folder), "manifest_sha256": manifest_digest(folder)}
 
 
 def _grew_from(own: Path, tag: str, resume: str) -> bool:
-    """Whether the run record of checkpoint own/tag says its run started from the checkpoint
+    """Whether checkpoint own/tag's run record says its run started from the checkpoint
     `resume` names (that folder, or one of that run's): the same command requeued."""
     from mmssl.train.run_record import read_started_from
 

@@ -365,15 +365,15 @@ def _warn_other_run(dest: Path, run: str) -> None:
 
 
 def _dest_problem(run: Path, dest: Path) -> str | None:
-    """Why an export must not be written to `dest`, or None.  Into a checkpoint it fails
-    that checkpoint's manifest (resume and export then skip it, and a resume saves over it);
-    over a run directory, `--model RUN_DIR` would take it for the run's export for good."""
+    """Why an export must not be written to `dest`, or None.  Into a run's checkpoints it
+    would sit among a save's files, which rotation and a resume's rewrite remove whole; over a
+    run directory, `--model RUN_DIR` would take it for the run's export for good."""
     d, r = Path(os.path.realpath(dest)), Path(os.path.realpath(run))
     from mmssl.train.run_lock import is_run_dir
 
-    checkpoints = r / "checkpoints"
-    if d == checkpoints or checkpoints in d.parents:
-        return "is inside the run's checkpoints, whose manifests it would break"
+    for p in (d, *d.parents):  # this run's checkpoints or another's
+        if p.name == "checkpoints" and (p.parent == r or is_run_dir(p.parent)):
+            return "is inside a run's checkpoints, which a run removes whole"
     if d == r or is_run_dir(d):
         return "is a run directory (evaluation would take the export for the run)"
     return None

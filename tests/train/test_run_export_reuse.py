@@ -71,8 +71,8 @@ def test_a_run_directory_that_cannot_be_written_is_one_error_naming_the_way_out(
 def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Into a checkpoint folder it broke that checkpoint's manifest (a resume then saved over
-    it: the trained state lost); over the run directory, `--model RUN_DIR` took it for the
+    """Into a checkpoint folder (this run's or another's) it broke that checkpoint's manifest
+    (a resume then saved over it: the trained state lost); over the run directory, `--model RUN_DIR` took it for the
     run's export even after newer checkpoints."""
     from mmssl.train.checkpoint import newest_valid
     from mmssl.train.export import main
@@ -87,6 +87,14 @@ def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
         assert f"--out {out} is" in err and "Traceback" not in err
     assert newest_valid(run / "checkpoints", "test", collective=False) == "step_00000002"
     assert sorted(p.name for p in run.iterdir()) == before
+    # another run's checkpoints: accepted before, where that run's resume or rotation removed it
+    other = tmp_path / "other"
+    (other / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (other / "recipe.yaml").write_text("{}\n")
+    for out in (other / "checkpoints" / "step_00000001", other / "checkpoints" / "new"):
+        assert main([str(run), "--out", str(out)]) == 2
+        assert "inside a run's checkpoints" in capsys.readouterr().err
+    assert not (other / "checkpoints" / "new").exists()
     assert main([str(run), "--out", str(tmp_path / "elsewhere")]) == 0
 
 

@@ -392,10 +392,14 @@ def test_a_resume_that_changes_the_run_is_refused_before_anything_changes(
         after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         assert after == before, change
     assert (export_run(run_dir) / "model.safetensors").is_file()
-    # a file the manifest does not list: not this save's checkpoint
-    (run_dir / "checkpoints" / "step_00000004" / "stray.pt").write_bytes(b"x")
     from mmssl.train.checkpoint import find_resume
 
+    # a user's note in a checkpoint is not the checkpoint's: it was skipped as damaged, and
+    # rerunning the finished run retrained its last step and deleted the folder with the note
+    (run_dir / "checkpoints" / "step_00000004" / "NOTES.txt").write_text("mine\n")
+    assert find_resume("auto", run_dir) == (run_dir / "checkpoints", "step_00000004")
+    # a save's kind of file the manifest does not list: not this save's checkpoint
+    (run_dir / "checkpoints" / "step_00000004" / "stray.pt").write_bytes(b"x")
     assert find_resume("auto", run_dir) == (run_dir / "checkpoints", "step_00000002")
 
 
