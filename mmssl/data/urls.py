@@ -18,7 +18,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for pattern in patterns:
         for part in split_patterns(str(pattern)):
-            out.extend(braceexpand(part.strip()))
+            # "~/data/...": a local path, which the shell would have expanded unquoted
+            out.extend(os.path.expanduser(u) for u in braceexpand(part.strip()))
     return out
 
 

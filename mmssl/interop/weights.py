@@ -48,7 +48,7 @@ def read_state_dict(source: Source) -> StateDict:
     if isinstance(source, nn.Module):
         return dict(source.state_dict())
     if isinstance(source, (str, Path)):
-        source = _read_file(Path(source))
+        source = _read_file(Path(source).expanduser())
     if not isinstance(source, Mapping):
         raise TypeError(
             f"expected a state dict, an nn.Module or a weights file path, got {type(source).__name__}"

@@ -238,11 +238,11 @@ def export_run(
     is not hashed a second time (a checkpoint with its optimizer state can be many GB)."""
     from mmssl.train.checkpoint import newest_valid
 
-    run = Path(run_dir)
+    run = Path(run_dir).expanduser()  # "~/runs/a", as --model and load_encoder take it
     if not (run / "recipe.yaml").is_file():
         raise ConfigError(f"{run} is not a run directory (no recipe.yaml)")
     ckpt_dir = run / "checkpoints"
-    dest = Path(out) if out is not None else run / "export"
+    dest = Path(out).expanduser() if out is not None else run / "export"
     problem = _dest_problem(run, dest)
     if problem:
         raise ConfigError(f"--out {dest} {problem}; export somewhere else")

@@ -6,11 +6,10 @@ several sections (objectives against the model and the sources, batch arithmetic
 existence, the DeepSpeed JSON), all before anything is written.
 
 Contrastive losses and gradient accumulation: with `train.global_batch_size` larger than
-`micro_batch_size x world_size`, each micro-batch is its own contrastive problem; the
-negatives of a sample are the other samples of its micro-batch across ranks, not of the
-whole global batch.  Accumulation therefore changes a contrastive objective (its gradient
-is the average of smaller-batch losses).  Recipes that care set
-`global_batch_size = micro_batch_size x world_size` (no accumulation), as clip_vit_b16 does.
+`micro_batch_size x world_size`, each micro-batch is its own contrastive problem (a sample's
+negatives are the rest of its micro-batch across ranks, not the global batch), so
+accumulation changes the objective: its gradient is the average of smaller-batch losses.
+Recipes that care set `global_batch_size = micro_batch_size x world_size`, as clip_vit_b16.
 """
 
 from __future__ import annotations
@@ -232,7 +231,7 @@ class Recipe:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A recipe file as a dict, with one-line errors for missing or malformed files."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory, not a recipe file" if p.is_dir() else "does not exist"
         raise ConfigError(f"recipe {str(p)!r} {what}")
@@ -258,7 +257,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # keep_text: a str field takes an override's text (`name=42`, `name=no`); a number or
     # boolean in the YAML file itself is YAML's, and refused there (quote it)
     data = apply_overrides(read_yaml(path), overrides, keep_text=True)
-    data.setdefault("base_dir", str(Path(path).resolve().parent))
+    data.setdefault("base_dir", str(Path(path).expanduser().resolve().parent))
     return recipe_from_dict(data)
 
 
@@ -266,6 +265,10 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """A Recipe from nested dicts, every key and type checked (ConfigError); an objective's type
     defaults to its key and must be one of OBJECTIVE_TYPES."""
     recipe = from_dict(Recipe, data, "")
+    # paths as `~/x` (YAML and overrides pass them as text): out_dir made a folder named "~"
+    paths = [(recipe, "out_dir"), (recipe.checkpoint, "resume"), (recipe.train, "deepspeed")]
+    for part, key in [*paths, (recipe.model, "name")]:
+        setattr(part, key, os.path.expanduser(getattr(part, key)))
     for key, obj in recipe.objectives.items():
         obj.type = obj.type or key
         if obj.type not in OBJECTIVE_TYPES:

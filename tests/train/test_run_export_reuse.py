@@ -69,7 +69,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_error_naming_the_way_out(
 
 
 def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Into a checkpoint folder (this run's or another's) it broke that checkpoint's manifest
     (a resume then saved over it: the trained state lost); over the run directory, `--model RUN_DIR` took it for the
@@ -95,7 +95,9 @@ def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
         assert main([str(run), "--out", str(out)]) == 2
         assert "inside a run's checkpoints" in capsys.readouterr().err
     assert not (other / "checkpoints" / "new").exists()
-    assert main([str(run), "--out", str(tmp_path / "elsewhere")]) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/r" quoted: the shell left it to us
+    assert main(["~/r", "--out", "~/elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / "model.safetensors").is_file()
 
 
 def test_a_checkpoint_rotated_away_during_an_export_is_not_exported_half(
