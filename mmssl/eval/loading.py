@@ -122,13 +122,15 @@ def is_exported(path: Path) -> bool:
 
 def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | None:
     """The tag of the checkpoint of `ckpt_dir` that the export `dest` holds, None unless it
-    is still that very checkpoint: a run trained anew in the same directory saves other
-    checkpoints under the same tags, so its manifest's sha256 is compared, not the tag (an
-    export written before mmssl recorded it is redone once)."""
+    is still that very checkpoint, its files as exported: a run trained anew in the same
+    directory saves other checkpoints under the same tags, so its manifest's sha256 is
+    compared, not the tag; a changed or damaged weights file is exported again (an export
+    written before mmssl recorded these is redone once)."""
     import json
 
+    from mmssl.tokenizer.base import sha256_file
     from mmssl.train.checkpoint import manifest_digest
-    from mmssl.train.export import SOURCE
+    from mmssl.train.export import EXPORT_FILES, SOURCE
 
     if not is_exported(dest):
         return None
@@ -138,6 +140,11 @@ def _exported_checkpoint(dest: Path, ckpt_dir: Path, tags: list[str]) -> str | N
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(source, dict) or tag not in tags or source.get("checkpoint") != tag:
+        return None
+    files = source.get("sha256")
+    if not isinstance(files, dict) or any(
+        files.get(name) != sha256_file(dest / name) for name in EXPORT_FILES
+    ):
         return None
     digest = manifest_digest(ckpt_dir / tag)
     return tag if digest is not None and digest == source.get("manifest_sha256") else None
@@ -193,12 +200,12 @@ def _export_newest(run_dir: Path) -> Path:
         )
     from safetensors import SafetensorError
 
-    if is_exported(dest):  # one of another checkpoint (`mmssl export --tag`, an older step)
+    if is_exported(dest):  # of another checkpoint (`mmssl export --tag`, an older step)
         import logging
 
         logging.getLogger("mmssl.eval").warning(
-            "%s holds an export of another checkpoint; replacing it with %s (export elsewhere "
-            "with `mmssl export %s --out DIR` to keep one)",
+            "%s holds an export of another checkpoint, or files changed since their export; "
+            "replacing it with %s (export elsewhere with `mmssl export %s --out DIR` to keep one)",
             dest,
             tag,
             run_dir,

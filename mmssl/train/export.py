@@ -44,7 +44,9 @@ from mmssl.schema import ConfigError
 _log = logging.getLogger("mmssl.train")
 
 PREFIX = "model."
-SOURCE = "exported_from.json"  # {"checkpoint": tag, "manifest_sha256": its manifest's sha256}
+# {"checkpoint": tag, "manifest_sha256": its manifest's, "run": path, "sha256": {file: sha256}}
+SOURCE = "exported_from.json"
+EXPORT_FILES = ("config.json", "model.safetensors")  # hashed into SOURCE
 
 
 def _read_recipe(run_dir: Path, folder: Path) -> Any:
@@ -280,6 +282,7 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
     from mmssl.descriptor import PIPELINE_LAYOUT, get_layout
     from mmssl.models.io import save_pretrained
     from mmssl.models.multimodal import MultimodalModel
+    from mmssl.tokenizer.base import sha256_file
     from mmssl.train.checkpoint import TAG, manifest_digest
     from mmssl.train.export_records import logit_record, save_tokenizer_copy, tokenizer_record
     from mmssl.train.text_condition import export_record
@@ -349,6 +352,8 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
             (dest / SOURCE).unlink()
         save_tokenizer_copy(dest, extra.get("tokenizer"))
         saved = save_pretrained(model.eval(), dest, extra)
+        # evaluation reuses the export only while its files match (mmssl.eval.loading)
+        source["sha256"] = {name: sha256_file(dest / name) for name in EXPORT_FILES}
         write_atomic(dest / SOURCE, json.dumps(source, indent=1) + "\n")
     return saved
 

@@ -101,7 +101,7 @@ def test_eval_of_a_run_dir_says_when_it_replaces_an_export_of_another_checkpoint
     with caplog.at_level("WARNING", logger="mmssl.eval"):
         out = loading.export_run(run)
     assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(2)
-    assert f"{run / 'export'} holds an export of another checkpoint; replacing it" in caplog.text
+    assert f"{run / 'export'} holds an export of another checkpoint, or files" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="mmssl.eval"):
         assert loading.export_run(run) == out  # reused: nothing replaced, nothing said
@@ -125,4 +125,27 @@ def test_export_refuses_a_tag_that_is_no_checkpoint_of_the_run(run: Path, tag: s
 @pytest.mark.parametrize("form", ["step_00000001/", "{run}/checkpoints/step_00000001"])
 def test_export_takes_a_path_to_one_of_the_runs_own_checkpoints(run: Path, form: str) -> None:
     out = export.export_run(run, run / "out", form.format(run=run))
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_eval_of_a_run_dir_exports_again_when_the_exports_files_changed(
+    run: Path, name: str
+) -> None:
+    """A byte of RUN_DIR/export changed after the export (a bit flip, an edit): it was reused
+    and scored as the checkpoint's weights; its files are hashed at export and checked."""
+    from safetensors.torch import load_file
+
+    out = loading.export_run(run)
+    # cloned: load_file maps the file, whose bytes are changed in place below
+    weights = {k: v.clone() for k, v in load_file(str(out / "model.safetensors")).items()}
+    path = out / name
+    data = bytearray(path.read_bytes())
+    at = len(data) - 9 if name == "model.safetensors" else data.index(b'"checkpoint"') + 1
+    data[at] ^= 0x01  # a weight's low mantissa bit / a key's letter: still loads
+    path.write_bytes(bytes(data))
+    assert loading.export_run(run) == out
+    again = load_file(str(out / "model.safetensors"))
+    assert again.keys() == weights.keys()
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
     assert json.loads((out / "config.json").read_text())["checkpoint"] == tag_of(1)
