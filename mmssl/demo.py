@@ -14,6 +14,7 @@ A second run reuses the data and the finished training run (pass --fresh to star
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -95,7 +96,7 @@ def run_demo(
 
     t = time.perf_counter()
     argv = [str(recipe), *recipe_overrides(recipe, data, out, steps), "logging.progress=true"]
-    print("[demo] mmssl train " + " ".join(argv), flush=True)
+    print("[demo] mmssl train " + shlex.join(argv), flush=True)  # pastes into a shell
     code = train_main(argv)
     if code == preempt.EXIT_CODE:  # the run saved a checkpoint and stopped: not a failure
         raise _Stopped(

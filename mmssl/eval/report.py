@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -181,7 +182,8 @@ def _write_report(
     # whole or not at all: a cut results.json would name no task, and block the rerun
     write_atomic(out / RESULTS, json.dumps(doc, indent=2) + "\n")
     lines = [f"# {task}", "", f"- model: `{model}`", f"- data: `{json.dumps(_clean(data))}`"]
-    lines += [f"- command: `{' '.join(doc['command'])}`", ""]
+    # quoted as a shell reads it: a brace pattern pasted bare expands into extra arguments
+    lines += [f"- command: `{shlex.join(doc['command'])}`", ""]
     if summary:
         lines += [summary, ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]

@@ -63,3 +63,14 @@ def test_write_report_replaces_only_a_report_of_its_own_task(tmp_path):
         write("retrieval")
     assert (tmp_path / "results.json").read_text() == first
     assert write("zeroshot")["task"] == "zeroshot"  # its own earlier report is replaced
+
+
+def test_the_summary_command_pastes_back_into_a_shell(tmp_path):
+    """Recorded bare, `--data d/test-{0..1}.tar` expanded into extra arguments when pasted."""
+    import shlex
+
+    argv = ["mmssl", "eval", "zeroshot", "--data", "d/test-{0..1}.tar", "--classes", "a b"]
+    write_report(tmp_path, "zeroshot", {"top1": 0.5}, model="m", data="d", command=argv)
+    md = (tmp_path / "summary.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- command: "))
+    assert shlex.split(line.removeprefix("- command: ").strip("`")) == argv
