@@ -19,7 +19,11 @@ from mmssl.objectives import clip_loss
 def main(argv: list[str] | None = None) -> int:
     """`mmssl smoke`: exit code 0; bad arguments exit 2."""
     parser = ArgumentParser(prog="mmssl smoke", description=__doc__)
-    parser.add_argument("--model", default="clip_vit_b32", help="a name from list_models()")
+    parser.add_argument(
+        "--model",
+        default="clip_vit_b32",
+        help="a name from list_models() (default: clip_vit_b32, full size; test_tiny_clip is quick)",
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         # lm's rows are whole contexts (1024 tokens x the vocabulary's logits for gpt_124m)
         batch = 32 if name == "lm" else 256
-        p.add_argument(
-            "--batch-size", type=int, default=batch, help=f"rows per forward (default {batch})"
-        )
+        rows = f"rows per forward (default {batch})"
+        if name == "sensitivity":  # the batch is the contrastive problem, not only memory
+            rows += "; also the contrastive batch of the loss rise, so it changes the figure"
+        p.add_argument("--batch-size", type=int, default=batch, help=rows)
         p.add_argument(
             "--limit", type=int, default=None, help="only the first N samples of each split"
         )

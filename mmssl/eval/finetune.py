@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 class Classifier(nn.Module):
-    """A vision tower and a linear head: images (B, 3, S, S) -> logits (B, C)."""
+    """A vision tower and a linear head: `clf(images)` -> logits (B, C); `clf(images, labels)`
+    -> the training loss (what the engine calls)."""
 
     def __init__(self, visual: VisionEncoder, num_classes: int) -> None:
         super().__init__()
@@ -41,9 +42,11 @@ class Classifier(nn.Module):
         """images (B, 3, S, S) -> logits (B, C)."""
         return self.head(self.visual.forward_pooled(images))
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The task's loss: mean cross-entropy (a model never calls backward itself)."""
-        return F.cross_entropy(self.logits(images), labels)
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits, or with labels the task's loss: mean cross-entropy (the engine calls backward
+        on it)."""
+        logits = self.logits(images)
+        return logits if labels is None else F.cross_entropy(logits, labels)
 
 
 def recipe_for(

@@ -247,8 +247,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None)
         why = f" ({problem})" if problem else ""
         raise ConfigError(f"recipe {str(p)!r}{where}: not valid YAML{why}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(p)!r}: expected a mapping at the top level")
+    if not isinstance(data, dict) or not data:  # empty: every default, a toy run on synthetic data
+        raise ConfigError(f"recipe {str(p)!r}: expected a mapping of settings at the top level")
     return data
 
 

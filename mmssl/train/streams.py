@@ -8,6 +8,7 @@ benchmarks and tests that need no shards.
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any
 
@@ -175,8 +176,6 @@ def tokenizer_name(recipe: Recipe) -> str:
     """`data.tokenizer` as `get_tokenizer` takes it: "default" or "clip", or a path made
     absolute (found from the working directory, else from the recipe's), so that a run, its
     resume and its export read the same file from any directory."""
-    import os
-
     from mmssl.train.recipe import resolve_path
 
     name = recipe.data.tokenizer
@@ -189,9 +188,19 @@ def tokenizer(recipe: Recipe) -> Any:
     """The recipe's `data.tokenizer`, loaded; ConfigError when it cannot be."""
     from mmssl.tokenizer import get_tokenizer
 
+    name = tokenizer_name(recipe)
     try:
-        return get_tokenizer(tokenizer_name(recipe))
-    except (FileNotFoundError, ValueError) as err:
+        return get_tokenizer(name)
+    except FileNotFoundError as err:
+        given = os.path.expanduser(recipe.data.tokenizer)
+        if not os.path.exists(name) and not os.path.isabs(given):  # both places it was looked for
+            looked = f"{os.path.abspath(given)} or {os.path.join(recipe.base_dir, given)}"
+            raise ConfigError(
+                f"data.tokenizer: {given!r} is not 'default', 'clip' or a tokenizer file or "
+                f"directory at {looked}"
+            ) from None
+        raise ConfigError(f"data.tokenizer: {err}") from None
+    except ValueError as err:
         raise ConfigError(f"data.tokenizer: {err}") from None
 
 

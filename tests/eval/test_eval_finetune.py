@@ -48,7 +48,7 @@ def test_finetune_accuracy_matches_saved_weights(
     assert res["num_test"] == len(samples) != len(naive_samples(train_shards)) == res["num_train"]
     with torch.no_grad():
         right = sum(
-            int(clf.logits(img[None]).argmax(1).item() == meta["label"]) for img, _, meta in samples
+            int(clf(img[None]).argmax(1).item() == meta["label"]) for img, _, meta in samples
         )
     assert res["top1"] == pytest.approx(right / len(samples))
     assert res["top1"] == 1.0  # colour squares are easy: a dozen steps separate them

@@ -15,7 +15,7 @@ import pytest
 from mmssl.eval.loading import EvalError, _exported_checkpoint, load_tokenizer
 from mmssl.tokenizer import get_tokenizer
 from mmssl.train.checkpoint import MANIFEST
-from mmssl.train.export import SOURCE
+from mmssl.train.export import EXPORT_FILES, SOURCE
 
 
 def _setup(tmp_path: Path, recorded_sha: str | None) -> tuple[Path, Path, str]:
@@ -29,17 +29,19 @@ def _setup(tmp_path: Path, recorded_sha: str | None) -> tuple[Path, Path, str]:
     dest.mkdir()
     (dest / "config.json").write_text(json.dumps({"checkpoint": tag}))
     (dest / "model.safetensors").write_bytes(b"")
-    (dest / SOURCE).write_text(
-        json.dumps(
-            {"checkpoint": tag, "manifest_sha256": sha if recorded_sha is None else recorded_sha}
-        )
-    )
+    files = {n: hashlib.sha256((dest / n).read_bytes()).hexdigest() for n in EXPORT_FILES}
+    source = {"checkpoint": tag, "manifest_sha256": recorded_sha or sha, "sha256": files}
+    (dest / SOURCE).write_text(json.dumps(source))
     return dest, ckpt, tag
 
 
 def test_the_export_of_that_very_checkpoint_is_reused(tmp_path: Path) -> None:
     dest, ckpt, tag = _setup(tmp_path, None)
     assert _exported_checkpoint(dest, ckpt, [tag]) == tag
+    source = json.loads((dest / SOURCE).read_text())
+    del source["sha256"]  # written before exports recorded their files' hashes: redone once
+    (dest / SOURCE).write_text(json.dumps(source))
+    assert _exported_checkpoint(dest, ckpt, [tag]) is None
 
 
 def test_an_export_of_an_earlier_checkpoint_under_the_same_tag_is_not_reused(

@@ -485,6 +485,11 @@ def test_recipe_yaml_mistakes_are_named(capsys: pytest.CaptureFixture[str], tmp_
     path.write_text("train:\n\tsteps: 3\n")
     err = _bad([str(path), "--validate"], capsys, runs)
     assert "line 2: not valid YAML (found character '\\t' that cannot start any token)" in err
+    # an empty file (or `{}`) was every default: a toy model trained on synthetic data
+    for text in ("", "# only a comment\n", "{}\n"):
+        path.write_text(text)
+        err = _bad([str(path), "--validate"], capsys, runs)
+        assert "expected a mapping of settings at the top level" in err, text
 
 
 def test_a_missing_recipe_argument_names_only_the_recipe(
@@ -810,7 +815,9 @@ def test_validation_and_the_run_agree_on_the_tokenizer(
     capsys.readouterr()
     text_tower = [str(path), typo, "model.name=test_tiny_clip", "name=clip"]
     err = _bad([*text_tower, "--validate"], capsys, tmp_path / "none")
-    assert err.startswith("mmssl train: error: data.tokenizer: tokenizer not found: ")
+    # both places a relative path is looked for: the working directory, the recipe's folder
+    assert err.startswith("mmssl train: error: data.tokenizer: 'defualt' is not 'default', ")
+    assert f"{Path.cwd() / 'defualt'} or {tmp_path / 'defualt'}" in err
     # and one with more ids than the tower, which evaluation would refuse of its export, on
     # real images (synthetic data has its own ids)
     shards = f"data.sources.train.urls={demo_data}/digits/train-{{000000..000014}}.tar"
