@@ -172,13 +172,14 @@ def iter_image_batches(
         if index % world_size != rank:
             continue
         try:
+            data = find_image(files)  # first: text shards have no image, not "no label field"
             meta = decode_fields(files, fields)
         except BadSample as bad:
             if bad.kind == "missing_field":
                 raise _missing_field(bad.detail, key, hint) from None
             raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}") from None
         try:
-            image = decode_image(find_image(files), preprocess.max_pixels)
+            image = decode_image(data, preprocess.max_pixels)
             caption = decode_text(files) if captions else ""
         except BadSample as bad:
             raise DataError(f"sample {key!r} of {hint}: {bad.kind} {bad.detail}".rstrip()) from None

@@ -51,6 +51,7 @@ class RunLogger:
         self.t0 = self.t_last = self.t_begin = time.perf_counter()
         self.step_last = start_step
         self.excluded = 0.0  # seconds of this interval that were not training
+        self.excluded_all, self.steps_done = 0.0, 0  # this attempt's, for `samples_per_s`
         self.rates: list[float] = []
         self.tb: Any = None
         self.bar: Any = None
@@ -114,19 +115,22 @@ class RunLogger:
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` (evaluation, a checkpoint save) out of this interval's throughput."""
         self.excluded += seconds
+        self.excluded_all += seconds
 
     def advance(self, steps: int = 1) -> None:
-        """Move the progress bar on by `steps`."""
+        """`steps` more steps done: the progress bar moves on."""
+        self.steps_done += steps
         if self.bar is not None:
             self.bar.update(steps)
 
     @property
     def samples_per_s(self) -> float:
-        """Mean throughput over the log intervals after the first one."""
+        """Mean throughput over the log intervals after the first one; without two, over every
+        step done (a run stopped before its first log point said 0.0)."""
         if self.rates:
             return sum(self.rates) / len(self.rates)
-        elapsed = time.perf_counter() - self.t_begin
-        return (self.step_last - self.start_step) * self.samples_per_step / max(elapsed, 1e-9)
+        elapsed = time.perf_counter() - self.t_begin - self.excluded_all
+        return self.steps_done * self.samples_per_step / max(elapsed, 1e-9)
 
     def abort(self) -> None:
         """On an error: close the bar and flush TensorBoard (its last points, often the ones

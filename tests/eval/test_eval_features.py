@@ -294,3 +294,14 @@ def test_json_fields_named_like_the_output_columns(tmp_path, capsys, tiny_model_
     argv = ["zeroshot", "--model", tiny_model_dir, "--data", shards, "--classes", "color"]
     with pytest.raises(EvalError, match="field 'sample_index' .*reserved"):
         run_task([*argv, "--label-field", "sample_index", "--out", str(tmp_path / "z")])
+
+
+def test_text_shards_are_said_to_have_no_image_not_no_label(text_shards: str) -> None:
+    """Zero-shot on text shards blamed a missing 'digit' field ("needs labelled shards"),
+    where `mmssl features` said what is wrong: the samples have no image."""
+    from mmssl.data.errors import DataError
+    from mmssl.eval.data import iter_image_batches
+    from mmssl.eval.loading import Preprocess
+
+    with pytest.raises(DataError, match="missing_image no .* member; it has: txt"):
+        next(iter_image_batches(shard_urls(text_shards), Preprocess(8), 2, fields=("digit",)))

@@ -50,6 +50,20 @@ def test_throughput_leaves_out_excluded_time(tmp_path: Path, clock: Clock) -> No
     assert [r["time"] for r in _rows(tmp_path)] == [3.0, 6.5, 11.0]
 
 
+def test_a_run_stopped_before_its_first_log_point_has_a_throughput(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """5 steps, then SIGTERM before logging.every's first point: summary.md said 0.0
+    samples/s.  Without two log intervals it is every step done over the time not excluded."""
+    log = RunLogger(tmp_path, True, 40, 0, 8, False, False)
+    for _ in range(5):
+        clock.now += 2.0
+        log.advance()
+    log.exclude(3.0)  # the checkpoint save of the stop
+    clock.now += 3.0
+    assert log.samples_per_s == pytest.approx(5 * 8 / 10.0)
+
+
 def test_time_goes_on_across_a_resume(tmp_path: Path, clock: Clock) -> None:
     log = RunLogger(tmp_path, True, 10, 0, 8, False, False)
     for step in (2, 4):
