@@ -50,9 +50,16 @@ class Classifier(nn.Module):
 
 
 def recipe_for(
-    steps: int, lr: float, weight_decay: float, batch_size: int, warmup: int, deepspeed: str
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    warmup: int,
+    deepspeed: str,
+    world_size: int = 1,
 ) -> Any:
-    """A training Recipe holding only fine-tuning's optimizer, schedule and DeepSpeed settings."""
+    """A training Recipe holding only fine-tuning's optimizer, schedule and DeepSpeed settings;
+    `batch_size` images a rank, each step (no accumulation)."""
     from mmssl.train.recipe import recipe_from_dict
 
     return recipe_from_dict(
@@ -62,7 +69,7 @@ def recipe_for(
             "schedule": {"warmup_steps": warmup, "min_lr_ratio": 0.0},
             "train": {
                 "steps": steps,
-                "global_batch_size": batch_size,
+                "global_batch_size": batch_size * world_size,
                 "micro_batch_size": batch_size,
                 "deepspeed": deepspeed,
             },
@@ -95,8 +102,9 @@ def finetune(
     vision_tower(model)  # EvalError without one
     # a copy whose cond=None is the whole model's (the neutral descriptor's c, if conditioned)
     clf = Classifier(model.standalone_vision(), num_classes).train()
-    recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed)
     ds.init_distributed()
+    world = distributed.world_size()  # each rank `batch_size` images a step
+    recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed, world)
     eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))
     dev = ds.device()
     if limit is None:
@@ -200,7 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--train-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--train-batch-size", type=int, default=64, help="fine-tuning images per rank a step"
+    )
     parser.add_argument(
         "--deepspeed", default="zero0", help="engine JSON name or path (recipes/deepspeed)"
     )

@@ -171,3 +171,33 @@ def test_zero3_finetune_returns_the_whole_weights_of_zero0(tiny_model_dir, train
         torch.testing.assert_close(state["zero3"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     start = loaded.model.visual.patch_embed.proj.weight
     assert not torch.equal(state["zero3"]["visual.patch_embed.proj.weight"], start)
+
+
+def _finetune_state(model_dir: str, urls: str, stage: str) -> dict:
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.finetune import finetune
+    from mmssl.eval.loading import load_model
+
+    loaded = load_model(model_dir)
+    kw = {"steps": 4, "lr": 3e-3, "batch_size": 4, "limit": 16, "deepspeed": stage}
+    clf = finetune(loaded.model, shard_urls(urls), loaded.preprocess, "label", 3, **kw)
+    return {k: v.detach().clone() for k, v in clf.state_dict().items()}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_finetune_runs_and_zero3_equals_zero0(tiny_model_dir, train_shards):
+    """With 2 ranks the engine's batch was --train-batch-size for both ranks together
+    (DeepSpeed's "train_batch_size is not equal to micro_batch_per_gpu * ... * world_size"):
+    now each rank fine-tunes on its own batch.  ZeRO-3 gathers the same weights as ZeRO-0."""
+    from distributed_utils import run_distributed
+
+    states = {s: run_distributed(_finetune_state, 2, tiny_model_dir, train_shards, s) for s in ("zero0", "zero3")}  # fmt: skip
+    zero0 = states["zero0"][0]
+    for stage, ranks in states.items():
+        for rank, state in enumerate(ranks):
+            assert state.keys() == zero0.keys()
+            for k, v in zero0.items():
+                torch.testing.assert_close(
+                    state[k], v, rtol=1e-4, atol=1e-5, msg=f"{stage} {rank} {k}"
+                )
