@@ -324,6 +324,20 @@ def test_the_carried_conditions_load_as_buffers_do(tmp_path):
     )
     fresh_text.load_state_dict(loaded.state_dict())
     assert fresh_text.cond_prompt.tolist() == [ids]
+    # token ids stay int64: only float carried buffers take the model's dtype (a bf16 model
+    # made them bf16 floats, which the embedding refuses and which round ids past 256)
+    assert fresh_text.cond_prompt.dtype == torch.int64
+    half_text = mmssl.create_model(
+        "test_tiny_clip", vision={"cond_dim": 16}, condition={"source": "text", "dim": 16}
+    )
+    half_text = half_text.to(torch.bfloat16).eval()
+    half_text.load_state_dict(loaded.state_dict())
+    assert half_text.cond_prompt.dtype == torch.int64 and half_text.cond_prompt.tolist() == [ids]
+    with torch.no_grad():  # cond=None: the prompt's features, as the model had before saving
+        prompt_c = text_model.condition(cond_text=torch.tensor([ids]))
+        want_text = text_model.visual.encode(images, prompt_c)
+        got = half_text.encode_image(images.bfloat16()).float()
+        torch.testing.assert_close(got, want_text, atol=0.1, rtol=0.05)
     with pytest.raises(RuntimeError, match='Unexpected key.*"cond_prompt"'):
         mmssl.create_model("test_tiny_clip").load_state_dict(
             {

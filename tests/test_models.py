@@ -673,3 +673,10 @@ def test_text_mean_pool_ignores_padding() -> None:
     torch.testing.assert_close(
         text.forward_features(ids)["pooled"], text.forward_features(padded, mask)["pooled"]
     )
+
+
+def test_the_logit_scale_starts_at_one_over_0_07() -> None:
+    """CLIP's initial temperature: exp(logit_scale) = 1 / 0.07 (logit_scale_init is its log;
+    the scale without the log, 14.3, exponentiated to 1.6e6)."""
+    model = mmssl.create_model("test_tiny_clip")
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)

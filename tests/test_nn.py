@@ -363,3 +363,18 @@ def test_rotary_turns_each_pair_by_its_angle() -> None:
     turn = torch.polar(torch.ones(n, d // 2, dtype=torch.float64), torch.arange(n)[:, None] * freq)
     z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * turn
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_default_eps_is_1e_6() -> None:
+    """Norm's default eps is 1e-6 (as timm's ViTs; torch's default is 1e-5): on rows whose
+    variance is near eps the two give other outputs."""
+    torch.manual_seed(0)
+    x = 1e-3 * torch.randn(4, 8)  # variance ~1e-6
+    ours, ref = Norm(8), torch.nn.LayerNorm(8, eps=1e-6)
+    with torch.no_grad():
+        for p, q in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+            p.copy_(torch.randn(8))
+            q.copy_(p)
+        torch.testing.assert_close(ours(x), ref(x))
+        other = F.layer_norm(x, (8,), ours.weight, ours.bias, 1e-5)
+        assert (ours(x) - other).abs().max() > 0.1  # the test can fail
