@@ -76,7 +76,8 @@ def workload(recipe: Any, cfg: Any) -> Workload:
         if needs & {"image", "views"} and cfg.vision is not None:
             v = cfg.vision
             images = max(1, recipe.data.views) if "views" in needs or recipe.data.views else 1
-            patches = (v.image_size // v.patch_size) ** 2
+            # the size training feeds (data.image_size resamples the position table)
+            patches = ((recipe.data.image_size or v.image_size) // v.patch_size) ** 2
             n = (1 if v.class_token else 0) + patches
             pooled_only = vision_pooled and v.pool == "token"
             flops += images * (
@@ -104,7 +105,8 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                     # gradient written over it; plain: 16-bit logits, fp32 copy, its grad
                     logits += n * t.vocab_size * (compute if o.fused_head else 2 + 4 + 4)
             if "captioning" in kinds and cfg.caption is not None and cfg.caption.mode == "cross":
-                v_tokens = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+                side = recipe.data.image_size or cfg.vision.image_size
+                v_tokens = (side // cfg.vision.patch_size) ** 2
                 # self-attention block, then cross-attention: q and output projections on
                 # the text, k and v projections of the image tokens (vision width -> text
                 # width), and the attention itself
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         help="data-parallel bandwidth per rank in GB/s (200 Gb/s InfiniBand: 25)",
     )
     args = p.parse_intermixed_args(argv)  # overrides before or after options
-    from mmssl.train.recipe import check_recipe, load_recipe
+    from mmssl.train.recipe import check_recipe, load_recipe, model_config
+    from mmssl.train.streams import check_data
 
     positive = (lambda v: v > 0, "> 0")
     rules = {"gpus": positive, "gpu_mem": positive, "tflops": positive, "bandwidth": positive}
@@ -242,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         # what training refuses: `-5 steps take -0.0 h` was printed, and objective values
-        # it refuses (a temperature of 0) ended in a traceback
+        # it refuses (a temperature of 0) ended in a traceback; and what its streams refuse
+        # (an image size off the patch grid, a context past the model's)
         check_recipe(recipe)
+        check_data(recipe, model_config(recipe), args.gpus)
         lines = plan(recipe, args.gpus, args.gpu_mem, args.tflops, args.mfu, args.bandwidth)
     except (ConfigError, OSError) as err:  # OSError: a recipe or path unreadable, too long
         print(f"mmssl plan: error: {err}", file=sys.stderr)

@@ -94,9 +94,15 @@ SMALL = [
     ("name", "extra"),
     [
         ("clip_vit_b16", []),
+        ("clip_vit_b16", ["data.image_size=96"]),  # the plan counted the model's 224 px
         (
             "coca_vit_b16",
             ["model.overrides.caption.depth=2", "objectives.captioning.fused_head=false"],
+        ),
+        (
+            "coca_vit_b16",
+            ["model.overrides.caption.depth=2", "objectives.captioning.fused_head=false"]
+            + ["data.image_size=96"],
         ),
     ],
 )
@@ -121,9 +127,10 @@ def test_forward_flops_match_torch_flop_counter(name: str, extra: list[str]) -> 
     g = torch.Generator().manual_seed(0)
     (source,) = recipe.data.sources
     n = recipe.data.context_length
+    side = recipe.data.image_size or cfg.vision.image_size  # what training feeds
     batch = {
         source: {
-            "image": torch.rand(1, 3, 224, 224, generator=g),
+            "image": torch.rand(1, 3, side, side, generator=g),
             "text": torch.randint(3, 900, (1, n), generator=g),
             "text_mask": torch.ones(1, n, dtype=torch.bool),
         }
@@ -158,3 +165,18 @@ def test_fused_head_keeps_one_logits_buffer(
     n, v, micro = 1024, 50257, 12  # the recipe's context length, GPT-2's vocabulary
     want = micro * n * v * (10 - logit_bytes)
     assert activations(False) - activations(True) == pytest.approx(want, abs=0.1)
+
+
+def test_plan_refuses_what_the_streams_refuse(capsys: pytest.CaptureFixture[str]) -> None:
+    """An image size off the patch grid and a context past the model's were planned (exit 0)
+    though training refuses them."""
+    from train_helpers import RECIPES
+
+    from mmssl.train.plan import main
+
+    for recipe, override, says in [
+        ("simclr_vit_s16", "data.image_size=230", "is not divisible by the model's patch_size"),
+        ("gpt_124m", "data.context_length=4096", "exceeds the model's text context_length"),
+    ]:
+        assert main([str(RECIPES / f"{recipe}.yaml"), "--gpus", "8", override]) == 2
+        assert says in capsys.readouterr().err
