@@ -9,8 +9,9 @@ Images are decoded once as a check, then keep their jpg/png bytes; bmp/gif/webp/
 the Netpbm formats (ppm/pgm/pbm/pnm) are converted to png.  An image of a folder or table
 that the OS cannot read (missing, a directory, no permission) is skipped and counted as
 `missing_image` in the `skipped` counter the caller passes, one that does not decode
-(corrupt, truncated) as `bad_image`, a file of a class folder or a table's path whose
-extension is no image's as `not_image`; none is written.  An input where no image can be
+(corrupt, truncated) as `bad_image`, one of more pixels than `max_pixels` (training's
+decoder would skip it) as `image_too_large`, a file of a class folder or a table's path
+whose extension is no image's as `not_image`; none is written.  An input where no image can be
 read is a DataError.
 """
 
@@ -27,7 +28,7 @@ import string
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mmssl.data.decode import png_damage
+from mmssl.data.decode import DEFAULT_MAX_PIXELS, png_damage
 from mmssl.data.errors import DataError, SkipCounter
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ class _BadImage(Exception):
 
 class _NotImage(Exception):
     """A path whose extension is no image format's."""
+
+
+class _TooLarge(Exception):
+    """An image of more pixels than the limit; the message says how many."""
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
@@ -72,11 +77,11 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _image_bytes(path: str) -> tuple[str, bytes]:
+def _image_bytes(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, bytes]:
     """(shard extension, bytes), bmp/gif/webp/tif/ppm/pgm/pbm/pnm converted to png.  OSError
     only when the file cannot be read, _BadImage when it reads but does not decode (a full
     decode: a truncated jpg passes PIL's verify(); ~0.1 ms at 32 px, ~0.6 ms at 224 px),
-    _NotImage when its extension is no image's."""
+    _NotImage when its extension is no image's, _TooLarge above `max_pixels` (not decoded)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _IMAGE_EXTS and ext not in _CONVERT_EXTS:
         raise _NotImage(
@@ -99,12 +104,18 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
     buf = io.BytesIO()
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:  # from the header, before any decode
+                raise _TooLarge(f"{im.width}x{im.height} > {max_pixels} pixels")
             if ext in _IMAGE_EXTS:
                 im.load()
                 return _IMAGE_EXTS[ext], data
             to_rgb8(im).save(buf, "PNG")
     except UnidentifiedImageError:
         raise _BadImage("not an image PIL can decode") from None
+    except _TooLarge:
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own limit, past ~179 M pixels
+        raise _TooLarge(str(err)) from None
     except Exception as err:  # PIL raises many types (OSError among them) for damaged data
         raise _BadImage(f"{type(err).__name__}: {err}") from None
     return "png", buf.getvalue()
@@ -115,20 +126,22 @@ class _Images:
     `missing_image`, one that does not decode as `bad_image` (the first of either kept for
     the error when none could be read)."""
 
-    def __init__(self, source: str, skipped: SkipCounter) -> None:
-        self.source, self.skipped = source, skipped
+    def __init__(self, source: str, skipped: SkipCounter, max_pixels: int) -> None:
+        self.source, self.skipped, self.max_pixels = source, skipped, max_pixels
         self.bad: dict[str, int] = {}
         self.first = ""
 
     def read(self, path: str, where: str) -> tuple[str, bytes] | None:
         try:
-            return _image_bytes(path)
+            return _image_bytes(path, self.max_pixels)
         except OSError as err:  # the file, not its content: gone, a directory, no access
             self.skip("missing_image", f"{where}: {err.strerror or err}")
         except _BadImage as err:
             self.skip("bad_image", f"{where}: {err}")
         except _NotImage as err:  # a table's row; a class folder's are counted before
             self.skip("not_image", f"{where}: {err}")
+        except _TooLarge as err:
+            self.skip("image_too_large", f"{where}: {err} (--max-pixels)")
         return None
 
     def skip(self, kind: str, where: str) -> None:
@@ -205,14 +218,18 @@ def _unseen(top: str, dirs: list[str], seen: set[str]) -> list[str]:
 
 
 def samples_from_folder(
-    root: str, caption_template: str | None = None, skipped: SkipCounter | None = None
+    root: str,
+    caption_template: str | None = None,
+    skipped: SkipCounter | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[dict]:
     """An image folder with one subfolder per class (sorted names -> labels 0..C-1); the
     images of a class are those anywhere below its folder, subfolders included, in sorted
     path order.  `caption_template` (e.g. "a photo of a {}.") needs exactly one '{}'.  An
     image the OS cannot read is counted in `skipped` as `missing_image`, one that does not
-    decode as `bad_image`, a file that is no image by its extension as `not_image`, and
-    left out."""
+    decode as `bad_image`, one above `max_pixels` as `image_too_large`, a file that is no
+    image by its extension as `not_image`, and left out.  A class folder with no image file
+    is a DataError, as in torchvision's ImageFolder (its label would have no sample)."""
     if not os.path.isdir(root):
         what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         raise DataError(f"image folder {root!r} {what}")
@@ -221,10 +238,16 @@ def samples_from_folder(
         raise DataError(f"image folder {root!r} has no class subfolders")
     if caption_template:
         _check_template(caption_template)
+    listed = [_class_images(os.path.join(root, cls)) for cls in classes]
+    empty = [cls for cls, (names, _) in zip(classes, listed) if not names]
+    if empty:  # torchvision's ImageFolder refuses one too
+        raise DataError(
+            f"image folder {root!r}: class folder(s) {', '.join(map(repr, empty))} hold no "
+            "image file, so their labels would have no sample; remove them or add images"
+        )
     index = 0
-    images = _Images(root, SkipCounter() if skipped is None else skipped)
-    for label, cls in enumerate(classes):
-        names, others = _class_images(os.path.join(root, cls))
+    images = _Images(root, SkipCounter() if skipped is None else skipped, max_pixels)
+    for label, (cls, (names, others)) in enumerate(zip(classes, listed)):
         for name in others:  # counted, so that the summary says they were not written
             images.skip("not_image", f"{cls}/{name}: not an image file by its extension")
         for name in names:
@@ -324,14 +347,16 @@ def samples_from_table(
     label_col: str | None = DEFAULT_LABEL,
     kind: str | None = None,
     skipped: SkipCounter | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[dict]:
     """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
     kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
     label_col: DEFAULT_LABEL (the default) reads the column "label" where there is one;
     None or "" reads no labels; any other name must be a column of the table (see
     _LabelColumn).  A row whose image the OS cannot read is counted in `skipped` as
-    `missing_image`, one whose image does not decode as `bad_image`, one whose path has no
-    image's extension as `not_image`, and left out; a malformed row is a DataError."""
+    `missing_image`, one whose image does not decode as `bad_image`, one above `max_pixels`
+    as `image_too_large`, one whose path has no image's extension as `not_image`, and left
+    out; a malformed row is a DataError."""
     if not os.path.isfile(path):
         what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
         raise DataError(f"table {path!r} {what}")
@@ -339,7 +364,7 @@ def samples_from_table(
         kind = "jsonl" if path.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv"
     base = os.path.dirname(os.path.abspath(path))
     written = 0
-    images = _Images(path, SkipCounter() if skipped is None else skipped)
+    images = _Images(path, SkipCounter() if skipped is None else skipped, max_pixels)
     labels = _LabelColumn(label_col, path, kind)
     for n, row in enumerate(_rows(path, kind, labels)):
         if not isinstance(row, dict):

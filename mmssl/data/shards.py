@@ -12,8 +12,9 @@ one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
 {"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
 The inputs (an image folder, a CSV/JSONL table, text files) are read by
-`mmssl.data.shard_inputs`; images that cannot be read (`missing_image`) or do not decode
-(`bad_image`) are not written, and the command prints how many of each it skipped.
+`mmssl.data.shard_inputs`; images that cannot be read (`missing_image`), do not decode
+(`bad_image`) or exceed --max-pixels (`image_too_large`) are not written, and the command
+prints how many of each it skipped.
 
     mmssl shards folder DIR --out OUT [--caption-template "a photo of a {}."]
     mmssl shards csv|jsonl TABLE --out OUT [--image-col image --caption-col caption --label-col label]
@@ -38,6 +39,7 @@ from typing import Any
 
 from mmssl.atomic import Busy, FileLock, write_atomic
 from mmssl.cliargs import ArgumentParser, summary
+from mmssl.data.decode import DEFAULT_MAX_PIXELS
 from mmssl.data.errors import DataError, SkipCounter
 from mmssl.data.shard_inputs import (
     DEFAULT_LABEL,
@@ -359,6 +361,17 @@ def write_shards(
     return writer.close()
 
 
+def _check_out_outside(out: str, root: str) -> None:
+    """DataError when `out` is inside the image folder `root`: the next run read it as a
+    class folder ("00_shards" sorted first: every label moved up by one)."""
+    o, r = os.path.realpath(out), os.path.realpath(root)
+    if o == r or o.startswith(r.rstrip(os.sep) + os.sep):
+        raise DataError(
+            f"--out {out} is inside the image folder {root}, whose subfolders are its classes; "
+            "write the shards elsewhere"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """`mmssl shards ...`: exit code 0, or 2 on bad input."""
     parser = ArgumentParser(prog="mmssl shards", description=summary(__doc__))
@@ -404,16 +417,28 @@ def main(argv: list[str] | None = None) -> int:
         default="file",
         help="text: one document per file or per blank-line paragraph (default: file)",
     )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"folder/csv/jsonl: skip (and count) larger images, which training's decoder skips "
+        f"at its default data.max_pixels (default: {DEFAULT_MAX_PIXELS})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     sized = args.max_count is not None or args.max_bytes is not None
     max_count = args.max_count if sized else 10_000
     skipped = SkipCounter()
     try:
+        if args.max_pixels < 1:
+            raise DataError(f"--max-pixels must be >= 1, got {args.max_pixels}")
         if args.input_kind == "folder":
             if len(args.inputs) != 1:
                 raise DataError("folder takes exactly one image folder")
-            samples = samples_from_folder(args.inputs[0], args.caption_template, skipped)
+            _check_out_outside(args.out, args.inputs[0])
+            samples = samples_from_folder(
+                args.inputs[0], args.caption_template, skipped, args.max_pixels
+            )
         elif args.input_kind in ("csv", "jsonl"):
             if len(args.inputs) != 1:
                 raise DataError(f"{args.input_kind} takes exactly one table file")
@@ -424,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.label_col,
                 kind=args.input_kind,
                 skipped=skipped,
+                max_pixels=args.max_pixels,
             )
         else:
             samples = samples_from_text(args.inputs, args.docs)

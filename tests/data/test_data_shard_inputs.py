@@ -265,3 +265,63 @@ def test_a_csv_row_with_more_fields_than_its_header_is_refused_naming_the_line(
     rc, out, err = _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o")
     assert rc == 2 and f"{tmp_path / 't.csv'}:2: 1 more field(s) than the header's" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def _big(path, side):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(path, "PNG")
+
+
+def test_an_image_larger_than_max_pixels_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    """Written and counted in the manifest, it was skipped by training's decoder at the same
+    limit (the manifest's count then exceeded the samples an epoch has); one past PIL's own
+    limit was counted as bad_image."""
+    from mmssl.data.decode import BadSample, decode_image
+
+    _save(tmp_path / "in" / "cat" / "0.png")
+    _big(tmp_path / "in" / "cat" / "big.png", 100)
+    with pytest.raises(BadSample) as bad:  # what training would do
+        decode_image((tmp_path / "in" / "cat" / "big.png").read_bytes(), 5000)
+    assert bad.value.kind == "image_too_large"
+    rc, out, _ = _run(
+        capsys, "folder", tmp_path / "in", "--out", tmp_path / "o", "--max-pixels", 5000
+    )
+    assert rc == 0 and "wrote 1 samples" in out and "(image_too_large: 1)" in out
+    assert [json.loads(s["json"])["path"] for s in _read(tmp_path / "o")] == ["cat/0.png"]
+    (tmp_path / "in" / "t.csv").write_text("image,caption\ncat/big.png,a\ncat/0.png,b\n")
+    rc, out, _ = _run(
+        capsys, "csv", tmp_path / "in" / "t.csv", "--out", tmp_path / "t", "--max-pixels", 5000
+    )
+    assert rc == 0 and "wrote 1 samples" in out and "(image_too_large: 1)" in out
+    # past PIL's decompression-bomb limit (2x MAX_IMAGE_PIXELS, ~179 M pixels by default)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    rc, out, _ = _run(
+        capsys, "folder", tmp_path / "in", "--out", tmp_path / "p", "--max-pixels", 10**9
+    )
+    assert rc == 0 and "wrote 1 samples" in out and "(image_too_large: 1)" in out
+    rc, _, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "q", "--max-pixels", 0)
+    assert rc == 2 and "--max-pixels must be >= 1" in err
+
+
+@pytest.mark.parametrize("out", ["00_shards", "cat/shards", "."])
+def test_shards_written_into_the_image_folder_are_refused(tmp_path, capsys, out):
+    """Written there, the next run read the output folder as a class: "00_shards" sorted
+    first, and every label moved up by one."""
+    _save(tmp_path / "in" / "cat" / "0.png")
+    _save(tmp_path / "in" / "dog" / "0.png", value=9)
+    rc, _, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "in" / out)
+    assert rc == 2 and "is inside the image folder" in err
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["cat", "dog"]
+    assert not (tmp_path / "in" / "cat" / "shards").exists()
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path, capsys):
+    """Its label was left without a sample (a/, b_empty/, c/ gave labels 0 and 2), silently;
+    torchvision's ImageFolder refuses one too."""
+    _save(tmp_path / "in" / "a" / "0.png")
+    (tmp_path / "in" / "b_empty").mkdir()
+    (tmp_path / "in" / "b_empty" / "notes.txt").write_text("no images here")
+    _save(tmp_path / "in" / "c" / "0.png")
+    rc, _, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 2 and "'b_empty' hold no image file" in err
+    assert not (tmp_path / "o").exists()
