@@ -17,7 +17,10 @@ its (N, V) logits either way: with `fused_head` one buffer in the compute dtype 
 gradient overwrites (`mmssl/nn/linear_ce.py`), else 16-bit logits, an fp32 copy and its
 gradient (10 bytes per logit).  Training FLOPs are 3x the forward (4x with activation
 checkpointing); step time is compute at `tflops x mfu` per GPU, overlapped with the
-data-parallel traffic (2 Psi elements per step for stages 0-2, 3 Psi for stage 3).
+data-parallel traffic, per step with `a` accumulation steps: 2 Psi elements for stages 0-1
+(one all-reduce), (a + 1) Psi for stage 2 (gradients reduce-scattered every micro-step, the
+parameters gathered once) and 3 a Psi for stage 3 (parameters gathered in the forward and the
+backward, gradients reduce-scattered, every micro-step).
 """
 
 from __future__ import annotations
@@ -185,8 +188,9 @@ def plan(
     total = sum(mem.values())
     train_flops = (4 if ckpt else 3) * work.flops
     compute = train_flops * glob / (gpus * tflops * 1e12 * mfu)
-    comm_elems = (3 if stage == 3 else 2) * psi * (gpus - 1) / gpus
-    comm = comm_elems * (2 if bf16 else 4) * accum ** (1 if stage >= 2 else 0) / (bandwidth * GB)
+    per = {0: 2, 1: 2, 2: accum + 1}.get(stage, 3 * accum)  # Psi-sized collectives a step
+    comm_bytes = per * psi * (gpus - 1) / gpus * (2 if bf16 else 4)
+    comm = comm_bytes / (bandwidth * GB)
     step = max(compute, comm)
     lines = [
         f"recipe {recipe.name}: model {recipe.model.name}, {gpus} GPUs, ZeRO stage {stage}"
@@ -204,7 +208,7 @@ def plan(
         f"  {'total':<17} {total / GB:8.2f} GB of {gpu_mem:g} GB ({fits}; excludes framework "
         f"buffers, fragmentation and ZeRO bucket sizes)",
         f"step time: {step:.3f} s (compute {compute:.3f} s at {tflops:g} TFLOPS x MFU {mfu:g}; "
-        f"gradient/parameter traffic {comm_elems * (2 if bf16 else 4) / GB:.2f} GB per rank, "
+        f"gradient/parameter traffic {comm_bytes / GB:.2f} GB per rank, "
         f"{comm:.3f} s at {bandwidth:g} GB/s, overlapped)",
         f"throughput: {glob / step:,.0f} samples/s; {recipe.train.steps} steps take "
         f"{recipe.train.steps * step / 3600:.1f} h",

@@ -180,3 +180,27 @@ def test_plan_refuses_what_the_streams_refuse(capsys: pytest.CaptureFixture[str]
     ]:
         assert main([str(RECIPES / f"{recipe}.yaml"), "--gpus", "8", override]) == 2
         assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("deepspeed", "collectives"), [("zero1", lambda a: 2), ("zero2", lambda a: a + 1), ("zero3", lambda a: 3 * a)])  # fmt: skip
+def test_traffic_in_gb_and_seconds_agree_and_count_each_collective(deepspeed, collectives):
+    """The GB figure left out the accumulation steps its seconds counted (0.52 GB "took"
+    0.168 s at 25 GB/s); stage 2 multiplied its parameter gather by them too."""
+    import re
+
+    from train_helpers import RECIPES
+
+    from mmssl.train.plan import GB, count_params, plan
+    from mmssl.train.recipe import grad_accum_steps, load_recipe, model_config
+
+    recipe = load_recipe(RECIPES / "clip_vit_b16.yaml", [f"train.deepspeed={deepspeed}"])
+    accum = grad_accum_steps(recipe, 8)
+    assert accum > 1
+    text = "\n".join(plan(recipe, 8, 80.0, 312.0, 0.4, 25.0))
+    gb, seconds = map(
+        float, re.search(r"traffic ([\d.]+) GB per rank, ([\d.]+) s at", text).groups()
+    )
+    psi = count_params(recipe, model_config(recipe))[0]
+    expected = collectives(accum) * psi * 7 / 8 * 2 / GB  # bf16: 2 bytes an element
+    assert gb == pytest.approx(expected, abs=0.005)
+    assert seconds == pytest.approx(expected / 25.0, abs=0.0005)
