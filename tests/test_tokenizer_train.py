@@ -319,6 +319,13 @@ def test_a_tokenizer_in_out_is_replaced_only_with_overwrite(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main([*train, "700", "--overwrite", *map(str, inputs)]) == 0
     assert get_tokenizer(str(out)).vocab_size == 700
+    # any file get_tokenizer(DIR) would load, such as a lone CLIP vocabulary or .model
+    for name in ("bpe_simple_vocab_16e6.txt.gz", "mine.model"):
+        other = tmp_path / name.split(".")[0]
+        other.mkdir()
+        (other / name).write_bytes(b"x")
+        code, err = _run_cli(["train", "--out", str(other), "--quiet", str(inputs[0])], capsys)
+        assert code == 2 and f"already holds a tokenizer ({name})" in err
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, True])

@@ -23,7 +23,7 @@ __all__ = ["DEFAULT_DIR", "META_FILE", "Tokenizer", "get_tokenizer", "read_meta"
 
 # tokenizer/default of the checkout, or an installed wheel's copy (mmssl.shipped).
 DEFAULT_DIR = shipped_path("tokenizer", "default")
-_ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
+ARTIFACTS = ("tokenizer.json", "*.model", "*.txt.gz")
 # The file name `save_tokenizer` gives each kind of artifact, by its suffix.
 SAVED_NAMES = {
     ".json": "tokenizer.json",
@@ -157,12 +157,10 @@ def _load_dir(directory: str, name: str) -> Tokenizer:
     folder = Path(directory)
     meta = read_meta(folder)
     if meta is None:
-        found = sorted(p for pattern in _ARTIFACTS for p in folder.glob(pattern))
+        found = sorted(p for pattern in ARTIFACTS for p in folder.glob(pattern))
         if len(found) != 1:
             what = "no tokenizer file" if not found else f"{len(found)} tokenizer files"
-            raise FileNotFoundError(
-                f"{folder}: {what} ({', '.join(_ARTIFACTS)}) and no {META_FILE}"
-            )
+            raise FileNotFoundError(f"{folder}: {what} ({', '.join(ARTIFACTS)}) and no {META_FILE}")
         return _load_file(str(found[0]), name)
     artifact = folder / meta["artifact"]
     if not artifact.is_file():

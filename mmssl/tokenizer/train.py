@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mmssl.shipped import in_checkout
-from mmssl.tokenizer import DEFAULT_DIR
+from mmssl.tokenizer import ARTIFACTS, DEFAULT_DIR
 from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
 from mmssl.tokenizer.corpus import DIR_SUFFIXES, Corpus, default_corpus, expand_inputs, iter_corpus
 
@@ -71,9 +71,8 @@ def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
     found = out_dir_problem(out_dir)
     if found:
         raise ValueError(f"cannot write to {out_dir}: {found[0]} {found[1]}")
-    held = [
-        n for n in (META_FILE, "tokenizer.json", "tokenizer.model") if (Path(out_dir) / n).exists()
-    ]
+    out = Path(out_dir)  # what get_tokenizer(out_dir) would load: a meta or an artifact
+    held = sorted({p.name for pattern in (META_FILE, *ARTIFACTS) for p in out.glob(pattern)})
     if held and not overwrite:
         raise ValueError(
             f"{out_dir} already holds a tokenizer ({', '.join(held)}); choose another output "

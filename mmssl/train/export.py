@@ -376,7 +376,9 @@ def _dest_problem(run: Path, dest: Path) -> str | None:
     d, r = Path(os.path.realpath(dest)), Path(os.path.realpath(run))
     from mmssl.train.run_lock import is_run_dir
 
-    for p in (d, *d.parents):  # this run's checkpoints or another's
+    # this run's checkpoints or another's, as named (RUN/checkpoints may link elsewhere) or real
+    named = Path(os.path.abspath(dest))
+    for p in (d, *d.parents, named, *named.parents):
         if p.name == "checkpoints" and (p.parent == r or is_run_dir(p.parent)):
             return "is inside a run's checkpoints, which a run removes whole"
     if d == r or is_run_dir(d):

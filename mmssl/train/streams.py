@@ -193,7 +193,8 @@ def tokenizer(recipe: Recipe) -> Any:
         return get_tokenizer(name)
     except FileNotFoundError as err:
         given = os.path.expanduser(recipe.data.tokenizer)
-        if not os.path.exists(name) and not os.path.isabs(given):  # both places it was looked for
+        # a relative path: both places it was looked for ("default"/"clip" say their own)
+        if name not in ("default", "clip") and not os.path.isabs(given):
             looked = f"{os.path.abspath(given)} or {os.path.join(recipe.base_dir, given)}"
             raise ConfigError(
                 f"data.tokenizer: {given!r} is not 'default', 'clip' or a tokenizer file or "

@@ -95,6 +95,14 @@ def test_an_export_into_a_checkpoint_or_over_a_run_directory_is_refused(
         assert main([str(run), "--out", str(out)]) == 2
         assert "inside a run's checkpoints" in capsys.readouterr().err
     assert not (other / "checkpoints" / "new").exists()
+    # a run whose checkpoints/ links to scratch storage: its real path names no checkpoints
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "recipe.yaml").write_text("{}\n")
+    (tmp_path / "scratch" / "step_00000001").mkdir(parents=True)
+    (linked / "checkpoints").symlink_to(tmp_path / "scratch")
+    assert main([str(run), "--out", str(linked / "checkpoints" / "step_00000001")]) == 2
+    assert "inside a run's checkpoints" in capsys.readouterr().err
     monkeypatch.setenv("HOME", str(tmp_path))  # "~/r" quoted: the shell left it to us
     assert main(["~/r", "--out", "~/elsewhere"]) == 0
     assert (tmp_path / "elsewhere" / "model.safetensors").is_file()

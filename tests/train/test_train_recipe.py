@@ -849,3 +849,19 @@ def test_backend_numba_is_refused_when_either_renderer_cannot_run(monkeypatch, b
         ConfigError, match=f"data.augment.backend: backend numba, but {broken} is broken"
     ):
         _check_numba(data)
+
+
+@pytest.mark.parametrize("name", ["default", "clip"])
+def test_a_named_tokenizer_that_cannot_load_says_its_own_reason(name, monkeypatch) -> None:
+    """A relative path found nowhere names both places looked; "clip" without open_clip (or a
+    missing shipped default) was said to be neither "default" nor "clip"."""
+    import mmssl.tokenizer
+    from mmssl.train.recipe import recipe_from_dict
+    from mmssl.train.streams import tokenizer
+
+    def missing(_name):
+        raise FileNotFoundError(f"{_name}: its own reason")
+
+    monkeypatch.setattr(mmssl.tokenizer, "get_tokenizer", missing)
+    with pytest.raises(ConfigError, match=f"^data.tokenizer: {name}: its own reason$"):
+        tokenizer(recipe_from_dict({"data": {"tokenizer": name}}))
