@@ -34,9 +34,7 @@ class _Recorder:
         return torch.zeros(()), {"loss/clip": torch.zeros(())}
 
 
-def test_eval_batches_are_not_the_training_batches(tmp_path: Path) -> None:
-    from mmssl.train.loop import _eval_loss
-
+def _held_out_recipe(tmp_path: Path, batches: int) -> str:
     path = tmp_path / "h.yaml"
     path.write_text(
         json.dumps(
@@ -47,12 +45,18 @@ def test_eval_batches_are_not_the_training_batches(tmp_path: Path) -> None:
                     "sources": {"train": {"urls": "synthetic"}, "held": {"urls": "synthetic"}}
                 },
                 "objectives": {"clip": {"source": "train"}},
-                "eval": {"every": 1, "batches": 2, "sources": {"train": "held"}},
+                "eval": {"every": 1, "batches": batches, "sources": {"train": "held"}},
                 "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 4},
             }
         )
     )
-    recipe = load_recipe(str(path))
+    return str(path)
+
+
+def test_eval_batches_are_not_the_training_batches(tmp_path: Path) -> None:
+    from mmssl.train.loop import _eval_loss
+
+    recipe = load_recipe(_held_out_recipe(tmp_path, batches=2))
     resolved = validate(recipe, world_size=1)
     engine = _Recorder()
     _eval_loss(engine, recipe, resolved, torch.device("cpu"), torch.float32)
@@ -62,3 +66,24 @@ def test_eval_batches_are_not_the_training_batches(tmp_path: Path) -> None:
         trained = train.next()
         assert got["train"]["image"].shape == trained["image"].shape
         assert not torch.equal(got["train"]["image"].float(), trained["image"].float())
+
+
+class _Counting(_Recorder):
+    """An engine stand-in whose n-th batch measures a loss of n."""
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        super().__call__(batch)
+        n = float(len(self.batches))
+        return torch.tensor(n), {"loss/clip": torch.tensor(n)}
+
+
+def test_the_eval_loss_is_the_mean_over_its_batches(tmp_path: Path) -> None:
+    """Losses 1, 2, 3 over eval.batches=3 give 2 (a sum, or one batch's, passed the tests,
+    which ran a single eval batch)."""
+    from mmssl.train.loop import _eval_loss
+
+    recipe = load_recipe(_held_out_recipe(tmp_path, batches=3))
+    out = _eval_loss(
+        _Counting(), recipe, validate(recipe, world_size=1), torch.device("cpu"), torch.float32
+    )
+    assert out == {"eval/loss/clip": pytest.approx(2.0)}
