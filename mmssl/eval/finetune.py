@@ -105,24 +105,29 @@ def finetune(
     ds.init_distributed()
     world = distributed.world_size()  # each rank `batch_size` images a step
     recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed, world)
-    eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))
-    dev = ds.device()
-    if limit is None:
-        it = _stream_batches(train_urls, preprocess, field, batch_size, seed)
-    else:
-        images, labels = _images_and_labels(train_urls, preprocess, field, batch_size, limit)
-        # each rank its own batches, as with the pipeline's per-rank shards
-        it = _memory_batches(images, labels, batch_size, seed + distributed.rank())
-    for _ in range(steps):
-        images, labels = next(it)
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise EvalError(
-                f"labels run {int(labels.min())}..{int(labels.max())} but --num-classes is {num_classes}"
-            )
-        loss = eng(images.to(dev), labels.to(dev))
-        eng.backward(loss)
-        eng.step()
-    return _whole(eng, lambda: Classifier(model.standalone_vision(), num_classes)).eval()
+    linear = F.linear  # ZeRO-3 replaces it process-wide ("persists unless manually reset")
+    try:
+        eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))
+        dev = ds.device()
+        if limit is None:
+            it = _stream_batches(train_urls, preprocess, field, batch_size, seed)
+        else:
+            images, labels = _images_and_labels(train_urls, preprocess, field, batch_size, limit)
+            # each rank its own batches, as with the pipeline's per-rank shards
+            it = _memory_batches(images, labels, batch_size, seed + distributed.rank())
+        for _ in range(steps):
+            images, labels = next(it)
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise EvalError(
+                    f"labels run {int(labels.min())}..{int(labels.max())} but --num-classes is "
+                    f"{num_classes}"
+                )
+            loss = eng(images.to(dev), labels.to(dev))
+            eng.backward(loss)
+            eng.step()
+        return _whole(eng, lambda: Classifier(model.standalone_vision(), num_classes)).eval()
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def _whole(eng: Any, build: Callable[[], Classifier]) -> Classifier:
