@@ -67,6 +67,12 @@ def _collectives() -> dict[str, Any]:
     (gathered * weights).sum().backward()
     out["gathered"] = gathered.detach()
     out["gather_grad"] = x.grad.clone()
+    # the backward all-reduces a copy of the incoming gradient: reduced in place, it changed
+    # the caller's tensor and so the gradient of everything else it reaches
+    other = torch.zeros(sum(SIZES), 2, requires_grad=True)
+    v = torch.full((sum(SIZES), 2), float(r + 1))
+    (distributed.all_gather_with_grad(x.detach().requires_grad_(True)) + other).backward(v)
+    out["upstream"], out["other_grad"] = v.clone(), other.grad.clone()
     out["no_grad"] = distributed.all_gather_no_grad(x)
     out["labels"] = distributed.all_gather_no_grad(torch.full((n, 3), r, dtype=torch.long))
     out["sum"] = distributed.all_reduce_sum(torch.tensor([r + 1.0]))
@@ -105,6 +111,7 @@ def test_collectives_on_three_ranks() -> None:
         assert out["gathered"].equal(full) and out["no_grad"].equal(full)
         k = torch.arange(offsets[r], offsets[r] + SIZES[r], dtype=torch.float32) + 1
         assert out["gather_grad"].equal((factor * k)[:, None].expand(-1, 2))
+        assert out["upstream"].eq(r + 1).all() and out["other_grad"].eq(r + 1).all()
         assert out["labels"][:, 0].tolist() == [0, 1, 1, 2, 2, 2]
         assert out["sum"].item() == 6.0 and out["mean"].item() == 2.0
         assert out["objects"] == [("rank", 0), ("rank", 1), ("rank", 2)]

@@ -55,6 +55,11 @@ W2_CASES: list[Case] = [
     for keys in (False, True)
 ] + [
     ("clip", "local_loss", True, (3, 5)),
+    # `full` with uneven batches: its mean is over the whole batch, not rank count x this
+    # rank's (a mutation audit's survivors of all three losses)
+    ("nt_xent", "full", False, (5, 3)),
+    ("clip", "full", True, (3, 5)),
+    ("siglip", "full", True, (3, 5)),
     # the logit scale above its clamp, where the whole batch's gradient asks for a larger
     # scale (masked) but rank 0's share asks for a smaller one: masking per rank let that
     # share through (the averaged gradient was 0.0017 against 0)
@@ -65,6 +70,7 @@ W2_CASES: list[Case] = [
     ("next_token", "-", True, (3, 5)),
 ]
 W3_CASES: list[Case] = [
+    ("nt_xent", "full", True, (2, 3, 4)),
     ("siglip", "chunked", False, (3, 3, 3)),
     ("siglip", "chunked", True, (3, 3, 3)),
     ("clip", "local_loss", True, (2, 3, 4)),
