@@ -240,7 +240,8 @@ def samples_from_folder(
         _check_template(caption_template)
     listed = [_class_images(os.path.join(root, cls)) for cls in classes]
     empty = [cls for cls, (names, _) in zip(classes, listed) if not names]
-    if empty:  # torchvision's ImageFolder refuses one too
+    if empty and len(empty) < len(classes):  # torchvision's ImageFolder refuses one too
+        # (with none at all, the error after the walk says what the folders held instead)
         raise DataError(
             f"image folder {root!r}: class folder(s) {', '.join(map(repr, empty))} hold no "
             "image file, so their labels would have no sample; remove them or add images"
