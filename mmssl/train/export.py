@@ -341,7 +341,7 @@ def _export_checkpoint(run: Path, ckpt_dir: Path, tag: str, dest: Path, verified
         condition = export_record(recipe, cfg.text.context_length)  # its prompts, if any
         extra.update({"condition": condition} if condition else {})
     this_run = os.path.realpath(run)
-    source = {"checkpoint": tag, "manifest_sha256": digest, "run": this_run}
+    source: dict[str, Any] = {"checkpoint": tag, "manifest_sha256": digest, "run": this_run}
     dest.mkdir(parents=True, exist_ok=True)
     # two exports into one folder (two evaluations of a running run) take turns, so that
     # its weights, config and exported_from.json are always one export's

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from train_helpers import RECIPES, tiny_overrides
+from train_helpers import RECIPES, tiny_clip_batch, tiny_overrides
 
 from mmssl.schema import ConfigError
 from mmssl.train.cli import main
@@ -361,14 +361,7 @@ def test_metrics_report_the_temperatures_that_train() -> None:
     from mmssl.train.recipe import ObjectiveConfig
     from mmssl.train.tasks import Task
 
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "train": {
-            "image": torch.rand(4, 3, 32, 32, generator=g),
-            "text": torch.randint(3, 500, (4, 8), generator=g),
-            "text_mask": torch.ones(4, 8, dtype=torch.bool),
-        }
-    }
+    batch = {"train": tiny_clip_batch()}
     sig = Task(create_model("test_tiny_clip"), {"s": ObjectiveConfig(type="siglip")})
     with torch.no_grad():
         sig.losses["s"].logit_scale.fill_(math.log(7.0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import tiny_clip_batch
 
 
 def _recipe(**over):
@@ -31,14 +32,7 @@ def test_total_loss_is_the_weighted_sum_of_the_objectives():
     from mmssl.train.recipe import ObjectiveConfig
     from mmssl.train.tasks import Task
 
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "train": {
-            "image": torch.rand(4, 3, 32, 32, generator=g),
-            "text": torch.randint(3, 500, (4, 8), generator=g),
-            "text_mask": torch.ones(4, 8, dtype=torch.bool),
-        }
-    }
+    batch = {"train": tiny_clip_batch()}
     task = Task(
         create_model("test_tiny_clip"),
         {

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -128,3 +129,15 @@ def synthetic_recipe(
     }
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
+
+
+def tiny_clip_batch(b: int = 4, t: int = 8) -> dict[str, Any]:
+    """One source's batch for test_tiny_clip: b random 32 px images and b texts of t ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(b, 3, 32, 32, generator=g),
+        "text": torch.randint(3, 500, (b, t), generator=g),
+        "text_mask": torch.ones(b, t, dtype=torch.bool),
+    }
