@@ -8,6 +8,7 @@ benchmarks and tests that need no shards.
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from typing import Any
@@ -305,7 +306,18 @@ def _check_contrastive_batch(recipe: Recipe, world_size: int) -> None:
     positive term, which a constant embedding minimises."""
     t = recipe.train
     on = [k for k, o in recipe.objectives.items() if (o.type or k) in CONTRASTIVE and o.weight]
-    if not on or t.micro_batch_size * world_size >= 2:
+    per_step = t.micro_batch_size * world_size
+    if on and 2 <= per_step < t.global_batch_size:
+        from mmssl import distributed
+
+        if distributed.rank() == 0:  # a recipe written for more GPUs runs, but learns otherwise
+            logging.getLogger("mmssl.train").warning(
+                "objectives.%s is contrastive and train.global_batch_size %d is accumulated "
+                "from micro-batches of %d x world size %d: its negatives come from one "
+                "micro-batch across ranks (%d samples), not the global batch",
+                on[0], t.global_batch_size, t.micro_batch_size, world_size, per_step,
+            )  # fmt: skip
+    if not on or per_step >= 2:
         return
     why = f"objectives.{on[0]} is contrastive and needs negatives from the batch"
     if t.global_batch_size < 2:

@@ -102,3 +102,27 @@ def test_a_batch_of_1_is_fine_without_a_contrastive_objective():
     data["data"]["sources"]["train"]["kind"] = "image_text"
     data["objectives"] = {"next_token": {}, "clip": {"weight": 0.0}}
     _check(data)
+
+
+def test_accumulating_a_contrastive_batch_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A recipe written for 64 GPUs run on 32 accumulated 2 micro-batches silently: its
+    negatives were half the batch the recipe's comment promises (the loss is per micro-batch,
+    see `mmssl.train.recipe`'s docstring)."""
+    data = {
+        "model": {"name": "test_tiny_clip"},
+        "data": {"sources": {"train": {"urls": "synthetic"}}},
+        "objectives": {"clip": {}, "lm": {"type": "next_token", "weight": 0.5}},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2},
+    }
+    with caplog.at_level("WARNING", logger="mmssl.train"):
+        _check(data, world_size=4)  # 2 x 4 ranks: the whole batch, said nothing
+        assert "contrastive" not in caplog.text
+        _check(data, world_size=2)
+    assert (
+        "objectives.clip is contrastive and train.global_batch_size 8 is accumulated" in caplog.text
+    )
+    assert "one micro-batch across ranks (4 samples)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmssl.train"):  # next-token loss: exact
+        _check({**data, "objectives": {"lm": {"type": "next_token"}}}, world_size=2)
+    assert "accumulated" not in caplog.text
