@@ -63,6 +63,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
     """Forward FLOPs and activation bytes of one sample of every source, as the Task runs it
     (activations as if the pooled-only last blocks kept every row: a slight overestimate)."""
     from mmssl.train.recipe import NEEDS
+    from mmssl.train.streams import source_sizes
     from mmssl.train.tasks import TOKEN_MEAN, VISION_TOKENS
 
     # the Task runs the vision tower pooled-only unless some objective reads its tokens
@@ -76,11 +77,11 @@ def workload(recipe: Any, cfg: Any) -> Workload:
         if not kinds:
             continue
         needs = set().union(*(NEEDS[k] for k in kinds))
+        side, n_text = source_sizes(recipe, src, cfg)  # the image size and context it feeds
         if needs & {"image", "views"} and cfg.vision is not None:
             v = cfg.vision
             images = max(1, recipe.data.views) if "views" in needs or recipe.data.views else 1
-            # the size training feeds (data.image_size resamples the position table)
-            patches = ((recipe.data.image_size or v.image_size) // v.patch_size) ** 2
+            patches = (side // v.patch_size) ** 2  # data.image_size resamples the position table
             n = (1 if v.class_token else 0) + patches
             pooled_only = vision_pooled and v.pool == "token"
             flops += images * (
@@ -92,7 +93,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             peak_layer = max(peak_layer, images * 34 * n * v.dim)
         if "text" in needs and cfg.text is not None:
             t = cfg.text
-            n = src.context_length or recipe.data.context_length or t.context_length
+            n = n_text
             # pooled-only without a token objective on this source (the Task runs sources of
             # one text length in one call, in full if any reads tokens: counted per source)
             pooled_only = not kinds & set(TOKEN_MEAN) and t.pool != "mean"
@@ -108,7 +109,6 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                     # gradient written over it; plain: 16-bit logits, fp32 copy, its grad
                     logits += n * t.vocab_size * (compute if o.fused_head else 2 + 4 + 4)
             if "captioning" in kinds and cfg.caption is not None and cfg.caption.mode == "cross":
-                side = recipe.data.image_size or cfg.vision.image_size
                 v_tokens = (side // cfg.vision.patch_size) ** 2
                 # self-attention block, then cross-attention: q and output projections on
                 # the text, k and v projections of the image tokens (vision width -> text

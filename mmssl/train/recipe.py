@@ -267,7 +267,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     recipe = from_dict(Recipe, data, "")
     # paths as `~/x` (YAML and overrides pass them as text): out_dir made a folder named "~"
     paths = [(recipe, "out_dir"), (recipe.checkpoint, "resume"), (recipe.train, "deepspeed")]
-    for part, key in [*paths, (recipe.model, "name")]:
+    for part, key in [*paths, (recipe.model, "name"), (recipe.data, "tokenizer")]:
         setattr(part, key, os.path.expanduser(getattr(part, key)))
     for key, obj in recipe.objectives.items():
         obj.type = obj.type or key

@@ -182,7 +182,7 @@ def tokenizer_name(recipe: Recipe) -> str:
     name = recipe.data.tokenizer
     if name in ("default", "clip"):
         return name
-    return str(resolve_path(recipe, os.path.expanduser(name)).resolve())
+    return str(resolve_path(recipe, name).resolve())
 
 
 def tokenizer(recipe: Recipe) -> Any:
@@ -193,9 +193,14 @@ def tokenizer(recipe: Recipe) -> Any:
     try:
         return get_tokenizer(name)
     except FileNotFoundError as err:
-        given = os.path.expanduser(recipe.data.tokenizer)
-        # a relative path: both places it was looked for ("default"/"clip" say their own)
-        if name not in ("default", "clip") and not os.path.isabs(given):
+        given = recipe.data.tokenizer
+        # a relative path found nowhere: both places it was looked for ("default", "clip" or
+        # an existing path without a tokenizer say their own reason)
+        if (
+            not os.path.exists(name)
+            and name not in ("default", "clip")
+            and not os.path.isabs(given)
+        ):
             looked = f"{os.path.abspath(given)} or {os.path.join(recipe.base_dir, given)}"
             raise ConfigError(
                 f"data.tokenizer: {given!r} is not 'default', 'clip' or a tokenizer file or "
@@ -220,7 +225,9 @@ def tokenizer_record(name: str) -> dict[str, Any] | None:
     return meta
 
 
-def _sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]:
+def source_sizes(recipe: Recipe, src: SourceConfig, model_cfg: Any) -> tuple[int, int]:
+    """(image size, text context length) that source `src` feeds the model (`mmssl plan`
+    counts its work from the same)."""
     image = recipe.data.image_size or (model_cfg.vision.image_size if model_cfg.vision else 32)
     context = (
         src.context_length
@@ -274,7 +281,7 @@ def check_data(recipe: Recipe, model_cfg: Any, world_size: int) -> None:
                 )
     if model_cfg.text is not None:
         for name, src in recipe.data.sources.items():
-            context = _sizes(recipe, src, model_cfg)[1]
+            context = source_sizes(recipe, src, model_cfg)[1]
             if context > model_cfg.text.context_length:
                 raise ConfigError(
                     f"data.sources.{name}: context length {context} exceeds the model's text "
@@ -340,7 +347,7 @@ def build_stream(
 ) -> Any:
     """One source's stream for this rank; `seed` (default `data.seed`) plus `seed_offset`
     (which separates eval streams) seeds it."""
-    image_size, context = _sizes(recipe, src, model_cfg)
+    image_size, context = source_sizes(recipe, src, model_cfg)
     d, batch = recipe.data, recipe.train.micro_batch_size
     seed = d.seed if seed is None else seed
     if src.urls == "synthetic":  # the offset draws other samples of the same data

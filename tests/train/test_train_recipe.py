@@ -858,3 +858,14 @@ def test_a_named_tokenizer_that_cannot_load_says_its_own_reason(name, monkeypatc
     monkeypatch.setattr(mmssl.tokenizer, "get_tokenizer", missing)
     with pytest.raises(ConfigError, match=f"^data.tokenizer: {name}: its own reason$"):
         tokenizer(recipe_from_dict({"data": {"tokenizer": name}}))
+
+
+def test_an_existing_tokenizer_folder_without_a_tokenizer_says_so(tmp_path, monkeypatch) -> None:
+    """Found, it is not "found neither here nor there": get_tokenizer's own reason stands."""
+    from mmssl.train.recipe import recipe_from_dict
+    from mmssl.train.streams import tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(ConfigError, match="no tokenizer file"):
+        tokenizer(recipe_from_dict({"data": {"tokenizer": "tok"}}))
