@@ -498,6 +498,37 @@ def test_export_is_all_or_nothing_and_readable_by_others(tmp_path):
         save_pretrained(model, out / "config.json")
 
 
+def test_export_interrupted_between_its_renames_is_no_export(tmp_path, monkeypatch):
+    """An interruption after the new weights took their place and before the new config did
+    left them beside the old config.json, which then loaded as one export."""
+    import os
+
+    from mmssl.models import io
+
+    model, out = _tiny_export(tmp_path)
+    save_pretrained(model, out, {"recipe": "old"})
+    renames = []
+
+    def interrupted(src, dst):
+        if renames:  # the second rename, config.json's
+            raise KeyboardInterrupt
+        renames.append(dst)
+        os.replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, out, {"recipe": "new"})
+    monkeypatch.undo()
+    assert [p.name for p in renames] == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # no temporaries
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(out)
+    save_pretrained(model, out, {"recipe": "new"})  # the next export completes it
+    assert io.read_config(out)["recipe"] == "new"
+
+
 def test_export_cli_out_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
     from mmssl.train import export
 

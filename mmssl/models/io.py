@@ -117,8 +117,10 @@ def save_pretrained(
     `check_record`) is a ConfigError naming it, raised before anything is written.
 
     Both are written under temporary names first and renamed into place only once both are
-    complete, so a failure leaves the old files (if any) as they were, never new weights
-    beside an old config."""
+    complete, so a failure while writing leaves the old files (if any) as they were.  The old
+    config.json goes before the new weights take its weights' place and the new config comes
+    last: an interruption between the renames leaves a folder without config.json, which no
+    loader takes for an export, never new weights beside an old config."""
     out = Path(out_dir).expanduser()
     if not isinstance(model, MultimodalModel):
         # a tower (what load_encoder returns) has a config that is no ModelConfig: its export
@@ -147,6 +149,7 @@ def save_pretrained(
     try:
         write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})
         temps[1].write_text(config, encoding="utf-8")
+        targets[1].unlink(missing_ok=True)
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     finally:
