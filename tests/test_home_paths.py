@@ -38,12 +38,14 @@ def test_recipe_paths_expand_the_home_directory(home: Path) -> None:
             "train.deepspeed=~/ds.json",
             "model.name=~/m.json",
             "data.tokenizer=~/tok",
+            "train.init_from=~/export",
         ],
     )
     assert recipe.run_dir == home / "runs" / recipe.name
     assert recipe.checkpoint.resume == str(home / "old" / "checkpoints" / "step_00000001")
     assert recipe.model.name == str(home / "m.json")
     assert recipe.data.tokenizer == str(home / "tok")
+    assert recipe.train.init_from == str(home / "export")
     assert find_deepspeed_json(recipe) == home / "ds.json"
     assert recipe.base_dir == str(home.resolve())
     # names without a leading ~ are left as they are

@@ -57,6 +57,7 @@ from mmssl.train import checkpoint, host_memory, nonfinite, preempt, run_record,
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
 from mmssl.train.host_memory import keep_freed_memory
+from mmssl.train.init_from import load_init
 from mmssl.train.logging import RunLogger
 from mmssl.train.recipe import Recipe, Resolved, dump_recipe
 from mmssl.train.run_lock import RunDirLock
@@ -81,13 +82,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_task(recipe: Recipe, model_cfg: Any) -> Task:
-    """The recipe's model (randomly initialised) and objectives; condition prompts are
-    tokenized with `data.tokenizer`, as the captions are, which is loaded only for them."""
+def build_task(recipe: Recipe, model_cfg: Any, warm: bool = False) -> Task:
+    """The recipe's model (randomly initialised; with `warm`, then train.init_from's weights
+    loaded) and objectives; condition prompts are tokenized with `data.tokenizer`, as the
+    captions are, which is loaded only for them."""
     from mmssl.models.multimodal import MultimodalModel
 
     tok = recipe_tokenizer(recipe) if source_prompts(recipe.objectives) else None
-    return Task(MultimodalModel(model_cfg), recipe.objectives, tok)
+    model = MultimodalModel(model_cfg)
+    if warm:  # before the Task reshapes its 0-d parameters (promote_scalar_params)
+        load_init(model, recipe, model_cfg)
+    return Task(model, recipe.objectives, tok)
 
 
 def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -267,9 +272,14 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     run_dir = recipe.run_dir
     faults = Faults.from_env(run_dir, rank)
 
+    found = checkpoint.find_resume(recipe.checkpoint.resume, run_dir)
+    if found:
+        stage = zero_stage(resolved.ds_config)
+        run_record.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
     # the same seed on every rank: identical initial weights before any broadcast
     seed_everything(recipe.train.seed)
-    task = build_task(recipe, resolved.model)
+    # a resume's checkpoint holds the weights (train.init_from may be gone by then)
+    task = build_task(recipe, resolved.model, warm=not found)
     # the tokenizer as the run starts, pinned in every checkpoint's run record: the export
     # records it, a resume refuses another (the file may be retrained in place meanwhile)
     pinned = tokenizer_record(tokenizer_name(recipe)) if resolved.model.text else None
@@ -282,10 +292,6 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     seed_everything(recipe.train.seed + 1000 * (rank + 1))
     streams = build_streams(recipe, resolved.model, rank, world)
 
-    found = checkpoint.find_resume(recipe.checkpoint.resume, run_dir)
-    if found:
-        stage = zero_stage(resolved.ds_config)
-        run_record.check_resume(found[0] / found[1], recipe.to_dict(), world, stage)
     start = checkpoint.step_of(found[1]) if found else 0
     checkpoint.check_no_later(run_dir / "checkpoints", start, recipe.checkpoint.resume)
     # the checkpoint of another run this run's line started from, kept in its run records

@@ -169,6 +169,8 @@ class TrainConfig:
     # a step with a non-finite loss or gradient is skipped (no update) and counted; this many
     # in a row stop the run, keeping the last good checkpoint
     max_bad_steps: int = 10
+    # an exported model whose weights start the run (mmssl.train.init_from); None: random
+    init_from: str | None = None
 
 
 @dataclass
@@ -269,6 +271,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     paths = [(recipe, "out_dir"), (recipe.checkpoint, "resume"), (recipe.train, "deepspeed")]
     for part, key in [*paths, (recipe.model, "name"), (recipe.data, "tokenizer")]:
         setattr(part, key, os.path.expanduser(getattr(part, key)))
+    if recipe.train.init_from is not None:
+        recipe.train.init_from = os.path.expanduser(recipe.train.init_from)
     for key, obj in recipe.objectives.items():
         obj.type = obj.type or key
         if obj.type not in OBJECTIVE_TYPES:
@@ -435,32 +439,11 @@ class Resolved:
     ds_config: dict[str, Any]
 
 
-def _warn_if_export(name: str) -> None:
-    """Log (rank 0) that `model.name` is an export whose weights the run does not load: a
-    recipe builds its model from the config, randomly initialised, and a run started so
-    looked warm-started while it trained from scratch."""
-    from mmssl import distributed
-    from mmssl.models.registry import CONFIG_DIR, config_file
-
-    path = config_file(name)
-    if path.parent != CONFIG_DIR and (path.parent / "model.safetensors").is_file():
-        if distributed.rank() == 0:
-            import logging
-
-            logging.getLogger("mmssl.train").warning(
-                "model.name %s is an export: the run builds its architecture from %s and "
-                "starts from random weights; %s is not loaded (recipes have no warm start: "
-                "fine-tune with `mmssl eval finetune`)",
-                name,
-                path,
-                path.parent / "model.safetensors",
-            )
-
-
 def check_recipe(recipe: Recipe) -> Any:
     """The checks of `validate` that need neither a world size nor the file system (`mmssl
     plan` runs them too): ranges, values, the model (built on meta; returned), the
     objectives against it, eval sources.  ConfigError on the first problem."""
+    from mmssl.train.init_from import warn_if_export
     from mmssl.train.objective_checks import check_eval, check_objectives
     from mmssl.train.text_condition import check_condition
     from mmssl.train.values import check_values
@@ -468,7 +451,7 @@ def check_recipe(recipe: Recipe) -> Any:
     check_ranges(recipe)
     check_values(recipe)
     cfg = model_config(recipe)
-    _warn_if_export(recipe.model.name)
+    warn_if_export(recipe)
     check_condition(recipe, cfg)  # condition_prompt against model.condition.source
     check_objectives(recipe, cfg)
     check_eval(recipe)
@@ -482,6 +465,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     the run directory can be made (recipes for other machines); the shard counts of
     epoch-mode sources are checked for `world_size` ranks either way."""
     from mmssl.train.engine import deepspeed_config
+    from mmssl.train.init_from import check_init
     from mmssl.train.streams import check_data
 
     world = world_size_from_env() if world_size is None else world_size
@@ -494,6 +478,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
         file_checks.check_run_dir(recipe)
         file_checks.check_shards(recipe)
         file_checks.check_resume(recipe)
+        check_init(recipe, cfg)
         _check_numba(recipe.data)
     file_checks.check_shard_counts(recipe, world)
     check_data(recipe, cfg, world)

@@ -38,6 +38,20 @@ def _stages_job(demo: str, out: str, stages: list[int]) -> dict[int | str, list[
             result[stage] = losses(Path(out) / f"zero{stage}")
             export_run(Path(out) / f"zero{stage}")
         distributed.barrier()
+    # ZeRO-3 partitions the weights train.init_from loaded: a step too small to see keeps them
+    args = tiny_overrides(demo, out, "zero3_init") + [
+        "train.steps=1",
+        "schedule.warmup_steps=0",
+        "train.deepspeed=zero3",
+        "checkpoint.every=0",
+        f"train.init_from={out}/zero0/export",
+        "optim.lr=1e-12",
+        "optim.weight_decay=0",
+    ]
+    assert main([QUICK, *args]) == 0
+    if distributed.rank() == 0:
+        export_run(Path(out) / "zero3_init")
+    distributed.barrier()
     result.update(_joint_job(demo, out))
     return result
 
@@ -46,7 +60,8 @@ def test_zero_stages_agree(demo_data: str, tmp_path: Path) -> None:
     """fp32 losses of ZeRO 0, 1, 2, 3 on 2 ranks agree to 1e-5, and the ZeRO-3 checkpoint
     consolidates (zero_to_fp32) to the weights the stage-0 run holds.  In the same session
     joint.yaml (tiny) runs at ZeRO 0 and 3: its shared trunk runs image tokens and two text
-    lengths, i.e. three calls of the same module per step, and ZeRO-3 matches ZeRO-0."""
+    lengths, i.e. three calls of the same module per step, and ZeRO-3 matches ZeRO-0.  A
+    ZeRO-3 run started from the stage-0 export (train.init_from) holds its weights."""
     out = run_distributed(_stages_job, 2, demo_data, str(tmp_path), [0, 1, 2, 3], timeout=400)[0]
     for stage in (1, 2, 3):
         assert len(out[stage]) == 3
@@ -57,6 +72,10 @@ def test_zero_stages_agree(demo_data: str, tmp_path: Path) -> None:
     assert w0.keys() == w3.keys()
     for k in w0:
         torch.testing.assert_close(w0[k], w3[k], atol=1e-5, rtol=1e-4, msg=k)
+    warm = load_file(str(tmp_path / "zero3_init" / "export" / "model.safetensors"))
+    assert warm.keys() == w0.keys()
+    for k in w0:
+        torch.testing.assert_close(warm[k], w0[k], atol=1e-8, rtol=0, msg=k)
     assert len(out["joint0"]) == 2
     for a, b in zip(out["joint0"], out["joint3"]):
         assert abs(a - b) < 1e-5, (out["joint0"], out["joint3"])

@@ -1,0 +1,202 @@
+"""`train.init_from`: a run that starts from the weights of an exported model (a warm start).
+
+At step 0 the run loads every tensor of the export (`mmssl export`, `save_pretrained`, an
+import saved so) whose name and shape its own model has.  The rest of its model keeps its
+initialisation (a tower the export lacks, a conditioner, a projector), and the export's other
+tensors are not used; the log names both.  A tensor of one name and another shape is an
+error, as is an export that shares no tensor with the model.  The optimizer, the LR schedule
+and the data start afresh: this is not a resume (`checkpoint.resume` continues a run, with its
+optimizer state, and the two are not set together).  A run that started so and then resumes
+loads its checkpoint, not the export, which may be gone by then.
+
+The checks read the safetensors header only (names, shapes, dtypes), so `mmssl train
+--validate` runs them too; the weights are read once, on every rank, before DeepSpeed builds
+its engine (which partitions them under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmssl import distributed
+from mmssl.schema import ConfigError
+
+_log = logging.getLogger("mmssl.train")
+
+
+@dataclass
+class InitPlan:
+    """What a warm start loads: the export's weights file and the tensor names."""
+
+    weights: Path
+    loaded: list[str]  # in both, same shape
+    kept: list[str]  # the model's, left at their initialisation
+    unused: list[str]  # the export's, not in the model
+
+
+def init_path(recipe: Any) -> Path | None:
+    """train.init_from as a directory: from the working directory, else the recipe's."""
+    from mmssl.train.recipe import resolve_path
+
+    value = recipe.train.init_from
+    return None if value is None else resolve_path(recipe, value)
+
+
+def _export_tensors(path: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """{name: (shape, floating)} of an export's weights (header only), the file, config.json."""
+    from safetensors import SafetensorError, safe_open
+
+    from mmssl.models.io import WEIGHTS, read_config
+
+    try:
+        record = read_config(path)
+    except (FileNotFoundError, ConfigError) as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"train.init_from: {weights}: missing weights file")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                tensors[name] = (tuple(part.get_shape()), part.get_dtype().startswith(("F", "BF")))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"train.init_from: {weights}: unreadable or damaged safetensors file ({err})"
+        ) from None
+    return tensors, weights, record
+
+
+def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
+    """The warm start of `recipe` (None without train.init_from) for its model config `cfg`,
+    checked against the export's header; ConfigError for an export the run cannot start from."""
+    path = init_path(recipe)
+    if path is None:
+        return None
+    if recipe.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError(
+            f"train.init_from ({recipe.train.init_from}) and checkpoint.resume "
+            f"({recipe.checkpoint.resume}) both say where the run starts: keep one"
+        )
+    import torch
+
+    from mmssl.models.io import CARRIED, aliases
+    from mmssl.models.multimodal import MultimodalModel
+
+    tensors, weights, record = _export_tensors(path)
+    with torch.device("meta"):
+        model = MultimodalModel(cfg)
+    shared = aliases(model)  # a tied tensor loads through its first name, as exported
+    ours = {
+        name: (tuple(t.shape), t.is_floating_point())
+        for name, t in model.state_dict().items()
+        if name not in shared and name not in CARRIED
+    }
+    common = [name for name in ours if name in tensors]
+    kind = {True: "float", False: "integer"}
+    differ = [
+        f"{n}: {tensors[n][0]} {kind[tensors[n][1]]} vs {ours[n][0]} {kind[ours[n][1]]}"
+        for n in common
+        if tensors[n] != ours[n]
+    ]
+    where = f"train.init_from: {weights}"
+    if differ:
+        raise ConfigError(
+            f"{where}: {len(differ)} tensors differ in shape or kind (export vs this run's "
+            f"model), e.g. {differ[:3]}; model.name and model.overrides must build the "
+            "export's architecture for the tensors it shares"
+        )
+    if not common:
+        raise ConfigError(
+            f"{where} shares no tensor name with this run's model (export {sorted(tensors)[:3]}, "
+            f"model {sorted(ours)[:3]}): is it an export of another kind of model?"
+        )
+    _check_tokenizer(recipe, record, common, where)
+    kept = [n for n in ours if n not in tensors]
+    unused = [n for n in tensors if n not in ours]
+    return InitPlan(weights=weights, loaded=common, kept=kept, unused=unused)
+
+
+def check_init(recipe: Any, cfg: Any) -> None:
+    """`validate`'s check of train.init_from, skipped where the run resumes from checkpoints
+    of its own (the export is not read then, and may be gone): `plan_init`'s errors."""
+    from mmssl.train.checkpoint import list_tags
+
+    if recipe.checkpoint.resume != "auto" or not list_tags(Path(recipe.run_dir) / "checkpoints"):
+        plan_init(recipe, cfg)
+
+
+def _check_tokenizer(recipe: Any, record: dict[str, Any], loaded: list[str], where: str) -> None:
+    """Text weights trained with one tokenizer and fed another's ids: refused when both are
+    known by their sha256 (an import saved without a tokenizer record is not checked)."""
+    from mmssl.train.streams import tokenizer_name, tokenizer_record
+
+    if not any(name.startswith("text.") for name in loaded):
+        return
+    theirs = (record.get("tokenizer") or {}).get("sha256")
+    ours = (tokenizer_record(tokenizer_name(recipe)) or {}).get("sha256")
+    if theirs and ours and theirs != ours:
+        raise ConfigError(
+            f"{where}: its text weights were trained with another tokenizer "
+            f"({record['tokenizer'].get('name')}, sha256 {theirs}) than data.tokenizer "
+            f"({recipe.data.tokenizer}, sha256 {ours}); token ids would mean other words. Set "
+            "data.tokenizer to the export's (its folder holds a copy)"
+        )
+
+
+def warn_if_export(recipe: Any) -> None:
+    """Log (rank 0) that `model.name` is an export whose weights the run does not load, unless
+    train.init_from names where its weights come from: a run so started looked warm-started
+    (its record kept the export's path) while it trained from random weights."""
+    from mmssl.models.registry import CONFIG_DIR, config_file
+
+    path = config_file(recipe.model.name)
+    weights = path.parent / "model.safetensors"
+    if path.parent == CONFIG_DIR or not weights.is_file() or recipe.train.init_from is not None:
+        return
+    if distributed.rank() == 0:
+        _log.warning(
+            "model.name %s is an export: the run builds its architecture from %s and starts "
+            "from random weights; %s is not loaded (train.init_from=%s starts from them)",
+            recipe.model.name,
+            path,
+            weights,
+            path.parent,
+        )
+
+
+def _groups(names: list[str]) -> str:
+    """Tensor names summarised by their first two name parts, with counts."""
+    counts: dict[str, int] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n})" for k, n in counts.items()) or "none"
+
+
+def load_init(model: Any, recipe: Any, cfg: Any) -> InitPlan | None:
+    """Load train.init_from's weights into `model` (the run's MultimodalModel, before the
+    engine is built); the plan, or None without train.init_from."""
+    from safetensors.torch import load_file
+
+    plan = plan_init(recipe, cfg)
+    if plan is None:
+        return None
+    state = load_file(str(plan.weights))
+    missing, unexpected = model.load_state_dict(
+        {name: state[name] for name in plan.loaded}, strict=False
+    )
+    assert not unexpected and set(missing).isdisjoint(plan.loaded), (missing, unexpected)
+    if distributed.rank() == 0:
+        _log.info(
+            "train.init_from %s: loaded %d tensors; at their initialisation: %s; not used: %s",
+            plan.weights.parent,
+            len(plan.loaded),
+            _groups(plan.kept),
+            _groups(plan.unused),
+        )
+    return plan

@@ -1,0 +1,143 @@
+"""train.init_from: a run starts from an export's weights (those its model shares), keeps its
+own initialisation elsewhere, refuses exports it cannot start from, and a resume does not
+read the export again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import synthetic_recipe
+
+import mmssl
+from mmssl.models.io import save_pretrained
+from mmssl.schema import ConfigError
+from mmssl.train.export import export_run
+from mmssl.train.recipe import load_recipe, validate
+
+pytestmark = pytest.mark.usefixtures("one_process_group")
+# an update too small to see: the weights after a step are the ones the run started from
+STILL = ["optim.lr=1e-12", "optim.weight_decay=0"]
+
+
+def _train(path: Path, overrides: list[str]) -> dict:
+    from mmssl.train.loop import train
+
+    recipe = load_recipe(str(path), overrides)
+    return train(recipe, validate(recipe))
+
+
+def _vit_export(tmp_path: Path, name: str = "vit", **overrides) -> tuple[Path, dict]:
+    torch.manual_seed(123)
+    model = mmssl.create_model("test_tiny_vit", **overrides)
+    out = save_pretrained(model, tmp_path / name)
+    return out, load_file(str(out / "model.safetensors"))
+
+
+def _weights(tmp_path: Path, run: str) -> dict:
+    return load_file(
+        str(export_run(tmp_path / run, tmp_path / f"{run}_export") / "model.safetensors")
+    )
+
+
+def test_a_run_starts_from_the_weights_its_model_shares_with_the_export(tmp_path, caplog):
+    """A CLIP run from an image encoder's export (LiT's start): the vision tower is the
+    export's, the text tower and projections are the run's own initialisation."""
+    vit, theirs = _vit_export(tmp_path)
+    with caplog.at_level(logging.INFO, logger="mmssl.train"):
+        _train(synthetic_recipe(tmp_path, "warm", 1), [f"train.init_from={vit}", *STILL])
+    _train(synthetic_recipe(tmp_path, "cold", 1), STILL)
+    warm, cold = _weights(tmp_path, "warm"), _weights(tmp_path, "cold")
+    assert set(theirs) < set(warm) and theirs  # every vision tensor of the export is the run's
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(warm[name], tensor, rtol=0, atol=1e-8)
+    # the control: without init_from the vision tower is another, so the comparison can fail
+    assert max((cold[n] - t).abs().max().item() for n, t in theirs.items()) > 0.01
+    for name in set(warm) - set(theirs):  # the rest as a run without init_from starts
+        torch.testing.assert_close(warm[name], cold[name], rtol=0, atol=1e-8)
+    assert f"train.init_from {vit}: loaded {len(theirs)} tensors" in caplog.text
+    assert "text.trunk (24)" in caplog.text and "not used: none" in caplog.text
+    # a whole CLIP, its 0-d logit_scale too (the Task holds 0-d parameters as (1,))
+    torch.manual_seed(7)
+    clip = save_pretrained(mmssl.create_model("test_tiny_clip"), tmp_path / "clip")
+    _train(synthetic_recipe(tmp_path, "whole", 1), [f"train.init_from={clip}", *STILL])
+    theirs, whole = load_file(str(clip / "model.safetensors")), _weights(tmp_path, "whole")
+    assert whole.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(whole[name], tensor, rtol=0, atol=1e-8)
+
+
+def test_a_resume_reads_its_checkpoint_not_the_export(tmp_path, caplog):
+    vit, _ = _vit_export(tmp_path)
+    recipe = synthetic_recipe(tmp_path, "r", 2)
+    _train(recipe, [f"train.init_from={vit}", "train.stop_at=1"])
+    shutil.rmtree(vit)  # gone: the resume (and its validation) must not need it
+    with caplog.at_level(logging.INFO, logger="mmssl.train"):
+        out = _train(recipe, [f"train.init_from={vit}"])
+    assert out["final_step"] == 2 and "train.init_from" not in caplog.text
+    with pytest.raises(ConfigError, match="no config.json"):  # a fresh start needs it
+        validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=fresh"]), 1)
+
+
+def _refused(tmp_path: Path, init: Path | str, *more: str) -> str:
+    recipe = synthetic_recipe(tmp_path, "bad", 1)
+    with pytest.raises(ConfigError) as err:
+        validate(load_recipe(str(recipe), [f"train.init_from={init}", *more]), 1)
+    return str(err.value)
+
+
+def test_exports_a_run_cannot_start_from_are_refused_at_validation(tmp_path):
+    wide, _ = _vit_export(tmp_path, "wide", **{"vision.dim": 48})
+    said = _refused(tmp_path, wide)
+    assert (
+        "tensors differ in shape or kind" in said
+        and "(48, 3, 8, 8) float vs (32, 3, 8, 8) float" in said
+    )
+    assert "no config.json" in _refused(tmp_path, tmp_path / "nowhere")
+    vit, theirs = _vit_export(tmp_path)
+    # an export of another kind of model: no tensor name in common
+    renamed = tmp_path / "renamed"
+    shutil.copytree(vit, renamed)
+    mmssl.models.io.write_safetensors(
+        {f"x.{k}": v for k, v in theirs.items()}, renamed / "model.safetensors"
+    )
+    assert "shares no tensor name" in _refused(tmp_path, renamed)
+    data = (vit / "model.safetensors").read_bytes()
+    (renamed / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    assert "unreadable or damaged safetensors" in _refused(tmp_path, renamed)
+    # a training run directory: export it first
+    _train(synthetic_recipe(tmp_path, "run", 1), [])
+    assert "mmssl export" in _refused(tmp_path, tmp_path / "run")
+    assert "keep one" in _refused(tmp_path, vit, f"checkpoint.resume={tmp_path / 'run'}")
+
+
+def test_text_weights_of_another_tokenizer_are_refused(tmp_path):
+    torch.manual_seed(0)
+    clip = mmssl.create_model("test_tiny_clip")
+    other = {"name": "/elsewhere/tok.json", "sha256": "0" * 64}
+    export = save_pretrained(clip, tmp_path / "clip", {"tokenizer": other})
+    assert "another tokenizer" in _refused(tmp_path, export)
+    same = save_pretrained(clip, tmp_path / "same", {"tokenizer": {"name": "/x"}})  # no sha256
+    validate(load_recipe(str(synthetic_recipe(tmp_path, "ok", 1)), [f"train.init_from={same}"]), 1)
+
+
+def test_a_model_name_that_is_its_init_export_does_not_warn(tmp_path, caplog):
+    vit, _ = _vit_export(tmp_path)
+    recipe = synthetic_recipe(tmp_path, "r", 1)
+    data = json.loads(recipe.read_text())
+    data["model"] = {"name": str(vit)}
+    data["data"]["sources"]["train"]["kind"] = "image"
+    data["objectives"] = {"simclr": {}}
+    data["data"]["views"] = 2
+    recipe.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="mmssl.train"):
+        validate(load_recipe(str(recipe)), 1, check_files=False)
+        assert "is an export" in caplog.text
+        caplog.clear()
+        validate(load_recipe(str(recipe), [f"train.init_from={vit}"]), 1)
+    assert "is an export" not in caplog.text
