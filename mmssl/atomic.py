@@ -1,5 +1,5 @@
 """Writing outputs that other processes read or write too: whole files (`write_atomic`,
-`temp_name`) and advisory locks between writers of one output (`FileLock`: a shard folder's
+`temp_name`), files read together (`replace_together`) and advisory locks between writers of one output (`FileLock`: a shard folder's
 split and manifest, an evaluation's --out, an export folder).
 
 A POSIX record lock (`fcntl.lockf`) on a hidden, empty lock file beside the output, removed
@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -156,3 +157,27 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_together(files: Sequence[tuple[Path, Callable[[Path], object]]]) -> None:
+    """Replace files that are read together (weights and their config, a tokenizer and its
+    meta, an evaluation's results and summary): each `(target, write)` pair's `write` fills
+    a temporary file, and only once all are written do they take their targets' places, the
+    last target (the one that describes the others) removed first and renamed in last.  A
+    failed write leaves every old file as it was, and its OSError names the file; a kill
+    among the renames leaves the last target missing, never new files beside an old one."""
+    temps = [temp_name(target) for target, _ in files]
+    try:
+        for (target, write), tmp in zip(files, temps):
+            try:
+                write(tmp)
+            except OSError as err:  # "File too large" alone named no file
+                raise OSError(
+                    err.errno, f"{err.strerror or err}; nothing replaced", str(target)
+                ) from None
+        files[-1][0].unlink(missing_ok=True)
+        for (target, _), tmp in zip(files, temps):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)

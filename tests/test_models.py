@@ -507,14 +507,15 @@ def test_export_interrupted_between_its_renames_is_no_export(tmp_path, monkeypat
 
     model, out = _tiny_export(tmp_path)
     save_pretrained(model, out, {"recipe": "old"})
-    renames = []
+    renames, real = [], os.replace
 
     def interrupted(src, dst):
         if renames:  # the second rename, config.json's
             raise KeyboardInterrupt
         renames.append(dst)
-        os.replace(src, dst)
+        real(src, dst)
 
+    before = (out / "model.safetensors").read_bytes()
     monkeypatch.setattr(io.os, "replace", interrupted)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
@@ -523,6 +524,7 @@ def test_export_interrupted_between_its_renames_is_no_export(tmp_path, monkeypat
     monkeypatch.undo()
     assert [p.name for p in renames] == ["model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # no temporaries
+    assert (out / "model.safetensors").read_bytes() != before  # the new weights, alone
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained(out)
     save_pretrained(model, out, {"recipe": "new"})  # the next export completes it

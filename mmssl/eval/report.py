@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mmssl.atomic import FileLock, write_atomic
+from mmssl.atomic import FileLock, replace_together, temp_name
 from mmssl.train.run_lock import is_run_dir
 
 RESULTS = "results.json"
@@ -179,16 +180,34 @@ def _write_report(
         "plots": list(plots),
     }
     doc = _clean(doc)
-    # whole or not at all: a cut results.json would name no task, and block the rerun
-    write_atomic(out / RESULTS, json.dumps(doc, indent=2) + "\n")
     lines = [f"# {task}", "", f"- model: `{model}`", f"- data: `{json.dumps(_clean(data))}`"]
     # quoted as a shell reads it: a brace pattern pasted bare expands into extra arguments
     lines += [f"- command: `{shlex.join(doc['command'])}`", ""]
     if summary:
         lines += [summary, ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    write_atomic(out / SUMMARY, "\n".join(lines).rstrip() + "\n")
+    text = "\n".join(lines).rstrip() + "\n"
+    # one report's pair: each file whole (a cut results.json named no task and blocked the
+    # rerun) and the summary last, so a kill leaves the new results.json without a summary,
+    # never beside the old one (the rerun takes its results.json for its own)
+    replace_together(
+        [
+            (out / RESULTS, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")),
+            (out / SUMMARY, lambda tmp: tmp.write_text(text)),
+        ]
+    )
     return doc
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    """savefig through a temporary file: a kill left a cut PNG beside the report."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pyplot() -> Any:
@@ -223,7 +242,7 @@ def plot_confusion(cm: Tensor, classnames: Sequence[str], path: str | Path, titl
                         j, i, int(counts[i, j]), ha="center", va="center", fontsize=7, color=color
                     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return str(path)
 
@@ -251,6 +270,6 @@ def plot_fewshot(
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return str(path)

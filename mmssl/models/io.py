@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmssl.atomic import temp_name
+from mmssl.atomic import replace_together, temp_name
 from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.schema import ConfigError, from_dict, suggest, to_dict
@@ -85,7 +85,10 @@ def write_safetensors(
 ) -> None:
     """save_file, with the mode a plain open() gives (0o666 & ~umask): safetensors creates its
     files 0600, which others on a shared machine cannot read."""
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # a full disk, a file size limit: an OSError as any write's
+        raise OSError(f"cannot write {path}: {err}") from None
     os.chmod(path, 0o666 & ~_umask())
 
 
@@ -117,10 +120,10 @@ def save_pretrained(
     `check_record`) is a ConfigError naming it, raised before anything is written.
 
     Both are written under temporary names first and renamed into place only once both are
-    complete, so a failure while writing leaves the old files (if any) as they were.  The old
-    config.json goes before the new weights take its weights' place and the new config comes
-    last: an interruption between the renames leaves a folder without config.json, which no
-    loader takes for an export, never new weights beside an old config."""
+    complete (`replace_together`), so a failure while writing leaves the old files (if any)
+    as they were.  The old config.json goes first and the new one comes last: an interruption
+    between the renames leaves a folder without config.json, which no loader takes for an
+    export, never new weights beside an old config."""
     out = Path(out_dir).expanduser()
     if not isinstance(model, MultimodalModel):
         # a tower (what load_encoder returns) has a config that is no ModelConfig: its export
@@ -145,16 +148,13 @@ def save_pretrained(
             "int, str, list, dict); nothing was written"
         ) from None
     out.mkdir(parents=True, exist_ok=True)
-    temps = [temp_name(t) for t in targets]
-    try:
-        write_safetensors(unique_state_dict(model), temps[0], metadata={"format": "pt"})
-        temps[1].write_text(config, encoding="utf-8")
-        targets[1].unlink(missing_ok=True)
-        for tmp, target in zip(temps, targets):
-            os.replace(tmp, target)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+    state = unique_state_dict(model)
+    replace_together(
+        [
+            (targets[0], lambda tmp: write_safetensors(state, tmp, metadata={"format": "pt"})),
+            (targets[1], lambda tmp: tmp.write_text(config, encoding="utf-8")),
+        ]
+    )
     return out
 
 

@@ -11,7 +11,6 @@ importing this package is cheap.
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
     A meta beside the source file is kept (its provenance), with the new file's name.  The
     file is checked against `tok.sha256` after the copy: a file changed since `tok` loaded
     is a ValueError, and nothing is replaced.  Returns the meta file's path."""
-    from mmssl.atomic import temp_name, write_atomic
+    from mmssl.atomic import replace_together, write_atomic
 
     suffix = ".txt.gz" if tok.path.name.endswith(".txt.gz") else tok.path.suffix
     if suffix not in SAVED_NAMES:
@@ -137,19 +136,21 @@ def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
         special_tokens={role: t for role, t in tokens.items() if t is not None},
         **{f"{role}_id": i for role, i in ids.items()},
     )
-    if target.resolve() != tok.path.resolve():
-        tmp = temp_name(target)
-        try:
-            tmp.write_bytes(tok.path.read_bytes())
-            if sha256_file(tmp) != tok.sha256:
-                raise ValueError(
-                    f"{tok.path} changed since its tokenizer loaded (sha256 {tok.sha256}); "
-                    f"not saved to {out}"
-                )
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    write_atomic(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    if target.resolve() == tok.path.resolve():
+        write_atomic(out / META_FILE, text)
+        return out / META_FILE
+
+    def copy(tmp: Path) -> None:
+        tmp.write_bytes(tok.path.read_bytes())
+        if sha256_file(tmp) != tok.sha256:
+            raise ValueError(
+                f"{tok.path} changed since its tokenizer loaded (sha256 {tok.sha256}); "
+                f"not saved to {out}"
+            )
+
+    # the meta last: never an old meta beside a new file
+    replace_together([(target, copy), (out / META_FILE, lambda tmp: tmp.write_text(text))])
     return out / META_FILE
 
 

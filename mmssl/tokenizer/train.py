@@ -12,6 +12,7 @@ tokenizer.model) and tokenizer_meta.json: vocab size, special ids, corpus descri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import re
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 from mmssl.shipped import in_checkout
 from mmssl.tokenizer import ARTIFACTS, DEFAULT_DIR
-from mmssl.tokenizer.base import META_FILE, META_FORMAT, sha256_file
+from mmssl.tokenizer.base import META_FILE, META_FORMAT
 from mmssl.tokenizer.corpus import DIR_SUFFIXES, Corpus, default_corpus, expand_inputs, iter_corpus
 
 __all__ = [
@@ -57,9 +58,24 @@ def _progress(corpus: Corpus, show: bool) -> Iterable[str]:
     )
 
 
-def _write_meta(out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _publish(
+    out_dir: str | Path, artifact: str, data: bytes, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the tokenizer file and its meta, which names it and its sha256
+    (`replace_together`, the meta last): a failed write names its file and leaves an earlier
+    tokenizer there as it was."""
+    from mmssl.atomic import replace_together
+
+    meta.update(artifact=artifact, sha256=hashlib.sha256(data).hexdigest())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    (out_dir / META_FILE).write_text(text, encoding="utf-8")
+    replace_together(
+        [
+            (out / artifact, lambda tmp: tmp.write_bytes(data)),
+            (out / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8")),
+        ]
+    )
     return meta
 
 
@@ -141,23 +157,11 @@ def train_bpe(
     tok.train_from_iterator(_progress(corpus, show_progress), trainer=trainer)
     if corpus.num_texts == 0:
         raise ValueError(f"empty corpus: {corpus.description}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    artifact = out / "tokenizer.json"
-    artifact.write_text(tok.to_str() + "\n", encoding="utf-8")
+    data = (tok.to_str() + "\n").encode("utf-8")
     options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "seed": seed}
-    return _write_meta(
-        out,
-        _meta(
-            "bpe",
-            artifact,
-            tok.get_vocab_size(),
-            specials,
-            corpus,
-            options,
-            f"tokenizers {tokenizers.__version__}",
-        ),
-    )
+    library = f"tokenizers {tokenizers.__version__}"
+    meta = _meta("bpe", tok.get_vocab_size(), specials, corpus, options, library)
+    return _publish(out_dir, "tokenizer.json", data, meta)
 
 
 def train_sentencepiece(
@@ -266,15 +270,11 @@ def train_sentencepiece(
         raise ValueError(
             f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}"
         ) from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    artifact = out / "tokenizer.model"
-    artifact.write_bytes(writer.getvalue())
-    sp = spm.SentencePieceProcessor(model_proto=writer.getvalue())
+    data = writer.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=data)
     options = {"vocab_size": vocab_size, "model_type": model_type, "seed": seed, "threads": threads}
     meta = _meta(
         "sentencepiece",
-        artifact,
         sp.get_piece_size(),
         specials,  # extras are control symbols at ids 4.., after unk
         corpus,
@@ -286,12 +286,11 @@ def train_sentencepiece(
     # num_chars and sha256 describe every text read; these say what training left out
     meta["corpus"]["dropped_long_lines"] = long_lines
     meta["corpus"]["dropped_long_chars"] = long_chars
-    return _write_meta(out, meta)
+    return _publish(out_dir, "tokenizer.model", data, meta)
 
 
 def _meta(
     kind: str,
-    artifact: Path,
     vocab_size: int,
     specials: list[str],
     corpus: Corpus,
@@ -301,8 +300,6 @@ def _meta(
     return {
         "format": META_FORMAT,
         "kind": kind,
-        "artifact": artifact.name,
-        "sha256": sha256_file(artifact),
         "vocab_size": vocab_size,
         "pad_id": 0,
         "bos_id": 1,

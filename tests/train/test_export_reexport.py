@@ -80,3 +80,32 @@ def test_an_export_over_another_runs_export_says_so(
     assert f"{out} held the export of another run ({tmp_path / 'a'}), now {tmp_path / 'b'}'s" in (
         caplog.text
     )
+
+
+def test_an_export_that_cannot_write_its_weights_is_one_line(tmp_path: Path) -> None:
+    """Under a file size limit (a full disk alike) `mmssl export` ended in safetensors' own
+    traceback (exit 1); the export already there must stay loadable."""
+    import resource
+    import subprocess
+    import sys
+
+    import mmssl
+
+    _train(synthetic_recipe(tmp_path, "r", 2))
+    out = export_run(tmp_path / "r", tmp_path / "exp", tag="step_00000001")
+    size = (out / "model.safetensors").stat().st_size
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    code = "import sys; from mmssl.train.export import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, str(tmp_path / "r"), "--out", str(out)]
+    res = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "File too large" in res.stderr
+    assert "model.safetensors" in res.stderr and "nothing replaced" in res.stderr
+    # step 2's export failed: step 1's files as they were (its record of them gone)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == {k: v for k, v in before.items() if k != "exported_from.json"}
+    assert mmssl.load_encoder(out, tower="model") is not None
