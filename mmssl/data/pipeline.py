@@ -44,8 +44,8 @@ from mmssl.data.args import check_args, check_norm
 from mmssl.data.augment import AugmentConfig
 from mmssl.data.decode import DEFAULT_MAX_PIXELS, BadSample, decode_text
 from mmssl.data.errors import DataError, SkipCounter, WorkerFailure
+from mmssl.data.manifest import manifest_counts
 from mmssl.data.producer import Plan, SourceSpec, StreamDataset, identity_collate, ignore_sigterm
-from mmssl.data.shards import manifest_counts
 from mmssl.data.tario import samples_for_counting
 from mmssl.data.urls import check_no_repeats, check_urls, expand_urls, is_local
 

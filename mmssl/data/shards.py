@@ -10,7 +10,9 @@ the manifest (`.manifest.lock`).  `max_bytes` bounds each shard file's
 size exactly (tar pads a file to 10 KiB records), except that a shard always holds at least
 one sample.  Every output directory gets a `manifest.json`:
 `{"version": 1, "shards": [{"url", "count", "bytes", "split"}], "splits": {split:
-{"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it).
+{"pattern": "train-{000000..000003}.tar", "count": N}}}` (shard URLs relative to it); while
+a split's new shards are renamed over its old ones, `"publishing": {split: [urls]}` names them,
+and readers refuse those shards (`mmssl.data.manifest`) until a rerun completes the split.
 The inputs (an image folder, a CSV/JSONL table, text files) are read by
 `mmssl.data.shard_inputs`; images that cannot be read (`missing_image`), do not decode
 (`bad_image`) or exceed --max-pixels (`image_too_large`) are not written, and the command
@@ -41,6 +43,7 @@ from mmssl.atomic import Busy, FileLock, write_atomic
 from mmssl.cliargs import ArgumentParser, summary
 from mmssl.data.decode import DEFAULT_MAX_PIXELS
 from mmssl.data.errors import DataError, SkipCounter
+from mmssl.data.manifest import MANIFEST, PUBLISHING
 from mmssl.data.shard_inputs import (
     DEFAULT_LABEL,
     samples_from_folder,
@@ -48,8 +51,6 @@ from mmssl.data.shard_inputs import (
     samples_from_text,
 )
 from mmssl.data.tario import split_name
-
-MANIFEST = "manifest.json"
 
 
 def _encode(value: Any, key: str, ext: str) -> bytes:
@@ -67,53 +68,6 @@ def _encode(value: Any, key: str, ext: str) -> bytes:
         except ValueError as err:
             raise DataError(f"sample {key!r}: cannot write {ext} as JSON: {err}") from None
     raise DataError(f"sample {key!r}: cannot write a {type(value).__name__} into a shard ({ext})")
-
-
-def manifest_counts(urls: list[str]) -> dict[str, int]:
-    """Sample counts by absolute shard path from the manifest.json files next to the local
-    shards (as `ShardWriter` writes them), for epoch mode.  A shard whose size is not the
-    manifest's `bytes` (rewritten since) is left out with a warning, so that it is counted by
-    reading it: its stale count made an epoch repeat or drop samples, silently.  A rewrite
-    to the very same size (tar pads to 10 KiB records: 17 and 18 small samples can match)
-    goes unseen: write the manifest again with the shards (`mmssl shards` does)."""
-    from mmssl.data.errors import log
-    from mmssl.data.urls import is_local
-
-    counts: dict[str, int] = {}
-    for d in sorted({os.path.dirname(os.path.abspath(u)) for u in urls if is_local(u)}):
-        path = os.path.join(d, "manifest.json")
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
-            shards = manifest.get("shards", [])
-            if not isinstance(shards, list):
-                raise ValueError("'shards' is not a list")
-            for shard in shards:
-                count, size = shard["count"], shard.get("bytes")
-                if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                    raise ValueError(f"count {count!r} of {shard['url']!r}")
-                url = os.path.join(d, str(shard["url"]))
-                if size is not None and os.path.isfile(url) and os.path.getsize(url) != size:
-                    log.warning(
-                        "%s: %s is %d bytes, the manifest says %s: counting its samples by "
-                        "reading it",
-                        path,
-                        shard["url"],
-                        os.path.getsize(url),
-                        size,
-                    )
-                    continue
-                counts[url] = count
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            what = f"no {err}" if isinstance(err, KeyError) else str(err)
-            raise DataError(
-                f"{path} is not a shard manifest ({what}); epoch mode takes the sample counts "
-                f"from it: move it away (the shards are then counted) or set the source's "
-                f"epoch_batches (in a recipe: data.sources.NAME.epoch_batches)"
-            ) from None
-    return counts
 
 
 class ShardWriter:
@@ -283,6 +237,13 @@ class ShardWriter:
             return manifest
         new = {s["url"] for s in self.shards}
         old = [s for s in manifest["shards"] if s.get("split") == self.split]
+        # a kill among the renames below leaves the split part new, part old (samples twice
+        # or not at all): the manifest names the shards being replaced until the new one is
+        # written, and readers refuse them (`check_publishing`) until a rerun completes
+        marked = dict(manifest.get(PUBLISHING) or {})
+        marked[self.split] = sorted(new | {str(s.get("url", "")) for s in old})
+        text = json.dumps({**manifest, PUBLISHING: marked}, indent=1, sort_keys=True) + "\n"
+        write_atomic(Path(self.out_dir) / MANIFEST, text)
         for entry in self.shards:
             os.replace(self._partial(entry["url"]), os.path.join(self.out_dir, entry["url"]))
         for entry in old:  # a previous, longer run's shards of this split
@@ -295,6 +256,9 @@ class ShardWriter:
         total = sum(s["count"] for s in self.shards)
         manifest["splits"][self.split] = {"pattern": self.pattern, "count": total}
         manifest["splits"] = dict(sorted(manifest["splits"].items()))
+        marked.pop(self.split)  # another split's interrupted replacement stays marked
+        manifest.pop(PUBLISHING, None)
+        manifest.update({PUBLISHING: marked} if marked else {})
         write_atomic(
             Path(self.out_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         )

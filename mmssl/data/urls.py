@@ -63,8 +63,9 @@ def _no_glob(urls: list[str]) -> str:
 
 
 def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
-    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked)
-    or a URL names a scheme (http://, s3://) that only a pipe: command can read."""
+    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked),
+    a URL names a scheme (http://, s3://) that only a pipe: command can read, or an
+    interrupted `mmssl shards` left a split part old, part new (`check_publishing`)."""
     if not urls:
         raise DataError(f"shard pattern {pattern!r} expands to no URL")
     remote = next((u for u in urls if not is_local(u) and not u.startswith("pipe:")), None)
@@ -84,6 +85,9 @@ def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
             f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist"
             f"{_no_glob(missing)} (first missing: {missing[0]})"
         )
+    from mmssl.data.manifest import check_publishing
+
+    check_publishing(local)
 
 
 def check_no_repeats(pattern: str | Sequence[str], urls: list[str]) -> None:

@@ -101,6 +101,40 @@ def test_a_failed_run_leaves_the_earlier_shards_and_manifest(tmp_path):
     assert _digest(str(tmp_path)) == before
 
 
+def test_a_split_killed_while_it_replaced_its_shards_is_refused_until_rerun(tmp_path, monkeypatch):
+    """Killed among the renames of its new shards over the old ones, `mmssl shards` left a
+    split part new, part old under the old manifest: read silently, with samples twice."""
+    from mmssl.data.urls import check_urls, expand_urls
+
+    _run_shards(tmp_path, 6)  # train-000000..000002, 2 samples each
+    _run_shards(tmp_path, 3, split="val")
+    real, renamed = os.replace, []
+
+    def killed(src, dst):
+        if len(renamed) == 2 and str(dst).endswith(".tar"):
+            raise KeyboardInterrupt
+        renamed.append(str(dst))
+        real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run_shards(tmp_path, 10)  # train-000000..000004
+    assert renamed[-1].endswith("train-000000.tar")  # the first new shard is in place
+    train = str(tmp_path / "train-{000000..000002}.tar")
+    with pytest.raises(DataError, match=r"stopped while it replaced split 'train'.* again"):
+        check_urls(train, expand_urls(train))
+    val = str(tmp_path / "val-{000000..000001}.tar")
+    check_urls(val, expand_urls(val))  # another split of the folder reads as before
+    manifest = _run_shards(tmp_path, 10)  # the rerun
+    assert "publishing" not in manifest
+    assert "publishing" not in json.loads((tmp_path / "manifest.json").read_text())
+    train = str(tmp_path / "train-{000000..000004}.tar")
+    check_urls(train, expand_urls(train))
+    texts = [s["txt"] for s in wds.WebDataset(train, shardshuffle=False)]
+    assert texts == [f"doc {i} of 10".encode() for i in range(10)]
+
+
 def test_a_shorter_rerun_removes_the_split_s_old_shards_only(tmp_path):
     _run_shards(tmp_path, 6)  # train-000000..000002
     _run_shards(tmp_path, 3, split="val")
@@ -418,7 +452,7 @@ def test_max_bytes_help_says_its_units_are_powers_of_1024(capsys):
 )
 def test_manifest_counts_refuses_a_count_that_is_no_sample_count(tmp_path: Path, count, ok) -> None:
     """A negative, boolean or float count is refused: an epoch would be planned over it."""
-    from mmssl.data.shards import manifest_counts
+    from mmssl.data.manifest import manifest_counts
 
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(b"\0" * 1024)
