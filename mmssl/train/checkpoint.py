@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -358,10 +359,10 @@ def save(
     except RuntimeError as err:  # a full disk is torch's "unexpected pos 1815424 vs 1815316"
         if not any(m in str(err) for m in WRITE_FAILURES):
             raise  # another failure (a collective, say) as it came
-        free = shutil.disk_usage(folder).free
-        raise OSError(
-            f"saving checkpoint {folder} failed ({err}); {free} bytes free there"
-        ) from err
+        free, cap = shutil.disk_usage(folder).free, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limited = "" if cap == resource.RLIM_INFINITY else f", files limited to {cap} bytes"
+        why = f"{free} bytes free there{limited}"
+        raise OSError(f"saving checkpoint {folder} failed ({err}); {why}") from err
     if distributed.rank() == 0:  # read before DeepSpeed loads anything (check_resume)
         from mmssl.train.run_record import record
 

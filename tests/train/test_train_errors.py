@@ -230,6 +230,17 @@ def test_a_full_disk_at_a_save_is_named(tmp_path: Path, monkeypatch: pytest.Monk
     assert str(raised.value).startswith(f"saving checkpoint {folder} failed (")
     assert str(raised.value).endswith(" bytes free there")
     assert f"saving checkpoint {folder} failed" in (tmp_path / "f" / "summary.md").read_text()
+    # a file size limit (`ulimit -f`) fails a save as a full disk does: named beside the space
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10**12, hard))
+    try:
+        with pytest.raises(OSError) as raised:
+            _train(synthetic_recipe(tmp_path, "g", 4, every=2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(raised.value).endswith(" bytes free there, files limited to 1000000000000 bytes")
 
 
 def test_another_save_failure_is_not_called_a_full_disk(
