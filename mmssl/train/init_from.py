@@ -115,6 +115,7 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
             f"{where} shares no tensor name with this run's model (export {sorted(tensors)[:3]}, "
             f"model {sorted(ours)[:3]}): is it an export of another kind of model?"
         )
+    _check_towers(record, cfg, common, where)
     _check_tokenizer(recipe, record, common, where)
     kept = [n for n in ours if n not in tensors]
     unused = [n for n in tensors if n not in ours]
@@ -128,6 +129,41 @@ def check_init(recipe: Any, cfg: Any) -> None:
 
     if recipe.checkpoint.resume != "auto" or not list_tags(Path(recipe.run_dir) / "checkpoints"):
         plan_init(recipe, cfg)
+
+
+# tower fields a warm start may change: regularisation, a training-time switch, conditioning
+# added to a pretrained tower (zero-initialised: it starts as the tower it conditions)
+FREE = ("drop_path", "grad_checkpointing", "cond_dim", "cond_depth", "cond_tokens")
+
+
+def _differences(theirs: Any, ours: Any, where: str) -> list[str]:
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        keys = [k for k in {**theirs, **ours} if k not in FREE]
+        return [d for k in keys for d in _differences(theirs.get(k), ours.get(k), f"{where}.{k}")]
+    return [] if theirs == ours else [f"{where}: {theirs!r} vs {ours!r}"]
+
+
+def _check_towers(record: dict[str, Any], cfg: Any, loaded: list[str], where: str) -> None:
+    """A tower whose weights load must be the export's architecture: fields that change what
+    the weights compute and not their shapes (act, norm_eps, num_heads, pool, causal, ...)
+    would load without a word and compute another function."""
+    from mmssl.models.config import ModelConfig
+    from mmssl.schema import from_dict, to_dict
+
+    theirs = to_dict(from_dict(ModelConfig, record["model"], "model"))  # older exports: defaults
+    ours = to_dict(cfg)
+    differ = [
+        d
+        for tower, prefix in (("vision", "visual."), ("text", "text."))
+        if any(name.startswith(prefix) for name in loaded)
+        for d in _differences(theirs.get(tower), ours.get(tower), tower)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{where}: the export's architecture differs where its weights load (export vs "
+            f"this run): {'; '.join(differ[:4])}; build it with model.name=<the export "
+            "folder> or set those keys in model.overrides"
+        )
 
 
 def _check_tokenizer(recipe: Any, record: dict[str, Any], loaded: list[str], where: str) -> None:

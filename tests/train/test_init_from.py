@@ -116,6 +116,24 @@ def test_exports_a_run_cannot_start_from_are_refused_at_validation(tmp_path):
     assert "keep one" in _refused(tmp_path, vit, f"checkpoint.resume={tmp_path / 'run'}")
 
 
+def test_an_architecture_that_computes_otherwise_with_the_same_shapes_is_refused(tmp_path):
+    """Another activation or head count keeps every shape: the weights loaded silently into a
+    model computing another function (open_clip's OpenAI models use quick_gelu)."""
+    quick, _ = _vit_export(tmp_path, "quick", **{"vision.block.act": "quick_gelu"})
+    said = _refused(tmp_path, quick)
+    assert "architecture differs" in said and "vision.block.act: 'quick_gelu' vs 'gelu'" in said
+    heads, _ = _vit_export(tmp_path, "heads", **{"vision.num_heads": 4})
+    assert "vision.num_heads: 4 vs 2" in _refused(tmp_path, heads)
+    # the same overrides build the export's architecture; conditioning added to it is free
+    recipe = synthetic_recipe(tmp_path, "ok", 1)
+    fixed = ["model.overrides.vision.block.act=quick_gelu", f"train.init_from={quick}"]
+    validate(load_recipe(str(recipe), fixed), 1)
+    simclr = ["data.sources.train.kind=image", "data.views=2", "objectives={simclr: {}}"]
+    vit, _ = _vit_export(tmp_path)
+    cond = ["model.name=test_tiny_vit_cond", f"train.init_from={vit}", *simclr]
+    validate(load_recipe(str(recipe), cond), 1)
+
+
 def test_text_weights_of_another_tokenizer_are_refused(tmp_path):
     torch.manual_seed(0)
     clip = mmssl.create_model("test_tiny_clip")
