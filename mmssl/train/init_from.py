@@ -132,8 +132,9 @@ def check_init(recipe: Any, cfg: Any) -> None:
 
 
 # tower fields a warm start may change: regularisation, a training-time switch, conditioning
-# added to a pretrained tower (zero-initialised: it starts as the tower it conditions)
-FREE = ("drop_path", "grad_checkpointing", "cond_dim", "cond_depth", "cond_tokens")
+# added to a pretrained tower (zero-initialised: it starts as the tower it conditions), the
+# image size (a learned position table of another size is refused by its shape)
+FREE = ("drop_path", "grad_checkpointing", "cond_dim", "cond_depth", "cond_tokens", "image_size")
 
 
 def _differences(theirs: Any, ours: Any, where: str) -> list[str]:

@@ -132,6 +132,10 @@ def test_an_architecture_that_computes_otherwise_with_the_same_shapes_is_refused
     vit, _ = _vit_export(tmp_path)
     cond = ["model.name=test_tiny_vit_cond", f"train.init_from={vit}", *simclr]
     validate(load_recipe(str(recipe), cond), 1)
+    # without a learned position table another image size loads (rope, sincos)
+    rope, _ = _vit_export(tmp_path, "rope", **{"vision.pos_embed": "rope"})
+    bigger = ["model.overrides.vision={pos_embed: rope, image_size: 64}", f"train.init_from={rope}"]
+    validate(load_recipe(str(recipe), bigger), 1)
 
 
 def test_text_weights_of_another_tokenizer_are_refused(tmp_path):
