@@ -19,7 +19,9 @@ class HFTokenizer(Tokenizer):
 
     Special-token strings inside a text are encoded as ordinary text, never as special ids,
     so user text cannot forge a bos/eos; for byte-level BPE `decode(encode(s)) == s` for
-    every string without lone surrogates (those become U+FFFD).
+    every string without lone surrogates (those become U+FFFD).  Without a tokenizer_meta.json
+    the special ids are found by name (`_EOS_NAMES`, `_PAD_NAMES`, ...), registered special
+    tokens first; a vocabulary without a pad token pads with eos (GPT-2's has none).
     """
 
     kind = "bpe"
