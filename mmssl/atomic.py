@@ -142,17 +142,11 @@ def temp_name(path: Path) -> Path:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and rename, fsynced (file and directory),
     so a kill leaves the old file or the new one, never part of one."""
-    tmp = temp_name(path)  # this process's: two writers never share one (a report, an export)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-    fd = os.open(path.parent, os.O_RDONLY)
+    replace_together([(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a file or a directory
     try:
         os.fsync(fd)
     finally:
@@ -162,22 +156,28 @@ def write_atomic(path: Path, text: str) -> None:
 def replace_together(files: Sequence[tuple[Path, Callable[[Path], object]]]) -> None:
     """Replace files that are read together (weights and their config, a tokenizer and its
     meta, an evaluation's results and summary): each `(target, write)` pair's `write` fills
-    a temporary file, and only once all are written do they take their targets' places, the
-    last target (the one that describes the others) removed first and renamed in last.  A
-    failed write leaves every old file as it was, and its OSError names the file; a kill
-    among the renames leaves the last target missing, never new files beside an old one."""
+    a temporary file (this process's: two writers never share one), fsynced, and only once
+    all are written do they take their targets' places, fsynced in their folders.  With
+    more than one, the last target (the one that describes the others) is removed first and
+    renamed in last.  A failed write leaves every old file as it was, and its OSError names
+    the file; a kill among the renames (or a rename that fails) leaves the last target
+    missing, never new files beside an old one."""
     temps = [temp_name(target) for target, _ in files]
     try:
         for (target, write), tmp in zip(files, temps):
             try:
                 write(tmp)
+                _fsync(tmp)
             except OSError as err:  # "File too large" alone named no file
-                raise OSError(
-                    err.errno, f"{err.strerror or err}; nothing replaced", str(target)
-                ) from None
-        files[-1][0].unlink(missing_ok=True)
+                if err.errno is None:
+                    raise OSError(f"{err}; nothing replaced: {str(target)!r}") from None
+                raise OSError(err.errno, f"{err.strerror}; nothing replaced", str(target)) from None
+        if len(files) > 1:
+            files[-1][0].unlink(missing_ok=True)
         for (target, _), tmp in zip(files, temps):
             os.replace(tmp, target)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(target.parent for target, _ in files):
+        _fsync(folder)

@@ -241,14 +241,15 @@ class ShardWriter:
         # or not at all): the manifest names the shards being replaced until the new one is
         # written, and readers refuse them (`check_publishing`) until a rerun completes
         marked = dict(manifest.get(PUBLISHING) or {})
-        marked[self.split] = sorted(new | {str(s.get("url", "")) for s in old})
+        # the old shards: those of the manifest, and an interrupted run's it marked
+        stale = {str(s.get("url", "")) for s in old} | set(map(str, marked.get(self.split, [])))
+        marked[self.split] = sorted(new | stale)
         text = json.dumps({**manifest, PUBLISHING: marked}, indent=1, sort_keys=True) + "\n"
         write_atomic(Path(self.out_dir) / MANIFEST, text)
         for entry in self.shards:
             os.replace(self._partial(entry["url"]), os.path.join(self.out_dir, entry["url"]))
-        for entry in old:  # a previous, longer run's shards of this split
-            url = str(entry.get("url", ""))
-            if url not in new and os.path.basename(url) == url and url.endswith(".tar"):
+        for url in stale - new:  # a previous, longer run's shards of this split
+            if os.path.basename(url) == url and url.endswith(".tar"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.out_dir, url))
         manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != self.split]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shlex
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mmssl.atomic import FileLock, replace_together, temp_name
+from mmssl.atomic import FileLock, replace_together
 from mmssl.train.run_lock import is_run_dir
 
 RESULTS = "results.json"
@@ -201,13 +200,8 @@ def _write_report(
 
 def _save(fig: Any, path: str | Path) -> None:
     """savefig through a temporary file: a kill left a cut PNG beside the report."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    kind = Path(path).suffix.lstrip(".") or "png"
+    replace_together([(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format=kind))])
 
 
 def _pyplot() -> Any:

@@ -63,7 +63,8 @@ def _publish(
 ) -> dict[str, Any]:
     """Write the tokenizer file and its meta, which names it and its sha256
     (`replace_together`, the meta last): a failed write names its file and leaves an earlier
-    tokenizer there as it was."""
+    tokenizer there as it was; a kill between the renames leaves the new file without a meta,
+    which loads as a bare file (a run that pinned the earlier one refuses its sha256)."""
     from mmssl.atomic import replace_together
 
     meta.update(artifact=artifact, sha256=hashlib.sha256(data).hexdigest())

@@ -153,12 +153,17 @@ def _check_towers(record: dict[str, Any], cfg: Any, loaded: list[str], where: st
 
     theirs = to_dict(from_dict(ModelConfig, record["model"], "model"))  # older exports: defaults
     ours = to_dict(cfg)
-    differ = [
-        d
-        for tower, prefix in (("vision", "visual."), ("text", "text."))
-        if any(name.startswith(prefix) for name in loaded)
-        for d in _differences(theirs.get(tower), ours.get(tower), tower)
+    towers = [
+        t
+        for t, p in (("vision", "visual."), ("text", "text."))
+        if any(n.startswith(p) for n in loaded)
     ]
+    differ = [
+        d for tower in towers for d in _differences(theirs.get(tower), ours.get(tower), tower)
+    ]
+    if towers and theirs.get("shared_trunk") != ours.get("shared_trunk"):
+        # a shared trunk is saved once, under visual.: a text tower of its own stayed random
+        differ.append(f"shared_trunk: {theirs.get('shared_trunk')} vs {ours.get('shared_trunk')}")
     if differ:
         raise ConfigError(
             f"{where}: the export's architecture differs where its weights load (export vs "
@@ -189,10 +194,11 @@ def warn_if_export(recipe: Any) -> None:
     """Log (rank 0) that `model.name` is an export whose weights the run does not load, unless
     train.init_from names where its weights come from: a run so started looked warm-started
     (its record kept the export's path) while it trained from random weights."""
+    from mmssl.models.io import WEIGHTS
     from mmssl.models.registry import CONFIG_DIR, config_file
 
     path = config_file(recipe.model.name)
-    weights = path.parent / "model.safetensors"
+    weights = path.parent / WEIGHTS
     if path.parent == CONFIG_DIR or not weights.is_file() or recipe.train.init_from is not None:
         return
     if distributed.rank() == 0:

@@ -111,7 +111,7 @@ def test_a_split_killed_while_it_replaced_its_shards_is_refused_until_rerun(tmp_
     real, renamed = os.replace, []
 
     def killed(src, dst):
-        if len(renamed) == 2 and str(dst).endswith(".tar"):
+        if str(dst).endswith("train-000004.tar"):
             raise KeyboardInterrupt
         renamed.append(str(dst))
         real(src, dst)
@@ -120,13 +120,15 @@ def test_a_split_killed_while_it_replaced_its_shards_is_refused_until_rerun(tmp_
         m.setattr(os, "replace", killed)
         with pytest.raises(KeyboardInterrupt):
             _run_shards(tmp_path, 10)  # train-000000..000004
-    assert renamed[-1].endswith("train-000000.tar")  # the first new shard is in place
+    assert renamed[-1].endswith("train-000003.tar")  # 0..3 new, one beyond the old three
     train = str(tmp_path / "train-{000000..000002}.tar")
     with pytest.raises(DataError, match=r"stopped while it replaced split 'train'.* again"):
         check_urls(train, expand_urls(train))
     val = str(tmp_path / "val-{000000..000001}.tar")
     check_urls(val, expand_urls(val))  # another split of the folder reads as before
-    manifest = _run_shards(tmp_path, 10)  # the rerun
+    manifest = _run_shards(tmp_path, 2)  # a shorter rerun: the killed run's shards go too
+    assert sorted(p.name for p in tmp_path.glob("train-*")) == ["train-000000.tar"]
+    manifest = _run_shards(tmp_path, 10)
     assert "publishing" not in manifest
     assert "publishing" not in json.loads((tmp_path / "manifest.json").read_text())
     train = str(tmp_path / "train-{000000..000004}.tar")

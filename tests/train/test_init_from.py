@@ -124,6 +124,13 @@ def test_an_architecture_that_computes_otherwise_with_the_same_shapes_is_refused
     assert "architecture differs" in said and "vision.block.act: 'quick_gelu' vs 'gelu'" in said
     heads, _ = _vit_export(tmp_path, "heads", **{"vision.num_heads": 4})
     assert "vision.num_heads: 4 vs 2" in _refused(tmp_path, heads)
+    # a shared trunk is saved once, under visual.: loaded into two trunks, text's stayed random
+    shared = save_pretrained(mmssl.create_model("test_tiny_clip_shared"), tmp_path / "shared")
+    norm = "model.overrides.vision.block.norm_eps=1e-5"  # the rest as the export's
+    assert _refused(tmp_path, shared, norm).endswith(
+        "(export vs this run): shared_trunk: True vs False; build it with "
+        "model.name=<the export folder> or set those keys in model.overrides"
+    )
     # the same overrides build the export's architecture; conditioning added to it is free
     recipe = synthetic_recipe(tmp_path, "ok", 1)
     fixed = ["model.overrides.vision.block.act=quick_gelu", f"train.init_from={quick}"]
