@@ -142,7 +142,7 @@ def temp_name(path: Path) -> Path:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and rename, fsynced (file and directory),
     so a kill leaves the old file or the new one, never part of one."""
-    replace_together([(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))])
+    replace_together([(path, text)])
 
 
 def _fsync(path: Path) -> None:
@@ -153,10 +153,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def replace_together(files: Sequence[tuple[Path, Callable[[Path], object]]]) -> None:
+def replace_together(files: Sequence[tuple[Path, str | Callable[[Path], object]]]) -> None:
     """Replace files that are read together (weights and their config, a tokenizer and its
-    meta, an evaluation's results and summary): each `(target, write)` pair's `write` fills
-    a temporary file (this process's: two writers never share one), fsynced, and only once
+    meta, an evaluation's results and summary): each `(target, write)` pair's `write` (text,
+    written as UTF-8, or a function of the path) fills a temporary file (this process's: two writers never share one), fsynced, and only once
     all are written do they take their targets' places, fsynced in their folders.  With
     more than one, the last target (the one that describes the others) is removed first and
     renamed in last.  A failed write leaves every old file as it was, and its OSError names
@@ -166,7 +166,10 @@ def replace_together(files: Sequence[tuple[Path, Callable[[Path], object]]]) -> 
     try:
         for (target, write), tmp in zip(files, temps):
             try:
-                write(tmp)
+                if isinstance(write, str):
+                    tmp.write_text(write, encoding="utf-8")
+                else:
+                    write(tmp)
                 _fsync(tmp)
             except OSError as err:  # "File too large" alone named no file
                 if err.errno is None:

@@ -191,8 +191,8 @@ def _write_report(
     # never beside the old one (the rerun takes its results.json for its own)
     replace_together(
         [
-            (out / RESULTS, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")),
-            (out / SUMMARY, lambda tmp: tmp.write_text(text)),
+            (out / RESULTS, json.dumps(doc, indent=2) + "\n"),
+            (out / SUMMARY, text),
         ]
     )
     return doc

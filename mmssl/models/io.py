@@ -152,7 +152,7 @@ def save_pretrained(
     replace_together(
         [
             (targets[0], lambda tmp: write_safetensors(state, tmp, metadata={"format": "pt"})),
-            (targets[1], lambda tmp: tmp.write_text(config, encoding="utf-8")),
+            (targets[1], config),
         ]
     )
     return out

@@ -150,7 +150,7 @@ def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
             )
 
     # the meta last: never an old meta beside a new file
-    replace_together([(target, copy), (out / META_FILE, lambda tmp: tmp.write_text(text))])
+    replace_together([(target, copy), (out / META_FILE, text)])
     return out / META_FILE
 
 

@@ -74,7 +74,7 @@ def _publish(
     replace_together(
         [
             (out / artifact, lambda tmp: tmp.write_bytes(data)),
-            (out / META_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8")),
+            (out / META_FILE, text),
         ]
     )
     return meta
