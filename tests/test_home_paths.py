@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from mmssl.data.urls import expand_urls
 from mmssl.interop.weights import read_state_dict
-from mmssl.train.engine import SHIPPED_DS, find_deepspeed_json
+from mmssl.train.ds_config import SHIPPED_DS, find_deepspeed_json
 from mmssl.train.recipe import load_recipe
 
 QUICK = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")

@@ -33,7 +33,7 @@ from pathlib import Path
 import mmssl
 from mmssl.demo import RECIPE
 from mmssl.tokenizer import get_tokenizer
-from mmssl.train.engine import find_deepspeed_json
+from mmssl.train.ds_config import find_deepspeed_json
 from mmssl.train.recipe import load_recipe, validate
 
 site = Path(sys.argv[1]).resolve()

@@ -97,6 +97,7 @@ def finetune(
     device it trained on (`mmssl.train.engine.device()`)."""
     from mmssl import distributed
     from mmssl.train import engine as ds
+    from mmssl.train.ds_config import deepspeed_config
 
     torch.manual_seed(seed)
     vision_tower(model)  # EvalError without one
@@ -107,7 +108,7 @@ def finetune(
     recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed, world)
     linear = F.linear  # ZeRO-3 replaces it process-wide ("persists unless manually reset")
     try:
-        eng = ds.initialize(clf, recipe, ds.deepspeed_config(recipe, grad_accum=1))
+        eng = ds.initialize(clf, recipe, deepspeed_config(recipe, grad_accum=1))
         dev = ds.device()
         if limit is None:
             it = _stream_batches(train_urls, preprocess, field, batch_size, seed)
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if args.steps < 1:
         raise EvalError(f"--steps must be >= 1, got {args.steps}")
     from mmssl.schema import ConfigError
-    from mmssl.train.engine import deepspeed_config
+    from mmssl.train.ds_config import deepspeed_config
 
     try:  # before the frozen baseline's extraction and sweep: --deepspeed names a JSON
         recipe = recipe_for(

@@ -163,7 +163,8 @@ def plan(
     recipe: Any, gpus: int, gpu_mem: float, tflops: float, mfu: float, bandwidth: float
 ) -> list[str]:
     """The report, as lines."""
-    from mmssl.train.engine import deepspeed_config, zero_stage
+    from mmssl.train.ds_config import deepspeed_config
+    from mmssl.train.engine import zero_stage
     from mmssl.train.recipe import grad_accum_steps, model_config
 
     cfg = model_config(recipe)

@@ -464,7 +464,7 @@ def validate(recipe: Recipe, world_size: int | None = None, check_files: bool = 
     check_files=False skips the checks of the file system, that the shards exist and that
     the run directory can be made (recipes for other machines); the shard counts of
     epoch-mode sources are checked for `world_size` ranks either way."""
-    from mmssl.train.engine import deepspeed_config
+    from mmssl.train.ds_config import deepspeed_config
     from mmssl.train.init_from import check_init
     from mmssl.train.streams import check_data
 

@@ -14,7 +14,8 @@ from train_helpers import RECIPES, tiny_clip_batch, tiny_overrides
 
 from mmssl.schema import ConfigError
 from mmssl.train.cli import main
-from mmssl.train.engine import WarmupCosine, deepspeed_config, param_groups
+from mmssl.train.ds_config import deepspeed_config
+from mmssl.train.engine import WarmupCosine, param_groups
 from mmssl.train.recipe import load_recipe, validate
 
 QUICK = str(RECIPES / "quickstart.yaml")

@@ -47,7 +47,7 @@ def test_total_loss_is_the_weighted_sum_of_the_objectives():
 
 
 def test_grad_clip_reaches_the_deepspeed_config():
-    from mmssl.train.engine import deepspeed_config
+    from mmssl.train.ds_config import deepspeed_config
 
     assert deepspeed_config(_recipe(train={"grad_clip": 0.3}), 1)["gradient_clipping"] == 0.3
     assert deepspeed_config(_recipe(train={"grad_clip": None}), 1)["gradient_clipping"] == 0.0

@@ -1,0 +1,49 @@
+"""data_types.grad_accum_dtype in a recipe's DeepSpeed JSON: refused where DeepSpeed cannot
+run it (stage 0: "unsupported mix" at start-up) or where its checkpoints cannot be exported
+(stage 1 with bf16 swaps in BF16_Optimizer, whose checkpoints zero_to_fp32 cannot read: a
+run trained to its end and `mmssl export` failed); the stages that take it are left alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_helpers import synthetic_recipe
+
+from mmssl.schema import ConfigError
+from mmssl.train.ds_config import deepspeed_config
+from mmssl.train.recipe import load_recipe
+
+
+def _config(tmp_path: Path, stage: int, accum: str, precision: str) -> dict:
+    path = tmp_path / f"z{stage}.json"
+    data = {"zero_optimization": {"stage": stage}, "data_types": {"grad_accum_dtype": accum}}
+    path.write_text(json.dumps(data))
+    recipe = load_recipe(
+        synthetic_recipe(tmp_path, "r", 1), [f"train.deepspeed={path}", f"precision={precision}"]
+    )
+    return deepspeed_config(recipe, 1)
+
+
+@pytest.mark.parametrize(
+    "stage, accum, precision, says",
+    [
+        (0, "fp32", "bf16", "DeepSpeed cannot start so"),
+        (0, "bf16", "fp32", "DeepSpeed cannot start so"),
+        (1, "fp32", "bf16", "BF16_Optimizer, whose checkpoints mmssl export cannot read"),
+        (1, "float32", "bf16", "BF16_Optimizer"),  # DeepSpeed's other names of fp32
+        (2, "half-ish", "bf16", "'half-ish' is no dtype"),
+    ],
+)
+def test_refused(tmp_path: Path, stage: int, accum: str, precision: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        _config(tmp_path, stage, accum, precision)
+
+
+@pytest.mark.parametrize(
+    "stage, accum, precision",
+    [(0, "fp32", "fp32"), (1, "bf16", "bf16"), (2, "fp32", "bf16"), (3, "fp32", "bf16")],
+)
+def test_taken(tmp_path: Path, stage: int, accum: str, precision: str) -> None:
+    assert _config(tmp_path, stage, accum, precision)["data_types"] == {"grad_accum_dtype": accum}
