@@ -1,6 +1,7 @@
 """Writing outputs that other processes read or write too: whole files (`write_atomic`,
-`temp_name`), files read together (`replace_together`) and advisory locks between writers of one output (`FileLock`: a shard folder's
-split and manifest, an evaluation's --out, an export folder).
+`temp_name`), files read together (`replace_together`) and advisory locks between writers
+of one output (`FileLock`: a shard folder's split and manifest, an evaluation's --out, an
+export folder).
 
 A POSIX record lock (`fcntl.lockf`) on a hidden, empty lock file beside the output, removed
 again on release: the kernel drops the lock when its process ends, however it ends (a
@@ -156,8 +157,9 @@ def _fsync(path: Path) -> None:
 def replace_together(files: Sequence[tuple[Path, str | Callable[[Path], object]]]) -> None:
     """Replace files that are read together (weights and their config, a tokenizer and its
     meta, an evaluation's results and summary): each `(target, write)` pair's `write` (text,
-    written as UTF-8, or a function of the path) fills a temporary file (this process's: two writers never share one), fsynced, and only once
-    all are written do they take their targets' places, fsynced in their folders.  With
+    written as UTF-8, or a function of the path) fills a temporary file (this process's: two
+    writers never share one), fsynced, and only once all are written do they take their
+    targets' places, fsynced in their folders.  With
     more than one, the last target (the one that describes the others) is removed first and
     renamed in last.  A failed write leaves every old file as it was, and its OSError names
     the file; a kill among the renames (or a rename that fails) leaves the last target
