@@ -183,6 +183,10 @@ def replace_together(files: Sequence[tuple[Path, str | Callable[[Path], object]]
             os.replace(tmp, target)
     finally:
         for tmp in temps:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a parent that is a file: the error above says so
+                tmp.unlink(missing_ok=True)
     for folder in dict.fromkeys(target.parent for target, _ in files):
-        _fsync(folder)
+        # the files are in place: a folder this user may write but not read (mode 0300), or a
+        # file system without directory fsync, is no failure of the write
+        with contextlib.suppress(OSError):
+            _fsync(folder)

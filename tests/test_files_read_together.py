@@ -127,3 +127,11 @@ def test_an_eval_report_interrupted_is_never_half_old(
     assert not (tmp_path / "summary.md").exists()
     _report(tmp_path, 300)  # the rerun takes the results.json for its own and completes
     assert '"limit": 300' in (tmp_path / "summary.md").read_text()
+
+
+def test_a_target_under_a_file_names_the_target(tmp_path: Path) -> None:
+    """The clean-up's own error (unlinking a temporary under a file) hid the one naming the
+    target."""
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=r"nothing replaced: '.*f/x'"):
+        replace_together([(tmp_path / "f" / "x", "text")])

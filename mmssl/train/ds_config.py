@@ -209,47 +209,59 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage!r}")
-    _check_accum_dtype(
-        path, out, stage, torch.bfloat16 if recipe.precision == "bf16" else torch.float32
-    )
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = DeepSpeedZeroConfig(**out.get("zero_optimization", {}))  # with its older names
+    offloaded = set()
     for key, least in (("offload_optimizer", 1), ("offload_param", 3)):
         # DeepSpeed ignores an offload below the stage that implements it
-        section = getattr(zero, key)
-        device = getattr(section, "device", "none")
-        if str(getattr(device, "value", device)) != "none" and stage < least:
+        device = getattr(getattr(zero, key), "device", "none")
+        if str(getattr(device, "value", device)) != "none":
+            offloaded.add(key)
+        if key in offloaded and stage < least:
             raise ConfigError(
                 f"{path}: zero_optimization.{key} needs stage {least} or above (got stage "
                 f"{stage}), where DeepSpeed would train without it; raise the stage or remove it"
             )
+    bf16 = recipe.precision == "bf16"
+    _check_accum_dtype(path, out, stage, bf16, "offload_optimizer" in offloaded)
     return out
 
 
-def _check_accum_dtype(path: Path, config: dict[str, Any], stage: int, model: torch.dtype) -> None:
-    """`data_types.grad_accum_dtype` other than the weights' dtype: DeepSpeed cannot start at
-    stage 0 ("unsupported mix"), and at stage 1 with bf16 it swaps in its BF16_Optimizer,
-    whose checkpoints zero_to_fp32, and so `mmssl export`, cannot read (a run trained to its
-    end and its weights could not be exported)."""
+def _check_accum_dtype(
+    path: Path, config: dict[str, Any], stage: int, bf16: bool, offload: bool
+) -> None:
+    """`data_types.grad_accum_dtype` (fp32, bf16 or fp16) where DeepSpeed cannot run it: at
+    stage 0 any dtype other than the weights' ("unsupported mix" at start-up); at stage 1,
+    fp32 with bf16 weights and no optimizer offload, where DeepSpeed swaps in its
+    BF16_Optimizer, whose checkpoints zero_to_fp32, and so `mmssl export`, cannot read (a run
+    trained to its end and its weights could not be exported)."""
     from deepspeed.runtime.config import DtypeEnum
 
-    value = (config.get("data_types") or {}).get("grad_accum_dtype")
+    types = config.get("data_types")
+    if types is None:
+        return
+    if not isinstance(types, dict):
+        raise ConfigError(f"{path}: data_types must be an object, got {json.dumps(types)}")
+    value = types.get("grad_accum_dtype")
     if value is None:
         return
     try:
         accum = DtypeEnum(value).value
     except ValueError:
-        raise ConfigError(f"{path}: data_types.grad_accum_dtype {value!r} is no dtype") from None
-    if accum != model and (stage == 0 or (stage == 1 and model == torch.bfloat16)):
+        accum = None
+    if accum not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(
-            f"{path}: data_types.grad_accum_dtype={value} with {model} weights at ZeRO stage "
-            f"{stage}: "
-            + (
-                "DeepSpeed cannot start so"
-                if stage == 0
-                else "DeepSpeed then uses its "
-                "BF16_Optimizer, whose checkpoints mmssl export cannot read"
-            )
-            + "; remove it or use ZeRO stage 2 or 3"
+            f"{path}: data_types.grad_accum_dtype must be fp32, bf16 or fp16, got {value!r}"
         )
+    model = torch.bfloat16 if bf16 else torch.float32
+    if stage == 0 and accum != model:
+        why = "DeepSpeed cannot start so"
+    elif stage == 1 and bf16 and accum == torch.float32 and not offload:
+        why = "DeepSpeed then uses its BF16_Optimizer, whose checkpoints mmssl export cannot read"
+    else:
+        return
+    raise ConfigError(
+        f"{path}: data_types.grad_accum_dtype={value} with {model} weights at ZeRO stage "
+        f"{stage}: {why}; remove it or use ZeRO stage 2 or 3"
+    )

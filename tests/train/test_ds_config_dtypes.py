@@ -16,9 +16,10 @@ from mmssl.train.ds_config import deepspeed_config
 from mmssl.train.recipe import load_recipe
 
 
-def _config(tmp_path: Path, stage: int, accum: str, precision: str) -> dict:
+def _config(tmp_path: Path, stage: int, accum: object, precision: str, **zero: object) -> dict:
     path = tmp_path / f"z{stage}.json"
-    data = {"zero_optimization": {"stage": stage}, "data_types": {"grad_accum_dtype": accum}}
+    types = {"grad_accum_dtype": accum} if isinstance(accum, str) else accum
+    data = {"zero_optimization": {"stage": stage, **zero}, "data_types": types}
     path.write_text(json.dumps(data))
     recipe = load_recipe(
         synthetic_recipe(tmp_path, "r", 1), [f"train.deepspeed={path}", f"precision={precision}"]
@@ -33,7 +34,9 @@ def _config(tmp_path: Path, stage: int, accum: str, precision: str) -> dict:
         (0, "bf16", "fp32", "DeepSpeed cannot start so"),
         (1, "fp32", "bf16", "BF16_Optimizer, whose checkpoints mmssl export cannot read"),
         (1, "float32", "bf16", "BF16_Optimizer"),  # DeepSpeed's other names of fp32
-        (2, "half-ish", "bf16", "'half-ish' is no dtype"),
+        (2, "half-ish", "bf16", "must be fp32, bf16 or fp16, got 'half-ish'"),
+        (2, "int8", "bf16", "must be fp32, bf16 or fp16"),
+        (2, "fp32 as text", "bf16", "must be fp32"),
     ],
 )
 def test_refused(tmp_path: Path, stage: int, accum: str, precision: str, says: str) -> None:
@@ -41,9 +44,23 @@ def test_refused(tmp_path: Path, stage: int, accum: str, precision: str, says: s
         _config(tmp_path, stage, accum, precision)
 
 
+def test_data_types_must_be_an_object(tmp_path: Path) -> None:
+    """`"data_types": ["fp32"]` was an AttributeError traceback from --validate."""
+    with pytest.raises(ConfigError, match=r'data_types must be an object, got \["fp32"\]'):
+        _config(tmp_path, 2, ["fp32"], "bf16")
+
+
 @pytest.mark.parametrize(
     "stage, accum, precision",
-    [(0, "fp32", "fp32"), (1, "bf16", "bf16"), (2, "fp32", "bf16"), (3, "fp32", "bf16")],
+    # the ZeRO optimizer (not BF16_Optimizer) at stage 1: fp16 accumulation, fp32 weights
+    [(0, "fp32", "fp32"), (1, "bf16", "bf16"), (1, "fp16", "bf16"), (1, "bf16", "fp32")]
+    + [(2, "fp32", "bf16"), (3, "fp32", "bf16")],
 )
 def test_taken(tmp_path: Path, stage: int, accum: str, precision: str) -> None:
     assert _config(tmp_path, stage, accum, precision)["data_types"] == {"grad_accum_dtype": accum}
+
+
+def test_stage_1_with_the_optimizer_offloaded_keeps_the_zero_optimizer(tmp_path: Path) -> None:
+    """DeepSpeed swaps in BF16_Optimizer only without an optimizer offload."""
+    offload = {"offload_optimizer": {"device": "cpu"}}
+    assert _config(tmp_path, 1, "fp32", "bf16", **offload)["data_types"]
