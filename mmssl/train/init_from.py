@@ -234,8 +234,10 @@ def load_init(model: Any, recipe: Any, cfg: Any) -> InitPlan | None:
         {name: state[name] for name in plan.loaded}, strict=False
     )
     assert not unexpected and set(missing).isdisjoint(plan.loaded), (missing, unexpected)
-    if distributed.rank() == 0:
-        _log.info(
+    if distributed.rank() == 0:  # a warning (shown) where a part of either was not loaded
+        partial = logging.WARNING if plan.kept or plan.unused else logging.INFO
+        _log.log(
+            partial,
             "train.init_from %s: loaded %d tensors; at their initialisation: %s; not used: %s",
             plan.weights.parent,
             len(plan.loaded),

@@ -60,6 +60,8 @@ def test_a_run_starts_from_the_weights_its_model_shares_with_the_export(tmp_path
     assert max((cold[n] - t).abs().max().item() for n, t in theirs.items()) > 0.01
     for name in set(warm) - set(theirs):  # the rest as a run without init_from starts
         torch.testing.assert_close(warm[name], cold[name], rtol=0, atol=1e-8)
+    said = [r for r in caplog.records if "train.init_from" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]  # shown: the text tower was not loaded
     assert f"train.init_from {vit}: loaded {len(theirs)} tensors" in caplog.text
     assert "text.trunk (24)" in caplog.text and "not used: none" in caplog.text
     # a whole CLIP, its 0-d logit_scale too (the Task holds 0-d parameters as (1,))
@@ -77,6 +79,7 @@ def test_a_resume_reads_its_checkpoint_not_the_export(tmp_path, caplog):
     recipe = synthetic_recipe(tmp_path, "r", 2)
     _train(recipe, [f"train.init_from={vit}", "train.stop_at=1"])
     shutil.rmtree(vit)  # gone: the resume (and its validation) must not need it
+    caplog.clear()  # the first run's report of what it loaded
     with caplog.at_level(logging.INFO, logger="mmssl.train"):
         out = _train(recipe, [f"train.init_from={vit}"])
     assert out["final_step"] == 2 and "train.init_from" not in caplog.text
