@@ -212,19 +212,19 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = DeepSpeedZeroConfig(**out.get("zero_optimization", {}))  # with its older names
-    offloaded = set()
+    devices = {}
     for key, least in (("offload_optimizer", 1), ("offload_param", 3)):
         # DeepSpeed ignores an offload below the stage that implements it
         device = getattr(getattr(zero, key), "device", "none")
-        if str(getattr(device, "value", device)) != "none":
-            offloaded.add(key)
-        if key in offloaded and stage < least:
+        devices[key] = str(getattr(device, "value", device))
+        if devices[key] != "none" and stage < least:
             raise ConfigError(
                 f"{path}: zero_optimization.{key} needs stage {least} or above (got stage "
                 f"{stage}), where DeepSpeed would train without it; raise the stage or remove it"
             )
     bf16 = recipe.precision == "bf16"
-    _check_accum_dtype(path, out, stage, bf16, "offload_optimizer" in offloaded)
+    # DeepSpeed's choice of optimizer counts a cpu offload only (`zero_cpu_offload`)
+    _check_accum_dtype(path, out, stage, bf16, devices["offload_optimizer"] == "cpu")
     return out
 
 

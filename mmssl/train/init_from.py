@@ -124,10 +124,13 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
 
 def check_init(recipe: Any, cfg: Any) -> None:
     """`validate`'s check of train.init_from, skipped where the run resumes from checkpoints
-    of its own (the export is not read then, and may be gone): `plan_init`'s errors."""
-    from mmssl.train.checkpoint import list_tags
+    of its own (the export is not read then, and may be gone): `plan_init`'s errors.  A
+    checkpoint counts once its manifest is written (a save cut short is no resume)."""
+    from mmssl.train.checkpoint import MANIFEST, list_tags
 
-    if recipe.checkpoint.resume != "auto" or not list_tags(Path(recipe.run_dir) / "checkpoints"):
+    ckpts = Path(recipe.run_dir) / "checkpoints"
+    saved = any((ckpts / tag / MANIFEST).is_file() for tag in list_tags(ckpts))
+    if recipe.checkpoint.resume != "auto" or not saved:
         plan_init(recipe, cfg)
 
 

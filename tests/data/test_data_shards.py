@@ -126,6 +126,12 @@ def test_a_split_killed_while_it_replaced_its_shards_is_refused_until_rerun(tmp_
         check_urls(train, expand_urls(train))
     val = str(tmp_path / "val-{000000..000001}.tar")
     check_urls(val, expand_urls(val))  # another split of the folder reads as before
+    _run_shards(tmp_path, 3, split="val")  # a rewrite of that split keeps train's mark
+    other = tmp_path / "other"
+    _run_shards(other, 2)
+    both = [*expand_urls(str(other / "train-000000.tar")), *expand_urls(train)]
+    with pytest.raises(DataError, match="stopped while it replaced split 'train'"):
+        check_urls(both, both)  # the marked folder second
     manifest = _run_shards(tmp_path, 2)  # a shorter rerun: the killed run's shards go too
     assert sorted(p.name for p in tmp_path.glob("train-*")) == ["train-000000.tar"]
     manifest = _run_shards(tmp_path, 10)

@@ -54,6 +54,7 @@ def test_data_types_must_be_an_object(tmp_path: Path) -> None:
     "stage, accum, precision",
     # the ZeRO optimizer (not BF16_Optimizer) at stage 1: fp16 accumulation, fp32 weights
     [(0, "fp32", "fp32"), (1, "bf16", "bf16"), (1, "fp16", "bf16"), (1, "bf16", "fp32")]
+    + [(1, "fp32", "fp32")]
     + [(2, "fp32", "bf16"), (3, "fp32", "bf16")],
 )
 def test_taken(tmp_path: Path, stage: int, accum: str, precision: str) -> None:
@@ -64,3 +65,7 @@ def test_stage_1_with_the_optimizer_offloaded_keeps_the_zero_optimizer(tmp_path:
     """DeepSpeed swaps in BF16_Optimizer only without an optimizer offload."""
     offload = {"offload_optimizer": {"device": "cpu"}}
     assert _config(tmp_path, 1, "fp32", "bf16", **offload)["data_types"]
+    # DeepSpeed counts a cpu offload only: with nvme it still takes BF16_Optimizer
+    with pytest.raises(ConfigError, match="BF16_Optimizer"):
+        nvme = {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}
+        _config(tmp_path, 1, "fp32", "bf16", **nvme)

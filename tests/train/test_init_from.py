@@ -85,6 +85,10 @@ def test_a_resume_reads_its_checkpoint_not_the_export(tmp_path, caplog):
     assert out["final_step"] == 2 and "train.init_from" not in caplog.text
     with pytest.raises(ConfigError, match="no config.json"):  # a fresh start needs it
         validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=fresh"]), 1)
+    # a save cut short (no manifest) is no resume: the run would start from the export
+    (tmp_path / "cut" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no config.json"):
+        validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=cut"]), 1)
 
 
 def _refused(tmp_path: Path, init: Path | str, *more: str) -> str:
@@ -127,6 +131,8 @@ def test_an_architecture_that_computes_otherwise_with_the_same_shapes_is_refused
     assert "architecture differs" in said and "vision.block.act: 'quick_gelu' vs 'gelu'" in said
     heads, _ = _vit_export(tmp_path, "heads", **{"vision.num_heads": 4})
     assert "vision.num_heads: 4 vs 2" in _refused(tmp_path, heads)
+    mean, _ = _vit_export(tmp_path, "mean", **{"vision.pool": "mean"})
+    assert "vision.pool: 'mean' vs 'token'" in _refused(tmp_path, mean)
     # a shared trunk is saved once, under visual.: loaded into two trunks, text's stayed random
     shared = save_pretrained(mmssl.create_model("test_tiny_clip_shared"), tmp_path / "shared")
     norm = "model.overrides.vision.block.norm_eps=1e-5"  # the rest as the export's
