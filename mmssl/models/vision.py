@@ -35,6 +35,25 @@ def local_window_mask(
     return mask
 
 
+def resample_pos_embed(
+    table: torch.Tensor, num_prefix: int, grid_h: int, grid_w: int
+) -> torch.Tensor:
+    """A learned position table (1, P + G * G, D) of a square G x G patch grid, resampled to
+    (1, P + grid_h * grid_w, D); its P prefix rows are kept as they are.
+
+    Antialiased bicubic, as timm and open_clip resample theirs (a different kernel even when
+    upsampling): converted weights then match their peer at any resolution.  In fp32 as they
+    do (the CPU kernel has no bf16 version), then back to the table's dtype.
+    """
+    prefix, grid = table[:, :num_prefix], table[:, num_prefix:]
+    side = round(grid.shape[1] ** 0.5)
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True
+    ).to(grid.dtype)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
 class VisionEncoder(CarriesBuffer):
     """A ViT.  images (B, C, H, W) -> `forward_features` {pooled (B, D), tokens (B, N, D)}.
 
@@ -113,15 +132,7 @@ class VisionEncoder(CarriesBuffer):
             return None
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.pos_embed
-        prefix, grid = self.pos_embed[:, : self.num_prefix], self.pos_embed[:, self.num_prefix :]
-        grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        # antialiased bicubic, as timm and open_clip resample theirs (a different kernel even
-        # when upsampling): converted weights then match their peer at any resolution.  In
-        # fp32 as they do (the CPU kernel has no bf16 version), then back to the table's dtype
-        grid = F.interpolate(
-            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True
-        ).to(grid.dtype)
-        return torch.cat([prefix, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+        return resample_pos_embed(self.pos_embed, self.num_prefix, grid_h, grid_w)
 
     def _rope(
         self, grid_h: int, grid_w: int, device: torch.device

@@ -4,7 +4,11 @@ At step 0 the run loads every tensor of the export (`mmssl export`, `save_pretra
 import saved so) whose name and shape its own model has.  The rest of its model keeps its
 initialisation (a tower the export lacks, a conditioner, a projector), and the export's other
 tensors are not used; the log names both.  A tensor of one name and another shape is an
-error, as is an export that shares no tensor with the model.  The optimizer, the LR schedule
+error, as is an export that shares no tensor with the model, except for the learned position
+tables, which follow the run's sizes as timm and nanoGPT do: the image table is resampled to
+another `image_size` (antialiased bicubic, the forward's own resampling), and the text table
+is cut to a shorter `context_length` (nanoGPT's crop_block_size; a longer one has no learned
+positions to start from).  The optimizer, the LR schedule
 and the data start afresh: this is not a resume (`checkpoint.resume` continues a run, with its
 optimizer state, and the two are not set together).  A run that started so and then resumes
 loads its checkpoint, not the export, which may be gone by then.
@@ -17,7 +21,7 @@ its engine (which partitions them under ZeRO-3).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,10 @@ class InitPlan:
     """What a warm start loads: the export's weights file and the tensor names."""
 
     weights: Path
-    loaded: list[str]  # in both, same shape
+    loaded: list[str]  # in both, same shape or adapted to the model's
     kept: list[str]  # the model's, left at their initialisation
     unused: list[str]  # the export's, not in the model
+    adapted: dict[str, str] = field(default_factory=dict)  # name: what `_adapt` does to it
 
 
 def init_path(recipe: Any) -> Path | None:
@@ -98,17 +103,28 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
     }
     common = [name for name in ours if name in tensors]
     kind = {True: "float", False: "integer"}
+    adapted = {
+        n: how
+        for n in common
+        if tensors[n] != ours[n] and (how := _adaptation(n, tensors[n], ours[n], model))
+    }
     differ = [
         f"{n}: {tensors[n][0]} {kind[tensors[n][1]]} vs {ours[n][0]} {kind[ours[n][1]]}"
         for n in common
-        if tensors[n] != ours[n]
+        if tensors[n] != ours[n] and n not in adapted
     ]
     where = f"train.init_from: {weights}"
     if differ:
+        hint = (
+            "; text.context_length may shrink, not grow (the export has no learned positions "
+            "past its own)"
+            if any(d.startswith("text.pos_embed:") for d in differ)
+            else ""
+        )
         raise ConfigError(
             f"{where}: {len(differ)} tensors differ in shape or kind (export vs this run's "
             f"model), e.g. {differ[:3]}; model.name and model.overrides must build the "
-            "export's architecture for the tensors it shares"
+            f"export's architecture for the tensors it shares{hint}"
         )
     if not common:
         raise ConfigError(
@@ -119,7 +135,34 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
     _check_tokenizer(recipe, record, common, where)
     kept = [n for n in ours if n not in tensors]
     unused = [n for n in tensors if n not in ours]
-    return InitPlan(weights=weights, loaded=common, kept=kept, unused=unused)
+    return InitPlan(weights=weights, loaded=common, kept=kept, unused=unused, adapted=adapted)
+
+
+def _adaptation(name: str, theirs: tuple, ours: tuple, model: Any) -> str | None:
+    """How a learned position table of the export's shape becomes the model's (None: it
+    cannot): `theirs` and `ours` are (shape, floating)."""
+    (shape, floating), (want, _) = theirs, ours
+    if not floating or len(shape) != len(want) or shape[-1] != want[-1]:
+        return None
+    if name == "visual.pos_embed" and len(shape) == 3:
+        prefix = model.visual.num_prefix
+        side = round((shape[1] - prefix) ** 0.5)
+        if side > 0 and side * side == shape[1] - prefix:
+            grid = model.visual.grid
+            return f"resampled from a {side}x{side} to a {grid}x{grid} grid"
+    if name == "text.pos_embed" and len(shape) == 2 and want[0] < shape[0]:
+        return f"cut to its first {want[0]} of {shape[0]} positions"
+    return None
+
+
+def _adapt(name: str, tensor: Any, model: Any) -> Any:
+    """`tensor`, the export's `name`, made the model's shape as `_adaptation` said."""
+    if name == "visual.pos_embed":
+        from mmssl.models.vision import resample_pos_embed
+
+        grid = model.visual.grid
+        return resample_pos_embed(tensor, model.visual.num_prefix, grid, grid)
+    return tensor[: model.text.cfg.context_length].clone()
 
 
 def check_init(recipe: Any, cfg: Any) -> None:
@@ -136,8 +179,16 @@ def check_init(recipe: Any, cfg: Any) -> None:
 
 # tower fields a warm start may change: regularisation, a training-time switch, conditioning
 # added to a pretrained tower (zero-initialised: it starts as the tower it conditions), the
-# image size (a learned position table of another size is refused by its shape)
-FREE = ("drop_path", "grad_checkpointing", "cond_dim", "cond_depth", "cond_tokens", "image_size")
+# image size and the context length (learned position tables adapted, see `_adaptation`)
+FREE = (
+    "drop_path",
+    "grad_checkpointing",
+    "cond_dim",
+    "cond_depth",
+    "cond_tokens",
+    "image_size",
+    "context_length",
+)
 
 
 def _differences(theirs: Any, ours: Any, where: str) -> list[str]:
@@ -233,11 +284,15 @@ def load_init(model: Any, recipe: Any, cfg: Any) -> InitPlan | None:
     if plan is None:
         return None
     state = load_file(str(plan.weights))
+    for name in plan.adapted:
+        state[name] = _adapt(name, state[name], model)
     missing, unexpected = model.load_state_dict(
         {name: state[name] for name in plan.loaded}, strict=False
     )
     assert not unexpected and set(missing).isdisjoint(plan.loaded), (missing, unexpected)
     if distributed.rank() == 0:  # a warning (shown) where a part of either was not loaded
+        for name, how in plan.adapted.items():
+            _log.warning("train.init_from: %s %s", name, how)
         partial = logging.WARNING if plan.kept or plan.unused else logging.INFO
         _log.log(
             partial,

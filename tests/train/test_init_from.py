@@ -179,3 +179,28 @@ def test_a_model_name_that_is_its_init_export_does_not_warn(tmp_path, caplog):
         caplog.clear()
         validate(load_recipe(str(recipe), [f"train.init_from={vit}"]), 1)
     assert "is an export" not in caplog.text
+
+
+def test_position_tables_follow_the_runs_image_size_and_context_length(tmp_path, caplog):
+    """A warm start at another resolution (timm's `pretrained` at another img_size) resamples
+    the learned image table as timm does, and a shorter context keeps the text table's first
+    rows (nanoGPT's crop_block_size); a longer context has nothing to start from."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(5)
+    clip = save_pretrained(mmssl.create_model("test_tiny_clip"), tmp_path / "clip")
+    theirs = load_file(str(clip / "model.safetensors"))
+    sizes = ["model.overrides={vision: {image_size: 48}, text: {context_length: 16}}"]
+    with caplog.at_level(logging.INFO, logger="mmssl.train"):
+        _train(synthetic_recipe(tmp_path, "big", 1), [*sizes, f"train.init_from={clip}", *STILL])
+    warm = _weights(tmp_path, "big")
+    assert warm["visual.pos_embed"].shape == (1, 1 + 6 * 6, 32)  # 48 px, patches of 8
+    timm = resample_abs_pos_embed(theirs["visual.pos_embed"], [6, 6], num_prefix_tokens=1)
+    torch.testing.assert_close(warm["visual.pos_embed"], timm, rtol=0, atol=1e-6)
+    torch.testing.assert_close(warm["text.pos_embed"], theirs["text.pos_embed"][:16])
+    for name in set(theirs) - {"visual.pos_embed", "text.pos_embed"}:
+        torch.testing.assert_close(warm[name], theirs[name], rtol=0, atol=1e-8)
+    assert "visual.pos_embed resampled from a 4x4 to a 6x6 grid" in caplog.text
+    assert "text.pos_embed cut to its first 16 of 32 positions" in caplog.text
+    longer = _refused(tmp_path, clip, "model.overrides.text.context_length=64")
+    assert "(32, 32) float vs (64, 32) float" in longer and "may shrink, not grow" in longer
