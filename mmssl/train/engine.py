@@ -23,18 +23,24 @@ if TYPE_CHECKING:
     from mmssl.train.recipe import Recipe
 
 # parameters without weight decay besides every tensor with ndim < 2 (norms, biases,
-# logit scale and bias): embedding tables, position tables and the class token
-NO_DECAY_NAMES = ("token_embed", "pos_embed", "cls_token")
+# logit scale and bias): the class token, and unless optim.decay_embeddings the token and
+# position tables
+NO_DECAY_NAMES = ("cls_token",)
+TABLE_NAMES = ("token_embed", "pos_embed")
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed matrices, and the rest (norms, biases, embeddings, position
-    tables, class token, logit scale/bias) without weight decay.  Shared parameters once."""
+def param_groups(
+    module: nn.Module, weight_decay: float, decay_embeddings: bool = False
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed matrices, and the rest (norms, biases, class token, logit
+    scale/bias, and the token and position tables unless `decay_embeddings`) without weight
+    decay.  Shared parameters once (a tied LM head as its token table)."""
+    skip = NO_DECAY_NAMES if decay_embeddings else NO_DECAY_NAMES + TABLE_NAMES
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(k in name.split(".") for k in NO_DECAY_NAMES):
+        if p.ndim < 2 or any(k in name.split(".") for k in skip):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -217,7 +223,9 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
         compile_blocks(task)
     engine, _, _, _ = deepspeed.initialize(
         model=task,
-        model_parameters=param_groups(task, recipe.optim.weight_decay),
+        model_parameters=param_groups(
+            task, recipe.optim.weight_decay, recipe.optim.decay_embeddings
+        ),
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
         dist_init_required=False,

@@ -131,6 +131,10 @@ class OptimConfig:
     # under ZeRO offload) or torch.optim.AdamW as "torch" (torch's default: a per-tensor loop
     # on CPU), "foreach" (multi-tensor ops) or "fused" (one fused kernel)
     impl: Literal["deepspeed", "torch", "foreach", "fused"] = "deepspeed"
+    # decay the token and position tables too, as nanoGPT and OpenCLIP do (every tensor of
+    # 2 or more dimensions); false leaves them undecayed, as timm does.  Norms, biases, the
+    # class token and the logit scale/bias are never decayed (`engine.param_groups`)
+    decay_embeddings: bool = False
 
 
 @dataclass

@@ -93,6 +93,22 @@ def _reference_losses() -> tuple[float, ...]:
     return tuple(losses)
 
 
+def test_decay_embeddings_reaches_the_engines_optimizer() -> None:
+    """optim.decay_embeddings puts the token and position tables in the engine's decayed
+    group (nanoGPT's and OpenCLIP's rule); the default leaves them out (timm's)."""
+
+    def decayed(optim: dict[str, Any]) -> set[str]:
+        _, engine = _engine_losses(_recipe({"impl": "torch", "weight_decay": 0.1, **optim}))
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        groups = engine.optimizer.param_groups
+        return {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    tables = {"model.text.token_embed.weight", "model.text.pos_embed", "model.visual.pos_embed"}
+    on, off = decayed({"decay_embeddings": True}), decayed({})
+    assert on - off == tables and not off & tables
+    assert "model.visual.cls_token" not in on
+
+
 def test_switches_parse_and_reach_the_deepspeed_config() -> None:
     from mmssl.train.recipe import Recipe
 

@@ -350,6 +350,13 @@ def test_param_groups_no_decay() -> None:
     ):
         assert must in skipped
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(task.parameters()))
+    # optim.decay_embeddings (nanoGPT's and OpenCLIP's rule): the token and position tables
+    # decay too; the class token, norms, biases and the logit scale still do not
+    tables = {id(m.weight) for m in task.modules() if isinstance(m, nn.Embedding)}
+    tables |= {id(p) for n, p in task.named_parameters() if n.endswith("pos_embed")}
+    decay, no_decay = param_groups(task, 0.1, decay_embeddings=True)
+    assert len(tables) == 3 and {id(p) for p in decay["params"]} == expect_decay | tables
+    assert {names[id(p)] for p in no_decay["params"]} == skipped - {names[i] for i in tables}
 
 
 def test_metrics_report_the_temperatures_that_train() -> None:
