@@ -108,17 +108,18 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
         for n in common
         if tensors[n] != ours[n] and (how := _adaptation(n, tensors[n], ours[n], model))
     }
+    differ_names = [n for n in common if tensors[n] != ours[n] and n not in adapted]
     differ = [
         f"{n}: {tensors[n][0]} {kind[tensors[n][1]]} vs {ours[n][0]} {kind[ours[n][1]]}"
-        for n in common
-        if tensors[n] != ours[n] and n not in adapted
+        for n in differ_names
     ]
     where = f"train.init_from: {weights}"
     if differ:
+        grows = "text.pos_embed" in differ_names and _longer_context(tensors, ours)
         hint = (
             "; text.context_length may shrink, not grow (the export has no learned positions "
             "past its own)"
-            if any(d.startswith("text.pos_embed:") for d in differ)
+            if grows
             else ""
         )
         raise ConfigError(
@@ -133,6 +134,7 @@ def plan_init(recipe: Any, cfg: Any) -> InitPlan | None:
         )
     _check_towers(record, cfg, common, where)
     _check_tokenizer(recipe, record, common, where)
+    _check_normalisation(recipe, record, common, where)
     kept = [n for n in ours if n not in tensors]
     unused = [n for n in tensors if n not in ours]
     return InitPlan(weights=weights, loaded=common, kept=kept, unused=unused, adapted=adapted)
@@ -153,6 +155,12 @@ def _adaptation(name: str, theirs: tuple, ours: tuple, model: Any) -> str | None
     if name == "text.pos_embed" and len(shape) == 2 and want[0] < shape[0]:
         return f"cut to its first {want[0]} of {shape[0]} positions"
     return None
+
+
+def _longer_context(tensors: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """The run's text table is the export's but for more rows (a longer context_length)."""
+    (shape, _), (want, _) = tensors["text.pos_embed"], ours["text.pos_embed"]
+    return len(shape) == len(want) == 2 and shape[1] == want[1] and want[0] > shape[0]
 
 
 def _adapt(name: str, tensor: Any, model: Any) -> Any:
@@ -241,6 +249,35 @@ def _check_tokenizer(recipe: Any, record: dict[str, Any], loaded: list[str], whe
             f"({record['tokenizer'].get('name')}, sha256 {theirs}) than data.tokenizer "
             f"({recipe.data.tokenizer}, sha256 {ours}); token ids would mean other words. Set "
             "data.tokenizer to the export's (its folder holds a copy)"
+        )
+
+
+def _check_normalisation(
+    recipe: Any, record: dict[str, Any], loaded: list[str], where: str
+) -> None:
+    """Image weights trained on inputs normalised one way and fed another's: refused when the
+    export records its normalisation (`preprocess.mean`/`std`, None for images in [0, 1]),
+    as timm, open_clip and Hugging Face carry theirs with the weights."""
+    import math
+
+    pre = record.get("preprocess")
+    if not any(n.startswith("visual.") for n in loaded) or not isinstance(pre, dict):
+        return
+    if "mean" not in pre:  # not recorded (an import saved without it): not checked
+        return
+
+    def same(a: Any, b: Any) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
+
+    data = recipe.data
+    if not (same(pre.get("mean"), data.mean) and same(pre.get("std"), data.std)):
+        theirs = f"mean {pre.get('mean')}, std {pre.get('std')}"
+        raise ConfigError(
+            f"{where}: its image weights were trained on inputs normalised with {theirs} "
+            f"(None: images in [0, 1]); this run normalises with mean {data.mean}, std "
+            f"{data.std}. Set data.mean and data.std to the export's"
         )
 
 

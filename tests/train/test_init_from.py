@@ -204,3 +204,29 @@ def test_position_tables_follow_the_runs_image_size_and_context_length(tmp_path,
     assert "text.pos_embed cut to its first 16 of 32 positions" in caplog.text
     longer = _refused(tmp_path, clip, "model.overrides.text.context_length=64")
     assert "(32, 32) float vs (64, 32) float" in longer and "may shrink, not grow" in longer
+
+
+def test_image_weights_normalised_otherwise_are_refused(tmp_path):
+    """Image weights trained on inputs normalised one way and fed another's (timm, open_clip
+    and Hugging Face carry the normalisation with the weights; the export records it)."""
+    torch.manual_seed(0)
+    vit = mmssl.create_model("test_tiny_vit")
+    half = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    export = save_pretrained(vit, tmp_path / "half", {"preprocess": half})
+    said = _refused(tmp_path, export)
+    assert "normalised with mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in said
+    assert "this run normalises with mean None, std None. Set data.mean and data.std" in said
+    same = ["data.mean=[0.5, 0.5, 0.5]", "data.std=[0.5, 0.5, 0.5]"]
+    recipe = synthetic_recipe(tmp_path, "ok", 1)
+    validate(load_recipe(str(recipe), [f"train.init_from={export}", *same]), 1)
+    unit = save_pretrained(vit, tmp_path / "unit", {"preprocess": {"mean": None, "std": None}})
+    assert "(None: images in [0, 1])" in _refused(tmp_path, unit, *same)
+    # an export that does not record it (an import saved without) is not checked
+    validate(load_recipe(str(recipe), [f"train.init_from={_vit_export(tmp_path)[0]}", *same]), 1)
+
+
+def test_a_context_hint_only_where_the_context_grows(tmp_path):
+    wide = save_pretrained(mmssl.create_model("test_tiny_clip", **{"text.dim": 64}), tmp_path / "w")
+    said = _refused(tmp_path, wide, "model.overrides.text.context_length=16")
+    assert "text.pos_embed: (32, 64) float vs (16, 32) float" in said
+    assert "may shrink" not in said
