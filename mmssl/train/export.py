@@ -2,8 +2,9 @@
 stage) -> `model.safetensors` + `config.json`, loadable with `mmssl.load_encoder`.
 
 ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's `zero_to_fp32` utilities
-(they read the fp32 master partitions of every rank); a stage-0 checkpoint holds the whole
-module and is read directly.  For a bf16 stage-0 run the module is in bf16, and the fp32
+(they read the fp32 master partitions of every rank; the frozen parameters of a ZeRO-1
+checkpoint, which they leave out, come from its module state); a stage-0 checkpoint holds
+the whole module and is read directly.  For a bf16 stage-0 run the module is in bf16, and the fp32
 master weights are in its optimizer state without names (`fp32_groups`, or one flat tensor
 per group, `fp32_groups_flat`, with DeepSpeed's FusedAdam): the checkpoint's
 `fp32_master_names` (saved by mmssl.train.checkpoint) name them, and they replace the bf16
@@ -148,6 +149,7 @@ def _read_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+                state = _with_frozen(state, folder)
             else:
                 files = sorted(folder.glob("mp_rank_*_model_states.pt"))
                 if not files:
@@ -157,6 +159,19 @@ def _read_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise unsafe_error(folder, err) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _with_frozen(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """zero_to_fp32's state with the frozen parameters (train.freeze) it leaves out of a
+    ZeRO-1 checkpoint (DeepSpeed records frozen parameters in stage 2-3 checkpoints only),
+    from the module state rank 0 saved: below stage 3 it holds every weight whole, a frozen
+    one as the run held it (bf16 under precision bf16: it has no fp32 master)."""
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return state
+    module = torch.load(files[0], map_location="cpu", weights_only=True).get("module") or {}
+    missing = {k: v for k, v in module.items() if k not in state and v.numel() > 0}
+    return {**state, **missing}
 
 
 def _with_fp32_masters(saved: dict[str, Any], folder: Path) -> dict[str, torch.Tensor]:

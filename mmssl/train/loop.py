@@ -1,15 +1,14 @@
 """The training loop: one function, `train(recipe, resolved)`, run identically on every rank.
 
 The loop's own host syncs happen only at log intervals: per-step metrics stay detached
-tensors that are summed on the device and read (and averaged over ranks) every
-`logging.every` steps, and the losses' cross-rank gathers skip their size exchange
-(`distributed.equal_batches`), and `positives: caption` groups identical captions with sorts
-on an accelerator (`objectives.contrastive.row_groups`).  Exceptions, one sync a forward
-each: the fp32 stage-0 gradient check below, the text tower's trim of all-padding columns
-(`models.text_masks.trim_padding`: it sizes the tensors that follow) and the fused LM head's test
-for ignored targets (`nn.linear_ce`).  With bf16 weights and a torch AdamW
-(`optim.impl` torch/foreach/fused), DeepSpeed's own optimizer wrapper tests each gradient for
-overflow on the host.
+tensors that are summed on the device and read (and averaged over ranks) every `logging.every`
+steps, and the losses' cross-rank gathers skip their size exchange (`distributed.equal_batches`),
+and `positives: caption` groups identical captions with sorts on an accelerator
+(`objectives.contrastive.row_groups`).  Exceptions, one sync a forward each: the fp32 stage-0
+gradient check below, the text tower's trim of all-padding columns (`models.text_masks.
+trim_padding`: it sizes the tensors that follow) and the fused LM head's test for ignored
+targets (`nn.linear_ce`).  With bf16 weights and a torch AdamW (`optim.impl` torch/foreach/
+fused), DeepSpeed's optimizer wrapper tests each gradient for overflow on the host.
 
 Non-finite steps (`mmssl.train.nonfinite`): a step whose loss or gradient holds NaN/inf is
 skipped, counted (`bad_steps` in the metrics and the summary) and left out of the metric
@@ -18,13 +17,12 @@ good checkpoint (none is saved in a streak; the message and summary.md name it).
 plain fp32 stage-0 path the loop checks the gradients itself: one extra host sync per step.
 
 Any other error ends the run unplanned, perhaps on one rank while another waits in a
-collective, so its summary is written with none: each rank that caught the error writes its
-own (rank 0 summary.md and loss.png, rank R > 0 summary.rank<R>.md), naming the error, the
-steps done, the newest checkpoint that passes the resume's integrity check (hashed by that
-rank alone) and how to resume; then the error propagates unchanged.  Writing it never
-replaces the error: a failure there is only logged.  Ctrl-C and SystemExit write none (the
-checkpoint hashing would hold up the stop).  A later run that ends normally removes the
-rank files, so no failed run's summary outlives it.
+collective, so its summary is written with none: each rank that caught the error writes its own
+(rank 0 summary.md and loss.png, rank R > 0 summary.rank<R>.md), naming the error, the steps
+done, the newest checkpoint that passes the resume's integrity check (hashed by that rank
+alone) and how to resume; then the error propagates unchanged.  Writing it never replaces the
+error: a failure there is only logged.  Ctrl-C and SystemExit write none (the checkpoint
+hashing would hold up the stop).  A later run that ends normally removes the rank files.
 
 Gradient accumulation: a step draws all its micro-batches (every source) before its first
 forward and keeps them on the host, moving each to the device just before its forward.  The
@@ -56,6 +54,7 @@ from mmssl.schema import ConfigError
 from mmssl.train import checkpoint, host_memory, nonfinite, preempt, run_record, run_summary
 from mmssl.train.engine import device, init_distributed, initialize, zero_stage
 from mmssl.train.faults import Faults
+from mmssl.train.freeze import apply_freeze
 from mmssl.train.host_memory import keep_freed_memory
 from mmssl.train.init_from import load_init
 from mmssl.train.logging import RunLogger
@@ -84,15 +83,17 @@ def seed_everything(seed: int) -> None:
 
 def build_task(recipe: Recipe, model_cfg: Any, warm: bool = False) -> Task:
     """The recipe's model (randomly initialised; with `warm`, then train.init_from's weights
-    loaded) and objectives; condition prompts are tokenized with `data.tokenizer`, as the
-    captions are, which is loaded only for them."""
+    loaded; train.freeze applied) and objectives; condition prompts are tokenized with
+    `data.tokenizer`, as the captions are, which is loaded only for them."""
     from mmssl.models.multimodal import MultimodalModel
 
     tok = recipe_tokenizer(recipe) if source_prompts(recipe.objectives) else None
     model = MultimodalModel(model_cfg)
     if warm:  # before the Task reshapes its 0-d parameters (promote_scalar_params)
         load_init(model, recipe, model_cfg)
-    return Task(model, recipe.objectives, tok)
+    task = Task(model, recipe.objectives, tok)
+    apply_freeze(task.model, recipe.train.freeze)
+    return task
 
 
 def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -125,21 +125,31 @@ def workload(recipe: Any, cfg: Any) -> Workload:
     return Workload(flops, act, ckpt + peak_layer, logits)
 
 
-def count_params(recipe: Any, cfg: Any) -> tuple[int, int]:
-    """(trained parameters of the Task, parameters of the exported model), built on meta."""
+def count_params(recipe: Any, cfg: Any) -> tuple[int, int, int]:
+    """(trained parameters of the Task, parameters of the exported model, parameters held but
+    not trained: train.freeze), built on meta."""
     import torch
 
     from mmssl.models.multimodal import MultimodalModel
+    from mmssl.train.freeze import apply_freeze
     from mmssl.train.streams import tokenizer as recipe_tokenizer
     from mmssl.train.tasks import Task
 
     with torch.device("meta"):
         task = Task(MultimodalModel(cfg), recipe.objectives, recipe_tokenizer(recipe))
-    return (sum(p.numel() for p in task.parameters() if p.requires_grad), task.model.num_params())
+    apply_freeze(task.model, recipe.train.freeze)
+    trained = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    return trained, task.model.num_params(), sum(p.numel() for p in task.parameters()) - trained
 
 
 def memory(
-    psi: int, stage: int, n: int, bf16: bool, offload: bool, offload_param: bool = False
+    psi: int,
+    stage: int,
+    n: int,
+    bf16: bool,
+    offload: bool,
+    offload_param: bool = False,
+    frozen: int = 0,
 ) -> dict[str, float]:
     """Bytes per rank of parameters, gradients and optimizer states (ZeRO paper, K = 12).
 
@@ -147,8 +157,8 @@ def memory(
     # fp32 ZeRO 1/2 keep a master partition besides the parameters (stage_1_and_2 clones it)
     k = 12 if bf16 or stage in (1, 2) else 8
     p, g = (2, 2) if bf16 else (4, 4)
-    out = {
-        "parameters": p * psi / (n if stage >= 3 else 1),
+    out = {  # frozen parameters (train.freeze): weights only, partitioned as the rest
+        "parameters": p * (psi + frozen) / (n if stage >= 3 else 1),
         "gradients": g * psi / (n if stage >= 2 else 1),
         "optimizer states": k * psi / (n if stage >= 1 else 1),
     }
@@ -177,14 +187,14 @@ def plan(
         for key in ("offload_optimizer", "offload_param")
     )
     bf16 = recipe.precision == "bf16"
-    psi, exported = count_params(recipe, cfg)
+    psi, exported, frozen = count_params(recipe, cfg)
     work = workload(recipe, cfg)
     ckpt = recipe.train.activation_checkpointing
     micro, glob = recipe.train.micro_batch_size, recipe.train.global_batch_size
     act_scale = 1.0 if bf16 else 2.0
     act = micro * act_scale * (work.checkpointed_bytes if ckpt else work.activation_bytes)
     act += micro * work.logits_bytes  # already at the recipe's precision
-    mem = memory(psi, stage, gpus, bf16, offload, offload_param)
+    mem = memory(psi, stage, gpus, bf16, offload, offload_param, frozen)
     mem["activations"] = act
     total = sum(mem.values())
     train_flops = (4 if ckpt else 3) * work.flops
@@ -198,7 +208,13 @@ def plan(
         f"{' + CPU offload' if offload else ''}, {recipe.precision}"
         f"{', activation checkpointing' if ckpt else ''}",
         f"batch: global {glob} = {gpus} ranks x micro {micro} x {accum} accumulation steps",
-        f"parameters: {psi / 1e6:.2f} M trained ({exported / 1e6:.2f} M in the exported model)",
+        f"parameters: {psi / 1e6:.2f} M trained ({exported / 1e6:.2f} M in the exported model)"
+        + (
+            f", {frozen / 1e6:.2f} M frozen (train.freeze: held as weights; compute counts "
+            "their backward, traffic does not count their ZeRO-3 gathers)"
+            if frozen
+            else ""
+        ),
         f"FLOPs per sample: {work.flops / 1e9:.2f} GFLOP forward, {train_flops / 1e9:.2f} GFLOP "
         f"per training step",
         "memory per rank:",

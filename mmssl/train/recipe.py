@@ -175,6 +175,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     # an exported model whose weights start the run (mmssl.train.init_from); None: random
     init_from: str | None = None
+    # parameter name prefixes not trained (mmssl.train.freeze): [visual] with init_from is
+    # LiT (open_clip's --lock-image), [visual.patch_embed] MoCo v3's random patch projection
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -447,6 +450,7 @@ def check_recipe(recipe: Recipe) -> Any:
     """The checks of `validate` that need neither a world size nor the file system (`mmssl
     plan` runs them too): ranges, values, the model (built on meta; returned), the
     objectives against it, eval sources.  ConfigError on the first problem."""
+    from mmssl.train.freeze import check_freeze
     from mmssl.train.init_from import warn_if_export
     from mmssl.train.objective_checks import check_eval, check_objectives
     from mmssl.train.text_condition import check_condition
@@ -459,6 +463,7 @@ def check_recipe(recipe: Recipe) -> Any:
     check_condition(recipe, cfg)  # condition_prompt against model.condition.source
     check_objectives(recipe, cfg)
     check_eval(recipe)
+    check_freeze(recipe.train.freeze, cfg)
     return cfg
 
 

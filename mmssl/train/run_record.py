@@ -24,6 +24,7 @@ RESUME_FIXED = (
     "train.global_batch_size",
     "train.micro_batch_size",
     "train.grad_clip",
+    "train.freeze",
 )
 
 

@@ -52,6 +52,20 @@ def _stages_job(demo: str, out: str, stages: list[int]) -> dict[int | str, list[
     if distributed.rank() == 0:
         export_run(Path(out) / "zero3_init")
     distributed.barrier()
+    # train.freeze (LiT) across ranks: ZeRO-1 leaves the frozen weights to its module state,
+    # ZeRO-3 partitions them; both must keep them
+    for stage in (1, 3):
+        args = tiny_overrides(demo, out, f"lit{stage}") + [
+            "train.steps=2",
+            f"train.deepspeed=zero{stage}",
+            "checkpoint.every=0",
+            f"train.init_from={out}/zero0/export",
+            "train.freeze=[visual]",
+        ]
+        assert main([QUICK, *args]) == 0
+        if distributed.rank() == 0:
+            export_run(Path(out) / f"lit{stage}")
+        distributed.barrier()
     result.update(_joint_job(demo, out))
     return result
 
@@ -61,7 +75,8 @@ def test_zero_stages_agree(demo_data: str, tmp_path: Path) -> None:
     consolidates (zero_to_fp32) to the weights the stage-0 run holds.  In the same session
     joint.yaml (tiny) runs at ZeRO 0 and 3: its shared trunk runs image tokens and two text
     lengths, i.e. three calls of the same module per step, and ZeRO-3 matches ZeRO-0.  A
-    ZeRO-3 run started from the stage-0 export (train.init_from) holds its weights."""
+    ZeRO-3 run started from the stage-0 export (train.init_from) holds its weights, and LiT
+    runs (train.freeze=[visual]) at ZeRO 1 and 3 keep its image tower exactly."""
     out = run_distributed(_stages_job, 2, demo_data, str(tmp_path), [0, 1, 2, 3], timeout=400)[0]
     for stage in (1, 2, 3):
         assert len(out[stage]) == 3
@@ -76,6 +91,11 @@ def test_zero_stages_agree(demo_data: str, tmp_path: Path) -> None:
     assert warm.keys() == w0.keys()
     for k in w0:
         torch.testing.assert_close(warm[k], w0[k], atol=1e-8, rtol=0, msg=k)
+    for stage in (1, 3):  # locked: the image tower exactly, the rest trained
+        lit = load_file(str(tmp_path / f"lit{stage}" / "export" / "model.safetensors"))
+        assert lit.keys() == w0.keys()
+        assert all(torch.equal(lit[k], w0[k]) for k in w0 if k.startswith("visual.")), stage
+        assert (lit["text.proj.weight"] - w0["text.proj.weight"]).abs().max() > 1e-4, stage
     assert len(out["joint0"]) == 2
     for a, b in zip(out["joint0"], out["joint3"]):
         assert abs(a - b) < 1e-5, (out["joint0"], out["joint3"])

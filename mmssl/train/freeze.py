@@ -1,0 +1,74 @@
+"""`train.freeze`: parts of the model a run keeps as they start (not trained).
+
+Each entry is a prefix of the model's parameter names, as its state dict and exports name
+them: `visual` (the image tower), `text`, `visual.patch_embed`, `visual.trunk.blocks.0`, ...
+A parameter is frozen when its name is the prefix or starts with the prefix and a dot.
+Frozen parameters keep their initialisation, or train.init_from's weights: with `visual`
+frozen and a pretrained image tower loaded, a CLIP run is LiT (locked-image tuning, open_clip's
+`--lock-image`); `visual.patch_embed` frozen at its random initialisation is MoCo v3's
+random patch projection.  They get no gradient, no weight decay and no optimizer state, and
+a tower whose every parameter is frozen runs without autograd.  Under `precision: bf16`
+DeepSpeed holds every module weight in bf16 and keeps fp32 masters of the trained ones only,
+so a frozen tensor is held, and exported, rounded to bf16.
+
+Checked at validation: every prefix names a parameter, and something is left to train.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from mmssl import distributed
+from mmssl.schema import ConfigError
+
+_log = logging.getLogger("mmssl.train")
+
+
+def frozen_names(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """The parameter names of `model` under `prefixes`, a shared parameter by every name (a
+    shared trunk is `visual.trunk` and `text.trunk`: either prefix freezes it); ConfigError
+    for a prefix that names no parameter, or when nothing would train."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    unknown = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unknown:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise ConfigError(
+            f"train.freeze: {unknown} name no parameter of the model; parameter names start "
+            f"with {tops} (e.g. {names[0]!r}), as in its exports"
+        )
+    frozen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if {id(params[n]) for n in frozen} == {id(p) for p in params.values()}:
+        raise ConfigError(f"train.freeze: {prefixes} freeze every parameter: nothing would train")
+    return frozen
+
+
+def check_freeze(prefixes: list[str], cfg: object) -> None:
+    """validate's check of train.freeze against the model config `cfg` (a meta model)."""
+    if not prefixes:
+        return
+    import torch
+
+    from mmssl.models.multimodal import MultimodalModel
+
+    with torch.device("meta"):
+        model = MultimodalModel(cfg)  # type: ignore[arg-type]
+    frozen_names(model, prefixes)
+
+
+def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """Stop training the parameters of `model` under `prefixes` (before the engine is built:
+    DeepSpeed gives them no optimizer state)."""
+    if not prefixes:
+        return
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = frozen_names(model, prefixes)
+    for name in names:
+        params[name].requires_grad_(False)
+    if distributed.rank() == 0:
+        count = sum(p.numel() for p in {id(params[n]): params[n] for n in names}.values())
+        _log.info(
+            "train.freeze %s: %d tensors, %d parameters not trained", prefixes, len(names), count
+        )
