@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -400,6 +401,14 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     _check_finite_logits(model, tokenizer)
     res: dict[str, Any] = {}
     lines = []
+    if model.cfg.caption is not None and model.cfg.caption.mode == "cross":
+        note = (
+            "this model's LM head scores its cross-attention caption decoder's output in "
+            "captioning (CoCa); these scores read the text tower's own output, which only a "
+            "next_token objective trains"
+        )
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+        lines.append(f"Note: {note}.")
     if args.data is not None:
         res.update(
             perplexity_report(

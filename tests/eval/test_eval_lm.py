@@ -364,3 +364,40 @@ def test_a_sample_length_beyond_any_use_is_refused_before_scoring(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmssl eval: error: ") and "--max-new-tokens" in err
     assert "in 0..100000" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_cross_attention_coca_is_scored_with_a_note(tmp_path, tokenizer):
+    """A CoCa's LM head reads its caption decoder's output in training (cross mode): the text
+    tower's own output, which `eval lm` scores, is trained only by a next_token objective,
+    so the report says so (a prefix-mode decoder is the text tower itself: no note)."""
+    import mmssl
+
+    argv = ["--task", "demo", "--shots", "0", "--limit", "2", "--max-new-tokens", "1"]
+    for mode in ("cross", "prefix"):
+        torch.manual_seed(0)
+        name = "test_tiny_coca" if mode == "cross" else "test_tiny_coca_prefix"
+        model = mmssl.create_model(name, **{"text.vocab_size": tokenizer.vocab_size})
+        assert model.cfg.caption.mode == mode
+        export = save_pretrained(model, tmp_path / mode, extra={"tokenizer": tokenizer.metadata})
+        out = tmp_path / f"{mode}_out"
+        with (
+            pytest.warns(RuntimeWarning, match="caption decoder")
+            if mode == "cross"
+            else (_no_warning())
+        ):
+            run_task(["lm", "--model", str(export), *argv, "--out", str(out)])
+        noted = "Note: this model's LM head" in (out / "summary.md").read_text()
+        assert noted == (mode == "cross")
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def guard():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            yield
+
+    return guard()
