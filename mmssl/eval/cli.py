@@ -137,6 +137,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v >= 0, ">= 0"),
     "lr": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "layer_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "temperature": (lambda v: v >= 0, ">= 0"),
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
 }

@@ -57,6 +57,7 @@ def recipe_for(
     warmup: int,
     deepspeed: str,
     world_size: int = 1,
+    layer_decay: float | None = None,
 ) -> Any:
     """A training Recipe holding only fine-tuning's optimizer, schedule and DeepSpeed settings;
     `batch_size` images a rank, each step (no accumulation)."""
@@ -65,7 +66,7 @@ def recipe_for(
     return recipe_from_dict(
         {
             "name": "finetune",
-            "optim": {"lr": lr, "weight_decay": weight_decay},
+            "optim": {"lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay},
             "schedule": {"warmup_steps": warmup, "min_lr_ratio": 0.0},
             "train": {
                 "steps": steps,
@@ -91,6 +92,7 @@ def finetune(
     seed: int = 0,
     deepspeed: str = "zero0",
     limit: int | None = None,
+    layer_decay: float | None = None,
 ) -> Classifier:
     """Fine-tune a copy of model.visual with a new head for `steps` engine steps, on the first
     `limit` train samples when set (else the whole stream); returns it in eval mode on the
@@ -105,7 +107,8 @@ def finetune(
     clf = Classifier(model.standalone_vision(), num_classes).train()
     ds.init_distributed()
     world = distributed.world_size()  # each rank `batch_size` images a step
-    recipe = recipe_for(steps, lr, weight_decay, batch_size, max(0, steps // 10), deepspeed, world)
+    warmup = max(0, steps // 10)
+    recipe = recipe_for(steps, lr, weight_decay, batch_size, warmup, deepspeed, world, layer_decay)
     linear = F.linear  # ZeRO-3 replaces it process-wide ("persists unless manually reset")
     try:
         eng = ds.initialize(clf, recipe, deepspeed_config(recipe, grad_accum=1))
@@ -215,6 +218,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="layer-wise lr decay (BEiT/MAE fine-tuning: 0.65-0.75): block i of L at lr x "
+        "d^(L-i), the embeddings at lr x d^(L+1), the head and final norm at lr; default off",
+    )
+    parser.add_argument(
         "--train-batch-size", type=int, default=64, help="fine-tuning images per rank a step"
     )
     parser.add_argument(
@@ -254,7 +264,13 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
     try:  # before the frozen baseline's extraction and sweep: --deepspeed names a JSON
         recipe = recipe_for(
-            args.steps, args.lr, args.weight_decay, args.train_batch_size, 0, args.deepspeed
+            args.steps,
+            args.lr,
+            args.weight_decay,
+            args.train_batch_size,
+            0,
+            args.deepspeed,
+            layer_decay=args.layer_decay,
         )
         deepspeed_config(recipe, grad_accum=1)
     except ConfigError as err:
@@ -295,6 +311,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         seed=args.seed,
         deepspeed=args.deepspeed,
         limit=args.limit,
+        layer_decay=args.layer_decay,
     )
     test_x, test_y = _images_and_labels(test_urls, pre, field, args.batch_size, args.limit)
     res = {

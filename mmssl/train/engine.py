@@ -30,24 +30,39 @@ TABLE_NAMES = ("token_embed", "pos_embed")
 
 
 def param_groups(
-    module: nn.Module, weight_decay: float, decay_embeddings: bool = False
+    module: nn.Module,
+    weight_decay: float,
+    decay_embeddings: bool = False,
+    lr: float | None = None,
+    layer_decay: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed matrices, and the rest (norms, biases, class token, logit
+    """AdamW groups: decayed matrices, and the rest (norms, biases, class token, logit
     scale/bias, and the token and position tables unless `decay_embeddings`) without weight
-    decay.  Shared parameters once (a tied LM head as its token table)."""
+    decay.  Shared parameters once (a tied LM head as its token table).  With `layer_decay`
+    (`mmssl.train.layer_decay`) each of those splits by lr multiplier, each group's "lr" set
+    to `lr` times it, the full-lr groups first (the logged lr is the first group's)."""
     skip = NO_DECAY_NAMES if decay_embeddings else NO_DECAY_NAMES + TABLE_NAMES
-    decay, no_decay = [], []
+    scales: dict[str, float] = {}
+    if layer_decay is not None:
+        from mmssl.train.layer_decay import layer_scales
+
+        scales = layer_scales(module, layer_decay)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or any(k in name.split(".") for k in skip):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = not (p.ndim < 2 or any(k in name.split(".") for k in skip))
+        groups.setdefault((scales.get(name, 1.0), decayed), []).append(p)
+    out = []
+    for scale, decayed in sorted(groups, key=lambda k: (-k[0], not k[1])):
+        group = {"params": groups[scale, decayed], "weight_decay": weight_decay if decayed else 0.0}
+        if layer_decay is not None:
+            assert lr is not None, "layer_decay sets each group's lr from `lr`"
+            group["lr"] = lr * scale
+        out.append(group)
+    if not any(decayed for _, decayed in groups):  # the decayed group, even empty, comes first
+        out.insert(0, {"params": [], "weight_decay": weight_decay})
+    return out
 
 
 def fp32_master_names(engine: Any) -> list[list[str]] | None:
@@ -224,7 +239,11 @@ def initialize(task: nn.Module, recipe: Recipe, ds_config: dict[str, Any]) -> An
     engine, _, _, _ = deepspeed.initialize(
         model=task,
         model_parameters=param_groups(
-            task, recipe.optim.weight_decay, recipe.optim.decay_embeddings
+            task,
+            recipe.optim.weight_decay,
+            recipe.optim.decay_embeddings,
+            recipe.optim.lr,
+            recipe.optim.layer_decay,
         ),
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),

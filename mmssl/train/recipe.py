@@ -135,6 +135,9 @@ class OptimConfig:
     # 2 or more dimensions); false leaves them undecayed, as timm does.  Norms, biases, the
     # class token and the logit scale/bias are never decayed (`engine.param_groups`)
     decay_embeddings: bool = False
+    # layer-wise lr decay d (BEiT/MAE fine-tuning, timm's --layer-decay; mmssl.train.layer_decay):
+    # block i of L at lr * d^(L - i), embeddings at lr * d^(L + 1), the rest at lr; None: off
+    layer_decay: float | None = None
 
 
 @dataclass

@@ -51,6 +51,12 @@ def check_values(recipe: Recipe) -> None:
         ("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay),
         ("optim.eps", o.eps > 0, "> 0", o.eps),
         ("optim.betas", all(0 <= b < 1 for b in o.betas), "in [0, 1)", o.betas),
+        (
+            "optim.layer_decay",
+            o.layer_decay is None or 0 < o.layer_decay <= 1,
+            "in (0, 1]",
+            o.layer_decay,
+        ),
         ("eval.every", ev.every >= 0, ">= 0", ev.every),
         ("eval.batches", ev.batches >= 1, ">= 1", ev.batches),
     ]

@@ -204,3 +204,25 @@ def test_two_rank_finetune_runs_and_zero3_equals_zero0(tiny_model_dir, train_sha
                 torch.testing.assert_close(
                     state[k], v, rtol=1e-4, atol=1e-5, msg=f"{stage} {rank} {k}"
                 )
+
+
+def test_layer_decay_reaches_the_fine_tuning_engine(tiny_model_dir, train_shards, tmp_path):
+    """--layer-decay d: the patch embedding (lr x d^(L+1)) hardly moves at a tiny d, where it
+    moves without; the head trains at the full lr either way.  Out of (0, 1] is refused."""
+    from mmssl.eval.data import shard_urls
+    from mmssl.eval.finetune import finetune
+    from mmssl.eval.loading import EvalError, load_model
+
+    loaded = load_model(tiny_model_dir)
+    urls = shard_urls(train_shards)
+    kw = {"steps": 3, "lr": 3e-3, "batch_size": 8, "limit": 16}
+    start = loaded.model.visual.patch_embed.proj.weight.detach().clone()
+    moved = {}
+    for d in (None, 1e-3):
+        clf = finetune(loaded.model, urls, loaded.preprocess, "label", 3, layer_decay=d, **kw)
+        moved[d] = (clf.visual.patch_embed.proj.weight.detach() - start).abs().max().item()
+        assert clf.head.weight.abs().max() > 1e-4  # the head (lr x 1) trained
+    assert moved[None] > 1e-4 and moved[1e-3] < 1e-8, moved
+    argv = ["finetune", "--model", tiny_model_dir, "--train", train_shards, "--test", train_shards]
+    with pytest.raises(EvalError, match=r"--layer-decay must be in \(0, 1\], got 0.0"):
+        run_task([*argv, "--layer-decay", "0", "--out", str(tmp_path / "o")])
