@@ -105,6 +105,7 @@ def test_exports_a_run_cannot_start_from_are_refused_at_validation(tmp_path):
         "tensors differ in shape or kind" in said
         and "(48, 3, 8, 8) float vs (32, 3, 8, 8) float" in said
     )
+    assert "context_length" not in said  # the hint is for a longer context only
     assert "no config.json" in _refused(tmp_path, tmp_path / "nowhere")
     vit, theirs = _vit_export(tmp_path)
     # an export of another kind of model: no tensor name in common
@@ -202,6 +203,9 @@ def test_position_tables_follow_the_runs_image_size_and_context_length(tmp_path,
         torch.testing.assert_close(warm[name], theirs[name], rtol=0, atol=1e-8)
     assert "visual.pos_embed resampled from a 4x4 to a 6x6 grid" in caplog.text
     assert "text.pos_embed cut to its first 16 of 32 positions" in caplog.text
+    # warnings: shown without any logging set up (the summary line is INFO when all loads)
+    said = [r for r in caplog.records if ".pos_embed " in r.getMessage()]
+    assert len(said) == 2 and all(r.levelno == logging.WARNING for r in said)
     longer = _refused(tmp_path, clip, "model.overrides.text.context_length=64")
     assert "(32, 32) float vs (64, 32) float" in longer and "may shrink, not grow" in longer
 
