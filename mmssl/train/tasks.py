@@ -59,6 +59,7 @@ from mmssl.objectives import (
 from mmssl.objectives.contrastive import clamped_scale
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.objectives.lm import count_targets
+from mmssl.schema import ConfigError
 from mmssl.train.recipe import NEEDS, OBJECTIVE_TYPES, ObjectiveConfig
 from mmssl.train.text_condition import PromptTokens, prompt_tokenizer, source_prompts
 
@@ -446,6 +447,12 @@ class Task(nn.Module):
             weighted = obj.weight * loss
             total = weighted if total is None else total + weighted
         assert total is not None
+        if torch.is_grad_enabled() and not total.requires_grad:  # DeepSpeed: "loss must be a
+            # scalar tensor"; every parameter the objectives reach is frozen
+            raise ConfigError(
+                f"no trained parameter reaches the loss of {sorted(self.objectives)}: "
+                "train.freeze froze every parameter these objectives use"
+            )
         metrics["loss"] = total.detach()
         # the temperatures that are trained: the model's for clip objectives, and each
         # siglip objective's own scale and bias (the model's is unused there)

@@ -117,3 +117,42 @@ def test_a_shared_trunk_is_frozen_by_either_towers_name():
     apply_freeze(model, ["text"])
     assert not any(p.requires_grad for p in model.visual.trunk.parameters())
     assert all(p.requires_grad for p in model.visual.patch_embed.parameters())
+
+
+SIMCLR = ["data.sources.train.kind=image", "data.views=2", "objectives={simclr: {}}"]
+
+
+def test_conditioning_added_to_a_frozen_tower_trains(tmp_path):
+    """A plain encoder's export, adaLN-Zero conditioning added and the tower frozen (train
+    only the conditioning): the zero-initialised modulation and gates under `visual` train
+    (frozen at zero they never act), the pretrained weights stay exactly; a prefix naming
+    a modulation itself freezes it."""
+    from mmssl.train.freeze import frozen_names
+
+    torch.manual_seed(4)
+    vit = save_pretrained(mmssl.create_model("test_tiny_vit"), tmp_path / "vit")
+    theirs = load_file(str(vit / "model.safetensors"))
+    cond = ["model.name=test_tiny_vit_cond", f"train.init_from={vit}", *SIMCLR]
+    out = _run_export(tmp_path, "cond", [*cond, "train.freeze=[visual]"])
+    for name, tensor in theirs.items():
+        assert torch.equal(out[name], tensor), name
+    modulation = [n for n in out if n.endswith(("modulation.weight", "gate.weight"))]
+    assert modulation and all(out[n].abs().max() > 0 for n in modulation)
+    model = mmssl.create_model("test_tiny_vit_cond")
+    names = frozen_names(model, ["visual"])
+    assert not set(modulation) & set(names) and set(theirs) <= set(names)
+    one = "visual.trunk.blocks.0.norm1.modulation"
+    assert {f"{one}.weight", f"{one}.bias"} <= set(frozen_names(model, ["visual", one]))
+
+
+def test_a_freeze_leaving_nothing_the_objectives_reach_stops_with_its_reason(tmp_path):
+    """A CLIP model trained with SimCLR only and its image tower frozen: the text tower
+    trains in name only, the loss has no gradient (DeepSpeed said "loss must be a scalar
+    tensor")."""
+    from mmssl.train.loop import train
+
+    recipe = load_recipe(
+        str(synthetic_recipe(tmp_path, "nothing", 1)), [*SIMCLR, "train.freeze=[visual]"]
+    )
+    with pytest.raises(ConfigError, match="no trained parameter reaches the loss of"):
+        train(recipe, validate(recipe))
