@@ -101,6 +101,8 @@ def finetune(
     from mmssl.train import engine as ds
     from mmssl.train.ds_config import deepspeed_config
 
+    if layer_decay is not None and not 0 < layer_decay <= 1:  # the command line checks it too
+        raise EvalError(f"layer_decay must be in (0, 1], got {layer_decay}")
     torch.manual_seed(seed)
     vision_tower(model)  # EvalError without one
     # a copy whose cond=None is the whole model's (the neutral descriptor's c, if conditioned)

@@ -101,9 +101,10 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
     for name in names:
         params[name].requires_grad_(False)
     if distributed.rank() == 0:
-        count = sum(p.numel() for p in {id(params[n]): params[n] for n in names}.values())
+        tensors = {id(params[n]): params[n] for n in names}  # a shared trunk once
+        count = sum(p.numel() for p in tensors.values())
         _log.info(
-            "train.freeze %s: %d tensors, %d parameters not trained", prefixes, len(names), count
+            "train.freeze %s: %d tensors, %d parameters not trained", prefixes, len(tensors), count
         )
         under = [n for n in params if any(_under(n, p) for p in prefixes) and n not in names]
         if under:  # the zero-initialised conditioning under the prefixes
