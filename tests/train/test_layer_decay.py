@@ -14,10 +14,12 @@ from mmssl.train.layer_decay import layer_scales
 pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
-def test_the_multipliers_equal_timms_on_the_same_vit():
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_the_multipliers_equal_timms_on_the_same_vit(pre_norm):
     """A timm ViT imported: every mmssl parameter (found by its values) gets the lr_scale
-    timm's own layer-decay groups give the timm parameter it came from, but for the final
-    norm, which timm puts with the last block and MAE's and BEiT's rule (ours) with the head."""
+    timm's own layer-decay groups give the timm parameter it came from (its norm_pre, open_clip's
+    ln_pre, in the stem), but for the final norm, which timm puts with the last block and
+    MAE's and BEiT's rule (ours) with the head."""
     from timm.models.vision_transformer import VisionTransformer
     from timm.optim import param_groups_layer_decay
 
@@ -25,7 +27,7 @@ def test_the_multipliers_equal_timms_on_the_same_vit():
 
     torch.manual_seed(0)
     peer = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
-                             num_classes=5)  # fmt: skip
+                             num_classes=5, pre_norm=pre_norm)  # fmt: skip
     with torch.no_grad():
         for p in peer.parameters():  # every tensor its own values, to find it again
             p.normal_()
@@ -36,6 +38,7 @@ def test_the_multipliers_equal_timms_on_the_same_vit():
         for p in g["params"]
     }
     assert theirs["head.weight"] == 1.0 and theirs["blocks.2.mlp.fc1.weight"] == 0.7
+    assert not pre_norm or theirs["norm_pre.weight"] == pytest.approx(0.7**4)
     model = load_timm_vit(peer)
     ours = layer_scales(model, 0.7)
     matched = set()
