@@ -8,10 +8,11 @@ frozen and a pretrained image tower loaded, a CLIP run is LiT (locked-image tuni
 `--lock-image`); `visual.patch_embed` frozen at its random initialisation is MoCo v3's
 random patch projection (drawn at mmssl's init, std 0.02; MoCo v3 draws it xavier-uniform,
 about 2.4x larger for ViT-S/16).  They get no gradient, no weight decay and no optimizer
-state.  Zero-initialised conditioning (adaLN-Zero modulation and gates, a conditioned
-projector's conditioning weights) under a prefix stays trained: frozen at zero it would
-never act, and freezing a pretrained tower to train only its new conditioning is the point
-of adding it; a prefix that names such a part itself (`...norm1.modulation`) freezes it.
+state.  The conditioning parts (adaLN-Zero modulation and gates, prefix tokens' projection,
+a conditioned projector's conditioning weights) under a prefix stay trained: frozen at their
+start (zero, or a random draw for the prefix tokens) they would never act or only add noise,
+and freezing a pretrained tower to train only its new conditioning is the point of adding
+it; a prefix that names such a part itself (`...norm1.modulation`) freezes it.
 Under `precision: bf16` DeepSpeed holds every module weight in bf16 and keeps fp32 masters of
 the trained ones only, so a frozen tensor is held, and exported, rounded to bf16.
 
@@ -37,16 +38,19 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def conditioning_parts(model: nn.Module) -> list[str]:
-    """The names of the zero-initialised conditioning parts of `model` (modules or a
-    parameter): the adaLN-Zero modulation and gates, a conditioned projector's conditioning
-    weights (each module's `reset_conditioning` zeroes them)."""
-    from mmssl.models.condition import Projector
+    """The names of the conditioning parts of `model` (modules or a parameter) that a tower
+    gains when conditioned: the adaLN-Zero modulation and gates and a conditioned projector's
+    conditioning weights (each module's `reset_conditioning` zeroes them), and the prefix
+    tokens (`PrefixTokens`, the whole module)."""
+    from mmssl.models.condition import PrefixTokens, Projector
     from mmssl.nn.norm import ConditionedGate, ConditionedNorm
 
     kinds: dict[type, tuple[str, ...]] = {ConditionedNorm: ("modulation",)}
     kinds |= {ConditionedGate: ("gate",), Projector: ("cond_in", "film", "hyper_weight")}
     parts = []
     for where, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, PrefixTokens):
+            parts.append(where)
         attrs = next((a for k, a in kinds.items() if isinstance(module, k)), ())
         parts += [f"{where}.{a}" if where else a for a in attrs if getattr(module, a) is not None]
     return parts
@@ -74,7 +78,10 @@ def frozen_names(model: nn.Module, prefixes: list[str]) -> list[str]:
     ]
     params = dict(model.named_parameters(remove_duplicate=False))
     if {id(params[n]) for n in frozen} == {id(p) for p in params.values()}:
-        raise ConfigError(f"train.freeze: {prefixes} freeze every parameter: nothing would train")
+        raise ConfigError(
+            f"train.freeze: {prefixes} freeze every parameter of the model: nothing of it would "
+            "train (a head of the objectives' own is dropped at export)"
+        )
     return frozen
 
 
@@ -109,8 +116,8 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
         under = [n for n in params if any(_under(n, p) for p in prefixes) and n not in names]
         if under:  # the zero-initialised conditioning under the prefixes
             _log.info(
-                "train.freeze: %d conditioning tensors under %s trained (zero-initialised: "
-                "frozen they would never act; name them to freeze them)",
+                "train.freeze: %d conditioning tensors under %s trained (frozen at their start "
+                "they would never act; name them to freeze them)",
                 len(under),
                 prefixes,
             )

@@ -96,7 +96,7 @@ def test_bad_freezes_are_refused_at_validation(tmp_path):
     assert "train.freeze: ['vision'] name no parameter" in said and "'visual'" in said
     assert "name no parameter" in _refused(tmp_path, "train.freeze=[visual.patch]")  # not a part
     everything = _refused(tmp_path, "train.freeze=[visual, text, logit_scale]")
-    assert "freeze every parameter: nothing would train" in everything
+    assert "freeze every parameter of the model: nothing of it would train" in everything
     # a resume keeps what it trains: the optimizer state holds the trained parameters only
     from mmssl.train.loop import train
 
@@ -138,9 +138,15 @@ def test_conditioning_added_to_a_frozen_tower_trains(tmp_path):
         assert torch.equal(out[name], tensor), name
     modulation = [n for n in out if n.endswith(("modulation.weight", "gate.weight"))]
     assert modulation and all(out[n].abs().max() > 0 for n in modulation)
+    # the prefix tokens' projection (a random draw, not zero) trains too
+    start = mmssl.create_model("test_tiny_vit_cond")  # the run's seed-independent shapes only
+    prefix = [n for n in out if n.startswith("visual.cond_prefix.")]
+    assert prefix and set(prefix) <= set(start.state_dict())
+    still = _run_export(tmp_path, "still", [*cond, "train.freeze=[visual]", "optim.lr=1e-12"])
+    assert all((out[n] - still[n]).abs().max() > 1e-4 for n in prefix)
     model = mmssl.create_model("test_tiny_vit_cond")
     names = frozen_names(model, ["visual"])
-    assert not set(modulation) & set(names) and set(theirs) <= set(names)
+    assert not set(modulation + prefix) & set(names) and set(theirs) <= set(names)
     one = "visual.trunk.blocks.0.norm1.modulation"
     assert {f"{one}.weight", f"{one}.bias"} <= set(frozen_names(model, ["visual", one]))
 

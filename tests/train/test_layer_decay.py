@@ -58,7 +58,8 @@ def test_each_tower_counts_its_own_depth_and_the_engine_sets_each_groups_lr():
     from mmssl.train.loop import build_task
     from mmssl.train.recipe import recipe_from_dict, validate
 
-    model = mmssl.create_model("test_tiny_clip", **{"text.depth": 3})
+    # no LM head (as clip_vit_b16): the token table is an embedding only
+    model = mmssl.create_model("test_tiny_clip", **{"text.depth": 3, "text.lm_head": False})
     lv, lt = model.cfg.vision.depth, model.cfg.text.depth
     assert (lv, lt) == (2, 3)
     s = layer_scales(model, 0.5)

@@ -19,6 +19,8 @@ def _naive(model, d):
     block indices of a stack; a tower's embeddings at d^(its depth + 1) (a tower without a
     stack of its own: the shared one); everything else at 1."""
     names = [n for n, _ in model.named_parameters()]
+    t = model.cfg.text
+    tied = t is not None and t.lm_head and t.tie_embeddings  # the table is the LM head too
     blocks: dict[str, set[int]] = {}
     for n in names:
         if m := BLOCK.match(n):
@@ -26,7 +28,9 @@ def _naive(model, d):
     depth = {s: len(ix) for s, ix in blocks.items()}
     out = {}
     for n in names:
-        if m := BLOCK.match(n):
+        if tied and n == "text.token_embed.weight":
+            out[n] = 1.0  # trains as the head
+        elif m := BLOCK.match(n):
             out[n] = d ** (depth[m["stack"]] - int(m["i"]))
         elif any(part in ("patch_embed", "cls_token", "pos_embed", "token_embed", "norm_pre")
                  for part in n.split(".")):  # fmt: skip
@@ -55,3 +59,16 @@ def test_the_multipliers_equal_a_naive_computation(name, over):
     assert ours.keys() == want.keys()
     for n in want:
         assert ours[n] == pytest.approx(want[n], rel=1e-12), n
+
+
+def test_a_token_table_tied_to_the_lm_head_trains_as_the_head():
+    """GPT's LM head is its token table: at the embeddings' d^(L+1) the output layer would
+    hardly train (0.0037 at gpt_124m's depth and d = 0.65); untied, the table is an
+    embedding and the separate head trains at lr."""
+    tied = mmssl.create_model("test_tiny_gpt")
+    assert tied.cfg.text.tie_embeddings and tied.text.lm_head is None
+    assert layer_scales(tied, 0.5)["text.token_embed.weight"] == 1.0
+    untied = mmssl.create_model("test_tiny_gpt", **{"text.tie_embeddings": False})
+    s = layer_scales(untied, 0.5)
+    depth = untied.cfg.text.depth
+    assert s["text.token_embed.weight"] == 0.5 ** (depth + 1) and s["text.lm_head.weight"] == 1.0
