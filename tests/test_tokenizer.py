@@ -424,3 +424,10 @@ def test_a_file_loads_with_the_meta_beside_it_and_a_clip_meta_is_checked(tmp_pat
     (clip / META_FILE).write_text(json.dumps({**meta, "eos_id": 5, "bos_id": 7}))
     with pytest.raises(ValueError, match=r"\{'bos_id': 7, 'eos_id': 5\} differ from CLIP's"):
         get_tokenizer(clip)
+    # a CLIP copy's meta naming its special tokens is checked too (it was NotImplementedError)
+    good = {**meta, "special_tokens": {"bos": "<start_of_text>", "eos": "<end_of_text>"}}
+    (clip / META_FILE).write_text(json.dumps(good))
+    assert get_tokenizer(clip).eos_id == 49407
+    (clip / META_FILE).write_text(json.dumps({**good, "special_tokens": {"eos": "<|eos|>"}}))
+    with pytest.raises(ValueError, match="eos_id 49407 is '<end_of_text>'.*special_tokens.eos is"):
+        get_tokenizer(clip)

@@ -211,7 +211,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (None, ["train", "--out", "{tmp}/o", "--kind", "sentencepiece", "--special-token", "\u2581",
                 "{tmp}/x.txt"], "holds U+2581, sentencepiece's space"),
         (None, ["train", "--out", "{tmp}/o", "--eos", "EOS", "{tmp}/x.txt"], "'EOS' is a single word"),
-        ("bad.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
+        ("bad.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/bad.jsonl"], "bad.jsonl:4: invalid JSON"),
         ("nofield.jsonl", ["train", "--out", "{tmp}/o", "{tmp}/nofield.jsonl"], "nofield.jsonl:1: no field 'text'"),
         ("latin1.txt", ["train", "--out", "{tmp}/o", "{tmp}/latin1.txt"], "latin1.txt: not UTF-8"),
         ("broken.tar", ["train", "--out", "{tmp}/o", "{tmp}/broken.tar"], "broken.tar: cannot read tar"),
@@ -233,7 +233,7 @@ def test_cli_bad_input(
 ) -> None:
     (tmp_path / "x.txt").write_text("some text\n")
     files = {
-        "bad.jsonl": b'{"text": "ok"}\n{oops\n',
+        "bad.jsonl": b'{"text": "ok"}\n\n\n{oops\n',  # its line number counts the blank lines
         "nofield.jsonl": b'{"caption": "x"}\n',
         "latin1.txt": "caf\xe9\n".encode("latin-1"),
         "empty.txt": b"\n\n",

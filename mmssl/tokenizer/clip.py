@@ -168,6 +168,10 @@ class CLIPTokenizer(Tokenizer):
         # pad 0 is the real token '!', so decode must keep it
         return frozenset((self.bos_id, self.eos_id))
 
+    def id_to_token(self, idx: int) -> str | None:
+        """The vocabulary entry of an in-range id (used to check tokenizer_meta.json)."""
+        return self._vocab[idx] if 0 <= idx < len(self._vocab) else None
+
     def __getstate__(self) -> dict[str, Any]:
         # closures do not pickle (DataLoader workers under spawn); rebuild them on load
         state = dict(self.__dict__)

@@ -118,19 +118,20 @@ def _not_utf8(path: Path) -> str:
     return f"{path}: not UTF-8 text"  # the file changed between the two reads
 
 
-def _iter_lines(path: Path) -> Iterator[str]:
+def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-empty lines of a text file, each with its line number in the file."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            for line in f:
+            for lineno, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")
                 if line:
-                    yield line
+                    yield lineno, line
     except UnicodeDecodeError:
         raise ValueError(_not_utf8(path)) from None
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_iter_lines(path), start=1):
+    for lineno, line in _iter_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -181,4 +182,4 @@ def iter_corpus(
         elif name.endswith(".jsonl"):
             yield from _iter_jsonl(path, field)
         else:
-            yield from _iter_lines(path)
+            yield from (line for _, line in _iter_lines(path))
