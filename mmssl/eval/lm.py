@@ -279,8 +279,10 @@ def samples(
     temperature: float,
     top_k: int | None,
     seed: int,
+    top_p: float | None = None,
 ) -> list[str]:
-    """Decoded continuations (prompt included) of each prompt.  Only ids the tokenizer has
+    """Decoded continuations (prompt included) of each prompt, sampled with `temperature`,
+    `top_k` (None or 0: no cut) and `top_p` (None: no nucleus cut).  Only ids the tokenizer has
     are sampled: a model whose vocab_size is padded past it (as nanoGPT pads GPT-2's 50257 to
     50304) has ids no text decodes to."""
     dev = model_device(model)
@@ -297,7 +299,8 @@ def samples(
             ids,
             max_new_tokens,
             temperature=temperature,
-            top_k=top_k,
+            top_k=top_k or None,
+            top_p=top_p,
             eos_id=int(tokenizer.eos_id),
             generator=g,
             vocab_limit=limit,
@@ -327,7 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-k", type=int, default=40, help="0: no top-k cut")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling's mass (none by default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -432,7 +438,14 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         lines.append(md_table(headers, mc_rows))
     prompts = args.prompt if args.prompt is not None else list(DEFAULT_PROMPTS)
     res["samples"] = samples(
-        model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        model,
+        tokenizer,
+        prompts,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        args.top_p,
     )
     lines.append("Samples:\n\n" + "\n".join(f"- `{s!r}`" for s in res["samples"]))
     data = {"text": args.data, "train_text": args.train_data, "tasks": args.task}

@@ -32,6 +32,7 @@ def check_beam(
     top_k: int | None,
     generator: torch.Generator | None,
     length_penalty: float,
+    top_p: float | None = None,
 ) -> None:
     """Refuse a beam count that is not an integer >= 1, and sampling options with beams."""
     # numpy's integers too, as max_new_tokens and top_k take them
@@ -50,13 +51,14 @@ def check_beam(
     sampling = {
         "temperature": (temperature, temperature != 1.0),
         "top_k": (top_k, top_k is not None),
+        "top_p": (top_p, top_p is not None),
         "generator": (generator, generator is not None),
     }
     given = [f"{name}={value!r}" for name, (value, set_) in sampling.items() if set_]
     if given:
         raise ValueError(
             f"num_beams={num_beams} is deterministic beam search (no sampling): leave "
-            f"temperature, top_k and generator at their defaults, got {', '.join(given)}"
+            f"temperature, top_k, top_p and generator at their defaults, got {', '.join(given)}"
         )
 
 

@@ -108,6 +108,7 @@ class CaptionDecoder(nn.Module):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         vocab_limit: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """image_tokens (B, N, Dv), prompt (B, T0) -> (B, T0 + max_new_tokens) token ids.
 
@@ -147,7 +148,7 @@ class CaptionDecoder(nn.Module):
                 next_logits, reorder, prompt, max_new_tokens, num_beams, eos_id, length_penalty
             )
         return sample_tokens(
-            next_logits, prompt, max_new_tokens, temperature, top_k, eos_id, generator
+            next_logits, prompt, max_new_tokens, temperature, top_k, eos_id, generator, top_p
         )
 
     def forward(

@@ -9,7 +9,7 @@ import operator
 import torch
 
 
-def check_sampling(temperature: float, top_k: int | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None = None) -> None:
     """Refuse sampling options that would fail late or silently sample the wrong thing."""
     # a negative temperature would sample from the inverted distribution (the least
     # likely tokens first) without any error, and top_k 0 fails deep in a tensor op
@@ -18,6 +18,9 @@ def check_sampling(temperature: float, top_k: int | None) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and as_top_k(top_k) is None:
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    real = isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+    if top_p is not None and not (real and 0 < top_p <= 1):  # NaN fails the comparison
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def as_top_k(top_k: object) -> int | None:

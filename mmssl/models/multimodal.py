@@ -320,12 +320,13 @@ class MultimodalModel(CarriesBuffer):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         vocab_limit: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Caption images (B, C, H, W) -> token ids (B, T0 + max_new_tokens), prompt included.
 
         The caption starts from `prompt` (B, T0), or from the bos token alone (pass the
         tokenizer's `bos_id`), as training frames captions with bos ... eos.  The sampling
-        options are `TextTransformer.generate`'s: temperature 0 is greedy, top_k, rows that
+        options are `TextTransformer.generate`'s: temperature 0 is greedy, top_k, top_p, rows that
         emitted `eos_id` are filled with it.  The images are encoded once (with `cond`, or the
         neutral condition of a descriptor-conditioned model).  Runs in eval mode and restores
         each module's mode afterwards.  The caption must fit in the text context_length: a
@@ -338,8 +339,8 @@ class MultimodalModel(CarriesBuffer):
         if self.caption is None:
             raise RuntimeError("this model has no caption decoder (set `caption` in its config)")
         text = self._tower("text")
-        check_sampling(temperature, top_k)
-        check_beam(num_beams, temperature, top_k, generator, length_penalty)
+        check_sampling(temperature, top_k, top_p)
+        check_beam(num_beams, temperature, top_k, generator, length_penalty, top_p)
         check_max_new_tokens(max_new_tokens)
         check_token_id(eos_id, text.cfg.vocab_size)
         check_token_id(bos_id, text.cfg.vocab_size, "bos_id")
@@ -374,6 +375,7 @@ class MultimodalModel(CarriesBuffer):
                 num_beams,
                 length_penalty,
                 vocab_limit,
+                top_p,
             )
 
     def forward(

@@ -53,11 +53,14 @@ def sample_tokens(
     top_k: int | None,
     eos_id: int | None,
     generator: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """The decoding loop shared by every generator: text (B, T0) -> (B, T0 + max_new_tokens).
 
     next_logits: the whole sequence so far (B, T) -> logits (B, V) of the token after it.
-    temperature 0 is greedy; top_k keeps the k most likely tokens.  Rows that emitted
+    temperature 0 is greedy; top_k keeps the k most likely tokens, then top_p the fewest
+    most likely tokens whose probability (after the temperature) reaches top_p, as Hugging
+    Face's TopPLogitsWarper after its temperature and top-k ones.  Rows that emitted
     `eos_id` keep emitting it, and once every row has, the rest is filled with it without
     calling `next_logits` again.
     """
@@ -80,6 +83,8 @@ def sample_tokens(
             if drop is not None:
                 logits = logits.masked_fill(drop, float("-inf"))
             probs = logits.softmax(dim=-1)
+            if top_p is not None:
+                probs = nucleus(probs, top_p)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -90,6 +95,19 @@ def sample_tokens(
     if text.shape[1] < total:  # every row ended: the documented shape, filled with eos
         text = F.pad(text, (0, total - text.shape[1]), value=eos_id)  # type: ignore[arg-type]
     return text
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (B, V) cut to each row's nucleus (Holtzman et al. 2020): the most likely tokens
+    until their mass reaches top_p (at least one), the others set to 0 (multinomial takes
+    unnormalised weights).  top_p 1 keeps every token (a float32 cumsum can reach 1 early)."""
+    if top_p >= 1:
+        return probs
+    ranked, order = probs.sort(dim=-1, descending=True)
+    before = ranked.cumsum(dim=-1) - ranked  # the mass of the tokens ranked above each
+    drop = before >= top_p
+    drop[:, 0] = False
+    return probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
 
 
 def _check_not_empty(text: torch.Tensor) -> None:
@@ -332,12 +350,14 @@ class TextTransformer(nn.Module):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         vocab_limit: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Sample a continuation of a prompt.  text: (B, T0) -> (B, T0 + max_new_tokens).
 
-        temperature 0 is greedy decoding.  Rows that emitted `eos_id` keep emitting it, and
-        once every row has, the rest is filled with it without running the model.
-        Runs in eval mode (no dropout) and restores each module's mode afterwards.
+        temperature 0 is greedy decoding; top_k and top_p (nucleus sampling) filter the
+        tokens sampled from, in that order, as Hugging Face's generate.  Rows that emitted
+        `eos_id` keep emitting it, and once every row has, the rest is filled with it without
+        running the model.  Runs in eval mode (no dropout) and restores each module's mode afterwards.
         A causal tower keeps a kv cache, so each new token runs one position.  The prompt
         window slides when it grows past context_length; sliding moves every position, so
         from then on each token reruns the whole window, as does a bidirectional tower.
@@ -357,7 +377,7 @@ class TextTransformer(nn.Module):
         num_beams > 1: deterministic beam search (`mmssl.models.beam`: the num_beams best
         sequences by summed log-probability; finished ones scored sum / len**length_penalty,
         len the generated tokens with eos; the best hypothesis per row, eos-filled after its
-        eos).  Sampling options (temperature, top_k, generator) are refused with it, and
+        eos).  Sampling options (temperature, top_k, top_p, generator) are refused with it, and
         length_penalty without it.  The kv cache is expanded to B * num_beams rows after the
         prompt and reordered by each step's parent beams; prompt_mask, the sliding window
         and a bidirectional tower work as above (each beam carries its row's mask).
@@ -366,10 +386,10 @@ class TextTransformer(nn.Module):
         model's vocab_size, padded as nanoGPT pads GPT-2's 50257 to 50304, has no text for
         the others): the logits are cut to the first vocab_limit ids before sampling.
         """
-        check_sampling(temperature, top_k)
+        check_sampling(temperature, top_k, top_p)
         check_token_id(eos_id, self.cfg.vocab_size)
         vocab_limit = check_vocab_limit(vocab_limit, self.cfg.vocab_size, eos_id)
-        check_beam(num_beams, temperature, top_k, generator, length_penalty)
+        check_beam(num_beams, temperature, top_k, generator, length_penalty, top_p)
         check_max_new_tokens(max_new_tokens)
         if text.ndim != 2 or text.shape[1] == 0:
             raise ValueError(
@@ -389,6 +409,7 @@ class TextTransformer(nn.Module):
                 num_beams,
                 length_penalty,
                 vocab_limit,
+                top_p,
             )
 
     def _generate(
@@ -403,6 +424,7 @@ class TextTransformer(nn.Module):
         num_beams: int,
         length_penalty: float,
         vocab_limit: int | None,
+        top_p: float | None,
     ) -> torch.Tensor:
         ctx = self.cfg.context_length
         cache = KVCache(len(self.trunk.blocks), ctx) if self.cfg.causal else None
@@ -440,7 +462,7 @@ class TextTransformer(nn.Module):
                 next_logits, reorder, text, max_new_tokens, num_beams, eos_id, length_penalty
             )
         return sample_tokens(
-            next_logits, text, max_new_tokens, temperature, top_k, eos_id, generator
+            next_logits, text, max_new_tokens, temperature, top_k, eos_id, generator, top_p
         )
 
     def flops_per_token(self) -> float:

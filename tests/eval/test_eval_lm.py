@@ -401,3 +401,33 @@ def _no_warning():
             yield
 
     return guard()
+
+
+def test_top_p_and_no_top_k_reach_generate(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """--top-p is nucleus sampling's mass and --top-k 0 turns the top-k cut off (as Hugging
+    Face's top_k=0); before, top-k could not be turned off and top-p did not exist.  Values
+    out of range are refused in one line before anything is written."""
+    from mmssl.models.text import TextTransformer
+
+    seen = []
+    real = TextTransformer.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs["top_k"], kwargs["top_p"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextTransformer, "generate", spy)
+    argv = ["lm", "--model", tiny_model_dir, "--prompt", "a", "--max-new-tokens", "2"]
+    res = run_task([*argv, "--top-k", "0", "--top-p", "0.5", "--out", str(tmp_path / "o")])
+    assert seen == [(None, 0.5)] and len(res["samples"]) == 1
+    run_task([*argv, "--out", str(tmp_path / "o2")])
+    assert seen[-1] == (40, None)  # the defaults: nanoGPT-like top-k 40, no nucleus
+    for flag, value, says in [
+        ("--top-p", "0", "in (0, 1]"),
+        ("--top-p", "1.5", "in (0, 1]"),
+        ("--top-k", "-1", ">= 0"),
+    ]:
+        out = tmp_path / f"bad{value}"
+        assert main([*argv, flag, value, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be {says}" in err and not out.exists()
