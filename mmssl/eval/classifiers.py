@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssl.eval.loading import EvalError
 from mmssl.eval.metrics import predictions
 
 
@@ -91,30 +92,74 @@ def prototype_scores(x: Tensor, y: Tensor, query: Tensor) -> tuple[Tensor, Tenso
 
 
 def knn_scores(
-    x: Tensor, y: Tensor, query: Tensor, k: int = 20, temperature: float = 0.07
+    x: Tensor,
+    y: Tensor,
+    query: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    block_elements: int = 1 << 22,
 ) -> tuple[Tensor, Tensor]:
     """(classes (C,), votes (M, C)) of weighted kNN (as in DINO's evaluation): each of the k
     most cosine-similar support samples votes for its class with weight
     exp(similarity / temperature).  Support samples tied with the k-th nearest share its
     remaining places equally: picking some of them (topk's choice, or the first rows) made
-    the votes of a collapsed encoder follow the order of the support set."""
+    the votes of a collapsed encoder follow the order of the support set.
+
+    The queries go in blocks of about `block_elements` similarities (DINO's knn_classifier
+    chunks them too): the whole (M, N) float64 similarity and its four temporaries of that
+    size took ~29 GB at ImageNet's 50k test images against a 16-shot support of 16k."""
     xs, q = _norm(x), _norm(query)
     y = torch.as_tensor(y).long()
     k = min(k, len(y))
-    sim = q @ xs.T  # (M, N)
+    # votes go to the classes present, not to columns 0..max label: a label may be negative
+    # or large (a synset offset), which made a (M, max + 1) table
+    classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's
+    votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
+    rows = max(1, block_elements // max(1, len(xs)))
+    for a in range(0, len(q), rows):
+        votes[a : a + rows] = _knn_votes(q[a : a + rows], xs, column, len(classes), k, temperature)
+    return classes, votes
+
+
+def _knn_votes(
+    q: Tensor, xs: Tensor, column: Tensor, num_classes: int, k: int, temperature: float
+) -> Tensor:
+    """`knn_scores`' votes (B, C) of normalised queries q (B, D) by the normalised support xs
+    (N, D), whose class columns are `column` (N,)."""
+    sim = q @ xs.T  # (B, N)
     kth = sim.topk(k, dim=1).values[:, -1:]  # (M, 1)
     above, at = sim > kth, sim == kth
     share = (k - above.sum(1, keepdim=True)) / at.sum(1, keepdim=True)  # places per tied row
     # exp((s - s_max) / T): the same weights up to one factor per row, so the same votes,
     # and never inf -- exp(s / T) is inf for every neighbour once T < ~0.0014 (s up to 1)
     top = sim.max(1, keepdim=True).values
-    weights = ((sim - top) / temperature).exp() * (above + at * share)  # (M, N)
-    # votes go to the classes present, not to columns 0..max label: a label may be negative
-    # or large (a synset offset), which made a (M, max + 1) table
-    classes, column = torch.unique(y, return_inverse=True)  # sorted, as prototype's
-    votes = torch.zeros(len(q), len(classes), dtype=torch.float64)
-    votes.index_add_(1, column, weights)
-    return classes, votes
+    weights = ((sim - top) / temperature).exp() * (above + at * share)  # (B, N)
+    votes = torch.zeros(len(q), num_classes, dtype=torch.float64)
+    return votes.index_add_(1, column, weights)
+
+
+def check_classes(train_y: Tensor, test_y: Tensor, task: str) -> None:
+    """EvalError for a train split of one class (every method is right on a 1-way task:
+    class-sorted shards cut by --limit scored 1.0 untrained); a RuntimeWarning naming the
+    test classes that have no train sample, whose test samples no method can get right (a
+    wrong --label-field, splits labelled differently: an accuracy with a hidden ceiling)."""
+    train = torch.unique(torch.as_tensor(train_y).long())
+    if len(train) < 2:
+        raise EvalError(
+            f"{task} needs at least two classes in the train split, got {train.tolist()} "
+            "(shards written class by class and cut by --limit hold one)"
+        )
+    test = torch.as_tensor(test_y).long()
+    unseen = test[~torch.isin(test, train)]
+    if len(unseen):
+        names = torch.unique(unseen).tolist()
+        shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
+        warnings.warn(
+            f"{len(names)} test classes have no train sample ({shown}): their {len(unseen)} of "
+            f"{len(test)} test samples ({len(unseen) / len(test):.1%}) cannot be predicted right",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def logistic(x: Tensor, y: Tensor, query: Tensor, weight_decay: float = 1e-3) -> Tensor:

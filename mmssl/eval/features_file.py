@@ -138,6 +138,16 @@ def save_features(path: str | Path, feats: dict[str, Any], metadata: dict[str, s
     save_safetensors(tensors, path, metadata=meta)
 
 
+def names_features_file(source: str) -> bool:
+    """Whether an evaluation's --train / --test / --data names a features file rather than
+    shards: a name ending in .safetensors (any case; a missing one is then an error, not a
+    shard pattern), or an existing file that `mmssl features` wrote under another name (it
+    was read as a damaged tar shard)."""
+    if source.lower().endswith(".safetensors"):
+        return True
+    return Path(source).is_file() and is_features_file(source)
+
+
 def is_features_file(path: str | Path) -> bool:
     """Whether `path` is a features file written by mmssl (its metadata has the marker, or,
     from before the marker, the `keys` and `fields` that only `mmssl features` writes)."""

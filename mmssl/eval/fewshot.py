@@ -107,6 +107,7 @@ def evaluate(
     check_finite(test_x, "test")
     fns = {m: method_fn(m, weight_decay, knn_k, temperature) for m in methods}
     check_shots(train_y, shots)
+    classifiers.check_classes(train_y, test_y, "few-shot classification")
     test_y = torch.as_tensor(test_y).long()
     out: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in methods}
     for k in shots:
@@ -173,7 +174,9 @@ def split_features(
 ) -> tuple[Tensor, Tensor]:
     """(features (N, D), labels (N,)) of shards (extracted with the model) or a features file
     (extracted with the same model, when the file records which)."""
-    if source.endswith(".safetensors"):
+    from mmssl.eval.features_file import names_features_file
+
+    if names_features_file(source):
         from mmssl.eval.features_file import check_vision_digest, file_labels, load_features
 
         if not Path(source).is_file():
@@ -267,7 +270,8 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         [m, *(f"{res[m][k]['mean']:.4f} ± {res[m][k]['std']:.4f}" for k in shots)] for m in methods
     ]
     summary = (
-        f"Top-1 on {len(test_y)} test images, mean ± std over {args.seeds} support draws "
+        f"Top-1 on {len(test_y)} test images, {len(torch.unique(train_y))} classes in the "
+        f"support, mean ± std over {args.seeds} support draws "
         f"(seeds 0..{args.seeds - 1}).\n\n"
         + md_table(["method", *(f"{k}-shot" for k in shots)], rows)
     )

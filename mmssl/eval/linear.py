@@ -63,8 +63,7 @@ def sweep(
     check_finite(train_x, "train")
     check_finite(test_x, "test")
     train_y = torch.as_tensor(train_y).long()
-    if len(torch.unique(train_y)) < 2:
-        raise EvalError("a linear probe needs at least two classes in the train split")
+    classifiers.check_classes(train_y, test_y, "a linear probe")
     tr, va = stratified_split(train_y, val_fraction, seed)
     if len(va) == 0:  # every class keeps its one sample for training
         raise EvalError(

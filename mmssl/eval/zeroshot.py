@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmssl.eval.features_file import names_features_file
 from mmssl.eval.loading import EvalError, Loaded, text_config, text_width
 from mmssl.eval.metrics import confusion_matrix, per_class_accuracy, predictions, topk_accuracy
 from mmssl.eval.retrieval import embed_texts
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         raise EvalError("zero-shot classification needs a model with vision and text towers")
     tokenizer = loaded.tokenizer(args.tokenizer)
     column = embedding_column(model)
-    if args.data.endswith(".safetensors"):
+    if names_features_file(args.data):
         feats = _features_file(args.data, field, args.limit, loaded, column)
     else:
         feats = extract_features(
