@@ -135,6 +135,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_new_tokens": (lambda v: 0 <= v <= 100_000, "in 0..100000"),
     "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k cut)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "stride": (lambda v: v >= 1, ">= 1"),
     "seed": (lambda v: v >= 0, ">= 0"),
     "lr": (lambda v: v > 0, "> 0"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -1,8 +1,8 @@
 """Language-model evaluation of the text tower: perplexity, multiple choice, samples.
 
 - Perplexity on text shards: documents are packed as in training (`doc + eos`, no bos) and cut
-  into non-overlapping rows of context_length + 1 tokens; every token after a row's first is
-  scored.  A unigram model (add-one smoothed counts of the train split, or of the evaluated
+  into non-overlapping rows of context_length + 1 tokens, every token after a row's first
+  scored (or, with --stride, slid over as Hugging Face's perplexity guide).  A unigram model (add-one smoothed counts of the train split, or of the evaluated
   text itself when no train split is given) is scored on the same target tokens as the
   baseline the LM must beat.
 - Multiple choice from JSONL `{"context": str, "choices": [str, ...], "answer": int}`: each
@@ -10,7 +10,7 @@
   items) and the context, lm-eval-harness style (`acc` by total log-likelihood, `acc_norm`
   per character of the choice).  The built-in task `demo` asks whether a demo caption
   continues with a digit word or a colour name.
-- Samples: continuations of prompts (temperature, top-k).
+- Samples: continuations of prompts (temperature, top-k, top-p).
 """
 
 from __future__ import annotations
@@ -59,30 +59,49 @@ def token_stream(tokenizer: Any, docs: Iterable[str]) -> list[int]:
 
 @torch.no_grad()
 def stream_nll(
-    logits_fn: LogitsFn, tokens: Sequence[int], context_length: int, batch_size: int = 32
+    logits_fn: LogitsFn,
+    tokens: Sequence[int],
+    context_length: int,
+    batch_size: int = 32,
+    stride: int | None = None,
 ) -> tuple[float, int, Tensor]:
-    """(total NLL in nats, number of scored tokens, the scored target ids) of a token stream cut
-    into non-overlapping rows of context_length + 1 tokens (the last row may be shorter)."""
-    row = context_length + 1
+    """(total NLL in nats, number of scored tokens, the scored target ids) of a token stream
+    cut into non-overlapping rows of context_length + 1 tokens (the last may be shorter), or
+    with `stride` s the sliding window of Hugging Face's perplexity guide: windows of
+    context_length tokens every s tokens, each scoring the tokens the one before did not, so
+    that past the first window each has >= context_length - s tokens of context."""
     ids = torch.tensor(tokens, dtype=torch.int64)
-    rows = [ids[i : i + row] for i in range(0, len(ids), row)]
-    rows = [r for r in rows if len(r) > 1]
+    if stride is None:
+        row = context_length + 1
+        rows = [(ids[i : i + row], 1) for i in range(0, len(ids), row)]
+    else:
+        rows, prev_end = [], 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + context_length, len(ids))
+            rows.append((ids[begin:end], max(prev_end, begin + 1) - begin))  # first target
+            prev_end = end
+            if end == len(ids):
+                break
+    rows = [(r, first) for r, first in rows if len(r) > first]
     if not rows:
         raise EvalError("the text is too short to score (needs at least 2 tokens)")
     total, count, targets = 0.0, 0, []
-    full = [r for r in rows if len(r) == row]
-    parts = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    parts += [r[None] for r in rows if len(r) < row]
-    for batch in parts:  # (B, L)
-        logits = logits_fn(batch[:, :-1])  # (B, L - 1, V)
-        # one row's fp32 log-softmax at a time: the batch's is as large as its logits (6.6 GB
-        # at GPT-2's vocabulary, 32 rows of 1024)
-        for b in range(len(batch)):
-            row_logits = logits[b].float()
-            row_targets = batch[b, 1:].to(row_logits.device)
-            total += float(F.cross_entropy(row_logits, row_targets, reduction="sum"))
-        count += batch[:, 1:].numel()
-        targets.append(batch[:, 1:].flatten())
+    by_length: dict[int, list[tuple[Tensor, int]]] = {}
+    for r in rows:
+        by_length.setdefault(len(r[0]), []).append(r)
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            part = group[i : i + batch_size]
+            batch = torch.stack([r for r, _ in part])  # (B, L)
+            logits = logits_fn(batch[:, :-1])  # (B, L - 1, V): position j predicts j + 1
+            # one row's fp32 log-softmax at a time: the batch's is as large as its logits
+            # (6.6 GB at GPT-2's vocabulary, 32 rows of 1024)
+            for b, (r, first) in enumerate(part):
+                row_logits = logits[b, first - 1 :].float()
+                row_targets = r[first:].to(row_logits.device)
+                total += float(F.cross_entropy(row_logits, row_targets, reduction="sum"))
+                count += len(row_targets)
+                targets.append(r[first:])
     return total, count, torch.cat(targets)
 
 
@@ -324,6 +343,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="multiple-choice JSONL file or 'demo' (repeatable)",
     )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="perplexity over a sliding window moved this many tokens (Hugging Face's "
+        "perplexity guide); default: non-overlapping rows",
+    )
     parser.add_argument("--shots", default="0,5", help="in-context examples, comma-separated")
     parser.add_argument(
         "--prompt", action="append", default=None, help="generation prompt (repeatable)"
@@ -344,9 +370,10 @@ def perplexity_report(
     train_data: str | None,
     limit: int | None,
     batch_size: int = 32,
+    stride: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the text shards `data`, `batch_size` rows per forward, and the unigram
-    baseline's."""
+    """Perplexity of the text shards `data`, `batch_size` rows per forward (windows moved by
+    `stride` tokens, or non-overlapping rows: `stream_nll`), and the unigram baseline's."""
     from mmssl.eval.data import iter_documents, shard_urls
 
     def docs(pattern: str) -> list[str]:
@@ -356,7 +383,7 @@ def perplexity_report(
     text_cfg = text_config(model)
     cl = text_cfg.context_length
     tokens = token_stream(tokenizer, docs(data))
-    total, n, targets = stream_nll(model_logits(model), tokens, cl, batch_size)
+    total, n, targets = stream_nll(model_logits(model), tokens, cl, batch_size, stride)
     if train_data is not None:
         counts = torch.bincount(
             torch.tensor(token_stream(tokenizer, docs(train_data))), minlength=tokenizer.vocab_size
@@ -368,6 +395,7 @@ def perplexity_report(
         "unigram_perplexity": unigram_perplexity(counts[: text_cfg.vocab_size], targets),
         "unigram_fit_on": train_data if train_data is not None else "the evaluated text",
         "num_tokens": n,
+        "stride": stride,
     }
 
 
@@ -404,6 +432,11 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
         )
     tokenizer = loaded.tokenizer(args.tokenizer)
     cl = model.cfg.text.context_length
+    if args.stride is not None and args.stride > cl:
+        raise EvalError(
+            f"--stride {args.stride} is longer than the model's context_length {cl}: "
+            "windows would skip tokens"
+        )
     _check_finite_logits(model, tokenizer)
     res: dict[str, Any] = {}
     lines = []
@@ -418,12 +451,23 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     if args.data is not None:
         res.update(
             perplexity_report(
-                model, tokenizer, args.data, args.train_data, args.limit, args.batch_size
+                model,
+                tokenizer,
+                args.data,
+                args.train_data,
+                args.limit,
+                args.batch_size,
+                args.stride,
             )
         )
         lines.append(
             f"Perplexity on `{args.data}`: **{res['perplexity']:.2f}** over {res['num_tokens']} tokens "
-            f"(unigram baseline fit on {res['unigram_fit_on']}: {res['unigram_perplexity']:.2f})."
+            + (
+                f"(sliding window of {cl}, stride {args.stride}) "
+                if args.stride is not None
+                else f"(non-overlapping rows of {cl}) "
+            )
+            + f"(unigram baseline fit on {res['unigram_fit_on']}: {res['unigram_perplexity']:.2f})."
         )
     mc_rows = []
     for name, items in tasks.items():
