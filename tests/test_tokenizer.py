@@ -431,3 +431,18 @@ def test_a_file_loads_with_the_meta_beside_it_and_a_clip_meta_is_checked(tmp_pat
     (clip / META_FILE).write_text(json.dumps({**good, "special_tokens": {"eos": "<|eos|>"}}))
     with pytest.raises(ValueError, match="eos_id 49407 is '<end_of_text>'.*special_tokens.eos is"):
         get_tokenizer(clip)
+
+
+def test_a_model_folder_without_a_copy_names_the_tokenizer_its_config_names(tmp_path: Path) -> None:
+    """save_pretrained of an import writes no tokenizer copy (mmssl export does): the error
+    said only "no tokenizer file", not that config.json names 'clip'."""
+    import mmssl
+    from mmssl.models.io import save_pretrained
+
+    save_pretrained(
+        mmssl.create_model("test_tiny_clip"), tmp_path, extra={"tokenizer": {"name": "clip"}}
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"config.json names tokenizer 'clip': get_tokenizer\('clip'\)"
+    ):
+        get_tokenizer(tmp_path)

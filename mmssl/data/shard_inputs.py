@@ -179,6 +179,12 @@ def _check_template(template: str) -> None:
         ) from None
 
 
+def _is_image_name(name: str) -> bool:
+    """Whether a file name has the extension of an image `mmssl shards` writes or converts."""
+    ext = os.path.splitext(name)[1].lower()
+    return ext in _IMAGE_EXTS or ext in _CONVERT_EXTS
+
+
 def _class_images(class_dir: str) -> tuple[list[str], list[str]]:
     """The image files anywhere below `class_dir`, and the other files there (hidden ones,
     such as .DS_Store, left out: they are the OS's, not the dataset's), as sorted '/'-joined
@@ -198,8 +204,7 @@ def _class_images(class_dir: str) -> tuple[list[str], list[str]]:
         )
         rel = os.path.relpath(top, class_dir).replace(os.sep, "/")
         for name in names:
-            ext = os.path.splitext(name)[1].lower()
-            if ext in _IMAGE_EXTS or ext in _CONVERT_EXTS:
+            if _is_image_name(name):
                 found.append(name if rel == "." else f"{rel}/{name}")
             elif not name.startswith("."):
                 others.append(name if rel == "." else f"{rel}/{name}")
@@ -228,14 +233,18 @@ def samples_from_folder(
     path order.  `caption_template` (e.g. "a photo of a {}.") needs exactly one '{}'.  An
     image the OS cannot read is counted in `skipped` as `missing_image`, one that does not
     decode as `bad_image`, one above `max_pixels` as `image_too_large`, a file that is no
-    image by its extension as `not_image`, and left out.  A class folder with no image file
+    image by its extension as `not_image`, an image beside the class folders as `no_class`,
+    and left out.  A class folder with no image file
     is a DataError, as in torchvision's ImageFolder (its label would have no sample)."""
     if not os.path.isdir(root):
         what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         raise DataError(f"image folder {root!r} {what}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    entries = sorted(os.listdir(root))
+    classes = [d for d in entries if os.path.isdir(os.path.join(root, d))]
+    loose = [n for n in entries if n not in classes and _is_image_name(n)]
     if not classes:
-        raise DataError(f"image folder {root!r} has no class subfolders")
+        held = f" (it holds {len(loose)} images directly, in no class)" if loose else ""
+        raise DataError(f"image folder {root!r} has no class subfolders{held}")
     if caption_template:
         _check_template(caption_template)
     listed = [_class_images(os.path.join(root, cls)) for cls in classes]
@@ -248,6 +257,8 @@ def samples_from_folder(
         )
     index = 0
     images = _Images(root, SkipCounter() if skipped is None else skipped, max_pixels)
+    for name in loose:  # torchvision's ImageFolder leaves them out too, but without a word
+        images.skip("no_class", f"{name}: an image beside the class folders, in none of them")
     for label, (cls, (names, others)) in enumerate(zip(classes, listed)):
         for name in others:  # counted, so that the summary says they were not written
             images.skip("not_image", f"{cls}/{name}: not an image file by its extension")
@@ -278,10 +289,12 @@ def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
                         except json.JSONDecodeError as err:
                             raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
             else:
-                reader = csv.DictReader(f)
+                # strict: an unclosed quote is an error; otherwise it read the rest of the
+                # file into one field (one sample with a caption of every later row, exit 0)
+                reader = csv.DictReader(f, strict=True)
                 if reader.fieldnames is not None:  # None: an empty file
                     labels.header(reader.fieldnames)
-                for row in reader:
+                for row in _csv_rows(reader, path):
                     # DictReader's key for the fields beyond the header's.  Even empty ones
                     # are refused: `x.jpg,a cat, dog,` under `image,caption,label` would
                     # read caption "a cat" and label " dog"
@@ -294,6 +307,22 @@ def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
                     yield row
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
+
+
+def _csv_rows(reader: csv.DictReader, path: str) -> Iterator[dict]:
+    """The rows of `reader`, a malformed one (an unclosed quote: "unexpected end of data",
+    or a field past csv's size limit) a DataError naming where the reader got to."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(
+                f"{path}:{reader.line_num}: not valid CSV ({err}; a quote that is not "
+                "closed? a field holding a quote must be quoted, its quote doubled)"
+            ) from None
+        yield row
 
 
 class _DefaultLabel(str):
@@ -344,13 +373,14 @@ class _LabelColumn:
 def samples_from_table(
     path: str,
     image_col: str = "image",
-    caption_col: str = "caption",
+    caption_col: str | None = "caption",
     label_col: str | None = DEFAULT_LABEL,
     kind: str | None = None,
     skipped: SkipCounter | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[dict]:
     """Rows of a CSV or JSONL file: image path (relative to the file), caption[, label].
+    caption_col None or "": no captions (image[, label] tables: classification shards).
     kind: "csv" or "jsonl" (default: from the suffix, .jsonl / .json / .ndjson as JSONL).
     label_col: DEFAULT_LABEL (the default) reads the column "label" where there is one;
     None or "" reads no labels; any other name must be a column of the table (see
@@ -370,9 +400,10 @@ def samples_from_table(
     for n, row in enumerate(_rows(path, kind, labels)):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n + 1} is a {type(row).__name__}, not an object")
-        if image_col not in row or caption_col not in row:
+        needed = [c for c in (image_col, caption_col) if c]
+        if any(c not in row for c in needed):
             raise DataError(
-                f"{path}: row {n + 1} lacks column {image_col!r} or {caption_col!r} "
+                f"{path}: row {n + 1} lacks column {' or '.join(map(repr, needed))} "
                 f"(has {sorted(row)})"
             )
         meta: dict[str, Any] = {"path": str(row[image_col])}
@@ -384,8 +415,8 @@ def samples_from_table(
             ):
                 raise DataError(f"{path}: row {n + 1}: label {label!r} is not an integer")
             meta["label"] = int(label)
-        caption = row[caption_col]
-        if not isinstance(caption, str) or not caption.strip():
+        caption = row[caption_col] if caption_col else None
+        if caption_col and (not isinstance(caption, str) or not caption.strip()):
             raise DataError(f"{path}: row {n + 1}: no caption (got {caption!r})")
         # after the row's checks: a malformed row is an error even without its image
         image = images.read(
@@ -394,7 +425,8 @@ def samples_from_table(
         if image is None:
             continue
         written += 1
-        yield {"__key__": f"{n:08d}", image[0]: image[1], "txt": caption, "json": meta}
+        sample = {"__key__": f"{n:08d}", image[0]: image[1], "json": meta}
+        yield sample if caption is None else {**sample, "txt": caption}
     labels.check()
     images.check(written)
 

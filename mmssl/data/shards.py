@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         help='folder: a caption with one {} for the class name, e.g. "a photo of a {}."',
     )
     parser.add_argument("--image-col", default="image", help="csv/jsonl (default: image)")
-    parser.add_argument("--caption-col", default="caption", help="csv/jsonl (default: caption)")
+    parser.add_argument(
+        "--caption-col", default="caption", help="csv/jsonl (default: caption; '' for none)"
+    )
     parser.add_argument(
         "--label-col",
         default=DEFAULT_LABEL,

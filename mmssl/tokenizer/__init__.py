@@ -161,7 +161,10 @@ def _load_dir(directory: str, name: str) -> Tokenizer:
         found = sorted(p for pattern in ARTIFACTS for p in folder.glob(pattern))
         if len(found) != 1:
             what = "no tokenizer file" if not found else f"{len(found)} tokenizer files"
-            raise FileNotFoundError(f"{folder}: {what} ({', '.join(ARTIFACTS)}) and no {META_FILE}")
+            raise FileNotFoundError(
+                f"{folder}: {what} ({', '.join(ARTIFACTS)}) and no {META_FILE}"
+                + _named_by_config(folder)
+            )
         return _load_file(str(found[0]), name)
     artifact = folder / meta["artifact"]
     if not artifact.is_file():
@@ -169,6 +172,16 @@ def _load_dir(directory: str, name: str) -> Tokenizer:
     if "sha256" in meta and sha256_file(artifact) != meta["sha256"]:
         raise ValueError(f"{artifact}: sha256 differs from {folder / META_FILE}; file changed?")
     return _load_file(str(artifact), name, json.dumps(meta, sort_keys=True))
+
+
+def _named_by_config(folder: Path) -> str:
+    """The hint for a model folder without a tokenizer copy (`save_pretrained` of an import
+    writes none, `mmssl export` does) whose config.json names its tokenizer."""
+    try:
+        name = json.loads((folder / "config.json").read_text())["tokenizer"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f"; its config.json names tokenizer {name!r}: get_tokenizer({name!r})" if name else ""
 
 
 def _load_file(path: str, name: str, meta_json: str | None = None) -> Tokenizer:

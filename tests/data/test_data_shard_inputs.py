@@ -325,3 +325,56 @@ def test_a_class_folder_without_images_is_refused(tmp_path, capsys):
     rc, _, err = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
     assert rc == 2 and "'b_empty' hold no image file" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_quote_that_is_never_closed_is_an_error_naming_the_file(tmp_path, capsys):
+    """A caption opening a quote it never closes read every later row into that caption: one
+    sample written, exit 0 (or, past csv's 131072-character field limit, a traceback).
+    csv's strict mode, as Python's own reader offers, makes both an error; a quoted
+    caption over several lines still reads."""
+    _save(tmp_path / "a.png")
+    rows = [f"a.png,caption number {i} with some text to make the row long" for i in range(3000)]
+    for n in (99, 3000):
+        table = tmp_path / f"t{n}.csv"
+        table.write_text("\n".join(["image,caption", 'a.png,"unclosed quote', *rows[:n]]) + "\n")
+        rc, out, err = _run(capsys, "csv", table, "--out", tmp_path / f"o{n}")
+        assert rc == 2 and f"t{n}.csv:" in err and "not valid CSV" in err and "quote" in err
+        assert not (tmp_path / f"o{n}").exists()
+    (tmp_path / "ok.csv").write_text('image,caption\na.png,"two\nlines, ""quoted"""\na.png,b\n')
+    rc, out, _ = _run(capsys, "csv", tmp_path / "ok.csv", "--out", tmp_path / "ok")
+    assert rc == 0 and [s["txt"] for s in _read(tmp_path / "ok")] == [b'two\nlines, "quoted"', b"b"]
+
+
+def test_images_beside_the_class_folders_are_counted_not_dropped_unsaid(tmp_path, capsys):
+    """torchvision's ImageFolder leaves them out, as mmssl does, but they went unmentioned:
+    a folder of images with a thumbnails subfolder wrote the thumbnails as one class."""
+    for name in ["cat/a.png", "x1.png", "x2.jpg", "x3.webp", "notes.txt"]:
+        if name.endswith(".txt"):
+            (tmp_path / "in" / name).write_text("x")
+        else:
+            _save(tmp_path / "in" / name, "WEBP" if name.endswith("webp") else "PNG")
+    rc, out, _ = _run(capsys, "folder", tmp_path / "in", "--out", tmp_path / "o")
+    assert rc == 0 and "wrote 1 samples" in out and "(no_class: 3)" in out
+    (tmp_path / "flat").mkdir()
+    _save(tmp_path / "flat" / "y.png")
+    rc, _, err = _run(capsys, "folder", tmp_path / "flat", "--out", tmp_path / "o2")
+    assert rc == 2 and "has no class subfolders (it holds 1 images directly, in no class)" in err
+
+
+def test_a_table_without_captions_with_an_empty_caption_column(tmp_path, capsys):
+    """An image,label table (classification shards) needed a made-up caption column:
+    --caption-col '' writes images and labels alone."""
+    _save(tmp_path / "a.png", value=3)
+    _save(tmp_path / "b.png", value=9)
+    (tmp_path / "t.csv").write_text("image,label\na.png,0\nb.png,1\n")
+    rc, _, err = _run(capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "x")
+    assert rc == 2 and "lacks column 'image' or 'caption'" in err  # the default still wants one
+    rc, out, _ = _run(
+        capsys, "csv", tmp_path / "t.csv", "--out", tmp_path / "o", "--caption-col", ""
+    )
+    assert rc == 0 and "wrote 2 samples" in out
+    got = _read(tmp_path / "o")
+    assert [json.loads(s["json"])["label"] for s in got] == [0, 1]
+    assert all("txt" not in s and "png" in s for s in got)
+    rows = list(samples_from_table(str(tmp_path / "t.csv"), caption_col=None))
+    assert [r["json"]["label"] for r in rows] == [0, 1] and all("txt" not in r for r in rows)
