@@ -160,6 +160,7 @@ class TarReader:
         self.pos = 0
         self.pending = 0  # data + padding of the current member not yet consumed
         self.pax_global: dict[str, str] = {}
+        self.sparse = False  # the current member is a GNU sparse file (its data unreadable)
 
     def _exact(self, n: int, what: str, keep: bool = True) -> bytes:
         """The next `n` bytes (b"" when not `keep`); TarDamage when the data ends first.
@@ -257,6 +258,11 @@ class TarReader:
                     name = prefix.decode(_ENC, "surrogateescape") + "/" + name
             info = {**self.pax_global, **pax}
             name = info.get("path", name)
+            # GNU tar -S: pax sparse formats 0.x and 1.0 (their real name in GNU.sparse.name,
+            # the stored data a sparse map and the data blocks), old GNU type S (its map in
+            # the header and in extension blocks while their "isextended" byte is set)
+            self.sparse = kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax)
+            name = pax.get("GNU.sparse.name", name)
             if "size" in info:
                 try:
                     size = int(info["size"])
@@ -264,9 +270,10 @@ class TarReader:
                     size = -1
                 if size < 0:
                     raise TarDamage(f"invalid pax size {info['size']!r}", member=name)
-            if kind == b"S":
-                raise TarDamage(f"GNU sparse member {name!r} is not supported")
-            is_file = kind in _FILE_TYPES and not (kind == b"\x00" and name.endswith("/"))
+            extended = kind == b"S" and buf[482] != 0
+            while extended:
+                extended = self._exact(_BLOCK, "sparse header")[504] != 0
+            is_file = kind in _FILE_TYPES + b"S" and not (kind == b"\x00" and name.endswith("/"))
             self.pending = 0 if kind in _NO_DATA_TYPES else size + (-size % _BLOCK)
             return name, size, is_file
 
@@ -333,12 +340,17 @@ def iter_shard(
         files: dict[str, bytes] = {}
         exts: set[str] = set()  # the current sample's extensions, read or seeked over
         repeat = False  # the current sample repeats the previous sample's key
+        sparse: str | None = None  # the current sample's sparse member, whose data is unread
 
         def finish() -> Iterator[tuple[str, dict[str, bytes]]]:
             nonlocal n
             if repeat:
                 if n >= skip:
                     counter.add("duplicate_key", f"{url}:{key}", "key repeated")
+                return
+            if sparse is not None:  # a file of it unread: the sample is incomplete
+                if n >= skip:
+                    counter.add("sparse_member", f"{url}:{key}", f"{sparse}: tar -S sparse file")
                 return
             if n >= skip:
                 yield key, files  # type: ignore[misc]  # key is set when finish() runs
@@ -361,9 +373,11 @@ def iter_shard(
                     if key is not None:
                         yield from finish()
                     repeat = k == key
-                    key, files, exts = k, {}, set()
+                    key, files, exts, sparse = k, {}, set(), None
                 exts.add(ext)
-                if n >= skip and not repeat:
+                if tar.sparse:  # a sparse map before the data: not the file's bytes
+                    sparse = name
+                elif n >= skip and not repeat:
                     files[ext] = tar.data(size)
         except TarDamage as err:
             if err.member is None or split_name(err.member)[0] == key:

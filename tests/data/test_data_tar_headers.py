@@ -101,3 +101,38 @@ def test_a_signed_header_checksum_is_accepted(tmp_path):
     counter = SkipCounter()
     assert [k for k, _ in iter_shard(str(path), counter)] == ["z\u00e9ro"]
     assert not counter.counts
+
+
+def _sparse_tar(tmp_path: Path, fmt: str, regions: int) -> str:
+    """GNU tar -S of 0.txt, 1.jpg (sparse: `regions` one-byte runs between holes), 1.txt, 2.txt."""
+    import subprocess
+
+    src = tmp_path / f"src{fmt}{regions}"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"c{i}")
+    with open(src / "1.jpg", "wb") as f:
+        for r in range(regions):
+            f.seek(64 * 1024 * (r + 1))
+            f.write(b"x")
+    out = tmp_path / f"{fmt}{regions}.tar"
+    cmd = ["tar", "-S", f"--format={fmt}", "--sort=name", "-cf", str(out), "."]
+    subprocess.run(cmd, cwd=src, check=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix"])
+@pytest.mark.parametrize("regions", [1, 30])  # 30: old GNU's map goes on in extension blocks
+def test_a_sparse_member_drops_its_sample_counted_and_keeps_the_others(tmp_path, fmt, regions):
+    """GNU tar -S: type S (old GNU; its map beyond 4 runs in extension blocks) ended the shard
+    as truncated_tar, losing the complete sample before it and every one after; the pax sparse
+    format was read as a member named ./GNUSparseFile.NNN/1.jpg holding the sparse map.  The
+    sample with the sparse file is now left out and counted; the others are tarfile's."""
+    url = _sparse_tar(tmp_path, fmt, regions)
+    counter = SkipCounter()
+    got = dict(iter_shard(url, counter))
+    assert sorted(got) == ["./0", "./2"] and counter.counts == {"sparse_member": 1}
+    with tarfile.open(url) as tar:
+        for key in got:
+            assert got[key] == {"txt": tar.extractfile(f"{key}.txt").read()}
+        assert tar.getmember("./1.jpg").issparse()  # what the test builds is sparse
