@@ -69,6 +69,9 @@ def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
+_ONE_SAMPLE = ("duplicate_key", "sparse_member")  # the reader left one sample out and went on
+
+
 class _FirstProblem(SkipCounter):
     """A SkipCounter that keeps what went wrong instead of logging it: `iter_raw` raises it."""
 
@@ -79,7 +82,7 @@ class _FirstProblem(SkipCounter):
     def add(self, kind: str, where: str, detail: str = "") -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         # damage that ends the shard outranks a repeated key met before it
-        if self.problem is None or self.problem[0] == "duplicate_key" != kind:
+        if self.problem is None or (self.problem[0] in _ONE_SAMPLE and kind not in _ONE_SAMPLE):
             self.problem = (kind, f"{where}: {detail}" if kind == "duplicate_key" else detail)
 
 
@@ -105,6 +108,12 @@ def iter_raw(urls: list[str]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
                     "members of two samples under one key); the repeat is left out, and "
                     "evaluating without it would measure other data than these shards (train "
                     "or test)"
+                )
+            if kind == "sparse_member":
+                raise DataError(
+                    f"shard {url} holds a GNU sparse file ({detail}) this reader cannot read; "
+                    "its sample is left out, and evaluating without it would measure other "
+                    "data than these shards (train or test): write the shard without tar -S"
                 )
             raise DataError(
                 f"shard {url} is damaged ({kind}{': ' + detail if detail else ''}); only its "

@@ -136,3 +136,16 @@ def test_a_sparse_member_drops_its_sample_counted_and_keeps_the_others(tmp_path,
         for key in got:
             assert got[key] == {"txt": tar.extractfile(f"{key}.txt").read()}
         assert tar.getmember("./1.jpg").issparse()  # what the test builds is sparse
+
+
+def test_evaluation_refuses_a_sparse_member_naming_it(tmp_path):
+    """Evaluation scores whole test sets: a sample left out is an error, which said "only its
+    first 2 sample(s) could be read" after the reader had gone on to the end."""
+    from mmssl.data.errors import DataError
+    from mmssl.eval.data import iter_raw
+
+    url = _sparse_tar(tmp_path, "gnu", 1)
+    with pytest.raises(
+        DataError, match=r"holds a GNU sparse file \(\./1\.jpg: tar -S sparse file\)"
+    ):
+        list(iter_raw([url]))
