@@ -50,3 +50,16 @@ def test_every_command_help_lists_its_options(capsys):
         out = capsys.readouterr().out
         assert code in (0, None), name
         assert out.startswith(f"usage: mmssl {name}") and "-h, --help" in out, (name, out[:300])
+
+
+def test_python_dash_m_mmssl_is_the_mmssl_command():
+    """`python -m mmssl` (no scripts on PATH) was "No module named mmssl.__main__"."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run(
+        [sys.executable, "-m", "mmssl", "smoke", "--help"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "usage: mmssl smoke" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "mmssl", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
