@@ -215,11 +215,12 @@ def test_text_conditioned_clip_equals_plain_at_init_and_trains_the_conditioner()
         ref = _naive_clip(img, txt, cond.logit_scale.exp().clamp(max=100).reshape(()))
         assert cond.condition(cond_text=ids, cond_text_mask=mask).abs().sum() > 0
         torch.testing.assert_close(task(batch)[0], ref, atol=1e-5, rtol=1e-5)
-        # and the prompt matters now: another prompt gives another loss
+        # and the prompt matters now: another prompt gives another loss, by ~1e-3 here (9e-4
+        # with other library versions: float rounding of one prompt's loss is ~1e-7)
         other = Task(
             cond, {"clip": ObjectiveConfig(type="clip", source="digits", condition_prompt="red")}
         )
-        assert abs(other(batch)[0].item() - ref.item()) > 1e-3
+        assert abs(other(batch)[0].item() - ref.item()) > 1e-4
 
 
 def _text_recipe(**objectives) -> dict:
