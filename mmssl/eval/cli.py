@@ -29,7 +29,11 @@ TASKS: dict[str, tuple[str, str]] = {
     "retrieval": ("mmssl.eval.retrieval", "image<->text recall@1/5/10 on image-text shards"),
     "fewshot": ("mmssl.eval.fewshot", "k-shot logistic / prototype / kNN probes over seeds"),
     "linear": ("mmssl.eval.linear", "linear probe with a weight-decay sweep on a validation split"),
-    "finetune": ("mmssl.eval.finetune", "fine-tune the vision tower with a new head (DeepSpeed)"),
+    "finetune": (
+        "mmssl.eval.finetune",
+        "fine-tune the vision tower with a new head (DeepSpeed AdamW, warmup + cosine, "
+        "no augmentation)",
+    ),
     "lm": ("mmssl.eval.lm", "perplexity, multiple-choice scoring and samples of the text tower"),
     "sensitivity": (
         "mmssl.eval.sensitivity",

@@ -3,7 +3,9 @@ cross-entropy through the training DeepSpeed engine (`mmssl.train.engine`), then
 the test split next to a linear probe of the frozen tower.
 
 Batches come from the training pipeline (resampled, un-augmented centre crops) with the label
-field; the optimizer, schedule and clipping are a recipe's, injected by the same engine code.
+field (no augmentation: timm's and MAE's fine-tuning crop and flip); the optimizer (AdamW),
+schedule (warmup over a tenth of --steps, then cosine to 0) and clipping (at norm 1.0) are a
+recipe's, injected by the same engine code.
 With `--limit N` the baseline, the fine-tuning and the test set all use the first N samples of
 their split: the fine-tuning then draws shuffled batches from those N train images, held in
 memory, so that both reported numbers come from the same training data.
@@ -247,6 +249,27 @@ def _images_and_labels(
     return torch.cat(images), torch.cat(labels).long()
 
 
+def head_size(train_y: Tensor, num_classes: int | None) -> int:
+    """The head's width for these train labels, checked before anything trains: the head
+    scores label c in column c.  A label out of range was refused only if a drawn batch held
+    it (exit 0 otherwise, its class never predicted); sparse ids ({3, 1000000}) built a head
+    of 1 + the largest (132 MB for two classes; past ~1e10 an allocation traceback)."""
+    low, high = int(train_y.min()), int(train_y.max())
+    if low < 0:
+        raise EvalError(f"train labels must be >= 0 (label c is the head's column c), got {low}")
+    if num_classes is not None:
+        if high >= num_classes:
+            raise EvalError(f"train labels run up to {high} but --num-classes is {num_classes}")
+        return num_classes
+    distinct = len(torch.unique(train_y))
+    if high + 1 > max(10 * distinct, 10_000):
+        raise EvalError(
+            f"the {distinct} train labels are sparse ids up to {high}: a head of {high + 1} "
+            "columns; remap them to 0..N-1, or pass --num-classes to build it anyway"
+        )
+    return high + 1
+
+
 def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """The `finetune` task: writes results.json, summary.md and finetuned.safetensors under
     args.out.  The last is the `Classifier`'s state_dict (visual.*, head.*); rebuilt as
@@ -298,7 +321,7 @@ def run(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             f"--train-batch-size {args.train_batch_size} is more than the {len(train_y)} "
             "training images"
         )
-    num_classes = args.num_classes or int(train_y.max()) + 1
+    num_classes = head_size(train_y, args.num_classes)
     probe = sweep(frozen["train"]["features"], train_y, frozen["test"]["features"], test_y)
     clf = finetune(
         loaded.model,
