@@ -178,7 +178,7 @@ def _named_by_config(folder: Path) -> str:
     """The hint for a model folder without a tokenizer copy (`save_pretrained` of an import
     writes none, `mmssl export` does) whose config.json names its tokenizer."""
     try:
-        name = json.loads((folder / "config.json").read_text())["tokenizer"]["name"]
+        name = json.loads((folder / "config.json").read_text(encoding="utf-8"))["tokenizer"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     return f"; its config.json names tokenizer {name!r}: get_tokenizer({name!r})" if name else ""
