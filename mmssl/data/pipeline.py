@@ -55,7 +55,10 @@ from mmssl.data.urls import check_no_repeats, check_urls, expand_urls, is_local
 # 4: a batch's view parameters come from one generator call (`augment.sample_params`), so
 # the same position renders other views than versions 2 and 3 did; their states still
 # load where no views are drawn (num_views=0, text sources)
-STATE_VERSION = 4
+# 5: LM rows of text sources hold context_length + 1 tokens (the Task reads the first
+# context_length; version 4's training packed rows one shorter, its last position untrained):
+# states 2-4 of pipelines without a text source still load
+STATE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,16 @@ class StreamLoader:
         settings or a state version whose position would not continue the same stream."""
         identity = self._identity()
         old = state.get("version")
+        if old in (2, 3, 4) and any(s.kind == "text" for s in self.plan.sources):
+            raise DataError(
+                f"data state version {old} was saved when training packed LM rows one token "
+                f"shorter (version {STATE_VERSION} trains every position of the context), so "
+                "this position would continue with rows cut otherwise: resume with the mmssl "
+                "version that saved it, or do not load this state (the stream starts afresh; "
+                "for `mmssl train`: a new run)"
+            )
+        if old == 4:
+            identity["version"] = old  # no text source: the same stream
         if old in (2, 3) and state.get("mode") == self.plan.mode:
             p = self.plan
             if p.num_views > 0 and any(s.kind != "text" for s in p.sources):

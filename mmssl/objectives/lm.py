@@ -2,7 +2,10 @@
 
 Shift convention: logits are aligned with the input tokens, i.e. ``logits[:, t]`` is the
 prediction made after reading ``tokens[:, :t + 1]`` and is scored against
-``tokens[:, t + 1]``. The last position has no target and the first token is never a target.
+``tokens[:, t + 1]``. The first token is never a target.  With tokens as long as the logits
+the last position has no target; a packed LM row (the data pipeline's, context_length + 1
+tokens) is one token longer than the logits of its first context_length, and that token is
+the last position's target, so every position trains (nanoGPT's x = row[:-1], y = row[1:]).
 
 A target position counts when its token is not `ignore_index` and, if a mask is given,
 ``mask[:, t + 1]`` is True (padding excluded). The loss is the mean over counted targets.
@@ -31,18 +34,32 @@ from mmssl.nn.linear_ce import check_label_smoothing, linear_cross_entropy
 from mmssl.objectives.contrastive import report_global_mean
 
 
-def _shifted_targets(tokens: Tensor, mask: Tensor | None, ignore_index: int) -> Tensor:
-    """(B, T) targets aligned with the logits: tokens[:, t + 1], `ignore_index` where not
-    counted.  Padding the targets rather than slicing `logits[:, :-1]` keeps the logits
-    (the largest tensor of an LM step) a view, where the slice would copy them forward and
-    zero-fill a full gradient backward."""
+def _shifted_targets(
+    tokens: Tensor, mask: Tensor | None, ignore_index: int, length: int | None = None
+) -> Tensor:
+    """(B, T) targets aligned with T positions of logits: tokens[:, t + 1], `ignore_index`
+    where not counted.  tokens (B, T), the last position without a target, or (B, T + 1),
+    a packed row (module docstring).  Padding the targets rather than slicing
+    `logits[:, :-1]` keeps the logits (the largest tensor of an LM step) a view, where the
+    slice would copy them forward and zero-fill a full gradient backward."""
     if mask is not None and mask.shape != tokens.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != tokens {tuple(tokens.shape)}")
-    targets = F.pad(tokens[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    pad = 0 if length is not None and tokens.shape[1] == length + 1 else 1
+    targets = F.pad(tokens[:, 1:], (0, pad), value=ignore_index)  # (B, T)
     if mask is not None:
-        counted = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # (B, T)
+        counted = F.pad(mask[:, 1:].bool(), (0, pad), value=False)  # (B, T)
         targets = targets.masked_fill(~counted, ignore_index)
     return targets
+
+
+def _aligned(positions: Tensor, tokens: Tensor, what: str) -> None:
+    """ValueError unless tokens (B, T) or (B, T + 1) go with positions (B, T, ...)."""
+    b, t = positions.shape[:2] if positions.ndim == 3 else (-1, -1)
+    if tokens.ndim != 2 or tuple(tokens.shape) not in ((b, t), (b, t + 1)):
+        raise ValueError(
+            f"expected {what} and tokens (B, T) or a packed row (B, T + 1), got "
+            f"{tuple(positions.shape)} and {tuple(tokens.shape)}"
+        )
 
 
 def count_targets(tokens: Tensor, mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
@@ -59,13 +76,9 @@ def next_token_sum(
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy over counted targets and their number (a 0-d int64 tensor)."""
-    if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
-        raise ValueError(
-            f"expected logits (B, T, V) and tokens (B, T), got {tuple(logits.shape)} and "
-            f"{tuple(tokens.shape)}"
-        )
+    _aligned(logits, tokens, "logits (B, T, V)")
     check_label_smoothing(label_smoothing)
-    targets = _shifted_targets(tokens, mask, ignore_index)
+    targets = _shifted_targets(tokens, mask, ignore_index, logits.shape[1])
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
     if flat_logits.dtype in (torch.float16, torch.bfloat16):
         flat_logits = flat_logits.float()  # a softmax over the vocabulary needs fp32 sums
@@ -124,12 +137,8 @@ def head_next_token_sum(
 ) -> tuple[Tensor, Tensor]:
     """`next_token_sum` through the fused head: the summed cross-entropy over counted
     targets and their number (a 0-d int64 tensor)."""
-    if hidden.ndim != 3 or hidden.shape[:2] != tokens.shape:
-        raise ValueError(
-            f"expected hidden (B, T, D) and tokens (B, T), got {tuple(hidden.shape)} and "
-            f"{tuple(tokens.shape)}"
-        )
-    targets = _shifted_targets(tokens, mask, ignore_index).reshape(-1)
+    _aligned(hidden, tokens, "hidden (B, T, D)")
+    targets = _shifted_targets(tokens, mask, ignore_index, hidden.shape[1]).reshape(-1)
     total = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets, ignore_index, label_smoothing
     )

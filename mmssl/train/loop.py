@@ -20,9 +20,8 @@ Any other error ends the run unplanned, perhaps on one rank while another waits 
 collective, so its summary is written with none: each rank that caught the error writes its own
 (rank 0 summary.md and loss.png, rank R > 0 summary.rank<R>.md), naming the error, the steps
 done, the newest checkpoint that passes the resume's integrity check (hashed by that rank
-alone) and how to resume; then the error propagates unchanged.  Writing it never replaces the
-error: a failure there is only logged.  Ctrl-C and SystemExit write none (the checkpoint
-hashing would hold up the stop).  A later run that ends normally removes the rank files.
+alone) and how to resume; then the error propagates unchanged (a failure writing it is only
+logged).  Ctrl-C and SystemExit write none.  A later good run removes the rank files.
 
 Gradient accumulation: a step draws all its micro-batches (every source) before its first
 forward and keeps them on the host, moving each to the device just before its forward.  The
@@ -64,6 +63,7 @@ from mmssl.train.streams import (
     build_stream,
     build_streams,
     eval_source_seeds,
+    packed_sources,
     tokenizer_name,
     tokenizer_record,
 )
@@ -91,7 +91,7 @@ def build_task(recipe: Recipe, model_cfg: Any, warm: bool = False) -> Task:
     model = MultimodalModel(model_cfg)
     if warm:  # before the Task reshapes its 0-d parameters (promote_scalar_params)
         load_init(model, recipe, model_cfg)
-    task = Task(model, recipe.objectives, tok)
+    task = Task(model, recipe.objectives, tok, packed_sources(recipe))
     apply_freeze(task.model, recipe.train.freeze)
     return task
 

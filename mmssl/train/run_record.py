@@ -222,6 +222,7 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     _check_seeding(folder, saved, seeding)
     _check_first_source(folder, saved, recipe)
     _check_view_draws(folder, saved, data_state)
+    _check_lm_rows(folder, saved, data_state)
     _check_tokenizer(folder, run.get("tokenizer"), recipe)
 
 
@@ -305,6 +306,25 @@ def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:
         f"{', '.join(shards[1:])} are no continuation of their streams.  Resume it with the "
         f"mmssl version that saved it, or start a new run (another name, or "
         f"checkpoint.resume=none after moving this run's checkpoints away)"
+    )
+
+
+def _check_lm_rows(folder: Path, saved: dict[str, Any], data_state: int) -> None:
+    """Refuse, before anything loads, a checkpoint whose data state predates version 5 (LM
+    rows one token shorter, their last position untrained) when the run read a text source:
+    its saved positions would go on with rows cut otherwise (the data state refuses it too,
+    after DeepSpeed has loaded the checkpoint)."""
+    sources = (saved.get("data") or {}).get("sources") or {}
+    text = [n for n in _shard_sources(saved) if (sources[n] or {}).get("kind") == "text"]
+    if data_state >= 5 or not text:
+        return
+    raise ConfigError(
+        f"checkpoint {folder} was saved with data state version {data_state}, whose LM rows "
+        f"were one token shorter than the context (its last position never trained); this "
+        f"version packs context_length + 1 tokens a row, so the saved positions of "
+        f"{', '.join(text)} would go on with rows cut otherwise.  Resume it with the mmssl "
+        f"version that saved it, or start a new run (another name, or checkpoint.resume=none "
+        f"after moving this run's checkpoints away)"
     )
 
 

@@ -25,8 +25,13 @@ from mmssl.train.recipe import Recipe, SourceConfig
 # first its own seed (`source_seeds`).
 SOURCE_SEEDING = 2
 
-# LM rows are context_length + 1 tokens long in the data pipeline; one row must fit the model
-# (next_token_loss shifts inside), so text sources are packed to the model's context - 1.
+# LM rows are context_length + 1 tokens long in the data pipeline: the model reads the first
+# context_length, and every one of its positions has a target (the Task's `packed` sources).
+
+
+def packed_sources(recipe: Recipe) -> list[str]:
+    """The sources whose batches are packed LM rows (`Task`'s `packed`): the text ones."""
+    return [name for name, src in recipe.data.sources.items() if src.kind == "text"]
 
 
 class LoaderStream:
@@ -108,7 +113,7 @@ class SyntheticStream:
     def next(self) -> dict[str, Any]:
         """The batch at the current index: image (B, 3, S, S), label (B,), and views with their aug
         (B, 13) when views > 0, text and text_mask (B, T) for image_text; text sources give only
-        text and text_mask (B, T)."""
+        text and text_mask (B, T + 1), packed rows as the pipeline's."""
         key: tuple[int, ...] = (self.seed, self.rank, self.index)
         if self.held_out:
             key = (self.seed, -self.held_out, self.rank, self.index)
@@ -116,7 +121,7 @@ class SyntheticStream:
         self.index += 1
         b = self.batch_size
         if self.kind == "text":
-            text = torch.randint(3, self.vocab_size, (b, self.context_length), generator=g)
+            text = torch.randint(3, self.vocab_size, (b, self.context_length + 1), generator=g)
             return {"text": text, "text_mask": torch.ones_like(text, dtype=torch.bool)}
         label = torch.randint(0, 10, (b,), generator=g)
         image = self.protos[label]
@@ -379,7 +384,7 @@ def build_stream(
             return_image=d.views == 0,
             augment=augment_config(recipe),
             tokenizer=tokenizer(recipe) if src.kind != "image" else None,
-            context_length=context - 1 if src.kind == "text" else context,
+            context_length=context,
             json_fields=fields,
             max_pixels=d.max_pixels,
             mean=_triple(d.mean, "data.mean"),

@@ -7,8 +7,7 @@ its source's captions; the text runs first, since the prompt conditions the imag
 objective then reads its rows of those features.  That shares the forward pass between
 objectives (CLIP's image embedding is the first SimCLR view's) and keeps each module to one
 call per step, which ZeRO-3's parameter prefetching expects.  A shared trunk is still run
-twice (bidirectionally for image tokens, causally for text): tests check that ZeRO-3
-handles it.
+twice (bidirectionally for image tokens, causally for text), which ZeRO-3 handles (tested).
 
 The towers' own forward methods (`forward_features`, `forward_tokens`) are called
 directly, not through `nn.Module.__call__`, so ZeRO-3 would not gather the parameters
@@ -18,22 +17,20 @@ used by the LM head).  `register_zero3_params` makes the Task gather them for it
 Token-mean objectives (next_token, captioning) under gradient accumulation: the training
 loop counts their targets over the whole step before its first forward (`target_counts`,
 summed over micro-batches and ranks) and passes that count to every micro-batch's forward
-(`StepTargets`).  Each micro-batch then back-propagates its summed token loss divided by
-(step count / micro-batches), so after the engine's 1/micro-batches the step's gradient is
-that of the token mean over the whole step, not the mean of per-micro-batch token means
-(which weighs a token of a micro-batch of short captions more).  Their reported
-`loss/<objective>` is that micro-batch value, whose mean over the step's micro-batches (what
-the loop logs) is the step's token mean.  Without a `StepTargets` (evaluation, a Task called
-directly) each batch is normalised by its own global count, which a step of one micro-batch
-gives exactly.
+(`StepTargets`): each micro-batch back-propagates its summed token loss divided by (step
+count / micro-batches), so after the engine's 1/micro-batches the step's gradient is that of
+the token mean over the step (not the mean of per-micro-batch means, which weighs a token of
+short captions more); the logged mean of the micro-batches' `loss/<objective>` is the step's
+token mean.  Without a `StepTargets` (evaluation, a Task called directly) each batch is
+normalised by its own global count, which a step of one micro-batch gives exactly.
 
-DeepSpeed (0.19) mishandles 0-d parameters (its start-up broadcast views them as bytes, its
-gradient clipping broadcasts them to shape (1,)), so the Task stores every 0-d parameter
-(logit scale, SigLIP bias) as shape (1,); export reshapes them back.
+DeepSpeed (0.19) mishandles 0-d parameters (its broadcast views them as bytes, its clipping
+makes them (1,)): the Task stores each (logit scale, SigLIP bias) as (1,), export as 0-d.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +119,9 @@ class Task(nn.Module):
     a text-conditioned one conditions the images of each source on that source's
     `condition_prompt` (`mmssl.train.text_condition`), tokenized with `tokenizer` (default:
     the default tokenizer).
+
+    packed: the sources of packed LM rows (context_length + 1 tokens, the pipeline's text
+    sources): the tower reads `text[:, :-1]`, every position with a target (nanoGPT's x, y).
     """
 
     def __init__(
@@ -129,10 +129,12 @@ class Task(nn.Module):
         model: MultimodalModel,
         objectives: dict[str, ObjectiveConfig],
         tokenizer: Any | None = None,
+        packed: Iterable[str] = (),
     ) -> None:
         super().__init__()
         self.model = model
         self.objectives = dict(objectives)
+        self.packed = frozenset(packed)
         prompts = source_prompts(self.objectives)
         self.prompts: PromptTokens | None = None
         if prompts:
@@ -285,6 +287,8 @@ class Task(nn.Module):
             if self._uses(name, {"text"}):
                 text = batch["text"]
                 mask = batch.get("text_mask", torch.ones_like(text, dtype=torch.bool))
+                if name in self.packed:  # the row's last token is a target only
+                    text, mask = text[:, :-1], mask[:, :-1]
                 rows.setdefault(text.shape[1], []).append((name, text, mask, False))
         if self.prompts is not None:
             for name in self.prompts.prompts:
@@ -397,7 +401,7 @@ class Task(nn.Module):
             hidden = txt["hidden"]
             # the text tower ran without the all-padding trailing columns (`_text`): the
             # targets there are all padding, so dropping them changes no term of the loss
-            t = hidden.shape[1]
+            t = hidden.shape[1] + (obj.source in self.packed)  # a packed row's last target
             mask = batch.get("text_mask")
             args = (batch["text"][:, :t], None if mask is None else mask[:, :t])
             if kind == "captioning":

@@ -141,19 +141,14 @@ def test_resume_refuses_views_drawn_before_data_state_4_before_anything_loads(
 ) -> None:
     """A record without `data_state` (version 3 or before) of a run that drew views from
     images is refused by the run record, naming the version and the sources, before
-    DeepSpeed would load anything; without views, or with text sources only, it resumes, and
-    so does a record of this version."""
+    DeepSpeed would load anything; without views it resumes (text sources: see the next
+    test), and so does a record of this version."""
     views = _resolved(data={"sources": {"train": {"urls": "shards/{0..3}.tar"}}, "views": 2})
     old = _record(tmp_path / "views", views)  # no data_state: version 3 or before
     with pytest.raises(ConfigError, match="data state version 3") as err:
         check_resume(old, views, 1, 0)
     assert "train" in str(err.value) and "start a new run" in str(err.value)
     check_resume(_record(tmp_path / "noviews", _loader_recipe(0)), _loader_recipe(0), 1, 0)
-    text = _resolved(
-        data={"sources": {"t": {"urls": "shards/{0..3}.tar", "kind": "text"}}, "views": 2},
-        objectives={"next_token": {"source": "t"}},
-    )
-    check_resume(_record(tmp_path / "text", text), text, 1, 0)
 
     from mmssl.data.pipeline import STATE_VERSION
     from mmssl.train.run_record import record
@@ -163,6 +158,32 @@ def test_resume_refuses_views_drawn_before_data_state_4_before_anything_loads(
     (current / RUN_RECORD).write_text(json.dumps(record(views, 1, 0)))
     assert json.loads((current / RUN_RECORD).read_text())["data_state"] == STATE_VERSION
     check_resume(current, views, 1, 0)
+
+
+def test_resume_refuses_lm_rows_packed_before_data_state_5_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    """Data states before 5 trained LM rows one token shorter than the context (its last
+    position never had a target): a run with a text source is refused by the run record,
+    naming the sources; one of images only resumes."""
+    text = _resolved(
+        data={"sources": {"t": {"urls": "shards/{0..3}.tar", "kind": "text"}}},
+        objectives={"next_token": {"source": "t"}},
+    )
+    for version in (None, 4):
+        old = _record(tmp_path / f"text{version}", text)
+        if version is not None:
+            run = json.loads((old / RUN_RECORD).read_text())
+            (old / RUN_RECORD).write_text(json.dumps({**run, "data_state": version}))
+        with pytest.raises(ConfigError, match="LM rows were one token shorter") as err:
+            check_resume(old, text, 1, 0)
+        assert "saved positions of t " in str(err.value) and "start a new run" in str(err.value)
+    images = _loader_recipe(0)
+    old = _record(tmp_path / "images", images)
+    (old / RUN_RECORD).write_text(
+        json.dumps({**json.loads((old / RUN_RECORD).read_text()), "data_state": 4})
+    )
+    check_resume(old, images, 1, 0)
 
 
 def test_resume_refuses_reordered_sources_naming_the_first(tmp_path: Path) -> None:
