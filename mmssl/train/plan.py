@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         help="data-parallel bandwidth per rank in GB/s (200 Gb/s InfiniBand: 25)",
     )
     args = p.parse_intermixed_args(argv)  # overrides before or after options
-    from mmssl.train.recipe import check_recipe, load_recipe, model_config
+    from mmssl.train.recipe import check_recipe, grad_accum_steps, load_recipe, model_config
     from mmssl.train.streams import check_data
 
     positive = (lambda v: v > 0, "> 0")
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         # it refuses (a temperature of 0) ended in a traceback; and what its streams refuse
         # (an image size off the patch grid, a context past the model's)
         check_recipe(recipe)
+        grad_accum_steps(recipe, args.gpus)  # first, as training: its message on a 0 batch
         check_data(recipe, model_config(recipe), args.gpus)
         lines = plan(recipe, args.gpus, args.gpu_mem, args.tflops, args.mfu, args.bandwidth)
     except (ConfigError, OSError) as err:  # OSError: a recipe or path unreadable, too long

@@ -177,6 +177,8 @@ def test_plan_refuses_what_the_streams_refuse(capsys: pytest.CaptureFixture[str]
     for recipe, override, says in [
         ("simclr_vit_s16", "data.image_size=230", "is not divisible by the model's patch_size"),
         ("gpt_124m", "data.context_length=4096", "exceeds the model's text context_length"),
+        # as training says it: the streams' check said "0 x world size 64 is 1 sample"
+        ("clip_vit_b16", "train.micro_batch_size=0", "micro_batch_size and train.global_batch"),
     ]:
         assert main([str(RECIPES / f"{recipe}.yaml"), "--gpus", "8", override]) == 2
         assert says in capsys.readouterr().err
