@@ -121,3 +121,25 @@ def test_a_top_p_below_every_top_token_samples_greedy_captions_and_text(name):
     prompt = torch.tensor([[BOS, 4], [BOS, 7]])
     greedy = model.text.generate(prompt, 5, temperature=0)
     assert torch.equal(model.text.generate(prompt, 5, generator=g, top_p=1e-6), greedy)
+
+
+def _hf_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    # Hugging Face's TopPLogitsWarper on log-probabilities, written out
+    sorted_p, idx = probs.sort(dim=-1, descending=False)
+    cum = sorted_p.cumsum(dim=-1)
+    remove = cum <= (1 - top_p)
+    remove[..., -1:] = False
+    remove = remove.scatter(1, idx, remove)
+    return probs.masked_fill(remove, 0.0)
+
+
+def test_mass_exactly_reaching_top_p_stops_the_nucleus():
+    """Dyadic probabilities sum exactly: a token whose higher-ranked mass equals top_p is
+    cut, as HF's rule (ascending cumsum <= 1 - top_p removed)."""
+    probs = torch.tensor([[0.125, 0.5, 0.25, 0.125]])
+    got = nucleus(probs, 0.5)
+    assert got.tolist() == [[0.0, 0.5, 0.0, 0.0]]
+    assert torch.equal(got, _hf_top_p(probs, 0.5))
+    got = nucleus(probs, 0.75)
+    assert got.tolist() == [[0.0, 0.5, 0.25, 0.0]]
+    assert torch.equal(got, _hf_top_p(probs, 0.75))

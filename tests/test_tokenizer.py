@@ -446,3 +446,10 @@ def test_a_model_folder_without_a_copy_names_the_tokenizer_its_config_names(tmp_
         FileNotFoundError, match=r"config.json names tokenizer 'clip': get_tokenizer\('clip'\)"
     ):
         get_tokenizer(tmp_path)
+
+
+def test_clip_id_to_token_is_none_outside_the_vocabulary() -> None:
+    """-1 read the last entry from the end of the vocabulary list."""
+    clip = get_tokenizer("clip")
+    assert clip.id_to_token(49407) == "<end_of_text>" and clip.id_to_token(0) == "!"
+    assert clip.id_to_token(-1) is None and clip.id_to_token(49408) is None

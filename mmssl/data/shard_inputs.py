@@ -311,7 +311,8 @@ def _rows(path: str, kind: str, labels: _LabelColumn) -> Iterator[Any]:
 
 def _csv_rows(reader: csv.DictReader, path: str) -> Iterator[dict]:
     """The rows of `reader`, a malformed one (an unclosed quote: "unexpected end of data",
-    or a field past csv's size limit) a DataError naming where the reader got to."""
+    or a field past csv's size limit) a DataError naming where the reader got to (the inner
+    reader's line: DictReader's own moves only once a row parsed)."""
     while True:
         try:
             row = next(reader)
@@ -319,7 +320,7 @@ def _csv_rows(reader: csv.DictReader, path: str) -> Iterator[dict]:
             return
         except csv.Error as err:
             raise DataError(
-                f"{path}:{reader.line_num}: not valid CSV ({err}; a quote that is not "
+                f"{path}:{reader.reader.line_num}: not valid CSV ({err}; a quote that is not "
                 "closed? a field holding a quote must be quoted, its quote doubled)"
             ) from None
         yield row

@@ -378,3 +378,18 @@ def test_a_table_without_captions_with_an_empty_caption_column(tmp_path, capsys)
     assert all("txt" not in s and "png" in s for s in got)
     rows = list(samples_from_table(str(tmp_path / "t.csv"), caption_col=None))
     assert [r["json"]["label"] for r in rows] == [0, 1] and all("txt" not in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    "body, line",
+    [
+        ('a.png,one\nb.png,"x" y\nc.png,three\n', 3),  # text after a closing quote: line 3
+        ('a.png,one\nb.png,"never closed\nc.png,three\nd.png,four\n', 5),  # read to the end
+    ],
+)
+def test_a_malformed_csv_row_names_the_line_the_reader_failed_at(tmp_path, body, line):
+    """DictReader's line_num moves only once a row parsed: the error named line 2, a good
+    row; the inner reader's is csv.reader's own line."""
+    (tmp_path / "t.csv").write_text("image,caption\n" + body)
+    with pytest.raises(errors.DataError, match=rf"t\.csv:{line}: not valid CSV"):
+        list(samples_from_table(str(tmp_path / "t.csv")))

@@ -149,3 +149,29 @@ def test_evaluation_refuses_a_sparse_member_naming_it(tmp_path):
         DataError, match=r"holds a GNU sparse file \(\./1\.jpg: tar -S sparse file\)"
     ):
         list(iter_raw([url]))
+
+
+def test_a_resume_past_the_sparse_sample_does_not_count_it_again(tmp_path):
+    """Skipped samples (a resume's) are counted by the reader of their part only: a sparse
+    sample before the saved position is not counted again, one after it is."""
+    url = _sparse_tar(tmp_path, "gnu", 1)  # ./0, ./1 (sparse), ./2
+    for skip, keys, counts in [
+        (0, ["./0", "./2"], {"sparse_member": 1}),
+        (1, ["./2"], {"sparse_member": 1}),
+        (2, [], {}),
+    ]:
+        counter = SkipCounter()
+        assert [k for k, _ in iter_shard(url, counter, skip=skip)] == keys
+        assert counter.counts == counts, skip
+
+
+def test_damage_after_a_sparse_member_is_what_evaluation_reports(tmp_path):
+    """Damage that ends the shard outranks the one sample a sparse member left out."""
+    from mmssl.data.errors import DataError
+    from mmssl.eval.data import iter_raw
+
+    data = Path(_sparse_tar(tmp_path, "gnu", 1)).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.rfind(b"./2.txt") + 100])  # inside the last member's header
+    with pytest.raises(DataError, match="is damaged"):
+        list(iter_raw([str(cut)]))

@@ -122,3 +122,14 @@ def test_a_features_file_under_another_name_is_read_as_one(
             {k: v for k, v in want.items() if not isinstance(v, str)},
             equal_nan=True,  # a colour without test images
         )
+
+
+def test_the_extension_is_matched_in_any_case(tmp_path):
+    """A missing .SAFETENSORS is a missing features file, not an empty shard pattern."""
+    from mmssl.eval.features_file import names_features_file
+
+    for name in ("feats.SAFETENSORS", "feats.SafeTensors", "feats.safetensors"):
+        assert names_features_file(str(tmp_path / name))  # missing: still a features file
+    (tmp_path / "train-0.tar").write_bytes(b"\0" * 1024)
+    assert not names_features_file(str(tmp_path / "train-0.tar"))
+    assert not names_features_file(str(tmp_path / "train-{0..3}.tar"))

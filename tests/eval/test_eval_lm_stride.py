@@ -13,6 +13,7 @@ import torch
 
 from mmssl.eval import lm
 from mmssl.eval.cli import main, run_task
+from mmssl.eval.loading import EvalError
 from mmssl.interop import load_hf_gpt2
 from mmssl.models.io import save_pretrained
 
@@ -91,3 +92,46 @@ def test_the_cli_takes_a_stride_up_to_the_context(tmp_path, capsys, text_shards,
         out = tmp_path / f"bad{value}"
         assert main([*argv, "--stride", value, "--out", str(out)]) == 2
         assert says in capsys.readouterr().err and not out.exists()
+
+
+V = 11  # stream_nll's edges on a fixed table of logits
+
+
+def _logits_fn(calls):
+    def fn(x):  # (B, L) -> (B, L, V): a fixed function of the input, refusing empty rows
+        assert x.shape[1] >= 1, f"empty rows passed to the model: {tuple(x.shape)}"
+        calls.append(tuple(x.shape))
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(V, V, generator=g)
+        return table[x]
+
+    return fn
+
+
+@pytest.mark.parametrize("stride", [None, 1, 3])
+def test_one_token_is_too_short_to_score(stride):
+    with pytest.raises(EvalError, match="too short"):
+        lm.stream_nll(_logits_fn([]), [5], 4, stride=stride)
+
+
+def test_a_last_row_of_one_token_is_not_run():
+    # rows of 5 tokens: 5 + 5 + 1 -> the last token has no target in its own row
+    calls = []
+    total, n, targets = lm.stream_nll(_logits_fn(calls), list(range(11)), 4, batch_size=8)
+    assert n == 8 == len(targets) and calls == [(2, 4)]
+
+
+def test_batches_hold_batch_size_rows():
+    calls = []
+    lm.stream_nll(_logits_fn(calls), [i % V for i in range(40)], 4, batch_size=3, stride=2)
+    assert max(b for b, _ in calls) == 3
+
+
+def test_a_stride_of_the_context_length_is_taken(tmp_path, text_shards, tokenizer):
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=tokenizer.vocab_size, n_positions=16
+    )
+    save_pretrained(load_hf_gpt2(transformers.GPT2LMHeadModel(cfg).eval()), tmp_path / "m")
+    argv = ["lm", "--model", str(tmp_path / "m"), "--data", text_shards, "--max-new-tokens", "1"]
+    argv += ["--prompt", "a", "--shots", "0", "--stride", "16", "--out", str(tmp_path / "o")]
+    assert run_task(argv)["stride"] == 16

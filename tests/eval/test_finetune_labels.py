@@ -68,3 +68,20 @@ def test_a_train_label_no_batch_draws_is_refused_before_training(tmp_path, capsy
     argv += ["--test", str(tmp_path / "data/test-000000.tar"), "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "train labels run up to 9 but --num-classes is 2" in capsys.readouterr().err
+
+
+def test_a_label_equal_to_num_classes_is_refused():
+    with pytest.raises(EvalError, match="train labels run up to 2 but --num-classes is 2"):
+        head_size(torch.tensor([0, 1, 2]), 2)
+    assert head_size(torch.tensor([0, 1, 2]), 3) == 3
+
+
+def test_the_sparse_limit_is_ten_thousand_columns_for_few_labels():
+    assert head_size(torch.tensor([3, 9_999]), None) == 10_000
+    with pytest.raises(EvalError, match="sparse ids up to 10000"):
+        head_size(torch.tensor([3, 10_000]), None)
+    # many labels: 10 x distinct
+    labels = torch.arange(2_000) * 10  # 2000 distinct, up to 19990: 19991 <= 20000
+    assert head_size(labels, None) == 19_991
+    with pytest.raises(EvalError, match="sparse ids"):
+        head_size(torch.cat([labels, torch.tensor([30_000])]), None)  # 30001 > 20010
