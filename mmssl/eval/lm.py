@@ -71,11 +71,12 @@ def stream_nll(
     context_length tokens every s tokens, each scoring the tokens the one before did not, so
     that past the first window each has >= context_length - s tokens of context."""
     ids = torch.tensor(tokens, dtype=torch.int64)
+    rows: list[tuple[Tensor, int]] = []  # (tokens, the first one scored)
     if stride is None:
         row = context_length + 1
         rows = [(ids[i : i + row], 1) for i in range(0, len(ids), row)]
     else:
-        rows, prev_end = [], 0
+        prev_end = 0
         for begin in range(0, len(ids), stride):
             end = min(begin + context_length, len(ids))
             rows.append((ids[begin:end], max(prev_end, begin + 1) - begin))  # first target
@@ -87,8 +88,8 @@ def stream_nll(
         raise EvalError("the text is too short to score (needs at least 2 tokens)")
     total, count, targets = 0.0, 0, []
     by_length: dict[int, list[tuple[Tensor, int]]] = {}
-    for r in rows:
-        by_length.setdefault(len(r[0]), []).append(r)
+    for item in rows:
+        by_length.setdefault(len(item[0]), []).append(item)
     for group in by_length.values():
         for i in range(0, len(group), batch_size):
             part = group[i : i + batch_size]
@@ -96,12 +97,12 @@ def stream_nll(
             logits = logits_fn(batch[:, :-1])  # (B, L - 1, V): position j predicts j + 1
             # one row's fp32 log-softmax at a time: the batch's is as large as its logits
             # (6.6 GB at GPT-2's vocabulary, 32 rows of 1024)
-            for b, (r, first) in enumerate(part):
+            for b, (scored, first) in enumerate(part):
                 row_logits = logits[b, first - 1 :].float()
-                row_targets = r[first:].to(row_logits.device)
+                row_targets = scored[first:].to(row_logits.device)
                 total += float(F.cross_entropy(row_logits, row_targets, reduction="sum"))
                 count += len(row_targets)
-                targets.append(r[first:])
+                targets.append(scored[first:])
     return total, count, torch.cat(targets)
 
 
