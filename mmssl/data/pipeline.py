@@ -31,8 +31,10 @@ again by the workers of later epochs or of a resumed run.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +184,26 @@ def _resolve(
     )
 
 
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # iterators whose loader workers run
+
+
+def _close_at_exit(batches: Iterator[Any]) -> None:
+    """Stop `batches`' loader workers at interpreter exit if it is still open then (a script's
+    `it = iter(loader)` kept to the end): multiprocessing's own exit handler SIGTERMs the
+    workers, which ignore it (`producer.ignore_sigterm`), and then waits for them for ever.
+    Closing the iterator first shuts its DataLoader down as a `break` out of it does."""
+    _LIVE.add(batches)
+
+
+@atexit.register  # after multiprocessing's handler (imported with torch above): runs first
+def _close_live() -> None:
+    for batches in list(_LIVE):
+        try:
+            batches.close()  # type: ignore[attr-defined]  # a generator
+        except Exception:  # noqa: BLE001 -- at exit: the others still close
+            pass
+
+
 class _WorkerDataset(StreamDataset):
     """The StreamDataset a StreamLoader runs, in its loader workers or (without workers) in
     the main process: a DataError becomes a `WorkerFailure` that carries the skip counts."""
@@ -245,6 +267,12 @@ class StreamLoader:
         return total
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = self._batches()
+        if self.loader_workers > 0:
+            _close_at_exit(batches)
+        return batches
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         dataset = _WorkerDataset(self.plan)
         dataset.epoch, dataset.next_batch = self.epoch, self.next_batch
         dataset.worker_states = {k: dict(v) for k, v in self.workers.items()}

@@ -72,3 +72,32 @@ def test_a_retry_after_the_error_counts_the_same_skips_once(tmp_path, workers):
     counts = loader.skipped
     assert counts and loader.state_dict()["workers"] == {}
     assert _first_error(loader) == first and loader.skipped == counts
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_holding_a_worker_iterator_exits(tmp_path):
+    """`it = iter(loader)` kept to the end of a script with loader workers hung at exit:
+    multiprocessing's exit handler SIGTERMs its daemon children, which the workers ignore
+    (a job's SIGTERM must not stop them before their rank saves), and then joins them for
+    ever.  The loader's own exit handler closes such iterators first."""
+    import subprocess
+    import sys
+
+    from data_helpers import write_image_shards
+
+    urls = write_image_shards(str(tmp_path), shards=4)
+    code = (
+        "from mmssl.data.pipeline import build_pipeline\n"
+        f"it = iter(build_pipeline({urls!r}, batch_size=4, rank=0, world_size=1, "
+        "num_workers=2, image_size=8))\n"
+        "next(it)\n"
+        "print('one batch')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, timeout=90, capture_output=True, text=True
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the script did not exit within 90 s: its workers hung it") from None
+    assert done.returncode == 0 and "one batch" in done.stdout, done.stderr[-2000:]
