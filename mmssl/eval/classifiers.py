@@ -127,7 +127,7 @@ def _knn_votes(
     """`knn_scores`' votes (B, C) of normalised queries q (B, D) by the normalised support xs
     (N, D), whose class columns are `column` (N,)."""
     sim = q @ xs.T  # (B, N)
-    kth = sim.topk(k, dim=1).values[:, -1:]  # (M, 1)
+    kth = sim.topk(k, dim=1).values[:, -1:]  # (B, 1)
     above, at = sim > kth, sim == kth
     share = (k - above.sum(1, keepdim=True)) / at.sum(1, keepdim=True)  # places per tied row
     # exp((s - s_max) / T): the same weights up to one factor per row, so the same votes,
