@@ -184,15 +184,11 @@ def _resolve(
     )
 
 
-_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # iterators whose loader workers run
-
-
-def _close_at_exit(batches: Iterator[Any]) -> None:
-    """Stop `batches`' loader workers at interpreter exit if it is still open then (a script's
-    `it = iter(loader)` kept to the end): multiprocessing's own exit handler SIGTERMs the
-    workers, which ignore it (`producer.ignore_sigterm`), and then waits for them for ever.
-    Closing the iterator first shuts its DataLoader down as a `break` out of it does."""
-    _LIVE.add(batches)
+# Iterators whose loader workers run, closed at interpreter exit if still open then (a
+# script's `it = iter(loader)` kept to the end): multiprocessing's own exit handler SIGTERMs
+# the workers, which ignore it (`producer.ignore_sigterm`), and then waits for them for ever.
+# Closing the iterator first shuts its DataLoader down as a `break` out of it does.
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @atexit.register  # after multiprocessing's handler (imported with torch above): runs first
@@ -269,7 +265,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._batches()
         if self.loader_workers > 0:
-            _close_at_exit(batches)
+            _LIVE.add(batches)
         return batches
 
     def _batches(self) -> Iterator[dict[str, Any]]:
