@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
@@ -237,3 +239,23 @@ def test_a_miss_is_never_printed_as_its_target() -> None:
         if t.startswith("| fp32 same config")
     ]
     assert "| 0.996x wall, 1.00x CPU | no |" in line
+
+
+def test_the_first_step_after_the_warm_ups_is_not_timed(monkeypatch) -> None:
+    """The first step after the warm-ups ran slow in every training bench, and it was always
+    the first path's (the peer's): two paths doing the same work, one with that slow step,
+    must time alike.  A fake clock: each step takes 1 s, the first after the warm-ups 1.8 s."""
+    import common
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def step() -> None:
+        clock["calls"] += 1
+        clock["now"] += 1.8 if clock["calls"] == 3 else 1.0  # calls 1-2: the warm-ups
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(common.time, "process_time", lambda: clock["now"])
+    peer = common.Run("peer fp32", "peer", "float32", step, "fp32")
+    ours = common.Run("mmssl fp32", "mmssl", "float32", step, "fp32")
+    assert common.alternate([peer, ours], rounds=2, budget_s=0.0) == 2
+    assert peer.times == pytest.approx([1.0, 1.0]) and ours.times == pytest.approx([1.0, 1.0])
