@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import json
 import re
 import types
 import typing
@@ -148,7 +149,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key {dotted!r}{suggest(str(key), fields)}")
+            # YAML 1.1 reads the keys on/off/yes/no as booleans
+            quote = " (quote a key such as 'on' or 'yes')" if isinstance(key, bool) else ""
+            raise ConfigError(f"unknown key {dotted!r}{suggest(str(key), fields)}{quote}")
         default = _field_default(fields[key])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             # A partial section overrides the field's own default, which may differ from its
@@ -171,7 +174,8 @@ def _overlay(default: Any, value: dict[str, Any]) -> dict[str, Any]:
     sources, not those plus the default synthetic `train`)."""
     out = {f.name: to_dict(getattr(default, f.name)) for f in dataclasses.fields(default)}
     for key, v in value.items():
-        sub = getattr(default, key, None)
+        # a key that is not a string (YAML's `on:` is True) is refused by from_dict
+        sub = getattr(default, key, None) if isinstance(key, str) else None
         nested = isinstance(v, dict) and dataclasses.is_dataclass(sub) and not isinstance(sub, type)
         out[key] = _overlay(sub, v) if nested else v
     return out
@@ -236,6 +240,22 @@ class _StrictLoader(yaml.SafeLoader):
         if node.tag.endswith(":int"):
             return self.construct_yaml_int(node)
         return self.construct_yaml_float(node)
+
+
+def strict_json(text: str) -> Any:
+    """`json.loads` that refuses an object naming one key twice (ConfigError): json keeps the
+    last value without a word, so a DeepSpeed or model JSON with `zero_optimization` twice ran
+    the second one silently (recipes get the same check from `_StrictLoader`)."""
+
+    def refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"key {key!r} is given twice in one object")
+            out[key] = value
+        return out
+
+    return json.loads(text, object_pairs_hook=refuse_repeats)
 
 
 # numbers only YAML 1.1 reads so (octal 0400, binary 0b101, base 60 1:40); 0x hex is kept
@@ -304,7 +324,10 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(
-    data: dict[str, Any], overrides: typing.Iterable[str], keep_text: bool = False
+    data: dict[str, Any],
+    overrides: typing.Iterable[str],
+    keep_text: bool = False,
+    schema: type | None = None,
 ) -> dict[str, Any]:
     """Apply `a.b.c=value` strings to nested dict `data` (a copy is returned).
 
@@ -312,6 +335,10 @@ def apply_overrides(
     through `from_dict`, which names the full dotted key.  keep_text: a value that parses to
     a number, a boolean or null is kept as an `Override` with its text, for `from_dict` to
     give a str field the text (`name=42`); the result is then for `from_dict` only.
+    schema: the dataclass `data` is for.  A mapping given to a section of it (`train={steps:
+    5}`) merges into the section key by key, as the section of a YAML file overlays the
+    defaults; without it the recipe's other keys of that section fell back to the defaults.
+    A mapping given to any other field (`objectives={simclr: {}}`) replaces its value.
     """
     out = _copy(data)
     for item in overrides:
@@ -338,8 +365,34 @@ def apply_overrides(
         except ConfigError as err:
             raise ConfigError(f"override {key.strip()!r}: {err}") from None
         scalar = value is None or isinstance(value, (bool, int, float))
-        node[parts[-1]] = Override(raw.strip(), value) if keep_text and scalar else value
+        if keep_text and scalar:
+            value = Override(raw.strip(), value)
+        elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            if schema is not None and _section(schema, parts) is not None:
+                value = merge(node[parts[-1]], value)
+        node[parts[-1]] = value
     return out
+
+
+def _section(cls: type, parts: list[str]) -> type | None:
+    """The dataclass at dotted path `parts` of dataclass `cls` (through optional fields and
+    the values of `dict[str, Section]` fields), or None where the path is not a section."""
+    tp: Any = cls
+    keyed = False  # the previous part was a dict field: this part is one of its keys
+    for part in parts:
+        if keyed:
+            keyed = False
+            continue
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hint = typing.get_type_hints(tp).get(part)
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1:
+            hint = options[0]  # Optional[X]
+        if typing.get_origin(hint) is dict:
+            hint, keyed = typing.get_args(hint)[1], True
+        tp = hint
+    return None if keyed or not isinstance(tp, type) or not dataclasses.is_dataclass(tp) else tp
 
 
 def _copy(node: Any) -> Any:

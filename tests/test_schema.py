@@ -151,3 +151,49 @@ def test_yaml_that_expands_past_the_limit_is_refused_before_any_copy(tmp_path):
     # aliases within reason (a merged base section) load as before
     data = load_yaml("base: &b {lr: 1, wd: 2}\nrun: {<<: *b, lr: 3}\nlist: [*b, *b]")
     assert data["run"] == {"lr": 3, "wd": 2} and data["list"] == [{"lr": 1, "wd": 2}] * 2
+
+
+@dataclass
+class WithSections:
+    inner: Inner = field(default_factory=Inner)
+    maybe: Inner | None = None
+    named: dict[str, Inner] = field(default_factory=dict)
+    plain: dict[str, int] = field(default_factory=dict)
+
+
+def test_a_mapping_override_merges_into_a_section_and_replaces_other_fields():
+    # `train={steps: 5}` replaced the recipe's whole train section: its other keys fell back
+    # to the defaults without a word
+    data = {"inner": {"a": 3, "b": 2.0}, "maybe": {"a": 4}, "named": {"x": {"a": 5, "b": 1.0}},
+            "plain": {"p": 1, "q": 2}}  # fmt: skip
+    out = apply_overrides(
+        data,
+        ["inner={b: 9.0}", "maybe={b: 8.0}", "named.x={b: 7.0}", "plain={q: 3}"],
+        schema=WithSections,
+    )
+    assert out["inner"] == {"a": 3, "b": 9.0} and out["maybe"] == {"a": 4, "b": 8.0}
+    assert out["named"] == {"x": {"a": 5, "b": 7.0}}  # a dict field's entry is a section
+    assert out["plain"] == {"q": 3}  # a dict field given whole is replaced
+    assert apply_overrides(data, ["named={y: {a: 1}}"], schema=WithSections)["named"] == {
+        "y": {"a": 1}
+    }
+    assert from_dict(WithSections, out).inner == Inner(a=3, b=9.0)
+
+
+def test_a_key_yaml_reads_as_a_boolean_or_number_is_an_unknown_key_not_a_crash():
+    # `on:` in a section ended in "TypeError: attribute name must be string, not 'bool'"
+    for text, key in [("inner:\n  on: 1\n", "inner.True"), ("inner: {1: 2}\n", "inner.1")]:
+        with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+            from_dict(Outer, load_yaml(text))
+    with pytest.raises(ConfigError, match="quote a key such as 'on'"):
+        from_dict(Outer, load_yaml("yes: 1\n"))
+
+
+def test_a_json_config_naming_a_key_twice_is_an_error_not_the_last_value():
+    from mmssl.schema import strict_json
+
+    with pytest.raises(ConfigError, match="key 'zero_optimization' is given twice"):
+        strict_json('{"zero_optimization": {"stage": 1}, "zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="key 'stage' is given twice"):
+        strict_json('{"zero_optimization": {"stage": 1, "stage": 3}}')
+    assert strict_json('{"a": {"x": 1}, "b": {"x": 2}}') == {"a": {"x": 1}, "b": {"x": 2}}

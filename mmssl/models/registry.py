@@ -15,7 +15,7 @@ from typing import Any
 
 from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, suggest
+from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, strict_json, suggest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = str(Path(__file__).parents[1]) + os.sep  # mmssl/
@@ -54,9 +54,11 @@ def model_config_dict(name_or_path: str) -> dict[str, Any]:
     """The raw config of a named architecture or of a JSON file (`config_file`)."""
     path = config_file(name_or_path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{path}: not valid JSON ({err})") from None
+    except ConfigError as err:
+        raise ModelFileError(f"{path}: {err}") from None
     return data.get("model", data) if isinstance(data, dict) else data
 
 
@@ -79,7 +81,7 @@ def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> ModelConf
     _refuse_twice_given(overrides)
     dotted = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if "." in k]
     nested = {k: v for k, v in overrides.items() if "." not in k}
-    return checked_config(apply_overrides(merge(data, nested), dotted))
+    return checked_config(apply_overrides(merge(data, nested), dotted, schema=ModelConfig))
 
 
 def _refuse_twice_given(overrides: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmssl.schema import ConfigError
+from mmssl.schema import ConfigError, strict_json
 from mmssl.shipped import shipped_path
 
 if TYPE_CHECKING:
@@ -186,9 +186,11 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     """The engine JSON of the recipe with batch sizes, precision, clipping and optimizer injected."""
     path = find_deepspeed_json(recipe)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_json(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):

@@ -268,7 +268,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """YAML file + `a.b=value` overrides -> a Recipe (schema-checked, not yet `validate`d)."""
     # keep_text: a str field takes an override's text (`name=42`, `name=no`); a number or
     # boolean in the YAML file itself is YAML's, and refused there (quote it)
-    data = apply_overrides(read_yaml(path), overrides, keep_text=True)
+    data = apply_overrides(read_yaml(path), overrides, keep_text=True, schema=Recipe)
     data.setdefault("base_dir", str(Path(path).expanduser().resolve().parent))
     return recipe_from_dict(data)
 
