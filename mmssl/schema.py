@@ -367,10 +367,23 @@ def apply_overrides(
         scalar = value is None or isinstance(value, (bool, int, float))
         if keep_text and scalar:
             value = Override(raw.strip(), value)
-        elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            if schema is not None and _section(schema, parts) is not None:
-                value = merge(node[parts[-1]], value)
+        elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and schema:
+            section = _section(schema, parts)
+            if section is not None:
+                value = _merge_section(section, node[parts[-1]], value)
         node[parts[-1]] = value
+    return out
+
+
+def _merge_section(cls: type, base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, both data for dataclass `cls`: a section in both merges key by key,
+    any other value of `update` (a mapping field such as `data.sources` too) replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        sub = _section(cls, [key]) if isinstance(key, str) else None
+        if sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge_section(sub, out[key], value)
+        out[key] = value
     return out
 
 

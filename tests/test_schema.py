@@ -161,6 +161,11 @@ class WithSections:
     plain: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class Nest:
+    outer: WithSections = field(default_factory=WithSections)
+
+
 def test_a_mapping_override_merges_into_a_section_and_replaces_other_fields():
     # `train={steps: 5}` replaced the recipe's whole train section: its other keys fell back
     # to the defaults without a word
@@ -178,6 +183,10 @@ def test_a_mapping_override_merges_into_a_section_and_replaces_other_fields():
         "y": {"a": 1}
     }
     assert from_dict(WithSections, out).inner == Inner(a=3, b=9.0)
+    # inside a merged section, a section merges and a mapping field is replaced, as above
+    nested = {"outer": {"inner": {"a": 3}, "plain": {"p": 1}}}
+    out = apply_overrides(nested, ["outer={inner: {b: 2.0}, plain: {q: 2}}"], schema=Nest)
+    assert out == {"outer": {"inner": {"a": 3, "b": 2.0}, "plain": {"q": 2}}}
 
 
 def test_a_key_yaml_reads_as_a_boolean_or_number_is_an_unknown_key_not_a_crash():
