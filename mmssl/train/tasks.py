@@ -328,6 +328,14 @@ class Task(nn.Module):
 
     # ------------------------------------------------------------------ losses
 
+    def _projected(self, key: str, feats: Iterable[Tensor], conds: list) -> list[Tensor] | None:
+        """Features through the objective's own head, else the model's projector, else None."""
+        if key in self.heads:
+            return [self.heads[key](f) for f in feats]
+        if self.model.projector is not None:
+            return [self.model.project(f, c) for f, c in zip(feats, conds)]
+        return None
+
     def _keys(self, obj: ObjectiveConfig, batch: Batch) -> Tensor | None:
         if obj.positives == "caption":
             return caption_keys(batch["text"], batch.get("text_mask"))
@@ -366,12 +374,7 @@ class Task(nn.Module):
                 f"has {len(vis['pooled'])}"
             )
         if kind == "simclr":
-            if key in self.heads:
-                z1, z2 = (self.heads[key](p) for p in vis["pooled"])
-            elif self.model.projector is not None:  # the model's own, possibly conditioned
-                z1, z2 = (self.model.project(p, c) for p, c in zip(vis["pooled"], vis["cond"]))
-            else:
-                z1, z2 = vis["emb"]
+            z1, z2 = self._projected(key, vis["pooled"], vis["cond"]) or vis["emb"]
             return self.losses[key](z1.float(), z2.float(), self._keys(obj, batch))
         if kind == "hssl":
             # the grid of the images trained on (data.image_size may differ from the model's):
@@ -379,15 +382,12 @@ class Task(nn.Module):
             h, w = (batch.get("views") or [batch.get("image")])[0].shape[-2:]
             p = self.visual.cfg.patch_size
             lifted = translation_lift(vis["tokens"][0], (h // p, w // p), obj.window)
-            if not obj.structure:
-                lifted = remove_structure(lifted)
+            lifted = lifted if obj.structure else remove_structure(lifted)
             loss_fn = self.losses[key]
             assert isinstance(loss_fn, HSSLLoss)
-            f1, f2 = loss_fn.sample(lifted)
-            if key in self.heads:
-                f1, f2 = self.heads[key](f1), self.heads[key](f2)
-            elif self.visual.proj is not None:
-                f1, f2 = self.visual.proj(f1), self.visual.proj(f2)
+            fibers = loss_fn.sample(lifted)  # both from the first view: its condition twice
+            proj = self.visual.proj if self.visual.proj is not None else nn.Identity()
+            f1, f2 = self._projected(key, fibers, [vis["cond"][0]] * 2) or map(proj, fibers)
             return loss_fn(f1.float(), f2.float())
         if kind in ("clip", "siglip"):
             return self.losses[key](

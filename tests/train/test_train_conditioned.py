@@ -120,6 +120,33 @@ def test_hssl_lifts_the_first_view_when_the_source_renders_views():
     torch.testing.assert_close(loss, HSSLLoss(None, 0.1)(f1, f2), atol=1e-6, rtol=1e-6)
 
 
+def test_hssl_projects_the_fibers_with_the_models_conditioned_projector():
+    """As SimCLR does, H-SSL scores the model's projector (conditioned on the lifted view's
+    descriptor), which it skipped: the projector and its conditioning never trained."""
+    from mmssl.models.lifting import translation_lift
+    from mmssl.objectives.hssl import HSSLLoss
+
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        "test_tiny_vit_local", condition={"dim": 16}, projector={"cond": "hyper", "hyper_rank": 4}
+    )
+    with torch.no_grad():  # off the neutral init, so that the condition changes the output
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    batch = _batch(2)
+    views, augs = batch["digits"]["views"], batch["digits"]["aug"]
+    task = Task(model, {"h": ObjectiveConfig(type="hssl", source="digits", window=2)})
+    torch.manual_seed(7)
+    loss, _ = task(batch)
+    torch.manual_seed(7)
+    lifted = translation_lift(model.forward_features(views[0])["tokens"], (4, 4), 2)
+    c = model.condition(augs[0])
+    f1, f2 = (model.project(f, c) for f in HSSLLoss(None, 0.1).sample(lifted))
+    torch.testing.assert_close(loss, HSSLLoss(None, 0.1)(f1, f2), atol=1e-6, rtol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
 def test_hssl_recipe_needs_relative_positions(tmp_path):
     import pytest
 
