@@ -72,10 +72,19 @@ def augself_loss(
     version: str = "v1",
     weights: dict[str, float] | None = None,
 ) -> Tensor:
-    """Weighted sum of `augself_group_losses` (weight 1 for groups missing from `weights`)."""
-    losses = augself_group_losses(pred, omega1, omega2, version)
+    """Weighted sum of `augself_group_losses` (weight 1 for groups missing from `weights`;
+    a name that is no group of the layout is refused: a typo left that group at 1)."""
     weights = weights or {}
+    check_group_names(weights, get_layout(version))
+    losses = augself_group_losses(pred, omega1, omega2, version)
     return sum((weights.get(k, 1.0) * v for k, v in losses.items()), pred.new_zeros(()))
+
+
+def check_group_names(weights: dict[str, float], layout: DescriptorLayout) -> None:
+    """ValueError naming the groups of `layout` if `weights` names any other."""
+    unknown = sorted(set(weights) - set(layout.names))
+    if unknown:
+        raise ValueError(f"unknown AugSelf weight groups {unknown}; groups: {layout.names}")
 
 
 class AugSelfHead(nn.Module):
@@ -101,9 +110,7 @@ class AugSelfHead(nn.Module):
             raise ValueError(
                 f"descriptor_dim={descriptor_dim} does not match layout {layout.describe()}"
             )
-        unknown = sorted(set(weights or {}) - set(layout.names))
-        if unknown:
-            raise ValueError(f"unknown AugSelf weight groups {unknown}; groups: {layout.names}")
+        check_group_names(weights or {}, layout)
         self.version = version
         self.weights = dict(weights or {})
         self.symmetric = symmetric

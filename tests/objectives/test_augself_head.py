@@ -86,6 +86,10 @@ def test_identical_views_perfect_prediction_is_near_zero() -> None:
         (lambda: AugSelfHead(dim=4, descriptor_dim=12), "does not match layout v1"),
         (lambda: AugSelfHead(dim=4, version="v9"), "unknown augmentation descriptor version"),
         (lambda: AugSelfHead(dim=4, weights={"flip": 1.0}), "unknown AugSelf weight groups"),
+        (  # the function too: a typo ("colour") left the color group at weight 1
+            lambda: augself_loss(*torch.randn(3, 2, 13), weights={"colour": 0.0}),
+            r"unknown AugSelf weight groups \['colour'\]",
+        ),
         (
             lambda: augself_loss(torch.randn(2, 13), torch.randn(2, 12), torch.randn(2, 12)),
             r"expected \(\.\.\., 13\)",
