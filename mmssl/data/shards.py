@@ -94,7 +94,7 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.split = out_dir, split
         self.max_count, self.max_bytes = max_count, max_bytes
-        self._read_manifest()  # a damaged manifest fails now, not after the writing
+        manifest = self._read_manifest()  # a damaged manifest fails now, not after the writing
         # one writer of a split at a time: two wrote into the same .partial files and each
         # renamed the other's half-written shards into place (writers of other splits may
         # share the folder: they take turns at the manifest)
@@ -107,17 +107,37 @@ class ShardWriter:
                 f"{out_dir}: another writer is writing split {split!r} there (it holds "
                 f"{lock}); wait for it to end, or write elsewhere"
             ) from None
+        self._clear_partials()
+        # the shard names of the folder that are this tool's to replace: the manifest's, and
+        # those an interrupted run marked (another tool's `train-000000.tar` is not)
+        marked = (manifest.get(PUBLISHING) or {}).get(split, [])
+        self._ours = {str(s.get("url")) for s in manifest["shards"]} | set(map(str, marked))
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._count = self._bytes = 0
         self._keys: set[str] = set()
         self._manifest: dict[str, Any] | None = None  # set by close()
 
+    def _clear_partials(self) -> None:
+        """Delete the `.partial` shards a killed writer of this split left (the lock says
+        none is alive; its rerun would reuse only the names it writes again)."""
+        pattern = re.compile(rf"\.{re.escape(self.split)}-\d{{6}}\.tar\.partial")
+        for name in os.listdir(self.out_dir):
+            if pattern.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, name))
+
     def _partial(self, name: str) -> str:
         return os.path.join(self.out_dir, f".{name}.partial")
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
+        if name not in self._ours and os.path.lexists(os.path.join(self.out_dir, name)):
+            self.abort()  # the shards written so far; nothing of the folder's is replaced
+            raise DataError(
+                f"{self.out_dir}: {name} is not in its {MANIFEST} (another tool's?): a shard of "
+                f"split {self.split!r} would replace it; move it away or write elsewhere"
+            )
         self._tar = tarfile.open(self._partial(name), "w", format=tarfile.GNU_FORMAT)
         self.shards.append({"url": name, "count": 0, "bytes": 0, "split": self.split})
         self._count = self._bytes = 0

@@ -11,15 +11,20 @@ from mmssl.data.errors import DataError
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Brace-expand one pattern or a list of them (`::` also separates patterns, see
-    `split_patterns`)."""
+    `split_patterns`); DataError naming a pattern that does not expand (unbalanced braces)."""
     from braceexpand import braceexpand
 
     patterns = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for pattern in patterns:
         for part in split_patterns(str(pattern)):
+            try:
+                expanded = list(braceexpand(part.strip()))
+            except ValueError as err:  # braceexpand's UnbalancedBracesError
+                why = f"shard pattern {part.strip()!r} cannot be brace-expanded: {err}"
+                raise DataError(why) from None
             # "~/data/...": a local path, which the shell would have expanded unquoted
-            out.extend(os.path.expanduser(u) for u in braceexpand(part.strip()))
+            out.extend(os.path.expanduser(u) for u in expanded)
     return out
 
 

@@ -60,10 +60,7 @@ class Preprocess:
 def shard_urls(pattern: str | Sequence[str]) -> list[str]:
     """Expand a brace pattern (or list) and check the local shards exist; DataError if not,
     or if the pattern does not expand (unbalanced braces)."""
-    try:
-        urls = expand_urls(pattern)
-    except ValueError as err:  # braceexpand's UnbalancedBracesError, as training reports it
-        raise DataError(f"shard pattern {pattern!r} cannot be brace-expanded: {err}") from None
+    urls = expand_urls(pattern)
     check_urls(pattern, urls)
     check_no_repeats(pattern, urls)
     return urls

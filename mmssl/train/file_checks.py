@@ -34,11 +34,12 @@ def check_shards(recipe: Recipe) -> None:
 
 def _source_urls(name: str, urls: str) -> list[str]:
     """Source `name`'s brace-expanded URLs; a malformed pattern is a ConfigError."""
+    from mmssl.data.errors import DataError
     from mmssl.data.urls import expand_urls
 
     try:
         return expand_urls(urls)
-    except ValueError as err:  # braceexpand's UnbalancedBracesError
+    except DataError as err:  # unbalanced braces
         raise ConfigError(f"data.sources.{name}.urls: {err}") from None
 
 
