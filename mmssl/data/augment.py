@@ -43,7 +43,11 @@ The crop box is resampled as a continuous region, as torchvision's `roi_align` d
 bilinear at the centres of the output pixels, clamped at the image's border only.  Where a
 box is enlarged, its edge rows and columns blend in up to half of the source pixel beyond
 the box, where torchvision's `resized_crop` clamps at the box (the other pixels of such a
-view agree).  The descriptor's crop is the box either way.
+view agree).  A box larger than the view is shrunk without antialiasing in a batch whose
+images share one size of at most 1.5x the view (the batched path), and antialiased, as
+`resized_crop` does, in any other batch (one resize per view): a view of a 40 px box at
+32 px differs between the two by up to 0.2 on noise, 0.03 on a smooth image (values in
+[0, 1]).  The descriptor's crop is the box either way.
 """
 
 from __future__ import annotations
@@ -172,8 +176,10 @@ def _crop_boxes(
     H, W = hw[:, 0], hw[:, 1]
     ch, cw = h[rows, t], w[rows, t]
     r = W / H
-    fw = np.where(r < r0, W, np.where(r > r1, np.round(H * r1), W))
-    fh = np.where(r < r0, np.round(W / r0), H)
+    # at least 1 px: a 1 px thick image with a ratio range far from 1 rounded to 0 (torchvision
+    # too), and the view was an interpolation to size 0 or a point with a crop width of 0
+    fw = np.where(r < r0, W, np.where(r > r1, np.maximum(np.round(H * r1), 1), W))
+    fh = np.where(r < r0, np.maximum(np.round(W / r0), 1), H)
     ch, cw = np.where(hit, ch, fh), np.where(hit, cw, fw)
     top = np.where(hit, np.floor(u[rows, t, 0] * (H - ch + 1)), (H - ch) // 2)
     left = np.where(hit, np.floor(u[rows, t, 1] * (W - cw + 1)), (W - cw) // 2)

@@ -322,3 +322,21 @@ def test_blur_first_is_simclrs_order_but_for_the_hsv_hue_at_colour_edges(hue_mod
     assert 0.05 < coloured.min() and coloured.max() < 0.95  # no clipping either way
     gap = (blurred_first - simclr).abs().max().item()
     assert gap < 1e-5 if hue_mode == "yiq" else gap > 0.02
+
+
+@pytest.mark.parametrize("sample", ["torch", "auto"])  # the numpy and the compiled draws
+@pytest.mark.parametrize(
+    "hw, ratio", [((1, 200), (0.3, 0.45)), ((1, 21), (0.3, 0.45)), ((200, 1), (2.5, 3.0))]
+)
+def test_the_fallback_crop_of_a_one_pixel_thick_image_is_never_empty(hw, ratio, sample):
+    # no try fits and the centre crop of the ratio range rounded to 0 px (torchvision's too):
+    # a view of mixed sizes failed in F.interpolate, one of a single size recorded width 0
+    cfg = AugmentConfig(ratio=ratio, backend=sample)
+    p = sample_params(np.random.default_rng(0), [hw] * 4, cfg)
+    assert (p.box[:, 2:] >= 1).all(), p.box
+    images = [torch.full((3, *hw), 100, dtype=torch.uint8), torch.zeros(3, 5, 5, dtype=torch.uint8)]
+    for batch in (images[:1], images):  # one size (batched), mixed sizes (one per view)
+        views, descs = make_views(
+            batch, 2, 16, AugmentConfig(ratio=ratio), np.random.default_rng(0)
+        )
+        assert torch.isfinite(views[0]).all() and (descs[0][:, 10:12] > 0).all()
