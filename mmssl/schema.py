@@ -388,8 +388,9 @@ def _merge_section(cls: type, base: dict[str, Any], update: dict[str, Any]) -> d
 
 
 def _section(cls: type, parts: list[str]) -> type | None:
-    """The dataclass at dotted path `parts` of dataclass `cls` (through optional fields and
-    the values of `dict[str, Section]` fields), or None where the path is not a section."""
+    """The dataclass at dotted path `parts` of dataclass `cls` (through optional fields, the
+    values of `dict[str, Section]` fields, and a mapping field whose metadata names the
+    dataclass it holds: `field(metadata={"schema": X})`), or None where it is no section."""
     tp: Any = cls
     keyed = False  # the previous part was a dict field: this part is one of its keys
     for part in parts:
@@ -398,6 +399,10 @@ def _section(cls: type, parts: list[str]) -> type | None:
             continue
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             return None
+        meta = {f.name: f.metadata for f in dataclasses.fields(tp)}.get(part, {})
+        if "schema" in meta:
+            tp = meta["schema"]
+            continue
         hint = typing.get_type_hints(tp).get(part)
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1:

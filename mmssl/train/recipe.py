@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mmssl.models.config import ModelConfig
 from mmssl.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 OBJECTIVE_TYPES = ("simclr", "clip", "siglip", "next_token", "captioning", "augself", "hssl")
@@ -47,7 +48,9 @@ class ModelSection:
     """A named architecture (see `mmssl.list_models()`) or JSON path, with nested overrides."""
 
     name: str = "test_tiny_clip"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    # a partial ModelConfig over the named one's: `model.overrides.vision={...}` on the command
+    # line merges into the recipe's vision overrides (`schema.apply_overrides`)
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"schema": ModelConfig})
 
 
 @dataclass

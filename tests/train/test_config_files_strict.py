@@ -16,7 +16,7 @@ from train_helpers import RECIPES, clean_env
 from mmssl.models.registry import ModelFileError, resolve_model_config
 from mmssl.schema import ConfigError
 from mmssl.train.ds_config import deepspeed_config
-from mmssl.train.recipe import load_recipe
+from mmssl.train.recipe import load_recipe, model_config
 
 QUICK = RECIPES / "quickstart.yaml"
 
@@ -29,6 +29,18 @@ def test_a_section_given_as_a_mapping_keeps_the_recipes_other_keys() -> None:
     assert recipe.objectives["simclr"].weight == base.objectives["simclr"].weight
     assert set(recipe.objectives) == set(base.objectives)
     assert set(load_recipe(QUICK, ["objectives={simclr: {}}"]).objectives) == {"simclr"}
+
+
+def test_a_model_override_section_given_as_a_mapping_keeps_the_recipes_other_keys() -> None:
+    # `model.overrides.vision={depth: 3}` replaced the recipe's vision overrides (dim 96, mean
+    # pooling) with the named model's: a mapping now means what the dotted keys mean
+    mapping = model_config(load_recipe(QUICK, ["model.overrides.vision={depth: 3}"]))
+    dotted = model_config(load_recipe(QUICK, ["model.overrides.vision.depth=3"]))
+    assert mapping == dotted and mapping.vision.depth == 3
+    assert mapping.vision.dim == model_config(load_recipe(QUICK)).vision.dim == 96
+    # and in a model's own overrides: a block given as a mapping keeps the file's norm_eps
+    cfg = resolve_model_config("clip_vit_b16", **{"vision.block": {"act": "quick_gelu"}})
+    assert cfg.vision.block.act == "quick_gelu" and cfg.vision.block.norm_eps == 1e-5
 
 
 def test_a_key_yaml_reads_as_a_boolean_exits_2_with_one_line(tmp_path: Path) -> None:
