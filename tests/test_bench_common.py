@@ -243,19 +243,28 @@ def test_a_miss_is_never_printed_as_its_target() -> None:
 
 def test_the_first_step_after_the_warm_ups_is_not_timed(monkeypatch) -> None:
     """The first step after the warm-ups ran slow in every training bench, and it was always
-    the first path's (the peer's): two paths doing the same work, one with that slow step,
-    must time alike.  A fake clock: each step takes 1 s, the first after the warm-ups 1.8 s."""
+    the first path's (the peer's).  A fake clock: each step takes 1 s, a path's second call
+    (its first after the warm-ups) 1.8 s; every path's timed steps must be 1 s, and the rounds
+    a budget buys leave out the warm-ups and the untimed round."""
     import common
 
-    clock = {"now": 0.0, "calls": 0}
+    clock = {"now": 0.0}
+    calls: dict[int, int] = {}
 
-    def step() -> None:
-        clock["calls"] += 1
-        clock["now"] += 1.8 if clock["calls"] == 3 else 1.0  # calls 1-2: the warm-ups
+    def stepper(i: int):
+        def step() -> None:
+            calls[i] = calls.get(i, 0) + 1
+            clock["now"] += 1.8 if calls[i] == 2 else 1.0
+
+        return step
 
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(common.time, "process_time", lambda: clock["now"])
-    peer = common.Run("peer fp32", "peer", "float32", step, "fp32")
-    ours = common.Run("mmssl fp32", "mmssl", "float32", step, "fp32")
-    assert common.alternate([peer, ours], rounds=2, budget_s=0.0) == 2
-    assert peer.times == pytest.approx([1.0, 1.0]) and ours.times == pytest.approx([1.0, 1.0])
+    paths = [common.Run(f"p{i}", "peer" if i else "mmssl", "float32", stepper(i)) for i in range(3)]
+    assert common.alternate(paths, rounds=2, budget_s=0.0) == 2
+    assert all(p.times == pytest.approx([1.0, 1.0]) for p in paths)
+    assert calls == {0: 4, 1: 4, 2: 4}  # a warm-up, the untimed round, two timed rounds
+    # the warm-ups take 3 s, the untimed round as long again: (15 - 2 x 3) // 3 = 3 rounds
+    calls.clear()
+    paths = [common.Run(f"p{i}", "peer", "float32", stepper(i + 10)) for i in range(3)]
+    assert common.alternate(paths, rounds=None, budget_s=15.0, min_rounds=1) == 3
