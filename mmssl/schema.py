@@ -116,6 +116,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         vt = args[1] if args else Any
+        odd = [k for k in value if isinstance(k, bool) or k is None]
+        if odd:  # YAML 1.1 reads the keys on/off/yes/no/null so; `str` made a source "True"
+            raise ConfigError(f"{where}: key {odd[0]!r}: quote a key such as 'on', 'no' or 'null'")
         return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

@@ -118,6 +118,15 @@ def test_loaded_config_values_are_checked(tmp_path, key, value, match):
         mmssl.load_encoder(str(out))
 
 
+def test_a_config_json_naming_a_key_twice_is_refused(tmp_path):
+    # a hand-edited config.json kept the last of two equal keys
+    _, out = _tiny_export(tmp_path)
+    text = (out / "config.json").read_text()
+    (out / "config.json").write_text(text.replace('"model": {', '"model": {"vision": {}, ', 1))
+    with pytest.raises(ConfigError, match=r"config\.json: key 'vision' is given twice"):
+        mmssl.load_encoder(str(out))
+
+
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     """A config.json of another width next to the weights (copied from another export), or
     integer tensors where the model has floats, is one ValueError naming both files, not

@@ -206,3 +206,11 @@ def test_a_json_config_naming_a_key_twice_is_an_error_not_the_last_value():
     with pytest.raises(ConfigError, match="key 'stage' is given twice"):
         strict_json('{"zero_optimization": {"stage": 1, "stage": 3}}')
     assert strict_json('{"a": {"x": 1}, "b": {"x": 2}}') == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+def test_a_mapping_fields_key_yaml_reads_as_a_boolean_or_null_is_refused():
+    # `sources: {on: ...}` became a source named "True"
+    for text in ("plain: {on: 1}\n", "plain: {null: 1}\n", "named: {no: {a: 1}}\n"):
+        with pytest.raises(ConfigError, match=r"^(plain|named): key (True|False|None): quote"):
+            from_dict(WithSections, load_yaml(text))
+    assert from_dict(WithSections, load_yaml("plain: {'on': 1, 7: 2}\n")).plain == {"on": 1, "7": 2}
