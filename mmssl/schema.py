@@ -402,9 +402,9 @@ def _section(cls: type, parts: list[str]) -> type | None:
             continue
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             return None
-        meta = {f.name: f.metadata for f in dataclasses.fields(tp)}.get(part, {})
-        if "schema" in meta:
-            tp = meta["schema"]
+        declared = {f.name: f for f in dataclasses.fields(tp)}
+        if part in declared and "schema" in declared[part].metadata:
+            tp = declared[part].metadata["schema"]
             continue
         hint = typing.get_type_hints(tp).get(part)
         options = [a for a in typing.get_args(hint) if a is not type(None)]
