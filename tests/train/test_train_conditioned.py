@@ -27,6 +27,19 @@ def _adam_steps(task: Task, batch: dict, steps: int) -> None:
         opt.step()
 
 
+def _hyper_projector_model(name: str) -> torch.nn.Module:
+    """Model `name` with a descriptor-conditioned (hypernetwork) projector, moved off its
+    neutral init so that the condition changes the output."""
+    torch.manual_seed(0)
+    model = mmssl.create_model(
+        name, condition={"dim": 16}, projector={"cond": "hyper", "hyper_rank": 4}
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
 def test_conditioned_task_equals_plain_at_init_and_trains_gamma():
     torch.manual_seed(0)
     objectives = {"simclr": ObjectiveConfig(source="digits")}
@@ -61,13 +74,7 @@ def test_a_conditioned_projector_on_a_plain_backbone_gets_each_views_condition()
     view's projection still gets its own condition (equal to the loss written out)."""
     from mmssl.objectives import nt_xent_loss
 
-    torch.manual_seed(0)
-    model = mmssl.create_model(
-        "test_tiny_simclr", condition={"dim": 16}, projector={"cond": "hyper", "hyper_rank": 4}
-    )
-    with torch.no_grad():  # off the neutral init, so that the condition changes the output
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    model = _hyper_projector_model("test_tiny_simclr")
     task = Task(model, {"simclr": ObjectiveConfig(source="digits")})
     batch = _batch(1)
     views, augs = batch["digits"]["views"], batch["digits"]["aug"]
@@ -126,13 +133,7 @@ def test_hssl_projects_the_fibers_with_the_models_conditioned_projector():
     from mmssl.models.lifting import translation_lift
     from mmssl.objectives.hssl import HSSLLoss
 
-    torch.manual_seed(0)
-    model = mmssl.create_model(
-        "test_tiny_vit_local", condition={"dim": 16}, projector={"cond": "hyper", "hyper_rank": 4}
-    )
-    with torch.no_grad():  # off the neutral init, so that the condition changes the output
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    model = _hyper_projector_model("test_tiny_vit_local")
     batch = _batch(2)
     views, augs = batch["digits"]["views"], batch["digits"]["aug"]
     task = Task(model, {"h": ObjectiveConfig(type="hssl", source="digits", window=2)})
