@@ -38,8 +38,9 @@ def crop_boxes(
                 break
         if top < 0:
             r = W / H
-            w = W if r < r0 else (max(np.rint(H * r1), 1.0) if r > r1 else W)  # >= 1 px, as
-            h = max(np.rint(W / r0), 1.0) if r < r0 else H  # augment._crop_boxes says
+            # at least 1 px, as in augment._crop_boxes (a 1 px thick image rounded to 0)
+            w = W if r < r0 else (max(np.rint(H * r1), 1.0) if r > r1 else W)
+            h = max(np.rint(W / r0), 1.0) if r < r0 else H
             top, left = (H - h) // 2, (W - w) // 2
         box[k, 0], box[k, 1], box[k, 2], box[k, 3] = top, left, h, w
     return box
