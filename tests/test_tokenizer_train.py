@@ -224,7 +224,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
         (None, ["train", "--out", "{tmp}/o", "--special-token", "", "{tmp}/x.txt"],
          "--special-token must not be empty"),
         (None, ["train", "--out", "{tmp}/o", "--tar-field", "", "{tmp}/x.txt"], "--tar-field must not be empty"),
-        (None, ["oops"], "unknown subcommand 'oops'"),
+        (None, ["oops"], "mmssl tokenizer: error: unknown subcommand 'oops'"),
         (None, ["train", "--kind", "wordpiece"], "invalid choice"),
     ],
 )  # fmt: skip

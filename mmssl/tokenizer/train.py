@@ -475,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_parser().format_help(), end="")
         return 0
     if argv[0] != "train":
-        print(
-            f"mmssl tokenizer: unknown subcommand {argv[0]!r} (expected 'train')", file=sys.stderr
+        print(  # one line, as every other mmssl error
+            f"mmssl tokenizer: error: unknown subcommand {argv[0]!r} (expected 'train')",
+            file=sys.stderr,
         )
         return 2
     try:
