@@ -10,9 +10,11 @@ import dataclasses
 import datetime
 import difflib
 import json
+import os
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -23,6 +25,14 @@ _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """A config value that does not fit its schema.  The message names the dotted key."""
+
+
+QUOTE_KEYS = "YAML reads the keys on, off, yes, no and null as true, false and null: quote them"
+
+
+def _yaml_word(key: Any) -> bool:
+    """A mapping key YAML 1.1 read as a boolean or null (`on:`, `no:`, `null:`), not as text."""
+    return isinstance(key, bool) or key is None
 
 
 def suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -116,9 +126,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         vt = args[1] if args else Any
-        odd = [k for k in value if isinstance(k, bool) or k is None]
-        if odd:  # YAML 1.1 reads the keys on/off/yes/no/null so; `str` made a source "True"
-            raise ConfigError(f"{where}: key {odd[0]!r}: quote a key such as 'on', 'no' or 'null'")
+        odd = [k for k in value if _yaml_word(k)]  # `str` made a source of `on:` named "True"
+        if odd:
+            raise ConfigError(f"{where}: key {odd[0]!r} ({QUOTE_KEYS})")
         return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -152,8 +162,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            # YAML 1.1 reads the keys on/off/yes/no as booleans
-            quote = " (quote a key such as 'on' or 'yes')" if isinstance(key, bool) else ""
+            quote = f" ({QUOTE_KEYS})" if _yaml_word(key) else ""
             raise ConfigError(f"unknown key {dotted!r}{suggest(str(key), fields)}{quote}")
         default = _field_default(fields[key])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
@@ -259,6 +268,19 @@ def strict_json(text: str) -> Any:
         return out
 
     return json.loads(text, object_pairs_hook=refuse_repeats)
+
+
+def read_json_config(path: str | os.PathLike[str], error: type[ConfigError] = ConfigError) -> Any:
+    """A JSON config file a user writes (a DeepSpeed, model or exported config), read with
+    `strict_json`; each problem (not UTF-8, not JSON, a key given twice) an `error` naming it."""
+    try:
+        return strict_json(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    except ConfigError as err:
+        raise error(f"{path}: {err}") from None
 
 
 # numbers only YAML 1.1 reads so (octal 0400, binary 0b101, base 60 1:40); 0x hex is kept

@@ -194,7 +194,7 @@ def test_a_key_yaml_reads_as_a_boolean_or_number_is_an_unknown_key_not_a_crash()
     for text, key in [("inner:\n  on: 1\n", "inner.True"), ("inner: {1: 2}\n", "inner.1")]:
         with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
             from_dict(Outer, load_yaml(text))
-    with pytest.raises(ConfigError, match="quote a key such as 'on'"):
+    with pytest.raises(ConfigError, match="YAML reads the keys on, off"):
         from_dict(Outer, load_yaml("yes: 1\n"))
 
 
@@ -211,6 +211,27 @@ def test_a_json_config_naming_a_key_twice_is_an_error_not_the_last_value():
 def test_a_mapping_fields_key_yaml_reads_as_a_boolean_or_null_is_refused():
     # `sources: {on: ...}` became a source named "True"
     for text in ("plain: {on: 1}\n", "plain: {null: 1}\n", "named: {no: {a: 1}}\n"):
-        with pytest.raises(ConfigError, match=r"^(plain|named): key (True|False|None): quote"):
+        with pytest.raises(
+            ConfigError, match=r"^(plain|named): key (True|False|None) \(YAML reads"
+        ):
             from_dict(WithSections, load_yaml(text))
     assert from_dict(WithSections, load_yaml("plain: {'on': 1, 7: 2}\n")).plain == {"on": 1, "7": 2}
+
+
+def test_a_json_config_files_problems_name_the_file(tmp_path):
+    from mmssl.schema import read_json_config
+
+    for name, data, said in [
+        ("dup.json", b'{"a": 1, "a": 2}', r"dup\.json: key 'a' is given twice"),
+        ("bad.json", b'{"a": ', r"bad\.json: not valid JSON \("),
+        (
+            "latin.json",
+            b'{"a": "caf\xe9"}',
+            r"latin\.json: not UTF-8 text \(invalid .* at byte 10\)",
+        ),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=said):
+            read_json_config(tmp_path / name)
+    (tmp_path / "ok.json").write_text('{"a": {"b": 1}}')
+    assert read_json_config(tmp_path / "ok.json") == {"a": {"b": 1}}

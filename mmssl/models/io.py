@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmssl.atomic import replace_together, temp_name
 from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.schema import ConfigError, from_dict, strict_json, suggest, to_dict
+from mmssl.schema import ConfigError, from_dict, read_json_config, suggest, to_dict
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -169,12 +169,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
                 f"`mmssl export {path}` and load {Path(path) / 'export'}"
             )
         raise FileNotFoundError(f"{cfg_path}: no config.json (is {path} an exported model?)")
-    try:
-        data = strict_json(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
-    except ConfigError as err:  # a key given twice
-        raise ConfigError(f"{cfg_path}: {err}") from None
+    data = read_json_config(cfg_path)
     if not isinstance(data, dict) or "model" not in data:
         raise ConfigError(f"{cfg_path}: missing the 'model' section")
     check_record(data, cfg_path)

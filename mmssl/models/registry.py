@@ -15,7 +15,7 @@ from typing import Any
 
 from mmssl.models.config import ModelConfig, check_values
 from mmssl.models.multimodal import MultimodalModel
-from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, strict_json, suggest
+from mmssl.schema import ConfigError, apply_overrides, from_dict, merge, read_json_config, suggest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = str(Path(__file__).parents[1]) + os.sep  # mmssl/
@@ -53,12 +53,7 @@ class ModelFileError(ConfigError):
 def model_config_dict(name_or_path: str) -> dict[str, Any]:
     """The raw config of a named architecture or of a JSON file (`config_file`)."""
     path = config_file(name_or_path)
-    try:
-        data = strict_json(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFileError(f"{path}: not valid JSON ({err})") from None
-    except ConfigError as err:
-        raise ModelFileError(f"{path}: {err}") from None
+    data = read_json_config(path, ModelFileError)
     return data.get("model", data) if isinstance(data, dict) else data
 
 

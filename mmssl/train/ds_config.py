@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmssl.schema import ConfigError, strict_json
+from mmssl.schema import ConfigError, read_json_config
 from mmssl.shipped import shipped_path
 
 if TYPE_CHECKING:
@@ -185,14 +185,7 @@ def _check_ds_outside(path: Path, data: dict[str, Any]) -> None:
 def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     """The engine JSON of the recipe with batch sizes, precision, clipping and optimizer injected."""
     path = find_deepspeed_json(recipe)
-    try:
-        data = strict_json(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    data = read_json_config(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     _check_ds_keys(path, data)

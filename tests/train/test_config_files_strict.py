@@ -14,7 +14,7 @@ import pytest
 from train_helpers import RECIPES, clean_env
 
 from mmssl.models.registry import ModelFileError, resolve_model_config
-from mmssl.schema import ConfigError
+from mmssl.schema import QUOTE_KEYS, ConfigError
 from mmssl.train.ds_config import deepspeed_config
 from mmssl.train.recipe import load_recipe, model_config
 
@@ -54,7 +54,7 @@ def test_a_key_yaml_reads_as_a_boolean_exits_2_with_one_line(tmp_path: Path) -> 
     )
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
-        "mmssl train: error: unknown key 'logging.True' (quote a key such as 'on' or 'yes')"
+        f"mmssl train: error: unknown key 'logging.True' ({QUOTE_KEYS})"
     ]
 
 
