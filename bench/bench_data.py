@@ -5,9 +5,13 @@
 Measured in one process with one thread (a DataLoader worker's budget) as samples per
 CPU-second of this process (`time.process_time`), so other jobs on a shared machine do
 not skew the ratios; on an idle core that equals samples/s.  Each method is timed over
---samples samples (the 224 px set: 1/16 of it; webdataset, 16x slower: 1/16 of each), best
-of --rounds interleaved rounds: runs of 0.1-0.2 s moved the 32 px ratio by +-0.2 on this
-shared VM, runs of ~1 s much less.  Methods:
+--samples samples (the 224 px set: 1/16 of it; webdataset, 16x slower: 1/16 of each) in each
+of --rounds interleaved rounds (the order rotated every round, as `common.alternate`), and
+reported as the median of the rounds, as the other benches report steps: the ratios are
+medians over medians, with the range of the rounds' own ratios beside them.  Runs of
+0.1-0.2 s moved the 32 px ratio by +-0.2 on this shared VM, runs of ~1 s much less; the
+best of the rounds, reported before, put the 32 px ratio at 0.80, 0.87 and 0.93 in three
+runs of the same code (a single fast round of the ceiling set it).  Methods:
 - decode only (the ceiling): the same tar reader (`iter_shard`) and image decoder
   (`decode_image`) as mmssl, then stacking the batch to float in [0, 1]; no shuffle
   buffer, no caption decode, no augmentation.  A faster reader or decoder speeds up both
@@ -38,6 +42,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from statistics import median
 
 import numpy as np
 import torch
@@ -162,7 +168,7 @@ def webdataset_views(pattern: str, n: int, size: int) -> float:
 
 
 def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool) -> None:
-    """Best of `rounds` interleaved rounds: the machine may be shared, so alternate."""
+    """The median of `rounds` interleaved rounds: the machine may be shared, so alternate."""
     methods = {
         "decode": lambda: decode_only(pattern, n),
         "decode huge": lambda: decode_only(pattern, n, huge_pages=True),
@@ -174,23 +180,32 @@ def run(name: str, pattern: str, n: int, size: int, rounds: int, torch_ref: bool
         methods["hsv torch"] = lambda: mmssl_views(pattern, n, size, "hsv", "torch")
         methods["yiq torch"] = lambda: mmssl_views(pattern, n, size, "yiq", "torch")
     decode_only(pattern, BATCH)  # warm-up: imports and first-call allocations
-    best = {k: 0.0 for k in methods}
-    for _ in range(rounds):
-        for k, f in methods.items():
-            best[k] = max(best[k], f())
-    dec, huge, wd = best["decode"], best["decode huge"], best["wds"]
+    rates = measure(methods, rounds)
+    dec, huge, wd = rates["decode"], rates["decode huge"], rates["wds"]
     print(
-        f"\n{name}: {n} samples (webdataset {max(4 * BATCH, n // 16)}) x best of {rounds} rounds, "
-        f"batch {BATCH}, 1 thread, samples per CPU-second"
+        f"\n{name}: {n} samples (webdataset {max(4 * BATCH, n // 16)}) x median of {rounds} "
+        f"rounds, batch {BATCH}, 1 thread, samples per CPU-second"
     )
-    print(f"{_rate('decode only (ceiling)', dec)}  (same reader + decoder, no views)")
-    print(f"{_rate('decode only, huge pages', huge)}  (its float batch as mmssl's views)")
+    print(f"{_rate('decode only (ceiling)', median(dec))}  (same reader + decoder, no views)")
+    print(f"{_rate('decode only, huge pages', median(huge))}  (its float batch as mmssl's views)")
     renderer = "numba" if _has_numba() else "torch: numba not installed"
-    for label in [k for k in best if k not in ("decode", "decode huge", "wds")]:
+    for label in [k for k in rates if k not in ("decode", "decode huge", "wds")]:
         path = "torch" if label.endswith("torch") else renderer
-        print(row(label, best[label], dec, huge, wd, path))
-    print(_rate("webdataset + torchvision", wd))
+        print(row(label, rates[label], dec, huge, wd, path))
+    print(_rate("webdataset + torchvision", median(wd)))
     sys.stdout.flush()
+
+
+def measure(methods: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each method's rate in every round, the order rotated every round (so that no method
+    always runs first, or always after the same one)."""
+    names = list(methods)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            rates[name].append(methods[name]())
+    return rates
 
 
 def _rate(name: str, v: float) -> str:
@@ -198,13 +213,20 @@ def _rate(name: str, v: float) -> str:
     return f"  {name:<33}{v:9.0f} samples/s"
 
 
-def row(label: str, v: float, dec: float, huge: float, wd: float, path: str) -> str:
+def row(
+    label: str, v: list[float], dec: list[float], huge: list[float], wd: list[float], path: str
+) -> str:
     """The printout line of mmssl's pipeline with hue mode `label` ("hsv", "hsv torch",
-    ...): its samples/s `v`, that over the decode-only ceiling `dec`, the ceiling with huge
-    pages `huge` and webdataset `wd`, and the renderer `path` that drew the views."""
+    ...): the median of its per-round samples/s `v`, that over the medians of the
+    decode-only ceiling `dec`, the ceiling with huge pages `huge` and webdataset `wd`, the
+    range of its ratio to the ceiling within each round, and the renderer `path` that drew
+    the views."""
+    m = median(v)
+    per_round = [a / b for a, b in zip(v, dec)]
     return (
-        f"{_rate(f'mmssl 2 views + desc ({label})', v)}  {v / dec:5.2f}x decode  "
-        f"{v / huge:5.2f}x huge  {v / wd:5.2f}x webdataset  [{path}]"
+        f"{_rate(f'mmssl 2 views + desc ({label})', m)}  {m / median(dec):5.2f}x decode  "
+        f"{m / median(huge):5.2f}x huge  {m / median(wd):5.2f}x webdataset  [{path}]  "
+        f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x decode)"
     )
 
 
