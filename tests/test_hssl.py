@@ -395,3 +395,44 @@ def test_unstructured_map_first_built_in_inference_mode_still_trains():
     m = unstructured_map(7, 9002)  # d/dx sum((m x)^2) = 2 m^T m x = 2 x for orthogonal m
     assert torch.allclose(x.grad, 2 * lifted, atol=1e-5)
     assert not m.is_inference()
+
+
+def test_cyclic_axes_wrap_the_displacement_around_the_group():
+    """On a cyclic axis (the C4 axis of rotation_lift) "within k" wraps around: from fiber 0
+    with k = 1 the second fiber is 3, 0 or 1, a third of the time each; compared with the
+    naive set of fibers within k of the first.  A line axis beside it stays clamped."""
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    for size, k in [(4, 1), (4, 2), (7, 2), (5, 0)]:
+        i1, i2 = sample_fiber_pairs(n, (size,), k, gen, cyclic=(True,))
+        for f in range(size):
+            allowed = {(f + o) % size for o in range(-k, k + 1)}
+            counts = torch.bincount(i2[i1[:, 0] == f, 0], minlength=size).float()
+            freq = counts / counts.sum()
+            for g in range(size):
+                assert abs(freq[g] - (1 / len(allowed) if g in allowed else 0.0)) < 0.03, (
+                    size,
+                    k,
+                    f,
+                    g,
+                )
+    i1, i2 = sample_fiber_pairs(n, (4, 5), 1, gen, cyclic=(True, False))
+    assert ((i1[:, 0] == 0) & (i2[:, 0] == 3)).any()  # wrapped on the rotation axis
+    assert (i2[:, 1] - i1[:, 1]).abs().max() == 1  # clamped on the line axis: 0 never meets 4
+    lifted = torch.randn(n, 4, 3)
+    f1, f2 = HSSLLoss(displacement=1).sample(
+        lifted, torch.Generator().manual_seed(3), cyclic=(True,)
+    )
+    j1, j2 = sample_fiber_pairs(n, (4,), 1, torch.Generator().manual_seed(3), cyclic=(True,))
+    assert torch.equal(f1, gather_fibers(lifted, j1)) and torch.equal(f2, gather_fibers(lifted, j2))
+    with pytest.raises(ValueError, match="cyclic names 1 axes"):
+        sample_fiber_pairs(2, (3, 3), 1, cyclic=(True,))
+
+
+def test_fiber_indices_and_shifts_of_the_wrong_kind_are_named():
+    with pytest.raises(ValueError, match="index must hold integers"):
+        gather_fibers(torch.randn(2, 3, 4), torch.tensor([[0.0], [1.0]]))
+    with pytest.raises(
+        ValueError, match=r"shift must be \(2,\) or \(B, 2\) = \(2, 2\), got \(3,\)"
+    ):
+        translate(torch.randn(2, 1, 4, 4), torch.tensor([1, 0, 1]))

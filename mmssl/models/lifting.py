@@ -37,6 +37,8 @@ def translate(images: torch.Tensor, shift: torch.Tensor, patch_size: int = 1) ->
     # .long() truncates: a shift of 0.6 patches moved nothing and -1.5 moved one, silently
     if shift.is_floating_point() and not (shift.isfinite() & (shift == shift.round())).all():
         raise ValueError(f"shift must be whole patches (integers), got {shift.tolist()}")
+    if tuple(shift.shape) not in ((2,), (b, 2)):
+        raise ValueError(f"shift must be (2,) or (B, 2) = ({b}, 2), got {tuple(shift.shape)}")
     shift = shift.long().expand(b, 2) * patch_size
     rows = torch.arange(h, device=images.device)[None] - shift[:, :1]  # (B, H) source rows
     cols = torch.arange(w, device=images.device)[None] - shift[:, 1:]  # (B, W)
@@ -74,6 +76,8 @@ def rotation_lift(
     """C4 fibers L(x)(g) = encode(T_g^-1 x).  images: (B, C, H, W) -> (B, 4, D).
 
     `encode` maps (4B, C, H, W) -> (4B, D) (e.g. pooled features); one call for all rotations.
+    The fiber axis is cyclic (fiber 3 is a quarter turn from fiber 0): sample its pairs with
+    `HSSLLoss.sample(lifted, cyclic=(True,))`.
     """
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     if h != w:  # a quarter turn swaps H and W: the rotated batches would not concatenate

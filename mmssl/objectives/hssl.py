@@ -24,17 +24,25 @@ def sample_fiber_pairs(
     displacement: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    cyclic: tuple[bool, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Two fiber indices per image, each (B, len(fiber_shape)) int64.
 
     The first is uniform over the fibers.  displacement=None: the second is independent and
     uniform too (two independent random crops); an int k: the second is uniform over the
-    fibers within k of the first on every axis (Chebyshev distance <= k).
+    fibers within k of the first on every axis (Chebyshev distance <= k).  cyclic: per axis,
+    whether it is a cyclic group (the C4 axis of `rotation_lift`: fiber 3 is a quarter turn
+    from fiber 0), where "within k" wraps around; None: no axis is (translation windows).
     """
     if displacement is not None and displacement < 0:
         raise ValueError(f"displacement must be >= 0 or None, got {displacement}")
     if not fiber_shape or min(fiber_shape) < 1:
         raise ValueError(f"fiber_shape must be non-empty and positive, got {fiber_shape}")
+    wrap = tuple(cyclic) if cyclic is not None else (False,) * len(fiber_shape)
+    if len(wrap) != len(fiber_shape):
+        raise ValueError(
+            f"cyclic names {len(wrap)} axes, fiber_shape {tuple(fiber_shape)} has {len(fiber_shape)}"
+        )
     size = torch.tensor(fiber_shape)
 
     def uniform(lo: Tensor, hi: Tensor) -> Tensor:  # integers in [lo, hi], elementwise
@@ -48,6 +56,14 @@ def sample_fiber_pairs(
     else:
         lo = (first - displacement).clamp(min=0)
         second = uniform(lo, torch.minimum(first + displacement, size - 1))
+        for axis, n in enumerate(fiber_shape):
+            if not wrap[axis]:
+                continue
+            # an offset in [-k, k] around the cycle (each fiber within k once), or any offset
+            # when those cover the whole axis
+            lo_k, hi_k = (-displacement, displacement) if 2 * displacement + 1 < n else (0, n - 1)
+            step = uniform(torch.full((batch_size,), lo_k), torch.full((batch_size,), hi_k))
+            second[:, axis] = (first[:, axis] + step) % n
     return first.to(device), second.to(device)
 
 
@@ -58,6 +74,8 @@ def gather_fibers(lifted: Tensor, index: Tensor) -> Tensor:
         raise ValueError(
             f"index must be (B, {len(shape)}) = ({b}, {len(shape)}), got {tuple(index.shape)}"
         )
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"index must hold integers, got {index.dtype}")
     if (index < 0).any() or (index >= torch.tensor(shape, device=index.device)).any():
         raise ValueError(f"fiber index out of range for fiber shape {tuple(shape)}")
     flat = torch.zeros(b, dtype=torch.long, device=index.device)
@@ -92,11 +110,20 @@ class HSSLLoss(nn.Module):
         self.nt_xent = NTXentLoss(temperature, gather)
 
     def sample(
-        self, lifted: Tensor, generator: torch.Generator | None = None
+        self,
+        lifted: Tensor,
+        generator: torch.Generator | None = None,
+        cyclic: tuple[bool, ...] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """lifted: (B, *S, D) -> the two sampled fibers of every image, (B, D) each."""
+        """lifted: (B, *S, D) -> the two sampled fibers of every image, (B, D) each.
+        cyclic: which fiber axes wrap (`sample_fiber_pairs`), e.g. (True,) for a rotation lift."""
         i1, i2 = sample_fiber_pairs(
-            lifted.shape[0], tuple(lifted.shape[1:-1]), self.displacement, generator, lifted.device
+            lifted.shape[0],
+            tuple(lifted.shape[1:-1]),
+            self.displacement,
+            generator,
+            lifted.device,
+            cyclic,
         )
         return gather_fibers(lifted, i1), gather_fibers(lifted, i2)
 
