@@ -177,7 +177,10 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     if saved_world != world_size:
         raise ConfigError(
             f"checkpoint {folder} was written by {saved_world} ranks, this run has "
-            f"{world_size}: the data positions and optimizer partitions cannot be mapped"
+            f"{world_size}: the data positions and optimizer partitions cannot be mapped "
+            f"(to go on from its weights on {world_size}: `mmssl export {folder.parent.parent} "
+            f"--tag {folder.name}`, then a new run with train.init_from=<that export>; its "
+            "optimizer state and data positions start afresh)"
         )
     if saved_stage != zero_stage:
         raise ConfigError(

@@ -253,3 +253,19 @@ def test_a_run_grew_from_the_named_checkpoint_only_while_it_is_the_same_one(
     assert not _grew_from(own, "step_00000003", str(origin))
     (origin / MANIFEST).unlink()  # rotated away: still the run that grew from it
     assert _grew_from(own, "step_00000003", str(origin))
+
+
+def test_resume_on_another_world_size_names_the_way_to_go_on_from_the_weights(
+    tmp_path: Path,
+) -> None:
+    """A resume cannot map 1 rank's data positions and optimizer partitions onto 2; the error
+    says how to keep the weights instead: export that checkpoint (run dir and tag), then a
+    warm start."""
+    now = _resolved(optim={"lr": 1e-3})
+    folder = _record(tmp_path / "run" / "checkpoints" / "step_00000010", now)
+    with pytest.raises(ConfigError) as err:
+        check_resume(folder, now, 2, 0)
+    text = str(err.value)
+    assert "written by 1 ranks, this run has 2" in text
+    assert f"`mmssl export {tmp_path / 'run'} --tag step_00000010`" in text
+    assert "train.init_from=" in text
