@@ -287,8 +287,10 @@ def _text_runs(
     """Each slot's run of a text source's epoch, from its rows: the epoch's tokens (the
     documents in the epoch's shard order, each with its eos) are cut into consecutive
     stretches of rows x (context_length + 1) tokens, one a slot, so every token is read
-    once and a document at a cut is shared by the two slots.  Per slot: (first document,
-    documents, token offset into the first, token stop in the last or None for its end)."""
+    once and a document at a cut is shared by the two slots.  A bad document (0 tokens)
+    exactly at a cut is the next slot's, and at the epoch's end the last slot's, so that
+    some slot reads it and counts it.  Per slot: (first document, documents, token offset
+    into the first, token stop in the last or None for its end)."""
     order = epoch_order(plan.seed, epoch, len(doc_tokens))
     tokens = np.concatenate([doc_tokens[i] for i in order])
     ends = np.cumsum(tokens)
@@ -299,8 +301,12 @@ def _text_runs(
             out.append((0, 0, 0, None))
             continue
         stop = pos + n * (plan.context_length + 1)
-        first = int(np.searchsorted(ends, pos, side="right"))  # the document holding `pos`
-        last = int(np.searchsorted(ends, stop - 1, side="right"))
+        first = int(np.searchsorted(ends, pos, side="left"))  # the first ending after `pos`...
+        if tokens[first] > 0 and ends[first] == pos:  # ...or at it: the previous slot's
+            first += 1
+        last = int(np.searchsorted(ends, stop - 1, side="right"))  # the document holding stop - 1
+        if stop == ends[-1]:  # the epoch's end: the bad documents after it too
+            last = len(ends) - 1
         head = pos - int(ends[first] - tokens[first])  # into the first document
         tail = stop - int(ends[last] - tokens[last])  # into the last
         out.append((first, last - first + 1, head, None if tail == tokens[last] else tail))

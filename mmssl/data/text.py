@@ -62,9 +62,7 @@ class TokenPacker:
             row_key = ""
             while filled < self.row:
                 if self.pos >= len(self.tokens):
-                    self.key, text, self.doc_state, (start, stop) = next_doc()
-                    self.tokens, self.pos = self._encode(text)[start:stop], self.skip
-                    self.skip = 0
+                    self._pull(next_doc)
                     continue
                 take = min(self.row - filled, len(self.tokens) - self.pos)
                 if not row_key:
@@ -75,7 +73,17 @@ class TokenPacker:
                 filled += take
                 self.pos += take
             keys.append(row_key)
+        if self.pos >= len(self.tokens):
+            # the next document now, not with the next batch: next_doc reads past the bad
+            # documents after this batch's last, which the slot's last batch would leave
+            # unread and uncounted (those at an epoch's end)
+            self._pull(next_doc)
         return out, keys
+
+    def _pull(self, next_doc: Callable[[], tuple[str, str, Any, tuple[int, Any]]]) -> None:
+        self.key, text, self.doc_state, (start, stop) = next_doc()
+        self.tokens, self.pos = self._encode(text)[start:stop], self.skip
+        self.skip = 0
 
     def state(self, stream_state: Any) -> dict[str, Any]:
         """Position: the stream before the current document and the offset inside it."""
