@@ -220,3 +220,18 @@ def test_source_0_resampled_draws_keep_the_version_2_key():
             assert [seq[block * 1024 + i] for i in range(0, 1024, 97)] == [
                 int(x) for x in old[::97]
             ]
+
+
+def test_a_mixture_epoch_orders_its_sources_anew_each_epoch(tmp_path):
+    """Epoch mode with two sources: each epoch holds every source's batches (its
+    epoch_batches), in an order drawn per epoch, as samples are reshuffled per epoch."""
+    a = write_image_shards(str(tmp_path / "a"), shards=2, per_shard=4)
+    b = write_image_shards(str(tmp_path / "b"), shards=2, per_shard=4)
+    pl = build_pipeline(
+        sources=[Source(a, name="a", epoch_batches=6), Source(b, name="b", epoch_batches=6)],
+        batch_size=1, mode="epoch", seed=0, rank=0, world_size=1, num_workers=0,
+        image_size=8, num_views=0, return_image=False,
+    )  # fmt: skip
+    orders = [pl.plan.schedule(epoch).tolist() for epoch in range(4)]
+    assert all(sorted(o) == [0] * 6 + [1] * 6 for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
