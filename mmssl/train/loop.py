@@ -68,8 +68,9 @@ from mmssl.train.streams import (
     tokenizer_record,
 )
 from mmssl.train.streams import tokenizer as recipe_tokenizer
-from mmssl.train.tasks import StepTargets, Task, register_zero3_params
+from mmssl.train.tasks import StepTargets, Task
 from mmssl.train.text_condition import source_prompts
+from mmssl.train.zero3 import register_zero3_params
 
 _log = logging.getLogger("mmssl.train")
 

@@ -9,10 +9,9 @@ objectives (CLIP's image embedding is the first SimCLR view's) and keeps each mo
 call per step, which ZeRO-3's parameter prefetching expects.  A shared trunk is still run
 twice (bidirectionally for image tokens, causally for text), which ZeRO-3 handles (tested).
 
-The towers' own forward methods (`forward_features`, `forward_tokens`) are called
-directly, not through `nn.Module.__call__`, so ZeRO-3 would not gather the parameters
-those modules own directly (class token, position tables, logit scale, the tied embedding
-used by the LM head).  `register_zero3_params` makes the Task gather them for its forward.
+The towers' own forward methods are called directly, not through `nn.Module.__call__`:
+`mmssl.train.zero3` has ZeRO-3 gather the parameters those modules own for the Task's
+forward, and holds each 0-d parameter as (1,).
 
 Token-mean objectives (next_token, captioning) under gradient accumulation: the training
 loop counts their targets over the whole step before its first forward (`target_counts`,
@@ -23,9 +22,6 @@ the token mean over the step (not the mean of per-micro-batch means, which weigh
 short captions more); the logged mean of the micro-batches' `loss/<objective>` is the step's
 token mean.  Without a `StepTargets` (evaluation, a Task called directly) each batch is
 normalised by its own global count, which a step of one micro-batch gives exactly.
-
-DeepSpeed (0.19) mishandles 0-d parameters (its broadcast views them as bytes, its clipping
-makes them (1,)): the Task stores each (logit scale, SigLIP bias) as (1,), export as 0-d.
 """
 
 from __future__ import annotations
@@ -57,6 +53,7 @@ from mmssl.objectives.contrastive import clamped_scale
 from mmssl.objectives.hssl import HSSLLoss
 from mmssl.objectives.lm import count_targets
 from mmssl.schema import ConfigError
+from mmssl.train import zero3
 from mmssl.train.recipe import NEEDS, OBJECTIVE_TYPES, ObjectiveConfig
 from mmssl.train.text_condition import PromptTokens, prompt_tokenizer, source_prompts
 
@@ -173,7 +170,7 @@ class Task(nn.Module):
                 self.heads[key] = AugSelfHead(
                     vision_dim, hidden=obj.hidden, weights=obj.group_weights
                 )
-        promote_scalar_params(self)
+        zero3.promote_scalar_params(self)
 
     # ------------------------------------------------------------------ features
 
@@ -280,7 +277,8 @@ class Task(nn.Module):
         Sources of equal text length share one call; different lengths (short captions next
         to long LM rows) get one call each rather than padding captions to the LM length.
         A prompt joins the call of its source's captions (padded to their length), so the
-        tower still runs once per step in the common case.
+        tower still runs once per step in the common case; a prompt longer than the captions
+        gets a call of its own, whole.
         """
         rows: dict[int, list[TextRows]] = {}  # by text length T
         for name, batch in batches.items():
@@ -295,8 +293,9 @@ class Task(nn.Module):
                 if name not in batches or not self._uses(name, {"image", "views"}):
                     continue
                 batch = batches[name]
-                has_text = self._uses(name, {"text"})
-                length = batch["text"].shape[1] if has_text else self.prompts.natural_length(name)
+                length = self.prompts.natural_length(name)  # whole, as the export records it
+                if self._uses(name, {"text"}):
+                    length = max(length, batch["text"].shape[1])
                 device = (batch.get("views") or [batch.get("image")])[0].device
                 ids, mask = self.prompts.get(name, length, device)
                 rows.setdefault(length, []).append((name, ids, mask, True))
@@ -470,31 +469,3 @@ class Task(nn.Module):
                 )
                 metrics[f"logit_bias/{key}"] = loss_fn.logit_bias.detach().float().reshape(())
         return total, metrics
-
-
-def promote_scalar_params(module: nn.Module) -> None:
-    """Replace every 0-d parameter of `module` by a (1,)-shaped one holding the same value."""
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and p.dim() == 0:
-                sub._parameters[name] = nn.Parameter(p.detach().reshape(1), p.requires_grad)
-
-
-def zero3_external_params(task: Task) -> list[Tensor]:
-    """Parameters used outside their owning module's `__call__`: the direct parameters of the
-    model, its towers and caption decoder, and the LM head's weight (the tied embedding, or
-    `lm_head`'s, which the fused next-token loss reads directly)."""
-    model = task.model
-    owners = [model, model.visual, model.text, model.caption]
-    params: list[Tensor] = [p for m in owners if m is not None for p in m.parameters(recurse=False)]
-    if model.text is not None and model.text.cfg.lm_head:
-        params.append(model.text.head_weight())
-    return params
-
-
-def register_zero3_params(task: Task) -> None:
-    """Have ZeRO-3 gather `zero3_external_params` for the whole of `task.forward`."""
-    from deepspeed.runtime.zero import register_external_parameter
-
-    for p in zero3_external_params(task):
-        register_external_parameter(task, p)
