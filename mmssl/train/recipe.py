@@ -99,7 +99,7 @@ class ObjectiveConfig:
     source: str = "train"
     temperature: float = 0.1  # simclr
     gather: str | None = None  # None: the loss's default ("local_loss", "chunked" for siglip)
-    # contrastive positives beyond the matching pair: identical caption ids, or equal labels
+    # positives beyond the matching pair: identical caption ids (a no-op for clip), equal labels
     positives: Literal["pair", "caption", "label"] = "pair"
     max_logit_scale: float = 100.0  # clip
     label_smoothing: float = 0.0  # next_token, captioning
