@@ -99,3 +99,19 @@ class StubTokenizer:
             ids[i, : len(e)] = torch.tensor(e)
             mask[i, : len(e)] = True
         return ids, mask
+
+
+def read_text_samples(stream, n: int) -> list[str]:
+    """What a consumer of a `SampleStream` does, n times: decode each sample's text and
+    report it good or bad; the keys read."""
+    keys = []
+    for _ in range(n):
+        key, files, _url = stream.next()
+        try:
+            files["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            stream.count_bad("bad_text", key)
+        else:
+            stream.mark_good()
+        keys.append(key)
+    return keys

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 from bad_input_helpers import _good
-from data_helpers import write_image_shards
+from data_helpers import read_text_samples, write_image_shards
 
 from mmssl.data.pipeline import Source, build_pipeline
 from mmssl.data.shards import ShardWriter
@@ -168,16 +168,7 @@ def test_a_bad_run_starting_mid_shard_does_not_count_that_shard_as_all_bad(tmp_p
                          "txt": f"good {i}" if good else b"\xff\xfe\xfa"})  # fmt: skip
         urls.append(str(next((tmp_path / f"d{j}").glob("*.tar"))))
     s = SampleStream(urls, seq(), shuffle=2, seed_key=[0, 0], counter=SkipCounter())
-    keys = []
-    for _ in range(12):
-        key, files, _ = s.next()
-        try:
-            files["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            s.count_bad("bad_text", key)
-        else:
-            s.mark_good()
-        keys.append(key)
+    keys = read_text_samples(s, 12)
     assert sum(k.startswith("g") for k in keys) >= 4  # A's good samples, pass after pass
 
 

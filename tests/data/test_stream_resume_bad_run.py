@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_helpers import read_text_samples
+
 from mmssl.data.errors import SkipCounter
 from mmssl.data.shards import ShardWriter
 from mmssl.data.stream import SampleStream, ShardSequence
@@ -39,30 +41,17 @@ def _stream(urls: list[str]) -> SampleStream:
     return SampleStream(urls, _seq(), shuffle=N, seed_key=[0, 0], counter=SkipCounter())
 
 
-def _read(s: SampleStream, n: int) -> list[str]:
-    """What a consumer does: decode each sample, report the ones that decode."""
-    keys = []
-    for _ in range(n):
-        key, files, _url = s.next()
-        try:
-            files["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            s.count_bad("bad_text", key)
-        else:
-            s.mark_good()
-        keys.append(key)
-    return keys
-
-
 def test_resume_at_window_boundary_is_not_an_all_bad_run(tmp_path: Path):
     urls = _urls(tmp_path)
     ref = _stream(urls)
-    first = _read(ref, N)  # window 0: all of the good shard
+    first = read_text_samples(ref, N)  # window 0: all of the good shard
     assert all(k.startswith("g") for k in first)
     state = ref.state()
-    want = _read(ref, 4 * N)  # the reference reads on: bad shard, then the good one again
+    want = read_text_samples(
+        ref, 4 * N
+    )  # the reference reads on: bad shard, then the good one again
     assert any(k.startswith("b") for k in want) and any(k.startswith("g") for k in want)
 
     resumed = _stream(urls)
     resumed.load_state(state)
-    assert _read(resumed, 4 * N) == want
+    assert read_text_samples(resumed, 4 * N) == want
