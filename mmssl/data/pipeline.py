@@ -60,7 +60,9 @@ from mmssl.data.urls import check_no_repeats, check_urls, expand_urls, is_local
 # 5: LM rows of text sources hold context_length + 1 tokens (the Task reads the first
 # context_length; version 4's training packed rows one shorter, its last position untrained):
 # states 2-4 of pipelines without a text source still load
-STATE_VERSION = 5
+# 6: a text source's epoch run starts at the bad documents at its cut (5 started past them):
+# states 2-5 of pipelines without an epoch-mode text source still load
+STATE_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -353,8 +355,15 @@ class StreamLoader:
                 "version that saved it, or do not load this state (the stream starts afresh; "
                 "for `mmssl train`: a new run)"
             )
-        if old == 4:
-            identity["version"] = old  # no text source: the same stream
+        if old == 5 and self.plan.mode == "epoch" and any(s.doc_tokens for s in self.plan.sources):
+            raise DataError(
+                f"data state version 5 was saved when a text source's epoch run started past "
+                f"the bad documents at its cut (version {STATE_VERSION} starts there), so this "
+                "position would go on at another document: resume with the mmssl version that "
+                "saved it, or do not load this state (for `mmssl train`: a new run)"
+            )
+        if old in (4, 5):
+            identity["version"] = old  # the same stream
         if old in (2, 3) and state.get("mode") == self.plan.mode:
             p = self.plan
             if p.num_views > 0 and any(s.kind != "text" for s in p.sources):

@@ -117,3 +117,27 @@ def test_a_data_state_of_the_shorter_rows_is_refused_for_text_only(tmp_path):
         _image_shards(tmp_path / "img"), batch_size=2, rank=0, world_size=1, image_size=8
     )
     images.load_state_dict({**images.state_dict(), "version": 4})
+
+
+def test_a_version_5_data_state_of_an_epoch_text_source_is_refused(tmp_path):
+    """Version 5 started a text source's epoch runs past the bad documents at a cut: its
+    epoch-mode state would go on at another document, so it is refused; a resampled text
+    source's version-5 state continues the same stream and loads."""
+    from mmssl.data.errors import DataError
+    from mmssl.data.pipeline import Source, build_pipeline
+    from mmssl.tokenizer import get_tokenizer
+
+    urls = _shards(tmp_path)
+    for mode in ("epoch", "resampled"):
+        pl = build_pipeline(
+            sources=[Source(urls, kind="text", name="t")],
+            batch_size=1, mode=mode, rank=0, world_size=1,
+            tokenizer=get_tokenizer(), context_length=16,
+        )  # fmt: skip
+        next(iter(pl))
+        old = {**pl.state_dict(), "version": 5}
+        if mode == "resampled":
+            pl.load_state_dict(old)
+            continue
+        with pytest.raises(DataError, match="data state version 5 was saved when a text source"):
+            pl.load_state_dict(old)
