@@ -116,7 +116,8 @@ def worker(args: argparse.Namespace) -> None:
     from mmssl.train.loop import seed_everything, to_device
     from mmssl.train.recipe import recipe_from_dict, validate
     from mmssl.train.streams import build_streams
-    from mmssl.train.tasks import Task, register_zero3_params
+    from mmssl.train.tasks import Task
+    from mmssl.train.zero3 import register_zero3_params
 
     world = int(os.environ["WORLD_SIZE"])
     recipe = recipe_from_dict(
