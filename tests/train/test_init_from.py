@@ -234,3 +234,36 @@ def test_a_context_hint_only_where_the_context_grows(tmp_path):
     said = _refused(tmp_path, wide, "model.overrides.text.context_length=16")
     assert "text.pos_embed: (32, 64) float vs (16, 32) float" in said
     assert "may shrink" not in said
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("vision.block.norm_eps", 1e-3),
+        ("text.block.norm_eps", 1e-3),
+        ("text.causal", False),
+        ("text.pool", "mean"),
+    ],
+)
+def test_a_warm_start_into_another_function_with_the_same_shapes_is_refused(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    """A warm start checks the fields that change the towers' function without changing a
+    shape: the reference, the export's weights loaded into the run's default model, computes
+    something else than the exported model."""
+    torch.manual_seed(0)
+    theirs = mmssl.create_model("test_tiny_clip", **{field: value}).eval()
+    export = save_pretrained(theirs, tmp_path / "exp")
+    # the reference: the export's weights in the run's (default) architecture compute
+    # something else than the export's own model
+    ours = mmssl.create_model("test_tiny_clip").eval()
+    missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
+    assert not unexpected
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(1, 500, (2, 32))
+    with torch.no_grad():
+        a, b = theirs(images=images, text=ids), ours(images=images, text=ids)
+    tower = 0 if field.startswith("vision") else 1  # forward: (image, text) embeddings
+    assert not torch.allclose(a[tower], b[tower], atol=1e-6)
+    recipe = synthetic_recipe(tmp_path, "bad", 1)
+    with pytest.raises(ConfigError, match=field.split(".")[-1]):
+        validate(load_recipe(str(recipe), [f"train.init_from={export}"]), 1)
