@@ -61,7 +61,7 @@ from mmssl.data.urls import check_no_repeats, check_urls, expand_urls, is_local
 # context_length; version 4's training packed rows one shorter, its last position untrained):
 # states 2-4 of pipelines without a text source still load
 # 6: a text source's epoch run starts at the bad documents at its cut (5 started past them):
-# states 2-5 of pipelines without an epoch-mode text source still load
+# states 2-5 of pipelines without an epoch-mode text source with bad documents still load
 STATE_VERSION = 6
 
 
@@ -355,7 +355,8 @@ class StreamLoader:
                 "version that saved it, or do not load this state (the stream starts afresh; "
                 "for `mmssl train`: a new run)"
             )
-        if old == 5 and self.plan.mode == "epoch" and any(s.doc_tokens for s in self.plan.sources):
+        # version 5 cut the same runs where a text source has no bad document
+        if old == 5 and any((t == 0).any() for s in self.plan.sources for t in s.doc_tokens):
             raise DataError(
                 f"data state version 5 was saved when a text source's epoch run started past "
                 f"the bad documents at its cut (version {STATE_VERSION} starts there), so this "

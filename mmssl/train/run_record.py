@@ -176,12 +176,14 @@ def check_resume(folder: Path, recipe: dict[str, Any], world_size: int, zero_sta
     saved_model = run.get("model")  # None in records written before it was kept
     if saved_world != world_size:
         # `mmssl export` reads RUN/checkpoints/TAG; a resume may name a tag folder elsewhere
-        run = folder.parent.parent if folder.parent.name == "checkpoints" else "RUN"
-        where = "" if run != "RUN" else f", with {folder} copied to RUN/checkpoints/{folder.name}"
+        run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else "RUN"
+        where = (
+            "" if run_dir != "RUN" else f", with {folder} copied to RUN/checkpoints/{folder.name}"
+        )
         raise ConfigError(
             f"checkpoint {folder} was written by {saved_world} ranks, this run has "
             f"{world_size}: the data positions and optimizer partitions cannot be mapped "
-            f"(to go on from its weights on {world_size}: `mmssl export {run} --tag "
+            f"(to go on from its weights on {world_size}: `mmssl export {run_dir} --tag "
             f"{folder.name}`{where}, then a new run with train.init_from=<that export>; its "
             "optimizer state and data positions start afresh)"
         )
@@ -316,39 +318,22 @@ def _check_seeding(folder: Path, saved: dict[str, Any], seeding: int) -> None:
 
 
 def _check_lm_rows(folder: Path, saved: dict[str, Any], data_state: int) -> None:
-    """Refuse, before anything loads, a checkpoint whose run read a text source with a data
-    state this version cannot continue: before version 5 LM rows were one token shorter (their
-    last position untrained), and in version 5 an epoch-mode text source's runs started past
-    the bad documents at their cuts.  Its saved positions would go on with other rows (the
-    data state refuses it too, after DeepSpeed has loaded the checkpoint)."""
+    """Refuse, before anything loads, a checkpoint whose data state predates version 5 (LM
+    rows one token shorter, their last position untrained) when the run read a text source:
+    its saved positions would go on with rows cut otherwise (the data state refuses it too,
+    after DeepSpeed has loaded the checkpoint)."""
     sources = (saved.get("data") or {}).get("sources") or {}
     text = [n for n in _shard_sources(saved) if (sources[n] or {}).get("kind") == "text"]
-    if data_state < 5 and text:
-        why = (
-            "whose LM rows were one token shorter than the context (its last position never "
-            "trained); this version packs context_length + 1 tokens a row, so the saved "
-            "positions of {} would go on with rows cut otherwise"
-        )
-    elif data_state == 5 and (text := [n for n in text if _counted_epoch(sources[n])]):
-        why = (
-            "whose epoch runs of a text source started past the bad documents at a cut; this "
-            "version starts there (so that some slot reads and counts them), so the saved "
-            "positions of {} would go on at other documents"
-        )
-    else:
+    if data_state >= 5 or not text:
         return
     raise ConfigError(
-        f"checkpoint {folder} was saved with data state version {data_state}, "
-        f"{why.format(', '.join(text))}.  Resume it with the mmssl version that saved it, or "
-        f"start a new run (another name, or checkpoint.resume=none after moving this run's "
-        f"checkpoints away)"
+        f"checkpoint {folder} was saved with data state version {data_state}, whose LM rows "
+        f"were one token shorter than the context (its last position never trained); this "
+        f"version packs context_length + 1 tokens a row, so the saved positions of "
+        f"{', '.join(text)} would go on with rows cut otherwise.  Resume it with the mmssl "
+        f"version that saved it, or start a new run (another name, or checkpoint.resume=none "
+        f"after moving this run's checkpoints away)"
     )
-
-
-def _counted_epoch(source: dict[str, Any]) -> bool:
-    """Whether a recorded source's epochs are cut from its counted documents (epoch mode
-    without epoch_batches)."""
-    return source.get("mode") == "epoch" and source.get("epoch_batches") is None
 
 
 def _check_view_draws(folder: Path, saved: dict[str, Any], data_state: int) -> None:

@@ -119,24 +119,39 @@ def test_a_data_state_of_the_shorter_rows_is_refused_for_text_only(tmp_path):
     images.load_state_dict({**images.state_dict(), "version": 4})
 
 
-def test_a_version_5_data_state_of_an_epoch_text_source_is_refused(tmp_path):
-    """Version 5 started a text source's epoch runs past the bad documents at a cut: its
-    epoch-mode state would go on at another document, so it is refused; a resampled text
-    source's version-5 state continues the same stream and loads."""
+def test_a_version_5_data_state_of_an_epoch_text_source_with_bad_documents_is_refused(
+    tmp_path,
+):
+    """Version 5 started a text source's epoch runs past the bad documents at a cut: with a
+    bad document its epoch-mode state would go on at another document, so it is refused;
+    without one (the same runs), or in resampled mode, a version-5 state loads."""
     from mmssl.data.errors import DataError
     from mmssl.data.pipeline import Source, build_pipeline
+    from mmssl.data.shards import ShardWriter
     from mmssl.tokenizer import get_tokenizer
 
-    urls = _shards(tmp_path)
-    for mode in ("epoch", "resampled"):
+    def shard(folder, bad: bool) -> str:
+        with ShardWriter(str(tmp_path / folder), "t", max_count=8) as w:
+            for i in range(8):
+                text = "" if bad and i == 3 else f"document {i} " * 5
+                w.write(
+                    {"__key__": f"d{i}", "txt": text} if text else {"__key__": f"d{i}", "json": {}}
+                )
+        return str(tmp_path / folder / "t-000000.tar")
+
+    for mode, bad, refused in [
+        ("epoch", True, True),
+        ("epoch", False, False),
+        ("resampled", True, False),
+    ]:
         pl = build_pipeline(
-            sources=[Source(urls, kind="text", name="t")],
+            sources=[Source(shard(f"{mode}{bad}", bad), kind="text", name="t")],
             batch_size=1, mode=mode, rank=0, world_size=1,
             tokenizer=get_tokenizer(), context_length=16,
         )  # fmt: skip
         next(iter(pl))
         old = {**pl.state_dict(), "version": 5}
-        if mode == "resampled":
+        if not refused:
             pl.load_state_dict(old)
             continue
         with pytest.raises(DataError, match="data state version 5 was saved when a text source"):

@@ -271,34 +271,6 @@ def test_resume_on_another_world_size_names_the_way_to_go_on_from_the_weights(
     assert "train.init_from=" in text
 
 
-def test_resume_refuses_epoch_text_runs_of_data_state_5_before_anything_loads(
-    tmp_path: Path,
-) -> None:
-    """Data state 5 started a text source's epoch runs past the bad documents at a cut; this
-    version starts there, so a saved position inside such a run points at another document:
-    an epoch-mode text source counted from its documents is refused, naming it; a resampled
-    one, or one with epoch_batches (no runs cut from counts), resumes."""
-    cases = {
-        "epoch": ({"mode": "epoch"}, True),
-        "resampled": ({"mode": "resampled"}, False),
-        "epoch_batches": ({"mode": "epoch", "epoch_batches": 4}, False),
-    }
-    for name, (source, refused) in cases.items():
-        text = _resolved(
-            data={"sources": {"t": {"urls": "shards/{0..3}.tar", "kind": "text", **source}}},
-            objectives={"next_token": {"source": "t"}},
-        )
-        old = _record(tmp_path / name, text)
-        run = json.loads((old / RUN_RECORD).read_text())
-        (old / RUN_RECORD).write_text(json.dumps({**run, "data_state": 5}))
-        if not refused:
-            check_resume(old, text, 1, 0)
-            continue
-        with pytest.raises(ConfigError, match="data state version 5, whose epoch runs") as err:
-            check_resume(old, text, 1, 0)
-        assert "saved positions of t would go on at other documents" in str(err.value)
-
-
 def test_the_world_size_hint_names_a_run_only_for_a_tag_in_its_checkpoints(
     tmp_path: Path,
 ) -> None:
