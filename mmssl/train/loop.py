@@ -282,7 +282,7 @@ def _train(recipe: Recipe, resolved: Resolved, lock: RunDirLock) -> dict[str, An
     seed_everything(recipe.train.seed)
     # a resume's checkpoint holds the weights (train.init_from may be gone by then)
     task = build_task(recipe, resolved.model, warm=not found)
-    # the tokenizer as the run starts, pinned in every run record (a file retrained later)
+    # the tokenizer as the run starts, pinned in every run record (its file may change later)
     pinned = tokenizer_record(tokenizer_name(recipe)) if resolved.model.text else None
     engine = initialize(task, recipe, resolved.ds_config)
     if zero_stage(resolved.ds_config) == 3:
