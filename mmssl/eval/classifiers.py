@@ -31,14 +31,24 @@ def _norm(x: Tensor) -> Tensor:
     return F.normalize(torch.as_tensor(x).double(), dim=-1)
 
 
-def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, max_iter: int = 1000) -> object:
-    """A fitted multinomial logistic regression on normalised x (N, D)."""
+def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, max_iter: int = 5000) -> object:
+    """A fitted multinomial logistic regression on normalised x (N, D).
+
+    L-BFGS stops when the loss's largest gradient entry is below `tol`, and the weights can
+    then be as far as tol / weight_decay from the optimum along the flattest direction: with
+    scikit-learn's default 1e-4, a 1e-6 decay's fit moved with the last bit of its input
+    (two normalisations 6e-17 apart scored 0.660 and 0.677 on one test set; 0.684 both,
+    converged).  So tol scales with the decay (at most 1e-4, so a decay of 1e-3 and above
+    fits as scikit-learn's default would): 22 s instead of 6 s for the 1e-6 fit of 1,439
+    samples x 96 features, predictions as the converged fit's.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     xs = _norm(x).numpy()
     ys = torch.as_tensor(y).long().numpy()
-    clf = LogisticRegression(C=1.0 / (weight_decay * len(ys)), max_iter=max_iter)
+    tol = min(1e-4, 0.1 * weight_decay)
+    clf = LogisticRegression(C=1.0 / (weight_decay * len(ys)), tol=tol, max_iter=max_iter)
     with warnings.catch_warnings():
         # a weak decay on separable few-shot data never converges exactly; the fit is still usable
         warnings.simplefilter("ignore", ConvergenceWarning)
