@@ -21,6 +21,7 @@ its engine (which partitions them under ZeRO-3).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,13 @@ def init_path(recipe: Any) -> Path | None:
     from mmssl.train.recipe import resolve_path
 
     value = recipe.train.init_from
-    return None if value is None else resolve_path(recipe, value)
+    if value is None:
+        return None
+    path = resolve_path(recipe, value)
+    if not path.exists():  # name both places looked (as data.tokenizer's error does)
+        looked = value if os.path.isabs(value) else f"{os.path.abspath(value)} or {path}"
+        raise ConfigError(f"train.init_from: no exported model directory at {looked}")
+    return path
 
 
 def _export_tensors(path: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:

@@ -83,11 +83,11 @@ def test_a_resume_reads_its_checkpoint_not_the_export(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mmssl.train"):
         out = _train(recipe, [f"train.init_from={vit}"])
     assert out["final_step"] == 2 and "train.init_from" not in caplog.text
-    with pytest.raises(ConfigError, match="no config.json"):  # a fresh start needs it
+    with pytest.raises(ConfigError, match="no exported model directory at"):  # a fresh start needs it
         validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=fresh"]), 1)
     # a save cut short (no manifest) is no resume: the run would start from the export
     (tmp_path / "cut" / "checkpoints" / "step_00000001").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match="no exported model directory at"):
         validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=cut"]), 1)
 
 
@@ -106,7 +106,9 @@ def test_exports_a_run_cannot_start_from_are_refused_at_validation(tmp_path):
         and "(48, 3, 8, 8) float vs (32, 3, 8, 8) float" in said
     )
     assert "context_length" not in said  # the hint is for a longer context only
-    assert "no config.json" in _refused(tmp_path, tmp_path / "nowhere")
+    assert "no config.json" in _refused(tmp_path, tmp_path)  # a directory, but no export
+    nowhere = tmp_path / "nowhere"
+    assert _refused(tmp_path, nowhere).endswith(f"no exported model directory at {nowhere}")
     vit, theirs = _vit_export(tmp_path)
     # an export of another kind of model: no tensor name in common
     renamed = tmp_path / "renamed"
@@ -267,3 +269,16 @@ def test_a_warm_start_into_another_function_with_the_same_shapes_is_refused(
     recipe = synthetic_recipe(tmp_path, "bad", 1)
     with pytest.raises(ConfigError, match=field.split(".")[-1]):
         validate(load_recipe(str(recipe), [f"train.init_from={export}"]), 1)
+
+
+def test_a_relative_init_from_found_nowhere_names_both_places_looked(tmp_path, monkeypatch):
+    """Looked for from the working directory, then the recipe's: the error named only the
+    second, pointing the user away from the path they typed."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    recipe = synthetic_recipe(tmp_path, "bad", 1)
+    said = _refused(tmp_path, "runs/nope")
+    assert said.endswith(
+        f"no exported model directory at {tmp_path / 'cwd' / 'runs/nope'} or "
+        f"{recipe.parent / 'runs/nope'}"
+    ), said
