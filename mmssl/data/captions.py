@@ -54,3 +54,16 @@ def render_caption(template: str, digit: int, color: str) -> str:
 def caption_corpus() -> list[str]:
     """Every caption the demo can produce, in a fixed order (a tokenizer corpus)."""
     return [render_caption(t, d, c) for t in CAPTION_TEMPLATES for d in range(10) for c in COLORS]
+
+
+def class_prompts(field: str) -> tuple[list[str], list[list[str]]]:
+    """The demo's zero-shot classes of `field`, "digit" or "color": the class names and, per
+    class, its prompts (that field's templates filled in; `mmssl eval zeroshot --classes
+    digit` and the demo's class files)."""
+    if field == "digit":
+        return list(DIGITS), [
+            [render_caption(t, d, "") for t in DIGIT_TEMPLATES] for d in range(10)
+        ]
+    if field == "color":
+        return list(COLORS), [[render_caption(t, 0, c) for t in COLOR_TEMPLATES] for c in COLORS]
+    raise ValueError(f"field must be 'digit' or 'color', got {field!r}")

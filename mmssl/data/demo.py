@@ -8,8 +8,9 @@ Writes:
   label (= digit)}.  Split 80/20 stratified by (digit, colour).
 - `OUT/text/{train,validation}-NNNNNN.tar` + manifest: the `pydoc_data.topics` help
   texts, one document per topic, 90/10 split.
-- `OUT/classes_digit.json`, `OUT/classes_color.json`: zero-shot class names, templates
-  (`{}` = class name) and fully rendered prompts per class.
+- `OUT/classes_digit.json`, `OUT/classes_color.json`: zero-shot class names and fully
+  rendered prompts per class, the built-in `--classes digit` / `color` sets (colour also
+  with its templates, `{}` = class name).
 - `OUT/demo.json`: the shard patterns and counts of everything above.
 """
 
@@ -30,7 +31,7 @@ from mmssl.data.captions import (
     COLOR_TEMPLATES,
     COLORS,
     DIGIT_TEMPLATES,
-    DIGITS,
+    class_prompts,
     render_caption,
 )
 from mmssl.data.shards import ShardWriter
@@ -125,22 +126,16 @@ def write_text(out: str, seed: int) -> dict[str, Any]:
 
 
 def class_files(out: str) -> None:
-    """Zero-shot classes: digit words and colour names with templates and rendered prompts."""
-
-    def entry(field: str, names: list[str], templates: list[str], fill: Any) -> dict[str, Any]:
-        return {
-            "field": field,
-            "classnames": names,
-            "templates": [t.replace("{" + field + "}", "{}") for t in templates],
-            "prompts": [[fill(t, c) for t in templates] for c in range(len(names))],
-        }
-
-    digit_t = [t for t in DIGIT_TEMPLATES if "{digit}" in t]
-    digits = entry(
-        "digit", list(DIGITS), digit_t, lambda t, c: t.format(digit=DIGITS[c], numeral=c)
-    )
-    names = list(COLORS)
-    colors = entry("color", names, COLOR_TEMPLATES, lambda t, c: t.format(color=names[c]))
+    """Zero-shot classes, the prompts of `mmssl eval zeroshot --classes digit` / `color`:
+    colour names with templates and rendered prompts; digit words with rendered prompts
+    only, as two of the digit templates name the numeral ("the number 7."), which a `{}`
+    template filled with the class name cannot say (a file of the other three scored
+    another zero-shot top-1 than `--classes digit` on the same model)."""
+    names, prompts = class_prompts("digit")
+    digits = {"field": "digit", "classnames": names, "prompts": prompts}
+    names, prompts = class_prompts("color")
+    templates = [t.replace("{color}", "{}") for t in COLOR_TEMPLATES]
+    colors = {"field": "color", "classnames": names, "templates": templates, "prompts": prompts}
     for name, obj in (("classes_digit.json", digits), ("classes_color.json", colors)):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)

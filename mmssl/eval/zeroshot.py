@@ -93,15 +93,11 @@ def check_classnames(classnames: list[str]) -> None:
 
 def builtin_classes(name: str) -> ClassSpec:
     """The demo's digit (field `digit`) or colour (field `color`) classes with their prompts."""
-    from mmssl.data.captions import COLOR_TEMPLATES, COLORS, DIGIT_TEMPLATES, DIGITS, render_caption
+    from mmssl.data.captions import class_prompts
 
-    if name == "digit":
-        prompts = [[render_caption(t, d, "") for t in DIGIT_TEMPLATES] for d in range(10)]
-        return ClassSpec(list(DIGITS), prompts, "digit")
-    if name == "color":
-        prompts = [[render_caption(t, 0, c) for t in COLOR_TEMPLATES] for c in COLORS]
-        return ClassSpec(list(COLORS), prompts, "color")
-    raise EvalError(f"unknown built-in class set {name!r}; choose from {', '.join(BUILTIN)}")
+    if name not in BUILTIN:
+        raise EvalError(f"unknown built-in class set {name!r}; choose from {', '.join(BUILTIN)}")
+    return ClassSpec(*class_prompts(name), name)
 
 
 def load_classes(source: str, templates_file: str | None = None) -> ClassSpec:
