@@ -1,11 +1,17 @@
 """mmssl: multimodal self-supervised pretraining on one set of transformer blocks.
 
 The public API is four functions.  Importing `mmssl` does no work: each function imports
-what it needs when first called.
+what it needs when first called, and a subpackage or module named as an attribute
+(`mmssl.eval.finetune.Classifier`, `mmssl.models.io.save_pretrained`) is imported on first
+use, as `import mmssl.eval.finetune` would.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
@@ -18,6 +24,21 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "get_tokenizer", "list_models", "load_encoder"]
+
+
+def _submodule_attributes(package: str, path: list[str]) -> Callable[[str], ModuleType]:
+    """A package's module `__getattr__`: a public submodule of `package` (found on `path`,
+    the package's `__path__`) imported when first named, anything else an AttributeError."""
+
+    def __getattr__(name: str) -> ModuleType:
+        if not name.startswith("_") and any(m.name == name for m in pkgutil.iter_modules(path)):
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = _submodule_attributes(__name__, __path__)
 
 
 def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:

@@ -1,5 +1,6 @@
 """Models: configs, towers, the multimodal model and the registry of named architectures."""
 
+from mmssl import _submodule_attributes
 from mmssl.models.config import BlockConfig, CaptionConfig, ModelConfig, TextConfig, VisionConfig
 from mmssl.models.multimodal import MultimodalModel
 from mmssl.models.registry import create_model, list_models, resolve_model_config
@@ -19,3 +20,5 @@ __all__ = [
     "list_models",
     "resolve_model_config",
 ]
+
+__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.models.MODULE` imports it

@@ -1,5 +1,6 @@
 """Building blocks shared by every tower: one concept per file."""
 
+from mmssl import _submodule_attributes
 from mmssl.nn.attention import Attention
 from mmssl.nn.block import Block, Transformer
 from mmssl.nn.kv_cache import ContextKVCache, KVCache, LayerKVCache
@@ -29,3 +30,5 @@ __all__ = [
     "build_mlp",
     "sincos_2d",
 ]
+
+__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.nn.MODULE` imports it

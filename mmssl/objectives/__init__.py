@@ -4,6 +4,7 @@ Objectives take tensors and never import models. Contrastive losses normalise em
 internally and are exact under data parallelism (see `contrastive.py`).
 """
 
+from mmssl import _submodule_attributes
 from mmssl.objectives.augself import (
     AugSelfHead,
     augself_group_losses,
@@ -56,3 +57,5 @@ __all__ = [
     "siglip_loss",
     "soft_target_cross_entropy",
 ]
+
+__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.objectives.MODULE` imports it

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mmssl import _submodule_attributes
 from mmssl.shipped import shipped_path
 from mmssl.tokenizer.base import META_FILE, META_FORMAT, Tokenizer, sha256_file
 
@@ -242,3 +243,6 @@ def _check_meta_matches(tok: Tokenizer, meta: dict[str, Any]) -> None:
                 f"{where}: {role}_id {idx} is {tok.id_to_token(idx)!r} in {tok.path.name}, "
                 f"but special_tokens.{role} is {tokens[role]!r}"
             )
+
+
+__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.tokenizer.MODULE` imports it

@@ -92,7 +92,7 @@ def test_classes_files(demo):
     ]
     from mmssl.eval.zeroshot import builtin_classes, load_classes
 
-    for name, data in (("digit", digit), ("color", color)):
+    for name in ("digit", "color"):
         spec = load_classes(os.path.join(demo, f"classes_{name}.json"))
         assert spec == builtin_classes(name) and spec.field == name
 

@@ -83,7 +83,8 @@ def test_a_resume_reads_its_checkpoint_not_the_export(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mmssl.train"):
         out = _train(recipe, [f"train.init_from={vit}"])
     assert out["final_step"] == 2 and "train.init_from" not in caplog.text
-    with pytest.raises(ConfigError, match="no exported model directory at"):  # a fresh start needs it
+    # a fresh start needs it
+    with pytest.raises(ConfigError, match="no exported model directory at"):
         validate(load_recipe(str(recipe), [f"train.init_from={vit}", "name=fresh"]), 1)
     # a save cut short (no manifest) is no resume: the run would start from the export
     (tmp_path / "cut" / "checkpoints" / "step_00000001").mkdir(parents=True)
