@@ -166,3 +166,25 @@ def test_export_module_runs_as_a_script(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "mmssl export: error: " in proc.stderr
+
+
+def test_a_model_saved_after_a_task_was_built_on_it_loads(tmp_path):
+    """The Task holds 0-d parameters as (1,) for DeepSpeed, replacing the model's own in
+    place; save_pretrained then wrote a (1,) logit_scale that load_pretrained refused.  The
+    loaded model has it 0-d, as a fresh model does, with the value saved."""
+    from mmssl.tokenizer import get_tokenizer
+    from mmssl.train.recipe import ObjectiveConfig
+    from mmssl.train.tasks import Task
+
+    torch.manual_seed(0)
+    vocab = {"vocab_size": get_tokenizer().vocab_size}
+    model = mmssl.create_model("test_tiny_clip", text=vocab)
+    Task(model, {"clip": ObjectiveConfig(type="clip", source="s")})
+    assert model.logit_scale.shape == (1,)  # as the Task holds it
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+    loaded = load_pretrained(save_pretrained(model, tmp_path / "m"))
+    assert loaded.logit_scale.shape == mmssl.create_model("test_tiny_clip").logit_scale.shape
+    assert loaded.logit_scale.shape == () and loaded.logit_scale.item() == 2.5
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.visual.encode(images), model.visual.encode(images))

@@ -56,13 +56,24 @@ def aliases(model: nn.Module) -> dict[str, str]:
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor once (safetensors refuses aliased tensors)."""
+    """The state dict with each shared tensor once (safetensors refuses aliased tensors).
+
+    A MultimodalModel's 0-d parameters (logit scale and bias) that a training Task holds as
+    (1,) (`mmssl.train.zero3.promote_scalar_params`, in place) are written 0-d again, as its
+    config builds them: a model saved after a Task was built on it wrote an export that
+    `load_pretrained` refused ("logit_scale: (1,) vs ()")."""
     skip = aliases(model)
-    return {
-        name: tensor.detach().contiguous().cpu()
-        for name, tensor in model.state_dict().items()
-        if name not in skip
-    }
+    scalars: set[str] = set()
+    if isinstance(model, MultimodalModel):
+        with torch.device("meta"):
+            scalars = {n for n, t in MultimodalModel(model.cfg).state_dict().items() if not t.dim()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name not in skip:
+            if name in scalars and tensor.shape == (1,):
+                tensor = tensor.reshape(())
+            state[name] = tensor.detach().contiguous().cpu()
+    return state
 
 
 def _umask() -> int:
