@@ -145,7 +145,7 @@ def oc() -> ModuleType:
 @pytest.fixture(scope="module")
 def clip() -> CLIPTokenizer:
     tok = get_tokenizer("clip")
-    assert isinstance(tok, CLIPTokenizer) and tok.exact
+    assert isinstance(tok, CLIPTokenizer)
     return tok
 
 
@@ -262,3 +262,32 @@ def test_very_long_texts(clip: CLIPTokenizer, oc: ModuleType) -> None:
     # one 200k-letter word: open_clip's Python BPE is quadratic here, so check ours alone
     ids, mask = clip.batch_encode(["x" * 200_000], 77)
     assert mask.all() and ids[0, 0] == clip.bos_id and ids[0, -1] == clip.eos_id
+
+
+@pytest.mark.parametrize("blocked", [("ftfy",), ("regex",), ("ftfy", "regex")])
+def test_without_ftfy_or_regex_the_clip_tokenizer_is_refused(monkeypatch, blocked) -> None:
+    """Its fallback (NFC, tokenizers' regex engine) gave other ids than open_clip on everyday
+    captions ("dog’s", "ﬁsh", full-width letters) under the same tokenizer record, so a
+    model trained with open_clip's ids was fed others: refused, naming what to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in blocked else real(name, *a)
+    )
+    with pytest.raises(ValueError) as err:
+        CLIPTokenizer()  # not get_tokenizer("clip"): it caches the tokenizers it built
+    assert str(err.value) == (
+        f"the CLIP tokenizer needs {' and '.join(blocked)} (open_clip's text cleaning and "
+        f"splitting) for open_clip's ids: pip install {' '.join(blocked)} (in mmssl's "
+        "interop extra)"
+    )
+
+
+def test_open_clip_cleans_everyday_captions_that_nfc_alone_would_not(
+    clip: CLIPTokenizer, oc: ModuleType
+) -> None:
+    """The texts the refused fallback got wrong, against open_clip itself."""
+    texts = ["the dog’s ball", "a ﬁsh", "ＣＬＩＰ model", "CafÃ© au lait"]
+    ids, _ = clip.batch_encode(texts, 16)
+    assert ids.tolist() == oc.tokenize(texts, context_length=16).tolist()

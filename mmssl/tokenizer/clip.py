@@ -8,9 +8,10 @@ open_clip package or from a user path; never downloaded). The steps mirror open_
    for non-ASCII text, the same pattern inside `tokenizers` for ASCII text;
 3. byte-level BPE with a `</w>` end-of-word suffix, run by the fast `tokenizers` library.
 
-With `ftfy` and `regex` installed (both are open_clip dependencies) the ids are
-bit-identical; without them cleaning falls back to NFC + html.unescape and splitting to
-tokenizers' own regex engine, whose Unicode tables are older, and a warning says so.
+Both `ftfy` and `regex` (open_clip's own dependencies) are required: without them the
+tokenizer is refused.  A fallback (NFC and tokenizers' regex engine) gave other ids than
+open_clip on everyday captions (curly apostrophes, ligatures, full-width letters, mojibake)
+and nothing in a checkpoint's tokenizer record told the two apart.
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
-import unicodedata
-import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mmssl.tokenizer.base import Tokenizer, scrub_surrogates, sha256_file
+from mmssl.tokenizer.base import Tokenizer, sha256_file
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = "<start_of_text>", "<end_of_text>"
@@ -82,31 +81,26 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _make_cleaner() -> tuple[Callable[[str], str], bool]:
-    fix_text: Callable[[str], str] | None
-    try:
-        from ftfy import fix_text
-    except ImportError:
-        fix_text = None
+def _missing_modules() -> list[str]:
+    """Which of open_clip's text modules (ftfy, regex) are not installed."""
+    return [m for m in ("ftfy", "regex") if importlib.util.find_spec(m) is None]
+
+
+def _make_cleaner() -> Callable[[str], str]:
+    from ftfy import fix_text
 
     def clean(text: str) -> str:
         # Printable ASCII without '&' is a fixed point of ftfy and html.unescape (skip them).
         if not (text.isascii() and text.isprintable() and "&" not in text):
-            if fix_text is not None:
-                text = fix_text(text)
-            else:
-                text = unicodedata.normalize("NFC", scrub_surrogates(text))
-            text = html.unescape(html.unescape(text))
+            text = html.unescape(html.unescape(fix_text(text)))
         return " ".join(text.split()).lower()
 
-    return clean, fix_text is not None
+    return clean
 
 
-def _make_splitter() -> Callable[[str], list[str]] | None:
-    try:
-        import regex
-    except ImportError:
-        return None
+def _make_splitter() -> Callable[[str], list[str]]:
+    import regex
+
     return regex.compile(_PATTERN, regex.IGNORECASE).findall
 
 
@@ -123,6 +117,13 @@ class CLIPTokenizer(Tokenizer):
         from tokenizers import Regex, models, pre_tokenizers
         from tokenizers import Tokenizer as _HF
 
+        missing = _missing_modules()
+        if missing:
+            raise ValueError(
+                f"the CLIP tokenizer needs {' and '.join(missing)} (open_clip's text cleaning "
+                f"and splitting) for open_clip's ids: pip install {' '.join(missing)} (in "
+                "mmssl's interop extra)"
+            )
         self.path = Path(path) if path is not None else open_clip_vocab_path()
         self.name = name if name is not None else str(self.path)
         merges = read_merges(self.path)
@@ -138,10 +139,8 @@ class CLIPTokenizer(Tokenizer):
         # engine; other text by the `regex` module in Python, as open_clip does, because the
         # engines' Unicode tables differ for recently assigned characters.
         self._tok = _HF(bpe)
-        self._onig_split = pre_tokenizers.Split(
-            Regex("(?i)" + _PATTERN), behavior="removed", invert=True
-        )
-        self._tok.pre_tokenizer = pre_tokenizers.Sequence([self._onig_split, byte_level])
+        onig_split = pre_tokenizers.Split(Regex("(?i)" + _PATTERN), behavior="removed", invert=True)
+        self._tok.pre_tokenizer = pre_tokenizers.Sequence([onig_split, byte_level])
         self._tok_words = _HF(bpe)  # words already split, joined by single spaces
         self._tok_words.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.WhitespaceSplit(), byte_level]
@@ -150,17 +149,8 @@ class CLIPTokenizer(Tokenizer):
         self.sha256 = sha256_file(self.path)
         self.vocab_size = len(vocab)
         self.bos_id, self.eos_id, self.pad_id = encoder[SOT], encoder[EOT], 0
-        self._clean, has_ftfy = _make_cleaner()
+        self._clean = _make_cleaner()
         self._split = _make_splitter()
-        has_regex = self._split is not None
-        self.exact = has_ftfy and has_regex
-        if not self.exact:
-            missing = [m for m, ok in (("ftfy", has_ftfy), ("regex", has_regex)) if not ok]
-            warnings.warn(
-                f"CLIP tokenizer without {' and '.join(missing)}: ids can differ from open_clip "
-                f"on unusual Unicode; pip install {' '.join(missing)}",
-                stacklevel=2,
-            )
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -180,7 +170,7 @@ class CLIPTokenizer(Tokenizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._clean = _make_cleaner()[0]
+        self._clean = _make_cleaner()
         self._split = _make_splitter()
 
     def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -191,7 +181,7 @@ class CLIPTokenizer(Tokenizer):
         for i, text in enumerate(cleaned):
             if "_of_text>" in text:  # may spell a special token: the rare exact path
                 out[i] = self._encode_with_specials(self._words(text))
-            elif text.isascii() or self._split is None:
+            elif text.isascii():
                 direct.append(i)
             else:
                 joined[i] = " ".join(self._words(text))
@@ -204,9 +194,7 @@ class CLIPTokenizer(Tokenizer):
         return out
 
     def _words(self, text: str) -> list[str]:
-        if self._split is not None:
-            return self._split(text)
-        return [w for w, _ in self._onig_split.pre_tokenize_str(text)]
+        return self._split(text)
 
     def _encode_with_specials(self, words: list[str]) -> list[int]:
         # open_clip maps a literal '<start_of_text>' word to its special id
