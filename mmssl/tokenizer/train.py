@@ -12,9 +12,7 @@ tokenizer.model) and tokenizer_meta.json: vocab size, special ids, corpus descri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,9 +20,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mmssl.shipped import in_checkout
-from mmssl.tokenizer import ARTIFACTS, DEFAULT_DIR
-from mmssl.tokenizer.base import META_FILE, META_FORMAT
+from mmssl.tokenizer import DEFAULT_DIR
+from mmssl.tokenizer.base import META_FILE
 from mmssl.tokenizer.corpus import DIR_SUFFIXES, Corpus, default_corpus, expand_inputs, iter_corpus
+from mmssl.tokenizer.output import check_out_dir, meta_record, publish
 
 __all__ = [
     "Corpus",
@@ -56,45 +55,6 @@ def _progress(corpus: Corpus, show: bool) -> Iterable[str]:
         desc="reading corpus",
         disable=None if show else True,
     )
-
-
-def _publish(
-    out_dir: str | Path, artifact: str, data: bytes, meta: dict[str, Any]
-) -> dict[str, Any]:
-    """Write the tokenizer file and its meta, which names it and its sha256
-    (`replace_together`, the meta last): a failed write names its file and leaves an earlier
-    tokenizer there as it was; a kill between the renames leaves the new file without a meta,
-    which loads as a bare file (a run that pinned the earlier one refuses its sha256)."""
-    from mmssl.atomic import replace_together
-
-    meta.update(artifact=artifact, sha256=hashlib.sha256(data).hexdigest())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    replace_together(
-        [
-            (out / artifact, lambda tmp: tmp.write_bytes(data)),
-            (out / META_FILE, text),
-        ]
-    )
-    return meta
-
-
-def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Fail before training, not after it, when `out_dir` cannot be made or written, or
-    already holds a tokenizer and `overwrite` is not set (a retrained one replaced it)."""
-    from mmssl.cliargs import out_dir_problem
-
-    found = out_dir_problem(out_dir)
-    if found:
-        raise ValueError(f"cannot write to {out_dir}: {found[0]} {found[1]}")
-    out = Path(out_dir)  # what get_tokenizer(out_dir) would load: a meta or an artifact
-    held = sorted({p.name for pattern in (META_FILE, *ARTIFACTS) for p in out.glob(pattern)})
-    if held and not overwrite:
-        raise ValueError(
-            f"{out_dir} already holds a tokenizer ({', '.join(held)}); choose another output "
-            "directory, or pass --overwrite (overwrite=True) to replace it"
-        )
 
 
 def _check_seed(seed: int) -> None:
@@ -136,7 +96,7 @@ def train_bpe(
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size must be >= {256 + len(specials)} (bytes + specials)")
     _check_seed(seed)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     for s in specials:
@@ -161,8 +121,8 @@ def train_bpe(
     data = (tok.to_str() + "\n").encode("utf-8")
     options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "seed": seed}
     library = f"tokenizers {tokenizers.__version__}"
-    meta = _meta("bpe", tok.get_vocab_size(), specials, corpus, options, library)
-    return _publish(out_dir, "tokenizer.json", data, meta)
+    meta = meta_record("bpe", tok.get_vocab_size(), specials, corpus, options, library)
+    return publish(out_dir, "tokenizer.json", data, meta)
 
 
 def train_sentencepiece(
@@ -212,7 +172,7 @@ def train_sentencepiece(
                 "would decode as it"
             )
     _check_seed(seed)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     failed: list[Exception] = []
     usable = 0  # lines sentencepiece trains on: non-empty, at most MAX_LINE_BYTES
     long_lines = long_chars = 0  # lines over MAX_LINE_BYTES, and their characters
@@ -268,13 +228,18 @@ def train_sentencepiece(
                 f"no text to train on in {corpus.description}: every line is empty or longer "
                 f"than sentencepiece's {MAX_LINE_BYTES} bytes (--kind bpe has no line limit)"
             ) from None
-        raise ValueError(
-            f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}"
-        ) from None
+        said = str(e).strip().splitlines()[-1]
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", said)
+        if need:  # sentencepiece's advice names an option mmssl does not have
+            said = (
+                f"vocab_size {vocab_size} is below the {need[1]} pieces this corpus needs (256 "
+                "bytes, the special tokens and each distinct character): raise it"
+            )
+        raise ValueError(f"sentencepiece training failed: {said}") from None
     data = writer.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
     options = {"vocab_size": vocab_size, "model_type": model_type, "seed": seed, "threads": threads}
-    meta = _meta(
+    meta = meta_record(
         "sentencepiece",
         sp.get_piece_size(),
         specials,  # extras are control symbols at ids 4.., after unk
@@ -287,29 +252,7 @@ def train_sentencepiece(
     # num_chars and sha256 describe every text read; these say what training left out
     meta["corpus"]["dropped_long_lines"] = long_lines
     meta["corpus"]["dropped_long_chars"] = long_chars
-    return _publish(out_dir, "tokenizer.model", data, meta)
-
-
-def _meta(
-    kind: str,
-    vocab_size: int,
-    specials: list[str],
-    corpus: Corpus,
-    options: dict[str, Any],
-    library: str,
-) -> dict[str, Any]:
-    return {
-        "format": META_FORMAT,
-        "kind": kind,
-        "vocab_size": vocab_size,
-        "pad_id": 0,
-        "bos_id": 1,
-        "eos_id": 2,
-        "special_tokens": {"pad": specials[0], "bos": specials[1], "eos": specials[2]},
-        "extra_special_tokens": specials[3:],
-        "corpus": corpus.summary(),
-        "trainer": {**options, "library": library},
-    }
+    return publish(out_dir, "tokenizer.model", data, meta)
 
 
 def build_default(
