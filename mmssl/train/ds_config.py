@@ -200,6 +200,7 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
                 f"{path}: {key!r} conflicts with the recipe ({json.dumps(data[key])} vs "
                 f"{json.dumps(ours)}); remove it, the recipe sets it"
             )
+    _check_comm_dtype(path, data, recipe.precision)
     out = {"steps_per_print": 10**9, "wall_clock_breakdown": False, **data, **injected}
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
@@ -221,6 +222,21 @@ def deepspeed_config(recipe: Recipe, grad_accum: int) -> dict[str, Any]:
     # DeepSpeed's choice of optimizer counts a cpu offload only (`zero_cpu_offload`)
     _check_accum_dtype(path, out, stage, bf16, devices["offload_optimizer"] == "cpu")
     return out
+
+
+def _check_comm_dtype(path: Path, data: dict[str, Any], precision: str) -> None:
+    """A communication dtype below the recipe's precision is a ConfigError: DeepSpeed casts
+    the gradients to it for the all-reduce (fp16 in an fp32 run changed the weights on one
+    rank, and can overflow past 65504 summed over many); fp32, or the weights' own bf16, runs."""
+    allowed = {"fp32", "bf16"} if precision == "bf16" else {"fp32"}
+    for key in ("communication_data_type", "seq_parallel_communication_data_type"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or value.lower() not in allowed):
+            raise ConfigError(
+                f"{path}: {key}={json.dumps(value)} with {precision} training: gradients would "
+                f"be reduced in another precision than the recipe's; remove it (or use "
+                f"{' or '.join(sorted(allowed))})"
+            )
 
 
 def _check_accum_dtype(

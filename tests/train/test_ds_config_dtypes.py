@@ -69,3 +69,39 @@ def test_stage_1_with_the_optimizer_offloaded_keeps_the_zero_optimizer(tmp_path:
     with pytest.raises(ConfigError, match="BF16_Optimizer"):
         nvme = {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}
         _config(tmp_path, 1, "fp32", "bf16", **nvme)
+
+
+def _comm(tmp_path: Path, key: str, value: object, precision: str) -> dict:
+    path = tmp_path / "comm.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, key: value}))
+    recipe = load_recipe(
+        synthetic_recipe(tmp_path, "r", 1), [f"train.deepspeed={path}", f"precision={precision}"]
+    )
+    return deepspeed_config(recipe, 1)
+
+
+@pytest.mark.parametrize("key", ["communication_data_type", "seq_parallel_communication_data_type"])
+@pytest.mark.parametrize(
+    "value, precision",
+    [("fp16", "fp32"), ("bf16", "fp32"), ("FP16", "bf16"), ("fp16", "bf16"), (16, "bf16")],
+)
+def test_a_communication_dtype_below_the_recipes_precision_is_refused(
+    tmp_path: Path, key: str, value: object, precision: str
+) -> None:
+    """DeepSpeed casts the gradients to it for the all-reduce: fp16 in an fp32 run changed
+    the weights of a one-rank run (5.9e-5 in 3 steps), and fp16 sums past 65504 overflow."""
+    with pytest.raises(ConfigError) as err:
+        _comm(tmp_path, key, value, precision)
+    assert f"{key}={json.dumps(value)} with {precision} training" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, precision", [("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("BF16", "bf16")]
+)
+def test_a_communication_dtype_at_or_above_the_recipes_precision_runs(
+    tmp_path: Path, value: str, precision: str
+) -> None:
+    assert (
+        _comm(tmp_path, "communication_data_type", value, precision)["communication_data_type"]
+        == value
+    )
