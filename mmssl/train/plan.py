@@ -15,8 +15,13 @@ bytes in 16-bit (the 5 a s^2 attention-matrix term is not stored by SDPA kernels
 activation checkpointing keeps 2 s h per layer plus one layer's full set.  An LM head keeps
 its (N, V) logits either way: with `fused_head` one buffer in the compute dtype that its
 gradient overwrites (`mmssl/nn/linear_ce.py`), else 16-bit logits, an fp32 copy and its
-gradient (10 bytes per logit).  Training FLOPs are 3x the forward (4x with activation
-checkpointing); step time is compute at `tflops x mfu` per GPU, overlapped with the
+gradient (10 bytes per logit).  Training FLOPs are 3x the forward (the patch embedding's
+2x: the images take no gradient), plus with activation
+checkpointing the blocks' forward once more but their last matmul (torch's non-reentrant
+checkpoint stops recomputing at the last tensor the backward saved: nothing saves fc2's
+output unless LayerScale or an adaLN gate multiplies it; the patch embedding and LM head
+are outside the blocks).  Step time is compute at `tflops x mfu` per GPU on those FLOPs
+(recomputation included), overlapped with the
 data-parallel traffic, per step with `a` accumulation steps: 2 Psi elements for stages 0-1
 (one all-reduce), (a + 1) Psi for stage 2 (gradients reduce-scattered every micro-step, the
 parameters gathered once) and 3 a Psi for stage 3 (parameters gathered in the forward and the
@@ -40,6 +45,21 @@ def _block_flops(n: int, dim: int, mlp_ratio: float) -> float:
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
+def _fc2_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bool) -> float:
+    """Forward FLOPs of the blocks' last matmul (the MLP's output projection)."""
+    rows = (depth - 1) * n + 1 if pooled_only and depth else depth * n
+    return 2 * rows * dim * dim * mlp_ratio
+
+
+def _rerun(depth: int, n: int, dim: int, block: Any, gated: bool, pooled_only: bool) -> float:
+    """FLOPs activation checkpointing recomputes in `depth` blocks: their forward, but fc2
+    where nothing multiplies its output (LayerScale, an adaLN gate) and so saves it."""
+    full = _tower_flops(depth, n, dim, block.mlp_ratio, pooled_only)
+    if block.init_values or gated:
+        return full
+    return full - _fc2_flops(depth, n, dim, block.mlp_ratio, pooled_only)
+
+
 def _tower_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bool) -> float:
     """Forward FLOPs of `depth` Blocks on n tokens; pooled_only: the last computes one row
     (`Transformer` rows): qkv on every token, the rest on one."""
@@ -54,6 +74,8 @@ class Workload:
     """Per sample (one from every source the objectives read), forward only."""
 
     flops: float
+    recomputed: float  # by activation checkpointing, in the backward
+    embedding: float  # the patch embedding's: its input (the images) takes no gradient
     activation_bytes: float  # at 16 bits, without checkpointing
     checkpointed_bytes: float  # with activation checkpointing
     logits_bytes: float  # LM heads' (N, V) logits at the recipe's precision, either way
@@ -69,7 +91,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
     # the Task runs the vision tower pooled-only unless some objective reads its tokens
     vision_pooled = not any(o.type in VISION_TOKENS for o in recipe.objectives.values())
 
-    flops = act = ckpt = logits = 0.0
+    flops = rerun = embed = act = ckpt = logits = 0.0
     compute = 2 if recipe.precision == "bf16" else 4  # bytes of one logit in the compute dtype
     peak_layer = 0.0
     for name, src in recipe.data.sources.items():
@@ -84,10 +106,9 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             patches = (side // v.patch_size) ** 2  # data.image_size resamples the position table
             n = (1 if v.class_token else 0) + patches
             pooled_only = vision_pooled and v.pool == "token"
-            flops += images * (
-                _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
-                + 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # the class token is no patch
-            )
+            embed += images * 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # no class token
+            flops += images * _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
+            rerun += images * _rerun(v.depth, n, v.dim, v.block, bool(v.cond_dim), pooled_only)
             act += images * v.depth * 34 * n * v.dim
             ckpt += images * v.depth * 2 * n * v.dim
             peak_layer = max(peak_layer, images * 34 * n * v.dim)
@@ -98,6 +119,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             # one text length in one call, in full if any reads tokens: counted per source)
             pooled_only = not kinds & set(TOKEN_MEAN) and t.pool != "mean"
             flops += _tower_flops(t.depth, n, t.dim, t.block.mlp_ratio, pooled_only)
+            rerun += _rerun(t.depth, n, t.dim, t.block, False, pooled_only)
             act += t.depth * 34 * n * t.dim
             ckpt += t.depth * 2 * n * t.dim
             peak_layer = max(peak_layer, 34 * n * t.dim)
@@ -120,9 +142,18 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                     + 4 * n * v_tokens * t.dim
                 )
                 flops += cfg.caption.depth * per
+                fc2 = _fc2_flops(cfg.caption.depth, n, t.dim, t.block.mlp_ratio, False)
+                rerun += cfg.caption.depth * per - (0 if t.block.init_values else fc2)
                 act += cfg.caption.depth * 34 * n * t.dim
                 ckpt += cfg.caption.depth * 2 * n * t.dim
-    return Workload(flops, act, ckpt + peak_layer, logits)
+    return Workload(flops + embed, rerun, embed, act, ckpt + peak_layer, logits)
+
+
+def training_flops(work: Workload, checkpointing: bool) -> float:
+    """Forward + backward FLOPs per sample: 3x the forward (the backward's two matmuls per
+    forward one) but the patch embedding's input gradient, and what activation
+    checkpointing recomputes."""
+    return 3 * work.flops - work.embedding + (work.recomputed if checkpointing else 0.0)
 
 
 def count_params(recipe: Any, cfg: Any) -> tuple[int, int, int]:
@@ -197,7 +228,7 @@ def plan(
     mem = memory(psi, stage, gpus, bf16, offload, offload_param, frozen)
     mem["activations"] = act
     total = sum(mem.values())
-    train_flops = (4 if ckpt else 3) * work.flops
+    train_flops = training_flops(work, ckpt)
     compute = train_flops * glob / (gpus * tflops * 1e12 * mfu)
     per = {0: 2, 1: 2, 2: accum + 1}.get(stage, 3 * accum)  # Psi-sized collectives a step
     comm_bytes = per * psi * (gpus - 1) / gpus * (2 if bf16 else 4)
@@ -216,7 +247,7 @@ def plan(
             else ""
         ),
         f"FLOPs per sample: {work.flops / 1e9:.2f} GFLOP forward, {train_flops / 1e9:.2f} GFLOP "
-        f"per training step",
+        "forward + backward" + (", recomputation included" if ckpt else ""),
         "memory per rank:",
     ]
     lines += [f"  {k:<17} {v / GB:8.2f} GB" for k, v in mem.items()]
@@ -247,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         default=312.0,
         help="peak dense TFLOPS per GPU at the recipe's precision (A100 bf16: 312)",
     )
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="the fraction of --tflops reached on the FLOPs counted (activation checkpointing's "
+        "recomputation included)",
+    )
     p.add_argument(
         "--bandwidth",
         type=float,
