@@ -31,11 +31,16 @@ if TYPE_CHECKING:
 
 class Classifier(nn.Module):
     """A vision tower and a linear head: `clf(images)` -> logits (B, C); `clf(images, labels)`
-    -> the training loss (what the engine calls)."""
+    -> the training loss (what the engine calls).  The tower's projection to the joint
+    embedding (`visual.proj`) is held fixed: the head reads the pooled features before it,
+    so only weight decay moved it, and the saved tower's `encode` drifted from the export's."""
 
     def __init__(self, visual: VisionEncoder, num_classes: int) -> None:
         super().__init__()
         self.visual = visual
+        proj = getattr(visual, "proj", None)
+        if isinstance(proj, nn.Module):
+            proj.requires_grad_(False)
         self.head = nn.Linear(visual.cfg.dim, num_classes)
         nn.init.zeros_(self.head.weight)  # starts at uniform predictions
         nn.init.zeros_(self.head.bias)

@@ -69,7 +69,9 @@ def stream_nll(
     cut into non-overlapping rows of context_length + 1 tokens (the last may be shorter), or
     with `stride` s the sliding window of Hugging Face's perplexity guide: windows of
     context_length tokens every s tokens, each scoring the tokens the one before did not, so
-    that past the first window each has >= context_length - s tokens of context."""
+    that past the first window each has >= context_length - s tokens of context.  A window's
+    first token is scored by none of its positions: at s = context_length one token a window
+    goes unscored (as with the guide's code), as the first of each non-overlapping row does."""
     ids = torch.tensor(tokens, dtype=torch.int64)
     rows: list[tuple[Tensor, int]] = []  # (tokens, the first one scored)
     if stride is None:

@@ -96,10 +96,13 @@ def score(
 
 
 def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
-    """Per image, the json `captions` list when the shards have one (None otherwise)."""
+    """Per image, the json `captions` list when the shards have one (None when none does);
+    EvalError when some samples have one and others not, whichever comes first (a first
+    sample without one scored every image on its `txt` alone, silently)."""
     from mmssl.eval.data import iter_raw, shards_hint
 
     out: list[list[str]] = []
+    without: str | None = None  # the first sample without a list
     for index, key, files in iter_raw(urls):
         if limit is not None and index >= limit:
             break
@@ -111,11 +114,16 @@ def _captions_of(urls: list[str], limit: int | None) -> list[list[str]] | None:
         if caps is None:
             if out:
                 raise EvalError(f"sample {key!r} has no 'captions' list but earlier samples do")
-            return None
+            without = without or key
+            continue
+        if without is not None:
+            raise EvalError(
+                f"sample {key!r} has a 'captions' list but an earlier sample, {without!r}, has none"
+            )
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
             raise EvalError(f"sample {key!r}: 'captions' must be a non-empty list of strings")
         out.append(caps)
-    return out
+    return None if without is not None else out
 
 
 def embed_texts(model: MultimodalModel, ids: Tensor, mask: Tensor | None) -> Tensor:

@@ -103,3 +103,23 @@ def test_features_say_the_fields_were_detected_when_one_is_unreadable(
     err = capsys.readouterr().err
     assert "field 'punsafe' is nan" in err and "--fields picks those to read" in err
     assert features_main([*argv, "--fields", "label"]) == 0
+
+
+@pytest.mark.parametrize("without", [0, 2])
+def test_retrieval_refuses_captions_lists_on_some_samples_only(tmp_path, without):
+    """A sample without a `captions` list among samples with one: an error wherever it is.
+    First in the shard, it made retrieval score every image on its `txt` alone, silently
+    (an easier problem, reported as the normal one)."""
+    from mmssl.eval.retrieval import _captions_of
+
+    samples = [
+        {"txt": b"t %d" % k, "json": b"{}" if k == without else b'{"captions": ["a", "b"]}'}
+        for k in range(4)
+    ]
+    path = _shard(tmp_path / "mixed.tar", samples)
+    with pytest.raises(EvalError, match=f"'000{without}'"):
+        _captions_of([path], None)
+    # none with a list: the txt captions; all with one: the lists
+    assert _captions_of([_shard(tmp_path / "none.tar", [{"json": b"{}"}] * 3)], None) is None
+    lists = [{"json": b'{"captions": ["x"]}'}] * 2
+    assert _captions_of([_shard(tmp_path / "all.tar", lists)], None) == [["x"], ["x"]]

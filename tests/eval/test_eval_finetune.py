@@ -53,6 +53,9 @@ def test_finetune_accuracy_matches_saved_weights(
     assert res["top1"] == pytest.approx(right / len(samples))
     assert res["top1"] == 1.0  # colour squares are easy: a dozen steps separate them
     assert not torch.equal(clf.visual.patch_embed.proj.weight, model.visual.patch_embed.proj.weight)
+    # the projection to the joint space, which the head does not read: weight decay alone
+    # moved it, so the saved tower's encode_image was no longer the export's
+    assert torch.equal(clf.visual.proj.weight, model.visual.proj.weight)
     assert 0.0 <= res["linear_probe_top1"] <= 1.0
     # readable like the report beside it (safetensors' save_file alone makes it 0600)
     weights, report = tmp_path / "finetuned.safetensors", tmp_path / "results.json"
