@@ -28,17 +28,29 @@ __all__ = ["create_model", "get_tokenizer", "list_models", "load_encoder"]
 
 def _submodule_attributes(package: str, path: list[str]) -> Callable[[str], ModuleType]:
     """A package's module `__getattr__`: a public submodule of `package` (found on `path`,
-    the package's `__path__`) imported when first named, anything else an AttributeError."""
+    the package's `__path__`, listed once) imported when first named, anything else an
+    AttributeError, as is a submodule that does not import (`hasattr(mmssl.data,
+    "fastviews")` is False without numba, the error naming the cause)."""
+    names: set[str] = set()
 
     def __getattr__(name: str) -> ModuleType:
-        if not name.startswith("_") and any(m.name == name for m in pkgutil.iter_modules(path)):
-            return importlib.import_module(f"{package}.{name}")
+        if not names:
+            names.update(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_"))
+        if name in names:
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ImportError as err:
+                raise AttributeError(
+                    f"module {package!r} has no attribute {name!r} ({package}.{name} does not "
+                    f"import: {err})"
+                ) from err
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
 
 
-__getattr__ = _submodule_attributes(__name__, __path__)
+if not TYPE_CHECKING:  # to mypy, a module __getattr__ makes every name exist
+    __getattr__ = _submodule_attributes(__name__, __path__)
 
 
 def create_model(name_or_path: str, **overrides: Any) -> MultimodalModel:

@@ -56,3 +56,25 @@ def test_other_names_are_attribute_errors_and_private_modules_are_not_imported()
         "True False",
         "False",
     ]
+
+
+def test_a_submodule_that_does_not_import_is_an_attribute_error() -> None:
+    """hasattr and getattr(..., default) expect AttributeError from a module __getattr__
+    (PEP 562): without numba (the `fast` extra) `hasattr(mmssl.data, "fastviews")` raised
+    ModuleNotFoundError; it is False now, and the error names the cause."""
+    code = (
+        "import sys\n"
+        "sys.modules['numba'] = None  # as if not installed\n"
+        "import mmssl.data\n"
+        "print(hasattr(mmssl.data, 'fastviews'), getattr(mmssl.data, 'fastviews', 'default'))\n"
+        "try:\n"
+        "    mmssl.data.fastviews\n"
+        "except AttributeError as err:\n"
+        "    print(err)\n"
+    )
+    lines = _run(code).splitlines()
+    assert lines[0] == "False default"
+    assert lines[1].startswith(
+        "module 'mmssl.data' has no attribute 'fastviews' (mmssl.data.fastviews does not "
+        "import: import of numba halted"
+    ), lines[1]

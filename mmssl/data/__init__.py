@@ -3,6 +3,9 @@ augmentations with v1 descriptors (`augment`), text tokenisation and LM packing 
 the built-in demo datasets (`demo`).  Nothing is imported here: `import mmssl.data` is free.
 """
 
+from typing import TYPE_CHECKING
+
 from mmssl import _submodule_attributes
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.data.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.data.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)

@@ -7,6 +7,8 @@ are optional (the `interop` extra) and imported only where a function needs them
 downloads, and weight files are read without unpickling arbitrary objects.
 """
 
+from typing import TYPE_CHECKING
+
 from mmssl import _submodule_attributes
 from mmssl.interop.hf_gpt2 import convert_hf_gpt2_state_dict, gpt2_model_config, load_hf_gpt2
 from mmssl.interop.open_clip import (
@@ -30,4 +32,5 @@ __all__ = [
     "timm_vit_config",
 ]
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.interop.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.interop.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)

@@ -1,5 +1,7 @@
 """Models: configs, towers, the multimodal model and the registry of named architectures."""
 
+from typing import TYPE_CHECKING
+
 from mmssl import _submodule_attributes
 from mmssl.models.config import BlockConfig, CaptionConfig, ModelConfig, TextConfig, VisionConfig
 from mmssl.models.multimodal import MultimodalModel
@@ -21,4 +23,5 @@ __all__ = [
     "resolve_model_config",
 ]
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.models.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.models.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)

@@ -1,5 +1,7 @@
 """Building blocks shared by every tower: one concept per file."""
 
+from typing import TYPE_CHECKING
+
 from mmssl import _submodule_attributes
 from mmssl.nn.attention import Attention
 from mmssl.nn.block import Block, Transformer
@@ -31,4 +33,5 @@ __all__ = [
     "sincos_2d",
 ]
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.nn.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.nn.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)

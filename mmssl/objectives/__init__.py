@@ -4,6 +4,8 @@ Objectives take tensors and never import models. Contrastive losses normalise em
 internally and are exact under data parallelism (see `contrastive.py`).
 """
 
+from typing import TYPE_CHECKING
+
 from mmssl import _submodule_attributes
 from mmssl.objectives.augself import (
     AugSelfHead,
@@ -58,4 +60,5 @@ __all__ = [
     "soft_target_cross_entropy",
 ]
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.objectives.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.objectives.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)

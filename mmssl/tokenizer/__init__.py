@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmssl import _submodule_attributes
 from mmssl.shipped import shipped_path
@@ -245,4 +245,5 @@ def _check_meta_matches(tok: Tokenizer, meta: dict[str, Any]) -> None:
             )
 
 
-__getattr__ = _submodule_attributes(__name__, __path__)  # `mmssl.tokenizer.MODULE` imports it
+if not TYPE_CHECKING:  # `mmssl.tokenizer.MODULE` imports it (mmssl/__init__.py)
+    __getattr__ = _submodule_attributes(__name__, __path__)
