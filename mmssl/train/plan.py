@@ -16,11 +16,9 @@ activation checkpointing keeps 2 s h per layer plus one layer's full set.  An LM
 its (N, V) logits either way: with `fused_head` one buffer in the compute dtype that its
 gradient overwrites (`mmssl/nn/linear_ce.py`), else 16-bit logits, an fp32 copy and its
 gradient (10 bytes per logit).  Training FLOPs are 3x the forward (the patch embedding's
-2x: the images take no gradient), plus with activation
-checkpointing the blocks' forward once more but their last matmul (torch's non-reentrant
-checkpoint stops recomputing at the last tensor the backward saved: nothing saves fc2's
-output unless LayerScale or an adaLN gate multiplies it; the patch embedding and LM head
-are outside the blocks).  Step time is compute at `tflops x mfu` per GPU on those FLOPs
+2x: the images take no gradient; a tower `train.freeze` holds whole 1x), plus with activation
+checkpointing the blocks' forward once more but the fc2 matmuls nothing saves
+(`_unsaved_fc2`; the patch embedding and LM head are outside the blocks).  Step time is compute at `tflops x mfu` per GPU on those FLOPs
 (recomputation included), overlapped with the
 data-parallel traffic, per step with `a` accumulation steps: 2 Psi elements for stages 0-1
 (one all-reduce), (a + 1) Psi for stage 2 (gradients reduce-scattered every micro-step, the
@@ -45,19 +43,20 @@ def _block_flops(n: int, dim: int, mlp_ratio: float) -> float:
     return 2 * n * dim * dim * (4 + 2 * mlp_ratio) + 4 * n * n * dim
 
 
-def _fc2_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bool) -> float:
-    """Forward FLOPs of the blocks' last matmul (the MLP's output projection)."""
-    rows = (depth - 1) * n + 1 if pooled_only and depth else depth * n
-    return 2 * rows * dim * dim * mlp_ratio
-
-
-def _rerun(depth: int, n: int, dim: int, block: Any, gated: bool, pooled_only: bool) -> float:
-    """FLOPs activation checkpointing recomputes in `depth` blocks: their forward, but fc2
-    where nothing multiplies its output (LayerScale, an adaLN gate) and so saves it."""
-    full = _tower_flops(depth, n, dim, block.mlp_ratio, pooled_only)
-    if block.init_values or gated:
-        return full
-    return full - _fc2_flops(depth, n, dim, block.mlp_ratio, pooled_only)
+def _unsaved_fc2(
+    depth: int, n: int, dim: int, block: Any, cond_blocks: int, pooled_only: bool
+) -> float:
+    """Forward FLOPs of the fc2 matmuls (the MLP's output projection) that activation
+    checkpointing does not rerun: torch's non-reentrant checkpoint stops at the last tensor
+    the backward saved, and nothing saves fc2's output unless LayerScale, an adaLN gate (the
+    top `cond_blocks` blocks) or DropPath (its mask drawn after fc2; rate > 0) follows it."""
+    width = dim * block.mlp_ratio * (1 if block.mlp == "mlp" else 2 / 3)  # SwiGLU: 2/3
+    total = 0.0
+    for i in range(depth):
+        rate = block.drop_path * i / max(depth - 1, 1)  # as `Transformer` spreads it
+        if not (block.init_values or i >= depth - cond_blocks or rate > 0):
+            total += 2 * (1 if pooled_only and i == depth - 1 else n) * dim * width
+    return total
 
 
 def _tower_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bool) -> float:
@@ -71,19 +70,29 @@ def _tower_flops(depth: int, n: int, dim: int, mlp_ratio: float, pooled_only: bo
 
 @dataclass
 class Workload:
-    """Per sample (one from every source the objectives read), forward only."""
+    """Per sample (one from every source the objectives read)."""
 
-    flops: float
+    flops: float  # forward
+    training: float  # forward + backward, without recomputation
     recomputed: float  # by activation checkpointing, in the backward
-    embedding: float  # the patch embedding's: its input (the images) takes no gradient
     activation_bytes: float  # at 16 bits, without checkpointing
     checkpointed_bytes: float  # with activation checkpointing
     logits_bytes: float  # LM heads' (N, V) logits at the recipe's precision, either way
 
 
+def _frozen(recipe: Any, cfg: Any, tower: str) -> bool:
+    """`train.freeze` holds `tower` whole and nothing in it trains (no conditioning, no
+    shared trunk): its forward runs without a backward or a recomputation.  Other freezes
+    are counted as trained (a frozen layer inside a trained tower still passes gradients)."""
+    return tower in recipe.train.freeze and not cfg.shared_trunk
+
+
 def workload(recipe: Any, cfg: Any) -> Workload:
-    """Forward FLOPs and activation bytes of one sample of every source, as the Task runs it
-    (activations as if the pooled-only last blocks kept every row: a slight overestimate)."""
+    """Forward and training FLOPs and activation bytes of one sample of every source, as the
+    Task runs it (activations as if the pooled-only last blocks kept every row: a slight
+    overestimate).  Training FLOPs are 3x the forward (the backward's two matmuls for each
+    forward one), 2x for the patch embedding (the images take no gradient) and 1x for a
+    whole frozen tower (`_frozen`), which also recomputes nothing."""
     from mmssl.train.recipe import NEEDS
     from mmssl.train.streams import source_sizes
     from mmssl.train.tasks import TOKEN_MEAN, VISION_TOKENS
@@ -91,7 +100,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
     # the Task runs the vision tower pooled-only unless some objective reads its tokens
     vision_pooled = not any(o.type in VISION_TOKENS for o in recipe.objectives.values())
 
-    flops = rerun = embed = act = ckpt = logits = 0.0
+    flops = train = rerun = act = ckpt = logits = 0.0
     compute = 2 if recipe.precision == "bf16" else 4  # bytes of one logit in the compute dtype
     peak_layer = 0.0
     for name, src in recipe.data.sources.items():
@@ -106,9 +115,16 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             patches = (side // v.patch_size) ** 2  # data.image_size resamples the position table
             n = (1 if v.class_token else 0) + patches
             pooled_only = vision_pooled and v.pool == "token"
-            embed += images * 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # no class token
-            flops += images * _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
-            rerun += images * _rerun(v.depth, n, v.dim, v.block, bool(v.cond_dim), pooled_only)
+            embed = images * 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # no class token
+            blocks = images * _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
+            flops += embed + blocks
+            frozen = _frozen(recipe, cfg, "visual") and not (v.cond_dim or v.cond_tokens)
+            embed_frozen = frozen or "visual.patch_embed" in recipe.train.freeze
+            train += (1 if frozen else 3) * blocks + (1 if embed_frozen else 2) * embed
+            if not frozen:
+                gated = (v.cond_depth or v.depth) if v.cond_dim else 0
+                fc2 = _unsaved_fc2(v.depth, n, v.dim, v.block, gated, pooled_only)
+                rerun += blocks - images * fc2
             act += images * v.depth * 34 * n * v.dim
             ckpt += images * v.depth * 2 * n * v.dim
             peak_layer = max(peak_layer, images * 34 * n * v.dim)
@@ -118,13 +134,18 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             # pooled-only without a token objective on this source (the Task runs sources of
             # one text length in one call, in full if any reads tokens: counted per source)
             pooled_only = not kinds & set(TOKEN_MEAN) and t.pool != "mean"
-            flops += _tower_flops(t.depth, n, t.dim, t.block.mlp_ratio, pooled_only)
-            rerun += _rerun(t.depth, n, t.dim, t.block, False, pooled_only)
+            blocks = _tower_flops(t.depth, n, t.dim, t.block.mlp_ratio, pooled_only)
+            frozen = _frozen(recipe, cfg, "text")
+            flops += blocks
+            train += (1 if frozen else 3) * blocks
+            if not frozen:
+                rerun += blocks - _unsaved_fc2(t.depth, n, t.dim, t.block, 0, pooled_only)
             act += t.depth * 34 * n * t.dim
             ckpt += t.depth * 2 * n * t.dim
             peak_layer = max(peak_layer, 34 * n * t.dim)
             if kinds & {"next_token", "captioning"}:
                 flops += 2 * n * t.dim * t.vocab_size
+                train += 3 * 2 * n * t.dim * t.vocab_size
             for o in recipe.objectives.values():
                 if o.source == name and o.type in ("next_token", "captioning"):
                     # fused (mmssl/nn/linear_ce.py): one buffer in the compute dtype, its
@@ -141,19 +162,18 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                     + 4 * v_tokens * cfg.vision.dim * t.dim
                     + 4 * n * v_tokens * t.dim
                 )
-                flops += cfg.caption.depth * per
-                fc2 = _fc2_flops(cfg.caption.depth, n, t.dim, t.block.mlp_ratio, False)
-                rerun += cfg.caption.depth * per - (0 if t.block.init_values else fc2)
-                act += cfg.caption.depth * 34 * n * t.dim
-                ckpt += cfg.caption.depth * 2 * n * t.dim
-    return Workload(flops + embed, rerun, embed, act, ckpt + peak_layer, logits)
+                depth = cfg.caption.depth
+                flops += depth * per
+                train += 3 * depth * per
+                rerun += depth * per - _unsaved_fc2(depth, n, t.dim, t.block, 0, False)
+                act += depth * 34 * n * t.dim
+                ckpt += depth * 2 * n * t.dim
+    return Workload(flops, train, rerun, act, ckpt + peak_layer, logits)
 
 
 def training_flops(work: Workload, checkpointing: bool) -> float:
-    """Forward + backward FLOPs per sample: 3x the forward (the backward's two matmuls per
-    forward one) but the patch embedding's input gradient, and what activation
-    checkpointing recomputes."""
-    return 3 * work.flops - work.embedding + (work.recomputed if checkpointing else 0.0)
+    """Forward + backward FLOPs per sample, with what activation checkpointing recomputes."""
+    return work.training + (work.recomputed if checkpointing else 0.0)
 
 
 def count_params(recipe: Any, cfg: Any) -> tuple[int, int, int]:

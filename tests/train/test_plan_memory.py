@@ -208,6 +208,7 @@ def test_traffic_in_gb_and_seconds_agree_and_count_each_collective(deepspeed, co
     assert seconds == pytest.approx(expected / 25.0, abs=0.0005)
 
 
+VT = ("vision", "text")
 GPT_SMALL = [
     "model.overrides.text.depth=2",
     "model.overrides.text.dim=128",
@@ -226,6 +227,21 @@ GPT_SMALL = [
         ("coca_vit_b16", [*SMALL, "model.overrides.caption.depth=2"]),
         ("gpt_124m", [*GPT_SMALL, "train.activation_checkpointing=true"]),
         ("gpt_124m", GPT_SMALL),
+        # DropPath's mask is drawn after fc2: the rerun includes it (the plan said not)
+        (
+            "clip_vit_b16",
+            [
+                *SMALL,
+                "model.overrides.vision.depth=4",
+                "model.overrides.vision.block.drop_path=0.1",
+            ],
+        ),
+        # SwiGLU's fc2 is 2/3 of an Mlp's
+        ("clip_vit_b16", [*SMALL, *(f"model.overrides.{t}.block.mlp=swiglu" for t in VT)]),
+        # LiT: a frozen tower runs forward only (the plan charged it 3x, 2.6x the counter)
+        ("clip_vit_b16", [*SMALL, "train.freeze=[visual]"]),
+        ("clip_vit_b16", [*SMALL, "train.freeze=[text]"]),
+        ("clip_vit_b16", [*SMALL, "train.freeze=[visual.patch_embed]"]),
     ],
 )
 def test_training_flops_match_torch_flop_counter(name: str, extra: list[str]) -> None:
@@ -239,6 +255,7 @@ def test_training_flops_match_torch_flop_counter(name: str, extra: list[str]) ->
 
     from mmssl.models.multimodal import MultimodalModel
     from mmssl.nn.attention import set_attention_kernel
+    from mmssl.train.freeze import apply_freeze
     from mmssl.train.plan import training_flops, workload
     from mmssl.train.recipe import load_recipe, model_config
     from mmssl.train.streams import packed_sources
@@ -247,6 +264,7 @@ def test_training_flops_match_torch_flop_counter(name: str, extra: list[str]) ->
     recipe = load_recipe(RECIPES / f"{name}.yaml", ["data.tokenizer=default", *extra])
     cfg = model_config(recipe)
     task = Task(MultimodalModel(cfg), recipe.objectives, None, packed_sources(recipe))
+    apply_freeze(task.model, recipe.train.freeze)
     set_attention_kernel(task, "matmul")
     g = torch.Generator().manual_seed(0)
     (source,) = recipe.data.sources
