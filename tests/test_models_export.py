@@ -188,3 +188,32 @@ def test_a_model_saved_after_a_task_was_built_on_it_loads(tmp_path):
     assert loaded.logit_scale.shape == () and loaded.logit_scale.item() == 2.5
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded.visual.encode(images), model.visual.encode(images))
+
+
+def test_unique_state_dict_allocates_no_second_model() -> None:
+    """Finding the 0-d parameters builds the config's model on the meta device: a real one
+    allocated (and randomly initialised) a second copy of the weights on every save.
+    Reference: the bytes the model's own parameters hold."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import mmssl
+    from mmssl.models.io import unique_state_dict
+
+    model = mmssl.create_model("test_tiny_clip")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided):
+                if isinstance(out, torch.Tensor) and out.device.type != "meta":
+                    self.bytes += out.numel() * out.element_size()
+            return out
+
+    with Allocations() as seen:
+        state = unique_state_dict(model)
+    assert set(state) and seen.bytes < 0.01 * weights, (seen.bytes, weights)

@@ -57,3 +57,20 @@ def test_a_sentencepiece_vocabulary_below_the_corpus_needs_names_the_floor(tmp_p
     )
     assert "character_coverage" not in str(err.value) and distinct > 0
     assert not out.exists()
+
+
+def test_sentencepiece_too_small_names_the_smallest_vocabulary_that_trains(tmp_path) -> None:
+    """The floor the error names: 256 byte pieces + 4 specials (pad, bos, eos, unk) + each
+    distinct character (whitespace included: sentencepiece's U+2581 is a piece), and
+    sentencepiece itself trains at that size and refuses one below it."""
+    texts = ["the digit seven in red ink.", "a blue three.", "café, naïve; 日本語"] * 30
+    floor = 256 + 4 + len(set("".join(texts)))  # analytic
+    with pytest.raises(ValueError) as err:
+        train_sentencepiece(Corpus(texts, "t"), tmp_path / "a", vocab_size=262)
+    assert f"vocab_size 262 is below the {floor} pieces" in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match=f"below the {floor} pieces"):
+        train_sentencepiece(Corpus(texts, "t"), tmp_path / "b", vocab_size=floor - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer ids than asked is fine here
+        meta = train_sentencepiece(Corpus(texts, "t"), tmp_path / "c", vocab_size=floor)
+    assert meta["vocab_size"] >= floor
