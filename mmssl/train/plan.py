@@ -113,7 +113,7 @@ def workload(recipe: Any, cfg: Any) -> Workload:
             v = cfg.vision
             images = max(1, recipe.data.views) if "views" in needs or recipe.data.views else 1
             patches = (side // v.patch_size) ** 2  # data.image_size resamples the position table
-            n = (1 if v.class_token else 0) + patches
+            n = (1 if v.class_token else 0) + patches + v.cond_tokens  # conditioning prefix
             pooled_only = vision_pooled and v.pool == "token"
             embed = images * 2 * patches * v.in_chans * v.patch_size**2 * v.dim  # no class token
             blocks = images * _tower_flops(v.depth, n, v.dim, v.block.mlp_ratio, pooled_only)
@@ -168,6 +168,16 @@ def workload(recipe: Any, cfg: Any) -> Workload:
                 rerun += depth * per - _unsaved_fc2(depth, n, t.dim, t.block, 0, False)
                 act += depth * 34 * n * t.dim
                 ckpt += depth * 2 * n * t.dim
+            if "captioning" in kinds and cfg.caption is not None and cfg.caption.mode == "prefix":
+                # the text tower again, on the image tokens (projected to its width) + the text
+                m = (side // cfg.vision.patch_size) ** 2 + n
+                blocks = _tower_flops(t.depth, m, t.dim, t.block.mlp_ratio, False)
+                proj = 2 * (m - n) * cfg.vision.dim * t.dim
+                flops += blocks + proj
+                train += 3 * (blocks + proj)
+                rerun += blocks - _unsaved_fc2(t.depth, m, t.dim, t.block, 0, False)
+                act += t.depth * 34 * m * t.dim
+                ckpt += t.depth * 2 * m * t.dim
     return Workload(flops, train, rerun, act, ckpt + peak_layer, logits)
 
 

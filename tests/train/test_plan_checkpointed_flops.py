@@ -74,6 +74,11 @@ def _counted_and_planned(name: str, extra: list[str]) -> tuple[float, float]:
         # adaLN-Zero vision blocks (vision.cond_dim): the gate multiplies fc2's output, so
         # checkpointing reruns fc2 too
         ("clip_text_conditioned", ["train.activation_checkpointing=true"]),
+        # prefix tokens in the vision tower's sequence (the plan left them out: -16%)
+        (
+            "clip_text_conditioned",
+            ["train.activation_checkpointing=true", "model.overrides.vision.cond_tokens=4"],
+        ),
         # a small image and a deep caption decoder, so the decoder's rerun is what is measured
         (
             "coca_vit_b16",
@@ -105,8 +110,30 @@ def _counted_and_planned(name: str, extra: list[str]) -> tuple[float, float]:
                 "objectives.captioning.fused_head=false",
             ],
         ),
+        # prefix mode: the text tower runs again on image tokens + caption (the plan: -44%)
+        (
+            "coca_vit_b16",
+            [
+                *SMALL_V,
+                "data.image_size=32",
+                "model.overrides.text.dim=128",
+                "model.overrides.text.depth=2",
+                "model.overrides.text.num_heads=2",
+                "model.overrides.text.vocab_size=1000",
+                "model.overrides.embed_dim=64",
+                "model.overrides.caption.mode=prefix",
+                "objectives.captioning.fused_head=false",
+            ],
+        ),
     ],
-    ids=["simclr-views", "conditioned-adaln", "coca-decoder", "coca-decoder-layerscale"],
+    ids=[
+        "simclr-views",
+        "conditioned-adaln",
+        "conditioned-prefix-tokens",
+        "coca-decoder",
+        "coca-decoder-layerscale",
+        "coca-prefix",
+    ],
 )
 def test_checkpointed_training_flops_match_torch_counter(name: str, extra: list[str]) -> None:
     planned, counted = _counted_and_planned(name, extra)
