@@ -68,9 +68,10 @@ def _no_glob(urls: list[str]) -> str:
 
 
 def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
-    """Pre-flight: raise DataError when local shards are missing (pipe: URLs are not checked),
-    a URL names a scheme (http://, s3://) that only a pipe: command can read, or an
-    interrupted `mmssl shards` left a split part old, part new (`check_publishing`)."""
+    """Pre-flight: raise DataError when local shards are missing or unreadable (pipe: URLs
+    are not checked), a URL names a scheme (http://, s3://) that only a pipe: command can
+    read, or an interrupted `mmssl shards` left a split part old, part new
+    (`check_publishing`)."""
     if not urls:
         raise DataError(f"shard pattern {pattern!r} expands to no URL")
     remote = next((u for u in urls if not is_local(u) and not u.startswith("pipe:")), None)
@@ -89,6 +90,14 @@ def check_urls(pattern: str | Sequence[str], urls: list[str]) -> None:
         raise DataError(
             f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist"
             f"{_no_glob(missing)} (first missing: {missing[0]})"
+        )
+    # a manifest counts an unreadable shard's samples into the epoch, whose other shards'
+    # samples then filled its place: the epoch repeated them, with one missing_shard counted
+    unreadable = [u for u in local if not os.access(u, os.R_OK)]
+    if unreadable:
+        raise DataError(
+            f"{len(unreadable)} of {len(urls)} shards of {pattern!r} cannot be read by this "
+            f"user (first: {unreadable[0]}, permission denied)"
         )
     from mmssl.data.manifest import check_publishing
 
