@@ -163,3 +163,20 @@ def test_timm_parity_at_another_resolution(size):
     with torch.no_grad():
         ref = peer.forward_head(peer.forward_features(x), pre_logits=True)
         assert max_diff(model.visual.forward_features(x)["pooled"], ref) <= TOL
+
+
+def test_a_classifier_head_that_is_not_imported_is_said():
+    """A fine-tuned timm classifier loads as an encoder of its pre-logits features: its head
+    was dropped without a word, and `peer(x)`'s logits were nowhere."""
+    import warnings
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mmssl.interop import load_timm_vit
+
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}
+    with pytest.warns(UserWarning, match=r"classifier head \(10 classes\) is not imported"):
+        load_timm_vit(VisionTransformer(num_classes=10, **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no head: nothing to say
+        load_timm_vit(VisionTransformer(num_classes=0, **kw))

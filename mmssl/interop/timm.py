@@ -10,6 +10,7 @@ classifier `head` has no place in an encoder and is skipped.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +73,13 @@ def convert_timm_vit_state_dict(
     symmetry with the other converters; the mapping does not depend on it.
     """
     del cfg
+    head = state_dict.get("head.weight")
+    if head is not None and head.numel():  # a fine-tuned classifier's logits are lost: say so
+        warnings.warn(
+            f"timm ViT: its classifier head ({head.shape[0]} classes) is not imported; the "
+            "mmssl encoder returns the features before it",
+            stacklevel=3,
+        )
     sd = {k: v for k, v in state_dict.items() if not SKIPPED.fullmatch(k)}
     return rename(sd, _rule, PEER)
 
