@@ -13,6 +13,16 @@ SMALL_V = [
     "model.overrides.vision.depth=2",
     "model.overrides.vision.num_heads=3",
 ]
+COCA = [  # a small image and text tower, so that the caption decoder's share shows
+    *SMALL_V,
+    "data.image_size=32",
+    "model.overrides.text.dim=128",
+    "model.overrides.text.num_heads=2",
+    "model.overrides.text.vocab_size=1000",
+    "model.overrides.embed_dim=64",
+    "objectives.captioning.fused_head=false",
+]
+LAYERSCALE = "model.overrides.text.block.init_values=0.1"
 
 
 def _counted_and_planned(name: str, extra: list[str]) -> tuple[float, float]:
@@ -82,48 +92,17 @@ def _counted_and_planned(name: str, extra: list[str]) -> tuple[float, float]:
         # a small image and a deep caption decoder, so the decoder's rerun is what is measured
         (
             "coca_vit_b16",
-            [
-                *SMALL_V,
-                "data.image_size=32",
-                "model.overrides.text.dim=128",
-                "model.overrides.text.depth=1",
-                "model.overrides.text.num_heads=2",
-                "model.overrides.text.vocab_size=1000",
-                "model.overrides.embed_dim=64",
-                "model.overrides.caption.depth=6",
-                "objectives.captioning.fused_head=false",
-            ],
+            [*COCA, "model.overrides.text.depth=1", "model.overrides.caption.depth=6"],
         ),
         # the same with LayerScale on the text blocks (the decoder's too): fc2 is rerun
         (
             "coca_vit_b16",
-            [
-                *SMALL_V,
-                "data.image_size=32",
-                "model.overrides.text.dim=128",
-                "model.overrides.text.depth=1",
-                "model.overrides.text.num_heads=2",
-                "model.overrides.text.vocab_size=1000",
-                "model.overrides.embed_dim=64",
-                "model.overrides.caption.depth=6",
-                "model.overrides.text.block.init_values=0.1",
-                "objectives.captioning.fused_head=false",
-            ],
+            [*COCA, "model.overrides.text.depth=1", "model.overrides.caption.depth=6", LAYERSCALE],
         ),
         # prefix mode: the text tower runs again on image tokens + caption (the plan: -44%)
         (
             "coca_vit_b16",
-            [
-                *SMALL_V,
-                "data.image_size=32",
-                "model.overrides.text.dim=128",
-                "model.overrides.text.depth=2",
-                "model.overrides.text.num_heads=2",
-                "model.overrides.text.vocab_size=1000",
-                "model.overrides.embed_dim=64",
-                "model.overrides.caption.mode=prefix",
-                "objectives.captioning.fused_head=false",
-            ],
+            [*COCA, "model.overrides.text.depth=2", "model.overrides.caption.mode=prefix"],
         ),
     ],
     ids=[
