@@ -16,11 +16,11 @@ activation checkpointing keeps 2 s h per layer plus one layer's full set.  An LM
 its (N, V) logits either way: with `fused_head` one buffer in the compute dtype that its
 gradient overwrites (`mmssl/nn/linear_ce.py`), else 16-bit logits, an fp32 copy and its
 gradient (10 bytes per logit).  Training FLOPs are 3x the forward (the patch embedding's
-2x: the images take no gradient; a tower `train.freeze` holds whole 1x), plus with activation
-checkpointing the blocks' forward once more but the fc2 matmuls nothing saves
-(`_unsaved_fc2`; the patch embedding and LM head are outside the blocks).  Step time is compute at `tflops x mfu` per GPU on those FLOPs
-(recomputation included), overlapped with the
-data-parallel traffic, per step with `a` accumulation steps: 2 Psi elements for stages 0-1
+2x: the images take no gradient; a tower `train.freeze` holds whole 1x), plus with
+activation checkpointing the blocks' forward once more but the fc2 matmuls nothing saves
+(`_unsaved_fc2`; the patch embedding and LM head are outside the blocks).  Step time is
+compute at `tflops x mfu` per GPU on those FLOPs (recomputation included), overlapped with
+the data-parallel traffic, per step with `a` accumulation steps: 2 Psi elements for stages 0-1
 (one all-reduce), (a + 1) Psi for stage 2 (gradients reduce-scattered every micro-step, the
 parameters gathered once) and 3 a Psi for stage 3 (parameters gathered in the forward and the
 backward, gradients reduce-scattered, every micro-step).
